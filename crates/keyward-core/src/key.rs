@@ -1,0 +1,307 @@
+//! The key format `<prefix>_<env>_<secret><checksum>` and the only type that holds a full key.
+//!
+//! The secret is 32 bytes from the OS generator written in base62 (43 characters); the checksum is the
+//! CRC32 of everything before it, in base62, 6 characters. A mistyped or truncated key is refused here,
+//! without touching storage, and secret scanners can recognise keyward keys by shape.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// SECURITY: changing any of these constants changes which strings parse as keys, which in effect
+/// revokes every key ever issued. Don't.
+const SECRET_BYTES: usize = 32;
+const SECRET_LEN: usize = 43;
+const CHECKSUM_LEN: usize = 6;
+const BODY_LEN: usize = SECRET_LEN + CHECKSUM_LEN;
+const MAX_PREFIX_LEN: usize = 16;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Characters of a key shown in records and logs (the end of the checksum, never the secret).
+pub const HINT_LEN: usize = 4;
+
+/// Why a string is not a keyward key. Never carries the string itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFormatError {
+    #[error("key is empty")]
+    Empty,
+    #[error("key is too long")]
+    TooLong,
+    #[error("key prefix must be 1-16 lowercase letters or digits")]
+    BadPrefix,
+    #[error("key environment must be `live` or `test`")]
+    BadEnvironment,
+    #[error("key has the wrong length")]
+    BadLength,
+    #[error("key contains a character outside base62")]
+    BadCharacter,
+    #[error("key checksum does not match")]
+    BadChecksum,
+}
+
+/// `live` or `test`: test keys let customers build against the API without touching real data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    #[default]
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, KeyFormatError> {
+        match s {
+            "live" => Ok(Self::Live),
+            "test" => Ok(Self::Test),
+            _ => Err(KeyFormatError::BadEnvironment),
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The first part of a key: `sk` by default, `pk` or any 1-16 lowercase letters and digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    pub fn parse(s: &str) -> Result<Self, KeyFormatError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_PREFIX_LEN
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok { Ok(Self(s.to_owned())) } else { Err(KeyFormatError::BadPrefix) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for KeyPrefix {
+    fn default() -> Self {
+        Self("sk".to_owned())
+    }
+}
+
+/// A full API key. The only type that holds one: it has no `Display`, its `Debug` shows the visible
+/// prefix and the hint only, and the plaintext comes out only through [`PlainKey::expose_secret`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct PlainKey {
+    full: String,
+    /// Byte length of `<prefix>_<env>_`.
+    head_len: usize,
+    environment: Environment,
+}
+
+impl PlainKey {
+    /// A new key with 32 bytes from the operating system's generator.
+    pub fn generate(prefix: &KeyPrefix, environment: Environment) -> Result<Self, getrandom::Error> {
+        let mut secret = [0u8; SECRET_BYTES];
+        getrandom::fill(&mut secret)?;
+        let mut full = format!("{}_{}_", prefix.as_str(), environment.as_str());
+        let head_len = full.len();
+        full.push_str(&base62_fixed(&secret, SECRET_LEN));
+        let checksum = checksum(&full);
+        full.push_str(&checksum);
+        Ok(Self { full, head_len, environment })
+    }
+
+    /// Checks charset, lengths and checksum; no storage is touched.
+    pub fn parse(s: &str) -> Result<Self, KeyFormatError> {
+        if s.is_empty() {
+            return Err(KeyFormatError::Empty);
+        }
+        if s.len() > MAX_PREFIX_LEN + 1 + 4 + 1 + BODY_LEN {
+            return Err(KeyFormatError::TooLong);
+        }
+        let mut parts = s.splitn(3, '_');
+        let prefix = parts.next().unwrap_or_default();
+        KeyPrefix::parse(prefix)?;
+        let environment = Environment::parse(parts.next().ok_or(KeyFormatError::BadEnvironment)?)?;
+        let body = parts.next().ok_or(KeyFormatError::BadLength)?;
+        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(KeyFormatError::BadCharacter);
+        }
+        if body.len() != BODY_LEN {
+            return Err(KeyFormatError::BadLength);
+        }
+        let (signed, sum) = s.split_at(s.len() - CHECKSUM_LEN);
+        if checksum(signed) != sum {
+            return Err(KeyFormatError::BadChecksum);
+        }
+        Ok(Self { full: s.to_owned(), head_len: s.len() - BODY_LEN, environment })
+    }
+
+    /// The visible start of the key, e.g. `sk_live_`. Safe to show and log.
+    pub fn prefix(&self) -> &str {
+        &self.full[..self.head_len]
+    }
+
+    /// The last four characters. Safe to show and log.
+    pub fn hint(&self) -> &str {
+        &self.full[self.full.len() - HINT_LEN..]
+    }
+
+    pub fn environment(&self) -> Environment {
+        self.environment
+    }
+
+    /// SECURITY: the full key. Call only to hash it or to hand it to its owner once.
+    pub fn expose_secret(&self) -> &str {
+        &self.full
+    }
+
+    /// `sk_live_…abcd`: what logs and messages may say about a key.
+    pub fn redacted(&self) -> String {
+        format!("{}…{}", self.prefix(), self.hint())
+    }
+}
+
+impl fmt::Debug for PlainKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PlainKey({})", self.redacted())
+    }
+}
+
+fn checksum(signed: &str) -> String {
+    base62_fixed(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), CHECKSUM_LEN)
+}
+
+/// Big-endian bytes as a base62 number, left-padded with `0` to `width` characters.
+fn base62_fixed(bytes: &[u8], width: usize) -> String {
+    let mut number = bytes.to_vec();
+    let mut digits = Vec::with_capacity(width);
+    while digits.len() < width {
+        let mut remainder = 0u32;
+        for byte in number.iter_mut() {
+            let acc = (remainder << 8) | u32::from(*byte);
+            *byte = (acc / 62) as u8;
+            remainder = acc % 62;
+        }
+        digits.push(BASE62[remainder as usize]);
+    }
+    digits.reverse();
+    digits.into_iter().map(char::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(prefix: &str, env: Environment) -> PlainKey {
+        let prefix = KeyPrefix::parse(prefix).unwrap_or_default();
+        PlainKey::generate(&prefix, env).unwrap_or_else(|e| panic!("generate: {e}"))
+    }
+
+    #[test]
+    fn generated_key_has_the_documented_shape() {
+        let k = key("sk", Environment::Live);
+        let s = k.expose_secret();
+        assert!(s.starts_with("sk_live_"));
+        assert_eq!(s.len(), "sk_live_".len() + 43 + 6);
+        assert_eq!(k.prefix(), "sk_live_");
+        assert_eq!(k.hint(), &s[s.len() - 4..]);
+        assert_eq!(PlainKey::parse(s), Ok(k));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let k = key("pk", Environment::Test);
+        let debug = format!("{k:?}");
+        assert!(!debug.contains(&k.expose_secret()[8..40]));
+        assert!(debug.contains("pk_test_"));
+        assert!(debug.contains(k.hint()));
+    }
+
+    #[test]
+    fn base62_pads_and_encodes_known_values() {
+        assert_eq!(base62_fixed(&[0, 0, 0, 0], 6), "000000");
+        assert_eq!(base62_fixed(&[0, 0, 0, 61], 6), "00000z");
+        assert_eq!(base62_fixed(&[0, 0, 0, 62], 6), "000010");
+        assert_eq!(base62_fixed(&u32::MAX.to_be_bytes(), 6), "4gfFC3");
+        assert_eq!(base62_fixed(&[0xff; 32], 43).len(), 43);
+    }
+
+    #[test]
+    fn parse_rejects_each_kind_of_bad_input() {
+        let good = key("sk", Environment::Live);
+        let s = good.expose_secret().to_owned();
+        let cases: Vec<(String, KeyFormatError)> = vec![
+            (String::new(), KeyFormatError::Empty),
+            ("x".repeat(200), KeyFormatError::TooLong),
+            (s.replacen("sk", "SK", 1), KeyFormatError::BadPrefix),
+            (format!("_live_{}", &s[8..]), KeyFormatError::BadPrefix),
+            (format!("abcdefghijklmnopq_live_{}", &s[8..s.len() - 2]), KeyFormatError::BadPrefix),
+            (s.replacen("live", "prod", 1), KeyFormatError::BadEnvironment),
+            ("sk".to_owned(), KeyFormatError::BadEnvironment),
+            ("sk_live".to_owned(), KeyFormatError::BadLength),
+            (s[..s.len() - 1].to_owned(), KeyFormatError::BadLength),
+            (format!("{s}a"), KeyFormatError::BadLength),
+            (format!("{}-", &s[..s.len() - 1]), KeyFormatError::BadCharacter),
+            (format!("{}_", &s[..s.len() - 1]), KeyFormatError::BadCharacter),
+            (s.replacen("sk_live_", "pk_live_", 1), KeyFormatError::BadChecksum),
+        ];
+        for (input, want) in cases {
+            assert_eq!(PlainKey::parse(&input), Err(want), "input of length {}", input.len());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn generate_then_parse_round_trips(prefix in "[a-z0-9]{1,16}", test in any::<bool>()) {
+            let env = if test { Environment::Test } else { Environment::Live };
+            let k = key(&prefix, env);
+            let parsed = PlainKey::parse(k.expose_secret());
+            prop_assert_eq!(parsed.as_ref(), Ok(&k));
+            let parsed = parsed.unwrap_or_else(|_| k.clone());
+            prop_assert_eq!(parsed.environment(), env);
+            prop_assert_eq!(parsed.prefix(), format!("{prefix}_{}_", env.as_str()));
+        }
+
+        #[test]
+        fn any_one_character_change_is_rejected(
+            position in any::<prop::sample::Index>(),
+            replacement in any::<char>(),
+        ) {
+            let k = key("sk", Environment::Live);
+            let original = k.expose_secret();
+            let mut chars: Vec<char> = original.chars().collect();
+            let at = position.index(chars.len());
+            prop_assume!(chars[at] != replacement);
+            chars[at] = replacement;
+            let changed: String = chars.into_iter().collect();
+            prop_assert!(PlainKey::parse(&changed).is_err());
+        }
+
+        #[test]
+        fn any_alphanumeric_substitution_is_rejected(
+            position in any::<prop::sample::Index>(),
+            replacement in proptest::char::ranges(vec!['0'..='9', 'A'..='Z', 'a'..='z'].into()),
+        ) {
+            let k = key("sk", Environment::Test);
+            let mut chars: Vec<char> = k.expose_secret().chars().collect();
+            let at = position.index(chars.len());
+            prop_assume!(chars[at] != replacement);
+            chars[at] = replacement;
+            let changed: String = chars.into_iter().collect();
+            prop_assert!(PlainKey::parse(&changed).is_err());
+        }
+
+        #[test]
+        fn parse_never_panics(input in ".{0,100}") {
+            let _ = PlainKey::parse(&input);
+        }
+    }
+}

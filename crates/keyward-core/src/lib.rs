@@ -1,0 +1,24 @@
+//! Keyward's domain, with no I/O and no async: key format (generate, parse, checksum), hashing,
+//! scopes, IP allow-lists, key status, verify outcomes, ids and the clock.
+//!
+//! Everything here is pure so it can be tested with tables and properties, and shared by the store,
+//! the server, the CLI and the embeddable layer.
+
+pub mod clock;
+pub mod diff;
+pub mod hash;
+pub mod ids;
+pub mod ip;
+pub mod key;
+pub mod outcome;
+pub mod scope;
+pub mod status;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use hash::{HashAlgorithm, KeyHash, KeyHasher, PepperError};
+pub use ids::{KeyId, OrgId};
+pub use ip::{IpAllowList, IpListError};
+pub use key::{Environment, KeyFormatError, KeyPrefix, PlainKey};
+pub use outcome::VerifyOutcome;
+pub use scope::{KeywardScope, Scope, ScopeError, ScopeSet};
+pub use status::{KeyState, KeyStatus, VerifyRequest, check_found_key};

@@ -1,0 +1,70 @@
+//! The answer of a verification. A value, not an error: `/v1/verify` answers 200 with it.
+
+use serde::{Deserialize, Serialize};
+
+/// Every possible result of checking a key, in the order the checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VerifyOutcome {
+    Valid,
+    Malformed,
+    NotFound,
+    Disabled,
+    Revoked,
+    Expired,
+    OrgDisabled,
+    IpNotAllowed,
+    InsufficientScope,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl VerifyOutcome {
+    pub const ALL: [VerifyOutcome; 11] = [
+        Self::Valid,
+        Self::Malformed,
+        Self::NotFound,
+        Self::Disabled,
+        Self::Revoked,
+        Self::Expired,
+        Self::OrgDisabled,
+        Self::IpNotAllowed,
+        Self::InsufficientScope,
+        Self::RateLimited,
+        Self::QuotaExceeded,
+    ];
+
+    pub fn is_valid(self) -> bool {
+        self == Self::Valid
+    }
+
+    /// The wire code, as in DESIGN.md.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Valid => "VALID",
+            Self::Malformed => "MALFORMED",
+            Self::NotFound => "NOT_FOUND",
+            Self::Disabled => "DISABLED",
+            Self::Revoked => "REVOKED",
+            Self::Expired => "EXPIRED",
+            Self::OrgDisabled => "ORG_DISABLED",
+            Self::IpNotAllowed => "IP_NOT_ALLOWED",
+            Self::InsufficientScope => "INSUFFICIENT_SCOPE",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_match_serde_names() {
+        for outcome in VerifyOutcome::ALL {
+            let json = serde_json::to_value(outcome).unwrap_or_default();
+            assert_eq!(json, serde_json::Value::from(outcome.code()));
+        }
+    }
+}
