@@ -22,11 +22,7 @@ pub fn diff(before: &Value, after: &Value) -> Option<Value> {
             new.insert(field.clone(), Value::Null);
         }
     }
-    if old.is_empty() {
-        None
-    } else {
-        Some(serde_json::json!({ "before": old, "after": new }))
-    }
+    if old.is_empty() { None } else { Some(serde_json::json!({ "before": old, "after": new })) }
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 
+use crate::key::quote_if_not_key;
+
 const MAX_ENTRIES: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpListError {
-    #[error("`{0}` is not an IP address or CIDR block")]
+    #[error("{} is not an IP address or CIDR block", quote_if_not_key(.0))]
     Invalid(String),
     #[error("at most {MAX_ENTRIES} entries are allowed")]
     TooMany,
@@ -26,10 +28,7 @@ impl IpAllowList {
         if items.len() > MAX_ENTRIES {
             return Err(IpListError::TooMany);
         }
-        let mut nets = items
-            .iter()
-            .map(|item| parse_entry(item.as_ref().trim()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut nets = items.iter().map(|item| parse_entry(item.as_ref().trim())).collect::<Result<Vec<_>, _>>()?;
         nets.sort();
         nets.dedup();
         Ok(Self(nets))

@@ -174,6 +174,19 @@ impl fmt::Debug for PlainKey {
     }
 }
 
+/// A user-supplied value, quoted for an error message, unless it could be a key. SECURITY: keys are
+/// made of ASCII letters, digits and `_` only, so a value with any other character (a scope's `:`, an
+/// address's `.`) or too short to carry a secret is safe to echo; anything else is not repeated.
+pub fn quote_if_not_key(value: &str) -> String {
+    const SHORT: usize = 16;
+    let could_be_key = value.len() > SHORT && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if could_be_key {
+        "(value not repeated: it looks like it could be a key)".to_owned()
+    } else {
+        format!("`{}`", value.chars().take(64).collect::<String>())
+    }
+}
+
 fn checksum(signed: &str) -> String {
     base62_fixed(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), CHECKSUM_LEN)
 }
@@ -223,6 +236,16 @@ mod tests {
         assert!(!debug.contains(&k.expose_secret()[8..40]));
         assert!(debug.contains("pk_test_"));
         assert!(debug.contains(k.hint()));
+    }
+
+    #[test]
+    fn values_that_could_be_keys_are_not_repeated() {
+        let k = key("sk", Environment::Live);
+        assert!(!quote_if_not_key(k.expose_secret()).contains(&k.expose_secret()[8..]));
+        assert!(!quote_if_not_key(&k.expose_secret()[..30]).contains("sk_live_"));
+        assert_eq!(quote_if_not_key("read projects"), "`read projects`");
+        assert_eq!(quote_if_not_key("10.0.0.300"), "`10.0.0.300`");
+        assert_eq!(quote_if_not_key("short"), "`short`");
     }
 
     #[test]

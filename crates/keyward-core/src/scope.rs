@@ -6,6 +6,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::key::quote_if_not_key;
+
 const MAX_SCOPE_LEN: usize = 128;
 const RESERVED_PREFIX: &str = "keyward:";
 
@@ -13,11 +15,11 @@ const RESERVED_PREFIX: &str = "keyward:";
 pub enum ScopeError {
     #[error("scope is empty")]
     Empty,
-    #[error("scope `{0}` is longer than 128 characters")]
+    #[error("scope {} is longer than 128 characters", quote_if_not_key(.0))]
     TooLong(String),
-    #[error("scope `{0}` must look like `action:resource`, `action:*` or `*`")]
+    #[error("scope {} must look like `action:resource`, `action:*` or `*`", quote_if_not_key(.0))]
     BadShape(String),
-    #[error("scope `{0}` is in the reserved `keyward:` namespace but is not one of keyward's scopes")]
+    #[error("scope {} is in the reserved `keyward:` namespace but is not one of keyward's scopes", quote_if_not_key(.0))]
     UnknownReserved(String),
 }
 
@@ -35,14 +37,8 @@ pub enum KeywardScope {
 }
 
 impl KeywardScope {
-    pub const ALL: [KeywardScope; 6] = [
-        Self::KeysRead,
-        Self::KeysWrite,
-        Self::Verify,
-        Self::AuditRead,
-        Self::SelfService,
-        Self::Admin,
-    ];
+    pub const ALL: [KeywardScope; 6] =
+        [Self::KeysRead, Self::KeysWrite, Self::Verify, Self::AuditRead, Self::SelfService, Self::Admin];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,8 +83,7 @@ impl Scope {
         let well_formed = segments.len() >= 2
             && segments.iter().enumerate().all(|(i, seg)| {
                 (i == last && i > 0 && *seg == "*")
-                    || (!seg.is_empty()
-                        && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
+                    || (!seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
             });
         if !well_formed {
             return Err(ScopeError::BadShape(s.to_owned()));
@@ -224,7 +219,8 @@ mod tests {
         for x in ok {
             assert!(Scope::parse(x).is_ok(), "{x} should parse");
         }
-        let bad: [(&str, fn(String) -> ScopeError); 12] = [
+        type MakeError = fn(String) -> ScopeError;
+        let bad: [(&str, MakeError); 12] = [
             ("read", ScopeError::BadShape),
             (":projects", ScopeError::BadShape),
             ("read:", ScopeError::BadShape),

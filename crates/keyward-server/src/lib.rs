@@ -1,1 +1,74 @@
-//! placeholder
+//! Keyward's HTTP API: the axum router, its handlers and extractors, the error table, the usage
+//! batch writer, and the operations the CLI shares with the API.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod model;
+pub mod openapi;
+pub mod routes;
+pub mod service;
+pub mod state;
+pub mod usage;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::MatchedPath;
+use axum::http::Request;
+use axum::routing::{get, post};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, ErrorCode};
+pub use state::AppState;
+
+use crate::routes::{audit, health, keys, me, orgs, verify};
+
+/// Every route of the API, with request ids and one tracing span per request.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/verify", post(verify::verify))
+        .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
+        .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
+        .route("/v1/me", get(me::me))
+        .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
+        .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))
+        .route("/v1/audit-logs", get(audit::list_audit))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method")
+        })
+        .with_state(state);
+    api.layer(
+        tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let path = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
+                let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    path,
+                    request_id,
+                    key_id = tracing::field::Empty,
+                    organization_id = tracing::field::Empty,
+                )
+            }))
+            .layer(PropagateRequestIdLayer::x_request_id()),
+    )
+}
+
+/// Serves the router until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,1 +1,388 @@
-//! placeholder
+//! Keyward's storage: the [`Store`] trait every backend implements, the records it reads and writes,
+//! and the backends themselves (SQLite now; PostgreSQL behind the same trait).
+//!
+//! A change that touches several rows is one method, so each backend owns its transaction; every change
+//! to a key or an organization writes its audit row inside that same transaction.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, KeyState, KeyStatus, OrgId, ScopeSet};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[doc(hidden)]
+pub mod conformance;
+pub mod sqlite;
+
+/// What went wrong in storage, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A unique value is taken (slug, key hash); the message names which.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The organization already holds `max_api_keys` keys.
+    #[error("the organization has reached its limit of {0} API keys")]
+    KeyLimitReached(i64),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Who made a change, from where, and when; written into the audit row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// A key id, `cli` or `system`.
+    pub actor: String,
+    pub ip: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl Actor {
+    pub fn cli(at: DateTime<Utc>) -> Self {
+        Self { actor: "cli".to_owned(), ip: None, at }
+    }
+
+    pub fn system(at: DateTime<Utc>) -> Self {
+        Self { actor: "system".to_owned(), ip: None, at }
+    }
+
+    pub fn key(id: KeyId, ip: Option<String>, at: DateTime<Utc>) -> Self {
+        Self { actor: id.to_string(), ip, at }
+    }
+}
+
+/// Rate limits and quota overrides; `None` means "from the plan".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LimitOverrides {
+    pub rate_limit_per_minute: Option<i64>,
+    pub rate_limit_per_hour: Option<i64>,
+    pub rate_limit_per_day: Option<i64>,
+    pub monthly_request_limit: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Organization {
+    pub id: OrgId,
+    pub name: String,
+    pub slug: String,
+    pub email: Option<String>,
+    pub plan: String,
+    pub is_active: bool,
+    #[serde(flatten)]
+    pub limits: LimitOverrides,
+    /// `None`: no limit.
+    pub max_api_keys: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOrganization {
+    pub id: OrgId,
+    pub name: String,
+    pub slug: String,
+    pub email: Option<String>,
+    pub plan: String,
+    pub is_active: bool,
+    pub limits: LimitOverrides,
+    pub max_api_keys: Option<i64>,
+}
+
+/// A partial update: `None` leaves a field alone; `Some(None)` clears a nullable field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OrganizationPatch {
+    pub name: Option<String>,
+    pub email: Option<Option<String>>,
+    pub plan: Option<String>,
+    pub is_active: Option<bool>,
+    pub rate_limit_per_minute: Option<Option<i64>>,
+    pub rate_limit_per_hour: Option<Option<i64>>,
+    pub rate_limit_per_day: Option<Option<i64>>,
+    pub monthly_request_limit: Option<Option<i64>>,
+    pub max_api_keys: Option<Option<i64>>,
+}
+
+/// A stored API key. Holds the hash (never the key); [`ApiKey::audit_json`] is what may be shown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub organization_id: OrgId,
+    pub owner_id: Option<String>,
+    pub name: String,
+    pub description: Option<String>,
+    pub environment: Environment,
+    /// The visible start of the key, e.g. `sk_live_`.
+    pub prefix: String,
+    /// The last four characters of the key.
+    pub hint: String,
+    pub hash_algorithm: HashAlgorithm,
+    pub key_hash: KeyHash,
+    pub scopes: ScopeSet,
+    pub allowed_ips: IpAllowList,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub is_active: bool,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub revoke_reason: Option<String>,
+    /// Per-key tier override; `None`: the organization's plan.
+    pub plan: Option<String>,
+    pub limits: LimitOverrides,
+    /// A JSON object (email, company, ...).
+    pub metadata: Value,
+    pub total_requests: i64,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub last_used_ip: Option<String>,
+    pub rotated_from: Option<KeyId>,
+    pub replaced_by: Option<KeyId>,
+    pub created_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ApiKey {
+    pub fn state(&self) -> KeyState {
+        KeyState { is_active: self.is_active, revoked_at: self.revoked_at, expires_at: self.expires_at }
+    }
+
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        self.state().status(now)
+    }
+
+    /// The fields an audit diff compares. SECURITY: no hash, no key; timestamps that change on every
+    /// write and usage counters are left out so a diff shows only what the actor changed.
+    pub fn audit_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "description": self.description,
+            "owner_id": self.owner_id,
+            "environment": self.environment,
+            "prefix": self.prefix,
+            "hint": self.hint,
+            "scopes": self.scopes,
+            "allowed_ips": self.allowed_ips,
+            "expires_at": self.expires_at,
+            "is_active": self.is_active,
+            "revoked_at": self.revoked_at,
+            "revoke_reason": self.revoke_reason,
+            "plan": self.plan,
+            "rate_limit_per_minute": self.limits.rate_limit_per_minute,
+            "rate_limit_per_hour": self.limits.rate_limit_per_hour,
+            "rate_limit_per_day": self.limits.rate_limit_per_day,
+            "monthly_request_limit": self.limits.monthly_request_limit,
+            "metadata": self.metadata,
+        })
+    }
+}
+
+impl Organization {
+    /// The fields an audit diff compares (all but the timestamps).
+    pub fn audit_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(map) = v.as_object_mut() {
+            map.remove("created_at");
+            map.remove("updated_at");
+            map.remove("id");
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewKey {
+    pub id: KeyId,
+    pub organization_id: OrgId,
+    pub owner_id: Option<String>,
+    pub name: String,
+    pub description: Option<String>,
+    pub environment: Environment,
+    pub prefix: String,
+    pub hint: String,
+    pub hash_algorithm: HashAlgorithm,
+    pub key_hash: KeyHash,
+    pub scopes: ScopeSet,
+    pub allowed_ips: IpAllowList,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub is_active: bool,
+    pub plan: Option<String>,
+    pub limits: LimitOverrides,
+    pub metadata: Value,
+    pub rotated_from: Option<KeyId>,
+}
+
+/// A partial update of a key: `None` leaves a field alone; `Some(None)` clears a nullable field.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub scopes: Option<ScopeSet>,
+    pub allowed_ips: Option<IpAllowList>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub metadata: Option<Value>,
+    pub plan: Option<Option<String>>,
+    pub is_active: Option<bool>,
+    pub rate_limit_per_minute: Option<Option<i64>>,
+    pub rate_limit_per_hour: Option<Option<i64>>,
+    pub rate_limit_per_day: Option<Option<i64>>,
+    pub monthly_request_limit: Option<Option<i64>>,
+}
+
+impl KeyPatch {
+    /// The audit action a patch is recorded as: a change of `is_active` alone is an activation or a
+    /// deactivation; anything else is an update.
+    pub fn action(&self) -> &'static str {
+        let only_active = Self { is_active: None, ..self.clone() } == Self::default();
+        match (only_active, self.is_active) {
+            (true, Some(false)) => "deactivate",
+            (true, Some(true)) => "activate",
+            _ => "update",
+        }
+    }
+}
+
+/// A key found by hash, with what verification needs of its organization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyWithOrg {
+    pub key: ApiKey,
+    pub org_is_active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFilter {
+    /// `None`: every organization (admin only).
+    pub organization_id: Option<OrgId>,
+    pub owner_id: Option<String>,
+    pub environment: Option<Environment>,
+    /// Derived status at `now`. When given, it alone decides which keys are listed.
+    pub status: Option<KeyStatus>,
+    /// Without it (and without `status`), disabled and revoked keys are left out.
+    pub include_inactive: bool,
+    pub now: DateTime<Utc>,
+}
+
+/// A page request: up to `limit` items strictly after the cursor, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest<C> {
+    pub after: Option<C>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T, C> {
+    pub items: Vec<T>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next_cursor: Option<C>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub action: String,
+    pub key_id: Option<KeyId>,
+    pub organization_id: Option<OrgId>,
+    pub actor: String,
+    pub actor_ip: Option<String>,
+    pub details: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    /// `None`: every organization (admin only).
+    pub organization_id: Option<OrgId>,
+    pub key_id: Option<KeyId>,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Requests a key made since the last flush, merged per key by the batch writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: KeyId,
+    pub requests: i64,
+    pub last_used_at: DateTime<Utc>,
+    pub last_used_ip: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrationInfo {
+    pub version: i64,
+    pub description: String,
+    pub applied: bool,
+}
+
+/// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>>;
+    /// Reverts the newest `steps` applied migrations.
+    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>>;
+    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>>;
+
+    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization>;
+    async fn get_org(&self, id: OrgId) -> StoreResult<Organization>;
+    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>>;
+    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>>;
+    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization>;
+    async fn count_orgs(&self) -> StoreResult<i64>;
+
+    /// Inserts a key and its audit row; refuses with `KeyLimitReached` when the organization already
+    /// holds `max_api_keys` keys that are not revoked (checked in the same transaction).
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey>;
+    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>>;
+    async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey>;
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>>;
+    /// Applies the patch and writes an audit row with the diff; a patch that changes nothing writes no row.
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey>;
+    /// Permanent; keeps the row. `revoked_at` is `at` (may be in the future: a grace period).
+    /// Revoking a revoked key changes nothing and writes no row.
+    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey>;
+    /// Adds requests and moves `last_used_*` forward (never back), for many keys in one transaction.
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>>;
+}
+
+/// Opens the store a URL names (`sqlite://path`, `sqlite::memory:`), migrating it up when asked.
+pub async fn open(url: &str, migrate: bool) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        let store = sqlite::SqliteStore::connect(url).await?;
+        if migrate {
+            store.migrate_up().await?;
+        }
+        Ok(Arc::new(store))
+    } else {
+        Err(StoreError::Internal(format!(
+            "unsupported database URL scheme in `{}` (expected sqlite:)",
+            url.split(':').next().unwrap_or_default()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_action_names_activation_alone() {
+        let deactivate = KeyPatch { is_active: Some(false), ..Default::default() };
+        assert_eq!(deactivate.action(), "deactivate");
+        let activate = KeyPatch { is_active: Some(true), ..Default::default() };
+        assert_eq!(activate.action(), "activate");
+        let mixed = KeyPatch { is_active: Some(true), name: Some("x".into()), ..Default::default() };
+        assert_eq!(mixed.action(), "update");
+        assert_eq!(KeyPatch::default().action(), "update");
+    }
+}

@@ -1,1 +1,157 @@
-fn main() {}
+//! The `keyward` binary: `serve` the API, and manage keys straight on the database like an ops script
+//! (`migrate`, `seed`, `orgs`, `keys`, `audit`, `config`).
+
+mod commands;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about = "Self-hosted API keys: issue, verify, limit, audit.")]
+struct Cli {
+    /// Config file (default: ./keyward.toml when present).
+    #[arg(long, global = true, env = "KEYWARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL, e.g. sqlite://keyward.db (env KEYWARD_DATABASE_URL).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (migrates the database and seeds an empty one first).
+    Serve {
+        /// Address to listen on (env KEYWARD_LISTEN; default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Apply, revert or list database migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Create organization `default` and an admin key on an empty database.
+    Seed(JsonFlag),
+    /// Manage organizations.
+    Orgs {
+        #[command(subcommand)]
+        action: commands::OrgsAction,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: commands::KeysAction,
+    },
+    /// Read the audit log.
+    Audit {
+        #[command(subcommand)]
+        action: commands::AuditAction,
+    },
+    /// Show the effective configuration (secrets redacted).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the newest migrations.
+    Down {
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+    },
+    /// List migrations and whether each is applied.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    Show,
+}
+
+#[derive(Debug, Args)]
+struct JsonFlag {
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let listen = match &cli.command {
+        Command::Serve { listen } => *listen,
+        _ => None,
+    };
+    let config = match Config::load(cli.config.as_deref(), Overrides { listen, database_url: cli.database_url.clone() })
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format, matches!(cli.command, Command::Serve { .. }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { .. } => commands::serve(config).await,
+        Command::Migrate { action } => {
+            let store = keyward_store::open(&config.database_url, false).await?;
+            let list = match action {
+                MigrateAction::Up => store.migrate_up().await?,
+                MigrateAction::Down { steps } => store.migrate_down(steps).await?,
+                MigrateAction::Status => store.migration_status().await?,
+            };
+            for m in list {
+                println!("{:>04} {:<30} {}", m.version, m.description, if m.applied { "applied" } else { "pending" });
+            }
+            Ok(())
+        }
+        Command::Seed(flag) => commands::seed(config, flag.json).await,
+        Command::Orgs { action } => commands::orgs(config, action).await,
+        Command::Keys { action } => commands::keys(config, action).await,
+        Command::Audit { action } => commands::audit(config, action).await,
+        Command::Config { action: ConfigAction::Show } => {
+            print!("{}", config.show());
+            Ok(())
+        }
+    }
+}
+
+/// Logs go to stderr (stdout is for command output); `RUST_LOG` filters, `KEYWARD_LOG_FORMAT` picks
+/// json or pretty. CLI commands log warnings only unless `RUST_LOG` says otherwise.
+fn init_tracing(format: LogFormat, serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if serving { "info,sqlx=warn" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

@@ -1,0 +1,198 @@
+//! Who is calling: the key in `Authorization: Bearer` or `X-API-Key`, checked exactly like a verified
+//! key, and what that key may do. The client gets the reason a key was refused; the log line carries
+//! prefix and hint only.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use chrono::{DateTime, Utc};
+use keyward_core::{
+    KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, ScopeSet, VerifyOutcome, VerifyRequest, check_found_key,
+};
+use keyward_store::{Actor, ApiKey, KeyWithOrg, StoreResult};
+
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::state::AppState;
+
+/// The result of looking a presented key up.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Not in keyward's format: refused without touching storage.
+    Malformed(KeyFormatError),
+    NotFound,
+    Found(Box<KeyWithOrg>),
+}
+
+/// Parse, hash, look up by hash, and compare the stored hash in constant time.
+#[tracing::instrument(skip_all)]
+pub async fn lookup(state: &AppState, presented: &str) -> StoreResult<Lookup> {
+    let key = match PlainKey::parse(presented) {
+        Ok(key) => key,
+        Err(e) => return Ok(Lookup::Malformed(e)),
+    };
+    for (algorithm, hash) in state.hasher.candidates(key.expose_secret()) {
+        if let Some(found) = state.store.find_key_by_hash(&hash).await? {
+            // SECURITY: the index found it; the constant-time compare makes sure we never act on a
+            // near match and never leak timing of how much matched.
+            if found.key.hash_algorithm == algorithm && found.key.key_hash.ct_eq(&hash) {
+                return Ok(Lookup::Found(Box::new(found)));
+            }
+        }
+    }
+    Ok(Lookup::NotFound)
+}
+
+/// The socket peer's address, when the server was started with connect info.
+pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_canonical())
+}
+
+/// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
+fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        let value = value.to_str().unwrap_or_default().trim();
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+            return Ok(token.trim());
+        }
+        return Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"));
+    }
+    match headers.get("x-api-key").map(|v| v.to_str().unwrap_or_default().trim()) {
+        Some(key) if !key.is_empty() => Ok(key),
+        _ => Err(ApiError::new(
+            ErrorCode::MissingCredentials,
+            "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+        )),
+    }
+}
+
+/// An authenticated caller of the management API.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key: ApiKey,
+    pub ip: Option<IpAddr>,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let ip = peer_ip(parts);
+        let presented = presented_key(&parts.headers)?;
+        let now = state.clock.now();
+        let found = match lookup(state, presented).await? {
+            Lookup::Malformed(e) => {
+                tracing::info!(reason = "malformed", error = %e, "authentication failed");
+                return Err(ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}")));
+            }
+            Lookup::NotFound => {
+                tracing::info!(reason = "unknown", key = %redacted(presented), "authentication failed");
+                return Err(ApiError::new(ErrorCode::UnknownKey, "the API key is not known"));
+            }
+            Lookup::Found(found) => found,
+        };
+        let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
+        let outcome = check_found_key(
+            &found.key.state(),
+            found.org_is_active,
+            &found.key.allowed_ips,
+            &found.key.scopes,
+            &request,
+        );
+        if outcome != VerifyOutcome::Valid {
+            tracing::info!(reason = outcome.code(), key_id = %found.key.id, key = %redacted(presented), "authentication failed");
+            return Err(refusal(outcome));
+        }
+        tracing::Span::current().record("key_id", tracing::field::display(found.key.id));
+        tracing::Span::current().record("organization_id", tracing::field::display(found.key.organization_id));
+        state.usage.record(found.key.id, now, ip);
+        Ok(Caller { key: found.key, ip })
+    }
+}
+
+/// `sk_live_…abcd` for a string that parsed far enough, `…` otherwise. SECURITY: never more.
+pub fn redacted(presented: &str) -> String {
+    PlainKey::parse(presented).map(|k| k.redacted()).unwrap_or_else(|_| "…".to_owned())
+}
+
+fn refusal(outcome: VerifyOutcome) -> ApiError {
+    let (code, message) = match outcome {
+        VerifyOutcome::Revoked => (ErrorCode::KeyRevoked, "the API key was revoked"),
+        VerifyOutcome::Disabled => (ErrorCode::KeyDisabled, "the API key is disabled"),
+        VerifyOutcome::Expired => (ErrorCode::KeyExpired, "the API key has expired"),
+        VerifyOutcome::OrgDisabled => (ErrorCode::OrganizationDisabled, "the key's organization is disabled"),
+        VerifyOutcome::IpNotAllowed => (ErrorCode::IpNotAllowed, "the API key may not be used from this address"),
+        _ => (ErrorCode::UnknownKey, "the API key is not valid"),
+    };
+    ApiError::new(code, message)
+}
+
+impl Caller {
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.key.scopes
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.key.scopes.holds(KeywardScope::Admin)
+    }
+
+    pub fn permits(&self, scope: KeywardScope) -> bool {
+        self.key.scopes.permits(scope)
+    }
+
+    pub fn require(&self, scope: KeywardScope) -> ApiResult<()> {
+        if self.permits(scope) { Ok(()) } else { Err(ApiError::insufficient_scope(scope.as_str())) }
+    }
+
+    /// Reading keys: `keyward:keys:read`, or `keyward:self` for its own owner's keys.
+    pub fn require_key_read(&self) -> ApiResult<()> {
+        if self.permits(KeywardScope::KeysRead) || self.permits(KeywardScope::SelfService) {
+            Ok(())
+        } else {
+            Err(ApiError::insufficient_scope(KeywardScope::KeysRead.as_str()))
+        }
+    }
+
+    /// Creating and revoking keys: `keyward:keys:write`, or `keyward:self` for its own owner's keys.
+    pub fn require_key_write(&self) -> ApiResult<()> {
+        if self.permits(KeywardScope::KeysWrite) || self.permits(KeywardScope::SelfService) {
+            Ok(())
+        } else {
+            Err(ApiError::insufficient_scope(KeywardScope::KeysWrite.as_str()))
+        }
+    }
+
+    /// Holds `keyward:self` and nothing broader for keys: it acts only on its own owner's keys.
+    pub fn self_service_only(&self, write: bool) -> bool {
+        let broad = if write { KeywardScope::KeysWrite } else { KeywardScope::KeysRead };
+        !self.permits(broad) && self.permits(KeywardScope::SelfService)
+    }
+
+    /// The organization the caller is confined to; `None` for `keyward:admin`.
+    pub fn org_filter(&self) -> Option<OrgId> {
+        (!self.is_admin()).then_some(self.key.organization_id)
+    }
+
+    /// Whether the caller may see this key at all. A key it may not see answers 404, exactly like
+    /// one that does not exist.
+    pub fn can_see(&self, key: &ApiKey, write: bool) -> bool {
+        if self.is_admin() {
+            return true;
+        }
+        if key.organization_id != self.key.organization_id {
+            return false;
+        }
+        !self.self_service_only(write) || (self.key.owner_id.is_some() && key.owner_id == self.key.owner_id)
+    }
+
+    pub fn actor(&self, at: DateTime<Utc>) -> Actor {
+        Actor::key(self.key.id, self.ip.map(|ip| ip.to_string()), at)
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.key.id
+    }
+}

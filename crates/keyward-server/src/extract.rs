@@ -1,0 +1,135 @@
+//! Wrapped extractors, so that even a JSON syntax error or a malformed id answers in our error format.
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// The largest request body accepted anywhere.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON body, read but not yet parsed: 415 without a JSON content type, 413 past
+/// [`MAX_BODY_BYTES`]. Handlers parse it with [`JsonBody::parse`] *after* checking permissions, so a
+/// caller without the scope learns nothing about what the body should look like.
+pub struct JsonBody(axum::body::Bytes);
+
+impl JsonBody {
+    /// 400 `invalid_json` for broken JSON, 422 `invalid_request` naming the field for an unknown,
+    /// missing or mistyped field.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(&self.0)
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "expected a body with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await.map_err(|_| {
+            ApiError::new(ErrorCode::PayloadTooLarge, format!("the body is larger than {MAX_BODY_BYTES} bytes"))
+        })?;
+        Ok(JsonBody(bytes))
+    }
+}
+
+/// Deserialize with the path of the failing field. SECURITY: serde quotes the offending string value
+/// in its messages, which may be a key sent in the wrong field; quoted parts are cut out.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = redact_quoted(&inner.to_string());
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let message = if path == "." { message } else { format!("field `{path}`: {message}") };
+                ApiError { field: (path != ".").then_some(path), ..ApiError::new(ErrorCode::InvalidRequest, message) }
+            }
+            _ => ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {message}")),
+        }
+    })
+}
+
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            inside = !inside;
+            out.push('"');
+            if inside {
+                out.push('…');
+            }
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    // serde's own "at line 1 column 5" suffix is kept; it points at the problem without echoing it.
+    out
+}
+
+/// Query parameters: 400 `invalid_query` naming the problem.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiError::new(ErrorCode::InvalidQuery, redact_quoted(&e.body_text())))
+    }
+}
+
+/// A path parameter; one that does not parse (a malformed id) is simply not found.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(v)| ApiPath(v)).map_err(|_| ApiError::not_found())
+    }
+}
+
+/// `PATCH` semantics: an absent field is `None`, an explicit `null` is `Some(None)`.
+pub fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_cut_from_messages() {
+        assert_eq!(
+            redact_quoted(r#"invalid type: string "sk_live_secret", expected a sequence"#),
+            r#"invalid type: string "…", expected a sequence"#
+        );
+        assert_eq!(redact_quoted("no quotes"), "no quotes");
+    }
+}

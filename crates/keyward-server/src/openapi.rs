@@ -1,0 +1,40 @@
+//! The OpenAPI 3 document served at `/openapi.json`: every route and every error body.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{audit, health, keys, me, orgs, verify};
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Keyward", description = "Self-hosted API keys: issue, verify, limit, audit."),
+    paths(
+        verify::verify,
+        keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key,
+        me::me,
+        orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,
+        audit::list_audit,
+        health::healthz, health::readyz,
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json`.
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

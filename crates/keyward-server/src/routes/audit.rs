@@ -1,0 +1,69 @@
+//! `GET /v1/audit-logs`: the caller's organization's audit trail (every organization for admin).
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use keyward_core::{KeyId, KeywardScope};
+use keyward_store::AuditFilter;
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::extract::ApiQuery;
+use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
+use crate::state::AppState;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    pub key_id: Option<String>,
+    /// `create`, `update`, `activate`, `deactivate`, `revoke`, ...
+    pub action: Option<String>,
+    /// A key id, `cli` or `system`.
+    pub actor: Option<String>,
+    /// RFC 3339, inclusive.
+    pub since: Option<String>,
+    /// RFC 3339, exclusive.
+    pub until: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<u32>,
+}
+
+fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
+    value
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::new(ErrorCode::InvalidQuery, format!("`{name}` must be an RFC 3339 date-time")))
+        })
+        .transpose()
+}
+
+/// List audit rows, newest first.
+#[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
+    responses((status = 200, body = PageResponse<AuditEntryResponse>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<PageResponse<AuditEntryResponse>>> {
+    caller.require(KeywardScope::AuditRead)?;
+    let key_id = q
+        .key_id
+        .as_deref()
+        .map(|k| k.parse::<KeyId>().map_err(|_| ApiError::new(ErrorCode::InvalidQuery, "`key_id` must be a key id")))
+        .transpose()?;
+    let filter = AuditFilter {
+        organization_id: caller.org_filter(),
+        key_id,
+        action: q.action,
+        actor: q.actor,
+        since: time("since", q.since.as_deref())?,
+        until: time("until", q.until.as_deref())?,
+    };
+    let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
+    let page = state.store.list_audit(&filter, page).await?;
+    Ok(Json(PageResponse::from_page(page, AuditEntryResponse::from)))
+}

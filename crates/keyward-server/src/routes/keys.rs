@@ -1,0 +1,200 @@
+//! `/v1/keys`: create (the key is shown once), list, read, update (audited with a diff), revoke.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keyward_core::{Environment, KeyId, KeyStatus, OrgId, ScopeSet};
+use keyward_store::{ApiKey, KeyFilter};
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse};
+use crate::service::{self, CreateKeyRequest, UpdateKeyRequest, Validator};
+use crate::state::AppState;
+
+/// SECURITY: a key may grant only the `keyward:` scopes it holds itself (admin grants any), and a
+/// self-service key only customer scopes its own scopes cover.
+fn check_grant(caller: &Caller, scopes: &ScopeSet, self_service: bool) -> ApiResult<()> {
+    for scope in scopes.iter() {
+        let allowed = if scope.is_reserved() {
+            caller.is_admin() || caller.scopes().holds(scope.keyward().unwrap_or(keyward_core::KeywardScope::Admin))
+        } else {
+            !self_service || caller.scopes().covers(scope)
+        };
+        if !allowed {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientScope,
+                format!("this key cannot grant the scope `{scope}` it does not hold"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Load a key the caller may see; any other id answers 404.
+async fn visible_key(state: &AppState, caller: &Caller, id: KeyId, write: bool) -> ApiResult<ApiKey> {
+    let key = state.store.get_key(id).await?;
+    if caller.can_see(&key, write) { Ok(key) } else { Err(ApiError::not_found()) }
+}
+
+/// Create a key. The full key is in this response only.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
+    responses(
+        (status = 201, body = CreatedKeyResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn create_key(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
+    caller.require_key_write()?;
+    let mut body: CreateKeyRequest = body.parse()?;
+    let self_service = caller.self_service_only(true);
+    let organization_id = match body.organization_id.take() {
+        None => caller.key.organization_id,
+        Some(raw) => {
+            let id: OrgId =
+                raw.parse().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?;
+            if id != caller.key.organization_id && !caller.is_admin() {
+                return Err(ApiError::insufficient_scope("keyward:admin"));
+            }
+            id
+        }
+    };
+    if self_service {
+        let own = caller.key.owner_id.clone().ok_or_else(|| {
+            ApiError::new(ErrorCode::Forbidden, "a self-service key without an owner_id cannot create keys")
+        })?;
+        match &body.owner_id {
+            Some(owner) if *owner != own => {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "a self-service key creates keys for its own owner only",
+                ));
+            }
+            _ => body.owner_id = Some(own),
+        }
+    }
+    let now = state.clock.now();
+    let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
+    check_grant(&caller, &draft.scopes, self_service)?;
+    let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
+    tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
+    let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
+    // SECURITY: the only response that carries a key must not be stored by any cache.
+    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListKeysQuery {
+    pub owner_id: Option<String>,
+    /// `live` or `test`.
+    pub environment: Option<String>,
+    /// `active`, `disabled`, `expired` or `revoked`.
+    pub status: Option<String>,
+    /// Also list disabled and revoked keys.
+    pub include_inactive: Option<bool>,
+    pub cursor: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
+    responses((status = 200, body = PageResponse<KeyResponse>),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ListKeysQuery>,
+) -> ApiResult<Json<PageResponse<KeyResponse>>> {
+    caller.require_key_read()?;
+    let bad = |m: &str| ApiError::new(ErrorCode::InvalidQuery, m.to_owned());
+    let environment = q
+        .environment
+        .as_deref()
+        .map(Environment::parse)
+        .transpose()
+        .map_err(|_| bad("`environment` must be `live` or `test`"))?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
+        .transpose()?;
+    let owner_id =
+        if caller.self_service_only(false) { caller.key.owner_id.clone().or(Some(String::new())) } else { q.owner_id };
+    let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<KeyId>()?;
+    let now = state.clock.now();
+    let filter = KeyFilter {
+        organization_id: caller.org_filter(),
+        owner_id,
+        environment,
+        status,
+        include_inactive: q.include_inactive.unwrap_or(false),
+        now,
+    };
+    let page = state.store.list_keys(&filter, page).await?;
+    Ok(Json(PageResponse::from_page(page, |k| KeyResponse::new(k, now))))
+}
+
+/// Read one key.
+#[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
+    responses((status = 200, body = KeyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+) -> ApiResult<Json<KeyResponse>> {
+    caller.require_key_read()?;
+    let key = visible_key(&state, &caller, id, false).await?;
+    Ok(Json(KeyResponse::new(key, state.clock.now())))
+}
+
+/// Update a key; `is_active: false` deactivates it, `true` reactivates it. Audited with a diff.
+#[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
+    request_body = UpdateKeyRequest,
+    responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn update_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+    body: JsonBody,
+) -> ApiResult<Json<KeyResponse>> {
+    caller.require(keyward_core::KeywardScope::KeysWrite)?;
+    visible_key(&state, &caller, id, true).await?;
+    let body: UpdateKeyRequest = body.parse()?;
+    let now = state.clock.now();
+    let patch = body.validate(&Validator { plans: &state.plans, now })?;
+    if let Some(scopes) = &patch.scopes {
+        check_grant(&caller, scopes, false)?;
+    }
+    let key = state.store.update_key(id, patch, &caller.actor(now)).await?;
+    Ok(Json(KeyResponse::new(key, now)))
+}
+
+/// Revoke a key: permanent; the record stays for the audit trail.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+) -> ApiResult<StatusCode> {
+    caller.require_key_write()?;
+    visible_key(&state, &caller, id, true).await?;
+    let now = state.clock.now();
+    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

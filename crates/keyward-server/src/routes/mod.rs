@@ -1,0 +1,8 @@
+//! One module per resource.
+
+pub mod audit;
+pub mod health;
+pub mod keys;
+pub mod me;
+pub mod orgs;
+pub mod verify;

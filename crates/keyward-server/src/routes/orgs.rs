@@ -1,0 +1,78 @@
+//! `/v1/organizations`: `keyward:admin` only.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use keyward_core::{KeywardScope, OrgId};
+
+use crate::auth::Caller;
+use crate::error::{ApiResult, ErrorBody};
+use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::model::{OrganizationResponse, PageQuery, PageResponse};
+use crate::service::{CreateOrganizationRequest, UpdateOrganizationRequest, Validator};
+use crate::state::AppState;
+
+/// Create an organization.
+#[utoipa::path(post, path = "/v1/organizations", tag = "organizations", request_body = CreateOrganizationRequest,
+    responses((status = 201, body = OrganizationResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: JsonBody,
+) -> ApiResult<(StatusCode, Json<OrganizationResponse>)> {
+    caller.require(KeywardScope::Admin)?;
+    let body: CreateOrganizationRequest = body.parse()?;
+    let now = state.clock.now();
+    let new = body.validate(&Validator { plans: &state.plans, now })?;
+    let org = state.store.insert_org(new, &caller.actor(now)).await?;
+    Ok((StatusCode::CREATED, Json(org.into())))
+}
+
+/// List organizations, newest first.
+#[utoipa::path(get, path = "/v1/organizations", tag = "organizations", params(PageQuery),
+    responses((status = 200, body = PageResponse<OrganizationResponse>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_orgs(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<PageResponse<OrganizationResponse>>> {
+    caller.require(KeywardScope::Admin)?;
+    let page = state.store.list_orgs(q.request::<OrgId>()?).await?;
+    Ok(Json(PageResponse::from_page(page, OrganizationResponse::from)))
+}
+
+/// Read an organization.
+#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = String, Path, description = "organization id")),
+    responses((status = 200, body = OrganizationResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<OrgId>,
+) -> ApiResult<Json<OrganizationResponse>> {
+    caller.require(KeywardScope::Admin)?;
+    Ok(Json(state.store.get_org(id).await?.into()))
+}
+
+/// Update an organization (`is_active: false` disables every key of it). Audited with a diff.
+#[utoipa::path(patch, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = String, Path, description = "organization id")),
+    request_body = UpdateOrganizationRequest,
+    responses((status = 200, body = OrganizationResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<OrgId>,
+    body: JsonBody,
+) -> ApiResult<Json<OrganizationResponse>> {
+    caller.require(KeywardScope::Admin)?;
+    let body: UpdateOrganizationRequest = body.parse()?;
+    let now = state.clock.now();
+    let patch = body.validate(&Validator { plans: &state.plans, now })?;
+    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.into()))
+}

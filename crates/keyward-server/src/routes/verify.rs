@@ -1,0 +1,131 @@
+//! `POST /v1/verify`: the hot path. Always 200 for a well-formed request; the outcome is a value.
+
+use std::net::IpAddr;
+
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::auth::{Caller, Lookup, lookup};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::JsonBody;
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyKeyRequest {
+    /// The key your client presented.
+    pub key: String,
+    /// Scopes the request needs; each must be covered by the key's scopes.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// The end client's IP, checked against the key's allow-list. A key with an allow-list is refused
+    /// (`IP_NOT_ALLOWED`) when this is missing.
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyKeyResponse {
+    pub valid: bool,
+    #[schema(value_type = String, example = "VALID")]
+    pub code: VerifyOutcome,
+    #[schema(value_type = Option<String>)]
+    pub key_id: Option<KeyId>,
+    #[schema(value_type = Option<String>)]
+    pub organization_id: Option<OrgId>,
+    pub owner_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub environment: Option<Environment>,
+    pub scopes: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl VerifyKeyResponse {
+    fn bare(code: VerifyOutcome) -> Self {
+        Self {
+            valid: false,
+            code,
+            key_id: None,
+            organization_id: None,
+            owner_id: None,
+            environment: None,
+            scopes: None,
+            metadata: None,
+            expires_at: None,
+        }
+    }
+}
+
+/// Verify a key: status, organization, IP allow-list and scopes, in that order.
+#[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyKeyRequest,
+    responses((status = 200, body = VerifyKeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all, fields(outcome))]
+pub async fn verify(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: JsonBody,
+) -> ApiResult<Json<VerifyKeyResponse>> {
+    caller.require(KeywardScope::Verify)?;
+    let body: VerifyKeyRequest = body.parse()?;
+    let required: Vec<Scope> = body
+        .required_scopes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Scope::parse(s).map_err(|e| ApiError::validation(format!("required_scopes[{i}]"), e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let client_ip: Option<IpAddr> = body
+        .ip
+        .as_deref()
+        .map(|ip| ip.trim().parse().map_err(|_| ApiError::validation("ip", "`ip` must be an IPv4 or IPv6 address")))
+        .transpose()?;
+    let now = state.clock.now();
+    let found = match lookup(&state, &body.key).await? {
+        Lookup::Malformed(_) => None,
+        Lookup::NotFound => Some(None),
+        // SECURITY: another organization's key answers exactly like an unknown one.
+        Lookup::Found(f) if caller.is_admin() || f.key.organization_id == caller.key.organization_id => Some(Some(f)),
+        Lookup::Found(_) => Some(None),
+    };
+    let response = match found {
+        None => VerifyKeyResponse::bare(VerifyOutcome::Malformed),
+        Some(None) => VerifyKeyResponse::bare(VerifyOutcome::NotFound),
+        Some(Some(f)) => {
+            let request = VerifyRequest { now, client_ip, required_scopes: &required };
+            let code = check_found_key(&f.key.state(), f.org_is_active, &f.key.allowed_ips, &f.key.scopes, &request);
+            if code.is_valid() {
+                state.usage.record(f.key.id, now, client_ip);
+            }
+            let k = f.key;
+            VerifyKeyResponse {
+                valid: code.is_valid(),
+                code,
+                key_id: Some(k.id),
+                organization_id: Some(k.organization_id),
+                owner_id: k.owner_id,
+                environment: Some(k.environment),
+                scopes: Some(k.scopes.to_strings()),
+                metadata: Some(k.metadata),
+                expires_at: k.expires_at,
+            }
+        }
+    };
+    tracing::Span::current().record("outcome", response.code.code());
+    if !response.valid {
+        tracing::info!(
+            outcome = response.code.code(),
+            key = %crate::auth::redacted(&body.key),
+            key_id = response.key_id.map(|k| k.to_string()).unwrap_or_default(),
+            "verification refused"
+        );
+    }
+    Ok(Json(response))
+}

@@ -1,0 +1,162 @@
+//! `TestApp`: a fresh SQLite database in a temp dir, seeded, with an injected clock; requests go
+//! through the router with `oneshot`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use chrono::{DateTime, Utc};
+use http_body_util::BodyExt;
+use keyward_core::{KeyHasher, ManualClock, OrgId};
+use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
+use keyward_server::usage::UsageRecorder;
+use keyward_server::{AppState, router};
+use keyward_store::{Actor, ApiKey, Organization};
+use serde_json::Value;
+use tempfile::TempDir;
+use tower::ServiceExt;
+
+pub fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z").unwrap().with_timezone(&Utc)
+}
+
+pub struct TestApp {
+    pub state: AppState,
+    pub clock: ManualClock,
+    /// The seeded `keyward:admin` key of organization `default`.
+    pub admin_key: String,
+    pub default_org: Organization,
+    _dir: TempDir,
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl TestApp {
+    pub async fn sqlite() -> Self {
+        let dir = TempDir::new().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("keyward.db").display());
+        let store = keyward_store::open(&url, true).await.unwrap();
+        let clock = ManualClock::new(t0());
+        let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+        let state = AppState::new(store, Arc::new(clock.clone()), KeyHasher::default(), usage);
+        let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
+        Self {
+            admin_key: seeded.key.expose_secret().to_owned(),
+            default_org: seeded.organization,
+            state,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    pub async fn org(&self, slug: &str) -> Organization {
+        let v = Validator { plans: &self.state.plans, now: self.clock.now_utc() };
+        let new = CreateOrganizationRequest { name: slug.to_owned(), slug: slug.to_owned(), ..Default::default() }
+            .validate(&v)
+            .unwrap();
+        self.state.store.insert_org(new, &Actor::cli(self.clock.now_utc())).await.unwrap()
+    }
+
+    /// A key in `org` with these scopes, created the way the CLI does.
+    pub async fn key(&self, org: OrgId, scopes: &[&str]) -> (String, ApiKey) {
+        self.key_with(
+            org,
+            CreateKeyRequest {
+                name: "test key".into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn key_with(&self, org: OrgId, request: CreateKeyRequest) -> (String, ApiKey) {
+        let v = Validator { plans: &self.state.plans, now: self.clock.now_utc() };
+        let draft = request.validate(&v, org).unwrap();
+        let (plain, record) = service::create_key(&self.state, draft, &Actor::cli(self.clock.now_utc())).await.unwrap();
+        (plain.expose_secret().to_owned(), record)
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Response {
+        let response = self.router().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Response { status, headers, body, text }
+    }
+
+    /// A JSON request from 203.0.113.7 with the key as a bearer token.
+    pub async fn call(&self, method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> Response {
+        self.send(request(method, path, key, body)).await
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Response {
+        self.call(Method::GET, path, Some(key), None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Response {
+        self.call(Method::POST, path, Some(key), Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> Response {
+        self.call(Method::PATCH, path, Some(key), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, key: &str) -> Response {
+        self.call(Method::DELETE, path, Some(key), None).await
+    }
+
+    /// `POST /v1/verify` with the admin key as the caller.
+    pub async fn verify(&self, key: &str, extra: Value) -> Value {
+        let mut body = serde_json::json!({ "key": key });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let r = self.post("/v1/verify", &self.admin_key, body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body
+    }
+}
+
+pub fn request(method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(path);
+    if let Some(key) = key {
+        builder = builder.header("authorization", format!("Bearer {key}"));
+    }
+    let mut req = match body {
+        Some(b) => builder.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    };
+    req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([203, 0, 113, 7], 40000))));
+    req
+}
+
+pub trait NowUtc {
+    fn now_utc(&self) -> DateTime<Utc>;
+}
+
+impl NowUtc for ManualClock {
+    fn now_utc(&self) -> DateTime<Utc> {
+        keyward_core::Clock::now(self)
+    }
+}
+
+/// The error code of an error body.
+pub fn code(r: &Response) -> &str {
+    r.body["error"]["code"].as_str().unwrap_or("<no error code>")
+}

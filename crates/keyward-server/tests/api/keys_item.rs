@@ -1,0 +1,133 @@
+use axum::http::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{TestApp, code};
+
+#[tokio::test]
+async fn get_update_deactivate_reactivate_revoke() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &["read:x"]).await;
+    let path = format!("/v1/keys/{}", rec.id);
+
+    let r = app.get(&path, &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["name"], "test key");
+
+    let r = app
+        .patch(
+            &path,
+            &app.admin_key,
+            json!({"name": "renamed", "description": "d", "scopes": ["read:x", "write:y"], "allowed_ips": ["192.0.2.0/24"],
+                   "expires_at": "2030-01-01T00:00:00Z", "metadata": {"company": "Acme"}, "plan": "enterprise"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["name"], "renamed");
+    assert_eq!(r.body["scopes"], json!(["read:x", "write:y"]));
+    assert_eq!(r.body["allowed_ips"], json!(["192.0.2.0/24"]));
+    assert_eq!(r.body["plan"], "enterprise");
+    assert_eq!(r.body["expires_at"], "2030-01-01T00:00:00Z");
+
+    // null clears nullable fields; absent fields stay.
+    let r = app.patch(&path, &app.admin_key, json!({"description": null, "expires_at": null, "plan": null})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["description"], json!(null));
+    assert_eq!(r.body["expires_at"], json!(null));
+    assert_eq!(r.body["name"], "renamed");
+
+    let r = app.patch(&path, &app.admin_key, json!({"is_active": false})).await;
+    assert_eq!(r.body["status"], "disabled");
+    assert_eq!(app.verify(&key, json!({"ip": "192.0.2.1"})).await["code"], "DISABLED");
+    let r = app.patch(&path, &app.admin_key, json!({"is_active": true})).await;
+    assert_eq!(r.body["status"], "active");
+    assert_eq!(app.verify(&key, json!({"ip": "192.0.2.1"})).await["code"], "VALID");
+
+    let r = app.delete(&path, &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.get(&path, &app.admin_key).await;
+    assert_eq!(r.body["status"], "revoked");
+    assert!(r.body["revoked_at"].is_string());
+    assert_eq!(app.verify(&key, json!({"ip": "192.0.2.1"})).await["code"], "REVOKED");
+    // Revoked is permanent: reactivating does not bring it back.
+    let r = app.patch(&path, &app.admin_key, json!({"is_active": true})).await;
+    assert_eq!(r.body["status"], "revoked");
+}
+
+#[tokio::test]
+async fn unknown_id_is_404() {
+    let app = TestApp::sqlite().await;
+    for method in ["get", "patch", "delete"] {
+        let path = "/v1/keys/0190c6d1-0000-7000-8000-000000000000";
+        let r = match method {
+            "get" => app.get(path, &app.admin_key).await,
+            "patch" => app.patch(path, &app.admin_key, json!({"name": "x"})).await,
+            _ => app.delete(path, &app.admin_key).await,
+        };
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method}");
+        assert_eq!(code(&r), "not_found");
+    }
+}
+
+#[tokio::test]
+async fn malformed_id_is_404() {
+    let app = TestApp::sqlite().await;
+    let r = app.get("/v1/keys/not-a-uuid", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(code(&r), "not_found");
+    let r = app.delete("/v1/keys/123", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+async fn bad_patch(body: serde_json::Value, status: StatusCode, want: &str) {
+    let app = TestApp::sqlite().await;
+    let (_, rec) = app.key(app.default_org.id, &["read:x"]).await;
+    let path = format!("/v1/keys/{}", rec.id);
+    let r = app.patch(&path, &app.admin_key, body.clone()).await;
+    assert_eq!(r.status, status, "{body}: {}", r.text);
+    assert_eq!(code(&r), want, "{body}");
+    // Nothing changed.
+    let after = app.get(&path, &app.admin_key).await;
+    assert_eq!(after.body["name"], "test key");
+    assert_eq!(after.body["scopes"], json!(["read:x"]));
+}
+
+#[tokio::test]
+async fn patch_bad_scope_changes_nothing() {
+    bad_patch(json!({"name": "new", "scopes": ["bad scope"]}), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+        .await;
+}
+
+#[tokio::test]
+async fn patch_bad_ip() {
+    bad_patch(json!({"allowed_ips": ["300.1.1.1"]}), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn patch_bad_date() {
+    bad_patch(json!({"expires_at": "soon"}), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn patch_unknown_field() {
+    bad_patch(json!({"key_hash": "00"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn patch_is_active_wrong_type() {
+    bad_patch(json!({"is_active": "no"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn patch_blank_name() {
+    bad_patch(json!({"name": ""}), StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn patch_cannot_grant_unheld_reserved_scope() {
+    let app = TestApp::sqlite().await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let (_, rec) = app.key(app.default_org.id, &["read:x"]).await;
+    let r = app.patch(&format!("/v1/keys/{}", rec.id), &writer, json!({"scopes": ["keyward:admin"]})).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(code(&r), "insufficient_scope");
+}

@@ -1,0 +1,15 @@
+//! HTTP tests through the router: one module per endpoint, one test per bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod audit;
+mod authz;
+mod errors;
+mod helpers;
+mod isolation;
+mod keys_create;
+mod keys_item;
+mod keys_list;
+mod me_health;
+mod orgs;
+mod secrets;
+mod verify;

@@ -1,0 +1,62 @@
+use axum::http::{Method, StatusCode};
+
+use crate::helpers::{TestApp, code};
+
+#[tokio::test]
+async fn me_shows_the_calling_key_and_its_organization() {
+    let app = TestApp::sqlite().await;
+    let (k, rec) = app.key(app.default_org.id, &["read:x"]).await;
+    let r = app.get("/v1/me", &k).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["key"]["id"], rec.id.to_string());
+    assert_eq!(r.body["organization"]["slug"], "default");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = TestApp::sqlite().await;
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let r = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("ready")));
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed() {
+    let app = TestApp::sqlite().await;
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert!(r.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn unknown_route_and_wrong_method() {
+    let app = TestApp::sqlite().await;
+    let r = app.call(Method::GET, "/v1/nothing", None, None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(code(&r), "not_found");
+    let r = app.call(Method::PUT, "/v1/keys", Some(&app.admin_key), None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(code(&r), "method_not_allowed");
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let app = TestApp::sqlite().await;
+    let r = app.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let paths = r.body["paths"].as_object().unwrap();
+    for p in [
+        "/v1/verify",
+        "/v1/keys",
+        "/v1/keys/{id}",
+        "/v1/me",
+        "/v1/organizations",
+        "/v1/organizations/{id}",
+        "/v1/audit-logs",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing from openapi");
+    }
+    assert!(r.body["components"]["schemas"]["ErrorBody"].is_object());
+}

@@ -1,0 +1,92 @@
+//! The full key never appears in a log line, an error body, an audit row or `/openapi.json`.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::http::Method;
+use serde_json::json;
+
+use crate::helpers::TestApp;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_plaintext_key_leaks_nowhere() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .json()
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = TestApp::sqlite().await;
+    let created = app
+        .post("/v1/keys", &app.admin_key, json!({"name": "leaky", "scopes": ["read:x"], "allowed_ips": ["10.0.0.0/8"]}))
+        .await;
+    let key = created.body["key"].as_str().unwrap().to_owned();
+    let id = created.body["api_key"]["id"].as_str().unwrap().to_owned();
+    let secret_part = &key[8..40];
+
+    let mut bodies = Vec::new();
+    // Successful and refused uses, errors that echo input, and every read of the key.
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": key, "ip": "10.0.0.1"})).await.text);
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": key, "ip": "11.0.0.1"})).await.text);
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": key, "required_scopes": [key]})).await.text);
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": key, "ip": key})).await.text);
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": key, "required_scopes": key})).await.text);
+    bodies.push(app.post("/v1/verify", &app.admin_key, json!({"key": [key]})).await.text);
+    bodies.push(app.get("/v1/me", &key).await.text);
+    let mut truncated = key.clone();
+    truncated.pop();
+    bodies.push(app.get("/v1/me", &truncated).await.text);
+    bodies.push(
+        app.post(
+            "/v1/keys",
+            &app.admin_key,
+            json!({"name": key, "scopes": [key], "allowed_ips": [key], "prefix": key}),
+        )
+        .await
+        .text,
+    );
+    bodies.push(app.get(&format!("/v1/keys/{id}"), &app.admin_key).await.text);
+    bodies.push(app.patch(&format!("/v1/keys/{id}"), &app.admin_key, json!({"name": "renamed"})).await.text);
+    bodies.push(app.delete(&format!("/v1/keys/{id}"), &app.admin_key).await.text);
+    bodies.push(app.get("/v1/me", &key).await.text);
+    bodies.push(app.get("/v1/keys?include_inactive=true", &app.admin_key).await.text);
+    bodies.push(app.get("/v1/audit-logs?limit=100", &app.admin_key).await.text);
+    bodies.push(app.call(Method::GET, "/openapi.json", None, None).await.text);
+    app.state.usage.flush().await;
+
+    for (i, body) in bodies.iter().enumerate() {
+        assert!(!body.contains(secret_part), "response {i} contains the key: {body}");
+    }
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("verification refused"), "the capture works: {logs}");
+    assert!(!logs.contains(secret_part), "logs contain the key");
+    assert!(!app.admin_key.is_empty() && !logs.contains(&app.admin_key[8..40]), "logs contain the admin key");
+    // Audit rows hold neither the key nor its hash.
+    let audit = app
+        .state
+        .store
+        .list_audit(&Default::default(), keyward_store::PageRequest { after: None, limit: 100 })
+        .await
+        .unwrap();
+    let hash_hex = app.state.hasher.candidates(&key)[0].1.to_hex();
+    for row in audit.items {
+        let details = row.details.to_string();
+        assert!(!details.contains(secret_part) && !details.contains(&hash_hex), "audit row {} leaks", row.id);
+    }
+}

@@ -1,0 +1,889 @@
+//! The store behaviour suite: what every [`Store`] backend must do, as plain async functions that panic
+//! on failure. Each backend's test file runs every case as its own `#[tokio::test]`, so a failure names
+//! backend and case.
+//!
+//! The cases assume nothing about the backend beyond the trait, and each creates its own organizations
+//! with unique slugs and owner ids, so cases may share one database and run side by side. Times are
+//! fixed (2030-01-01 onwards) and passed in, so nothing here sleeps.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+
+use chrono::{DateTime, Duration, Utc};
+use keyward_core::{Environment, IpAllowList, KeyHasher, KeyId, KeyPrefix, KeyStatus, OrgId, PlainKey, ScopeSet};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyPatch, KeyUsage, LimitOverrides, NewKey, NewOrganization,
+    Organization, OrganizationPatch, PageRequest, Store, StoreError,
+};
+
+// -----------------------------------------------------------------------------------------------
+// Helpers
+
+/// `unwrap` with the operation named in the panic (clippy keeps `unwrap` out of library code).
+trait Must<T> {
+    fn must(self, what: &str) -> T;
+}
+
+impl<T, E: Debug> Must<T> for Result<T, E> {
+    fn must(self, what: &str) -> T {
+        match self {
+            Ok(value) => value,
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+    }
+}
+
+/// 2030-01-01T00:00:00Z: the suite's epoch.
+pub fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default()
+}
+
+/// `minutes` after [`t0`].
+fn at(minutes: i64) -> DateTime<Utc> {
+    t0() + Duration::minutes(minutes)
+}
+
+/// A value no other case (or run) uses.
+fn unique(label: &str) -> String {
+    format!("{label}-{}", Uuid::now_v7().simple())
+}
+
+/// An active organization with a unique slug; not yet inserted.
+pub fn new_org(max_api_keys: Option<i64>) -> NewOrganization {
+    NewOrganization {
+        id: OrgId::new(),
+        name: "Acme".to_owned(),
+        slug: unique("acme"),
+        email: Some("ops@acme.test".to_owned()),
+        plan: "free".to_owned(),
+        is_active: true,
+        limits: LimitOverrides::default(),
+        max_api_keys,
+    }
+}
+
+async fn org(store: &dyn Store, max_api_keys: Option<i64>) -> Organization {
+    store.insert_org(new_org(max_api_keys), &Actor::cli(t0())).await.must("insert_org")
+}
+
+/// A fresh key (and its plaintext) for `org`, with every optional field empty; not yet inserted.
+pub fn new_key(org: &Organization, environment: Environment) -> (PlainKey, NewKey) {
+    let plain = PlainKey::generate(&KeyPrefix::default(), environment).must("generate key");
+    let (hash_algorithm, key_hash) = KeyHasher::default().hash(&plain);
+    let key = NewKey {
+        id: KeyId::new(),
+        organization_id: org.id,
+        owner_id: None,
+        name: "test key".to_owned(),
+        description: None,
+        environment,
+        prefix: plain.prefix().to_owned(),
+        hint: plain.hint().to_owned(),
+        hash_algorithm,
+        key_hash,
+        scopes: ScopeSet::default(),
+        allowed_ips: IpAllowList::default(),
+        expires_at: None,
+        is_active: true,
+        plan: None,
+        limits: LimitOverrides::default(),
+        metadata: json!({}),
+        rotated_from: None,
+    };
+    (plain, key)
+}
+
+async fn insert(store: &dyn Store, key: NewKey) -> ApiKey {
+    store.insert_key(key, &Actor::cli(t0())).await.must("insert_key")
+}
+
+async fn key(store: &dyn Store, org: &Organization) -> ApiKey {
+    insert(store, new_key(org, Environment::Live).1).await
+}
+
+fn filter(organization_id: Option<OrgId>, now: DateTime<Utc>) -> KeyFilter {
+    KeyFilter { organization_id, owner_id: None, environment: None, status: None, include_inactive: false, now }
+}
+
+/// Every key a filter lists, following the cursor to the end.
+async fn all_keys(store: &dyn Store, filter: &KeyFilter) -> Vec<KeyId> {
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..1_000 {
+        let page = store.list_keys(filter, PageRequest { after, limit: 100 }).await.must("list_keys");
+        out.extend(page.items.iter().map(|k| k.id));
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => return out,
+        }
+    }
+    panic!("list_keys never reached its last page");
+}
+
+/// Every audit row a filter lists, newest first.
+async fn all_audit(store: &dyn Store, filter: &AuditFilter) -> Vec<AuditEntry> {
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..1_000 {
+        let page = store.list_audit(filter, PageRequest { after, limit: 100 }).await.must("list_audit");
+        out.extend(page.items);
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => return out,
+        }
+    }
+    panic!("list_audit never reached its last page");
+}
+
+async fn key_audit(store: &dyn Store, id: KeyId) -> Vec<AuditEntry> {
+    all_audit(store, &AuditFilter { key_id: Some(id), ..Default::default() }).await
+}
+
+async fn org_audit(store: &dyn Store, id: OrgId) -> Vec<AuditEntry> {
+    all_audit(store, &AuditFilter { organization_id: Some(id), ..Default::default() }).await
+}
+
+fn actions(entries: &[AuditEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.action.as_str()).collect()
+}
+
+/// Ids as a listing must return them: newest first.
+fn newest_first(keys: &[&ApiKey]) -> Vec<KeyId> {
+    let mut ids: Vec<KeyId> = keys.iter().map(|k| k.id).collect();
+    ids.sort_by(|a, b| b.cmp(a));
+    ids
+}
+
+// -----------------------------------------------------------------------------------------------
+// Cases
+
+/// The store answers and names itself.
+pub async fn ping_and_backend(store: &dyn Store) {
+    store.ping().await.must("ping");
+    assert!(["sqlite", "postgres"].contains(&store.backend()), "backend {}", store.backend());
+}
+
+/// After `migrate_up` every known migration is applied, listed in version order.
+pub async fn migrations_are_all_applied(store: &dyn Store) {
+    let status = store.migration_status().await.must("migration_status");
+    assert!(!status.is_empty());
+    assert!(status.iter().all(|m| m.applied), "{status:?}");
+    assert!(status.windows(2).all(|w| w[0].version < w[1].version), "{status:?}");
+    assert_eq!(status[0].version, 1);
+}
+
+/// A key is stored field for field, found by its hash with its organization's state, and read by id.
+pub async fn create_find_and_get_a_key(store: &dyn Store) {
+    let org = org(store, None).await;
+    let (plain, mut new) = new_key(&org, Environment::Test);
+    new.owner_id = Some(unique("user"));
+    new.name = "billing service".to_owned();
+    new.description = Some("used by the billing cron".to_owned());
+    new.scopes = ScopeSet::parse(&["read:projects", "write:*", "keyward:verify"]).must("scopes");
+    new.allowed_ips = IpAllowList::parse(&["10.1.2.3/8", "2001:db8::/32", "192.0.2.7"]).must("ips");
+    new.expires_at = Some(at(60 * 24) + Duration::microseconds(654_321));
+    new.plan = Some("pro".to_owned());
+    new.limits = LimitOverrides {
+        rate_limit_per_minute: Some(10),
+        rate_limit_per_hour: Some(100),
+        rate_limit_per_day: None,
+        monthly_request_limit: Some(5_000),
+    };
+    new.metadata = json!({"email": "dev@acme.test", "company": "Acme", "seats": 3, "tags": ["a", "b"]});
+    // Microseconds survive storage; the actor's time is the key's creation time.
+    let actor = Actor::key(KeyId::new(), Some("192.0.2.1".to_owned()), at(1) + Duration::microseconds(250_001));
+
+    let created = store.insert_key(new.clone(), &actor).await.must("insert_key");
+    assert_eq!(created.id, new.id);
+    assert_eq!(created.organization_id, org.id);
+    assert_eq!(created.owner_id, new.owner_id);
+    assert_eq!(created.name, new.name);
+    assert_eq!(created.description, new.description);
+    assert_eq!(created.environment, Environment::Test);
+    assert_eq!(created.prefix, plain.prefix());
+    assert_eq!(created.hint, plain.hint());
+    assert_eq!(created.hash_algorithm, new.hash_algorithm);
+    assert!(created.key_hash.ct_eq(&new.key_hash));
+    assert_eq!(created.scopes, new.scopes);
+    assert_eq!(created.allowed_ips.to_strings(), ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    assert_eq!(created.expires_at, new.expires_at);
+    assert!(created.is_active);
+    assert_eq!((created.revoked_at, created.revoke_reason.as_deref()), (None, None));
+    assert_eq!(created.plan.as_deref(), Some("pro"));
+    assert_eq!(created.limits, new.limits);
+    assert_eq!(created.metadata, new.metadata);
+    assert_eq!(created.total_requests, 0);
+    assert_eq!((created.last_used_at, created.last_used_ip.as_deref()), (None, None));
+    assert_eq!((created.rotated_from, created.replaced_by), (None, None));
+    assert_eq!(created.created_by.as_deref(), Some(actor.actor.as_str()));
+    assert_eq!(created.created_at, actor.at);
+    assert_eq!(created.updated_at, actor.at);
+
+    let found = store.find_key_by_hash(&new.key_hash).await.must("find_key_by_hash");
+    let found = found.unwrap_or_else(|| panic!("the key is not found by its hash"));
+    assert_eq!(found.key, created);
+    assert!(found.org_is_active);
+    assert_eq!(store.get_key(created.id).await.must("get_key"), created);
+
+    let (_, stranger) = new_key(&org, Environment::Test);
+    assert_eq!(store.find_key_by_hash(&stranger.key_hash).await.must("find unknown hash"), None);
+
+    let audit = key_audit(store, created.id).await;
+    assert_eq!(actions(&audit), ["create"]);
+    let row = &audit[0];
+    assert_eq!(row.key_id, Some(created.id));
+    assert_eq!(row.organization_id, Some(org.id));
+    assert_eq!(row.actor, actor.actor);
+    assert_eq!(row.actor_ip.as_deref(), Some("192.0.2.1"));
+    assert_eq!(row.created_at, actor.at);
+    assert_eq!(row.details, json!({ "after": created.audit_json() }));
+
+    // Verification sees the organization's state with the key.
+    let off = OrganizationPatch { is_active: Some(false), ..Default::default() };
+    store.update_org(org.id, off, &Actor::cli(at(2))).await.must("deactivate org");
+    let found = store.find_key_by_hash(&new.key_hash).await.must("find_key_by_hash");
+    assert_eq!(found.map(|f| f.org_is_active), Some(false));
+}
+
+/// Unknown ids are `NotFound` (or `None` for `find_*`), and nothing is created by trying.
+pub async fn unknown_ids_are_not_found(store: &dyn Store) {
+    let cli = Actor::cli(t0());
+    let r = store.get_key(KeyId::new()).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "get_key: {r:?}");
+    let r = store.get_org(OrgId::new()).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "get_org: {r:?}");
+    let r = store.update_key(KeyId::new(), KeyPatch { name: Some("x".into()), ..Default::default() }, &cli).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "update_key: {r:?}");
+    let r = store.revoke_key(KeyId::new(), "gone", t0(), &cli).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "revoke_key: {r:?}");
+    let r =
+        store.update_org(OrgId::new(), OrganizationPatch { name: Some("x".into()), ..Default::default() }, &cli).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "update_org: {r:?}");
+    assert_eq!(store.find_org_by_slug(&unique("nobody")).await.must("find_org_by_slug"), None);
+
+    // A key for an organization that does not exist.
+    let ghost = Organization {
+        id: OrgId::new(),
+        name: "ghost".into(),
+        slug: unique("ghost"),
+        email: None,
+        plan: "free".into(),
+        is_active: true,
+        limits: LimitOverrides::default(),
+        max_api_keys: None,
+        created_at: t0(),
+        updated_at: t0(),
+    };
+    let (_, orphan) = new_key(&ghost, Environment::Live);
+    let r = store.insert_key(orphan.clone(), &cli).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "insert_key into unknown org: {r:?}");
+    assert_eq!(store.find_key_by_hash(&orphan.key_hash).await.must("find orphan"), None);
+    assert!(key_audit(store, orphan.id).await.is_empty());
+}
+
+/// Each list filter, and the status of every key derived at the filter's `now`.
+pub async fn list_keys_filters(store: &dyn Store) {
+    let org = org(store, None).await;
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let carol = unique("carol");
+    let make = |owner: &str, env, f: fn(&mut NewKey)| {
+        let (_, mut k) = new_key(&org, env);
+        k.owner_id = Some(owner.to_owned());
+        f(&mut k);
+        k
+    };
+    let a = insert(store, make(&alice, Environment::Live, |_| {})).await;
+    let b = insert(store, make(&bob, Environment::Test, |_| {})).await;
+    let c = insert(store, make(&alice, Environment::Live, |k| k.is_active = false)).await;
+    let d = insert(store, make(&alice, Environment::Live, |_| {})).await;
+    let e = insert(store, make(&bob, Environment::Live, |k| k.expires_at = Some(at(20)))).await;
+    let f = insert(store, make(&alice, Environment::Test, |_| {})).await;
+    let g = insert(
+        store,
+        make(&carol, Environment::Live, |k| {
+            k.is_active = false;
+            k.expires_at = Some(at(20));
+        }),
+    )
+    .await;
+    let d = store.revoke_key(d.id, "leaked", at(10), &Actor::cli(at(10))).await.must("revoke d");
+    // Revoked in the future: a rotation's grace period.
+    let f = store.revoke_key(f.id, "rotated", at(100), &Actor::cli(at(10))).await.must("revoke f");
+
+    let now = at(30);
+    let base = filter(Some(org.id), now);
+    let with_status = |status, now| KeyFilter { status: Some(status), ..filter(Some(org.id), now) };
+    let cases: Vec<(&str, KeyFilter, Vec<&ApiKey>)> = vec![
+        ("default leaves out disabled and revoked", base.clone(), vec![&a, &b, &e, &f]),
+        ("include_inactive", KeyFilter { include_inactive: true, ..base.clone() }, vec![&a, &b, &c, &d, &e, &f, &g]),
+        ("active", with_status(KeyStatus::Active, now), vec![&a, &b, &f]),
+        ("disabled (wins over expired)", with_status(KeyStatus::Disabled, now), vec![&c, &g]),
+        ("expired", with_status(KeyStatus::Expired, now), vec![&e]),
+        ("revoked", with_status(KeyStatus::Revoked, now), vec![&d]),
+        ("active before anything happened", with_status(KeyStatus::Active, at(5)), vec![&a, &b, &d, &e, &f]),
+        ("revoked before the revocation", with_status(KeyStatus::Revoked, at(5)), vec![]),
+        ("expired at the expiry instant", with_status(KeyStatus::Expired, at(20)), vec![&e]),
+        ("revoked at the revocation instant", with_status(KeyStatus::Revoked, at(100)), vec![&d, &f]),
+        ("default after the grace period", filter(Some(org.id), at(100)), vec![&a, &b, &e]),
+        ("owner", KeyFilter { owner_id: Some(alice.clone()), ..base.clone() }, vec![&a, &f]),
+        (
+            "owner with include_inactive",
+            KeyFilter { owner_id: Some(alice.clone()), include_inactive: true, ..base.clone() },
+            vec![&a, &c, &d, &f],
+        ),
+        ("environment", KeyFilter { environment: Some(Environment::Test), ..base.clone() }, vec![&b, &f]),
+        (
+            "owner, environment and status",
+            KeyFilter {
+                owner_id: Some(bob.clone()),
+                environment: Some(Environment::Live),
+                status: Some(KeyStatus::Expired),
+                ..base.clone()
+            },
+            vec![&e],
+        ),
+        (
+            "every organization, by owner",
+            KeyFilter { owner_id: Some(alice.clone()), ..filter(None, now) },
+            vec![&a, &f],
+        ),
+    ];
+    for (name, filter, want) in cases {
+        assert_eq!(all_keys(store, &filter).await, newest_first(&want), "{name}");
+    }
+    // The status the store filters by is the one the records derive, at every instant of interest.
+    let records: HashMap<KeyId, &ApiKey> = [&a, &b, &c, &d, &e, &f, &g].into_iter().map(|k| (k.id, k)).collect();
+    for now in [at(0), at(10), at(20), at(30), at(100), at(1_000)] {
+        let mut listed = 0;
+        for status in [KeyStatus::Active, KeyStatus::Disabled, KeyStatus::Expired, KeyStatus::Revoked] {
+            for id in all_keys(store, &with_status(status, now)).await {
+                assert_eq!(records[&id].status(now), status, "key {id} at {now}");
+                listed += 1;
+            }
+        }
+        assert_eq!(listed, records.len(), "every key has exactly one status at {now}");
+    }
+}
+
+/// Cursor pages: newest first, each key exactly once, `next_cursor` only while more remain.
+pub async fn list_keys_paginates_newest_first(store: &dyn Store) {
+    let org = org(store, None).await;
+    let mut inserted = Vec::new();
+    for _ in 0..7 {
+        inserted.push(key(store, &org).await.id);
+    }
+    let want: Vec<KeyId> = inserted.iter().rev().copied().collect();
+    let all = filter(Some(org.id), t0());
+
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_keys(&all, PageRequest { after, limit: 3 }).await.must("list_keys page");
+        sizes.push(page.items.len());
+        seen.extend(page.items.iter().map(|k| k.id));
+        match page.next_cursor {
+            Some(cursor) => {
+                assert_eq!(Some(cursor), seen.last().copied(), "the cursor is the last item's id");
+                after = Some(cursor);
+            }
+            None => break,
+        }
+        assert!(sizes.len() < 10, "pagination does not end");
+    }
+    assert_eq!(sizes, [3, 3, 1]);
+    assert_eq!(seen, want, "newest first, none missing, none twice");
+
+    let exact = store.list_keys(&all, PageRequest { after: None, limit: 7 }).await.must("list_keys 7");
+    assert_eq!(exact.items.len(), 7);
+    assert_eq!(exact.next_cursor, None, "no cursor when nothing is left");
+    let tail = store.list_keys(&all, PageRequest { after: Some(want[5]), limit: 3 }).await.must("tail");
+    assert_eq!(tail.items.iter().map(|k| k.id).collect::<Vec<_>>(), [want[6]]);
+    assert_eq!(tail.next_cursor, None);
+}
+
+/// An update writes exactly the changed fields into its audit row; a no-op writes nothing.
+pub async fn update_key_records_a_diff(store: &dyn Store) {
+    let org = org(store, None).await;
+    let (_, mut new) = new_key(&org, Environment::Live);
+    new.name = "old name".to_owned();
+    new.description = Some("to be cleared".to_owned());
+    new.scopes = ScopeSet::parse(&["read:a"]).must("scopes");
+    let created = insert(store, new).await;
+
+    let actor = Actor::key(KeyId::new(), Some("198.51.100.4".to_owned()), at(5));
+    let patch = KeyPatch {
+        name: Some("new name".to_owned()),
+        description: Some(None),
+        scopes: Some(ScopeSet::parse(&["write:b", "read:a"]).must("scopes")),
+        // Unchanged values in a patch are not changes.
+        plan: Some(None),
+        ..Default::default()
+    };
+    let updated = store.update_key(created.id, patch, &actor).await.must("update_key");
+    assert_eq!(updated.name, "new name");
+    assert_eq!(updated.description, None);
+    assert_eq!(updated.scopes.to_strings(), ["read:a", "write:b"]);
+    assert_eq!(updated.updated_at, at(5));
+    assert_eq!(updated.created_at, created.created_at);
+    assert_eq!(store.get_key(created.id).await.must("get_key"), updated);
+
+    let audit = key_audit(store, created.id).await;
+    assert_eq!(actions(&audit), ["update", "create"]);
+    let row = &audit[0];
+    assert_eq!((row.actor.as_str(), row.actor_ip.as_deref()), (actor.actor.as_str(), Some("198.51.100.4")));
+    assert_eq!(row.created_at, at(5));
+    assert_eq!(row.organization_id, Some(org.id));
+    assert_eq!(
+        row.details,
+        json!({
+            "before": {"name": "old name", "description": "to be cleared", "scopes": ["read:a"]},
+            "after": {"name": "new name", "description": null, "scopes": ["read:a", "write:b"]},
+        })
+    );
+
+    // The same values again, and an empty patch: no write, no row, `updated_at` unchanged.
+    let same = KeyPatch { name: Some("new name".to_owned()), description: Some(None), ..Default::default() };
+    let unchanged = store.update_key(created.id, same, &Actor::cli(at(6))).await.must("no-op update");
+    assert_eq!(unchanged, updated);
+    let unchanged = store.update_key(created.id, KeyPatch::default(), &Actor::cli(at(7))).await.must("empty patch");
+    assert_eq!(unchanged, updated);
+    assert_eq!(key_audit(store, created.id).await.len(), 2);
+
+    // Every patchable field round-trips.
+    let full = KeyPatch {
+        allowed_ips: Some(IpAllowList::parse(&["203.0.113.0/24"]).must("ips")),
+        expires_at: Some(Some(at(90) + Duration::microseconds(17))),
+        metadata: Some(json!({"company": "Acme", "tier": 2})),
+        plan: Some(Some("enterprise".to_owned())),
+        rate_limit_per_minute: Some(Some(1)),
+        rate_limit_per_hour: Some(Some(2)),
+        rate_limit_per_day: Some(Some(3)),
+        monthly_request_limit: Some(Some(4)),
+        ..Default::default()
+    };
+    let all = store.update_key(created.id, full, &Actor::cli(at(8))).await.must("full update");
+    assert_eq!(all.allowed_ips.to_strings(), ["203.0.113.0/24"]);
+    assert_eq!(all.expires_at, Some(at(90) + Duration::microseconds(17)));
+    assert_eq!(all.metadata, json!({"company": "Acme", "tier": 2}));
+    assert_eq!(all.plan.as_deref(), Some("enterprise"));
+    assert_eq!(
+        all.limits,
+        LimitOverrides {
+            rate_limit_per_minute: Some(1),
+            rate_limit_per_hour: Some(2),
+            rate_limit_per_day: Some(3),
+            monthly_request_limit: Some(4),
+        }
+    );
+    assert_eq!(store.get_key(created.id).await.must("get_key"), all);
+    let audit = key_audit(store, created.id).await;
+    assert_eq!(actions(&audit), ["update", "update", "create"]);
+    let changed = audit[0].details["after"].as_object().map(|m| m.len());
+    assert_eq!(changed, Some(8), "{}", audit[0].details);
+}
+
+/// Switching `is_active` alone is audited as `deactivate` / `activate`.
+pub async fn deactivate_and_activate_are_named(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let off = KeyPatch { is_active: Some(false), ..Default::default() };
+    let on = KeyPatch { is_active: Some(true), ..Default::default() };
+
+    let disabled = store.update_key(k.id, off.clone(), &Actor::cli(at(1))).await.must("deactivate");
+    assert!(!disabled.is_active);
+    assert_eq!(disabled.status(at(1)), KeyStatus::Disabled);
+    store.update_key(k.id, off, &Actor::cli(at(2))).await.must("deactivate again");
+    let enabled = store.update_key(k.id, on, &Actor::cli(at(3))).await.must("activate");
+    assert!(enabled.is_active);
+    let both = KeyPatch { is_active: Some(false), name: Some("renamed".to_owned()), ..Default::default() };
+    store.update_key(k.id, both, &Actor::cli(at(4))).await.must("deactivate and rename");
+
+    let audit = key_audit(store, k.id).await;
+    assert_eq!(actions(&audit), ["update", "activate", "deactivate", "create"]);
+    assert_eq!(audit[2].details, json!({"before": {"is_active": true}, "after": {"is_active": false}}));
+    assert_eq!(audit[1].details, json!({"before": {"is_active": false}, "after": {"is_active": true}}));
+}
+
+/// Revocation keeps the row, is audited once, and only ever moves earlier.
+pub async fn revoke_keeps_the_row(store: &dyn Store) {
+    let org = org(store, None).await;
+    let (_, new) = new_key(&org, Environment::Live);
+    let hash = new.key_hash;
+    let k = insert(store, new).await;
+
+    let revoked = store.revoke_key(k.id, "leaked", at(5), &Actor::cli(at(5))).await.must("revoke");
+    assert_eq!(revoked.revoked_at, Some(at(5)));
+    assert_eq!(revoked.revoke_reason.as_deref(), Some("leaked"));
+    assert!(revoked.is_active, "revocation does not touch is_active");
+    assert_eq!(revoked.updated_at, at(5));
+    assert_eq!(revoked.status(at(5)), KeyStatus::Revoked);
+    assert_eq!(store.get_key(k.id).await.must("get revoked"), revoked);
+    let found = store.find_key_by_hash(&hash).await.must("find revoked");
+    assert_eq!(found.map(|f| f.key), Some(revoked.clone()), "the row is kept, so verify can say REVOKED");
+
+    let again = store.revoke_key(k.id, "again", at(6), &Actor::cli(at(6))).await.must("revoke again");
+    assert_eq!(again, revoked, "a second revocation changes nothing");
+    let audit = key_audit(store, k.id).await;
+    assert_eq!(actions(&audit), ["revoke", "create"]);
+    assert_eq!(
+        audit[0].details,
+        json!({
+            "before": {"revoked_at": null, "revoke_reason": null},
+            "after": {"revoked_at": at(5), "revoke_reason": "leaked"},
+        })
+    );
+
+    // A key revoked for later (a rotation's grace period) works until then; revoking it for an earlier
+    // time brings the end forward, a later time changes nothing.
+    let grace = key(store, &org).await;
+    let scheduled = store.revoke_key(grace.id, "rotated", at(100), &Actor::cli(at(10))).await.must("schedule");
+    assert_eq!(scheduled.status(at(50)), KeyStatus::Active);
+    let later = store.revoke_key(grace.id, "later", at(200), &Actor::cli(at(11))).await.must("revoke later");
+    assert_eq!(later, scheduled);
+    let now = store.revoke_key(grace.id, "leaked", at(60), &Actor::cli(at(60))).await.must("revoke sooner");
+    assert_eq!(now.revoked_at, Some(at(60)));
+    assert_eq!(now.revoke_reason.as_deref(), Some("leaked"));
+    assert_eq!(actions(&key_audit(store, grace.id).await), ["revoke", "revoke", "create"]);
+}
+
+/// Audit listing by organization, key, action, actor and time range, with cursor pages.
+pub async fn audit_list_filters_and_paginates(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k1 = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.must("k1");
+    let by_key = Actor::key(k1.id, Some("203.0.113.5".to_owned()), at(2));
+    let k2 = store.insert_key(new_key(&org, Environment::Live).1, &by_key).await.must("k2");
+    let rename = KeyPatch { name: Some("renamed".to_owned()), ..Default::default() };
+    store.update_key(k1.id, rename, &Actor::system(at(3))).await.must("update k1");
+    store.revoke_key(k2.id, "done", at(4), &Actor::cli(at(4))).await.must("revoke k2");
+
+    let everything = org_audit(store, org.id).await;
+    assert_eq!(actions(&everything), ["revoke", "update", "create", "create", "create"]);
+    assert!(everything.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    assert!(everything.iter().all(|e| e.organization_id == Some(org.id)));
+    assert_eq!(everything[4].key_id, None, "the organization's own creation");
+
+    let by = |f: AuditFilter| AuditFilter { organization_id: Some(org.id), ..f };
+    /// An audit row as the cases name it: its action and key.
+    type Row<'a> = (&'a str, Option<KeyId>);
+    let cases: Vec<(&str, AuditFilter, Vec<Row<'_>>)> = vec![
+        (
+            "key",
+            AuditFilter { key_id: Some(k1.id), ..Default::default() },
+            vec![("update", Some(k1.id)), ("create", Some(k1.id))],
+        ),
+        (
+            "action",
+            by(AuditFilter { action: Some("create".into()), ..Default::default() }),
+            vec![("create", Some(k2.id)), ("create", Some(k1.id)), ("create", None)],
+        ),
+        ("actor", AuditFilter { actor: Some(k1.id.to_string()), ..Default::default() }, vec![("create", Some(k2.id))]),
+        (
+            "system actor",
+            by(AuditFilter { actor: Some("system".into()), ..Default::default() }),
+            vec![("update", Some(k1.id))],
+        ),
+        (
+            "since is inclusive, until exclusive",
+            by(AuditFilter { since: Some(at(2)), until: Some(at(4)), ..Default::default() }),
+            vec![("update", Some(k1.id)), ("create", Some(k2.id))],
+        ),
+        ("since alone", by(AuditFilter { since: Some(at(4)), ..Default::default() }), vec![("revoke", Some(k2.id))]),
+        ("until alone", by(AuditFilter { until: Some(at(1)), ..Default::default() }), vec![("create", None)]),
+        ("nothing matches", by(AuditFilter { action: Some("delete".into()), ..Default::default() }), vec![]),
+    ];
+    for (name, filter, want) in cases {
+        let got = all_audit(store, &filter).await;
+        let got: Vec<Row<'_>> = got.iter().map(|e| (e.action.as_str(), e.key_id)).collect();
+        assert_eq!(got, want, "{name}");
+    }
+    let created_by_key = all_audit(store, &AuditFilter { actor: Some(k1.id.to_string()), ..Default::default() }).await;
+    assert_eq!(created_by_key[0].actor_ip.as_deref(), Some("203.0.113.5"));
+    assert_eq!(created_by_key[0].created_at, at(2));
+
+    let only_org = AuditFilter { organization_id: Some(org.id), ..Default::default() };
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_audit(&only_org, PageRequest { after, limit: 2 }).await.must("audit page");
+        sizes.push(page.items.len());
+        seen.extend(page.items.iter().map(|e| e.id));
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+        assert!(sizes.len() < 10, "pagination does not end");
+    }
+    assert_eq!(sizes, [2, 2, 1]);
+    assert_eq!(seen, everything.iter().map(|e| e.id).collect::<Vec<_>>());
+}
+
+/// Organizations: create, read, find by slug, update with a diff, activation actions, slug conflicts.
+pub async fn organizations_create_update_and_find(store: &dyn Store) {
+    let mut new = new_org(Some(5));
+    new.limits = LimitOverrides {
+        rate_limit_per_minute: Some(60),
+        rate_limit_per_hour: None,
+        rate_limit_per_day: Some(1_000),
+        monthly_request_limit: Some(10_000),
+    };
+    let actor = Actor::cli(at(1) + Duration::microseconds(42));
+    let created = store.insert_org(new.clone(), &actor).await.must("insert_org");
+    assert_eq!(created.id, new.id);
+    assert_eq!((created.name.as_str(), created.slug.as_str()), (new.name.as_str(), new.slug.as_str()));
+    assert_eq!(created.email, new.email);
+    assert_eq!(created.plan, "free");
+    assert!(created.is_active);
+    assert_eq!(created.limits, new.limits);
+    assert_eq!(created.max_api_keys, Some(5));
+    assert_eq!((created.created_at, created.updated_at), (actor.at, actor.at));
+    assert_eq!(store.get_org(created.id).await.must("get_org"), created);
+    assert_eq!(store.find_org_by_slug(&new.slug).await.must("find_org_by_slug"), Some(created.clone()));
+
+    let audit = org_audit(store, created.id).await;
+    assert_eq!(actions(&audit), ["create"]);
+    assert_eq!(audit[0].key_id, None);
+    assert_eq!(audit[0].actor, "cli");
+    assert_eq!(audit[0].details, json!({ "after": created.audit_json() }));
+
+    let patch = OrganizationPatch {
+        name: Some("Acme Corp".to_owned()),
+        email: Some(None),
+        plan: Some("free".to_owned()),
+        max_api_keys: Some(None),
+        rate_limit_per_hour: Some(Some(500)),
+        ..Default::default()
+    };
+    let updated = store.update_org(created.id, patch, &Actor::system(at(5))).await.must("update_org");
+    assert_eq!(updated.name, "Acme Corp");
+    assert_eq!(updated.email, None);
+    assert_eq!(updated.max_api_keys, None);
+    assert_eq!(updated.limits.rate_limit_per_hour, Some(500));
+    assert_eq!(updated.updated_at, at(5));
+    assert_eq!(updated.created_at, created.created_at);
+    assert_eq!(store.get_org(created.id).await.must("get_org"), updated);
+
+    let off = OrganizationPatch { is_active: Some(false), ..Default::default() };
+    let on = OrganizationPatch { is_active: Some(true), ..Default::default() };
+    assert!(!store.update_org(created.id, off, &Actor::cli(at(6))).await.must("deactivate").is_active);
+    assert!(store.update_org(created.id, on.clone(), &Actor::cli(at(7))).await.must("activate").is_active);
+    let unchanged = store.update_org(created.id, on, &Actor::cli(at(8))).await.must("no-op");
+    assert_eq!(unchanged.updated_at, at(7), "a no-op writes nothing");
+
+    let audit = org_audit(store, created.id).await;
+    assert_eq!(actions(&audit), ["activate", "deactivate", "update", "create"]);
+    assert_eq!(
+        audit[2].details,
+        json!({
+            "before": {"name": "Acme", "email": "ops@acme.test", "max_api_keys": 5, "rate_limit_per_hour": null},
+            "after": {"name": "Acme Corp", "email": null, "max_api_keys": null, "rate_limit_per_hour": 500},
+        })
+    );
+
+    let taken = NewOrganization { id: OrgId::new(), ..new.clone() };
+    let r = store.insert_org(taken.clone(), &Actor::cli(at(9))).await;
+    assert!(matches!(r, Err(StoreError::Conflict(ref m)) if m.contains("slug")), "duplicate slug: {r:?}");
+    let r = store.get_org(taken.id).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "nothing was written: {r:?}");
+}
+
+/// `list_orgs` pages newest first over every organization; `count_orgs` counts them.
+pub async fn list_and_count_orgs(store: &dyn Store) {
+    let before = store.count_orgs().await.must("count_orgs");
+    let mut mine = Vec::new();
+    for _ in 0..3 {
+        mine.push(org(store, None).await.id);
+    }
+    assert!(store.count_orgs().await.must("count_orgs") >= before + 3);
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    for _ in 0..100_000 {
+        let page = store.list_orgs(PageRequest { after, limit: 2 }).await.must("list_orgs");
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.iter().map(|o| o.id));
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, none twice");
+    for id in &mine {
+        assert!(seen.contains(id), "organization {id} is listed");
+    }
+}
+
+/// `max_api_keys` counts the keys that are not revoked, checked at insert.
+pub async fn max_api_keys_is_enforced(store: &dyn Store) {
+    let org = org(store, Some(2)).await;
+    let first = key(store, &org).await;
+    key(store, &org).await;
+    let (_, third) = new_key(&org, Environment::Live);
+    let r = store.insert_key(third.clone(), &Actor::cli(at(1))).await;
+    assert!(matches!(r, Err(StoreError::KeyLimitReached(2))), "third key: {r:?}");
+    assert_eq!(store.find_key_by_hash(&third.key_hash).await.must("refused key"), None);
+    assert!(key_audit(store, third.id).await.is_empty(), "a refused key leaves no audit row");
+
+    // Disabled keys still count; revoked ones do not.
+    let off = KeyPatch { is_active: Some(false), ..Default::default() };
+    store.update_key(first.id, off, &Actor::cli(at(2))).await.must("disable");
+    let r = store.insert_key(third.clone(), &Actor::cli(at(2))).await;
+    assert!(matches!(r, Err(StoreError::KeyLimitReached(2))), "with a disabled key: {r:?}");
+    store.revoke_key(first.id, "make room", at(3), &Actor::cli(at(3))).await.must("revoke");
+    store.insert_key(third, &Actor::cli(at(4))).await.must("third key after a revocation");
+    let r = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(5))).await;
+    assert!(matches!(r, Err(StoreError::KeyLimitReached(2))), "fourth key: {r:?}");
+
+    let raise = OrganizationPatch { max_api_keys: Some(Some(3)), ..Default::default() };
+    store.update_org(org.id, raise, &Actor::cli(at(6))).await.must("raise the limit");
+    key(store, &org).await;
+    let unlimited = OrganizationPatch { max_api_keys: Some(None), ..Default::default() };
+    store.update_org(org.id, unlimited, &Actor::cli(at(7))).await.must("no limit");
+    for _ in 0..3 {
+        key(store, &org).await;
+    }
+}
+
+/// Two keys with one hash cannot exist; neither can two keys with one id.
+pub async fn duplicate_hash_is_a_conflict(store: &dyn Store) {
+    let org = org(store, None).await;
+    let (plain, original) = new_key(&org, Environment::Live);
+    let k = insert(store, original.clone()).await;
+
+    let twin = NewKey { id: KeyId::new(), ..original.clone() };
+    let r = store.insert_key(twin.clone(), &Actor::cli(at(1))).await;
+    match &r {
+        Err(e @ StoreError::Conflict(message)) => {
+            assert!(message.contains("hash"), "{message}");
+            // SECURITY: the error says which constraint, never the value.
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains(&original.key_hash.to_hex()), "{text}");
+            assert!(!text.contains(plain.expose_secret()), "{text}");
+        }
+        other => panic!("duplicate hash: {other:?}"),
+    }
+    let r = store.get_key(twin.id).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "nothing was written: {r:?}");
+
+    let (_, other) = new_key(&org, Environment::Live);
+    let same_id = NewKey { id: k.id, ..other };
+    let r = store.insert_key(same_id, &Actor::cli(at(2))).await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "duplicate id: {r:?}");
+    assert_eq!(actions(&key_audit(store, k.id).await), ["create"]);
+}
+
+/// Usage adds up, and `last_used_*` only moves forward.
+pub async fn record_key_usage_accumulates(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let other = key(store, &org).await;
+    let usage = |key: &ApiKey, requests, minute, ip: Option<&str>| KeyUsage {
+        key_id: key.id,
+        requests,
+        last_used_at: at(minute),
+        last_used_ip: ip.map(str::to_owned),
+    };
+
+    store.record_key_usage(&[]).await.must("empty batch");
+    store.record_key_usage(&[usage(&k, 3, 10, Some("192.0.2.1"))]).await.must("first batch");
+    let got = store.get_key(k.id).await.must("get_key");
+    assert_eq!((got.total_requests, got.last_used_at), (3, Some(at(10))));
+    assert_eq!(got.last_used_ip.as_deref(), Some("192.0.2.1"));
+
+    // Older news (a batch from a slower node) adds requests but does not move last use back.
+    store.record_key_usage(&[usage(&k, 2, 5, Some("192.0.2.2"))]).await.must("older batch");
+    let got = store.get_key(k.id).await.must("get_key");
+    assert_eq!((got.total_requests, got.last_used_at), (5, Some(at(10))));
+    assert_eq!(got.last_used_ip.as_deref(), Some("192.0.2.1"));
+
+    // Several keys in one batch; a key that no longer exists is skipped; an unknown address does not
+    // erase the known one.
+    let batch = [
+        usage(&k, 1, 20, None),
+        usage(&other, 7, 15, Some("2001:db8::1")),
+        KeyUsage { key_id: KeyId::new(), ..usage(&k, 1, 20, None) },
+    ];
+    store.record_key_usage(&batch).await.must("mixed batch");
+    let got = store.get_key(k.id).await.must("get_key");
+    assert_eq!((got.total_requests, got.last_used_at), (6, Some(at(20))));
+    assert_eq!(got.last_used_ip.as_deref(), Some("192.0.2.1"));
+    let got_other = store.get_key(other.id).await.must("get other");
+    assert_eq!((got_other.total_requests, got_other.last_used_at), (7, Some(at(15))));
+    assert_eq!(got_other.last_used_ip.as_deref(), Some("2001:db8::1"));
+
+    // Usage is not a management change: no audit row, `updated_at` untouched.
+    assert_eq!(got.updated_at, k.updated_at);
+    assert_eq!(actions(&key_audit(store, k.id).await), ["create"]);
+}
+
+/// With room for one more key, two simultaneous inserts: exactly one wins.
+pub async fn concurrent_inserts_respect_the_limit(store: &dyn Store) {
+    for round in 0..3 {
+        let org = org(store, Some(3)).await;
+        key(store, &org).await;
+        key(store, &org).await;
+        let cli = Actor::cli(at(1));
+        let (a, b) = tokio::join!(
+            store.insert_key(new_key(&org, Environment::Live).1, &cli),
+            store.insert_key(new_key(&org, Environment::Test).1, &cli),
+        );
+        let wins = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        let refused = [&a, &b].iter().filter(|r| matches!(r, Err(StoreError::KeyLimitReached(3)))).count();
+        assert_eq!((wins, refused), (1, 1), "round {round}: {a:?} / {b:?}");
+        let held = all_keys(store, &KeyFilter { include_inactive: true, ..filter(Some(org.id), at(1)) }).await;
+        assert_eq!(held.len(), 3, "round {round}");
+    }
+}
+
+/// SECURITY: no audit row carries the key's hash or the key itself, whatever happened to the key.
+pub async fn audit_rows_never_hold_key_material(store: &dyn Store) {
+    let org = org(store, None).await;
+    let (plain, new) = new_key(&org, Environment::Live);
+    let hash_hex = new.key_hash.to_hex();
+    let k = insert(store, new).await;
+    let patch = KeyPatch {
+        name: Some("renamed".to_owned()),
+        metadata: Some(json!({"note": "rotating soon"})),
+        is_active: Some(false),
+        ..Default::default()
+    };
+    store.update_key(k.id, patch, &Actor::cli(at(1))).await.must("update");
+    store.revoke_key(k.id, "done", at(2), &Actor::cli(at(2))).await.must("revoke");
+
+    let rows = org_audit(store, org.id).await;
+    assert_eq!(rows.len(), 4);
+    let secret_body = &plain.expose_secret()[plain.prefix().len()..];
+    for row in rows {
+        let text = serde_json::to_string(&row).must("serialize audit row");
+        assert!(!text.contains(&hash_hex), "hash in audit row {}", row.id);
+        assert!(!text.to_lowercase().contains(&hash_hex[..16]), "part of the hash in audit row {}", row.id);
+        assert!(!text.contains(secret_body), "key in audit row {}", row.id);
+        assert!(!text.contains("key_hash"), "hash field in audit row {}", row.id);
+    }
+}
+
+/// Every case, by name, for a backend's test file to cross-check its list against.
+pub const CASES: &[&str] = &[
+    "ping_and_backend",
+    "migrations_are_all_applied",
+    "create_find_and_get_a_key",
+    "unknown_ids_are_not_found",
+    "list_keys_filters",
+    "list_keys_paginates_newest_first",
+    "update_key_records_a_diff",
+    "deactivate_and_activate_are_named",
+    "revoke_keeps_the_row",
+    "audit_list_filters_and_paginates",
+    "organizations_create_update_and_find",
+    "list_and_count_orgs",
+    "max_api_keys_is_enforced",
+    "duplicate_hash_is_a_conflict",
+    "record_key_usage_accumulates",
+    "concurrent_inserts_respect_the_limit",
+    "audit_rows_never_hold_key_material",
+];

@@ -1,0 +1,902 @@
+//! The SQLite backend: one file in WAL mode (or `sqlite::memory:` for tests), migrated with the
+//! reversible migrations in `migrations/sqlite`.
+//!
+//! Reads go through a pool of connections that run side by side (WAL lets readers proceed while a
+//! write is in progress). Writes go through a second pool with a single connection, so writes from
+//! this process queue here instead of fighting over the database lock; every write transaction starts
+//! with `BEGIN IMMEDIATE`, which takes the write lock up front, so another process writing the same
+//! file (the CLI next to a running server) waits for the busy timeout instead of interleaving between
+//! our read and our write.
+//!
+//! Queries are checked at run time (no `DATABASE_URL` at build time); the conformance suite is what
+//! proves the SQL. Rows are read into private `FromRow` structs and converted into the public records
+//! in one place each ([`KeyRow::into_key`], [`OrgRow::into_org`], [`AuditRow::into_entry`]).
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use keyward_core::diff::diff;
+use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
+use serde_json::{Value, json};
+use sqlx::migrate::{Migrate, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite};
+
+use crate::{
+    Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyPatch, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo,
+    NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult,
+};
+
+/// The schema, embedded at build time so the binary migrates its own database.
+static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// How long a statement waits for another process's write lock before giving up as `Unavailable`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Readers run side by side under WAL; a few are plenty on the small machines keyward targets.
+const READ_CONNECTIONS: u32 = 4;
+
+/// A Keyward store in one SQLite database.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    /// One connection: this process's writes are serialized here.
+    write: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database a URL names: `sqlite://path/to/keyward.db`,
+    /// `sqlite:keyward.db` or `sqlite::memory:`. Does not migrate; see [`Store::migrate_up`].
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        if is_memory(url) {
+            // Each connection to `:memory:` would be a database of its own, and the database vanishes
+            // with its last connection: one connection, kept for the life of the pool, serves both.
+            let pool = SqlitePoolOptions::new()
+                .min_connections(1)
+                .max_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await
+                .map_err(db)?;
+            return Ok(Self { read: pool.clone(), write: pool });
+        }
+        // The write pool first: it creates the file and switches it to WAL before any reader opens it.
+        let write = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await.map_err(db)?;
+        let read =
+            SqlitePoolOptions::new().max_connections(READ_CONNECTIONS).connect_with(options).await.map_err(db)?;
+        Ok(Self { read, write })
+    }
+
+    /// A write transaction holding the database write lock from its first statement.
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
+        self.write.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+    }
+}
+
+fn is_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+// -----------------------------------------------------------------------------------------------
+// Errors
+
+/// Maps a driver error onto what a caller can act on. SQLite's messages name tables and columns, never
+/// bound values, so no key material can reach an error from here.
+fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(ref dbe) if dbe.is_unique_violation() => {
+            let message = dbe.message();
+            let what = if message.contains("organizations.slug") {
+                "slug already exists"
+            } else if message.contains("api_keys.key_hash") {
+                "key hash already exists"
+            } else {
+                "id already exists"
+            };
+            StoreError::Conflict(what.to_owned())
+        }
+        // Another process held the lock past the busy timeout, or the file cannot be reached: both may
+        // pass, and neither is our bug.
+        sqlx::Error::Database(ref dbe)
+            if matches!(primary_code(dbe.as_ref()), Some(SQLITE_BUSY | SQLITE_LOCKED | SQLITE_CANTOPEN)) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        other => StoreError::Internal(other.to_string()),
+    }
+}
+
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_CANTOPEN: i32 = 14;
+
+/// SQLite's primary result code: sqlx reports extended codes, whose low byte is the primary one.
+fn primary_code(e: &dyn sqlx::error::DatabaseError) -> Option<i32> {
+    e.code()?.parse::<i32>().ok().map(|code| code & 0xff)
+}
+
+fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
+    match e {
+        sqlx::migrate::MigrateError::Execute(inner) => db(inner),
+        other => StoreError::Internal(format!("migration: {other}")),
+    }
+}
+
+/// A stored value that does not parse: the database was edited by hand or by a newer version.
+fn corrupt(column: &str, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("invalid value in column `{column}`: {what}"))
+}
+
+// -----------------------------------------------------------------------------------------------
+// Column encodings
+
+/// The one stored form of a timestamp: fixed width, UTC, microseconds, so text order is time order.
+fn ts(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn opt_ts(at: Option<DateTime<Utc>>) -> Option<String> {
+    at.map(ts)
+}
+
+fn parse_ts(s: &str, column: &str) -> StoreResult<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| corrupt(column, e))
+}
+
+fn parse_opt_ts(s: Option<String>, column: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    s.map(|s| parse_ts(&s, column)).transpose()
+}
+
+/// A time as it will read back from storage, so an in-memory record compares equal to the stored one.
+fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.trunc_subsecs(6)
+}
+
+fn parse_id<T: FromStr>(s: &str, column: &str) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| corrupt(column, e))
+}
+
+fn parse_opt_id<T: FromStr>(s: Option<String>, column: &str) -> StoreResult<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.map(|s| parse_id(&s, column)).transpose()
+}
+
+fn json_text(value: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Internal(format!("encoding JSON: {e}")))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| corrupt(column, e))
+}
+
+// -----------------------------------------------------------------------------------------------
+// Rows
+
+#[derive(sqlx::FromRow)]
+struct OrgRow {
+    id: String,
+    name: String,
+    slug: String,
+    email: Option<String>,
+    plan: String,
+    is_active: bool,
+    monthly_request_limit: Option<i64>,
+    rate_limit_per_minute: Option<i64>,
+    rate_limit_per_hour: Option<i64>,
+    rate_limit_per_day: Option<i64>,
+    max_api_keys: Option<i64>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl OrgRow {
+    fn into_org(self) -> StoreResult<Organization> {
+        Ok(Organization {
+            id: parse_id(&self.id, "organizations.id")?,
+            name: self.name,
+            slug: self.slug,
+            email: self.email,
+            plan: self.plan,
+            is_active: self.is_active,
+            limits: LimitOverrides {
+                rate_limit_per_minute: self.rate_limit_per_minute,
+                rate_limit_per_hour: self.rate_limit_per_hour,
+                rate_limit_per_day: self.rate_limit_per_day,
+                monthly_request_limit: self.monthly_request_limit,
+            },
+            max_api_keys: self.max_api_keys,
+            created_at: parse_ts(&self.created_at, "organizations.created_at")?,
+            updated_at: parse_ts(&self.updated_at, "organizations.updated_at")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    organization_id: String,
+    owner_id: Option<String>,
+    name: String,
+    description: Option<String>,
+    environment: String,
+    prefix: String,
+    key_hint: String,
+    key_hash: Vec<u8>,
+    hash_algorithm: String,
+    scopes: String,
+    allowed_ips: String,
+    expires_at: Option<String>,
+    is_active: bool,
+    revoked_at: Option<String>,
+    revoke_reason: Option<String>,
+    plan: Option<String>,
+    rate_limit_per_minute: Option<i64>,
+    rate_limit_per_hour: Option<i64>,
+    rate_limit_per_day: Option<i64>,
+    monthly_request_limit: Option<i64>,
+    metadata: String,
+    total_requests: i64,
+    last_used_at: Option<String>,
+    last_used_ip: Option<String>,
+    rotated_from: Option<String>,
+    replaced_by: Option<String>,
+    created_by: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl KeyRow {
+    fn into_key(self) -> StoreResult<ApiKey> {
+        let scopes: Vec<String> = parse_json(&self.scopes, "api_keys.scopes")?;
+        let allowed_ips: Vec<String> = parse_json(&self.allowed_ips, "api_keys.allowed_ips")?;
+        Ok(ApiKey {
+            id: parse_id(&self.id, "api_keys.id")?,
+            organization_id: parse_id(&self.organization_id, "api_keys.organization_id")?,
+            owner_id: self.owner_id,
+            name: self.name,
+            description: self.description,
+            environment: Environment::parse(&self.environment).map_err(|e| corrupt("api_keys.environment", e))?,
+            prefix: self.prefix,
+            hint: self.key_hint,
+            hash_algorithm: HashAlgorithm::parse(&self.hash_algorithm)
+                .ok_or_else(|| corrupt("api_keys.hash_algorithm", &self.hash_algorithm))?,
+            // SECURITY: the error names the length only, never the bytes.
+            key_hash: KeyHash::from_slice(&self.key_hash)
+                .ok_or_else(|| corrupt("api_keys.key_hash", format!("{} bytes", self.key_hash.len())))?,
+            scopes: ScopeSet::parse(&scopes).map_err(|e| corrupt("api_keys.scopes", e))?,
+            allowed_ips: IpAllowList::parse(&allowed_ips).map_err(|e| corrupt("api_keys.allowed_ips", e))?,
+            expires_at: parse_opt_ts(self.expires_at, "api_keys.expires_at")?,
+            is_active: self.is_active,
+            revoked_at: parse_opt_ts(self.revoked_at, "api_keys.revoked_at")?,
+            revoke_reason: self.revoke_reason,
+            plan: self.plan,
+            limits: LimitOverrides {
+                rate_limit_per_minute: self.rate_limit_per_minute,
+                rate_limit_per_hour: self.rate_limit_per_hour,
+                rate_limit_per_day: self.rate_limit_per_day,
+                monthly_request_limit: self.monthly_request_limit,
+            },
+            metadata: parse_json(&self.metadata, "api_keys.metadata")?,
+            total_requests: self.total_requests,
+            last_used_at: parse_opt_ts(self.last_used_at, "api_keys.last_used_at")?,
+            last_used_ip: self.last_used_ip,
+            rotated_from: parse_opt_id(self.rotated_from, "api_keys.rotated_from")?,
+            replaced_by: parse_opt_id(self.replaced_by, "api_keys.replaced_by")?,
+            created_by: self.created_by,
+            created_at: parse_ts(&self.created_at, "api_keys.created_at")?,
+            updated_at: parse_ts(&self.updated_at, "api_keys.updated_at")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyWithOrgRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    org_is_active: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    action: String,
+    key_id: Option<String>,
+    organization_id: Option<String>,
+    actor: String,
+    actor_ip: Option<String>,
+    details: String,
+    created_at: String,
+}
+
+impl AuditRow {
+    fn into_entry(self) -> StoreResult<AuditEntry> {
+        Ok(AuditEntry {
+            id: self.id,
+            action: self.action,
+            key_id: parse_opt_id(self.key_id, "audit_log.key_id")?,
+            organization_id: parse_opt_id(self.organization_id, "audit_log.organization_id")?,
+            actor: self.actor,
+            actor_ip: self.actor_ip,
+            details: parse_json(&self.details, "audit_log.details")?,
+            created_at: parse_ts(&self.created_at, "audit_log.created_at")?,
+        })
+    }
+}
+
+/// Turns `limit + 1` fetched rows into a page: the extra row only says that there is a next page.
+fn into_page<R, T, C>(
+    rows: Vec<R>,
+    limit: usize,
+    convert: impl Fn(R) -> StoreResult<T>,
+    cursor: impl Fn(&T) -> C,
+) -> StoreResult<Page<T, C>> {
+    let more = rows.len() > limit;
+    let items = rows.into_iter().take(limit).map(convert).collect::<StoreResult<Vec<T>>>()?;
+    let next_cursor = if more { items.last().map(cursor) } else { None };
+    Ok(Page { items, next_cursor })
+}
+
+/// Rows to fetch for a page. A limit of 0 is read as 1, so that paging always moves forward.
+fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
+    let limit = page.limit.max(1);
+    (limit as usize, i64::from(limit) + 1)
+}
+
+// -----------------------------------------------------------------------------------------------
+// Patches (pure; the same for every backend)
+
+/// Mirrors [`KeyPatch::action`]: a change of `is_active` alone is an activation or a deactivation.
+fn org_patch_action(patch: &OrganizationPatch) -> &'static str {
+    let only_active = OrganizationPatch { is_active: None, ..patch.clone() } == OrganizationPatch::default();
+    match (only_active, patch.is_active) {
+        (true, Some(false)) => "deactivate",
+        (true, Some(true)) => "activate",
+        _ => "update",
+    }
+}
+
+fn apply_org_patch(org: &mut Organization, patch: OrganizationPatch) {
+    let OrganizationPatch {
+        name,
+        email,
+        plan,
+        is_active,
+        rate_limit_per_minute,
+        rate_limit_per_hour,
+        rate_limit_per_day,
+        monthly_request_limit,
+        max_api_keys,
+    } = patch;
+    set(&mut org.name, name);
+    set(&mut org.email, email);
+    set(&mut org.plan, plan);
+    set(&mut org.is_active, is_active);
+    set(&mut org.limits.rate_limit_per_minute, rate_limit_per_minute);
+    set(&mut org.limits.rate_limit_per_hour, rate_limit_per_hour);
+    set(&mut org.limits.rate_limit_per_day, rate_limit_per_day);
+    set(&mut org.limits.monthly_request_limit, monthly_request_limit);
+    set(&mut org.max_api_keys, max_api_keys);
+}
+
+fn apply_key_patch(key: &mut ApiKey, patch: KeyPatch) {
+    // Destructured so that a field added to KeyPatch fails to compile here until it is handled.
+    let KeyPatch {
+        name,
+        description,
+        scopes,
+        allowed_ips,
+        expires_at,
+        metadata,
+        plan,
+        is_active,
+        rate_limit_per_minute,
+        rate_limit_per_hour,
+        rate_limit_per_day,
+        monthly_request_limit,
+    } = patch;
+    set(&mut key.name, name);
+    set(&mut key.description, description);
+    set(&mut key.scopes, scopes);
+    set(&mut key.allowed_ips, allowed_ips);
+    set(&mut key.expires_at, expires_at.map(|at| at.map(stored_time)));
+    set(&mut key.metadata, metadata);
+    set(&mut key.plan, plan);
+    set(&mut key.is_active, is_active);
+    set(&mut key.limits.rate_limit_per_minute, rate_limit_per_minute);
+    set(&mut key.limits.rate_limit_per_hour, rate_limit_per_hour);
+    set(&mut key.limits.rate_limit_per_day, rate_limit_per_day);
+    set(&mut key.limits.monthly_request_limit, monthly_request_limit);
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
+    }
+}
+
+// -----------------------------------------------------------------------------------------------
+// Statements shared by several methods; each runs on the caller's transaction.
+
+async fn select_org(conn: &mut SqliteConnection, id: OrgId) -> StoreResult<Organization> {
+    sqlx::query_as::<_, OrgRow>("SELECT * FROM organizations WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db)?
+        .into_org()
+}
+
+async fn select_key(conn: &mut SqliteConnection, id: KeyId) -> StoreResult<ApiKey> {
+    sqlx::query_as::<_, KeyRow>("SELECT * FROM api_keys WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db)?
+        .into_key()
+}
+
+/// The audit row of a change, written in the change's own transaction.
+async fn append_audit(
+    conn: &mut SqliteConnection,
+    action: &str,
+    key_id: Option<KeyId>,
+    organization_id: OrgId,
+    actor: &Actor,
+    details: &Value,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(action)
+    .bind(key_id.map(|id| id.to_string()))
+    .bind(organization_id.to_string())
+    .bind(&actor.actor)
+    .bind(&actor.ip)
+    .bind(json_text(details)?)
+    .bind(ts(actor.at))
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Appends the status of `key` at `now` to a query, with the precedence of `KeyState::status`.
+fn push_status(qb: &mut QueryBuilder<'_, Sqlite>, now: &str) {
+    qb.push("(CASE WHEN revoked_at IS NOT NULL AND revoked_at <= ")
+        .push_bind(now.to_owned())
+        .push(" THEN 'revoked' WHEN is_active = 0 THEN 'disabled' WHEN expires_at IS NOT NULL AND expires_at <= ")
+        .push_bind(now.to_owned())
+        .push(" THEN 'expired' ELSE 'active' END)");
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
+        MIGRATOR.run(&self.write).await.map_err(migrate_err)?;
+        self.migration_status().await
+    }
+
+    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
+        let mut applied = {
+            let mut conn = self.write.acquire().await.map_err(db)?;
+            conn.ensure_migrations_table().await.map_err(migrate_err)?;
+            conn.list_applied_migrations().await.map_err(migrate_err)?
+        };
+        applied.sort_by_key(|m| std::cmp::Reverse(m.version));
+        // `undo` reverts every applied migration newer than the target: the newest one left standing.
+        let target = applied.get(steps as usize).map_or(0, |m| m.version);
+        MIGRATOR.undo(&self.write, target).await.map_err(migrate_err)?;
+        self.migration_status().await
+    }
+
+    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
+        let applied: HashSet<i64> = {
+            let mut conn = self.write.acquire().await.map_err(db)?;
+            conn.ensure_migrations_table().await.map_err(migrate_err)?;
+            conn.list_applied_migrations().await.map_err(migrate_err)?.into_iter().map(|m| m.version).collect()
+        };
+        Ok(MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| MigrationInfo {
+                version: m.version,
+                description: m.description.to_string(),
+                applied: applied.contains(&m.version),
+            })
+            .collect())
+    }
+
+    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
+                 rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(org.id.to_string())
+        .bind(&org.name)
+        .bind(&org.slug)
+        .bind(&org.email)
+        .bind(&org.plan)
+        .bind(org.is_active)
+        .bind(org.limits.monthly_request_limit)
+        .bind(org.limits.rate_limit_per_minute)
+        .bind(org.limits.rate_limit_per_hour)
+        .bind(org.limits.rate_limit_per_day)
+        .bind(org.max_api_keys)
+        .bind(ts(actor.at))
+        .bind(ts(actor.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let created = select_org(&mut tx, org.id).await?;
+        append_audit(&mut tx, "create", None, created.id, actor, &json!({ "after": created.audit_json() })).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
+        let mut conn = self.read.acquire().await.map_err(db)?;
+        select_org(&mut conn, id).await
+    }
+
+    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
+        sqlx::query_as::<_, OrgRow>("SELECT * FROM organizations WHERE slug = ?")
+            .bind(slug)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db)?
+            .map(OrgRow::into_org)
+            .transpose()
+    }
+
+    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM organizations");
+        if let Some(after) = page.after {
+            qb.push(" WHERE id < ").push_bind(after.to_string());
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
+        let rows = qb.build_query_as::<OrgRow>().fetch_all(&self.read).await.map_err(db)?;
+        into_page(rows, limit, OrgRow::into_org, |org| org.id)
+    }
+
+    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+        let action = org_patch_action(&patch);
+        let mut tx = self.begin_write().await?;
+        let before = select_org(&mut tx, id).await?;
+        let mut after = before.clone();
+        apply_org_patch(&mut after, patch);
+        let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
+            // Nothing changed: no write, no audit row, and `updated_at` stays put.
+            return Ok(before);
+        };
+        sqlx::query(
+            "UPDATE organizations SET name = ?, email = ?, plan = ?, is_active = ?, monthly_request_limit = ?,
+                 rate_limit_per_minute = ?, rate_limit_per_hour = ?, rate_limit_per_day = ?, max_api_keys = ?,
+                 updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(&after.name)
+        .bind(&after.email)
+        .bind(&after.plan)
+        .bind(after.is_active)
+        .bind(after.limits.monthly_request_limit)
+        .bind(after.limits.rate_limit_per_minute)
+        .bind(after.limits.rate_limit_per_hour)
+        .bind(after.limits.rate_limit_per_day)
+        .bind(after.max_api_keys)
+        .bind(ts(actor.at))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        append_audit(&mut tx, action, None, id, actor, &details).await?;
+        let updated = select_org(&mut tx, id).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated)
+    }
+
+    async fn count_orgs(&self) -> StoreResult<i64> {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM organizations").fetch_one(&self.read).await.map_err(db)
+    }
+
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+        // IMMEDIATE: the count below and the insert must see the same keys, also across processes, or
+        // two concurrent creations could both pass the limit.
+        let mut tx = self.begin_write().await?;
+        let org = select_org(&mut tx, key.organization_id).await?;
+        if let Some(max) = org.max_api_keys {
+            let held: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE organization_id = ? AND revoked_at IS NULL")
+                    .bind(org.id.to_string())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if held >= max {
+                return Err(StoreError::KeyLimitReached(max));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (id, organization_id, owner_id, name, description, environment, prefix, key_hint,
+                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, rate_limit_per_minute,
+                 rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, rotated_from, created_by,
+                 created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.to_string())
+        .bind(key.organization_id.to_string())
+        .bind(&key.owner_id)
+        .bind(&key.name)
+        .bind(&key.description)
+        .bind(key.environment.as_str())
+        .bind(&key.prefix)
+        .bind(&key.hint)
+        .bind(key.key_hash.0.as_slice())
+        .bind(key.hash_algorithm.as_str())
+        .bind(json_text(&key.scopes.to_strings())?)
+        .bind(json_text(&key.allowed_ips.to_strings())?)
+        .bind(opt_ts(key.expires_at))
+        .bind(key.is_active)
+        .bind(&key.plan)
+        .bind(key.limits.rate_limit_per_minute)
+        .bind(key.limits.rate_limit_per_hour)
+        .bind(key.limits.rate_limit_per_day)
+        .bind(key.limits.monthly_request_limit)
+        .bind(json_text(&key.metadata)?)
+        .bind(key.rotated_from.map(|id| id.to_string()))
+        .bind(&actor.actor)
+        .bind(ts(actor.at))
+        .bind(ts(actor.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        // Read back, so the record returned is exactly what later reads return.
+        let created = select_key(&mut tx, key.id).await?;
+        let details = json!({ "after": created.audit_json() });
+        append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+        let row = sqlx::query_as::<_, KeyWithOrgRow>(
+            "SELECT k.*, o.is_active AS org_is_active
+             FROM api_keys AS k JOIN organizations AS o ON o.id = k.organization_id
+             WHERE k.key_hash = ?",
+        )
+        .bind(hash.0.as_slice())
+        .fetch_optional(&self.read)
+        .await
+        .map_err(db)?;
+        row.map(|r| Ok(KeyWithOrg { key: r.key.into_key()?, org_is_active: r.org_is_active })).transpose()
+    }
+
+    async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
+        let mut conn = self.read.acquire().await.map_err(db)?;
+        select_key(&mut conn, id).await
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let now = ts(filter.now);
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM api_keys WHERE 1 = 1");
+        if let Some(org) = filter.organization_id {
+            qb.push(" AND organization_id = ").push_bind(org.to_string());
+        }
+        if let Some(owner) = &filter.owner_id {
+            qb.push(" AND owner_id = ").push_bind(owner.clone());
+        }
+        if let Some(environment) = filter.environment {
+            qb.push(" AND environment = ").push_bind(environment.as_str());
+        }
+        match filter.status {
+            Some(status) => {
+                qb.push(" AND ");
+                push_status(&mut qb, &now);
+                qb.push(" = ").push_bind(status.as_str());
+            }
+            None if !filter.include_inactive => {
+                // Expired keys stay listed: they are still the customer's, and may be extended.
+                qb.push(" AND is_active = 1 AND (revoked_at IS NULL OR revoked_at > ").push_bind(now.clone()).push(")");
+            }
+            None => {}
+        }
+        if let Some(after) = page.after {
+            qb.push(" AND id < ").push_bind(after.to_string());
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
+        let rows = qb.build_query_as::<KeyRow>().fetch_all(&self.read).await.map_err(db)?;
+        into_page(rows, limit, KeyRow::into_key, |key| key.id)
+    }
+
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+        let action = patch.action();
+        let mut tx = self.begin_write().await?;
+        let before = select_key(&mut tx, id).await?;
+        let mut after = before.clone();
+        apply_key_patch(&mut after, patch);
+        let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
+            // Nothing changed: no write, no audit row, and `updated_at` stays put.
+            return Ok(before);
+        };
+        sqlx::query(
+            "UPDATE api_keys SET name = ?, description = ?, scopes = ?, allowed_ips = ?, expires_at = ?, metadata = ?,
+                 plan = ?, is_active = ?, rate_limit_per_minute = ?, rate_limit_per_hour = ?, rate_limit_per_day = ?,
+                 monthly_request_limit = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(&after.name)
+        .bind(&after.description)
+        .bind(json_text(&after.scopes.to_strings())?)
+        .bind(json_text(&after.allowed_ips.to_strings())?)
+        .bind(opt_ts(after.expires_at))
+        .bind(json_text(&after.metadata)?)
+        .bind(&after.plan)
+        .bind(after.is_active)
+        .bind(after.limits.rate_limit_per_minute)
+        .bind(after.limits.rate_limit_per_hour)
+        .bind(after.limits.rate_limit_per_day)
+        .bind(after.limits.monthly_request_limit)
+        .bind(ts(actor.at))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
+        let updated = select_key(&mut tx, id).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated)
+    }
+
+    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+        let at = stored_time(at);
+        let mut tx = self.begin_write().await?;
+        let before = select_key(&mut tx, id).await?;
+        // SECURITY: a revocation only ever moves earlier. A key already revoked by `at` stays as it is;
+        // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
+        // leaked key during its grace period stops it now.
+        if before.revoked_at.is_some_and(|revoked| revoked <= at) {
+            return Ok(before);
+        }
+        let mut after = before.clone();
+        after.revoked_at = Some(at);
+        after.revoke_reason = Some(reason.to_owned());
+        let details = diff(&before.audit_json(), &after.audit_json()).unwrap_or_else(|| json!({}));
+        sqlx::query("UPDATE api_keys SET revoked_at = ?, revoke_reason = ?, updated_at = ? WHERE id = ?")
+            .bind(ts(at))
+            .bind(reason)
+            .bind(ts(actor.at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
+        let revoked = select_key(&mut tx, id).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(revoked)
+    }
+
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for u in usage {
+            // SET expressions all see the row as it was, so the two CASEs compare against the old
+            // `last_used_at`. An unknown address does not erase the last known one. A key that was
+            // deleted since the request matches no row, which is fine.
+            sqlx::query(
+                "UPDATE api_keys SET
+                     total_requests = total_requests + ?1,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < ?2
+                                         THEN COALESCE(?3, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ?2
+                                         THEN ?2 ELSE last_used_at END
+                 WHERE id = ?4",
+            )
+            .bind(u.requests)
+            .bind(ts(u.last_used_at))
+            .bind(&u.last_used_ip)
+            .bind(u.key_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM audit_log WHERE 1 = 1");
+        if let Some(org) = filter.organization_id {
+            qb.push(" AND organization_id = ").push_bind(org.to_string());
+        }
+        if let Some(key) = filter.key_id {
+            qb.push(" AND key_id = ").push_bind(key.to_string());
+        }
+        if let Some(action) = &filter.action {
+            qb.push(" AND action = ").push_bind(action.clone());
+        }
+        if let Some(actor) = &filter.actor {
+            qb.push(" AND actor = ").push_bind(actor.clone());
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND created_at >= ").push_bind(ts(since));
+        }
+        if let Some(until) = filter.until {
+            qb.push(" AND created_at < ").push_bind(ts(until));
+        }
+        if let Some(after) = page.after {
+            qb.push(" AND id < ").push_bind(after);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
+        let rows = qb.build_query_as::<AuditRow>().fetch_all(&self.read).await.map_err(db)?;
+        into_page(rows, limit, AuditRow::into_entry, |entry| entry.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_fixed_width_and_round_trip() {
+        let at = DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default();
+        let text = ts(at);
+        assert_eq!(text, "2027-01-15T08:00:00.123456Z");
+        assert_eq!(parse_ts(&text, "t").ok(), Some(stored_time(at)));
+        let whole = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        assert_eq!(ts(whole), "2027-01-15T08:00:00.000000Z");
+        assert!(ts(whole) < text, "text order is time order");
+        assert!(matches!(parse_ts("yesterday", "t"), Err(StoreError::Internal(_))));
+    }
+
+    #[test]
+    fn org_patch_action_names_activation_alone() {
+        let only = |is_active| OrganizationPatch { is_active: Some(is_active), ..Default::default() };
+        assert_eq!(org_patch_action(&only(false)), "deactivate");
+        assert_eq!(org_patch_action(&only(true)), "activate");
+        let mixed = OrganizationPatch { name: Some("x".into()), ..only(true) };
+        assert_eq!(org_patch_action(&mixed), "update");
+        assert_eq!(org_patch_action(&OrganizationPatch::default()), "update");
+    }
+
+    #[test]
+    fn memory_urls_are_recognised() {
+        assert!(is_memory("sqlite::memory:"));
+        assert!(is_memory("sqlite://file:x?mode=memory&cache=shared"));
+        assert!(!is_memory("sqlite://data/keyward.db"));
+    }
+}

@@ -1,0 +1,189 @@
+//! The store conformance suite against SQLite: every case on a fresh database file of its own, plus the
+//! SQLite-only checks (migrating down and up, in-memory databases, two processes on one file).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::Utc;
+use keyward_core::Environment;
+use keyward_store::conformance::{self, new_key, new_org, t0};
+use keyward_store::sqlite::SqliteStore;
+use keyward_store::{Actor, KeyFilter, NewKey, PageRequest, Store, StoreError};
+use tempfile::TempDir;
+
+/// A migrated store on a new file; the directory lives as long as the returned guard.
+async fn fresh() -> (TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::connect(&url(&dir)).await.expect("connect");
+    store.migrate_up().await.expect("migrate up");
+    (dir, store)
+}
+
+fn url(dir: &TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("keyward.db").display())
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (_dir, store) = fresh().await;
+                conformance::$case(&store).await;
+            }
+        )*
+
+        /// A case added to the suite but not to this list would silently never run on SQLite.
+        #[test]
+        fn every_conformance_case_runs() {
+            assert_eq!([$(stringify!($case)),*].as_slice(), conformance::CASES);
+        }
+    };
+}
+
+conformance!(
+    ping_and_backend,
+    migrations_are_all_applied,
+    create_find_and_get_a_key,
+    unknown_ids_are_not_found,
+    list_keys_filters,
+    list_keys_paginates_newest_first,
+    update_key_records_a_diff,
+    deactivate_and_activate_are_named,
+    revoke_keeps_the_row,
+    audit_list_filters_and_paginates,
+    organizations_create_update_and_find,
+    list_and_count_orgs,
+    max_api_keys_is_enforced,
+    duplicate_hash_is_a_conflict,
+    record_key_usage_accumulates,
+    concurrent_inserts_respect_the_limit,
+    audit_rows_never_hold_key_material,
+);
+
+#[tokio::test]
+async fn migrate_down_then_up_leaves_a_working_store() {
+    let (_dir, store) = fresh().await;
+    let org = store.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+    store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(t0())).await.unwrap();
+
+    let status = store.migrate_down(1).await.unwrap();
+    assert!(status.iter().all(|m| !m.applied), "{status:?}");
+    assert_eq!(store.migration_status().await.unwrap(), status);
+    let gone = store.get_org(org.id).await;
+    assert!(matches!(gone, Err(StoreError::Internal(_))), "the tables are gone: {gone:?}");
+    // Nothing left to revert is not an error.
+    store.migrate_down(3).await.unwrap();
+
+    let status = store.migrate_up().await.unwrap();
+    assert!(!status.is_empty() && status.iter().all(|m| m.applied), "{status:?}");
+    assert_eq!(status[0].version, 1);
+    assert_eq!(status[0].description, "init");
+    // Up again is a no-op.
+    assert_eq!(store.migrate_up().await.unwrap(), status);
+    conformance::create_find_and_get_a_key(&store).await;
+    conformance::audit_list_filters_and_paginates(&store).await;
+}
+
+#[tokio::test]
+async fn status_of_an_empty_database_lists_pending_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::connect(&url(&dir)).await.unwrap();
+    let status = store.migration_status().await.unwrap();
+    assert!(!status.is_empty() && status.iter().all(|m| !m.applied), "{status:?}");
+    assert!(dir.path().join("keyward.db").exists(), "the file is created on connect");
+}
+
+#[tokio::test]
+async fn an_in_memory_database_keeps_its_data_across_calls() {
+    let store = keyward_store::open("sqlite::memory:", true).await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    conformance::create_find_and_get_a_key(store.as_ref()).await;
+    conformance::list_keys_paginates_newest_first(store.as_ref()).await;
+    conformance::concurrent_inserts_respect_the_limit(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn open_migrates_a_file_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = keyward_store::open(&url(&dir), true).await.unwrap();
+    assert_eq!(store.count_orgs().await.unwrap(), 0);
+    let r = keyward_store::open("postgres://localhost/x", false).await;
+    assert!(matches!(r, Err(StoreError::Internal(_))));
+}
+
+/// The server and the CLI each hold their own pools on one file: `BEGIN IMMEDIATE` must keep the
+/// limit check and the insert of one from interleaving with the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_file_respect_the_limit() {
+    let (dir, server) = fresh().await;
+    let cli = SqliteStore::connect(&url(&dir)).await.unwrap();
+    for round in 0..5 {
+        let org = server.insert_org(new_org(Some(1)), &Actor::cli(t0())).await.unwrap();
+        let actor = Actor::cli(t0());
+        let (a, b) = tokio::join!(
+            server.insert_key(new_key(&org, Environment::Live).1, &actor),
+            cli.insert_key(new_key(&org, Environment::Live).1, &actor)
+        );
+        let wins = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {a:?} / {b:?}");
+        assert!(matches!(a.as_ref().err().or(b.as_ref().err()), Some(StoreError::KeyLimitReached(1))));
+        // Each sees the other's write at once.
+        let filter = KeyFilter {
+            organization_id: Some(org.id),
+            owner_id: None,
+            environment: None,
+            status: None,
+            include_inactive: true,
+            now: t0(),
+        };
+        let page = PageRequest { after: None, limit: 10 };
+        assert_eq!(server.list_keys(&filter, page).await.unwrap().items.len(), 1);
+        assert_eq!(cli.list_keys(&filter, page).await.unwrap().items.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_path_is_unavailable_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir/keyward.db");
+    let r = SqliteStore::connect(&format!("sqlite://{}", missing.display())).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
+
+/// `v_api_keys` derives status against the database clock with the same precedence as the code.
+#[tokio::test]
+async fn the_status_view_agrees_with_key_state() {
+    let (dir, store) = fresh().await;
+    let org = store.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+    let wall = Utc::now();
+    let hour = chrono::Duration::hours(1);
+    let cli = Actor::cli(wall);
+    let mut keys = Vec::new();
+    for (is_active, expires_at, revoked_at) in [
+        (true, None, None),
+        (false, None, None),
+        (true, Some(wall - hour), None),
+        (true, Some(wall + hour), None),
+        (false, Some(wall - hour), None),
+        (true, None, Some(wall - hour)),
+        (false, Some(wall - hour), Some(wall - hour)),
+        (true, None, Some(wall + hour)),
+    ] {
+        let new = NewKey { is_active, expires_at, ..new_key(&org, Environment::Live).1 };
+        let mut key = store.insert_key(new, &cli).await.unwrap();
+        if let Some(at) = revoked_at {
+            key = store.revoke_key(key.id, "test", at, &cli).await.unwrap();
+        }
+        keys.push(key);
+    }
+
+    let pool = sqlx::SqlitePool::connect(&url(&dir)).await.unwrap();
+    for key in keys {
+        let status: String = sqlx::query_scalar("SELECT status FROM v_api_keys WHERE id = ?")
+            .bind(key.id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(status, key.status(Utc::now()).as_str(), "{:?}", key.state());
+    }
+}

@@ -1,0 +1,496 @@
+//! The subcommands. The CLI works straight on the database through the same store and the same
+//! validation as the API; its changes are audited with actor `cli`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Subcommand;
+use comfy_table::Table;
+use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
+use keyward_server::AppState;
+use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
+use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
+use keyward_server::usage::{UsageRecorder, UsageWorker};
+use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsAction {
+    /// Create an organization.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        slug: String,
+        #[arg(long)]
+        email: Option<String>,
+        /// free, pro, enterprise.
+        #[arg(long, alias = "tier")]
+        plan: Option<String>,
+        #[arg(long)]
+        max_api_keys: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List organizations.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Create a key; the full key is printed once.
+    Create {
+        /// Organization slug or id.
+        #[arg(long, default_value = "default")]
+        org: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, alias = "user-id")]
+        owner_id: Option<String>,
+        /// live or test.
+        #[arg(long, default_value = "live")]
+        environment: String,
+        /// Key prefix (default sk).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Comma-separated scopes, e.g. read:projects,write:*.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Comma-separated IPs and CIDR blocks.
+        #[arg(long, value_delimiter = ',')]
+        allowed_ips: Vec<String>,
+        #[arg(long)]
+        expires_in_days: Option<i64>,
+        #[arg(long, alias = "tier")]
+        plan: Option<String>,
+        /// Stored in metadata.
+        #[arg(long)]
+        email: Option<String>,
+        /// Stored in metadata.
+        #[arg(long)]
+        company: Option<String>,
+        /// A JSON object merged into metadata.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Print the same JSON as `POST /v1/keys`.
+        #[arg(long, conflicts_with = "key_only")]
+        json: bool,
+        /// Print only the key, for scripts: `KEY=$(keyward keys create ... --key-only)`.
+        #[arg(long)]
+        key_only: bool,
+    },
+    /// List keys (active ones unless --include-inactive).
+    List {
+        /// Organization slug or id (default: every organization).
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long, alias = "user-id")]
+        owner_id: Option<String>,
+        #[arg(long)]
+        include_inactive: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a key.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        scopes: Option<Vec<String>>,
+        #[arg(long, value_delimiter = ',')]
+        allowed_ips: Option<Vec<String>>,
+        /// RFC 3339.
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long, alias = "tier")]
+        plan: Option<String>,
+        /// A JSON object; replaces metadata.
+        #[arg(long)]
+        metadata: Option<String>,
+        #[arg(long, conflicts_with = "deactivate")]
+        activate: bool,
+        #[arg(long)]
+        deactivate: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key (permanent).
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "revoked")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// List audit rows, newest first.
+    List {
+        #[arg(long)]
+        key_id: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The same state the server runs with, over the configured database.
+async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
+    let store = keyward_store::open(&config.database_url, true)
+        .await
+        .with_context(|| format!("cannot open the database at {}", config.database_url))?;
+    let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
+    let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    Ok((AppState::new(store, clock, hasher, usage), worker))
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn opt(value: &Option<impl ToString>) -> String {
+    value.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".to_owned())
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let (state, worker) = open(&config).await?;
+    if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
+        // SECURITY: printed once, to stdout only, never logged.
+        println!("Created organization `default` and an admin key (scope keyward:admin).");
+        println!("Admin key: {}", seeded.key.expose_secret());
+        println!("Store it now: it will not be shown again.");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
+    keyward_server::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("shutting down: writing pending usage");
+    worker.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+pub async fn seed(config: Config, json: bool) -> anyhow::Result<()> {
+    let (state, worker) = open(&config).await?;
+    let seeded = service::seed(&state, &Actor::cli(state.clock.now())).await?;
+    worker.shutdown().await;
+    match (seeded, json) {
+        (Some(s), true) => print_json(&serde_json::json!({
+            "seeded": true,
+            "organization": OrganizationResponse::from(s.organization),
+            "key": s.key.expose_secret(),
+            "api_key": KeyResponse::new(s.record, state.clock.now()),
+        })),
+        (Some(s), false) => {
+            println!("Created organization `default` and an admin key (scope keyward:admin).");
+            println!("Admin key: {}", s.key.expose_secret());
+            println!("Store it now: it will not be shown again.");
+            Ok(())
+        }
+        (None, true) => print_json(&serde_json::json!({ "seeded": false })),
+        (None, false) => {
+            println!("Already seeded: the database has organizations; nothing changed.");
+            Ok(())
+        }
+    }
+}
+
+pub async fn orgs(config: Config, action: OrgsAction) -> anyhow::Result<()> {
+    let (state, worker) = open(&config).await?;
+    let now = state.clock.now();
+    let result = match action {
+        OrgsAction::Create { name, slug, email, plan, max_api_keys, json } => {
+            let new = CreateOrganizationRequest { name, slug, email, plan, max_api_keys, ..Default::default() }
+                .validate(&Validator { plans: &state.plans, now })?;
+            let org = OrganizationResponse::from(state.store.insert_org(new, &Actor::cli(now)).await?);
+            if json {
+                print_json(&org)
+            } else {
+                println!("Created organization {} ({})", org.slug, org.id);
+                Ok(())
+            }
+        }
+        OrgsAction::List { json } => {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                let page = state.store.list_orgs(PageRequest { after, limit: 100 }).await?;
+                all.extend(page.items.into_iter().map(OrganizationResponse::from));
+                match page.next_cursor {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+            }
+            if json {
+                print_json(&all)
+            } else {
+                let mut table = Table::new();
+                table.set_header(["id", "slug", "name", "plan", "active", "max keys", "created"]);
+                for o in all {
+                    table.add_row([
+                        o.id.to_string(),
+                        o.slug,
+                        o.name,
+                        o.plan,
+                        o.is_active.to_string(),
+                        opt(&o.max_api_keys),
+                        o.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                    ]);
+                }
+                println!("{table}");
+                Ok(())
+            }
+        }
+    };
+    worker.shutdown().await;
+    result
+}
+
+fn key_id(raw: &str) -> anyhow::Result<KeyId> {
+    raw.parse().map_err(|_| anyhow!("`{raw}` is not a key id"))
+}
+
+fn json_object(raw: &str, flag: &str) -> anyhow::Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(raw).with_context(|| format!("{flag} must be JSON"))?;
+    if value.is_object() { Ok(value) } else { Err(anyhow!("{flag} must be a JSON object")) }
+}
+
+fn key_table(keys: Vec<KeyResponse>) -> Table {
+    let mut table = Table::new();
+    table.set_header(["id", "name", "key", "owner", "env", "status", "scopes", "expires", "last used"]);
+    for k in keys {
+        table.add_row([
+            k.id.to_string(),
+            k.name,
+            format!("{}…{}", k.prefix, k.hint),
+            opt(&k.owner_id),
+            k.environment.to_string(),
+            k.status.as_str().to_owned(),
+            k.scopes.join(","),
+            opt(&k.expires_at.map(|t| t.format("%Y-%m-%d").to_string())),
+            opt(&k.last_used_at.map(|t| t.format("%Y-%m-%d %H:%M").to_string())),
+        ]);
+    }
+    table
+}
+
+pub async fn keys(config: Config, action: KeysAction) -> anyhow::Result<()> {
+    let (state, worker) = open(&config).await?;
+    let result = keys_inner(&state, action).await;
+    worker.shutdown().await;
+    result
+}
+
+async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> {
+    let now = state.clock.now();
+    let v = Validator { plans: &state.plans, now };
+    match action {
+        KeysAction::Create {
+            org,
+            name,
+            description,
+            owner_id,
+            environment,
+            prefix,
+            scopes,
+            allowed_ips,
+            expires_in_days,
+            plan,
+            email,
+            company,
+            metadata,
+            json,
+            key_only,
+        } => {
+            let org = service::find_org(&*state.store, &org).await?;
+            let mut meta = match metadata {
+                Some(raw) => json_object(&raw, "--metadata")?,
+                None => serde_json::json!({}),
+            };
+            if let Some(map) = meta.as_object_mut() {
+                if let Some(email) = email {
+                    map.insert("email".into(), email.into());
+                }
+                if let Some(company) = company {
+                    map.insert("company".into(), company.into());
+                }
+            }
+            let draft = CreateKeyRequest {
+                name,
+                description,
+                owner_id,
+                environment: Some(environment),
+                prefix,
+                scopes,
+                allowed_ips,
+                expires_in_days,
+                metadata: Some(meta),
+                plan,
+                ..Default::default()
+            }
+            .validate(&v, org.id)?;
+            let (plain, record) = service::create_key(state, draft, &Actor::cli(now)).await?;
+            let created =
+                CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
+            if key_only {
+                println!("{}", created.key);
+                Ok(())
+            } else if json {
+                print_json(&created)
+            } else {
+                println!("Created key {} ({}) in {}", created.api_key.id, created.api_key.name, org.slug);
+                println!("Key: {}", created.key);
+                println!("Store it now: it will not be shown again.");
+                Ok(())
+            }
+        }
+        KeysAction::List { org, owner_id, include_inactive, limit, json } => {
+            let organization_id = match org {
+                Some(o) => Some(service::find_org(&*state.store, &o).await?.id),
+                None => None,
+            };
+            let filter =
+                KeyFilter { organization_id, owner_id, environment: None, status: None, include_inactive, now };
+            let page =
+                state.store.list_keys(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await?;
+            let keys: Vec<KeyResponse> = page.items.into_iter().map(|k| KeyResponse::new(k, now)).collect();
+            if json {
+                print_json(&keys)
+            } else {
+                println!("{}", key_table(keys));
+                Ok(())
+            }
+        }
+        KeysAction::Show { id, json } => {
+            let key = KeyResponse::new(state.store.get_key(key_id(&id)?).await?, now);
+            if json {
+                print_json(&key)
+            } else {
+                println!("{}", key_table(vec![key]));
+                Ok(())
+            }
+        }
+        KeysAction::Update {
+            id,
+            name,
+            description,
+            scopes,
+            allowed_ips,
+            expires_at,
+            plan,
+            metadata,
+            activate,
+            deactivate,
+            json,
+        } => {
+            let id = key_id(&id)?;
+            let request = UpdateKeyRequest {
+                name,
+                description: description.map(Some),
+                scopes,
+                allowed_ips,
+                expires_at: expires_at.map(Some),
+                metadata: metadata.map(|m| json_object(&m, "--metadata")).transpose()?,
+                plan: plan.map(Some),
+                is_active: if activate {
+                    Some(true)
+                } else if deactivate {
+                    Some(false)
+                } else {
+                    None
+                },
+            };
+            let patch = request.validate(&v)?;
+            let key = KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?, now);
+            if json {
+                print_json(&key)
+            } else {
+                println!("Updated key {} (status {})", key.id, key.status.as_str());
+                Ok(())
+            }
+        }
+        KeysAction::Revoke { id, reason, json } => {
+            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?;
+            let key = KeyResponse::new(key, now);
+            if json {
+                print_json(&key)
+            } else {
+                println!("Revoked key {} ({}…{})", key.id, key.prefix, key.hint);
+                Ok(())
+            }
+        }
+    }
+}
+
+pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
+    let (state, worker) = open(&config).await?;
+    let AuditAction::List { key_id: key, action, actor, limit, json } = action;
+    let filter = AuditFilter { key_id: key.as_deref().map(key_id).transpose()?, action, actor, ..Default::default() };
+    let page = state.store.list_audit(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await;
+    worker.shutdown().await;
+    let rows: Vec<AuditEntryResponse> = page?.items.into_iter().map(AuditEntryResponse::from).collect();
+    if json {
+        return print_json(&rows);
+    }
+    let mut table = Table::new();
+    table.set_header(["id", "time", "action", "key", "actor", "details"]);
+    for r in rows {
+        table.add_row([
+            r.id.to_string(),
+            r.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            r.action,
+            opt(&r.key_id),
+            r.actor,
+            r.details.to_string(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! One `Config`, layered: defaults → `keyward.toml` → `KEYWARD_*` environment → command-line flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// `sqlite://path` (created and migrated on start).
+    pub database_url: String,
+    /// Server-side pepper for HMAC-SHA256 key hashes; at least 32 bytes.
+    pub pepper: Option<SecretString>,
+    pub log_format: LogFormat,
+    /// How often key usage (`last_used_at`, `total_requests`) is written, in milliseconds.
+    pub usage_flush_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://keyward.db".to_owned(),
+            pepper: None,
+            log_format: LogFormat::Pretty,
+            usage_flush_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Values given on the command line; only the ones given override.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+}
+
+const KEYS: [&str; 5] = ["listen", "database_url", "pepper", "log_format", "usage_flush_interval_ms"];
+
+impl Config {
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::new();
+        match file {
+            Some(path) if !path.exists() => bail!("config file {} does not exist", path.display()),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None => figment = figment.merge(Toml::file_exact("keyward.toml")),
+        }
+        let config: Config = figment
+            // Only our own names: other KEYWARD_* variables (test settings, ...) are not config.
+            .merge(Env::prefixed("KEYWARD_").only(&KEYS))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .context("invalid configuration")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuse unsafe or unusable combinations at start-up.
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(pepper) = &self.pepper
+            && pepper.expose_secret().len() < keyward_core::hash::MIN_PEPPER_LEN
+        {
+            bail!("the pepper (KEYWARD_PEPPER) must be at least {} bytes", keyward_core::hash::MIN_PEPPER_LEN);
+        }
+        if self.usage_flush_interval_ms == 0 {
+            bail!("usage_flush_interval_ms must be positive");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration, secrets redacted.
+    pub fn show(&self) -> String {
+        format!(
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\n",
+            self.listen,
+            redact_url(&self.database_url),
+            if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
+            match self.log_format {
+                LogFormat::Pretty => "pretty",
+                LogFormat::Json => "json",
+            },
+            self.usage_flush_interval_ms,
+        )
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:[redacted]@h/db");
+        assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn layers_apply_in_order_and_short_pepper_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("keyward.toml", "listen = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://a.db\"")?;
+            jail.set_env("KEYWARD_DATABASE_URL", "sqlite://b.db");
+            jail.set_env("KEYWARD_TEST_POSTGRES_URL", "ignored");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.port(), 9000);
+            assert_eq!(c.database_url, "sqlite://b.db");
+            let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
+            let c = Config::load(None, flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.database_url, "sqlite://c.db");
+            jail.set_env("KEYWARD_PEPPER", "too-short");
+            assert!(Config::load(None, Overrides::default()).is_err());
+            jail.set_env("KEYWARD_PEPPER", "x".repeat(32));
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(!c.show().contains("xxxx"));
+            Ok(())
+        });
+    }
+}

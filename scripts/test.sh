@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs Keyward's whole test suite: formatting, lints, and every test of every crate.
+#
+# PostgreSQL and Redis are real servers in tests, never mocks. This script makes sure both answer
+# (starting them, or installing them from Debian's packages, when needed). With CI=true an
+# unreachable service fails the run; elsewhere the tests that need it are skipped with a loud line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export KEYWARD_TEST_POSTGRES_URL="${KEYWARD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export KEYWARD_TEST_REDIS_URL="${KEYWARD_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+say() { printf '\n==> %s\n' "$*"; }
+
+apt_install() {
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        return 1
+    fi
+}
+
+postgres_up() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = "PONG" ]; }
+
+wait_for() {
+    local check=$1
+    for _ in $(seq 1 30); do
+        if "$check"; then return 0; fi
+        sleep 1
+    done
+    return 1
+}
+
+ensure_postgres() {
+    if command -v pg_isready >/dev/null 2>&1 && postgres_up; then return 0; fi
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        say "PostgreSQL is not installed: installing it from Debian's packages"
+        apt_install postgresql || return 1
+    fi
+    say "starting PostgreSQL"
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$version" ] || return 1
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+    wait_for postgres_up || return 1
+    # Trust auth and a `test` database, as on the development and CI machines.
+    psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null | grep -q 1 \
+        || su postgres -c "createdb test" >/dev/null 2>&1 || true
+}
+
+ensure_redis() {
+    if command -v redis-cli >/dev/null 2>&1 && redis_up; then return 0; fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        say "Redis is not installed: installing it from Debian's packages"
+        apt_install redis-server || return 1
+    fi
+    say "starting Redis"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+        --dir /var/lib/redis --logfile /var/log/redis/ci.log >/dev/null 2>&1 || true
+    wait_for redis_up
+}
+
+for service in postgres redis; do
+    if ! "ensure_$service"; then
+        if [ "${CI:-}" = "true" ]; then
+            echo "FATAL: $service is not reachable and CI=true: failing the run" >&2
+            exit 1
+        fi
+        echo "!!!!! WARNING: $service is not reachable: tests that need it will be SKIPPED !!!!!" >&2
+        export "KEYWARD_TEST_SKIP_${service^^}=1"
+    fi
+done
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --workspace --locked
