@@ -293,6 +293,15 @@ pub async fn orgs(config: Config, action: OrgsAction) -> anyhow::Result<()> {
     result
 }
 
+/// The first `max` characters, with `…` when cut: tables stay readable; `--json` has everything.
+fn summary(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    }
+}
+
 fn key_id(raw: &str) -> anyhow::Result<KeyId> {
     raw.parse().map_err(|_| anyhow!("`{raw}` is not a key id"))
 }
@@ -488,7 +497,7 @@ pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
             r.action,
             opt(&r.key_id),
             r.actor,
-            r.details.to_string(),
+            summary(&r.details.to_string(), 80),
         ]);
     }
     println!("{table}");

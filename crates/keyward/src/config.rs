@@ -60,7 +60,8 @@ impl Config {
         match file {
             Some(path) if !path.exists() => bail!("config file {} does not exist", path.display()),
             Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None => figment = figment.merge(Toml::file_exact("keyward.toml")),
+            None if Path::new("keyward.toml").exists() => figment = figment.merge(Toml::file_exact("keyward.toml")),
+            None => {}
         }
         let config: Config = figment
             // Only our own names: other KEYWARD_* variables (test settings, ...) are not config.
@@ -123,6 +124,17 @@ mod tests {
     fn urls_lose_their_passwords() {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:[redacted]@h/db");
         assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn no_file_means_defaults() {
+        figment::Jail::expect_with(|_jail| {
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen.port(), 8080);
+            assert_eq!(c.database_url, "sqlite://keyward.db");
+            Ok(())
+        });
     }
 
     #[test]

@@ -1,0 +1,224 @@
+//! The `keyward` binary, run as a user would, on a fresh SQLite file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+struct Cli {
+    dir: TempDir,
+}
+
+impl Cli {
+    fn new() -> Self {
+        Self { dir: TempDir::new().unwrap() }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let url = format!("sqlite://{}", self.dir.path().join("k.db").display());
+        Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(args)
+            .env("KEYWARD_DATABASE_URL", url)
+            .env_remove("KEYWARD_PEPPER")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+}
+
+#[test]
+fn seed_is_idempotent() {
+    let cli = Cli::new();
+    let first = cli.json(&["seed", "--json"]);
+    assert_eq!(first["seeded"], true);
+    assert!(first["key"].as_str().unwrap().starts_with("sk_live_"));
+    assert_eq!(first["api_key"]["scopes"], serde_json::json!(["keyward:admin"]));
+    assert_eq!(cli.json(&["seed", "--json"]), serde_json::json!({"seeded": false}));
+    assert!(cli.ok(&["seed"]).contains("nothing changed"));
+}
+
+#[test]
+fn keys_lifecycle_from_the_cli() {
+    let cli = Cli::new();
+    cli.ok(&["orgs", "create", "--name", "Acme", "--slug", "acme", "--plan", "pro"]);
+    let created = cli.json(&[
+        "keys",
+        "create",
+        "--org",
+        "acme",
+        "--name",
+        "backend",
+        "--user-id",
+        "u1",
+        "--environment",
+        "test",
+        "--scopes",
+        "read:x,write:*",
+        "--allowed-ips",
+        "10.0.0.0/8",
+        "--expires-in-days",
+        "30",
+        "--tier",
+        "free",
+        "--email",
+        "a@acme.test",
+        "--company",
+        "Acme",
+        "--metadata",
+        "{\"team\":\"core\"}",
+        "--json",
+    ]);
+    let key = created["key"].as_str().unwrap();
+    assert!(key.starts_with("sk_test_"));
+    let rec = &created["api_key"];
+    assert_eq!(rec["owner_id"], "u1");
+    assert_eq!(rec["plan"], "free");
+    assert_eq!(rec["scopes"], serde_json::json!(["read:x", "write:*"]));
+    assert_eq!(rec["metadata"], serde_json::json!({"team": "core", "email": "a@acme.test", "company": "Acme"}));
+    let id = rec["id"].as_str().unwrap();
+
+    let only = cli.ok(&["keys", "create", "--org", "acme", "--name", "second", "--key-only"]);
+    assert_eq!(only.trim().len(), key.len());
+
+    let list = cli.json(&["keys", "list", "--org", "acme", "--owner-id", "u1", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let table = cli.ok(&["keys", "list"]);
+    assert!(table.contains("backend") && !table.contains(key), "tables show prefix and hint only");
+
+    let updated = cli.json(&["keys", "update", id, "--deactivate", "--json"]);
+    assert_eq!(updated["status"], "disabled");
+    let revoked = cli.json(&["keys", "revoke", id, "--json"]);
+    assert_eq!(revoked["status"], "revoked");
+    assert_eq!(cli.json(&["keys", "list", "--org", "acme", "--json"]).as_array().unwrap().len(), 1);
+    assert_eq!(cli.json(&["keys", "list", "--include-inactive", "--json"]).as_array().unwrap().len(), 2);
+
+    let audit = cli.json(&["audit", "list", "--key-id", id, "--json"]);
+    let actions: Vec<_> = audit.as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, vec!["revoke", "deactivate", "create"]);
+    assert!(audit.as_array().unwrap().iter().all(|r| r["actor"] == "cli"));
+    assert!(!serde_json::to_string(&audit).unwrap().contains(key));
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() {
+    let cli = Cli::new();
+    cli.ok(&["seed"]);
+    for args in [
+        &["keys", "create", "--name", "x", "--scopes", "bad scope"][..],
+        &["keys", "create", "--name", "x", "--org", "nope"],
+        &["keys", "create", "--name", "x", "--metadata", "[1]"],
+        &["keys", "show", "not-an-id"],
+    ] {
+        let out = cli.run(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{args:?}");
+    }
+    assert_eq!(cli.json(&["keys", "list", "--include-inactive", "--json"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn migrate_down_then_up_leaves_a_working_database() {
+    let cli = Cli::new();
+    cli.ok(&["migrate", "up"]);
+    assert!(cli.ok(&["migrate", "status"]).contains("applied"));
+    cli.ok(&["migrate", "down"]);
+    assert!(cli.ok(&["migrate", "status"]).contains("pending"));
+    cli.ok(&["migrate", "up"]);
+    assert_eq!(cli.json(&["seed", "--json"])["seeded"], true);
+    assert_eq!(cli.json(&["keys", "list", "--json"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn config_show_redacts_the_pepper() {
+    let cli = Cli::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["config", "show"])
+        .env("KEYWARD_PEPPER", "p".repeat(40))
+        .current_dir(cli.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[redacted]") && !text.contains("pppp"), "{text}");
+    let short = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["config", "show"])
+        .env("KEYWARD_PEPPER", "short")
+        .current_dir(cli.dir.path())
+        .output()
+        .unwrap();
+    assert!(!short.status.success());
+}
+
+/// `keyward serve` on a real socket: prints the admin key once on stdout (never in the logs),
+/// answers with it, and exits cleanly on SIGTERM.
+#[test]
+fn serve_seeds_answers_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let cli = Cli::new();
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARD_DATABASE_URL", url)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .current_dir(cli.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+
+    let mut printed = String::new();
+    while !printed.contains("not be shown again") {
+        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
+    }
+    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
+    let mut logs = String::new();
+    let address = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
+        logs.push_str(&line);
+        if line.contains("keyward is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+
+    let mut stream = TcpStream::connect(&address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /v1/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"slug\":\"default\""));
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    stderr.read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("shutting down"), "{logs}");
+    assert!(!logs.contains(&key[8..]), "the admin key is in the logs");
+}
