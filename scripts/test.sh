@@ -21,6 +21,8 @@ apt_install() {
 }
 
 postgres_up() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
+# Up is not enough: the tests connect with KEYWARD_TEST_POSTGRES_URL (user, auth, database).
+postgres_usable() { psql "$KEYWARD_TEST_POSTGRES_URL" -tAc 'SELECT 1' >/dev/null 2>&1; }
 redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = "PONG" ]; }
 
 wait_for() {
@@ -33,20 +35,34 @@ wait_for() {
 }
 
 ensure_postgres() {
-    if command -v pg_isready >/dev/null 2>&1 && postgres_up; then return 0; fi
+    if command -v psql >/dev/null 2>&1 && postgres_usable; then return 0; fi
     if ! command -v pg_ctlcluster >/dev/null 2>&1; then
         say "PostgreSQL is not installed: installing it from Debian's packages"
         apt_install postgresql || return 1
     fi
-    say "starting PostgreSQL"
     local version
     version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
     [ -n "$version" ] || return 1
-    pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
-    wait_for postgres_up || return 1
-    # Trust auth and a `test` database, as on the development and CI machines.
-    psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null | grep -q 1 \
+    if ! postgres_up; then
+        say "starting PostgreSQL"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+        wait_for postgres_up || return 1
+    fi
+    postgres_usable && return 0
+    # A fresh Debian cluster asks for passwords on 127.0.0.1 and has no `test` database. Make it what
+    # the development and CI machines have: trust auth on loopback, and a `test` database.
+    [ "$(id -u)" = 0 ] || return 1
+    local hba="/etc/postgresql/$version/main/pg_hba.conf" tmp
+    if ! grep -qE '^host[[:space:]]+all[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+trust' "$hba"; then
+        say "PostgreSQL: trust auth on loopback (a test machine)"
+        tmp=$(mktemp)
+        { printf 'host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n'; cat "$hba"; } >"$tmp"
+        cat "$tmp" >"$hba" && rm -f "$tmp"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main reload >/dev/null 2>&1 || true
+    fi
+    su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname = 'test'\"" 2>/dev/null | grep -q 1 \
         || su postgres -c "createdb test" >/dev/null 2>&1 || true
+    postgres_usable
 }
 
 ensure_redis() {

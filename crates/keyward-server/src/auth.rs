@@ -27,22 +27,47 @@ pub enum Lookup {
 }
 
 /// Parse, hash, look up by hash, and compare the stored hash in constant time.
+///
+/// A string that is not a Keyward key may be a legacy key imported from another system: it is looked up
+/// by its hash only while some organization has legacy keys (`state.legacy`, an in-memory flag), so
+/// that otherwise garbage is refused without touching storage. Not found, it stays `Malformed`: the
+/// answer does not depend on whether imports exist, only the cost does.
 #[tracing::instrument(skip_all)]
 pub async fn lookup(state: &AppState, presented: &str) -> StoreResult<Lookup> {
     let key = match PlainKey::parse(presented) {
         Ok(key) => key,
+        Err(e) if state.legacy.enabled() && could_be_legacy(presented) => {
+            return Ok(match find_by_hash(state, presented).await? {
+                Some(found) => Lookup::Found(found),
+                None => Lookup::Malformed(e),
+            });
+        }
         Err(e) => return Ok(Lookup::Malformed(e)),
     };
-    for (algorithm, hash) in state.hasher.candidates(key.expose_secret()) {
+    Ok(match find_by_hash(state, key.expose_secret()).await? {
+        Some(found) => Lookup::Found(found),
+        None => Lookup::NotFound,
+    })
+}
+
+/// What an imported legacy key can look like (`service::import` accepts no other): visible ASCII, as
+/// a header carries it, of a length worth a lookup.
+fn could_be_legacy(presented: &str) -> bool {
+    (crate::service::import::MIN_LEGACY_LEN..=crate::service::import::MAX_LEGACY_LEN).contains(&presented.len())
+        && presented.bytes().all(|b| b.is_ascii_graphic())
+}
+
+async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Box<KeyWithOrg>>> {
+    for (algorithm, hash) in state.hasher.candidates(secret) {
         if let Some(found) = state.store.find_key_by_hash(&hash).await? {
             // SECURITY: the index found it; the constant-time compare makes sure we never act on a
             // near match and never leak timing of how much matched.
             if found.key.hash_algorithm == algorithm && found.key.key_hash.ct_eq(&hash) {
-                return Ok(Lookup::Found(Box::new(found)));
+                return Ok(Some(Box::new(found)));
             }
         }
     }
-    Ok(Lookup::NotFound)
+    Ok(None)
 }
 
 /// The socket peer's address, when the server was started with connect info.

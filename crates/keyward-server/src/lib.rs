@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/verify", post(verify::verify))
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
+        .route("/v1/keys/import", post(routes::import::import_keys))
         .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
         .route("/v1/me", get(me::me))
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))

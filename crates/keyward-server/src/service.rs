@@ -1,5 +1,7 @@
 //! Operations shared by the HTTP handlers and the CLI, so both validate and audit the same way:
-//! creating keys and organizations, and seeding an empty database.
+//! creating keys and organizations, seeding an empty database, and importing keys ([`import`]).
+
+pub mod import;
 
 use chrono::{DateTime, Duration, Utc};
 use keyward_core::{Environment, IpAllowList, KeyId, KeyPrefix, OrgId, PlainKey, ScopeSet};

@@ -1,9 +1,11 @@
 //! What every handler shares.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use keyward_core::{Clock, KeyHasher};
-use keyward_store::Store;
+use keyward_store::{Store, StoreResult};
 
 use crate::usage::UsageRecorder;
 
@@ -17,10 +19,72 @@ pub struct AppState {
     pub hasher: KeyHasher,
     pub usage: UsageRecorder,
     pub plans: Arc<[String]>,
+    /// Whether strings that are not Keyward keys must be looked up as legacy keys.
+    pub legacy: LegacyKeys,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
-        Self { store, clock, hasher, usage, plans: DEFAULT_PLANS.iter().map(|p| p.to_string()).collect() }
+        Self {
+            store,
+            clock,
+            hasher,
+            usage,
+            plans: DEFAULT_PLANS.iter().map(|p| p.to_string()).collect(),
+            legacy: LegacyKeys::default(),
+        }
+    }
+}
+
+/// How often a server that has not seen a legacy key yet asks the store again, so that an import made
+/// by the CLI or by another node is noticed.
+pub const LEGACY_REFRESH: Duration = Duration::from_secs(10);
+
+/// Whether any organization has imported legacy keys (keys not in Keyward's format, or known only by
+/// their SHA-256): one in-memory flag, so that deciding costs nothing on the verify path.
+///
+/// While it is off, a presented string that is not a Keyward key answers `MALFORMED` without any store
+/// query, exactly as before imports existed: random garbage cannot make a server hit its database. Once
+/// on, such a string costs one indexed lookup by hash, like an unknown well-formed key. The flag is read
+/// from the store at start ([`LegacyKeys::refresh`]), switched on at once by an import through this
+/// process, and, while off, read again every [`LEGACY_REFRESH`] by [`LegacyKeys::spawn_refresher`] for
+/// imports made elsewhere. It never goes back off: keys are never deleted, and a revoked legacy key must
+/// keep answering `REVOKED`.
+#[derive(Clone, Debug, Default)]
+pub struct LegacyKeys(Arc<AtomicBool>);
+
+impl LegacyKeys {
+    pub fn enabled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Called after a legacy key was imported.
+    pub fn enable(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the store, unless already on; returns the flag.
+    pub async fn refresh(&self, store: &dyn Store) -> StoreResult<bool> {
+        if !self.enabled() && store.has_legacy_keys().await? {
+            self.enable();
+        }
+        Ok(self.enabled())
+    }
+
+    /// Refreshes every `every` until the flag is on, off the request path.
+    pub fn spawn_refresher(&self, store: Arc<dyn Store>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let flag = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !flag.enabled() {
+                tick.tick().await;
+                match flag.refresh(&*store).await {
+                    Ok(true) => tracing::info!("legacy keys exist: keys not in Keyward's format are now looked up"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "checking for legacy keys failed; will retry"),
+                }
+            }
+        })
     }
 }

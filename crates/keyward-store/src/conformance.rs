@@ -15,8 +15,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyPatch, KeyUsage, LimitOverrides, NewKey, NewOrganization,
-    Organization, OrganizationPatch, PageRequest, Store, StoreError,
+    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, LimitOverrides,
+    NewKey, NewOrganization, Organization, OrganizationPatch, PageRequest, Store, StoreError,
 };
 
 // -----------------------------------------------------------------------------------------------
@@ -867,6 +867,172 @@ pub async fn audit_rows_never_hold_key_material(store: &dyn Store) {
     }
 }
 
+/// An import: known hashes are left alone, a hash of another organization is refused, the limit holds,
+/// a dry run says what would happen and writes nothing, and running it again changes nothing.
+pub async fn import_keys_is_idempotent_and_respects_the_limit(store: &dyn Store) {
+    let org = org(store, Some(4)).await;
+    let other = org_with_key(store).await;
+    let existing = key(store, &org).await;
+    let legacy = |created_at| {
+        let (_, mut k) = new_key(&org, Environment::Live);
+        k.prefix = String::new();
+        k.hint = String::new();
+        k.owner_id = Some(unique("legacy-owner"));
+        k.metadata = json!({"source": "old system"});
+        KeyImport { key: k, legacy: true, created_at }
+    };
+    let first = legacy(Some(t0() - Duration::days(400) + Duration::microseconds(7)));
+    let second = KeyImport { legacy: false, ..legacy(None) };
+    let twice = KeyImport { key: NewKey { id: KeyId::new(), ..first.key.clone() }, ..first.clone() };
+    let known = KeyImport {
+        key: NewKey { id: KeyId::new(), key_hash: existing.key_hash, ..first.key.clone() },
+        ..first.clone()
+    };
+    let theirs =
+        KeyImport { key: NewKey { id: KeyId::new(), key_hash: other.1, ..first.key.clone() }, ..first.clone() };
+    let third = legacy(None);
+    let over = legacy(None);
+    let batch = vec![first.clone(), second.clone(), twice, known, theirs, third.clone(), over.clone()];
+    let want = [
+        ImportOutcome::Imported,
+        ImportOutcome::Imported,
+        ImportOutcome::Unchanged,
+        ImportOutcome::Unchanged,
+        ImportOutcome::HashInOtherOrganization,
+        ImportOutcome::Imported,
+        ImportOutcome::KeyLimitReached(4),
+    ];
+    let actor = Actor::cli(at(1));
+
+    let dry = store.import_keys(org.id, batch.clone(), &actor, true).await.must("dry run");
+    assert_eq!(dry, want, "a dry run answers what a real run would do");
+    assert_eq!(store.find_key_by_hash(&first.key.key_hash).await.must("find after dry run"), None);
+    assert_eq!(all_keys(store, &KeyFilter { include_inactive: true, ..filter(Some(org.id), at(1)) }).await.len(), 1);
+
+    let done = store.import_keys(org.id, batch.clone(), &actor, false).await.must("import");
+    assert_eq!(done, want);
+    let found = store.find_key_by_hash(&first.key.key_hash).await.must("find imported");
+    let found = found.unwrap_or_else(|| panic!("the imported key is not found by its hash")).key;
+    assert_eq!(found.id, first.key.id);
+    assert_eq!(found.created_at, first.created_at.unwrap_or_default(), "the old system's creation time is kept");
+    assert_eq!(found.updated_at, at(1));
+    assert_eq!(found.created_by.as_deref(), Some("cli"));
+    assert_eq!((found.prefix.as_str(), found.hint.as_str()), ("", ""));
+    assert_eq!(found.owner_id, first.key.owner_id);
+    assert_eq!(found.metadata, json!({"source": "old system"}));
+    let second_found = store.get_key(second.key.id).await.must("get second");
+    assert_eq!(second_found.created_at, at(1), "without a creation time, the import's");
+    assert!(store.get_key(over.key.id).await.is_err(), "over the limit: not imported");
+    assert!(key_audit(store, first.key.id).await.is_empty(), "no audit row per imported key");
+    assert!(store.has_legacy_keys().await.must("has_legacy_keys"));
+
+    // Again: nothing changes.
+    let again = store.import_keys(org.id, batch, &Actor::cli(at(2)), false).await.must("import again");
+    assert_eq!(
+        again[..6],
+        [
+            ImportOutcome::Unchanged,
+            ImportOutcome::Unchanged,
+            ImportOutcome::Unchanged,
+            ImportOutcome::Unchanged,
+            ImportOutcome::HashInOtherOrganization,
+            ImportOutcome::Unchanged,
+        ]
+    );
+    assert_eq!(again[6], ImportOutcome::KeyLimitReached(4));
+    assert_eq!(store.get_key(first.key.id).await.must("get first"), found);
+    assert_eq!(all_keys(store, &KeyFilter { include_inactive: true, ..filter(Some(org.id), at(2)) }).await.len(), 4);
+
+    // Revoked keys make room, as for insert_key.
+    store.revoke_key(existing.id, "make room", at(3), &Actor::cli(at(3))).await.must("revoke");
+    let last = store.import_keys(org.id, vec![over.clone()], &Actor::cli(at(4)), false).await.must("after revoke");
+    assert_eq!(last, [ImportOutcome::Imported]);
+
+    let r = store.import_keys(OrgId::new(), vec![], &actor, false).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "unknown organization: {r:?}");
+    let stray = legacy(None);
+    let r = store.import_keys(other.0.id, vec![stray.clone()], &actor, false).await;
+    assert!(matches!(r, Err(StoreError::Internal(_))), "a key naming another organization: {r:?}");
+    assert_eq!(store.find_key_by_hash(&stray.key.key_hash).await.must("find stray"), None);
+}
+
+/// An organization holding one key; returns the key's hash too.
+async fn org_with_key(store: &dyn Store) -> (Organization, keyward_core::KeyHash) {
+    let o = org(store, None).await;
+    let k = key(store, &o).await;
+    (o, k.key_hash)
+}
+
+/// Keys imported as not legacy do not make `has_legacy_keys` true; one legacy key does.
+pub async fn has_legacy_keys_follows_imports(store: &dyn Store) {
+    let before = store.has_legacy_keys().await.must("has_legacy_keys");
+    let org = org(store, None).await;
+    let plain = KeyImport { key: new_key(&org, Environment::Live).1, legacy: false, created_at: None };
+    store.import_keys(org.id, vec![plain], &Actor::cli(at(1)), false).await.must("import");
+    assert_eq!(store.has_legacy_keys().await.must("has_legacy_keys"), before);
+    let legacy = KeyImport { key: new_key(&org, Environment::Live).1, legacy: true, created_at: None };
+    store.import_keys(org.id, vec![legacy.clone()], &Actor::cli(at(2)), true).await.must("dry run");
+    assert_eq!(store.has_legacy_keys().await.must("has_legacy_keys"), before, "a dry run changes nothing");
+    store.import_keys(org.id, vec![legacy], &Actor::cli(at(3)), false).await.must("import legacy");
+    assert!(store.has_legacy_keys().await.must("has_legacy_keys"));
+}
+
+/// `append_audit` writes exactly one row, returned as it reads back.
+pub async fn append_audit_writes_one_row(store: &dyn Store) {
+    let org = org(store, None).await;
+    let actor = Actor::key(KeyId::new(), Some("192.0.2.9".to_owned()), at(3) + Duration::microseconds(5));
+    let details = json!({"imported": 3, "unchanged": 1, "rejected": 2});
+    let row = store.append_audit("import", org.id, details.clone(), &actor).await.must("append_audit");
+    assert_eq!(row.action, "import");
+    assert_eq!((row.key_id, row.organization_id), (None, Some(org.id)));
+    assert_eq!((row.actor.as_str(), row.actor_ip.as_deref()), (actor.actor.as_str(), Some("192.0.2.9")));
+    assert_eq!((row.details.clone(), row.created_at), (details, actor.at));
+    let rows = all_audit(store, &AuditFilter { action: Some("import".into()), ..Default::default() }).await;
+    let mine: Vec<&AuditEntry> = rows.iter().filter(|r| r.organization_id == Some(org.id)).collect();
+    assert_eq!(mine, [&row]);
+}
+
+/// Not a case of [`CASES`]: it drops every table, so it needs a store of its own. Migrating down one
+/// step reverts the newest migration only and keeps the data; down to nothing drops the tables; up
+/// again gives a working store, and up once more changes nothing.
+pub async fn migrate_down_and_up(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let all = store.migration_status().await.must("migration_status");
+    assert!(all.len() >= 2 && all.iter().all(|m| m.applied), "{all:?}");
+
+    let status = store.migrate_down(1).await.must("migrate down 1");
+    let applied: Vec<bool> = status.iter().map(|m| m.applied).collect();
+    let mut want = vec![true; all.len()];
+    if let Some(last) = want.last_mut() {
+        *last = false;
+    }
+    assert_eq!(applied, want, "only the newest is reverted");
+    assert_eq!(store.get_key(k.id).await.must("the data survives one step down"), k);
+
+    let status = store.migrate_down(u32::MAX).await.must("migrate down all");
+    assert!(status.iter().all(|m| !m.applied), "{status:?}");
+    assert_eq!(store.migration_status().await.must("status"), status);
+    let gone = store.get_org(org.id).await;
+    assert!(matches!(gone, Err(StoreError::Internal(_))), "the tables are gone: {gone:?}");
+    // Nothing left to revert is not an error.
+    store.migrate_down(3).await.must("nothing to revert");
+
+    let status = store.migrate_up().await.must("migrate up");
+    assert_eq!(
+        status.iter().map(|m| (m.version, m.applied)).collect::<Vec<_>>(),
+        all.iter().map(|m| (m.version, true)).collect::<Vec<_>>()
+    );
+    assert_eq!((status[0].version, status[0].description.as_str()), (1, "init"));
+    assert_eq!((status[1].version, status[1].description.as_str()), (2, "import"));
+    // Up again is a no-op.
+    assert_eq!(store.migrate_up().await.must("migrate up again"), status);
+    assert!(!store.has_legacy_keys().await.must("has_legacy_keys"));
+    create_find_and_get_a_key(store).await;
+    audit_list_filters_and_paginates(store).await;
+    import_keys_is_idempotent_and_respects_the_limit(store).await;
+}
+
 /// Every case, by name, for a backend's test file to cross-check its list against.
 pub const CASES: &[&str] = &[
     "ping_and_backend",
@@ -886,4 +1052,7 @@ pub const CASES: &[&str] = &[
     "record_key_usage_accumulates",
     "concurrent_inserts_respect_the_limit",
     "audit_rows_never_hold_key_material",
+    "import_keys_is_idempotent_and_respects_the_limit",
+    "has_legacy_keys_follows_imports",
+    "append_audit_writes_one_row",
 ];

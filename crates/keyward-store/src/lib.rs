@@ -1,21 +1,54 @@
 //! Keyward's storage: the [`Store`] trait every backend implements, the records it reads and writes,
-//! and the backends themselves (SQLite now; PostgreSQL behind the same trait).
+//! and the backends themselves: SQLite ([`sqlite`]) and PostgreSQL ([`postgres`]), chosen by the URL
+//! given to [`open`].
 //!
 //! A change that touches several rows is one method, so each backend owns its transaction; every change
-//! to a key or an organization writes its audit row inside that same transaction.
+//! to a key or an organization writes its audit row inside that same transaction. What does not depend
+//! on the backend (applying a patch, naming its audit action) lives here, once, so both backends
+//! behave the same by construction; the conformance suite proves the rest.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, KeyState, KeyStatus, OrgId, ScopeSet};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+// The columns every backend reads into its rows, always named, never `*`: a prepared statement whose
+// result columns changed (a migration ran while the pool was open) fails in PostgreSQL ("cached plan
+// must not change result type") and confuses sqlx's SQLite statement cache. Both backends have the same
+// columns, so the lists live here once.
+macro_rules! org_columns {
+    () => {
+        "id, name, slug, email, plan, is_active, monthly_request_limit, rate_limit_per_minute, \
+         rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at"
+    };
+}
+
+macro_rules! key_columns {
+    () => {
+        "id, organization_id, owner_id, name, description, environment, prefix, key_hint, key_hash, \
+         hash_algorithm, scopes, allowed_ips, expires_at, is_active, revoked_at, revoke_reason, plan, \
+         rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, \
+         total_requests, last_used_at, last_used_ip, rotated_from, replaced_by, created_by, created_at, updated_at"
+    };
+}
+
+macro_rules! audit_columns {
+    () => {
+        "id, action, key_id, organization_id, actor, actor_ip, details, created_at"
+    };
+}
+
 #[doc(hidden)]
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
+#[doc(hidden)]
+pub mod testing;
 
 /// What went wrong in storage, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +141,62 @@ pub struct OrganizationPatch {
     pub rate_limit_per_day: Option<Option<i64>>,
     pub monthly_request_limit: Option<Option<i64>>,
     pub max_api_keys: Option<Option<i64>>,
+}
+
+impl OrganizationPatch {
+    /// The audit action, as for keys ([`KeyPatch::action`]): a change of `is_active` alone is an
+    /// activation or a deactivation; anything else is an update.
+    pub fn action(&self) -> &'static str {
+        let only_active = Self { is_active: None, ..self.clone() } == Self::default();
+        activation_action(only_active, self.is_active)
+    }
+
+    /// The organization as it is after the patch (nothing is written).
+    pub fn apply_to(&self, org: &Organization) -> Organization {
+        // Destructured so that a field added to the patch fails to compile here until it is handled.
+        let Self {
+            name,
+            email,
+            plan,
+            is_active,
+            rate_limit_per_minute,
+            rate_limit_per_hour,
+            rate_limit_per_day,
+            monthly_request_limit,
+            max_api_keys,
+        } = self.clone();
+        let mut out = org.clone();
+        set(&mut out.name, name);
+        set(&mut out.email, email);
+        set(&mut out.plan, plan);
+        set(&mut out.is_active, is_active);
+        set(&mut out.limits.rate_limit_per_minute, rate_limit_per_minute);
+        set(&mut out.limits.rate_limit_per_hour, rate_limit_per_hour);
+        set(&mut out.limits.rate_limit_per_day, rate_limit_per_day);
+        set(&mut out.limits.monthly_request_limit, monthly_request_limit);
+        set(&mut out.max_api_keys, max_api_keys);
+        out
+    }
+}
+
+fn activation_action(only_active: bool, is_active: Option<bool>) -> &'static str {
+    match (only_active, is_active) {
+        (true, Some(false)) => "deactivate",
+        (true, Some(true)) => "activate",
+        _ => "update",
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
+    }
+}
+
+/// A time as every backend stores it: microseconds (SQLite's fixed-width text, PostgreSQL's
+/// `timestamptz`), so an in-memory record compares equal to the one read back.
+pub fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.trunc_subsecs(6)
 }
 
 /// A stored API key. Holds the hash (never the key); [`ApiKey::audit_json`] is what may be shown.
@@ -238,12 +327,97 @@ impl KeyPatch {
     /// deactivation; anything else is an update.
     pub fn action(&self) -> &'static str {
         let only_active = Self { is_active: None, ..self.clone() } == Self::default();
-        match (only_active, self.is_active) {
-            (true, Some(false)) => "deactivate",
-            (true, Some(true)) => "activate",
-            _ => "update",
-        }
+        activation_action(only_active, self.is_active)
     }
+
+    /// The key as it is after the patch (nothing is written). Times are cut to what storage keeps.
+    pub fn apply_to(&self, key: &ApiKey) -> ApiKey {
+        // Destructured so that a field added to KeyPatch fails to compile here until it is handled.
+        let Self {
+            name,
+            description,
+            scopes,
+            allowed_ips,
+            expires_at,
+            metadata,
+            plan,
+            is_active,
+            rate_limit_per_minute,
+            rate_limit_per_hour,
+            rate_limit_per_day,
+            monthly_request_limit,
+        } = self.clone();
+        let mut out = key.clone();
+        set(&mut out.name, name);
+        set(&mut out.description, description);
+        set(&mut out.scopes, scopes);
+        set(&mut out.allowed_ips, allowed_ips);
+        set(&mut out.expires_at, expires_at.map(|at| at.map(stored_time)));
+        set(&mut out.metadata, metadata);
+        set(&mut out.plan, plan);
+        set(&mut out.is_active, is_active);
+        set(&mut out.limits.rate_limit_per_minute, rate_limit_per_minute);
+        set(&mut out.limits.rate_limit_per_hour, rate_limit_per_hour);
+        set(&mut out.limits.rate_limit_per_day, rate_limit_per_day);
+        set(&mut out.limits.monthly_request_limit, monthly_request_limit);
+        out
+    }
+}
+
+/// One key of an import ([`Store::import_keys`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyImport {
+    pub key: NewKey,
+    /// The key is not in Keyward's format (or only its SHA-256 is known): verification finds it by
+    /// the plain hash of whatever string the customer sends. See [`Store::has_legacy_keys`].
+    pub legacy: bool,
+    /// When the old system issued it; `None`: the time of the import.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// Decides what becomes of each key of an import, the same way in every backend: `known` maps the
+/// hashes already stored to their organization, `held` is the organization's count against
+/// `max_api_keys`. Returns the outcome of every key and the indexes of the keys to insert.
+pub(crate) fn plan_import(
+    org: &Organization,
+    mut held: i64,
+    keys: &[KeyImport],
+    known: &HashMap<KeyHash, OrgId>,
+) -> (Vec<ImportOutcome>, Vec<usize>) {
+    let mut outcomes = Vec::with_capacity(keys.len());
+    let mut inserts = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, import) in keys.iter().enumerate() {
+        let hash = import.key.key_hash;
+        let outcome = match (known.get(&hash), org.max_api_keys) {
+            (Some(owner), _) if *owner == org.id => ImportOutcome::Unchanged,
+            (Some(_), _) => ImportOutcome::HashInOtherOrganization,
+            // A hash given twice in one import is imported once.
+            (None, _) if seen.contains(&hash) => ImportOutcome::Unchanged,
+            (None, Some(max)) if held >= max => ImportOutcome::KeyLimitReached(max),
+            (None, _) => {
+                seen.insert(hash);
+                held += 1;
+                inserts.push(index);
+                ImportOutcome::Imported
+            }
+        };
+        outcomes.push(outcome);
+    }
+    (outcomes, inserts)
+}
+
+/// What became of one key of an import, in the order the keys were given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportOutcome {
+    Imported,
+    /// A key with this hash is already in the organization: left as it is (re-running an import
+    /// changes nothing).
+    Unchanged,
+    /// A key with this hash belongs to another organization.
+    HashInOtherOrganization,
+    /// The organization holds `max_api_keys` keys.
+    KeyLimitReached(i64),
 }
 
 /// A key found by hash, with what verification needs of its organization.
@@ -352,23 +526,49 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Adds requests and moves `last_used_*` forward (never back), for many keys in one transaction.
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
 
+    /// Imports keys issued by another system into `organization_id`, in one transaction, with the same
+    /// `max_api_keys` check as [`Store::insert_key`]. A key whose hash is already stored is not
+    /// touched. Every key must name `organization_id`. No audit row per key: the caller writes one for
+    /// the whole import with [`Store::append_audit`]. With `dry_run` everything is checked and rolled
+    /// back, so the outcomes say what a real run would do.
+    async fn import_keys(
+        &self,
+        organization_id: OrgId,
+        keys: Vec<KeyImport>,
+        actor: &Actor,
+        dry_run: bool,
+    ) -> StoreResult<Vec<ImportOutcome>>;
+    /// Whether any key was imported as a legacy key (any organization). Cheap: a partial index.
+    async fn has_legacy_keys(&self) -> StoreResult<bool>;
+
+    /// An audit row of its own, for changes that span several transactions (an import).
+    async fn append_audit(
+        &self,
+        action: &str,
+        organization_id: OrgId,
+        details: Value,
+        actor: &Actor,
+    ) -> StoreResult<AuditEntry>;
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>>;
 }
 
-/// Opens the store a URL names (`sqlite://path`, `sqlite::memory:`), migrating it up when asked.
+/// Opens the store a URL names, migrating it up when asked: `sqlite://path`, `sqlite::memory:`, or
+/// `postgres://user@host/db` (also `postgresql://`). The scheme decides the backend here, once.
 pub async fn open(url: &str, migrate: bool) -> StoreResult<Arc<dyn Store>> {
-    if url.starts_with("sqlite:") {
-        let store = sqlite::SqliteStore::connect(url).await?;
-        if migrate {
-            store.migrate_up().await?;
-        }
-        Ok(Arc::new(store))
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(sqlite::SqliteStore::connect(url).await?)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Arc::new(postgres::PostgresStore::connect(url).await?)
     } else {
-        Err(StoreError::Internal(format!(
-            "unsupported database URL scheme in `{}` (expected sqlite:)",
+        return Err(StoreError::Internal(format!(
+            "unsupported database URL scheme in `{}` (expected sqlite: or postgres://)",
             url.split(':').next().unwrap_or_default()
-        )))
+        )));
+    };
+    if migrate {
+        store.migrate_up().await?;
     }
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -384,5 +584,78 @@ mod tests {
         let mixed = KeyPatch { is_active: Some(true), name: Some("x".into()), ..Default::default() };
         assert_eq!(mixed.action(), "update");
         assert_eq!(KeyPatch::default().action(), "update");
+    }
+
+    #[test]
+    fn org_patch_action_names_activation_alone() {
+        let only = |is_active| OrganizationPatch { is_active: Some(is_active), ..Default::default() };
+        assert_eq!(only(false).action(), "deactivate");
+        assert_eq!(only(true).action(), "activate");
+        let mixed = OrganizationPatch { name: Some("x".into()), ..only(true) };
+        assert_eq!(mixed.action(), "update");
+        assert_eq!(OrganizationPatch::default().action(), "update");
+    }
+
+    #[test]
+    fn patches_set_only_what_they_name_and_cut_times_to_microseconds() {
+        let at = DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default();
+        let org = Organization {
+            id: OrgId::new(),
+            name: "a".into(),
+            slug: "a".into(),
+            email: Some("a@b.c".into()),
+            plan: "free".into(),
+            is_active: true,
+            limits: LimitOverrides::default(),
+            max_api_keys: Some(3),
+            created_at: at,
+            updated_at: at,
+        };
+        let patch = OrganizationPatch { email: Some(None), max_api_keys: Some(None), ..Default::default() };
+        let after = patch.apply_to(&org);
+        assert_eq!(after, Organization { email: None, max_api_keys: None, ..org.clone() });
+        assert_eq!(OrganizationPatch::default().apply_to(&org), org);
+
+        let key = ApiKey {
+            id: KeyId::new(),
+            organization_id: org.id,
+            owner_id: None,
+            name: "k".into(),
+            description: Some("d".into()),
+            environment: Environment::Live,
+            prefix: "sk_live_".into(),
+            hint: "abcd".into(),
+            hash_algorithm: HashAlgorithm::Sha256,
+            key_hash: KeyHash([0; 32]),
+            scopes: ScopeSet::default(),
+            allowed_ips: IpAllowList::default(),
+            expires_at: None,
+            is_active: true,
+            revoked_at: None,
+            revoke_reason: None,
+            plan: None,
+            limits: LimitOverrides::default(),
+            metadata: json!({}),
+            total_requests: 0,
+            last_used_at: None,
+            last_used_ip: None,
+            rotated_from: None,
+            replaced_by: None,
+            created_by: None,
+            created_at: at,
+            updated_at: at,
+        };
+        let patch = KeyPatch {
+            description: Some(None),
+            expires_at: Some(Some(at)),
+            rate_limit_per_day: Some(Some(9)),
+            ..Default::default()
+        };
+        let after = patch.apply_to(&key);
+        assert_eq!(after.description, None);
+        assert_eq!(after.expires_at, Some(DateTime::from_timestamp(1_800_000_000, 123_456_000).unwrap_or_default()));
+        assert_eq!(after.limits.rate_limit_per_day, Some(9));
+        assert_eq!(after.name, "k");
+        assert_eq!(KeyPatch::default().apply_to(&key), key);
     }
 }

@@ -12,12 +12,12 @@
 //! proves the SQL. Rows are read into private `FromRow` structs and converted into the public records
 //! in one place each ([`KeyRow::into_key`], [`OrgRow::into_org`], [`AuditRow::into_entry`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use keyward_core::diff::diff;
 use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
 use serde_json::{Value, json};
@@ -28,8 +28,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite};
 
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyPatch, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo,
-    NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult,
+    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
+    LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
+    StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -161,11 +162,6 @@ fn parse_ts(s: &str, column: &str) -> StoreResult<DateTime<Utc>> {
 
 fn parse_opt_ts(s: Option<String>, column: &str) -> StoreResult<Option<DateTime<Utc>>> {
     s.map(|s| parse_ts(&s, column)).transpose()
-}
-
-/// A time as it will read back from storage, so an in-memory record compares equal to the stored one.
-fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
-    at.trunc_subsecs(6)
 }
 
 fn parse_id<T: FromStr>(s: &str, column: &str) -> StoreResult<T>
@@ -364,82 +360,10 @@ fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
 }
 
 // -----------------------------------------------------------------------------------------------
-// Patches (pure; the same for every backend)
-
-/// Mirrors [`KeyPatch::action`]: a change of `is_active` alone is an activation or a deactivation.
-fn org_patch_action(patch: &OrganizationPatch) -> &'static str {
-    let only_active = OrganizationPatch { is_active: None, ..patch.clone() } == OrganizationPatch::default();
-    match (only_active, patch.is_active) {
-        (true, Some(false)) => "deactivate",
-        (true, Some(true)) => "activate",
-        _ => "update",
-    }
-}
-
-fn apply_org_patch(org: &mut Organization, patch: OrganizationPatch) {
-    let OrganizationPatch {
-        name,
-        email,
-        plan,
-        is_active,
-        rate_limit_per_minute,
-        rate_limit_per_hour,
-        rate_limit_per_day,
-        monthly_request_limit,
-        max_api_keys,
-    } = patch;
-    set(&mut org.name, name);
-    set(&mut org.email, email);
-    set(&mut org.plan, plan);
-    set(&mut org.is_active, is_active);
-    set(&mut org.limits.rate_limit_per_minute, rate_limit_per_minute);
-    set(&mut org.limits.rate_limit_per_hour, rate_limit_per_hour);
-    set(&mut org.limits.rate_limit_per_day, rate_limit_per_day);
-    set(&mut org.limits.monthly_request_limit, monthly_request_limit);
-    set(&mut org.max_api_keys, max_api_keys);
-}
-
-fn apply_key_patch(key: &mut ApiKey, patch: KeyPatch) {
-    // Destructured so that a field added to KeyPatch fails to compile here until it is handled.
-    let KeyPatch {
-        name,
-        description,
-        scopes,
-        allowed_ips,
-        expires_at,
-        metadata,
-        plan,
-        is_active,
-        rate_limit_per_minute,
-        rate_limit_per_hour,
-        rate_limit_per_day,
-        monthly_request_limit,
-    } = patch;
-    set(&mut key.name, name);
-    set(&mut key.description, description);
-    set(&mut key.scopes, scopes);
-    set(&mut key.allowed_ips, allowed_ips);
-    set(&mut key.expires_at, expires_at.map(|at| at.map(stored_time)));
-    set(&mut key.metadata, metadata);
-    set(&mut key.plan, plan);
-    set(&mut key.is_active, is_active);
-    set(&mut key.limits.rate_limit_per_minute, rate_limit_per_minute);
-    set(&mut key.limits.rate_limit_per_hour, rate_limit_per_hour);
-    set(&mut key.limits.rate_limit_per_day, rate_limit_per_day);
-    set(&mut key.limits.monthly_request_limit, monthly_request_limit);
-}
-
-fn set<T>(field: &mut T, value: Option<T>) {
-    if let Some(value) = value {
-        *field = value;
-    }
-}
-
-// -----------------------------------------------------------------------------------------------
 // Statements shared by several methods; each runs on the caller's transaction.
 
 async fn select_org(conn: &mut SqliteConnection, id: OrgId) -> StoreResult<Organization> {
-    sqlx::query_as::<_, OrgRow>("SELECT * FROM organizations WHERE id = ?")
+    sqlx::query_as::<_, OrgRow>(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = ?"))
         .bind(id.to_string())
         .fetch_one(conn)
         .await
@@ -448,12 +372,84 @@ async fn select_org(conn: &mut SqliteConnection, id: OrgId) -> StoreResult<Organ
 }
 
 async fn select_key(conn: &mut SqliteConnection, id: KeyId) -> StoreResult<ApiKey> {
-    sqlx::query_as::<_, KeyRow>("SELECT * FROM api_keys WHERE id = ?")
+    sqlx::query_as::<_, KeyRow>(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?"))
         .bind(id.to_string())
         .fetch_one(conn)
         .await
         .map_err(db)?
         .into_key()
+}
+
+/// Keys that count against `max_api_keys`: every key not revoked.
+async fn held_keys(conn: &mut SqliteConnection, org: OrgId) -> StoreResult<i64> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE organization_id = ? AND revoked_at IS NULL")
+        .bind(org.to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db)
+}
+
+/// A key row to insert: created keys and imported keys alike.
+struct KeyInsert<'a> {
+    key: &'a NewKey,
+    legacy: bool,
+    created_at: DateTime<Utc>,
+}
+
+/// Rows per multi-row INSERT: 25 parameters a row stays well under SQLite's 32,766. One statement per
+/// few hundred rows, not per row: each statement is a round trip to sqlx's SQLite worker thread.
+const INSERT_ROWS: usize = 500;
+/// Hashes per `IN (...)` lookup of an import.
+const LOOKUP_HASHES: usize = 500;
+
+/// The one INSERT of key rows.
+async fn insert_key_rows(conn: &mut SqliteConnection, rows: &[KeyInsert<'_>], actor: &Actor) -> StoreResult<()> {
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let mut encoded = Vec::with_capacity(chunk.len());
+        for row in chunk {
+            encoded.push((
+                json_text(&row.key.scopes.to_strings())?,
+                json_text(&row.key.allowed_ips.to_strings())?,
+                json_text(&row.key.metadata)?,
+            ));
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO api_keys (id, organization_id, owner_id, name, description, environment, prefix, key_hint,
+                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, rate_limit_per_minute,
+                 rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, rotated_from, created_by,
+                 created_at, updated_at, legacy) ",
+        );
+        qb.push_values(chunk.iter().zip(encoded), |mut b, (row, (scopes, allowed_ips, metadata))| {
+            let key = row.key;
+            b.push_bind(key.id.to_string())
+                .push_bind(key.organization_id.to_string())
+                .push_bind(key.owner_id.clone())
+                .push_bind(key.name.clone())
+                .push_bind(key.description.clone())
+                .push_bind(key.environment.as_str())
+                .push_bind(key.prefix.clone())
+                .push_bind(key.hint.clone())
+                .push_bind(key.key_hash.0.to_vec())
+                .push_bind(key.hash_algorithm.as_str())
+                .push_bind(scopes)
+                .push_bind(allowed_ips)
+                .push_bind(opt_ts(key.expires_at))
+                .push_bind(key.is_active)
+                .push_bind(key.plan.clone())
+                .push_bind(key.limits.rate_limit_per_minute)
+                .push_bind(key.limits.rate_limit_per_hour)
+                .push_bind(key.limits.rate_limit_per_day)
+                .push_bind(key.limits.monthly_request_limit)
+                .push_bind(metadata)
+                .push_bind(key.rotated_from.map(|id| id.to_string()))
+                .push_bind(actor.actor.clone())
+                .push_bind(ts(row.created_at))
+                .push_bind(ts(actor.at))
+                .push_bind(row.legacy);
+        });
+        qb.build().execute(&mut *conn).await.map_err(db)?;
+    }
+    Ok(())
 }
 
 /// The audit row of a change, written in the change's own transaction.
@@ -572,7 +568,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
-        sqlx::query_as::<_, OrgRow>("SELECT * FROM organizations WHERE slug = ?")
+        sqlx::query_as::<_, OrgRow>(concat!("SELECT ", org_columns!(), " FROM organizations WHERE slug = ?"))
             .bind(slug)
             .fetch_optional(&self.read)
             .await
@@ -583,7 +579,7 @@ impl Store for SqliteStore {
 
     async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
         let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM organizations");
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", org_columns!(), " FROM organizations"));
         if let Some(after) = page.after {
             qb.push(" WHERE id < ").push_bind(after.to_string());
         }
@@ -593,11 +589,10 @@ impl Store for SqliteStore {
     }
 
     async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
-        let action = org_patch_action(&patch);
+        let action = patch.action();
         let mut tx = self.begin_write().await?;
         let before = select_org(&mut tx, id).await?;
-        let mut after = before.clone();
-        apply_org_patch(&mut after, patch);
+        let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
             return Ok(before);
@@ -637,51 +632,12 @@ impl Store for SqliteStore {
         // two concurrent creations could both pass the limit.
         let mut tx = self.begin_write().await?;
         let org = select_org(&mut tx, key.organization_id).await?;
-        if let Some(max) = org.max_api_keys {
-            let held: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE organization_id = ? AND revoked_at IS NULL")
-                    .bind(org.id.to_string())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            if held >= max {
-                return Err(StoreError::KeyLimitReached(max));
-            }
+        if let Some(max) = org.max_api_keys
+            && held_keys(&mut tx, org.id).await? >= max
+        {
+            return Err(StoreError::KeyLimitReached(max));
         }
-        sqlx::query(
-            "INSERT INTO api_keys (id, organization_id, owner_id, name, description, environment, prefix, key_hint,
-                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, rate_limit_per_minute,
-                 rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, rotated_from, created_by,
-                 created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(key.id.to_string())
-        .bind(key.organization_id.to_string())
-        .bind(&key.owner_id)
-        .bind(&key.name)
-        .bind(&key.description)
-        .bind(key.environment.as_str())
-        .bind(&key.prefix)
-        .bind(&key.hint)
-        .bind(key.key_hash.0.as_slice())
-        .bind(key.hash_algorithm.as_str())
-        .bind(json_text(&key.scopes.to_strings())?)
-        .bind(json_text(&key.allowed_ips.to_strings())?)
-        .bind(opt_ts(key.expires_at))
-        .bind(key.is_active)
-        .bind(&key.plan)
-        .bind(key.limits.rate_limit_per_minute)
-        .bind(key.limits.rate_limit_per_hour)
-        .bind(key.limits.rate_limit_per_day)
-        .bind(key.limits.monthly_request_limit)
-        .bind(json_text(&key.metadata)?)
-        .bind(key.rotated_from.map(|id| id.to_string()))
-        .bind(&actor.actor)
-        .bind(ts(actor.at))
-        .bind(ts(actor.at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        insert_key_rows(&mut tx, &[KeyInsert { key: &key, legacy: false, created_at: actor.at }], actor).await?;
         // Read back, so the record returned is exactly what later reads return.
         let created = select_key(&mut tx, key.id).await?;
         let details = json!({ "after": created.audit_json() });
@@ -691,11 +647,12 @@ impl Store for SqliteStore {
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        let row = sqlx::query_as::<_, KeyWithOrgRow>(
-            "SELECT k.*, o.is_active AS org_is_active
-             FROM api_keys AS k JOIN organizations AS o ON o.id = k.organization_id
-             WHERE k.key_hash = ?",
-        )
+        let row = sqlx::query_as::<_, KeyWithOrgRow>(concat!(
+            "SELECT ",
+            key_columns!(),
+            ", (SELECT o.is_active FROM organizations AS o WHERE o.id = api_keys.organization_id) AS org_is_active
+             FROM api_keys WHERE key_hash = ?"
+        ))
         .bind(hash.0.as_slice())
         .fetch_optional(&self.read)
         .await
@@ -711,7 +668,7 @@ impl Store for SqliteStore {
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
         let (limit, fetch) = fetch_limit(&page);
         let now = ts(filter.now);
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM api_keys WHERE 1 = 1");
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE 1 = 1"));
         if let Some(org) = filter.organization_id {
             qb.push(" AND organization_id = ").push_bind(org.to_string());
         }
@@ -745,8 +702,7 @@ impl Store for SqliteStore {
         let action = patch.action();
         let mut tx = self.begin_write().await?;
         let before = select_key(&mut tx, id).await?;
-        let mut after = before.clone();
-        apply_key_patch(&mut after, patch);
+        let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
             return Ok(before);
@@ -837,9 +793,90 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db)
     }
 
+    async fn import_keys(
+        &self,
+        organization_id: OrgId,
+        keys: Vec<KeyImport>,
+        actor: &Actor,
+        dry_run: bool,
+    ) -> StoreResult<Vec<ImportOutcome>> {
+        // IMMEDIATE for the same reason as insert_key: the limit and the hashes checked below must be
+        // what the inserts land on.
+        let mut tx = self.begin_write().await?;
+        let org = select_org(&mut tx, organization_id).await?;
+        let held = match org.max_api_keys {
+            Some(_) => held_keys(&mut tx, org.id).await?,
+            None => 0,
+        };
+        if keys.iter().any(|k| k.key.organization_id != organization_id) {
+            return Err(StoreError::Internal("an imported key names another organization".to_owned()));
+        }
+        let mut known = HashMap::new();
+        for chunk in keys.chunks(LOOKUP_HASHES) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("SELECT key_hash, organization_id FROM api_keys WHERE key_hash IN (");
+            let mut list = qb.separated(", ");
+            for import in chunk {
+                list.push_bind(import.key.key_hash.0.to_vec());
+            }
+            qb.push(")");
+            for (hash, owner) in qb.build_query_as::<(Vec<u8>, String)>().fetch_all(&mut *tx).await.map_err(db)? {
+                let hash = KeyHash::from_slice(&hash).ok_or_else(|| corrupt("api_keys.key_hash", "not 32 bytes"))?;
+                known.insert(hash, parse_id::<OrgId>(&owner, "api_keys.organization_id")?);
+            }
+        }
+        let (outcomes, to_insert) = plan_import(&org, held, &keys, &known);
+        let inserts: Vec<KeyInsert<'_>> = to_insert
+            .into_iter()
+            .map(|i| {
+                let import = &keys[i];
+                KeyInsert {
+                    key: &import.key,
+                    legacy: import.legacy,
+                    created_at: stored_time(import.created_at.unwrap_or(actor.at)),
+                }
+            })
+            .collect();
+        insert_key_rows(&mut tx, &inserts, actor).await?;
+        if dry_run {
+            tx.rollback().await.map_err(db)?;
+        } else {
+            tx.commit().await.map_err(db)?;
+        }
+        Ok(outcomes)
+    }
+
+    async fn has_legacy_keys(&self) -> StoreResult<bool> {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy = 1)")
+            .fetch_one(&self.read)
+            .await
+            .map_err(db)
+    }
+
+    async fn append_audit(
+        &self,
+        action: &str,
+        organization_id: OrgId,
+        details: Value,
+        actor: &Actor,
+    ) -> StoreResult<AuditEntry> {
+        let mut tx = self.begin_write().await?;
+        append_audit(&mut tx, action, None, organization_id, actor, &details).await?;
+        let row = sqlx::query_as::<_, AuditRow>(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_log WHERE id = last_insert_rowid()"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        row.into_entry()
+    }
+
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
         let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM audit_log WHERE 1 = 1");
+        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", audit_columns!(), " FROM audit_log WHERE 1 = 1"));
         if let Some(org) = filter.organization_id {
             qb.push(" AND organization_id = ").push_bind(org.to_string());
         }
@@ -881,16 +918,6 @@ mod tests {
         assert_eq!(ts(whole), "2027-01-15T08:00:00.000000Z");
         assert!(ts(whole) < text, "text order is time order");
         assert!(matches!(parse_ts("yesterday", "t"), Err(StoreError::Internal(_))));
-    }
-
-    #[test]
-    fn org_patch_action_names_activation_alone() {
-        let only = |is_active| OrganizationPatch { is_active: Some(is_active), ..Default::default() };
-        assert_eq!(org_patch_action(&only(false)), "deactivate");
-        assert_eq!(org_patch_action(&only(true)), "activate");
-        let mixed = OrganizationPatch { name: Some("x".into()), ..only(true) };
-        assert_eq!(org_patch_action(&mixed), "update");
-        assert_eq!(org_patch_action(&OrganizationPatch::default()), "update");
     }
 
     #[test]

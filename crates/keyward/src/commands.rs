@@ -162,14 +162,17 @@ pub enum AuditAction {
 }
 
 /// The same state the server runs with, over the configured database.
-async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
+pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
     let store = keyward_store::open(&config.database_url, true)
         .await
         .with_context(|| format!("cannot open the database at {}", config.database_url))?;
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
     let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    Ok((AppState::new(store, clock, hasher, usage), worker))
+    let state = AppState::new(store, clock, hasher, usage);
+    // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
+    state.legacy.refresh(&*state.store).await?;
+    Ok((state, worker))
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -189,6 +192,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         println!("Admin key: {}", seeded.key.expose_secret());
         println!("Store it now: it will not be shown again.");
     }
+    // Imports made by the CLI or another node while this one runs are noticed within LEGACY_REFRESH.
+    let _legacy_refresher = state.legacy.spawn_refresher(state.store.clone(), keyward_server::state::LEGACY_REFRESH);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -1,8 +1,9 @@
 //! The `keyward` binary: `serve` the API, and manage keys straight on the database like an ops script
-//! (`migrate`, `seed`, `orgs`, `keys`, `audit`, `config`).
+//! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `config`).
 
 mod commands;
 mod config;
+mod import;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ struct Cli {
     /// Config file (default: ./keyward.toml when present).
     #[arg(long, global = true, env = "KEYWARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Database URL, e.g. sqlite://keyward.db (env KEYWARD_DATABASE_URL).
+    /// Database URL: sqlite://keyward.db or postgres://user@host/db (env KEYWARD_DATABASE_URL).
     #[arg(long, global = true)]
     database_url: Option<String>,
     #[command(subcommand)]
@@ -49,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         action: commands::KeysAction,
     },
+    /// Import keys another system issued (JSON Lines or CSV), so they keep working.
+    Import(import::ImportArgs),
     /// Read the audit log.
     Audit {
         #[command(subcommand)]
@@ -135,6 +138,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Seed(flag) => commands::seed(config, flag.json).await,
         Command::Orgs { action } => commands::orgs(config, action).await,
         Command::Keys { action } => commands::keys(config, action).await,
+        Command::Import(args) => import::run(config, args).await,
         Command::Audit { action } => commands::audit(config, action).await,
         Command::Config { action: ConfigAction::Show } => {
             print!("{}", config.show());

@@ -1,5 +1,6 @@
-//! `TestApp`: a fresh SQLite database in a temp dir, seeded, with an injected clock; requests go
-//! through the router with `oneshot`.
+//! `TestApp`: a fresh database (a SQLite file in a temp dir, or a PostgreSQL schema of its own), seeded,
+//! with an injected clock; requests go through the router with `oneshot`. [`on_every_backend!`] runs a
+//! test body once per backend.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use keyward_core::{KeyHasher, ManualClock, OrgId};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, router};
-use keyward_store::{Actor, ApiKey, Organization};
+use keyward_store::testing::PgSchema;
+use keyward_store::{Actor, ApiKey, Organization, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 use tower::ServiceExt;
@@ -30,7 +32,15 @@ pub struct TestApp {
     /// The seeded `keyward:admin` key of organization `default`.
     pub admin_key: String,
     pub default_org: Organization,
-    _dir: TempDir,
+    _guard: Guard,
+}
+
+/// What keeps the database alive for the test, and removes it after (held for its `Drop`).
+#[allow(dead_code)]
+pub enum Guard {
+    Dir(TempDir),
+    Schema(PgSchema),
+    None,
 }
 
 pub struct Response {
@@ -45,16 +55,31 @@ impl TestApp {
         let dir = TempDir::new().unwrap();
         let url = format!("sqlite://{}", dir.path().join("keyward.db").display());
         let store = keyward_store::open(&url, true).await.unwrap();
+        Self::with_store(store, Guard::Dir(dir)).await
+    }
+
+    /// On a fresh schema of the PostgreSQL server `KEYWARD_TEST_POSTGRES_URL` names; `None` (after a
+    /// loud line) when `KEYWARD_TEST_SKIP_POSTGRES=1`. An unreachable server fails the test.
+    pub async fn postgres(test: &str) -> Option<Self> {
+        let schema = PgSchema::create(test).await?;
+        let store = keyward_store::open(schema.url(), true).await.unwrap();
+        assert_eq!(store.backend(), "postgres");
+        Some(Self::with_store(store, Guard::Schema(schema)).await)
+    }
+
+    /// Seeded, as `keyward serve` does on an empty database, with the legacy-key flag read at start.
+    pub async fn with_store(store: Arc<dyn Store>, guard: Guard) -> Self {
         let clock = ManualClock::new(t0());
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
         let state = AppState::new(store, Arc::new(clock.clone()), KeyHasher::default(), usage);
+        state.legacy.refresh(&*state.store).await.unwrap();
         let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
         Self {
             admin_key: seeded.key.expose_secret().to_owned(),
             default_org: seeded.organization,
             state,
             clock,
-            _dir: dir,
+            _guard: guard,
         }
     }
 
@@ -160,3 +185,26 @@ impl NowUtc for ManualClock {
 pub fn code(r: &Response) -> &str {
     r.body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
+
+/// Runs each named `async fn(TestApp)` once per backend, as the tests `<name>::sqlite` and
+/// `<name>::postgres`, so a failure names backend and test.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name(crate::helpers::TestApp::sqlite().await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(app) = crate::helpers::TestApp::postgres(module_path!()).await {
+                        super::$name(app).await;
+                    }
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_every_backend;

@@ -4,11 +4,11 @@
 use axum::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, on_every_backend};
 
-#[tokio::test]
-async fn organizations_cannot_see_each_other() {
-    let app = TestApp::sqlite().await;
+on_every_backend!(organizations_cannot_see_each_other);
+
+async fn organizations_cannot_see_each_other(app: TestApp) {
     let a = app.org("org-a").await;
     let b = app.org("org-b").await;
     let (a_admin, _) = app.key(a.id, &["keyward:keys:write", "keyward:verify", "keyward:audit:read"]).await;

@@ -1,13 +1,24 @@
 use axum::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestApp, code};
+use crate::helpers::{TestApp, code, on_every_backend};
 
-#[tokio::test]
-async fn get_update_deactivate_reactivate_revoke() {
-    let app = TestApp::sqlite().await;
-    let (key, rec) = app.key(app.default_org.id, &["read:x"]).await;
-    let path = format!("/v1/keys/{}", rec.id);
+on_every_backend!(create_list_get_update_deactivate_reactivate_revoke);
+
+/// The whole life of a key through the API, verified at every step.
+async fn create_list_get_update_deactivate_reactivate_revoke(app: TestApp) {
+    let r =
+        app.post("/v1/keys", &app.admin_key, json!({"name": "test key", "scopes": ["read:x"], "owner_id": "u1"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let key = r.body["key"].as_str().unwrap().to_owned();
+    let id = r.body["api_key"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/keys/{id}");
+    assert_eq!(app.verify(&key, json!({"required_scopes": ["read:x"]})).await["code"], "VALID");
+
+    let r = app.get("/v1/keys?owner_id=u1", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let listed: Vec<&str> = r.body["items"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [id.as_str()]);
 
     let r = app.get(&path, &app.admin_key).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -51,6 +62,14 @@ async fn get_update_deactivate_reactivate_revoke() {
     // Revoked is permanent: reactivating does not bring it back.
     let r = app.patch(&path, &app.admin_key, json!({"is_active": true})).await;
     assert_eq!(r.body["status"], "revoked");
+    // Listed only with include_inactive; the audit trail has every step.
+    assert_eq!(app.get("/v1/keys?owner_id=u1", &app.admin_key).await.body["items"], json!([]));
+    let r = app.get("/v1/keys?owner_id=u1&include_inactive=true&status=revoked", &app.admin_key).await;
+    assert_eq!(r.body["items"][0]["id"], id);
+    let r = app.get(&format!("/v1/audit-logs?key_id={id}"), &app.admin_key).await;
+    let actions: Vec<&str> =
+        r.body["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["revoke", "activate", "deactivate", "update", "update", "create"]);
 }
 
 #[tokio::test]

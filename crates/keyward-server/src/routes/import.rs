@@ -1,0 +1,92 @@
+//! `POST /v1/keys/import`: keys issued by another system, as JSON Lines or CSV in the body (admin only,
+//! up to 10,000 rows a call). The same operation as `keyward import`; see `service::import`.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
+use keyward_core::{KeywardScope, OrgId};
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::extract::ApiQuery;
+use crate::service::import::{self, ImportFormat, ImportReport};
+use crate::state::AppState;
+
+/// Large enough for 10,000 rows of a few hundred bytes each.
+pub const MAX_IMPORT_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// Default: the caller's organization.
+    pub organization_id: Option<String>,
+    /// Check every row and report what would happen; change nothing.
+    pub dry_run: Option<bool>,
+    /// `jsonl` or `csv`; default: from `Content-Type` (`application/x-ndjson`, `text/csv`).
+    pub format: Option<String>,
+}
+
+/// Import keys issued by another system. Each row has `key` (plaintext) or `key_sha256` (hex SHA-256
+/// of it), plus optional `name`, `owner_id`, `environment`, `scopes`, `allowed_ips`, `expires_at`,
+/// `created_at`, `is_active`, `metadata`. Bad rows are reported by line; the others are imported; keys
+/// already stored are left as they are, so sending the same file again changes nothing.
+#[utoipa::path(post, path = "/v1/keys/import", tag = "keys", params(ImportQuery),
+    request_body(content = String, content_type = "application/x-ndjson",
+        description = "JSON Lines (`application/x-ndjson`) or CSV with a header line (`text/csv`)"),
+    responses(
+        (status = 200, body = ImportReport),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn import_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<ImportReport>> {
+    caller.require(KeywardScope::Admin)?;
+    let format = match q.format.as_deref() {
+        Some(f) => ImportFormat::parse(f)
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidQuery, "`format` must be `jsonl` or `csv`"))?,
+        None => headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ImportFormat::from_content_type)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::UnsupportedMediaType,
+                    "send JSON Lines (`Content-Type: application/x-ndjson`) or CSV (`text/csv`)",
+                )
+            })?,
+    };
+    let organization_id = match q.organization_id.as_deref() {
+        None => caller.key.organization_id,
+        Some(raw) => {
+            raw.parse::<OrgId>().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?
+        }
+    };
+    let bytes = axum::body::to_bytes(body, MAX_IMPORT_BYTES).await.map_err(|_| {
+        ApiError::new(ErrorCode::PayloadTooLarge, format!("the body is larger than {MAX_IMPORT_BYTES} bytes"))
+    })?;
+    let file = import::parse(format, &bytes)?;
+    import::check_call_size(&file)?;
+    let now = state.clock.now();
+    let report =
+        import::run(&state, organization_id, file, &caller.actor(now), q.dry_run.unwrap_or(false), &mut |_, _| {})
+            .await?;
+    tracing::info!(
+        organization_id = %organization_id,
+        imported = report.imported,
+        unchanged = report.unchanged,
+        rejected = report.rejected.len(),
+        dry_run = report.dry_run,
+        "keys imported"
+    );
+    Ok(Json(report))
+}
