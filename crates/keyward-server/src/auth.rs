@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use keyward_core::{
@@ -81,39 +81,73 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let ip = peer_ip(parts);
-        let presented = presented_key(&parts.headers)?;
+        let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let fail = |reason: &'static str, presented: &str, key_id: Option<KeyId>| {
+            auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" })
+        };
+        let presented = match presented_key(&parts.headers) {
+            Ok(p) => p,
+            Err(e) => {
+                fail("MISSING_CREDENTIALS", "", None);
+                return Err(e);
+            }
+        };
         let now = state.clock.now();
         let found = match lookup(state, presented).await? {
             Lookup::Malformed(e) => {
-                tracing::info!(reason = "malformed", error = %e, "authentication failed");
+                fail(VerifyOutcome::Malformed.code(), presented, None);
                 return Err(ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}")));
             }
             Lookup::NotFound => {
-                tracing::info!(reason = "unknown", key = %redacted(presented), "authentication failed");
+                fail(VerifyOutcome::NotFound.code(), presented, None);
                 return Err(ApiError::new(ErrorCode::UnknownKey, "the API key is not known"));
             }
             Lookup::Found(found) => found,
         };
         let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
-        let outcome = check_found_key(
-            &found.key.state(),
-            found.org_is_active,
-            &found.key.allowed_ips,
-            &found.key.scopes,
-            &request,
-        );
+        let key = &found.key;
+        let outcome = check_found_key(&key.state(), found.org_is_active, &key.allowed_ips, &key.scopes, &request);
         if outcome != VerifyOutcome::Valid {
-            tracing::info!(reason = outcome.code(), key_id = %found.key.id, key = %redacted(presented), "authentication failed");
+            fail(outcome.code(), presented, Some(key.id));
             return Err(refusal(outcome));
         }
-        tracing::Span::current().record("key_id", tracing::field::display(found.key.id));
-        tracing::Span::current().record("organization_id", tracing::field::display(found.key.organization_id));
-        state.usage.record(found.key.id, now, ip);
+        tracing::Span::current().record("key_id", tracing::field::display(key.id));
+        tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
+        tracing::debug!(key_id = %key.id, key = %redacted(presented), "authenticated");
+        state.usage.record(key.id, now, ip);
         Ok(Caller { key: found.key, ip })
     }
 }
 
-/// `sk_live_…abcd` for a string that parsed far enough, `…` otherwise. SECURITY: never more.
+/// One failed authentication, as logged and counted.
+pub struct AuthFailure<'a> {
+    /// A verify outcome code, or `MISSING_CREDENTIALS`.
+    pub reason: &'static str,
+    /// SECURITY: only ever logged through [`redacted`].
+    pub presented: &'a str,
+    pub key_id: Option<KeyId>,
+    pub ip: Option<IpAddr>,
+    pub user_agent: &'a str,
+    /// `management` (the caller's own key) or `verify` (a key checked through `/v1/verify`).
+    pub via: &'static str,
+}
+
+/// One structured log line (JSON under `KEYWARD_LOG_FORMAT=json`) and one metric per failed
+/// authentication. Path, method and request id come from the request span.
+pub fn auth_failed(f: AuthFailure<'_>) {
+    crate::telemetry::auth_failure(f.reason, f.via);
+    tracing::info!(
+        reason = f.reason,
+        via = f.via,
+        key = %redacted(f.presented),
+        key_id = f.key_id.map(|k| k.to_string()).unwrap_or_default(),
+        client_ip = f.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        user_agent = f.user_agent,
+        "authentication failed"
+    );
+}
+
+/// `sk_live_…abcd` for a string that parsed, `…` otherwise. SECURITY: never more.
 pub fn redacted(presented: &str) -> String {
     PlainKey::parse(presented).map(|k| k.redacted()).unwrap_or_else(|_| "…".to_owned())
 }

@@ -109,6 +109,11 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Unavailable(_) => crate::telemetry::store_error("unavailable"),
+            StoreError::Internal(_) => crate::telemetry::store_error("internal"),
+            _ => {}
+        }
         match e {
             StoreError::NotFound => Self::not_found(),
             StoreError::Conflict(what) => Self::new(ErrorCode::Conflict, what),

@@ -9,6 +9,7 @@ pub mod openapi;
 pub mod routes;
 pub mod service;
 pub mod state;
+pub mod telemetry;
 pub mod usage;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use crate::routes::{audit, health, keys, me, orgs, verify};
 
 /// Every route of the API, with request ids and one tracing span per request.
 pub fn router(state: AppState) -> Router {
+    telemetry::install();
     let api = Router::new()
         .route("/v1/verify", post(verify::verify))
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
@@ -39,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route("/metrics", get(telemetry::render))
+        .route_layer(axum::middleware::from_fn(telemetry::track))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method")

@@ -75,6 +75,7 @@ pub async fn verify(
     body: JsonBody,
 ) -> ApiResult<Json<VerifyKeyResponse>> {
     caller.require(KeywardScope::Verify)?;
+    let started = std::time::Instant::now();
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
         .required_scopes
@@ -119,13 +120,16 @@ pub async fn verify(
         }
     };
     tracing::Span::current().record("outcome", response.code.code());
+    crate::telemetry::verify_outcome(response.code, started.elapsed());
     if !response.valid {
-        tracing::info!(
-            outcome = response.code.code(),
-            key = %crate::auth::redacted(&body.key),
-            key_id = response.key_id.map(|k| k.to_string()).unwrap_or_default(),
-            "verification refused"
-        );
+        crate::auth::auth_failed(crate::auth::AuthFailure {
+            reason: response.code.code(),
+            presented: &body.key,
+            key_id: response.key_id,
+            ip: client_ip,
+            user_agent: "",
+            via: "verify",
+        });
     }
     Ok(Json(response))
 }

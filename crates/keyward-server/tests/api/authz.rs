@@ -22,9 +22,10 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/audit-logs", Some("keyward:audit:read")),
     ("get", "/healthz", None),
     ("get", "/readyz", None),
+    ("get", "/metrics", None),
 ];
 
-const PUBLIC: &[&str] = &["/healthz", "/readyz"];
+const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 #[tokio::test]
 async fn every_route_is_in_the_matrix() {

@@ -21,16 +21,21 @@ impl Write for Capture {
     }
 }
 
-#[tokio::test]
-async fn the_plaintext_key_leaks_nowhere() {
+fn capture_logs() -> (Capture, tracing::subscriber::DefaultGuard) {
     let capture = Capture::default();
     let writer = capture.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
         .json()
+        .with_current_span(true)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (capture, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn the_plaintext_key_leaks_nowhere() {
+    let (capture, _guard) = capture_logs();
 
     let app = TestApp::sqlite().await;
     let created = app
@@ -68,13 +73,14 @@ async fn the_plaintext_key_leaks_nowhere() {
     bodies.push(app.get("/v1/keys?include_inactive=true", &app.admin_key).await.text);
     bodies.push(app.get("/v1/audit-logs?limit=100", &app.admin_key).await.text);
     bodies.push(app.call(Method::GET, "/openapi.json", None, None).await.text);
+    bodies.push(app.call(Method::GET, "/metrics", None, None).await.text);
     app.state.usage.flush().await;
 
     for (i, body) in bodies.iter().enumerate() {
         assert!(!body.contains(secret_part), "response {i} contains the key: {body}");
     }
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("verification refused"), "the capture works: {logs}");
+    assert!(logs.contains("authentication failed"), "the capture works: {logs}");
     assert!(!logs.contains(secret_part), "logs contain the key");
     assert!(!app.admin_key.is_empty() && !logs.contains(&app.admin_key[8..40]), "logs contain the admin key");
     // Audit rows hold neither the key nor its hash.
@@ -89,4 +95,49 @@ async fn the_plaintext_key_leaks_nowhere() {
         let details = row.details.to_string();
         assert!(!details.contains(secret_part) && !details.contains(&hash_hex), "audit row {} leaks", row.id);
     }
+}
+
+#[tokio::test]
+async fn a_failed_authentication_is_one_structured_line_with_context() {
+    let (capture, _guard) = capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let mut req = crate::helpers::request(Method::GET, "/v1/me", Some(&key), None);
+    req.headers_mut().insert("user-agent", "curl/8.0".parse().unwrap());
+    req.headers_mut().insert("x-request-id", "req-123".parse().unwrap());
+    assert_eq!(app.send(req).await.status, axum::http::StatusCode::UNAUTHORIZED);
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "authentication failed")
+        .expect("a failed-auth line");
+    let f = &line["fields"];
+    assert_eq!(f["reason"], "REVOKED");
+    assert_eq!(f["via"], "management");
+    assert_eq!(f["key"], format!("sk_live_…{}", &key[key.len() - 4..]));
+    assert_eq!(f["key_id"], rec.id.to_string());
+    assert_eq!(f["client_ip"], "203.0.113.7");
+    assert_eq!(f["user_agent"], "curl/8.0");
+    assert_eq!(line["span"]["path"], "/v1/me");
+    assert_eq!(line["span"]["request_id"], "req-123");
+
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(metrics.contains("keyward_auth_failures_total{reason=\"REVOKED\",via=\"management\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn metrics_count_verifications_by_outcome() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    app.verify(&key, serde_json::json!({})).await;
+    app.verify("garbage", serde_json::json!({})).await;
+    let r = app.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(r.status, axum::http::StatusCode::OK);
+    assert!(r.text.contains("keyward_verify_total{outcome=\"VALID\"}"), "{}", r.text);
+    assert!(r.text.contains("keyward_verify_total{outcome=\"MALFORMED\"}"));
+    assert!(r.text.contains("keyward_verify_duration_seconds_bucket"));
+    assert!(r.text.contains("keyward_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"2xx\"}"));
 }
