@@ -45,9 +45,10 @@ pub async fn lookup(state: &AppState, presented: &str) -> StoreResult<Lookup> {
     Ok(Lookup::NotFound)
 }
 
-/// The socket peer's address, when the server was started with connect info.
-pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_canonical())
+/// The client's address: the socket peer, or what a trusted proxy forwarded.
+pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
 /// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
@@ -80,7 +81,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let ip = peer_ip(parts);
+        let ip = request_ip(parts, state);
         let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
         let fail = |reason: &'static str, presented: &str, key_id: Option<KeyId>| {
             auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" })

@@ -17,10 +17,19 @@ pub struct AppState {
     pub hasher: KeyHasher,
     pub usage: UsageRecorder,
     pub plans: Arc<[String]>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
-        Self { store, clock, hasher, usage, plans: DEFAULT_PLANS.iter().map(|p| p.to_string()).collect() }
+        Self {
+            store,
+            clock,
+            hasher,
+            usage,
+            plans: DEFAULT_PLANS.iter().map(|p| p.to_string()).collect(),
+            trusted_proxies: Arc::new([]),
+        }
     }
 }

@@ -169,7 +169,9 @@ async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
     let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    Ok((AppState::new(store, clock, hasher, usage), worker))
+    let mut state = AppState::new(store, clock, hasher, usage);
+    state.trusted_proxies = config.trusted_proxy_nets()?.into();
+    Ok((state, worker))
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {

@@ -29,6 +29,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How often key usage (`last_used_at`, `total_requests`) is written, in milliseconds.
     pub usage_flush_interval_ms: u64,
+    /// Proxies (IPs or CIDR blocks) whose `X-Forwarded-For` is believed for the client address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             pepper: None,
             log_format: LogFormat::Pretty,
             usage_flush_interval_ms: 1_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -52,7 +55,8 @@ pub struct Overrides {
     pub database_url: Option<String>,
 }
 
-const KEYS: [&str; 5] = ["listen", "database_url", "pepper", "log_format", "usage_flush_interval_ms"];
+const KEYS: [&str; 6] =
+    ["listen", "database_url", "pepper", "log_format", "usage_flush_interval_ms", "trusted_proxies"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -80,16 +84,23 @@ impl Config {
         {
             bail!("the pepper (KEYWARD_PEPPER) must be at least {} bytes", keyward_core::hash::MIN_PEPPER_LEN);
         }
+        self.trusted_proxy_nets()?;
         if self.usage_flush_interval_ms == 0 {
             bail!("usage_flush_interval_ms must be positive");
         }
         Ok(())
     }
 
+    /// `trusted_proxies` as networks (a bare address is a /32 or /128).
+    pub fn trusted_proxy_nets(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        let list = keyward_core::IpAllowList::parse(&self.trusted_proxies).context("invalid trusted_proxies")?;
+        Ok(list.nets().to_vec())
+    }
+
     /// The effective configuration, secrets redacted.
     pub fn show(&self) -> String {
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\n",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\n",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
@@ -98,6 +109,7 @@ impl Config {
                 LogFormat::Json => "json",
             },
             self.usage_flush_interval_ms,
+            self.trusted_proxies,
         )
     }
 }
@@ -150,6 +162,9 @@ mod tests {
             let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
             let c = Config::load(None, flags).map_err(|e| e.to_string())?;
             assert_eq!(c.database_url, "sqlite://c.db");
+            jail.set_env("KEYWARD_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.trusted_proxies.len(), 2);
             jail.set_env("KEYWARD_PEPPER", "too-short");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_PEPPER", "x".repeat(32));

@@ -3,6 +3,7 @@
 
 mod audit;
 mod authz;
+mod client_ip;
 mod errors;
 mod helpers;
 mod isolation;
