@@ -12,6 +12,7 @@ pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod usage;
+pub mod verifier;
 
 use std::future::Future;
 use std::net::SocketAddr;

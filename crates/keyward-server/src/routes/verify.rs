@@ -5,15 +5,16 @@ use std::net::IpAddr;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::auth::{Caller, Lookup, lookup};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::JsonBody;
 use crate::state::AppState;
+use crate::verifier::{self, Check};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -68,14 +69,12 @@ impl VerifyKeyResponse {
         (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(outcome))]
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     body: JsonBody,
 ) -> ApiResult<Json<VerifyKeyResponse>> {
     caller.require(KeywardScope::Verify)?;
-    let started = std::time::Instant::now();
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
         .required_scopes
@@ -88,48 +87,28 @@ pub async fn verify(
         .as_deref()
         .map(|ip| ip.trim().parse().map_err(|_| ApiError::validation("ip", "`ip` must be an IPv4 or IPv6 address")))
         .transpose()?;
-    let now = state.clock.now();
-    let found = match lookup(&state, &body.key).await? {
-        Lookup::Malformed(_) => None,
-        Lookup::NotFound => Some(None),
-        // SECURITY: another organization's key answers exactly like an unknown one.
-        Lookup::Found(f) if caller.is_admin() || f.key.organization_id == caller.key.organization_id => Some(Some(f)),
-        Lookup::Found(_) => Some(None),
+    let check = Check {
+        presented: &body.key,
+        client_ip,
+        required_scopes: &required,
+        organization: caller.org_filter(),
+        user_agent: "",
+        via: "verify",
     };
-    let response = match found {
-        None => VerifyKeyResponse::bare(VerifyOutcome::Malformed),
-        Some(None) => VerifyKeyResponse::bare(VerifyOutcome::NotFound),
-        Some(Some(f)) => {
-            let request = VerifyRequest { now, client_ip, required_scopes: &required };
-            let code = check_found_key(&f.key.state(), f.org_is_active, &f.key.allowed_ips, &f.key.scopes, &request);
-            if code.is_valid() {
-                state.usage.record(f.key.id, now, client_ip);
-            }
-            let k = f.key;
-            VerifyKeyResponse {
-                valid: code.is_valid(),
-                code,
-                key_id: Some(k.id),
-                organization_id: Some(k.organization_id),
-                owner_id: k.owner_id,
-                environment: Some(k.environment),
-                scopes: Some(k.scopes.to_strings()),
-                metadata: Some(k.metadata),
-                expires_at: k.expires_at,
-            }
-        }
+    let verdict = verifier::verify(&state, check).await?;
+    let response = match verdict.key {
+        None => VerifyKeyResponse::bare(verdict.outcome),
+        Some(k) => VerifyKeyResponse {
+            valid: verdict.outcome.is_valid(),
+            code: verdict.outcome,
+            key_id: Some(k.id),
+            organization_id: Some(k.organization_id),
+            owner_id: k.owner_id,
+            environment: Some(k.environment),
+            scopes: Some(k.scopes.to_strings()),
+            metadata: Some(k.metadata),
+            expires_at: k.expires_at,
+        },
     };
-    tracing::Span::current().record("outcome", response.code.code());
-    crate::telemetry::verify_outcome(response.code, started.elapsed());
-    if !response.valid {
-        crate::auth::auth_failed(crate::auth::AuthFailure {
-            reason: response.code.code(),
-            presented: &body.key,
-            key_id: response.key_id,
-            ip: client_ip,
-            user_agent: "",
-            via: "verify",
-        });
-    }
     Ok(Json(response))
 }
