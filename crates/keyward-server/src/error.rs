@@ -52,6 +52,8 @@ error_codes! {
     Conflict => (CONFLICT, "conflict"),
     KeyLimitReached => (CONFLICT, "key_limit_reached"),
     InternalError => (INTERNAL_SERVER_ERROR, "internal_error"),
+    UpstreamUnavailable => (BAD_GATEWAY, "upstream_unavailable"),
+    UpstreamTimeout => (GATEWAY_TIMEOUT, "upstream_timeout"),
     StoreUnavailable => (SERVICE_UNAVAILABLE, "store_unavailable"),
 }
 

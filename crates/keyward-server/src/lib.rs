@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client_ip;
 pub mod error;
 pub mod extract;
+pub mod gateway;
 pub mod model;
 pub mod openapi;
 pub mod routes;

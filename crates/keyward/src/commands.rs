@@ -195,7 +195,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
-    keyward_server::serve(listener, state, shutdown_signal()).await?;
+    // One shutdown signal, seen by every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let gateway = match config.gateway.build()? {
+        Some(gw) => {
+            let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+            tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
+            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw))
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let shutdown = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    keyward_server::serve(listener, state, stopped(stop_rx)).await?;
+    if let Some(gateway) = gateway {
+        gateway.await??;
+    }
     tracing::info!("shutting down: writing pending usage");
     worker.shutdown().await;
     Ok(())

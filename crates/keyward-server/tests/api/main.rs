@@ -5,6 +5,7 @@ mod audit;
 mod authz;
 mod client_ip;
 mod errors;
+mod gateway;
 mod helpers;
 mod isolation;
 mod keys_create;
