@@ -1,5 +1,6 @@
 //! Keyward's domain, with no I/O and no async: key format (generate, parse, checksum), hashing,
-//! scopes, IP allow-lists, key status, verify outcomes, ids and the clock.
+//! scopes, IP allow-lists, key status, verify outcomes, ids, the clock, plans and the rate-limit and
+//! quota math.
 //!
 //! Everything here is pure so it can be tested with tables and properties, and shared by the store,
 //! the server, the CLI and the embeddable layer.
@@ -10,7 +11,9 @@ pub mod hash;
 pub mod ids;
 pub mod ip;
 pub mod key;
+pub mod limits;
 pub mod outcome;
+pub mod plan;
 pub mod scope;
 pub mod status;
 
@@ -19,6 +22,8 @@ pub use hash::{HashAlgorithm, KeyHash, KeyHasher, PepperError};
 pub use ids::{KeyId, OrgId};
 pub use ip::{IpAllowList, IpListError};
 pub use key::{Environment, KeyFormatError, KeyPrefix, PlainKey};
+pub use limits::{QuotaDecision, RateDecision, RateLimits, Window, WindowStatus};
 pub use outcome::VerifyOutcome;
+pub use plan::{LimitOverrides, Limits, Plans};
 pub use scope::{KeywardScope, Scope, ScopeError, ScopeSet};
 pub use status::{KeyState, KeyStatus, VerifyRequest, check_found_key};
