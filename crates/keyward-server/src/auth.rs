@@ -83,41 +83,67 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let ip = request_ip(parts, state);
         let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let fail = |reason: &'static str, presented: &str, key_id: Option<KeyId>| {
-            auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" })
-        };
-        let presented = match presented_key(&parts.headers) {
-            Ok(p) => p,
-            Err(e) => {
-                fail("MISSING_CREDENTIALS", "", None);
-                return Err(e);
-            }
-        };
         let now = state.clock.now();
-        let found = match lookup(state, presented).await? {
-            Lookup::Malformed(e) => {
-                fail(VerifyOutcome::Malformed.code(), presented, None);
-                return Err(ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}")));
-            }
-            Lookup::NotFound => {
-                fail(VerifyOutcome::NotFound.code(), presented, None);
-                return Err(ApiError::new(ErrorCode::UnknownKey, "the API key is not known"));
-            }
-            Lookup::Found(found) => found,
-        };
-        let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
-        let key = &found.key;
-        let outcome = check_found_key(&key.state(), found.org_is_active, &key.allowed_ips, &key.scopes, &request);
-        if outcome != VerifyOutcome::Valid {
-            fail(outcome.code(), presented, Some(key.id));
-            return Err(refusal(outcome));
+        // SECURITY: past its failed authentications an address gets 429 even for a right key, so
+        // guessing stops.
+        if let Some(ip) = ip
+            && let Some(retry_after) = crate::limits::failed_auth_blocked(state, ip, now).await
+        {
+            let mut e = ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address");
+            e.headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
+            return Err(e);
         }
-        tracing::Span::current().record("key_id", tracing::field::display(key.id));
-        tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
-        tracing::debug!(key_id = %key.id, key = %redacted(presented), "authenticated");
-        state.usage.record(key.id, now, ip);
-        Ok(Caller { key: found.key, ip })
+        let (reason, key_id, error) = match authenticate(state, parts, ip, now).await? {
+            Ok(caller) => {
+                let key = &caller.key;
+                tracing::Span::current().record("key_id", tracing::field::display(key.id));
+                tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
+                tracing::debug!(key_id = %key.id, key = %key.prefix, "authenticated");
+                state.usage.record(key.id, now, ip);
+                return Ok(caller);
+            }
+            Err(refused) => refused,
+        };
+        let presented = presented_key(&parts.headers).unwrap_or_default();
+        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" });
+        if let Some(ip) = ip {
+            crate::limits::count_failed_auth(state, ip, now).await;
+        }
+        Err(error)
     }
+}
+
+/// Why a caller was refused: reason code, key id when known, and the error to answer.
+type Refusal = (&'static str, Option<KeyId>, ApiError);
+
+async fn authenticate(
+    state: &AppState,
+    parts: &Parts,
+    ip: Option<IpAddr>,
+    now: DateTime<Utc>,
+) -> Result<Result<Caller, Refusal>, ApiError> {
+    let presented = match presented_key(&parts.headers) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(("MISSING_CREDENTIALS", None, e))),
+    };
+    let found = match lookup(state, presented).await? {
+        Lookup::Malformed(e) => {
+            let error = ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}"));
+            return Ok(Err((VerifyOutcome::Malformed.code(), None, error)));
+        }
+        Lookup::NotFound => {
+            let error = ApiError::new(ErrorCode::UnknownKey, "the API key is not known");
+            return Ok(Err((VerifyOutcome::NotFound.code(), None, error)));
+        }
+        Lookup::Found(found) => found,
+    };
+    let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
+    let key = &found.key;
+    let outcome = check_found_key(&key.state(), found.org_is_active, &key.allowed_ips, &key.scopes, &request);
+    if outcome != VerifyOutcome::Valid {
+        return Ok(Err((outcome.code(), Some(key.id), refusal(outcome))));
+    }
+    Ok(Ok(Caller { key: found.key, ip }))
 }
 
 /// One failed authentication, as logged and counted.

@@ -51,6 +51,8 @@ error_codes! {
     MethodNotAllowed => (METHOD_NOT_ALLOWED, "method_not_allowed"),
     Conflict => (CONFLICT, "conflict"),
     KeyLimitReached => (CONFLICT, "key_limit_reached"),
+    RateLimited => (TOO_MANY_REQUESTS, "rate_limited"),
+    QuotaExceeded => (TOO_MANY_REQUESTS, "quota_exceeded"),
     InternalError => (INTERNAL_SERVER_ERROR, "internal_error"),
     UpstreamUnavailable => (BAD_GATEWAY, "upstream_unavailable"),
     UpstreamTimeout => (GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -81,11 +83,13 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Logged for 5xx, never sent.
     pub source: Option<String>,
+    /// Sent with the error (rate-limit headers on a 429).
+    pub headers: axum::http::HeaderMap,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, source: None }
+        Self { code, message: message.into(), field: None, source: None, headers: Default::default() }
     }
 
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -142,7 +146,7 @@ impl IntoResponse for ApiError {
         }
         let body =
             ErrorBody { error: ErrorDetail { code: self.code.as_str(), message: self.message, field: self.field } };
-        (status, Json(body)).into_response()
+        (status, self.headers, Json(body)).into_response()
     }
 }
 

@@ -204,11 +204,14 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             organization: None,
             user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
             via: "gateway",
+            cost: rule.cost,
         };
         let verdict = match verifier::verify(&state, check).await {
             Ok(v) => v,
             Err(e) => return ApiError::from(e).into_response(),
         };
+        let limit_headers =
+            verdict.limits.as_ref().map(|l| crate::limits::headers(&l.rate, state.clock.now())).unwrap_or_default();
         match (&verdict.key, verdict.outcome) {
             (Some(key), VerifyOutcome::Valid) => {
                 // SECURITY: the upstream gets the identity, never the key.
@@ -216,8 +219,15 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
                 parts.headers.remove("x-api-key");
                 identity_headers(&mut parts.headers, key);
             }
-            (_, outcome) => return rejection(outcome),
+            (_, outcome) => {
+                let mut response = rejection(outcome);
+                response.headers_mut().extend(limit_headers);
+                return response;
+            }
         }
+        let mut response = forward(&gateway, parts, body, client_ip).await;
+        response.headers_mut().extend(limit_headers);
+        return response;
     }
 
     forward(&gateway, parts, body, client_ip).await

@@ -315,6 +315,11 @@ struct KeyWithOrgRow {
     #[sqlx(flatten)]
     key: KeyRow,
     org_is_active: bool,
+    org_plan: String,
+    org_rate_limit_per_minute: Option<i64>,
+    org_rate_limit_per_hour: Option<i64>,
+    org_rate_limit_per_day: Option<i64>,
+    org_monthly_request_limit: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -692,7 +697,11 @@ impl Store for SqliteStore {
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
         let row = sqlx::query_as::<_, KeyWithOrgRow>(
-            "SELECT k.*, o.is_active AS org_is_active
+            "SELECT k.*, o.is_active AS org_is_active, o.plan AS org_plan,
+                    o.rate_limit_per_minute AS org_rate_limit_per_minute,
+                    o.rate_limit_per_hour AS org_rate_limit_per_hour,
+                    o.rate_limit_per_day AS org_rate_limit_per_day,
+                    o.monthly_request_limit AS org_monthly_request_limit
              FROM api_keys AS k JOIN organizations AS o ON o.id = k.organization_id
              WHERE k.key_hash = ?",
         )
@@ -700,7 +709,20 @@ impl Store for SqliteStore {
         .fetch_optional(&self.read)
         .await
         .map_err(db)?;
-        row.map(|r| Ok(KeyWithOrg { key: r.key.into_key()?, org_is_active: r.org_is_active })).transpose()
+        row.map(|r| {
+            Ok(KeyWithOrg {
+                key: r.key.into_key()?,
+                org_is_active: r.org_is_active,
+                org_plan: r.org_plan,
+                org_limits: LimitOverrides {
+                    rate_limit_per_minute: r.org_rate_limit_per_minute,
+                    rate_limit_per_hour: r.org_rate_limit_per_hour,
+                    rate_limit_per_day: r.org_rate_limit_per_day,
+                    monthly_request_limit: r.org_monthly_request_limit,
+                },
+            })
+        })
+        .transpose()
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {

@@ -81,6 +81,7 @@ impl Verify for InProcess {
             organization: None,
             user_agent: "",
             via: "layer",
+            cost: 1,
         };
         let verdict = verifier::verify(&self.state, check).await.map_err(|e| e.to_string())?;
         Ok(match (verdict.outcome, verdict.key) {

@@ -8,6 +8,7 @@ use anyhow::{Context, anyhow};
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
+use keyward_limit::{RedisConfig, RedisLimiter};
 use keyward_server::AppState;
 use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
@@ -171,6 +172,12 @@ async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut state = AppState::new(store, clock, hasher, usage);
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
+    state.plans = Arc::new(config.plans());
+    state.protection = config.protection;
+    if let Some(url) = &config.redis_url {
+        let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
+        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
+    }
     Ok((state, worker))
 }
 

@@ -32,6 +32,13 @@ pub struct Config {
     /// Proxies (IPs or CIDR blocks) whose `X-Forwarded-For` is believed for the client address.
     pub trusted_proxies: Vec<String>,
     pub gateway: GatewaySettings,
+    /// `redis://host:port`: rate limits and quotas shared by every node. Without it, in memory.
+    pub redis_url: Option<SecretString>,
+    /// What the limiter does while Redis cannot be reached: `fail_open` or `fail_closed`.
+    pub limiter_failure_policy: keyward_limit::FailurePolicy,
+    /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
+    pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
+    pub protection: keyward_server::limits::Protection,
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -126,6 +133,10 @@ impl Default for Config {
             usage_flush_interval_ms: 1_000,
             trusted_proxies: Vec::new(),
             gateway: GatewaySettings::default(),
+            redis_url: None,
+            limiter_failure_policy: keyward_limit::FailurePolicy::default(),
+            plans: Default::default(),
+            protection: Default::default(),
         }
     }
 }
@@ -155,8 +166,18 @@ impl GatewayOverrides {
     }
 }
 
-const KEYS: [&str; 6] =
-    ["listen", "database_url", "pepper", "log_format", "usage_flush_interval_ms", "trusted_proxies"];
+const KEYS: [&str; 8] = [
+    "listen",
+    "database_url",
+    "pepper",
+    "log_format",
+    "usage_flush_interval_ms",
+    "trusted_proxies",
+    "redis_url",
+    "limiter_failure_policy",
+];
+/// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
+const SECTIONS: [&str; 3] = ["gateway__", "plans__", "protection__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -172,8 +193,8 @@ impl Config {
             .merge(
                 Env::prefixed("KEYWARD_")
                     .filter(|k| {
-                        KEYS.iter().any(|known| k.as_str().eq_ignore_ascii_case(known))
-                            || k.as_str().to_ascii_lowercase().starts_with("gateway__")
+                        let k = k.as_str().to_ascii_lowercase();
+                        KEYS.contains(&k.as_str()) || SECTIONS.iter().any(|s| k.starts_with(s))
                     })
                     .split("__"),
             )
@@ -205,11 +226,18 @@ impl Config {
         Ok(list.nets().to_vec())
     }
 
+    /// The plans: the defaults, with configured ones added or replacing a default of the same name.
+    pub fn plans(&self) -> keyward_core::Plans {
+        keyward_core::Plans::defaults().with(self.plans.clone())
+    }
+
     /// The effective configuration, secrets redacted.
     pub fn show(&self) -> String {
         let gateway = toml_section(&self.gateway);
+        let protection = toml_section(&self.protection);
+        let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\n\n[gateway]\n{gateway}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
@@ -219,6 +247,11 @@ impl Config {
             },
             self.usage_flush_interval_ms,
             self.trusted_proxies,
+            self.redis_url
+                .as_ref()
+                .map(|u| format!("\"{}\"", redact_url(u.expose_secret())))
+                .unwrap_or_else(|| "unset".to_owned()),
+            self.limiter_failure_policy.as_str(),
         )
     }
 }
@@ -316,6 +349,15 @@ mod tests {
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "ftp://nope");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
+            jail.set_env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "3");
+            jail.set_env("KEYWARD_PLANS__GOLD__PER_MINUTE", "1200");
+            jail.set_env("KEYWARD_LIMITER_FAILURE_POLICY", "fail_closed");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.protection.failed_auth_per_minute, 3);
+            assert_eq!(c.protection.management_per_minute, 100);
+            assert_eq!(c.plans().get("gold").and_then(|p| p.per_minute), Some(1200));
+            assert!(c.plans().get("free").is_some());
+            assert_eq!(c.limiter_failure_policy, keyward_limit::FailurePolicy::FailClosed);
             jail.set_env("KEYWARD_PEPPER", "too-short");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_PEPPER", "x".repeat(32));

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::JsonBody;
+use crate::limits::{self, QuotaInfo, RateLimitInfo};
 use crate::state::AppState;
 use crate::verifier::{self, Check};
 
@@ -27,6 +28,8 @@ pub struct VerifyKeyRequest {
     /// The end client's IP, checked against the key's allow-list. A key with an allow-list is refused
     /// (`IP_NOT_ALLOWED`) when this is missing.
     pub ip: Option<String>,
+    /// Units of the monthly quota this request spends; 1 by default (e.g. tokens for an LLM API).
+    pub cost: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -45,6 +48,10 @@ pub struct VerifyKeyResponse {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's tightest rate-limit window, once the key got that far.
+    pub rate_limit: Option<RateLimitInfo>,
+    /// The monthly quota the key draws from, once the key got that far.
+    pub quota: Option<QuotaInfo>,
 }
 
 impl VerifyKeyResponse {
@@ -59,6 +66,8 @@ impl VerifyKeyResponse {
             scopes: None,
             metadata: None,
             expires_at: None,
+            rate_limit: None,
+            quota: None,
         }
     }
 }
@@ -73,7 +82,7 @@ pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     body: JsonBody,
-) -> ApiResult<Json<VerifyKeyResponse>> {
+) -> ApiResult<(axum::http::HeaderMap, Json<VerifyKeyResponse>)> {
     caller.require(KeywardScope::Verify)?;
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
@@ -87,6 +96,7 @@ pub async fn verify(
         .as_deref()
         .map(|ip| ip.trim().parse().map_err(|_| ApiError::validation("ip", "`ip` must be an IPv4 or IPv6 address")))
         .transpose()?;
+    let now = state.clock.now();
     let check = Check {
         presented: &body.key,
         client_ip,
@@ -94,8 +104,12 @@ pub async fn verify(
         organization: caller.org_filter(),
         user_agent: "",
         via: "verify",
+        cost: body.cost.unwrap_or(1),
     };
     let verdict = verifier::verify(&state, check).await?;
+    let headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+    let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
+    let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).map(QuotaInfo::from);
     let response = match verdict.key {
         None => VerifyKeyResponse::bare(verdict.outcome),
         Some(k) => VerifyKeyResponse {
@@ -108,7 +122,9 @@ pub async fn verify(
             scopes: Some(k.scopes.to_strings()),
             metadata: Some(k.metadata),
             expires_at: k.expires_at,
+            rate_limit,
+            quota,
         },
     };
-    Ok(Json(response))
+    Ok((headers, Json(response)))
 }

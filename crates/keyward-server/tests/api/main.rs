@@ -11,6 +11,7 @@ mod isolation;
 mod keys_create;
 mod keys_item;
 mod keys_list;
+mod limits;
 mod me_health;
 mod orgs;
 mod secrets;
