@@ -89,9 +89,12 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(ip) = ip
             && let Some(retry_after) = crate::limits::failed_auth_blocked(state, ip, now).await
         {
-            let mut e = ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address");
-            e.headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
-            return Err(e);
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
+            return Err(ApiError {
+                headers: Some(Box::new(headers)),
+                ..ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address")
+            });
         }
         let (reason, key_id, error) = match authenticate(state, parts, ip, now).await? {
             Ok(caller) => {

@@ -83,13 +83,13 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Logged for 5xx, never sent.
     pub source: Option<String>,
-    /// Sent with the error (rate-limit headers on a 429).
-    pub headers: axum::http::HeaderMap,
+    /// Sent with the error (rate-limit headers on a 429); boxed to keep errors small.
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, source: None, headers: Default::default() }
+        Self { code, message: message.into(), field: None, source: None, headers: None }
     }
 
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -146,7 +146,11 @@ impl IntoResponse for ApiError {
         }
         let body =
             ErrorBody { error: ErrorDetail { code: self.code.as_str(), message: self.message, field: self.field } };
-        (status, self.headers, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(headers) = self.headers {
+            response.headers_mut().extend(*headers);
+        }
+        response
     }
 }
 

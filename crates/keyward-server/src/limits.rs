@@ -156,7 +156,7 @@ pub async fn key_creation(state: &AppState, org: OrgId, now: DateTime<Utc>) -> R
 
 /// A 429 in the error format, with the rate-limit headers and `Retry-After`.
 pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError {
-    ApiError { headers: headers(d, now), ..ApiError::new(ErrorCode::RateLimited, message) }
+    ApiError { headers: Some(Box::new(headers(d, now))), ..ApiError::new(ErrorCode::RateLimited, message) }
 }
 
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft, structured-field form), the common
