@@ -38,6 +38,10 @@ impl IpAllowList {
         self.0.is_empty()
     }
 
+    pub fn nets(&self) -> &[IpNet] {
+        &self.0
+    }
+
     /// Canonical string forms (`10.0.0.0/8`, `2001:db8::1/128`), for storage and the API.
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(ToString::to_string).collect()

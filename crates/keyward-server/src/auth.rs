@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use keyward_core::{
@@ -70,9 +70,10 @@ async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Box<
     Ok(None)
 }
 
-/// The socket peer's address, when the server was started with connect info.
-pub fn peer_ip(parts: &Parts) -> Option<IpAddr> {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_canonical())
+/// The client's address: the socket peer, or what a trusted proxy forwarded.
+pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
 /// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
@@ -105,40 +106,103 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let ip = peer_ip(parts);
-        let presented = presented_key(&parts.headers)?;
+        let ip = request_ip(parts, state);
+        let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
         let now = state.clock.now();
-        let found = match lookup(state, presented).await? {
-            Lookup::Malformed(e) => {
-                tracing::info!(reason = "malformed", error = %e, "authentication failed");
-                return Err(ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}")));
-            }
-            Lookup::NotFound => {
-                tracing::info!(reason = "unknown", key = %redacted(presented), "authentication failed");
-                return Err(ApiError::new(ErrorCode::UnknownKey, "the API key is not known"));
-            }
-            Lookup::Found(found) => found,
-        };
-        let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
-        let outcome = check_found_key(
-            &found.key.state(),
-            found.org_is_active,
-            &found.key.allowed_ips,
-            &found.key.scopes,
-            &request,
-        );
-        if outcome != VerifyOutcome::Valid {
-            tracing::info!(reason = outcome.code(), key_id = %found.key.id, key = %redacted(presented), "authentication failed");
-            return Err(refusal(outcome));
+        // SECURITY: past its failed authentications an address gets 429 even for a right key, so
+        // guessing stops.
+        if let Some(ip) = ip
+            && let Some(retry_after) = crate::limits::failed_auth_blocked(state, ip, now).await
+        {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
+            return Err(ApiError {
+                headers: Some(Box::new(headers)),
+                ..ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address")
+            });
         }
-        tracing::Span::current().record("key_id", tracing::field::display(found.key.id));
-        tracing::Span::current().record("organization_id", tracing::field::display(found.key.organization_id));
-        state.usage.record(found.key.id, now, ip);
-        Ok(Caller { key: found.key, ip })
+        let (reason, key_id, error) = match authenticate(state, parts, ip, now).await? {
+            Ok(caller) => {
+                let key = &caller.key;
+                tracing::Span::current().record("key_id", tracing::field::display(key.id));
+                tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
+                tracing::debug!(key_id = %key.id, key = %key.prefix, "authenticated");
+                state.usage.record(key.id, now, ip);
+                return Ok(caller);
+            }
+            Err(refused) => refused,
+        };
+        let presented = presented_key(&parts.headers).unwrap_or_default();
+        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" });
+        if let Some(ip) = ip {
+            crate::limits::count_failed_auth(state, ip, now).await;
+        }
+        Err(error)
     }
 }
 
-/// `sk_live_…abcd` for a string that parsed far enough, `…` otherwise. SECURITY: never more.
+/// Why a caller was refused: reason code, key id when known, and the error to answer.
+type Refusal = (&'static str, Option<KeyId>, ApiError);
+
+async fn authenticate(
+    state: &AppState,
+    parts: &Parts,
+    ip: Option<IpAddr>,
+    now: DateTime<Utc>,
+) -> Result<Result<Caller, Refusal>, ApiError> {
+    let presented = match presented_key(&parts.headers) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(("MISSING_CREDENTIALS", None, e))),
+    };
+    let found = match lookup(state, presented).await? {
+        Lookup::Malformed(e) => {
+            let error = ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}"));
+            return Ok(Err((VerifyOutcome::Malformed.code(), None, error)));
+        }
+        Lookup::NotFound => {
+            let error = ApiError::new(ErrorCode::UnknownKey, "the API key is not known");
+            return Ok(Err((VerifyOutcome::NotFound.code(), None, error)));
+        }
+        Lookup::Found(found) => found,
+    };
+    let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
+    let key = &found.key;
+    let outcome = check_found_key(&key.state(), found.org_is_active, &key.allowed_ips, &key.scopes, &request);
+    if outcome != VerifyOutcome::Valid {
+        return Ok(Err((outcome.code(), Some(key.id), refusal(outcome))));
+    }
+    Ok(Ok(Caller { key: found.key, ip }))
+}
+
+/// One failed authentication, as logged and counted.
+pub struct AuthFailure<'a> {
+    /// A verify outcome code, or `MISSING_CREDENTIALS`.
+    pub reason: &'static str,
+    /// SECURITY: only ever logged through [`redacted`].
+    pub presented: &'a str,
+    pub key_id: Option<KeyId>,
+    pub ip: Option<IpAddr>,
+    pub user_agent: &'a str,
+    /// `management` (the caller's own key) or `verify` (a key checked through `/v1/verify`).
+    pub via: &'static str,
+}
+
+/// One structured log line (JSON under `KEYWARD_LOG_FORMAT=json`) and one metric per failed
+/// authentication. Path, method and request id come from the request span.
+pub fn auth_failed(f: AuthFailure<'_>) {
+    crate::telemetry::auth_failure(f.reason, f.via);
+    tracing::info!(
+        reason = f.reason,
+        via = f.via,
+        key = %redacted(f.presented),
+        key_id = f.key_id.map(|k| k.to_string()).unwrap_or_default(),
+        client_ip = f.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        user_agent = f.user_agent,
+        "authentication failed"
+    );
+}
+
+/// `sk_live_…abcd` for a string that parsed, `…` otherwise. SECURITY: never more.
 pub fn redacted(presented: &str) -> String {
     PlainKey::parse(presented).map(|k| k.redacted()).unwrap_or_else(|_| "…".to_owned())
 }

@@ -51,7 +51,11 @@ error_codes! {
     MethodNotAllowed => (METHOD_NOT_ALLOWED, "method_not_allowed"),
     Conflict => (CONFLICT, "conflict"),
     KeyLimitReached => (CONFLICT, "key_limit_reached"),
+    RateLimited => (TOO_MANY_REQUESTS, "rate_limited"),
+    QuotaExceeded => (TOO_MANY_REQUESTS, "quota_exceeded"),
     InternalError => (INTERNAL_SERVER_ERROR, "internal_error"),
+    UpstreamUnavailable => (BAD_GATEWAY, "upstream_unavailable"),
+    UpstreamTimeout => (GATEWAY_TIMEOUT, "upstream_timeout"),
     StoreUnavailable => (SERVICE_UNAVAILABLE, "store_unavailable"),
 }
 
@@ -79,11 +83,13 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Logged for 5xx, never sent.
     pub source: Option<String>,
+    /// Sent with the error (rate-limit headers on a 429); boxed to keep errors small.
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, source: None }
+        Self { code, message: message.into(), field: None, source: None, headers: None }
     }
 
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -109,6 +115,11 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Unavailable(_) => crate::telemetry::store_error("unavailable"),
+            StoreError::Internal(_) => crate::telemetry::store_error("internal"),
+            _ => {}
+        }
         match e {
             StoreError::NotFound => Self::not_found(),
             StoreError::Conflict(what) => Self::new(ErrorCode::Conflict, what),
@@ -135,7 +146,11 @@ impl IntoResponse for ApiError {
         }
         let body =
             ErrorBody { error: ErrorDetail { code: self.code.as_str(), message: self.message, field: self.field } };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(headers) = self.headers {
+            response.headers_mut().extend(*headers);
+        }
+        response
     }
 }
 

@@ -2,14 +2,19 @@
 //! batch writer, and the operations the CLI shares with the API.
 
 pub mod auth;
+pub mod client_ip;
 pub mod error;
 pub mod extract;
+pub mod gateway;
+pub mod limits;
 pub mod model;
 pub mod openapi;
 pub mod routes;
 pub mod service;
 pub mod state;
+pub mod telemetry;
 pub mod usage;
+pub mod verifier;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,8 +33,9 @@ use crate::routes::{audit, health, keys, me, orgs, verify};
 
 /// Every route of the API, with request ids and one tracing span per request.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/v1/verify", post(verify::verify))
+    telemetry::install();
+    // The management API is limited per client IP; the hot path and the probes are not.
+    let management = Router::new()
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/import", post(routes::import::import_keys))
         .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
@@ -37,9 +43,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))
         .route("/v1/audit-logs", get(audit::list_audit))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
+    let api = Router::new()
+        .route("/v1/verify", post(verify::verify))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route("/metrics", get(telemetry::render))
+        .merge(management)
+        .route_layer(axum::middleware::from_fn(telemetry::track))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method")

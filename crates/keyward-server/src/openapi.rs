@@ -29,7 +29,7 @@ impl Modify for BearerAuth {
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,
         audit::list_audit,
-        health::healthz, health::readyz,
+        health::healthz, health::readyz, crate::telemetry::render,
     ),
     modifiers(&BearerAuth)
 )]

@@ -74,7 +74,7 @@ pub struct UpdateKeyRequest {
 
 /// Everything a validation needs to know beyond the request.
 pub struct Validator<'a> {
-    pub plans: &'a [String],
+    pub plans: &'a keyward_core::Plans,
     pub now: DateTime<Utc>,
 }
 
@@ -112,10 +112,11 @@ impl Validator<'_> {
     }
 
     pub fn plan(&self, field: &str, plan: &str) -> ApiResult<String> {
-        if self.plans.iter().any(|p| p == plan) {
+        if self.plans.get(plan).is_some() {
             Ok(plan.to_owned())
         } else {
-            Err(ApiError::validation(field, format!("unknown plan `{plan}`; known plans: {}", self.plans.join(", "))))
+            let known: Vec<&str> = self.plans.names().collect();
+            Err(ApiError::validation(field, format!("unknown plan `{plan}`; known plans: {}", known.join(", "))))
         }
     }
 

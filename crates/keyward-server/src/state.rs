@@ -4,13 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use keyward_core::{Clock, KeyHasher};
+use keyward_core::{Clock, KeyHasher, Plans};
+use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
+use crate::limits::Protection;
 use crate::usage::UsageRecorder;
-
-/// Plans a key or an organization may name. Limits per plan arrive with the rate-limit work.
-pub const DEFAULT_PLANS: [&str; 3] = ["free", "pro", "enterprise"];
 
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -18,19 +17,30 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub hasher: KeyHasher,
     pub usage: UsageRecorder,
-    pub plans: Arc<[String]>,
+    /// The tiers keys and organizations may name, with their limits.
+    pub plans: Arc<Plans>,
+    /// Rate limits and monthly quotas: in memory on one node, on Redis for many.
+    pub limiter: Arc<dyn Limiter>,
+    /// Keyward's own limits per client IP and organization.
+    pub protection: Protection,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Whether strings that are not Keyward keys must be looked up as legacy keys.
     pub legacy: LegacyKeys,
 }
 
 impl AppState {
+    /// Default plans and protection, limits in memory.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
         Self {
             store,
             clock,
             hasher,
             usage,
-            plans: DEFAULT_PLANS.iter().map(|p| p.to_string()).collect(),
+            plans: Arc::new(Plans::defaults()),
+            limiter: Arc::new(MemoryLimiter::default()),
+            protection: Protection::default(),
+            trusted_proxies: Arc::new([]),
             legacy: LegacyKeys::default(),
         }
     }

@@ -48,6 +48,7 @@ impl UsageRecorder {
     /// Never waits. When the writer is far behind the note is dropped and said so in the log.
     pub fn record(&self, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
         if self.tx.try_send(Note::Used { key_id, at, ip }).is_err() {
+            metrics::counter!("keyward_usage_dropped_total").increment(1);
             tracing::warn!(%key_id, "usage channel full; a usage note was dropped");
         }
     }
@@ -122,8 +123,13 @@ async fn write(store: &dyn Store, pending: &mut HashMap<KeyId, KeyUsage>) {
         return;
     }
     let batch: Vec<KeyUsage> = pending.values().cloned().collect();
+    let started = std::time::Instant::now();
     match store.record_key_usage(&batch).await {
-        Ok(()) => pending.clear(),
+        Ok(()) => {
+            metrics::histogram!("keyward_usage_flush_duration_seconds").record(started.elapsed().as_secs_f64());
+            metrics::counter!("keyward_usage_flushed_keys_total").increment(batch.len() as u64);
+            pending.clear();
+        }
         // Kept and retried at the next tick; pending is bounded by the number of keys in use.
         Err(e) => tracing::error!(error = %e, keys = batch.len(), "writing key usage failed; will retry"),
     }

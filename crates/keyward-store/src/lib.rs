@@ -425,6 +425,9 @@ pub enum ImportOutcome {
 pub struct KeyWithOrg {
     pub key: ApiKey,
     pub org_is_active: bool,
+    /// The organization's plan and overrides: with the key's own, they decide the key's limits.
+    pub org_plan: String,
+    pub org_limits: LimitOverrides,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -311,6 +311,11 @@ struct KeyWithOrgRow {
     #[sqlx(flatten)]
     key: KeyRow,
     org_is_active: bool,
+    org_plan: String,
+    org_rate_limit_per_minute: Option<i64>,
+    org_rate_limit_per_hour: Option<i64>,
+    org_rate_limit_per_day: Option<i64>,
+    org_monthly_request_limit: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -650,14 +655,36 @@ impl Store for SqliteStore {
         let row = sqlx::query_as::<_, KeyWithOrgRow>(concat!(
             "SELECT ",
             key_columns!(),
-            ", (SELECT o.is_active FROM organizations AS o WHERE o.id = api_keys.organization_id) AS org_is_active
-             FROM api_keys WHERE key_hash = ?"
+            ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
+                o.org_rate_limit_per_day, o.org_monthly_request_limit
+             FROM api_keys JOIN (
+                 SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
+                        rate_limit_per_minute AS org_rate_limit_per_minute,
+                        rate_limit_per_hour AS org_rate_limit_per_hour,
+                        rate_limit_per_day AS org_rate_limit_per_day,
+                        monthly_request_limit AS org_monthly_request_limit
+                 FROM organizations
+             ) AS o ON o.org_id = api_keys.organization_id
+             WHERE key_hash = ?"
         ))
         .bind(hash.0.as_slice())
         .fetch_optional(&self.read)
         .await
         .map_err(db)?;
-        row.map(|r| Ok(KeyWithOrg { key: r.key.into_key()?, org_is_active: r.org_is_active })).transpose()
+        row.map(|r| {
+            Ok(KeyWithOrg {
+                key: r.key.into_key()?,
+                org_is_active: r.org_is_active,
+                org_plan: r.org_plan,
+                org_limits: LimitOverrides {
+                    rate_limit_per_minute: r.org_rate_limit_per_minute,
+                    rate_limit_per_hour: r.org_rate_limit_per_hour,
+                    rate_limit_per_day: r.org_rate_limit_per_day,
+                    monthly_request_limit: r.org_monthly_request_limit,
+                },
+            })
+        })
+        .transpose()
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {

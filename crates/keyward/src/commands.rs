@@ -8,6 +8,7 @@ use anyhow::{Context, anyhow};
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
+use keyward_limit::{RedisConfig, RedisLimiter};
 use keyward_server::AppState;
 use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
@@ -169,7 +170,14 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
     let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let state = AppState::new(store, clock, hasher, usage);
+    let mut state = AppState::new(store, clock, hasher, usage);
+    state.trusted_proxies = config.trusted_proxy_nets()?.into();
+    state.plans = Arc::new(config.plans());
+    state.protection = config.protection;
+    if let Some(url) = &config.redis_url {
+        let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
+        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
+    }
     // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
     state.legacy.refresh(&*state.store).await?;
     Ok((state, worker))
@@ -198,7 +206,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
-    keyward_server::serve(listener, state, shutdown_signal()).await?;
+    // One shutdown signal, seen by every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let gateway = match config.gateway.build()? {
+        Some(gw) => {
+            let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+            tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
+            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw))
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let shutdown = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    keyward_server::serve(listener, state, stopped(stop_rx)).await?;
+    if let Some(gateway) = gateway {
+        gateway.await??;
+    }
     tracing::info!("shutting down: writing pending usage");
     worker.shutdown().await;
     Ok(())

@@ -29,6 +29,98 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How often key usage (`last_used_at`, `total_requests`) is written, in milliseconds.
     pub usage_flush_interval_ms: u64,
+    /// Proxies (IPs or CIDR blocks) whose `X-Forwarded-For` is believed for the client address.
+    pub trusted_proxies: Vec<String>,
+    pub gateway: GatewaySettings,
+    /// `redis://host:port`: rate limits and quotas shared by every node. Without it, in memory.
+    pub redis_url: Option<SecretString>,
+    /// What the limiter does while Redis cannot be reached: `fail_open` or `fail_closed`.
+    pub limiter_failure_policy: keyward_limit::FailurePolicy,
+    /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
+    pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
+    pub protection: keyward_server::limits::Protection,
+}
+
+/// Gateway mode: on when `upstream` is set.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// `http://host:port` of the API to protect.
+    pub upstream: Option<String>,
+    /// The gateway's own listener (the management API keeps `listen`).
+    pub listen: SocketAddr,
+    /// How long the upstream may take to answer, in milliseconds (then 504).
+    pub timeout_ms: u64,
+    /// Paths that no route matches need a valid key (no scope); `false` makes them public.
+    pub require_key_for_unmatched: bool,
+    pub routes: Vec<RouteSettings>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            upstream: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            timeout_ms: 30_000,
+            require_key_for_unmatched: true,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// `[[gateway.routes]]`: a path prefix (and optionally methods) and what it needs.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    pub prefix: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub cost: Option<u64>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+impl GatewaySettings {
+    /// The gateway configuration, or `None` when no upstream is set.
+    pub fn build(&self) -> anyhow::Result<Option<keyward_server::gateway::GatewayConfig>> {
+        use keyward_server::gateway::{GatewayConfig, GatewayRoute, RouteRule};
+        let Some(upstream) = &self.upstream else { return Ok(None) };
+        let upstream: axum::http::Uri =
+            upstream.parse().with_context(|| format!("gateway.upstream `{upstream}` is not a URL"))?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+            bail!("gateway.upstream must be an http://host:port URL");
+        }
+        let mut routes = Vec::new();
+        for r in &self.routes {
+            if !r.prefix.starts_with('/') {
+                bail!("gateway route prefix `{}` must start with /", r.prefix);
+            }
+            let methods = r
+                .methods
+                .iter()
+                .map(|m| m.to_uppercase().parse().with_context(|| format!("gateway route method `{m}`")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let scopes = r
+                .scopes
+                .iter()
+                .map(|s| keyward_core::Scope::parse(s).with_context(|| format!("gateway route `{}`", r.prefix)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            routes.push(GatewayRoute {
+                prefix: r.prefix.clone(),
+                methods,
+                rule: RouteRule { public: r.public, scopes, cost: r.cost.unwrap_or(1) },
+            });
+        }
+        Ok(Some(GatewayConfig {
+            upstream,
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+            routes,
+            unmatched: RouteRule { public: !self.require_key_for_unmatched, scopes: Vec::new(), cost: 1 },
+        }))
+    }
 }
 
 impl Default for Config {
@@ -39,6 +131,12 @@ impl Default for Config {
             pepper: None,
             log_format: LogFormat::Pretty,
             usage_flush_interval_ms: 1_000,
+            trusted_proxies: Vec::new(),
+            gateway: GatewaySettings::default(),
+            redis_url: None,
+            limiter_failure_policy: keyward_limit::FailurePolicy::default(),
+            plans: Default::default(),
+            protection: Default::default(),
         }
     }
 }
@@ -50,9 +148,36 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
+    pub gateway: GatewayOverrides,
 }
 
-const KEYS: [&str; 5] = ["listen", "database_url", "pepper", "log_format", "usage_flush_interval_ms"];
+#[derive(Debug, Default, Serialize)]
+pub struct GatewayOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl GatewayOverrides {
+    fn is_empty(&self) -> bool {
+        self.upstream.is_none() && self.listen.is_none()
+    }
+}
+
+const KEYS: [&str; 8] = [
+    "listen",
+    "database_url",
+    "pepper",
+    "log_format",
+    "usage_flush_interval_ms",
+    "trusted_proxies",
+    "redis_url",
+    "limiter_failure_policy",
+];
+/// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
+const SECTIONS: [&str; 3] = ["gateway__", "plans__", "protection__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -65,7 +190,14 @@ impl Config {
         }
         let config: Config = figment
             // Only our own names: other KEYWARD_* variables (test settings, ...) are not config.
-            .merge(Env::prefixed("KEYWARD_").only(&KEYS))
+            .merge(
+                Env::prefixed("KEYWARD_")
+                    .filter(|k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        KEYS.contains(&k.as_str()) || SECTIONS.iter().any(|s| k.starts_with(s))
+                    })
+                    .split("__"),
+            )
             .merge(Serialized::defaults(overrides))
             .extract()
             .context("invalid configuration")?;
@@ -80,16 +212,32 @@ impl Config {
         {
             bail!("the pepper (KEYWARD_PEPPER) must be at least {} bytes", keyward_core::hash::MIN_PEPPER_LEN);
         }
+        self.trusted_proxy_nets()?;
+        self.gateway.build()?;
         if self.usage_flush_interval_ms == 0 {
             bail!("usage_flush_interval_ms must be positive");
         }
         Ok(())
     }
 
+    /// `trusted_proxies` as networks (a bare address is a /32 or /128).
+    pub fn trusted_proxy_nets(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        let list = keyward_core::IpAllowList::parse(&self.trusted_proxies).context("invalid trusted_proxies")?;
+        Ok(list.nets().to_vec())
+    }
+
+    /// The plans: the defaults, with configured ones added or replacing a default of the same name.
+    pub fn plans(&self) -> keyward_core::Plans {
+        keyward_core::Plans::defaults().with(self.plans.clone())
+    }
+
     /// The effective configuration, secrets redacted.
     pub fn show(&self) -> String {
+        let gateway = toml_section(&self.gateway);
+        let protection = toml_section(&self.protection);
+        let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\n",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
@@ -98,8 +246,18 @@ impl Config {
                 LogFormat::Json => "json",
             },
             self.usage_flush_interval_ms,
+            self.trusted_proxies,
+            self.redis_url
+                .as_ref()
+                .map(|u| format!("\"{}\"", redact_url(u.expose_secret())))
+                .unwrap_or_else(|| "unset".to_owned()),
+            self.limiter_failure_policy.as_str(),
         )
     }
+}
+
+fn toml_section<T: Serialize>(value: &T) -> String {
+    toml::to_string(value).unwrap_or_default()
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
@@ -128,6 +286,38 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn gateway_routes_from_toml() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "keyward.toml",
+                r#"
+                [gateway]
+                upstream = "http://127.0.0.1:9000"
+                [[gateway.routes]]
+                prefix = "/v1/projects"
+                methods = ["get"]
+                scopes = ["read:projects"]
+                [[gateway.routes]]
+                prefix = "/health"
+                public = true
+                "#,
+            )?;
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let gw = c.gateway.build().map_err(|e| e.to_string())?.ok_or("no gateway")?;
+            assert_eq!(gw.routes.len(), 2);
+            assert_eq!(gw.routes[0].methods, vec![axum::http::Method::GET]);
+            assert!(gw.routes[1].rule.public);
+            jail.create_file(
+                "keyward.toml",
+                "[gateway]\nupstream = \"http://x\"\n[[gateway.routes]]\nprefix = \"/a\"\nscopes = [\"bad scope\"]\n",
+            )?;
+            assert!(Config::load(None, Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn no_file_means_defaults() {
         figment::Jail::expect_with(|_jail| {
             let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
@@ -150,6 +340,24 @@ mod tests {
             let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
             let c = Config::load(None, flags).map_err(|e| e.to_string())?;
             assert_eq!(c.database_url, "sqlite://c.db");
+            jail.set_env("KEYWARD_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.trusted_proxies.len(), 2);
+            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.gateway.build().map_err(|e| e.to_string())?.is_some());
+            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "ftp://nope");
+            assert!(Config::load(None, Overrides::default()).is_err());
+            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
+            jail.set_env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "3");
+            jail.set_env("KEYWARD_PLANS__GOLD__PER_MINUTE", "1200");
+            jail.set_env("KEYWARD_LIMITER_FAILURE_POLICY", "fail_closed");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.protection.failed_auth_per_minute, 3);
+            assert_eq!(c.protection.management_per_minute, 100);
+            assert_eq!(c.plans().get("gold").and_then(|p| p.per_minute), Some(1200));
+            assert!(c.plans().get("free").is_some());
+            assert_eq!(c.limiter_failure_policy, keyward_limit::FailurePolicy::FailClosed);
             jail.set_env("KEYWARD_PEPPER", "too-short");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_PEPPER", "x".repeat(32));

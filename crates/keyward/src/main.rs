@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, Overrides};
+use crate::config::{Config, GatewayOverrides, LogFormat, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, about = "Self-hosted API keys: issue, verify, limit, audit.")]
@@ -32,6 +32,12 @@ enum Command {
         /// Address to listen on (env KEYWARD_LISTEN; default 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Gateway mode: verify every request and proxy it to this http:// URL.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// The gateway's listener (default 127.0.0.1:8000).
+        #[arg(long)]
+        gateway_listen: Option<std::net::SocketAddr>,
     },
     /// Apply, revert or list database migrations.
     Migrate {
@@ -91,12 +97,15 @@ struct JsonFlag {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let listen = match &cli.command {
-        Command::Serve { listen } => *listen,
-        _ => None,
+    let overrides = match &cli.command {
+        Command::Serve { listen, upstream, gateway_listen } => Overrides {
+            listen: *listen,
+            database_url: cli.database_url.clone(),
+            gateway: GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen },
+        },
+        _ => Overrides { database_url: cli.database_url.clone(), ..Default::default() },
     };
-    let config = match Config::load(cli.config.as_deref(), Overrides { listen, database_url: cli.database_url.clone() })
-    {
+    let config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -83,11 +83,14 @@ pub async fn create_key(State(state): State<AppState>, caller: Caller, body: Jso
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
     check_grant(&caller, &draft.scopes, self_service)?;
+    let limit = crate::limits::key_creation(&state, organization_id, now).await?;
     let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
     let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
     // SECURITY: the only response that carries a key must not be stored by any cache.
-    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response())
+    let headers = crate::limits::headers(&limit, now);
+    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
+        .into_response())
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

@@ -5,15 +5,17 @@ use std::net::IpAddr;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::auth::{Caller, Lookup, lookup};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::JsonBody;
+use crate::limits::{self, QuotaInfo, RateLimitInfo};
 use crate::state::AppState;
+use crate::verifier::{self, Check};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +28,8 @@ pub struct VerifyKeyRequest {
     /// The end client's IP, checked against the key's allow-list. A key with an allow-list is refused
     /// (`IP_NOT_ALLOWED`) when this is missing.
     pub ip: Option<String>,
+    /// Units of the monthly quota this request spends; 1 by default (e.g. tokens for an LLM API).
+    pub cost: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -44,6 +48,10 @@ pub struct VerifyKeyResponse {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's tightest rate-limit window, once the key got that far.
+    pub rate_limit: Option<RateLimitInfo>,
+    /// The monthly quota the key draws from, once the key got that far.
+    pub quota: Option<QuotaInfo>,
 }
 
 impl VerifyKeyResponse {
@@ -58,6 +66,8 @@ impl VerifyKeyResponse {
             scopes: None,
             metadata: None,
             expires_at: None,
+            rate_limit: None,
+            quota: None,
         }
     }
 }
@@ -68,12 +78,11 @@ impl VerifyKeyResponse {
         (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(outcome))]
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     body: JsonBody,
-) -> ApiResult<Json<VerifyKeyResponse>> {
+) -> ApiResult<(axum::http::HeaderMap, Json<VerifyKeyResponse>)> {
     caller.require(KeywardScope::Verify)?;
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
@@ -88,44 +97,34 @@ pub async fn verify(
         .map(|ip| ip.trim().parse().map_err(|_| ApiError::validation("ip", "`ip` must be an IPv4 or IPv6 address")))
         .transpose()?;
     let now = state.clock.now();
-    let found = match lookup(&state, &body.key).await? {
-        Lookup::Malformed(_) => None,
-        Lookup::NotFound => Some(None),
-        // SECURITY: another organization's key answers exactly like an unknown one.
-        Lookup::Found(f) if caller.is_admin() || f.key.organization_id == caller.key.organization_id => Some(Some(f)),
-        Lookup::Found(_) => Some(None),
+    let check = Check {
+        presented: &body.key,
+        client_ip,
+        required_scopes: &required,
+        organization: caller.org_filter(),
+        user_agent: "",
+        via: "verify",
+        cost: body.cost.unwrap_or(1),
     };
-    let response = match found {
-        None => VerifyKeyResponse::bare(VerifyOutcome::Malformed),
-        Some(None) => VerifyKeyResponse::bare(VerifyOutcome::NotFound),
-        Some(Some(f)) => {
-            let request = VerifyRequest { now, client_ip, required_scopes: &required };
-            let code = check_found_key(&f.key.state(), f.org_is_active, &f.key.allowed_ips, &f.key.scopes, &request);
-            if code.is_valid() {
-                state.usage.record(f.key.id, now, client_ip);
-            }
-            let k = f.key;
-            VerifyKeyResponse {
-                valid: code.is_valid(),
-                code,
-                key_id: Some(k.id),
-                organization_id: Some(k.organization_id),
-                owner_id: k.owner_id,
-                environment: Some(k.environment),
-                scopes: Some(k.scopes.to_strings()),
-                metadata: Some(k.metadata),
-                expires_at: k.expires_at,
-            }
-        }
+    let verdict = verifier::verify(&state, check).await?;
+    let headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+    let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
+    let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).map(QuotaInfo::from);
+    let response = match verdict.key {
+        None => VerifyKeyResponse::bare(verdict.outcome),
+        Some(k) => VerifyKeyResponse {
+            valid: verdict.outcome.is_valid(),
+            code: verdict.outcome,
+            key_id: Some(k.id),
+            organization_id: Some(k.organization_id),
+            owner_id: k.owner_id,
+            environment: Some(k.environment),
+            scopes: Some(k.scopes.to_strings()),
+            metadata: Some(k.metadata),
+            expires_at: k.expires_at,
+            rate_limit,
+            quota,
+        },
     };
-    tracing::Span::current().record("outcome", response.code.code());
-    if !response.valid {
-        tracing::info!(
-            outcome = response.code.code(),
-            key = %crate::auth::redacted(&body.key),
-            key_id = response.key_id.map(|k| k.to_string()).unwrap_or_default(),
-            "verification refused"
-        );
-    }
-    Ok(Json(response))
+    Ok((headers, Json(response)))
 }

@@ -3,7 +3,9 @@
 
 mod audit;
 mod authz;
+mod client_ip;
 mod errors;
+mod gateway;
 mod helpers;
 mod import;
 mod isolation;
@@ -11,6 +13,7 @@ mod keys_create;
 mod keys_item;
 mod keys_list;
 mod legacy;
+mod limits;
 mod me_health;
 mod orgs;
 mod secrets;

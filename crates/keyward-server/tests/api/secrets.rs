@@ -8,6 +8,8 @@ use serde_json::json;
 
 use crate::helpers::TestApp;
 
+/// Log lines of every test in this binary. One global subscriber: a per-test (scoped) subscriber
+/// misses events when tests on other threads cached a callsite's interest first.
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
@@ -21,16 +23,26 @@ impl Write for Capture {
     }
 }
 
+fn capture_logs() -> Capture {
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    let capture = CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,keyward_server=trace,keyward_store=trace"))
+            .with_writer(move || writer.clone())
+            .json()
+            .with_current_span(true)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        capture
+    });
+    capture.clone()
+}
+
 #[tokio::test]
 async fn the_plaintext_key_leaks_nowhere() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .json()
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let capture = capture_logs();
 
     let app = TestApp::sqlite().await;
     let created = app
@@ -68,13 +80,14 @@ async fn the_plaintext_key_leaks_nowhere() {
     bodies.push(app.get("/v1/keys?include_inactive=true", &app.admin_key).await.text);
     bodies.push(app.get("/v1/audit-logs?limit=100", &app.admin_key).await.text);
     bodies.push(app.call(Method::GET, "/openapi.json", None, None).await.text);
+    bodies.push(app.call(Method::GET, "/metrics", None, None).await.text);
     app.state.usage.flush().await;
 
     for (i, body) in bodies.iter().enumerate() {
         assert!(!body.contains(secret_part), "response {i} contains the key: {body}");
     }
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("verification refused"), "the capture works: {logs}");
+    assert!(logs.contains("authentication failed"), "the capture works: {logs}");
     assert!(!logs.contains(secret_part), "logs contain the key");
     assert!(!app.admin_key.is_empty() && !logs.contains(&app.admin_key[8..40]), "logs contain the admin key");
     // Audit rows hold neither the key nor its hash.
@@ -89,4 +102,50 @@ async fn the_plaintext_key_leaks_nowhere() {
         let details = row.details.to_string();
         assert!(!details.contains(secret_part) && !details.contains(&hash_hex), "audit row {} leaks", row.id);
     }
+}
+
+#[tokio::test]
+async fn a_failed_authentication_is_one_structured_line_with_context() {
+    let capture = capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let mut req = crate::helpers::request(Method::GET, "/v1/me", Some(&key), None);
+    req.headers_mut().insert("user-agent", "curl/8.0".parse().unwrap());
+    let request_id = format!("req-{}", rec.id);
+    req.headers_mut().insert("x-request-id", request_id.parse().unwrap());
+    assert_eq!(app.send(req).await.status, axum::http::StatusCode::UNAUTHORIZED);
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "authentication failed" && l["fields"]["key_id"] == rec.id.to_string())
+        .expect("a failed-auth line");
+    let f = &line["fields"];
+    assert_eq!(f["reason"], "REVOKED");
+    assert_eq!(f["via"], "management");
+    assert_eq!(f["key"], format!("sk_live_…{}", &key[key.len() - 4..]));
+    assert_eq!(f["key_id"], rec.id.to_string());
+    assert_eq!(f["client_ip"], "203.0.113.7");
+    assert_eq!(f["user_agent"], "curl/8.0");
+    assert_eq!(line["span"]["path"], "/v1/me", "{line}");
+    assert_eq!(line["span"]["request_id"], request_id);
+
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(metrics.contains("keyward_auth_failures_total{reason=\"REVOKED\",via=\"management\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn metrics_count_verifications_by_outcome() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    app.verify(&key, serde_json::json!({})).await;
+    app.verify("garbage", serde_json::json!({})).await;
+    let r = app.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(r.status, axum::http::StatusCode::OK);
+    assert!(r.text.contains("keyward_verify_total{outcome=\"VALID\"}"), "{}", r.text);
+    assert!(r.text.contains("keyward_verify_total{outcome=\"MALFORMED\"}"));
+    assert!(r.text.contains("keyward_verify_duration_seconds_bucket"));
+    assert!(r.text.contains("keyward_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"2xx\"}"));
 }

@@ -108,7 +108,7 @@ async fn unknown_key_is_not_found() {
     assert_eq!(
         v,
         json!({"valid": false, "code": "NOT_FOUND", "key_id": null, "organization_id": null, "owner_id": null,
-        "environment": null, "scopes": null, "metadata": null, "expires_at": null})
+        "environment": null, "scopes": null, "metadata": null, "expires_at": null, "rate_limit": null, "quota": null})
     );
 }
 

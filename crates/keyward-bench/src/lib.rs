@@ -1,0 +1,1 @@
+//! Helpers for the benchmark scripts in `scripts/`; not part of the product.

@@ -1,0 +1,317 @@
+//! Gateway mode: Keyward in front of any HTTP API. Each request's key is verified on the same path as
+//! `/v1/verify` (status, IP, scopes); a valid request is proxied to the upstream with the key removed
+//! and the verified identity added as `X-Keyward-*` headers. Bodies stream both ways: nothing is
+//! buffered, so a 100 MB upload never sits in memory. Connections to the upstream are pooled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keyward_core::{Scope, VerifyOutcome};
+use keyward_store::ApiKey;
+
+use crate::error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+use crate::state::AppState;
+use crate::verifier::{self, Check};
+
+/// What a path needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteRule {
+    /// No key needed.
+    pub public: bool,
+    pub scopes: Vec<Scope>,
+    /// Counted against the monthly quota; 1 by default.
+    pub cost: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRoute {
+    /// Matches this path and everything below it (`/v1/projects` matches `/v1/projects/7`).
+    pub prefix: String,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub rule: RouteRule,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `http://host:port` (plain HTTP: put TLS in front of the gateway, or beside the upstream).
+    pub upstream: Uri,
+    pub timeout: Duration,
+    pub routes: Vec<GatewayRoute>,
+    /// For paths no route matches: by default a valid key and no scope.
+    pub unmatched: RouteRule,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    config: Arc<GatewayConfig>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.timeout));
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        Self { config: Arc::new(config), client }
+    }
+
+    /// The longest matching prefix wins; among equal prefixes, one that names the method.
+    pub fn rule_for(&self, method: &Method, path: &str) -> &RouteRule {
+        self.config
+            .routes
+            .iter()
+            .filter(|r| r.methods.is_empty() || r.methods.contains(method))
+            .filter(|r| prefix_matches(&r.prefix, path))
+            .max_by_key(|r| (r.prefix.len(), !r.methods.is_empty()))
+            .map(|r| &r.rule)
+            .unwrap_or(&self.config.unmatched)
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Every path goes to the upstream.
+pub fn router(state: AppState, gateway: Gateway) -> Router {
+    Router::new().fallback(proxy).with_state((state, gateway))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The key and which header carried it.
+fn presented_key(headers: &HeaderMap) -> Option<(String, HeaderName)> {
+    if let Some(token) = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+    {
+        return Some((token.to_owned(), AUTHORIZATION));
+    }
+    let key = headers.get("x-api-key")?.to_str().ok()?.trim();
+    (!key.is_empty()).then(|| (key.to_owned(), HeaderName::from_static("x-api-key")))
+}
+
+fn rejection(outcome: VerifyOutcome) -> Response {
+    let (status, message) = match outcome {
+        VerifyOutcome::Malformed => (StatusCode::UNAUTHORIZED, "the API key is malformed"),
+        VerifyOutcome::NotFound => (StatusCode::UNAUTHORIZED, "the API key is not known"),
+        VerifyOutcome::Revoked => (StatusCode::UNAUTHORIZED, "the API key was revoked"),
+        VerifyOutcome::Disabled => (StatusCode::UNAUTHORIZED, "the API key is disabled"),
+        VerifyOutcome::Expired => (StatusCode::UNAUTHORIZED, "the API key has expired"),
+        VerifyOutcome::OrgDisabled => (StatusCode::FORBIDDEN, "the key's organization is disabled"),
+        VerifyOutcome::IpNotAllowed => (StatusCode::FORBIDDEN, "the API key may not be used from this address"),
+        VerifyOutcome::InsufficientScope => (StatusCode::FORBIDDEN, "the API key lacks a scope this route needs"),
+        VerifyOutcome::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
+        VerifyOutcome::QuotaExceeded => (StatusCode::TOO_MANY_REQUESTS, "monthly quota exceeded"),
+        VerifyOutcome::Valid => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    };
+    // In gateway mode the error code is the verify outcome code (DESIGN.md).
+    let body = ErrorBody { error: ErrorDetail { code: outcome.code(), message: message.to_owned(), field: None } };
+    (status, axum::Json(body)).into_response()
+}
+
+fn identity_headers(headers: &mut HeaderMap, key: &ApiKey) {
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    set("x-keyward-key-id", key.id.to_string());
+    set("x-keyward-organization-id", key.organization_id.to_string());
+    set("x-keyward-environment", key.environment.to_string());
+    set("x-keyward-scopes", key.scopes.to_strings().join(" "));
+    if let Some(owner) = &key.owner_id {
+        set("x-keyward-owner-id", owner.clone());
+    }
+}
+
+#[tracing::instrument(skip_all, fields(method = %request.method(), path = %request.uri().path()))]
+async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    let client_ip = crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies);
+    let rule = gateway.rule_for(&parts.method, parts.uri.path()).clone();
+
+    // SECURITY: identity headers come from Keyward only; whatever the client sent under that name goes.
+    let spoofed: Vec<HeaderName> =
+        parts.headers.keys().filter(|name| name.as_str().starts_with("x-keyward-")).cloned().collect();
+    for name in spoofed {
+        parts.headers.remove(name);
+    }
+
+    if !rule.public {
+        let Some((presented, carried_by)) = presented_key(&parts.headers) else {
+            crate::auth::auth_failed(crate::auth::AuthFailure {
+                reason: "MISSING_CREDENTIALS",
+                presented: "",
+                key_id: None,
+                ip: client_ip,
+                user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                via: "gateway",
+            });
+            return ApiError::new(
+                ErrorCode::MissingCredentials,
+                "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            )
+            .into_response();
+        };
+        let check = Check {
+            presented: &presented,
+            client_ip,
+            required_scopes: &rule.scopes,
+            organization: None,
+            user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+            via: "gateway",
+            cost: rule.cost,
+        };
+        let verdict = match verifier::verify(&state, check).await {
+            Ok(v) => v,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        let limit_headers =
+            verdict.limits.as_ref().map(|l| crate::limits::headers(&l.rate, state.clock.now())).unwrap_or_default();
+        match (&verdict.key, verdict.outcome) {
+            (Some(key), VerifyOutcome::Valid) => {
+                // SECURITY: the upstream gets the identity, never the key.
+                parts.headers.remove(carried_by);
+                parts.headers.remove("x-api-key");
+                identity_headers(&mut parts.headers, key);
+            }
+            (_, outcome) => {
+                let mut response = rejection(outcome);
+                response.headers_mut().extend(limit_headers);
+                return response;
+            }
+        }
+        let mut response = forward(&gateway, parts, body, client_ip).await;
+        response.headers_mut().extend(limit_headers);
+        return response;
+    }
+
+    forward(&gateway, parts, body, client_ip).await
+}
+
+async fn forward(
+    gateway: &Gateway,
+    mut parts: axum::http::request::Parts,
+    body: Body,
+    client_ip: Option<std::net::IpAddr>,
+) -> Response {
+    let upstream = &gateway.config.upstream;
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let base = upstream.to_string();
+    let uri = match format!("{}{}", base.trim_end_matches('/'), path_and_query).parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(_) => return ApiError::new(ErrorCode::NotFound, "no such route").into_response(),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    if let Some(ip) = client_ip {
+        let forwarded = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&forwarded) {
+            parts.headers.insert("x-forwarded-for", value);
+        }
+    }
+    parts.uri = uri;
+    parts.version = axum::http::Version::HTTP_11;
+    let request = Request::from_parts(parts, body);
+
+    match tokio::time::timeout(gateway.config.timeout, gateway.client.request(request)).await {
+        Err(_) => ApiError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time").into_response(),
+        Ok(Err(e)) => ApiError {
+            source: Some(e.to_string()),
+            ..ApiError::new(ErrorCode::UpstreamUnavailable, "the upstream cannot be reached")
+        }
+        .into_response(),
+        Ok(Ok(response)) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, methods: &[Method], scope: &str) -> GatewayRoute {
+        GatewayRoute {
+            prefix: prefix.into(),
+            methods: methods.to_vec(),
+            rule: RouteRule { scopes: vec![Scope::parse(scope).unwrap()], ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_methods_narrow() {
+        let gw = Gateway::new(GatewayConfig {
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            routes: vec![
+                route("/v1", &[], "read:v1"),
+                route("/v1/projects", &[], "read:projects"),
+                route("/v1/projects", &[Method::POST], "write:projects"),
+                GatewayRoute {
+                    prefix: "/health".into(),
+                    methods: vec![],
+                    rule: RouteRule { public: true, ..Default::default() },
+                },
+            ],
+            unmatched: RouteRule::default(),
+        });
+        let scope = |m: Method, p: &str| gw.rule_for(&m, p).scopes.first().map(|s| s.to_string());
+        assert_eq!(scope(Method::GET, "/v1/projects/7").as_deref(), Some("read:projects"));
+        assert_eq!(scope(Method::POST, "/v1/projects").as_deref(), Some("write:projects"));
+        assert_eq!(scope(Method::GET, "/v1/users").as_deref(), Some("read:v1"));
+        assert_eq!(scope(Method::GET, "/v1projects").as_deref(), None, "prefixes match whole segments");
+        assert_eq!(scope(Method::GET, "/other").as_deref(), None);
+        assert!(gw.rule_for(&Method::GET, "/health").public);
+        assert!(!gw.rule_for(&Method::GET, "/healthz").public);
+    }
+}

@@ -1,0 +1,205 @@
+//! Limits as the API applies them: the tier limits and monthly quota of the key being verified, and
+//! Keyward's protection of itself per client IP (management API, failed authentications) and per
+//! organization (key creation). The decisions come from the [`keyward_limit::Limiter`]; this module
+//! chooses subjects, resolves limits and turns decisions into headers.
+
+use std::net::IpAddr;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
+use keyward_core::{OrgId, VerifyOutcome};
+use keyward_store::KeyWithOrg;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+
+/// Keyward's limits on its own callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Protection {
+    /// Management API requests per client IP per minute (`/v1/verify` is not counted).
+    pub management_per_minute: u64,
+    /// Failed authentications per client IP per minute; past it even a right key gets 429.
+    pub failed_auth_per_minute: u64,
+    /// Keys created per organization per minute.
+    pub key_creation_per_minute: u64,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Self { management_per_minute: 100, failed_auth_per_minute: 10, key_creation_per_minute: 5 }
+    }
+}
+
+/// `rate_limit` in a verify answer: the tightest window.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RateLimitInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the window is whole again.
+    pub reset: u64,
+}
+
+/// `quota` in a verify answer: the calendar month (UTC).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QuotaInfo {
+    /// `null`: no monthly quota.
+    pub limit: Option<u64>,
+    pub used: u64,
+    pub remaining: Option<u64>,
+    /// Seconds until the next month starts.
+    pub reset: u64,
+}
+
+impl RateLimitInfo {
+    pub fn from_decision(d: &RateDecision) -> Option<Self> {
+        d.tightest().map(|w| Self { limit: w.limit, remaining: w.remaining, reset: w.reset_secs() })
+    }
+}
+
+impl From<&QuotaDecision> for QuotaInfo {
+    fn from(q: &QuotaDecision) -> Self {
+        Self { limit: q.limit, used: q.used, remaining: q.remaining, reset: q.reset_secs() }
+    }
+}
+
+/// The limits a verified key ran into.
+#[derive(Debug, Clone)]
+pub struct KeyDecision {
+    pub outcome: VerifyOutcome,
+    pub rate: RateDecision,
+    pub quota: Option<QuotaDecision>,
+}
+
+/// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
+/// request spends no quota. The quota is the key's own when it has a monthly override, else its
+/// organization's pool.
+pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: DateTime<Utc>) -> KeyDecision {
+    let key = &found.key;
+    let limits = state.plans.resolve(
+        &found.org_plan,
+        key.plan.as_deref(),
+        &overrides(&found.org_limits),
+        &overrides(&key.limits),
+    );
+    let rate = state.limiter.check(&format!("key:{}", key.id), &limits.rate(), 1, now).await;
+    if !rate.allowed {
+        return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
+    }
+    let subject = quota_subject(found);
+    let quota = state.limiter.consume_quota(&subject, limits.per_month, cost, now).await;
+    let outcome = if quota.allowed { VerifyOutcome::Valid } else { VerifyOutcome::QuotaExceeded };
+    KeyDecision { outcome, rate, quota: Some(quota) }
+}
+
+/// The quota counter a key draws from.
+pub fn quota_subject(found: &KeyWithOrg) -> String {
+    match found.key.limits.monthly_request_limit {
+        Some(_) => format!("quota:key:{}", found.key.id),
+        None => format!("quota:org:{}", found.key.organization_id),
+    }
+}
+
+fn overrides(l: &keyward_store::LimitOverrides) -> keyward_core::LimitOverrides {
+    keyward_core::LimitOverrides::from_signed(
+        l.rate_limit_per_minute,
+        l.rate_limit_per_hour,
+        l.rate_limit_per_day,
+        l.monthly_request_limit,
+    )
+}
+
+/// Whether `ip` has used up its failed authentications; `Some(seconds)` to wait when it has.
+pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc>) -> Option<u64> {
+    let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
+    // Cost 0 looks without spending: blocked when not one more failure fits.
+    let peek = state.limiter.check(&format!("auth-fail:{ip}"), &limits, 0, now).await;
+    let w = peek.tightest()?;
+    (w.remaining == 0).then(|| {
+        let interval = w.window.period_micros() / (w.limit.max(1) as i64);
+        keyward_core::limits::ceil_secs(w.reset_micros - (w.limit.saturating_sub(1) as i64) * interval).max(1)
+    })
+}
+
+/// Counts one failed authentication against `ip`.
+pub async fn count_failed_auth(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
+    let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
+    state.limiter.check(&format!("auth-fail:{ip}"), &limits, 1, now).await;
+}
+
+/// Whether a verify outcome is a failed authentication (the key itself is no good), which counts
+/// toward the per-IP guessing limit. A key refused for its IP or scopes authenticated fine.
+pub fn is_failed_auth(outcome: VerifyOutcome) -> bool {
+    matches!(
+        outcome,
+        VerifyOutcome::Malformed
+            | VerifyOutcome::NotFound
+            | VerifyOutcome::Revoked
+            | VerifyOutcome::Disabled
+            | VerifyOutcome::Expired
+            | VerifyOutcome::OrgDisabled
+    )
+}
+
+/// Key creation per organization.
+pub async fn key_creation(state: &AppState, org: OrgId, now: DateTime<Utc>) -> Result<RateDecision, ApiError> {
+    let limits = RateLimits::per_minute(state.protection.key_creation_per_minute);
+    let d = state.limiter.check(&format!("key-create:{org}"), &limits, 1, now).await;
+    if d.allowed { Ok(d) } else { Err(too_many(&d, now, "too many keys created for this organization; slow down")) }
+}
+
+/// A 429 in the error format, with the rate-limit headers and `Retry-After`.
+pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError {
+    ApiError { headers: Some(Box::new(headers(d, now))), ..ApiError::new(ErrorCode::RateLimited, message) }
+}
+
+/// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft, structured-field form), the common
+/// `X-RateLimit-*` (limit, remaining, and reset as Unix time) of the tightest window, and
+/// `Retry-After` when denied.
+pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let policies: Vec<String> =
+        d.statuses().map(|w| format!("\"{}\";q={};w={}", w.window.name(), w.limit, w.window.period_secs())).collect();
+    let Some(tight) = d.tightest() else { return h };
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("ratelimit-policy", policies.join(", "));
+    put("ratelimit", format!("\"{}\";r={};t={}", tight.window.name(), tight.remaining, tight.reset_secs()));
+    put("x-ratelimit-limit", tight.limit.to_string());
+    put("x-ratelimit-remaining", tight.remaining.to_string());
+    let reset_at = now.timestamp().saturating_add(tight.reset_secs() as i64);
+    put("x-ratelimit-reset", reset_at.to_string());
+    if let Some(after) = d.retry_after_secs().filter(|_| !d.allowed) {
+        put("retry-after", after.max(1).to_string());
+    }
+    h
+}
+
+/// Management API requests per client IP; the decision's headers go on every response.
+pub async fn management(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let ip = crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies);
+    let Some(ip) = ip else { return next.run(Request::from_parts(parts, body)).await };
+    let limits = RateLimits::per_minute(state.protection.management_per_minute);
+    let now = state.clock.now();
+    let d = state.limiter.check(&format!("ip-mgmt:{ip}"), &limits, 1, now).await;
+    if !d.allowed {
+        return too_many(&d, now, "too many requests from this address; slow down").into_response();
+    }
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    // A route's own, tighter decision (key creation) is not overwritten.
+    if !response.headers().contains_key("ratelimit") {
+        response.headers_mut().extend(headers(&d, now));
+    }
+    response
+}

@@ -1,0 +1,105 @@
+//! Prometheus metrics, named `keyward_<noun>_<unit>`, with labels from closed sets only: never a key,
+//! a key id or an IP as a label.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use keyward_core::VerifyOutcome;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: from 50 µs (a warm verify) to 5 s (a stuck store).
+const BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle. `None` when another
+/// recorder was installed first (an embedding application's): then `/metrics` says so.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!("keyward_verify_total", "Verifications by outcome.");
+    metrics::describe_histogram!("keyward_verify_duration_seconds", "Time to answer a verification.");
+    metrics::describe_counter!(
+        "keyward_auth_failures_total",
+        "Failed authentications, by reason and by path (management API or verify)."
+    );
+    metrics::describe_counter!("keyward_http_requests_total", "HTTP requests by method, route and status class.");
+    metrics::describe_histogram!("keyward_http_request_duration_seconds", "HTTP request latency by route.");
+    metrics::describe_histogram!("keyward_usage_flush_duration_seconds", "Time to write one batch of key usage.");
+    metrics::describe_counter!("keyward_usage_flushed_keys_total", "Keys whose usage was written.");
+    metrics::describe_counter!("keyward_usage_dropped_total", "Usage notes dropped because the writer was far behind.");
+    metrics::describe_counter!("keyward_store_errors_total", "Store errors by kind.");
+}
+
+pub fn verify_outcome(outcome: VerifyOutcome, elapsed: Duration) {
+    metrics::counter!("keyward_verify_total", "outcome" => outcome.code()).increment(1);
+    metrics::histogram!("keyward_verify_duration_seconds").record(elapsed.as_secs_f64());
+}
+
+/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`; `via` is `management` or `verify`.
+pub fn auth_failure(reason: &'static str, via: &'static str) {
+    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via).increment(1);
+}
+
+pub fn store_error(kind: &'static str) {
+    metrics::counter!("keyward_store_errors_total", "kind" => kind).increment(1);
+}
+
+/// Counts every request by its matched route (a closed set), never by raw path.
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    let status = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("keyward_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn render() -> Response {
+    match install() {
+        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => crate::error::ApiError::internal("another metrics recorder is installed").into_response(),
+    }
+}

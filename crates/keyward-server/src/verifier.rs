@@ -1,0 +1,93 @@
+//! The verify path, shared by `POST /v1/verify`, the gateway and the embeddable layer: parse and
+//! checksum → hash → lookup → status, organization, IP, scopes → outcome. Use is recorded after the
+//! answer, in memory; failures are logged and counted here, once.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use keyward_store::{ApiKey, StoreResult};
+
+use crate::auth::{AuthFailure, Lookup, auth_failed, lookup};
+use crate::limits::{self, KeyDecision};
+use crate::state::AppState;
+
+/// What to check a presented key against.
+#[derive(Debug, Clone, Copy)]
+pub struct Check<'a> {
+    /// SECURITY: the key as presented; never logged except through `auth::redacted`.
+    pub presented: &'a str,
+    /// The end client's address, for the key's allow-list.
+    pub client_ip: Option<IpAddr>,
+    pub required_scopes: &'a [Scope],
+    /// Only keys of this organization exist for the caller; `None`: any organization.
+    pub organization: Option<OrgId>,
+    pub user_agent: &'a str,
+    /// Where the check came from, for logs and metrics: `verify`, `gateway`, `layer`.
+    pub via: &'static str,
+    /// Units of the monthly quota this request spends (1 by default; tokens for an LLM API).
+    pub cost: u64,
+}
+
+/// The answer, with the key when it was found (and visible to the caller).
+#[derive(Debug)]
+pub struct Verdict {
+    pub outcome: VerifyOutcome,
+    pub key: Option<ApiKey>,
+    /// The key's tier limits and quota, when the key got that far.
+    pub limits: Option<KeyDecision>,
+}
+
+#[tracing::instrument(skip_all, fields(outcome))]
+pub async fn verify(state: &AppState, check: Check<'_>) -> StoreResult<Verdict> {
+    let started = Instant::now();
+    let now = state.clock.now();
+    let verdict = decide(state, &check, now).await?;
+    tracing::Span::current().record("outcome", verdict.outcome.code());
+    crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
+    match &verdict.key {
+        Some(key) if verdict.outcome.is_valid() => state.usage.record(key.id, now, check.client_ip),
+        key => {
+            auth_failed(AuthFailure {
+                reason: verdict.outcome.code(),
+                presented: check.presented,
+                key_id: key.as_ref().map(|k| k.id),
+                ip: check.client_ip,
+                user_agent: check.user_agent,
+                via: check.via,
+            });
+            if let Some(ip) = check.client_ip
+                && limits::is_failed_auth(verdict.outcome)
+            {
+                limits::count_failed_auth(state, ip, now).await;
+            }
+        }
+    }
+    Ok(verdict)
+}
+
+async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> StoreResult<Verdict> {
+    let bare = |outcome| Verdict { outcome, key: None, limits: None };
+    // SECURITY: an address that used up its failed authentications is refused before any lookup,
+    // whatever key it sends: guessing stops.
+    if let Some(ip) = check.client_ip
+        && limits::failed_auth_blocked(state, ip, now).await.is_some()
+    {
+        return Ok(bare(VerifyOutcome::RateLimited));
+    }
+    let found = match lookup(state, check.presented).await? {
+        Lookup::Malformed(_) => return Ok(bare(VerifyOutcome::Malformed)),
+        // SECURITY: another organization's key answers exactly like an unknown one.
+        Lookup::Found(f) if check.organization.is_none_or(|org| org == f.key.organization_id) => f,
+        Lookup::Found(_) | Lookup::NotFound => return Ok(bare(VerifyOutcome::NotFound)),
+    };
+    let request = VerifyRequest { now, client_ip: check.client_ip, required_scopes: check.required_scopes };
+    let outcome =
+        check_found_key(&found.key.state(), found.org_is_active, &found.key.allowed_ips, &found.key.scopes, &request);
+    if !outcome.is_valid() {
+        return Ok(Verdict { outcome, key: Some(found.key), limits: None });
+    }
+    let decision = limits::check_key(state, &found, check.cost, now).await;
+    Ok(Verdict { outcome: decision.outcome, key: Some(found.key), limits: Some(decision) })
+}

@@ -1,0 +1,243 @@
+//! Gateway mode against a real upstream on 127.0.0.1: identity headers arrive, the key does not,
+//! spoofed `X-Keyward-*` headers do not, large bodies stream, and every rejection has its status.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::routing::any;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keyward_core::Scope;
+use keyward_server::gateway::{self, Gateway, GatewayConfig, GatewayRoute, RouteRule};
+use keyward_server::service::CreateKeyRequest;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+/// Echoes method, path, headers and the body's length, counting the body as it streams in.
+async fn echo(request: Request) -> axum::Json<Value> {
+    let (parts, mut body) = request.into_parts();
+    let mut bytes = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            bytes += data.len() as u64;
+        }
+    }
+    let headers: serde_json::Map<String, Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.to_str().unwrap_or_default())))
+        .collect();
+    axum::Json(
+        json!({"method": parts.method.as_str(), "path": parts.uri.to_string(), "headers": headers, "bytes": bytes}),
+    )
+}
+
+async fn spawn(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await;
+    });
+    addr
+}
+
+struct Setup {
+    app: TestApp,
+    gateway: SocketAddr,
+    client: Client<HttpConnector, Body>,
+}
+
+fn rule(scopes: &[&str]) -> RouteRule {
+    RouteRule { scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(), ..Default::default() }
+}
+
+async fn setup_with(upstream: SocketAddr, timeout: Duration) -> Setup {
+    let app = TestApp::sqlite().await;
+    let gw = Gateway::new(GatewayConfig {
+        upstream: format!("http://{upstream}").parse().unwrap(),
+        timeout,
+        routes: vec![
+            GatewayRoute {
+                prefix: "/public".into(),
+                methods: vec![],
+                rule: RouteRule { public: true, ..Default::default() },
+            },
+            GatewayRoute { prefix: "/projects".into(), methods: vec![], rule: rule(&["read:projects"]) },
+            GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
+        ],
+        unmatched: RouteRule::default(),
+    });
+    let gateway = spawn(gateway::router(app.state.clone(), gw)).await;
+    Setup { app, gateway, client: Client::builder(TokioExecutor::new()).build_http() }
+}
+
+async fn setup() -> Setup {
+    let upstream = spawn(Router::new().fallback(any(echo))).await;
+    setup_with(upstream, Duration::from_secs(5)).await
+}
+
+impl Setup {
+    async fn send(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Body) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.gateway));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(req.body(body).unwrap()))
+            .await
+            .expect("gateway answered in time")
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        self.send(Method::GET, path, headers, Body::empty()).await
+    }
+}
+
+#[tokio::test]
+async fn a_valid_key_is_proxied_with_identity_and_without_the_key() {
+    let s = setup().await;
+    let (key, rec) = s
+        .app
+        .key_with(
+            s.app.default_org.id,
+            CreateKeyRequest {
+                name: "gw".into(),
+                owner_id: Some("user_9".into()),
+                scopes: vec!["read:*".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let bearer = format!("Bearer {key}");
+    let (status, echo) = s
+        .get(
+            "/projects/7?x=1",
+            &[
+                ("authorization", &bearer),
+                ("x-keyward-key-id", "spoofed"),
+                ("x-keyward-owner-id", "admin"),
+                ("x-keyward-extra", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_eq!(echo["path"], "/projects/7?x=1");
+    let h = &echo["headers"];
+    assert_eq!(h["x-keyward-key-id"], rec.id.to_string());
+    assert_eq!(h["x-keyward-organization-id"], s.app.default_org.id.to_string());
+    assert_eq!(h["x-keyward-owner-id"], "user_9");
+    assert_eq!(h["x-keyward-environment"], "live");
+    assert_eq!(h["x-keyward-scopes"], "read:*");
+    assert!(h.get("x-keyward-extra").is_none(), "spoofed headers are stripped");
+    assert!(h.get("authorization").is_none(), "the key never reaches the upstream");
+    assert!(!echo.to_string().contains(&key[8..]), "the key never reaches the upstream");
+
+    // X-API-Key works the same way and is removed too.
+    let (status, echo) = s.get("/anything", &[("x-api-key", &key)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(echo["headers"].get("x-api-key").is_none());
+}
+
+#[tokio::test]
+async fn public_routes_need_no_key_and_still_lose_spoofed_headers() {
+    let s = setup().await;
+    let (status, echo) = s.get("/public/status", &[("x-keyward-key-id", "spoofed")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(echo["headers"].get("x-keyward-key-id").is_none());
+}
+
+#[tokio::test]
+async fn rejections_carry_the_outcome_code_and_status() {
+    let s = setup().await;
+    let org = s.app.default_org.id;
+    let (reader, _) = s.app.key(org, &["read:projects"]).await;
+    let (walled, _) = s
+        .app
+        .key_with(
+            org,
+            CreateKeyRequest { name: "w".into(), allowed_ips: vec!["10.0.0.0/8".into()], ..Default::default() },
+        )
+        .await;
+    let (revoked, rec) = s.app.key(org, &[]).await;
+    s.app.delete(&format!("/v1/keys/{}", rec.id), &s.app.admin_key).await;
+
+    let (status, body) = s.get("/projects", &[]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_credentials")));
+    let (status, body) = s.get("/projects", &[("x-api-key", "sk_live_nope")]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("MALFORMED")));
+    let (status, body) = s.get("/projects", &[("x-api-key", &revoked)]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("REVOKED")));
+    let (status, body) = s.get("/projects", &[("x-api-key", &walled)]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("IP_NOT_ALLOWED")));
+    let (status, body) = s.send(Method::POST, "/projects", &[("x-api-key", &reader)], Body::empty()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")));
+    let (status, _) = s.get("/projects", &[("x-api-key", &reader)]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    // A port that was just free: nothing listens there.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let s = setup_with(closed, Duration::from_secs(5)).await;
+    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let (status, body) = s.get("/x", &[("x-api-key", &key)]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("upstream_unavailable")));
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let slow = spawn(Router::new().fallback(any(|| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        "late"
+    })))
+    .await;
+    let s = setup_with(slow, Duration::from_millis(200)).await;
+    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let (status, body) = s.get("/x", &[("x-api-key", &key)]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::GATEWAY_TIMEOUT, Some("upstream_timeout")));
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_50_mb_body_streams_through_with_bounded_memory() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 800; // 50 MiB
+    let s = setup().await;
+    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let before = rss_bytes();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<axum::body::Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let chunk = axum::body::Bytes::from(vec![b'x'; CHUNK]);
+        for _ in 0..CHUNKS {
+            if tx.send(Ok(hyper::body::Frame::data(chunk.clone()))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let body = Body::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let (status, echo) = s.send(Method::POST, "/upload", &[("x-api-key", &key)], body).await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_eq!(echo["bytes"], (CHUNK * CHUNKS) as u64);
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 25 * 1024 * 1024, "resident memory grew by {grown} bytes for a 50 MiB body");
+}

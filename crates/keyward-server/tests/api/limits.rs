@@ -1,0 +1,216 @@
+//! Tier limits, monthly quotas and Keyward's self-protection, with the injected clock: exact
+//! boundaries, no sleeping.
+
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+use axum::http::{Method, StatusCode};
+use chrono::{Duration, TimeZone, Utc};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, code, request};
+
+async fn org_with(app: &TestApp, slug: &str, body: Value) -> keyward_core::OrgId {
+    let mut b = json!({"name": slug, "slug": slug});
+    b.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+    let r = app.post("/v1/organizations", &app.admin_key, b).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    r.body["id"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_61st_request_in_a_minute_on_free_is_rate_limited_and_the_window_frees_on_time() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    for i in 0..60 {
+        let v = app.verify(&key, json!({})).await;
+        assert_eq!(v["code"], "VALID", "request {}", i + 1);
+    }
+    let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
+    assert_eq!(r.body["code"], "RATE_LIMITED");
+    assert_eq!(r.body["valid"], false);
+    assert_eq!(r.body["rate_limit"]["limit"], 60);
+    assert_eq!(r.body["rate_limit"]["remaining"], 0);
+    assert_eq!(r.headers["ratelimit-policy"], "\"minute\";q=60;w=60, \"hour\";q=1000;w=3600, \"day\";q=10000;w=86400");
+    assert!(r.headers["ratelimit"].to_str().unwrap().starts_with("\"minute\";r=0;t="));
+    assert_eq!(r.headers["x-ratelimit-limit"], "60");
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(r.headers["retry-after"], "1");
+    // GCRA frees one request every second on 60/minute: not a microsecond early.
+    app.clock.advance(Duration::microseconds(999_999));
+    assert_eq!(app.verify(&key, json!({})).await["code"], "RATE_LIMITED");
+    app.clock.advance(Duration::microseconds(1));
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    assert_eq!(app.verify(&key, json!({})).await["code"], "RATE_LIMITED");
+    // A full minute later the whole window is back.
+    app.clock.advance(Duration::minutes(1));
+    for _ in 0..60 {
+        assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    }
+}
+
+#[tokio::test]
+async fn hour_and_day_windows_bite_too() {
+    let app = TestApp::sqlite().await;
+    let org = org_with(
+        &app,
+        "tight",
+        json!({"plan": "pro", "rate_limit_per_minute": 5, "rate_limit_per_hour": 8, "rate_limit_per_day": 10}),
+    )
+    .await;
+    let (key, _) = app.key(org, &[]).await;
+    let codes = |n: usize| {
+        let (app, key) = (&app, &key);
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(app.verify(key, json!({})).await["code"].as_str().unwrap().to_owned());
+            }
+            out
+        }
+    };
+    let v = |n_valid: usize, n_limited: usize| {
+        let mut want = vec!["VALID".to_owned(); n_valid];
+        want.extend(vec!["RATE_LIMITED".to_owned(); n_limited]);
+        want
+    };
+    assert_eq!(codes(6).await, v(5, 1), "minute window: 5");
+    app.clock.advance(Duration::minutes(1));
+    assert_eq!(codes(4).await, v(3, 1), "hour window: 8");
+    let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
+    assert_eq!(r.body["rate_limit"]["limit"], 8, "the hour window is the tightest now");
+    app.clock.advance(Duration::hours(1));
+    assert_eq!(codes(3).await, v(2, 1), "day window: 10");
+    app.clock.advance(Duration::days(1));
+    assert_eq!(codes(1).await, v(1, 0));
+}
+
+#[tokio::test]
+async fn the_monthly_quota_counts_cost_and_rolls_over_with_the_calendar_month() {
+    let app = TestApp::sqlite().await;
+    app.clock.set(Utc.with_ymd_and_hms(2026, 6, 30, 23, 0, 0).unwrap());
+    let org = org_with(&app, "metered", json!({"plan": "pro", "monthly_request_limit": 5})).await;
+    let (key, _) = app.key(org, &[]).await;
+    let cost = |c: u64| json!({"cost": c});
+    let v = app.verify(&key, cost(2)).await;
+    assert_eq!(v["code"], "VALID");
+    assert_eq!(v["quota"], json!({"limit": 5, "used": 2, "remaining": 3, "reset": 3600}));
+    assert_eq!(app.verify(&key, cost(2)).await["code"], "VALID");
+    let v = app.verify(&key, cost(2)).await;
+    assert_eq!(v["code"], "QUOTA_EXCEEDED", "4 + 2 > 5");
+    assert_eq!(v["quota"]["used"], 4, "a refused request spends nothing");
+    assert_eq!(app.verify(&key, cost(1)).await["code"], "VALID");
+    assert_eq!(app.verify(&key, cost(1)).await["code"], "QUOTA_EXCEEDED");
+    // 1 July 00:00 UTC: a new month.
+    app.clock.set(Utc.with_ymd_and_hms(2026, 7, 1, 0, 0, 0).unwrap());
+    let v = app.verify(&key, cost(1)).await;
+    assert_eq!(v["code"], "VALID");
+    assert_eq!(v["quota"]["used"], 1);
+    // Keys of one organization share its quota.
+    let (other, _) = app.key(org, &[]).await;
+    assert_eq!(app.verify(&other, cost(1)).await["quota"]["used"], 2);
+}
+
+#[tokio::test]
+async fn a_rate_limited_request_spends_no_quota() {
+    let app = TestApp::sqlite().await;
+    let org = org_with(&app, "both", json!({"rate_limit_per_minute": 2, "monthly_request_limit": 100})).await;
+    let (key, _) = app.key(org, &[]).await;
+    assert_eq!(app.verify(&key, json!({})).await["quota"]["used"], 1);
+    assert_eq!(app.verify(&key, json!({})).await["quota"]["used"], 2);
+    let limited = app.verify(&key, json!({})).await;
+    assert_eq!(limited["code"], "RATE_LIMITED");
+    assert_eq!(limited["quota"], json!(null));
+    app.clock.advance(Duration::minutes(1));
+    assert_eq!(app.verify(&key, json!({})).await["quota"]["used"], 3);
+}
+
+#[tokio::test]
+async fn key_overrides_beat_the_organization_and_the_plan() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let r = app.patch(&format!("/v1/keys/{}", rec.id), &app.admin_key, json!({"plan": "enterprise"})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = app.verify(&key, json!({})).await;
+    assert_eq!(v["rate_limit"]["limit"], 6000);
+    assert_eq!(v["quota"]["limit"], json!(null), "enterprise has no monthly quota by default");
+}
+
+fn from(app_req: axum::http::Request<axum::body::Body>, ip: [u8; 4]) -> axum::http::Request<axum::body::Body> {
+    let mut req = app_req;
+    req.extensions_mut().insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+    req
+}
+
+#[tokio::test]
+async fn eleven_failed_authentications_block_the_address_even_for_a_right_key() {
+    let app = TestApp::sqlite().await;
+    let guesser = [198, 51, 100, 66];
+    let unknown = keyward_core::PlainKey::generate(&Default::default(), keyward_core::Environment::Live).unwrap();
+    for i in 0..10 {
+        let r = app.send(from(request(Method::GET, "/v1/me", Some(unknown.expose_secret()), None), guesser)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "failure {}", i + 1);
+    }
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), guesser)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(code(&r), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    // Another address is unaffected.
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), [192, 0, 2, 1])).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The window passes: the right key works again.
+    app.clock.advance(Duration::minutes(1));
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), guesser)).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn on_verify_a_bad_key_counts_against_the_end_client_not_the_backend() {
+    let app = TestApp::sqlite().await;
+    let (good, _) = app.key(app.default_org.id, &[]).await;
+    for _ in 0..10 {
+        assert_eq!(app.verify("sk_live_guess", json!({"ip": "198.51.100.9"})).await["code"], "MALFORMED");
+    }
+    assert_eq!(app.verify(&good, json!({"ip": "198.51.100.9"})).await["code"], "RATE_LIMITED");
+    assert_eq!(app.verify(&good, json!({"ip": "198.51.100.10"})).await["code"], "VALID");
+    // The calling backend (203.0.113.7) is not blocked by its clients' failures.
+    assert_eq!(app.get("/v1/me", &app.admin_key).await.status, StatusCode::OK);
+    app.clock.advance(Duration::minutes(1));
+    assert_eq!(app.verify(&good, json!({"ip": "198.51.100.9"})).await["code"], "VALID");
+}
+
+#[tokio::test]
+async fn the_management_api_is_limited_per_address_and_verify_is_not() {
+    let app = TestApp::sqlite().await;
+    for _ in 0..150 {
+        app.verify("sk_live_x", json!({})).await;
+    }
+    for i in 0..100 {
+        let r = app.get("/v1/me", &app.admin_key).await;
+        assert_eq!(r.status, StatusCode::OK, "request {}", i + 1);
+        assert_eq!(r.headers["x-ratelimit-limit"], "100");
+    }
+    let r = app.get("/v1/me", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(code(&r), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(r.headers.contains_key("ratelimit-policy"));
+    let other = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), [192, 0, 2, 2])).await;
+    assert_eq!(other.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn five_keys_a_minute_per_organization() {
+    let app = TestApp::sqlite().await;
+    for i in 0..5 {
+        let r = app.post("/v1/keys", &app.admin_key, json!({"name": format!("k{i}")})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k6"})).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(code(&r), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    app.clock.advance(Duration::seconds(12));
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k7"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "one frees every 12 s: {}", r.text);
+}
