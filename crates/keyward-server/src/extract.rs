@@ -55,9 +55,9 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = redact_path(&e.path().to_string());
         let inner = e.into_inner();
-        let message = redact_quoted(&inner.to_string());
+        let message = redact_backticked(&redact_quoted(&inner.to_string()));
         match inner.classify() {
             serde_json::error::Category::Data => {
                 let message = if path == "." { message } else { format!("field `{path}`: {message}") };
@@ -66,6 +66,33 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             _ => ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {message}")),
         }
     })
+}
+
+/// SECURITY: a field *name* is echoed too (`unknown field `x``); one that could be a key is not.
+fn redact_path(path: &str) -> String {
+    path.split('.')
+        .map(|segment| {
+            let name = segment.split('[').next().unwrap_or_default();
+            if could_be_key(name) { segment.replacen(name, "…", 1) } else { segment.to_owned() }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn could_be_key(s: &str) -> bool {
+    s.len() > 16 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// serde names fields in backticks; a name that could be a key is cut out.
+fn redact_backticked(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for (i, part) in message.split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        out.push_str(if i % 2 == 1 && could_be_key(part) { "…" } else { part });
+    }
+    out
 }
 
 fn redact_quoted(message: &str) -> String {
@@ -123,6 +150,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_names_that_could_be_keys_are_cut() {
+        let key = "sk_live_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLM";
+        let e = parse_json::<Probe>(format!("{{\"{key}\": 1}}").as_bytes()).err().unwrap();
+        assert!(!e.message.contains("abcdefghij"), "{}", e.message);
+        assert!(!e.field.unwrap_or_default().contains("abcdefghij"));
+        let e = parse_json::<Probe>(b"{\"colour\": 1}").err().unwrap();
+        assert!(e.message.contains("`colour`"), "{}", e.message);
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        name: Option<String>,
+    }
 
     #[test]
     fn quoted_values_are_cut_from_messages() {

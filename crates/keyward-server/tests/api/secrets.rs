@@ -73,6 +73,9 @@ async fn the_plaintext_key_leaks_nowhere() {
         .await
         .text,
     );
+    let mut keyed_field = serde_json::Map::new();
+    keyed_field.insert(key.clone(), json!(1));
+    bodies.push(app.post("/v1/keys", &app.admin_key, serde_json::Value::Object(keyed_field)).await.text);
     bodies.push(app.get(&format!("/v1/keys/{id}"), &app.admin_key).await.text);
     bodies.push(app.patch(&format!("/v1/keys/{id}"), &app.admin_key, json!({"name": "renamed"})).await.text);
     bodies.push(app.delete(&format!("/v1/keys/{id}"), &app.admin_key).await.text);
