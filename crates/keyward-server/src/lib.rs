@@ -2,6 +2,7 @@
 //! batch writer, and the operations the CLI shares with the API.
 
 pub mod auth;
+pub mod cache;
 pub mod client_ip;
 pub mod error;
 pub mod extract;

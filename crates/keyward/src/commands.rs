@@ -10,6 +10,7 @@ use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
 use keyward_limit::{RedisConfig, RedisLimiter};
 use keyward_server::AppState;
+use keyward_server::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
 use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
 use keyward_server::usage::{UsageRecorder, UsageWorker};
@@ -168,8 +169,23 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
         .await
         .with_context(|| format!("cannot open the database at {}", config.database_url))?;
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
-    let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let cache = KeyCache::new(config.cache);
+    let mut cached = CachedStore::new(store, cache.clone(), clock.clone());
+    if let Some(url) = &config.redis_url {
+        // Changes reach every node's cache through Redis; without it, within the cache TTL.
+        match RedisBus::connect(url.expose_secret(), DEFAULT_CHANNEL).await {
+            Ok(bus) => {
+                bus.subscribe(cache);
+                cached = cached.with_bus(Arc::new(bus));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis unreachable: other nodes learn of changes only when their cache entries expire")
+            }
+        }
+    }
+    let store: Arc<dyn keyward_store::Store> = Arc::new(cached);
+    let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
     let mut state = AppState::new(store, clock, hasher, usage);
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
     state.plans = Arc::new(config.plans());

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use keyward_core::{KeyHasher, ManualClock, OrgId};
+use keyward_server::cache::{CacheConfig, CachedStore, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, router};
@@ -70,6 +71,9 @@ impl TestApp {
     /// Seeded, as `keyward serve` does on an empty database, with the legacy-key flag read at start.
     pub async fn with_store(store: Arc<dyn Store>, guard: Guard) -> Self {
         let clock = ManualClock::new(t0());
+        // Through the verify cache, as `keyward serve` runs.
+        let cache = KeyCache::new(CacheConfig::default());
+        let store: Arc<dyn Store> = Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())));
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
         let state = AppState::new(store, Arc::new(clock.clone()), KeyHasher::default(), usage);
         state.legacy.refresh(&*state.store).await.unwrap();

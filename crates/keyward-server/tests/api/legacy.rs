@@ -21,21 +21,31 @@ use serde_json::{Value, json};
 use crate::helpers::{Guard, TestApp};
 use crate::import::import;
 
-/// A store that counts every call, and remembers every hash looked up.
+/// A store that counts every call, and remembers every hash looked up; with `down` set, lookups by
+/// hash fail as a store outage would (the cache tests use it).
 #[derive(Debug)]
-struct Counting {
-    inner: Arc<dyn Store>,
-    calls: AtomicUsize,
-    hashes: Mutex<Vec<KeyHash>>,
+pub(crate) struct Counting {
+    pub inner: Arc<dyn Store>,
+    pub calls: AtomicUsize,
+    pub hashes: Mutex<Vec<KeyHash>>,
+    pub down: std::sync::atomic::AtomicBool,
 }
 
 impl Counting {
-    fn calls(&self) -> usize {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self { inner, calls: AtomicUsize::new(0), hashes: Mutex::new(Vec::new()), down: Default::default() }
+    }
+
+    pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn looked_up(&self, hash: &KeyHash) -> bool {
+    pub fn looked_up(&self, hash: &KeyHash) -> bool {
         self.hashes.lock().unwrap().contains(hash)
+    }
+
+    pub fn lookups_of(&self, hash: &KeyHash) -> usize {
+        self.hashes.lock().unwrap().iter().filter(|h| *h == hash).count()
     }
 
     fn count(&self) {
@@ -95,6 +105,9 @@ impl Store for Counting {
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
         self.count();
         self.hashes.lock().unwrap().push(*hash);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(keyward_store::StoreError::Unavailable("the test took the store down".into()));
+        }
         self.inner.find_key_by_hash(hash).await
     }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
@@ -163,7 +176,7 @@ const GARBAGE: [&str; 5] = [
 #[tokio::test]
 async fn garbage_costs_no_store_query_until_legacy_keys_exist() {
     let inner = keyward_store::open("sqlite::memory:", true).await.unwrap();
-    let store = Arc::new(Counting { inner, calls: AtomicUsize::new(0), hashes: Mutex::new(Vec::new()) });
+    let store = Arc::new(Counting::new(inner));
     let app = TestApp::with_store(store.clone(), Guard::None).await;
     assert!(!app.state.legacy.enabled(), "a fresh database has no legacy keys");
 
@@ -173,13 +186,14 @@ async fn garbage_costs_no_store_query_until_legacy_keys_exist() {
         assert!(matches!(lookup(&app.state, garbage).await.unwrap(), Lookup::Malformed(_)), "{garbage}");
         assert_eq!(store.calls(), before, "a store query for {garbage:?}");
     }
-    // Through the API: one store call, the caller's own key; never the presented string.
+    // Through the API: at most one store call, the caller's own key (then cached); never the presented
+    // string.
     let admin = sha256(&app.admin_key);
     for garbage in GARBAGE {
         let (calls, looked_up) = (store.calls(), store.hashes.lock().unwrap().len());
         assert_eq!(app.verify(garbage, json!({})).await["code"], "MALFORMED");
-        assert_eq!(store.calls() - calls, 1, "{garbage:?}");
-        assert_eq!(store.hashes.lock().unwrap()[looked_up..], [admin], "{garbage:?}");
+        assert!(store.calls() - calls <= 1, "{garbage:?}");
+        assert!(store.hashes.lock().unwrap()[looked_up..].iter().all(|h| *h == admin), "{garbage:?}");
     }
     // A customer of the old system is refused too, until its key is imported.
     assert_eq!(app.verify(LEGACY, json!({})).await["code"], "MALFORMED");

@@ -1,0 +1,412 @@
+//! The verify cache: key hash → key record (with what verification needs of its organization), in
+//! front of the store, so a warm verification touches no database and takes no lock that all
+//! requests share (`quick_cache` is sharded).
+//!
+//! [`CachedStore`] wraps any [`Store`]: reads of keys by hash go through the cache; every change made
+//! through it (update, revoke, organization change, new or imported key) removes what it made stale,
+//! on this node at once and on every other node through the [`InvalidationBus`] (Redis pub/sub)
+//! within milliseconds. Unknown hashes are cached briefly too (negative entries, bounded separately,
+//! so a flood of random keys cannot evict real ones). A bounded TTL is the safety net for changes
+//! made around Keyward (by hand in the database). After a lost subscription a node drops its whole
+//! cache: it cannot know what it missed. While the store is unreachable an entry is served stale up
+//! to `stale_ceiling`; a miss then answers `store_unavailable`, never "not found".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keyward_core::{Clock, KeyHash, KeyId, OrgId};
+use keyward_store::{
+    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
+    MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store, StoreError,
+    StoreResult,
+};
+use quick_cache::sync::Cache;
+use serde_json::Value;
+
+/// Sizes and times of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Keys held (about 250 bytes each).
+    pub capacity: usize,
+    /// Unknown hashes held, separately.
+    pub negative_capacity: usize,
+    /// How long an entry is trusted without a word from the bus, in milliseconds.
+    pub ttl_ms: u64,
+    /// How long an unknown hash is remembered, in milliseconds.
+    pub negative_ttl_ms: u64,
+    /// How long an entry may be served while the store is unreachable, in milliseconds.
+    pub stale_ceiling_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1_000_000,
+            negative_capacity: 100_000,
+            ttl_ms: 30_000,
+            negative_ttl_ms: 2_000,
+            stale_ceiling_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    found: Arc<KeyWithOrg>,
+    fetched_at: DateTime<Utc>,
+}
+
+/// What a change made stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(KeyHash),
+    Organization(OrgId),
+    All,
+}
+
+impl Invalidation {
+    /// The wire form on the bus: `k:<hex>`, `o:<uuid>`, `*`.
+    pub fn encode(&self) -> String {
+        match self {
+            Self::Key(h) => format!("k:{}", h.to_hex()),
+            Self::Organization(id) => format!("o:{id}"),
+            Self::All => "*".to_owned(),
+        }
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        match s.split_once(':') {
+            Some(("k", hex)) => KeyHash::from_hex(hex).map(Self::Key),
+            Some(("o", id)) => id.parse().ok().map(Self::Organization),
+            _ if s == "*" => Some(Self::All),
+            _ => None,
+        }
+    }
+}
+
+/// The node's cache of keys by hash.
+#[derive(Clone)]
+pub struct KeyCache {
+    positive: Arc<Cache<KeyHash, Entry>>,
+    negative: Arc<Cache<KeyHash, DateTime<Utc>>>,
+    config: CacheConfig,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache").field("keys", &self.positive.len()).field("config", &self.config).finish()
+    }
+}
+
+impl KeyCache {
+    pub fn new(config: CacheConfig) -> Self {
+        Self {
+            positive: Arc::new(Cache::new(config.capacity.max(1))),
+            negative: Arc::new(Cache::new(config.negative_capacity.max(1))),
+            config,
+        }
+    }
+
+    pub fn apply(&self, change: &Invalidation) {
+        match change {
+            Invalidation::Key(hash) => {
+                self.positive.remove(hash);
+                self.negative.remove(hash);
+            }
+            Invalidation::Organization(org) => self.positive.retain(|_, e| e.found.key.organization_id != *org),
+            Invalidation::All => {
+                self.positive.clear();
+                self.negative.clear();
+            }
+        }
+        metrics::counter!("keyward_cache_invalidations_total").increment(1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.positive.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positive.is_empty()
+    }
+}
+
+fn age_ms(now: DateTime<Utc>, then: DateTime<Utc>) -> u64 {
+    u64::try_from((now - then).num_milliseconds()).unwrap_or(0)
+}
+
+/// Publishes changes to the other nodes.
+#[async_trait]
+pub trait InvalidationBus: Send + Sync + std::fmt::Debug {
+    async fn publish(&self, change: &Invalidation);
+}
+
+/// A [`Store`] with the verify cache in front of `find_key_by_hash`.
+#[derive(Debug, Clone)]
+pub struct CachedStore {
+    inner: Arc<dyn Store>,
+    cache: KeyCache,
+    clock: Arc<dyn Clock>,
+    bus: Option<Arc<dyn InvalidationBus>>,
+}
+
+impl CachedStore {
+    pub fn new(inner: Arc<dyn Store>, cache: KeyCache, clock: Arc<dyn Clock>) -> Self {
+        Self { inner, cache, clock, bus: None }
+    }
+
+    pub fn with_bus(mut self, bus: Arc<dyn InvalidationBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    pub fn cache(&self) -> &KeyCache {
+        &self.cache
+    }
+
+    async fn changed(&self, change: Invalidation) {
+        self.cache.apply(&change);
+        if let Some(bus) = &self.bus {
+            bus.publish(&change).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
+        self.inner.migrate_up().await
+    }
+    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
+        let r = self.inner.migrate_down(steps).await;
+        self.changed(Invalidation::All).await;
+        r
+    }
+    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
+        self.inner.migration_status().await
+    }
+    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
+        self.inner.insert_org(org, actor).await
+    }
+    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
+        self.inner.get_org(id).await
+    }
+    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
+        self.inner.find_org_by_slug(slug).await
+    }
+    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
+        self.inner.list_orgs(page).await
+    }
+    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+        let org = self.inner.update_org(id, patch, actor).await?;
+        self.changed(Invalidation::Organization(id)).await;
+        Ok(org)
+    }
+    async fn count_orgs(&self) -> StoreResult<i64> {
+        self.inner.count_orgs().await
+    }
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+        let key = self.inner.insert_key(key, actor).await?;
+        // A hash remembered as unknown is known now.
+        self.changed(Invalidation::Key(key.key_hash)).await;
+        Ok(key)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+        let now = self.clock.now();
+        let cfg = self.cache.config;
+        let cached = self.cache.positive.get(hash);
+        if let Some(e) = &cached
+            && age_ms(now, e.fetched_at) < cfg.ttl_ms
+        {
+            metrics::counter!("keyward_cache_lookups_total", "result" => "hit").increment(1);
+            return Ok(Some((*e.found).clone()));
+        }
+        if cached.is_none()
+            && let Some(at) = self.cache.negative.get(hash)
+            && age_ms(now, at) < cfg.negative_ttl_ms
+        {
+            metrics::counter!("keyward_cache_lookups_total", "result" => "negative_hit").increment(1);
+            return Ok(None);
+        }
+        metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
+        match self.inner.find_key_by_hash(hash).await {
+            Ok(Some(found)) => {
+                let entry = Entry { found: Arc::new(found.clone()), fetched_at: now };
+                self.cache.positive.insert(*hash, entry);
+                Ok(Some(found))
+            }
+            Ok(None) => {
+                self.cache.positive.remove(hash);
+                self.cache.negative.insert(*hash, now);
+                Ok(None)
+            }
+            // SECURITY: stale only while the store is down, and only up to the ceiling.
+            Err(StoreError::Unavailable(cause)) => match cached {
+                Some(e) if age_ms(now, e.fetched_at) < cfg.stale_ceiling_ms => {
+                    metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
+                    tracing::warn!(%cause, "store unavailable: serving a cached key");
+                    Ok(Some((*e.found).clone()))
+                }
+                _ => Err(StoreError::Unavailable(cause)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
+        self.inner.get_key(id).await
+    }
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
+        self.inner.list_keys(filter, page).await
+    }
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+        let key = self.inner.update_key(id, patch, actor).await?;
+        self.changed(Invalidation::Key(key.key_hash)).await;
+        Ok(key)
+    }
+    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+        let key = self.inner.revoke_key(id, reason, at, actor).await?;
+        self.changed(Invalidation::Key(key.key_hash)).await;
+        Ok(key)
+    }
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        self.inner.record_key_usage(usage).await
+    }
+    async fn import_keys(
+        &self,
+        organization_id: OrgId,
+        keys: Vec<KeyImport>,
+        actor: &Actor,
+        dry_run: bool,
+    ) -> StoreResult<Vec<ImportOutcome>> {
+        let hashes: Vec<KeyHash> = keys.iter().map(|k| k.key.key_hash).collect();
+        let outcomes = self.inner.import_keys(organization_id, keys, actor, dry_run).await?;
+        if !dry_run {
+            for hash in hashes {
+                self.changed(Invalidation::Key(hash)).await;
+            }
+        }
+        Ok(outcomes)
+    }
+    async fn has_legacy_keys(&self) -> StoreResult<bool> {
+        self.inner.has_legacy_keys().await
+    }
+    async fn append_audit(
+        &self,
+        action: &str,
+        organization_id: OrgId,
+        details: Value,
+        actor: &Actor,
+    ) -> StoreResult<AuditEntry> {
+        self.inner.append_audit(action, organization_id, details, actor).await
+    }
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
+        self.inner.list_audit(filter, page).await
+    }
+}
+
+/// Redis pub/sub between nodes. Publishing never blocks a request for long: a bounded timeout, and a
+/// failure is logged (the other nodes' TTL still bounds how long they can be stale).
+#[derive(Clone)]
+pub struct RedisBus {
+    client: redis::Client,
+    publisher: redis::aio::ConnectionManager,
+    channel: Arc<str>,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus").field("channel", &self.channel).finish_non_exhaustive()
+    }
+}
+
+pub const DEFAULT_CHANNEL: &str = "keyward:invalidate";
+
+impl RedisBus {
+    pub async fn connect(url: &str, channel: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let publisher = redis::aio::ConnectionManager::new(client.clone()).await?;
+        Ok(Self { client, publisher, channel: channel.into() })
+    }
+
+    /// Applies every change other nodes publish to `cache`, until the task is aborted. A lost
+    /// subscription empties the cache (what was missed cannot be known) and is retried with backoff.
+    pub fn subscribe(&self, cache: KeyCache) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let channel = self.channel.to_string();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                        Ok(()) => {
+                            backoff = Duration::from_millis(100);
+                            // Anything could have changed while unsubscribed.
+                            cache.apply(&Invalidation::All);
+                            tracing::info!(%channel, "cache invalidation subscribed");
+                            let mut messages = pubsub.on_message();
+                            while let Some(message) = futures_next(&mut messages).await {
+                                let payload: String = message.get_payload().unwrap_or_default();
+                                if let Some(change) = Invalidation::decode(&payload) {
+                                    cache.apply(&change);
+                                }
+                            }
+                            tracing::warn!("cache invalidation subscription lost; dropping the cache");
+                            cache.apply(&Invalidation::All);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot subscribe to cache invalidations"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot reach Redis for cache invalidations"),
+                }
+                cache.apply(&Invalidation::All);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+}
+
+async fn futures_next<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    futures_util::StreamExt::next(s).await
+}
+
+#[async_trait]
+impl InvalidationBus for RedisBus {
+    async fn publish(&self, change: &Invalidation) {
+        let mut conn = self.publisher.clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&*self.channel).arg(change.encode());
+        let publish = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(Duration::from_millis(500), publish).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "publishing a cache invalidation failed"),
+            Err(_) => tracing::warn!("publishing a cache invalidation timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidations_round_trip() {
+        for change in [Invalidation::Key(KeyHash([7; 32])), Invalidation::Organization(OrgId::new()), Invalidation::All]
+        {
+            assert_eq!(Invalidation::decode(&change.encode()), Some(change));
+        }
+        assert_eq!(Invalidation::decode("k:zz"), None);
+        assert_eq!(Invalidation::decode("nonsense"), None);
+    }
+}

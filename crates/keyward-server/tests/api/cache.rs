@@ -1,0 +1,142 @@
+//! The verify cache: warm verifications touch no store, unknown hashes are remembered briefly,
+//! changes invalidate at once (on this node directly, on others through Redis), a stale entry is
+//! served only while the store is down and only up to the ceiling, and a miss then is a 503.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
+use keyward_server::cache::{CacheConfig, CachedStore, KeyCache, RedisBus};
+use keyward_server::usage::UsageRecorder;
+use keyward_server::{AppState, service};
+use keyward_store::{Actor, Store};
+use serde_json::json;
+
+use crate::helpers::{Guard, TestApp, t0};
+use crate::legacy::Counting;
+
+async fn counted() -> (TestApp, Arc<Counting>) {
+    let inner = keyward_store::open("sqlite::memory:", true).await.unwrap();
+    let store = Arc::new(Counting::new(inner));
+    (TestApp::with_store(store.clone(), Guard::None).await, store)
+}
+
+fn hash(key: &str) -> keyward_core::KeyHash {
+    KeyHasher::default().candidates(key)[0].1
+}
+
+#[tokio::test]
+async fn a_warm_verification_touches_no_store() {
+    let (app, store) = counted().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    for _ in 0..5 {
+        assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    }
+    assert_eq!(store.lookups_of(&hash(&key)), 1, "one lookup, then the cache");
+}
+
+#[tokio::test]
+async fn unknown_hashes_are_remembered_briefly() {
+    let (app, store) = counted().await;
+    let unknown = PlainKey::generate(&KeyPrefix::default(), Environment::Live).unwrap();
+    for _ in 0..3 {
+        assert_eq!(app.verify(unknown.expose_secret(), json!({})).await["code"], "NOT_FOUND");
+    }
+    assert_eq!(store.lookups_of(&hash(unknown.expose_secret())), 1);
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().negative_ttl_ms as i64));
+    app.verify(unknown.expose_secret(), json!({})).await;
+    assert_eq!(store.lookups_of(&hash(unknown.expose_secret())), 2);
+}
+
+#[tokio::test]
+async fn a_change_made_around_keyward_shows_after_the_ttl() {
+    let (app, store) = counted().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    // Straight in the store underneath, as an operator editing the database would.
+    let now = keyward_core::Clock::now(&app.clock);
+    store.inner.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap();
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "cached until the TTL");
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64));
+    assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
+}
+
+#[tokio::test]
+async fn while_the_store_is_down_cached_keys_answer_and_misses_are_503() {
+    let (app, store) = counted().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let (cold, _) = app.key(app.default_org.id, &[]).await;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    store.down.store(true, Ordering::SeqCst);
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64 + 1));
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "stale, within the ceiling");
+    let r = app.post("/v1/verify", &app.admin_key, json!({"key": cold})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "store_unavailable");
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().stale_ceiling_ms as i64));
+    let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "past the ceiling: {}", r.text);
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+}
+
+fn redis_url() -> Option<String> {
+    if std::env::var("KEYWARD_TEST_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("!!!!! SKIPPED: Redis is not reachable (KEYWARD_TEST_SKIP_REDIS=1) !!!!!");
+        return None;
+    }
+    Some(std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()))
+}
+
+/// A second node: its own cache over the same database, subscribed to the same channel.
+async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClock) -> AppState {
+    let cache = KeyCache::new(CacheConfig::default());
+    let bus = RedisBus::connect(url, channel).await.expect("Redis");
+    bus.subscribe(cache.clone());
+    let cached: Arc<dyn Store> =
+        Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus)));
+    let (usage, _w) = UsageRecorder::spawn(cached.clone(), Duration::from_secs(3600));
+    AppState::new(cached, Arc::new(clock.clone()), KeyHasher::default(), usage)
+}
+
+#[tokio::test]
+async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
+    let Some(url) = redis_url() else { return };
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = keyward_store::open(&format!("sqlite://{}", dir.path().join("k.db").display()), true).await.unwrap();
+    let channel = format!("keyward:test:{}", uuid::Uuid::new_v4());
+    let clock = ManualClock::new(t0());
+    let a = node(db.clone(), &url, &channel, &clock).await;
+    let b = node(db, &url, &channel, &clock).await;
+    // Let both subscriptions settle (each drops its cache once when it subscribes).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seeded = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap();
+    let check = |state: &AppState, key: &str| {
+        let (state, key) = (state.clone(), key.to_owned());
+        async move {
+            let check = keyward_server::verifier::Check {
+                presented: &key,
+                client_ip: None,
+                required_scopes: &[],
+                organization: None,
+                user_agent: "",
+                via: "test",
+                cost: 1,
+            };
+            keyward_server::verifier::verify(&state, check).await.unwrap().outcome.code()
+        }
+    };
+    let key = seeded.key.expose_secret().to_owned();
+    assert_eq!(check(&b, &key).await, "VALID", "node B has the key cached now");
+    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        if check(&b, &key).await == "REVOKED" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "node B still answers VALID after 1 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
