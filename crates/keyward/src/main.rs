@@ -1,6 +1,11 @@
 //! The `keyward` binary: `serve` the API, and manage keys straight on the database like an ops script
 //! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `config`).
 
+/// A faster allocator than glibc's under many small, cross-thread allocations (the request path's
+/// pattern): measured in BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod commands;
 mod config;
 mod import;

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# POST /v1/verify over HTTP against the ceiling (a minimal axum server that only SHA-256-hashes the key
+# and looks it up in a map), side by side in one run, with 1,000 and with 1,000,000 keys in the store;
+# resident memory per cached key; cold start with the store full. Needs wrk (apt-get install wrk).
+# Usage: scripts/bench-verify.sh [keys, default 1000000] [seconds per run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-1000000}"
+DURATION="${2:-10}"
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
+cargo build --release -q -p keyward -p keyward-bench
+BIN="${CARGO_TARGET_DIR:-target}/release"
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+wait_http() { for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.01; done; echo "$1 not up" >&2; exit 1; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+export KEYWARD_DATABASE_URL="sqlite://$WORK/bench.db"
+export KEYWARD_PLANS__BENCH__PER_DAY=1000000000000   # limits on, never reached
+export RUST_LOG=warn
+echo "generating and importing $N keys..."
+"$BIN/bench-keys" "$N" > "$WORK/keys.txt"
+awk '{printf "{\"key\":\"%s\",\"name\":\"k%d\"}\n", $0, NR}' "$WORK/keys.txt" > "$WORK/keys.jsonl"
+"$BIN/keyward" seed >/dev/null
+"$BIN/keyward" orgs create --name bench --slug bench --plan bench >/dev/null
+IMPORT_START=$(date +%s.%N)
+"$BIN/keyward" import "$WORK/keys.jsonl" --org bench >/dev/null
+echo "import of $N keys: $(echo "$(date +%s.%N) - $IMPORT_START" | bc) s"
+export SERVICE_KEY=$("$BIN/keyward" keys create --org bench --name service --scopes keyward:verify --key-only)
+export KEYS_FILE="$WORK/keys.txt"
+
+START=$(date +%s.%N)
+"$BIN/keyward" serve --listen 127.0.0.1:18090 >/dev/null 2>"$WORK/serve.err" & PIDS+=($!); KW=$!
+wait_http http://127.0.0.1:18090/readyz
+echo "cold start with $N keys: $(echo "$(date +%s.%N) - $START" | bc) s to /readyz"
+"$BIN/bench-ceiling" 127.0.0.1:19100 "$WORK/keys.txt" >/dev/null & PIDS+=($!); CEIL=$!
+for _ in $(seq 1 3000); do curl -s -o /dev/null -X POST http://127.0.0.1:19100/v1/verify -H 'Content-Type: application/json' -d '{"key":"x"}' && break; sleep 0.01; done
+
+# Resident memory per cached key: warm the first W keys one by one, RSS before and after.
+W=$(( N < 200000 ? N : 200000 ))
+BEFORE=$(rss_kb $KW)
+KEYS_USED=$W wrk -t2 -c64 -d1s -s scripts/verify.lua http://127.0.0.1:18090 >/dev/null  # page in the code paths
+head -n "$W" "$WORK/keys.txt" | awk '{printf "{\"key\":\"%s\"}\n", $0}' > "$WORK/warm.jsonl"
+BEFORE=$(rss_kb $KW)
+python3 - "$WORK/warm.jsonl" <<'PY'
+import http.client, os, sys
+conn = http.client.HTTPConnection("127.0.0.1", 18090)
+key = os.environ["SERVICE_KEY"]
+for line in open(sys.argv[1]):
+    conn.request("POST", "/v1/verify", line.strip(), {"Content-Type": "application/json", "Authorization": "Bearer " + key})
+    conn.getresponse().read()
+PY
+AFTER=$(rss_kb $KW)
+echo "resident memory per cached key: $(( (AFTER - BEFORE) * 1024 / W )) bytes ($W keys warmed, RSS ${BEFORE} kB -> ${AFTER} kB)"
+
+run() { # name url keys_used
+    local out rps p50 p99
+    out=$(KEYS_USED=$3 wrk -t2 -c64 -d"${DURATION}s" --latency -s scripts/verify.lua "$2")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    printf '| %-32s | %12s | %9s | %9s |\n' "$1" "$rps" "$p50" "$p99"
+    grep -q "Non-2xx" <<<"$out" && { echo "!! $1: non-2xx responses" >&2; grep "Non-2xx" <<<"$out" >&2; } || true
+}
+echo "| run                              | requests/s   | p50       | p99       |"
+echo "|----------------------------------|--------------|-----------|-----------|"
+run "ceiling, 1,000 keys" http://127.0.0.1:19100 1000
+run "keyward, 1,000 keys" http://127.0.0.1:18090 1000
+run "ceiling, $N keys" http://127.0.0.1:19100 0
+run "keyward, $N keys" http://127.0.0.1:18090 0
