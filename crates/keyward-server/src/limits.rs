@@ -98,6 +98,44 @@ pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: Dat
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
 
+/// The limits a key has and where it stands in them, spending nothing (`GET /v1/me`).
+pub async fn standing(
+    state: &AppState,
+    key: &keyward_store::ApiKey,
+    org: &keyward_store::Organization,
+    now: DateTime<Utc>,
+) -> Standing {
+    let found = KeyWithOrg {
+        key: key.clone(),
+        org_is_active: org.is_active,
+        org_plan: org.plan.clone(),
+        org_limits: org.limits,
+    };
+    let limits = state.plans.resolve(&org.plan, key.plan.as_deref(), &overrides(&org.limits), &overrides(&key.limits));
+    // Cost 0 looks without spending.
+    let rate = state.limiter.check(&format!("key:{}", key.id), &limits.rate(), 0, now).await;
+    let quota = state.limiter.consume_quota(&quota_subject(&found), limits.per_month, 0, now).await;
+    Standing { limits, rate_limit: RateLimitInfo::from_decision(&rate), quota: QuotaInfo::from(&quota) }
+}
+
+/// The limits in force for a key: field by field its override, else its organization's, else the plan.
+pub fn effective(
+    state: &AppState,
+    key: &keyward_store::ApiKey,
+    org: &keyward_store::Organization,
+) -> keyward_core::Limits {
+    state.plans.resolve(&org.plan, key.plan.as_deref(), &overrides(&org.limits), &overrides(&key.limits))
+}
+
+/// A key's effective limits (`null`: unlimited) and its current standing.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Standing {
+    #[schema(value_type = Object)]
+    pub limits: keyward_core::Limits,
+    pub rate_limit: Option<RateLimitInfo>,
+    pub quota: QuotaInfo,
+}
+
 /// The quota counter a key draws from.
 pub fn quota_subject(found: &KeyWithOrg) -> String {
     match found.key.limits.monthly_request_limit {

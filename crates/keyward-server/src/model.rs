@@ -52,6 +52,11 @@ pub struct KeyResponse {
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The limits in force (key override, else organization override, else plan; `null`: none), on
+    /// `GET /v1/keys/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub effective_limits: Option<keyward_core::Limits>,
 }
 
 impl KeyResponse {
@@ -86,6 +91,7 @@ impl KeyResponse {
             created_by: k.created_by,
             created_at: k.created_at,
             updated_at: k.updated_at,
+            effective_limits: None,
         }
     }
 }

@@ -157,7 +157,9 @@ pub async fn get_key(
 ) -> ApiResult<Json<KeyResponse>> {
     caller.require_key_read()?;
     let key = visible_key(&state, &caller, id, false).await?;
-    Ok(Json(KeyResponse::new(key, state.clock.now())))
+    let org = state.store.get_org(key.organization_id).await?;
+    let limits = crate::limits::effective(&state, &key, &org);
+    Ok(Json(KeyResponse { effective_limits: Some(limits), ..KeyResponse::new(key, state.clock.now()) }))
 }
 
 /// Update a key; `is_active: false` deactivates it, `true` reactivates it. Audited with a diff.

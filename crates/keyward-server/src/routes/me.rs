@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::{ApiResult, ErrorBody};
+use crate::limits::Standing;
 use crate::model::{KeyResponse, OrganizationResponse};
 use crate::state::AppState;
 
@@ -14,6 +15,10 @@ use crate::state::AppState;
 pub struct MeResponse {
     pub key: KeyResponse,
     pub organization: OrganizationResponse,
+    /// The key's effective limits (key override, else organization override, else plan) and where it
+    /// stands: the tightest rate-limit window and the monthly quota. Reading them spends nothing.
+    #[serde(flatten)]
+    pub standing: Standing,
 }
 
 /// The calling key and its organization. Any valid key may call it.
@@ -22,5 +27,7 @@ pub struct MeResponse {
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeResponse>> {
     let organization = state.store.get_org(caller.key.organization_id).await?;
-    Ok(Json(MeResponse { key: KeyResponse::new(caller.key, state.clock.now()), organization: organization.into() }))
+    let now = state.clock.now();
+    let standing = crate::limits::standing(&state, &caller.key, &organization, now).await;
+    Ok(Json(MeResponse { key: KeyResponse::new(caller.key, now), organization: organization.into(), standing }))
 }

@@ -131,6 +131,11 @@ async fn key_overrides_beat_the_organization_and_the_plan() {
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     let r = app.patch(&format!("/v1/keys/{}", rec.id), &app.admin_key, json!({"plan": "enterprise"})).await;
     assert_eq!(r.status, StatusCode::OK);
+    let r = app.get(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    assert_eq!(
+        r.body["effective_limits"],
+        json!({"per_minute": 6000, "per_hour": 200000, "per_day": 10000000, "per_month": null})
+    );
     let v = app.verify(&key, json!({})).await;
     assert_eq!(v["rate_limit"]["limit"], 6000);
     assert_eq!(v["quota"]["limit"], json!(null), "enterprise has no monthly quota by default");

@@ -10,6 +10,17 @@ async fn me_shows_the_calling_key_and_its_organization() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["key"]["id"], rec.id.to_string());
     assert_eq!(r.body["organization"]["slug"], "default");
+    assert_eq!(
+        r.body["limits"],
+        serde_json::json!({"per_minute": 60, "per_hour": 1000, "per_day": 10000, "per_month": 10000})
+    );
+    assert_eq!(r.body["quota"]["used"], 0);
+    // Verifications of the key show in /v1/me; reading /v1/me spends nothing.
+    app.verify(&k, serde_json::json!({"cost": 3})).await;
+    let r = app.get("/v1/me", &k).await;
+    assert_eq!(r.body["quota"]["used"], 3);
+    assert_eq!(r.body["rate_limit"]["remaining"], 59);
+    assert_eq!(app.get("/v1/me", &k).await.body["rate_limit"]["remaining"], 59);
 }
 
 #[tokio::test]
