@@ -24,13 +24,20 @@ use crate::state::AppState;
 use crate::verifier::{self, Check};
 
 /// What a path needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteRule {
     /// No key needed.
     pub public: bool,
     pub scopes: Vec<Scope>,
     /// Counted against the monthly quota; 1 by default.
     pub cost: u64,
+}
+
+impl Default for RouteRule {
+    /// A valid key, no scope, cost 1.
+    fn default() -> Self {
+        Self { public: false, scopes: Vec::new(), cost: 1 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
