@@ -5,6 +5,7 @@
 //! Everything here is pure so it can be tested with tables and properties, and shared by the store,
 //! the server, the CLI and the embeddable layer.
 
+pub mod audit_chain;
 pub mod clock;
 pub mod diff;
 pub mod hash;

@@ -147,6 +147,51 @@ impl Store for Counting {
     }
 }
 
+#[async_trait]
+impl keyward_store::LifecycleStore for Counting {
+    async fn rotate_key(
+        &self,
+        old: KeyId,
+        new: NewKey,
+        revoke_at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Rotation> {
+        self.count();
+        self.inner.rotate_key(old, new, revoke_at, actor).await
+    }
+    async fn list_expiring_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.count();
+        self.inner.list_expiring_keys(organization_id, now, until, limit).await
+    }
+    async fn expire_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.count();
+        self.inner.expire_keys(organization_id, now, actor).await
+    }
+    async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<keyward_store::Event>> {
+        self.count();
+        self.inner.record_expiring_events(now, days).await
+    }
+    async fn verify_audit_chain(&self) -> StoreResult<keyward_store::AuditChainReport> {
+        self.count();
+        self.inner.verify_audit_chain().await
+    }
+    async fn list_events(&self, after: Option<uuid::Uuid>, limit: u32) -> StoreResult<Vec<keyward_store::Event>> {
+        self.count();
+        self.inner.list_events(after, limit).await
+    }
+}
+
 fn sha256(s: &str) -> KeyHash {
     KeyHasher::default().hash_str(HashAlgorithm::Sha256, s)
 }

@@ -1,0 +1,151 @@
+//! The key lifecycle part of the store ([`LifecycleStore`], a supertrait of [`crate::Store`]): rotation
+//! with a grace period, expiry (listing, deactivating, `key.expiring` notices), the tamper-evident audit
+//! chain, and the event outbox that webhooks are delivered from.
+//!
+//! Every change here, like every change in [`crate::Store`], writes its audit rows and its outbox
+//! events in its own transaction.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keyward_core::{KeyId, OrgId};
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{Actor, ApiKey, NewKey, StoreResult};
+
+/// The two keys of a rotation, as stored after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotation {
+    /// The rotated key: `replaced_by` the new one, revoked (reason `rotated`) at the end of the grace
+    /// period.
+    pub old: ApiKey,
+    /// The new key: `rotated_from` the old one, in the same lineage.
+    pub new: ApiKey,
+}
+
+/// An event of the outbox: what happened, once, with the id every webhook payload carries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub id: Uuid,
+    /// `key.created`, `key.rotated`, `key.expiring`, `key.expired`, ...
+    pub event: String,
+    pub organization_id: Option<OrgId>,
+    pub key_id: Option<KeyId>,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Event {
+    /// A new event about a key. SECURITY: the payload is the key's audit form (prefix and hint only).
+    pub fn about_key(event: &str, key: &ApiKey, extra: Value, at: DateTime<Utc>) -> Self {
+        let mut data = json!({ "key_id": key.id, "organization_id": key.organization_id, "key": key.audit_json() });
+        if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), extra) {
+            data.extend(extra);
+        }
+        Self {
+            id: Uuid::now_v7(),
+            event: event.to_owned(),
+            organization_id: Some(key.organization_id),
+            key_id: Some(key.id),
+            payload: data,
+            created_at: crate::stored_time(at),
+        }
+    }
+}
+
+/// Where the audit chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BrokenLink {
+    /// The first row that does not verify; for `truncated`, the id the chain head names (a row that is
+    /// gone); `None` when the head names no row.
+    pub id: Option<i64>,
+    /// `content_changed`, `link_broken` (a row before it was deleted, or rows were reordered),
+    /// `unhashed_row` or `truncated` (rows at the end were deleted).
+    pub reason: String,
+}
+
+/// The result of walking the whole audit chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditChainReport {
+    pub intact: bool,
+    /// Rows whose hashes were checked.
+    pub rows_checked: u64,
+    /// Rows written before the chain existed (before migration 0004): not covered.
+    pub unchained_rows: u64,
+    pub broken: Option<BrokenLink>,
+}
+
+/// Rotation, expiry, the audit chain and the event outbox.
+#[async_trait]
+pub trait LifecycleStore: Send + Sync {
+    /// Rotates `old` into `new` in one transaction: inserts `new` (its settings are the caller's to
+    /// copy; `max_api_keys` is not checked, the old key is going away) with `rotated_from` = `old` and
+    /// the old key's lineage, sets the old key's `replaced_by` and schedules its revocation (reason
+    /// `rotated`) at `revoke_at` (never later than an earlier scheduled revocation), writes a `rotate`
+    /// audit row for the old key and a `create` row for the new one, and a `key.rotated` event.
+    /// `Conflict` when `old` was already rotated or is revoked; `NotFound` when it does not exist.
+    async fn rotate_key(
+        &self,
+        old: KeyId,
+        new: NewKey,
+        revoke_at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Rotation>;
+
+    /// Keys that are usable at `now` and expire in `(now, until]`, soonest first (at most `limit`);
+    /// `organization_id` `None`: every organization.
+    async fn list_expiring_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ApiKey>>;
+
+    /// Deactivates every active, unrevoked key of `organization_id` (every organization for `None`)
+    /// whose `expires_at` has passed at `now`: one `expire` audit row and one `key.expired` event each.
+    /// Returns the keys as they are after.
+    async fn expire_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ApiKey>>;
+
+    /// Writes a `key.expiring` event for every usable key expiring within `days` days of `now` that has
+    /// not had one for this threshold (and this expiry) yet; returns the new events.
+    async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>>;
+
+    /// Walks the whole audit chain, oldest row first.
+    async fn verify_audit_chain(&self) -> StoreResult<AuditChainReport>;
+
+    /// Outbox events after `after` (by id, oldest first), at most `limit`.
+    async fn list_events(&self, after: Option<Uuid>, limit: u32) -> StoreResult<Vec<Event>>;
+}
+
+/// The audit details of a rotation, for the old key.
+pub(crate) fn rotate_details(before: &ApiKey, after: &ApiKey, new_id: KeyId) -> Value {
+    let mut details = keyward_core::diff::diff(&before.audit_json(), &after.audit_json()).unwrap_or_else(|| json!({}));
+    if let Some(map) = details.as_object_mut() {
+        map.insert("replaced_by".to_owned(), json!(new_id));
+    }
+    details
+}
+
+/// The dedup key of a `key.expiring` event: once per key, threshold and expiry date (a key whose
+/// expiry is moved gets a new notice).
+pub(crate) fn expiring_dedup(key: &ApiKey, days: u32) -> String {
+    let expires = key.expires_at.map(|at| at.timestamp()).unwrap_or_default();
+    format!("key.expiring:{}:{days}d:{expires}", key.id)
+}
+
+/// Turns a walk of rows into a report; shared by both backends.
+pub(crate) fn report(walker: &keyward_core::audit_chain::ChainWalker, broken: Option<BrokenLink>) -> AuditChainReport {
+    AuditChainReport {
+        intact: broken.is_none(),
+        rows_checked: walker.checked,
+        unchained_rows: walker.unchained,
+        broken,
+    }
+}

@@ -1,0 +1,7 @@
+-- Reverts 0004_lifecycle. Audit rows stay; they lose their hashes.
+DROP INDEX IF EXISTS events_organization_id_id;
+DROP TABLE IF EXISTS events;
+DROP TABLE IF EXISTS audit_chain;
+ALTER TABLE audit_log DROP COLUMN row_hash;
+ALTER TABLE audit_log DROP COLUMN prev_hash;
+ALTER TABLE api_keys DROP COLUMN lineage_id;
