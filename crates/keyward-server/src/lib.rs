@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/import", post(routes::import::import_keys))
         .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
+        .route("/v1/keys/{id}/rotate", post(keys::rotate_key))
         .route("/v1/me", get(me::me))
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))

@@ -88,7 +88,8 @@ pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: Dat
         &overrides(&found.org_limits),
         &overrides(&key.limits),
     );
-    let rate = state.limiter.check(&format!("key:{}", key.id), &limits.rate(), 1, now).await;
+    // Counted under the key's lineage: the old and new key of a rotation share one allowance.
+    let rate = state.limiter.check(&format!("key:{}", key.lineage()), &limits.rate(), 1, now).await;
     if !rate.allowed {
         return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
     }
@@ -98,10 +99,10 @@ pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: Dat
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
 
-/// The quota counter a key draws from.
+/// The quota counter a key draws from; a key's own quota is shared by its rotation lineage.
 pub fn quota_subject(found: &KeyWithOrg) -> String {
     match found.key.limits.monthly_request_limit {
-        Some(_) => format!("quota:key:{}", found.key.id),
+        Some(_) => format!("quota:key:{}", found.key.lineage()),
         None => format!("quota:org:{}", found.key.organization_id),
     }
 }

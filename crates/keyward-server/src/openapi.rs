@@ -24,7 +24,7 @@ impl Modify for BearerAuth {
     info(title = "Keyward", description = "Self-hosted API keys: issue, verify, limit, audit."),
     paths(
         verify::verify,
-        keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key,
+        keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key, keys::rotate_key,
         crate::routes::import::import_keys,
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,

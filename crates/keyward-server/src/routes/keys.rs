@@ -12,8 +12,8 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
-use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse};
-use crate::service::{self, CreateKeyRequest, UpdateKeyRequest, Validator};
+use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse, RotatedKeyResponse};
+use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
 /// SECURITY: a key may grant only the `keyward:` scopes it holds itself (admin grants any), and a
@@ -200,4 +200,43 @@ pub async fn revoke_key(
     let now = state.clock.now();
     state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rotate a key: a new key with the same settings (shown once), the old one revoked (reason `rotated`)
+/// when the grace period ends. Rate-limit and quota counters are shared by the two. A key rotated
+/// before, or revoked, answers 409.
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = String, Path, description = "key id")),
+    request_body = RotateKeyRequest,
+    responses((status = 201, body = RotatedKeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn rotate_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+    body: JsonBody,
+) -> ApiResult<Response> {
+    caller.require_key_write()?;
+    let old = visible_key(&state, &caller, id, true).await?;
+    let body: RotateKeyRequest = body.parse()?;
+    let now = state.clock.now();
+    let draft = body.validate(&Validator { plans: &state.plans, now })?;
+    // SECURITY: the new key carries the old key's scopes, so rotating is granting them: a caller may
+    // rotate only a key whose `keyward:` scopes it holds itself (else rotation would mint a key with
+    // more power than the caller's).
+    check_grant(&caller, &old.scopes, caller.self_service_only(true))?;
+    let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
+    let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
+    tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");
+    let body = RotatedKeyResponse {
+        key: plain.expose_secret().to_owned(),
+        api_key: KeyResponse::new(rotation.new, now),
+        old_api_key: KeyResponse::new(rotation.old, now),
+    };
+    // SECURITY: the response carries a key: no cache may store it.
+    let headers = crate::limits::headers(&limit, now);
+    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
+        .into_response())
 }

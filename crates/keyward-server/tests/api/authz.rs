@@ -14,6 +14,7 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/keys/{id}", Some("keyward:keys:read")),
     ("patch", "/v1/keys/{id}", Some("keyward:keys:write")),
     ("delete", "/v1/keys/{id}", Some("keyward:keys:write")),
+    ("post", "/v1/keys/{id}/rotate", Some("keyward:keys:write")),
     ("post", "/v1/keys/import", Some("keyward:admin")),
     ("get", "/v1/me", None),
     ("post", "/v1/organizations", Some("keyward:admin")),

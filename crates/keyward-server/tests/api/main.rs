@@ -12,6 +12,7 @@ mod isolation;
 mod keys_create;
 mod keys_item;
 mod keys_list;
+mod keys_rotate;
 mod legacy;
 mod limits;
 mod me_health;
