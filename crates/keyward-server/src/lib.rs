@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))
         .route("/v1/audit-logs", get(audit::list_audit))
+        .route("/v1/audit-logs/verify", get(audit::verify_audit))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
     let api = Router::new()
         .route("/v1/verify", post(verify::verify))

@@ -28,7 +28,7 @@ impl Modify for BearerAuth {
         crate::routes::import::import_keys,
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,
-        audit::list_audit,
+        audit::list_audit, audit::verify_audit,
         health::healthz, health::readyz, crate::telemetry::render,
     ),
     modifiers(&BearerAuth)

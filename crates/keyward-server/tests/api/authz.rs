@@ -22,6 +22,7 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/organizations/{id}", Some("keyward:admin")),
     ("patch", "/v1/organizations/{id}", Some("keyward:admin")),
     ("get", "/v1/audit-logs", Some("keyward:audit:read")),
+    ("get", "/v1/audit-logs/verify", Some("keyward:admin")),
     ("get", "/healthz", None),
     ("get", "/readyz", None),
     ("get", "/metrics", None),
