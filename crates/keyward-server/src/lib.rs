@@ -6,6 +6,7 @@ pub mod client_ip;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod lifecycle;
 pub mod limits;
 pub mod model;
 pub mod openapi;
@@ -40,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/import", post(routes::import::import_keys))
         .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
         .route("/v1/keys/{id}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/expiring", get(keys::list_expiring))
+        .route("/v1/keys/cleanup-expired", post(keys::cleanup_expired))
         .route("/v1/me", get(me::me))
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))

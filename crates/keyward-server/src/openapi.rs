@@ -25,6 +25,7 @@ impl Modify for BearerAuth {
     paths(
         verify::verify,
         keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key, keys::rotate_key,
+        keys::list_expiring, keys::cleanup_expired,
         crate::routes::import::import_keys,
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,

@@ -199,6 +199,7 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
+    state.lifecycle = config.lifecycle;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
@@ -227,6 +228,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Imports made by the CLI or another node while this one runs are noticed within LEGACY_REFRESH.
     let _legacy_refresher = state.legacy.spawn_refresher(state.store.clone(), keyward_server::state::LEGACY_REFRESH);
+    // Expired keys are deactivated and `key.expiring` notices written on a schedule.
+    let _sweeper = keyward_server::lifecycle::spawn_sweeper(state.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -39,6 +39,8 @@ pub struct Config {
     /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
     pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
     pub protection: keyward_server::limits::Protection,
+    /// The expiry sweeper and the `key.expiring` threshold.
+    pub lifecycle: keyward_server::lifecycle::LifecycleSettings,
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -137,6 +139,7 @@ impl Default for Config {
             limiter_failure_policy: keyward_limit::FailurePolicy::default(),
             plans: Default::default(),
             protection: Default::default(),
+            lifecycle: Default::default(),
         }
     }
 }
@@ -177,7 +180,7 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 3] = ["gateway__", "plans__", "protection__"];
+const SECTIONS: [&str; 4] = ["gateway__", "plans__", "protection__", "lifecycle__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -235,9 +238,10 @@ impl Config {
     pub fn show(&self) -> String {
         let gateway = toml_section(&self.gateway);
         let protection = toml_section(&self.protection);
+        let lifecycle = toml_section(&self.lifecycle);
         let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[lifecycle]\n{lifecycle}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },

@@ -15,6 +15,8 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("patch", "/v1/keys/{id}", Some("keyward:keys:write")),
     ("delete", "/v1/keys/{id}", Some("keyward:keys:write")),
     ("post", "/v1/keys/{id}/rotate", Some("keyward:keys:write")),
+    ("get", "/v1/keys/expiring", Some("keyward:keys:read")),
+    ("post", "/v1/keys/cleanup-expired", Some("keyward:keys:write")),
     ("post", "/v1/keys/import", Some("keyward:admin")),
     ("get", "/v1/me", None),
     ("post", "/v1/organizations", Some("keyward:admin")),

@@ -10,6 +10,7 @@ mod helpers;
 mod import;
 mod isolation;
 mod keys_create;
+mod keys_expiry;
 mod keys_item;
 mod keys_list;
 mod keys_rotate;
