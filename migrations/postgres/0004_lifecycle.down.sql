@@ -1,4 +1,7 @@
 -- Reverts 0004_lifecycle. Audit rows stay; they lose their hashes.
+DROP TABLE IF EXISTS webhook_attempts;
+DROP TABLE IF EXISTS webhook_deliveries;
+DROP TABLE IF EXISTS webhook_endpoints;
 DROP TABLE IF EXISTS events;
 DROP TABLE IF EXISTS audit_chain;
 ALTER TABLE audit_log DROP COLUMN row_hash;

@@ -1,4 +1,8 @@
 -- Reverts 0004_lifecycle. Audit rows stay; they lose their hashes.
+DROP TABLE IF EXISTS webhook_attempts;
+DROP TABLE IF EXISTS webhook_deliveries;
+DROP TABLE IF EXISTS webhook_endpoints;
+DROP INDEX IF EXISTS events_undispatched;
 DROP INDEX IF EXISTS events_organization_id_id;
 DROP TABLE IF EXISTS events;
 DROP TABLE IF EXISTS audit_chain;

@@ -193,6 +193,105 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     out.into_iter().flatten().collect()
 }
 
+/// Webhooks: CRUD (audited, never the secret), outbox events dispatched once to the active subscribed
+/// endpoints of the event's organization, deliveries claimed under a lease, attempts recorded, retried.
+pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
+    use crate::{Attempt, AttemptOutcome, NewWebhook, WebhookPatch, WebhookSecret};
+    // Clear what other cases left in the outbox, so the counts below are this case's.
+    store.dispatch_events(at(0), at(0), 100_000).await.must("drain");
+    let org = org(store, None).await;
+    let other = org_id_only(store).await;
+    let cli = Actor::cli(at(0));
+    let hook = |events: &[&str], is_active: bool, organization_id| NewWebhook {
+        id: uuid::Uuid::now_v7(),
+        organization_id,
+        url: "http://127.0.0.1:9/hook".to_owned(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        is_active,
+        secret: WebhookSecret("whsec_test_secret_value".to_owned()),
+        description: None,
+    };
+    let created_only = store.insert_webhook(hook(&["key.created"], true, org.id), &cli).await.must("hook 1");
+    let all = store.insert_webhook(hook(&[], true, org.id), &cli).await.must("hook 2");
+    let inactive = store.insert_webhook(hook(&[], false, org.id), &cli).await.must("hook 3");
+    let foreign = store.insert_webhook(hook(&[], true, other), &cli).await.must("hook 4");
+    assert_eq!(store.get_webhook(all.id).await.must("get"), all);
+    let listed: Vec<_> = store.list_webhooks(Some(org.id)).await.must("list").iter().map(|h| h.id).collect();
+    assert_eq!(listed, [inactive.id, all.id, created_only.id]);
+    let rows = crate::conformance_lifecycle::org_rows(store, org.id).await;
+    assert!(rows.iter().any(|r| r.action == "webhook_create"));
+    assert!(!format!("{rows:?}").contains("whsec_test_secret_value"), "SECURITY: no secret in the audit trail");
+
+    let k = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.must("insert key");
+    store.revoke_key(k.id, "revoked", at(2), &Actor::cli(at(2))).await.must("revoke");
+    let made = store.dispatch_events(at(3), at(3) + Duration::hours(24), 1_000).await.must("dispatch");
+    assert_eq!(made, 3, "created → 2 endpoints, revoked → 1");
+    assert_eq!(store.dispatch_events(at(3), at(3), 1_000).await.must("again"), 0, "each event once");
+    assert!(store.list_deliveries(foreign.id, 10).await.must("foreign").is_empty(), "tenant isolation");
+    assert!(store.list_deliveries(inactive.id, 10).await.must("inactive").is_empty());
+
+    let jobs = store.claim_deliveries(at(3), at(4), 10).await.must("claim");
+    let jobs: Vec<_> =
+        jobs.into_iter().filter(|j| [created_only.id, all.id].contains(&j.delivery.endpoint_id)).collect();
+    assert_eq!(jobs.len(), 3);
+    assert!(jobs.iter().all(|j| j.secret.0 == "whsec_test_secret_value"));
+    let first = &jobs[0];
+    assert_eq!(first.delivery.payload["type"], json!(first.delivery.event));
+    assert_eq!(first.delivery.payload["id"], json!(first.delivery.event_id));
+    assert!(
+        store
+            .claim_deliveries(at(3), at(4), 10)
+            .await
+            .must("leased")
+            .iter()
+            .all(|j| !jobs.iter().any(|m| m.delivery.id == j.delivery.id)),
+        "leased"
+    );
+
+    let failed = Attempt { attempted_at: at(3), status_code: Some(503), latency_ms: 12, error: Some("503".into()) };
+    store.record_attempt(first.delivery.id, &failed, AttemptOutcome::RetryAt(at(5))).await.must("attempt 1");
+    for j in &jobs[1..] {
+        let ok = Attempt { attempted_at: at(3), status_code: Some(200), latency_ms: 3, error: None };
+        store.record_attempt(j.delivery.id, &ok, AttemptOutcome::Succeeded).await.must("ok");
+    }
+    let again = store.claim_deliveries(at(5), at(6), 10).await.must("claim again");
+    assert_eq!(again.iter().filter(|j| j.delivery.id == first.delivery.id).count(), 1);
+    let ok = Attempt { attempted_at: at(5), status_code: Some(204), latency_ms: 4, error: None };
+    store.record_attempt(first.delivery.id, &ok, AttemptOutcome::Succeeded).await.must("attempt 2");
+    let attempts = store.list_attempts(first.delivery.id).await.must("attempts");
+    assert_eq!(attempts, [failed, ok]);
+    let deliveries = store.list_deliveries(first.delivery.endpoint_id, 10).await.must("deliveries");
+    let d = deliveries.iter().find(|d| d.id == first.delivery.id).must_some(Tamper::Change);
+    assert_eq!(
+        (d.status.as_str(), d.attempts, d.last_status_code, d.next_attempt_at),
+        ("succeeded", 2, Some(204), None)
+    );
+
+    let retried = store.retry_delivery(d.endpoint_id, d.id, at(7), at(8)).await.must("retry");
+    assert_eq!((retried.status.as_str(), retried.next_attempt_at), ("pending", Some(at(7))));
+    let wrong = store.retry_delivery(foreign.id, d.id, at(7), at(8)).await;
+    assert!(matches!(wrong, Err(StoreError::NotFound)), "{wrong:?}");
+
+    let patch = WebhookPatch { is_active: Some(false), events: Some(vec!["key.revoked".into()]), ..Default::default() };
+    let updated = store.update_webhook(all.id, patch, &cli).await.must("update");
+    assert_eq!((updated.is_active, updated.events.clone()), (false, vec!["key.revoked".to_owned()]));
+    store.delete_webhook(all.id, &cli).await.must("delete");
+    assert!(matches!(store.get_webhook(all.id).await, Err(StoreError::NotFound)));
+    assert!(store.list_deliveries(all.id, 10).await.must("gone").is_empty());
+    // Events recorded on their own, with a dedup key, happen once.
+    let k2 = store.get_key(k.id).await.must("get key");
+    let e = crate::Event::about_key("quota.threshold", &k2, json!({"percent": 80}), at(9));
+    assert!(store.record_event(&e, Some("quota:test:80")).await.must("record"));
+    let e2 = crate::Event::about_key("quota.threshold", &k2, json!({"percent": 80}), at(9));
+    assert!(!store.record_event(&e2, Some("quota:test:80")).await.must("record twice"));
+    assert!(store.verify_audit_chain().await.must("verify").intact);
+}
+
+async fn org_rows(store: &dyn Store, org: crate::OrgId) -> Vec<AuditEntry> {
+    let filter = AuditFilter { organization_id: Some(org), ..Default::default() };
+    store.list_audit(&filter, PageRequest { after: None, limit: 100 }).await.must("list_audit").items
+}
+
 /// A way to tamper with the audit log behind the store's back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tamper {
@@ -270,4 +369,5 @@ pub const CASES: &[&str] = &[
     "revoked_keys_are_not_rotated",
     "expiry_lists_notifies_and_deactivates",
     "audit_chain_stays_intact",
+    "webhooks_dispatch_claim_and_record",
 ];

@@ -515,7 +515,10 @@ pub struct MigrationInfo {
     pub applied: bool,
 }
 
-pub use lifecycle::{AuditChainReport, BrokenLink, Event, LifecycleStore, Rotation};
+pub use lifecycle::{
+    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, LifecycleStore, NewWebhook,
+    Rotation, Webhook, WebhookPatch, WebhookSecret,
+};
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]

@@ -601,6 +601,7 @@ impl Store for PostgresStore {
         let created = select_key(&mut tx, key.id, false).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -714,6 +715,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
     }
@@ -745,6 +747,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)
     }

@@ -671,6 +671,7 @@ impl Store for SqliteStore {
         let created = select_key(&mut tx, key.id).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -782,6 +783,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         let updated = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
@@ -810,6 +812,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         let revoked = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)

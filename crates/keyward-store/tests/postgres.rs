@@ -264,6 +264,7 @@ mod lifecycle {
         revoked_keys_are_not_rotated,
         expiry_lists_notifies_and_deactivates,
         audit_chain_stays_intact,
+        webhooks_dispatch_claim_and_record,
     );
 
     /// `id` is an identity column: rows are reordered by swapping everything but the id, in one

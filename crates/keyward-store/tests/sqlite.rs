@@ -201,6 +201,7 @@ mod lifecycle {
         revoked_keys_are_not_rotated,
         expiry_lists_notifies_and_deactivates,
         audit_chain_stays_intact,
+        webhooks_dispatch_claim_and_record,
     );
 
     fn tamper_sql(kind: Tamper, a: i64, b: i64) -> Vec<String> {

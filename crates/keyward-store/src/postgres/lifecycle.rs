@@ -14,9 +14,10 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key};
-use crate::lifecycle::{BrokenLink, expiring_dedup, report, rotate_details};
+use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed};
 use crate::{
-    Actor, ApiKey, AuditChainReport, Event, LifecycleStore, NewKey, Rotation, StoreError, StoreResult, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
+    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -60,6 +61,12 @@ pub(super) async fn insert_event(conn: &mut PgConnection, event: &Event, dedup: 
     Ok(done.rows_affected() == 1)
 }
 
+/// The outbox event of a change to a key, written in the change's transaction next to its audit row.
+pub(super) async fn key_event(conn: &mut PgConnection, event: &str, key: &ApiKey, actor: &Actor) -> StoreResult<()> {
+    insert_event(conn, &Event::about_key(event, key, json!({ "actor": actor.actor }), actor.at), None).await?;
+    Ok(())
+}
+
 #[derive(sqlx::FromRow)]
 struct ChainRow {
     id: i64,
@@ -95,6 +102,86 @@ impl EventRow {
             created_at: self.created_at,
         }
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct WebhookRow {
+    id: Uuid,
+    organization_id: Uuid,
+    url: String,
+    events: Vec<String>,
+    is_active: bool,
+    secret: String,
+    description: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl WebhookRow {
+    fn into_webhook(self) -> Webhook {
+        Webhook {
+            id: self.id,
+            organization_id: OrgId(self.organization_id),
+            url: self.url,
+            events: self.events,
+            is_active: self.is_active,
+            secret: WebhookSecret(self.secret),
+            description: self.description,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+const WEBHOOK_COLUMNS: &str =
+    "id, organization_id, url, events, is_active, secret, description, created_at, updated_at";
+const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, status, attempts, next_attempt_at, \
+     give_up_at, last_status_code, last_error, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    id: Uuid,
+    endpoint_id: Uuid,
+    event_id: Uuid,
+    event: String,
+    payload: Json<serde_json::Value>,
+    status: String,
+    attempts: i64,
+    next_attempt_at: Option<DateTime<Utc>>,
+    give_up_at: DateTime<Utc>,
+    last_status_code: Option<i64>,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl DeliveryRow {
+    fn into_delivery(self) -> Delivery {
+        Delivery {
+            id: self.id,
+            endpoint_id: self.endpoint_id,
+            event_id: self.event_id,
+            event: self.event,
+            payload: self.payload.0,
+            status: self.status,
+            attempts: self.attempts,
+            next_attempt_at: self.next_attempt_at,
+            give_up_at: self.give_up_at,
+            last_status_code: self.last_status_code,
+            last_error: self.last_error,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+async fn select_webhook(conn: &mut PgConnection, id: Uuid) -> StoreResult<Webhook> {
+    Ok(sqlx::query_as::<_, WebhookRow>(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .map_err(db)?
+        .into_webhook())
 }
 
 /// Rows per read of the chain walk.
@@ -304,5 +391,276 @@ impl LifecycleStore for PostgresStore {
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit.max(1)));
         let rows = qb.build_query_as::<EventRow>().fetch_all(&self.pool).await.map_err(db)?;
         Ok(rows.into_iter().map(EventRow::into_event).collect())
+    }
+
+    async fn record_event(&self, event: &Event, dedup_key: Option<&str>) -> StoreResult<bool> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        insert_event(&mut conn, event, dedup_key).await
+    }
+
+    async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, organization_id, url, events, is_active, secret, description,
+                 created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        )
+        .bind(hook.id)
+        .bind(hook.organization_id.0)
+        .bind(&hook.url)
+        .bind(&hook.events)
+        .bind(hook.is_active)
+        .bind(&hook.secret.0)
+        .bind(&hook.description)
+        .bind(stored_time(actor.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let created = select_webhook(&mut tx, hook.id).await?;
+        let details = json!({ "after": created.audit_json() });
+        append_audit(&mut tx, "webhook_create", None, created.organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn get_webhook(&self, id: Uuid) -> StoreResult<Webhook> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        select_webhook(&mut conn, id).await
+    }
+
+    async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<Webhook>> {
+        let mut qb =
+            QueryBuilder::<Postgres>::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE true"));
+        if let Some(org) = organization_id {
+            qb.push(" AND organization_id = ").push_bind(org.0);
+        }
+        qb.push(" ORDER BY id DESC LIMIT 1000");
+        let rows = qb.build_query_as::<WebhookRow>().fetch_all(&self.pool).await.map_err(db)?;
+        Ok(rows.into_iter().map(WebhookRow::into_webhook).collect())
+    }
+
+    async fn update_webhook(&self, id: Uuid, patch: WebhookPatch, actor: &Actor) -> StoreResult<Webhook> {
+        let mut tx = self.begin().await?;
+        let before = sqlx::query_as::<_, WebhookRow>(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?
+        .into_webhook();
+        let mut after = before.clone();
+        if let Some(url) = patch.url {
+            after.url = url;
+        }
+        if let Some(events) = patch.events {
+            after.events = events;
+        }
+        if let Some(is_active) = patch.is_active {
+            after.is_active = is_active;
+        }
+        if let Some(description) = patch.description {
+            after.description = description;
+        }
+        let Some(details) = keyward_core::diff::diff(&before.audit_json(), &after.audit_json()) else {
+            return Ok(before);
+        };
+        sqlx::query(
+            "UPDATE webhook_endpoints SET url = $1, events = $2, is_active = $3, description = $4, updated_at = $5
+             WHERE id = $6",
+        )
+        .bind(&after.url)
+        .bind(&after.events)
+        .bind(after.is_active)
+        .bind(&after.description)
+        .bind(stored_time(actor.at))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        append_audit(&mut tx, "webhook_update", None, before.organization_id, actor, &details).await?;
+        let updated = select_webhook(&mut tx, id).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated)
+    }
+
+    async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let before = select_webhook(&mut tx, id).await?;
+        sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
+        let details = json!({ "before": before.audit_json() });
+        append_audit(&mut tx, "webhook_delete", None, before.organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        // SKIP LOCKED: two nodes dispatching at once take different events.
+        let rows = sqlx::query_as::<_, EventRow>(
+            "SELECT id, event, organization_id, key_id, payload, created_at FROM events
+             WHERE dispatched_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut made = 0;
+        for row in rows {
+            let event = row.into_event();
+            if let Some(org) = event.organization_id {
+                let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = $1 AND is_active"
+                ))
+                .bind(org.0)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+                let body = delivery_body(&event);
+                for hook in hooks {
+                    let hook = hook.into_webhook();
+                    if !subscribed(&hook.events, &event.event) {
+                        continue;
+                    }
+                    let done = sqlx::query(
+                        "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event, payload, status, attempts,
+                             next_attempt_at, give_up_at, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $7, $6, $6)
+                         ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+                    )
+                    .bind(Uuid::now_v7())
+                    .bind(hook.id)
+                    .bind(event.id)
+                    .bind(&event.event)
+                    .bind(Json(&body))
+                    .bind(stored_time(now))
+                    .bind(stored_time(give_up_at))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    made += done.rows_affected() as usize;
+                }
+            }
+            sqlx::query("UPDATE events SET dispatched_at = $1 WHERE id = $2")
+                .bind(stored_time(now))
+                .bind(event.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(made)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryJob>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "UPDATE webhook_deliveries SET next_attempt_at = $1
+             WHERE id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $2
+                          ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(stored_time(lease_until))
+        .bind(now)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let delivery = row.into_delivery();
+            let hook = select_webhook(&mut tx, delivery.endpoint_id).await?;
+            jobs.push(DeliveryJob { delivery, url: hook.url, secret: hook.secret });
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(jobs)
+    }
+
+    async fn record_attempt(&self, delivery: Uuid, attempt: &Attempt, outcome: AttemptOutcome) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, error)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(delivery)
+        .bind(stored_time(attempt.attempted_at))
+        .bind(attempt.status_code)
+        .bind(attempt.latency_ms)
+        .bind(&attempt.error)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, next_attempt_at = $2,
+                 last_status_code = $3, last_error = $4, updated_at = $5
+             WHERE id = $6",
+        )
+        .bind(outcome.status())
+        .bind(outcome.next_attempt_at().map(stored_time))
+        .bind(attempt.status_code)
+        .bind(&attempt.error)
+        .bind(stored_time(attempt.attempted_at))
+        .bind(delivery)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>> {
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(endpoint)
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(DeliveryRow::into_delivery).collect())
+    }
+
+    async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
+        let rows: Vec<(DateTime<Utc>, Option<i64>, i64, Option<String>)> = sqlx::query_as(
+            "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts WHERE delivery_id = $1
+             ORDER BY id",
+        )
+        .bind(delivery)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(attempted_at, status_code, latency_ms, error)| Attempt {
+                attempted_at,
+                status_code,
+                latency_ms,
+                error,
+            })
+            .collect())
+    }
+
+    async fn retry_delivery(
+        &self,
+        endpoint: Uuid,
+        delivery: Uuid,
+        now: DateTime<Utc>,
+        give_up_at: DateTime<Utc>,
+    ) -> StoreResult<Delivery> {
+        let row = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1, give_up_at = $2, updated_at = $1
+             WHERE id = $3 AND endpoint_id = $4 RETURNING {DELIVERY_COLUMNS}"
+        ))
+        .bind(stored_time(now))
+        .bind(stored_time(give_up_at))
+        .bind(delivery)
+        .bind(endpoint)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(DeliveryRow::into_delivery).ok_or(StoreError::NotFound)
     }
 }

@@ -15,9 +15,10 @@ use super::{
     KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
     select_key, ts,
 };
-use crate::lifecycle::{BrokenLink, expiring_dedup, report, rotate_details};
+use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed};
 use crate::{
-    Actor, ApiKey, AuditChainReport, Event, LifecycleStore, NewKey, Rotation, StoreError, StoreResult, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
+    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -64,6 +65,17 @@ pub(super) async fn insert_event(conn: &mut SqliteConnection, event: &Event, ded
     Ok(done.rows_affected() == 1)
 }
 
+/// The outbox event of a change to a key, written in the change's transaction next to its audit row.
+pub(super) async fn key_event(
+    conn: &mut SqliteConnection,
+    event: &str,
+    key: &ApiKey,
+    actor: &Actor,
+) -> StoreResult<()> {
+    insert_event(conn, &Event::about_key(event, key, json!({ "actor": actor.actor }), actor.at), None).await?;
+    Ok(())
+}
+
 #[derive(sqlx::FromRow)]
 struct ChainRow {
     id: i64,
@@ -99,6 +111,95 @@ impl EventRow {
             created_at: parse_ts(&self.created_at, "events.created_at")?,
         })
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct WebhookRow {
+    id: String,
+    organization_id: String,
+    url: String,
+    events: String,
+    is_active: bool,
+    secret: String,
+    description: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl WebhookRow {
+    fn into_webhook(self) -> StoreResult<Webhook> {
+        Ok(Webhook {
+            id: super::parse_id(&self.id, "webhook_endpoints.id")?,
+            organization_id: super::parse_id(&self.organization_id, "webhook_endpoints.organization_id")?,
+            url: self.url,
+            events: parse_json(&self.events, "webhook_endpoints.events")?,
+            is_active: self.is_active,
+            secret: WebhookSecret(self.secret),
+            description: self.description,
+            created_at: parse_ts(&self.created_at, "webhook_endpoints.created_at")?,
+            updated_at: parse_ts(&self.updated_at, "webhook_endpoints.updated_at")?,
+        })
+    }
+}
+
+const WEBHOOK_COLUMNS: &str =
+    "id, organization_id, url, events, is_active, secret, description, created_at, updated_at";
+const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, status, attempts, next_attempt_at, \
+     give_up_at, last_status_code, last_error, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    id: String,
+    endpoint_id: String,
+    event_id: String,
+    event: String,
+    payload: String,
+    status: String,
+    attempts: i64,
+    next_attempt_at: Option<String>,
+    give_up_at: String,
+    last_status_code: Option<i64>,
+    last_error: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl DeliveryRow {
+    fn into_delivery(self) -> StoreResult<Delivery> {
+        Ok(Delivery {
+            id: super::parse_id(&self.id, "webhook_deliveries.id")?,
+            endpoint_id: super::parse_id(&self.endpoint_id, "webhook_deliveries.endpoint_id")?,
+            event_id: super::parse_id(&self.event_id, "webhook_deliveries.event_id")?,
+            event: self.event,
+            payload: parse_json(&self.payload, "webhook_deliveries.payload")?,
+            status: self.status,
+            attempts: self.attempts,
+            next_attempt_at: super::parse_opt_ts(self.next_attempt_at, "webhook_deliveries.next_attempt_at")?,
+            give_up_at: parse_ts(&self.give_up_at, "webhook_deliveries.give_up_at")?,
+            last_status_code: self.last_status_code,
+            last_error: self.last_error,
+            created_at: parse_ts(&self.created_at, "webhook_deliveries.created_at")?,
+            updated_at: parse_ts(&self.updated_at, "webhook_deliveries.updated_at")?,
+        })
+    }
+}
+
+async fn select_webhook(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Webhook> {
+    sqlx::query_as::<_, WebhookRow>(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = ?"))
+        .bind(id.to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db)?
+        .into_webhook()
+}
+
+async fn select_delivery(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Delivery> {
+    sqlx::query_as::<_, DeliveryRow>(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?"))
+        .bind(id.to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db)?
+        .into_delivery()
 }
 
 /// Rows per read of the chain walk.
@@ -297,5 +398,288 @@ impl LifecycleStore for SqliteStore {
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit.max(1)));
         let rows = qb.build_query_as::<EventRow>().fetch_all(&self.read).await.map_err(db)?;
         rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn record_event(&self, event: &Event, dedup_key: Option<&str>) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let written = insert_event(&mut tx, event, dedup_key).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(written)
+    }
+
+    async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, organization_id, url, events, is_active, secret, description,
+                 created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(hook.id.to_string())
+        .bind(hook.organization_id.to_string())
+        .bind(&hook.url)
+        .bind(json_text(&hook.events)?)
+        .bind(hook.is_active)
+        .bind(&hook.secret.0)
+        .bind(&hook.description)
+        .bind(ts(actor.at))
+        .bind(ts(actor.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let created = select_webhook(&mut tx, hook.id).await?;
+        let details = json!({ "after": created.audit_json() });
+        append_audit(&mut tx, "webhook_create", None, created.organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(created)
+    }
+
+    async fn get_webhook(&self, id: Uuid) -> StoreResult<Webhook> {
+        let mut conn = self.read.acquire().await.map_err(db)?;
+        select_webhook(&mut conn, id).await
+    }
+
+    async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<Webhook>> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE 1 = 1"));
+        if let Some(org) = organization_id {
+            qb.push(" AND organization_id = ").push_bind(org.to_string());
+        }
+        qb.push(" ORDER BY id DESC LIMIT 1000");
+        let rows = qb.build_query_as::<WebhookRow>().fetch_all(&self.read).await.map_err(db)?;
+        rows.into_iter().map(WebhookRow::into_webhook).collect()
+    }
+
+    async fn update_webhook(&self, id: Uuid, patch: WebhookPatch, actor: &Actor) -> StoreResult<Webhook> {
+        let mut tx = self.begin_write().await?;
+        let before = select_webhook(&mut tx, id).await?;
+        let mut after = before.clone();
+        if let Some(url) = patch.url {
+            after.url = url;
+        }
+        if let Some(events) = patch.events {
+            after.events = events;
+        }
+        if let Some(is_active) = patch.is_active {
+            after.is_active = is_active;
+        }
+        if let Some(description) = patch.description {
+            after.description = description;
+        }
+        let Some(details) = keyward_core::diff::diff(&before.audit_json(), &after.audit_json()) else {
+            return Ok(before);
+        };
+        sqlx::query(
+            "UPDATE webhook_endpoints SET url = ?, events = ?, is_active = ?, description = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(&after.url)
+        .bind(json_text(&after.events)?)
+        .bind(after.is_active)
+        .bind(&after.description)
+        .bind(ts(actor.at))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        append_audit(&mut tx, "webhook_update", None, before.organization_id, actor, &details).await?;
+        let updated = select_webhook(&mut tx, id).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated)
+    }
+
+    async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let before = select_webhook(&mut tx, id).await?;
+        sqlx::query("DELETE FROM webhook_endpoints WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let details = json!({ "before": before.audit_json() });
+        append_audit(&mut tx, "webhook_delete", None, before.organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query_as::<_, EventRow>(
+            "SELECT id, event, organization_id, key_id, payload, created_at FROM events
+             WHERE dispatched_at IS NULL ORDER BY id LIMIT ?",
+        )
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut made = 0;
+        for row in rows {
+            let event = row.into_event()?;
+            if let Some(org) = event.organization_id {
+                let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = ? AND is_active = 1"
+                ))
+                .bind(org.to_string())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+                let body = json_text(&delivery_body(&event))?;
+                for hook in hooks {
+                    let hook = hook.into_webhook()?;
+                    if !subscribed(&hook.events, &event.event) {
+                        continue;
+                    }
+                    let done = sqlx::query(
+                        "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event, payload, status, attempts,
+                             next_attempt_at, give_up_at, created_at, updated_at)
+                         VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)
+                         ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+                    )
+                    .bind(Uuid::now_v7().to_string())
+                    .bind(hook.id.to_string())
+                    .bind(event.id.to_string())
+                    .bind(&event.event)
+                    .bind(&body)
+                    .bind(ts(now))
+                    .bind(ts(give_up_at))
+                    .bind(ts(now))
+                    .bind(ts(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    made += done.rows_affected() as usize;
+                }
+            }
+            sqlx::query("UPDATE events SET dispatched_at = ? WHERE id = ?")
+                .bind(ts(now))
+                .bind(event.id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(made)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryJob>> {
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?
+             ORDER BY next_attempt_at, id LIMIT ?",
+        )
+        .bind(ts(now))
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE id = ?")
+                .bind(ts(lease_until))
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let delivery = select_delivery(&mut tx, super::parse_id(&id, "webhook_deliveries.id")?).await?;
+            let hook = select_webhook(&mut tx, delivery.endpoint_id).await?;
+            jobs.push(DeliveryJob { delivery, url: hook.url, secret: hook.secret });
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(jobs)
+    }
+
+    async fn record_attempt(&self, delivery: Uuid, attempt: &Attempt, outcome: AttemptOutcome) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, error)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(delivery.to_string())
+        .bind(ts(attempt.attempted_at))
+        .bind(attempt.status_code)
+        .bind(attempt.latency_ms)
+        .bind(&attempt.error)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_attempt_at = ?,
+                 last_status_code = ?, last_error = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(outcome.status())
+        .bind(outcome.next_attempt_at().map(ts))
+        .bind(attempt.status_code)
+        .bind(&attempt.error)
+        .bind(ts(attempt.attempted_at))
+        .bind(delivery.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>> {
+        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(endpoint.to_string())
+        .bind(i64::from(limit.max(1)))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db)?;
+        rows.into_iter().map(DeliveryRow::into_delivery).collect()
+    }
+
+    async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
+        let rows: Vec<(String, Option<i64>, i64, Option<String>)> = sqlx::query_as(
+            "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts WHERE delivery_id = ?
+             ORDER BY id",
+        )
+        .bind(delivery.to_string())
+        .fetch_all(&self.read)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|(at, status_code, latency_ms, error)| {
+                Ok(Attempt {
+                    attempted_at: parse_ts(&at, "webhook_attempts.attempted_at")?,
+                    status_code,
+                    latency_ms,
+                    error,
+                })
+            })
+            .collect()
+    }
+
+    async fn retry_delivery(
+        &self,
+        endpoint: Uuid,
+        delivery: Uuid,
+        now: DateTime<Utc>,
+        give_up_at: DateTime<Utc>,
+    ) -> StoreResult<Delivery> {
+        let mut tx = self.begin_write().await?;
+        let found = select_delivery(&mut tx, delivery).await?;
+        if found.endpoint_id != endpoint {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = ?, give_up_at = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(ts(now))
+        .bind(ts(give_up_at))
+        .bind(ts(now))
+        .bind(delivery.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let updated = select_delivery(&mut tx, delivery).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(updated)
     }
 }
