@@ -17,6 +17,7 @@ pub mod outcome;
 pub mod plan;
 pub mod scope;
 pub mod status;
+pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use hash::{HashAlgorithm, KeyHash, KeyHasher, PepperError};

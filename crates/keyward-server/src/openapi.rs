@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, health, keys, me, orgs, verify};
+use crate::routes::{audit, health, keys, me, orgs, verify, webhooks};
 
 struct BearerAuth;
 
@@ -30,6 +30,8 @@ impl Modify for BearerAuth {
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,
         audit::list_audit, audit::verify_audit,
+        webhooks::create_webhook, webhooks::list_webhooks, webhooks::get_webhook, webhooks::update_webhook,
+        webhooks::delete_webhook, webhooks::list_deliveries, webhooks::retry_delivery,
         health::healthz, health::readyz, crate::telemetry::render,
     ),
     modifiers(&BearerAuth)

@@ -29,6 +29,8 @@ pub struct AppState {
     pub legacy: LegacyKeys,
     /// The expiry sweeper's schedule and the `key.expiring` threshold.
     pub lifecycle: crate::lifecycle::LifecycleSettings,
+    /// Webhook delivery settings (private targets, timeout, retries).
+    pub webhooks: crate::webhooks::WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
 }
@@ -47,6 +49,7 @@ impl AppState {
             trusted_proxies: Arc::new([]),
             legacy: LegacyKeys::default(),
             lifecycle: crate::lifecycle::LifecycleSettings::default(),
+            webhooks: crate::webhooks::WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
         }
     }

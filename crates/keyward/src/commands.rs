@@ -200,6 +200,7 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
     state.lifecycle = config.lifecycle;
+    state.webhooks = config.webhooks;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
@@ -230,6 +231,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _legacy_refresher = state.legacy.spawn_refresher(state.store.clone(), keyward_server::state::LEGACY_REFRESH);
     // Expired keys are deactivated and `key.expiring` notices written on a schedule.
     let _sweeper = keyward_server::lifecycle::spawn_sweeper(state.clone());
+    // Outbox events become signed webhook deliveries.
+    let _webhooks = keyward_server::webhooks::spawn_worker(state.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
