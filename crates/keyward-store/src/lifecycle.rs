@@ -266,7 +266,8 @@ pub trait LifecycleStore: Send + Sync {
     async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()>;
 
     /// Turns undispatched outbox events (oldest first, at most `limit`) into one pending delivery per
-    /// active subscribed endpoint of the event's organization, due at `now` and given up at
+    /// active subscribed endpoint of the event's organization that existed before the event (ids are
+    /// UUIDv7, so they compare by creation time), due at `now` and given up at
     /// `give_up_at`, and marks the events dispatched; one transaction. Returns deliveries made.
     async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize>;
     /// Claims up to `limit` pending deliveries due at `now` for one attempt each: their next attempt

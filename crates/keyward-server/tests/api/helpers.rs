@@ -83,6 +83,15 @@ impl TestApp {
         }
     }
 
+    /// The URL of the test's database, for a second "process" on it.
+    pub fn database_url(&self) -> String {
+        match &self._guard {
+            Guard::Dir(dir) => format!("sqlite://{}", dir.path().join("keyward.db").display()),
+            Guard::Schema(schema) => schema.url().to_owned(),
+            Guard::None => panic!("no database URL"),
+        }
+    }
+
     /// Runs SQL on the test's database behind the store's back (to tamper with it).
     pub async fn exec_sql(&self, sql: &str) {
         use sqlx::Connection;

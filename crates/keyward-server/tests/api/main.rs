@@ -20,3 +20,4 @@ mod me_health;
 mod orgs;
 mod secrets;
 mod verify;
+mod webhooks;

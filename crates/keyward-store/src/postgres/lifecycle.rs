@@ -509,9 +509,10 @@ impl LifecycleStore for PostgresStore {
             let event = row.into_event();
             if let Some(org) = event.organization_id {
                 let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
-                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = $1 AND is_active"
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = $1 AND is_active AND id < $2"
                 ))
                 .bind(org.0)
+                .bind(event.id)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db)?;

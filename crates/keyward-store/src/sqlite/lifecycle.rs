@@ -515,9 +515,10 @@ impl LifecycleStore for SqliteStore {
             let event = row.into_event()?;
             if let Some(org) = event.organization_id {
                 let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
-                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = ? AND is_active = 1"
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = ? AND is_active = 1 AND id < ?"
                 ))
                 .bind(org.to_string())
+                .bind(event.id.to_string())
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db)?;
