@@ -204,6 +204,16 @@ pub fn subscribed(events: &[String], event: &str) -> bool {
     events.is_empty() || events.iter().any(|e| e == event)
 }
 
+/// Whether an endpoint (already of the event's organization) receives `event`. An event of no
+/// organization (`auth.failures_spike`) goes only to endpoints that named it, which only
+/// `keyward:admin` may do; "every event" does not include it.
+pub fn subscribed_to(events: &[String], event: &Event) -> bool {
+    match event.organization_id {
+        Some(_) => subscribed(events, &event.event),
+        None => events.contains(&event.event),
+    }
+}
+
 /// Rotation, expiry, the audit chain and the event outbox.
 #[async_trait]
 pub trait LifecycleStore: Send + Sync {

@@ -158,6 +158,16 @@ pub struct UpdateWebhookRequest {
     pub description: Option<Option<String>>,
 }
 
+/// Events that belong to no organization: only `keyward:admin` may subscribe to them.
+const ADMIN_EVENTS: &[&str] = &["auth.failures_spike"];
+
+fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
+    if !caller.is_admin() && events.iter().any(|e| ADMIN_EVENTS.contains(&e.as_str())) {
+        return Err(ApiError::insufficient_scope("keyward:admin"));
+    }
+    Ok(())
+}
+
 fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
     for (i, e) in events.iter().enumerate() {
         if !EVENTS.contains(&e.as_str()) {
@@ -219,6 +229,7 @@ pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body:
     };
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     let events = check_events(&body.events)?;
+    check_admin_events(&caller, &events)?;
     let description = check_description(body.description)?;
     let secret = keyward_core::webhook::generate_secret()
         .map_err(|e| ApiError::internal(format!("the OS random generator failed: {e}")))?;
@@ -284,9 +295,11 @@ pub async fn update_webhook(
     if let Some(url) = &body.url {
         check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     }
+    let events = body.events.as_deref().map(check_events).transpose()?;
+    check_admin_events(&caller, events.as_deref().unwrap_or_default())?;
     let patch = WebhookPatch {
         url: body.url,
-        events: body.events.as_deref().map(check_events).transpose()?,
+        events,
         is_active: body.is_active,
         description: body.description.map(check_description).transpose()?,
     };

@@ -275,3 +275,74 @@ async fn bad_inputs_are_refused() {
         .await;
     assert_eq!(app.get("/v1/webhooks", &me).await.status, StatusCode::FORBIDDEN);
 }
+
+/// Polls until `f` holds, at most about 2 s: the hooks write their events in a task of their own.
+async fn eventually<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+async fn events_of(app: &TestApp, event: &str) -> Vec<keyward_store::Event> {
+    app.state.store.list_events(None, 10_000).await.unwrap().into_iter().filter(|e| e.event == event).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let patch = keyward_store::KeyPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    app.state.store.update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc())).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    }
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "4 of 5: 80 %");
+    assert!(eventually(|| async { events_of(&app, "quota.threshold").await.len() == 1 }).await);
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "5 of 5: 100 %");
+    assert!(eventually(|| async { events_of(&app, "quota.threshold").await.len() == 2 }).await);
+    assert_eq!(app.verify(&key, json!({})).await["code"], "QUOTA_EXCEEDED");
+    let events = events_of(&app, "quota.threshold").await;
+    let percents: Vec<_> = events.iter().map(|e| e.payload["percent"].as_u64()).collect();
+    assert_eq!(percents, [Some(80), Some(100)]);
+    assert!(events.iter().all(|e| e.key_id == Some(rec.id) && e.payload["quota"] == "key"));
+    assert_eq!(events[0].payload["limit"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
+    let mut app = allow_private(TestApp::sqlite().await);
+    app.state.protection.failed_auth_per_minute = 1_000;
+    app.state.webhooks.failures_spike_per_minute = 3;
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    let url = format!("http://127.0.0.1:{port}/hook");
+    // Not the organization's to watch: admin only.
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let r = app.post("/v1/webhooks", &writer, json!({"url": url, "events": ["auth.failures_spike"]})).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.post("/v1/webhooks", &writer, json!({"url": url})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "every event, which leaves out the spike");
+    create_hook(&app, &url, json!(["auth.failures_spike"])).await;
+    for _ in 0..5 {
+        let r = app.get("/v1/me", "sk_live_not_a_real_key").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(events_of(&app, "auth.failures_spike").await.len(), 1, "once per IP and minute");
+    let report = Worker::new(app.state.clone()).tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    let got = receiver.requests();
+    let payload: Value = serde_json::from_slice(&got[0].1).unwrap();
+    assert_eq!(
+        (payload["type"].as_str(), payload["data"]["ip"].as_str()),
+        (Some("auth.failures_spike"), Some("203.0.113.7"))
+    );
+}

@@ -14,7 +14,7 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key};
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed};
+use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
     NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
@@ -507,19 +507,20 @@ impl LifecycleStore for PostgresStore {
         let mut made = 0;
         for row in rows {
             let event = row.into_event();
-            if let Some(org) = event.organization_id {
-                let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
-                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = $1 AND is_active AND id < $2"
-                ))
-                .bind(org.0)
-                .bind(event.id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db)?;
+            {
+                // An event of no organization goes to the endpoints that named it (see `subscribed_to`).
+                let mut qb = QueryBuilder::<Postgres>::new(format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE is_active AND id < "
+                ));
+                qb.push_bind(event.id);
+                if let Some(org) = event.organization_id {
+                    qb.push(" AND organization_id = ").push_bind(org.0);
+                }
+                let hooks = qb.build_query_as::<WebhookRow>().fetch_all(&mut *tx).await.map_err(db)?;
                 let body = delivery_body(&event);
                 for hook in hooks {
                     let hook = hook.into_webhook();
-                    if !subscribed(&hook.events, &event.event) {
+                    if !subscribed_to(&hook.events, &event) {
                         continue;
                     }
                     let done = sqlx::query(

@@ -15,7 +15,7 @@ use super::{
     KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
     select_key, ts,
 };
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed};
+use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
     NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
@@ -513,19 +513,20 @@ impl LifecycleStore for SqliteStore {
         let mut made = 0;
         for row in rows {
             let event = row.into_event()?;
-            if let Some(org) = event.organization_id {
-                let hooks = sqlx::query_as::<_, WebhookRow>(&format!(
-                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE organization_id = ? AND is_active = 1 AND id < ?"
-                ))
-                .bind(org.to_string())
-                .bind(event.id.to_string())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db)?;
+            {
+                // An event of no organization goes to the endpoints that named it (see `subscribed_to`).
+                let mut qb = QueryBuilder::<Sqlite>::new(format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE is_active = 1 AND id < "
+                ));
+                qb.push_bind(event.id.to_string());
+                if let Some(org) = event.organization_id {
+                    qb.push(" AND organization_id = ").push_bind(org.to_string());
+                }
+                let hooks = qb.build_query_as::<WebhookRow>().fetch_all(&mut *tx).await.map_err(db)?;
                 let body = json_text(&delivery_body(&event))?;
                 for hook in hooks {
                     let hook = hook.into_webhook()?;
-                    if !subscribed(&hook.events, &event.event) {
+                    if !subscribed_to(&hook.events, &event) {
                         continue;
                     }
                     let done = sqlx::query(
