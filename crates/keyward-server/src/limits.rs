@@ -190,15 +190,31 @@ pub fn quota_threshold_hook(
     });
 }
 
-/// `auth.failures_spike`: `webhooks.failures_spike_per_minute` failed authentications from one IP
-/// within a minute; reported once per IP and minute. It belongs to no organization, so only endpoints
-/// that subscribed to it by name receive it, and only `keyward:admin` may subscribe to it.
+/// `auth.failures_spike`: `webhooks.failures_spike_per_minute` failed authentications from one IP, or
+/// against one key prefix, within a minute; reported once per IP (or prefix) and minute. It belongs to
+/// no organization, so only endpoints that subscribed to it by name receive it, and only
+/// `keyward:admin` may subscribe to it.
 async fn failures_spike_hook(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
+    spike(state, "ip", &ip.to_string(), now).await;
+}
+
+/// Counts a failed authentication against the presented key's prefix (`sk_live_`, ...): many
+/// well-formed keys of one prefix failing, from any number of addresses, is someone guessing. A string
+/// that is not a well-formed key has no prefix and is counted by IP only. SECURITY: only the prefix is
+/// kept, never the key.
+pub async fn count_failed_prefix(state: &AppState, presented: &str, now: DateTime<Utc>) {
+    if let Ok(key) = keyward_core::PlainKey::parse(presented) {
+        spike(state, "key_prefix", key.prefix(), now).await;
+    }
+}
+
+async fn spike(state: &AppState, kind: &str, value: &str, now: DateTime<Utc>) {
     let per_minute = state.webhooks.failures_spike_per_minute;
     if per_minute == 0 {
         return;
     }
-    let d = state.limiter.check(&format!("auth-spike:{ip}"), &RateLimits::per_minute(per_minute), 1, now).await;
+    let limits = RateLimits::per_minute(per_minute);
+    let d = state.limiter.check(&format!("auth-spike:{kind}:{value}"), &limits, 1, now).await;
     if d.allowed {
         return;
     }
@@ -208,12 +224,12 @@ async fn failures_spike_hook(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
         event: "auth.failures_spike".to_owned(),
         organization_id: None,
         key_id: None,
-        payload: serde_json::json!({ "ip": ip.to_string(), "failures_per_minute": per_minute }),
+        payload: serde_json::json!({ kind: value, "failures_per_minute": per_minute }),
         created_at: keyward_store::stored_time(now),
     };
-    match state.store.record_event(&event, Some(&format!("auth.failures_spike:{ip}:{minute}"))).await {
+    match state.store.record_event(&event, Some(&format!("auth.failures_spike:{kind}:{value}:{minute}"))).await {
         Ok(true) => {
-            tracing::warn!(%ip, "failed authentications spike");
+            tracing::warn!(kind, value, "failed authentications spike");
             state.events_written();
         }
         Ok(false) => {}

@@ -60,7 +60,8 @@ pub struct WebhookSettings {
     pub retry_for_hours: u64,
     /// How often the worker looks for due deliveries without being woken, in milliseconds.
     pub poll_interval_ms: u64,
-    /// `auth.failures_spike`: this many failed authentications from one IP within a minute.
+    /// `auth.failures_spike`: this many failed authentications from one IP, or against one key prefix,
+    /// within a minute; 0 turns it off.
     pub failures_spike_per_minute: u64,
 }
 

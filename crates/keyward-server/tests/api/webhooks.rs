@@ -345,4 +345,15 @@ async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
         (payload["type"].as_str(), payload["data"]["ip"].as_str()),
         (Some("auth.failures_spike"), Some("203.0.113.7"))
     );
+
+    // Against one key prefix, from many addresses: well-formed keys that do not exist.
+    for i in 0..4 {
+        let guess = keyward_core::PlainKey::generate(&Default::default(), keyward_core::Environment::Test).unwrap();
+        let body = json!({"key": guess.expose_secret(), "ip": format!("198.51.100.{i}")});
+        let r = app.post("/v1/verify", &app.admin_key, body).await;
+        assert_eq!(r.body["code"], "NOT_FOUND");
+    }
+    let spikes = events_of(&app, "auth.failures_spike").await;
+    assert_eq!(spikes.len(), 2, "{spikes:?}");
+    assert_eq!(spikes[1].payload["key_prefix"], "sk_test_");
 }
