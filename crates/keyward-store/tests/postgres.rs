@@ -283,6 +283,32 @@ mod lifecycle {
         }
     }
 
+    /// Two nodes appending at once, many times over: the chain head lock keeps one chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_writing_at_once_keep_one_intact_chain() {
+        let Some((schema, node_a)) = fresh("postgres::lifecycle::two_nodes_chain").await else { return };
+        let node_b = PostgresStore::connect(schema.url()).await.unwrap();
+        let org = node_a.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+        let actor = Actor::cli(t0());
+        for _ in 0..10 {
+            let (a1, b1, a2, b2) = tokio::join!(
+                node_a.insert_key(new_key(&org, Environment::Live).1, &actor),
+                node_b.insert_key(new_key(&org, Environment::Live).1, &actor),
+                node_a.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
+                node_b.append_audit("import", org.id, serde_json::json!({"n": 2}), &actor),
+            );
+            a1.unwrap();
+            b1.unwrap();
+            a2.unwrap();
+            b2.unwrap();
+        }
+        let report = keyward_store::LifecycleStore::verify_audit_chain(&node_b).await.unwrap();
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.rows_checked, 41);
+        node_b.pool().close().await;
+        done(schema, node_a).await;
+    }
+
     async fn tamper(kind: Tamper, test: &str) {
         let Some((schema, store)) = fresh(test).await else { return };
         let pool = store.pool().clone();

@@ -216,6 +216,26 @@ mod lifecycle {
         }
     }
 
+    /// Two processes appending to one file at once: `BEGIN IMMEDIATE` keeps one chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_writing_at_once_keep_one_intact_chain() {
+        let (dir, server) = fresh().await;
+        let cli = SqliteStore::connect(&url(&dir)).await.unwrap();
+        let org = server.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+        let actor = Actor::cli(t0());
+        for _ in 0..10 {
+            let (a, b) = tokio::join!(
+                server.insert_key(new_key(&org, Environment::Live).1, &actor),
+                cli.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
+            );
+            a.unwrap();
+            b.unwrap();
+        }
+        let report = keyward_store::LifecycleStore::verify_audit_chain(&cli).await.unwrap();
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.rows_checked, 21);
+    }
+
     async fn tamper(kind: Tamper) {
         let (dir, store) = fresh().await;
         let pool = sqlx::SqlitePool::connect(&url(&dir)).await.unwrap();
