@@ -40,8 +40,6 @@ pub async fn sweep(state: &AppState) -> StoreResult<SweepReport> {
     let notices = state.store.record_expiring_events(now, state.lifecycle.expiring_notice_days).await?;
     if !expired.is_empty() || !notices.is_empty() {
         tracing::info!(expired = expired.len(), expiring_notices = notices.len(), "expiry sweep");
-    }
-    if !notices.is_empty() || !expired.is_empty() {
         state.events_written();
     }
     Ok(SweepReport { expired: expired.len(), expiring_notices: notices.len() })

@@ -226,8 +226,9 @@ pub async fn rotate_key(
     let draft = body.validate(&Validator { plans: &state.plans, now })?;
     // SECURITY: the new key carries the old key's scopes, so rotating is granting them: a caller may
     // rotate only a key whose `keyward:` scopes it holds itself (else rotation would mint a key with
-    // more power than the caller's).
-    check_grant(&caller, &old.scopes, caller.self_service_only(true))?;
+    // more power than the caller's). Customer scopes are not re-checked for a self-service caller: the
+    // owner already holds them, and the old key stops.
+    check_grant(&caller, &old.scopes, false)?;
     let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
     let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");

@@ -191,11 +191,20 @@ async fn callers_rotate_only_what_they_may_see_and_grant() {
     let (me, _) = app
         .key_with(app.default_org.id, CreateKeyRequest { scopes: vec!["keyward:self".into()], ..owned("alice") })
         .await;
-    let (_, mine) = app.key_with(app.default_org.id, owned("alice")).await;
+    let (_, mine) = app
+        .key_with(app.default_org.id, CreateKeyRequest { scopes: vec!["write:projects".into()], ..owned("alice") })
+        .await;
     let (_, theirs) = app.key_with(app.default_org.id, owned("bob")).await;
     let r = rotate(&app, &me, theirs.id, json!({})).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
     let r = rotate(&app, &me, mine.id, json!({})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(r.body["api_key"]["owner_id"], "alice");
+    assert_eq!(r.body["api_key"]["scopes"], json!(["write:projects"]), "the owner keeps what it had");
+    // But never a key with keyward: scopes the caller lacks.
+    let (_, powerful) = app
+        .key_with(app.default_org.id, CreateKeyRequest { scopes: vec!["keyward:keys:write".into()], ..owned("alice") })
+        .await;
+    let r = rotate(&app, &me, powerful.id, json!({})).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{}", r.text);
 }
