@@ -5,6 +5,7 @@
 //! Everything here is pure so it can be tested with tables and properties, and shared by the store,
 //! the server, the CLI and the embeddable layer.
 
+pub mod audit_chain;
 pub mod clock;
 pub mod diff;
 pub mod hash;
@@ -16,6 +17,7 @@ pub mod outcome;
 pub mod plan;
 pub mod scope;
 pub mod status;
+pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use hash::{HashAlgorithm, KeyHash, KeyHasher, PepperError};

@@ -137,6 +137,7 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(ip) = ip {
             crate::limits::count_failed_auth(state, ip, now).await;
         }
+        crate::limits::count_failed_prefix(state, presented, now).await;
         Err(error)
     }
 }

@@ -7,6 +7,7 @@ pub mod client_ip;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod lifecycle;
 pub mod limits;
 pub mod model;
 pub mod openapi;
@@ -16,6 +17,7 @@ pub mod state;
 pub mod telemetry;
 pub mod usage;
 pub mod verifier;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +32,7 @@ use tower_http::trace::TraceLayer;
 pub use error::{ApiError, ErrorCode};
 pub use state::AppState;
 
-use crate::routes::{audit, health, keys, me, orgs, verify};
+use crate::routes::{audit, health, keys, me, orgs, verify, webhooks as hooks};
 
 /// Every route of the API, with request ids and one tracing span per request.
 pub fn router(state: AppState) -> Router {
@@ -40,10 +42,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
         .route("/v1/keys/import", post(routes::import::import_keys))
         .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
+        .route("/v1/keys/{id}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/expiring", get(keys::list_expiring))
+        .route("/v1/keys/cleanup-expired", post(keys::cleanup_expired))
         .route("/v1/me", get(me::me))
         .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
         .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))
         .route("/v1/audit-logs", get(audit::list_audit))
+        .route("/v1/audit-logs/verify", get(audit::verify_audit))
+        .route("/v1/webhooks", post(hooks::create_webhook).get(hooks::list_webhooks))
+        .route("/v1/webhooks/{id}", get(hooks::get_webhook).patch(hooks::update_webhook).delete(hooks::delete_webhook))
+        .route("/v1/webhooks/{id}/deliveries", get(hooks::list_deliveries))
+        .route("/v1/webhooks/{id}/deliveries/{delivery_id}/retry", post(hooks::retry_delivery))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
     let api = Router::new()
         .route("/v1/verify", post(verify::verify))

@@ -88,12 +88,14 @@ pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: Dat
         &overrides(&found.org_limits),
         &overrides(&key.limits),
     );
-    let rate = state.limiter.check(&format!("key:{}", key.id), &limits.rate(), 1, now).await;
+    // Counted under the key's lineage: the old and new key of a rotation share one allowance.
+    let rate = state.limiter.check(&rate_subject(key), &limits.rate(), 1, now).await;
     if !rate.allowed {
         return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
     }
     let subject = quota_subject(found);
     let quota = state.limiter.consume_quota(&subject, limits.per_month, cost, now).await;
+    quota_threshold_hook(state, found, &subject, &quota, cost, now);
     let outcome = if quota.allowed { VerifyOutcome::Valid } else { VerifyOutcome::QuotaExceeded };
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
@@ -113,7 +115,7 @@ pub async fn standing(
     };
     let limits = state.plans.resolve(&org.plan, key.plan.as_deref(), &overrides(&org.limits), &overrides(&key.limits));
     // Cost 0 looks without spending.
-    let rate = state.limiter.check(&format!("key:{}", key.id), &limits.rate(), 0, now).await;
+    let rate = state.limiter.check(&rate_subject(key), &limits.rate(), 0, now).await;
     let quota = state.limiter.consume_quota(&quota_subject(&found), limits.per_month, 0, now).await;
     Standing { limits, rate_limit: RateLimitInfo::from_decision(&rate), quota: QuotaInfo::from(&quota) }
 }
@@ -136,10 +138,15 @@ pub struct Standing {
     pub quota: QuotaInfo,
 }
 
-/// The quota counter a key draws from.
+/// The rate-limit counter of a key, shared by its rotation lineage (rotation never doubles an allowance).
+pub fn rate_subject(key: &keyward_store::ApiKey) -> String {
+    format!("key:{}", key.lineage())
+}
+
+/// The quota counter a key draws from; a key's own quota is shared by its rotation lineage.
 pub fn quota_subject(found: &KeyWithOrg) -> String {
     match found.key.limits.monthly_request_limit {
-        Some(_) => format!("quota:key:{}", found.key.id),
+        Some(_) => format!("quota:key:{}", found.key.lineage()),
         None => format!("quota:org:{}", found.key.organization_id),
     }
 }
@@ -165,10 +172,112 @@ pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc
     })
 }
 
-/// Counts one failed authentication against `ip`.
+/// Counts one failed authentication against `ip`, and reports a spike of them (`auth.failures_spike`).
 pub async fn count_failed_auth(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
     state.limiter.check(&format!("auth-fail:{ip}"), &limits, 1, now).await;
+    failures_spike_hook(state, ip, now).await;
+}
+
+/// The thresholds of `quota.threshold`, in percent of the monthly quota.
+pub const QUOTA_THRESHOLDS: [u64; 2] = [80, 100];
+
+/// The thresholds a request crossed when it moved `used` from `before` to `after` of `limit`.
+pub fn crossed_thresholds(before: u64, after: u64, limit: u64) -> Vec<u64> {
+    if limit == 0 {
+        return Vec::new();
+    }
+    let (b, a, l) = (u128::from(before) * 100, u128::from(after) * 100, u128::from(limit));
+    QUOTA_THRESHOLDS.into_iter().filter(|t| b < u128::from(*t) * l && u128::from(*t) * l <= a).collect()
+}
+
+/// The hook the quota decision calls: a `quota.threshold` event for each threshold the request
+/// crossed, once per quota counter, month and threshold (the store de-duplicates). Written off the hot
+/// path, in a task of its own.
+pub fn quota_threshold_hook(
+    state: &AppState,
+    found: &KeyWithOrg,
+    subject: &str,
+    quota: &QuotaDecision,
+    cost: u64,
+    now: DateTime<Utc>,
+) {
+    let Some(limit) = quota.limit else { return };
+    if !quota.allowed || quota.degraded {
+        return;
+    }
+    let crossed = crossed_thresholds(quota.used.saturating_sub(cost), quota.used, limit);
+    if crossed.is_empty() {
+        return;
+    }
+    let month = keyward_core::limits::month_id(now);
+    let scope = if subject.starts_with("quota:key:") { "key" } else { "organization" };
+    let events: Vec<(keyward_store::Event, String)> = crossed
+        .into_iter()
+        .map(|percent| {
+            let data = serde_json::json!({ "percent": percent, "used": quota.used, "limit": limit,
+                                            "month": month, "quota": scope });
+            let event = keyward_store::Event::about_key("quota.threshold", &found.key, data, now);
+            (event, format!("quota.threshold:{subject}:{month}:{percent}"))
+        })
+        .collect();
+    let state = state.clone();
+    tokio::spawn(async move {
+        for (event, dedup) in events {
+            match state.store.record_event(&event, Some(&dedup)).await {
+                Ok(true) => state.events_written(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "recording quota.threshold failed"),
+            }
+        }
+    });
+}
+
+/// `auth.failures_spike`: `webhooks.failures_spike_per_minute` failed authentications from one IP, or
+/// against one key prefix, within a minute; reported once per IP (or prefix) and minute. It belongs to
+/// no organization, so only endpoints that subscribed to it by name receive it, and only
+/// `keyward:admin` may subscribe to it.
+async fn failures_spike_hook(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
+    spike(state, "ip", &ip.to_string(), now).await;
+}
+
+/// Counts a failed authentication against the presented key's prefix (`sk_live_`, ...): many
+/// well-formed keys of one prefix failing, from any number of addresses, is someone guessing. A string
+/// that is not a well-formed key has no prefix and is counted by IP only. SECURITY: only the prefix is
+/// kept, never the key.
+pub async fn count_failed_prefix(state: &AppState, presented: &str, now: DateTime<Utc>) {
+    if let Ok(key) = keyward_core::PlainKey::parse(presented) {
+        spike(state, "key_prefix", key.prefix(), now).await;
+    }
+}
+
+async fn spike(state: &AppState, kind: &str, value: &str, now: DateTime<Utc>) {
+    let per_minute = state.webhooks.failures_spike_per_minute;
+    if per_minute == 0 {
+        return;
+    }
+    let limits = RateLimits::per_minute(per_minute);
+    let d = state.limiter.check(&format!("auth-spike:{kind}:{value}"), &limits, 1, now).await;
+    if d.allowed {
+        return;
+    }
+    let minute = now.timestamp().div_euclid(60);
+    let event = keyward_store::Event {
+        id: uuid::Uuid::now_v7(),
+        event: "auth.failures_spike".to_owned(),
+        organization_id: None,
+        key_id: None,
+        payload: serde_json::json!({ kind: value, "failures_per_minute": per_minute }),
+        created_at: keyward_store::stored_time(now),
+    };
+    match state.store.record_event(&event, Some(&format!("auth.failures_spike:{kind}:{value}:{minute}"))).await {
+        Ok(true) => {
+            tracing::warn!(kind, value, "failed authentications spike");
+            state.events_written();
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "recording auth.failures_spike failed"),
+    }
 }
 
 /// Whether a verify outcome is a failed authentication (the key itself is no good), which counts
@@ -240,4 +349,20 @@ pub async fn management(State(state): State<AppState>, request: Request, next: N
         response.headers_mut().extend(headers(&d, now));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crossed_thresholds;
+
+    #[test]
+    fn thresholds_are_crossed_once() {
+        assert_eq!(crossed_thresholds(7, 8, 10), [80]);
+        assert_eq!(crossed_thresholds(8, 9, 10), Vec::<u64>::new());
+        assert_eq!(crossed_thresholds(9, 10, 10), [100]);
+        assert_eq!(crossed_thresholds(0, 10, 10), [80, 100], "one big request crosses both");
+        assert_eq!(crossed_thresholds(3, 4, 5), [80]);
+        assert_eq!(crossed_thresholds(0, 1, 0), Vec::<u64>::new());
+        assert_eq!(crossed_thresholds(u64::MAX - 1, u64::MAX, u64::MAX), [100]);
+    }
 }

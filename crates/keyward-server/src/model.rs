@@ -104,6 +104,17 @@ pub struct CreatedKeyResponse {
     pub api_key: KeyResponse,
 }
 
+/// `201` of `POST /v1/keys/{id}/rotate`: the new key, shown once, and both records.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotatedKeyResponse {
+    /// The new full key. Shown once; store it now.
+    pub key: String,
+    /// The new key's record (`rotated_from` the old one).
+    pub api_key: KeyResponse,
+    /// The old key's record: `replaced_by` the new one, `revoked_at` the end of the grace period.
+    pub old_api_key: KeyResponse,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrganizationResponse {
     #[schema(value_type = String, format = Uuid)]

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, health, keys, me, orgs, verify};
+use crate::routes::{audit, health, keys, me, orgs, verify, webhooks};
 
 struct BearerAuth;
 
@@ -24,11 +24,14 @@ impl Modify for BearerAuth {
     info(title = "Keyward", description = "Self-hosted API keys: issue, verify, limit, audit."),
     paths(
         verify::verify,
-        keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key,
+        keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key, keys::rotate_key,
+        keys::list_expiring, keys::cleanup_expired,
         crate::routes::import::import_keys,
         me::me,
         orgs::create_org, orgs::list_orgs, orgs::get_org, orgs::update_org,
-        audit::list_audit,
+        audit::list_audit, audit::verify_audit,
+        webhooks::create_webhook, webhooks::list_webhooks, webhooks::get_webhook, webhooks::update_webhook,
+        webhooks::delete_webhook, webhooks::list_deliveries, webhooks::retry_delivery,
         health::healthz, health::readyz, crate::telemetry::render,
     ),
     modifiers(&BearerAuth)

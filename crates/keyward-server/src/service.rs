@@ -6,7 +6,8 @@ pub mod import;
 use chrono::{DateTime, Duration, Utc};
 use keyward_core::{Environment, IpAllowList, KeyId, KeyPrefix, OrgId, PlainKey, ScopeSet};
 use keyward_store::{
-    Actor, ApiKey, LimitOverrides, NewKey, NewOrganization, Organization, OrganizationPatch, Store, StoreError,
+    Actor, ApiKey, LimitOverrides, NewKey, NewOrganization, Organization, OrganizationPatch, Rotation, Store,
+    StoreError,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -251,6 +252,86 @@ pub async fn create_key(state: &AppState, draft: KeyDraft, actor: &Actor) -> Api
         e => e.into(),
     })?;
     Ok((plain, record))
+}
+
+/// The longest grace period a rotation may give the old key: 7 days.
+pub const MAX_GRACE_PERIOD_SECONDS: i64 = 604_800;
+
+/// The body of `POST /v1/keys/{id}/rotate`, also built by `keyward keys rotate`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKeyRequest {
+    /// How long the old key keeps working, 0-604800 seconds (7 days); default 0: it stops at once.
+    pub grace_period_seconds: Option<i64>,
+    /// The new key's name; default: the old key's.
+    pub name: Option<String>,
+}
+
+/// A validated rotation.
+pub struct RotationDraft {
+    pub grace: Duration,
+    pub name: Option<String>,
+}
+
+impl RotateKeyRequest {
+    pub fn validate(self, v: &Validator<'_>) -> ApiResult<RotationDraft> {
+        let seconds = self.grace_period_seconds.unwrap_or(0);
+        if !(0..=MAX_GRACE_PERIOD_SECONDS).contains(&seconds) {
+            return Err(ApiError::validation(
+                "grace_period_seconds",
+                format!("must be 0-{MAX_GRACE_PERIOD_SECONDS} seconds (7 days)"),
+            ));
+        }
+        Ok(RotationDraft {
+            grace: Duration::seconds(seconds),
+            name: self.name.as_deref().map(|n| v.name("name", n)).transpose()?,
+        })
+    }
+}
+
+/// Rotates `old`: a new key with the same settings (scopes, IP list, owner, plan and limits,
+/// metadata, environment and prefix, and the same lifetime when the old one expires), and the old key
+/// revoked (reason `rotated`) when the grace period ends. The plaintext is returned to be shown once.
+///
+/// "The same expiry policy": a key that expires gets the same lifetime it was given (`expires_at -
+/// created_at`), counted from the rotation, so rotating never shortens or extends a key's policy.
+pub async fn rotate_key(
+    state: &AppState,
+    old: &ApiKey,
+    draft: RotationDraft,
+    actor: &Actor,
+) -> ApiResult<(PlainKey, Rotation)> {
+    // A legacy key's prefix is not Keyward's: its successor gets the default.
+    let prefix = old.prefix.split('_').next().and_then(|p| KeyPrefix::parse(p).ok()).unwrap_or_default();
+    let plain = PlainKey::generate(&prefix, old.environment)
+        .map_err(|e| ApiError::internal(format!("the OS random generator failed: {e}")))?;
+    let (hash_algorithm, key_hash) = state.hasher.hash(&plain);
+    let expires_at = old.expires_at.map(|at| actor.at + (at - old.created_at).max(Duration::seconds(1)));
+    let new = NewKey {
+        id: KeyId::new(),
+        organization_id: old.organization_id,
+        owner_id: old.owner_id.clone(),
+        name: draft.name.unwrap_or_else(|| old.name.clone()),
+        description: old.description.clone(),
+        environment: old.environment,
+        prefix: plain.prefix().to_owned(),
+        hint: plain.hint().to_owned(),
+        hash_algorithm,
+        key_hash,
+        scopes: old.scopes.clone(),
+        allowed_ips: old.allowed_ips.clone(),
+        expires_at,
+        is_active: old.is_active,
+        plan: old.plan.clone(),
+        limits: old.limits,
+        metadata: old.metadata.clone(),
+        rotated_from: Some(old.id),
+    };
+    let rotation = state.store.rotate_key(old.id, new, actor.at + draft.grace, actor).await.map_err(|e| match e {
+        StoreError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
+        e => e.into(),
+    })?;
+    Ok((plain, rotation))
 }
 
 /// The body of `POST /v1/organizations`, also built by `keyward orgs create`.

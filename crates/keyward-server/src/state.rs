@@ -27,6 +27,12 @@ pub struct AppState {
     pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Whether strings that are not Keyward keys must be looked up as legacy keys.
     pub legacy: LegacyKeys,
+    /// The expiry sweeper's schedule and the `key.expiring` threshold.
+    pub lifecycle: crate::lifecycle::LifecycleSettings,
+    /// Webhook delivery settings (private targets, timeout, retries).
+    pub webhooks: crate::webhooks::WebhookSettings,
+    /// Rung after a change wrote outbox events, so the webhook worker looks at once.
+    pub events: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -42,7 +48,15 @@ impl AppState {
             protection: Protection::default(),
             trusted_proxies: Arc::new([]),
             legacy: LegacyKeys::default(),
+            lifecycle: crate::lifecycle::LifecycleSettings::default(),
+            webhooks: crate::webhooks::WebhookSettings::default(),
+            events: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Wakes the webhook worker: events are waiting in the outbox.
+    pub fn events_written(&self) {
+        self.events.notify_one();
     }
 }
 

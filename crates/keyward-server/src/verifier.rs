@@ -62,6 +62,9 @@ pub async fn verify(state: &AppState, check: Check<'_>) -> StoreResult<Verdict> 
             {
                 limits::count_failed_auth(state, ip, now).await;
             }
+            if limits::is_failed_auth(verdict.outcome) {
+                limits::count_failed_prefix(state, check.presented, now).await;
+            }
         }
     }
     Ok(verdict)

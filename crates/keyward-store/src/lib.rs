@@ -33,7 +33,8 @@ macro_rules! key_columns {
         "id, organization_id, owner_id, name, description, environment, prefix, key_hint, key_hash, \
          hash_algorithm, scopes, allowed_ips, expires_at, is_active, revoked_at, revoke_reason, plan, \
          rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, \
-         total_requests, last_used_at, last_used_ip, rotated_from, replaced_by, created_by, created_at, updated_at"
+         total_requests, last_used_at, last_used_ip, rotated_from, replaced_by, created_by, created_at, updated_at, \
+         lineage_id"
     };
 }
 
@@ -43,8 +44,18 @@ macro_rules! audit_columns {
     };
 }
 
+// An audit row with its chain hashes (see keyward_core::audit_chain).
+macro_rules! chained_audit_columns {
+    () => {
+        "id, action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash, row_hash"
+    };
+}
+
 #[doc(hidden)]
 pub mod conformance;
+#[doc(hidden)]
+pub mod conformance_lifecycle;
+pub mod lifecycle;
 pub mod postgres;
 pub mod sqlite;
 #[doc(hidden)]
@@ -233,9 +244,17 @@ pub struct ApiKey {
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The first key of this key's rotation chain; `None`: the key itself (never rotated from another).
+    pub lineage_id: Option<KeyId>,
 }
 
 impl ApiKey {
+    /// The id rate-limit and quota counters are kept under: shared by every key of a rotation chain,
+    /// so a rotation never doubles an allowance.
+    pub fn lineage(&self) -> KeyId {
+        self.lineage_id.unwrap_or(self.id)
+    }
+
     pub fn state(&self) -> KeyState {
         KeyState { is_active: self.is_active, revoked_at: self.revoked_at, expires_at: self.expires_at }
     }
@@ -496,9 +515,14 @@ pub struct MigrationInfo {
     pub applied: bool,
 }
 
+pub use lifecycle::{
+    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, LifecycleStore, NewWebhook,
+    Rotation, Webhook, WebhookPatch, WebhookSecret,
+};
+
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug {
+pub trait Store: LifecycleStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     async fn ping(&self) -> StoreResult<()>;
@@ -647,6 +671,7 @@ mod tests {
             created_by: None,
             created_at: at,
             updated_at: at,
+            lineage_id: None,
         };
         let patch = KeyPatch {
             description: Some(None),

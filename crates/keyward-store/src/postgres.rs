@@ -25,6 +25,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+mod lifecycle;
+
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
     LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
@@ -197,6 +199,7 @@ struct KeyRow {
     created_by: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    lineage_id: Option<Uuid>,
 }
 
 impl KeyRow {
@@ -237,6 +240,7 @@ impl KeyRow {
             created_by: self.created_by,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            lineage_id: self.lineage_id.map(KeyId),
         })
     }
 }
@@ -387,9 +391,27 @@ async fn append_audit(
     actor: &Actor,
     details: &Value,
 ) -> StoreResult<AuditEntry> {
-    sqlx::query_as::<_, AuditRow>(concat!(
-        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+    // The row is linked into the audit chain; `chain_link` locks the chain head, so appends from every
+    // node are serialized until this transaction ends.
+    let at = stored_time(actor.at);
+    let (key_text, org_text) = (key_id.map(|id| id.to_string()), organization_id.to_string());
+    let (prev_hash, row_hash) = lifecycle::chain_link(
+        &mut *conn,
+        &keyward_core::audit_chain::AuditContent {
+            action,
+            key_id: key_text.as_deref(),
+            organization_id: Some(&org_text),
+            actor: &actor.actor,
+            actor_ip: actor.ip.as_deref(),
+            details,
+            created_at: at,
+        },
+    )
+    .await?;
+    let entry = sqlx::query_as::<_, AuditRow>(concat!(
+        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash,
+                 row_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              RETURNING ",
         audit_columns!()
     ))
@@ -399,11 +421,15 @@ async fn append_audit(
     .bind(&actor.actor)
     .bind(&actor.ip)
     .bind(Json(details))
-    .bind(actor.at)
-    .fetch_one(conn)
+    .bind(at)
+    .bind(prev_hash)
+    .bind(&row_hash)
+    .fetch_one(&mut *conn)
     .await
     .map_err(db)?
-    .into_entry()
+    .into_entry()?;
+    lifecycle::chain_advance(conn, entry.id, &row_hash).await?;
+    Ok(entry)
 }
 
 /// Appends the status of a key at `now` to a query, with the precedence of `KeyState::status`.
@@ -575,6 +601,7 @@ impl Store for PostgresStore {
         let created = select_key(&mut tx, key.id, false).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -688,6 +715,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
     }
@@ -719,6 +747,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)
     }
@@ -821,8 +850,11 @@ impl Store for PostgresStore {
         details: Value,
         actor: &Actor,
     ) -> StoreResult<AuditEntry> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        append_audit(&mut conn, action, None, organization_id, actor, &details).await
+        // A transaction: the chain head stays locked until the row is committed.
+        let mut tx = self.begin().await?;
+        let entry = append_audit(&mut tx, action, None, organization_id, actor, &details).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(entry)
     }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {

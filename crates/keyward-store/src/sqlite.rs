@@ -27,6 +27,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite};
 
+mod lifecycle;
+
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
     LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
@@ -260,6 +262,7 @@ struct KeyRow {
     created_by: Option<String>,
     created_at: String,
     updated_at: String,
+    lineage_id: Option<String>,
 }
 
 impl KeyRow {
@@ -302,6 +305,7 @@ impl KeyRow {
             created_by: self.created_by,
             created_at: parse_ts(&self.created_at, "api_keys.created_at")?,
             updated_at: parse_ts(&self.updated_at, "api_keys.updated_at")?,
+            lineage_id: parse_opt_id(self.lineage_id, "api_keys.lineage_id")?,
         })
     }
 }
@@ -466,21 +470,41 @@ async fn append_audit(
     actor: &Actor,
     details: &Value,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    // The row is linked into the audit chain (see `lifecycle::chain_link`); this connection holds the
+    // write lock, so appends are serialized.
+    let key_id = key_id.map(|id| id.to_string());
+    let organization_id = organization_id.to_string();
+    let (prev_hash, row_hash) = lifecycle::chain_link(
+        &mut *conn,
+        &keyward_core::audit_chain::AuditContent {
+            action,
+            key_id: key_id.as_deref(),
+            organization_id: Some(&organization_id),
+            actor: &actor.actor,
+            actor_ip: actor.ip.as_deref(),
+            details,
+            created_at: actor.at,
+        },
+    )
+    .await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash,
+             row_hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(action)
-    .bind(key_id.map(|id| id.to_string()))
-    .bind(organization_id.to_string())
+    .bind(key_id)
+    .bind(organization_id)
     .bind(&actor.actor)
     .bind(&actor.ip)
     .bind(json_text(details)?)
     .bind(ts(actor.at))
-    .execute(conn)
+    .bind(prev_hash)
+    .bind(&row_hash)
+    .fetch_one(&mut *conn)
     .await
     .map_err(db)?;
-    Ok(())
+    lifecycle::chain_advance(conn, id, &row_hash).await
 }
 
 /// Appends the status of `key` at `now` to a query, with the precedence of `KeyState::status`.
@@ -647,6 +671,7 @@ impl Store for SqliteStore {
         let created = select_key(&mut tx, key.id).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -758,6 +783,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         let updated = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
@@ -786,6 +812,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
+        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         let revoked = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)

@@ -232,3 +232,113 @@ async fn stale_test_schemas_are_swept() {
     drop(mine);
     assert!(!exists(name).fetch_one(&mut conn).await.unwrap(), "the guard drops its schema");
 }
+
+mod lifecycle {
+    use keyward_store::conformance_lifecycle::{self, Tamper};
+
+    use super::*;
+
+    macro_rules! lifecycle_conformance {
+        ($($case:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some((schema, store)) = fresh(concat!("postgres::lifecycle::", stringify!($case))).await
+                    else {
+                        return;
+                    };
+                    conformance_lifecycle::$case(&store).await;
+                    done(schema, store).await;
+                }
+            )*
+
+            #[test]
+            fn every_lifecycle_case_runs() {
+                assert_eq!([$(stringify!($case)),*].as_slice(), conformance_lifecycle::CASES);
+            }
+        };
+    }
+
+    lifecycle_conformance!(
+        rotation_links_both_keys_and_schedules_revocation,
+        revoked_keys_are_not_rotated,
+        expiry_lists_notifies_and_deactivates,
+        audit_chain_stays_intact,
+        webhooks_dispatch_claim_and_record,
+    );
+
+    /// `id` is an identity column: rows are reordered by swapping everything but the id, in one
+    /// statement (its subqueries see the rows as they were before it).
+    fn tamper_sql(kind: Tamper, a: i64, b: i64) -> Vec<String> {
+        match kind {
+            Tamper::Change => vec![format!("UPDATE audit_log SET actor = 'mallory' WHERE id = {a}")],
+            Tamper::Delete | Tamper::Truncate => vec![format!("DELETE FROM audit_log WHERE id = {a}")],
+            Tamper::Reorder => vec![format!(
+                "UPDATE audit_log AS t SET (action, key_id, organization_id, actor, actor_ip, details, created_at,
+                     prev_hash, row_hash) =
+                 (SELECT action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash, row_hash
+                  FROM audit_log AS s WHERE s.id = CASE WHEN t.id = {a} THEN {b} ELSE {a} END)
+                 WHERE t.id IN ({a}, {b})"
+            )],
+        }
+    }
+
+    /// Two nodes appending at once, many times over: the chain head lock keeps one chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_writing_at_once_keep_one_intact_chain() {
+        let Some((schema, node_a)) = fresh("postgres::lifecycle::two_nodes_chain").await else { return };
+        let node_b = PostgresStore::connect(schema.url()).await.unwrap();
+        let org = node_a.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+        let actor = Actor::cli(t0());
+        for _ in 0..10 {
+            let (a1, b1, a2, b2) = tokio::join!(
+                node_a.insert_key(new_key(&org, Environment::Live).1, &actor),
+                node_b.insert_key(new_key(&org, Environment::Live).1, &actor),
+                node_a.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
+                node_b.append_audit("import", org.id, serde_json::json!({"n": 2}), &actor),
+            );
+            a1.unwrap();
+            b1.unwrap();
+            a2.unwrap();
+            b2.unwrap();
+        }
+        let report = keyward_store::LifecycleStore::verify_audit_chain(&node_b).await.unwrap();
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.rows_checked, 41);
+        node_b.pool().close().await;
+        done(schema, node_a).await;
+    }
+
+    async fn tamper(kind: Tamper, test: &str) {
+        let Some((schema, store)) = fresh(test).await else { return };
+        let pool = store.pool().clone();
+        let exec = move |sql: String| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            })
+        };
+        conformance_lifecycle::audit_tampering_is_detected(&store, kind, &exec, tamper_sql).await;
+        done(schema, store).await;
+    }
+
+    #[tokio::test]
+    async fn a_changed_audit_row_is_named() {
+        tamper(Tamper::Change, "postgres::lifecycle::change").await;
+    }
+
+    #[tokio::test]
+    async fn a_deleted_audit_row_is_detected_at_the_next_row() {
+        tamper(Tamper::Delete, "postgres::lifecycle::delete").await;
+    }
+
+    #[tokio::test]
+    async fn reordered_audit_rows_are_named() {
+        tamper(Tamper::Reorder, "postgres::lifecycle::reorder").await;
+    }
+
+    #[tokio::test]
+    async fn a_truncated_audit_log_is_detected() {
+        tamper(Tamper::Truncate, "postgres::lifecycle::truncate").await;
+    }
+}

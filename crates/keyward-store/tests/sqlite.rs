@@ -173,3 +173,98 @@ async fn the_status_view_agrees_with_key_state() {
         assert_eq!(status, key.status(Utc::now()).as_str(), "{:?}", key.state());
     }
 }
+
+mod lifecycle {
+    use keyward_store::conformance_lifecycle::{self, Tamper};
+
+    use super::*;
+
+    macro_rules! lifecycle_conformance {
+        ($($case:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let (_dir, store) = fresh().await;
+                    conformance_lifecycle::$case(&store).await;
+                }
+            )*
+
+            #[test]
+            fn every_lifecycle_case_runs() {
+                assert_eq!([$(stringify!($case)),*].as_slice(), conformance_lifecycle::CASES);
+            }
+        };
+    }
+
+    lifecycle_conformance!(
+        rotation_links_both_keys_and_schedules_revocation,
+        revoked_keys_are_not_rotated,
+        expiry_lists_notifies_and_deactivates,
+        audit_chain_stays_intact,
+        webhooks_dispatch_claim_and_record,
+    );
+
+    fn tamper_sql(kind: Tamper, a: i64, b: i64) -> Vec<String> {
+        match kind {
+            Tamper::Change => vec![format!("UPDATE audit_log SET actor = 'mallory' WHERE id = {a}")],
+            Tamper::Delete | Tamper::Truncate => vec![format!("DELETE FROM audit_log WHERE id = {a}")],
+            Tamper::Reorder => vec![
+                format!("UPDATE audit_log SET id = -1 WHERE id = {a}"),
+                format!("UPDATE audit_log SET id = {a} WHERE id = {b}"),
+                format!("UPDATE audit_log SET id = {b} WHERE id = -1"),
+            ],
+        }
+    }
+
+    /// Two processes appending to one file at once: `BEGIN IMMEDIATE` keeps one chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_writing_at_once_keep_one_intact_chain() {
+        let (dir, server) = fresh().await;
+        let cli = SqliteStore::connect(&url(&dir)).await.unwrap();
+        let org = server.insert_org(new_org(None), &Actor::cli(t0())).await.unwrap();
+        let actor = Actor::cli(t0());
+        for _ in 0..10 {
+            let (a, b) = tokio::join!(
+                server.insert_key(new_key(&org, Environment::Live).1, &actor),
+                cli.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
+            );
+            a.unwrap();
+            b.unwrap();
+        }
+        let report = keyward_store::LifecycleStore::verify_audit_chain(&cli).await.unwrap();
+        assert!(report.intact, "{report:?}");
+        assert_eq!(report.rows_checked, 21);
+    }
+
+    async fn tamper(kind: Tamper) {
+        let (dir, store) = fresh().await;
+        let pool = sqlx::SqlitePool::connect(&url(&dir)).await.unwrap();
+        let exec = move |sql: String| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            })
+        };
+        conformance_lifecycle::audit_tampering_is_detected(&store, kind, &exec, tamper_sql).await;
+    }
+
+    #[tokio::test]
+    async fn a_changed_audit_row_is_named() {
+        tamper(Tamper::Change).await;
+    }
+
+    #[tokio::test]
+    async fn a_deleted_audit_row_is_detected_at_the_next_row() {
+        tamper(Tamper::Delete).await;
+    }
+
+    #[tokio::test]
+    async fn reordered_audit_rows_are_named() {
+        tamper(Tamper::Reorder).await;
+    }
+
+    #[tokio::test]
+    async fn a_truncated_audit_log_is_detected() {
+        tamper(Tamper::Truncate).await;
+    }
+}

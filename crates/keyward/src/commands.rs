@@ -11,8 +11,12 @@ use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
 use keyward_limit::{RedisConfig, RedisLimiter};
 use keyward_server::AppState;
 use keyward_server::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
-use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
-use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
+use keyward_server::model::{
+    AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse, RotatedKeyResponse,
+};
+use keyward_server::service::{
+    self, CreateKeyRequest, CreateOrganizationRequest, RotateKeyRequest, UpdateKeyRequest, Validator,
+};
 use keyward_server::usage::{UsageRecorder, UsageWorker};
 use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
 use secrecy::ExposeSecret;
@@ -144,10 +148,31 @@ pub enum KeysAction {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate a key: a new key with the same settings (printed once); the old one stops after --grace.
+    Rotate {
+        id: String,
+        /// How long the old key keeps working: seconds, or with a unit (90s, 30m, 1h, 7d); at most 7d.
+        #[arg(long, default_value = "0")]
+        grace: String,
+        /// The new key's name (default: the old key's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the same JSON as `POST /v1/keys/{id}/rotate`.
+        #[arg(long, conflicts_with = "key_only")]
+        json: bool,
+        /// Print only the new key, for scripts.
+        #[arg(long)]
+        key_only: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AuditAction {
+    /// Walk the audit chain: exits 0 when intact, 1 naming the first broken row.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
     /// List audit rows, newest first.
     List {
         #[arg(long)]
@@ -190,6 +215,8 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
+    state.lifecycle = config.lifecycle;
+    state.webhooks = config.webhooks;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
@@ -218,6 +245,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Imports made by the CLI or another node while this one runs are noticed within LEGACY_REFRESH.
     let _legacy_refresher = state.legacy.spawn_refresher(state.store.clone(), keyward_server::state::LEGACY_REFRESH);
+    // Expired keys are deactivated and `key.expiring` notices written on a schedule.
+    let _sweeper = keyward_server::lifecycle::spawn_sweeper(state.clone());
+    // Outbox events become signed webhook deliveries.
+    let _webhooks = keyward_server::webhooks::spawn_worker(state.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -519,6 +550,31 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 Ok(())
             }
         }
+        KeysAction::Rotate { id, grace, name, json, key_only } => {
+            let old = state.store.get_key(key_id(&id)?).await?;
+            let draft = RotateKeyRequest { grace_period_seconds: Some(grace_seconds(&grace)?), name }.validate(&v)?;
+            let (plain, rotation) = service::rotate_key(state, &old, draft, &Actor::cli(now)).await?;
+            let rotated = RotatedKeyResponse {
+                key: plain.expose_secret().to_owned(),
+                api_key: KeyResponse::new(rotation.new, now),
+                old_api_key: KeyResponse::new(rotation.old, now),
+            };
+            if key_only {
+                println!("{}", rotated.key);
+                Ok(())
+            } else if json {
+                print_json(&rotated)
+            } else {
+                println!("Rotated key {} into {}", rotated.old_api_key.id, rotated.api_key.id);
+                println!("Key: {}", rotated.key);
+                println!("Store it now: it will not be shown again.");
+                match rotated.old_api_key.revoked_at {
+                    Some(at) if at > now => println!("The old key keeps working until {}", at.to_rfc3339()),
+                    _ => println!("The old key no longer works."),
+                }
+                Ok(())
+            }
+        }
         KeysAction::Revoke { id, reason, json } => {
             let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?;
             let key = KeyResponse::new(key, now);
@@ -532,9 +588,50 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
     }
 }
 
+/// A grace period: plain seconds or a number with `s`, `m`, `h` or `d`.
+fn grace_seconds(raw: &str) -> anyhow::Result<i64> {
+    let raw = raw.trim();
+    let (number, unit) = match raw.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&raw[..i], c),
+        _ => (raw, 's'),
+    };
+    let n: i64 = number.parse().map_err(|_| anyhow!("--grace must be like 3600, 90s, 30m, 1h or 7d"))?;
+    let factor = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        _ => return Err(anyhow!("--grace unit must be s, m, h or d")),
+    };
+    n.checked_mul(factor).ok_or_else(|| anyhow!("--grace is too long"))
+}
+
 pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
     let (state, worker) = open(&config).await?;
-    let AuditAction::List { key_id: key, action, actor, limit, json } = action;
+    let (key, action, actor, limit, json) = match action {
+        AuditAction::Verify { json } => {
+            let report = state.store.verify_audit_chain().await;
+            worker.shutdown().await;
+            let report = report?;
+            if json {
+                print_json(&report)?;
+            } else if report.intact {
+                println!(
+                    "Audit chain intact: {} rows verified ({} rows from before the chain)",
+                    report.rows_checked, report.unchained_rows
+                );
+            } else if let Some(broken) = &report.broken {
+                println!(
+                    "Audit chain BROKEN at row {}: {} ({} rows verified before it)",
+                    opt(&broken.id),
+                    broken.reason,
+                    report.rows_checked
+                );
+            }
+            return if report.intact { Ok(()) } else { Err(crate::Silent(1).into()) };
+        }
+        AuditAction::List { key_id, action, actor, limit, json } => (key_id, action, actor, limit, json),
+    };
     let filter = AuditFilter { key_id: key.as_deref().map(key_id).transpose()?, action, actor, ..Default::default() };
     let page = state.store.list_audit(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await;
     worker.shutdown().await;
@@ -556,4 +653,19 @@ pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
     }
     println!("{table}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grace_seconds;
+
+    #[test]
+    fn grace_takes_seconds_and_units() {
+        for (raw, want) in [("0", 0), ("3600", 3600), ("90s", 90), ("30m", 1800), ("1h", 3600), ("7d", 604_800)] {
+            assert_eq!(grace_seconds(raw).ok(), Some(want), "{raw}");
+        }
+        for bad in ["", "h", "1w", "-", "1.5h"] {
+            assert!(grace_seconds(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -41,6 +41,10 @@ pub struct Config {
     pub protection: keyward_server::limits::Protection,
     /// The verify cache: sizes and times.
     pub cache: keyward_server::cache::CacheConfig,
+    /// The expiry sweeper and the `key.expiring` threshold.
+    pub lifecycle: keyward_server::lifecycle::LifecycleSettings,
+    /// Webhook delivery: private targets, timeout, retries.
+    pub webhooks: keyward_server::webhooks::WebhookSettings,
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -140,6 +144,8 @@ impl Default for Config {
             plans: Default::default(),
             protection: Default::default(),
             cache: Default::default(),
+            lifecycle: Default::default(),
+            webhooks: Default::default(),
         }
     }
 }
@@ -180,7 +186,7 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 4] = ["gateway__", "plans__", "protection__", "cache__"];
+const SECTIONS: [&str; 6] = ["gateway__", "plans__", "protection__", "cache__", "lifecycle__", "webhooks__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -239,9 +245,11 @@ impl Config {
         let gateway = toml_section(&self.gateway);
         let protection = toml_section(&self.protection);
         let cache = toml_section(&self.cache);
+        let lifecycle = toml_section(&self.lifecycle);
+        let webhooks = toml_section(&self.webhooks);
         let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[cache]\n{cache}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[cache]\n{cache}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
@@ -362,6 +370,13 @@ mod tests {
             assert_eq!(c.plans().get("gold").and_then(|p| p.per_minute), Some(1200));
             assert!(c.plans().get("free").is_some());
             assert_eq!(c.limiter_failure_policy, keyward_limit::FailurePolicy::FailClosed);
+            assert!(!c.webhooks.allow_private_targets, "private webhook targets are refused by default");
+            jail.set_env("KEYWARD_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true");
+            jail.set_env("KEYWARD_LIFECYCLE__EXPIRING_NOTICE_DAYS", "3");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.webhooks.allow_private_targets);
+            assert_eq!(c.lifecycle.expiring_notice_days, 3);
+            assert!(c.show().contains("allow_private_targets = true"), "{}", c.show());
             jail.set_env("KEYWARD_PEPPER", "too-short");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_PEPPER", "x".repeat(32));

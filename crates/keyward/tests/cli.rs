@@ -222,3 +222,45 @@ fn serve_seeds_answers_and_stops_on_sigterm() {
     assert!(logs.contains("shutting down"), "{logs}");
     assert!(!logs.contains(&key[8..]), "the admin key is in the logs");
 }
+
+#[test]
+fn rotate_and_verify_the_audit_chain_from_the_cli() {
+    let cli = Cli::new();
+    cli.ok(&["orgs", "create", "--name", "Acme", "--slug", "acme"]);
+    let created = cli.json(&["keys", "create", "--org", "acme", "--name", "backend", "--scopes", "read:x", "--json"]);
+    let id = created["api_key"]["id"].as_str().unwrap().to_owned();
+    let rotated = cli.json(&["keys", "rotate", &id, "--grace", "1h", "--json"]);
+    assert!(rotated["key"].as_str().unwrap().starts_with("sk_live_"));
+    assert_ne!(rotated["key"], created["key"]);
+    assert_eq!(rotated["api_key"]["rotated_from"], id.as_str());
+    assert_eq!(rotated["api_key"]["scopes"], serde_json::json!(["read:x"]));
+    assert_eq!(rotated["old_api_key"]["status"], "active", "valid for the grace period");
+    assert_eq!(rotated["old_api_key"]["revoke_reason"], "rotated");
+    let again = cli.run(&["keys", "rotate", &id]);
+    assert!(!again.status.success(), "a rotated key is not rotated again");
+    let bad = cli.run(&["keys", "rotate", rotated["api_key"]["id"].as_str().unwrap(), "--grace", "8d"]);
+    assert!(!bad.status.success(), "more than 7 days of grace is refused");
+
+    let out = cli.ok(&["audit", "verify"]);
+    assert!(out.contains("Audit chain intact"), "{out}");
+    let report = cli.json(&["audit", "verify", "--json"]);
+    assert_eq!(report["intact"], true);
+
+    // Edit one row behind Keyward's back: verify names it and exits 1.
+    let rows = cli.json(&["audit", "list", "--json"]);
+    let target = rows[1]["id"].as_i64().unwrap();
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE audit_log SET details = '{\"forged\":true}' WHERE id = ?")
+            .bind(target)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+    let out = cli.run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("BROKEN at row {target}: content_changed")), "{stdout}");
+}

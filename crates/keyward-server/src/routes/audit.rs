@@ -1,4 +1,5 @@
-//! `GET /v1/audit-logs`: the caller's organization's audit trail (every organization for admin).
+//! `GET /v1/audit-logs`: the caller's organization's audit trail (every organization for admin), and
+//! `GET /v1/audit-logs/verify`: the tamper-evidence check of the whole chain (admin).
 
 use axum::Json;
 use axum::extract::State;
@@ -66,4 +67,45 @@ pub async fn list_audit(
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
     let page = state.store.list_audit(&filter, page).await?;
     Ok(Json(PageResponse::from_page(page, AuditEntryResponse::from)))
+}
+
+/// The result of walking the audit chain.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditVerifyResponse {
+    /// Every row's hashes check out and the chain head is the last row.
+    pub intact: bool,
+    pub rows_checked: u64,
+    /// Rows written before the chain existed (migration 0004): not covered.
+    pub unchained_rows: u64,
+    /// The first row that breaks the chain; `null` when intact.
+    pub broken: Option<BrokenRow>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BrokenRow {
+    /// The audit row id (for `truncated`, the id of the last row, which is gone).
+    pub id: Option<i64>,
+    /// `content_changed` (the row was edited), `link_broken` (a row before it was deleted, or rows were
+    /// reordered), `unhashed_row` (inserted behind Keyward's back) or `truncated` (rows at the end were
+    /// deleted).
+    pub reason: String,
+}
+
+/// Verify the tamper-evident audit chain, oldest row first. `keyward:admin` only: the chain spans every
+/// organization. Always 200; `intact` says the outcome.
+#[utoipa::path(get, path = "/v1/audit-logs/verify", tag = "audit",
+    responses((status = 200, body = AuditVerifyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn verify_audit(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<AuditVerifyResponse>> {
+    caller.require(KeywardScope::Admin)?;
+    let report = state.store.verify_audit_chain().await?;
+    if !report.intact {
+        tracing::warn!(broken = ?report.broken, "the audit chain is broken");
+    }
+    Ok(Json(AuditVerifyResponse {
+        intact: report.intact,
+        rows_checked: report.rows_checked,
+        unchained_rows: report.unchained_rows,
+        broken: report.broken.map(|b| BrokenRow { id: b.id, reason: b.reason }),
+    }))
 }

@@ -1,4 +1,5 @@
-//! `/v1/keys`: create (the key is shown once), list, read, update (audited with a diff), revoke.
+//! `/v1/keys`: create (the key is shown once), list, read, update (audited with a diff), revoke,
+//! rotate, and expiry management (`/v1/keys/expiring`, `/v1/keys/cleanup-expired`).
 
 use axum::Json;
 use axum::extract::State;
@@ -12,8 +13,8 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
-use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse};
-use crate::service::{self, CreateKeyRequest, UpdateKeyRequest, Validator};
+use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse, RotatedKeyResponse};
+use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
 /// SECURITY: a key may grant only the `keyward:` scopes it holds itself (admin grants any), and a
@@ -202,4 +203,113 @@ pub async fn revoke_key(
     let now = state.clock.now();
     state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rotate a key: a new key with the same settings (shown once), the old one revoked (reason `rotated`)
+/// when the grace period ends. Rate-limit and quota counters are shared by the two. A key rotated
+/// before, or revoked, answers 409.
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = String, Path, description = "key id")),
+    request_body = RotateKeyRequest,
+    responses((status = 201, body = RotatedKeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn rotate_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+    body: JsonBody,
+) -> ApiResult<Response> {
+    caller.require_key_write()?;
+    let old = visible_key(&state, &caller, id, true).await?;
+    let body: RotateKeyRequest = body.parse()?;
+    let now = state.clock.now();
+    let draft = body.validate(&Validator { plans: &state.plans, now })?;
+    // SECURITY: the new key carries the old key's scopes, so rotating is granting them: a caller may
+    // rotate only a key whose `keyward:` scopes it holds itself (else rotation would mint a key with
+    // more power than the caller's). Customer scopes are not re-checked for a self-service caller: the
+    // owner already holds them, and the old key stops.
+    check_grant(&caller, &old.scopes, false)?;
+    let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
+    let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
+    tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");
+    state.events_written();
+    let body = RotatedKeyResponse {
+        key: plain.expose_secret().to_owned(),
+        api_key: KeyResponse::new(rotation.new, now),
+        old_api_key: KeyResponse::new(rotation.old, now),
+    };
+    // SECURITY: the response carries a key: no cache may store it.
+    let headers = crate::limits::headers(&limit, now);
+    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
+        .into_response())
+}
+
+/// Most keys `GET /v1/keys/expiring` lists.
+const EXPIRING_LIMIT: u32 = 1_000;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExpiringQuery {
+    /// Keys expiring within this many days, 1-365; default 7.
+    pub days: Option<u32>,
+}
+
+/// `GET /v1/keys/expiring`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ExpiringResponse {
+    pub days: u32,
+    /// Usable keys that expire within `days`, soonest first (at most 1,000).
+    pub items: Vec<KeyResponse>,
+}
+
+/// List the keys that expire within `days` days (the caller's organization; every organization for
+/// `keyward:admin`; a `keyward:self` key sees its own owner's keys).
+#[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
+    responses((status = 200, body = ExpiringResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_expiring(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ExpiringQuery>,
+) -> ApiResult<Json<ExpiringResponse>> {
+    caller.require_key_read()?;
+    let days = q.days.unwrap_or(7);
+    if !(1..=365).contains(&days) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "`days` must be 1-365"));
+    }
+    let now = state.clock.now();
+    let until = now + chrono::Duration::days(i64::from(days));
+    let keys = state.store.list_expiring_keys(caller.org_filter(), now, until, EXPIRING_LIMIT).await?;
+    let items = keys.into_iter().filter(|k| caller.can_see(k, false)).map(|k| KeyResponse::new(k, now)).collect();
+    Ok(Json(ExpiringResponse { days, items }))
+}
+
+/// `POST /v1/keys/cleanup-expired`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct CleanupResponse {
+    /// How many expired keys were deactivated.
+    pub deactivated: usize,
+    #[schema(value_type = Vec<String>)]
+    pub key_ids: Vec<KeyId>,
+}
+
+/// Deactivate every expired key of the caller's organization (every organization for
+/// `keyward:admin`) now, as the sweeper does on its schedule: one `expire` audit row each, with the
+/// caller as actor, and a `key.expired` event. Needs `keyward:keys:write` (`keyward:self` is not
+/// enough: this acts on the whole organization).
+#[utoipa::path(post, path = "/v1/keys/cleanup-expired", tag = "keys",
+    responses((status = 200, body = CleanupResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn cleanup_expired(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<CleanupResponse>> {
+    caller.require(keyward_core::KeywardScope::KeysWrite)?;
+    let now = state.clock.now();
+    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?;
+    if !expired.is_empty() {
+        state.events_written();
+    }
+    Ok(Json(CleanupResponse { deactivated: expired.len(), key_ids: expired.into_iter().map(|k| k.id).collect() }))
 }

@@ -7,3 +7,4 @@ pub mod keys;
 pub mod me;
 pub mod orgs;
 pub mod verify;
+pub mod webhooks;

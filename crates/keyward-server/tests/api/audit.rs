@@ -1,7 +1,7 @@
 use axum::http::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestApp, code};
+use crate::helpers::{TestApp, code, on_every_backend};
 
 #[tokio::test]
 async fn every_change_is_audited_with_a_diff() {
@@ -72,4 +72,33 @@ async fn bad_audit_queries() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
         assert_eq!(code(&r), "invalid_query", "{q}");
     }
+}
+
+on_every_backend!(verify_names_the_row_that_was_changed);
+
+/// `GET /v1/audit-logs/verify`: intact after ordinary writes; after one row is edited directly in the
+/// database, it names that row.
+async fn verify_names_the_row_that_was_changed(app: TestApp) {
+    for name in ["a", "b", "c"] {
+        let r = app.post("/v1/keys", &app.admin_key, json!({"name": name})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    let r = app.get("/v1/audit-logs/verify", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["intact"], true, "{}", r.text);
+    assert!(r.body["rows_checked"].as_u64().unwrap() >= 5, "{}", r.text);
+    assert_eq!(r.body["broken"], json!(null));
+
+    let rows = app.get("/v1/audit-logs?limit=100", &app.admin_key).await.body["items"].clone();
+    let target = rows[1]["id"].as_i64().unwrap();
+    app.exec_sql(&format!("UPDATE audit_log SET actor = 'someone-else' WHERE id = {target}")).await;
+    let r = app.get("/v1/audit-logs/verify", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["intact"], false, "{}", r.text);
+    assert_eq!(r.body["broken"], json!({"id": target, "reason": "content_changed"}), "{}", r.text);
+
+    // Only keyward:admin walks the chain: it spans every organization.
+    let (auditor, _) = app.key(app.default_org.id, &["keyward:audit:read"]).await;
+    let r = app.get("/v1/audit-logs/verify", &auditor).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
 }

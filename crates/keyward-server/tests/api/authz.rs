@@ -14,6 +14,9 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/keys/{id}", Some("keyward:keys:read")),
     ("patch", "/v1/keys/{id}", Some("keyward:keys:write")),
     ("delete", "/v1/keys/{id}", Some("keyward:keys:write")),
+    ("post", "/v1/keys/{id}/rotate", Some("keyward:keys:write")),
+    ("get", "/v1/keys/expiring", Some("keyward:keys:read")),
+    ("post", "/v1/keys/cleanup-expired", Some("keyward:keys:write")),
     ("post", "/v1/keys/import", Some("keyward:admin")),
     ("get", "/v1/me", None),
     ("post", "/v1/organizations", Some("keyward:admin")),
@@ -21,6 +24,14 @@ const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/organizations/{id}", Some("keyward:admin")),
     ("patch", "/v1/organizations/{id}", Some("keyward:admin")),
     ("get", "/v1/audit-logs", Some("keyward:audit:read")),
+    ("get", "/v1/audit-logs/verify", Some("keyward:admin")),
+    ("post", "/v1/webhooks", Some("keyward:keys:write")),
+    ("get", "/v1/webhooks", Some("keyward:keys:write")),
+    ("get", "/v1/webhooks/{id}", Some("keyward:keys:write")),
+    ("patch", "/v1/webhooks/{id}", Some("keyward:keys:write")),
+    ("delete", "/v1/webhooks/{id}", Some("keyward:keys:write")),
+    ("get", "/v1/webhooks/{id}/deliveries", Some("keyward:keys:write")),
+    ("post", "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", Some("keyward:keys:write")),
     ("get", "/healthz", None),
     ("get", "/readyz", None),
     ("get", "/metrics", None),
@@ -55,10 +66,12 @@ async fn each_route_refuses_a_key_without_its_scope_and_a_request_without_a_key(
             .collect()
     };
     for (method, path, needed) in MATRIX {
-        let concrete = path.replace(
-            "{id}",
-            &if path.contains("organizations") { app.default_org.id.to_string() } else { target.id.to_string() },
-        );
+        let concrete = path
+            .replace(
+                "{id}",
+                &if path.contains("organizations") { app.default_org.id.to_string() } else { target.id.to_string() },
+            )
+            .replace("{delivery_id}", &target.id.to_string());
         let method: Method = method.to_uppercase().parse().unwrap();
         let body = matches!(method, Method::POST | Method::PATCH).then(|| json!({}));
         let anonymous = app.call(method.clone(), &concrete, None, body.clone()).await;

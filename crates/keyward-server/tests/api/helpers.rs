@@ -87,6 +87,33 @@ impl TestApp {
         }
     }
 
+    /// The URL of the test's database, for a second "process" on it.
+    pub fn database_url(&self) -> String {
+        match &self._guard {
+            Guard::Dir(dir) => format!("sqlite://{}", dir.path().join("keyward.db").display()),
+            Guard::Schema(schema) => schema.url().to_owned(),
+            Guard::None => panic!("no database URL"),
+        }
+    }
+
+    /// Runs SQL on the test's database behind the store's back (to tamper with it).
+    pub async fn exec_sql(&self, sql: &str) {
+        use sqlx::Connection;
+        match &self._guard {
+            Guard::Dir(dir) => {
+                let url = format!("sqlite://{}", dir.path().join("keyward.db").display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+            Guard::Schema(schema) => {
+                let mut conn = sqlx::PgConnection::connect(schema.url()).await.unwrap();
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            Guard::None => panic!("no database to tamper with"),
+        }
+    }
+
     pub fn router(&self) -> Router {
         router(self.state.clone())
     }

@@ -160,6 +160,112 @@ impl Store for Counting {
     }
 }
 
+#[async_trait]
+impl keyward_store::LifecycleStore for Counting {
+    async fn rotate_key(
+        &self,
+        old: KeyId,
+        new: NewKey,
+        revoke_at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Rotation> {
+        self.count();
+        self.inner.rotate_key(old, new, revoke_at, actor).await
+    }
+    async fn list_expiring_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.count();
+        self.inner.list_expiring_keys(organization_id, now, until, limit).await
+    }
+    async fn expire_keys(
+        &self,
+        organization_id: Option<OrgId>,
+        now: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.count();
+        self.inner.expire_keys(organization_id, now, actor).await
+    }
+    async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<keyward_store::Event>> {
+        self.count();
+        self.inner.record_expiring_events(now, days).await
+    }
+    async fn verify_audit_chain(&self) -> StoreResult<keyward_store::AuditChainReport> {
+        self.count();
+        self.inner.verify_audit_chain().await
+    }
+    async fn list_events(&self, after: Option<uuid::Uuid>, limit: u32) -> StoreResult<Vec<keyward_store::Event>> {
+        self.count();
+        self.inner.list_events(after, limit).await
+    }
+    async fn record_event(&self, event: &keyward_store::Event, dedup_key: Option<&str>) -> StoreResult<bool> {
+        self.inner.record_event(event, dedup_key).await
+    }
+    async fn insert_webhook(
+        &self,
+        hook: keyward_store::NewWebhook,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Webhook> {
+        self.inner.insert_webhook(hook, actor).await
+    }
+    async fn get_webhook(&self, id: uuid::Uuid) -> StoreResult<keyward_store::Webhook> {
+        self.inner.get_webhook(id).await
+    }
+    async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<keyward_store::Webhook>> {
+        self.inner.list_webhooks(organization_id).await
+    }
+    async fn update_webhook(
+        &self,
+        id: uuid::Uuid,
+        patch: keyward_store::WebhookPatch,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Webhook> {
+        self.inner.update_webhook(id, patch, actor).await
+    }
+    async fn delete_webhook(&self, id: uuid::Uuid, actor: &Actor) -> StoreResult<()> {
+        self.inner.delete_webhook(id, actor).await
+    }
+    async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
+        self.inner.dispatch_events(now, give_up_at, limit).await
+    }
+    async fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<keyward_store::DeliveryJob>> {
+        self.inner.claim_deliveries(now, lease_until, limit).await
+    }
+    async fn record_attempt(
+        &self,
+        delivery: uuid::Uuid,
+        attempt: &keyward_store::Attempt,
+        outcome: keyward_store::AttemptOutcome,
+    ) -> StoreResult<()> {
+        self.inner.record_attempt(delivery, attempt, outcome).await
+    }
+    async fn list_deliveries(&self, endpoint: uuid::Uuid, limit: u32) -> StoreResult<Vec<keyward_store::Delivery>> {
+        self.inner.list_deliveries(endpoint, limit).await
+    }
+    async fn list_attempts(&self, delivery: uuid::Uuid) -> StoreResult<Vec<keyward_store::Attempt>> {
+        self.inner.list_attempts(delivery).await
+    }
+    async fn retry_delivery(
+        &self,
+        endpoint: uuid::Uuid,
+        delivery: uuid::Uuid,
+        now: DateTime<Utc>,
+        give_up_at: DateTime<Utc>,
+    ) -> StoreResult<keyward_store::Delivery> {
+        self.inner.retry_delivery(endpoint, delivery, now, give_up_at).await
+    }
+}
+
 fn sha256(s: &str) -> KeyHash {
     KeyHasher::default().hash_str(HashAlgorithm::Sha256, s)
 }

@@ -152,3 +152,41 @@ async fn metrics_count_verifications_by_outcome() {
     assert!(r.text.contains("keyward_verify_duration_seconds_bucket"));
     assert!(r.text.contains("keyward_http_requests_total{method=\"POST\",route=\"/v1/verify\",status=\"2xx\"}"));
 }
+
+/// Rotation's new key and a webhook's signing secret: shown once each, then in no log line, response,
+/// audit row, event or delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_keys_and_webhook_secrets_leak_nowhere() {
+    let capture = capture_logs();
+    let mut app = TestApp::sqlite().await;
+    app.state.webhooks.allow_private_targets = true;
+    let hook = app.post("/v1/webhooks", &app.admin_key, json!({"url": "http://127.0.0.1:9/hook"})).await;
+    let secret = hook.body["secret"].as_str().unwrap().to_owned();
+    let hook_id = hook.body["webhook"]["id"].as_str().unwrap().to_owned();
+    let (old, rec) = app.key(app.default_org.id, &["read:x"]).await;
+    let rotated =
+        app.post(&format!("/v1/keys/{}/rotate", rec.id), &app.admin_key, json!({"grace_period_seconds": 60})).await;
+    let new = rotated.body["key"].as_str().unwrap().to_owned();
+    app.verify(&new, json!({})).await;
+    app.verify(&old, json!({})).await;
+    keyward_server::webhooks::Worker::new(app.state.clone()).tick().await.unwrap();
+
+    let mut bodies = Vec::new();
+    for path in [
+        format!("/v1/keys/{}", rec.id),
+        format!("/v1/webhooks/{hook_id}"),
+        "/v1/webhooks".to_owned(),
+        format!("/v1/webhooks/{hook_id}/deliveries"),
+        "/v1/audit-logs?limit=100".to_owned(),
+    ] {
+        bodies.push(app.get(&path, &app.admin_key).await.text);
+    }
+    bodies.push(format!("{:?}", app.state.store.list_events(None, 1000).await.unwrap()));
+    bodies.push(format!("{:?}", app.state.store.get_webhook(hook_id.parse().unwrap()).await.unwrap()));
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    bodies.push(logs);
+    for (i, body) in bodies.iter().enumerate() {
+        assert!(!body.contains(&new[8..40]) && !body.contains(&old[8..40]), "{i} contains a key: {body}");
+        assert!(!body.contains(&secret[6..]), "{i} contains the webhook secret: {body}");
+    }
+}

@@ -1,0 +1,367 @@
+//! `/v1/webhooks`: an organization's webhook endpoints (create: the signing secret is shown once;
+//! list, read, update, delete) and their deliveries (list with every attempt, retry one).
+//!
+//! Authorization: `keyward:keys:write` for the caller's own organization (webhooks carry every key
+//! event of it; `keyward:self` is not enough), `keyward:admin` for any organization. An endpoint of
+//! another organization answers 404, like one that does not exist.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use keyward_core::{KeywardScope, OrgId};
+use keyward_store::{Attempt, Delivery, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiPath, JsonBody, double_option};
+use crate::state::AppState;
+use crate::webhooks::{EVENTS, check_url};
+
+const MAX_DESCRIPTION: usize = 2_000;
+
+/// A webhook endpoint as the API shows it: never the secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookResponse {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: Uuid,
+    #[schema(value_type = String, format = Uuid)]
+    pub organization_id: OrgId,
+    pub url: String,
+    /// Subscribed events; empty: every event.
+    pub events: Vec<String>,
+    pub is_active: bool,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Webhook> for WebhookResponse {
+    fn from(w: Webhook) -> Self {
+        Self {
+            id: w.id,
+            organization_id: w.organization_id,
+            url: w.url,
+            events: w.events,
+            is_active: w.is_active,
+            description: w.description,
+            created_at: w.created_at,
+            updated_at: w.updated_at,
+        }
+    }
+}
+
+/// `201` of `POST /v1/webhooks`: the only time the signing secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedWebhookResponse {
+    /// The signing secret (`whsec_...`). Shown once; store it now.
+    pub secret: String,
+    pub webhook: WebhookResponse,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookListResponse {
+    pub items: Vec<WebhookResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptResponse {
+    pub attempted_at: DateTime<Utc>,
+    /// The receiver's HTTP status; `null` when it did not answer.
+    pub status_code: Option<i64>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+}
+
+impl From<Attempt> for AttemptResponse {
+    fn from(a: Attempt) -> Self {
+        Self { attempted_at: a.attempted_at, status_code: a.status_code, latency_ms: a.latency_ms, error: a.error }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryResponse {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: Uuid,
+    #[schema(value_type = String, format = Uuid)]
+    pub event_id: Uuid,
+    pub event: String,
+    /// The JSON body that is POSTed.
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub give_up_at: DateTime<Utc>,
+    pub last_status_code: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// Every attempt, oldest first.
+    pub attempt_log: Vec<AttemptResponse>,
+}
+
+impl DeliveryResponse {
+    fn new(d: Delivery, attempts: Vec<Attempt>) -> Self {
+        Self {
+            id: d.id,
+            event_id: d.event_id,
+            event: d.event,
+            payload: d.payload,
+            status: d.status,
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at,
+            give_up_at: d.give_up_at,
+            last_status_code: d.last_status_code,
+            last_error: d.last_error,
+            created_at: d.created_at,
+            attempt_log: attempts.into_iter().map(AttemptResponse::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryListResponse {
+    pub items: Vec<DeliveryResponse>,
+}
+
+/// The body of `POST /v1/webhooks`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhookRequest {
+    /// `http://...`; loopback and private addresses are refused unless the server allows them.
+    pub url: String,
+    /// Events to receive (see the README); empty or absent: every event.
+    #[serde(default)]
+    pub events: Vec<String>,
+    pub is_active: Option<bool>,
+    pub description: Option<String>,
+    /// Only with `keyward:admin`; default: the caller's organization.
+    pub organization_id: Option<String>,
+}
+
+/// The body of `PATCH /v1/webhooks/{id}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhookRequest {
+    pub url: Option<String>,
+    pub events: Option<Vec<String>>,
+    pub is_active: Option<bool>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+}
+
+/// Events that belong to no organization: only `keyward:admin` may subscribe to them.
+const ADMIN_EVENTS: &[&str] = &["auth.failures_spike"];
+
+fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
+    if !caller.is_admin() && events.iter().any(|e| ADMIN_EVENTS.contains(&e.as_str())) {
+        return Err(ApiError::insufficient_scope("keyward:admin"));
+    }
+    Ok(())
+}
+
+fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
+    for (i, e) in events.iter().enumerate() {
+        if !EVENTS.contains(&e.as_str()) {
+            return Err(ApiError::validation(
+                format!("events[{i}]"),
+                format!("unknown event `{e}`; known events: {}", EVENTS.join(", ")),
+            ));
+        }
+    }
+    let mut out = events.to_vec();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn check_description(d: Option<String>) -> ApiResult<Option<String>> {
+    match d {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION => {
+            Err(ApiError::validation("description", format!("must be at most {MAX_DESCRIPTION} characters")))
+        }
+        Some(d) if d.trim().is_empty() => Ok(None),
+        d => Ok(d),
+    }
+}
+
+fn require(caller: &Caller) -> ApiResult<()> {
+    caller.require(KeywardScope::KeysWrite)
+}
+
+/// An endpoint the caller may manage; any other id answers 404.
+async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Webhook> {
+    let hook = state.store.get_webhook(id).await?;
+    if caller.is_admin() || hook.organization_id == caller.key.organization_id {
+        Ok(hook)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+/// Create a webhook endpoint. The signing secret is in this response only.
+#[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
+    responses((status = 201, body = CreatedWebhookResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
+    require(&caller)?;
+    let body: CreateWebhookRequest = body.parse()?;
+    let organization_id = match body.organization_id.as_deref() {
+        None => caller.key.organization_id,
+        Some(raw) => {
+            let id: OrgId =
+                raw.parse().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?;
+            if id != caller.key.organization_id && !caller.is_admin() {
+                return Err(ApiError::insufficient_scope("keyward:admin"));
+            }
+            id
+        }
+    };
+    check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
+    let events = check_events(&body.events)?;
+    check_admin_events(&caller, &events)?;
+    let description = check_description(body.description)?;
+    let secret = keyward_core::webhook::generate_secret()
+        .map_err(|e| ApiError::internal(format!("the OS random generator failed: {e}")))?;
+    let now = state.clock.now();
+    let new = NewWebhook {
+        id: Uuid::now_v7(),
+        organization_id,
+        url: body.url,
+        events,
+        is_active: body.is_active.unwrap_or(true),
+        secret: WebhookSecret(secret.clone()),
+        description,
+    };
+    let hook = state.store.insert_webhook(new, &caller.actor(now)).await.map_err(|e| match e {
+        keyward_store::StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
+        e => e.into(),
+    })?;
+    let body = CreatedWebhookResponse { secret, webhook: hook.into() };
+    // SECURITY: the only response that carries the secret must not be cached.
+    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response())
+}
+
+/// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
+    responses((status = 200, body = WebhookListResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<WebhookListResponse>> {
+    require(&caller)?;
+    let hooks = state.store.list_webhooks(caller.org_filter()).await?;
+    Ok(Json(WebhookListResponse { items: hooks.into_iter().map(WebhookResponse::from).collect() }))
+}
+
+/// Read one webhook endpoint.
+#[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
+    responses((status = 200, body = WebhookResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<WebhookResponse>> {
+    require(&caller)?;
+    Ok(Json(visible(&state, &caller, id).await?.into()))
+}
+
+/// Update a webhook endpoint (url, events, is_active, description). The secret stays.
+#[utoipa::path(patch, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
+    request_body = UpdateWebhookRequest,
+    responses((status = 200, body = WebhookResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn update_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    body: JsonBody,
+) -> ApiResult<Json<WebhookResponse>> {
+    require(&caller)?;
+    visible(&state, &caller, id).await?;
+    let body: UpdateWebhookRequest = body.parse()?;
+    if let Some(url) = &body.url {
+        check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
+    }
+    let events = body.events.as_deref().map(check_events).transpose()?;
+    check_admin_events(&caller, events.as_deref().unwrap_or_default())?;
+    let patch = WebhookPatch {
+        url: body.url,
+        events,
+        is_active: body.is_active,
+        description: body.description.map(check_description).transpose()?,
+    };
+    let now = state.clock.now();
+    Ok(Json(state.store.update_webhook(id, patch, &caller.actor(now)).await?.into()))
+}
+
+/// Delete a webhook endpoint and its deliveries.
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn delete_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    require(&caller)?;
+    visible(&state, &caller, id).await?;
+    state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The endpoint's most recent deliveries (up to 100), newest first, each with every attempt.
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
+    params(("id" = String, Path, description = "webhook id")),
+    responses((status = 200, body = DeliveryListResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<DeliveryListResponse>> {
+    require(&caller)?;
+    visible(&state, &caller, id).await?;
+    let mut items = Vec::new();
+    for d in state.store.list_deliveries(id, 100).await? {
+        let attempts = state.store.list_attempts(d.id).await?;
+        items.push(DeliveryResponse::new(d, attempts));
+    }
+    Ok(Json(DeliveryListResponse { items }))
+}
+
+/// Send a delivery again now (also a failed one): it is pending again, with a fresh retry window.
+#[utoipa::path(post, path = "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", tag = "webhooks",
+    params(("id" = String, Path, description = "webhook id"), ("delivery_id" = String, Path, description = "delivery id")),
+    responses((status = 200, body = DeliveryResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn retry_delivery(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<DeliveryResponse>> {
+    require(&caller)?;
+    visible(&state, &caller, id).await?;
+    let now = state.clock.now();
+    let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);
+    let d = state.store.retry_delivery(id, delivery, now, give_up).await?;
+    let attempts = state.store.list_attempts(d.id).await?;
+    state.events_written();
+    Ok(Json(DeliveryResponse::new(d, attempts)))
+}

@@ -1,0 +1,359 @@
+//! Webhooks end to end with real HTTP receivers on 127.0.0.1: signed deliveries, a receiver that is
+//! down and then up, Keyward restarted between attempts, giving up after the retry window, retry on
+//! demand; plus the API's bad inputs and tenant isolation. Time moves only by the injected clock; the
+//! worker is ticked directly.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use keyward_core::KeyHasher;
+use keyward_server::AppState;
+use keyward_server::usage::UsageRecorder;
+use keyward_server::webhooks::Worker;
+use serde_json::{Value, json};
+
+use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
+
+on_every_backend!(signed_events_arrive_and_verify, receiver_down_then_up_across_a_restart);
+
+/// A webhook receiver that records every request and answers `status`.
+#[derive(Clone)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    status: Arc<AtomicU16>,
+}
+
+impl Receiver {
+    fn requests(&self) -> Vec<(HeaderMap, Bytes)> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+async fn record(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    r.got.lock().unwrap().push((headers, body));
+    StatusCode::from_u16(r.status.load(Ordering::SeqCst)).unwrap()
+}
+
+async fn receiver_on(listener: tokio::net::TcpListener) -> Receiver {
+    let r = Receiver { got: Arc::default(), status: Arc::new(AtomicU16::new(200)) };
+    let app = Router::new().route("/hook", post(record)).with_state(r.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    r
+}
+
+async fn bind(port: u16) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap()
+}
+
+fn allow_private(mut app: TestApp) -> TestApp {
+    app.state.webhooks.allow_private_targets = true;
+    app
+}
+
+async fn create_hook(app: &TestApp, url: &str, events: Value) -> (String, String) {
+    let r = app.post("/v1/webhooks", &app.admin_key, json!({"url": url, "events": events})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    (r.body["webhook"]["id"].as_str().unwrap().to_owned(), r.body["secret"].as_str().unwrap().to_owned())
+}
+
+async fn signed_events_arrive_and_verify(app: TestApp) {
+    let app = allow_private(app);
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    let (hook_id, secret) =
+        create_hook(&app, &format!("http://127.0.0.1:{port}/hook"), json!(["key.created", "key.rotated"])).await;
+    assert!(secret.starts_with("whsec_"));
+
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "watched"})).await;
+    let plaintext = r.body["key"].as_str().unwrap().to_owned();
+    let key_id = r.body["api_key"]["id"].as_str().unwrap().to_owned();
+    app.patch(&format!("/v1/keys/{key_id}"), &app.admin_key, json!({"name": "renamed"})).await;
+    let worker = Worker::new(app.state.clone());
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.dispatched, report.attempted, report.succeeded), (1, 1, 1), "key.updated is not subscribed");
+
+    let got = receiver.requests();
+    assert_eq!(got.len(), 1);
+    let (headers, body) = &got[0];
+    let signature = headers["keyward-signature"].to_str().unwrap();
+    let now = app.clock.now_utc().timestamp();
+    assert!(signature.starts_with(&format!("t={now},v1=")), "{signature}");
+    assert!(keyward_core::webhook::verify(&secret, signature, body, now, 300), "the receiver verifies the signature");
+    assert!(!keyward_core::webhook::verify("whsec_wrong", signature, body, now, 300));
+    let payload: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(payload["type"], "key.created");
+    assert_eq!(payload["id"].as_str(), headers["keyward-event-id"].to_str().ok());
+    assert_eq!(payload["data"]["key_id"], key_id.as_str());
+    let text = String::from_utf8_lossy(body);
+    assert!(!text.contains(&plaintext) && !text.contains("key_hash"), "SECURITY: no key material: {text}");
+
+    // Rotation is delivered too; nothing is delivered twice.
+    let r = app.post(&format!("/v1/keys/{key_id}/rotate"), &app.admin_key, json!({})).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1), "key.rotated (it names the new key)");
+    assert_eq!(worker.tick().await.unwrap().attempted, 0);
+    let types: Vec<String> = receiver
+        .requests()
+        .iter()
+        .map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types.iter().filter(|t| *t == "key.rotated").count(), 1, "{types:?}");
+
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|d| d["status"] == "succeeded" && d["attempt_log"][0]["status_code"] == 200));
+    // SECURITY: the secret is shown once, at creation.
+    for path in [format!("/v1/webhooks/{hook_id}"), "/v1/webhooks".to_owned()] {
+        let r = app.get(&path, &app.admin_key).await;
+        assert!(!r.text.contains(&secret), "{path}");
+    }
+    let r = app.get("/v1/audit-logs?action=webhook_create", &app.admin_key).await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1);
+    assert!(!r.text.contains(&secret));
+
+    // Tenant isolation: another organization neither sees this endpoint nor gets these events.
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:write"]).await;
+    assert_eq!(app.get(&format!("/v1/webhooks/{hook_id}"), &outsider).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &outsider).await.status, StatusCode::NOT_FOUND);
+    let r = app.patch(&format!("/v1/webhooks/{hook_id}"), &outsider, json!({"is_active": false})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.delete(&format!("/v1/webhooks/{hook_id}"), &outsider).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.get("/v1/webhooks", &outsider).await.body["items"], json!([]));
+    app.key(other.id, &[]).await;
+    assert_eq!(worker.tick().await.unwrap().attempted, 0, "the other organization's key.created goes nowhere");
+}
+
+async fn receiver_down_then_up_across_a_restart(app: TestApp) {
+    let app = allow_private(app);
+    // A port nobody listens on, yet.
+    let port = bind(0).await.local_addr().unwrap().port();
+    let (hook_id, secret) = create_hook(&app, &format!("http://127.0.0.1:{port}/hook"), json!([])).await;
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let first = Worker::new(app.state.clone());
+    let report = first.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0), "the receiver is down");
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    let d = &r.body["items"][0];
+    assert_eq!((d["status"].as_str(), d["attempts"].as_i64()), (Some("pending"), Some(1)), "{d}");
+    assert_eq!(d["attempt_log"][0]["status_code"], Value::Null);
+    assert!(d["last_error"].as_str().unwrap().contains("request failed"), "{d}");
+    let event_id = d["event_id"].as_str().unwrap().to_owned();
+
+    // Keyward restarts: a new process state over the same database; the first worker is gone.
+    drop(first);
+    let store = keyward_store::open(&app.database_url(), true).await.unwrap();
+    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+    let mut restarted = AppState::new(store, Arc::new(app.clock.clone()), KeyHasher::default(), usage);
+    restarted.webhooks.allow_private_targets = true;
+    let worker = Worker::new(restarted.clone());
+    assert_eq!(worker.tick().await.unwrap().attempted, 0, "not due yet: the backoff holds across the restart");
+
+    // The receiver comes up; once the backoff has passed the event arrives, once.
+    let receiver = receiver_on(bind(port).await).await;
+    app.clock.advance(chrono::Duration::minutes(2));
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    assert_eq!(worker.tick().await.unwrap().attempted, 0);
+    app.clock.advance(chrono::Duration::hours(2));
+    assert_eq!(worker.tick().await.unwrap().attempted, 0, "delivered exactly once");
+    let got = receiver.requests();
+    assert_eq!(got.len(), 1);
+    let (headers, body) = &got[0];
+    assert_eq!(headers["keyward-event-id"].to_str().unwrap(), event_id);
+    let now = restarted.clock.now().timestamp() - 2 * 3600;
+    assert!(keyward_core::webhook::verify(&secret, headers["keyward-signature"].to_str().unwrap(), body, now, 5));
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    let d = &r.body["items"][0];
+    assert_eq!((d["status"].as_str(), d["attempts"].as_i64()), (Some("succeeded"), Some(2)), "{d}");
+    assert_eq!(d["attempt_log"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_given_up_after_a_day_and_retried_on_demand() {
+    let app = allow_private(TestApp::sqlite().await);
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    receiver.status.store(500, Ordering::SeqCst);
+    let (hook_id, _) = create_hook(&app, &format!("http://127.0.0.1:{port}/hook"), json!(["key.created"])).await;
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let worker = Worker::new(app.state.clone());
+    let start = app.clock.now_utc();
+    let mut attempts = 0;
+    for _ in 0..200 {
+        attempts += worker.tick().await.unwrap().attempted;
+        app.clock.advance(chrono::Duration::minutes(10));
+    }
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    let d = &r.body["items"][0];
+    assert_eq!(d["status"], "failed", "{d}");
+    assert_eq!(d["attempts"].as_u64(), Some(attempts as u64));
+    assert!((15..40).contains(&attempts), "backoff spaces about a day of attempts: {attempts}");
+    let last =
+        chrono::DateTime::parse_from_rfc3339(d["attempt_log"][attempts - 1]["attempted_at"].as_str().unwrap()).unwrap();
+    let span = last.with_timezone(&chrono::Utc) - start;
+    assert!(span > chrono::Duration::hours(20) && span <= chrono::Duration::hours(25), "{span}");
+    assert_eq!(receiver.requests().len(), attempts);
+
+    // Retry on demand: pending again, delivered once the receiver is fixed.
+    receiver.status.store(204, Ordering::SeqCst);
+    let delivery_id = d["id"].as_str().unwrap();
+    let r =
+        app.post(&format!("/v1/webhooks/{hook_id}/deliveries/{delivery_id}/retry"), &app.admin_key, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["status"], "pending");
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    let r = app.post(&format!("/v1/webhooks/{hook_id}/deliveries/{hook_id}/retry"), &app.admin_key, json!({})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "an unknown delivery");
+}
+
+#[tokio::test]
+async fn bad_inputs_are_refused() {
+    let app = TestApp::sqlite().await;
+    for (body, field) in [
+        (json!({"url": "ftp://example.com/x"}), "url"),
+        (json!({"url": "not a url"}), "url"),
+        (json!({"url": "http://127.0.0.1:9000/hook"}), "url"),
+        (json!({"url": "http://169.254.169.254/"}), "url"),
+        (json!({"url": "http://hooks.example.com/", "events": ["key.created", "nope"]}), "events[1]"),
+        (json!({"url": "http://hooks.example.com/", "description": "x".repeat(2001)}), "description"),
+        (json!({"url": "http://hooks.example.com/", "organization_id": "nope"}), "organization_id"),
+    ] {
+        let r = app.post("/v1/webhooks", &app.admin_key, body.clone()).await;
+        assert_eq!((r.status, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"), "{body}: {}", r.text);
+        assert_eq!(r.body["error"]["field"], field, "{body}");
+    }
+    for body in [json!({"url": "http://hooks.example.com/", "secret": "mine"}), json!({"events": []})] {
+        let r = app.post("/v1/webhooks", &app.admin_key, body.clone()).await;
+        assert_eq!((r.status, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"), "{body}");
+    }
+    // Another organization's id: admin only.
+    let other = app.org("other").await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let r = app
+        .post("/v1/webhooks", &writer, json!({"url": "http://hooks.example.com/", "organization_id": other.id}))
+        .await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.post("/v1/webhooks", &writer, json!({"url": "http://hooks.example.com/"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["webhook"]["id"].as_str().unwrap().to_owned();
+    let r = app.patch(&format!("/v1/webhooks/{id}"), &writer, json!({"url": "http://10.0.0.1/"})).await;
+    assert_eq!(r.body["error"]["field"], "url");
+    let r = app
+        .patch(&format!("/v1/webhooks/{id}"), &writer, json!({"events": ["key.expiring"], "description": "d"}))
+        .await;
+    assert_eq!((r.body["events"].clone(), r.body["description"].clone()), (json!(["key.expiring"]), json!("d")));
+    let r = app.get("/v1/webhooks/not-a-uuid", &writer).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.delete(&format!("/v1/webhooks/{id}"), &writer).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.get(&format!("/v1/webhooks/{id}"), &writer).await.status, StatusCode::NOT_FOUND);
+    // A self-service key manages no webhooks.
+    let (me, _) = app
+        .key_with(
+            app.default_org.id,
+            keyward_server::service::CreateKeyRequest {
+                name: "me".into(),
+                owner_id: Some("u".into()),
+                scopes: vec!["keyward:self".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(app.get("/v1/webhooks", &me).await.status, StatusCode::FORBIDDEN);
+}
+
+/// Polls until `f` holds, at most about 2 s: the hooks write their events in a task of their own.
+async fn eventually<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+async fn events_of(app: &TestApp, event: &str) -> Vec<keyward_store::Event> {
+    app.state.store.list_events(None, 10_000).await.unwrap().into_iter().filter(|e| e.event == event).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let patch = keyward_store::KeyPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    app.state.store.update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc())).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    }
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "4 of 5: 80 %");
+    assert!(eventually(|| async { events_of(&app, "quota.threshold").await.len() == 1 }).await);
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "5 of 5: 100 %");
+    assert!(eventually(|| async { events_of(&app, "quota.threshold").await.len() == 2 }).await);
+    assert_eq!(app.verify(&key, json!({})).await["code"], "QUOTA_EXCEEDED");
+    let events = events_of(&app, "quota.threshold").await;
+    let percents: Vec<_> = events.iter().map(|e| e.payload["percent"].as_u64()).collect();
+    assert_eq!(percents, [Some(80), Some(100)]);
+    assert!(events.iter().all(|e| e.key_id == Some(rec.id) && e.payload["quota"] == "key"));
+    assert_eq!(events[0].payload["limit"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
+    let mut app = allow_private(TestApp::sqlite().await);
+    app.state.protection.failed_auth_per_minute = 1_000;
+    app.state.webhooks.failures_spike_per_minute = 3;
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    let url = format!("http://127.0.0.1:{port}/hook");
+    // Not the organization's to watch: admin only.
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let r = app.post("/v1/webhooks", &writer, json!({"url": url, "events": ["auth.failures_spike"]})).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.post("/v1/webhooks", &writer, json!({"url": url})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "every event, which leaves out the spike");
+    create_hook(&app, &url, json!(["auth.failures_spike"])).await;
+    for _ in 0..5 {
+        let r = app.get("/v1/me", "sk_live_not_a_real_key").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(events_of(&app, "auth.failures_spike").await.len(), 1, "once per IP and minute");
+    let report = Worker::new(app.state.clone()).tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    let got = receiver.requests();
+    let payload: Value = serde_json::from_slice(&got[0].1).unwrap();
+    assert_eq!(
+        (payload["type"].as_str(), payload["data"]["ip"].as_str()),
+        (Some("auth.failures_spike"), Some("203.0.113.7"))
+    );
+
+    // Against one key prefix, from many addresses: well-formed keys that do not exist.
+    for i in 0..4 {
+        let guess = keyward_core::PlainKey::generate(&Default::default(), keyward_core::Environment::Test).unwrap();
+        let body = json!({"key": guess.expose_secret(), "ip": format!("198.51.100.{i}")});
+        let r = app.post("/v1/verify", &app.admin_key, body).await;
+        assert_eq!(r.body["code"], "NOT_FOUND");
+    }
+    let spikes = events_of(&app, "auth.failures_spike").await;
+    assert_eq!(spikes.len(), 2, "{spikes:?}");
+    assert_eq!(spikes[1].payload["key_prefix"], "sk_test_");
+}
