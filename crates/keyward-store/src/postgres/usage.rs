@@ -1,0 +1,251 @@
+//! The usage ledger in PostgreSQL: events inserted with multi-row statements, rollups and quota
+//! counters upserted by adding, all in one transaction per batch. Rows are upserted in key order
+//! ([`BatchEffects::of`] sorts), so two nodes flushing overlapping batches cannot deadlock.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{PostgresStore, db};
+use crate::StoreResult;
+use crate::usage::{
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
+    RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+};
+
+/// Rows per INSERT: 17 parameters a row stays under PostgreSQL's 65,535.
+const INSERT_ROWS: usize = 3_000;
+
+/// The 25 rollup values starting at column `offset`.
+fn counts(row: &PgRow, offset: usize) -> StoreResult<DailyCounts> {
+    let mut v = [0i64; 25];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = row.try_get::<i64, _>(offset + i).map_err(db)?;
+    }
+    Ok(DailyCounts::from_values(&v))
+}
+
+fn sums() -> String {
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)::bigint")).collect::<Vec<_>>().join(", ")
+}
+
+#[async_trait]
+impl UsageStore for PostgresStore {
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+        if events.is_empty() {
+            return Ok(RecordedBatch::default());
+        }
+        let mut tx = self.begin().await?;
+        let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
+        for chunk in events.chunks(INSERT_ROWS) {
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
+                 method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
+                 error_message, idempotency_id) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.id)
+                    .push_bind(e.key_id.0)
+                    .push_bind(e.organization_id.0)
+                    .push_bind(e.at)
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.outcome.as_deref())
+                    .push_bind(e.endpoint.as_deref())
+                    .push_bind(e.method.as_deref())
+                    .push_bind(e.status_code)
+                    .push_bind(e.response_time_ms)
+                    .push_bind(e.tokens_used)
+                    .push_bind(e.cost_micros)
+                    .push_bind(e.ip.as_deref())
+                    .push_bind(e.user_agent.as_deref())
+                    .push_bind(e.error_code.as_deref())
+                    .push_bind(e.error_message.as_deref())
+                    .push_bind(e.idempotency_id.as_deref());
+            });
+            // Without a conflict target: a known id and a known idempotency id are both skipped.
+            q.push(" ON CONFLICT DO NOTHING RETURNING id");
+            let ids: Vec<Uuid> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
+            inserted.extend(ids);
+        }
+        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
+        let fx = BatchEffects::of(fresh.iter().copied());
+
+        let columns = DAILY_COLUMNS.join(", ");
+        let daily_sql = format!(
+            "INSERT INTO usage_daily (key_id, day, organization_id, {columns}) VALUES ({}) \
+             ON CONFLICT (key_id, day) DO UPDATE SET {}",
+            (1..=DAILY_COLUMNS.len() + 3).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+            daily_add_set("usage_daily")
+        );
+        for (key_id, d, org, c) in &fx.daily {
+            let mut q = sqlx::query(&daily_sql).bind(key_id.0).bind(*d).bind(org.0);
+            for v in c.values() {
+                q = q.bind(v);
+            }
+            q.execute(&mut *tx).await.map_err(db)?;
+        }
+        for (key_id, d, endpoint, c) in &fx.endpoints {
+            sqlx::query(
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+                     requests = usage_daily_endpoints.requests + excluded.requests,
+                     errors = usage_daily_endpoints.errors + excluded.errors,
+                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
+                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
+            )
+            .bind(key_id.0)
+            .bind(*d)
+            .bind(endpoint)
+            .bind(c.requests)
+            .bind(c.errors)
+            .bind(c.tokens_used)
+            .bind(c.cost_micros)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        for u in &fx.keys {
+            // As in record_key_usage: the CASEs compare against the old `last_used_at`.
+            sqlx::query(
+                "UPDATE api_keys SET
+                     total_requests = total_requests + $1,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < $2
+                                         THEN COALESCE($3, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2
+                                         THEN $2 ELSE last_used_at END
+                 WHERE id = $4",
+            )
+            .bind(u.requests)
+            .bind(u.last_used_at)
+            .bind(&u.last_used_ip)
+            .bind(u.key_id.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        for (subject, month, used) in &fx.quota {
+            sqlx::query(
+                "INSERT INTO quota_usage (subject, month, used) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject, month) DO UPDATE SET used = quota_usage.used + excluded.used",
+            )
+            .bind(subject)
+            .bind(month)
+            .bind(used)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        let inserted = fresh.len() as u64;
+        Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
+    }
+
+    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        let sql = format!(
+            "SELECT day, {} FROM usage_daily WHERE key_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        );
+        let rows = sqlx::query(&sql).bind(key_id.0).bind(from).bind(to).fetch_all(&self.pool).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| Ok(DailyUsage { day: row.try_get(0).map_err(db)?, counts: counts(row, 1)? }))
+            .collect()
+    }
+
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<EndpointUsage>> {
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT endpoint, SUM(requests)::bigint, SUM(errors)::bigint, SUM(tokens_used)::bigint,
+                    SUM(cost_micros)::bigint
+             FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
+             GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT $4",
+        )
+        .bind(key_id.0)
+        .bind(from)
+        .bind(to)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
+                endpoint,
+                counts: EndpointCounts { requests, errors, tokens_used, cost_micros },
+            })
+            .collect())
+    }
+
+    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
+        let sql = format!(
+            "SELECT key_id, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
+             GROUP BY key_id ORDER BY key_id",
+            sums()
+        );
+        let rows = sqlx::query(&sql).bind(org.0).bind(from).bind(to).fetch_all(&self.pool).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| {
+                let id: Uuid = row.try_get(0).map_err(db)?;
+                Ok(KeyTotals { key_id: KeyId(id), counts: counts(row, 1)? })
+            })
+            .collect()
+    }
+
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        let used: Option<i64> = sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = $1 AND month = $2")
+            .bind(subject)
+            .bind(month)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(used.unwrap_or(0))
+    }
+
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<EventTotals> {
+        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0)::bigint,
+                    COALESCE(SUM(tokens_used), 0)::bigint, COALESCE(SUM(cost_micros), 0)::bigint,
+                    COALESCE(SUM(response_time_ms), 0)::bigint
+             FROM usage_events WHERE key_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
+        )
+        .bind(key_id.0)
+        .bind(from)
+        .bind(until)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
+    }
+
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM usage_events WHERE id IN
+                 (SELECT id FROM usage_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(done.rows_affected())
+    }
+}
