@@ -8,11 +8,11 @@ use anyhow::{Context, anyhow};
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
-use keyward_limit::{RedisConfig, RedisLimiter};
+use keyward_limit::{MemoryLimiter, RedisConfig, RedisLimiter};
 use keyward_server::AppState;
 use keyward_server::model::{AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, UpdateKeyRequest, Validator};
-use keyward_server::usage::{UsageRecorder, UsageWorker};
+use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
 use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
 use secrecy::ExposeSecret;
 use serde::Serialize;
@@ -164,19 +164,32 @@ pub enum AuditAction {
 
 /// The same state the server runs with, over the configured database.
 pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
+    // The CLI's own writer: a spill file of its own, so it never replays (and empties) a server's.
+    open_with(config, None).await
+}
+
+/// [`open`], with the ledger writer `serve` runs (its spill file, batching and retention).
+async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Result<(AppState, UsageWorker)> {
     let store = keyward_store::open(&config.database_url, true)
         .await
         .with_context(|| format!("cannot open the database at {}", config.database_url))?;
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
-    let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
+    let (usage, worker) = match usage {
+        Some(usage) => UsageRecorder::spawn_with(store.clone(), usage),
+        None => UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms)),
+    };
+    // Monthly quotas survive restarts: a subject's month is seeded from the durable counters, which
+    // the ledger writer keeps current.
+    let seed: Arc<dyn keyward_limit::QuotaSeed> = Arc::new(StoreQuotaSeed::new(store.clone()));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut state = AppState::new(store, clock, hasher, usage);
+    state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(seed.clone()));
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
-        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
+        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));
     }
     // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
     state.legacy.refresh(&*state.store).await?;
@@ -193,7 +206,14 @@ fn opt(value: &Option<impl ToString>) -> String {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let (state, worker) = open_with(&config, Some(config.usage_config())).await?;
+    let retention = chrono::Duration::days(i64::from(config.usage.retention_days));
+    let _pruner = keyward_server::usage::spawn_pruner(
+        state.store.clone(),
+        state.clock.clone(),
+        retention,
+        Duration::from_secs(3600),
+    );
     if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
         // SECURITY: printed once, to stdout only, never logged.
         println!("Created organization `default` and an admin key (scope keyward:admin).");

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use figment::Figment;
@@ -39,6 +40,31 @@ pub struct Config {
     /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
     pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
     pub protection: keyward_server::limits::Protection,
+    pub usage: UsageSettings,
+}
+
+/// The usage ledger (`[usage]`): batching, spilling during store outages, retention of raw events.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSettings {
+    /// Where events go while the store is unreachable and memory is full (append-only JSON lines,
+    /// replayed on recovery and at the next start). Default: next to the SQLite file
+    /// (`<db>.usage-spill.jsonl`), else `keyward-usage-spill.jsonl` in the temp directory. One file per
+    /// node: two servers must not share one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spill_path: Option<std::path::PathBuf>,
+    /// Events held in memory while the store fails, before spilling to the file.
+    pub max_buffered: usize,
+    /// Events per write transaction; this many buffered trigger a write before the interval.
+    pub batch_size: usize,
+    /// Raw events older than this many days are pruned (hourly); daily rollups stay.
+    pub retention_days: u32,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        Self { spill_path: None, max_buffered: 100_000, batch_size: 5_000, retention_days: 90 }
+    }
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -137,6 +163,7 @@ impl Default for Config {
             limiter_failure_policy: keyward_limit::FailurePolicy::default(),
             plans: Default::default(),
             protection: Default::default(),
+            usage: UsageSettings::default(),
         }
     }
 }
@@ -177,7 +204,7 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 3] = ["gateway__", "plans__", "protection__"];
+const SECTIONS: [&str; 4] = ["gateway__", "plans__", "protection__", "usage__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -217,6 +244,12 @@ impl Config {
         if self.usage_flush_interval_ms == 0 {
             bail!("usage_flush_interval_ms must be positive");
         }
+        if self.usage.batch_size == 0 || self.usage.max_buffered < self.usage.batch_size {
+            bail!("usage.batch_size must be positive and at most usage.max_buffered");
+        }
+        if self.usage.retention_days == 0 {
+            bail!("usage.retention_days must be positive");
+        }
         Ok(())
     }
 
@@ -224,6 +257,20 @@ impl Config {
     pub fn trusted_proxy_nets(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
         let list = keyward_core::IpAllowList::parse(&self.trusted_proxies).context("invalid trusted_proxies")?;
         Ok(list.nets().to_vec())
+    }
+
+    /// The ledger writer's settings for `serve`.
+    pub fn usage_config(&self) -> keyward_server::usage::UsageConfig {
+        let spill = self
+            .usage
+            .spill_path
+            .clone()
+            .unwrap_or_else(|| keyward_server::usage::UsageConfig::default_spill_path(&self.database_url));
+        keyward_server::usage::UsageConfig {
+            batch_size: self.usage.batch_size,
+            max_buffered: self.usage.max_buffered,
+            ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
+        }
     }
 
     /// The plans: the defaults, with configured ones added or replacing a default of the same name.
@@ -235,9 +282,10 @@ impl Config {
     pub fn show(&self) -> String {
         let gateway = toml_section(&self.gateway);
         let protection = toml_section(&self.protection);
+        let usage = toml_section(&self.usage);
         let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[usage]\n{usage}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },

@@ -6,4 +6,5 @@ pub mod import;
 pub mod keys;
 pub mod me;
 pub mod orgs;
+pub mod usage;
 pub mod verify;

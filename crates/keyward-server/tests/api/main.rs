@@ -17,4 +17,5 @@ mod limits;
 mod me_health;
 mod orgs;
 mod secrets;
+mod usage;
 mod verify;
