@@ -215,6 +215,8 @@ impl Writer {
                 }
                 Some(Some(Control::Flush(ack))) => {
                     let ok = self.write_all().await;
+                    // Before the answer, so a caller that saw the flush fail also sees what was spilled.
+                    self.spill_excess().await;
                     let _ = ack.send(ok);
                 }
                 Some(Some(Control::Shutdown(ack))) => {
