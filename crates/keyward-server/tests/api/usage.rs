@@ -403,3 +403,34 @@ async fn pruning_deletes_old_events_and_keeps_rollups() {
     let r = app.get(&format!("/v1/keys/{}/usage?days=100", rec.id), &app.admin_key).await;
     assert_eq!(r.body["totals"]["requests"], 2, "rollups stay");
 }
+
+/// With Redis: a node whose Redis has no counter for the month (a fresh prefix: Redis flushed or
+/// replaced) seeds it from the store's durable count, then counts in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_quota_is_reconciled_with_the_store() {
+    if std::env::var("KEYWARD_TEST_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("!!!!! SKIPPED redis_quota_is_reconciled_with_the_store: KEYWARD_TEST_SKIP_REDIS=1 !!!!!");
+        return;
+    }
+    let url = std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let app = TestApp::sqlite().await;
+    let org = app.org("quota-redis").await;
+    let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap();
+    let (key, _) = app.key(org.id, &[]).await;
+    assert_eq!(app.verify(&key, json!({"cost": 3})).await["code"], "VALID");
+    assert!(app.state.usage.flush().await);
+
+    let store = app.state.store.clone();
+    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+    let mut state = AppState::new(store.clone(), Arc::new(app.clock.clone()), KeyHasher::default(), usage);
+    let prefix = format!("keyward:rl:test:{}", uuid::Uuid::new_v4().simple());
+    let config = keyward_limit::RedisConfig::new(url).with_key_prefix(prefix);
+    let redis = keyward_limit::RedisLimiter::connect(config).await.expect("Redis at 127.0.0.1:6379");
+    state.limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
+    let node = app.with_state(state);
+    let v = node.verify(&key, json!({})).await;
+    assert_eq!((v["code"].clone(), v["quota"]["used"].clone()), (json!("VALID"), json!(4)), "{v}");
+    assert_eq!(node.verify(&key, json!({})).await["quota"]["used"], 5);
+    assert_eq!(node.verify(&key, json!({})).await["code"], "QUOTA_EXCEEDED");
+}
