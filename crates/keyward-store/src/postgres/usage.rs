@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
-use sqlx::Row;
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{PostgresStore, db};
@@ -80,56 +80,67 @@ impl UsageStore for PostgresStore {
         let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
         let fx = BatchEffects::of(fresh.iter().copied());
 
+        // Multi-row upserts: one statement per 2000 rollup rows, not one per (key, day). Each
+        // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
         let columns = DAILY_COLUMNS.join(", ");
-        let daily_sql = format!(
-            "INSERT INTO usage_daily (key_id, day, organization_id, {columns}) VALUES ({}) \
-             ON CONFLICT (key_id, day) DO UPDATE SET {}",
-            (1..=DAILY_COLUMNS.len() + 3).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
-            daily_add_set("usage_daily")
-        );
-        for (key_id, d, org, c) in &fx.daily {
-            let mut q = sqlx::query(&daily_sql).bind(key_id.0).bind(*d).bind(org.0);
-            for v in c.values() {
-                q = q.bind(v);
-            }
-            q.execute(&mut *tx).await.map_err(db)?;
+        for chunk in fx.daily.chunks(2000) {
+            let mut q: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
+            q.push_values(chunk, |mut b, (key_id, d, org, c)| {
+                b.push_bind(key_id.0).push_bind(*d).push_bind(org.0);
+                for v in c.values() {
+                    b.push_bind(v);
+                }
+            });
+            q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
+            q.build().execute(&mut *tx).await.map_err(db)?;
         }
-        for (key_id, d, endpoint, c) in &fx.endpoints {
-            sqlx::query(
-                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+        for chunk in fx.endpoints.chunks(8000) {
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
+            );
+            q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
+                b.push_bind(key_id.0)
+                    .push_bind(*d)
+                    .push_bind(endpoint.clone())
+                    .push_bind(c.requests)
+                    .push_bind(c.errors)
+                    .push_bind(c.tokens_used)
+                    .push_bind(c.cost_micros);
+            });
+            q.push(
+                " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
                      requests = usage_daily_endpoints.requests + excluded.requests,
                      errors = usage_daily_endpoints.errors + excluded.errors,
                      tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
                      cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
-            )
-            .bind(key_id.0)
-            .bind(*d)
-            .bind(endpoint)
-            .bind(c.requests)
-            .bind(c.errors)
-            .bind(c.tokens_used)
-            .bind(c.cost_micros)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            );
+            q.build().execute(&mut *tx).await.map_err(db)?;
         }
-        for u in &fx.keys {
-            // As in record_key_usage: the CASEs compare against the old `last_used_at`.
+        // All the batch's keys in one UPDATE ... FROM UNNEST, after locking their rows in id order (so
+        // two nodes flushing overlapping batches cannot deadlock). As in record_key_usage, the CASEs
+        // compare against the old `last_used_at`, and an unknown address keeps the last known one.
+        if !fx.keys.is_empty() {
+            let ids: Vec<Uuid> = fx.keys.iter().map(|u| u.key_id.0).collect();
+            sqlx::query("SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
             sqlx::query(
-                "UPDATE api_keys SET
-                     total_requests = total_requests + $1,
-                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < $2
-                                         THEN COALESCE($3, last_used_ip) ELSE last_used_ip END,
-                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2
-                                         THEN $2 ELSE last_used_at END
-                 WHERE id = $4",
+                "UPDATE api_keys AS k SET
+                     total_requests = k.total_requests + v.requests,
+                     last_used_ip = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN COALESCE(v.ip, k.last_used_ip) ELSE k.last_used_ip END,
+                     last_used_at = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN v.at ELSE k.last_used_at END
+                 FROM UNNEST($1::uuid[], $2::int8[], $3::timestamptz[], $4::text[]) AS v(id, requests, at, ip)
+                 WHERE k.id = v.id",
             )
-            .bind(u.requests)
-            .bind(u.last_used_at)
-            .bind(&u.last_used_ip)
-            .bind(u.key_id.0)
+            .bind(&ids)
+            .bind(fx.keys.iter().map(|u| u.requests).collect::<Vec<_>>())
+            .bind(fx.keys.iter().map(|u| u.last_used_at).collect::<Vec<_>>())
+            .bind(fx.keys.iter().map(|u| u.last_used_ip.clone()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await
             .map_err(db)?;

@@ -81,59 +81,63 @@ impl UsageStore for SqliteStore {
         let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id.to_string())).collect();
         let fx = BatchEffects::of(fresh.iter().copied());
 
+        // Multi-row upserts: one statement per 1000 rollup rows, not one per (key, day). Each
+        // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
         let columns = DAILY_COLUMNS.join(", ");
-        let daily_sql = format!(
-            "INSERT INTO usage_daily (key_id, day, organization_id, {columns}) VALUES (?, ?, ?{}) \
-             ON CONFLICT (key_id, day) DO UPDATE SET {}",
-            ", ?".repeat(DAILY_COLUMNS.len()),
-            daily_add_set("usage_daily")
-        );
-        for (key_id, d, org, c) in &fx.daily {
-            let mut q = sqlx::query(&daily_sql).bind(key_id.to_string()).bind(day(*d)).bind(org.to_string());
-            for v in c.values() {
-                q = q.bind(v);
-            }
-            q.execute(&mut *tx).await.map_err(db)?;
+        for chunk in fx.daily.chunks(1000) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
+            q.push_values(chunk, |mut b, (key_id, d, org, c)| {
+                b.push_bind(key_id.to_string()).push_bind(day(*d)).push_bind(org.to_string());
+                for v in c.values() {
+                    b.push_bind(v);
+                }
+            });
+            q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
+            q.build().execute(&mut *tx).await.map_err(db)?;
         }
-        for (key_id, d, endpoint, c) in &fx.endpoints {
-            sqlx::query(
-                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+        for chunk in fx.endpoints.chunks(4000) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
+            );
+            q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
+                b.push_bind(key_id.to_string())
+                    .push_bind(day(*d))
+                    .push_bind(endpoint.clone())
+                    .push_bind(c.requests)
+                    .push_bind(c.errors)
+                    .push_bind(c.tokens_used)
+                    .push_bind(c.cost_micros);
+            });
+            q.push(
+                " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
                      requests = usage_daily_endpoints.requests + excluded.requests,
                      errors = usage_daily_endpoints.errors + excluded.errors,
                      tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
                      cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
-            )
-            .bind(key_id.to_string())
-            .bind(day(*d))
-            .bind(endpoint)
-            .bind(c.requests)
-            .bind(c.errors)
-            .bind(c.tokens_used)
-            .bind(c.cost_micros)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            );
+            q.build().execute(&mut *tx).await.map_err(db)?;
         }
-        for u in &fx.keys {
-            // As in record_key_usage: the CASEs compare against the old `last_used_at`.
-            sqlx::query(
+        // All the batch's keys in one UPDATE ... FROM (VALUES ...); as in record_key_usage, the CASEs
+        // compare against the old `last_used_at`, and an unknown address keeps the last known one.
+        for chunk in fx.keys.chunks(5_000) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "UPDATE api_keys SET
-                     total_requests = total_requests + ?1,
-                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < ?2
-                                         THEN COALESCE(?3, last_used_ip) ELSE last_used_ip END,
-                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ?2
-                                         THEN ?2 ELSE last_used_at END
-                 WHERE id = ?4",
-            )
-            .bind(u.requests)
-            .bind(ts(u.last_used_at))
-            .bind(&u.last_used_ip)
-            .bind(u.key_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+                     total_requests = total_requests + v.column2,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
+                                         THEN COALESCE(v.column4, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
+                                         THEN v.column3 ELSE last_used_at END
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, u| {
+                b.push_bind(u.key_id.to_string())
+                    .push_bind(u.requests)
+                    .push_bind(ts(u.last_used_at))
+                    .push_bind(u.last_used_ip.clone());
+            });
+            q.push(") AS v WHERE api_keys.id = v.column1");
+            q.build().execute(&mut *tx).await.map_err(db)?;
         }
         for (subject, month, used) in &fx.quota {
             sqlx::query(
