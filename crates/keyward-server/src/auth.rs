@@ -127,7 +127,7 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::Span::current().record("key_id", tracing::field::display(key.id));
                 tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
                 tracing::debug!(key_id = %key.id, key = %key.prefix, "authenticated");
-                state.usage.record(key.id, now, ip);
+                state.usage.record_key_use(key.id, now, ip);
                 return Ok(caller);
             }
             Err(refused) => refused,

@@ -425,6 +425,56 @@ impl keyward_store::LifecycleStore for CachedStore {
     }
 }
 
+/// The usage ledger goes straight through: nothing it writes changes what verification answers.
+#[async_trait]
+impl keyward_store::UsageStore for CachedStore {
+    async fn record_usage_batch(
+        &self,
+        events: &[keyward_store::usage::UsageEvent],
+    ) -> StoreResult<keyward_store::usage::RecordedBatch> {
+        self.inner.record_usage_batch(events).await
+    }
+    async fn key_usage_daily(
+        &self,
+        key_id: KeyId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> StoreResult<Vec<keyward_store::usage::DailyUsage>> {
+        self.inner.key_usage_daily(key_id, from, to).await
+    }
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<keyward_store::usage::EndpointUsage>> {
+        self.inner.key_usage_endpoints(key_id, from, to, limit).await
+    }
+    async fn org_usage_by_key(
+        &self,
+        org: OrgId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> StoreResult<Vec<keyward_store::usage::KeyTotals>> {
+        self.inner.org_usage_by_key(org, from, to).await
+    }
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        self.inner.quota_used(subject, month).await
+    }
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<keyward_store::usage::EventTotals> {
+        self.inner.usage_event_totals(key_id, from, until).await
+    }
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        self.inner.prune_usage_events(before, limit).await
+    }
+}
+
 /// Redis pub/sub between nodes. Publishing never blocks a request for long: a bounded timeout, and a
 /// failure is logged (the other nodes' TTL still bounds how long they can be stale).
 #[derive(Clone)]

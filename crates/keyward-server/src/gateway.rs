@@ -213,7 +213,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             via: "gateway",
             cost: rule.cost,
         };
-        let verdict = match verifier::verify(&state, check).await {
+        let (verdict, event) = match verifier::verify_deferred(&state, check).await {
             Ok(v) => v,
             Err(e) => return ApiError::from(e).into_response(),
         };
@@ -229,15 +229,40 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             (_, outcome) => {
                 let mut response = rejection(outcome);
                 response.headers_mut().extend(limit_headers);
+                record_usage(&state, event, (&parts.method, parts.uri.path()), &response, None);
                 return response;
             }
         }
+        // The path only: a query string may carry anything, a secret included.
+        let request_line = (parts.method.clone(), parts.uri.path().to_owned());
+        let started = std::time::Instant::now();
         let mut response = forward(&gateway, parts, body, client_ip).await;
+        let upstream_ms = started.elapsed().as_millis();
         response.headers_mut().extend(limit_headers);
+        let upstream_ms = Some(i64::try_from(upstream_ms).unwrap_or(i64::MAX));
+        record_usage(&state, event, (&request_line.0, &request_line.1), &response, upstream_ms);
         return response;
     }
 
     forward(&gateway, parts, body, client_ip).await
+}
+
+/// Records a gateway request's usage event (from [`verifier::verify_deferred`]) with the status the
+/// client got and the upstream's latency (`None` when Keyward refused the request itself).
+fn record_usage(
+    state: &AppState,
+    event: Option<keyward_store::usage::UsageEvent>,
+    (method, path): (&axum::http::Method, &str),
+    response: &Response,
+    upstream_ms: Option<i64>,
+) {
+    if let Some(mut event) = event {
+        event.method = Some(method.as_str().to_owned());
+        event.endpoint = Some(path.chars().take(keyward_store::usage::MAX_ENDPOINT_LEN).collect());
+        event.status_code = Some(i32::from(response.status().as_u16()));
+        event.response_time_ms = upstream_ms;
+        state.usage.record(event);
+    }
 }
 
 async fn forward(

@@ -145,9 +145,14 @@ pub fn rate_subject(key: &keyward_store::ApiKey) -> String {
 
 /// The quota counter a key draws from; a key's own quota is shared by its rotation lineage.
 pub fn quota_subject(found: &KeyWithOrg) -> String {
-    match found.key.limits.monthly_request_limit {
-        Some(_) => format!("quota:key:{}", found.key.lineage()),
-        None => format!("quota:org:{}", found.key.organization_id),
+    key_quota_subject(&found.key)
+}
+
+/// [`quota_subject`] of a key: its own counter when it has a monthly override, else its organization's.
+pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
+    match key.limits.monthly_request_limit {
+        Some(_) => format!("quota:key:{}", key.lineage()),
+        None => format!("quota:org:{}", key.organization_id),
     }
 }
 

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, health, keys, me, orgs, verify, webhooks};
+use crate::routes::{audit, health, keys, me, orgs, usage, verify, webhooks};
 
 struct BearerAuth;
 
@@ -24,6 +24,7 @@ impl Modify for BearerAuth {
     info(title = "Keyward", description = "Self-hosted API keys: issue, verify, limit, audit."),
     paths(
         verify::verify,
+        usage::report_usage, usage::key_usage, usage::org_usage,
         keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key, keys::rotate_key,
         keys::list_expiring, keys::cleanup_expired,
         crate::routes::import::import_keys,

@@ -44,9 +44,18 @@ fn describe() {
     );
     metrics::describe_counter!("keyward_http_requests_total", "HTTP requests by method, route and status class.");
     metrics::describe_histogram!("keyward_http_request_duration_seconds", "HTTP request latency by route.");
-    metrics::describe_histogram!("keyward_usage_flush_duration_seconds", "Time to write one batch of key usage.");
-    metrics::describe_counter!("keyward_usage_flushed_keys_total", "Keys whose usage was written.");
-    metrics::describe_counter!("keyward_usage_dropped_total", "Usage notes dropped because the writer was far behind.");
+    metrics::describe_histogram!("keyward_usage_flush_duration_seconds", "Time to write one batch of usage events.");
+    metrics::describe_histogram!("keyward_usage_batch_events", "Usage events per written batch.");
+    metrics::describe_gauge!("keyward_usage_buffer_events", "Usage events held in memory, not yet in the store.");
+    metrics::describe_counter!("keyward_usage_events_written_total", "Usage events inserted into the store.");
+    metrics::describe_counter!(
+        "keyward_usage_duplicates_total",
+        "Usage events the store already had (a retried report, a replay): not counted again."
+    );
+    metrics::describe_counter!("keyward_usage_flush_errors_total", "Failed usage writes (kept and retried).");
+    metrics::describe_counter!("keyward_usage_spilled_events_total", "Usage events spilled to the local file.");
+    metrics::describe_counter!("keyward_usage_replayed_events_total", "Usage events replayed from the spill file.");
+    metrics::describe_counter!("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention.");
     metrics::describe_counter!("keyward_store_errors_total", "Store errors by kind.");
 }
 

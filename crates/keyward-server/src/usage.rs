@@ -1,104 +1,425 @@
-//! Key usage (`total_requests`, `last_used_at`, `last_used_ip`) is recorded after the answer: the
-//! request path only drops a note into a bounded channel and never waits; a background task merges
-//! notes per key and writes them in one transaction per batch.
+//! The usage ledger's write path. The request path drops a [`UsageEvent`] into a shared in-memory
+//! buffer (a short mutex push, never an await, never the database) and moves on; one background task
+//! writes the buffer in batches, by size ([`UsageConfig::batch_size`] wakes it early) and by time
+//! ([`UsageConfig::flush_interval`], 1 s by default), one store transaction per batch
+//! ([`keyward_store::UsageStore::record_usage_batch`]: events, daily rollups, key counters and quota
+//! counters together).
+//!
+//! Nothing is dropped silently:
+//! - **Store errors**: the batch stays in memory and is retried with exponential backoff
+//!   ([`UsageConfig::retry_initial`] doubling up to [`UsageConfig::retry_max`]).
+//! - **Long outages**: past [`UsageConfig::max_buffered`] events in memory, the oldest are appended to
+//!   a local append-only file ([`UsageConfig::spill_path`], JSON lines, fsynced) and replayed once the
+//!   store answers again, also by the next process that starts with the same file. Every event carries
+//!   its own id, and the store skips ids it already has, so a replay after a crash mid-replay counts
+//!   nothing twice.
+//! - **Graceful shutdown** ([`UsageWorker::shutdown`], after axum's graceful shutdown) writes
+//!   everything; if the store cannot be reached within [`UsageConfig::shutdown_timeout`], what is left
+//!   goes to the spill file.
+//! - **A crash** (`kill -9`) loses what was recorded since the last flush: at most one flush interval
+//!   (plus, during an outage, the events held in memory below the spill bound).
+//!
+//! Keys' use as *callers* of Keyward's own API (`total_requests`, `last_used_*` of a management key)
+//! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, as before the
+//! ledger existed: it is not a billable event.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::KeyId;
+use keyward_core::{Clock, KeyId};
+use keyward_limit::{LimitError, QuotaSeed};
+use keyward_store::usage::{UsageEvent, month_of};
 use keyward_store::{KeyUsage, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// Notes that may wait in the channel before the request path starts dropping them.
-const CHANNEL_CAPACITY: usize = 65_536;
-/// A batch is written early once it covers this many keys.
-const MAX_BATCH_KEYS: usize = 1_000;
+/// How the ledger's writer batches, retries and spills.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub flush_interval: Duration,
+    /// Events per transaction; this many buffered wake the writer before the interval.
+    pub batch_size: usize,
+    /// Events held in memory while the store fails; past it they go to the spill file.
+    pub max_buffered: usize,
+    pub spill_path: PathBuf,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// How long shutdown keeps retrying before spilling what is left.
+    pub shutdown_timeout: Duration,
+}
 
-enum Note {
-    Used { key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr> },
-    Flush(oneshot::Sender<()>),
+impl UsageConfig {
+    /// Defaults, flushing every `flush_interval`, spilling to `spill_path`.
+    pub fn new(flush_interval: Duration, spill_path: PathBuf) -> Self {
+        Self {
+            flush_interval,
+            batch_size: 5_000,
+            max_buffered: 100_000,
+            spill_path,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The spill file next to a SQLite database file, else in the temp directory.
+    pub fn default_spill_path(database_url: &str) -> PathBuf {
+        let file = database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| database_url.strip_prefix("sqlite:"))
+            .map(|rest| rest.split('?').next().unwrap_or_default())
+            .filter(|p| !p.is_empty() && !p.contains(":memory:"));
+        match file {
+            Some(path) => PathBuf::from(format!("{path}.usage-spill.jsonl")),
+            None => std::env::temp_dir().join("keyward-usage-spill.jsonl"),
+        }
+    }
+}
+
+enum Control {
+    Flush(oneshot::Sender<bool>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Buffer {
+    events: Vec<UsageEvent>,
+    uses: HashMap<KeyId, KeyUsage>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    buffer: Mutex<Buffer>,
+    wake: Notify,
+    batch_size: usize,
 }
 
 /// The request path's handle; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct UsageRecorder {
-    tx: mpsc::Sender<Note>,
+    shared: Arc<Shared>,
+    control: mpsc::UnboundedSender<Control>,
 }
 
 /// The background writer; await [`UsageWorker::shutdown`] to write everything pending.
 #[derive(Debug)]
 pub struct UsageWorker {
-    recorder: UsageRecorder,
+    control: mpsc::UnboundedSender<Control>,
     handle: JoinHandle<()>,
 }
 
 impl UsageRecorder {
-    /// Starts the writer. `interval` is how often pending usage is written.
+    /// Starts the writer with the default settings, flushing every `interval`, spilling (only if ever
+    /// needed) to a file of its own in the temp directory.
     pub fn spawn(store: Arc<dyn Store>, interval: Duration) -> (UsageRecorder, UsageWorker) {
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let recorder = UsageRecorder { tx };
-        let handle = tokio::spawn(run(store, rx, interval));
-        (recorder.clone(), UsageWorker { recorder, handle })
+        let spill = std::env::temp_dir().join(format!("keyward-usage-spill-{}.jsonl", uuid::Uuid::now_v7()));
+        Self::spawn_with(store, UsageConfig::new(interval, spill))
     }
 
-    /// Never waits. When the writer is far behind the note is dropped and said so in the log.
-    pub fn record(&self, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
-        if self.tx.try_send(Note::Used { key_id, at, ip }).is_err() {
-            metrics::counter!("keyward_usage_dropped_total").increment(1);
-            tracing::warn!(%key_id, "usage channel full; a usage note was dropped");
+    pub fn spawn_with(store: Arc<dyn Store>, config: UsageConfig) -> (UsageRecorder, UsageWorker) {
+        let shared = Arc::new(Shared {
+            buffer: Mutex::new(Buffer::default()),
+            wake: Notify::new(),
+            batch_size: config.batch_size.max(1),
+        });
+        let (control, rx) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(Writer::new(store, shared.clone(), config).run(rx));
+        (UsageRecorder { shared, control: control.clone() }, UsageWorker { control, handle })
+    }
+
+    /// Never waits on I/O. SECURITY: an event holds a key id, never a key.
+    pub fn record(&self, event: UsageEvent) {
+        let len = {
+            let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            buffer.events.push(event);
+            buffer.events.len()
+        };
+        if len % self.shared.batch_size == 0 {
+            self.shared.wake.notify_one();
         }
     }
 
-    /// Writes everything recorded so far; returns when it is in the store (or the write failed and
-    /// will be retried).
-    pub async fn flush(&self) {
+    /// A key used as a caller of Keyward's own API: counted in `total_requests`/`last_used_*` only.
+    pub fn record_key_use(&self, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
+        let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        merge(&mut buffer.uses, key_id, at, ip);
+    }
+
+    /// Writes everything recorded so far (and any spilled events); `true` when all of it is in the
+    /// store, `false` when the store failed (the events are kept and retried).
+    pub async fn flush(&self) -> bool {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Note::Flush(ack)).await.is_ok() {
-            let _ = done.await;
+        if self.control.send(Control::Flush(ack)).is_err() {
+            return false;
         }
+        done.await.unwrap_or(false)
     }
 }
 
 impl UsageWorker {
-    /// Flushes pending usage and stops the writer (graceful shutdown).
+    /// Writes everything pending and stops the writer (graceful shutdown). Past the shutdown timeout,
+    /// what the store did not take is in the spill file.
     pub async fn shutdown(self) {
-        self.recorder.flush().await;
-        drop(self.recorder);
-        self.handle.abort();
+        let (ack, done) = oneshot::channel();
+        if self.control.send(Control::Shutdown(ack)).is_ok() {
+            let _ = done.await;
+        }
         let _ = self.handle.await;
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Note>, interval: Duration) {
-    let mut pending: HashMap<KeyId, KeyUsage> = HashMap::new();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            note = rx.recv() => match note {
-                Some(Note::Used { key_id, at, ip }) => {
-                    merge(&mut pending, key_id, at, ip);
-                    if pending.len() >= MAX_BATCH_KEYS {
-                        write(&*store, &mut pending).await;
+struct Writer {
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    config: UsageConfig,
+    pending: Vec<UsageEvent>,
+    uses: HashMap<KeyId, KeyUsage>,
+    /// Whether the spill file may hold events not yet replayed.
+    spilled: bool,
+    /// After a failure: no attempt before this, and the next delay.
+    retry_at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Writer {
+    fn new(store: Arc<dyn Store>, shared: Arc<Shared>, config: UsageConfig) -> Self {
+        let spilled = std::fs::metadata(&config.spill_path).is_ok_and(|m| m.len() > 0);
+        if spilled {
+            tracing::warn!(path = %config.spill_path.display(), "usage spill file found; replaying it");
+        }
+        let delay = config.retry_initial;
+        Self { store, shared, config, pending: Vec::new(), uses: HashMap::new(), spilled, retry_at: None, delay }
+    }
+
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
+        let mut tick = tokio::time::interval(self.config.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let request = tokio::select! {
+                _ = tick.tick() => None,
+                _ = self.shared.wake.notified() => None,
+                c = control.recv() => Some(c),
+            };
+            self.drain();
+            match request {
+                None => {
+                    if self.retry_at.is_none_or(|at| Instant::now() >= at) {
+                        self.write_all().await;
                     }
                 }
-                Some(Note::Flush(ack)) => {
-                    // Everything sent before the flush request is already merged: the channel is FIFO.
-                    write(&*store, &mut pending).await;
-                    let _ = ack.send(());
+                Some(Some(Control::Flush(ack))) => {
+                    let ok = self.write_all().await;
+                    // Before the answer, so a caller that saw the flush fail also sees what was spilled.
+                    self.spill_excess().await;
+                    let _ = ack.send(ok);
                 }
-                None => {
-                    write(&*store, &mut pending).await;
+                Some(Some(Control::Shutdown(ack))) => {
+                    self.shutdown().await;
+                    let _ = ack.send(());
                     return;
                 }
-            },
-            _ = tick.tick() => write(&*store, &mut pending).await,
+                Some(None) => {
+                    self.shutdown().await;
+                    return;
+                }
+            }
+            self.spill_excess().await;
+            self.gauge();
         }
     }
+
+    fn drain(&mut self) {
+        let taken = {
+            let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *buffer)
+        };
+        self.pending.extend(taken.events);
+        for (_, u) in taken.uses {
+            let entry = self.uses.entry(u.key_id).or_insert_with(|| KeyUsage { requests: 0, ..u.clone() });
+            entry.requests += u.requests;
+            if u.last_used_at >= entry.last_used_at {
+                entry.last_used_at = u.last_used_at;
+                if u.last_used_ip.is_some() {
+                    entry.last_used_ip = u.last_used_ip;
+                }
+            }
+        }
+    }
+
+    fn gauge(&self) {
+        metrics::gauge!("keyward_usage_buffer_events").set(self.pending.len() as f64);
+    }
+
+    /// Replays the spill file, then writes the pending events batch by batch and the callers' key use.
+    /// Stops at the first failure (kept, retried after the backoff). `true` when nothing is left.
+    async fn write_all(&mut self) -> bool {
+        if self.spilled && !self.replay().await {
+            return self.failed();
+        }
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(self.shared.batch_size);
+            if !self.write_batch(0..n).await {
+                return self.failed();
+            }
+            self.pending.drain(..n);
+        }
+        if !self.uses.is_empty() {
+            let uses: Vec<KeyUsage> = self.uses.values().cloned().collect();
+            if let Err(e) = self.store.record_key_usage(&uses).await {
+                tracing::warn!(error = %e, "writing callers' key use failed; will retry");
+                return self.failed();
+            }
+            self.uses.clear();
+        }
+        self.retry_at = None;
+        self.delay = self.config.retry_initial;
+        self.gauge();
+        true
+    }
+
+    fn failed(&mut self) -> bool {
+        metrics::counter!("keyward_usage_flush_errors_total").increment(1);
+        self.retry_at = Some(Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(self.config.retry_max);
+        self.gauge();
+        false
+    }
+
+    async fn write_batch(&self, range: std::ops::Range<usize>) -> bool {
+        let batch = &self.pending[range];
+        write_events(&*self.store, batch).await
+    }
+
+    /// Moves the oldest events past the memory bound to the spill file.
+    async fn spill_excess(&mut self) {
+        if self.pending.len() <= self.config.max_buffered {
+            return;
+        }
+        let excess = self.pending.len() - self.config.max_buffered;
+        let events: Vec<UsageEvent> = self.pending.drain(..excess).collect();
+        self.spill(events).await;
+    }
+
+    async fn spill(&mut self, events: Vec<UsageEvent>) {
+        let n = events.len();
+        let path = self.config.spill_path.clone();
+        let written = tokio::task::spawn_blocking(move || append_spill(&path, &events).map_err(|e| (e, events))).await;
+        match written {
+            Ok(Ok(())) => {
+                self.spilled = true;
+                metrics::counter!("keyward_usage_spilled_events_total").increment(n as u64);
+                tracing::warn!(events = n, path = %self.config.spill_path.display(), "store behind: usage events spilled to disk");
+            }
+            // The disk failed too: the events go back to memory (never dropped), said loudly.
+            Ok(Err((e, events))) => {
+                tracing::error!(error = %e, events = n, "spilling usage events failed; keeping them in memory");
+                self.pending.splice(0..0, events);
+            }
+            Err(e) => tracing::error!(error = %e, events = n, "spill task failed; events lost"),
+        }
+    }
+
+    /// Writes the spill file's events; on success empties the file.
+    async fn replay(&mut self) -> bool {
+        let path = self.config.spill_path.clone();
+        let read = tokio::task::spawn_blocking(move || read_spill(&path)).await;
+        let events = match read {
+            Ok(Ok(events)) => events,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading the usage spill file failed; will retry");
+                return false;
+            }
+            Err(_) => return false,
+        };
+        for chunk in events.chunks(self.shared.batch_size) {
+            if !write_events(&*self.store, chunk).await {
+                return false;
+            }
+        }
+        let path = self.config.spill_path.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || std::fs::File::create(&path).map(drop)).await {
+            tracing::error!(error = %e, "emptying the usage spill file failed");
+            return false;
+        }
+        metrics::counter!("keyward_usage_replayed_events_total").increment(events.len() as u64);
+        if !events.is_empty() {
+            tracing::info!(events = events.len(), "usage spill file replayed");
+        }
+        self.spilled = false;
+        true
+    }
+
+    async fn shutdown(&mut self) {
+        self.drain();
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        loop {
+            if self.write_all().await {
+                self.gauge();
+                return;
+            }
+            if Instant::now() + self.delay > deadline {
+                break;
+            }
+            tokio::time::sleep(self.delay).await;
+            self.drain();
+        }
+        let left = std::mem::take(&mut self.pending);
+        tracing::error!(events = left.len(), "store unreachable at shutdown: usage events spilled to disk");
+        self.spill(left).await;
+        self.gauge();
+    }
+}
+
+async fn write_events(store: &dyn Store, batch: &[UsageEvent]) -> bool {
+    let started = Instant::now();
+    match store.record_usage_batch(batch).await {
+        Ok(recorded) => {
+            metrics::histogram!("keyward_usage_flush_duration_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("keyward_usage_batch_events").record(batch.len() as f64);
+            metrics::counter!("keyward_usage_events_written_total").increment(recorded.inserted);
+            metrics::counter!("keyward_usage_duplicates_total").increment(recorded.duplicates);
+            true
+        }
+        Err(e) => {
+            crate::telemetry::store_error("usage");
+            tracing::warn!(error = %e, events = batch.len(), "writing usage failed; kept for retry");
+            false
+        }
+    }
+}
+
+fn append_spill(path: &Path, events: &[UsageEvent]) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut out = std::io::BufWriter::new(file);
+    for e in events {
+        serde_json::to_writer(&mut out, e)?;
+        out.write_all(b"\n")?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_data()
+}
+
+fn read_spill(path: &Path) -> std::io::Result<Vec<UsageEvent>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut events = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str(line) {
+            Ok(e) => events.push(e),
+            // Only a line cut short by a crash mid-write can be broken; it was never acknowledged.
+            Err(e) => tracing::error!(error = %e, "skipping a broken line of the usage spill file"),
+        }
+    }
+    Ok(events)
 }
 
 fn merge(pending: &mut HashMap<KeyId, KeyUsage>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
@@ -118,21 +439,64 @@ fn merge(pending: &mut HashMap<KeyId, KeyUsage>, key_id: KeyId, at: DateTime<Utc
     }
 }
 
-async fn write(store: &dyn Store, pending: &mut HashMap<KeyId, KeyUsage>) {
-    if pending.is_empty() {
-        return;
+/// The durable monthly quota counts, read by the limiters the first time they see a subject's month
+/// (after a start, or when Redis has no counter). The usage writer keeps them current.
+#[derive(Debug, Clone)]
+pub struct StoreQuotaSeed {
+    store: Arc<dyn Store>,
+}
+
+impl StoreQuotaSeed {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
     }
-    let batch: Vec<KeyUsage> = pending.values().cloned().collect();
-    let started = std::time::Instant::now();
-    match store.record_key_usage(&batch).await {
-        Ok(()) => {
-            metrics::histogram!("keyward_usage_flush_duration_seconds").record(started.elapsed().as_secs_f64());
-            metrics::counter!("keyward_usage_flushed_keys_total").increment(batch.len() as u64);
-            pending.clear();
+}
+
+#[async_trait]
+impl QuotaSeed for StoreQuotaSeed {
+    async fn used_in_month(&self, subject: &str, month_start: DateTime<Utc>) -> Result<u64, LimitError> {
+        let used =
+            self.store.quota_used(subject, &month_of(month_start)).await.map_err(|e| LimitError::Seed(e.into()))?;
+        Ok(u64::try_from(used).unwrap_or(0))
+    }
+}
+
+/// Deletes raw usage events older than `retention`, every `every`, in steps of 10,000 rows (short
+/// write transactions). Rollups stay.
+pub fn spawn_pruner(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    retention: chrono::Duration,
+    every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = prune_once(&*store, clock.now() - retention).await;
         }
-        // Kept and retried at the next tick; pending is bounded by the number of keys in use.
-        Err(e) => tracing::error!(error = %e, keys = batch.len(), "writing key usage failed; will retry"),
+    })
+}
+
+/// One pruning pass; returns how many events were deleted.
+pub async fn prune_once(store: &dyn Store, before: DateTime<Utc>) -> u64 {
+    let mut total = 0;
+    loop {
+        match store.prune_usage_events(before, 10_000).await {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning usage events failed; will retry");
+                break;
+            }
+        }
     }
+    if total > 0 {
+        metrics::counter!("keyward_usage_pruned_events_total").increment(total);
+        tracing::info!(events = total, "pruned usage events past the retention");
+    }
+    total
 }
 
 #[cfg(test)]
@@ -151,5 +515,35 @@ mod tests {
         assert_eq!(usage.requests, 3);
         assert_eq!(usage.last_used_at, t0 + chrono::Duration::seconds(5));
         assert_eq!(usage.last_used_ip.as_deref(), Some("10.0.0.2"));
+    }
+
+    #[test]
+    fn the_spill_file_sits_next_to_a_sqlite_file() {
+        assert_eq!(
+            UsageConfig::default_spill_path("sqlite:///var/lib/keyward/keyward.db?mode=rwc"),
+            PathBuf::from("/var/lib/keyward/keyward.db.usage-spill.jsonl")
+        );
+        assert_eq!(UsageConfig::default_spill_path("sqlite:kw.db"), PathBuf::from("kw.db.usage-spill.jsonl"));
+        let tmp = std::env::temp_dir().join("keyward-usage-spill.jsonl");
+        assert_eq!(UsageConfig::default_spill_path("sqlite::memory:"), tmp);
+        assert_eq!(UsageConfig::default_spill_path("postgres://h/db"), tmp);
+    }
+
+    #[test]
+    fn spilled_events_read_back_and_a_torn_last_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("spill.jsonl");
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let events: Vec<UsageEvent> = (0..3)
+            .map(|_| {
+                UsageEvent::new(keyward_store::usage::UsageKind::Verify, KeyId::new(), keyward_core::OrgId::new(), at)
+            })
+            .collect();
+        append_spill(&path, &events[..2]).unwrap_or_else(|e| panic!("{e}"));
+        append_spill(&path, &events[2..]).unwrap_or_else(|e| panic!("{e}"));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(b"{\"id\":\"trunc").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_spill(&path).unwrap_or_default(), events);
+        assert!(read_spill(&dir.path().join("none")).unwrap_or_default().is_empty());
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use keyward_store::usage::{UsageEvent, UsageKind};
 use keyward_store::{ApiKey, StoreResult};
 
 use crate::auth::{AuthFailure, Lookup, auth_failed, lookup};
@@ -39,15 +40,41 @@ pub struct Verdict {
     pub limits: Option<KeyDecision>,
 }
 
-#[tracing::instrument(skip_all, fields(outcome))]
+/// Verifies and records the usage event at once (the layer, and any caller with nothing to add).
 pub async fn verify(state: &AppState, check: Check<'_>) -> StoreResult<Verdict> {
+    let (verdict, event) = verify_deferred(state, check).await?;
+    if let Some(event) = event {
+        state.usage.record(event);
+    }
+    Ok(verdict)
+}
+
+/// Verifies and returns the usage event without recording it, for a caller that adds to it first
+/// (endpoint and method on `/v1/verify`, the upstream's status and latency in the gateway) and then
+/// records it with [`crate::usage::UsageRecorder::record`]. `None` when no key was found: usage
+/// belongs to a key. Recording it is the caller's duty.
+#[tracing::instrument(skip_all, fields(outcome))]
+pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<(Verdict, Option<UsageEvent>)> {
     let started = Instant::now();
     let now = state.clock.now();
     let verdict = decide(state, &check, now).await?;
     tracing::Span::current().record("outcome", verdict.outcome.code());
     crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
+    let event = verdict.key.as_ref().map(|key| {
+        let kind = if check.via == "gateway" { UsageKind::Gateway } else { UsageKind::Verify };
+        let mut event = UsageEvent::new(kind, key.id, key.organization_id, now);
+        event.outcome = Some(verdict.outcome.code().to_owned());
+        event.ip = check.client_ip.map(|ip| ip.to_canonical().to_string());
+        event.user_agent = (!check.user_agent.is_empty()).then(|| check.user_agent.chars().take(512).collect());
+        if verdict.outcome.is_valid() {
+            // The units the limiter just spent, so the durable counter matches it.
+            event.quota_subject = Some(crate::limits::key_quota_subject(key));
+            event.quota_units = i64::try_from(check.cost).unwrap_or(i64::MAX);
+        }
+        event
+    });
     match &verdict.key {
-        Some(key) if verdict.outcome.is_valid() => state.usage.record(key.id, now, check.client_ip),
+        Some(_) if verdict.outcome.is_valid() => {}
         key => {
             auth_failed(AuthFailure {
                 reason: verdict.outcome.code(),
@@ -67,7 +94,7 @@ pub async fn verify(state: &AppState, check: Check<'_>) -> StoreResult<Verdict> 
             }
         }
     }
-    Ok(verdict)
+    Ok((verdict, event))
 }
 
 async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> StoreResult<Verdict> {

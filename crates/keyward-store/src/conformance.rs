@@ -14,6 +14,8 @@ use keyward_core::{Environment, IpAllowList, KeyHasher, KeyId, KeyPrefix, KeySta
 use serde_json::json;
 use uuid::Uuid;
 
+pub mod usage;
+
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, LimitOverrides,
     NewKey, NewOrganization, Organization, OrganizationPatch, PageRequest, Store, StoreError,

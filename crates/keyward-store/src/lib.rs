@@ -60,6 +60,9 @@ pub mod postgres;
 pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
+pub mod usage;
+
+pub use usage::UsageStore;
 
 /// What went wrong in storage, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -522,7 +525,7 @@ pub use lifecycle::{
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: LifecycleStore + Send + Sync + fmt::Debug {
+pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     async fn ping(&self) -> StoreResult<()>;

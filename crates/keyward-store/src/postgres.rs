@@ -10,6 +10,8 @@
 //! against a real server, is what proves the SQL. Rows are read into private `FromRow` structs and
 //! converted into the public records in one place each.
 
+mod usage;
+
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;

@@ -12,6 +12,8 @@
 //! proves the SQL. Rows are read into private `FromRow` structs and converted into the public records
 //! in one place each ([`KeyRow::into_key`], [`OrgRow::into_org`], [`AuditRow::into_entry`]).
 
+mod usage;
+
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;

@@ -342,3 +342,27 @@ mod lifecycle {
         tamper(Tamper::Truncate, "postgres::lifecycle::truncate").await;
     }
 }
+/// The usage ledger's cases ([`conformance::usage`]), listed apart from the others.
+macro_rules! usage_conformance {
+    ($($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some((schema, store)) = fresh(concat!("postgres::usage::", stringify!($case))).await else { return };
+                conformance::usage::$case(&store).await;
+                done(schema, store).await;
+            }
+        )*
+
+        #[test]
+        fn every_usage_conformance_case_runs() {
+            assert_eq!([$(stringify!($case)),*].as_slice(), conformance::usage::CASES);
+        }
+    };
+}
+
+usage_conformance!(
+    usage_batch_writes_events_rollups_and_counters,
+    usage_batch_is_idempotent,
+    usage_prune_keeps_rollups
+);

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow};
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
-use keyward_limit::{RedisConfig, RedisLimiter};
+use keyward_limit::{MemoryLimiter, RedisConfig, RedisLimiter};
 use keyward_server::AppState;
 use keyward_server::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
 use keyward_server::model::{
@@ -17,7 +17,7 @@ use keyward_server::model::{
 use keyward_server::service::{
     self, CreateKeyRequest, CreateOrganizationRequest, RotateKeyRequest, UpdateKeyRequest, Validator,
 };
-use keyward_server::usage::{UsageRecorder, UsageWorker};
+use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
 use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
 use secrecy::ExposeSecret;
 use serde::Serialize;
@@ -190,6 +190,12 @@ pub enum AuditAction {
 
 /// The same state the server runs with, over the configured database.
 pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
+    // The CLI's own writer: a spill file of its own, so it never replays (and empties) a server's.
+    open_with(config, None).await
+}
+
+/// [`open`], with the ledger writer `serve` runs (its spill file, batching and retention).
+async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Result<(AppState, UsageWorker)> {
     let store = keyward_store::open(&config.database_url, true)
         .await
         .with_context(|| format!("cannot open the database at {}", config.database_url))?;
@@ -210,8 +216,15 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
         }
     }
     let store: Arc<dyn keyward_store::Store> = Arc::new(cached);
-    let (usage, worker) = UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms));
+    let (usage, worker) = match usage {
+        Some(usage) => UsageRecorder::spawn_with(store.clone(), usage),
+        None => UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms)),
+    };
+    // Monthly quotas survive restarts: a subject's month is seeded from the durable counters, which
+    // the ledger writer keeps current.
+    let seed: Arc<dyn keyward_limit::QuotaSeed> = Arc::new(StoreQuotaSeed::new(store.clone()));
     let mut state = AppState::new(store, clock, hasher, usage);
+    state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(seed.clone()));
     state.trusted_proxies = config.trusted_proxy_nets()?.into();
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
@@ -219,7 +232,7 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
     state.webhooks = config.webhooks;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
-        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?);
+        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));
     }
     // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
     state.legacy.refresh(&*state.store).await?;
@@ -236,7 +249,14 @@ fn opt(value: &Option<impl ToString>) -> String {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let (state, worker) = open_with(&config, Some(config.usage_config())).await?;
+    let retention = chrono::Duration::days(i64::from(config.usage.retention_days));
+    let _pruner = keyward_server::usage::spawn_pruner(
+        state.store.clone(),
+        state.clock.clone(),
+        retention,
+        Duration::from_secs(3600),
+    );
     if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
         // SECURITY: printed once, to stdout only, never logged.
         println!("Created organization `default` and an admin key (scope keyward:admin).");
@@ -653,6 +673,69 @@ pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
     }
     println!("{table}");
     Ok(())
+}
+
+/// `keyward usage <key-id> --days 30`: the same report as `GET /v1/keys/{id}/usage`.
+pub async fn usage(config: Config, key: &str, days: u32, json: bool) -> anyhow::Result<()> {
+    use keyward_server::routes::usage::{MAX_DAYS, key_usage_report};
+    if !(1..=MAX_DAYS).contains(&days) {
+        anyhow::bail!("--days must be 1 to {MAX_DAYS}");
+    }
+    let id = key_id(key)?;
+    let store = keyward_store::open(&config.database_url, true).await?;
+    store.get_key(id).await.map_err(|e| match e {
+        keyward_store::StoreError::NotFound => anyhow::anyhow!("no key with id {id}"),
+        other => other.into(),
+    })?;
+    let report = key_usage_report(&*store, id, days, chrono::Utc::now().date_naive()).await?;
+    if json {
+        return print_json(&report);
+    }
+    let peak = report.days.iter().map(|d| d.counts.requests).max().unwrap_or(0).max(1);
+    let mut table = Table::new();
+    table.set_header(["day", "requests", "denied", "errors", "tokens", "cost $", "p95 ms", "chart"]);
+    for d in &report.days {
+        let c = &d.counts;
+        let width = usize::try_from(c.requests * 30 / peak).unwrap_or(0);
+        let bar = if c.requests > 0 && width == 0 { ".".to_owned() } else { "#".repeat(width) };
+        table.add_row([
+            d.day.to_string(),
+            c.requests.to_string(),
+            c.denied.to_string(),
+            (c.errors_4xx + c.errors_5xx).to_string(),
+            c.tokens_used.to_string(),
+            dollars(c.cost_micros),
+            c.p95_latency_ms.map(|v| v.to_string()).unwrap_or_else(|| "-".to_owned()),
+            bar,
+        ]);
+    }
+    println!("{table}");
+    let t = &report.totals;
+    println!(
+        "total: {} requests ({} denied), {} reports, {} tokens, ${}, mean latency {}, p95 {}",
+        t.requests,
+        t.denied,
+        t.reports,
+        t.tokens_used,
+        dollars(t.cost_micros),
+        t.mean_latency_ms.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".to_owned()),
+        t.p95_latency_ms.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".to_owned()),
+    );
+    if !report.top_endpoints.is_empty() {
+        println!("top endpoints:");
+        for e in &report.top_endpoints {
+            let name = if e.endpoint.is_empty() { "(none)" } else { e.endpoint.as_str() };
+            println!("  {name:<40} {:>10} requests {:>8} errors", e.requests, e.errors);
+        }
+    }
+    Ok(())
+}
+
+/// Micro-dollars as dollars, exactly (no float).
+fn dollars(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
 }
 
 #[cfg(test)]

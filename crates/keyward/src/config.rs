@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use figment::Figment;
@@ -45,6 +46,31 @@ pub struct Config {
     pub lifecycle: keyward_server::lifecycle::LifecycleSettings,
     /// Webhook delivery: private targets, timeout, retries.
     pub webhooks: keyward_server::webhooks::WebhookSettings,
+    pub usage: UsageSettings,
+}
+
+/// The usage ledger (`[usage]`): batching, spilling during store outages, retention of raw events.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSettings {
+    /// Where events go while the store is unreachable and memory is full (append-only JSON lines,
+    /// replayed on recovery and at the next start). Default: next to the SQLite file
+    /// (`<db>.usage-spill.jsonl`), else `keyward-usage-spill.jsonl` in the temp directory. One file per
+    /// node: two servers must not share one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spill_path: Option<std::path::PathBuf>,
+    /// Events held in memory while the store fails, before spilling to the file.
+    pub max_buffered: usize,
+    /// Events per write transaction; this many buffered trigger a write before the interval.
+    pub batch_size: usize,
+    /// Raw events older than this many days are pruned (hourly); daily rollups stay.
+    pub retention_days: u32,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        Self { spill_path: None, max_buffered: 100_000, batch_size: 5_000, retention_days: 90 }
+    }
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -146,6 +172,7 @@ impl Default for Config {
             cache: Default::default(),
             lifecycle: Default::default(),
             webhooks: Default::default(),
+            usage: UsageSettings::default(),
         }
     }
 }
@@ -186,7 +213,7 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 6] = ["gateway__", "plans__", "protection__", "cache__", "lifecycle__", "webhooks__"];
+const SECTIONS: [&str; 7] = ["gateway__", "plans__", "protection__", "cache__", "lifecycle__", "webhooks__", "usage__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -226,6 +253,12 @@ impl Config {
         if self.usage_flush_interval_ms == 0 {
             bail!("usage_flush_interval_ms must be positive");
         }
+        if self.usage.batch_size == 0 || self.usage.max_buffered < self.usage.batch_size {
+            bail!("usage.batch_size must be positive and at most usage.max_buffered");
+        }
+        if self.usage.retention_days == 0 {
+            bail!("usage.retention_days must be positive");
+        }
         Ok(())
     }
 
@@ -233,6 +266,20 @@ impl Config {
     pub fn trusted_proxy_nets(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
         let list = keyward_core::IpAllowList::parse(&self.trusted_proxies).context("invalid trusted_proxies")?;
         Ok(list.nets().to_vec())
+    }
+
+    /// The ledger writer's settings for `serve`.
+    pub fn usage_config(&self) -> keyward_server::usage::UsageConfig {
+        let spill = self
+            .usage
+            .spill_path
+            .clone()
+            .unwrap_or_else(|| keyward_server::usage::UsageConfig::default_spill_path(&self.database_url));
+        keyward_server::usage::UsageConfig {
+            batch_size: self.usage.batch_size,
+            max_buffered: self.usage.max_buffered,
+            ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
+        }
     }
 
     /// The plans: the defaults, with configured ones added or replacing a default of the same name.
@@ -245,11 +292,12 @@ impl Config {
         let gateway = toml_section(&self.gateway);
         let protection = toml_section(&self.protection);
         let cache = toml_section(&self.cache);
+        let usage = toml_section(&self.usage);
         let lifecycle = toml_section(&self.lifecycle);
         let webhooks = toml_section(&self.webhooks);
         let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[cache]\n{cache}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },

@@ -1,5 +1,5 @@
 //! The `keyward` binary: `serve` the API, and manage keys straight on the database like an ops script
-//! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `config`).
+//! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `usage`, `config`).
 
 /// A faster allocator than glibc's under many small, cross-thread allocations (the request path's
 /// pattern): measured in BENCHMARKS.md.
@@ -63,6 +63,16 @@ enum Command {
     },
     /// Import keys another system issued (JSON Lines or CSV), so they keep working.
     Import(import::ImportArgs),
+    /// A key's usage: daily table, a small chart, totals and top endpoints (from daily rollups).
+    Usage {
+        /// The key's id.
+        key_id: String,
+        /// Days ending today (UTC), 1 to 366.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the audit log.
     Audit {
         #[command(subcommand)]
@@ -170,6 +180,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Keys { action } => commands::keys(config, action).await,
         Command::Import(args) => import::run(config, args).await,
         Command::Audit { action } => commands::audit(config, action).await,
+        Command::Usage { key_id, days, json } => commands::usage(config, &key_id, days, json).await,
         Command::Config { action: ConfigAction::Show } => {
             print!("{}", config.show());
             Ok(())

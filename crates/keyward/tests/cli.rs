@@ -264,3 +264,157 @@ fn rotate_and_verify_the_audit_chain_from_the_cli() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&format!("BROKEN at row {target}: content_changed")), "{stdout}");
 }
+
+/// SIGTERM with a full buffer (a flush interval of an hour, so nothing was written before): every
+/// event is in the store once the process has stopped, and `keyward usage` reports them.
+#[test]
+fn sigterm_writes_every_buffered_usage_event() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    const N: usize = 60;
+    let cli = Cli::new();
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARD_DATABASE_URL", url)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .env("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "3600000")
+        .current_dir(cli.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("not be shown again") {
+        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
+    }
+    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
+    let mut logs = String::new();
+    let address = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
+        logs.push_str(&line);
+        if line.contains("keyward is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut key_id = String::new();
+    for i in 0..N {
+        let body = format!(r#"{{"key":"{key}","endpoint":"/e{}","method":"GET"}}"#, i % 3);
+        let mut stream = TcpStream::connect(&address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200") && response.contains("\"VALID\""), "{response}");
+        let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        key_id = json["key_id"].as_str().unwrap().to_owned();
+    }
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    stderr.read_to_string(&mut logs).unwrap();
+
+    let report = cli.json(&["usage", &key_id, "--days", "1", "--json"]);
+    assert_eq!(report["totals"]["requests"], N, "{report}\n{logs}");
+    assert_eq!(report["top_endpoints"].as_array().unwrap().len(), 3);
+    let table = cli.ok(&["usage", &key_id, "--days", "3"]);
+    assert!(table.contains(&format!("total: {N} requests")), "{table}");
+    assert!(table.contains('#'), "a chart: {table}");
+    let spill = cli.dir.path().join("k.db.usage-spill.jsonl");
+    assert!(std::fs::read_to_string(spill).unwrap_or_default().is_empty(), "nothing was left to spill");
+    let bad = cli.run(&["usage", &key_id, "--days", "0"]);
+    assert!(!bad.status.success());
+    let unknown = cli.run(&["usage", "0190a8a8-0000-7000-8000-000000000000"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no key with id"));
+}
+
+/// `kill -9` loses at most one flush interval: with a 100 ms interval, events reach the store on their
+/// own (no shutdown), so after SIGKILL every event recorded more than an interval earlier is there.
+#[test]
+fn sigkill_loses_at_most_one_flush_interval() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    const N: usize = 20;
+    let cli = Cli::new();
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARD_DATABASE_URL", url)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .env("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "100")
+        .current_dir(cli.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("not be shown again") {
+        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
+    }
+    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
+    let address = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line");
+        if line.contains("keyward is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let mut key_id = String::new();
+    for _ in 0..N {
+        let body = format!(r#"{{"key":"{key}"}}"#);
+        let mut stream = TcpStream::connect(&address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        key_id = json["key_id"].as_str().unwrap().to_owned();
+    }
+    // Written by the interval alone, within a few intervals (bounded wait).
+    let started = Instant::now();
+    loop {
+        let report = cli.json(&["usage", &key_id, "--days", "1", "--json"]);
+        if report["totals"]["requests"] == N {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "events never reached the store: {report}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let report = cli.json(&["usage", &key_id, "--days", "1", "--json"]);
+    assert_eq!(report["totals"]["requests"], N);
+}

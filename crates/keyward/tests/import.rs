@@ -125,6 +125,6 @@ async fn import_on_postgres() {
     let up = cli.ok(&["migrate", "up"]);
     assert!(up.contains("0001 init") && up.contains("0002 import") && !up.contains("pending"), "{up}");
     import_flow(&cli);
-    assert!(cli.ok(&["migrate", "down", "--steps", "99"]).lines().all(|l| l.ends_with("pending")));
+    assert!(cli.ok(&["migrate", "down", "--steps", "100"]).lines().all(|l| l.ends_with("pending")));
     drop(schema);
 }

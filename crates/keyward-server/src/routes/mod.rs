@@ -6,5 +6,6 @@ pub mod import;
 pub mod keys;
 pub mod me;
 pub mod orgs;
+pub mod usage;
 pub mod verify;
 pub mod webhooks;

@@ -30,6 +30,10 @@ pub struct VerifyKeyRequest {
     pub ip: Option<String>,
     /// Units of the monthly quota this request spends; 1 by default (e.g. tokens for an LLM API).
     pub cost: Option<u64>,
+    /// The endpoint of your API the request was for (recorded in the key's usage; 1 to 200 characters).
+    pub endpoint: Option<String>,
+    /// The HTTP method of the request (recorded in the key's usage).
+    pub method: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -96,6 +100,8 @@ pub async fn verify(
         .as_deref()
         .map(|ip| ip.trim().parse().map_err(|_| ApiError::validation("ip", "`ip` must be an IPv4 or IPv6 address")))
         .transpose()?;
+    let endpoint = body.endpoint.as_deref().map(|e| crate::routes::usage::endpoint("endpoint", e)).transpose()?;
+    let method = body.method.as_deref().map(|m| crate::routes::usage::method("method", m)).transpose()?;
     let now = state.clock.now();
     let check = Check {
         presented: &body.key,
@@ -106,7 +112,12 @@ pub async fn verify(
         via: "verify",
         cost: body.cost.unwrap_or(1),
     };
-    let verdict = verifier::verify(&state, check).await?;
+    let (verdict, event) = verifier::verify_deferred(&state, check).await?;
+    if let Some(mut event) = event {
+        event.endpoint = endpoint;
+        event.method = method;
+        state.usage.record(event);
+    }
     let headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
     let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).map(QuotaInfo::from);

@@ -9,6 +9,9 @@ use crate::helpers::TestApp;
 /// (method, path, the scope that is needed, or None for "any valid key" / public).
 const MATRIX: &[(&str, &str, Option<&str>)] = &[
     ("post", "/v1/verify", Some("keyward:verify")),
+    ("post", "/v1/usage", Some("keyward:verify")),
+    ("get", "/v1/keys/{id}/usage", Some("keyward:keys:read")),
+    ("get", "/v1/organizations/{id}/usage", Some("keyward:keys:read")),
     ("post", "/v1/keys", Some("keyward:keys:write")),
     ("get", "/v1/keys", Some("keyward:keys:read")),
     ("get", "/v1/keys/{id}", Some("keyward:keys:read")),

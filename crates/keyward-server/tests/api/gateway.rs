@@ -299,3 +299,30 @@ async fn a_50_mb_body_streams_through_with_bounded_memory() {
     assert_eq!(echo["bytes"], (CHUNK * CHUNKS) as u64);
     assert!(seen_before_done.load(Ordering::SeqCst), "the upstream saw nothing before the whole body was sent");
 }
+
+/// Every gateway request of a known key is a usage event with the status the client got and, when
+/// proxied, the upstream's latency; the path is recorded without its query string.
+#[tokio::test]
+async fn gateway_requests_are_usage_events_with_the_upstream_status() {
+    let upstream = spawn(
+        Router::new().route("/boom", any(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") })).fallback(any(echo)),
+    )
+    .await;
+    let s = setup_with(upstream, Duration::from_secs(5)).await;
+    let (key, rec) = s.app.key(s.app.default_org.id, &["read:*"]).await;
+    let bearer = format!("Bearer {key}");
+    let auth = [("authorization", bearer.as_str())];
+    assert_eq!(s.get("/projects/1?token=hush", &auth).await.0, StatusCode::OK);
+    assert_eq!(s.get("/boom", &auth).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(s.send(Method::POST, "/projects", &auth, Body::empty()).await.0, StatusCode::FORBIDDEN);
+    assert!(s.app.state.usage.flush().await);
+    let r = s.app.get(&format!("/v1/keys/{}/usage?days=1", rec.id), &s.app.admin_key).await;
+    let t = &r.body["totals"];
+    assert_eq!((t["requests"].clone(), t["denied"].clone()), (json!(3), json!(1)), "{}", r.text);
+    assert_eq!((t["errors_4xx"].clone(), t["errors_5xx"].clone()), (json!(1), json!(1)));
+    assert!(t["mean_latency_ms"].is_number(), "{t}");
+    let endpoints: Vec<&str> =
+        r.body["top_endpoints"].as_array().unwrap().iter().map(|e| e["endpoint"].as_str().unwrap()).collect();
+    assert!(endpoints.contains(&"/projects/1") && endpoints.contains(&"/boom"), "{endpoints:?}");
+    assert!(!r.text.contains("hush"), "no query string is recorded");
+}

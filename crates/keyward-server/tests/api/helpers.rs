@@ -13,9 +13,10 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use keyward_core::{KeyHasher, ManualClock, OrgId};
+use keyward_limit::MemoryLimiter;
 use keyward_server::cache::{CacheConfig, CachedStore, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
-use keyward_server::usage::UsageRecorder;
+use keyward_server::usage::{StoreQuotaSeed, UsageRecorder};
 use keyward_server::{AppState, router};
 use keyward_store::testing::PgSchema;
 use keyward_store::{Actor, ApiKey, Organization, Store};
@@ -75,7 +76,9 @@ impl TestApp {
         let cache = KeyCache::new(CacheConfig::default());
         let store: Arc<dyn Store> = Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())));
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-        let state = AppState::new(store, Arc::new(clock.clone()), KeyHasher::default(), usage);
+        let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
+        // As `keyward serve`: monthly quotas seeded from the store's durable counters.
+        state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
         state.legacy.refresh(&*state.store).await.unwrap();
         let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
         Self {
@@ -112,6 +115,17 @@ impl TestApp {
             }
             Guard::None => panic!("no database to tamper with"),
         }
+    }
+
+    /// The same database and clock with another state (a restart).
+    #[allow(dead_code)]
+    pub fn with_state(self, state: AppState) -> Self {
+        Self { state, ..self }
+    }
+
+    #[allow(dead_code)]
+    pub fn guard(&self) -> &Guard {
+        &self._guard
     }
 
     pub fn router(&self) -> Router {

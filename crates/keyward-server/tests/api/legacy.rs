@@ -358,3 +358,59 @@ fn fresh_state(app: &TestApp) -> AppState {
     let (usage, _worker) = UsageRecorder::spawn(app.state.store.clone(), std::time::Duration::from_secs(3600));
     AppState::new(app.state.store.clone(), app.state.clock.clone(), app.state.hasher.clone(), usage)
 }
+
+#[async_trait]
+impl keyward_store::UsageStore for Counting {
+    async fn record_usage_batch(
+        &self,
+        events: &[keyward_store::usage::UsageEvent],
+    ) -> StoreResult<keyward_store::usage::RecordedBatch> {
+        self.count();
+        self.inner.record_usage_batch(events).await
+    }
+    async fn key_usage_daily(
+        &self,
+        key_id: KeyId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> StoreResult<Vec<keyward_store::usage::DailyUsage>> {
+        self.count();
+        self.inner.key_usage_daily(key_id, from, to).await
+    }
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<keyward_store::usage::EndpointUsage>> {
+        self.count();
+        self.inner.key_usage_endpoints(key_id, from, to, limit).await
+    }
+    async fn org_usage_by_key(
+        &self,
+        org: OrgId,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> StoreResult<Vec<keyward_store::usage::KeyTotals>> {
+        self.count();
+        self.inner.org_usage_by_key(org, from, to).await
+    }
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        self.count();
+        self.inner.quota_used(subject, month).await
+    }
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<keyward_store::usage::EventTotals> {
+        self.count();
+        self.inner.usage_event_totals(key_id, from, until).await
+    }
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        self.count();
+        self.inner.prune_usage_events(before, limit).await
+    }
+}

@@ -20,5 +20,6 @@ mod limits;
 mod me_health;
 mod orgs;
 mod secrets;
+mod usage;
 mod verify;
 mod webhooks;

@@ -1,0 +1,130 @@
+//! Sustained ingest into the usage ledger: `events` usage events recorded as fast as `writers` tasks
+//! can, written by the real batch writer (`keyward_server::usage`) into the real store, then counted
+//! back from the raw events (count in = rows out).
+//!
+//! Usage: `bench-usage <database-url> [events] [keys] [writers] [batch_size]`
+//! e.g. `bench-usage sqlite:///tmp/bench.db 1000000 100 2 5000`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use keyward_core::{Environment, KeyHasher, KeyId, KeyPrefix, OrgId, PlainKey};
+use keyward_server::usage::{UsageConfig, UsageRecorder};
+use keyward_store::usage::{UsageEvent, UsageKind};
+use keyward_store::{Actor, LimitOverrides, NewKey, NewOrganization};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let url = args.get(1).ok_or("usage: bench-usage <database-url> [events] [keys] [writers] [batch_size]")?;
+    let events: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
+    let keys: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let writers: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
+    let batch_size: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(5_000);
+
+    let store = keyward_store::open(url, true).await?;
+    let actor = Actor::cli(Utc::now());
+    let org = store
+        .insert_org(
+            NewOrganization {
+                id: OrgId::new(),
+                name: "bench".into(),
+                slug: format!("bench-{}", uuid::Uuid::now_v7().simple()),
+                email: None,
+                plan: "enterprise".into(),
+                is_active: true,
+                limits: LimitOverrides::default(),
+                max_api_keys: None,
+            },
+            &actor,
+        )
+        .await?;
+    let mut ids: Vec<KeyId> = Vec::with_capacity(keys);
+    for _ in 0..keys {
+        let plain = PlainKey::generate(&KeyPrefix::default(), Environment::Live)?;
+        let (hash_algorithm, key_hash) = KeyHasher::default().hash(&plain);
+        let key = NewKey {
+            id: KeyId::new(),
+            organization_id: org.id,
+            owner_id: None,
+            name: "bench".into(),
+            description: None,
+            environment: Environment::Live,
+            prefix: plain.prefix().to_owned(),
+            hint: plain.hint().to_owned(),
+            hash_algorithm,
+            key_hash,
+            scopes: Default::default(),
+            allowed_ips: Default::default(),
+            expires_at: None,
+            is_active: true,
+            plan: None,
+            limits: LimitOverrides::default(),
+            metadata: serde_json::json!({}),
+            rotated_from: None,
+        };
+        ids.push(store.insert_key(key, &actor).await?.id);
+    }
+    let ids = Arc::new(ids);
+    let spill = std::env::temp_dir().join(format!("bench-usage-spill-{}.jsonl", uuid::Uuid::now_v7()));
+    let config = UsageConfig {
+        batch_size,
+        max_buffered: events.max(batch_size) * 2,
+        ..UsageConfig::new(Duration::from_secs(1), spill.clone())
+    };
+    let (recorder, worker) = UsageRecorder::spawn_with(store.clone(), config);
+    let started_at = Utc::now();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (recorder, ids, org_id) = (recorder.clone(), ids.clone(), org.id);
+        let share = events / writers + usize::from(w < events % writers);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..share {
+                let key_id = ids[(i * writers + w) % ids.len()];
+                let mut e = UsageEvent::new(UsageKind::Verify, key_id, org_id, Utc::now());
+                e.outcome = Some("VALID".into());
+                e.endpoint = Some(format!("/v1/items/{}", i % 8));
+                e.method = Some("GET".into());
+                e.status_code = Some(200);
+                e.response_time_ms = Some((i % 50) as i64);
+                e.ip = Some("203.0.113.7".into());
+                e.quota_subject = Some(format!("quota:org:{org_id}"));
+                e.quota_units = 1;
+                recorder.record(e);
+                if i % 1_024 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let recorded = started.elapsed();
+    drop(recorder);
+    worker.shutdown().await;
+    let written = started.elapsed();
+
+    let mut rows = 0i64;
+    let until = Utc::now() + chrono::Duration::seconds(1);
+    for id in ids.iter() {
+        rows += store.usage_event_totals(*id, started_at - chrono::Duration::seconds(1), until).await?.events;
+    }
+    let spilled = std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&spill);
+    println!(
+        "backend={} events={events} keys={keys} writers={writers} batch={batch_size} recorded_in={:.2}s \
+         written_in={:.2}s throughput={:.0} events/s rows_out={rows} lost={} spill_bytes={spilled}",
+        store.backend(),
+        recorded.as_secs_f64(),
+        written.as_secs_f64(),
+        events as f64 / written.as_secs_f64(),
+        events as i64 - rows,
+    );
+    if rows != events as i64 {
+        return Err(format!("lost events: {events} in, {rows} out").into());
+    }
+    Ok(())
+}

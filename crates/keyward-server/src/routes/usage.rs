@@ -1,0 +1,436 @@
+//! The usage ledger over HTTP: `POST /v1/usage` (a backend reports what its verified requests did),
+//! `GET /v1/keys/{id}/usage` (a key's daily series, totals and top endpoints, from the rollups) and
+//! `GET /v1/organizations/{id}/usage` (the month's billing summary per key, from the rollups).
+//!
+//! Who may read what: a key's usage needs what reading the key needs (`keyward:keys:read`, or
+//! `keyward:self` for its own owner's keys). An organization's billing summary needs `keyward:admin`,
+//! or `keyward:keys:read` for the caller's own organization; any other organization answers 404, like
+//! an unknown one.
+
+use std::collections::{HashMap, HashSet};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use keyward_core::{KeyId, KeywardScope, OrgId};
+use keyward_store::usage::{DailyCounts, MAX_ENDPOINT_LEN, UsageEvent, UsageKind};
+use keyward_store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::state::AppState;
+
+/// Events one `POST /v1/usage` may carry.
+pub const MAX_REPORT_EVENTS: usize = 1_000;
+/// Days one `GET /v1/keys/{id}/usage` may cover.
+pub const MAX_DAYS: u32 = 366;
+const TOP_ENDPOINTS: u32 = 10;
+
+/// An endpoint as recorded: 1 to 200 characters, no control characters.
+pub(crate) fn endpoint(field: &str, value: &str) -> ApiResult<String> {
+    if value.is_empty() || value.chars().count() > MAX_ENDPOINT_LEN || value.chars().any(char::is_control) {
+        return Err(ApiError::validation(field, format!("must be 1 to {MAX_ENDPOINT_LEN} printable characters")));
+    }
+    Ok(value.to_owned())
+}
+
+/// An HTTP method as recorded: 1 to 16 ASCII letters, upper-cased.
+pub(crate) fn method(field: &str, value: &str) -> ApiResult<String> {
+    if value.is_empty() || value.len() > 16 || !value.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(ApiError::validation(field, "must be an HTTP method (1 to 16 letters)"));
+    }
+    Ok(value.to_ascii_uppercase())
+}
+
+fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<String>> {
+    match value {
+        Some(v) if v.chars().count() > max || v.chars().any(char::is_control) => {
+            Err(ApiError::validation(field, format!("must be at most {max} printable characters")))
+        }
+        other => Ok(other),
+    }
+}
+
+/// One request a backend verified earlier, as it reports it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReport {
+    /// Your id for this report (1 to 128 characters), unique in your organization: a report sent again
+    /// with the same id is counted once.
+    pub id: String,
+    /// The key that made the request (`key_id` of the verify answer).
+    pub key_id: String,
+    /// When the request happened (RFC 3339); default: now. At most 5 minutes ahead.
+    pub timestamp: Option<DateTime<Utc>>,
+    pub endpoint: Option<String>,
+    pub method: Option<String>,
+    /// 100 to 599.
+    pub status_code: Option<u16>,
+    /// 0 to 3,600,000.
+    pub response_time_ms: Option<u64>,
+    pub tokens_used: Option<u64>,
+    /// What the request cost, in integer micro-dollars (1,000,000 = $1).
+    pub cost_micros: Option<u64>,
+    /// The end client's IP.
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
+/// A batch of reports: `{"events": [...]}`; a single report may also be sent on its own.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReportBatch {
+    /// 1 to 1,000 reports.
+    pub events: Vec<UsageReport>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageAcceptedResponse {
+    /// Reports taken (written within a flush interval; a repeated id is counted once).
+    pub accepted: usize,
+}
+
+/// Report usage (status, latency, tokens, cost) for requests verified earlier: one report or a batch.
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageReportBatch,
+    responses((status = 202, body = UsageAcceptedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn report_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: JsonBody,
+) -> ApiResult<(StatusCode, Json<UsageAcceptedResponse>)> {
+    caller.require(KeywardScope::Verify)?;
+    let value: serde_json::Value = body.parse()?;
+    let (reports, prefix) = if value.get("events").is_some() {
+        let batch: UsageReportBatch = body.parse()?;
+        (batch.events, "events")
+    } else {
+        (vec![body.parse::<UsageReport>()?], "")
+    };
+    if reports.is_empty() || reports.len() > MAX_REPORT_EVENTS {
+        return Err(ApiError::validation("events", format!("must hold 1 to {MAX_REPORT_EVENTS} reports")));
+    }
+    let now = state.clock.now();
+    let field = |i: usize, name: &str| if prefix.is_empty() { name.to_owned() } else { format!("events[{i}].{name}") };
+    let mut owners: HashMap<KeyId, OrgId> = HashMap::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut events = Vec::with_capacity(reports.len());
+    for (i, r) in reports.iter().enumerate() {
+        if r.id.is_empty() || r.id.chars().count() > 128 || r.id.chars().any(char::is_control) {
+            return Err(ApiError::validation(field(i, "id"), "must be 1 to 128 printable characters"));
+        }
+        seen.insert(&r.id);
+        let unknown = || ApiError::validation(field(i, "key_id"), "no such key");
+        let key_id: KeyId = r.key_id.parse().map_err(|_| unknown())?;
+        let organization_id = match owners.get(&key_id) {
+            Some(org) => *org,
+            None => {
+                let key = match state.store.get_key(key_id).await {
+                    Ok(key) => key,
+                    Err(StoreError::NotFound) => return Err(unknown()),
+                    Err(e) => return Err(e.into()),
+                };
+                // SECURITY: another organization's key is answered exactly like an unknown one.
+                if caller.org_filter().is_some_and(|org| org != key.organization_id) {
+                    return Err(unknown());
+                }
+                owners.insert(key_id, key.organization_id);
+                key.organization_id
+            }
+        };
+        let at = r.timestamp.unwrap_or(now);
+        if at > now + Duration::minutes(5) {
+            return Err(ApiError::validation(field(i, "timestamp"), "must not be in the future"));
+        }
+        let mut e = UsageEvent::new(UsageKind::Report, key_id, organization_id, at);
+        e.idempotency_id = Some(r.id.clone());
+        e.endpoint = r.endpoint.as_deref().map(|v| endpoint(&field(i, "endpoint"), v)).transpose()?;
+        e.method = r.method.as_deref().map(|v| method(&field(i, "method"), v)).transpose()?;
+        if let Some(status) = r.status_code {
+            if !(100..=599).contains(&status) {
+                return Err(ApiError::validation(field(i, "status_code"), "must be 100 to 599"));
+            }
+            e.status_code = Some(i32::from(status));
+        }
+        if let Some(ms) = r.response_time_ms {
+            if ms > 3_600_000 {
+                return Err(ApiError::validation(field(i, "response_time_ms"), "must be 0 to 3600000"));
+            }
+            e.response_time_ms = Some(ms as i64);
+        }
+        let big = |name: &str| ApiError::validation(field(i, name), "is too large");
+        e.tokens_used = i64::try_from(r.tokens_used.unwrap_or(0)).map_err(|_| big("tokens_used"))?;
+        e.cost_micros = i64::try_from(r.cost_micros.unwrap_or(0)).map_err(|_| big("cost_micros"))?;
+        e.ip =
+            r.ip.as_deref()
+                .map(|ip| {
+                    ip.trim()
+                        .parse::<std::net::IpAddr>()
+                        .map(|ip| ip.to_canonical().to_string())
+                        .map_err(|_| ApiError::validation(field(i, "ip"), "must be an IPv4 or IPv6 address"))
+                })
+                .transpose()?;
+        e.user_agent = text(&field(i, "user_agent"), r.user_agent.clone(), 512)?;
+        e.error_code = text(&field(i, "error_code"), r.error_code.clone(), 100)?;
+        e.error_message = text(&field(i, "error_message"), r.error_message.clone(), 1_000)?;
+        events.push(e);
+    }
+    // Nothing is recorded unless every report is valid: no partial write.
+    let accepted = events.len();
+    for e in events {
+        state.usage.record(e);
+    }
+    Ok((StatusCode::ACCEPTED, Json(UsageAcceptedResponse { accepted })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DaysQuery {
+    /// 1 to 366 days ending today (UTC); default 30.
+    pub days: Option<u32>,
+}
+
+/// One day, or a span's totals.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageCounts {
+    /// Verifications and gateway requests.
+    pub requests: i64,
+    /// Requests that were refused (not `VALID`).
+    pub denied: i64,
+    /// Reports received through `POST /v1/usage`.
+    pub reports: i64,
+    pub errors_4xx: i64,
+    pub errors_5xx: i64,
+    pub tokens_used: i64,
+    /// Integer micro-dollars.
+    pub cost_micros: i64,
+    pub mean_latency_ms: Option<f64>,
+    /// The upper bound of the latency bucket holding the 95th percentile.
+    pub p95_latency_ms: Option<i64>,
+}
+
+impl From<&DailyCounts> for UsageCounts {
+    fn from(c: &DailyCounts) -> Self {
+        Self {
+            requests: c.requests,
+            denied: c.denied,
+            reports: c.reports,
+            errors_4xx: c.errors_4xx,
+            errors_5xx: c.errors_5xx,
+            tokens_used: c.tokens_used,
+            cost_micros: c.cost_micros,
+            mean_latency_ms: c.mean_latency_ms(),
+            p95_latency_ms: c.latency.p95_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DayUsage {
+    #[schema(value_type = String, example = "2030-01-31")]
+    pub day: NaiveDate,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EndpointUsageResponse {
+    /// `""`: requests that named no endpoint.
+    pub endpoint: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub tokens_used: i64,
+    pub cost_micros: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct KeyUsageResponse {
+    #[schema(value_type = String)]
+    pub key_id: KeyId,
+    #[schema(value_type = String)]
+    pub from: NaiveDate,
+    #[schema(value_type = String)]
+    pub to: NaiveDate,
+    /// Every day of the span, oldest first (days without use are zeros).
+    pub days: Vec<DayUsage>,
+    pub totals: UsageCounts,
+    /// Most requested first, at most 10.
+    pub top_endpoints: Vec<EndpointUsageResponse>,
+}
+
+/// A key's usage over the `days` days ending `today`, from the rollups (one row per day used).
+pub async fn key_usage_report(
+    store: &dyn Store,
+    key_id: KeyId,
+    days: u32,
+    today: NaiveDate,
+) -> Result<KeyUsageResponse, StoreError> {
+    let from = today - Duration::days(i64::from(days.max(1)) - 1);
+    let rows = store.key_usage_daily(key_id, from, today).await?;
+    let by_day: HashMap<NaiveDate, &DailyCounts> = rows.iter().map(|r| (r.day, &r.counts)).collect();
+    let mut totals = DailyCounts::default();
+    let mut series = Vec::new();
+    let mut day = from;
+    while day <= today {
+        let counts = by_day.get(&day).copied().cloned().unwrap_or_default();
+        totals.add(&counts);
+        series.push(DayUsage { day, counts: UsageCounts::from(&counts) });
+        day += Duration::days(1);
+    }
+    let top = store.key_usage_endpoints(key_id, from, today, TOP_ENDPOINTS).await?;
+    Ok(KeyUsageResponse {
+        key_id,
+        from,
+        to: today,
+        days: series,
+        totals: UsageCounts::from(&totals),
+        top_endpoints: top
+            .into_iter()
+            .map(|e| EndpointUsageResponse {
+                endpoint: e.endpoint,
+                requests: e.counts.requests,
+                errors: e.counts.errors,
+                tokens_used: e.counts.tokens_used,
+                cost_micros: e.counts.cost_micros,
+            })
+            .collect(),
+    })
+}
+
+/// A key's daily usage series, totals and top endpoints (from daily rollups).
+#[utoipa::path(get, path = "/v1/keys/{id}/usage", tag = "usage",
+    params(("id" = String, Path, description = "key id"), DaysQuery),
+    responses((status = 200, body = KeyUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn key_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<KeyId>,
+    ApiQuery(q): ApiQuery<DaysQuery>,
+) -> ApiResult<Json<KeyUsageResponse>> {
+    caller.require_key_read()?;
+    let days = q.days.unwrap_or(30);
+    if !(1..=MAX_DAYS).contains(&days) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`days` must be 1 to {MAX_DAYS}")));
+    }
+    let key = state.store.get_key(id).await?;
+    if !caller.can_see(&key, false) {
+        return Err(ApiError::not_found());
+    }
+    let today = state.clock.now().date_naive();
+    Ok(Json(key_usage_report(&*state.store, id, days, today).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MonthQuery {
+    /// `YYYY-MM` (UTC); default: the current month.
+    pub month: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct KeyBillingLine {
+    #[schema(value_type = String)]
+    pub key_id: KeyId,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrgUsageResponse {
+    #[schema(value_type = String)]
+    pub organization_id: OrgId,
+    /// `YYYY-MM`.
+    pub month: String,
+    /// Every key with usage in the month, by key id.
+    pub keys: Vec<KeyBillingLine>,
+    pub totals: UsageCounts,
+}
+
+/// The first and last day of a `YYYY-MM` month.
+pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
+    let (y, m) = month.split_once('-')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let first = NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)?;
+    let next = if first.month() == 12 {
+        NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)?
+    } else {
+        NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)?
+    };
+    Some((first, next.pred_opt()?))
+}
+
+/// An organization's billing summary for a month: totals per key, from daily rollups.
+#[utoipa::path(get, path = "/v1/organizations/{id}/usage", tag = "usage",
+    params(("id" = String, Path, description = "organization id"), MonthQuery),
+    responses((status = 200, body = OrgUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn org_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<OrgId>,
+    ApiQuery(q): ApiQuery<MonthQuery>,
+) -> ApiResult<Json<OrgUsageResponse>> {
+    if !caller.is_admin() {
+        caller.require(KeywardScope::KeysRead)?;
+        // SECURITY: another organization answers like an unknown one.
+        if id != caller.key.organization_id {
+            return Err(ApiError::not_found());
+        }
+    }
+    let now = state.clock.now();
+    let month = q.month.unwrap_or_else(|| keyward_store::usage::month_of(now));
+    let Some((first, last)) = parse_month(&month) else {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "`month` must be YYYY-MM"));
+    };
+    state.store.get_org(id).await?;
+    let lines = state.store.org_usage_by_key(id, first, last).await?;
+    let mut totals = DailyCounts::default();
+    for line in &lines {
+        totals.add(&line.counts);
+    }
+    Ok(Json(OrgUsageResponse {
+        organization_id: id,
+        month,
+        keys: lines.iter().map(|l| KeyBillingLine { key_id: l.key_id, counts: UsageCounts::from(&l.counts) }).collect(),
+        totals: UsageCounts::from(&totals),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_parse_strictly() {
+        let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap_or_default();
+        assert_eq!(parse_month("2030-02"), Some((d(2030, 2, 1), d(2030, 2, 28))));
+        assert_eq!(parse_month("2030-12"), Some((d(2030, 12, 1), d(2030, 12, 31))));
+        for bad in ["2030-13", "2030-1", "30-01", "2030/01", "", "2030-00", "abcd-ef"] {
+            assert_eq!(parse_month(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn endpoints_and_methods_are_checked() {
+        assert!(endpoint("e", "/v1/x").is_ok());
+        assert!(endpoint("e", "").is_err());
+        assert!(endpoint("e", "/a\n").is_err());
+        assert!(endpoint("e", &"x".repeat(201)).is_err());
+        assert_eq!(method("m", "get").ok().as_deref(), Some("GET"));
+        assert!(method("m", "G3T").is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! The usage ledger's cases of the conformance suite ([`crate::UsageStore`]), run by each backend's
+//! test file like the others; [`CASES`] lists them.
+
+use chrono::{Duration, NaiveDate};
+use keyward_core::OrgId;
+
+use super::{Must, at, key, org, t0};
+use crate::Store;
+use crate::usage::{Histogram, UsageEvent, UsageKind};
+
+/// Every case of this module, in order; each backend's list must match.
+pub const CASES: &[&str] =
+    &["usage_batch_writes_events_rollups_and_counters", "usage_batch_is_idempotent", "usage_prune_keeps_rollups"];
+
+fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
+    let mut e = UsageEvent::new(UsageKind::Verify, key.id, key.organization_id, at(minutes));
+    e.outcome = Some(outcome.to_owned());
+    e.endpoint = Some(endpoint.to_owned());
+    e.method = Some("GET".to_owned());
+    e.ip = Some(format!("10.0.0.{}", minutes % 250));
+    if outcome == "VALID" {
+        e.quota_subject = Some(format!("quota:org:{}", key.organization_id));
+        e.quota_units = 2;
+    }
+    e
+}
+
+fn report(key: &crate::ApiKey, org: OrgId, minutes: i64, id: &str, status: i32, ms: i64) -> UsageEvent {
+    let mut e = UsageEvent::new(UsageKind::Report, key.id, org, at(minutes));
+    e.idempotency_id = Some(id.to_owned());
+    e.status_code = Some(status);
+    e.response_time_ms = Some(ms);
+    e.tokens_used = 100;
+    e.cost_micros = 1_250;
+    e.endpoint = Some("/v1/chat".to_owned());
+    e
+}
+
+fn day(minutes: i64) -> NaiveDate {
+    at(minutes).date_naive()
+}
+
+/// One batch: events in, and in the same transaction the rollups (per day, per endpoint), the key's
+/// counters and the quota counter, which all agree with the raw events.
+pub async fn usage_batch_writes_events_rollups_and_counters(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let other = key(store, &org).await;
+    let mut events = Vec::new();
+    for i in 0..8 {
+        events.push(verify_event(&k, i, "VALID", if i % 2 == 0 { "/a" } else { "/b" }));
+    }
+    events.push(verify_event(&k, 8, "RATE_LIMITED", "/a"));
+    events.push(verify_event(&k, 9, "VALID", "/a"));
+    // The next day, and another key.
+    events.push(verify_event(&k, 24 * 60 + 1, "VALID", "/a"));
+    events.push(verify_event(&other, 3, "VALID", "/a"));
+    events.push(report(&k, org.id, 10, "r-1", 200, 3));
+    events.push(report(&k, org.id, 11, "r-2", 503, 700));
+    let recorded = store.record_usage_batch(&events).await.must("record_usage_batch");
+    assert_eq!((recorded.inserted, recorded.duplicates), (events.len() as u64, 0));
+
+    let days = store.key_usage_daily(k.id, day(0), day(24 * 60 + 1)).await.must("key_usage_daily");
+    assert_eq!(days.iter().map(|d| d.day).collect::<Vec<_>>(), vec![day(0), day(24 * 60)]);
+    let first = &days[0].counts;
+    assert_eq!((first.requests, first.denied, first.reports), (10, 1, 2));
+    assert_eq!((first.errors_4xx, first.errors_5xx), (0, 1));
+    assert_eq!((first.tokens_used, first.cost_micros), (200, 2_500));
+    assert_eq!((first.latency_count, first.latency_sum_ms), (2, 703));
+    let mut want = Histogram::default();
+    want.0[Histogram::bucket_of(3)] = 1;
+    want.0[Histogram::bucket_of(700)] = 1;
+    assert_eq!(first.latency, want);
+    assert_eq!(days[1].counts.requests, 1);
+
+    let endpoints = store.key_usage_endpoints(k.id, day(0), day(24 * 60), 10).await.must("endpoints");
+    let names: Vec<(&str, i64)> = endpoints.iter().map(|e| (e.endpoint.as_str(), e.counts.requests)).collect();
+    assert_eq!(names, vec![("/a", 7), ("/b", 4), ("/v1/chat", 0)]);
+    assert_eq!(store.key_usage_endpoints(k.id, day(0), day(0), 1).await.must("top 1").len(), 1);
+
+    let billing = store.org_usage_by_key(org.id, day(0), day(24 * 60)).await.must("org_usage_by_key");
+    let mut ids = vec![k.id, other.id];
+    ids.sort();
+    assert_eq!(billing.iter().map(|b| b.key_id).collect::<Vec<_>>(), ids);
+    let line = billing.iter().find(|b| b.key_id == k.id).map(|b| b.counts.clone()).unwrap_or_default();
+    let raw = store.usage_event_totals(k.id, at(0), at(2 * 24 * 60)).await.must("usage_event_totals");
+    assert_eq!((line.requests + line.reports, line.requests), (raw.events, raw.requests));
+    assert_eq!(
+        (line.tokens_used, line.cost_micros, line.latency_sum_ms),
+        (raw.tokens_used, raw.cost_micros, raw.latency_sum_ms)
+    );
+
+    // Valid requests only: 10 of k's, 2 quota units each, plus one of `other`.
+    let got = store.get_key(k.id).await.must("get_key");
+    assert_eq!(got.total_requests, 10);
+    assert_eq!(got.last_used_at, Some(at(24 * 60 + 1)));
+    let subject = format!("quota:org:{}", org.id);
+    assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota_used"), 22);
+    assert_eq!(store.quota_used(&subject, "2030-02").await.must("quota_used"), 0);
+    assert_eq!(store.quota_used("quota:org:nobody", "2030-01").await.must("quota_used"), 0);
+}
+
+/// A batch written twice (a replay), and a report retried with the same idempotency id, count once;
+/// the same idempotency id in another organization is another report.
+pub async fn usage_batch_is_idempotent(store: &dyn Store) {
+    let org_a = org(store, None).await;
+    let org_b = org(store, None).await;
+    let a = key(store, &org_a).await;
+    let b = key(store, &org_b).await;
+    let events = vec![verify_event(&a, 1, "VALID", "/x"), report(&a, org_a.id, 2, "same", 200, 5)];
+    store.record_usage_batch(&events).await.must("first");
+    let again = store.record_usage_batch(&events).await.must("replay");
+    assert_eq!((again.inserted, again.duplicates), (0, 2));
+    // A retried report: new event id, same idempotency id; twice in one batch too.
+    let retry = vec![report(&a, org_a.id, 3, "same", 200, 5), report(&a, org_a.id, 4, "new", 200, 5)];
+    let twice = vec![retry[1].clone(), report(&a, org_a.id, 5, "new", 200, 5)];
+    let r = store.record_usage_batch(&retry).await.must("retry");
+    assert_eq!((r.inserted, r.duplicates), (1, 1));
+    let r = store.record_usage_batch(&twice).await.must("twice");
+    assert_eq!((r.inserted, r.duplicates), (0, 2));
+    let r = store.record_usage_batch(&[report(&b, org_b.id, 2, "same", 200, 5)]).await.must("other org");
+    assert_eq!(r.inserted, 1);
+
+    let days = store.key_usage_daily(a.id, day(0), day(0)).await.must("daily");
+    assert_eq!((days[0].counts.requests, days[0].counts.reports, days[0].counts.tokens_used), (1, 2, 200));
+    assert_eq!(store.get_key(a.id).await.must("get_key").total_requests, 1);
+    assert_eq!(store.quota_used(&format!("quota:org:{}", org_a.id), "2030-01").await.must("quota"), 2);
+}
+
+/// Pruning deletes old raw events only, in bounded steps; rollups stay.
+pub async fn usage_prune_keeps_rollups(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let events: Vec<UsageEvent> = (0..5).map(|i| verify_event(&k, i, "VALID", "/p")).collect();
+    store.record_usage_batch(&events).await.must("record");
+    let cutoff = t0() + Duration::minutes(3);
+    // Other cases' events may be older than the cutoff too: prune until nothing is left before it.
+    let mut pruned = 0;
+    for _ in 0..100 {
+        let n = store.prune_usage_events(cutoff, 2).await.must("prune");
+        assert!(n <= 2, "at most the limit: {n}");
+        if n == 0 {
+            break;
+        }
+        pruned += n;
+    }
+    assert!(pruned >= 3, "{pruned}");
+    let raw = store.usage_event_totals(k.id, at(0), at(10)).await.must("totals");
+    assert_eq!(raw.events, 2);
+    let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
+    assert_eq!(days[0].counts.requests, 5, "rollups stay");
+}

@@ -1,0 +1,267 @@
+//! The usage ledger in PostgreSQL: events inserted with multi-row statements, rollups and quota
+//! counters upserted by adding, all in one transaction per batch. Rows are upserted in key order
+//! ([`BatchEffects::of`] sorts), so two nodes flushing overlapping batches cannot deadlock.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{PostgresStore, db};
+use crate::StoreResult;
+use crate::usage::{
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
+    RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+};
+
+/// Rows per INSERT (arrays of this length, one per column).
+const INSERT_ROWS: usize = 5_000;
+
+/// The 25 rollup values starting at column `offset`.
+fn counts(row: &PgRow, offset: usize) -> StoreResult<DailyCounts> {
+    let mut v = [0i64; 25];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = row.try_get::<i64, _>(offset + i).map_err(db)?;
+    }
+    Ok(DailyCounts::from_values(&v))
+}
+
+fn sums() -> String {
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)::bigint")).collect::<Vec<_>>().join(", ")
+}
+
+#[async_trait]
+impl UsageStore for PostgresStore {
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+        if events.is_empty() {
+            return Ok(RecordedBatch::default());
+        }
+        let mut tx = self.begin().await?;
+        let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
+        for chunk in events.chunks(INSERT_ROWS) {
+            // One array per column (UNNEST): 17 parameters per statement whatever its size, and no
+            // per-value placeholder parsing, which dominates a multi-row VALUES list at this volume.
+            let col = |f: fn(&UsageEvent) -> Option<String>| chunk.iter().map(f).collect::<Vec<_>>();
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
+                 method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
+                 error_message, idempotency_id) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], \
+                 $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
+                 $15::text[], $16::text[], $17::text[]) \
+                 ON CONFLICT DO NOTHING RETURNING id",
+            )
+            .bind(chunk.iter().map(|e| e.id).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.key_id.0).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.organization_id.0).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.at).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.kind.as_str().to_owned()).collect::<Vec<_>>())
+            .bind(col(|e| e.outcome.clone()))
+            .bind(col(|e| e.endpoint.clone()))
+            .bind(col(|e| e.method.clone()))
+            .bind(chunk.iter().map(|e| e.status_code).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.response_time_ms).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.tokens_used).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|e| e.cost_micros).collect::<Vec<_>>())
+            .bind(col(|e| e.ip.clone()))
+            .bind(col(|e| e.user_agent.clone()))
+            .bind(col(|e| e.error_code.clone()))
+            .bind(col(|e| e.error_message.clone()))
+            .bind(col(|e| e.idempotency_id.clone()))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            inserted.extend(ids);
+        }
+        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
+        let fx = BatchEffects::of(fresh.iter().copied());
+
+        // Multi-row upserts: one statement per 2000 rollup rows, not one per (key, day). Each
+        // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
+        let columns = DAILY_COLUMNS.join(", ");
+        for chunk in fx.daily.chunks(2000) {
+            let mut q: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
+            q.push_values(chunk, |mut b, (key_id, d, org, c)| {
+                b.push_bind(key_id.0).push_bind(*d).push_bind(org.0);
+                for v in c.values() {
+                    b.push_bind(v);
+                }
+            });
+            q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
+            q.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        for chunk in fx.endpoints.chunks(8000) {
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
+            );
+            q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
+                b.push_bind(key_id.0)
+                    .push_bind(*d)
+                    .push_bind(endpoint.clone())
+                    .push_bind(c.requests)
+                    .push_bind(c.errors)
+                    .push_bind(c.tokens_used)
+                    .push_bind(c.cost_micros);
+            });
+            q.push(
+                " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+                     requests = usage_daily_endpoints.requests + excluded.requests,
+                     errors = usage_daily_endpoints.errors + excluded.errors,
+                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
+                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
+            );
+            q.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        // All the batch's keys in one UPDATE ... FROM UNNEST, after locking their rows in id order (so
+        // two nodes flushing overlapping batches cannot deadlock). As in record_key_usage, the CASEs
+        // compare against the old `last_used_at`, and an unknown address keeps the last known one.
+        if !fx.keys.is_empty() {
+            let ids: Vec<Uuid> = fx.keys.iter().map(|u| u.key_id.0).collect();
+            sqlx::query("SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query(
+                "UPDATE api_keys AS k SET
+                     total_requests = k.total_requests + v.requests,
+                     last_used_ip = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN COALESCE(v.ip, k.last_used_ip) ELSE k.last_used_ip END,
+                     last_used_at = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN v.at ELSE k.last_used_at END
+                 FROM UNNEST($1::uuid[], $2::int8[], $3::timestamptz[], $4::text[]) AS v(id, requests, at, ip)
+                 WHERE k.id = v.id",
+            )
+            .bind(&ids)
+            .bind(fx.keys.iter().map(|u| u.requests).collect::<Vec<_>>())
+            .bind(fx.keys.iter().map(|u| u.last_used_at).collect::<Vec<_>>())
+            .bind(fx.keys.iter().map(|u| u.last_used_ip.clone()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        for (subject, month, used) in &fx.quota {
+            sqlx::query(
+                "INSERT INTO quota_usage (subject, month, used) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject, month) DO UPDATE SET used = quota_usage.used + excluded.used",
+            )
+            .bind(subject)
+            .bind(month)
+            .bind(used)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        let inserted = fresh.len() as u64;
+        Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
+    }
+
+    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        let sql = format!(
+            "SELECT day, {} FROM usage_daily WHERE key_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        );
+        let rows = sqlx::query(&sql).bind(key_id.0).bind(from).bind(to).fetch_all(&self.pool).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| Ok(DailyUsage { day: row.try_get(0).map_err(db)?, counts: counts(row, 1)? }))
+            .collect()
+    }
+
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<EndpointUsage>> {
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT endpoint, SUM(requests)::bigint, SUM(errors)::bigint, SUM(tokens_used)::bigint,
+                    SUM(cost_micros)::bigint
+             FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
+             GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT $4",
+        )
+        .bind(key_id.0)
+        .bind(from)
+        .bind(to)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
+                endpoint,
+                counts: EndpointCounts { requests, errors, tokens_used, cost_micros },
+            })
+            .collect())
+    }
+
+    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
+        let sql = format!(
+            "SELECT key_id, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
+             GROUP BY key_id ORDER BY key_id",
+            sums()
+        );
+        let rows = sqlx::query(&sql).bind(org.0).bind(from).bind(to).fetch_all(&self.pool).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| {
+                let id: Uuid = row.try_get(0).map_err(db)?;
+                Ok(KeyTotals { key_id: KeyId(id), counts: counts(row, 1)? })
+            })
+            .collect()
+    }
+
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        let used: Option<i64> = sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = $1 AND month = $2")
+            .bind(subject)
+            .bind(month)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(used.unwrap_or(0))
+    }
+
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<EventTotals> {
+        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0)::bigint,
+                    COALESCE(SUM(tokens_used), 0)::bigint, COALESCE(SUM(cost_micros), 0)::bigint,
+                    COALESCE(SUM(response_time_ms), 0)::bigint
+             FROM usage_events WHERE key_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
+        )
+        .bind(key_id.0)
+        .bind(from)
+        .bind(until)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
+    }
+
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM usage_events WHERE id IN
+                 (SELECT id FROM usage_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(done.rows_affected())
+    }
+}

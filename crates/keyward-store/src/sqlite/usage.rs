@@ -1,0 +1,263 @@
+//! The usage ledger in SQLite: events inserted with multi-row statements, rollups and quota counters
+//! upserted by adding, all in one `BEGIN IMMEDIATE` transaction per batch.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{SqliteStore, db, parse_id, ts};
+use crate::usage::{
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
+    RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+};
+use crate::{StoreError, StoreResult};
+
+/// Rows per INSERT: 17 parameters a row stays under SQLite's 32,766.
+const INSERT_ROWS: usize = 1_000;
+
+fn day(d: NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+fn parse_day(s: &str) -> StoreResult<NaiveDate> {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|e| StoreError::Internal(format!("invalid day `{s}`: {e}")))
+}
+
+/// The 25 rollup values starting at column `offset`.
+fn counts(row: &SqliteRow, offset: usize) -> StoreResult<DailyCounts> {
+    let mut v = [0i64; 25];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = row.try_get::<i64, _>(offset + i).map_err(db)?;
+    }
+    Ok(DailyCounts::from_values(&v))
+}
+
+fn sums() -> String {
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)")).collect::<Vec<_>>().join(", ")
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+        if events.is_empty() {
+            return Ok(RecordedBatch::default());
+        }
+        let mut tx = self.begin_write().await?;
+        let mut inserted: HashSet<String> = HashSet::with_capacity(events.len());
+        for chunk in events.chunks(INSERT_ROWS) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
+                 method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
+                 error_message, idempotency_id) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.id.to_string())
+                    .push_bind(e.key_id.to_string())
+                    .push_bind(e.organization_id.to_string())
+                    .push_bind(ts(e.at))
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.outcome.as_deref())
+                    .push_bind(e.endpoint.as_deref())
+                    .push_bind(e.method.as_deref())
+                    .push_bind(e.status_code)
+                    .push_bind(e.response_time_ms)
+                    .push_bind(e.tokens_used)
+                    .push_bind(e.cost_micros)
+                    .push_bind(e.ip.as_deref())
+                    .push_bind(e.user_agent.as_deref())
+                    .push_bind(e.error_code.as_deref())
+                    .push_bind(e.error_message.as_deref())
+                    .push_bind(e.idempotency_id.as_deref());
+            });
+            // Without a conflict target: a known id and a known idempotency id are both skipped.
+            q.push(" ON CONFLICT DO NOTHING RETURNING id");
+            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
+            inserted.extend(ids);
+        }
+        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id.to_string())).collect();
+        let fx = BatchEffects::of(fresh.iter().copied());
+
+        // Multi-row upserts: one statement per 1000 rollup rows, not one per (key, day). Each
+        // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
+        let columns = DAILY_COLUMNS.join(", ");
+        for chunk in fx.daily.chunks(1000) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
+            q.push_values(chunk, |mut b, (key_id, d, org, c)| {
+                b.push_bind(key_id.to_string()).push_bind(day(*d)).push_bind(org.to_string());
+                for v in c.values() {
+                    b.push_bind(v);
+                }
+            });
+            q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
+            q.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        for chunk in fx.endpoints.chunks(4000) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
+            );
+            q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
+                b.push_bind(key_id.to_string())
+                    .push_bind(day(*d))
+                    .push_bind(endpoint.clone())
+                    .push_bind(c.requests)
+                    .push_bind(c.errors)
+                    .push_bind(c.tokens_used)
+                    .push_bind(c.cost_micros);
+            });
+            q.push(
+                " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+                     requests = usage_daily_endpoints.requests + excluded.requests,
+                     errors = usage_daily_endpoints.errors + excluded.errors,
+                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
+                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
+            );
+            q.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        // All the batch's keys in one UPDATE ... FROM (VALUES ...); as in record_key_usage, the CASEs
+        // compare against the old `last_used_at`, and an unknown address keeps the last known one.
+        for chunk in fx.keys.chunks(5_000) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "UPDATE api_keys SET
+                     total_requests = total_requests + v.column2,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
+                                         THEN COALESCE(v.column4, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
+                                         THEN v.column3 ELSE last_used_at END
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, u| {
+                b.push_bind(u.key_id.to_string())
+                    .push_bind(u.requests)
+                    .push_bind(ts(u.last_used_at))
+                    .push_bind(u.last_used_ip.clone());
+            });
+            q.push(") AS v WHERE api_keys.id = v.column1");
+            q.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        for (subject, month, used) in &fx.quota {
+            sqlx::query(
+                "INSERT INTO quota_usage (subject, month, used) VALUES (?, ?, ?)
+                 ON CONFLICT (subject, month) DO UPDATE SET used = quota_usage.used + excluded.used",
+            )
+            .bind(subject)
+            .bind(month)
+            .bind(used)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        let inserted = fresh.len() as u64;
+        Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
+    }
+
+    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        let sql = format!(
+            "SELECT day, {} FROM usage_daily WHERE key_id = ? AND day >= ? AND day <= ? ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        );
+        let rows = sqlx::query(&sql).bind(key_id.to_string()).bind(day(from)).bind(day(to)).fetch_all(&self.read).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| {
+                let d: String = row.try_get(0).map_err(db)?;
+                Ok(DailyUsage { day: parse_day(&d)?, counts: counts(row, 1)? })
+            })
+            .collect()
+    }
+
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<EndpointUsage>> {
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT endpoint, SUM(requests), SUM(errors), SUM(tokens_used), SUM(cost_micros)
+             FROM usage_daily_endpoints WHERE key_id = ? AND day >= ? AND day <= ?
+             GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT ?",
+        )
+        .bind(key_id.to_string())
+        .bind(day(from))
+        .bind(day(to))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
+                endpoint,
+                counts: EndpointCounts { requests, errors, tokens_used, cost_micros },
+            })
+            .collect())
+    }
+
+    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
+        let sql = format!(
+            "SELECT key_id, {} FROM usage_daily WHERE organization_id = ? AND day >= ? AND day <= ? \
+             GROUP BY key_id ORDER BY key_id",
+            sums()
+        );
+        let rows = sqlx::query(&sql).bind(org.to_string()).bind(day(from)).bind(day(to)).fetch_all(&self.read).await;
+        rows.map_err(db)?
+            .iter()
+            .map(|row| {
+                let id: String = row.try_get(0).map_err(db)?;
+                Ok(KeyTotals { key_id: parse_id(&id, "usage_daily.key_id")?, counts: counts(row, 1)? })
+            })
+            .collect()
+    }
+
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        let used: Option<i64> = sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = ? AND month = ?")
+            .bind(subject)
+            .bind(month)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db)?;
+        Ok(used.unwrap_or(0))
+    }
+
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<EventTotals> {
+        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0),
+                    COALESCE(SUM(tokens_used), 0), COALESCE(SUM(cost_micros), 0),
+                    COALESCE(SUM(response_time_ms), 0)
+             FROM usage_events WHERE key_id = ? AND occurred_at >= ? AND occurred_at < ?",
+        )
+        .bind(key_id.to_string())
+        .bind(ts(from))
+        .bind(ts(until))
+        .fetch_one(&self.read)
+        .await
+        .map_err(db)?;
+        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
+    }
+
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "DELETE FROM usage_events WHERE id IN
+                 (SELECT id FROM usage_events WHERE occurred_at < ? ORDER BY occurred_at LIMIT ?)",
+        )
+        .bind(ts(before))
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,517 @@
+//! The usage ledger's storage: the [`UsageStore`] trait (a supertrait of [`crate::Store`]), the events
+//! it records, the daily rollups it keeps and reads, and the durable monthly quota counters.
+//!
+//! What a batch changes is computed here, once, from the events the backend actually inserted
+//! ([`BatchEffects::of`]): the rollup deltas per key and day (and per endpoint), the key counters, and
+//! the quota deltas. Each backend only writes them, in one transaction, so both backends count the same
+//! way by construction; the conformance suite proves the SQL.
+//!
+//! # p95 latency
+//!
+//! Each rollup row keeps a fixed-bucket histogram of latencies ([`LATENCY_BUCKETS_MS`], 16 integer
+//! columns). Buckets only add, so rows written by several batches and nodes merge exactly; p95 is the
+//! upper bound of the bucket that holds the 95th percentile ([`Histogram::p95_ms`]). It is exact to the
+//! bucket, never interpolated.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{KeyUsage, StoreResult};
+
+/// Upper bounds (inclusive, milliseconds) of the latency histogram's buckets; the last is `+inf`.
+/// Changing them changes the meaning of stored rows: add a migration.
+pub const LATENCY_BUCKETS_MS: [i64; 16] =
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, i64::MAX];
+
+/// Longest endpoint kept; a longer one is cut (endpoints are a rollup dimension, not free text).
+pub const MAX_ENDPOINT_LEN: usize = 200;
+
+/// What produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageKind {
+    /// A verification (`POST /v1/verify`, the tower layer).
+    Verify,
+    /// A request proxied in gateway mode, with the upstream's status and latency.
+    Gateway,
+    /// A backend's report (`POST /v1/usage`) about a request it verified earlier.
+    Report,
+}
+
+impl UsageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verify => "verify",
+            Self::Gateway => "gateway",
+            Self::Report => "report",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "verify" => Some(Self::Verify),
+            "gateway" => Some(Self::Gateway),
+            "report" => Some(Self::Report),
+            _ => None,
+        }
+    }
+
+    /// Whether the event is a request to the customer's API (a report describes one already counted).
+    pub fn is_request(self) -> bool {
+        matches!(self, Self::Verify | Self::Gateway)
+    }
+}
+
+/// One usage event. SECURITY: holds the key's id, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// UUIDv7 made where the request was seen: inserting the same event twice (a replay) is a no-op.
+    pub id: Uuid,
+    pub key_id: KeyId,
+    pub organization_id: OrgId,
+    pub at: DateTime<Utc>,
+    pub kind: UsageKind,
+    /// The verify outcome code (`VALID`, `RATE_LIMITED`, ...); `None` for reports.
+    pub outcome: Option<String>,
+    pub endpoint: Option<String>,
+    pub method: Option<String>,
+    pub status_code: Option<i32>,
+    pub response_time_ms: Option<i64>,
+    pub tokens_used: i64,
+    /// Integer micro-dollars.
+    pub cost_micros: i64,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// A reporting backend's id: unique per organization, so a retried report counts once.
+    pub idempotency_id: Option<String>,
+    /// The monthly quota counter this request spent from, and how much (not stored in the event row:
+    /// applied to `quota_usage` when the event is inserted).
+    pub quota_subject: Option<String>,
+    pub quota_units: i64,
+}
+
+impl UsageEvent {
+    /// A bare event of `kind` for a key, at `at`; fill in the rest.
+    pub fn new(kind: UsageKind, key_id: KeyId, organization_id: OrgId, at: DateTime<Utc>) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            key_id,
+            organization_id,
+            at: crate::stored_time(at),
+            kind,
+            outcome: None,
+            endpoint: None,
+            method: None,
+            status_code: None,
+            response_time_ms: None,
+            tokens_used: 0,
+            cost_micros: 0,
+            ip: None,
+            user_agent: None,
+            error_code: None,
+            error_message: None,
+            idempotency_id: None,
+            quota_subject: None,
+            quota_units: 0,
+        }
+    }
+
+    fn is_valid_request(&self) -> bool {
+        self.kind.is_request() && self.outcome.as_deref().is_none_or(|o| o == "VALID")
+    }
+
+    fn endpoint_key(&self) -> String {
+        self.endpoint.as_deref().unwrap_or_default().chars().take(MAX_ENDPOINT_LEN).collect()
+    }
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS_MS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Histogram(pub [i64; 16]);
+
+impl Histogram {
+    pub fn bucket_of(ms: i64) -> usize {
+        LATENCY_BUCKETS_MS.iter().position(|&upper| ms <= upper).unwrap_or(LATENCY_BUCKETS_MS.len() - 1)
+    }
+
+    pub fn add(&mut self, other: &Histogram) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
+    pub fn count(&self) -> i64 {
+        self.0.iter().sum()
+    }
+
+    /// The upper bound (ms) of the bucket holding the 95th percentile; for the last, open bucket its
+    /// lower bound. `None` without samples.
+    pub fn p95_ms(&self) -> Option<i64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        // The rank of the 95th percentile, rounded up: at least 95 % of samples are at or below it.
+        let rank = ((total * 95 + 99) / 100).max(1);
+        let mut seen = 0;
+        for (i, n) in self.0.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let last = LATENCY_BUCKETS_MS.len() - 1;
+                return Some(if i == last { LATENCY_BUCKETS_MS[last - 1] } else { LATENCY_BUCKETS_MS[i] });
+            }
+        }
+        None
+    }
+}
+
+/// What a batch adds to one key's day (a rollup row), or what a day holds when read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DailyCounts {
+    pub requests: i64,
+    pub denied: i64,
+    pub reports: i64,
+    pub errors_4xx: i64,
+    pub errors_5xx: i64,
+    pub tokens_used: i64,
+    pub cost_micros: i64,
+    pub latency_count: i64,
+    pub latency_sum_ms: i64,
+    pub latency: Histogram,
+}
+
+impl DailyCounts {
+    fn add_event(&mut self, e: &UsageEvent) {
+        if e.kind.is_request() {
+            self.requests += 1;
+            if !e.is_valid_request() {
+                self.denied += 1;
+            }
+        } else {
+            self.reports += 1;
+        }
+        match e.status_code {
+            Some(400..=499) => self.errors_4xx += 1,
+            Some(500..=599) => self.errors_5xx += 1,
+            _ => {}
+        }
+        self.tokens_used += e.tokens_used;
+        self.cost_micros += e.cost_micros;
+        if let Some(ms) = e.response_time_ms {
+            self.latency_count += 1;
+            self.latency_sum_ms += ms;
+            self.latency.0[Histogram::bucket_of(ms)] += 1;
+        }
+    }
+
+    pub fn add(&mut self, o: &DailyCounts) {
+        self.requests += o.requests;
+        self.denied += o.denied;
+        self.reports += o.reports;
+        self.errors_4xx += o.errors_4xx;
+        self.errors_5xx += o.errors_5xx;
+        self.tokens_used += o.tokens_used;
+        self.cost_micros += o.cost_micros;
+        self.latency_count += o.latency_count;
+        self.latency_sum_ms += o.latency_sum_ms;
+        self.latency.add(&o.latency);
+    }
+
+    /// Mean latency in ms, `None` without samples.
+    pub fn mean_latency_ms(&self) -> Option<f64> {
+        (self.latency_count > 0).then(|| self.latency_sum_ms as f64 / self.latency_count as f64)
+    }
+}
+
+/// The rollup columns, in the order of [`DailyCounts::values`], as both backends name them.
+pub(crate) const DAILY_COLUMNS: [&str; 25] = [
+    "requests",
+    "denied",
+    "reports",
+    "errors_4xx",
+    "errors_5xx",
+    "tokens_used",
+    "cost_micros",
+    "latency_count",
+    "latency_sum_ms",
+    "lat_b00",
+    "lat_b01",
+    "lat_b02",
+    "lat_b03",
+    "lat_b04",
+    "lat_b05",
+    "lat_b06",
+    "lat_b07",
+    "lat_b08",
+    "lat_b09",
+    "lat_b10",
+    "lat_b11",
+    "lat_b12",
+    "lat_b13",
+    "lat_b14",
+    "lat_b15",
+];
+
+/// `table.c + excluded.c` for every rollup column: the upsert that adds a batch to a row.
+pub(crate) fn daily_add_set(table: &str) -> String {
+    DAILY_COLUMNS.iter().map(|c| format!("{c} = {table}.{c} + excluded.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+impl DailyCounts {
+    /// The values in [`DAILY_COLUMNS`] order.
+    pub(crate) fn values(&self) -> [i64; 25] {
+        let mut v = [0; 25];
+        v[..9].copy_from_slice(&[
+            self.requests,
+            self.denied,
+            self.reports,
+            self.errors_4xx,
+            self.errors_5xx,
+            self.tokens_used,
+            self.cost_micros,
+            self.latency_count,
+            self.latency_sum_ms,
+        ]);
+        v[9..].copy_from_slice(&self.latency.0);
+        v
+    }
+
+    pub(crate) fn from_values(v: &[i64; 25]) -> Self {
+        let mut latency = Histogram::default();
+        latency.0.copy_from_slice(&v[9..]);
+        Self {
+            requests: v[0],
+            denied: v[1],
+            reports: v[2],
+            errors_4xx: v[3],
+            errors_5xx: v[4],
+            tokens_used: v[5],
+            cost_micros: v[6],
+            latency_count: v[7],
+            latency_sum_ms: v[8],
+            latency,
+        }
+    }
+}
+
+/// Per endpoint of one key's day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EndpointCounts {
+    pub requests: i64,
+    pub errors: i64,
+    pub tokens_used: i64,
+    pub cost_micros: i64,
+}
+
+impl EndpointCounts {
+    fn add_event(&mut self, e: &UsageEvent) {
+        if e.kind.is_request() {
+            self.requests += 1;
+        }
+        if e.status_code.is_some_and(|s| s >= 400) || (e.kind.is_request() && !e.is_valid_request()) {
+            self.errors += 1;
+        }
+        self.tokens_used += e.tokens_used;
+        self.cost_micros += e.cost_micros;
+    }
+}
+
+/// Everything one batch changes besides the event rows, computed from the events actually inserted.
+#[derive(Debug, Default, PartialEq)]
+pub struct BatchEffects {
+    /// Per (key, UTC day): organization and counts.
+    pub daily: Vec<(KeyId, NaiveDate, OrgId, DailyCounts)>,
+    pub endpoints: Vec<(KeyId, NaiveDate, String, EndpointCounts)>,
+    /// `total_requests`, `last_used_*`: valid requests only (as before the ledger).
+    pub keys: Vec<KeyUsage>,
+    /// Per (quota subject, `YYYY-MM`): units spent.
+    pub quota: Vec<(String, String, i64)>,
+}
+
+impl BatchEffects {
+    /// Sorted by key, so that writers lock rows in one order (no deadlock between nodes).
+    pub fn of<'a>(events: impl IntoIterator<Item = &'a UsageEvent>) -> Self {
+        let mut daily: HashMap<(KeyId, NaiveDate), (OrgId, DailyCounts)> = HashMap::new();
+        let mut endpoints: HashMap<(KeyId, NaiveDate, String), EndpointCounts> = HashMap::new();
+        let mut keys: HashMap<KeyId, KeyUsage> = HashMap::new();
+        let mut quota: HashMap<(String, String), i64> = HashMap::new();
+        for e in events {
+            let day = e.at.date_naive();
+            daily.entry((e.key_id, day)).or_insert_with(|| (e.organization_id, DailyCounts::default())).1.add_event(e);
+            endpoints.entry((e.key_id, day, e.endpoint_key())).or_default().add_event(e);
+            if e.is_valid_request() {
+                let k = keys.entry(e.key_id).or_insert_with(|| KeyUsage {
+                    key_id: e.key_id,
+                    requests: 0,
+                    last_used_at: e.at,
+                    last_used_ip: e.ip.clone(),
+                });
+                k.requests += 1;
+                if e.at >= k.last_used_at {
+                    k.last_used_at = e.at;
+                    if e.ip.is_some() {
+                        k.last_used_ip.clone_from(&e.ip);
+                    }
+                }
+                if let Some(subject) = &e.quota_subject
+                    && e.quota_units > 0
+                {
+                    *quota.entry((subject.clone(), month_of(e.at))).or_default() += e.quota_units;
+                }
+            }
+        }
+        let mut daily: Vec<_> = daily.into_iter().map(|((k, d), (o, c))| (k, d, o, c)).collect();
+        daily.sort_by_key(|(k, d, ..)| (*k, *d));
+        let mut endpoints: Vec<_> = endpoints.into_iter().map(|((k, d, p), c)| (k, d, p, c)).collect();
+        endpoints.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+        let mut keys: Vec<_> = keys.into_values().collect();
+        keys.sort_by_key(|k| k.key_id);
+        let mut quota: Vec<_> = quota.into_iter().map(|((s, m), u)| (s, m, u)).collect();
+        quota.sort();
+        Self { daily, endpoints, keys, quota }
+    }
+}
+
+/// `YYYY-MM` of a time's UTC month: the `month` of a quota counter.
+pub fn month_of(at: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", at.year(), at.month())
+}
+
+/// What a batch write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordedBatch {
+    pub inserted: u64,
+    /// Events already stored (same id, or same idempotency id in the organization): not counted again.
+    pub duplicates: u64,
+}
+
+/// One day of one key, read from the rollups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DailyUsage {
+    pub day: NaiveDate,
+    #[serde(flatten)]
+    pub counts: DailyCounts,
+}
+
+/// One endpoint of a key over a span of days.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointUsage {
+    /// `""`: requests that named no endpoint.
+    pub endpoint: String,
+    #[serde(flatten)]
+    pub counts: EndpointCounts,
+}
+
+/// One key's totals over a span of days (a billing line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyTotals {
+    pub key_id: KeyId,
+    #[serde(flatten)]
+    pub counts: DailyCounts,
+}
+
+/// Sums over raw events (what the rollups must agree with; for tests and audits, not for dashboards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventTotals {
+    pub events: i64,
+    pub requests: i64,
+    pub tokens_used: i64,
+    pub cost_micros: i64,
+    pub latency_sum_ms: i64,
+}
+
+/// The usage ledger's storage. Every backend implements it; [`crate::Store`] requires it.
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Inserts the events that are not stored yet (by id, and by idempotency id per organization) and,
+    /// in the same transaction, applies what those events change: daily rollups, endpoint rollups, the
+    /// keys' `total_requests`/`last_used_*`, and the monthly quota counters. All or nothing.
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch>;
+
+    /// A key's rollup rows for `from..=to` (UTC days), oldest first; days without use have no row.
+    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>>;
+
+    /// A key's endpoints over `from..=to`, most requested first, at most `limit`.
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<EndpointUsage>>;
+
+    /// Every key of an organization that has usage in `from..=to`, with its totals, by key id.
+    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>>;
+
+    /// Units spent from a quota subject in a `YYYY-MM` month (0 when never used).
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64>;
+
+    /// Sums over a key's raw events in `[from, until)`.
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<EventTotals>;
+
+    /// Deletes raw events older than `before`, at most `limit` of them; returns how many. Rollups stay.
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p95_is_the_bucket_that_holds_the_95th_percentile() {
+        let mut h = Histogram::default();
+        assert_eq!(h.p95_ms(), None);
+        // 95 fast (≤ 1 ms) and 5 slow (≤ 500 ms): p95 is the 95th sample, fast.
+        h.0[0] = 95;
+        h.0[Histogram::bucket_of(400)] = 5;
+        assert_eq!(h.p95_ms(), Some(1));
+        h.0[0] = 94;
+        assert_eq!(h.p95_ms(), Some(500));
+        assert_eq!(Histogram::bucket_of(0), 0);
+        assert_eq!(Histogram::bucket_of(3), 2);
+        assert_eq!(Histogram::bucket_of(90_000), 15);
+        let mut open = Histogram::default();
+        open.0[15] = 1;
+        assert_eq!(open.p95_ms(), Some(60_000));
+    }
+
+    #[test]
+    fn effects_count_requests_reports_and_quota_once() {
+        let (key, org) = (KeyId::new(), OrgId::new());
+        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
+        let mut valid = UsageEvent::new(UsageKind::Verify, key, org, t);
+        valid.outcome = Some("VALID".into());
+        valid.quota_subject = Some("quota:org:x".into());
+        valid.quota_units = 3;
+        valid.ip = Some("10.0.0.1".into());
+        let mut limited = UsageEvent::new(UsageKind::Verify, key, org, t);
+        limited.outcome = Some("RATE_LIMITED".into());
+        let mut report = UsageEvent::new(UsageKind::Report, key, org, t);
+        report.status_code = Some(503);
+        report.response_time_ms = Some(12);
+        report.tokens_used = 7;
+        report.cost_micros = 250;
+        report.endpoint = Some("/v1/chat".into());
+        let fx = BatchEffects::of([&valid, &limited, &report]);
+        assert_eq!(fx.daily.len(), 1);
+        let c = &fx.daily[0].3;
+        assert_eq!((c.requests, c.denied, c.reports, c.errors_5xx), (2, 1, 1, 1));
+        assert_eq!((c.tokens_used, c.cost_micros, c.latency_count, c.latency_sum_ms), (7, 250, 1, 12));
+        assert_eq!(fx.keys.len(), 1);
+        assert_eq!(fx.keys[0].requests, 1);
+        assert_eq!(fx.quota, vec![("quota:org:x".to_owned(), "2030-01".to_owned(), 3)]);
+        assert_eq!(fx.endpoints.len(), 2);
+    }
+}
