@@ -21,16 +21,19 @@
 //! attempt) unless `webhooks.allow_private_targets` is set.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{Request, Uri};
 use chrono::{DateTime, Utc};
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_store::{Attempt, AttemptOutcome, DeliveryJob, StoreResult};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::state::AppState;
@@ -48,9 +51,13 @@ pub const EVENTS: &[&str] = &[
 ];
 
 /// `[webhooks]` in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookSettings {
+    /// Extra certificate authorities (PEM) trusted for `https://` targets, beside the bundled Mozilla
+    /// roots: for receivers behind a private CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Allow targets on loopback, private and link-local addresses (off: refused). Tests and
     /// single-host setups turn it on.
     pub allow_private_targets: bool,
@@ -68,6 +75,7 @@ pub struct WebhookSettings {
 impl Default for WebhookSettings {
     fn default() -> Self {
         Self {
+            ca_file: None,
             allow_private_targets: false,
             timeout_ms: 10_000,
             retry_for_hours: 24,
@@ -81,8 +89,7 @@ impl Default for WebhookSettings {
 pub fn check_url(raw: &str, allow_private: bool) -> Result<Uri, String> {
     let uri: Uri = raw.parse().map_err(|_| "must be an absolute http(s) URL".to_owned())?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err("https targets are not supported by this build; use http".to_owned()),
+        Some("http") | Some("https") => {}
         _ => return Err("must be an http(s) URL".to_owned()),
     }
     let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| "must name a host".to_owned())?;
@@ -169,7 +176,48 @@ pub struct TickReport {
 #[derive(Clone, Debug)]
 pub struct Worker {
     state: AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// The extra CAs of `ca_file`, parsed; an unreadable or empty file is an error (refused at start).
+pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// An HTTP and HTTPS client: TLS by rustls (ring), trusting Mozilla's roots (bundled, nothing is
+/// fetched) plus `extra` roots.
+fn client(timeout: Duration, extra: &[CertificateDer<'static>]) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra {
+        if let Err(e) = roots.add(cert.clone()) {
+            tracing::warn!(error = %e, "an extra webhook CA certificate was not usable");
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+        Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
+        // ring supports the safe defaults; this branch is unreachable, but never panic here.
+        Err(_) => {
+            rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
+        }
+    };
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https)
 }
 
 /// Deliveries claimed per tick.
@@ -179,15 +227,20 @@ const DISPATCH: u32 = 500;
 
 impl Worker {
     pub fn new(state: AppState) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(state.webhooks.timeout_ms.max(1))));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        let extra = match &state.webhooks.ca_file {
+            Some(path) => load_ca_file(path).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "webhooks.ca_file unusable: only the bundled roots are trusted");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let client = client(Duration::from_millis(state.webhooks.timeout_ms.max(1)), &extra);
         Self { state, client }
     }
 
     /// Dispatches new events and makes one attempt at every due delivery, at the clock's `now`.
     pub async fn tick(&self) -> StoreResult<TickReport> {
-        let settings = self.state.webhooks;
+        let settings = self.state.webhooks.clone();
         let now = self.state.clock.now();
         let give_up = now + chrono::Duration::hours(settings.retry_for_hours.min(24 * 30) as i64);
         let dispatched = self.state.store.dispatch_events(now, give_up, DISPATCH).await?;
@@ -243,7 +296,7 @@ impl Worker {
     /// POSTs the delivery; the receiver's status, or why there is none. Errors name the target's
     /// problem only, never the secret.
     async fn send(&self, job: &DeliveryJob, now: DateTime<Utc>) -> Result<u16, String> {
-        let settings = self.state.webhooks;
+        let settings = self.state.webhooks.clone();
         let uri = check_url(&job.url, settings.allow_private_targets)?;
         if !settings.allow_private_targets {
             // SECURITY: a public name may resolve to an internal address (or be made to, later).
@@ -320,7 +373,7 @@ mod tests {
             assert!(check_url(bad, false).is_err(), "{bad}");
         }
         assert!(check_url("http://127.0.0.1:9000/", true).is_ok());
-        assert!(check_url("https://hooks.example.com/", false).is_err(), "no TLS in this build");
+        assert!(check_url("https://hooks.example.com/", false).is_ok());
     }
 
     #[test]

@@ -229,7 +229,7 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
     state.plans = Arc::new(config.plans());
     state.protection = config.protection;
     state.lifecycle = config.lifecycle;
-    state.webhooks = config.webhooks;
+    state.webhooks = config.webhooks.clone();
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));

@@ -250,6 +250,9 @@ impl Config {
         }
         self.trusted_proxy_nets()?;
         self.gateway.build()?;
+        if let Some(path) = &self.webhooks.ca_file {
+            keyward_server::webhooks::load_ca_file(path).map_err(|e| anyhow::anyhow!("webhooks.ca_file: {e}"))?;
+        }
         if self.usage_flush_interval_ms == 0 {
             bail!("usage_flush_interval_ms must be positive");
         }

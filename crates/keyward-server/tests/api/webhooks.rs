@@ -357,3 +357,72 @@ async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
     assert_eq!(spikes.len(), 2, "{spikes:?}");
     assert_eq!(spikes[1].payload["key_prefix"], "sk_test_");
 }
+
+/// An `https://` receiver behind a private CA (`webhooks.ca_file`): delivered over TLS and verified.
+#[tokio::test]
+async fn https_receivers_behind_a_private_ca() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    // A CA and a server certificate for 127.0.0.1 signed by it.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = Receiver { got: Arc::default(), status: Arc::new(AtomicU16::new(200)) };
+    let app_router = Router::new().route("/hook", post(record)).with_state(receiver.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, router) = (acceptor.clone(), app_router.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    async move { tower::ServiceExt::oneshot(router, req.map(axum::body::Body::new)).await }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let mut app = allow_private(TestApp::sqlite().await);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let (_, secret) = create_hook(&app, &url, json!(["key.created"])).await;
+    app.post("/v1/keys", &app.admin_key, json!({"name": "over tls"})).await;
+
+    // Without the CA the receiver's certificate is not trusted: the attempt fails and is kept.
+    let report = Worker::new(app.state.clone()).tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0));
+    assert!(receiver.requests().is_empty());
+
+    app.state.webhooks.ca_file = Some(ca_file);
+    app.clock.advance(chrono::Duration::hours(2));
+    let report = Worker::new(app.state.clone()).tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1), "delivered over TLS");
+    let (headers, body) = &receiver.requests()[0];
+    let signature = headers["keyward-signature"].to_str().unwrap();
+    let now = app.clock.now_utc().timestamp();
+    assert!(keyward_core::webhook::verify(&secret, signature, body, now, 300));
+}
