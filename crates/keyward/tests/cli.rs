@@ -37,6 +37,60 @@ impl Cli {
     }
 }
 
+/// `keyward serve` on 127.0.0.1:0 over the test's database with `env` set (JSON logs): the child, the
+/// admin key it printed once on stdout, the address from its listening line, its stderr and the log
+/// lines read so far.
+fn serve(
+    cli: &Cli,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, String, std::io::BufReader<std::process::ChildStderr>, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARD_DATABASE_URL", url)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
+        .current_dir(cli.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("not be shown again") {
+        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
+    }
+    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
+    let mut logs = String::new();
+    let address = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
+        logs.push_str(&line);
+        if line.contains("keyward is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    (child, key, address, stderr, logs)
+}
+
+/// SIGTERM, then wait (bounded) for the process to end.
+fn terminate(child: &mut std::process::Child, within: std::time::Duration) -> std::process::ExitStatus {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < within, "serve did not stop on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn seed_is_idempotent() {
     let cli = Cli::new();
@@ -163,41 +217,12 @@ fn config_show_redacts_the_pepper() {
 /// answers with it, and exits cleanly on SIGTERM.
 #[test]
 fn serve_seeds_answers_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let cli = Cli::new();
-    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KEYWARD_DATABASE_URL", url)
-        .env("KEYWARD_LOG_FORMAT", "json")
-        .env("RUST_LOG", "debug")
-        .current_dir(cli.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-
-    let mut printed = String::new();
-    while !printed.contains("not be shown again") {
-        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
-    }
-    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
-    let mut logs = String::new();
-    let address = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
-        logs.push_str(&line);
-        if line.contains("keyward is listening") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let (mut child, key, address, mut stderr, mut logs) = serve(&cli, &[("RUST_LOG", "debug")]);
 
     let mut stream = TcpStream::connect(&address).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -208,15 +233,7 @@ fn serve_seeds_answers_and_stops_on_sigterm() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"slug\":\"default\""));
 
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "serve did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut child, Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     stderr.read_to_string(&mut logs).unwrap();
     assert!(logs.contains("shutting down"), "{logs}");
@@ -269,41 +286,14 @@ fn rotate_and_verify_the_audit_chain_from_the_cli() {
 /// event is in the store once the process has stopped, and `keyward usage` reports them.
 #[test]
 fn sigterm_writes_every_buffered_usage_event() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     const N: usize = 60;
     let cli = Cli::new();
-    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KEYWARD_DATABASE_URL", url)
-        .env("KEYWARD_LOG_FORMAT", "json")
-        .env("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "3600000")
-        .current_dir(cli.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut printed = String::new();
-    while !printed.contains("not be shown again") {
-        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
-    }
-    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
-    let mut logs = String::new();
-    let address = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
-        logs.push_str(&line);
-        if line.contains("keyward is listening") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let (mut child, key, address, mut stderr, mut logs) =
+        serve(&cli, &[("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
     let mut key_id = String::new();
     for i in 0..N {
         let body = format!(r#"{{"key":"{key}","endpoint":"/e{}","method":"GET"}}"#, i % 3);
@@ -323,15 +313,7 @@ fn sigterm_writes_every_buffered_usage_event() {
         key_id = json["key_id"].as_str().unwrap().to_owned();
     }
 
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "serve did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     stderr.read_to_string(&mut logs).unwrap();
 
@@ -353,39 +335,13 @@ fn sigterm_writes_every_buffered_usage_event() {
 /// own (no shutdown), so after SIGKILL every event recorded more than an interval earlier is there.
 #[test]
 fn sigkill_loses_at_most_one_flush_interval() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::process::Stdio;
     use std::time::{Duration, Instant};
 
     const N: usize = 20;
     let cli = Cli::new();
-    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KEYWARD_DATABASE_URL", url)
-        .env("KEYWARD_LOG_FORMAT", "json")
-        .env("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "100")
-        .current_dir(cli.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut printed = String::new();
-    while !printed.contains("not be shown again") {
-        assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
-    }
-    let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
-    let address = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line");
-        if line.contains("keyward is listening") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let (mut child, key, address, _stderr, _logs) = serve(&cli, &[("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "100")]);
     let mut key_id = String::new();
     for _ in 0..N {
         let body = format!(r#"{{"key":"{key}"}}"#);
