@@ -107,16 +107,10 @@ pub async fn standing(
     org: &keyward_store::Organization,
     now: DateTime<Utc>,
 ) -> Standing {
-    let found = KeyWithOrg {
-        key: key.clone(),
-        org_is_active: org.is_active,
-        org_plan: org.plan.clone(),
-        org_limits: org.limits,
-    };
-    let limits = state.plans.resolve(&org.plan, key.plan.as_deref(), &overrides(&org.limits), &overrides(&key.limits));
+    let limits = effective(state, key, org);
     // Cost 0 looks without spending.
     let rate = state.limiter.check(&rate_subject(key), &limits.rate(), 0, now).await;
-    let quota = state.limiter.consume_quota(&quota_subject(&found), limits.per_month, 0, now).await;
+    let quota = state.limiter.consume_quota(&key_quota_subject(key), limits.per_month, 0, now).await;
     Standing { limits, rate_limit: RateLimitInfo::from_decision(&rate), quota: QuotaInfo::from(&quota) }
 }
 
