@@ -24,6 +24,9 @@ pub enum IpListError {
 pub struct IpAllowList(Vec<IpNet>);
 
 impl IpAllowList {
+    /// Any address.
+    pub const EMPTY: IpAllowList = IpAllowList(Vec::new());
+
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Self, IpListError> {
         if items.len() > MAX_ENTRIES {
             return Err(IpListError::TooMany);

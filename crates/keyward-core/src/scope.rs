@@ -137,7 +137,7 @@ impl<'de> Deserialize<'de> for Scope {
 }
 
 /// The scopes a key holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ScopeSet(Vec<Scope>);
 

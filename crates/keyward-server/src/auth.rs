@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use keyward_core::{
     KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, ScopeSet, VerifyOutcome, VerifyRequest, check_found_key,
 };
-use keyward_store::{Actor, ApiKey, KeyWithOrg, StoreResult};
+use std::sync::Arc;
+
+use keyward_store::{Actor, ApiKey, KeyRecord, StoreResult};
 
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::state::AppState;
@@ -23,7 +25,8 @@ pub enum Lookup {
     /// Not in keyward's format: refused without touching storage.
     Malformed(KeyFormatError),
     NotFound,
-    Found(Box<KeyWithOrg>),
+    /// Shared with the verify cache: reading it copies nothing.
+    Found(Arc<KeyRecord>),
 }
 
 /// Parse, hash, look up by hash, and compare the stored hash in constant time.
@@ -57,14 +60,14 @@ fn could_be_legacy(presented: &str) -> bool {
         && presented.bytes().all(|b| b.is_ascii_graphic())
 }
 
-async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Box<KeyWithOrg>>> {
+async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Arc<KeyRecord>>> {
     for (algorithm, hash) in state.hasher.candidates(secret) {
-        if let Some(found) = state.store.find_key_by_hash(&hash).await? {
-            // SECURITY: the index found it; the constant-time compare makes sure we never act on a
-            // near match and never leak timing of how much matched.
-            if found.key.hash_algorithm == algorithm && found.key.key_hash.ct_eq(&hash) {
-                return Ok(Some(Box::new(found)));
-            }
+        // SECURITY: the store compared the stored hash with this one in constant time before the
+        // record was made (`Store::find_key_record`); the cache holds records under that exact hash.
+        if let Some(found) = state.store.find_key_record(&hash).await?
+            && found.hash_algorithm == algorithm
+        {
+            return Ok(Some(found));
         }
     }
     Ok(None)
@@ -98,7 +101,7 @@ fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
 /// An authenticated caller of the management API.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub key: ApiKey,
+    pub key: Arc<KeyRecord>,
     pub ip: Option<IpAddr>,
 }
 
@@ -126,7 +129,7 @@ impl FromRequestParts<AppState> for Caller {
                 let key = &caller.key;
                 tracing::Span::current().record("key_id", tracing::field::display(key.id));
                 tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
-                tracing::debug!(key_id = %key.id, key = %key.prefix, "authenticated");
+                tracing::debug!(key_id = %key.id, key = %redacted(presented_key(&parts.headers).unwrap_or_default()), "authenticated");
                 state.usage.record_key_use(key.id, now, ip);
                 return Ok(caller);
             }
@@ -167,12 +170,11 @@ async fn authenticate(
         Lookup::Found(found) => found,
     };
     let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
-    let key = &found.key;
-    let outcome = check_found_key(&key.state(), found.org_is_active, &key.allowed_ips, &key.scopes, &request);
+    let outcome = check_found_key(&found.state, found.org.is_active, found.allowed_ips(), &found.scopes, &request);
     if outcome != VerifyOutcome::Valid {
-        return Ok(Err((outcome.code(), Some(key.id), refusal(outcome))));
+        return Ok(Err((outcome.code(), Some(found.id), refusal(outcome))));
     }
-    Ok(Ok(Caller { key: found.key, ip }))
+    Ok(Ok(Caller { key: found, ip }))
 }
 
 /// One failed authentication, as logged and counted.
@@ -275,7 +277,8 @@ impl Caller {
         if key.organization_id != self.key.organization_id {
             return false;
         }
-        !self.self_service_only(write) || (self.key.owner_id.is_some() && key.owner_id == self.key.owner_id)
+        !self.self_service_only(write)
+            || (self.key.owner_id.is_some() && key.owner_id.as_deref() == self.key.owner_id.as_deref())
     }
 
     pub fn actor(&self, at: DateTime<Utc>) -> Actor {

@@ -11,16 +11,17 @@
 //! cache: it cannot know what it missed. While the store is unreachable an entry is served stale up
 //! to `stale_ceiling`; a miss then answers `store_unavailable`, never "not found".
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::{Clock, KeyHash, KeyId, OrgId};
+use keyward_core::{Clock, KeyHash, KeyId, OrgId, ScopeSet};
 use keyward_store::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
-    MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store, StoreError,
-    StoreResult,
+    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyRecord, KeyUsage,
+    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization, OrganizationPatch, Page, PageRequest,
+    Store, StoreError, StoreResult,
 };
 use quick_cache::sync::Cache;
 use serde_json::Value;
@@ -55,7 +56,7 @@ impl Default for CacheConfig {
 
 #[derive(Clone)]
 struct Entry {
-    found: Arc<KeyWithOrg>,
+    record: Arc<KeyRecord>,
     fetched_at: DateTime<Utc>,
 }
 
@@ -92,8 +93,21 @@ impl Invalidation {
 pub struct KeyCache {
     positive: Arc<Cache<KeyHash, Entry>>,
     negative: Arc<Cache<KeyHash, DateTime<Utc>>>,
+    /// The parts many keys have in common, held once (taken only on a miss).
+    shared: Arc<Mutex<Shared>>,
     config: CacheConfig,
 }
+
+/// Organization parts and scope sets shared between cached keys: a million keys of a few
+/// organizations with a few scope sets hold a few copies, not a million.
+#[derive(Default)]
+struct Shared {
+    orgs: HashMap<OrgId, Arc<OrgRecord>>,
+    scopes: HashSet<Arc<ScopeSet>>,
+}
+
+/// Beyond this many distinct scope sets, new ones are no longer shared (each key keeps its own).
+const MAX_SHARED_SCOPE_SETS: usize = 10_000;
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,8 +120,40 @@ impl KeyCache {
         Self {
             positive: Arc::new(Cache::new(config.capacity.max(1))),
             negative: Arc::new(Cache::new(config.negative_capacity.max(1))),
+            shared: Arc::default(),
             config,
         }
+    }
+
+    /// `record` with its organization part and scope set replaced by equal ones already held.
+    fn shared(&self, mut record: Arc<KeyRecord>) -> Arc<KeyRecord> {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let org = match shared.orgs.get(&record.organization_id) {
+            Some(org) if **org == *record.org => Some(org.clone()),
+            _ => {
+                shared.orgs.insert(record.organization_id, record.org.clone());
+                None
+            }
+        };
+        let scopes = match shared.scopes.get(&record.scopes) {
+            Some(scopes) => Some(scopes.clone()),
+            None if shared.scopes.len() < MAX_SHARED_SCOPE_SETS => {
+                shared.scopes.insert(record.scopes.clone());
+                None
+            }
+            None => None,
+        };
+        drop(shared);
+        if org.is_some() || scopes.is_some() {
+            let r = Arc::make_mut(&mut record);
+            if let Some(org) = org {
+                r.org = org;
+            }
+            if let Some(scopes) = scopes {
+                r.scopes = scopes;
+            }
+        }
+        record
     }
 
     pub fn apply(&self, change: &Invalidation) {
@@ -116,10 +162,14 @@ impl KeyCache {
                 self.positive.remove(hash);
                 self.negative.remove(hash);
             }
-            Invalidation::Organization(org) => self.positive.retain(|_, e| e.found.key.organization_id != *org),
+            Invalidation::Organization(org) => {
+                self.positive.retain(|_, e| e.record.organization_id != *org);
+                self.shared.lock().unwrap_or_else(|p| p.into_inner()).orgs.remove(org);
+            }
             Invalidation::All => {
                 self.positive.clear();
                 self.negative.clear();
+                *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Shared::default();
             }
         }
         metrics::counter!("keyward_cache_invalidations_total").increment(1);
@@ -221,8 +271,11 @@ impl Store for CachedStore {
         Ok(key)
     }
 
-    #[tracing::instrument(skip_all)]
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+        self.inner.find_key_by_hash(hash).await
+    }
+
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
         let now = self.clock.now();
         let cfg = self.cache.config;
         let cached = self.cache.positive.get(hash);
@@ -230,7 +283,7 @@ impl Store for CachedStore {
             && age_ms(now, e.fetched_at) < cfg.ttl_ms
         {
             metrics::counter!("keyward_cache_lookups_total", "result" => "hit").increment(1);
-            return Ok(Some((*e.found).clone()));
+            return Ok(Some(e.record.clone()));
         }
         if cached.is_none()
             && let Some(at) = self.cache.negative.get(hash)
@@ -240,11 +293,11 @@ impl Store for CachedStore {
             return Ok(None);
         }
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
-        match self.inner.find_key_by_hash(hash).await {
-            Ok(Some(found)) => {
-                let entry = Entry { found: Arc::new(found.clone()), fetched_at: now };
-                self.cache.positive.insert(*hash, entry);
-                Ok(Some(found))
+        match self.inner.find_key_record(hash).await {
+            Ok(Some(record)) => {
+                let record = self.cache.shared(record);
+                self.cache.positive.insert(*hash, Entry { record: record.clone(), fetched_at: now });
+                Ok(Some(record))
             }
             Ok(None) => {
                 self.cache.positive.remove(hash);
@@ -256,7 +309,7 @@ impl Store for CachedStore {
                 Some(e) if age_ms(now, e.fetched_at) < cfg.stale_ceiling_ms => {
                     metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
                     tracing::warn!(%cause, "store unavailable: serving a cached key");
-                    Ok(Some((*e.found).clone()))
+                    Ok(Some(e.record))
                 }
                 _ => Err(StoreError::Unavailable(cause)),
             },
@@ -567,5 +620,42 @@ mod tests {
         }
         assert_eq!(Invalidation::decode("k:zz"), None);
         assert_eq!(Invalidation::decode("nonsense"), None);
+    }
+
+    fn record(org: OrgId, plan: &str, scopes: &[&str]) -> Arc<KeyRecord> {
+        Arc::new(KeyRecord {
+            id: KeyId::new(),
+            organization_id: org,
+            lineage: KeyId::new(),
+            hash_algorithm: keyward_core::HashAlgorithm::Sha256,
+            environment: keyward_core::Environment::Live,
+            state: keyward_core::KeyState { is_active: true, revoked_at: None, expires_at: None },
+            own_quota: false,
+            owner_id: None,
+            scopes: Arc::new(ScopeSet::parse(scopes).unwrap_or_else(|e| panic!("{e}"))),
+            allowed_ips: None,
+            metadata: None,
+            plan: None,
+            limits: None,
+            org: Arc::new(OrgRecord { is_active: true, plan: plan.into(), limits: keyward_core::LimitOverrides::NONE }),
+        })
+    }
+
+    #[test]
+    fn keys_share_equal_organization_parts_and_scope_sets() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let org = OrgId::new();
+        let a = cache.shared(record(org, "pro", &["read:projects", "write:projects"]));
+        let b = cache.shared(record(org, "pro", &["write:projects", "read:projects"]));
+        assert!(Arc::ptr_eq(&a.org, &b.org));
+        assert!(Arc::ptr_eq(&a.scopes, &b.scopes));
+        let other = cache.shared(record(org, "pro", &["read:projects"]));
+        assert!(!Arc::ptr_eq(&a.scopes, &other.scopes));
+        // The organization changed (read after the change): the new part replaces the old one.
+        let changed = cache.shared(record(org, "enterprise", &["read:projects"]));
+        assert_eq!(&*changed.org.plan, "enterprise");
+        assert!(Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[])).org));
+        cache.apply(&Invalidation::Organization(org));
+        assert!(!Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[])).org));
     }
 }

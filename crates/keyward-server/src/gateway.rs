@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::{Scope, VerifyOutcome};
-use keyward_store::ApiKey;
+use keyward_store::KeyRecord;
 
 use crate::error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
 use crate::state::AppState;
@@ -159,7 +159,7 @@ fn rejection(outcome: VerifyOutcome) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-fn identity_headers(headers: &mut HeaderMap, key: &ApiKey) {
+fn identity_headers(headers: &mut HeaderMap, key: &KeyRecord) {
     let mut set = |name: &'static str, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(HeaderName::from_static(name), value);
@@ -170,7 +170,7 @@ fn identity_headers(headers: &mut HeaderMap, key: &ApiKey) {
     set("x-keyward-environment", key.environment.to_string());
     set("x-keyward-scopes", key.scopes.to_strings().join(" "));
     if let Some(owner) = &key.owner_id {
-        set("x-keyward-owner-id", owner.clone());
+        set("x-keyward-owner-id", owner.to_string());
     }
 }
 

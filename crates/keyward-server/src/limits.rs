@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
 use keyward_core::{OrgId, VerifyOutcome};
-use keyward_store::KeyWithOrg;
+use keyward_store::KeyRecord;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -80,22 +80,16 @@ pub struct KeyDecision {
 /// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
 /// request spends no quota. The quota is the key's own when it has a monthly override, else its
 /// organization's pool.
-pub async fn check_key(state: &AppState, found: &KeyWithOrg, cost: u64, now: DateTime<Utc>) -> KeyDecision {
-    let key = &found.key;
-    let limits = state.plans.resolve(
-        &found.org_plan,
-        key.plan.as_deref(),
-        &overrides(&found.org_limits),
-        &overrides(&key.limits),
-    );
+pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
+    let limits = state.plans.resolve(&key.org.plan, key.plan.as_deref(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
-    let rate = state.limiter.check(&rate_subject(key), &limits.rate(), 1, now).await;
+    let rate = state.limiter.check(&lineage_rate_subject(key.lineage), &limits.rate(), 1, now).await;
     if !rate.allowed {
         return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
     }
-    let subject = quota_subject(found);
+    let subject = quota_subject(key);
     let quota = state.limiter.consume_quota(&subject, limits.per_month, cost, now).await;
-    quota_threshold_hook(state, found, &subject, &quota, cost, now);
+    quota_threshold_hook(state, key, &subject, &quota, cost, now);
     let outcome = if quota.allowed { VerifyOutcome::Valid } else { VerifyOutcome::QuotaExceeded };
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
@@ -120,7 +114,7 @@ pub fn effective(
     key: &keyward_store::ApiKey,
     org: &keyward_store::Organization,
 ) -> keyward_core::Limits {
-    state.plans.resolve(&org.plan, key.plan.as_deref(), &overrides(&org.limits), &overrides(&key.limits))
+    state.plans.resolve(&org.plan, key.plan.as_deref(), &org.limits.core(), &key.limits.core())
 }
 
 /// A key's effective limits (`null`: unlimited) and its current standing.
@@ -134,29 +128,26 @@ pub struct Standing {
 
 /// The rate-limit counter of a key, shared by its rotation lineage (rotation never doubles an allowance).
 pub fn rate_subject(key: &keyward_store::ApiKey) -> String {
-    format!("key:{}", key.lineage())
+    lineage_rate_subject(key.lineage())
 }
 
-/// The quota counter a key draws from; a key's own quota is shared by its rotation lineage.
-pub fn quota_subject(found: &KeyWithOrg) -> String {
-    key_quota_subject(&found.key)
+fn lineage_rate_subject(lineage: keyward_core::KeyId) -> String {
+    format!("key:{lineage}")
 }
 
-/// [`quota_subject`] of a key: its own counter when it has a monthly override, else its organization's.
+/// The quota counter a verified key draws from: its own (shared by its rotation lineage) when it has a
+/// monthly override, else its organization's.
+pub fn quota_subject(key: &KeyRecord) -> String {
+    quota_subject_of(key.own_quota, key.lineage, key.organization_id)
+}
+
+/// [`quota_subject`] of a stored key.
 pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
-    match key.limits.monthly_request_limit {
-        Some(_) => format!("quota:key:{}", key.lineage()),
-        None => format!("quota:org:{}", key.organization_id),
-    }
+    quota_subject_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id)
 }
 
-fn overrides(l: &keyward_store::LimitOverrides) -> keyward_core::LimitOverrides {
-    keyward_core::LimitOverrides::from_signed(
-        l.rate_limit_per_minute,
-        l.rate_limit_per_hour,
-        l.rate_limit_per_day,
-        l.monthly_request_limit,
-    )
+fn quota_subject_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId) -> String {
+    if own { format!("quota:key:{lineage}") } else { format!("quota:org:{organization}") }
 }
 
 /// Whether `ip` has used up its failed authentications; `Some(seconds)` to wait when it has.
@@ -195,7 +186,7 @@ pub fn crossed_thresholds(before: u64, after: u64, limit: u64) -> Vec<u64> {
 /// path, in a task of its own.
 pub fn quota_threshold_hook(
     state: &AppState,
-    found: &KeyWithOrg,
+    found: &KeyRecord,
     subject: &str,
     quota: &QuotaDecision,
     cost: u64,
@@ -211,18 +202,18 @@ pub fn quota_threshold_hook(
     }
     let month = keyward_core::limits::month_id(now);
     let scope = if subject.starts_with("quota:key:") { "key" } else { "organization" };
-    let events: Vec<(keyward_store::Event, String)> = crossed
-        .into_iter()
-        .map(|percent| {
-            let data = serde_json::json!({ "percent": percent, "used": quota.used, "limit": limit,
-                                            "month": month, "quota": scope });
-            let event = keyward_store::Event::about_key("quota.threshold", &found.key, data, now);
-            (event, format!("quota.threshold:{subject}:{month}:{percent}"))
-        })
-        .collect();
-    let state = state.clone();
+    let (state, key_id, subject, used) = (state.clone(), found.id, subject.to_owned(), quota.used);
     tokio::spawn(async move {
-        for (event, dedup) in events {
+        // The event carries the whole key as the store has it; the verify path holds only a record.
+        let key = match state.store.get_key(key_id).await {
+            Ok(key) => key,
+            Err(e) => return tracing::warn!(error = %e, "recording quota.threshold failed"),
+        };
+        for percent in crossed {
+            let data = serde_json::json!({ "percent": percent, "used": used, "limit": limit,
+                                            "month": month, "quota": scope });
+            let event = keyward_store::Event::about_key("quota.threshold", &key, data, now);
+            let dedup = format!("quota.threshold:{subject}:{month}:{percent}");
             match state.store.record_event(&event, Some(&dedup)).await {
                 Ok(true) => state.events_written(),
                 Ok(false) => {}

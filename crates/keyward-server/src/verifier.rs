@@ -3,12 +3,13 @@
 //! answer, in memory; failures are logged and counted here, once.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
 use keyward_store::usage::{UsageEvent, UsageKind};
-use keyward_store::{ApiKey, StoreResult};
+use keyward_store::{KeyRecord, StoreResult};
 
 use crate::auth::{AuthFailure, Lookup, auth_failed, lookup};
 use crate::limits::{self, KeyDecision};
@@ -35,7 +36,7 @@ pub struct Check<'a> {
 #[derive(Debug)]
 pub struct Verdict {
     pub outcome: VerifyOutcome,
-    pub key: Option<ApiKey>,
+    pub key: Option<Arc<KeyRecord>>,
     /// The key's tier limits and quota, when the key got that far.
     pub limits: Option<KeyDecision>,
 }
@@ -68,7 +69,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
         event.user_agent = (!check.user_agent.is_empty()).then(|| check.user_agent.chars().take(512).collect());
         if verdict.outcome.is_valid() {
             // The units the limiter just spent, so the durable counter matches it.
-            event.quota_subject = Some(crate::limits::key_quota_subject(key));
+            event.quota_subject = Some(crate::limits::quota_subject(key));
             event.quota_units = i64::try_from(check.cost).unwrap_or(i64::MAX);
         }
         event
@@ -109,15 +110,14 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
     let found = match lookup(state, check.presented).await? {
         Lookup::Malformed(_) => return Ok(bare(VerifyOutcome::Malformed)),
         // SECURITY: another organization's key answers exactly like an unknown one.
-        Lookup::Found(f) if check.organization.is_none_or(|org| org == f.key.organization_id) => f,
+        Lookup::Found(f) if check.organization.is_none_or(|org| org == f.organization_id) => f,
         Lookup::Found(_) | Lookup::NotFound => return Ok(bare(VerifyOutcome::NotFound)),
     };
     let request = VerifyRequest { now, client_ip: check.client_ip, required_scopes: check.required_scopes };
-    let outcome =
-        check_found_key(&found.key.state(), found.org_is_active, &found.key.allowed_ips, &found.key.scopes, &request);
+    let outcome = check_found_key(&found.state, found.org.is_active, found.allowed_ips(), &found.scopes, &request);
     if !outcome.is_valid() {
-        return Ok(Verdict { outcome, key: Some(found.key), limits: None });
+        return Ok(Verdict { outcome, key: Some(found), limits: None });
     }
     let decision = limits::check_key(state, &found, check.cost, now).await;
-    Ok(Verdict { outcome: decision.outcome, key: Some(found.key), limits: Some(decision) })
+    Ok(Verdict { outcome: decision.outcome, key: Some(found), limits: Some(decision) })
 }

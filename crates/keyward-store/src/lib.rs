@@ -57,11 +57,13 @@ pub mod conformance;
 pub mod conformance_lifecycle;
 pub mod lifecycle;
 pub mod postgres;
+pub mod record;
 pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
 pub mod usage;
 
+pub use record::{KeyRecord, OrgRecord};
 pub use usage::UsageStore;
 
 /// What went wrong in storage, in terms a caller can act on.
@@ -113,6 +115,18 @@ pub struct LimitOverrides {
     pub rate_limit_per_hour: Option<i64>,
     pub rate_limit_per_day: Option<i64>,
     pub monthly_request_limit: Option<i64>,
+}
+
+impl LimitOverrides {
+    /// As the limiter reads them (a negative value, which the API never writes, inherits).
+    pub fn core(&self) -> keyward_core::LimitOverrides {
+        keyward_core::LimitOverrides::from_signed(
+            self.rate_limit_per_minute,
+            self.rate_limit_per_hour,
+            self.rate_limit_per_day,
+            self.monthly_request_limit,
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -546,6 +560,13 @@ pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
     /// holds `max_api_keys` keys that are not revoked (checked in the same transaction).
     async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey>;
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>>;
+    /// What verification needs of the key stored under `hash`, compact and shared. SECURITY: the stored
+    /// hash is compared with `hash` in constant time, so a near match from an index is never acted on.
+    /// The verify cache's wrapper answers it from memory.
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<std::sync::Arc<KeyRecord>>> {
+        let found = self.find_key_by_hash(hash).await?;
+        Ok(found.filter(|f| f.key.key_hash.ct_eq(hash)).map(|f| std::sync::Arc::new(KeyRecord::from(f))))
+    }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey>;
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>>;
     /// Applies the patch and writes an audit row with the diff; a patch that changes nothing writes no row.

@@ -88,10 +88,10 @@ impl Verify for InProcess {
             (VerifyOutcome::Valid, Some(k)) => Ok(Identity {
                 key_id: k.id.to_string(),
                 organization_id: k.organization_id.to_string(),
-                owner_id: k.owner_id,
+                owner_id: k.owner_id.as_deref().map(str::to_owned),
                 environment: k.environment.to_string(),
                 scopes: k.scopes.to_strings(),
-                metadata: k.metadata,
+                metadata: k.metadata(),
             }),
             (outcome, _) => Err(outcome),
         })

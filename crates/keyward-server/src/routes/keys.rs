@@ -68,7 +68,7 @@ pub async fn create_key(State(state): State<AppState>, caller: Caller, body: Jso
         }
     };
     if self_service {
-        let own = caller.key.owner_id.clone().ok_or_else(|| {
+        let own = caller.key.owner_id.as_deref().map(str::to_owned).ok_or_else(|| {
             ApiError::new(ErrorCode::Forbidden, "a self-service key without an owner_id cannot create keys")
         })?;
         match &body.owner_id {
@@ -131,8 +131,11 @@ pub async fn list_keys(
         .as_deref()
         .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
         .transpose()?;
-    let owner_id =
-        if caller.self_service_only(false) { caller.key.owner_id.clone().or(Some(String::new())) } else { q.owner_id };
+    let owner_id = if caller.self_service_only(false) {
+        caller.key.owner_id.as_deref().map(str::to_owned).or(Some(String::new()))
+    } else {
+        q.owner_id
+    };
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<KeyId>()?;
     let now = state.clock.now();
     let filter = KeyFilter {

@@ -26,8 +26,9 @@ pub struct MeResponse {
     responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeResponse>> {
-    let organization = state.store.get_org(caller.key.organization_id).await?;
+    let key = state.store.get_key(caller.key.id).await?;
+    let organization = state.store.get_org(key.organization_id).await?;
     let now = state.clock.now();
-    let standing = crate::limits::standing(&state, &caller.key, &organization, now).await;
-    Ok(Json(MeResponse { key: KeyResponse::new(caller.key, now), organization: organization.into(), standing }))
+    let standing = crate::limits::standing(&state, &key, &organization, now).await;
+    Ok(Json(MeResponse { key: KeyResponse::new(key, now), organization: organization.into(), standing }))
 }
