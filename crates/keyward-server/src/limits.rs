@@ -83,13 +83,13 @@ pub struct KeyDecision {
 pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
     let limits = state.plans.resolve(&key.org.plan, key.plan.as_deref(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
-    let rate = state.limiter.check(&lineage_rate_subject(key.lineage), &limits.rate(), 1, now).await;
+    let rate = state.limiter.check(Subject::new("key:", key.lineage.0).as_str(), &limits.rate(), 1, now).await;
     if !rate.allowed {
         return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
     }
     let subject = quota_subject(key);
-    let quota = state.limiter.consume_quota(&subject, limits.per_month, cost, now).await;
-    quota_threshold_hook(state, key, &subject, &quota, cost, now);
+    let quota = state.limiter.consume_quota(subject.as_str(), limits.per_month, cost, now).await;
+    quota_threshold_hook(state, key, subject.as_str(), &quota, cost, now);
     let outcome = if quota.allowed { VerifyOutcome::Valid } else { VerifyOutcome::QuotaExceeded };
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
@@ -128,26 +128,47 @@ pub struct Standing {
 
 /// The rate-limit counter of a key, shared by its rotation lineage (rotation never doubles an allowance).
 pub fn rate_subject(key: &keyward_store::ApiKey) -> String {
-    lineage_rate_subject(key.lineage())
-}
-
-fn lineage_rate_subject(lineage: keyward_core::KeyId) -> String {
-    format!("key:{lineage}")
+    Subject::new("key:", key.lineage().0).as_str().to_owned()
 }
 
 /// The quota counter a verified key draws from: its own (shared by its rotation lineage) when it has a
 /// monthly override, else its organization's.
-pub fn quota_subject(key: &KeyRecord) -> String {
+pub fn quota_subject(key: &KeyRecord) -> Subject {
     quota_subject_of(key.own_quota, key.lineage, key.organization_id)
 }
 
 /// [`quota_subject`] of a stored key.
 pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
-    quota_subject_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id)
+    quota_subject_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id).as_str().to_owned()
 }
 
-fn quota_subject_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId) -> String {
-    if own { format!("quota:key:{lineage}") } else { format!("quota:org:{organization}") }
+fn quota_subject_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId) -> Subject {
+    if own { Subject::new("quota:key:", lineage.0) } else { Subject::new("quota:org:", organization.0) }
+}
+
+/// A limiter counter's name, `<prefix><uuid>`, written on the stack: the verify path names two per
+/// verification and allocates for neither.
+pub struct Subject {
+    buf: [u8; Subject::MAX_PREFIX + 36],
+    len: usize,
+}
+
+impl Subject {
+    const MAX_PREFIX: usize = 12;
+
+    /// `prefix` is one of this module's constants (at most 12 bytes; a longer one is cut).
+    pub fn new(prefix: &'static str, id: uuid::Uuid) -> Self {
+        let mut buf = [0; Self::MAX_PREFIX + 36];
+        let p = prefix.len().min(Self::MAX_PREFIX);
+        buf[..p].copy_from_slice(&prefix.as_bytes()[..p]);
+        id.as_hyphenated().encode_lower(&mut buf[p..p + 36]);
+        Self { buf, len: p + 36 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Always ASCII: an ASCII prefix and a hyphenated UUID.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
 }
 
 /// Whether `ip` has used up its failed authentications; `Some(seconds)` to wait when it has.
@@ -343,7 +364,14 @@ pub async fn management(State(state): State<AppState>, request: Request, next: N
 
 #[cfg(test)]
 mod tests {
-    use super::crossed_thresholds;
+    use super::{Subject, crossed_thresholds};
+
+    #[test]
+    fn subjects_are_prefix_and_hyphenated_id() {
+        let id = keyward_core::KeyId::new();
+        assert_eq!(Subject::new("quota:key:", id.0).as_str(), format!("quota:key:{id}"));
+        assert_eq!(Subject::new("key:", id.0).as_str(), format!("key:{id}"));
+    }
 
     #[test]
     fn thresholds_are_crossed_once() {

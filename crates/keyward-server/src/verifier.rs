@@ -69,7 +69,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
         event.user_agent = (!check.user_agent.is_empty()).then(|| check.user_agent.chars().take(512).collect());
         if verdict.outcome.is_valid() {
             // The units the limiter just spent, so the durable counter matches it.
-            event.quota_subject = Some(crate::limits::quota_subject(key));
+            event.quota_subject = Some(crate::limits::quota_subject(key).as_str().to_owned());
             event.quota_units = i64::try_from(check.cost).unwrap_or(i64::MAX);
         }
         event
