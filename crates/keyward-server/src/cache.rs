@@ -54,10 +54,15 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Clone)]
-struct Entry {
-    record: Arc<KeyRecord>,
-    fetched_at: DateTime<Utc>,
+/// The cache's key: the first 128 bits of the key's hash. The record was read from the store under
+/// the whole hash (compared there in constant time); another key whose SHA-256 starts with the same 128
+/// bits takes about 2^128 attempts to find. Half the bytes of a full hash, per cached key.
+type Slot = u128;
+
+fn slot(hash: &KeyHash) -> Slot {
+    let mut first = [0; 16];
+    first.copy_from_slice(&hash.0[..16]);
+    u128::from_le_bytes(first)
 }
 
 /// What a change made stale.
@@ -91,8 +96,8 @@ impl Invalidation {
 /// The node's cache of keys by hash.
 #[derive(Clone)]
 pub struct KeyCache {
-    positive: Arc<Cache<KeyHash, Entry>>,
-    negative: Arc<Cache<KeyHash, DateTime<Utc>>>,
+    positive: Arc<Cache<Slot, Arc<KeyRecord>>>,
+    negative: Arc<Cache<Slot, DateTime<Utc>>>,
     /// The parts many keys have in common, held once (taken only on a miss).
     shared: Arc<Mutex<Shared>>,
     config: CacheConfig,
@@ -125,8 +130,9 @@ impl KeyCache {
         }
     }
 
-    /// `record` with its organization part and scope set replaced by equal ones already held.
-    fn shared(&self, mut record: Arc<KeyRecord>) -> Arc<KeyRecord> {
+    /// `record`, read at `now`, with its organization part and scope set replaced by equal ones already
+    /// held.
+    fn shared(&self, mut record: Arc<KeyRecord>, now: DateTime<Utc>) -> Arc<KeyRecord> {
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let org = match shared.orgs.get(&record.organization_id) {
             Some(org) if **org == *record.org => Some(org.clone()),
@@ -144,14 +150,14 @@ impl KeyCache {
             None => None,
         };
         drop(shared);
-        if org.is_some() || scopes.is_some() {
-            let r = Arc::make_mut(&mut record);
-            if let Some(org) = org {
-                r.org = org;
-            }
-            if let Some(scopes) = scopes {
-                r.scopes = scopes;
-            }
+        // A record straight from the store is not shared yet: no copy is made.
+        let r = Arc::make_mut(&mut record);
+        r.fetched_at = now;
+        if let Some(org) = org {
+            r.org = org;
+        }
+        if let Some(scopes) = scopes {
+            r.scopes = scopes;
         }
         record
     }
@@ -159,11 +165,11 @@ impl KeyCache {
     pub fn apply(&self, change: &Invalidation) {
         match change {
             Invalidation::Key(hash) => {
-                self.positive.remove(hash);
-                self.negative.remove(hash);
+                self.positive.remove(&slot(hash));
+                self.negative.remove(&slot(hash));
             }
             Invalidation::Organization(org) => {
-                self.positive.retain(|_, e| e.record.organization_id != *org);
+                self.positive.retain(|_, record| record.organization_id != *org);
                 self.shared.lock().unwrap_or_else(|p| p.into_inner()).orgs.remove(org);
             }
             Invalidation::All => {
@@ -278,15 +284,16 @@ impl Store for CachedStore {
     async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
         let now = self.clock.now();
         let cfg = self.cache.config;
-        let cached = self.cache.positive.get(hash);
-        if let Some(e) = &cached
-            && age_ms(now, e.fetched_at) < cfg.ttl_ms
+        let slot = slot(hash);
+        let cached = self.cache.positive.get(&slot);
+        if let Some(record) = &cached
+            && age_ms(now, record.fetched_at) < cfg.ttl_ms
         {
             metrics::counter!("keyward_cache_lookups_total", "result" => "hit").increment(1);
-            return Ok(Some(e.record.clone()));
+            return Ok(cached);
         }
         if cached.is_none()
-            && let Some(at) = self.cache.negative.get(hash)
+            && let Some(at) = self.cache.negative.get(&slot)
             && age_ms(now, at) < cfg.negative_ttl_ms
         {
             metrics::counter!("keyward_cache_lookups_total", "result" => "negative_hit").increment(1);
@@ -295,21 +302,21 @@ impl Store for CachedStore {
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
         match self.inner.find_key_record(hash).await {
             Ok(Some(record)) => {
-                let record = self.cache.shared(record);
-                self.cache.positive.insert(*hash, Entry { record: record.clone(), fetched_at: now });
+                let record = self.cache.shared(record, now);
+                self.cache.positive.insert(slot, record.clone());
                 Ok(Some(record))
             }
             Ok(None) => {
-                self.cache.positive.remove(hash);
-                self.cache.negative.insert(*hash, now);
+                self.cache.positive.remove(&slot);
+                self.cache.negative.insert(slot, now);
                 Ok(None)
             }
             // SECURITY: stale only while the store is down, and only up to the ceiling.
             Err(StoreError::Unavailable(cause)) => match cached {
-                Some(e) if age_ms(now, e.fetched_at) < cfg.stale_ceiling_ms => {
+                Some(record) if age_ms(now, record.fetched_at) < cfg.stale_ceiling_ms => {
                     metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
                     tracing::warn!(%cause, "store unavailable: serving a cached key");
-                    Ok(Some(e.record))
+                    Ok(Some(record))
                 }
                 _ => Err(StoreError::Unavailable(cause)),
             },
@@ -631,13 +638,11 @@ mod tests {
             environment: keyward_core::Environment::Live,
             state: keyward_core::KeyState { is_active: true, revoked_at: None, expires_at: None },
             own_quota: false,
+            fetched_at: DateTime::UNIX_EPOCH,
             owner_id: None,
             scopes: Arc::new(ScopeSet::parse(scopes).unwrap_or_else(|e| panic!("{e}"))),
-            allowed_ips: None,
-            metadata: None,
-            plan: None,
-            limits: None,
             org: Arc::new(OrgRecord { is_active: true, plan: plan.into(), limits: keyward_core::LimitOverrides::NONE }),
+            extras: None,
         })
     }
 
@@ -645,17 +650,17 @@ mod tests {
     fn keys_share_equal_organization_parts_and_scope_sets() {
         let cache = KeyCache::new(CacheConfig::default());
         let org = OrgId::new();
-        let a = cache.shared(record(org, "pro", &["read:projects", "write:projects"]));
-        let b = cache.shared(record(org, "pro", &["write:projects", "read:projects"]));
+        let a = cache.shared(record(org, "pro", &["read:projects", "write:projects"]), Utc::now());
+        let b = cache.shared(record(org, "pro", &["write:projects", "read:projects"]), Utc::now());
         assert!(Arc::ptr_eq(&a.org, &b.org));
         assert!(Arc::ptr_eq(&a.scopes, &b.scopes));
-        let other = cache.shared(record(org, "pro", &["read:projects"]));
+        let other = cache.shared(record(org, "pro", &["read:projects"]), Utc::now());
         assert!(!Arc::ptr_eq(&a.scopes, &other.scopes));
         // The organization changed (read after the change): the new part replaces the old one.
-        let changed = cache.shared(record(org, "enterprise", &["read:projects"]));
+        let changed = cache.shared(record(org, "enterprise", &["read:projects"]), Utc::now());
         assert_eq!(&*changed.org.plan, "enterprise");
-        assert!(Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[])).org));
+        assert!(Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[]), Utc::now()).org));
         cache.apply(&Invalidation::Organization(org));
-        assert!(!Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[])).org));
+        assert!(!Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[]), Utc::now()).org));
     }
 }

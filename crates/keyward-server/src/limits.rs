@@ -81,7 +81,7 @@ pub struct KeyDecision {
 /// request spends no quota. The quota is the key's own when it has a monthly override, else its
 /// organization's pool.
 pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
-    let limits = state.plans.resolve(&key.org.plan, key.plan.as_deref(), &key.org.limits, &key.limits());
+    let limits = state.plans.resolve(&key.org.plan, key.plan(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
     let rate = state.limiter.check(Subject::new("key:", key.lineage.0).as_str(), &limits.rate(), 1, now).await;
     if !rate.allowed {

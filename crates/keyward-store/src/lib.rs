@@ -63,7 +63,7 @@ pub mod sqlite;
 pub mod testing;
 pub mod usage;
 
-pub use record::{KeyRecord, OrgRecord};
+pub use record::{KeyExtras, KeyRecord, OrgRecord};
 pub use usage::UsageStore;
 
 /// What went wrong in storage, in terms a caller can act on.

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyId, KeyState, LimitOverrides, OrgId, ScopeSet};
 use serde_json::Value;
 
@@ -31,33 +32,51 @@ pub struct KeyRecord {
     pub state: KeyState,
     /// Whether the key has its own monthly quota (else it draws from its organization's pool).
     pub own_quota: bool,
+    /// When it was read from the store (a cache's TTL counts from it).
+    pub fetched_at: DateTime<Utc>,
     pub owner_id: Option<Box<str>>,
     pub scopes: Arc<ScopeSet>,
-    /// `None`: any address.
-    pub allowed_ips: Option<Box<IpAllowList>>,
-    /// `None`: the empty object.
-    pub metadata: Option<Box<Value>>,
-    /// Per-key tier override; `None`: the organization's plan.
-    pub plan: Option<Box<str>>,
-    /// `None`: no per-key override.
-    pub limits: Option<Box<LimitOverrides>>,
     pub org: Arc<OrgRecord>,
+    /// What most keys do not have (allow-list, metadata, a plan or limits of their own), boxed so they
+    /// cost one pointer.
+    pub extras: Option<Box<KeyExtras>>,
 }
 
-static ANY_ADDRESS: IpAllowList = IpAllowList::EMPTY;
+/// The rarer parts of a [`KeyRecord`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyExtras {
+    /// Empty: any address.
+    pub allowed_ips: IpAllowList,
+    /// `None`: the empty object.
+    pub metadata: Option<Value>,
+    /// Per-key tier override; `None`: the organization's plan.
+    pub plan: Option<Box<str>>,
+    pub limits: LimitOverrides,
+}
+
+static NO_EXTRAS: KeyExtras =
+    KeyExtras { allowed_ips: IpAllowList::EMPTY, metadata: None, plan: None, limits: LimitOverrides::NONE };
 
 impl KeyRecord {
+    fn extras(&self) -> &KeyExtras {
+        self.extras.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+
     pub fn allowed_ips(&self) -> &IpAllowList {
-        self.allowed_ips.as_deref().unwrap_or(&ANY_ADDRESS)
+        &self.extras().allowed_ips
+    }
+
+    pub fn plan(&self) -> Option<&str> {
+        self.extras().plan.as_deref()
     }
 
     pub fn limits(&self) -> LimitOverrides {
-        self.limits.as_deref().copied().unwrap_or(LimitOverrides::NONE)
+        self.extras().limits
     }
 
     /// The key's metadata (the empty object when it has none).
     pub fn metadata(&self) -> Value {
-        self.metadata.as_deref().cloned().unwrap_or_else(|| Value::Object(Default::default()))
+        self.extras().metadata.clone().unwrap_or_else(|| Value::Object(Default::default()))
     }
 }
 
@@ -69,30 +88,32 @@ impl From<KeyWithOrg> for KeyRecord {
             limits: found.org_limits.core(),
         };
         let key: ApiKey = found.key;
-        let limits = key.limits.core();
         let empty_metadata = key.metadata.as_object().is_some_and(|m| m.is_empty()) || key.metadata.is_null();
+        let extras = KeyExtras {
+            allowed_ips: key.allowed_ips,
+            metadata: (!empty_metadata).then_some(key.metadata),
+            plan: key.plan.map(String::into_boxed_str),
+            limits: key.limits.core(),
+        };
         Self {
             id: key.id,
             organization_id: key.organization_id,
-            lineage: key.lineage(),
+            lineage: key.lineage_id.unwrap_or(key.id),
             hash_algorithm: key.hash_algorithm,
             environment: key.environment,
-            state: key.state(),
+            state: KeyState { is_active: key.is_active, revoked_at: key.revoked_at, expires_at: key.expires_at },
             own_quota: key.limits.monthly_request_limit.is_some(),
+            fetched_at: Utc::now(),
             owner_id: key.owner_id.map(String::into_boxed_str),
             scopes: Arc::new(key.scopes),
-            allowed_ips: (!key.allowed_ips.is_empty()).then(|| Box::new(key.allowed_ips)),
-            metadata: (!empty_metadata).then(|| Box::new(key.metadata)),
-            plan: key.plan.map(String::into_boxed_str),
-            limits: (limits != LimitOverrides::NONE).then(|| Box::new(limits)),
             org: Arc::new(org),
+            extras: (extras != NO_EXTRAS).then(|| Box::new(extras)),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use chrono::{DateTime, Utc};
     use keyward_core::{KeyHash, Scope};
     use serde_json::json;
 
@@ -146,7 +167,7 @@ mod tests {
         assert_eq!(*record.scopes, key.scopes);
         assert_eq!(record.allowed_ips(), &ips);
         assert_eq!(record.metadata(), json!({"tier": "gold"}));
-        assert_eq!(record.plan.as_deref(), Some("pro"));
+        assert_eq!(record.plan(), Some("pro"));
         assert_eq!(record.limits().per_month, Some(50));
         assert!(record.own_quota);
         assert_eq!(*record.org, OrgRecord { is_active: true, plan: "free".into(), limits: LimitOverrides::NONE });
@@ -154,12 +175,14 @@ mod tests {
 
     #[test]
     fn empty_parts_take_no_heap() {
-        let record = KeyRecord::from(found(json!({}), crate::LimitOverrides::default(), IpAllowList::default()));
-        assert!(record.metadata.is_none() && record.limits.is_none() && record.allowed_ips.is_none());
+        let mut bare = found(json!({}), crate::LimitOverrides::default(), IpAllowList::default());
+        bare.key.plan = None;
+        let record = KeyRecord::from(bare);
+        assert!(record.extras.is_none());
         assert_eq!(record.metadata(), json!({}));
         assert!(record.allowed_ips().is_empty());
         assert!(!record.own_quota);
         // The cache holds a million of these (plus the `Arc` header and the cache's own entry).
-        assert!(std::mem::size_of::<KeyRecord>() <= 168, "{}", std::mem::size_of::<KeyRecord>());
+        assert!(std::mem::size_of::<KeyRecord>() <= 144, "{}", std::mem::size_of::<KeyRecord>());
     }
 }
