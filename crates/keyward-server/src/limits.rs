@@ -146,28 +146,58 @@ fn quota_subject_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId
     if own { Subject::new("quota:key:", lineage.0) } else { Subject::new("quota:org:", organization.0) }
 }
 
-/// A limiter counter's name, `<prefix><uuid>`, written on the stack: the verify path names two per
-/// verification and allocates for neither.
+/// A limiter counter's name (`<prefix><uuid>`, `<prefix><ip>`), written on the stack: the verify path
+/// names up to four per verification and allocates for none.
 pub struct Subject {
-    buf: [u8; Subject::MAX_PREFIX + 36],
+    buf: [u8; Subject::CAPACITY],
     len: usize,
 }
 
 impl Subject {
-    const MAX_PREFIX: usize = 12;
+    /// The longest prefix (12) and IPv6 address (45).
+    const CAPACITY: usize = 64;
 
-    /// `prefix` is one of this module's constants (at most 12 bytes; a longer one is cut).
+    /// `prefix` is one of this module's constants (at most 12 bytes).
     pub fn new(prefix: &'static str, id: uuid::Uuid) -> Self {
-        let mut buf = [0; Self::MAX_PREFIX + 36];
-        let p = prefix.len().min(Self::MAX_PREFIX);
-        buf[..p].copy_from_slice(&prefix.as_bytes()[..p]);
-        id.as_hyphenated().encode_lower(&mut buf[p..p + 36]);
-        Self { buf, len: p + 36 }
+        let mut subject = Self { buf: [0; Self::CAPACITY], len: 0 };
+        subject.push(prefix);
+        let end = subject.len + uuid::fmt::Hyphenated::LENGTH;
+        if end <= Self::CAPACITY {
+            id.as_hyphenated().encode_lower(&mut subject.buf[subject.len..end]);
+            subject.len = end;
+        }
+        subject
+    }
+
+    /// `<prefix><ip>`.
+    pub fn ip(prefix: &'static str, ip: IpAddr) -> Self {
+        let mut subject = Self { buf: [0; Self::CAPACITY], len: 0 };
+        subject.push(prefix);
+        // Cannot fail: the capacity holds the longest prefix and the longest address.
+        let _ = std::fmt::Write::write_fmt(&mut subject, format_args!("{ip}"));
+        subject
+    }
+
+    fn push(&mut self, s: &str) {
+        let end = (self.len + s.len()).min(Self::CAPACITY);
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = end;
     }
 
     pub fn as_str(&self) -> &str {
-        // Always ASCII: an ASCII prefix and a hyphenated UUID.
+        // ASCII only: the prefixes, hyphenated UUIDs and IP addresses.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for Subject {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.len + s.len() > Self::CAPACITY {
+            return Err(std::fmt::Error);
+        }
+        self.push(s);
+        Ok(())
     }
 }
 
@@ -175,7 +205,7 @@ impl Subject {
 pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc>) -> Option<u64> {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
     // Cost 0 looks without spending: blocked when not one more failure fits.
-    let peek = state.limiter.check(&format!("auth-fail:{ip}"), &limits, 0, now).await;
+    let peek = state.limiter.check(Subject::ip("auth-fail:", ip).as_str(), &limits, 0, now).await;
     let w = peek.tightest()?;
     (w.remaining == 0).then(|| {
         let interval = w.window.period_micros() / (w.limit.max(1) as i64);
@@ -186,7 +216,7 @@ pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc
 /// Counts one failed authentication against `ip`, and reports a spike of them (`auth.failures_spike`).
 pub async fn count_failed_auth(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
-    state.limiter.check(&format!("auth-fail:{ip}"), &limits, 1, now).await;
+    state.limiter.check(Subject::ip("auth-fail:", ip).as_str(), &limits, 1, now).await;
     failures_spike_hook(state, ip, now).await;
 }
 
@@ -364,6 +394,8 @@ pub async fn management(State(state): State<AppState>, request: Request, next: N
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::{Subject, crossed_thresholds};
 
     #[test]
@@ -371,6 +403,8 @@ mod tests {
         let id = keyward_core::KeyId::new();
         assert_eq!(Subject::new("quota:key:", id.0).as_str(), format!("quota:key:{id}"));
         assert_eq!(Subject::new("key:", id.0).as_str(), format!("key:{id}"));
+        let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".parse().unwrap_or(IpAddr::from([0; 16]));
+        assert_eq!(Subject::ip("auth-fail:", ip).as_str(), format!("auth-fail:{ip}"));
     }
 
     #[test]
