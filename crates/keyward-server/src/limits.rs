@@ -351,23 +351,28 @@ pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError
 /// `X-RateLimit-*` (limit, remaining, and reset as Unix time) of the tightest window, and
 /// `Retry-After` when denied.
 pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let policies: Vec<String> =
-        d.statuses().map(|w| format!("\"{}\";q={};w={}", w.window.name(), w.limit, w.window.period_secs())).collect();
+    use std::fmt::Write;
+    let mut h = HeaderMap::with_capacity(8);
     let Some(tight) = d.tightest() else { return h };
-    let mut put = |name: &'static str, value: String| {
+    // One string per text header, numbers straight into their values: this runs on every verification.
+    let mut policy = String::with_capacity(64);
+    for w in d.statuses() {
+        let sep = if policy.is_empty() { "" } else { ", " };
+        let _ = write!(policy, "{sep}\"{}\";q={};w={}", w.window.name(), w.limit, w.window.period_secs());
+    }
+    let mut text = |name: &'static str, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(HeaderName::from_static(name), v);
         }
     };
-    put("ratelimit-policy", policies.join(", "));
-    put("ratelimit", format!("\"{}\";r={};t={}", tight.window.name(), tight.remaining, tight.reset_secs()));
-    put("x-ratelimit-limit", tight.limit.to_string());
-    put("x-ratelimit-remaining", tight.remaining.to_string());
+    text("ratelimit-policy", policy);
+    text("ratelimit", format!("\"{}\";r={};t={}", tight.window.name(), tight.remaining, tight.reset_secs()));
+    h.insert(HeaderName::from_static("x-ratelimit-limit"), HeaderValue::from(tight.limit));
+    h.insert(HeaderName::from_static("x-ratelimit-remaining"), HeaderValue::from(tight.remaining));
     let reset_at = now.timestamp().saturating_add(tight.reset_secs() as i64);
-    put("x-ratelimit-reset", reset_at.to_string());
+    h.insert(HeaderName::from_static("x-ratelimit-reset"), HeaderValue::from(reset_at));
     if let Some(after) = d.retry_after_secs().filter(|_| !d.allowed) {
-        put("retry-after", after.max(1).to_string());
+        h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(after.max(1)));
     }
     h
 }
