@@ -76,7 +76,12 @@ impl KeyRecord {
 
     /// The key's metadata (the empty object when it has none).
     pub fn metadata(&self) -> Value {
-        self.extras().metadata.clone().unwrap_or_else(|| Value::Object(Default::default()))
+        self.metadata_ref().clone()
+    }
+
+    pub fn metadata_ref(&self) -> &Value {
+        static EMPTY: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Default::default()));
+        self.extras().metadata.as_ref().unwrap_or(&EMPTY)
     }
 }
 

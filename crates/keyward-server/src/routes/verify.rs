@@ -4,8 +4,9 @@ use std::net::IpAddr;
 
 use axum::Json;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, VerifyOutcome};
+use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, ScopeSet, VerifyOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -36,8 +37,9 @@ pub struct VerifyKeyRequest {
     pub method: Option<String>,
 }
 
+/// Borrows from the verified key's shared record: answering copies none of it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct VerifyKeyResponse {
+pub struct VerifyKeyResponse<'a> {
     pub valid: bool,
     #[schema(value_type = String, example = "VALID")]
     pub code: VerifyOutcome,
@@ -45,12 +47,13 @@ pub struct VerifyKeyResponse {
     pub key_id: Option<KeyId>,
     #[schema(value_type = Option<String>)]
     pub organization_id: Option<OrgId>,
-    pub owner_id: Option<String>,
+    pub owner_id: Option<&'a str>,
     #[schema(value_type = Option<String>)]
     pub environment: Option<Environment>,
-    pub scopes: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<String>>)]
+    pub scopes: Option<&'a ScopeSet>,
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<Value>,
+    pub metadata: Option<&'a Value>,
     pub expires_at: Option<DateTime<Utc>>,
     /// The key's tightest rate-limit window, once the key got that far.
     pub rate_limit: Option<RateLimitInfo>,
@@ -58,7 +61,7 @@ pub struct VerifyKeyResponse {
     pub quota: Option<QuotaInfo>,
 }
 
-impl VerifyKeyResponse {
+impl VerifyKeyResponse<'_> {
     fn bare(code: VerifyOutcome) -> Self {
         Self {
             valid: false,
@@ -86,7 +89,7 @@ pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     body: JsonBody,
-) -> ApiResult<(axum::http::HeaderMap, Json<VerifyKeyResponse>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require(KeywardScope::Verify)?;
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
@@ -121,21 +124,22 @@ pub async fn verify(
     let headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
     let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).map(QuotaInfo::from);
-    let response = match verdict.key {
+    let response = match &verdict.key {
         None => VerifyKeyResponse::bare(verdict.outcome),
         Some(k) => VerifyKeyResponse {
             valid: verdict.outcome.is_valid(),
             code: verdict.outcome,
             key_id: Some(k.id),
             organization_id: Some(k.organization_id),
-            owner_id: k.owner_id.as_deref().map(str::to_owned),
+            owner_id: k.owner_id.as_deref(),
             environment: Some(k.environment),
-            scopes: Some(k.scopes.to_strings()),
-            metadata: Some(k.metadata()),
+            scopes: Some(&k.scopes),
+            metadata: Some(k.metadata_ref()),
             expires_at: k.state.expires_at,
             rate_limit,
             quota,
         },
     };
-    Ok((headers, Json(response)))
+    // Serialized here, while the record it borrows from is at hand.
+    Ok((headers, Json(response)).into_response())
 }
