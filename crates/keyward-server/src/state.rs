@@ -11,8 +11,28 @@ use keyward_store::{Store, StoreResult};
 use crate::limits::Protection;
 use crate::usage::UsageRecorder;
 
+/// What every handler shares, behind one `Arc`: handing it to a handler is one reference count, not
+/// one per part. Set parts up before serving (`state.plans = ...` copies the parts if the state is
+/// already shared).
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AppState {
+    fn deref_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Clone, Debug)]
+pub struct Shared {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub hasher: KeyHasher,
@@ -38,7 +58,7 @@ pub struct AppState {
 impl AppState {
     /// Default plans and protection, limits in memory.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             store,
             clock,
             hasher,
@@ -51,7 +71,7 @@ impl AppState {
             lifecycle: crate::lifecycle::LifecycleSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
-        }
+        }))
     }
 
     /// Wakes the webhook worker: events are waiting in the outbox.
