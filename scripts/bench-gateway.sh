@@ -20,7 +20,7 @@ wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 export KEYWARD_DATABASE_URL="sqlite://$WORK/bench.db"
 # A plan with no practical limit: the benchmark measures the gateway, not the free tier's 60/minute.
 export KEYWARD_PLANS__BENCH__PER_DAY=1000000000000
-RUST_LOG=warn "$BIN/keyward" serve --listen 127.0.0.1:18080 --upstream http://127.0.0.1:19000 \
+"$BIN/keyward" serve --listen 127.0.0.1:18080 --upstream http://127.0.0.1:19000 \
     --gateway-listen 127.0.0.1:18000 >"$WORK/serve.out" 2>"$WORK/serve.err" & PIDS+=($!)
 wait_port 19000; wait_port 18000
 KEY=$("$BIN/keyward" keys create --org default --name bench --scopes read:items --plan bench --key-only)

@@ -23,7 +23,7 @@ export KEYWARD_PLANS__BENCH__PER_DAY=1000000000000   # limits on, never reached
 # made around Keyward; invalidations arrive through Redis or this node's own API). Warming a million keys
 # takes longer than 30 s here, so the run keeps them for 10 minutes, as a node with many keys would.
 export KEYWARD_CACHE__TTL_MS=600000
-export RUST_LOG=warn
+# The server runs with its default log level (info: one request span each, no line per request).
 echo "generating and importing $N keys..."
 "$BIN/bench-keys" "$N" > "$WORK/keys.txt"
 # Keys as customers hold them: a name, an owner and two scopes each (every key its own owner).

@@ -35,7 +35,7 @@ pub enum Lookup {
 /// by its hash only while some organization has legacy keys (`state.legacy`, an in-memory flag), so
 /// that otherwise garbage is refused without touching storage. Not found, it stays `Malformed`: the
 /// answer does not depend on whether imports exist, only the cost does.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn lookup(state: &AppState, presented: &str) -> StoreResult<Lookup> {
     let key = match PlainKey::parse(presented) {
         Ok(key) => key,

@@ -54,7 +54,7 @@ pub async fn verify(state: &AppState, check: Check<'_>) -> StoreResult<Verdict> 
 /// (endpoint and method on `/v1/verify`, the upstream's status and latency in the gateway) and then
 /// records it with [`crate::usage::UsageRecorder::record`]. `None` when no key was found: usage
 /// belongs to a key. Recording it is the caller's duty.
-#[tracing::instrument(skip_all, fields(outcome))]
+#[tracing::instrument(level = "debug", skip_all, fields(outcome))]
 pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<(Verdict, Option<UsageEvent>)> {
     let started = Instant::now();
     let now = state.clock.now();

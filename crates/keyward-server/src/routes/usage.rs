@@ -102,7 +102,7 @@ pub struct UsageAcceptedResponse {
         (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn report_usage(
     State(state): State<AppState>,
     caller: Caller,
