@@ -289,7 +289,7 @@ impl Store for CachedStore {
         if let Some(record) = &cached
             && age_ms(now, record.fetched_at) < cfg.ttl_ms
         {
-            metrics::counter!("keyward_cache_lookups_total", "result" => "hit").increment(1);
+            crate::telemetry::cache_hit();
             return Ok(cached);
         }
         if cached.is_none()
