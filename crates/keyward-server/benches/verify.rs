@@ -22,6 +22,8 @@ use keyward_store::{Actor, Store};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn bench(c: &mut Criterion) {
+    // Metrics recorded as in a server (Prometheus recorder installed).
+    keyward_server::telemetry::install();
     // Background work (the usage writer) runs on the runtime's worker, as in a server; the measured
     // verifications run on the bench thread.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
