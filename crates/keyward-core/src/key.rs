@@ -113,7 +113,7 @@ impl PlainKey {
         let head_len = full.len();
         full.push_str(&base62_fixed(&secret, SECRET_LEN));
         let checksum = checksum(&full);
-        full.push_str(&checksum);
+        full.extend(checksum.iter().map(|&b| char::from(b)));
         Ok(Self { full, head_len, environment })
     }
 
@@ -137,7 +137,7 @@ impl PlainKey {
             return Err(KeyFormatError::BadLength);
         }
         let (signed, sum) = s.split_at(s.len() - CHECKSUM_LEN);
-        if checksum(signed) != sum {
+        if checksum(signed) != sum.as_bytes() {
             return Err(KeyFormatError::BadChecksum);
         }
         Ok(Self { full: s.to_owned(), head_len: s.len() - BODY_LEN, environment })
@@ -187,8 +187,16 @@ pub fn quote_if_not_key(value: &str) -> String {
     }
 }
 
-fn checksum(signed: &str) -> String {
-    base62_fixed(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), CHECKSUM_LEN)
+/// The CRC32 of `signed` in base62, left-padded with `0` (six digits hold any `u32`). On the stack:
+/// every verification checks one.
+fn checksum(signed: &str) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32fast::hash(signed.as_bytes());
+    let mut digits = [BASE62[0]; CHECKSUM_LEN];
+    for digit in digits.iter_mut().rev() {
+        *digit = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    digits
 }
 
 /// Big-endian bytes as a base62 number, left-padded with `0` to `width` characters.
@@ -254,6 +262,11 @@ mod tests {
         assert_eq!(base62_fixed(&[0, 0, 0, 61], 6), "00000z");
         assert_eq!(base62_fixed(&[0, 0, 0, 62], 6), "000010");
         assert_eq!(base62_fixed(&u32::MAX.to_be_bytes(), 6), "4gfFC3");
+        // The checksum of keys already issued must not change.
+        for signed in ["", "sk_live_", "sk_live_0123456789abcdefghijABCDEFGHIJ0123456789abc"] {
+            let expected = base62_fixed(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), CHECKSUM_LEN);
+            assert_eq!(std::str::from_utf8(&checksum(signed)).ok(), Some(expected.as_str()));
+        }
         assert_eq!(base62_fixed(&[0xff; 32], 43).len(), 43);
     }
 
