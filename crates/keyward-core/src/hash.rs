@@ -80,7 +80,8 @@ pub struct PepperError(pub usize);
 /// Hashes keys with the configured algorithm; holds the pepper, if any.
 #[derive(Clone, Default)]
 pub struct KeyHasher {
-    pepper: Option<Vec<u8>>,
+    /// HMAC-SHA-256 keyed with the pepper, ready to clone: keying it anew costs two more compressions.
+    pepper: Option<Hmac<Sha256>>,
 }
 
 impl fmt::Debug for KeyHasher {
@@ -93,7 +94,11 @@ impl KeyHasher {
     pub fn new(pepper: Option<&[u8]>) -> Result<Self, PepperError> {
         match pepper {
             Some(p) if p.len() < MIN_PEPPER_LEN => Err(PepperError(p.len())),
-            p => Ok(Self { pepper: p.map(<[u8]>::to_vec) }),
+            Some(p) => match Hmac::<Sha256>::new_from_slice(p) {
+                Ok(mac) => Ok(Self { pepper: Some(mac) }),
+                Err(_) => Err(PepperError(p.len())),
+            },
+            None => Ok(Self { pepper: None }),
         }
     }
 
@@ -108,27 +113,20 @@ impl KeyHasher {
         (algorithm, self.hash_str(algorithm, key.expose_secret()))
     }
 
-    /// Every hash a presented key may be stored under, the configured algorithm first.
-    pub fn candidates(&self, key: &str) -> Vec<(HashAlgorithm, KeyHash)> {
-        let mut out = vec![(self.algorithm(), self.hash_str(self.algorithm(), key))];
-        if self.pepper.is_some() {
-            out.push((HashAlgorithm::Sha256, self.hash_str(HashAlgorithm::Sha256, key)));
-        }
-        out
+    /// Every hash a presented key may be stored under, the configured algorithm first; each computed
+    /// only when asked for (a found key stops the search after one).
+    pub fn candidates<'a>(&'a self, key: &'a str) -> impl Iterator<Item = (HashAlgorithm, KeyHash)> + 'a {
+        let plain = self.pepper.is_some().then_some(HashAlgorithm::Sha256);
+        std::iter::once(self.algorithm()).chain(plain).map(move |algorithm| (algorithm, self.hash_str(algorithm, key)))
     }
 
     /// Hash any string (also legacy keys that are not in keyward's format).
     pub fn hash_str(&self, algorithm: HashAlgorithm, key: &str) -> KeyHash {
         match (algorithm, &self.pepper) {
             (HashAlgorithm::HmacSha256, Some(pepper)) => {
-                // HMAC accepts keys of any length; the error branch cannot happen.
-                match Hmac::<Sha256>::new_from_slice(pepper) {
-                    Ok(mut mac) => {
-                        mac.update(key.as_bytes());
-                        KeyHash(mac.finalize().into_bytes().into())
-                    }
-                    Err(_) => KeyHash(Sha256::digest(key.as_bytes()).into()),
-                }
+                let mut mac = pepper.clone();
+                mac.update(key.as_bytes());
+                KeyHash(mac.finalize().into_bytes().into())
             }
             // Without a pepper an HMAC-stored key cannot be checked; hashing plainly makes it
             // simply not match.
@@ -161,12 +159,16 @@ mod tests {
         let plain = KeyHasher::default();
         let peppered = KeyHasher::new(Some(&[7u8; 32])).unwrap_or_default();
         assert_eq!(peppered.algorithm(), HashAlgorithm::HmacSha256);
-        let c = peppered.candidates("k");
+        let c: Vec<_> = peppered.candidates("k").collect();
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].0, HashAlgorithm::HmacSha256);
         assert_ne!(c[0].1, c[1].1);
         assert_eq!(c[1].1, plain.hash_str(HashAlgorithm::Sha256, "k"));
-        assert_eq!(plain.candidates("k").len(), 1);
+        assert_eq!(plain.candidates("k").count(), 1);
+        // The same HMAC as keying it afresh.
+        let mut fresh = Hmac::<Sha256>::new_from_slice(&[7u8; 32]).unwrap_or_else(|e| panic!("{e}"));
+        fresh.update(b"k");
+        assert_eq!(c[0].1, KeyHash(fresh.finalize().into_bytes().into()));
     }
 
     #[test]

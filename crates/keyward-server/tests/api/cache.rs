@@ -24,7 +24,7 @@ async fn counted() -> (TestApp, Arc<Counting>) {
 }
 
 fn hash(key: &str) -> keyward_core::KeyHash {
-    KeyHasher::default().candidates(key)[0].1
+    KeyHasher::default().candidates(key).next().unwrap().1
 }
 
 #[tokio::test]

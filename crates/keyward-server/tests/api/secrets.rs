@@ -100,7 +100,7 @@ async fn the_plaintext_key_leaks_nowhere() {
         .list_audit(&Default::default(), keyward_store::PageRequest { after: None, limit: 100 })
         .await
         .unwrap();
-    let hash_hex = app.state.hasher.candidates(&key)[0].1.to_hex();
+    let hash_hex = app.state.hasher.candidates(&key).next().unwrap().1.to_hex();
     for row in audit.items {
         let details = row.details.to_string();
         assert!(!details.contains(secret_part) && !details.contains(&hash_hex), "audit row {} leaks", row.id);

@@ -96,7 +96,7 @@ async fn each_outcome_in_order() {
 }
 
 fn hash(app: &TestApp, key: &str) -> keyward_core::KeyHash {
-    app.state.hasher.candidates(key)[0].1
+    app.state.hasher.candidates(key).next().unwrap().1
 }
 
 #[tokio::test]
