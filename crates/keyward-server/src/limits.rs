@@ -144,9 +144,16 @@ pub fn quota_subject(found: &KeyWithOrg) -> String {
 
 /// [`quota_subject`] of a key: its own counter when it has a monthly override, else its organization's.
 pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
+    key_quota_counter(key).to_string()
+}
+
+/// [`key_quota_subject`] as a value (`quota:key:<lineage>` / `quota:org:<organization>` when written),
+/// for a usage event: nothing to format on the request path.
+pub fn key_quota_counter(key: &keyward_store::ApiKey) -> keyward_store::usage::QuotaSubject {
+    use keyward_store::usage::QuotaSubject;
     match key.limits.monthly_request_limit {
-        Some(_) => format!("quota:key:{}", key.lineage()),
-        None => format!("quota:org:{}", key.organization_id),
+        Some(_) => QuotaSubject::Key(key.lineage()),
+        None => QuotaSubject::Org(key.organization_id),
     }
 }
 

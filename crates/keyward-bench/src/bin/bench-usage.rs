@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use keyward_core::{Environment, KeyHasher, KeyId, KeyPrefix, OrgId, PlainKey};
 use keyward_server::usage::{UsageConfig, UsageRecorder};
-use keyward_store::usage::{UsageEvent, UsageKind};
+use keyward_store::usage::{QuotaSubject, UsageEvent, UsageKind};
 use keyward_store::{Actor, LimitOverrides, NewKey, NewOrganization};
 
 #[tokio::main]
@@ -89,8 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 e.method = Some("GET".into());
                 e.status_code = Some(200);
                 e.response_time_ms = Some((i % 50) as i64);
-                e.ip = Some("203.0.113.7".into());
-                e.quota_subject = Some(format!("quota:org:{org_id}"));
+                e.ip = Some([203, 0, 113, 7].into());
+                e.quota_subject = Some(QuotaSubject::Org(org_id));
                 e.quota_units = 1;
                 recorder.record(e);
                 if i % 1_024 == 0 {
