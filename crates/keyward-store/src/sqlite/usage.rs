@@ -40,16 +40,27 @@ fn sums() -> String {
     DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)")).collect::<Vec<_>>().join(", ")
 }
 
-/// The events' `INSERT`s, `ON CONFLICT DO NOTHING` (a known id or idempotency id is skipped), with
-/// `RETURNING id` when the caller must learn which rows went in.
-fn event_inserts(events: &[UsageEvent], returning: bool) -> Vec<QueryBuilder<'_, Sqlite>> {
+/// The events' `INSERT`s.
+///
+/// `checked`: `ON CONFLICT DO NOTHING RETURNING id`: a known id or idempotency id is skipped, the new
+/// rows are named, and any other constraint fails the statement. Otherwise `INSERT OR IGNORE`, which
+/// skips a row that breaks any constraint: such a statement can never stop half-way, so SQLite keeps
+/// no statement journal for it (a copy of every page it touches; 5 % of the writer's time in a
+/// profile). The caller compares the rows inserted with the events and, when one is missing, for
+/// whatever reason, rolls back and takes the checked path, where a bad row is an error, not a skip.
+fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Sqlite>> {
     events
         .chunks(INSERT_ROWS)
         .map(|chunk| {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
-                 method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
-                 error_message, idempotency_id) ",
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(if checked {
+                "INSERT INTO usage_events "
+            } else {
+                "INSERT OR IGNORE INTO usage_events "
+            });
+            q.push(
+                "(id, key_id, organization_id, occurred_at, kind, outcome, endpoint, method, status_code, \
+                 response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, error_message, \
+                 idempotency_id) ",
             );
             q.push_values(chunk, |mut b, e| {
                 b.push_bind(e.id.to_string())
@@ -70,8 +81,10 @@ fn event_inserts(events: &[UsageEvent], returning: bool) -> Vec<QueryBuilder<'_,
                     .push_bind(e.error_message.as_deref())
                     .push_bind(e.idempotency_id.as_deref());
             });
-            // Without a conflict target: a known id and a known idempotency id are both skipped.
-            q.push(if returning { " ON CONFLICT DO NOTHING RETURNING id" } else { " ON CONFLICT DO NOTHING" });
+            if checked {
+                // Without a conflict target: a known id and a known idempotency id are both skipped.
+                q.push(" ON CONFLICT DO NOTHING RETURNING id");
+            }
             q
         })
         .collect()
@@ -165,6 +178,7 @@ impl SqliteStore {
             q.build().execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
+        self.checkpoint_in_background();
         let inserted = fresh.len() as u64;
         Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
     }
@@ -197,6 +211,7 @@ impl UsageStore for SqliteStore {
             q.build().execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
+        self.checkpoint_in_background();
         Ok(RecordedBatch { inserted: rows, duplicates: 0 })
     }
 
