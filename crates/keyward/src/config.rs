@@ -449,6 +449,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn layers_apply_in_order_and_short_pepper_is_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("keyward.toml", "listen = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://a.db\"")?;
