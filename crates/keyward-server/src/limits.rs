@@ -137,6 +137,13 @@ pub fn quota_subject(key: &KeyRecord) -> Subject {
     quota_subject_of(key.own_quota, key.lineage, key.organization_id)
 }
 
+/// [`quota_subject`] as a value for a usage event (`quota:key:<lineage>` / `quota:org:<organization>`
+/// when the writer makes text of it): nothing to format on the request path.
+pub fn quota_counter(key: &KeyRecord) -> keyward_store::usage::QuotaSubject {
+    use keyward_store::usage::QuotaSubject;
+    if key.own_quota { QuotaSubject::Key(key.lineage) } else { QuotaSubject::Org(key.organization_id) }
+}
+
 /// [`quota_subject`] of a stored key.
 pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
     quota_subject_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id).as_str().to_owned()
@@ -408,6 +415,17 @@ mod tests {
         let id = keyward_core::KeyId::new();
         assert_eq!(Subject::new("quota:key:", id.0).as_str(), format!("quota:key:{id}"));
         assert_eq!(Subject::new("key:", id.0).as_str(), format!("key:{id}"));
+        let org = keyward_core::OrgId::new();
+        for (own, subject) in [(true, format!("quota:key:{id}")), (false, format!("quota:org:{org}"))] {
+            assert_eq!(super::quota_subject_of(own, id, org).as_str(), subject);
+            let counter = if own {
+                keyward_store::usage::QuotaSubject::Key(id)
+            } else {
+                keyward_store::usage::QuotaSubject::Org(org)
+            };
+            // What the usage writer stores is what the limiter counted.
+            assert_eq!(counter.to_string(), subject);
+        }
         let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".parse().unwrap_or(IpAddr::from([0; 16]));
         assert_eq!(Subject::ip("auth-fail:", ip).as_str(), format!("auth-fail:{ip}"));
     }

@@ -3,7 +3,10 @@
 //! writes the buffer in batches, by size ([`UsageConfig::batch_size`] wakes it early) and by time
 //! ([`UsageConfig::flush_interval`], 1 s by default), one store transaction per batch
 //! ([`keyward_store::UsageStore::record_usage_batch`]: events, daily rollups, key counters and quota
-//! counters together).
+//! counters together). Up to [`UsageConfig::concurrent_batches`] batches are written at once: batches
+//! commute (rollups and counters add, `last_used_*` keeps the newest), each store locks rows in key
+//! order so two of them cannot deadlock, and one batch gets its statements ready while the other
+//! holds the database.
 //!
 //! Nothing is dropped silently:
 //! - **Store errors**: the batch stays in memory and is retried with exponential backoff
@@ -23,7 +26,7 @@
 //! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, as before the
 //! ledger existed: it is not a billable event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -37,7 +40,7 @@ use keyward_limit::{LimitError, QuotaSeed};
 use keyward_store::usage::{UsageEvent, month_of};
 use keyward_store::{KeyUsage, Store};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// How the ledger's writer batches, retries and spills.
 #[derive(Debug, Clone)]
@@ -48,10 +51,14 @@ pub struct UsageConfig {
     /// Events held in memory while the store fails; past it they go to the spill file.
     pub max_buffered: usize,
     pub spill_path: PathBuf,
+    /// The first wait after a failed write; it doubles after each failure in a row.
     pub retry_initial: Duration,
+    /// The longest wait between two attempts.
     pub retry_max: Duration,
     /// How long shutdown keeps retrying before spilling what is left.
     pub shutdown_timeout: Duration,
+    /// Batches written at once, each its own transaction (at least 1).
+    pub concurrent_batches: usize,
 }
 
 impl UsageConfig {
@@ -65,6 +72,7 @@ impl UsageConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            concurrent_batches: 2,
         }
     }
 
@@ -178,7 +186,11 @@ struct Writer {
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     config: UsageConfig,
-    pending: Vec<UsageEvent>,
+    /// Oldest first; batches are taken from the front.
+    pending: VecDeque<UsageEvent>,
+    /// The buffer's previous vector, empty, swapped in at each drain so the request path pushes into
+    /// a vector that already has room.
+    spare: Vec<UsageEvent>,
     uses: HashMap<KeyId, KeyUsage>,
     /// Whether the spill file may hold events not yet replayed.
     spilled: bool,
@@ -194,7 +206,17 @@ impl Writer {
             tracing::warn!(path = %config.spill_path.display(), "usage spill file found; replaying it");
         }
         let delay = config.retry_initial;
-        Self { store, shared, config, pending: Vec::new(), uses: HashMap::new(), spilled, retry_at: None, delay }
+        Self {
+            store,
+            shared,
+            config,
+            pending: VecDeque::new(),
+            spare: Vec::new(),
+            uses: HashMap::new(),
+            spilled,
+            retry_at: None,
+            delay,
+        }
     }
 
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
@@ -235,12 +257,17 @@ impl Writer {
     }
 
     fn drain(&mut self) {
-        let taken = {
+        let mut events = std::mem::take(&mut self.spare);
+        let uses = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut *buffer)
+            std::mem::swap(&mut buffer.events, &mut events);
+            std::mem::take(&mut buffer.uses)
         };
-        self.pending.extend(taken.events);
-        for (_, u) in taken.uses {
+        self.pending.extend(events.drain(..));
+        // Room for a few batches stays; a burst's worth (hundreds of MB) does not.
+        events.shrink_to(self.shared.batch_size * 4);
+        self.spare = events;
+        for (_, u) in uses {
             let entry = self.uses.entry(u.key_id).or_insert_with(|| KeyUsage { requests: 0, ..u.clone() });
             entry.requests += u.requests;
             if u.last_used_at >= entry.last_used_at {
@@ -262,12 +289,8 @@ impl Writer {
         if self.spilled && !self.replay().await {
             return self.failed();
         }
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(self.shared.batch_size);
-            if !self.write_batch(0..n).await {
-                return self.failed();
-            }
-            self.pending.drain(..n);
+        if !self.write_pending().await {
+            return self.failed();
         }
         if !self.uses.is_empty() {
             let uses: Vec<KeyUsage> = self.uses.values().cloned().collect();
@@ -291,9 +314,42 @@ impl Writer {
         false
     }
 
-    async fn write_batch(&self, range: std::ops::Range<usize>) -> bool {
-        let batch = &self.pending[range];
-        write_events(&*self.store, batch).await
+    /// Writes the pending events in batches, [`UsageConfig::concurrent_batches`] at a time. After a
+    /// failure no batch starts; those under way finish, and every failed batch goes back to the front
+    /// of `pending`, whole (a batch is one transaction: all of it was written, or none). `true` when
+    /// every batch was written.
+    async fn write_pending(&mut self) -> bool {
+        let mut under_way = JoinSet::new();
+        // The events of each batch under way, kept here too: a batch whose task panicked is not lost.
+        let mut batches: HashMap<tokio::task::Id, Arc<Vec<UsageEvent>>> = HashMap::new();
+        let mut ok = true;
+        loop {
+            while ok && under_way.len() < self.config.concurrent_batches.max(1) && !self.pending.is_empty() {
+                let n = self.pending.len().min(self.shared.batch_size);
+                let batch: Arc<Vec<UsageEvent>> = Arc::new(self.pending.drain(..n).collect());
+                let (store, events) = (self.store.clone(), batch.clone());
+                let task = under_way.spawn(async move { write_events(&*store, &events).await });
+                batches.insert(task.id(), batch);
+            }
+            let (id, written) = match under_way.join_next_with_id().await {
+                None => return ok,
+                Some(Ok((id, written))) => (id, written),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a usage batch's write task failed; the batch is kept for retry");
+                    (e.id(), false)
+                }
+            };
+            let batch = batches.remove(&id);
+            if !written {
+                ok = false;
+                if let Some(batch) = batch {
+                    let events = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+                    for e in events.into_iter().rev() {
+                        self.pending.push_front(e);
+                    }
+                }
+            }
+        }
     }
 
     /// Moves the oldest events past the memory bound to the spill file.
@@ -319,7 +375,9 @@ impl Writer {
             // The disk failed too: the events go back to memory (never dropped), said loudly.
             Ok(Err((e, events))) => {
                 tracing::error!(error = %e, events = n, "spilling usage events failed; keeping them in memory");
-                self.pending.splice(0..0, events);
+                for e in events.into_iter().rev() {
+                    self.pending.push_front(e);
+                }
             }
             Err(e) => tracing::error!(error = %e, events = n, "spill task failed; events lost"),
         }
@@ -369,7 +427,7 @@ impl Writer {
             tokio::time::sleep(self.delay).await;
             self.drain();
         }
-        let left = std::mem::take(&mut self.pending);
+        let left: Vec<UsageEvent> = std::mem::take(&mut self.pending).into();
         tracing::error!(events = left.len(), "store unreachable at shutdown: usage events spilled to disk");
         self.spill(left).await;
         self.gauge();
@@ -527,6 +585,19 @@ mod tests {
         let tmp = std::env::temp_dir().join("keyward-usage-spill.jsonl");
         assert_eq!(UsageConfig::default_spill_path("sqlite::memory:"), tmp);
         assert_eq!(UsageConfig::default_spill_path("postgres://h/db"), tmp);
+    }
+
+    #[test]
+    fn a_spill_line_written_before_the_typed_fields_still_reads() {
+        // Outcome, address and quota subject were strings; the JSON is the same.
+        let line = r#"{"id":"01a208fc-4968-77d5-b584-cf06f1104265","key_id":"01a208fc-4968-77d5-b584-cf06f1104266","organization_id":"01a208fc-4966-7023-bde4-4fb287c73bbd","at":"2026-11-23T15:18:28.325211Z","kind":"verify","outcome":"VALID","endpoint":null,"method":null,"status_code":null,"response_time_ms":null,"tokens_used":0,"cost_micros":0,"ip":"203.0.113.7","user_agent":"curl/8.5","error_code":null,"error_message":null,"idempotency_id":null,"quota_subject":"quota:org:01a208fc-4966-7023-bde4-4fb287c73bbd","quota_units":1}"#;
+        let e: UsageEvent = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.outcome.as_deref(), Some("VALID"));
+        assert_eq!(e.ip, Some(IpAddr::from([203, 0, 113, 7])));
+        assert_eq!(e.quota_subject, Some(keyward_store::usage::QuotaSubject::Org(e.organization_id)));
+        let again: UsageEvent =
+            serde_json::from_str(&serde_json::to_string(&e).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again, e);
     }
 
     #[test]

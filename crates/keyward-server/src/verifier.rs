@@ -2,6 +2,7 @@
 //! checksum → hash → lookup → status, organization, IP, scopes → outcome. Use is recorded after the
 //! answer, in memory; failures are logged and counted here, once.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,13 +64,15 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
     crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
     let event = verdict.key.as_ref().map(|key| {
         let kind = if check.via == "gateway" { UsageKind::Gateway } else { UsageKind::Verify };
+        // Cheap parts only (this runs once per verification): a static code, the address and the
+        // quota counter as values (the writer makes text of them), one copy of the user agent.
         let mut event = UsageEvent::new(kind, key.id, key.organization_id, now);
-        event.outcome = Some(verdict.outcome.code().to_owned());
-        event.ip = check.client_ip.map(|ip| ip.to_canonical().to_string());
-        event.user_agent = (!check.user_agent.is_empty()).then(|| check.user_agent.chars().take(512).collect());
+        event.outcome = Some(Cow::Borrowed(verdict.outcome.code()));
+        event.ip = check.client_ip.map(|ip| ip.to_canonical());
+        event.user_agent = (!check.user_agent.is_empty()).then(|| truncated(check.user_agent, 512).to_owned());
         if verdict.outcome.is_valid() {
             // The units the limiter just spent, so the durable counter matches it.
-            event.quota_subject = Some(crate::limits::quota_subject(key).as_str().to_owned());
+            event.quota_subject = Some(crate::limits::quota_counter(key));
             event.quota_units = i64::try_from(check.cost).unwrap_or(i64::MAX);
         }
         event
@@ -120,4 +123,30 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
     }
     let decision = limits::check_key(state, &found, check.cost, now).await;
     Ok(Verdict { outcome: decision.outcome, key: Some(found), limits: Some(decision) })
+}
+
+/// The first `max` characters of `s` (a borrow: no copy, and no walk over a short string).
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    match s.char_indices().nth(max) {
+        Some((cut, _)) => &s[..cut],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncated;
+
+    #[test]
+    fn truncated_counts_characters_not_bytes() {
+        assert_eq!(truncated("curl/8.5", 512), "curl/8.5");
+        assert_eq!(truncated("abcdef", 3), "abc");
+        assert_eq!(truncated("ééé", 2), "éé");
+        assert_eq!(truncated("ééé", 3), "ééé");
+        let long = "ü".repeat(600);
+        assert_eq!(truncated(&long, 512).chars().count(), 512);
+    }
 }

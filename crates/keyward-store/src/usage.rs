@@ -13,7 +13,9 @@
 //! upper bound of the bucket that holds the 95th percentile ([`Histogram::p95_ms`]). It is exact to the
 //! bucket, never interpolated.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -67,17 +69,70 @@ impl UsageKind {
     }
 }
 
+/// The monthly quota counter a request spent from: a key's own (shared by the keys of one rotation
+/// lineage) or its organization's. Written as the limiters name it (`quota:key:<lineage id>`,
+/// `quota:org:<organization id>`), the `subject` of `quota_usage`; a value here, so that recording an
+/// event formats nothing on the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuotaSubject {
+    Key(KeyId),
+    Org(OrgId),
+}
+
+impl std::fmt::Display for QuotaSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key(id) => write!(f, "quota:key:{id}"),
+            Self::Org(id) => write!(f, "quota:org:{id}"),
+        }
+    }
+}
+
+impl std::str::FromStr for QuotaSubject {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let id = |rest: &str| Uuid::parse_str(rest).map_err(|e| format!("invalid quota subject `{s}`: {e}"));
+        if let Some(rest) = s.strip_prefix("quota:key:") {
+            Ok(Self::Key(KeyId(id(rest)?)))
+        } else if let Some(rest) = s.strip_prefix("quota:org:") {
+            Ok(Self::Org(OrgId(id(rest)?)))
+        } else {
+            Err(format!("invalid quota subject `{s}`"))
+        }
+    }
+}
+
+// As a string, as before it was a type: spill files written before still read.
+impl Serialize for QuotaSubject {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for QuotaSubject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One usage event. SECURITY: holds the key's id, never the key.
+///
+/// Built on the request path, so its parts are cheap to make: the outcome is a static code, the
+/// address a value (written as text by the writer), the quota subject a value. The JSON form (the spill
+/// file) is the same as when they were strings, so a spill file left by an older version still replays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
-    /// UUIDv7 made where the request was seen: inserting the same event twice (a replay) is a no-op.
+    /// UUIDv7 made where the request was seen ([`event_id`]): inserting the same event twice (a replay)
+    /// is a no-op.
     pub id: Uuid,
     pub key_id: KeyId,
     pub organization_id: OrgId,
     pub at: DateTime<Utc>,
     pub kind: UsageKind,
     /// The verify outcome code (`VALID`, `RATE_LIMITED`, ...); `None` for reports.
-    pub outcome: Option<String>,
+    pub outcome: Option<Cow<'static, str>>,
     pub endpoint: Option<String>,
     pub method: Option<String>,
     pub status_code: Option<i32>,
@@ -85,7 +140,8 @@ pub struct UsageEvent {
     pub tokens_used: i64,
     /// Integer micro-dollars.
     pub cost_micros: i64,
-    pub ip: Option<String>,
+    /// The client's address, canonical (an IPv4-mapped IPv6 address as IPv4).
+    pub ip: Option<IpAddr>,
     pub user_agent: Option<String>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
@@ -93,18 +149,19 @@ pub struct UsageEvent {
     pub idempotency_id: Option<String>,
     /// The monthly quota counter this request spent from, and how much (not stored in the event row:
     /// applied to `quota_usage` when the event is inserted).
-    pub quota_subject: Option<String>,
+    pub quota_subject: Option<QuotaSubject>,
     pub quota_units: i64,
 }
 
 impl UsageEvent {
     /// A bare event of `kind` for a key, at `at`; fill in the rest.
     pub fn new(kind: UsageKind, key_id: KeyId, organization_id: OrgId, at: DateTime<Utc>) -> Self {
+        let at = crate::stored_time(at);
         Self {
-            id: Uuid::now_v7(),
+            id: event_id(at),
             key_id,
             organization_id,
-            at: crate::stored_time(at),
+            at,
             kind,
             outcome: None,
             endpoint: None,
@@ -127,9 +184,35 @@ impl UsageEvent {
         self.kind.is_request() && self.outcome.as_deref().is_none_or(|o| o == "VALID")
     }
 
-    fn endpoint_key(&self) -> String {
-        self.endpoint.as_deref().unwrap_or_default().chars().take(MAX_ENDPOINT_LEN).collect()
+    fn endpoint_key(&self) -> &str {
+        let endpoint = self.endpoint.as_deref().unwrap_or_default();
+        match endpoint.char_indices().nth(MAX_ENDPOINT_LEN) {
+            Some((cut, _)) => &endpoint[..cut],
+            None => endpoint,
+        }
     }
+}
+
+/// A fresh event id: a UUIDv7 of `at`'s millisecond whose other 74 bits are a random value drawn once
+/// per process plus a process-wide counter. Unique within the process by the counter (2^62 ids before
+/// it wraps), across processes by the random part; time-ordered like any UUIDv7, so the ids' index
+/// grows at its end. Costs an atomic increment instead of `Uuid::now_v7`'s clock read, lock and
+/// system-call random bytes per id: it runs once per verification.
+pub fn event_id(at: DateTime<Utc>) -> Uuid {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<(u16, u64)> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (high, low) = *SEED.get_or_init(|| {
+        let b = Uuid::new_v4().into_bytes();
+        (u16::from_be_bytes([b[0], b[1]]), u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]))
+    });
+    let n = low.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let mut rest = [0u8; 10];
+    rest[..2].copy_from_slice(&high.to_be_bytes());
+    rest[2..].copy_from_slice(&n.to_be_bytes());
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &rest).into_uuid()
 }
 
 /// A latency histogram over [`LATENCY_BUCKETS_MS`].
@@ -336,44 +419,50 @@ pub struct BatchEffects {
 }
 
 impl BatchEffects {
-    /// Sorted by key, so that writers lock rows in one order (no deadlock between nodes).
+    /// Sorted by key, so that writers lock rows in one order (no deadlock between nodes, nor between
+    /// the batches one node writes side by side).
     pub fn of<'a>(events: impl IntoIterator<Item = &'a UsageEvent>) -> Self {
         let mut daily: HashMap<(KeyId, NaiveDate), (OrgId, DailyCounts)> = HashMap::new();
-        let mut endpoints: HashMap<(KeyId, NaiveDate, String), EndpointCounts> = HashMap::new();
-        let mut keys: HashMap<KeyId, KeyUsage> = HashMap::new();
-        let mut quota: HashMap<(String, String), i64> = HashMap::new();
+        let mut endpoints: HashMap<(KeyId, NaiveDate, &str), EndpointCounts> = HashMap::new();
+        // (requests, last used at, last known address): the address becomes text once per key.
+        let mut keys: HashMap<KeyId, (i64, DateTime<Utc>, Option<IpAddr>)> = HashMap::new();
+        let mut quota: HashMap<(QuotaSubject, (i32, u32)), i64> = HashMap::new();
         for e in events {
             let day = e.at.date_naive();
             daily.entry((e.key_id, day)).or_insert_with(|| (e.organization_id, DailyCounts::default())).1.add_event(e);
             endpoints.entry((e.key_id, day, e.endpoint_key())).or_default().add_event(e);
             if e.is_valid_request() {
-                let k = keys.entry(e.key_id).or_insert_with(|| KeyUsage {
-                    key_id: e.key_id,
-                    requests: 0,
-                    last_used_at: e.at,
-                    last_used_ip: e.ip.clone(),
-                });
-                k.requests += 1;
-                if e.at >= k.last_used_at {
-                    k.last_used_at = e.at;
+                let k = keys.entry(e.key_id).or_insert((0, e.at, e.ip));
+                k.0 += 1;
+                if e.at >= k.1 {
+                    k.1 = e.at;
                     if e.ip.is_some() {
-                        k.last_used_ip.clone_from(&e.ip);
+                        k.2 = e.ip;
                     }
                 }
-                if let Some(subject) = &e.quota_subject
+                if let Some(subject) = e.quota_subject
                     && e.quota_units > 0
                 {
-                    *quota.entry((subject.clone(), month_of(e.at))).or_default() += e.quota_units;
+                    *quota.entry((subject, (e.at.year(), e.at.month()))).or_default() += e.quota_units;
                 }
             }
         }
         let mut daily: Vec<_> = daily.into_iter().map(|((k, d), (o, c))| (k, d, o, c)).collect();
         daily.sort_by_key(|(k, d, ..)| (*k, *d));
-        let mut endpoints: Vec<_> = endpoints.into_iter().map(|((k, d, p), c)| (k, d, p, c)).collect();
+        let mut endpoints: Vec<_> = endpoints.into_iter().map(|((k, d, p), c)| (k, d, p.to_owned(), c)).collect();
         endpoints.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
-        let mut keys: Vec<_> = keys.into_values().collect();
+        let mut keys: Vec<_> = keys
+            .into_iter()
+            .map(|(key_id, (requests, last_used_at, ip))| KeyUsage {
+                key_id,
+                requests,
+                last_used_at,
+                last_used_ip: ip.map(|ip| ip.to_string()),
+            })
+            .collect();
         keys.sort_by_key(|k| k.key_id);
-        let mut quota: Vec<_> = quota.into_iter().map(|((s, m), u)| (s, m, u)).collect();
+        let mut quota: Vec<_> =
+            quota.into_iter().map(|((s, (y, m)), u)| (s.to_string(), format!("{y:04}-{m:02}"), u)).collect();
         quota.sort();
         Self { daily, endpoints, keys, quota }
     }
@@ -488,14 +577,36 @@ mod tests {
     }
 
     #[test]
+    fn event_ids_are_distinct_time_ordered_v7() {
+        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
+        let ids: Vec<Uuid> = (0..10_000).map(|i| event_id(t + chrono::Duration::milliseconds(i / 100))).collect();
+        assert!(ids.iter().all(|id| id.get_version_num() == 7));
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), ids.len());
+        let (first, last) = (ids[0].get_timestamp(), ids[9_999].get_timestamp());
+        assert_eq!(first.map(|ts| ts.to_unix()), Some((1_893_456_000, 0)));
+        assert_eq!(last.map(|ts| ts.to_unix()), Some((1_893_456_000, 99_000_000)));
+    }
+
+    #[test]
+    fn quota_subjects_read_back_from_their_text() {
+        let (key, org) = (KeyId::new(), OrgId::new());
+        for s in [QuotaSubject::Key(key), QuotaSubject::Org(org)] {
+            assert_eq!(s.to_string().parse::<QuotaSubject>(), Ok(s));
+        }
+        assert_eq!(QuotaSubject::Org(org).to_string(), format!("quota:org:{org}"));
+        assert!("quota:team:x".parse::<QuotaSubject>().is_err());
+        assert!("quota:key:nope".parse::<QuotaSubject>().is_err());
+    }
+
+    #[test]
     fn effects_count_requests_reports_and_quota_once() {
         let (key, org) = (KeyId::new(), OrgId::new());
         let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
         let mut valid = UsageEvent::new(UsageKind::Verify, key, org, t);
         valid.outcome = Some("VALID".into());
-        valid.quota_subject = Some("quota:org:x".into());
+        valid.quota_subject = Some(QuotaSubject::Org(org));
         valid.quota_units = 3;
-        valid.ip = Some("10.0.0.1".into());
+        valid.ip = Some([10, 0, 0, 1].into());
         let mut limited = UsageEvent::new(UsageKind::Verify, key, org, t);
         limited.outcome = Some("RATE_LIMITED".into());
         let mut report = UsageEvent::new(UsageKind::Report, key, org, t);
@@ -511,7 +622,8 @@ mod tests {
         assert_eq!((c.tokens_used, c.cost_micros, c.latency_count, c.latency_sum_ms), (7, 250, 1, 12));
         assert_eq!(fx.keys.len(), 1);
         assert_eq!(fx.keys[0].requests, 1);
-        assert_eq!(fx.quota, vec![("quota:org:x".to_owned(), "2030-01".to_owned(), 3)]);
+        assert_eq!(fx.quota, vec![(format!("quota:org:{org}"), "2030-01".to_owned(), 3)]);
+        assert_eq!(fx.keys[0].last_used_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(fx.endpoints.len(), 2);
     }
 }

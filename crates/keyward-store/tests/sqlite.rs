@@ -289,5 +289,6 @@ macro_rules! usage_conformance {
 usage_conformance!(
     usage_batch_writes_events_rollups_and_counters,
     usage_batch_is_idempotent,
+    usage_batch_of_known_and_new_events_counts_the_new_once,
     usage_prune_keeps_rollups
 );

@@ -65,12 +65,34 @@ pub struct UsageSettings {
     pub batch_size: usize,
     /// Raw events older than this many days are pruned (hourly); daily rollups stay.
     pub retention_days: u32,
+    /// Batches written at once, each its own transaction.
+    pub concurrent_batches: usize,
+    /// After a failed write, the first wait before the next attempt (ms); it doubles after each
+    /// failure in a row, up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// How long a graceful shutdown keeps retrying the store before spilling what is left (ms).
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for UsageSettings {
     fn default() -> Self {
-        Self { spill_path: None, max_buffered: 100_000, batch_size: 5_000, retention_days: 90 }
+        let d = keyward_server::usage::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+        Self {
+            spill_path: None,
+            max_buffered: d.max_buffered,
+            batch_size: d.batch_size,
+            retention_days: 90,
+            concurrent_batches: d.concurrent_batches,
+            retry_initial_ms: millis(d.retry_initial),
+            retry_max_ms: millis(d.retry_max),
+            shutdown_timeout_ms: millis(d.shutdown_timeout),
+        }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Gateway mode: on when `upstream` is set.
@@ -262,6 +284,12 @@ impl Config {
         if self.usage.retention_days == 0 {
             bail!("usage.retention_days must be positive");
         }
+        if self.usage.concurrent_batches == 0 {
+            bail!("usage.concurrent_batches must be positive");
+        }
+        if self.usage.retry_initial_ms == 0 || self.usage.retry_max_ms < self.usage.retry_initial_ms {
+            bail!("usage.retry_initial_ms must be positive and at most usage.retry_max_ms");
+        }
         Ok(())
     }
 
@@ -281,6 +309,10 @@ impl Config {
         keyward_server::usage::UsageConfig {
             batch_size: self.usage.batch_size,
             max_buffered: self.usage.max_buffered,
+            concurrent_batches: self.usage.concurrent_batches,
+            retry_initial: Duration::from_millis(self.usage.retry_initial_ms),
+            retry_max: Duration::from_millis(self.usage.retry_max_ms),
+            shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
     }
@@ -386,6 +418,32 @@ mod tests {
             let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(c.listen.port(), 8080);
             assert_eq!(c.database_url, "sqlite://keyward.db");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn usage_writer_settings_reach_the_writer_and_bad_ones_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let u = c.usage_config();
+            assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(100), Duration::from_secs(5)));
+            assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(10), 2));
+            jail.create_file(
+                "keyward.toml",
+                "[usage]\nretry_initial_ms = 50\nretry_max_ms = 2000\nshutdown_timeout_ms = 3000\nconcurrent_batches = 1",
+            )?;
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let u = c.usage_config();
+            assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(50), Duration::from_secs(2)));
+            assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(3), 1));
+            assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
+            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "10");
+            assert!(Config::load(None, Overrides::default()).is_err(), "retry_max below retry_initial");
+            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "2000");
+            jail.set_env("KEYWARD_USAGE__CONCURRENT_BATCHES", "0");
+            assert!(Config::load(None, Overrides::default()).is_err(), "no writer at all");
             Ok(())
         });
     }

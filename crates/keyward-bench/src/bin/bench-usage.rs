@@ -2,7 +2,7 @@
 //! can, written by the real batch writer (`keyward_server::usage`) into the real store, then counted
 //! back from the raw events (count in = rows out).
 //!
-//! Usage: `bench-usage <database-url> [events] [keys] [writers] [batch_size]`
+//! Usage: `bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches]`
 //! e.g. `bench-usage sqlite:///tmp/bench.db 1000000 100 2 5000`
 
 use std::sync::Arc;
@@ -11,17 +11,21 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use keyward_core::{Environment, KeyHasher, KeyId, KeyPrefix, OrgId, PlainKey};
 use keyward_server::usage::{UsageConfig, UsageRecorder};
-use keyward_store::usage::{UsageEvent, UsageKind};
+use keyward_store::usage::{QuotaSubject, UsageEvent, UsageKind};
 use keyward_store::{Actor, LimitOverrides, NewKey, NewOrganization};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).ok_or("usage: bench-usage <database-url> [events] [keys] [writers] [batch_size]")?;
+    let url = args
+        .get(1)
+        .ok_or("usage: bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches]")?;
     let events: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
     let keys: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(100);
     let writers: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let batch_size: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(5_000);
+    let defaults = UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+    let concurrent: usize = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(defaults.concurrent_batches);
 
     let store = keyward_store::open(url, true).await?;
     let actor = Actor::cli(Utc::now());
@@ -71,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = UsageConfig {
         batch_size,
         max_buffered: events.max(batch_size) * 2,
+        concurrent_batches: concurrent,
         ..UsageConfig::new(Duration::from_secs(1), spill.clone())
     };
     let (recorder, worker) = UsageRecorder::spawn_with(store.clone(), config);
@@ -89,8 +94,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 e.method = Some("GET".into());
                 e.status_code = Some(200);
                 e.response_time_ms = Some((i % 50) as i64);
-                e.ip = Some("203.0.113.7".into());
-                e.quota_subject = Some(format!("quota:org:{org_id}"));
+                e.ip = Some([203, 0, 113, 7].into());
+                e.quota_subject = Some(QuotaSubject::Org(org_id));
                 e.quota_units = 1;
                 recorder.record(e);
                 if i % 1_024 == 0 {
@@ -115,7 +120,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spilled = std::fs::metadata(&spill).map(|m| m.len()).unwrap_or(0);
     let _ = std::fs::remove_file(&spill);
     println!(
-        "backend={} events={events} keys={keys} writers={writers} batch={batch_size} recorded_in={:.2}s \
+        "backend={} events={events} keys={keys} writers={writers} batch={batch_size} concurrent={concurrent} \
+         recorded_in={:.2}s \
          written_in={:.2}s throughput={:.0} events/s rows_out={rows} lost={} spill_bytes={spilled}",
         store.backend(),
         recorded.as_secs_f64(),

@@ -175,7 +175,7 @@ pub async fn report_usage(
                 .map(|ip| {
                     ip.trim()
                         .parse::<std::net::IpAddr>()
-                        .map(|ip| ip.to_canonical().to_string())
+                        .map(|ip| ip.to_canonical())
                         .map_err(|_| ApiError::validation(field(i, "ip"), "must be an IPv4 or IPv6 address"))
                 })
                 .transpose()?;

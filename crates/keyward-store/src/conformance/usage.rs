@@ -6,20 +6,24 @@ use keyward_core::OrgId;
 
 use super::{Must, at, key, org, t0};
 use crate::Store;
-use crate::usage::{Histogram, UsageEvent, UsageKind};
+use crate::usage::{Histogram, QuotaSubject, UsageEvent, UsageKind};
 
 /// Every case of this module, in order; each backend's list must match.
-pub const CASES: &[&str] =
-    &["usage_batch_writes_events_rollups_and_counters", "usage_batch_is_idempotent", "usage_prune_keeps_rollups"];
+pub const CASES: &[&str] = &[
+    "usage_batch_writes_events_rollups_and_counters",
+    "usage_batch_is_idempotent",
+    "usage_batch_of_known_and_new_events_counts_the_new_once",
+    "usage_prune_keeps_rollups",
+];
 
 fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
     let mut e = UsageEvent::new(UsageKind::Verify, key.id, key.organization_id, at(minutes));
-    e.outcome = Some(outcome.to_owned());
+    e.outcome = Some(outcome.to_owned().into());
     e.endpoint = Some(endpoint.to_owned());
     e.method = Some("GET".to_owned());
-    e.ip = Some(format!("10.0.0.{}", minutes % 250));
+    e.ip = Some(std::net::Ipv4Addr::new(10, 0, 0, (minutes % 250) as u8).into());
     if outcome == "VALID" {
-        e.quota_subject = Some(format!("quota:org:{}", key.organization_id));
+        e.quota_subject = Some(QuotaSubject::Org(key.organization_id));
         e.quota_units = 2;
     }
     e
@@ -125,6 +129,25 @@ pub async fn usage_batch_is_idempotent(store: &dyn Store) {
     assert_eq!((days[0].counts.requests, days[0].counts.reports, days[0].counts.tokens_used), (1, 2, 200));
     assert_eq!(store.get_key(a.id).await.must("get_key").total_requests, 1);
     assert_eq!(store.quota_used(&format!("quota:org:{}", org_a.id), "2030-01").await.must("quota"), 2);
+}
+
+/// A large batch (several statements' worth) that repeats part of an earlier one: the known events
+/// are skipped, and only the new ones reach the rollups, the key and the quota counter.
+pub async fn usage_batch_of_known_and_new_events_counts_the_new_once(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let events: Vec<UsageEvent> = (0..2_500).map(|i| verify_event(&k, i % 600, "VALID", "/m")).collect();
+    let first = store.record_usage_batch(&events[..1_500]).await.must("first");
+    assert_eq!((first.inserted, first.duplicates), (1_500, 0));
+    let second = store.record_usage_batch(&events).await.must("overlapping");
+    assert_eq!((second.inserted, second.duplicates), (1_000, 1_500));
+    let raw = store.usage_event_totals(k.id, at(-1), at(24 * 60)).await.must("totals");
+    assert_eq!((raw.events, raw.requests), (2_500, 2_500));
+    let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
+    assert_eq!(days[0].counts.requests, 2_500);
+    assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 2_500);
+    let subject = QuotaSubject::Org(org.id).to_string();
+    assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota_used"), 5_000);
 }
 
 /// Pruning deletes old raw events only, in bounded steps; rollups stay.
