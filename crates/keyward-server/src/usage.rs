@@ -98,7 +98,15 @@ enum Control {
 #[derive(Debug, Default)]
 struct Buffer {
     events: Vec<UsageEvent>,
-    uses: HashMap<KeyId, KeyUsage>,
+    uses: HashMap<KeyId, KeyUse>,
+}
+
+/// A caller key's use as the request path merges it: no text (the writer formats the address).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct KeyUse {
+    requests: i64,
+    last_used_at: DateTime<Utc>,
+    last_used_ip: Option<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -267,8 +275,14 @@ impl Writer {
         // Room for a few batches stays; a burst's worth (hundreds of MB) does not.
         events.shrink_to(self.shared.batch_size * 4);
         self.spare = events;
-        for (_, u) in uses {
-            let entry = self.uses.entry(u.key_id).or_insert_with(|| KeyUsage { requests: 0, ..u.clone() });
+        for (key_id, u) in uses {
+            let u = KeyUsage {
+                key_id,
+                requests: u.requests,
+                last_used_at: u.last_used_at,
+                last_used_ip: u.last_used_ip.map(|ip| ip.to_string()),
+            };
+            let entry = self.uses.entry(key_id).or_insert_with(|| KeyUsage { requests: 0, ..u.clone() });
             entry.requests += u.requests;
             if u.last_used_at >= entry.last_used_at {
                 entry.last_used_at = u.last_used_at;
@@ -480,14 +494,9 @@ fn read_spill(path: &Path) -> std::io::Result<Vec<UsageEvent>> {
     Ok(events)
 }
 
-fn merge(pending: &mut HashMap<KeyId, KeyUsage>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
-    let ip = ip.map(|ip| ip.to_canonical().to_string());
-    let entry = pending.entry(key_id).or_insert_with(|| KeyUsage {
-        key_id,
-        requests: 0,
-        last_used_at: at,
-        last_used_ip: ip.clone(),
-    });
+fn merge(pending: &mut HashMap<KeyId, KeyUse>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
+    let ip = ip.map(|ip| ip.to_canonical());
+    let entry = pending.entry(key_id).or_insert(KeyUse { requests: 0, last_used_at: at, last_used_ip: ip });
     entry.requests += 1;
     if at >= entry.last_used_at {
         entry.last_used_at = at;
@@ -572,7 +581,7 @@ mod tests {
         let usage = &pending[&key];
         assert_eq!(usage.requests, 3);
         assert_eq!(usage.last_used_at, t0 + chrono::Duration::seconds(5));
-        assert_eq!(usage.last_used_ip.as_deref(), Some("10.0.0.2"));
+        assert_eq!(usage.last_used_ip, Some([10, 0, 0, 2].into()));
     }
 
     #[test]
