@@ -12,6 +12,7 @@
 //! to `stale_ceiling`; a miss then answers `store_unavailable`, never "not found".
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,6 +101,8 @@ pub struct KeyCache {
     negative: Arc<Cache<Slot, DateTime<Utc>>>,
     /// The parts many keys have in common, held once (taken only on a miss).
     shared: Arc<Mutex<Shared>>,
+    /// Bumped by every invalidation: a miss inserts what it read only if none happened meanwhile.
+    generation: Arc<AtomicU64>,
     config: CacheConfig,
 }
 
@@ -111,8 +114,21 @@ struct Shared {
     scopes: HashSet<Arc<ScopeSet>>,
 }
 
-/// Beyond this many distinct scope sets, new ones are no longer shared (each key keeps its own).
-const MAX_SHARED_SCOPE_SETS: usize = 10_000;
+/// How many organization parts and scope sets are held for sharing. At the bound, the ones no cached key
+/// uses any more are let go; if all are in use, a new one is simply not shared (its key keeps its own).
+const MAX_SHARED: usize = 10_000;
+
+impl Shared {
+    /// Makes room for one more of each, letting go of parts only the table itself still holds.
+    fn make_room(&mut self) {
+        if self.orgs.len() >= MAX_SHARED {
+            self.orgs.retain(|_, org| Arc::strong_count(org) > 1);
+        }
+        if self.scopes.len() >= MAX_SHARED {
+            self.scopes.retain(|scopes| Arc::strong_count(scopes) > 1);
+        }
+    }
+}
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +142,7 @@ impl KeyCache {
             positive: Arc::new(Cache::new(config.capacity.max(1))),
             negative: Arc::new(Cache::new(config.negative_capacity.max(1))),
             shared: Arc::default(),
+            generation: Arc::default(),
             config,
         }
     }
@@ -134,16 +151,18 @@ impl KeyCache {
     /// held.
     fn shared(&self, mut record: Arc<KeyRecord>, now: DateTime<Utc>) -> Arc<KeyRecord> {
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.make_room();
         let org = match shared.orgs.get(&record.organization_id) {
             Some(org) if **org == *record.org => Some(org.clone()),
-            _ => {
+            _ if shared.orgs.len() < MAX_SHARED || shared.orgs.contains_key(&record.organization_id) => {
                 shared.orgs.insert(record.organization_id, record.org.clone());
                 None
             }
+            _ => None,
         };
         let scopes = match shared.scopes.get(&record.scopes) {
             Some(scopes) => Some(scopes.clone()),
-            None if shared.scopes.len() < MAX_SHARED_SCOPE_SETS => {
+            None if shared.scopes.len() < MAX_SHARED => {
                 shared.scopes.insert(record.scopes.clone());
                 None
             }
@@ -163,6 +182,9 @@ impl KeyCache {
     }
 
     pub fn apply(&self, change: &Invalidation) {
+        // Before the entries go: a lookup that read the store before this change must not put what it
+        // read back afterwards (see `CachedStore::find_key_record`).
+        self.generation.fetch_add(1, Ordering::SeqCst);
         match change {
             Invalidation::Key(hash) => {
                 self.positive.remove(&slot(hash));
@@ -300,15 +322,24 @@ impl Store for CachedStore {
             return Ok(None);
         }
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
-        match self.inner.find_key_record(hash).await {
+        let generation = self.cache.generation.load(Ordering::SeqCst);
+        let found = self.inner.find_key_record(hash).await;
+        // SECURITY: a change invalidated entries while the store was read (a revocation, here or on
+        // another node): what was read may predate it, so it answers this request but is not kept.
+        let keep = self.cache.generation.load(Ordering::SeqCst) == generation;
+        match found {
             Ok(Some(record)) => {
                 let record = self.cache.shared(record, now);
-                self.cache.positive.insert(slot, record.clone());
+                if keep {
+                    self.cache.positive.insert(slot, record.clone());
+                }
                 Ok(Some(record))
             }
             Ok(None) => {
                 self.cache.positive.remove(&slot);
-                self.cache.negative.insert(slot, now);
+                if keep {
+                    self.cache.negative.insert(slot, now);
+                }
                 Ok(None)
             }
             // SECURITY: stale only while the store is down, and only up to the ceiling.
@@ -662,5 +693,21 @@ mod tests {
         assert!(Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[]), Utc::now()).org));
         cache.apply(&Invalidation::Organization(org));
         assert!(!Arc::ptr_eq(&changed.org, &cache.shared(record(org, "enterprise", &[]), Utc::now()).org));
+    }
+
+    #[test]
+    fn shared_parts_no_key_uses_are_let_go_at_the_bound() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let held = cache.shared(record(OrgId::new(), "pro", &["read:kept"]), Utc::now());
+        for i in 0..MAX_SHARED {
+            // Each record is dropped at once: only the table holds its parts.
+            cache.shared(record(OrgId::new(), "pro", &[&format!("read:r{i}")]), Utc::now());
+        }
+        let fresh = cache.shared(record(OrgId::new(), "pro", &["read:fresh"]), Utc::now());
+        let again = cache.shared(record(OrgId::new(), "pro", &["read:fresh"]), Utc::now());
+        assert!(Arc::ptr_eq(&fresh.scopes, &again.scopes), "new sets are shared again");
+        let shared = cache.shared.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(shared.scopes.len() < 10 && shared.orgs.len() < 10, "{} {}", shared.scopes.len(), shared.orgs.len());
+        assert!(shared.scopes.contains(&held.scopes), "a set a cached key still uses stays");
     }
 }

@@ -263,9 +263,18 @@ pub fn quota_threshold_hook(
     let (state, key_id, subject, used) = (state.clone(), found.id, subject.to_owned(), quota.used);
     tokio::spawn(async move {
         // The event carries the whole key as the store has it; the verify path holds only a record.
-        let key = match state.store.get_key(key_id).await {
-            Ok(key) => key,
-            Err(e) => return tracing::warn!(error = %e, "recording quota.threshold failed"),
+        // Read with a few retries: a threshold is crossed once a month, so a lost event stays lost.
+        let mut delay = std::time::Duration::from_millis(250);
+        let key = loop {
+            match state.store.get_key(key_id).await {
+                Ok(key) => break key,
+                Err(e) if delay < std::time::Duration::from_secs(8) => {
+                    tracing::warn!(error = %e, "reading the key for quota.threshold failed; will retry");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return tracing::error!(error = %e, "recording quota.threshold failed"),
+            }
         };
         for percent in crossed {
             let data = serde_json::json!({ "percent": percent, "used": used, "limit": limit,

@@ -32,7 +32,8 @@ pub struct KeyRecord {
     pub state: KeyState,
     /// Whether the key has its own monthly quota (else it draws from its organization's pool).
     pub own_quota: bool,
-    /// When it was read from the store (a cache's TTL counts from it).
+    /// When it was read from the store: the system clock here; a cache that keeps the record sets it
+    /// from its own (injected) clock, and its TTL counts from it.
     pub fetched_at: DateTime<Utc>,
     pub owner_id: Option<Box<str>>,
     pub scopes: Arc<ScopeSet>,

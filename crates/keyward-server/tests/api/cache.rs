@@ -51,6 +51,37 @@ async fn unknown_hashes_are_remembered_briefly() {
 }
 
 #[tokio::test]
+async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
+    let (app, store) = counted().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    // The lookup reads the key while it is valid, and is slow to come back...
+    let gate = store.gate.write().await;
+    let state = app.state.clone();
+    let presented = key.clone();
+    let racing = tokio::spawn(async move {
+        let check = keyward_server::verifier::Check {
+            presented: &presented,
+            client_ip: None,
+            required_scopes: &[],
+            organization: None,
+            user_agent: "",
+            via: "verify",
+            cost: 1,
+        };
+        keyward_server::verifier::verify(&state, check).await.map(|v| v.outcome)
+    });
+    tokio::time::timeout(Duration::from_secs(5), store.read.notified()).await.expect("the lookup read the store");
+    // ...while the key is revoked through this node (the cache is invalidated).
+    let now = keyward_core::Clock::now(&app.clock);
+    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap();
+    drop(gate);
+    let raced = tokio::time::timeout(Duration::from_secs(5), racing).await.unwrap().unwrap().unwrap();
+    assert!(raced.is_valid(), "the racing request answers from what it read");
+    // What it read is not kept: the next verification sees the revocation.
+    assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
+}
+
+#[tokio::test]
 async fn a_change_made_around_keyward_shows_after_the_ttl() {
     let (app, store) = counted().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;

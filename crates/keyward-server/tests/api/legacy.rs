@@ -29,11 +29,22 @@ pub(crate) struct Counting {
     pub calls: AtomicUsize,
     pub hashes: Mutex<Vec<KeyHash>>,
     pub down: std::sync::atomic::AtomicBool,
+    /// Held for writing by a test: a lookup by hash reads the store, says so on `read`, then waits
+    /// for it (a lookup slower than a concurrent change).
+    pub gate: tokio::sync::RwLock<()>,
+    pub read: tokio::sync::Notify,
 }
 
 impl Counting {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner, calls: AtomicUsize::new(0), hashes: Mutex::new(Vec::new()), down: Default::default() }
+        Self {
+            inner,
+            calls: AtomicUsize::new(0),
+            hashes: Mutex::new(Vec::new()),
+            down: Default::default(),
+            gate: Default::default(),
+            read: Default::default(),
+        }
     }
 
     pub fn calls(&self) -> usize {
@@ -108,7 +119,10 @@ impl Store for Counting {
         if self.down.load(Ordering::SeqCst) {
             return Err(keyward_store::StoreError::Unavailable("the test took the store down".into()));
         }
-        self.inner.find_key_by_hash(hash).await
+        let found = self.inner.find_key_by_hash(hash).await;
+        self.read.notify_one();
+        let _gate = self.gate.read().await;
+        found
     }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
         self.count();
