@@ -68,16 +68,24 @@ usage_drained
 AFTER=$(rss_kb $KW)
 echo "resident memory per cached key: $(( (AFTER - BEFORE) * 1024 / (N - HALF) )) bytes (keys $HALF to $N: RSS ${BEFORE} kB -> ${AFTER} kB)"
 
-run() { # name url keys_used
+ms() { # wrk's latency (e.g. 850.00us, 1.31ms, 2.01s) in milliseconds
+    awk '{ v = $1 + 0; if ($1 ~ /us$/) v /= 1000; else if ($1 ~ /[0-9]s$/ && $1 !~ /ms$/) v *= 1000; print v }' <<<"$1"
+}
+declare -A RPS P99
+run() { # name url keys_used tag
     local out rps p50 p99
     out=$(KEYS_USED=$3 wrk -t2 -c64 -d"${DURATION}s" --latency -s scripts/verify.lua "$2")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     printf '| %-32s | %12s | %9s | %9s |\n' "$1" "$rps" "$p50" "$p99"
+    RPS[$4]=$rps; P99[$4]=$(ms "$p99")
     grep -q "Non-2xx" <<<"$out" && { echo "!! $1: non-2xx responses" >&2; grep "Non-2xx" <<<"$out" >&2; } || true
 }
 echo "| run                              | requests/s   | p50       | p99       |"
 echo "|----------------------------------|--------------|-----------|-----------|"
-run "ceiling, 1,000 keys" http://127.0.0.1:19100 1000
-run "keyward, 1,000 keys" http://127.0.0.1:18090 1000
-run "ceiling, $N keys" http://127.0.0.1:19100 0
-run "keyward, $N keys (warm)" http://127.0.0.1:18090 0
+run "ceiling, 1,000 keys" http://127.0.0.1:19100 1000 ceil_1k
+run "keyward, 1,000 keys" http://127.0.0.1:18090 1000 kw_1k
+run "ceiling, $N keys" http://127.0.0.1:19100 0 ceil_n
+run "keyward, $N keys (warm)" http://127.0.0.1:18090 0 kw_n
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo "keyward / ceiling, 1,000 keys: $(ratio "${RPS[kw_1k]}" "${RPS[ceil_1k]}") x requests/s (target >= 0.8), p99 $(ratio "${P99[kw_1k]}" "${P99[ceil_1k]}") x the ceiling's (target <= 1.25)"
+echo "keyward, $N keys / 1,000 keys: $(ratio "${RPS[kw_n]}" "${RPS[kw_1k]}") x requests/s (target >= 0.9)"
