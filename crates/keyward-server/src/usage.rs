@@ -101,12 +101,34 @@ struct Buffer {
     uses: HashMap<KeyId, KeyUse>,
 }
 
-/// A caller key's use as the request path merges it: no text (the writer formats the address).
+/// A caller key's use, merged: no text (the address is formatted when it is written).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct KeyUse {
     requests: i64,
     last_used_at: DateTime<Utc>,
     last_used_ip: Option<IpAddr>,
+}
+
+impl KeyUse {
+    /// Adds `requests` uses, the last at `at` from `ip`: the newest use (with an address) wins.
+    fn add(&mut self, requests: i64, at: DateTime<Utc>, ip: Option<IpAddr>) {
+        self.requests += requests;
+        if at >= self.last_used_at {
+            self.last_used_at = at;
+            if ip.is_some() {
+                self.last_used_ip = ip;
+            }
+        }
+    }
+
+    fn to_store(self, key_id: KeyId) -> KeyUsage {
+        KeyUsage {
+            key_id,
+            requests: self.requests,
+            last_used_at: self.last_used_at,
+            last_used_ip: self.last_used_ip.map(|ip| ip.to_string()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -199,7 +221,7 @@ struct Writer {
     /// The buffer's previous vector, empty, swapped in at each drain so the request path pushes into
     /// a vector that already has room.
     spare: Vec<UsageEvent>,
-    uses: HashMap<KeyId, KeyUsage>,
+    uses: HashMap<KeyId, KeyUse>,
     /// Whether the spill file may hold events not yet replayed.
     spilled: bool,
     /// After a failure: no attempt before this, and the next delay.
@@ -276,20 +298,11 @@ impl Writer {
         events.shrink_to(self.shared.batch_size * 4);
         self.spare = events;
         for (key_id, u) in uses {
-            let u = KeyUsage {
-                key_id,
-                requests: u.requests,
-                last_used_at: u.last_used_at,
-                last_used_ip: u.last_used_ip.map(|ip| ip.to_string()),
-            };
-            let entry = self.uses.entry(key_id).or_insert_with(|| KeyUsage { requests: 0, ..u.clone() });
-            entry.requests += u.requests;
-            if u.last_used_at >= entry.last_used_at {
-                entry.last_used_at = u.last_used_at;
-                if u.last_used_ip.is_some() {
-                    entry.last_used_ip = u.last_used_ip;
-                }
-            }
+            self.uses.entry(key_id).or_insert(KeyUse { requests: 0, ..u }).add(
+                u.requests,
+                u.last_used_at,
+                u.last_used_ip,
+            );
         }
     }
 
@@ -307,7 +320,7 @@ impl Writer {
             return self.failed();
         }
         if !self.uses.is_empty() {
-            let uses: Vec<KeyUsage> = self.uses.values().cloned().collect();
+            let uses: Vec<KeyUsage> = self.uses.iter().map(|(id, u)| u.to_store(*id)).collect();
             if let Err(e) = self.store.record_key_usage(&uses).await {
                 tracing::warn!(error = %e, "writing callers' key use failed; will retry");
                 return self.failed();
@@ -496,14 +509,7 @@ fn read_spill(path: &Path) -> std::io::Result<Vec<UsageEvent>> {
 
 fn merge(pending: &mut HashMap<KeyId, KeyUse>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
     let ip = ip.map(|ip| ip.to_canonical());
-    let entry = pending.entry(key_id).or_insert(KeyUse { requests: 0, last_used_at: at, last_used_ip: ip });
-    entry.requests += 1;
-    if at >= entry.last_used_at {
-        entry.last_used_at = at;
-        if ip.is_some() {
-            entry.last_used_ip = ip;
-        }
-    }
+    pending.entry(key_id).or_insert(KeyUse { requests: 0, last_used_at: at, last_used_ip: ip }).add(1, at, ip);
 }
 
 /// The durable monthly quota counts, read by the limiters the first time they see a subject's month
