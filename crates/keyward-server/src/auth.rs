@@ -9,9 +9,7 @@ use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use keyward_core::{
-    KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, ScopeSet, VerifyOutcome, VerifyRequest, check_found_key,
-};
+use keyward_core::{KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, ScopeSet, VerifyOutcome, VerifyRequest};
 use std::sync::Arc;
 
 use keyward_store::{Actor, ApiKey, KeyRecord, StoreResult};
@@ -171,7 +169,7 @@ async fn authenticate(
         Lookup::Found(found) => found,
     };
     let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
-    let outcome = check_found_key(&found.state, found.org.is_active, found.allowed_ips(), &found.scopes, &request);
+    let outcome = found.check(&request);
     if outcome != VerifyOutcome::Valid {
         return Ok(Err((outcome.code(), Some(found.id), refusal(outcome))));
     }

@@ -258,7 +258,7 @@ fn record_usage(
 ) {
     if let Some(mut event) = event {
         event.method = Some(method.as_str().to_owned());
-        event.endpoint = Some(path.chars().take(keyward_store::usage::MAX_ENDPOINT_LEN).collect());
+        event.endpoint = Some(verifier::truncated(path, keyward_store::usage::MAX_ENDPOINT_LEN).to_owned());
         event.status_code = Some(i32::from(response.status().as_u16()));
         event.response_time_ms = upstream_ms;
         state.usage.record(event);

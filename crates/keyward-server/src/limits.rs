@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
 use keyward_core::{OrgId, VerifyOutcome};
 use keyward_store::KeyRecord;
+use keyward_store::usage::QuotaSubject;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -134,23 +135,22 @@ pub fn rate_subject(key: &keyward_store::ApiKey) -> String {
 /// The quota counter a verified key draws from: its own (shared by its rotation lineage) when it has a
 /// monthly override, else its organization's.
 pub fn quota_subject(key: &KeyRecord) -> Subject {
-    quota_subject_of(key.own_quota, key.lineage, key.organization_id)
+    Subject::quota(quota_counter(key))
 }
 
 /// [`quota_subject`] as a value for a usage event (`quota:key:<lineage>` / `quota:org:<organization>`
 /// when the writer makes text of it): nothing to format on the request path.
-pub fn quota_counter(key: &KeyRecord) -> keyward_store::usage::QuotaSubject {
-    use keyward_store::usage::QuotaSubject;
-    if key.own_quota { QuotaSubject::Key(key.lineage) } else { QuotaSubject::Org(key.organization_id) }
+pub fn quota_counter(key: &KeyRecord) -> QuotaSubject {
+    quota_counter_of(key.own_quota, key.lineage, key.organization_id)
 }
 
 /// [`quota_subject`] of a stored key.
 pub fn key_quota_subject(key: &keyward_store::ApiKey) -> String {
-    quota_subject_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id).as_str().to_owned()
+    quota_counter_of(key.limits.monthly_request_limit.is_some(), key.lineage(), key.organization_id).to_string()
 }
 
-fn quota_subject_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId) -> Subject {
-    if own { Subject::new("quota:key:", lineage.0) } else { Subject::new("quota:org:", organization.0) }
+fn quota_counter_of(own: bool, lineage: keyward_core::KeyId, organization: OrgId) -> QuotaSubject {
+    if own { QuotaSubject::Key(lineage) } else { QuotaSubject::Org(organization) }
 }
 
 /// A limiter counter's name (`<prefix><uuid>`, `<prefix><ip>`), written on the stack: the verify path
@@ -174,6 +174,14 @@ impl Subject {
             subject.len = end;
         }
         subject
+    }
+
+    /// A quota counter's name, as [`QuotaSubject`]'s `Display` writes it.
+    pub fn quota(counter: QuotaSubject) -> Self {
+        match counter {
+            QuotaSubject::Key(id) => Self::new("quota:key:", id.0),
+            QuotaSubject::Org(id) => Self::new("quota:org:", id.0),
+        }
     }
 
     /// `<prefix><ip>`.
@@ -426,13 +434,9 @@ mod tests {
         assert_eq!(Subject::new("key:", id.0).as_str(), format!("key:{id}"));
         let org = keyward_core::OrgId::new();
         for (own, subject) in [(true, format!("quota:key:{id}")), (false, format!("quota:org:{org}"))] {
-            assert_eq!(super::quota_subject_of(own, id, org).as_str(), subject);
-            let counter = if own {
-                keyward_store::usage::QuotaSubject::Key(id)
-            } else {
-                keyward_store::usage::QuotaSubject::Org(org)
-            };
+            let counter = super::quota_counter_of(own, id, org);
             // What the usage writer stores is what the limiter counted.
+            assert_eq!(Subject::quota(counter).as_str(), subject);
             assert_eq!(counter.to_string(), subject);
         }
         let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".parse().unwrap_or(IpAddr::from([0; 16]));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest, check_found_key};
+use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest};
 use keyward_store::usage::{UsageEvent, UsageKind};
 use keyward_store::{KeyRecord, StoreResult};
 
@@ -117,7 +117,7 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
         Lookup::Found(_) | Lookup::NotFound => return Ok(bare(VerifyOutcome::NotFound)),
     };
     let request = VerifyRequest { now, client_ip: check.client_ip, required_scopes: check.required_scopes };
-    let outcome = check_found_key(&found.state, found.org.is_active, found.allowed_ips(), &found.scopes, &request);
+    let outcome = found.check(&request);
     if !outcome.is_valid() {
         return Ok(Verdict { outcome, key: Some(found), limits: None });
     }
@@ -126,7 +126,7 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
 }
 
 /// The first `max` characters of `s` (a borrow: no copy, and no walk over a short string).
-fn truncated(s: &str, max: usize) -> &str {
+pub(crate) fn truncated(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyId, KeyState, LimitOverrides, OrgId, ScopeSet};
+use keyward_core::{
+    Environment, HashAlgorithm, IpAllowList, KeyId, KeyState, LimitOverrides, OrgId, ScopeSet, VerifyOutcome,
+    VerifyRequest, check_found_key,
+};
 use serde_json::Value;
 
 use crate::{ApiKey, KeyWithOrg};
@@ -61,6 +64,11 @@ static NO_EXTRAS: KeyExtras =
 impl KeyRecord {
     fn extras(&self) -> &KeyExtras {
         self.extras.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+
+    /// Status, organization, address and scopes, as a verification checks them.
+    pub fn check(&self, request: &VerifyRequest<'_>) -> VerifyOutcome {
+        check_found_key(&self.state, self.org.is_active, self.allowed_ips(), &self.scopes, request)
     }
 
     pub fn allowed_ips(&self) -> &IpAllowList {
