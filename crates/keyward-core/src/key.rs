@@ -190,30 +190,29 @@ pub fn quote_if_not_key(value: &str) -> String {
 /// The CRC32 of `signed` in base62, left-padded with `0` (six digits hold any `u32`). On the stack:
 /// every verification checks one.
 fn checksum(signed: &str) -> [u8; CHECKSUM_LEN] {
-    let mut n = crc32fast::hash(signed.as_bytes());
-    let mut digits = [BASE62[0]; CHECKSUM_LEN];
-    for digit in digits.iter_mut().rev() {
-        *digit = BASE62[(n % 62) as usize];
-        n /= 62;
-    }
+    let mut digits = [0; CHECKSUM_LEN];
+    base62_into(&mut crc32fast::hash(signed.as_bytes()).to_be_bytes(), &mut digits);
     digits
 }
 
 /// Big-endian bytes as a base62 number, left-padded with `0` to `width` characters.
 fn base62_fixed(bytes: &[u8], width: usize) -> String {
-    let mut number = bytes.to_vec();
-    let mut digits = Vec::with_capacity(width);
-    while digits.len() < width {
+    let mut digits = vec![0; width];
+    base62_into(&mut bytes.to_vec(), &mut digits);
+    digits.into_iter().map(char::from).collect()
+}
+
+/// `number` (big-endian bytes, used up) in base62 into `out`, left-padded with `0`.
+fn base62_into(number: &mut [u8], out: &mut [u8]) {
+    for digit in out.iter_mut().rev() {
         let mut remainder = 0u32;
         for byte in number.iter_mut() {
             let acc = (remainder << 8) | u32::from(*byte);
             *byte = (acc / 62) as u8;
             remainder = acc % 62;
         }
-        digits.push(BASE62[remainder as usize]);
+        *digit = BASE62[remainder as usize];
     }
-    digits.reverse();
-    digits.into_iter().map(char::from).collect()
 }
 
 #[cfg(test)]
