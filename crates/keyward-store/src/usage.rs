@@ -542,7 +542,9 @@ pub trait UsageStore: Send + Sync {
     /// Units spent from a quota subject in a `YYYY-MM` month (0 when never used).
     async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64>;
 
-    /// Sums over a key's raw events in `[from, until)`.
+    /// Sums over a key's raw events in `[from, until)`, to reconcile them with the rollups (tests, the
+    /// ingest benchmark). Raw events are indexed by time only (migration 0005): this reads every event
+    /// of the range.
     async fn usage_event_totals(
         &self,
         key_id: KeyId,
