@@ -190,8 +190,10 @@ fn corrupt(column: &str, what: impl std::fmt::Display) -> StoreError {
 // Column encodings
 
 /// The one stored form of a timestamp: fixed width, UTC, microseconds, so text order is time order.
+/// `2026-11-23T17:43:56.170511Z`, by chrono's RFC 3339 writer, not a `format` string, which would be parsed again for every value (a
+/// timestamp per usage event: 1 % of a loaded server).
 fn ts(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn opt_ts(at: Option<DateTime<Utc>>) -> Option<String> {
