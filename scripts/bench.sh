@@ -11,6 +11,15 @@ DURATION="${2:-10}"
 
 echo "== in-process verify (criterion)"
 cargo bench -q -p keyward-server --bench verify 2>/dev/null | grep -E "^verify/|time:" || true
+# The mean carries the usage writer's bursts (the bench verifies ~3x faster than any store ingests, so
+# the writer and its spill file run flat out beside it); the median of the samples does not.
+for b in warm_one_key warm_1000_keys malformed; do
+    f="${CARGO_TARGET_DIR:-target}/criterion/verify/$b/new/estimates.json"
+    if [ -f "$f" ]; then
+        echo "verify/$b median: $(grep -o '"median":{"confidence_interval":{[^}]*},"point_estimate":[0-9.e+-]*' "$f" \
+            | sed 's/.*point_estimate"://' | awk '{ printf "%.0f ns", $1 }')"
+    fi
+done
 echo "== limiter decisions (criterion)"
 cargo bench -q -p keyward-limit --bench limiter 2>/dev/null | grep -E "^(memory|redis)/|time:|thrpt:" || true
 echo "== POST /v1/verify vs the ceiling, memory per cached key, cold start"
