@@ -95,11 +95,28 @@ enum Control {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// What the request path hands the writer. Events go into chunks of [`CHUNK`]: a full chunk is set
+/// aside whole and the next one is a chunk the writer emptied before, so recording never moves the
+/// events already buffered. (One growing vector did: when the writer fell behind, the request that
+/// found it full copied every buffered event to a larger one, megabytes, holding the lock.)
 #[derive(Debug, Default)]
 struct Buffer {
+    /// The chunk being filled.
     events: Vec<UsageEvent>,
+    /// Full chunks, oldest first.
+    full: Vec<Vec<UsageEvent>>,
+    /// Empty chunks, handed back by the writer.
+    free: Vec<Vec<UsageEvent>>,
+    /// Events recorded since the writer last took them.
+    len: usize,
     uses: HashMap<KeyId, KeyUse>,
 }
+
+/// Events per chunk of the buffer.
+const CHUNK: usize = 1_024;
+/// Empty chunks kept for reuse: room for a few default batches, not for a burst's worth (hundreds of
+/// MB), which is freed.
+const SPARE_CHUNKS: usize = 20;
 
 /// A caller key's use, merged: no text (the address is formatted when it is written).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,8 +192,16 @@ impl UsageRecorder {
     pub fn record(&self, event: UsageEvent) {
         let len = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            if buffer.events.capacity() == 0 {
+                buffer.events = buffer.free.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
+            }
             buffer.events.push(event);
-            buffer.events.len()
+            if buffer.events.len() >= CHUNK {
+                let chunk = std::mem::take(&mut buffer.events);
+                buffer.full.push(chunk);
+            }
+            buffer.len += 1;
+            buffer.len
         };
         if len % self.shared.batch_size == 0 {
             self.shared.wake.notify_one();
@@ -218,9 +243,6 @@ struct Writer {
     config: UsageConfig,
     /// Oldest first; batches are taken from the front.
     pending: VecDeque<UsageEvent>,
-    /// The buffer's previous vector, empty, swapped in at each drain so the request path pushes into
-    /// a vector that already has room.
-    spare: Vec<UsageEvent>,
     uses: HashMap<KeyId, KeyUse>,
     /// Whether the spill file may hold events not yet replayed.
     spilled: bool,
@@ -236,17 +258,7 @@ impl Writer {
             tracing::warn!(path = %config.spill_path.display(), "usage spill file found; replaying it");
         }
         let delay = config.retry_initial;
-        Self {
-            store,
-            shared,
-            config,
-            pending: VecDeque::new(),
-            spare: Vec::new(),
-            uses: HashMap::new(),
-            spilled,
-            retry_at: None,
-            delay,
-        }
+        Self { store, shared, config, pending: VecDeque::new(), uses: HashMap::new(), spilled, retry_at: None, delay }
     }
 
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
@@ -287,16 +299,23 @@ impl Writer {
     }
 
     fn drain(&mut self) {
-        let mut events = std::mem::take(&mut self.spare);
-        let uses = {
+        let (full, filling, uses) = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::swap(&mut buffer.events, &mut events);
-            std::mem::take(&mut buffer.uses)
+            buffer.len = 0;
+            (std::mem::take(&mut buffer.full), std::mem::take(&mut buffer.events), std::mem::take(&mut buffer.uses))
         };
-        self.pending.extend(events.drain(..));
-        // Room for a few batches stays; a burst's worth (hundreds of MB) does not.
-        events.shrink_to(self.shared.batch_size * 4);
-        self.spare = events;
+        let mut emptied = Vec::new();
+        for mut chunk in full.into_iter().chain(std::iter::once(filling)) {
+            self.pending.extend(chunk.drain(..));
+            if chunk.capacity() >= CHUNK {
+                emptied.push(chunk);
+            }
+        }
+        if !emptied.is_empty() {
+            let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            let room = SPARE_CHUNKS.saturating_sub(buffer.free.len());
+            buffer.free.extend(emptied.into_iter().take(room));
+        }
         for (key_id, u) in uses {
             self.uses.entry(key_id).or_insert(KeyUse { requests: 0, ..u }).add(
                 u.requests,
@@ -613,6 +632,39 @@ mod tests {
         let again: UsageEvent =
             serde_json::from_str(&serde_json::to_string(&e).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again, e);
+    }
+
+    /// Recording fills chunks and never moves what it buffered; the writer takes every event in the
+    /// order it was recorded and hands the emptied chunks back for the next events.
+    #[tokio::test]
+    async fn the_buffer_hands_over_events_in_order_and_reuses_its_chunks() {
+        let store = keyward_store::open("sqlite::memory:", true).await.unwrap_or_else(|e| panic!("{e}"));
+        let shared = Arc::new(Shared { buffer: Mutex::new(Buffer::default()), wake: Notify::new(), batch_size: 5_000 });
+        let (control, _rx) = mpsc::unbounded_channel();
+        let recorder = UsageRecorder { shared: shared.clone(), control };
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = UsageConfig::new(Duration::from_secs(1), dir.path().join("spill"));
+        let mut writer = Writer::new(store, shared.clone(), config);
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let kind = keyward_store::usage::UsageKind::Verify;
+        let mut recorded = Vec::new();
+        for _ in 0..2 {
+            for _ in 0..CHUNK * 5 / 2 {
+                let e = UsageEvent::new(kind, KeyId::new(), keyward_core::OrgId::new(), at);
+                recorded.push(e.id);
+                recorder.record(e);
+            }
+            {
+                let buffer = shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
+                assert_eq!((buffer.full.len(), buffer.events.len(), buffer.len), (2, CHUNK / 2, CHUNK * 5 / 2));
+                assert!(buffer.full.iter().all(|c| c.capacity() == CHUNK), "no chunk grew");
+                assert!(buffer.free.is_empty(), "the second round filled the chunks the first one emptied");
+            }
+            writer.drain();
+            assert_eq!(shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).free.len(), 3);
+        }
+        let taken: Vec<_> = writer.pending.iter().map(|e| e.id).collect();
+        assert_eq!(taken, recorded);
     }
 
     #[test]
