@@ -11,8 +11,9 @@ DURATION="${2:-10}"
 
 echo "== in-process verify (criterion)"
 cargo bench -q -p keyward-server --bench verify 2>/dev/null | grep -E "^verify/|time:" || true
-# The mean carries the usage writer's bursts (the bench verifies ~3x faster than any store ingests, so
-# the writer and its spill file run flat out beside it); the median of the samples does not.
+# The median of the samples beside criterion's estimate: the bench verifies ~3x faster than any store
+# ingests, so the usage writer runs flat out on the other core, and a mean far above the median says it
+# got in the way.
 for b in warm_one_key warm_1000_keys malformed; do
     f="${CARGO_TARGET_DIR:-target}/criterion/verify/$b/new/estimates.json"
     if [ -f "$f" ]; then
