@@ -7,7 +7,7 @@
 //! commute (rollups and counters add, `last_used_*` keeps the newest), each store locks rows in key
 //! order so two of them cannot deadlock, and one batch gets its statements ready while the other
 //! holds the database. A writer that fell behind writes its backlog in larger batches (up to ten
-//! times `batch_size`; see `Writer::next_batch_len`).
+//! times `batch_size`, [`Writer::next_batch_len`]).
 //!
 //! Nothing is dropped silently:
 //! - **Store errors**: the batch stays in memory and is retried with exponential backoff
