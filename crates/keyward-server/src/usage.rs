@@ -6,8 +6,7 @@
 //! counters together). Up to [`UsageConfig::concurrent_batches`] batches are written at once: batches
 //! commute (rollups and counters add, `last_used_*` keeps the newest), each store locks rows in key
 //! order so two of them cannot deadlock, and one batch gets its statements ready while the other
-//! holds the database. A writer that fell behind writes its backlog in larger batches (up to ten
-//! times `batch_size`, [`Writer::next_batch_len`]).
+//! holds the database.
 //!
 //! Nothing is dropped silently:
 //! - **Store errors**: the batch stays in memory and is retried with exponential backoff
@@ -112,9 +111,6 @@ struct Buffer {
     len: usize,
     uses: HashMap<KeyId, KeyUse>,
 }
-
-/// The largest batch, in `batch_size`s, a backlog is written in ([`Writer::next_batch_len`]).
-const BACKLOG_BATCH_FACTOR: usize = 10;
 
 /// Events per chunk of the buffer.
 const CHUNK: usize = 1_024;
@@ -375,7 +371,7 @@ impl Writer {
         let mut ok = true;
         loop {
             while ok && under_way.len() < self.config.concurrent_batches.max(1) && !self.pending.is_empty() {
-                let n = self.next_batch_len();
+                let n = self.pending.len().min(self.shared.batch_size);
                 let batch: Arc<Vec<UsageEvent>> = Arc::new(self.pending.drain(..n).collect());
                 let (store, events) = (self.store.clone(), batch.clone());
                 let task = under_way.spawn(async move { write_events(&*store, &events).await });
@@ -400,19 +396,6 @@ impl Writer {
                 }
             }
         }
-    }
-
-    /// Events for the next batch: [`UsageConfig::batch_size`], or more when the writer is behind. A
-    /// backlog is written in batches of up to [`BACKLOG_BATCH_FACTOR`] times that, an even share per
-    /// concurrent batch, because a batch costs its keys more than its events: with every event a
-    /// different key, 5,000 events update 5,000 scattered rows in each per-key table (rollups, key
-    /// counters), and a larger batch updates a key seen several times in it once. With 100,000 keys
-    /// drawn at random the SQLite writer stored 266,000 events in 8 s in batches of 50,000 against
-    /// 137,000 in batches of 5,000.
-    fn next_batch_len(&self) -> usize {
-        let batch_size = self.shared.batch_size;
-        let share = self.pending.len() / self.config.concurrent_batches.max(1);
-        share.clamp(batch_size, batch_size.saturating_mul(BACKLOG_BATCH_FACTOR)).min(self.pending.len())
     }
 
     /// Moves the oldest events past the memory bound to the spill file.
@@ -682,25 +665,6 @@ mod tests {
         }
         let taken: Vec<_> = writer.pending.iter().map(|e| e.id).collect();
         assert_eq!(taken, recorded);
-    }
-
-    /// A writer that keeps up writes `batch_size` at most; a backlog goes in larger batches, shared
-    /// between the concurrent ones, up to ten times `batch_size`.
-    #[tokio::test]
-    async fn a_backlog_is_written_in_larger_batches() {
-        let store = keyward_store::open("sqlite::memory:", true).await.unwrap_or_else(|e| panic!("{e}"));
-        let shared = Arc::new(Shared { buffer: Mutex::new(Buffer::default()), wake: Notify::new(), batch_size: 5_000 });
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mut config = UsageConfig::new(Duration::from_secs(1), dir.path().join("spill"));
-        config.concurrent_batches = 2;
-        let mut writer = Writer::new(store, shared, config);
-        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
-        let event =
-            UsageEvent::new(keyward_store::usage::UsageKind::Verify, KeyId::new(), keyward_core::OrgId::new(), at);
-        for (pending, batch) in [(0, 0), (3, 3), (5_000, 5_000), (9_000, 5_000), (12_000, 6_000), (400_000, 50_000)] {
-            writer.pending = std::iter::repeat_n(event.clone(), pending).collect();
-            assert_eq!(writer.next_batch_len(), batch, "{pending} pending");
-        }
     }
 
     #[test]
