@@ -107,9 +107,14 @@ struct Buffer {
     full: Vec<Vec<UsageEvent>>,
     /// Empty chunks, handed back by the writer.
     free: Vec<Vec<UsageEvent>>,
-    /// Events recorded since the writer last took them.
-    len: usize,
     uses: HashMap<KeyId, KeyUse>,
+}
+
+impl Buffer {
+    /// Events recorded since the writer last took them: every full chunk holds exactly [`CHUNK`].
+    fn len(&self) -> usize {
+        self.full.len() * CHUNK + self.events.len()
+    }
 }
 
 /// Events per chunk of the buffer.
@@ -200,8 +205,7 @@ impl UsageRecorder {
                 let chunk = std::mem::take(&mut buffer.events);
                 buffer.full.push(chunk);
             }
-            buffer.len += 1;
-            buffer.len
+            buffer.len()
         };
         if len % self.shared.batch_size == 0 {
             self.shared.wake.notify_one();
@@ -301,7 +305,6 @@ impl Writer {
     fn drain(&mut self) {
         let (full, filling, uses) = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            buffer.len = 0;
             (std::mem::take(&mut buffer.full), std::mem::take(&mut buffer.events), std::mem::take(&mut buffer.uses))
         };
         let mut emptied = Vec::new();
@@ -656,7 +659,7 @@ mod tests {
             }
             {
                 let buffer = shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
-                assert_eq!((buffer.full.len(), buffer.events.len(), buffer.len), (2, CHUNK / 2, CHUNK * 5 / 2));
+                assert_eq!((buffer.full.len(), buffer.events.len(), buffer.len()), (2, CHUNK / 2, CHUNK * 5 / 2));
                 assert!(buffer.full.iter().all(|c| c.capacity() == CHUNK), "no chunk grew");
                 assert!(buffer.free.is_empty(), "the second round filled the chunks the first one emptied");
             }
