@@ -525,6 +525,9 @@ impl keyward_store::UsageStore for CachedStore {
     ) -> StoreResult<keyward_store::usage::RecordedBatch> {
         self.inner.record_usage_batch(events).await
     }
+    async fn fold_usage(&self) -> StoreResult<u64> {
+        self.inner.fold_usage().await
+    }
     async fn key_usage_daily(
         &self,
         key_id: KeyId,

@@ -2,11 +2,14 @@
 //! buffer (a short mutex push, never an await, never the database) and moves on; one background task
 //! writes the buffer in batches, by size ([`UsageConfig::batch_size`] wakes it early) and by time
 //! ([`UsageConfig::flush_interval`], 1 s by default), one store transaction per batch
-//! ([`keyward_store::UsageStore::record_usage_batch`]: events, daily rollups, key counters and quota
-//! counters together). Up to [`UsageConfig::concurrent_batches`] batches are written at once: batches
-//! commute (rollups and counters add, `last_used_*` keeps the newest), each store locks rows in key
-//! order so two of them cannot deadlock, and one batch gets its statements ready while the other
-//! holds the database.
+//! ([`keyward_store::UsageStore::record_usage_batch`]: events, quota counters and the batch's pending
+//! rollup rows together). Up to [`UsageConfig::concurrent_batches`] batches are written at once: batches
+//! commute (they append, and quota counters add), each store locks quota rows in subject order so two
+//! of them cannot deadlock, and one batch gets its statements ready while the other holds the
+//! database. Every [`UsageConfig::fold_interval`] (10 s by default), and on every flush, the writer
+//! folds the pending rows into the daily rollups and the keys' counters
+//! ([`keyward_store::UsageStore::fold_usage`]): with many keys in use, one fold in key order costs a
+//! fraction of what upserting each batch's keys in place did.
 //!
 //! Nothing is dropped silently:
 //! - **Store errors**: the batch stays in memory and is retried with exponential backoff
@@ -59,6 +62,10 @@ pub struct UsageConfig {
     pub shutdown_timeout: Duration,
     /// Batches written at once, each its own transaction (at least 1).
     pub concurrent_batches: usize,
+    /// How often the rollups catch up with the batches ([`keyward_store::UsageStore::fold_usage`]):
+    /// the most a usage report, a key's `total_requests` and its `last_used_*` lag behind. A flush
+    /// and shutdown fold at once.
+    pub fold_interval: Duration,
 }
 
 impl UsageConfig {
@@ -73,6 +80,7 @@ impl UsageConfig {
             retry_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             concurrent_batches: 2,
+            fold_interval: Duration::from_secs(10),
         }
     }
 
@@ -253,6 +261,8 @@ struct Writer {
     /// After a failure: no attempt before this, and the next delay.
     retry_at: Option<Instant>,
     delay: Duration,
+    /// No fold before this, unless asked for one.
+    next_fold: Instant,
 }
 
 impl Writer {
@@ -262,7 +272,18 @@ impl Writer {
             tracing::warn!(path = %config.spill_path.display(), "usage spill file found; replaying it");
         }
         let delay = config.retry_initial;
-        Self { store, shared, config, pending: VecDeque::new(), uses: HashMap::new(), spilled, retry_at: None, delay }
+        let next_fold = Instant::now() + config.fold_interval;
+        Self {
+            store,
+            shared,
+            config,
+            pending: VecDeque::new(),
+            uses: HashMap::new(),
+            spilled,
+            retry_at: None,
+            delay,
+            next_fold,
+        }
     }
 
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
@@ -278,11 +299,11 @@ impl Writer {
             match request {
                 None => {
                     if self.retry_at.is_none_or(|at| Instant::now() >= at) {
-                        self.write_all().await;
+                        self.write_all(false).await;
                     }
                 }
                 Some(Some(Control::Flush(ack))) => {
-                    let ok = self.write_all().await;
+                    let ok = self.write_all(true).await;
                     // Before the answer, so a caller that saw the flush fail also sees what was spilled.
                     self.spill_excess().await;
                     let _ = ack.send(ok);
@@ -332,9 +353,10 @@ impl Writer {
         metrics::gauge!("keyward_usage_buffer_events").set(self.pending.len() as f64);
     }
 
-    /// Replays the spill file, then writes the pending events batch by batch and the callers' key use.
-    /// Stops at the first failure (kept, retried after the backoff). `true` when nothing is left.
-    async fn write_all(&mut self) -> bool {
+    /// Replays the spill file, then writes the pending events batch by batch and the callers' key use,
+    /// then folds the rollups if the fold interval has passed (at once with `fold_now`). Stops at the
+    /// first failure (kept, retried after the backoff). `true` when nothing is left.
+    async fn write_all(&mut self, fold_now: bool) -> bool {
         if self.spilled && !self.replay().await {
             return self.failed();
         }
@@ -348,6 +370,18 @@ impl Writer {
                 return self.failed();
             }
             self.uses.clear();
+        }
+        if fold_now || Instant::now() >= self.next_fold {
+            match self.store.fold_usage().await {
+                Ok(rows) => {
+                    metrics::counter!("keyward_usage_folded_rows_total").increment(rows);
+                    self.next_fold = Instant::now() + self.config.fold_interval;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding usage into the rollups failed; will retry");
+                    return self.failed();
+                }
+            }
         }
         self.retry_at = None;
         self.delay = self.config.retry_initial;
@@ -466,7 +500,7 @@ impl Writer {
         self.drain();
         let deadline = Instant::now() + self.config.shutdown_timeout;
         loop {
-            if self.write_all().await {
+            if self.write_all(true).await {
                 self.gauge();
                 return;
             }

@@ -23,7 +23,7 @@ use keyward_core::{KeyId, OrgId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{KeyUsage, StoreResult};
+use crate::StoreResult;
 
 /// Upper bounds (inclusive, milliseconds) of the latency histogram's buckets; the last is `+inf`.
 /// Changing them changes the meaning of stored rows: add a migration.
@@ -394,50 +394,61 @@ pub struct EndpointCounts {
 }
 
 impl EndpointCounts {
-    fn add_event(&mut self, e: &UsageEvent) {
-        if e.kind.is_request() {
-            self.requests += 1;
-        }
-        if e.status_code.is_some_and(|s| s >= 400) || (e.kind.is_request() && !e.is_valid_request()) {
-            self.errors += 1;
-        }
-        self.tokens_used += e.tokens_used;
-        self.cost_micros += e.cost_micros;
+    /// 1 when the event counts as an endpoint error: a status of 400 or more, or a request that was
+    /// not VALID. The endpoint's requests, tokens and cost are the day's ([`DailyCounts`]).
+    fn errors_of(e: &UsageEvent) -> i64 {
+        i64::from(e.status_code.is_some_and(|s| s >= 400) || (e.kind.is_request() && !e.is_valid_request()))
     }
+}
+
+/// What a batch adds to one (key, UTC day, endpoint): a row of `usage_pending`, folded later into the
+/// day's rollup, the endpoint's rollup and the key's counters ([`UsageStore::fold_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUsage {
+    pub key_id: KeyId,
+    pub organization_id: OrgId,
+    pub day: NaiveDate,
+    /// Cut to [`MAX_ENDPOINT_LEN`]; `""` for events that named none.
+    pub endpoint: String,
+    pub counts: DailyCounts,
+    /// The endpoint rollup's `errors` ([`EndpointCounts`]); its other columns are in `counts`.
+    pub endpoint_errors: i64,
+    /// The newest VALID request's time and last known address (`api_keys.last_used_*`); `None` when
+    /// the row holds no VALID request. VALID requests are `counts.requests - counts.denied`.
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub last_used_ip: Option<String>,
 }
 
 /// Everything one batch changes besides the event rows, computed from the events actually inserted.
 #[derive(Debug, Default, PartialEq)]
 pub struct BatchEffects {
-    /// Per (key, UTC day): organization and counts.
-    pub daily: Vec<(KeyId, NaiveDate, OrgId, DailyCounts)>,
-    pub endpoints: Vec<(KeyId, NaiveDate, String, EndpointCounts)>,
-    /// `total_requests`, `last_used_*`: valid requests only (as before the ledger).
-    pub keys: Vec<KeyUsage>,
-    /// Per (quota subject, `YYYY-MM`): units spent.
+    /// Per (key, UTC day, endpoint), appended to `usage_pending`.
+    pub pending: Vec<PendingUsage>,
+    /// Per (quota subject, `YYYY-MM`): units spent, added to `quota_usage` by the batch itself (the
+    /// limiters seed from it after a restart, so it never lags).
     pub quota: Vec<(String, String, i64)>,
 }
 
 impl BatchEffects {
-    /// Sorted by key, so that writers lock rows in one order (no deadlock between nodes, nor between
-    /// the batches one node writes side by side).
+    /// Sorted by key (then day and endpoint), so that writers lock rows in one order (no deadlock
+    /// between nodes, nor between the batches one node writes side by side).
     pub fn of<'a>(events: impl IntoIterator<Item = &'a UsageEvent>) -> Self {
-        let mut daily: HashMap<(KeyId, NaiveDate), (OrgId, DailyCounts)> = HashMap::new();
-        let mut endpoints: HashMap<(KeyId, NaiveDate, &str), EndpointCounts> = HashMap::new();
-        // (requests, last used at, last known address): the address becomes text once per key.
-        let mut keys: HashMap<KeyId, (i64, DateTime<Utc>, Option<IpAddr>)> = HashMap::new();
+        // Per (key, day, endpoint): org, counts, endpoint errors, newest VALID use and last known address.
+        type Acc = (OrgId, DailyCounts, i64, Option<(DateTime<Utc>, Option<IpAddr>)>);
+        let mut rows: HashMap<(KeyId, NaiveDate, &str), Acc> = HashMap::new();
         let mut quota: HashMap<(QuotaSubject, (i32, u32)), i64> = HashMap::new();
         for e in events {
-            let day = e.at.date_naive();
-            daily.entry((e.key_id, day)).or_insert_with(|| (e.organization_id, DailyCounts::default())).1.add_event(e);
-            endpoints.entry((e.key_id, day, e.endpoint_key())).or_default().add_event(e);
+            let row = rows
+                .entry((e.key_id, e.at.date_naive(), e.endpoint_key()))
+                .or_insert_with(|| (e.organization_id, DailyCounts::default(), 0, None));
+            row.1.add_event(e);
+            row.2 += EndpointCounts::errors_of(e);
             if e.is_valid_request() {
-                let k = keys.entry(e.key_id).or_insert((0, e.at, e.ip));
-                k.0 += 1;
-                if e.at >= k.1 {
-                    k.1 = e.at;
+                let used = row.3.get_or_insert((e.at, e.ip));
+                if e.at >= used.0 {
+                    used.0 = e.at;
                     if e.ip.is_some() {
-                        k.2 = e.ip;
+                        used.1 = e.ip;
                     }
                 }
                 if let Some(subject) = e.quota_subject
@@ -447,26 +458,30 @@ impl BatchEffects {
                 }
             }
         }
-        let mut daily: Vec<_> = daily.into_iter().map(|((k, d), (o, c))| (k, d, o, c)).collect();
-        daily.sort_by_key(|(k, d, ..)| (*k, *d));
-        let mut endpoints: Vec<_> = endpoints.into_iter().map(|((k, d, p), c)| (k, d, p.to_owned(), c)).collect();
-        endpoints.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
-        let mut keys: Vec<_> = keys
+        let mut pending: Vec<_> = rows
             .into_iter()
-            .map(|(key_id, (requests, last_used_at, ip))| KeyUsage {
+            .map(|((key_id, day, endpoint), (organization_id, counts, endpoint_errors, used))| PendingUsage {
                 key_id,
-                requests,
-                last_used_at,
-                last_used_ip: ip.map(|ip| ip.to_string()),
+                organization_id,
+                day,
+                endpoint: endpoint.to_owned(),
+                counts,
+                endpoint_errors,
+                last_used_at: used.map(|u| u.0),
+                last_used_ip: used.and_then(|u| u.1).map(|ip| ip.to_string()),
             })
             .collect();
-        keys.sort_by_key(|k| k.key_id);
+        pending.sort_by(|a, b| (a.key_id, a.day, &a.endpoint).cmp(&(b.key_id, b.day, &b.endpoint)));
         let mut quota: Vec<_> =
             quota.into_iter().map(|((s, (y, m)), u)| (s.to_string(), format!("{y:04}-{m:02}"), u)).collect();
         quota.sort();
-        Self { daily, endpoints, keys, quota }
+        Self { pending, quota }
     }
 }
+
+/// Most pending rows one fold transaction takes: bounds how long it holds SQLite's write lock (about a
+/// second on the project's machine) while batches queue behind it.
+pub const FOLD_ROWS: i64 = 200_000;
 
 /// `YYYY-MM` of a time's UTC month: the `month` of a quota counter.
 pub fn month_of(at: DateTime<Utc>) -> String {
@@ -520,9 +535,16 @@ pub struct EventTotals {
 #[async_trait]
 pub trait UsageStore: Send + Sync {
     /// Inserts the events that are not stored yet (by id, and by idempotency id per organization) and,
-    /// in the same transaction, applies what those events change: daily rollups, endpoint rollups, the
-    /// keys' `total_requests`/`last_used_*`, and the monthly quota counters. All or nothing.
+    /// in the same transaction, adds them to the monthly quota counters and appends what they change in
+    /// the rollups and the keys' `total_requests`/`last_used_*` to `usage_pending`
+    /// ([`BatchEffects`]). All or nothing. The rollups show the batch after the next
+    /// [`UsageStore::fold_usage`].
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch>;
+
+    /// Folds the pending rows into `usage_daily`, `usage_daily_endpoints` and `api_keys`, and deletes
+    /// them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows
+    /// it folded. Each row is folded exactly once, whatever folds other nodes run at the same time.
+    async fn fold_usage(&self) -> StoreResult<u64>;
 
     /// A key's rollup rows for `from..=to` (UTC days), oldest first; days without use have no row.
     async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>>;
@@ -618,14 +640,18 @@ mod tests {
         report.cost_micros = 250;
         report.endpoint = Some("/v1/chat".into());
         let fx = BatchEffects::of([&valid, &limited, &report]);
-        assert_eq!(fx.daily.len(), 1);
-        let c = &fx.daily[0].3;
-        assert_eq!((c.requests, c.denied, c.reports, c.errors_5xx), (2, 1, 1, 1));
+        // Two endpoints: none (the verifications) and /v1/chat (the report).
+        assert_eq!(fx.pending.len(), 2);
+        let (none, chat) = (&fx.pending[0], &fx.pending[1]);
+        assert_eq!((none.endpoint.as_str(), chat.endpoint.as_str()), ("", "/v1/chat"));
+        let c = &none.counts;
+        assert_eq!((c.requests, c.denied, c.reports, none.endpoint_errors), (2, 1, 0, 1));
+        assert_eq!(none.last_used_at, Some(t));
+        assert_eq!(none.last_used_ip.as_deref(), Some("10.0.0.1"));
+        let c = &chat.counts;
+        assert_eq!((c.requests, c.reports, c.errors_5xx, chat.endpoint_errors), (0, 1, 1, 1));
         assert_eq!((c.tokens_used, c.cost_micros, c.latency_count, c.latency_sum_ms), (7, 250, 1, 12));
-        assert_eq!(fx.keys.len(), 1);
-        assert_eq!(fx.keys[0].requests, 1);
+        assert_eq!(chat.last_used_at, None);
         assert_eq!(fx.quota, vec![(format!("quota:org:{org}"), "2030-01".to_owned(), 3)]);
-        assert_eq!(fx.keys[0].last_used_ip.as_deref(), Some("10.0.0.1"));
-        assert_eq!(fx.endpoints.len(), 2);
     }
 }

@@ -73,6 +73,9 @@ pub struct UsageSettings {
     pub retry_max_ms: u64,
     /// How long a graceful shutdown keeps retrying the store before spilling what is left (ms).
     pub shutdown_timeout_ms: u64,
+    /// How often the daily rollups and the keys' counters catch up with the written events (ms): the
+    /// most a usage report lags behind.
+    pub fold_interval_ms: u64,
 }
 
 impl Default for UsageSettings {
@@ -87,6 +90,7 @@ impl Default for UsageSettings {
             retry_initial_ms: millis(d.retry_initial),
             retry_max_ms: millis(d.retry_max),
             shutdown_timeout_ms: millis(d.shutdown_timeout),
+            fold_interval_ms: millis(d.fold_interval),
         }
     }
 }
@@ -313,6 +317,7 @@ impl Config {
             retry_initial: Duration::from_millis(self.usage.retry_initial_ms),
             retry_max: Duration::from_millis(self.usage.retry_max_ms),
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
+            fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
             ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
     }
@@ -430,14 +435,17 @@ mod tests {
             let u = c.usage_config();
             assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(100), Duration::from_secs(5)));
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(10), 2));
+            assert_eq!(u.fold_interval, Duration::from_secs(10));
             jail.create_file(
                 "keyward.toml",
-                "[usage]\nretry_initial_ms = 50\nretry_max_ms = 2000\nshutdown_timeout_ms = 3000\nconcurrent_batches = 1",
+                "[usage]\nretry_initial_ms = 50\nretry_max_ms = 2000\nshutdown_timeout_ms = 3000\nconcurrent_batches = 1\n\
+                 fold_interval_ms = 2500",
             )?;
             let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
             let u = c.usage_config();
             assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(50), Duration::from_secs(2)));
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(3), 1));
+            assert_eq!(u.fold_interval, Duration::from_millis(2500));
             assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
             jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "10");
             assert!(Config::load(None, Overrides::default()).is_err(), "retry_max below retry_initial");

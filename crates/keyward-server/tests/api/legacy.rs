@@ -427,4 +427,8 @@ impl keyward_store::UsageStore for Counting {
         self.count();
         self.inner.prune_usage_events(before, limit).await
     }
+    async fn fold_usage(&self) -> StoreResult<u64> {
+        self.count();
+        self.inner.fold_usage().await
+    }
 }

@@ -404,6 +404,61 @@ async fn pruning_deletes_old_events_and_keeps_rollups() {
     assert_eq!(r.body["totals"]["requests"], 2, "rollups stay");
 }
 
+/// Batches write the events and the quota counter at once; the rollups and the key's counters catch up
+/// at the next fold: not before the fold interval, by itself after it, at once on a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_catch_up_at_each_fold_interval() {
+    let mut app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let written = |app: &TestApp| {
+        let store = app.state.store.clone();
+        async move { store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap().events }
+    };
+    let folded = |app: &TestApp| {
+        let store = app.state.store.clone();
+        async move { store.key_usage_daily(rec.id, day(0), day(0)).await.unwrap().first().map_or(0, |d| d.counts.requests) }
+    };
+    // A fold interval of an hour: the writer's own writes (every 10 ms) leave the rollups behind.
+    let hour = UsageConfig {
+        fold_interval: Duration::from_secs(3600),
+        ..UsageConfig::new(Duration::from_millis(10), std::env::temp_dir().join(format!("kw-{}", rec.id)))
+    };
+    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), hour);
+    app.state.usage = usage;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while written(&app).await < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the writer wrote the event by itself");
+    assert_eq!(folded(&app).await, 0, "not folded before the interval");
+    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 0);
+    assert!(app.state.usage.flush().await);
+    assert_eq!(folded(&app).await, 1, "a flush folds");
+    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 1);
+    worker.shutdown().await;
+
+    // A fold interval of 20 ms: the rollups catch up without a flush.
+    let short = UsageConfig {
+        fold_interval: Duration::from_millis(20),
+        ..UsageConfig::new(Duration::from_millis(10), std::env::temp_dir().join(format!("kw-{}-2", rec.id)))
+    };
+    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), short);
+    app.state.usage = usage;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while folded(&app).await < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the writer folded by itself");
+    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 2);
+    worker.shutdown().await;
+}
+
 /// With Redis: a node whose Redis has no counter for the month (a fresh prefix: Redis flushed or
 /// replaced) seeds it from the store's durable count, then counts in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

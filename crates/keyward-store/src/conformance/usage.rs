@@ -14,6 +14,7 @@ pub const CASES: &[&str] = &[
     "usage_batch_is_idempotent",
     "usage_batch_of_known_and_new_events_counts_the_new_once",
     "usage_prune_keeps_rollups",
+    "usage_fold_counts_each_pending_row_once",
 ];
 
 fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
@@ -44,8 +45,8 @@ fn day(minutes: i64) -> NaiveDate {
     at(minutes).date_naive()
 }
 
-/// One batch: events in, and in the same transaction the rollups (per day, per endpoint), the key's
-/// counters and the quota counter, which all agree with the raw events.
+/// One batch: events in, and in the same transaction the quota counter; after the fold, the rollups (per
+/// day, per endpoint) and the key's counters, which all agree with the raw events.
 pub async fn usage_batch_writes_events_rollups_and_counters(store: &dyn Store) {
     let org = org(store, None).await;
     let k = key(store, &org).await;
@@ -63,6 +64,12 @@ pub async fn usage_batch_writes_events_rollups_and_counters(store: &dyn Store) {
     events.push(report(&k, org.id, 11, "r-2", 503, 700));
     let recorded = store.record_usage_batch(&events).await.must("record_usage_batch");
     assert_eq!((recorded.inserted, recorded.duplicates), (events.len() as u64, 0));
+    // Before the fold: the quota counter and the raw events are current, the rollups not yet.
+    let subject = format!("quota:org:{}", org.id);
+    assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota_used"), 22);
+    assert!(store.key_usage_daily(k.id, day(0), day(24 * 60 + 1)).await.must("unfolded").is_empty());
+    assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 0);
+    assert_eq!(store.fold_usage().await.must("fold"), 5, "one pending row per (key, day, endpoint)");
 
     let days = store.key_usage_daily(k.id, day(0), day(24 * 60 + 1)).await.must("key_usage_daily");
     assert_eq!(days.iter().map(|d| d.day).collect::<Vec<_>>(), vec![day(0), day(24 * 60)]);
@@ -98,7 +105,8 @@ pub async fn usage_batch_writes_events_rollups_and_counters(store: &dyn Store) {
     let got = store.get_key(k.id).await.must("get_key");
     assert_eq!(got.total_requests, 10);
     assert_eq!(got.last_used_at, Some(at(24 * 60 + 1)));
-    let subject = format!("quota:org:{}", org.id);
+    assert_eq!(got.last_used_ip.as_deref(), Some("10.0.0.191"), "the newest use's address");
+    assert_eq!(store.get_key(other.id).await.must("get_key").total_requests, 1);
     assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota_used"), 22);
     assert_eq!(store.quota_used(&subject, "2030-02").await.must("quota_used"), 0);
     assert_eq!(store.quota_used("quota:org:nobody", "2030-01").await.must("quota_used"), 0);
@@ -124,6 +132,7 @@ pub async fn usage_batch_is_idempotent(store: &dyn Store) {
     assert_eq!((r.inserted, r.duplicates), (0, 2));
     let r = store.record_usage_batch(&[report(&b, org_b.id, 2, "same", 200, 5)]).await.must("other org");
     assert_eq!(r.inserted, 1);
+    store.fold_usage().await.must("fold");
 
     let days = store.key_usage_daily(a.id, day(0), day(0)).await.must("daily");
     assert_eq!((days[0].counts.requests, days[0].counts.reports, days[0].counts.tokens_used), (1, 2, 200));
@@ -143,6 +152,7 @@ pub async fn usage_batch_of_known_and_new_events_counts_the_new_once(store: &dyn
     assert_eq!((second.inserted, second.duplicates), (1_000, 1_500));
     let raw = store.usage_event_totals(k.id, at(-1), at(24 * 60)).await.must("totals");
     assert_eq!((raw.events, raw.requests), (2_500, 2_500));
+    store.fold_usage().await.must("fold");
     let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
     assert_eq!(days[0].counts.requests, 2_500);
     assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 2_500);
@@ -156,6 +166,7 @@ pub async fn usage_prune_keeps_rollups(store: &dyn Store) {
     let k = key(store, &org).await;
     let events: Vec<UsageEvent> = (0..5).map(|i| verify_event(&k, i, "VALID", "/p")).collect();
     store.record_usage_batch(&events).await.must("record");
+    store.fold_usage().await.must("fold");
     let cutoff = t0() + Duration::minutes(3);
     // Other cases' events may be older than the cutoff too: prune until nothing is left before it.
     let mut pruned = 0;
@@ -172,4 +183,36 @@ pub async fn usage_prune_keeps_rollups(store: &dyn Store) {
     assert_eq!(raw.events, 2);
     let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
     assert_eq!(days[0].counts.requests, 5, "rollups stay");
+}
+
+/// Batches leave pending rows; folds running side by side (two nodes) count each of them exactly once,
+/// and a fold with nothing pending changes nothing.
+pub async fn usage_fold_counts_each_pending_row_once(store: &dyn Store) {
+    let org = org(store, None).await;
+    let keys = [key(store, &org).await, key(store, &org).await, key(store, &org).await];
+    store.fold_usage().await.must("fold what other cases left");
+    for batch in 0..20 {
+        let events: Vec<UsageEvent> = (0..30)
+            .map(|i| {
+                let k = &keys[(batch + i) % keys.len()];
+                verify_event(k, i as i64, if i % 10 == 9 { "RATE_LIMITED" } else { "VALID" }, ["/a", "/b"][i % 2])
+            })
+            .collect();
+        store.record_usage_batch(&events).await.must("record");
+    }
+    let (a, b) = tokio::join!(store.fold_usage(), store.fold_usage());
+    let folded = a.must("fold a") + b.must("fold b");
+    assert!(folded > 0);
+    assert_eq!(store.fold_usage().await.must("nothing left"), 0);
+    let mut requests = 0;
+    for k in &keys {
+        let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
+        let c = &days[0].counts;
+        requests += c.requests;
+        assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, c.requests - c.denied);
+        let endpoints = store.key_usage_endpoints(k.id, day(0), day(0), 10).await.must("endpoints");
+        assert_eq!(endpoints.iter().map(|e| e.counts.requests).sum::<i64>(), c.requests);
+        assert_eq!(endpoints.iter().map(|e| e.counts.errors).sum::<i64>(), c.denied);
+    }
+    assert_eq!(requests, 20 * 30);
 }

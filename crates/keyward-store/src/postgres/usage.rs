@@ -1,6 +1,7 @@
-//! The usage ledger in PostgreSQL: events inserted with multi-row statements, rollups and quota
-//! counters upserted by adding, all in one transaction per batch. Rows are upserted in key order
-//! ([`BatchEffects::of`] sorts), so two nodes flushing overlapping batches cannot deadlock.
+//! The usage ledger in PostgreSQL: events and pending rollup rows inserted from arrays, quota counters
+//! upserted by adding, all in one transaction per batch; pending rows folded into the rollups by
+//! [`UsageStore::fold_usage`]. Quota rows are upserted in subject order ([`BatchEffects::of`] sorts),
+//! so two nodes flushing overlapping batches cannot deadlock.
 
 use std::collections::HashSet;
 
@@ -14,8 +15,8 @@ use uuid::Uuid;
 use super::{PostgresStore, db};
 use crate::StoreResult;
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
-    RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
+    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
 };
 
 /// Rows per INSERT (arrays of this length, one per column).
@@ -74,69 +75,29 @@ fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, P
         .collect()
 }
 
-/// Everything a batch's effects change besides the events, in key order (see the module docs).
+/// Everything a batch's effects change besides the events: its `usage_pending` rows and the quota
+/// counters.
 fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Postgres>> {
     let mut statements = Vec::new();
-    // Multi-row upserts: one statement per 2000 rollup rows, not one per (key, day). Each
-    // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
-    let columns = DAILY_COLUMNS.join(", ");
-    for chunk in fx.daily.chunks(2000) {
-        let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
-        q.push_values(chunk, |mut b, (key_id, d, org, c)| {
-            b.push_bind(key_id.0).push_bind(*d).push_bind(org.0);
-            for v in c.values() {
-                b.push_bind(v);
-            }
-        });
-        q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
-        statements.push(q);
-    }
-    for chunk in fx.endpoints.chunks(8000) {
-        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
-        );
-        q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
-            b.push_bind(key_id.0)
-                .push_bind(*d)
-                .push_bind(endpoint.as_str())
-                .push_bind(c.requests)
-                .push_bind(c.errors)
-                .push_bind(c.tokens_used)
-                .push_bind(c.cost_micros);
-        });
-        q.push(
-            " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
-                 requests = usage_daily_endpoints.requests + excluded.requests,
-                 errors = usage_daily_endpoints.errors + excluded.errors,
-                 tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
-                 cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
-        );
-        statements.push(q);
-    }
-    // All the batch's keys in one UPDATE ... FROM UNNEST, after locking their rows in id order (so
-    // two transactions flushing overlapping batches cannot deadlock). As in record_key_usage, the
-    // CASEs compare against the old `last_used_at`, and an unknown address keeps the last known one.
-    if !fx.keys.is_empty() {
-        let ids: Vec<Uuid> = fx.keys.iter().map(|u| u.key_id.0).collect();
-        let mut lock: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id FROM api_keys WHERE id = ANY(");
-        lock.push_bind(ids.clone()).push(") ORDER BY id FOR UPDATE");
-        statements.push(lock);
-        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "UPDATE api_keys AS k SET
-                 total_requests = k.total_requests + v.requests,
-                 last_used_ip = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
-                                     THEN COALESCE(v.ip, k.last_used_ip) ELSE k.last_used_ip END,
-                 last_used_at = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
-                                     THEN v.at ELSE k.last_used_at END
-             FROM UNNEST(",
-        );
+    for chunk in fx.pending.chunks(INSERT_ROWS) {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, last_used_at, \
+             last_used_ip) SELECT * FROM UNNEST(",
+            DAILY_COLUMNS.join(", ")
+        ));
+        let values: Vec<[i64; 25]> = chunk.iter().map(|p| p.counts.values()).collect();
         let mut a = q.separated(", ");
-        a.push_bind(ids).push_unseparated("::uuid[]");
-        a.push_bind(fx.keys.iter().map(|u| u.requests).collect::<Vec<_>>()).push_unseparated("::int8[]");
-        a.push_bind(fx.keys.iter().map(|u| u.last_used_at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
-        a.push_bind(fx.keys.iter().map(|u| u.last_used_ip.as_deref()).collect::<Vec<_>>()).push_unseparated("::text[]");
-        q.push(") AS v(id, requests, at, ip) WHERE k.id = v.id");
+        a.push_bind(chunk.iter().map(|p| p.key_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+        a.push_bind(chunk.iter().map(|p| p.organization_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+        a.push_bind(chunk.iter().map(|p| p.day).collect::<Vec<_>>()).push_unseparated("::date[]");
+        a.push_bind(chunk.iter().map(|p| p.endpoint.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
+        for i in 0..DAILY_COLUMNS.len() {
+            a.push_bind(values.iter().map(|v| v[i]).collect::<Vec<_>>()).push_unseparated("::int8[]");
+        }
+        a.push_bind(chunk.iter().map(|p| p.endpoint_errors).collect::<Vec<_>>()).push_unseparated("::int8[]");
+        a.push_bind(chunk.iter().map(|p| p.last_used_at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
+        a.push_bind(chunk.iter().map(|p| p.last_used_ip.as_deref()).collect::<Vec<_>>()).push_unseparated("::text[]");
+        q.push(")");
         statements.push(q);
     }
     // Sorted by subject (BatchEffects::of), one row each.
@@ -204,6 +165,71 @@ impl UsageStore for PostgresStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(RecordedBatch { inserted: events.len() as u64, duplicates: 0 })
+    }
+
+    async fn fold_usage(&self) -> StoreResult<u64> {
+        let columns = DAILY_COLUMNS.join(", ");
+        let sums = DAILY_COLUMNS.iter().map(|c| format!("SUM({c})::bigint")).collect::<Vec<_>>().join(", ");
+        // One statement, so one snapshot: the rows it deletes are exactly the rows it adds up (a batch
+        // committing meanwhile is left for the next fold). Rows are grouped by key; the keys' rows are
+        // locked in id order first, as in record_key_usage.
+        let sql = format!(
+            "WITH moved AS (
+                 DELETE FROM usage_pending WHERE seq IN (SELECT seq FROM usage_pending ORDER BY seq LIMIT $1)
+                 RETURNING *
+             ),
+             daily AS (
+                 INSERT INTO usage_daily (key_id, day, organization_id, {columns})
+                 SELECT key_id, day, MIN(organization_id::text)::uuid, {sums} FROM moved GROUP BY key_id, day
+                 ON CONFLICT (key_id, day) DO UPDATE SET {add}
+             ),
+             endpoints AS (
+                 INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
+                 SELECT key_id, day, endpoint, SUM(requests)::bigint, SUM(endpoint_errors)::bigint,
+                        SUM(tokens_used)::bigint, SUM(cost_micros)::bigint
+                 FROM moved GROUP BY key_id, day, endpoint
+                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+                     requests = usage_daily_endpoints.requests + excluded.requests,
+                     errors = usage_daily_endpoints.errors + excluded.errors,
+                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
+                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros
+             ),
+             used AS (
+                 SELECT key_id, SUM(requests - denied)::bigint AS requests, MAX(last_used_at) AS at,
+                        (array_agg(last_used_ip ORDER BY last_used_at DESC))[1] AS ip
+                 FROM moved WHERE last_used_at IS NOT NULL GROUP BY key_id
+             ),
+             locked AS (
+                 SELECT id FROM api_keys WHERE id IN (SELECT key_id FROM used) ORDER BY id FOR UPDATE
+             ),
+             keys AS (
+                 UPDATE api_keys AS k SET
+                     total_requests = k.total_requests + v.requests,
+                     last_used_ip = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN COALESCE(v.ip, k.last_used_ip) ELSE k.last_used_ip END,
+                     last_used_at = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
+                                         THEN v.at ELSE k.last_used_at END
+                 FROM used AS v JOIN locked ON locked.id = v.key_id
+                 WHERE k.id = v.key_id
+             )
+             SELECT COUNT(*) FROM moved",
+            add = daily_add_set("usage_daily"),
+        );
+        let mut folded = 0;
+        loop {
+            let mut tx = self.begin().await?;
+            // Folds run one at a time across the nodes: two would wait on each other's rows.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keyward.fold_usage'))")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let rows: i64 = sqlx::query_scalar(&sql).bind(FOLD_ROWS).fetch_one(&mut *tx).await.map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            folded += rows as u64;
+            if rows < FOLD_ROWS {
+                return Ok(folded);
+            }
+        }
     }
 
     async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {

@@ -1,5 +1,6 @@
-//! The usage ledger in SQLite: events inserted with multi-row statements, rollups and quota counters
-//! upserted by adding, all in one `BEGIN IMMEDIATE` transaction per batch.
+//! The usage ledger in SQLite: events and pending rollup rows inserted with multi-row statements, quota
+//! counters upserted by adding, all in one `BEGIN IMMEDIATE` transaction per batch; pending rows folded
+//! into the rollups by [`UsageStore::fold_usage`].
 
 use std::collections::HashSet;
 
@@ -11,8 +12,8 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{SqliteStore, db, parse_id, ts};
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
-    RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
+    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
 };
 use crate::{StoreError, StoreResult};
 
@@ -90,65 +91,27 @@ fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, S
         .collect()
 }
 
-/// Everything a batch's effects change besides the events: rollups, keys, quota counters.
+/// Everything a batch's effects change besides the events: its `usage_pending` rows and the quota
+/// counters.
 fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Sqlite>> {
     let mut statements = Vec::new();
-    // Multi-row upserts: one statement per 1000 rollup rows, not one per (key, day). Each
-    // (key, day) and (key, day, endpoint) appears once in a batch's effects, as one statement needs.
-    let columns = DAILY_COLUMNS.join(", ");
-    for chunk in fx.daily.chunks(1000) {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("INSERT INTO usage_daily (key_id, day, organization_id, {columns}) "));
-        q.push_values(chunk, |mut b, (key_id, d, org, c)| {
-            b.push_bind(key_id.to_string()).push_bind(day(*d)).push_bind(org.to_string());
-            for v in c.values() {
+    // 33 parameters a row: 900 rows stay under SQLite's 32,766.
+    for chunk in fx.pending.chunks(900) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, \
+             last_used_at, last_used_ip) ",
+            DAILY_COLUMNS.join(", ")
+        ));
+        q.push_values(chunk, |mut b, p| {
+            b.push_bind(p.key_id.to_string())
+                .push_bind(p.organization_id.to_string())
+                .push_bind(day(p.day))
+                .push_bind(p.endpoint.as_str());
+            for v in p.counts.values() {
                 b.push_bind(v);
             }
+            b.push_bind(p.endpoint_errors).push_bind(p.last_used_at.map(ts)).push_bind(p.last_used_ip.as_deref());
         });
-        q.push(format!(" ON CONFLICT (key_id, day) DO UPDATE SET {}", daily_add_set("usage_daily")));
-        statements.push(q);
-    }
-    for chunk in fx.endpoints.chunks(4000) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros) ",
-        );
-        q.push_values(chunk, |mut b, (key_id, d, endpoint, c)| {
-            b.push_bind(key_id.to_string())
-                .push_bind(day(*d))
-                .push_bind(endpoint.as_str())
-                .push_bind(c.requests)
-                .push_bind(c.errors)
-                .push_bind(c.tokens_used)
-                .push_bind(c.cost_micros);
-        });
-        q.push(
-            " ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
-                 requests = usage_daily_endpoints.requests + excluded.requests,
-                 errors = usage_daily_endpoints.errors + excluded.errors,
-                 tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
-                 cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros",
-        );
-        statements.push(q);
-    }
-    // All the batch's keys in one UPDATE ... FROM (VALUES ...); as in record_key_usage, the CASEs
-    // compare against the old `last_used_at`, and an unknown address keeps the last known one.
-    for chunk in fx.keys.chunks(5_000) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "UPDATE api_keys SET
-                 total_requests = total_requests + v.column2,
-                 last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
-                                     THEN COALESCE(v.column4, last_used_ip) ELSE last_used_ip END,
-                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < v.column3
-                                     THEN v.column3 ELSE last_used_at END
-             FROM (",
-        );
-        q.push_values(chunk, |mut b, u| {
-            b.push_bind(u.key_id.to_string())
-                .push_bind(u.requests)
-                .push_bind(ts(u.last_used_at))
-                .push_bind(u.last_used_ip.as_deref());
-        });
-        q.push(") AS v WHERE api_keys.id = v.column1");
         statements.push(q);
     }
     for chunk in fx.quota.chunks(1000) {
@@ -213,6 +176,72 @@ impl UsageStore for SqliteStore {
         tx.commit().await.map_err(db)?;
         self.checkpoint_in_background();
         Ok(RecordedBatch { inserted: rows, duplicates: 0 })
+    }
+
+    async fn fold_usage(&self) -> StoreResult<u64> {
+        let mut folded = 0;
+        loop {
+            let mut tx = self.begin_write().await?;
+            // The newest row of this fold: at most FOLD_ROWS rows, oldest first. One writer at a time
+            // (BEGIN IMMEDIATE), so no row below it can appear later.
+            let last: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(seq) FROM (SELECT seq FROM usage_pending ORDER BY seq LIMIT ?)")
+                    .bind(FOLD_ROWS)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let Some(last) = last else {
+                tx.rollback().await.map_err(db)?;
+                return Ok(folded);
+            };
+            let columns = DAILY_COLUMNS.join(", ");
+            let sums = DAILY_COLUMNS.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
+            // Rows grouped, hence sorted, by key: each rollup page is visited once. `WHERE` before
+            // `ON CONFLICT` as SQLite's upsert-from-SELECT needs.
+            let statements = [
+                format!(
+                    "INSERT INTO usage_daily (key_id, day, organization_id, {columns})
+                     SELECT key_id, day, MIN(organization_id), {sums} FROM usage_pending WHERE seq <= ?1
+                     GROUP BY key_id, day
+                     ON CONFLICT (key_id, day) DO UPDATE SET {}",
+                    daily_add_set("usage_daily")
+                ),
+                "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
+                 SELECT key_id, day, endpoint, SUM(requests), SUM(endpoint_errors), SUM(tokens_used), SUM(cost_micros)
+                 FROM usage_pending WHERE seq <= ?1 GROUP BY key_id, day, endpoint
+                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
+                     requests = usage_daily_endpoints.requests + excluded.requests,
+                     errors = usage_daily_endpoints.errors + excluded.errors,
+                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
+                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros"
+                    .to_owned(),
+                // VALID requests are requests - denied. `ip` is a bare column beside MAX(): SQLite takes
+                // it from the row holding the newest use. As in record_key_usage, the CASEs compare
+                // against the old `last_used_at`, and an unknown address keeps the last known one.
+                "UPDATE api_keys SET
+                     total_requests = total_requests + v.requests,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < v.at
+                                         THEN COALESCE(v.ip, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < v.at
+                                         THEN v.at ELSE last_used_at END
+                 FROM (SELECT key_id, SUM(requests - denied) AS requests, MAX(last_used_at) AS at,
+                              last_used_ip AS ip
+                       FROM usage_pending WHERE seq <= ?1 AND last_used_at IS NOT NULL GROUP BY key_id) AS v
+                 WHERE api_keys.id = v.key_id"
+                    .to_owned(),
+                "DELETE FROM usage_pending WHERE seq <= ?1".to_owned(),
+            ];
+            let mut rows = 0;
+            for sql in &statements {
+                rows = sqlx::query(sql).bind(last).execute(&mut *tx).await.map_err(db)?.rows_affected();
+            }
+            tx.commit().await.map_err(db)?;
+            self.checkpoint_in_background();
+            folded += rows;
+            if rows < FOLD_ROWS as u64 {
+                return Ok(folded);
+            }
+        }
     }
 
     async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
