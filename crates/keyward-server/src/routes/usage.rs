@@ -307,6 +307,8 @@ pub async fn key_usage_report(
 }
 
 /// A key's daily usage series, totals and top endpoints (from daily rollups).
+///
+/// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/keys/{id}/usage", tag = "usage",
     params(("id" = String, Path, description = "key id"), DaysQuery),
     responses((status = 200, body = KeyUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -373,6 +375,8 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
 }
 
 /// An organization's billing summary for a month: totals per key, from daily rollups.
+///
+/// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/organizations/{id}/usage", tag = "usage",
     params(("id" = String, Path, description = "organization id"), MonthQuery),
     responses((status = 200, body = OrgUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
