@@ -347,6 +347,12 @@ pub(crate) fn daily_add_set(table: &str) -> String {
     DAILY_COLUMNS.iter().map(|c| format!("{c} = {table}.{c} + excluded.{c}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The same for an endpoint rollup row (`usage_daily_endpoints`), as both backends' folds write it.
+pub(crate) const ENDPOINT_ADD_SET: &str = "requests = usage_daily_endpoints.requests + excluded.requests, \
+     errors = usage_daily_endpoints.errors + excluded.errors, \
+     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used, \
+     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros";
+
 impl DailyCounts {
     /// The values in [`DAILY_COLUMNS`] order.
     pub(crate) fn values(&self) -> [i64; 25] {

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::{PostgresStore, db};
 use crate::StoreResult;
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
-    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, ENDPOINT_ADD_SET, EndpointCounts, EndpointUsage, EventTotals,
+    FOLD_ROWS, KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
 };
 
 /// Rows per INSERT (arrays of this length, one per column).
@@ -188,11 +188,7 @@ impl UsageStore for PostgresStore {
                  SELECT key_id, day, endpoint, SUM(requests)::bigint, SUM(endpoint_errors)::bigint,
                         SUM(tokens_used)::bigint, SUM(cost_micros)::bigint
                  FROM moved GROUP BY key_id, day, endpoint
-                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
-                     requests = usage_daily_endpoints.requests + excluded.requests,
-                     errors = usage_daily_endpoints.errors + excluded.errors,
-                     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
-                     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros
+                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {ENDPOINT_ADD_SET}
              ),
              used AS (
                  SELECT key_id, SUM(requests - denied)::bigint AS requests, MAX(last_used_at) AS at,

@@ -12,8 +12,8 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, db, parse_id, ts};
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
-    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, ENDPOINT_ADD_SET, EndpointCounts, EndpointUsage, EventTotals,
+    FOLD_ROWS, KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
 };
 use crate::{StoreError, StoreResult};
 
@@ -155,15 +155,12 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
                  ON CONFLICT (key_id, day) DO UPDATE SET {}",
             daily_add_set("usage_daily")
         ),
-        "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
+        format!(
+            "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
              SELECT key_id, day, endpoint, SUM(requests), SUM(endpoint_errors), SUM(tokens_used), SUM(cost_micros)
              FROM usage_pending WHERE seq <= ?1 GROUP BY key_id, day, endpoint
-             ON CONFLICT (key_id, day, endpoint) DO UPDATE SET
-                 requests = usage_daily_endpoints.requests + excluded.requests,
-                 errors = usage_daily_endpoints.errors + excluded.errors,
-                 tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used,
-                 cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros"
-            .to_owned(),
+             ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {ENDPOINT_ADD_SET}"
+        ),
         // VALID requests are requests - denied. `ip` is a bare column beside MAX(): SQLite takes
         // it from the row holding the newest use. As in record_key_usage, the CASEs compare
         // against the old `last_used_at`, and an unknown address keeps the last known one.
@@ -244,7 +241,7 @@ impl UsageStore for SqliteStore {
     async fn fold_usage(&self) -> StoreResult<u64> {
         let mut conn = self.write.acquire().await.map_err(db)?;
         // A fold's GROUP BYs sort up to FOLD_ROWS rows, in memory up to the page cache's size, then in
-        // temporary files. With the write connection's settings (temp_store=memory, 64 MiB cache)
+        // temporary files. With the write connection's temp_store=memory (and the 64 MiB cache it had then)
         // their temporary b-trees grew in memory without bound: a fold of 200,000 rows of 1,000,000
         // keys peaked at 480 MB (sqlite3, same statements), which the C allocator kept afterwards. In
         // files, with an 8 MiB cache for the fold, it stays near 8 MiB, in the same time: the fold
