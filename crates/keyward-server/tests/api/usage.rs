@@ -11,7 +11,7 @@ use keyward_core::KeyHasher;
 use keyward_limit::MemoryLimiter;
 use keyward_server::AppState;
 use keyward_server::service::CreateKeyRequest;
-use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder};
+use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
 use keyward_store::{Actor, OrganizationPatch};
 use serde_json::{Value, json};
 
@@ -404,58 +404,56 @@ async fn pruning_deletes_old_events_and_keeps_rollups() {
     assert_eq!(r.body["totals"]["requests"], 2, "rollups stay");
 }
 
+/// Swaps the app's usage writer for one flushing every 10 ms and folding every `fold_interval`.
+fn writer_folding_every(app: &mut TestApp, fold_interval: Duration) -> UsageWorker {
+    let spill = std::env::temp_dir().join(format!("kw-spill-{}", uuid::Uuid::now_v7()));
+    let config = UsageConfig { fold_interval, ..UsageConfig::new(Duration::from_millis(10), spill) };
+    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
+    app.state.usage = usage;
+    worker
+}
+
+/// Polls `done` every 10 ms until it holds; fails after 10 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let polled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(polled.await.is_ok(), "{what}");
+}
+
 /// Batches write the events and the quota counter at once; the rollups and the key's counters catch up
 /// at the next fold: not before the fold interval, by itself after it, at once on a flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollups_catch_up_at_each_fold_interval() {
     let mut app = TestApp::sqlite().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;
-    let written = |app: &TestApp| {
-        let store = app.state.store.clone();
+    let store = app.state.store.clone();
+    let written = || {
+        let store = store.clone();
         async move { store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap().events }
     };
-    let folded = |app: &TestApp| {
-        let store = app.state.store.clone();
+    let folded = || {
+        let store = store.clone();
         async move { store.key_usage_daily(rec.id, day(0), day(0)).await.unwrap().first().map_or(0, |d| d.counts.requests) }
     };
     // A fold interval of an hour: the writer's own writes (every 10 ms) leave the rollups behind.
-    let hour = UsageConfig {
-        fold_interval: Duration::from_secs(3600),
-        ..UsageConfig::new(Duration::from_millis(10), std::env::temp_dir().join(format!("kw-{}", rec.id)))
-    };
-    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), hour);
-    app.state.usage = usage;
+    let worker = writer_folding_every(&mut app, Duration::from_secs(3600));
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while written(&app).await < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the writer wrote the event by itself");
-    assert_eq!(folded(&app).await, 0, "not folded before the interval");
-    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 0);
+    eventually("the writer wrote the event by itself", || async { written().await >= 1 }).await;
+    assert_eq!(folded().await, 0, "not folded before the interval");
+    assert_eq!(store.get_key(rec.id).await.unwrap().total_requests, 0);
     assert!(app.state.usage.flush().await);
-    assert_eq!(folded(&app).await, 1, "a flush folds");
-    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 1);
+    assert_eq!(folded().await, 1, "a flush folds");
+    assert_eq!(store.get_key(rec.id).await.unwrap().total_requests, 1);
     worker.shutdown().await;
 
     // A fold interval of 20 ms: the rollups catch up without a flush.
-    let short = UsageConfig {
-        fold_interval: Duration::from_millis(20),
-        ..UsageConfig::new(Duration::from_millis(10), std::env::temp_dir().join(format!("kw-{}-2", rec.id)))
-    };
-    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), short);
-    app.state.usage = usage;
+    let worker = writer_folding_every(&mut app, Duration::from_millis(20));
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while folded(&app).await < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the writer folded by itself");
-    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 2);
+    eventually("the writer folded by itself", || async { folded().await >= 2 }).await;
+    assert_eq!(store.get_key(rec.id).await.unwrap().total_requests, 2);
     worker.shutdown().await;
 }
 
