@@ -23,11 +23,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::MatchedPath;
-use axum::http::Request;
 use axum::routing::{get, post};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ErrorCode};
 pub use state::AppState;
@@ -65,29 +61,12 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/metrics", get(telemetry::render))
         .merge(management)
-        .route_layer(axum::middleware::from_fn(telemetry::track))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(ErrorCode::MethodNotAllowed, "this route does not take that method")
         })
         .with_state(state);
-    api.layer(
-        tower::ServiceBuilder::new()
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let path = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
-                let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-                tracing::info_span!(
-                    "request",
-                    method = %req.method(),
-                    path,
-                    request_id,
-                    key_id = tracing::field::Empty,
-                    organization_id = tracing::field::Empty,
-                )
-            }))
-            .layer(PropagateRequestIdLayer::x_request_id()),
-    )
+    api.layer(telemetry::RequestLayer)
 }
 
 /// Serves the router until `shutdown` resolves, then finishes the requests in flight.

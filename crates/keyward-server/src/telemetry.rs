@@ -1,16 +1,20 @@
 //! Prometheus metrics, named `keyward_<noun>_<unit>`, with labels from closed sets only: never a key,
 //! a key id or an IP as a label.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::Method;
 use axum::http::header::CONTENT_TYPE;
-use axum::middleware::Next;
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use keyward_core::VerifyOutcome;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower::{Layer, Service};
 
 /// Latency buckets in seconds: from 50 µs (a warm verify) to 5 s (a stuck store).
 const BUCKETS: &[f64] =
@@ -134,10 +138,108 @@ pub fn store_error(kind: &'static str) {
     metrics::counter!("keyward_store_errors_total", "kind" => kind).increment(1);
 }
 
-/// Counts every request by its matched route (a closed set), never by raw path.
-pub async fn track(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = match *request.method() {
+/// `x-request-id`: taken from the request when the client (or a proxy) sent one, else made here;
+/// echoed on the response.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every request gets, in one layer around each route: a request id, one `request` span (method,
+/// matched path, request id; the handlers record key id, organization and outcome), and the request
+/// metrics by matched route (a closed set), never by raw path. One layer instead of tower-http's
+/// request-id, propagation and trace layers plus a metrics middleware: on the verify path each layer's
+/// own future, clone and boxing showed in the profile (BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLayer;
+
+impl<S> Layer<S> for RequestLayer {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Tracked<S> {
+        Tracked { inner }
+    }
+}
+
+/// The service [`RequestLayer`] wraps a route in.
+#[derive(Debug, Clone)]
+pub struct Tracked<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for Tracked<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = TrackedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let request_id = match request.headers().get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                request.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let method = method_label(request.method());
+        let span = tracing::info_span!(
+            "request",
+            method,
+            path = route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            request_id = request_id.to_str().unwrap_or_default(),
+            key_id = tracing::field::Empty,
+            organization_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let inner = span.in_scope(|| self.inner.call(request));
+        TrackedFuture { inner, span, started: Instant::now(), route, method, request_id }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A route's answer, polled inside the request's span; on completion the metrics are recorded and
+    /// the request id is put on the response.
+    pub struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        span: tracing::Span,
+        started: Instant,
+        route: Option<MatchedPath>,
+        method: &'static str,
+        request_id: HeaderValue,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for TrackedFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let elapsed = this.started.elapsed();
+        let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        count_request(this.method, route, response.status().as_u16(), elapsed);
+        tracing::debug!(status = response.status().as_u16(), latency_us = elapsed.as_micros(), "answered");
+        response.headers_mut().insert(X_REQUEST_ID.clone(), this.request_id.clone());
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// A random (v4) UUID: what a request without an `x-request-id` is known by.
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::PATCH => "PATCH",
@@ -146,30 +248,30 @@ pub async fn track(request: Request, next: Next) -> Response {
         Method::HEAD => "HEAD",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
-    };
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let status = match response.status().as_u16() {
+    }
+}
+
+/// `keyward_http_requests_total` and `keyward_http_request_duration_seconds` for one answered request.
+fn count_request(method: &'static str, route: &str, status: u16, elapsed: Duration) {
+    let status = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
     };
+    let elapsed = elapsed.as_secs_f64();
     if (method, status) == ("POST", "2xx")
         && let Some(hot) = hot().and_then(|hot| hot.routes.iter().find(|r| r.route == route))
     {
         hot.ok.increment(1);
         hot.duration.record(elapsed);
-        return response;
+        return;
     }
     let route = route.to_owned();
     metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("keyward_http_request_duration_seconds", "route" => route).record(elapsed);
-    response
 }
 
 /// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.

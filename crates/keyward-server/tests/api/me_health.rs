@@ -35,8 +35,19 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn request_ids_are_echoed() {
     let app = TestApp::sqlite().await;
-    let r = app.call(Method::GET, "/healthz", None, None).await;
-    assert!(r.headers.contains_key("x-request-id"));
+    // None sent: one is made (a UUID), a new one for each request.
+    let made =
+        |r: &crate::helpers::Response| r.headers["x-request-id"].to_str().unwrap().parse::<uuid::Uuid>().unwrap();
+    let first = made(&app.call(Method::GET, "/healthz", None, None).await);
+    let second = made(&app.call(Method::GET, "/healthz", None, None).await);
+    assert_ne!(first, second);
+    // One sent (a client's or a proxy's): the same comes back, on a matched route and on an unknown one.
+    for path in ["/healthz", "/v1/nothing"] {
+        let mut req = crate::helpers::request(Method::GET, path, None, None);
+        req.headers_mut().insert("x-request-id", "edge-7f3a".parse().unwrap());
+        let r = app.send(req).await;
+        assert_eq!(r.headers["x-request-id"], "edge-7f3a", "{path}");
+    }
 }
 
 #[tokio::test]

@@ -139,6 +139,31 @@ async fn a_failed_authentication_is_one_structured_line_with_context() {
     assert!(metrics.contains("keyward_auth_failures_total{reason=\"REVOKED\",via=\"management\"}"), "{metrics}");
 }
 
+/// The request span carries the verification's outcome: a refused key's log line says what was asked.
+#[tokio::test]
+async fn a_refused_verification_logs_its_outcome_in_the_request_span() {
+    let capture = capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "authentication failed" && l["fields"]["key_id"] == rec.id.to_string())
+        .expect("a failed-auth line");
+    assert_eq!(line["fields"]["via"], "verify");
+    let spans = line["spans"].as_array().expect("the line's spans");
+    let request = spans.iter().find(|s| s["name"] == "request").expect("the request span");
+    assert_eq!((&request["method"], &request["path"]), (&json!("POST"), &json!("/v1/verify")), "{line}");
+    assert!(request["request_id"].as_str().is_some_and(|id| id.parse::<uuid::Uuid>().is_ok()), "{line}");
+    // Into the innermost span that declares it: the request span at the default `info` level, the
+    // verification's own (a `debug` span, enabled here) when it exists.
+    assert!(spans.iter().any(|s| s["outcome"] == "REVOKED"), "{line}");
+}
+
 #[tokio::test]
 async fn metrics_count_verifications_by_outcome() {
     let app = TestApp::sqlite().await;
@@ -159,6 +184,15 @@ async fn metrics_count_verifications_by_outcome() {
     assert!(count(&r.text, VERIFY_OK) >= before + 2, "{}", r.text);
     assert!(r.text.contains("keyward_http_request_duration_seconds_count{route=\"/v1/verify\"}"));
     assert!(r.text.contains("keyward_http_requests_total{method=\"GET\",route=\"/metrics\",status=\"2xx\"}"));
+    // An unknown path is counted under one label, never by its raw path.
+    app.call(Method::GET, "/v1/nothing/0c9e", None, None).await;
+    let r = app.call(Method::GET, "/metrics", None, None).await;
+    assert!(
+        r.text.contains("keyward_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"4xx\"}"),
+        "{}",
+        r.text
+    );
+    assert!(!r.text.contains("0c9e"));
 }
 
 /// Rotation's new key and a webhook's signing secret: shown once each, then in no log line, response,
