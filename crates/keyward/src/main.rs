@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod commands;
 mod config;
 mod import;
+mod log_fields;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -200,6 +201,6 @@ fn init_tracing(format: LogFormat, serving: bool) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
+        LogFormat::Pretty => builder.fmt_fields(log_fields::PlainFields::default()).init(),
     }
 }
