@@ -107,6 +107,15 @@ async fn the_plaintext_key_leaks_nowhere() {
     }
 }
 
+/// The captured `authentication failed` line of key `key_id`.
+fn failed_auth_line(capture: &Capture, key_id: &str) -> serde_json::Value {
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "authentication failed" && l["fields"]["key_id"] == key_id)
+        .expect("a failed-auth line")
+}
+
 #[tokio::test]
 async fn a_failed_authentication_is_one_structured_line_with_context() {
     let capture = capture_logs();
@@ -119,12 +128,7 @@ async fn a_failed_authentication_is_one_structured_line_with_context() {
     req.headers_mut().insert("x-request-id", request_id.parse().unwrap());
     assert_eq!(app.send(req).await.status, axum::http::StatusCode::UNAUTHORIZED);
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    let line: serde_json::Value = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["fields"]["message"] == "authentication failed" && l["fields"]["key_id"] == rec.id.to_string())
-        .expect("a failed-auth line");
+    let line = failed_auth_line(&capture, &rec.id.to_string());
     let f = &line["fields"];
     assert_eq!(f["reason"], "REVOKED");
     assert_eq!(f["via"], "management");
@@ -148,12 +152,7 @@ async fn a_refused_verification_logs_its_outcome_in_the_request_span() {
     app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    let line: serde_json::Value = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["fields"]["message"] == "authentication failed" && l["fields"]["key_id"] == rec.id.to_string())
-        .expect("a failed-auth line");
+    let line = failed_auth_line(&capture, &rec.id.to_string());
     assert_eq!(line["fields"]["via"], "verify");
     let spans = line["spans"].as_array().expect("the line's spans");
     let request = spans.iter().find(|s| s["name"] == "request").expect("the request span");
