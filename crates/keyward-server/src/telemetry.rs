@@ -1,5 +1,5 @@
 //! Prometheus metrics, named `keyward_<noun>_<unit>`, with labels from closed sets only: never a key,
-//! a key id or an IP as a label.
+//! a key id or an IP as a label; and the layer every request passes (request id, span, route metrics).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -177,6 +177,7 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
+        let started = Instant::now();
         let request_id = match request.headers().get(&X_REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
@@ -197,7 +198,7 @@ where
             outcome = tracing::field::Empty,
         );
         let inner = span.in_scope(|| self.inner.call(request));
-        TrackedFuture { inner, span, started: Instant::now(), route, method, request_id }
+        TrackedFuture { inner, span, started, route, method, request_id }
     }
 }
 

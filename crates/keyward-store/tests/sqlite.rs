@@ -293,3 +293,75 @@ usage_conformance!(
     usage_prune_keeps_rollups,
     usage_fold_counts_each_pending_row_once
 );
+
+/// Every column of a raw usage event comes back as the event held it, whatever its text holds (quotes,
+/// backslashes, control characters, any script), and a batch written again inserts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_event_columns_round_trip() {
+    use keyward_core::{KeyId, OrgId};
+    use keyward_store::UsageStore;
+    use keyward_store::usage::{UsageEvent, UsageKind};
+    use sqlx::Row;
+
+    let (dir, store) = fresh().await;
+    let mut e = UsageEvent::new(UsageKind::Report, KeyId::new(), OrgId::new(), Utc::now());
+    e.outcome = Some("VALID".into());
+    e.endpoint = Some("/v1/\"quoted\"/\\back\\slash/ünï/日本/🦀".to_owned());
+    e.method = Some("POST".to_owned());
+    e.status_code = Some(503);
+    e.response_time_ms = Some(i64::from(i32::MAX) + 7);
+    e.tokens_used = i64::MAX;
+    e.cost_micros = -1;
+    e.ip = Some("2001:db8::7".parse().unwrap());
+    e.user_agent = Some("curl/8.0\n\t\u{1}\u{7f} end".to_owned());
+    e.error_code = Some("upstream_timeout".to_owned());
+    e.error_message = Some(String::new());
+    e.idempotency_id = Some("req-1".to_owned());
+    let mut bare = UsageEvent::new(UsageKind::Verify, KeyId::new(), OrgId::new(), Utc::now());
+    bare.outcome = Some("NOT_FOUND".into());
+    let written = store.record_usage_batch(&[e.clone(), bare.clone()]).await.unwrap();
+    assert_eq!((written.inserted, written.duplicates), (2, 0));
+
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url(&dir)).await.unwrap();
+    let row = sqlx::query(
+        "SELECT key_id, organization_id, kind, outcome, endpoint, method, status_code, response_time_ms, \
+         tokens_used, cost_micros, ip, user_agent, error_code, error_message, idempotency_id, typeof(status_code), \
+         typeof(tokens_used) FROM usage_events WHERE id = ?",
+    )
+    .bind(e.id.to_string())
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let text = |i: usize| row.get::<Option<String>, _>(i);
+    assert_eq!(text(0), Some(e.key_id.to_string()));
+    assert_eq!(text(1), Some(e.organization_id.to_string()));
+    assert_eq!(text(2).as_deref(), Some("report"));
+    assert_eq!(text(3).as_deref(), Some("VALID"));
+    assert_eq!(text(4), e.endpoint);
+    assert_eq!(text(5), e.method);
+    assert_eq!(row.get::<Option<i64>, _>(6), Some(503));
+    assert_eq!(row.get::<Option<i64>, _>(7), e.response_time_ms);
+    assert_eq!(row.get::<i64, _>(8), i64::MAX);
+    assert_eq!(row.get::<i64, _>(9), -1);
+    assert_eq!(text(10).as_deref(), Some("2001:db8::7"));
+    assert_eq!(text(11), e.user_agent);
+    assert_eq!(text(12), e.error_code);
+    assert_eq!(text(13).as_deref(), Some(""));
+    assert_eq!(text(14), e.idempotency_id);
+    assert_eq!((text(15).as_deref(), text(16).as_deref()), (Some("integer"), Some("integer")));
+
+    let row = sqlx::query(
+        "SELECT outcome, endpoint, status_code, ip, user_agent, tokens_used FROM usage_events WHERE id = ?",
+    )
+    .bind(bare.id.to_string())
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<Option<String>, _>(0).as_deref(), Some("NOT_FOUND"));
+    assert_eq!((row.get::<Option<String>, _>(1), row.get::<Option<i64>, _>(2)), (None, None));
+    assert_eq!((row.get::<Option<String>, _>(3), row.get::<Option<String>, _>(4)), (None, None));
+    assert_eq!(row.get::<i64, _>(5), 0);
+    // Written again: both known, nothing inserted twice (the checked path).
+    let again = store.record_usage_batch(&[e, bare]).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 2));
+}
