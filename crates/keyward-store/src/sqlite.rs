@@ -48,6 +48,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CONNECTIONS: u32 = 4;
 /// The write connection's page cache, KiB (an upper bound, filled as pages are touched).
 const WRITE_CACHE_KIB: u32 = 16 * 1024;
+/// Where the write connection keeps its temporary b-trees (statement journals): in memory. A fold sets
+/// its own for its duration and restores this one.
+const WRITE_TEMP_STORE: &str = "memory";
 /// WAL pages past which a commit checkpoints on the write connection itself (SQLite's default is
 /// 1,000): a fallback, the usage writer checkpoints in the background first
 /// ([`SqliteStore::checkpoint_in_background`]).
@@ -98,7 +101,7 @@ impl SqliteStore {
         let write_options = options
             .clone()
             .pragma("cache_size", format!("-{WRITE_CACHE_KIB}"))
-            .pragma("temp_store", "memory")
+            .pragma("temp_store", WRITE_TEMP_STORE)
             .pragma("wal_autocheckpoint", WRITE_AUTOCHECKPOINT_PAGES.to_string());
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(write_options).await.map_err(db)?;
         let read =

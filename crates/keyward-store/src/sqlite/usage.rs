@@ -185,7 +185,27 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
     Ok(rows)
 }
 
+/// The write connection's `temp_store` and page cache (KiB).
+async fn set_temp_store_and_cache(conn: &mut SqliteConnection, temp_store: &str, cache_kib: u32) -> StoreResult<()> {
+    sqlx::query(&format!("PRAGMA temp_store = {temp_store}")).execute(&mut *conn).await.map_err(db)?;
+    sqlx::query(&format!("PRAGMA cache_size = -{cache_kib}")).execute(&mut *conn).await.map_err(db)?;
+    Ok(())
+}
+
 impl SqliteStore {
+    /// Fold transactions until one finds fewer than [`FOLD_ROWS`] pending rows; the rows folded.
+    async fn fold_all(&self, conn: &mut SqliteConnection) -> StoreResult<u64> {
+        let mut folded = 0;
+        loop {
+            let rows = fold_once(conn).await?;
+            folded += rows;
+            self.checkpoint_in_background();
+            if rows < FOLD_ROWS as u64 {
+                return Ok(folded);
+            }
+        }
+    }
+
     /// The batch when some of its events may be stored already: learns which ones went in
     /// (`RETURNING`) and applies the effects of those only.
     async fn record_usage_batch_checked(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
@@ -246,26 +266,9 @@ impl UsageStore for SqliteStore {
         // keys peaked at 480 MB (sqlite3, same statements), which the C allocator kept afterwards. In
         // files, with an 8 MiB cache for the fold, it stays near 8 MiB, in the same time: the fold
         // visits each page once, in key order, so a large cache buys it nothing.
-        sqlx::query("PRAGMA temp_store = FILE").execute(&mut *conn).await.map_err(db)?;
-        sqlx::query(&format!("PRAGMA cache_size = -{FOLD_CACHE_KIB}")).execute(&mut *conn).await.map_err(db)?;
-        let mut folded = 0;
-        let result = loop {
-            match fold_once(&mut conn).await {
-                Ok(rows) => {
-                    folded += rows;
-                    self.checkpoint_in_background();
-                    if rows < FOLD_ROWS as u64 {
-                        break Ok(folded);
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await.map_err(db)?;
-        sqlx::query(&format!("PRAGMA cache_size = -{}", super::WRITE_CACHE_KIB))
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
+        set_temp_store_and_cache(&mut conn, "file", FOLD_CACHE_KIB).await?;
+        let result = self.fold_all(&mut conn).await;
+        set_temp_store_and_cache(&mut conn, super::WRITE_TEMP_STORE, super::WRITE_CACHE_KIB).await?;
         result
     }
 
