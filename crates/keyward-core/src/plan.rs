@@ -40,6 +40,30 @@ impl Limits {
     pub fn rate(&self) -> RateLimits {
         RateLimits { per_minute: self.per_minute, per_hour: self.per_hour, per_day: self.per_day }
     }
+
+    /// The first window in which `self` allows more than `bound` (`None`: no limit, the loosest), with
+    /// both values; `None` when `self` is at least as tight as `bound` everywhere.
+    pub fn looser_than(&self, bound: &Limits) -> Option<LooserWindow> {
+        let windows = [
+            ("per_minute", self.per_minute, bound.per_minute),
+            ("per_hour", self.per_hour, bound.per_hour),
+            ("per_day", self.per_day, bound.per_day),
+            ("per_month", self.per_month, bound.per_month),
+        ];
+        windows.into_iter().find_map(|(window, mine, theirs)| match (mine, theirs) {
+            (_, None) => None,
+            (Some(m), Some(b)) if m <= b => None,
+            (mine, Some(bound)) => Some(LooserWindow { window, limit: mine, bound }),
+        })
+    }
+}
+
+/// Where one set of limits allows more than another: `limit` (`None`: unlimited) against `bound`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LooserWindow {
+    pub window: &'static str,
+    pub limit: Option<u64>,
+    pub bound: u64,
 }
 
 /// Limits set on an organization or a key; `None`: inherit from the level below.
@@ -157,6 +181,22 @@ mod tests {
 
     fn l(m: Option<u64>, h: Option<u64>, d: Option<u64>, month: Option<u64>) -> Limits {
         Limits { per_minute: m, per_hour: h, per_day: d, per_month: month }
+    }
+
+    #[test]
+    fn looser_than_compares_every_window_and_unlimited_is_loosest() {
+        let free = Plans::defaults().get("free").copied().unwrap_or_default();
+        let enterprise = Plans::defaults().get("enterprise").copied().unwrap_or_default();
+        let found = enterprise.looser_than(&free).map(|w| (w.window, w.limit, w.bound));
+        assert_eq!(found, Some(("per_minute", Some(6_000), 60)));
+        assert_eq!(free.looser_than(&enterprise), None, "tighter everywhere; no bound on the month");
+        assert_eq!(free.looser_than(&free), None, "equal is not looser");
+        let no_month = l(Some(1), Some(1), Some(1), None);
+        let found = no_month.looser_than(&free).map(|w| (w.window, w.limit, w.bound));
+        assert_eq!(found, Some(("per_month", None, 10_000)), "no quota is looser than any quota");
+        assert_eq!(Limits::UNLIMITED.looser_than(&Limits::UNLIMITED), None);
+        let one_more = l(Some(60), Some(1_000), Some(10_001), Some(10_000));
+        assert_eq!(one_more.looser_than(&free).map(|w| w.window), Some("per_day"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId, ScopeSet};
-use keyward_store::{ApiKey, KeyFilter};
+use keyward_store::{ApiKey, KeyFilter, Organization};
 use serde::Deserialize;
 
 use crate::auth::Caller;
@@ -40,6 +40,58 @@ fn check_grant(caller: &Caller, scopes: &ScopeSet, self_service: bool) -> ApiRes
 async fn visible_key(state: &AppState, caller: &Caller, id: KeyId, write: bool) -> ApiResult<ApiKey> {
     let key = state.store.get_key(id).await?;
     if caller.can_see(&key, write) { Ok(key) } else { Err(ApiError::not_found()) }
+}
+
+/// Load a key the caller may change (update, revoke, rotate).
+///
+/// SECURITY: one rule for every write on a key: the caller holds every `keyward:` scope the key holds
+/// (DESIGN.md), so no key can re-enable, strip or revoke a key more powerful than itself. A key the
+/// caller may not see answers 404; one it may see but not change, 403.
+async fn writable_key(state: &AppState, caller: &Caller, id: KeyId) -> ApiResult<ApiKey> {
+    let key = visible_key(state, caller, id, true).await?;
+    if let Some(scope) = key.scopes.iter().filter(|s| s.is_reserved()).find(|s| !caller_holds(caller, s)) {
+        return Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            format!("this key cannot change a key that holds `{scope}`, which it does not hold itself"),
+        ));
+    }
+    Ok(key)
+}
+
+fn caller_holds(caller: &Caller, reserved: &keyward_core::Scope) -> bool {
+    caller.is_admin() || caller.scopes().holds(reserved.keyward().unwrap_or(keyward_core::KeywardScope::Admin))
+}
+
+/// SECURITY: a key's own plan and limit overrides may only make it tighter than its organization's own
+/// settings allow, unless the caller holds `keyward:admin` (DESIGN.md); else a tenant that may create
+/// keys could give itself a bigger plan than it pays for.
+fn check_limits(
+    state: &AppState,
+    caller: &Caller,
+    org: &Organization,
+    plan: Option<&str>,
+    overrides: &keyward_store::LimitOverrides,
+) -> ApiResult<()> {
+    if caller.is_admin() || (plan.is_none() && *overrides == keyward_store::LimitOverrides::default()) {
+        return Ok(());
+    }
+    let own = state.plans.resolve(&org.plan, None, &org.limits.core(), &keyward_core::LimitOverrides::NONE);
+    let key = state.plans.resolve(&org.plan, plan, &org.limits.core(), &overrides.core());
+    match key.looser_than(&own) {
+        None => Ok(()),
+        Some(w) => {
+            let limit = w.limit.map_or_else(|| "no limit".to_owned(), |l| l.to_string());
+            Err(ApiError::field(
+                ErrorCode::InsufficientScope,
+                "plan",
+                format!(
+                    "a key's plan and limits may only be tighter than its organization's ({} {limit} > {}); \
+                     only `keyward:admin` may give a key looser limits",
+                    w.window, w.bound
+                ),
+            ))
+        }
+    }
 }
 
 /// Create a key. The full key is in this response only.
@@ -84,6 +136,10 @@ pub async fn create_key(State(state): State<AppState>, caller: Caller, body: Jso
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
     check_grant(&caller, &draft.scopes, self_service)?;
+    if draft.plan.is_some() && !caller.is_admin() {
+        let org = state.store.get_org(organization_id).await?;
+        check_limits(&state, &caller, &org, draft.plan.as_deref(), &Default::default())?;
+    }
     let limit = crate::limits::key_creation(&state, organization_id, now).await?;
     let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
@@ -180,12 +236,18 @@ pub async fn update_key(
     body: JsonBody,
 ) -> ApiResult<Json<KeyResponse>> {
     caller.require(keyward_core::KeywardScope::KeysWrite)?;
-    visible_key(&state, &caller, id, true).await?;
+    let key = writable_key(&state, &caller, id).await?;
     let body: UpdateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
     if let Some(scopes) = &patch.scopes {
         check_grant(&caller, scopes, false)?;
+    }
+    if let Some(Some(plan)) = &patch.plan
+        && !caller.is_admin()
+    {
+        let org = state.store.get_org(key.organization_id).await?;
+        check_limits(&state, &caller, &org, Some(plan), &key.limits)?;
     }
     let key = state.store.update_key(id, patch, &caller.actor(now)).await?;
     Ok(Json(KeyResponse::new(key, now)))
@@ -202,7 +264,7 @@ pub async fn revoke_key(
     ApiPath(id): ApiPath<KeyId>,
 ) -> ApiResult<StatusCode> {
     caller.require_key_write()?;
-    visible_key(&state, &caller, id, true).await?;
+    writable_key(&state, &caller, id).await?;
     let now = state.clock.now();
     state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -225,15 +287,18 @@ pub async fn rotate_key(
     body: JsonBody,
 ) -> ApiResult<Response> {
     caller.require_key_write()?;
-    let old = visible_key(&state, &caller, id, true).await?;
+    let old = writable_key(&state, &caller, id).await?;
     let body: RotateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now })?;
-    // SECURITY: the new key carries the old key's scopes, so rotating is granting them: a caller may
-    // rotate only a key whose `keyward:` scopes it holds itself (else rotation would mint a key with
-    // more power than the caller's). Customer scopes are not re-checked for a self-service caller: the
-    // owner already holds them, and the old key stops.
-    check_grant(&caller, &old.scopes, false)?;
+    // SECURITY: the new key carries the old key's scopes, plan and limits, so rotating is granting
+    // them: the rules of creation apply (a self-service caller only grants customer scopes its own
+    // cover; a grace period would otherwise leave two keys with scopes the caller could never mint).
+    check_grant(&caller, &old.scopes, caller.self_service_only(true))?;
+    if !caller.is_admin() {
+        let org = state.store.get_org(old.organization_id).await?;
+        check_limits(&state, &caller, &org, old.plan.as_deref(), &old.limits)?;
+    }
     let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
     let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");
