@@ -71,6 +71,7 @@ fn bench(c: &mut Criterion) {
             user_agent: "",
             via: "bench",
             cost: 1,
+            failures: keyward_server::limits::FailureScope::Edge,
         };
         rt.block_on(verifier::verify(&state, check)).unwrap().outcome
     };

@@ -114,7 +114,8 @@ impl FromRequestParts<AppState> for Caller {
         // SECURITY: past its failed authentications an address gets 429 even for a right key, so
         // guessing stops.
         if let Some(ip) = ip
-            && let Some(retry_after) = crate::limits::failed_auth_blocked(state, ip, now).await
+            && let Some(retry_after) =
+                crate::limits::failed_auth_blocked(state, crate::limits::FailureScope::Management, ip, now).await
         {
             let mut headers = axum::http::HeaderMap::new();
             headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
@@ -137,7 +138,7 @@ impl FromRequestParts<AppState> for Caller {
         let presented = presented_key(&parts.headers).unwrap_or_default();
         auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" });
         if let Some(ip) = ip {
-            crate::limits::count_failed_auth(state, ip, now).await;
+            crate::limits::count_failed_auth(state, crate::limits::FailureScope::Management, ip, now).await;
         }
         crate::limits::count_failed_prefix(state, presented, now).await;
         Err(error)

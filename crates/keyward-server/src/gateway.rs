@@ -212,6 +212,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
             via: "gateway",
             cost: rule.cost,
+            failures: crate::limits::FailureScope::Edge,
         };
         let (verdict, event) = match verifier::verify_deferred(&state, check).await {
             Ok(v) => v,

@@ -161,8 +161,8 @@ pub struct Subject {
 }
 
 impl Subject {
-    /// The longest prefix (12) and IPv6 address (45).
-    const CAPACITY: usize = 64;
+    /// The longest prefix (12), a hyphenated UUID (36), a colon and an IPv6 address (45).
+    const CAPACITY: usize = 96;
 
     /// `prefix` is one of this module's constants (at most 12 bytes).
     pub fn new(prefix: &'static str, id: uuid::Uuid) -> Self {
@@ -216,11 +216,43 @@ impl std::fmt::Write for Subject {
     }
 }
 
-/// Whether `ip` has used up its failed authentications; `Some(seconds)` to wait when it has.
-pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc>) -> Option<u64> {
+/// Whose failed authentications a failure counts against, and which counter a refusal reads.
+///
+/// SECURITY: failure counters are per tenant (DESIGN.md). `/v1/verify` counts against the calling
+/// organization and the end client's address it names, so one organization's callers (naming any
+/// address they like) can never lock out another's, nor the management API; the management API
+/// counts against the address of the connection (or what a trusted proxy forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureScope {
+    /// The management API's own callers.
+    Management,
+    /// Keys checked through `/v1/verify` by a key of this organization.
+    Tenant(OrgId),
+    /// The gateway and the embedded layer: the client in front of them.
+    Edge,
+}
+
+impl FailureScope {
+    fn subject(self, ip: IpAddr) -> Subject {
+        match self {
+            Self::Management => Subject::ip("auth-fail:", ip),
+            Self::Tenant(org) => {
+                let mut subject = Subject::new("auth-fail:t:", org.0);
+                subject.push(":");
+                let _ = std::fmt::Write::write_fmt(&mut subject, format_args!("{ip}"));
+                subject
+            }
+            Self::Edge => Subject::ip("auth-fail:e:", ip),
+        }
+    }
+}
+
+/// Whether `ip` has used up its failed authentications in `scope`; `Some(seconds)` to wait when it
+/// has.
+pub async fn failed_auth_blocked(state: &AppState, scope: FailureScope, ip: IpAddr, now: DateTime<Utc>) -> Option<u64> {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
     // Cost 0 looks without spending: blocked when not one more failure fits.
-    let peek = state.limiter.check(Subject::ip("auth-fail:", ip).as_str(), &limits, 0, now).await;
+    let peek = state.limiter.check(scope.subject(ip).as_str(), &limits, 0, now).await;
     let w = peek.tightest()?;
     (w.remaining == 0).then(|| {
         let interval = w.window.period_micros() / (w.limit.max(1) as i64);
@@ -228,10 +260,11 @@ pub async fn failed_auth_blocked(state: &AppState, ip: IpAddr, now: DateTime<Utc
     })
 }
 
-/// Counts one failed authentication against `ip`, and reports a spike of them (`auth.failures_spike`).
-pub async fn count_failed_auth(state: &AppState, ip: IpAddr, now: DateTime<Utc>) {
+/// Counts one failed authentication against `ip` in `scope`, and reports a spike of them
+/// (`auth.failures_spike`).
+pub async fn count_failed_auth(state: &AppState, scope: FailureScope, ip: IpAddr, now: DateTime<Utc>) {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
-    state.limiter.check(Subject::ip("auth-fail:", ip).as_str(), &limits, 1, now).await;
+    state.limiter.check(scope.subject(ip).as_str(), &limits, 1, now).await;
     failures_spike_hook(state, ip, now).await;
 }
 
@@ -448,6 +481,10 @@ mod tests {
         }
         let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".parse().unwrap_or(IpAddr::from([0; 16]));
         assert_eq!(Subject::ip("auth-fail:", ip).as_str(), format!("auth-fail:{ip}"));
+        // Each scope its own counter, whole even for the longest address.
+        assert_eq!(super::FailureScope::Management.subject(ip).as_str(), format!("auth-fail:{ip}"));
+        assert_eq!(super::FailureScope::Tenant(org).subject(ip).as_str(), format!("auth-fail:t:{org}:{ip}"));
+        assert_eq!(super::FailureScope::Edge.subject(ip).as_str(), format!("auth-fail:e:{ip}"));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Check<'a> {
     pub via: &'static str,
     /// Units of the monthly quota this request spends (1 by default; tokens for an LLM API).
     pub cost: u64,
+    /// Whose failed-authentication counter a refusal counts against and is blocked by.
+    pub failures: limits::FailureScope,
 }
 
 /// The answer, with the key when it was found (and visible to the caller).
@@ -91,7 +93,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
             if let Some(ip) = check.client_ip
                 && limits::is_failed_auth(verdict.outcome)
             {
-                limits::count_failed_auth(state, ip, now).await;
+                limits::count_failed_auth(state, check.failures, ip, now).await;
             }
             if limits::is_failed_auth(verdict.outcome) {
                 limits::count_failed_prefix(state, check.presented, now).await;
@@ -106,7 +108,7 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
     // SECURITY: an address that used up its failed authentications is refused before any lookup,
     // whatever key it sends: guessing stops.
     if let Some(ip) = check.client_ip
-        && limits::failed_auth_blocked(state, ip, now).await.is_some()
+        && limits::failed_auth_blocked(state, check.failures, ip, now).await.is_some()
     {
         return Ok(bare(VerifyOutcome::RateLimited));
     }

@@ -82,6 +82,7 @@ impl Verify for InProcess {
             user_agent: "",
             via: "layer",
             cost: 1,
+            failures: keyward_server::limits::FailureScope::Edge,
         };
         let verdict = verifier::verify(&self.state, check).await.map_err(|e| e.to_string())?;
         Ok(match (verdict.outcome, verdict.key) {

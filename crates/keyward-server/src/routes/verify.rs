@@ -114,6 +114,7 @@ pub async fn verify(
         user_agent: "",
         via: "verify",
         cost: body.cost.unwrap_or(1),
+        failures: limits::FailureScope::Tenant(caller.key.organization_id),
     };
     let (verdict, event) = verifier::verify_deferred(&state, check).await?;
     if let Some(mut event) = event {

@@ -67,6 +67,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
             user_agent: "",
             via: "verify",
             cost: 1,
+            failures: keyward_server::limits::FailureScope::Edge,
         };
         keyward_server::verifier::verify(&state, check).await.map(|v| v.outcome)
     });
@@ -155,6 +156,7 @@ async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
                 user_agent: "",
                 via: "test",
                 cost: 1,
+                failures: keyward_server::limits::FailureScope::Edge,
             };
             keyward_server::verifier::verify(&state, check).await.unwrap().outcome.code()
         }

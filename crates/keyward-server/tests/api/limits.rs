@@ -219,3 +219,53 @@ async fn five_keys_a_minute_per_organization() {
     let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k7"})).await;
     assert_eq!(r.status, StatusCode::CREATED, "one frees every 12 s: {}", r.text);
 }
+
+/// `POST /v1/verify` by `caller` for `key`, naming `ip` as the end client.
+async fn verify_as(app: &TestApp, caller: &str, key: &str, ip: &str) -> String {
+    let r = app.post("/v1/verify", caller, json!({"key": key, "ip": ip})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.body["code"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn one_tenant_s_failed_verifications_lock_out_no_other_tenant_and_not_the_management_api() {
+    let app = TestApp::sqlite().await;
+    let (a, b) = (org_with(&app, "tenant-a", json!({})).await, org_with(&app, "tenant-b", json!({})).await);
+    let (a_backend, _) = app.key(a, &["keyward:verify", "keyward:keys:read"]).await;
+    let (b_backend, _) = app.key(b, &["keyward:verify", "keyward:keys:read"]).await;
+    let (a_good, _) = app.key(a, &[]).await;
+    let (b_good, _) = app.key(b, &[]).await;
+    let unknown = keyward_core::PlainKey::generate(&Default::default(), keyward_core::Environment::Live).unwrap();
+    // Tenant A burns the failure budget of every address it can name: loopback, the address every
+    // management call below comes from, an IPv6 address, and a malformed and an unknown key alike.
+    let named = ["127.0.0.1", "203.0.113.7", "::1", "2001:db8::7"];
+    for ip in named {
+        for i in 0..10 {
+            let presented = if i % 2 == 0 { "sk_live_guess" } else { unknown.expose_secret() };
+            assert_ne!(verify_as(&app, &a_backend, presented, ip).await, "VALID");
+        }
+        assert_eq!(verify_as(&app, &a_backend, &a_good, ip).await, "RATE_LIMITED", "A's own counter for {ip}");
+    }
+    for ip in named {
+        // Another organization's verifications for the same end clients are untouched...
+        assert_eq!(verify_as(&app, &b_backend, &b_good, ip).await, "VALID", "B for {ip}");
+        // ...and so is the admin's (its own organization's counter).
+        assert_eq!(verify_as(&app, &app.admin_key, &b_good, ip).await, "VALID", "admin for {ip}");
+    }
+    // The management API counts the connection's address, not what a tenant names in a body.
+    for key in [&b_backend, &a_backend, &app.admin_key] {
+        let r = app.get("/v1/me", key).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app.send(from(request(Method::GET, "/v1/keys", Some(key), None), [127, 0, 0, 1])).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    // And the other way round: failed management logins from an address do not block verifications
+    // of end clients at that address.
+    for _ in 0..10 {
+        let r = app.send(from(request(Method::GET, "/v1/me", Some("sk_live_guess"), None), [127, 0, 0, 1])).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&b_backend), None), [127, 0, 0, 1])).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the management counter still guards itself");
+    assert_eq!(verify_as(&app, &b_backend, &b_good, "127.0.0.1").await, "VALID");
+}
