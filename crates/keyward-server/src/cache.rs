@@ -12,7 +12,6 @@
 //! to `stale_ceiling`; a miss then answers `store_unavailable`, never "not found".
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,8 +100,10 @@ pub struct KeyCache {
     negative: Arc<Cache<Slot, DateTime<Utc>>>,
     /// The parts many keys have in common, held once (taken only on a miss).
     shared: Arc<Mutex<Shared>>,
-    /// Bumped by every invalidation: a miss inserts what it read only if none happened meanwhile.
-    generation: Arc<AtomicU64>,
+    /// Bumped by every invalidation, which holds this lock while it removes entries: a miss keeps what
+    /// it read only if no invalidation began since its lookup did, checked and inserted under the same
+    /// lock (see [`Miss`]). Hits never take it.
+    generation: Arc<Mutex<u64>>,
     config: CacheConfig,
 }
 
@@ -182,9 +183,10 @@ impl KeyCache {
     }
 
     pub fn apply(&self, change: &Invalidation) {
-        // Before the entries go: a lookup that read the store before this change must not put what it
-        // read back afterwards (see `CachedStore::find_key_record`).
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        // SECURITY: bumped before the entries go, and held until they are gone: a lookup that read the
+        // store before this change can neither put what it read back afterwards nor in between.
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        *generation = generation.wrapping_add(1);
         match change {
             Invalidation::Key(hash) => {
                 self.positive.remove(&slot(hash));
@@ -200,7 +202,13 @@ impl KeyCache {
                 *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Shared::default();
             }
         }
+        drop(generation);
         metrics::counter!("keyward_cache_invalidations_total").increment(1);
+    }
+
+    /// Starts a lookup that missed: what it reads may be kept only through the returned [`Miss`].
+    fn miss(&self, slot: Slot) -> Miss<'_> {
+        Miss { cache: self, slot, generation: *self.generation.lock().unwrap_or_else(|p| p.into_inner()) }
     }
 
     pub fn len(&self) -> usize {
@@ -209,6 +217,34 @@ impl KeyCache {
 
     pub fn is_empty(&self) -> bool {
         self.positive.is_empty()
+    }
+}
+
+/// A lookup that missed the cache and reads the store.
+struct Miss<'a> {
+    cache: &'a KeyCache,
+    slot: Slot,
+    generation: u64,
+}
+
+impl Miss<'_> {
+    /// Runs `insert` only if no invalidation began since the miss did; the check and the insert hold
+    /// the lock [`KeyCache::apply`] holds, so none can fall between them. Whether it ran.
+    fn keep(self, insert: impl FnOnce(&KeyCache, Slot)) -> bool {
+        let generation = self.cache.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let current = *generation == self.generation;
+        if current {
+            insert(self.cache, self.slot);
+        }
+        current
+    }
+
+    fn keep_found(self, record: Arc<KeyRecord>) -> bool {
+        self.keep(|cache, slot| cache.positive.insert(slot, record))
+    }
+
+    fn keep_unknown(self, at: DateTime<Utc>) -> bool {
+        self.keep(|cache, slot| cache.negative.insert(slot, at))
     }
 }
 
@@ -322,24 +358,19 @@ impl Store for CachedStore {
             return Ok(None);
         }
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
-        let generation = self.cache.generation.load(Ordering::SeqCst);
+        let miss = self.cache.miss(slot);
         let found = self.inner.find_key_record(hash).await;
         // SECURITY: a change invalidated entries while the store was read (a revocation, here or on
         // another node): what was read may predate it, so it answers this request but is not kept.
-        let keep = self.cache.generation.load(Ordering::SeqCst) == generation;
         match found {
             Ok(Some(record)) => {
                 let record = self.cache.shared(record, now);
-                if keep {
-                    self.cache.positive.insert(slot, record.clone());
-                }
+                miss.keep_found(record.clone());
                 Ok(Some(record))
             }
             Ok(None) => {
                 self.cache.positive.remove(&slot);
-                if keep {
-                    self.cache.negative.insert(slot, now);
-                }
+                miss.keep_unknown(now);
                 Ok(None)
             }
             // SECURITY: stale only while the store is down, and only up to the ceiling.
@@ -678,6 +709,52 @@ mod tests {
             org: Arc::new(OrgRecord { is_active: true, plan: plan.into(), limits: keyward_core::LimitOverrides::NONE }),
             extras: None,
         })
+    }
+
+    #[test]
+    fn a_miss_keeps_nothing_once_an_invalidation_began() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let hash = KeyHash([9; 32]);
+        let rec = record(OrgId::new(), "free", &[]);
+        for change in [Invalidation::Key(hash), Invalidation::Organization(rec.organization_id), Invalidation::All] {
+            let miss = cache.miss(slot(&hash));
+            cache.apply(&change);
+            assert!(!miss.keep_found(rec.clone()), "{change:?}");
+            assert!(cache.positive.get(&slot(&hash)).is_none(), "{change:?}");
+            let miss = cache.miss(slot(&hash));
+            cache.apply(&change);
+            assert!(!miss.keep_unknown(Utc::now()), "{change:?}");
+            assert!(cache.negative.get(&slot(&hash)).is_none(), "{change:?}");
+        }
+        // Without one in between, it keeps.
+        assert!(cache.miss(slot(&hash)).keep_found(rec));
+        assert!(cache.positive.get(&slot(&hash)).is_some());
+    }
+
+    /// A revocation racing a miss from another thread, many times over: once both are done, the entry
+    /// is never there (the miss began before the revocation, so what it read may predate it). Before
+    /// the check and the insert were one step under the invalidation's lock, a revocation could fall
+    /// between them and leave the stale entry for a TTL.
+    #[test]
+    fn a_revocation_racing_a_miss_never_leaves_an_entry() {
+        let cache = KeyCache::new(CacheConfig::default());
+        let hash = KeyHash([3; 32]);
+        let rec = record(OrgId::new(), "free", &[]);
+        for round in 0..2_000 {
+            let miss = cache.miss(slot(&hash));
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    barrier.wait();
+                    miss.keep_found(rec.clone());
+                });
+                s.spawn(|| {
+                    barrier.wait();
+                    cache.apply(&Invalidation::Key(hash));
+                });
+            });
+            assert!(cache.positive.get(&slot(&hash)).is_none(), "round {round}: a stale entry stayed");
+        }
     }
 
     #[test]
