@@ -2,7 +2,12 @@
 //! down and then up, Keyward restarted between attempts, giving up after the retry window, retry on
 //! demand; plus the API's bad inputs and tenant isolation. Time moves only by the injected clock; the
 //! worker is ticked directly.
+//!
+//! SSRF by DNS rebinding: a worker with an injected resolver and an injected notion of "internal"
+//! (127.0.0.2 counts as public, every other address as internal), so that every connection stays on
+//! loopback: nothing here ever sends a packet outside 127.0.0.0/8.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +20,7 @@ use axum::routing::post;
 use keyward_core::KeyHasher;
 use keyward_server::AppState;
 use keyward_server::usage::UsageRecorder;
-use keyward_server::webhooks::Worker;
+use keyward_server::webhooks::{Network, Resolve, Worker};
 use serde_json::{Value, json};
 
 use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
@@ -228,6 +233,8 @@ async fn bad_inputs_are_refused() {
         (json!({"url": "not a url"}), "url"),
         (json!({"url": "http://127.0.0.1:9000/hook"}), "url"),
         (json!({"url": "http://169.254.169.254/"}), "url"),
+        (json!({"url": "http://localhost./hook"}), "url"),
+        (json!({"url": "http://[::ffff:127.0.0.1]:8080/"}), "url"),
         (json!({"url": "http://hooks.example.com/", "events": ["key.created", "nope"]}), "events[1]"),
         (json!({"url": "http://hooks.example.com/", "description": "x".repeat(2001)}), "description"),
         (json!({"url": "http://hooks.example.com/", "organization_id": "nope"}), "organization_id"),
@@ -425,4 +432,173 @@ async fn https_receivers_behind_a_private_ca() {
     let signature = headers["keyward-signature"].to_str().unwrap();
     let now = app.clock.now_utc().timestamp();
     assert!(keyward_core::webhook::verify(&secret, signature, body, now, 300));
+}
+
+/// The one address the rebinding tests treat as public.
+const PUBLIC: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const INTERNAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const NAME: &str = "hooks.rebind.test";
+
+/// A resolver whose answer changes from call to call (the last one repeats); `None` is a failed
+/// lookup. It records every name it was asked.
+struct ScriptedResolver {
+    answers: Vec<Option<Vec<IpAddr>>>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl ScriptedResolver {
+    fn new(answers: Vec<Option<Vec<IpAddr>>>) -> Arc<Self> {
+        Arc::new(Self { answers, asked: Mutex::default() })
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Resolve for ScriptedResolver {
+    fn lookup(&self, host: &str) -> futures_util::future::BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+        let mut asked = self.asked.lock().unwrap();
+        let answer = self.answers[asked.len().min(self.answers.len() - 1)].clone();
+        asked.push(host.to_owned());
+        Box::pin(async move { answer.ok_or_else(|| std::io::Error::other("no such host")) })
+    }
+}
+
+/// Only [`PUBLIC`] is public.
+fn loopback_network(resolver: Arc<ScriptedResolver>) -> Network {
+    Network { resolver, is_internal: Arc::new(|ip| ip != PUBLIC) }
+}
+
+/// A receiver on [`PUBLIC`] and one on [`INTERNAL`], on the same port (the URL names one port).
+async fn public_and_internal_receivers() -> (u16, Receiver, Receiver) {
+    for _ in 0..50 {
+        let public = tokio::net::TcpListener::bind((PUBLIC, 0)).await.unwrap();
+        let port = public.local_addr().unwrap().port();
+        if let Ok(internal) = tokio::net::TcpListener::bind((INTERNAL, port)).await {
+            return (port, receiver_on(public).await, receiver_on(internal).await);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.1");
+}
+
+/// The newest delivery of `hook_id`, as the API shows it.
+async fn last_delivery(app: &TestApp, hook_id: &str) -> Value {
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.body["items"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_resolved_once_and_every_answer_checked() {
+    let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+    let internal_refused = Some("the target resolves to an internal address");
+    for (answer, refused) in [
+        (Some(vec![PUBLIC]), None),
+        (Some(vec![PUBLIC, INTERNAL]), internal_refused),
+        (Some(vec![INTERNAL, PUBLIC]), internal_refused),
+        (Some(vec![INTERNAL]), internal_refused),
+        (Some(vec![PUBLIC, v6]), internal_refused),
+        (Some(vec![mapped]), internal_refused),
+        (Some(vec![]), Some("the target's host has no address")),
+        (None, Some("resolving the target's host failed")),
+    ] {
+        let case = format!("{answer:?}");
+        let app = TestApp::sqlite().await;
+        let (port, public, internal) = public_and_internal_receivers().await;
+        let (hook_id, secret) = create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let resolver = ScriptedResolver::new(vec![answer]);
+        let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+        let report = worker.tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, usize::from(refused.is_none())), "{case}");
+        assert_eq!(resolver.asked(), [NAME], "{case}: resolved once, by name");
+        assert!(internal.requests().is_empty(), "{case}: SECURITY: nothing reached the internal address");
+        let d = last_delivery(&app, &hook_id).await;
+        match refused {
+            None => {
+                let got = public.requests();
+                assert_eq!(got.len(), 1, "{case}");
+                assert_eq!(got[0].0["host"], format!("{NAME}:{port}").as_str(), "{case}: the Host stays the name");
+                assert_eq!(d["status"], "succeeded", "{case}");
+            }
+            Some(why) => {
+                assert!(public.requests().is_empty(), "{case}: a refused answer is refused whole");
+                let error = d["attempt_log"][0]["error"].as_str().unwrap();
+                assert!(error.starts_with(why), "{case}: {error}");
+                assert!(!error.contains(&secret) && !error.contains("whsec_"), "{case}: {error}");
+                assert_eq!(
+                    (d["status"].as_str(), d["attempt_log"][0]["status_code"].clone()),
+                    (Some("pending"), Value::Null)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_rebinds_to_an_internal_address_is_never_reached() {
+    let app = TestApp::sqlite().await;
+    let (port, public, internal) = public_and_internal_receivers().await;
+    let (hook_id, _) = create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+    // Public at the first lookup, loopback from the second on: the classic rebinding answer.
+    let resolver = ScriptedResolver::new(vec![Some(vec![PUBLIC]), Some(vec![INTERNAL])]);
+    let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+
+    app.post("/v1/keys", &app.admin_key, json!({"name": "first"})).await;
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    assert_eq!(resolver.asked().len(), 1, "one lookup for one attempt: the connector has no other");
+    assert_eq!(public.requests().len(), 1, "delivered to the address that was checked");
+
+    app.post("/v1/keys", &app.admin_key, json!({"name": "second"})).await;
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0), "the name now answers loopback");
+    assert_eq!(resolver.asked().len(), 2, "a new attempt looks up again (no pooled connection)");
+    let d = last_delivery(&app, &hook_id).await;
+    assert!(d["last_error"].as_str().unwrap().contains("internal address"), "{d}");
+
+    // The retry resolves again and is refused again.
+    app.clock.advance(chrono::Duration::minutes(2));
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0));
+    assert_eq!(resolver.asked().len(), 3);
+    assert_eq!(public.requests().len(), 1);
+    assert!(internal.requests().is_empty(), "SECURITY: the internal listener saw nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_private_targets_still_connect_to_the_one_lookup() {
+    let app = allow_private(TestApp::sqlite().await);
+    let (port, public, internal) = public_and_internal_receivers().await;
+    create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let resolver = ScriptedResolver::new(vec![Some(vec![INTERNAL]), Some(vec![PUBLIC])]);
+    let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    assert_eq!(resolver.asked().len(), 1);
+    assert_eq!((internal.requests().len(), public.requests().len()), (1, 0), "the lookup's answer, not another");
+}
+
+/// IP literals in the forms `getaddrinfo` reads without asking DNS (decimal, short, hex, octal) are
+/// names to the URL parser: they pass [`check_url`] and are refused by the worker's lookup, with the
+/// real system resolver and the real notion of internal. No packet leaves loopback: these never reach
+/// a DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_host_spellings_of_loopback_are_refused() {
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    for host in ["2130706433", "127.1", "0x7f000001", "0177.0.0.1"] {
+        let app = TestApp::sqlite().await;
+        let (hook_id, _) = create_hook(&app, &format!("http://{host}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let report = Worker::new(app.state.clone()).tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, 0), "{host}");
+        let d = last_delivery(&app, &hook_id).await;
+        assert!(d["last_error"].as_str().unwrap().contains("internal address"), "{host}: {d}");
+    }
+    assert!(receiver.requests().is_empty());
 }
