@@ -602,3 +602,107 @@ async fn numeric_host_spellings_of_loopback_are_refused() {
     }
     assert!(receiver.requests().is_empty());
 }
+
+/// Issue 15, finding 11: every write on an endpoint needs what creating it needs, with its current
+/// events and its new ones. An endpoint subscribed to `auth.failures_spike` is admin-only: a
+/// `keyward:keys:write` key of the same organization sees it (GET), and every write answers 403
+/// `insufficient_scope` before the body is even read; a key of another organization gets 404.
+/// Deliveries are only dispatched here, never sent: the URLs are not resolved.
+#[tokio::test]
+async fn keys_write_cannot_touch_an_admin_only_endpoint() {
+    let app = TestApp::sqlite().await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let (hook_id, secret) =
+        create_hook(&app, "http://hooks.example.com/spike", json!(["auth.failures_spike", "key.created"])).await;
+    let path = format!("/v1/webhooks/{hook_id}");
+    let before = app.get(&path, &app.admin_key).await.body;
+    assert_eq!(app.get(&path, &writer).await.body, before, "visible to its organization's keys:write");
+
+    let forbidden = |r: &crate::helpers::Response, case: &str| {
+        assert_eq!((r.status, code(r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{case}: {}", r.text);
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("keyward:admin"), "{case}: {}", r.text);
+        assert!(!r.text.contains(&secret), "{case}");
+    };
+    for body in [
+        json!({"url": "http://attacker.example.net/collect"}),
+        json!({"events": ["key.created"]}),
+        json!({"events": []}),
+        json!({"is_active": false}),
+        json!({"description": "mine now"}),
+        json!({"secret": "whsec_chosen_by_me"}),
+        json!({"url": "not even a url"}),
+        json!({}),
+    ] {
+        forbidden(&app.patch(&path, &writer, body.clone()).await, &body.to_string());
+    }
+    forbidden(&app.delete(&path, &writer).await, "delete");
+    forbidden(&app.get(&format!("{path}/deliveries"), &writer).await, "deliveries");
+
+    // A delivery to retry (dispatched from a key.created event, not sent).
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let now = app.clock.now_utc();
+    app.state.store.dispatch_events(now, now + chrono::Duration::hours(24), 100).await.unwrap();
+    let hook_uuid = hook_id.parse().unwrap();
+    let delivery = app.state.store.list_deliveries(hook_uuid, 10).await.unwrap()[0].id;
+    let retry = format!("{path}/deliveries/{delivery}/retry");
+    forbidden(&app.post(&retry, &writer, json!({})).await, "retry");
+    assert_eq!(app.get(&path, &app.admin_key).await.body, before, "nothing changed");
+
+    // Another organization's keys:write does not even learn that it exists.
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:write"]).await;
+    assert_eq!(app.patch(&path, &outsider, json!({"is_active": false})).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.delete(&path, &outsider).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.post(&retry, &outsider, json!({})).await.status, StatusCode::NOT_FOUND);
+
+    // The admin can do all of it.
+    assert_eq!(app.get(&format!("{path}/deliveries"), &app.admin_key).await.status, StatusCode::OK);
+    assert_eq!(app.post(&retry, &app.admin_key, json!({})).await.status, StatusCode::OK);
+    let r =
+        app.patch(&path, &app.admin_key, json!({"url": "http://hooks.example.com/moved", "is_active": false})).await;
+    assert_eq!((r.status, r.body["url"].as_str()), (StatusCode::OK, Some("http://hooks.example.com/moved")));
+    let r = app.patch(&path, &app.admin_key, json!({"events": ["key.created"]})).await;
+    assert_eq!(r.body["events"], json!(["key.created"]));
+    // No longer admin-only: what creating it now needs is keys:write.
+    let r = app.patch(&path, &writer, json!({"is_active": true})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    forbidden(&app.patch(&path, &writer, json!({"events": ["auth.failures_spike"]})).await, "re-subscribe");
+    let (second, _) = create_hook(&app, "http://hooks.example.com/b", json!(["auth.failures_spike"])).await;
+    assert_eq!(app.delete(&format!("/v1/webhooks/{second}"), &app.admin_key).await.status, StatusCode::NO_CONTENT);
+}
+
+/// A keys:write key cannot make its own endpoint admin-only by PATCH, in any spelling of the list.
+#[tokio::test]
+async fn keys_write_cannot_subscribe_its_endpoint_to_admin_events() {
+    let app = TestApp::sqlite().await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let r =
+        app.post("/v1/webhooks", &writer, json!({"url": "http://hooks.example.com/", "events": ["key.created"]})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let path = format!("/v1/webhooks/{}", r.body["webhook"]["id"].as_str().unwrap());
+    for events in [
+        json!(["auth.failures_spike"]),
+        json!(["key.created", "auth.failures_spike"]),
+        json!(["auth.failures_spike", "auth.failures_spike"]),
+    ] {
+        for body in [json!({"events": events}), json!({"events": events, "url": "http://hooks.example.com/x"})] {
+            let r = app.patch(&path, &writer, body.clone()).await;
+            assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{body}: {}", r.text);
+        }
+    }
+    let r = app.get(&path, &writer).await;
+    assert_eq!(
+        (r.body["events"].clone(), r.body["url"].as_str()),
+        (json!(["key.created"]), Some("http://hooks.example.com/"))
+    );
+    // Its own endpoint, every other change: allowed.
+    let r = app.patch(&path, &writer, json!({"events": ["key.revoked"], "is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // The admin may subscribe it; from then on the writer may not touch it.
+    let r = app.patch(&path, &app.admin_key, json!({"events": ["auth.failures_spike"]})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app.patch(&path, &writer, json!({"is_active": true})).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.delete(&path, &writer).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+}
