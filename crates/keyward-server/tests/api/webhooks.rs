@@ -365,21 +365,23 @@ async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
     assert_eq!(spikes[1].payload["key_prefix"], "sk_test_");
 }
 
-/// An `https://` receiver behind a private CA (`webhooks.ca_file`): delivered over TLS and verified.
-#[tokio::test]
-async fn https_receivers_behind_a_private_ca() {
+/// An `https://` receiver on `listener` with a certificate for `names` signed by a private CA; the
+/// CA's PEM file (in the returned directory), and every TLS server name the receiver was asked for.
+async fn tls_receiver(
+    listener: tokio::net::TcpListener,
+    names: &[&str],
+) -> (Receiver, std::path::PathBuf, tempfile::TempDir, Arc<Mutex<Vec<Option<String>>>>) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-    // A CA and a server certificate for 127.0.0.1 signed by it.
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let server_cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&server_key, &issuer).unwrap();
     let dir = tempfile::TempDir::new().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
@@ -394,15 +396,16 @@ async fn https_receivers_behind_a_private_ca() {
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = bind(0).await;
-    let port = listener.local_addr().unwrap().port();
     let receiver = Receiver { got: Arc::default(), status: Arc::new(AtomicU16::new(200)) };
+    let server_names: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let app_router = Router::new().route("/hook", post(record)).with_state(receiver.clone());
+    let seen = server_names.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, router) = (acceptor.clone(), app_router.clone());
+            let (acceptor, router, seen) = (acceptor.clone(), app_router.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else { return };
+                seen.lock().unwrap().push(stream.get_ref().1.server_name().map(str::to_owned));
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let router = router.clone();
                     async move { tower::ServiceExt::oneshot(router, req.map(axum::body::Body::new)).await }
@@ -413,6 +416,15 @@ async fn https_receivers_behind_a_private_ca() {
             });
         }
     });
+    (receiver, ca_file, dir, server_names)
+}
+
+/// An `https://` receiver behind a private CA (`webhooks.ca_file`): delivered over TLS and verified.
+#[tokio::test]
+async fn https_receivers_behind_a_private_ca() {
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let (receiver, ca_file, _dir, _) = tls_receiver(listener, &["127.0.0.1"]).await;
 
     let mut app = allow_private(TestApp::sqlite().await);
     let url = format!("https://127.0.0.1:{port}/hook");
@@ -705,4 +717,29 @@ async fn keys_write_cannot_subscribe_its_endpoint_to_admin_events() {
     assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
     let r = app.delete(&path, &writer).await;
     assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+}
+
+/// Over TLS, the checked address is connected to while the server name (SNI and certificate check)
+/// and the `Host` header stay the URL's name; a certificate for another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_by_name_keeps_the_name_for_tls_and_host() {
+    for (cert_names, delivered) in [(vec![NAME], true), (vec!["other.rebind.test", "127.0.0.2"], false)] {
+        let listener = tokio::net::TcpListener::bind((PUBLIC, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (receiver, ca_file, _dir, server_names) = tls_receiver(listener, &cert_names).await;
+        let mut app = TestApp::sqlite().await;
+        app.state.webhooks.ca_file = Some(ca_file);
+        create_hook(&app, &format!("https://{NAME}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let resolver = ScriptedResolver::new(vec![Some(vec![PUBLIC])]);
+        let report = Worker::with_network(app.state.clone(), loopback_network(resolver.clone())).tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, usize::from(delivered)), "{cert_names:?}");
+        assert_eq!(resolver.asked(), [NAME]);
+        assert_eq!(server_names.lock().unwrap().clone(), vec![Some(NAME.to_owned()); usize::from(delivered)]);
+        if delivered {
+            assert_eq!(receiver.requests()[0].0["host"], format!("{NAME}:{port}").as_str());
+        } else {
+            assert!(receiver.requests().is_empty());
+        }
+    }
 }
