@@ -16,21 +16,31 @@
 //! Delivery is at least once: a receiver de-duplicates by the event id (`id` in every payload, and the
 //! `Keyward-Event-Id` header).
 //!
-//! SECURITY: only `http://` targets are delivered by this build (see [`check_url`]); loopback,
-//! private, link-local and other internal addresses are refused (also after DNS resolution, at each
-//! attempt) unless `webhooks.allow_private_targets` is set.
+//! SECURITY: `http://` and `https://` targets only (see [`check_url`]). Unless
+//! `webhooks.allow_private_targets` is set, loopback, private, link-local and other internal
+//! addresses ([`is_internal`]) are refused, by URL when the host is an IP literal or an internal name
+//! (`localhost`, `*.local`, `*.internal`), and by address otherwise. A host name is resolved exactly
+//! **once per attempt**, by the connector's own resolver ([`Network`]): when any answer is internal
+//! the attempt is refused (the attempt's error says so) and nothing is sent; otherwise the connection
+//! goes to exactly the addresses that were checked, never to a second lookup's answer, so a name that
+//! changes its answer between two lookups (DNS rebinding) cannot reach an internal service. The
+//! `Host` header and the TLS server name stay the URL's host. Connections are not pooled, so every
+//! attempt resolves and checks again. Redirects are not followed.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{Request, Uri};
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 use keyward_store::{Attempt, AttemptOutcome, DeliveryJob, StoreResult};
 use rustls::pki_types::CertificateDer;
@@ -85,8 +95,14 @@ impl Default for WebhookSettings {
     }
 }
 
-/// Why a target URL is refused; said to the caller (it names no secret).
+/// Why a target URL is refused; said to the caller (it names no secret). An IP-literal host is
+/// classified by [`is_internal`]; a name is resolved only when delivering (see [`Network`]).
 pub fn check_url(raw: &str, allow_private: bool) -> Result<Uri, String> {
+    check_url_with(raw, allow_private, &is_internal)
+}
+
+/// [`check_url`] with the classification of addresses given.
+fn check_url_with(raw: &str, allow_private: bool, is_internal: &dyn Fn(IpAddr) -> bool) -> Result<Uri, String> {
     let uri: Uri = raw.parse().map_err(|_| "must be an absolute http(s) URL".to_owned())?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
@@ -101,7 +117,8 @@ pub fn check_url(raw: &str, allow_private: bool) -> Result<Uri, String> {
         let internal = match literal.parse::<IpAddr>() {
             Ok(ip) => is_internal(ip),
             Err(_) => {
-                let h = literal.to_ascii_lowercase();
+                // `localhost.` is `localhost`: a trailing dot only makes the name absolute.
+                let h = literal.trim_end_matches('.').to_ascii_lowercase();
                 h == "localhost" || h.ends_with(".localhost") || h.ends_with(".local") || h.ends_with(".internal")
             }
         };
@@ -161,6 +178,117 @@ fn jitter() -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// Looks up the addresses of a webhook target's host name.
+pub trait Resolve: Send + Sync + 'static {
+    fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>>;
+}
+
+/// The operating system's resolver (`getaddrinfo`, off the async threads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+        let host = host.to_owned();
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect()) })
+    }
+}
+
+/// How the worker reaches the network: the resolver its connections use and which addresses count as
+/// internal. [`Network::default`] is the system resolver and [`is_internal`]; tests inject their own
+/// so that a "public" target is a loopback address and nothing leaves the machine.
+#[derive(Clone)]
+pub struct Network {
+    pub resolver: Arc<dyn Resolve>,
+    pub is_internal: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self { resolver: Arc::new(SystemResolver), is_internal: Arc::new(is_internal) }
+    }
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").finish_non_exhaustive()
+    }
+}
+
+/// Why an attempt did not connect, as the attempt's error records it. It names the problem, never a
+/// secret (and not the addresses: they are the receiver's business, and a refusal says enough).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRefused(pub String);
+
+impl std::fmt::Display for TargetRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TargetRefused {}
+
+/// The resolver hyper's connector calls, and the only one: it resolves the name once, refuses the
+/// whole answer when any address in it is internal (unless private targets are allowed), and hands
+/// the connector exactly the addresses it checked.
+#[derive(Clone, Debug)]
+struct CheckedResolver {
+    net: Network,
+    allow_private: bool,
+}
+
+impl CheckedResolver {
+    async fn resolve(self, host: String) -> Result<std::vec::IntoIter<SocketAddr>, TargetRefused> {
+        let ips = self
+            .net
+            .resolver
+            .lookup(&host)
+            .await
+            .map_err(|e| TargetRefused(format!("resolving the target's host failed: {e}")))?;
+        if ips.is_empty() {
+            return Err(TargetRefused("the target's host has no address".to_owned()));
+        }
+        // SECURITY: one internal answer refuses them all; the connector would otherwise try it when a
+        // public one does not answer. What is checked here is what is connected to: hyper connects to
+        // these addresses and never resolves the name again.
+        if !self.allow_private && ips.iter().any(|ip| (self.net.is_internal)(*ip)) {
+            return Err(TargetRefused(
+                "the target resolves to an internal address (webhooks.allow_private_targets)".to_owned(),
+            ));
+        }
+        // Port 0: the connector puts the URL's port (or the scheme's) in.
+        Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect::<Vec<_>>().into_iter())
+    }
+}
+
+impl tower::Service<Name> for CheckedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = TargetRefused;
+    type Future = BoxFuture<'static, Result<Self::Response, TargetRefused>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), TargetRefused>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        Box::pin(self.clone().resolve(name.as_str().to_owned()))
+    }
+}
+
+/// The refusal of [`CheckedResolver`] inside a client error, if that is what stopped the attempt.
+fn refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TargetRefused> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(r) = e.downcast_ref::<TargetRefused>() {
+            return Some(r);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+type WebhookClient = Client<HttpsConnector<HttpConnector<CheckedResolver>>, Full<Bytes>>;
+
 /// What one tick did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TickReport {
@@ -176,7 +304,8 @@ pub struct TickReport {
 #[derive(Clone, Debug)]
 pub struct Worker {
     state: AppState,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    net: Network,
+    client: WebhookClient,
 }
 
 /// The extra CAs of `ca_file`, parsed; an unreadable or empty file is an error (refused at start).
@@ -193,7 +322,7 @@ pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static
 
 /// An HTTP and HTTPS client: TLS by rustls (ring), trusting Mozilla's roots (bundled, nothing is
 /// fetched) plus `extra` roots.
-fn client(timeout: Duration, extra: &[CertificateDer<'static>]) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+fn client(timeout: Duration, extra: &[CertificateDer<'static>], resolver: CheckedResolver) -> WebhookClient {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra {
@@ -209,7 +338,7 @@ fn client(timeout: Duration, extra: &[CertificateDer<'static>]) -> Client<HttpsC
             rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
         }
     };
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_connect_timeout(Some(timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -217,7 +346,9 @@ fn client(timeout: Duration, extra: &[CertificateDer<'static>]) -> Client<HttpsC
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https)
+    // SECURITY: no pooled connections: every attempt resolves the name and checks the answer again
+    // (webhook rates are low, a handshake per delivery is cheap next to that guarantee).
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(https)
 }
 
 /// Deliveries claimed per tick.
@@ -227,6 +358,11 @@ const DISPATCH: u32 = 500;
 
 impl Worker {
     pub fn new(state: AppState) -> Self {
+        Self::with_network(state, Network::default())
+    }
+
+    /// A worker that resolves and classifies addresses with `net` (tests: loopback only).
+    pub fn with_network(state: AppState, net: Network) -> Self {
         let extra = match &state.webhooks.ca_file {
             Some(path) => load_ca_file(path).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "webhooks.ca_file unusable: only the bundled roots are trusted");
@@ -234,8 +370,9 @@ impl Worker {
             }),
             None => Vec::new(),
         };
-        let client = client(Duration::from_millis(state.webhooks.timeout_ms.max(1)), &extra);
-        Self { state, client }
+        let resolver = CheckedResolver { net: net.clone(), allow_private: state.webhooks.allow_private_targets };
+        let client = client(Duration::from_millis(state.webhooks.timeout_ms.max(1)), &extra, resolver);
+        Self { state, net, client }
     }
 
     /// Dispatches new events and makes one attempt at every due delivery, at the clock's `now`.
@@ -297,16 +434,9 @@ impl Worker {
     /// problem only, never the secret.
     async fn send(&self, job: &DeliveryJob, now: DateTime<Utc>) -> Result<u16, String> {
         let settings = self.state.webhooks.clone();
-        let uri = check_url(&job.url, settings.allow_private_targets)?;
-        if !settings.allow_private_targets {
-            // SECURITY: a public name may resolve to an internal address (or be made to, later).
-            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-            let port = uri.port_u16().unwrap_or(80);
-            let addrs = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("resolving: {e}"))?;
-            if addrs.into_iter().any(|a| is_internal(a.ip())) {
-                return Err("the target resolves to an internal address".to_owned());
-            }
-        }
+        // SECURITY: an IP literal is checked here (the connector does not resolve it); a name is
+        // resolved and checked by the connector's `CheckedResolver`, once, and connected to as checked.
+        let uri = check_url_with(&job.url, settings.allow_private_targets, &*self.net.is_internal)?;
         let body = serde_json::to_vec(&job.delivery.payload).map_err(|e| format!("encoding: {e}"))?;
         let signature = keyward_core::webhook::sign(&job.secret.0, now.timestamp(), &body);
         let request = Request::post(uri)
@@ -320,7 +450,10 @@ impl Worker {
         let timeout = Duration::from_millis(settings.timeout_ms.max(1));
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Err(_) => Err(format!("no answer within {} ms", settings.timeout_ms)),
-            Ok(Err(e)) => Err(format!("request failed: {e}")),
+            Ok(Err(e)) => match refusal(&e) {
+                Some(refused) => Err(refused.to_string()),
+                None => Err(format!("request failed: {e}")),
+            },
             Ok(Ok(response)) => Ok(response.status().as_u16()),
         }
     }
@@ -362,6 +495,10 @@ mod tests {
             "http:///x",
             "http://127.0.0.1:9000/",
             "http://localhost/",
+            "http://localhost./",
+            "http://LOCALHOST:80/",
+            "http://api.localhost./",
+            "http://metadata.google.internal/",
             "http://10.1.2.3/",
             "http://192.168.0.1/",
             "http://169.254.169.254/latest/meta-data",

@@ -4,6 +4,14 @@
 //! Authorization: `keyward:keys:write` for the caller's own organization (webhooks carry every key
 //! event of it; `keyward:self` is not enough), `keyward:admin` for any organization. An endpoint of
 //! another organization answers 404, like one that does not exist.
+//!
+//! SECURITY: changing an endpoint needs everything creating it needs: creating one subscribed to an
+//! event that belongs to no organization (`auth.failures_spike`) needs `keyward:admin`, so does every
+//! write on an endpoint that is subscribed to one now (PATCH of any field, DELETE, retrying a delivery)
+//! and every PATCH that would subscribe it to one; so does listing its deliveries, which carry those
+//! events' payloads. Such an endpoint stays visible to `keyward:keys:write` of its organization (403
+//! `insufficient_scope` on the writes, as for a key holding `keyward:` scopes the caller lacks), and the
+//! signing secret is never shown again after creation, to anyone.
 
 use axum::Json;
 use axum::extract::State;
@@ -19,7 +27,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::state::AppState;
 use crate::webhooks::{EVENTS, check_url};
@@ -161,11 +169,16 @@ pub struct UpdateWebhookRequest {
 /// Events that belong to no organization: only `keyward:admin` may subscribe to them.
 const ADMIN_EVENTS: &[&str] = &["auth.failures_spike"];
 
+/// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
+/// checked at creation, and on every write with the endpoint's current events and its new ones.
 fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
-    if !caller.is_admin() && events.iter().any(|e| ADMIN_EVENTS.contains(&e.as_str())) {
-        return Err(ApiError::insufficient_scope("keyward:admin"));
+    match events.iter().find(|e| ADMIN_EVENTS.contains(&e.as_str())) {
+        Some(event) if !caller.is_admin() => Err(ApiError::new(
+            ErrorCode::InsufficientScope,
+            format!("an endpoint subscribed to `{event}` needs the scope `keyward:admin`"),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
@@ -205,6 +218,16 @@ async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Webho
     } else {
         Err(ApiError::not_found())
     }
+}
+
+/// An endpoint the caller may change or read the deliveries of: visible to it (else 404) and one it could have
+/// created (else 403).
+async fn manageable(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Webhook> {
+    let hook = visible(state, caller, id).await?;
+    // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
+    // only `keyward:admin` may create.
+    check_admin_events(caller, &hook.events)?;
+    Ok(hook)
 }
 
 /// Create a webhook endpoint. The signing secret is in this response only.
@@ -290,12 +313,13 @@ pub async fn update_webhook(
     body: JsonBody,
 ) -> ApiResult<Json<WebhookResponse>> {
     require(&caller)?;
-    visible(&state, &caller, id).await?;
+    manageable(&state, &caller, id).await?;
     let body: UpdateWebhookRequest = body.parse()?;
     if let Some(url) = &body.url {
         check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     }
     let events = body.events.as_deref().map(check_events).transpose()?;
+    // SECURITY: the events it will have are checked as at creation (the current ones were, above).
     check_admin_events(&caller, events.as_deref().unwrap_or_default())?;
     let patch = WebhookPatch {
         url: body.url,
@@ -318,7 +342,7 @@ pub async fn delete_webhook(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     require(&caller)?;
-    visible(&state, &caller, id).await?;
+    manageable(&state, &caller, id).await?;
     state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -335,7 +359,9 @@ pub async fn list_deliveries(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<DeliveryListResponse>> {
     require(&caller)?;
-    visible(&state, &caller, id).await?;
+    // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
+    // does.
+    manageable(&state, &caller, id).await?;
     let mut items = Vec::new();
     for d in state.store.list_deliveries(id, 100).await? {
         let attempts = state.store.list_attempts(d.id).await?;
@@ -357,7 +383,7 @@ pub async fn retry_delivery(
     ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<DeliveryResponse>> {
     require(&caller)?;
-    visible(&state, &caller, id).await?;
+    manageable(&state, &caller, id).await?;
     let now = state.clock.now();
     let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);
     let d = state.store.retry_delivery(id, delivery, now, give_up).await?;

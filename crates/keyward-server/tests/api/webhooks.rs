@@ -2,7 +2,12 @@
 //! down and then up, Keyward restarted between attempts, giving up after the retry window, retry on
 //! demand; plus the API's bad inputs and tenant isolation. Time moves only by the injected clock; the
 //! worker is ticked directly.
+//!
+//! SSRF by DNS rebinding: a worker with an injected resolver and an injected notion of "internal"
+//! (127.0.0.2 counts as public, every other address as internal), so that every connection stays on
+//! loopback: nothing here ever sends a packet outside 127.0.0.0/8.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +20,7 @@ use axum::routing::post;
 use keyward_core::KeyHasher;
 use keyward_server::AppState;
 use keyward_server::usage::UsageRecorder;
-use keyward_server::webhooks::Worker;
+use keyward_server::webhooks::{Network, Resolve, Worker};
 use serde_json::{Value, json};
 
 use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
@@ -228,6 +233,8 @@ async fn bad_inputs_are_refused() {
         (json!({"url": "not a url"}), "url"),
         (json!({"url": "http://127.0.0.1:9000/hook"}), "url"),
         (json!({"url": "http://169.254.169.254/"}), "url"),
+        (json!({"url": "http://localhost./hook"}), "url"),
+        (json!({"url": "http://[::ffff:127.0.0.1]:8080/"}), "url"),
         (json!({"url": "http://hooks.example.com/", "events": ["key.created", "nope"]}), "events[1]"),
         (json!({"url": "http://hooks.example.com/", "description": "x".repeat(2001)}), "description"),
         (json!({"url": "http://hooks.example.com/", "organization_id": "nope"}), "organization_id"),
@@ -358,21 +365,23 @@ async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
     assert_eq!(spikes[1].payload["key_prefix"], "sk_test_");
 }
 
-/// An `https://` receiver behind a private CA (`webhooks.ca_file`): delivered over TLS and verified.
-#[tokio::test]
-async fn https_receivers_behind_a_private_ca() {
+/// An `https://` receiver on `listener` with a certificate for `names` signed by a private CA; the
+/// CA's PEM file (in the returned directory), and every TLS server name the receiver was asked for.
+async fn tls_receiver(
+    listener: tokio::net::TcpListener,
+    names: &[&str],
+) -> (Receiver, std::path::PathBuf, tempfile::TempDir, Arc<Mutex<Vec<Option<String>>>>) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-    // A CA and a server certificate for 127.0.0.1 signed by it.
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let server_cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&server_key, &issuer).unwrap();
     let dir = tempfile::TempDir::new().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
@@ -387,15 +396,16 @@ async fn https_receivers_behind_a_private_ca() {
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = bind(0).await;
-    let port = listener.local_addr().unwrap().port();
     let receiver = Receiver { got: Arc::default(), status: Arc::new(AtomicU16::new(200)) };
+    let server_names: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let app_router = Router::new().route("/hook", post(record)).with_state(receiver.clone());
+    let seen = server_names.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, router) = (acceptor.clone(), app_router.clone());
+            let (acceptor, router, seen) = (acceptor.clone(), app_router.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else { return };
+                seen.lock().unwrap().push(stream.get_ref().1.server_name().map(str::to_owned));
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let router = router.clone();
                     async move { tower::ServiceExt::oneshot(router, req.map(axum::body::Body::new)).await }
@@ -406,6 +416,15 @@ async fn https_receivers_behind_a_private_ca() {
             });
         }
     });
+    (receiver, ca_file, dir, server_names)
+}
+
+/// An `https://` receiver behind a private CA (`webhooks.ca_file`): delivered over TLS and verified.
+#[tokio::test]
+async fn https_receivers_behind_a_private_ca() {
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let (receiver, ca_file, _dir, _) = tls_receiver(listener, &["127.0.0.1"]).await;
 
     let mut app = allow_private(TestApp::sqlite().await);
     let url = format!("https://127.0.0.1:{port}/hook");
@@ -425,4 +444,302 @@ async fn https_receivers_behind_a_private_ca() {
     let signature = headers["keyward-signature"].to_str().unwrap();
     let now = app.clock.now_utc().timestamp();
     assert!(keyward_core::webhook::verify(&secret, signature, body, now, 300));
+}
+
+/// The one address the rebinding tests treat as public.
+const PUBLIC: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const INTERNAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const NAME: &str = "hooks.rebind.test";
+
+/// A resolver whose answer changes from call to call (the last one repeats); `None` is a failed
+/// lookup. It records every name it was asked.
+struct ScriptedResolver {
+    answers: Vec<Option<Vec<IpAddr>>>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl ScriptedResolver {
+    fn new(answers: Vec<Option<Vec<IpAddr>>>) -> Arc<Self> {
+        Arc::new(Self { answers, asked: Mutex::default() })
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Resolve for ScriptedResolver {
+    fn lookup(&self, host: &str) -> futures_util::future::BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+        let mut asked = self.asked.lock().unwrap();
+        let answer = self.answers[asked.len().min(self.answers.len() - 1)].clone();
+        asked.push(host.to_owned());
+        Box::pin(async move { answer.ok_or_else(|| std::io::Error::other("no such host")) })
+    }
+}
+
+/// Only [`PUBLIC`] is public.
+fn loopback_network(resolver: Arc<ScriptedResolver>) -> Network {
+    Network { resolver, is_internal: Arc::new(|ip| ip != PUBLIC) }
+}
+
+/// A receiver on [`PUBLIC`] and one on [`INTERNAL`], on the same port (the URL names one port).
+async fn public_and_internal_receivers() -> (u16, Receiver, Receiver) {
+    for _ in 0..50 {
+        let public = tokio::net::TcpListener::bind((PUBLIC, 0)).await.unwrap();
+        let port = public.local_addr().unwrap().port();
+        if let Ok(internal) = tokio::net::TcpListener::bind((INTERNAL, port)).await {
+            return (port, receiver_on(public).await, receiver_on(internal).await);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.1");
+}
+
+/// The newest delivery of `hook_id`, as the API shows it.
+async fn last_delivery(app: &TestApp, hook_id: &str) -> Value {
+    let r = app.get(&format!("/v1/webhooks/{hook_id}/deliveries"), &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.body["items"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_resolved_once_and_every_answer_checked() {
+    let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+    let internal_refused = Some("the target resolves to an internal address");
+    for (answer, refused) in [
+        (Some(vec![PUBLIC]), None),
+        (Some(vec![PUBLIC, INTERNAL]), internal_refused),
+        (Some(vec![INTERNAL, PUBLIC]), internal_refused),
+        (Some(vec![INTERNAL]), internal_refused),
+        (Some(vec![PUBLIC, v6]), internal_refused),
+        (Some(vec![mapped]), internal_refused),
+        (Some(vec![]), Some("the target's host has no address")),
+        (None, Some("resolving the target's host failed")),
+    ] {
+        let case = format!("{answer:?}");
+        let app = TestApp::sqlite().await;
+        let (port, public, internal) = public_and_internal_receivers().await;
+        let (hook_id, secret) = create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let resolver = ScriptedResolver::new(vec![answer]);
+        let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+        let report = worker.tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, usize::from(refused.is_none())), "{case}");
+        assert_eq!(resolver.asked(), [NAME], "{case}: resolved once, by name");
+        assert!(internal.requests().is_empty(), "{case}: SECURITY: nothing reached the internal address");
+        let d = last_delivery(&app, &hook_id).await;
+        match refused {
+            None => {
+                let got = public.requests();
+                assert_eq!(got.len(), 1, "{case}");
+                assert_eq!(got[0].0["host"], format!("{NAME}:{port}").as_str(), "{case}: the Host stays the name");
+                assert_eq!(d["status"], "succeeded", "{case}");
+            }
+            Some(why) => {
+                assert!(public.requests().is_empty(), "{case}: a refused answer is refused whole");
+                let error = d["attempt_log"][0]["error"].as_str().unwrap();
+                assert!(error.starts_with(why), "{case}: {error}");
+                assert!(!error.contains(&secret) && !error.contains("whsec_"), "{case}: {error}");
+                assert_eq!(
+                    (d["status"].as_str(), d["attempt_log"][0]["status_code"].clone()),
+                    (Some("pending"), Value::Null)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_rebinds_to_an_internal_address_is_never_reached() {
+    let app = TestApp::sqlite().await;
+    let (port, public, internal) = public_and_internal_receivers().await;
+    let (hook_id, _) = create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+    // Public at the first lookup, loopback from the second on: the classic rebinding answer.
+    let resolver = ScriptedResolver::new(vec![Some(vec![PUBLIC]), Some(vec![INTERNAL])]);
+    let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+
+    app.post("/v1/keys", &app.admin_key, json!({"name": "first"})).await;
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    assert_eq!(resolver.asked().len(), 1, "one lookup for one attempt: the connector has no other");
+    assert_eq!(public.requests().len(), 1, "delivered to the address that was checked");
+
+    app.post("/v1/keys", &app.admin_key, json!({"name": "second"})).await;
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0), "the name now answers loopback");
+    assert_eq!(resolver.asked().len(), 2, "a new attempt looks up again (no pooled connection)");
+    let d = last_delivery(&app, &hook_id).await;
+    assert!(d["last_error"].as_str().unwrap().contains("internal address"), "{d}");
+
+    // The retry resolves again and is refused again.
+    app.clock.advance(chrono::Duration::minutes(2));
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 0));
+    assert_eq!(resolver.asked().len(), 3);
+    assert_eq!(public.requests().len(), 1);
+    assert!(internal.requests().is_empty(), "SECURITY: the internal listener saw nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_private_targets_still_connect_to_the_one_lookup() {
+    let app = allow_private(TestApp::sqlite().await);
+    let (port, public, internal) = public_and_internal_receivers().await;
+    create_hook(&app, &format!("http://{NAME}:{port}/hook"), json!(["key.created"])).await;
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let resolver = ScriptedResolver::new(vec![Some(vec![INTERNAL]), Some(vec![PUBLIC])]);
+    let worker = Worker::with_network(app.state.clone(), loopback_network(resolver.clone()));
+    let report = worker.tick().await.unwrap();
+    assert_eq!((report.attempted, report.succeeded), (1, 1));
+    assert_eq!(resolver.asked().len(), 1);
+    assert_eq!((internal.requests().len(), public.requests().len()), (1, 0), "the lookup's answer, not another");
+}
+
+/// IP literals in the forms `getaddrinfo` reads without asking DNS (decimal, short, hex, octal) are
+/// names to the URL parser: they pass [`check_url`] and are refused by the worker's lookup, with the
+/// real system resolver and the real notion of internal. No packet leaves loopback: these never reach
+/// a DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_host_spellings_of_loopback_are_refused() {
+    let listener = bind(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let receiver = receiver_on(listener).await;
+    for host in ["2130706433", "127.1", "0x7f000001", "0177.0.0.1"] {
+        let app = TestApp::sqlite().await;
+        let (hook_id, _) = create_hook(&app, &format!("http://{host}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let report = Worker::new(app.state.clone()).tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, 0), "{host}");
+        let d = last_delivery(&app, &hook_id).await;
+        assert!(d["last_error"].as_str().unwrap().contains("internal address"), "{host}: {d}");
+    }
+    assert!(receiver.requests().is_empty());
+}
+
+/// Issue 15, finding 11: every write on an endpoint needs what creating it needs, with its current
+/// events and its new ones. An endpoint subscribed to `auth.failures_spike` is admin-only: a
+/// `keyward:keys:write` key of the same organization sees it (GET), and every write answers 403
+/// `insufficient_scope` before the body is even read; a key of another organization gets 404.
+/// Deliveries are only dispatched here, never sent: the URLs are not resolved.
+#[tokio::test]
+async fn keys_write_cannot_touch_an_admin_only_endpoint() {
+    let app = TestApp::sqlite().await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let (hook_id, secret) =
+        create_hook(&app, "http://hooks.example.com/spike", json!(["auth.failures_spike", "key.created"])).await;
+    let path = format!("/v1/webhooks/{hook_id}");
+    let before = app.get(&path, &app.admin_key).await.body;
+    assert_eq!(app.get(&path, &writer).await.body, before, "visible to its organization's keys:write");
+
+    let forbidden = |r: &crate::helpers::Response, case: &str| {
+        assert_eq!((r.status, code(r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{case}: {}", r.text);
+        assert!(r.body["error"]["message"].as_str().unwrap().contains("keyward:admin"), "{case}: {}", r.text);
+        assert!(!r.text.contains(&secret), "{case}");
+    };
+    for body in [
+        json!({"url": "http://attacker.example.net/collect"}),
+        json!({"events": ["key.created"]}),
+        json!({"events": []}),
+        json!({"is_active": false}),
+        json!({"description": "mine now"}),
+        json!({"secret": "whsec_chosen_by_me"}),
+        json!({"url": "not even a url"}),
+        json!({}),
+    ] {
+        forbidden(&app.patch(&path, &writer, body.clone()).await, &body.to_string());
+    }
+    forbidden(&app.delete(&path, &writer).await, "delete");
+    forbidden(&app.get(&format!("{path}/deliveries"), &writer).await, "deliveries");
+
+    // A delivery to retry (dispatched from a key.created event, not sent).
+    app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+    let now = app.clock.now_utc();
+    app.state.store.dispatch_events(now, now + chrono::Duration::hours(24), 100).await.unwrap();
+    let hook_uuid = hook_id.parse().unwrap();
+    let delivery = app.state.store.list_deliveries(hook_uuid, 10).await.unwrap()[0].id;
+    let retry = format!("{path}/deliveries/{delivery}/retry");
+    forbidden(&app.post(&retry, &writer, json!({})).await, "retry");
+    assert_eq!(app.get(&path, &app.admin_key).await.body, before, "nothing changed");
+
+    // Another organization's keys:write does not even learn that it exists.
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:write"]).await;
+    assert_eq!(app.patch(&path, &outsider, json!({"is_active": false})).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.delete(&path, &outsider).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.post(&retry, &outsider, json!({})).await.status, StatusCode::NOT_FOUND);
+
+    // The admin can do all of it.
+    assert_eq!(app.get(&format!("{path}/deliveries"), &app.admin_key).await.status, StatusCode::OK);
+    assert_eq!(app.post(&retry, &app.admin_key, json!({})).await.status, StatusCode::OK);
+    let r =
+        app.patch(&path, &app.admin_key, json!({"url": "http://hooks.example.com/moved", "is_active": false})).await;
+    assert_eq!((r.status, r.body["url"].as_str()), (StatusCode::OK, Some("http://hooks.example.com/moved")));
+    let r = app.patch(&path, &app.admin_key, json!({"events": ["key.created"]})).await;
+    assert_eq!(r.body["events"], json!(["key.created"]));
+    // No longer admin-only: what creating it now needs is keys:write.
+    let r = app.patch(&path, &writer, json!({"is_active": true})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    forbidden(&app.patch(&path, &writer, json!({"events": ["auth.failures_spike"]})).await, "re-subscribe");
+    let (second, _) = create_hook(&app, "http://hooks.example.com/b", json!(["auth.failures_spike"])).await;
+    assert_eq!(app.delete(&format!("/v1/webhooks/{second}"), &app.admin_key).await.status, StatusCode::NO_CONTENT);
+}
+
+/// A keys:write key cannot make its own endpoint admin-only by PATCH, in any spelling of the list.
+#[tokio::test]
+async fn keys_write_cannot_subscribe_its_endpoint_to_admin_events() {
+    let app = TestApp::sqlite().await;
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let r =
+        app.post("/v1/webhooks", &writer, json!({"url": "http://hooks.example.com/", "events": ["key.created"]})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let path = format!("/v1/webhooks/{}", r.body["webhook"]["id"].as_str().unwrap());
+    for events in [
+        json!(["auth.failures_spike"]),
+        json!(["key.created", "auth.failures_spike"]),
+        json!(["auth.failures_spike", "auth.failures_spike"]),
+    ] {
+        for body in [json!({"events": events}), json!({"events": events, "url": "http://hooks.example.com/x"})] {
+            let r = app.patch(&path, &writer, body.clone()).await;
+            assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{body}: {}", r.text);
+        }
+    }
+    let r = app.get(&path, &writer).await;
+    assert_eq!(
+        (r.body["events"].clone(), r.body["url"].as_str()),
+        (json!(["key.created"]), Some("http://hooks.example.com/"))
+    );
+    // Its own endpoint, every other change: allowed.
+    let r = app.patch(&path, &writer, json!({"events": ["key.revoked"], "is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // The admin may subscribe it; from then on the writer may not touch it.
+    let r = app.patch(&path, &app.admin_key, json!({"events": ["auth.failures_spike"]})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app.patch(&path, &writer, json!({"is_active": true})).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.delete(&path, &writer).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"));
+}
+
+/// Over TLS, the checked address is connected to while the server name (SNI and certificate check)
+/// and the `Host` header stay the URL's name; a certificate for another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_by_name_keeps_the_name_for_tls_and_host() {
+    for (cert_names, delivered) in [(vec![NAME], true), (vec!["other.rebind.test", "127.0.0.2"], false)] {
+        let listener = tokio::net::TcpListener::bind((PUBLIC, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (receiver, ca_file, _dir, server_names) = tls_receiver(listener, &cert_names).await;
+        let mut app = TestApp::sqlite().await;
+        app.state.webhooks.ca_file = Some(ca_file);
+        create_hook(&app, &format!("https://{NAME}:{port}/hook"), json!(["key.created"])).await;
+        app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
+        let resolver = ScriptedResolver::new(vec![Some(vec![PUBLIC])]);
+        let report = Worker::with_network(app.state.clone(), loopback_network(resolver.clone())).tick().await.unwrap();
+        assert_eq!((report.attempted, report.succeeded), (1, usize::from(delivered)), "{cert_names:?}");
+        assert_eq!(resolver.asked(), [NAME]);
+        assert_eq!(server_names.lock().unwrap().clone(), vec![Some(NAME.to_owned()); usize::from(delivered)]);
+        if delivered {
+            assert_eq!(receiver.requests()[0].0["host"], format!("{NAME}:{port}").as_str());
+        } else {
+            assert!(receiver.requests().is_empty());
+        }
+    }
 }
