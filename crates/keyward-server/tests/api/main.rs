@@ -6,6 +6,7 @@ mod authz;
 mod cache;
 mod client_ip;
 mod errors;
+mod fuzz;
 mod gateway;
 mod helpers;
 mod import;
