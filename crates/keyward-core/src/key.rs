@@ -174,17 +174,23 @@ impl fmt::Debug for PlainKey {
     }
 }
 
-/// A user-supplied value, quoted for an error message, unless it could be a key. SECURITY: keys are
-/// made of ASCII letters, digits and `_` only, so a value with any other character (a scope's `:`, an
-/// address's `.`) or too short to carry a secret is safe to echo; anything else is not repeated.
+/// A user-supplied value, quoted for an error message, unless it could hold a key. SECURITY: keys are
+/// made of ASCII letters, digits and `_` only, so a value in which every run of those is too short to
+/// carry a secret is safe to echo; anything else is not repeated, including a key inside other text
+/// (`{"key":"sk_live_…"}`, `my sk_live_…`), which a message cut to 64 characters would still mostly show.
 pub fn quote_if_not_key(value: &str) -> String {
-    const SHORT: usize = 16;
-    let could_be_key = value.len() > SHORT && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if could_be_key {
+    if could_hold_key(value) {
         "(value not repeated: it looks like it could be a key)".to_owned()
     } else {
         format!("`{}`", value.chars().take(64).collect::<String>())
     }
+}
+
+/// Whether `value` has a run of more than 16 key characters (ASCII letters, digits, `_`): enough to
+/// carry a key's secret, or most of one.
+pub fn could_hold_key(value: &str) -> bool {
+    const SHORT: usize = 16;
+    value.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|run| run.len() > SHORT)
 }
 
 /// The CRC32 of `signed` in base62, left-padded with `0` (six digits hold any `u32`). On the stack:
@@ -253,6 +259,11 @@ mod tests {
         assert_eq!(quote_if_not_key("read projects"), "`read projects`");
         assert_eq!(quote_if_not_key("10.0.0.300"), "`10.0.0.300`");
         assert_eq!(quote_if_not_key("short"), "`short`");
+        // A key inside other text is not repeated either.
+        for wrapped in [format!("{{\"key\":\"{}\"", k.expose_secret()), format!("my {}", k.expose_secret())] {
+            assert!(!quote_if_not_key(&wrapped).contains(&k.expose_secret()[8..24]), "{wrapped}");
+        }
+        assert_eq!(quote_if_not_key("read:projects.archive-2024"), "`read:projects.archive-2024`");
     }
 
     #[test]

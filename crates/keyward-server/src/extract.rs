@@ -79,8 +79,9 @@ fn redact_path(path: &str) -> String {
         .join(".")
 }
 
+/// SECURITY: a name that merely *holds* a key (`my sk_live_…`) counts too.
 fn could_be_key(s: &str) -> bool {
-    s.len() > 16 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    keyward_core::key::could_hold_key(s)
 }
 
 /// serde names fields in backticks; a name that could be a key is cut out.
@@ -155,6 +156,9 @@ mod tests {
     fn field_names_that_could_be_keys_are_cut() {
         let key = "sk_live_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLM";
         let e = parse_json::<Probe>(format!("{{\"{key}\": 1}}").as_bytes()).err().unwrap();
+        assert!(!e.message.contains("abcdefghij"), "{}", e.message);
+        assert!(!e.field.unwrap_or_default().contains("abcdefghij"));
+        let e = parse_json::<Probe>(format!("{{\"my {key}\": 1}}").as_bytes()).err().unwrap();
         assert!(!e.message.contains("abcdefghij"), "{}", e.message);
         assert!(!e.field.unwrap_or_default().contains("abcdefghij"));
         let e = parse_json::<Probe>(b"{\"colour\": 1}").err().unwrap();
