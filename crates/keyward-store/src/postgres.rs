@@ -57,6 +57,21 @@ impl PostgresStore {
     /// schema of its own. Does not migrate; see [`Store::migrate_up`].
     pub async fn connect(url: &str) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(url).map_err(db)?.application_name("keyward");
+        // One connection outside the pool first: a pool that cannot connect says only "pool timed out"
+        // after its timeout; this says why (connection refused, authentication failed, no database).
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, sqlx::Connection::connect_with(&options)).await {
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "the server did not answer within {} s",
+                    ACQUIRE_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(e)) => return Err(db(e)),
+            Ok(Ok(first)) => {
+                let first: PgConnection = first;
+                let _ = sqlx::Connection::close(first).await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)

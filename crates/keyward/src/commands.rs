@@ -198,7 +198,8 @@ pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWork
 async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Result<(AppState, UsageWorker)> {
     let store = keyward_store::open(&config.database_url, true)
         .await
-        .with_context(|| format!("cannot open the database at {}", config.database_url))?;
+        // SECURITY: the URL may carry a password.
+        .with_context(|| format!("cannot open the database at {}", crate::config::redact_url(&config.database_url)))?;
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let cache = KeyCache::new(config.cache);
@@ -249,6 +250,20 @@ fn opt(value: &Option<impl ToString>) -> String {
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // Listeners first: a port in use is found before the first start creates the database and prints
+    // an admin key that an operator reading only the error would lose.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let gateway_config = config.gateway.build()?;
+    let gateway_listener = match &gateway_config {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.gateway.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?,
+        ),
+        None => None,
+    };
     let (state, worker) = open_with(&config, Some(config.usage_config())).await?;
     let retention = chrono::Duration::days(i64::from(config.usage.retention_days));
     let _pruner = keyward_server::usage::spawn_pruner(
@@ -269,27 +284,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _sweeper = keyward_server::lifecycle::spawn_sweeper(state.clone());
     // Outbox events become signed webhook deliveries.
     let _webhooks = keyward_server::webhooks::spawn_worker(state.clone());
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
     // One shutdown signal, seen by every listener.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let gateway = match config.gateway.build()? {
-        Some(gw) => {
-            let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+    let gateway = match (gateway_config, gateway_listener) {
+        (Some(gw), Some(listener)) => {
             tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
             let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw))
                 .into_make_service_with_connect_info::<std::net::SocketAddr>();
             let shutdown = stopped(stop_rx.clone());
             Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
         }
-        None => None,
+        _ => None,
     };
     tokio::spawn(async move {
         shutdown_signal().await;

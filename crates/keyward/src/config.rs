@@ -244,11 +244,14 @@ const SECTIONS: [&str; 7] = ["gateway__", "plans__", "protection__", "cache__", 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
         let mut figment = Figment::new();
-        match file {
+        let file = match file {
             Some(path) if !path.exists() => bail!("config file {} does not exist", path.display()),
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new("keyward.toml").exists() => figment = figment.merge(Toml::file_exact("keyward.toml")),
-            None => {}
+            Some(path) => Some(path),
+            None => Some(Path::new("keyward.toml")).filter(|p| p.exists()),
+        };
+        if let Some(path) = file {
+            check_toml_syntax(path)?;
+            figment = figment.merge(Toml::file_exact(path));
         }
         let config: Config = figment
             // Only our own names: other KEYWARD_* variables (test settings, ...) are not config.
@@ -360,8 +363,20 @@ fn toml_section<T: Serialize>(value: &T) -> String {
     toml::to_string(value).unwrap_or_default()
 }
 
+/// A TOML syntax error as one line, `file:line:column: what`, instead of the parser's drawing.
+fn check_toml_syntax(path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Err(e) = text.parse::<toml::Table>() else { return Ok(()) };
+    let at = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let what = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    bail!("{}:{line}:{column}: invalid TOML: {what}", path.display())
+}
+
 /// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

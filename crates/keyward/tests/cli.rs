@@ -374,3 +374,85 @@ fn sigkill_loses_at_most_one_flush_interval() {
     let report = cli.json(&["usage", &key_id, "--days", "1", "--json"]);
     assert_eq!(report["totals"]["requests"], N);
 }
+
+/// `keyward serve` in `cli`'s directory with these arguments and no config file; it must exit (within
+/// the test's bound) by itself.
+fn serve_fails(cli: &Cli, args: &[&str], env: &[(&str, &str)]) -> (String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    command.arg("serve").args(args).current_dir(cli.dir.path()).env_remove("KEYWARD_PEPPER");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "serve did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_busy_port_is_found_before_the_first_start_seeds_anything() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().to_string();
+    let cli = Cli::new();
+    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
+    for args in [vec!["--listen", port.as_str()], vec!["--upstream", "http://127.0.0.1:9", "--gateway-listen", &port]] {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend(args.iter().copied());
+        if !all.contains(&"--listen") {
+            all.extend(["--listen", "127.0.0.1:0"]);
+        }
+        let (stdout, stderr) = serve_fails(&cli, &all, &[]);
+        assert!(stderr.contains("cannot listen on"), "{stderr}");
+        assert!(!stdout.contains("Admin key"), "a key was printed and lost: {stdout}");
+        assert!(!cli.dir.path().join("k.db").exists(), "the database was created before the listener");
+    }
+    // Once the port is free, the first start still seeds and prints its key.
+    drop(busy);
+    let (mut child, key, ..) = serve(&cli, &[]);
+    assert!(key.starts_with("sk_live_"));
+    terminate(&mut child, std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn an_unreachable_database_is_named_without_its_password_and_says_why() {
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cli = Cli::new();
+    for url in [
+        format!("postgres://keyward:hunter2-secret@127.0.0.1:{closed}/keyward"),
+        format!("postgresql://keyward:hunter2-secret@127.0.0.1:{closed}/keyward?sslmode=disable"),
+    ] {
+        for how in [["--database-url", url.as_str()], ["--listen", "127.0.0.1:0"]] {
+            let env = [("KEYWARD_DATABASE_URL", url.as_str())];
+            let (stdout, stderr) = serve_fails(&cli, &how, &env);
+            let all = format!("{stdout}{stderr}");
+            assert!(!all.contains("hunter2"), "the password was printed: {all}");
+            assert!(all.contains("[redacted]"), "{all}");
+            assert!(all.to_lowercase().contains("refused"), "says why: {all}");
+            assert!(!all.contains("pool timed out"), "{all}");
+        }
+    }
+}
+
+#[test]
+fn a_toml_syntax_error_is_one_line_with_file_line_and_column() {
+    let cli = Cli::new();
+    for (text, line, column) in [
+        ("[protection]\nmanagement_per_minute = = 3\n", 2, 25),
+        ("listen = \"127.0.0.1:0\"\n[cache\nttl_ms = 1\n", 2, 7),
+        ("pepper = 'unterminated\n", 1, 23),
+    ] {
+        std::fs::write(cli.dir.path().join("keyward.toml"), text).unwrap();
+        let out = cli.run(&["config", "show"]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].contains(&format!("keyward.toml:{line}:{column}: invalid TOML")), "{stderr}");
+    }
+}
