@@ -142,7 +142,7 @@ struct KeyUse {
 impl KeyUse {
     /// Adds `requests` uses, the last at `at` from `ip`: the newest use (with an address) wins.
     fn add(&mut self, requests: i64, at: DateTime<Utc>, ip: Option<IpAddr>) {
-        self.requests += requests;
+        self.requests = self.requests.saturating_add(requests);
         if at >= self.last_used_at {
             self.last_used_at = at;
             if ip.is_some() {
@@ -610,11 +610,11 @@ pub fn spawn_pruner(
 
 /// One pruning pass; returns how many events were deleted.
 pub async fn prune_once(store: &dyn Store, before: DateTime<Utc>) -> u64 {
-    let mut total = 0;
+    let mut total: u64 = 0;
     loop {
         match store.prune_usage_events(before, 10_000).await {
             Ok(0) => break,
-            Ok(n) => total += n,
+            Ok(n) => total = total.saturating_add(n),
             Err(e) => {
                 tracing::warn!(error = %e, "pruning usage events failed; will retry");
                 break;

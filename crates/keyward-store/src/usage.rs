@@ -12,6 +12,15 @@
 //! columns). Buckets only add, so rows written by several batches and nodes merge exactly; p95 is the
 //! upper bound of the bucket that holds the 95th percentile ([`Histogram::p95_ms`]). It is exact to the
 //! bucket, never interpolated.
+//!
+//! # Bounds and saturation
+//!
+//! What one event may count is bounded where it enters ([`MAX_TOKENS_PER_EVENT`],
+//! [`MAX_COST_MICROS_PER_EVENT`], [`MAX_RESPONSE_TIME_MS`], [`MAX_QUOTA_COST`]), and every sum of
+//! counters saturates at `i64::MAX` instead of failing: in memory ([`DailyCounts`], [`BatchEffects`])
+//! and in both backends' SQL ([`daily_add_set`], each backend's saturating `SUM`). SECURITY: the fold
+//! is one transaction for every organization, so a sum that could fail would let one tenant's row
+//! (or a row an older version wrote without bounds) stop every tenant's rollups.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,6 +38,17 @@ use crate::StoreResult;
 /// Changing them changes the meaning of stored rows: add a migration.
 pub const LATENCY_BUCKETS_MS: [i64; 16] =
     [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, i64::MAX];
+
+/// Most tokens one event may count (a report's `tokens_used`): a thousand times the largest context
+/// window of today's language models, yet 9 billion such events still fit a counter.
+pub const MAX_TOKENS_PER_EVENT: i64 = 1_000_000_000;
+/// Most micro-dollars one event may cost (a report's `cost_micros`): $1,000,000.
+pub const MAX_COST_MICROS_PER_EVENT: i64 = 1_000_000_000_000;
+/// Longest latency one event may report, in ms: one hour.
+pub const MAX_RESPONSE_TIME_MS: i64 = 3_600_000;
+/// Most quota units one request may spend (`cost` of `/v1/verify`, a gateway route's `cost`): as many
+/// as a report's tokens, since the quota often counts tokens.
+pub const MAX_QUOTA_COST: u64 = 1_000_000_000;
 
 /// Longest endpoint kept; a longer one is cut (endpoints are a rollup dimension, not free text).
 pub const MAX_ENDPOINT_LEN: usize = 200;
@@ -226,12 +246,12 @@ impl Histogram {
 
     pub fn add(&mut self, other: &Histogram) {
         for (a, b) in self.0.iter_mut().zip(other.0) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
     }
 
     pub fn count(&self) -> i64 {
-        self.0.iter().sum()
+        self.0.iter().fold(0, |n, b| n.saturating_add(*b))
     }
 
     /// The upper bound (ms) of the bucket holding the 95th percentile; for the last, open bucket its
@@ -242,10 +262,11 @@ impl Histogram {
             return None;
         }
         // The rank of the 95th percentile, rounded up: at least 95 % of samples are at or below it.
-        let rank = ((total * 95 + 99) / 100).max(1);
-        let mut seen = 0;
+        // In i128: `total * 95` of a saturated count does not fit an i64.
+        let rank = ((i128::from(total) * 95 + 99) / 100).max(1);
+        let mut seen: i128 = 0;
         for (i, n) in self.0.iter().enumerate() {
-            seen += n;
+            seen += i128::from(*n);
             if seen >= rank {
                 let last = LATENCY_BUCKETS_MS.len() - 1;
                 return Some(if i == last { LATENCY_BUCKETS_MS[last - 1] } else { LATENCY_BUCKETS_MS[i] });
@@ -271,40 +292,39 @@ pub struct DailyCounts {
 }
 
 impl DailyCounts {
+    /// Saturating, like every sum of counters: an event stored or spilled by a version without
+    /// bounds (i64::MAX tokens) must not wrap, nor panic a debug build.
     fn add_event(&mut self, e: &UsageEvent) {
+        let one = |n: &mut i64| *n = n.saturating_add(1);
         if e.kind.is_request() {
-            self.requests += 1;
+            one(&mut self.requests);
             if !e.is_valid_request() {
-                self.denied += 1;
+                one(&mut self.denied);
             }
         } else {
-            self.reports += 1;
+            one(&mut self.reports);
         }
         match e.status_code {
-            Some(400..=499) => self.errors_4xx += 1,
-            Some(500..=599) => self.errors_5xx += 1,
+            Some(400..=499) => one(&mut self.errors_4xx),
+            Some(500..=599) => one(&mut self.errors_5xx),
             _ => {}
         }
-        self.tokens_used += e.tokens_used;
-        self.cost_micros += e.cost_micros;
+        self.tokens_used = self.tokens_used.saturating_add(e.tokens_used);
+        self.cost_micros = self.cost_micros.saturating_add(e.cost_micros);
         if let Some(ms) = e.response_time_ms {
-            self.latency_count += 1;
-            self.latency_sum_ms += ms;
-            self.latency.0[Histogram::bucket_of(ms)] += 1;
+            one(&mut self.latency_count);
+            self.latency_sum_ms = self.latency_sum_ms.saturating_add(ms);
+            one(&mut self.latency.0[Histogram::bucket_of(ms)]);
         }
     }
 
+    /// Saturating at i64::MAX, like the rollups.
     pub fn add(&mut self, o: &DailyCounts) {
-        self.requests += o.requests;
-        self.denied += o.denied;
-        self.reports += o.reports;
-        self.errors_4xx += o.errors_4xx;
-        self.errors_5xx += o.errors_5xx;
-        self.tokens_used += o.tokens_used;
-        self.cost_micros += o.cost_micros;
-        self.latency_count += o.latency_count;
-        self.latency_sum_ms += o.latency_sum_ms;
-        self.latency.add(&o.latency);
+        let mut v = self.values();
+        for (a, b) in v.iter_mut().zip(o.values()) {
+            *a = a.saturating_add(b);
+        }
+        *self = Self::from_values(&v);
     }
 
     /// Mean latency in ms, `None` without samples.
@@ -342,16 +362,26 @@ pub(crate) const DAILY_COLUMNS: [&str; 25] = [
     "lat_b15",
 ];
 
-/// `table.c + excluded.c` for every rollup column: the upsert that adds a batch to a row.
-pub(crate) fn daily_add_set(table: &str) -> String {
-    DAILY_COLUMNS.iter().map(|c| format!("{c} = {table}.{c} + excluded.{c}")).collect::<Vec<_>>().join(", ")
+/// A backend's saturating `a + b` of two bigint SQL expressions (clamped to the i64 range).
+pub(crate) type SqlAdd = fn(&str, &str) -> String;
+
+/// `c = add(table.c, excluded.c)` for every rollup column: the upsert that adds a batch to a row.
+pub(crate) fn daily_add_set(table: &str, add: SqlAdd) -> String {
+    DAILY_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = {}", add(&format!("{table}.{c}"), &format!("excluded.{c}"))))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The same for an endpoint rollup row (`usage_daily_endpoints`), as both backends' folds write it.
-pub(crate) const ENDPOINT_ADD_SET: &str = "requests = usage_daily_endpoints.requests + excluded.requests, \
-     errors = usage_daily_endpoints.errors + excluded.errors, \
-     tokens_used = usage_daily_endpoints.tokens_used + excluded.tokens_used, \
-     cost_micros = usage_daily_endpoints.cost_micros + excluded.cost_micros";
+pub(crate) fn endpoint_add_set(add: SqlAdd) -> String {
+    ["requests", "errors", "tokens_used", "cost_micros"]
+        .iter()
+        .map(|c| format!("{c} = {}", add(&format!("usage_daily_endpoints.{c}"), &format!("excluded.{c}"))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl DailyCounts {
     /// The values in [`DAILY_COLUMNS`] order.
@@ -448,7 +478,7 @@ impl BatchEffects {
                 .entry((e.key_id, e.at.date_naive(), e.endpoint_key()))
                 .or_insert_with(|| (e.organization_id, DailyCounts::default(), 0, None));
             row.1.add_event(e);
-            row.2 += EndpointCounts::errors_of(e);
+            row.2 = row.2.saturating_add(EndpointCounts::errors_of(e));
             if e.is_valid_request() {
                 let used = row.3.get_or_insert((e.at, e.ip));
                 if e.at >= used.0 {
@@ -460,7 +490,8 @@ impl BatchEffects {
                 if let Some(subject) = e.quota_subject
                     && e.quota_units > 0
                 {
-                    *quota.entry((subject, (e.at.year(), e.at.month()))).or_default() += e.quota_units;
+                    let used = quota.entry((subject, (e.at.year(), e.at.month()))).or_default();
+                    *used = used.saturating_add(e.quota_units);
                 }
             }
         }
@@ -659,5 +690,29 @@ mod tests {
         assert_eq!((c.tokens_used, c.cost_micros, c.latency_count, c.latency_sum_ms), (7, 250, 1, 12));
         assert_eq!(chat.last_used_at, None);
         assert_eq!(fx.quota, vec![(format!("quota:org:{org}"), "2030-01".to_owned(), 3)]);
+    }
+
+    #[test]
+    fn effects_saturate_instead_of_overflowing() {
+        let (key, org) = (KeyId::new(), OrgId::new());
+        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
+        let mut e = UsageEvent::new(UsageKind::Verify, key, org, t);
+        e.outcome = Some("VALID".into());
+        (e.tokens_used, e.cost_micros, e.response_time_ms) = (i64::MAX, i64::MAX, Some(i64::MAX));
+        e.quota_subject = Some(QuotaSubject::Key(key));
+        e.quota_units = i64::MAX;
+        let fx = BatchEffects::of([&e, &e.clone(), &e.clone()]);
+        let c = &fx.pending[0].counts;
+        assert_eq!((c.tokens_used, c.cost_micros, c.latency_sum_ms), (i64::MAX, i64::MAX, i64::MAX));
+        assert_eq!((c.requests, c.latency_count, c.latency.0[15]), (3, 3, 3));
+        assert_eq!(fx.quota[0].2, i64::MAX);
+        let mut total = c.clone();
+        total.add(c);
+        assert_eq!((total.tokens_used, total.requests), (i64::MAX, 6));
+        let mut full = Histogram::default();
+        full.0[15] = i64::MAX;
+        full.add(&Histogram([1; 16]));
+        assert_eq!((full.0[15], full.count()), (i64::MAX, i64::MAX));
+        assert_eq!(full.p95_ms(), Some(60_000), "no overflow in the rank either");
     }
 }

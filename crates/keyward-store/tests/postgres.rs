@@ -366,5 +366,6 @@ usage_conformance!(
     usage_batch_is_idempotent,
     usage_batch_of_known_and_new_events_counts_the_new_once,
     usage_prune_keeps_rollups,
-    usage_fold_counts_each_pending_row_once
+    usage_fold_counts_each_pending_row_once,
+    usage_extreme_rows_saturate_and_never_stop_the_fold
 );

@@ -166,10 +166,16 @@ impl GatewaySettings {
                 .iter()
                 .map(|s| keyward_core::Scope::parse(s).with_context(|| format!("gateway route `{}`", r.prefix)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            // SECURITY: a route's cost is added to quota counters on every request, like `cost` of
+            // /v1/verify, and has the same bound.
+            let cost = r.cost.unwrap_or(1);
+            if cost > keyward_store::usage::MAX_QUOTA_COST {
+                bail!("gateway route `{}`: cost must be 0 to {}", r.prefix, keyward_store::usage::MAX_QUOTA_COST);
+            }
             routes.push(GatewayRoute {
                 prefix: r.prefix.clone(),
                 methods,
-                rule: RouteRule { public: r.public, scopes, cost: r.cost.unwrap_or(1) },
+                rule: RouteRule { public: r.public, scopes, cost },
             });
         }
         Ok(Some(GatewayConfig {
@@ -427,6 +433,27 @@ mod tests {
                 "[gateway]\nupstream = \"http://x\"\n[[gateway.routes]]\nprefix = \"/a\"\nscopes = [\"bad scope\"]\n",
             )?;
             assert!(Config::load(None, Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn gateway_route_costs_are_bounded() {
+        figment::Jail::expect_with(|jail| {
+            let route = |cost: &str| {
+                format!("[gateway]\nupstream = \"http://x\"\n[[gateway.routes]]\nprefix = \"/a\"\ncost = {cost}\n")
+            };
+            for ok in ["0", "1", "1000000000"] {
+                jail.create_file("keyward.toml", &route(ok))?;
+                let c = Config::load(None, Overrides::default()).map_err(|e| format!("{ok}: {e}"))?;
+                let gw = c.gateway.build().map_err(|e| e.to_string())?.ok_or("no gateway")?;
+                assert_eq!(gw.routes[0].rule.cost.to_string(), ok);
+            }
+            for bad in ["1000000001", "9223372036854775807", "18446744073709551615", "-1", "1.5", "\"5\""] {
+                jail.create_file("keyward.toml", &route(bad))?;
+                assert!(Config::load(None, Overrides::default()).is_err(), "cost = {bad}");
+            }
             Ok(())
         });
     }

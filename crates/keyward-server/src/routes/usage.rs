@@ -14,7 +14,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use keyward_core::{KeyId, KeywardScope, OrgId};
-use keyward_store::usage::{DailyCounts, MAX_ENDPOINT_LEN, UsageEvent, UsageKind};
+use keyward_store::usage::{
+    DailyCounts, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT, UsageEvent,
+    UsageKind,
+};
 use keyward_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -55,30 +58,62 @@ fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<Stri
     }
 }
 
+/// A counted field of a report, at most `max`: 422 `validation_failed` naming the field beyond it.
+/// SECURITY: every counted number has a bound, so that sums over a day, a month or a fold stay far
+/// from i64::MAX (they saturate there anyway: see `keyward_store::usage`).
+fn bounded(field: impl FnOnce() -> String, value: Option<u64>, max: i64) -> ApiResult<Option<i64>> {
+    match value {
+        None => Ok(None),
+        Some(v) => match i64::try_from(v) {
+            Ok(v) if v <= max => Ok(Some(v)),
+            _ => Err(ApiError::validation(field(), format!("must be 0 to {max}"))),
+        },
+    }
+}
+
 /// One request a backend verified earlier, as it reports it.
+///
+/// The `minimum`/`maximum` here state what the server enforces (422 `validation_failed` naming the
+/// field): the numbers are `keyward_store::usage`'s `MAX_*` constants, and a test compares them.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageReport {
     /// Your id for this report (1 to 128 characters), unique in your organization: a report sent again
     /// with the same id is counted once.
+    #[schema(min_length = 1, max_length = 128)]
     pub id: String,
     /// The key that made the request (`key_id` of the verify answer).
     pub key_id: String,
     /// When the request happened (RFC 3339); default: now. At most 5 minutes ahead.
     pub timestamp: Option<DateTime<Utc>>,
+    /// 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub endpoint: Option<String>,
+    /// 1 to 16 letters.
+    #[schema(min_length = 1, max_length = 16, pattern = "^[A-Za-z]+$")]
     pub method: Option<String>,
     /// 100 to 599.
+    #[schema(minimum = 100, maximum = 599)]
     pub status_code: Option<u16>,
-    /// 0 to 3,600,000.
+    /// 0 to 3,600,000 (one hour).
+    #[schema(minimum = 0, maximum = 3600000)]
     pub response_time_ms: Option<u64>,
+    /// 0 to 1,000,000,000.
+    #[schema(minimum = 0, maximum = 1000000000)]
     pub tokens_used: Option<u64>,
-    /// What the request cost, in integer micro-dollars (1,000,000 = $1).
+    /// What the request cost, in integer micro-dollars (1,000,000 = $1): 0 to 1,000,000,000,000 ($1M).
+    #[schema(minimum = 0, maximum = 1000000000000_i64)]
     pub cost_micros: Option<u64>,
     /// The end client's IP.
     pub ip: Option<String>,
+    /// At most 512 characters.
+    #[schema(max_length = 512)]
     pub user_agent: Option<String>,
+    /// At most 100 characters.
+    #[schema(max_length = 100)]
     pub error_code: Option<String>,
+    /// At most 1,000 characters.
+    #[schema(max_length = 1000)]
     pub error_message: Option<String>,
 }
 
@@ -87,6 +122,7 @@ pub struct UsageReport {
 #[serde(deny_unknown_fields)]
 pub struct UsageReportBatch {
     /// 1 to 1,000 reports.
+    #[schema(min_items = 1, max_items = 1000)]
     pub events: Vec<UsageReport>,
 }
 
@@ -161,15 +197,9 @@ pub async fn report_usage(
             }
             e.status_code = Some(i32::from(status));
         }
-        if let Some(ms) = r.response_time_ms {
-            if ms > 3_600_000 {
-                return Err(ApiError::validation(field(i, "response_time_ms"), "must be 0 to 3600000"));
-            }
-            e.response_time_ms = Some(ms as i64);
-        }
-        let big = |name: &str| ApiError::validation(field(i, name), "is too large");
-        e.tokens_used = i64::try_from(r.tokens_used.unwrap_or(0)).map_err(|_| big("tokens_used"))?;
-        e.cost_micros = i64::try_from(r.cost_micros.unwrap_or(0)).map_err(|_| big("cost_micros"))?;
+        e.response_time_ms = bounded(|| field(i, "response_time_ms"), r.response_time_ms, MAX_RESPONSE_TIME_MS)?;
+        e.tokens_used = bounded(|| field(i, "tokens_used"), r.tokens_used, MAX_TOKENS_PER_EVENT)?.unwrap_or(0);
+        e.cost_micros = bounded(|| field(i, "cost_micros"), r.cost_micros, MAX_COST_MICROS_PER_EVENT)?.unwrap_or(0);
         e.ip =
             r.ip.as_deref()
                 .map(|ip| {

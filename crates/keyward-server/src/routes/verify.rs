@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, ScopeSet, VerifyOutcome};
+use keyward_store::usage::MAX_QUOTA_COST;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -29,7 +30,9 @@ pub struct VerifyKeyRequest {
     /// The end client's IP, checked against the key's allow-list. A key with an allow-list is refused
     /// (`IP_NOT_ALLOWED`) when this is missing.
     pub ip: Option<String>,
-    /// Units of the monthly quota this request spends; 1 by default (e.g. tokens for an LLM API).
+    /// Units of the monthly quota this request spends: 0 to 1,000,000,000; 1 by default (e.g. tokens
+    /// for an LLM API).
+    #[schema(minimum = 0, maximum = 1000000000)]
     pub cost: Option<u64>,
     /// The endpoint of your API the request was for (recorded in the key's usage; 1 to 200 characters).
     pub endpoint: Option<String>,
@@ -105,6 +108,12 @@ pub async fn verify(
         .transpose()?;
     let endpoint = body.endpoint.as_deref().map(|e| crate::routes::usage::endpoint("endpoint", e)).transpose()?;
     let method = body.method.as_deref().map(|m| crate::routes::usage::method("method", m)).transpose()?;
+    // SECURITY: the cost is added to quota counters (in the limiter and in the store): bounded like
+    // every counted number.
+    let cost = body.cost.unwrap_or(1);
+    if cost > MAX_QUOTA_COST {
+        return Err(ApiError::validation("cost", format!("must be 0 to {MAX_QUOTA_COST}")));
+    }
     let now = state.clock.now();
     let check = Check {
         presented: &body.key,
@@ -113,7 +122,7 @@ pub async fn verify(
         organization: caller.org_filter(),
         user_agent: "",
         via: "verify",
-        cost: body.cost.unwrap_or(1),
+        cost,
         failures: limits::FailureScope::Tenant(caller.key.organization_id),
     };
     let (verdict, event) = verifier::verify_deferred(&state, check).await?;

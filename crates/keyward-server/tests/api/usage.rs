@@ -173,6 +173,193 @@ async fn usage_reports_refuse_each_bad_input_and_write_nothing() {
     assert_eq!(raw.events, 0);
 }
 
+/// A raw JSON body (numbers `json!` cannot write, such as 2^64).
+async fn post_raw(app: &TestApp, path: &str, key: &str, body: &str) -> crate::helpers::Response {
+    app.send(
+        axum::http::Request::post(path)
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Every counted field of a report, in a single report and as the second of a batch: the bound is
+/// accepted, one above it, i64::MAX and u64::MAX are 422 `validation_failed` naming the field; a
+/// number past u64, a negative one, a float and a number in a string are 422 `invalid_request`
+/// naming the field. Nothing of a refused batch is written, not even its valid first report.
+#[tokio::test]
+async fn usage_report_counted_fields_are_bounded() {
+    let app = TestApp::sqlite().await;
+    let (_, rec) = app.key(app.default_org.id, &[]).await;
+    let (reporter, _) = app.key(app.default_org.id, &["keyward:verify"]).await;
+    let max = |name: &str| match name {
+        "status_code" => 599,
+        "response_time_ms" => keyward_store::usage::MAX_RESPONSE_TIME_MS,
+        "tokens_used" => keyward_store::usage::MAX_TOKENS_PER_EVENT,
+        _ => keyward_store::usage::MAX_COST_MICROS_PER_EVENT,
+    };
+    let fields = ["status_code", "response_time_ms", "tokens_used", "cost_micros"];
+    let good = format!(r#"{{"id":"good","key_id":"{}","tokens_used":5}}"#, rec.id);
+    let mut refused = 0;
+    for name in fields {
+        let above = (max(name) + 1).to_string();
+        let too_big: Vec<(&str, &str)> = vec![
+            (&above, "validation_failed"),
+            ("9223372036854775807", if name == "status_code" { "invalid_request" } else { "validation_failed" }),
+            ("18446744073709551616", "invalid_request"),
+            ("1e30", "invalid_request"),
+            ("-1", "invalid_request"),
+            ("-9223372036854775808", "invalid_request"),
+            ("1.5", "invalid_request"),
+            ("\"5\"", "invalid_request"),
+            ("true", "invalid_request"),
+        ];
+        for (value, want) in too_big {
+            let report = format!(r#"{{"id":"bad","key_id":"{}","{name}":{value}}}"#, rec.id);
+            for (body, field) in [
+                (report.clone(), name.to_owned()),
+                (format!(r#"{{"events":[{good},{report}]}}"#), format!("events[1].{name}")),
+            ] {
+                let r = post_raw(&app, "/v1/usage", &reporter, &body).await;
+                assert_eq!((r.status, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, want), "{body}: {}", r.text);
+                assert_eq!(r.body["error"]["field"], field.as_str(), "{body}: {}", r.text);
+                refused += 1;
+            }
+        }
+        if name == "status_code" {
+            let r =
+                post_raw(&app, "/v1/usage", &reporter, &format!(r#"{{"id":"s","key_id":"{}","{name}":99}}"#, rec.id))
+                    .await;
+            assert_eq!((code(&r), r.body["error"]["field"].as_str()), ("validation_failed", Some(name)), "{}", r.text);
+        }
+    }
+    assert!(refused > 60);
+    assert!(app.state.usage.flush().await);
+    let raw = app.state.store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap();
+    assert_eq!(raw.events, 0, "no partial write: a batch with one bad report records nothing");
+
+    // The bounds themselves, in a batch as large as the 64 KiB body limit lets them be: accepted and
+    // counted to the unit.
+    let events: Vec<Value> = (0..300)
+        .map(|i| {
+            json!({"id": format!("max-{i}"), "key_id": rec.id.to_string(), "status_code": if i % 2 == 0 { 100 } else { 599 },
+                "response_time_ms": max("response_time_ms"), "tokens_used": max("tokens_used"),
+                "cost_micros": max("cost_micros")})
+        })
+        .collect();
+    let r = app.post("/v1/usage", &reporter, json!({ "events": events })).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let zero =
+        json!({"id": "zero", "key_id": rec.id.to_string(), "response_time_ms": 0, "tokens_used": 0, "cost_micros": 0});
+    assert_eq!(app.post("/v1/usage", &reporter, zero).await.status, StatusCode::ACCEPTED);
+    assert!(app.state.usage.flush().await);
+    let n = 300;
+    let r = app.get(&format!("/v1/keys/{}/usage?days=1", rec.id), &app.admin_key).await;
+    let totals = &r.body["totals"];
+    assert_eq!(totals["reports"], n + 1);
+    assert_eq!(totals["tokens_used"], n * max("tokens_used"));
+    assert_eq!(totals["cost_micros"], n * max("cost_micros"));
+    assert_eq!(totals["errors_5xx"], n / 2);
+}
+
+/// `cost` on `/v1/verify`: 0 to 1,000,000,000 is a verification; beyond it (also past u64 and i64),
+/// negative, fractional or quoted is a 422 naming `cost`, and nothing is counted.
+#[tokio::test]
+async fn verify_cost_is_bounded() {
+    let app = TestApp::sqlite().await;
+    // An organization with a monthly quota that the largest cost fits exactly.
+    let max = keyward_store::usage::MAX_QUOTA_COST;
+    let body = json!({"name": "metered", "slug": "metered", "plan": "pro", "monthly_request_limit": max + 2});
+    let r = app.post("/v1/organizations", &app.admin_key, body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let (key, rec) = app.key(r.body["id"].as_str().unwrap().parse().unwrap(), &[]).await;
+    for (cost, want) in [
+        ((max + 1).to_string(), "validation_failed"),
+        (i64::MAX.to_string(), "validation_failed"),
+        (u64::MAX.to_string(), "validation_failed"),
+        ("18446744073709551616".to_owned(), "invalid_request"),
+        ("-1".to_owned(), "invalid_request"),
+        ("1.5".to_owned(), "invalid_request"),
+        ("1e9".to_owned(), "invalid_request"),
+        ("\"5\"".to_owned(), "invalid_request"),
+        ("null".to_owned(), ""),
+    ] {
+        let body = format!(r#"{{"key":"{key}","cost":{cost}}}"#);
+        let r = post_raw(&app, "/v1/verify", &app.admin_key, &body).await;
+        if want.is_empty() {
+            assert_eq!(r.status, StatusCode::OK, "null is the default: {}", r.text);
+            continue;
+        }
+        assert_eq!((r.status, code(&r)), (StatusCode::UNPROCESSABLE_ENTITY, want), "{cost}: {}", r.text);
+        assert_eq!(r.body["error"]["field"], "cost", "{}", r.text);
+    }
+    for cost in [0, max, 1] {
+        assert_eq!(app.verify(&key, json!({ "cost": cost })).await["code"], "VALID", "{cost}");
+    }
+    let v = app.verify(&key, json!({})).await;
+    assert_eq!((v["code"].clone(), v["quota"]["used"].clone()), (json!("QUOTA_EXCEEDED"), json!(max + 2)));
+    assert!(app.state.usage.flush().await);
+    let raw = app.state.store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap();
+    assert_eq!(raw.requests, 5, "the null, the three bounds and the refused one; no 422 counted");
+}
+
+/// `/openapi.json` states the bounds the server enforces, so generated clients validate the same way.
+#[tokio::test]
+async fn openapi_states_the_usage_bounds() {
+    let app = TestApp::sqlite().await;
+    let spec = app.call(Method::GET, "/openapi.json", None, None).await.body;
+    let schemas = &spec["components"]["schemas"];
+    let report = &schemas["UsageReport"]["properties"];
+    let range = |v: &Value| (v["minimum"].as_i64(), v["maximum"].as_i64());
+    use keyward_store::usage::{MAX_COST_MICROS_PER_EVENT, MAX_QUOTA_COST, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT};
+    assert_eq!(range(&report["status_code"]), (Some(100), Some(599)));
+    assert_eq!(range(&report["response_time_ms"]), (Some(0), Some(MAX_RESPONSE_TIME_MS)));
+    assert_eq!(range(&report["tokens_used"]), (Some(0), Some(MAX_TOKENS_PER_EVENT)));
+    assert_eq!(range(&report["cost_micros"]), (Some(0), Some(MAX_COST_MICROS_PER_EVENT)));
+    assert_eq!((report["id"]["minLength"].as_i64(), report["id"]["maxLength"].as_i64()), (Some(1), Some(128)));
+    let events = &schemas["UsageReportBatch"]["properties"]["events"];
+    assert_eq!(
+        (events["minItems"].as_u64(), events["maxItems"].as_u64()),
+        (Some(1), Some(keyward_server::routes::usage::MAX_REPORT_EVENTS as u64))
+    );
+    let cost = &schemas["VerifyKeyRequest"]["properties"]["cost"];
+    assert_eq!(range(cost), (Some(0), i64::try_from(MAX_QUOTA_COST).ok()));
+}
+
+/// Rows an older version wrote without bounds (i64::MAX tokens and cost, in two batches) for one
+/// organization: the writer's fold still succeeds, that key's usage reads as i64::MAX, and another
+/// organization's reports reach its rollups exactly.
+async fn extreme_rows_of_one_organization_do_not_stop_the_others(app: TestApp) {
+    use keyward_store::usage::{UsageEvent, UsageKind};
+    let other = app.org("extreme").await;
+    let (_, bad) = app.key(other.id, &[]).await;
+    let (_, good) = app.key(app.default_org.id, &[]).await;
+    for batch in 0..2 {
+        let mut e = UsageEvent::new(UsageKind::Report, bad.id, other.id, t0());
+        (e.tokens_used, e.cost_micros) = (i64::MAX, i64::MAX);
+        e.idempotency_id = Some(format!("old-{batch}"));
+        app.state.store.record_usage_batch(&[e]).await.unwrap();
+    }
+    let report = json!({"id": "fine", "key_id": good.id.to_string(), "tokens_used": 12, "cost_micros": 34});
+    assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, StatusCode::ACCEPTED);
+    assert!(app.state.usage.flush().await, "the fold goes through");
+    let r = app.get(&format!("/v1/keys/{}/usage?days=1", good.id), &app.admin_key).await;
+    assert_eq!(
+        (r.body["totals"]["tokens_used"].clone(), r.body["totals"]["cost_micros"].clone()),
+        (json!(12), json!(34))
+    );
+    let r = app.get(&format!("/v1/keys/{}/usage?days=1", bad.id), &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["totals"]["cost_micros"], i64::MAX);
+    let month = t0().format("%Y-%m").to_string();
+    let r = app.get(&format!("/v1/organizations/{}/usage?month={month}", other.id), &app.admin_key).await;
+    assert_eq!((r.status, r.body["totals"]["tokens_used"].clone()), (StatusCode::OK, json!(i64::MAX)), "{}", r.text);
+}
+
+on_every_backend!(extreme_rows_of_one_organization_do_not_stop_the_others);
+
 #[tokio::test]
 async fn verify_refuses_a_bad_endpoint_or_method() {
     let app = TestApp::sqlite().await;

@@ -15,6 +15,7 @@ pub const CASES: &[&str] = &[
     "usage_batch_of_known_and_new_events_counts_the_new_once",
     "usage_prune_keeps_rollups",
     "usage_fold_counts_each_pending_row_once",
+    "usage_extreme_rows_saturate_and_never_stop_the_fold",
 ];
 
 fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
@@ -215,4 +216,74 @@ pub async fn usage_fold_counts_each_pending_row_once(store: &dyn Store) {
         assert_eq!(endpoints.iter().map(|e| e.counts.errors).sum::<i64>(), c.denied);
     }
     assert_eq!(requests, 20 * 30);
+}
+
+/// Pending rows holding i64::MAX (as an older version let `/v1/usage` write, or a spill file it left
+/// replays) for one key, normal rows for another key of another organization, in several batches and
+/// days: every fold succeeds, the extreme rollups stay at i64::MAX instead of wrapping or failing, the
+/// other organization's rollups are exact, and reads that add days up saturate too.
+pub async fn usage_extreme_rows_saturate_and_never_stop_the_fold(store: &dyn Store) {
+    let (org_a, org_b) = (org(store, None).await, org(store, None).await);
+    let (bad, good) = (key(store, &org_a).await, key(store, &org_b).await);
+    store.fold_usage().await.must("fold what other cases left");
+    let extreme = |minutes: i64| {
+        let mut e = report(&bad, org_a.id, minutes, &format!("max-{minutes}"), 200, i64::MAX);
+        e.tokens_used = i64::MAX;
+        e.cost_micros = i64::MAX;
+        e
+    };
+    let valid_max = |minutes: i64| {
+        let mut e = verify_event(&bad, minutes, "VALID", "/x");
+        e.quota_units = i64::MAX;
+        e
+    };
+    let subject_a = QuotaSubject::Org(org_a.id).to_string();
+    // Two rounds: the first fold creates the rollup rows, the second adds to rows already at the top.
+    for round in 0..2 {
+        let base = round * 10;
+        for batch in 0..2 {
+            let m = base + batch;
+            // Two extreme events in one batch (the batch's own sum saturates), on two days, beside
+            // a normal report of the other key.
+            let events = vec![
+                extreme(m),
+                extreme(m + 100),
+                extreme(24 * 60 + m),
+                valid_max(m),
+                valid_max(m + 200),
+                report(&good, org_b.id, m, &format!("ok-{m}"), 200, 5),
+            ];
+            let r = store.record_usage_batch(&events).await.must("record extreme batch");
+            assert_eq!(r.inserted, 6);
+        }
+        assert!(store.fold_usage().await.must("fold with extreme rows") > 0, "round {round}");
+        assert_eq!(store.quota_used(&subject_a, "2030-01").await.must("quota"), i64::MAX);
+    }
+    assert_eq!(store.fold_usage().await.must("nothing left"), 0);
+
+    let days = store.key_usage_daily(bad.id, day(0), day(24 * 60)).await.must("daily of the extreme key");
+    assert_eq!(days.len(), 2);
+    for d in &days {
+        let c = &d.counts;
+        assert_eq!((c.tokens_used, c.cost_micros, c.latency_sum_ms), (i64::MAX, i64::MAX, i64::MAX), "{}", d.day);
+        assert_eq!(c.latency.0[15], c.latency_count, "every extreme latency in the open bucket");
+    }
+    assert_eq!((days[0].counts.reports, days[0].counts.requests), (8, 8));
+    let endpoints = store.key_usage_endpoints(bad.id, day(0), day(24 * 60), 10).await.must("endpoints");
+    let chat = endpoints.iter().find(|e| e.endpoint == "/v1/chat").map(|e| e.counts.clone()).unwrap_or_default();
+    assert_eq!((chat.tokens_used, chat.cost_micros, chat.requests), (i64::MAX, i64::MAX, 0), "two days summed");
+    let billing = store.org_usage_by_key(org_a.id, day(0), day(24 * 60)).await.must("billing of the extreme org");
+    assert_eq!(billing.len(), 1);
+    assert_eq!((billing[0].counts.tokens_used, billing[0].counts.cost_micros), (i64::MAX, i64::MAX));
+    let raw = store.usage_event_totals(bad.id, at(-1), at(3 * 24 * 60)).await.must("raw totals");
+    assert_eq!((raw.events, raw.tokens_used, raw.cost_micros), (20, i64::MAX, i64::MAX));
+    assert_eq!(store.get_key(bad.id).await.must("get_key").total_requests, 8);
+
+    // The other organization's rollups are exact.
+    let days = store.key_usage_daily(good.id, day(0), day(24 * 60)).await.must("daily of the normal key");
+    assert_eq!(days.len(), 1);
+    let c = &days[0].counts;
+    assert_eq!((c.reports, c.tokens_used, c.cost_micros, c.latency_sum_ms), (4, 400, 5_000, 20));
+    let billing = store.org_usage_by_key(org_b.id, day(0), day(0)).await.must("billing of the normal org");
+    assert_eq!((billing[0].counts.tokens_used, billing[0].counts.cost_micros), (400, 5_000));
 }

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::{PostgresStore, db};
 use crate::StoreResult;
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, ENDPOINT_ADD_SET, EndpointCounts, EndpointUsage, EventTotals,
-    FOLD_ROWS, KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
+    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
 };
 
 /// Rows per INSERT (arrays of this length, one per column).
@@ -31,8 +31,25 @@ fn counts(row: &PgRow, offset: usize) -> StoreResult<DailyCounts> {
     Ok(DailyCounts::from_values(&v))
 }
 
+/// A numeric SQL expression clamped to the i64 range, as a bigint. PostgreSQL's bigint `+` and the
+/// `::bigint` cast of a larger numeric fail the statement (and the fold is one statement for every
+/// organization); numeric arithmetic does not overflow.
+fn clamp(numeric: &str) -> String {
+    format!("LEAST(GREATEST({numeric}, -9223372036854775808), 9223372036854775807)::bigint")
+}
+
+/// `a + b` of two bigints, saturating.
+fn sat_add(a: &str, b: &str) -> String {
+    clamp(&format!("({a})::numeric + ({b})"))
+}
+
+/// `SUM(c)` of a bigint, saturating: `SUM(bigint)` is a numeric, exact at any size.
+fn sat_sum(c: &str) -> String {
+    clamp(&format!("SUM({c})"))
+}
+
 fn sums() -> String {
-    DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)::bigint")).collect::<Vec<_>>().join(", ")
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
 /// The events' `INSERT`s: one array per column (UNNEST), 17 parameters per statement whatever its
@@ -108,7 +125,10 @@ fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Postgres>> {
         a.push_bind(fx.quota.iter().map(|(s, ..)| s.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
         a.push_bind(fx.quota.iter().map(|(_, m, _)| m.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
         a.push_bind(fx.quota.iter().map(|(.., u)| *u).collect::<Vec<_>>()).push_unseparated("::int8[]");
-        q.push(") ON CONFLICT (subject, month) DO UPDATE SET used = quota_usage.used + excluded.used");
+        q.push(format!(
+            ") ON CONFLICT (subject, month) DO UPDATE SET used = {}",
+            sat_add("quota_usage.used", "excluded.used")
+        ));
         statements.push(q);
     }
     statements
@@ -169,7 +189,8 @@ impl UsageStore for PostgresStore {
 
     async fn fold_usage(&self) -> StoreResult<u64> {
         let columns = DAILY_COLUMNS.join(", ");
-        let sums = DAILY_COLUMNS.iter().map(|c| format!("SUM({c})::bigint")).collect::<Vec<_>>().join(", ");
+        let sums = DAILY_COLUMNS.iter().map(|c| sat_sum(c)).collect::<Vec<_>>().join(", ");
+        let endpoint_sums = ["requests", "endpoint_errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ");
         // One statement, so one snapshot: the rows it deletes are exactly the rows it adds up (a batch
         // committing meanwhile is left for the next fold). Rows are grouped by key; the keys' rows are
         // locked in id order first, as in record_key_usage.
@@ -185,13 +206,12 @@ impl UsageStore for PostgresStore {
              ),
              endpoints AS (
                  INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
-                 SELECT key_id, day, endpoint, SUM(requests)::bigint, SUM(endpoint_errors)::bigint,
-                        SUM(tokens_used)::bigint, SUM(cost_micros)::bigint
+                 SELECT key_id, day, endpoint, {endpoint_sums}
                  FROM moved GROUP BY key_id, day, endpoint
-                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {ENDPOINT_ADD_SET}
+                 ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {endpoint_add}
              ),
              used AS (
-                 SELECT key_id, SUM(requests - denied)::bigint AS requests, MAX(last_used_at) AS at,
+                 SELECT key_id, {valid_sum} AS requests, MAX(last_used_at) AS at,
                         (array_agg(last_used_ip ORDER BY last_used_at DESC))[1] AS ip
                  FROM moved WHERE last_used_at IS NOT NULL GROUP BY key_id
              ),
@@ -200,7 +220,7 @@ impl UsageStore for PostgresStore {
              ),
              keys AS (
                  UPDATE api_keys AS k SET
-                     total_requests = k.total_requests + v.requests,
+                     total_requests = {total_add},
                      last_used_ip = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
                                          THEN COALESCE(v.ip, k.last_used_ip) ELSE k.last_used_ip END,
                      last_used_at = CASE WHEN k.last_used_at IS NULL OR k.last_used_at < v.at
@@ -209,7 +229,10 @@ impl UsageStore for PostgresStore {
                  WHERE k.id = v.key_id
              )
              SELECT COUNT(*) FROM moved",
-            add = daily_add_set("usage_daily"),
+            add = daily_add_set("usage_daily", sat_add),
+            endpoint_add = endpoint_add_set(sat_add),
+            valid_sum = sat_sum("requests::numeric - denied"),
+            total_add = sat_add("k.total_requests", "v.requests"),
         );
         let mut folded = 0;
         loop {
@@ -247,19 +270,19 @@ impl UsageStore for PostgresStore {
         to: NaiveDate,
         limit: u32,
     ) -> StoreResult<Vec<EndpointUsage>> {
-        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
-            "SELECT endpoint, SUM(requests)::bigint, SUM(errors)::bigint, SUM(tokens_used)::bigint,
-                    SUM(cost_micros)::bigint
-             FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
+        let sql = format!(
+            "SELECT endpoint, {} FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
              GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT $4",
-        )
-        .bind(key_id.0)
-        .bind(from)
-        .bind(to)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+            ["requests", "errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ")
+        );
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)
+            .bind(key_id.0)
+            .bind(from)
+            .bind(to)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
         Ok(rows
             .into_iter()
             .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
@@ -301,18 +324,16 @@ impl UsageStore for PostgresStore {
         from: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> StoreResult<EventTotals> {
-        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        let sql = format!(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0)::bigint,
-                    COALESCE(SUM(tokens_used), 0)::bigint, COALESCE(SUM(cost_micros), 0)::bigint,
-                    COALESCE(SUM(response_time_ms), 0)::bigint
+                    COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)
              FROM usage_events WHERE key_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
-        )
-        .bind(key_id.0)
-        .bind(from)
-        .bind(until)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
+            sat_sum("tokens_used"),
+            sat_sum("cost_micros"),
+            sat_sum("response_time_ms")
+        );
+        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(&sql).bind(key_id.0).bind(from).bind(until).fetch_one(&self.pool).await.map_err(db)?;
         Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
     }
 

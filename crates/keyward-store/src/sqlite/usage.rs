@@ -12,8 +12,8 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, db, parse_id, ts};
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, ENDPOINT_ADD_SET, EndpointCounts, EndpointUsage, EventTotals,
-    FOLD_ROWS, KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
+    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
 };
 use crate::{StoreError, StoreResult};
 
@@ -40,8 +40,46 @@ fn counts(row: &SqliteRow, offset: usize) -> StoreResult<DailyCounts> {
     Ok(DailyCounts::from_values(&v))
 }
 
+/// `a + b` clamped to the i64 range. SQLite's `+` does not fail on overflow: it turns the result
+/// into a REAL, which an INTEGER column then keeps as REAL and no reader decodes as i64. Each branch
+/// only computes a sum that fits (`9223372036854775807 - b` for `b > 0` cannot overflow).
+fn sat_add(a: &str, b: &str) -> String {
+    format!(
+        "(CASE WHEN ({b}) > 0 THEN (CASE WHEN ({a}) > 9223372036854775807 - ({b}) THEN 9223372036854775807 \
+         ELSE ({a}) + ({b}) END) ELSE (CASE WHEN ({a}) < -9223372036854775808 - ({b}) \
+         THEN -9223372036854775808 ELSE ({a}) + ({b}) END) END)"
+    )
+}
+
+/// `SUM(c)` clamped to the i64 range, exact below it. SQLite's `SUM()` fails the whole statement with
+/// "integer overflow" (and `TOTAL()` is a float, inexact past 2^53), so each value is split into its
+/// high 32 bits (`c >> 32`, arithmetic) and low 32 bits (`c & 0xFFFFFFFF`, never negative): neither
+/// sum can overflow below 2^31 rows. With `h` the high sum plus the carry of the low one, the total
+/// `h * 2^32 + (low mod 2^32)` fits an i64 exactly when `h` fits an i32. NULL over no rows, as `SUM`.
+fn sat_sum(c: &str) -> String {
+    let high = format!("(SUM(({c}) >> 32) + (SUM(({c}) & 4294967295) >> 32))");
+    format!(
+        "(CASE WHEN {high} > 2147483647 THEN 9223372036854775807 \
+         WHEN {high} < -2147483648 THEN -9223372036854775808 \
+         ELSE ({high} << 32) + (SUM(({c}) & 4294967295) & 4294967295) END)"
+    )
+}
+
+/// A fold's `SUM(c)` of a pending column: [`sat_sum`] for the columns one batch can make large
+/// (tokens, cost, latency), and for the counts (of events, so below 2^32 in any batch) a plain `SUM`
+/// of the value clamped to `0..=2^32-1`, which cannot overflow over at most [`FOLD_ROWS`] rows and
+/// costs a fold about half of what `sat_sum` does.
+fn fold_sum(c: &str) -> String {
+    const _: () = assert!(FOLD_ROWS < 1 << 31, "FOLD_ROWS * (2^32 - 1) must fit an i64");
+    if ["tokens_used", "cost_micros", "latency_sum_ms"].contains(&c) {
+        sat_sum(c)
+    } else {
+        format!("SUM(MIN(MAX({c}, 0), 4294967295))")
+    }
+}
+
 fn sums() -> String {
-    DAILY_COLUMNS.iter().map(|c| format!("COALESCE(SUM({c}), 0)")).collect::<Vec<_>>().join(", ")
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
 /// The events' `INSERT`s.
@@ -122,7 +160,10 @@ fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Sqlite>> {
         q.push_values(chunk, |mut b, (subject, month, used)| {
             b.push_bind(subject.as_str()).push_bind(month.as_str()).push_bind(*used);
         });
-        q.push(" ON CONFLICT (subject, month) DO UPDATE SET used = quota_usage.used + excluded.used");
+        q.push(format!(
+            " ON CONFLICT (subject, month) DO UPDATE SET used = {}",
+            sat_add("quota_usage.used", "excluded.used")
+        ));
         statements.push(q);
     }
     statements
@@ -144,7 +185,8 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
         return Ok(0);
     };
     let columns = DAILY_COLUMNS.join(", ");
-    let sums = DAILY_COLUMNS.iter().map(|c| format!("SUM({c})")).collect::<Vec<_>>().join(", ");
+    let sums = DAILY_COLUMNS.iter().map(|c| fold_sum(c)).collect::<Vec<_>>().join(", ");
+    let endpoint_sums = ["requests", "endpoint_errors", "tokens_used", "cost_micros"].map(fold_sum).join(", ");
     // Rows grouped, hence sorted, by key: each rollup page is visited once. `WHERE` before
     // `ON CONFLICT` as SQLite's upsert-from-SELECT needs.
     let statements = [
@@ -153,28 +195,32 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
                  SELECT key_id, day, MIN(organization_id), {sums} FROM usage_pending WHERE seq <= ?1
                  GROUP BY key_id, day
                  ON CONFLICT (key_id, day) DO UPDATE SET {}",
-            daily_add_set("usage_daily")
+            daily_add_set("usage_daily", sat_add)
         ),
         format!(
             "INSERT INTO usage_daily_endpoints (key_id, day, endpoint, requests, errors, tokens_used, cost_micros)
-             SELECT key_id, day, endpoint, SUM(requests), SUM(endpoint_errors), SUM(tokens_used), SUM(cost_micros)
+             SELECT key_id, day, endpoint, {endpoint_sums}
              FROM usage_pending WHERE seq <= ?1 GROUP BY key_id, day, endpoint
-             ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {ENDPOINT_ADD_SET}"
+             ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {}",
+            endpoint_add_set(sat_add)
         ),
         // VALID requests are requests - denied. `ip` is a bare column beside MAX(): SQLite takes
         // it from the row holding the newest use. As in record_key_usage, the CASEs compare
         // against the old `last_used_at`, and an unknown address keeps the last known one.
-        "UPDATE api_keys SET
-                 total_requests = total_requests + v.requests,
+        format!(
+            "UPDATE api_keys SET
+                 total_requests = {},
                  last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < v.at
                                      THEN COALESCE(v.ip, last_used_ip) ELSE last_used_ip END,
                  last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < v.at
                                      THEN v.at ELSE last_used_at END
-             FROM (SELECT key_id, SUM(requests - denied) AS requests, MAX(last_used_at) AS at,
+             FROM (SELECT key_id, {} AS requests, MAX(last_used_at) AS at,
                           last_used_ip AS ip
                    FROM usage_pending WHERE seq <= ?1 AND last_used_at IS NOT NULL GROUP BY key_id) AS v
-             WHERE api_keys.id = v.key_id"
-            .to_owned(),
+             WHERE api_keys.id = v.key_id",
+            sat_add("total_requests", "v.requests"),
+            fold_sum("requests - denied"),
+        ),
         "DELETE FROM usage_pending WHERE seq <= ?1".to_owned(),
     ];
     let mut rows = 0;
@@ -294,18 +340,19 @@ impl UsageStore for SqliteStore {
         to: NaiveDate,
         limit: u32,
     ) -> StoreResult<Vec<EndpointUsage>> {
-        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
-            "SELECT endpoint, SUM(requests), SUM(errors), SUM(tokens_used), SUM(cost_micros)
-             FROM usage_daily_endpoints WHERE key_id = ? AND day >= ? AND day <= ?
-             GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT ?",
-        )
-        .bind(key_id.to_string())
-        .bind(day(from))
-        .bind(day(to))
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db)?;
+        let sql = format!(
+            "SELECT endpoint, {} FROM usage_daily_endpoints WHERE key_id = ? AND day >= ? AND day <= ?
+             GROUP BY endpoint ORDER BY 2 DESC, endpoint LIMIT ?",
+            ["requests", "errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ")
+        );
+        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)
+            .bind(key_id.to_string())
+            .bind(day(from))
+            .bind(day(to))
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await
+            .map_err(db)?;
         Ok(rows
             .into_iter()
             .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
@@ -347,18 +394,22 @@ impl UsageStore for SqliteStore {
         from: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> StoreResult<EventTotals> {
-        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        let sql = format!(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0),
-                    COALESCE(SUM(tokens_used), 0), COALESCE(SUM(cost_micros), 0),
-                    COALESCE(SUM(response_time_ms), 0)
+                    COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)
              FROM usage_events WHERE key_id = ? AND occurred_at >= ? AND occurred_at < ?",
-        )
-        .bind(key_id.to_string())
-        .bind(ts(from))
-        .bind(ts(until))
-        .fetch_one(&self.read)
-        .await
-        .map_err(db)?;
+            sat_sum("tokens_used"),
+            sat_sum("cost_micros"),
+            sat_sum("response_time_ms")
+        );
+        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(&sql)
+                .bind(key_id.to_string())
+                .bind(ts(from))
+                .bind(ts(until))
+                .fetch_one(&self.read)
+                .await
+                .map_err(db)?;
         Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
     }
 
@@ -375,5 +426,57 @@ impl UsageStore for SqliteStore {
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The saturating SQL against i128 arithmetic, at the edges: exact inside the i64 range, clamped
+    /// outside it, and never an error.
+    #[tokio::test]
+    async fn saturating_sum_and_add_are_exact_and_clamp() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("CREATE TABLE t (g INTEGER NOT NULL, c INTEGER NOT NULL)").execute(&mut conn).await.unwrap();
+        let (max, min) = (i64::MAX, i64::MIN);
+        let groups: Vec<Vec<i64>> = vec![
+            vec![1, 2, 3],
+            vec![max, 1],
+            vec![max, max, max],
+            vec![max - 1, 1],
+            vec![max, -1],
+            vec![min, -1],
+            vec![min, max],
+            vec![min, min],
+            vec![4_294_967_295, 4_294_967_295, 4_294_967_296],
+            vec![-4_294_967_297, 12, -1],
+            vec![max / 2, max / 2, 1],
+            vec![max / 2, max / 2, 2],
+            vec![0],
+        ];
+        for (g, values) in groups.iter().enumerate() {
+            for v in values {
+                sqlx::query("INSERT INTO t VALUES (?, ?)").bind(g as i64).bind(*v).execute(&mut conn).await.unwrap();
+            }
+        }
+        let sql = format!("SELECT g, {}, typeof({}) FROM t GROUP BY g ORDER BY g", sat_sum("c"), sat_sum("c"));
+        let got: Vec<(i64, i64, String)> = sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap();
+        let clamp = |n: i128| n.clamp(i128::from(min), i128::from(max)) as i64;
+        for ((g, sum, kind), values) in got.iter().zip(&groups) {
+            let want = clamp(values.iter().map(|&v| i128::from(v)).sum());
+            assert_eq!((*sum, kind.as_str()), (want, "integer"), "group {g}: {values:?}");
+        }
+        // A count column of rows an older version could not have written (2^63 events in a batch) is
+        // clamped per row: the fold still goes through.
+        let sql = format!("SELECT {} FROM t WHERE g = 2", fold_sum("c"));
+        let (sum,): (i64,) = sqlx::query_as(&sql).fetch_one(&mut conn).await.unwrap();
+        assert_eq!(sum, 3 * 4_294_967_295);
+        let pairs = [(max, 1), (max, max), (1, max), (max, -1), (min, -1), (min, min), (min, max), (5, -7), (0, 0)];
+        for (a, b) in pairs {
+            let sql = format!("SELECT {}, typeof({})", sat_add("?1", "?2"), sat_add("?1", "?2"));
+            let (sum, kind): (i64, String) = sqlx::query_as(&sql).bind(a).bind(b).fetch_one(&mut conn).await.unwrap();
+            assert_eq!((sum, kind.as_str()), (clamp(i128::from(a) + i128::from(b)), "integer"), "{a} + {b}");
+        }
     }
 }
