@@ -33,6 +33,7 @@ macro_rules! error_codes {
 error_codes! {
     InvalidJson => (BAD_REQUEST, "invalid_json"),
     InvalidQuery => (BAD_REQUEST, "invalid_query"),
+    InvalidPath => (BAD_REQUEST, "invalid_path"),
     InvalidRequest => (UNPROCESSABLE_ENTITY, "invalid_request"),
     ValidationFailed => (UNPROCESSABLE_ENTITY, "validation_failed"),
     UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

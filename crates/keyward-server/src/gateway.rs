@@ -1,7 +1,9 @@
-//! Gateway mode: Keyward in front of any HTTP API. Each request's key is verified on the same path as
-//! `/v1/verify` (status, IP, scopes); a valid request is proxied to the upstream with the key removed
-//! and the verified identity added as `X-Keyward-*` headers. Bodies stream both ways: nothing is
-//! buffered, so a 100 MB upload never sits in memory. Connections to the upstream are pooled.
+//! Gateway mode: Keyward in front of any HTTP API. Each request's path is normalized once
+//! ([`NormalizedPath`]); routes match on that path and it is the path the upstream receives. The key
+//! is verified on the same path as `/v1/verify` (status, IP, scopes); a valid request is proxied to
+//! the upstream with the key removed and the verified identity added as `X-Keyward-*` headers. Bodies
+//! stream both ways: nothing is buffered, so a 100 MB upload never sits in memory. Connections to the
+//! upstream are pooled.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keyward_core::{Scope, VerifyOutcome};
+use keyward_core::{NormalizedPath, PathError, Scope, VerifyOutcome};
 use keyward_store::KeyRecord;
 
 use crate::error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
@@ -42,7 +44,8 @@ impl Default for RouteRule {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayRoute {
-    /// Matches this path and everything below it (`/v1/projects` matches `/v1/projects/7`).
+    /// Matches this path and everything below it (`/v1/projects` matches `/v1/projects/7`). Normalized
+    /// like request paths by [`Gateway::new`], so `/v1//projects` is `/v1/projects`.
     pub prefix: String,
     /// Empty: every method.
     pub methods: Vec<Method>,
@@ -65,22 +68,38 @@ pub struct Gateway {
     client: Client<HttpConnector, Body>,
 }
 
+/// A configured route prefix that has no canonical form; refused at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway route prefix `{prefix}`: {source}")]
+pub struct InvalidRoutePrefix {
+    pub prefix: String,
+    pub source: PathError,
+}
+
 impl Gateway {
-    pub fn new(config: GatewayConfig) -> Self {
+    /// Refuses a route prefix that cannot be normalized: a prefix that matched nothing would hand its
+    /// paths to a shorter, possibly weaker, route.
+    pub fn new(mut config: GatewayConfig) -> Result<Self, InvalidRoutePrefix> {
+        for route in &mut config.routes {
+            // SECURITY: prefixes and request paths are compared in the same canonical form.
+            route.prefix = NormalizedPath::parse(&route.prefix)
+                .map_err(|source| InvalidRoutePrefix { prefix: route.prefix.clone(), source })?
+                .to_string();
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeout));
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        Self { config: Arc::new(config), client }
+        Ok(Self { config: Arc::new(config), client })
     }
 
     /// The longest matching prefix wins; among equal prefixes, one that names the method.
-    pub fn rule_for(&self, method: &Method, path: &str) -> &RouteRule {
+    pub fn rule_for(&self, method: &Method, path: &NormalizedPath) -> &RouteRule {
         self.config
             .routes
             .iter()
             .filter(|r| r.methods.is_empty() || r.methods.contains(method))
-            .filter(|r| prefix_matches(&r.prefix, path))
+            .filter(|r| prefix_matches(&r.prefix, path.as_str()))
             .max_by_key(|r| (r.prefix.len(), !r.methods.is_empty()))
             .map(|r| &r.rule)
             .unwrap_or(&self.config.unmatched)
@@ -97,12 +116,14 @@ pub fn router(state: AppState, gateway: Gateway) -> Router {
     Router::new().fallback(proxy).with_state((state, gateway))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded; `proxy-connection` is the obsolete
+/// spelling some clients still send.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
@@ -125,8 +146,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The key and which header carried it.
-fn presented_key(headers: &HeaderMap) -> Option<(String, HeaderName)> {
+/// The key the client presented, if any.
+fn presented_key(headers: &HeaderMap) -> Option<String> {
     if let Some(token) = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -134,10 +155,38 @@ fn presented_key(headers: &HeaderMap) -> Option<(String, HeaderName)> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
     {
-        return Some((token.to_owned(), AUTHORIZATION));
+        return Some(token.to_owned());
     }
     let key = headers.get("x-api-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then(|| (key.to_owned(), HeaderName::from_static("x-api-key")))
+    (!key.is_empty()).then(|| key.to_owned())
+}
+
+/// A header name as CGI, WSGI and Rack read it: `X_Keyward_Owner_Id` and `x-keyward-owner-id` are one.
+fn cgi_name(name: &HeaderName) -> String {
+    name.as_str().replace('_', "-")
+}
+
+/// What the upstream must never get from the client: identity headers in any spelling, and the key
+/// in any header or scheme.
+fn is_reserved_for_keyward(name: &HeaderName) -> bool {
+    let name = cgi_name(name);
+    name == "x-keyward" || name.starts_with("x-keyward-") || name == "x-api-key" || name == "authorization"
+}
+
+/// Everything the client sent that the upstream must not see. Runs before the identity headers are
+/// inserted, and nothing strips request headers after that.
+///
+/// SECURITY: the order is the guarantee. Hop-by-hop headers first, the ones the client names in
+/// `Connection` included, so a client-named header can only remove client headers; then every
+/// `x-keyward-*` and key header, in any spelling (`_` for `-`, any case). `Authorization` goes
+/// whatever its scheme, on public routes too: a key can ride in `Basic`, `Token` or `ApiKey` as well
+/// as in `Bearer`, and Keyward cannot tell a key from another credential in every scheme.
+fn strip_client_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    let reserved: Vec<HeaderName> = headers.keys().filter(|name| is_reserved_for_keyward(name)).cloned().collect();
+    for name in reserved {
+        headers.remove(name);
+    }
 }
 
 fn rejection(outcome: VerifyOutcome) -> Response {
@@ -174,28 +223,42 @@ fn identity_headers(headers: &mut HeaderMap, key: &KeyRecord) {
     }
 }
 
+/// The request's path in canonical form, set as its URI with the query string untouched.
+fn normalize_uri(uri: &mut Uri) -> Result<NormalizedPath, PathError> {
+    let path = NormalizedPath::parse(uri.path())?;
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    *uri = path_and_query.parse().map_err(|_| PathError::ForbiddenCharacter)?;
+    Ok(path)
+}
+
 #[tracing::instrument(skip_all, fields(method = %request.method(), path = %request.uri().path()))]
 async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
+    // SECURITY: one canonical path, for route matching and for the upstream alike.
+    let path = match normalize_uri(&mut parts.uri) {
+        Ok(path) => path,
+        Err(e) => return ApiError::new(ErrorCode::InvalidPath, e.to_string()).into_response(),
+    };
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
     let client_ip = crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies);
-    let rule = gateway.rule_for(&parts.method, parts.uri.path()).clone();
-
-    // SECURITY: identity headers come from Keyward only; whatever the client sent under that name goes.
-    let spoofed: Vec<HeaderName> =
-        parts.headers.keys().filter(|name| name.as_str().starts_with("x-keyward-")).cloned().collect();
-    for name in spoofed {
-        parts.headers.remove(name);
-    }
+    let rule = gateway.rule_for(&parts.method, &path).clone();
+    // Read before the client headers go: Keyward is the recipient of a key or a user agent the client
+    // names in `Connection`, the upstream is not.
+    let presented = presented_key(&parts.headers);
+    let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    strip_client_headers(&mut parts.headers);
 
     if !rule.public {
-        let Some((presented, carried_by)) = presented_key(&parts.headers) else {
+        let Some(presented) = presented else {
             crate::auth::auth_failed(crate::auth::AuthFailure {
                 reason: "MISSING_CREDENTIALS",
                 presented: "",
                 key_id: None,
                 ip: client_ip,
-                user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                user_agent: &user_agent,
                 via: "gateway",
             });
             return ApiError::new(
@@ -209,7 +272,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             client_ip,
             required_scopes: &rule.scopes,
             organization: None,
-            user_agent: parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+            user_agent: &user_agent,
             via: "gateway",
             cost: rule.cost,
             failures: crate::limits::FailureScope::Edge,
@@ -221,21 +284,17 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
         let limit_headers =
             verdict.limits.as_ref().map(|l| crate::limits::headers(&l.rate, state.clock.now())).unwrap_or_default();
         match (&verdict.key, verdict.outcome) {
-            (Some(key), VerifyOutcome::Valid) => {
-                // SECURITY: the upstream gets the identity, never the key.
-                parts.headers.remove(carried_by);
-                parts.headers.remove("x-api-key");
-                identity_headers(&mut parts.headers, key);
-            }
+            // SECURITY: inserted last; the key and every client `x-keyward-*` header are already gone.
+            (Some(key), VerifyOutcome::Valid) => identity_headers(&mut parts.headers, key),
             (_, outcome) => {
                 let mut response = rejection(outcome);
                 response.headers_mut().extend(limit_headers);
-                record_usage(&state, event, (&parts.method, parts.uri.path()), &response, None);
+                record_usage(&state, event, (&parts.method, path.as_str()), &response, None);
                 return response;
             }
         }
         // The path only: a query string may carry anything, a secret included.
-        let request_line = (parts.method.clone(), parts.uri.path().to_owned());
+        let request_line = (parts.method.clone(), path.to_string());
         let started = std::time::Instant::now();
         let mut response = forward(&gateway, parts, body, client_ip).await;
         let upstream_ms = started.elapsed().as_millis();
@@ -279,7 +338,8 @@ async fn forward(
         Ok(uri) => uri,
         Err(_) => return ApiError::new(ErrorCode::NotFound, "no such route").into_response(),
     };
-    strip_hop_by_hop(&mut parts.headers);
+    // Request headers were stripped in `proxy`, before the identity headers went in: stripping here
+    // again would let a client-named `Connection` header remove them.
     parts.headers.remove(HOST);
     if let Some(ip) = client_ip {
         let forwarded = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -321,6 +381,19 @@ mod tests {
         }
     }
 
+    fn gateway(routes: Vec<GatewayRoute>) -> Result<Gateway, InvalidRoutePrefix> {
+        Gateway::new(GatewayConfig {
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            routes,
+            unmatched: RouteRule::default(),
+        })
+    }
+
+    fn path(p: &str) -> NormalizedPath {
+        NormalizedPath::parse(p).unwrap()
+    }
+
     #[test]
     fn longest_prefix_wins_and_methods_narrow() {
         let gw = Gateway::new(GatewayConfig {
@@ -337,14 +410,56 @@ mod tests {
                 },
             ],
             unmatched: RouteRule::default(),
-        });
-        let scope = |m: Method, p: &str| gw.rule_for(&m, p).scopes.first().map(|s| s.to_string());
+        })
+        .unwrap();
+        let scope = |m: Method, p: &str| gw.rule_for(&m, &path(p)).scopes.first().map(|s| s.to_string());
         assert_eq!(scope(Method::GET, "/v1/projects/7").as_deref(), Some("read:projects"));
         assert_eq!(scope(Method::POST, "/v1/projects").as_deref(), Some("write:projects"));
         assert_eq!(scope(Method::GET, "/v1/users").as_deref(), Some("read:v1"));
         assert_eq!(scope(Method::GET, "/v1projects").as_deref(), None, "prefixes match whole segments");
         assert_eq!(scope(Method::GET, "/other").as_deref(), None);
-        assert!(gw.rule_for(&Method::GET, "/health").public);
-        assert!(!gw.rule_for(&Method::GET, "/healthz").public);
+        assert!(gw.rule_for(&Method::GET, &path("/health")).public);
+        assert!(!gw.rule_for(&Method::GET, &path("/healthz")).public);
+    }
+
+    #[test]
+    fn config_prefixes_are_normalized_like_paths() {
+        let gw = gateway(vec![
+            route("/v1//projects/", &[], "read:projects"),
+            route("/v1/%75sers/./", &[], "read:users"),
+            route("/v1/a/../billing", &[], "read:billing"),
+        ])
+        .unwrap();
+        let scope = |p: &str| gw.rule_for(&Method::GET, &path(p)).scopes.first().map(|s| s.to_string());
+        assert_eq!(scope("/v1/projects").as_deref(), Some("read:projects"));
+        assert_eq!(scope("//v1///projects/7").as_deref(), Some("read:projects"));
+        assert_eq!(scope("/v1/users/1").as_deref(), Some("read:users"));
+        assert_eq!(scope("/v1/billing").as_deref(), Some("read:billing"));
+        assert_eq!(scope("/v1/a/billing").as_deref(), None);
+        for bad in ["/v1/%2Fprojects", "/../v1", "v1", "/v1/%zz", "/v1/..;/x"] {
+            let err = gateway(vec![route(bad, &[], "read:x")]).map(|_| ()).unwrap_err();
+            assert_eq!(err.prefix, bad);
+        }
+    }
+
+    #[test]
+    fn reserved_headers_in_every_spelling() {
+        for name in [
+            "x-keyward-key-id",
+            "x_keyward_key_id",
+            "x-keyward_scopes",
+            "x_keyward-owner-id",
+            "x-keyward-anything",
+            "x_keyward_",
+            "x-keyward",
+            "x-api-key",
+            "x_api_key",
+            "authorization",
+        ] {
+            assert!(is_reserved_for_keyward(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["x-keywardish", "x-request-id", "x-api-keys", "accept"] {
+            assert!(!is_reserved_for_keyward(&HeaderName::from_static(name)), "{name}");
+        }
     }
 }

@@ -293,7 +293,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let gateway = match (gateway_config, gateway_listener) {
         (Some(gw), Some(listener)) => {
             tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
-            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw))
+            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw)?)
                 .into_make_service_with_connect_info::<std::net::SocketAddr>();
             let shutdown = stopped(stop_rx.clone());
             Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))

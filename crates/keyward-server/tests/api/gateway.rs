@@ -1,5 +1,7 @@
 //! Gateway mode against a real upstream on 127.0.0.1: identity headers arrive, the key does not,
-//! spoofed `X-Keyward-*` headers do not, large bodies stream, and every rejection has its status.
+//! spoofed `X-Keyward-*` headers do not (in any spelling, nor by naming them in `Connection`), every
+//! spelling of a path gets that path's rule and the upstream gets the normalized path, paths without
+//! a safe reading are refused, large bodies stream, and every rejection has its status.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -73,7 +75,8 @@ async fn setup_with(upstream: SocketAddr, timeout: Duration) -> Setup {
             GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
         ],
         unmatched: RouteRule::default(),
-    });
+    })
+    .unwrap();
     let gateway = spawn(gateway::router(app.state.clone(), gw)).await;
     Setup { app, gateway, client: Client::builder(TokioExecutor::new()).build_http() }
 }
@@ -325,4 +328,251 @@ async fn gateway_requests_are_usage_events_with_the_upstream_status() {
         r.body["top_endpoints"].as_array().unwrap().iter().map(|e| e["endpoint"].as_str().unwrap()).collect();
     assert!(endpoints.contains(&"/projects/1") && endpoints.contains(&"/boom"), "{endpoints:?}");
     assert!(!r.text.contains("hush"), "no query string is recorded");
+}
+
+/// The five identity headers the upstream got, asserted to carry `key`'s identity.
+fn assert_identity(echo: &Value, key: &keyward_store::ApiKey, context: &str) {
+    let h = &echo["headers"];
+    assert_eq!(h["x-keyward-key-id"], key.id.to_string(), "{context}: {echo}");
+    assert_eq!(h["x-keyward-organization-id"], key.organization_id.to_string(), "{context}: {echo}");
+    assert_eq!(h["x-keyward-owner-id"], "user_9", "{context}: {echo}");
+    assert_eq!(h["x-keyward-environment"], "live", "{context}: {echo}");
+    assert_eq!(h["x-keyward-scopes"], "read:*", "{context}: {echo}");
+}
+
+/// Names of the headers the upstream got that a CGI/WSGI server would read as `X-Keyward-*`.
+fn keyward_like_headers(echo: &Value) -> Vec<String> {
+    echo["headers"]
+        .as_object()
+        .map(|h| h.keys().filter(|k| k.replace('_', "-").starts_with("x-keyward")).cloned().collect())
+        .unwrap_or_default()
+}
+
+async fn owner_key(s: &Setup) -> (String, keyward_store::ApiKey) {
+    s.app
+        .key_with(
+            s.app.default_org.id,
+            CreateKeyRequest {
+                name: "gw".into(),
+                owner_id: Some("user_9".into()),
+                scopes: vec!["read:*".into()],
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+/// Issue 15, finding 3: routes match on the normalized path. A `read:projects` key cannot reach the
+/// `write:projects` rule through another spelling of `/projects`, and no spelling climbs out of the
+/// public `/public` route into a protected one.
+#[tokio::test]
+async fn every_spelling_of_a_path_gets_that_paths_rule() {
+    let s = setup().await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:projects"]).await;
+    for path in [
+        "/projects",
+        "//projects",
+        "///projects//",
+        "/%70rojects",
+        "/%70%72%6F%6a%65%63%74%73",
+        "/./projects",
+        "/x/../projects",
+        "/x/%2E%2E/projects/7",
+        "/public/../projects",
+        "/projects/7/..",
+        "/projects/%37",
+    ] {
+        let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            "POST {path}"
+        );
+    }
+    for path in [
+        "/public/../projects",
+        "/public/%2e%2e/projects",
+        "/public/%2E%2e/projects",
+        "/public/.%2E/projects",
+        "/public/%2e./projects",
+        "/public//..//projects",
+        "/public/./../projects/7",
+        "/public/a/../../projects",
+        "/public/x/%2e%2e/%2e%2e/public/../projects",
+    ] {
+        let (status, body) = s.get(path, &[]).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing_credentials")),
+            "GET {path}"
+        );
+    }
+}
+
+/// The upstream gets the path the rule was chosen for, and the query string exactly as sent.
+#[tokio::test]
+async fn the_upstream_gets_the_normalized_path_and_the_query_as_sent() {
+    let s = setup().await;
+    let (writer, _) = s.app.key(s.app.default_org.id, &["write:projects"]).await;
+    let (status, echo) = s
+        .send(Method::POST, "//public/../projects/./7/?q=%2e%2e/../a&b=%2F", &[("x-api-key", &writer)], Body::empty())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_eq!(echo["path"], "/projects/7/?q=%2e%2e/../a&b=%2F");
+    for (path, forwarded) in [
+        ("/public//a/./b/../%7Euser", "/public/a/~user"),
+        ("/public/caf%c3%a9", "/public/caf%C3%A9"),
+        ("/public/a%20b/", "/public/a%20b/"),
+        ("/public/%252e%252e/x", "/public/%252e%252e/x"),
+    ] {
+        let (status, echo) = s.get(path, &[]).await;
+        assert_eq!((status, echo["path"].as_str()), (StatusCode::OK, Some(forwarded)), "{path}: {echo}");
+    }
+}
+
+/// What has no reading every upstream agrees on is refused before any route or key is looked at.
+#[tokio::test]
+async fn paths_without_a_safe_reading_are_refused_with_400() {
+    let s = setup().await;
+    let (key, _) = s.app.key(s.app.default_org.id, &["read:projects"]).await;
+    for path in [
+        "/public/..%2fprojects",
+        "/public%2F..%2Fprojects",
+        "/projects%2f7",
+        "/public/..%5Cprojects",
+        "/public/..%5cprojects",
+        "/public\\..\\projects",
+        "/public/%00",
+        "/public/x%00.json",
+        "/public/%zz",
+        "/public/%2",
+        "/public/%ff",
+        "/public/%c3",
+        "/..",
+        "/public/../../projects",
+        "/%2e%2e/projects",
+        "/public/..;/projects",
+        "/public/%2e%2e;x=1/projects",
+    ] {
+        for headers in [&[][..], &[("x-api-key", key.as_str())][..]] {
+            let (status, body) = s.get(path, headers).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_path")),
+                "GET {path}"
+            );
+        }
+    }
+}
+
+/// Issue 15, finding 7: hop-by-hop stripping runs before the identity headers go in, so a header the
+/// client names in `Connection` (any case, any list, several `Connection` headers) removes nothing
+/// of Keyward's. A key header named there still authenticates: Keyward is its recipient.
+#[tokio::test]
+async fn connection_cannot_remove_identity_headers() {
+    let s = setup().await;
+    let (key, rec) = owner_key(&s).await;
+    let bearer = format!("Bearer {key}");
+    let variants: [&[(&str, &str)]; 7] = [
+        &[("connection", "X-Keyward-Key-Id")],
+        &[("connection", "x-keyward-owner-id, X-KEYWARD-SCOPES")],
+        &[
+            ("connection", "keep-alive"),
+            ("connection", "X-Keyward-Organization-Id"),
+            ("connection", "x-keyward-environment"),
+        ],
+        &[(
+            "connection",
+            " x-keyward-key-id ,,x-keyward-owner-id,x-keyward-scopes ,x-keyward-environment,X-Keyward-Organization-ID",
+        )],
+        &[("Connection", "x-keyward-key-id"), ("x-keyward-key-id", "spoofed"), ("keep-alive", "timeout=5")],
+        &[("connection", "x-api-key, authorization")],
+        &[("connection", "X_Keyward_Key_Id, x-forwarded-for"), ("x-forwarded-for", "10.0.0.1")],
+    ];
+    for (i, variant) in variants.iter().enumerate() {
+        let mut headers = variant.to_vec();
+        headers.push(if i % 2 == 0 { ("x-api-key", key.as_str()) } else { ("authorization", bearer.as_str()) });
+        let (status, echo) = s.get("/anything", &headers).await;
+        assert_eq!(status, StatusCode::OK, "{variant:?}: {echo}");
+        assert_identity(&echo, &rec, &format!("{variant:?}"));
+        let h = &echo["headers"];
+        assert!(h.get("keep-alive").is_none() && h.get("x-api-key").is_none(), "{variant:?}: {echo}");
+    }
+}
+
+/// Issue 15, finding 8: CGI, WSGI and Rack read `X_Keyward_Owner_Id` as `X-Keyward-Owner-Id`, so
+/// every spelling that maps to an `x-keyward-` name goes, on protected and public routes alike.
+#[tokio::test]
+async fn identity_headers_in_any_spelling_are_stripped() {
+    let s = setup().await;
+    let (key, rec) = owner_key(&s).await;
+    let spoofs = [
+        ("x_keyward_key_id", "spoofed"),
+        ("X-KEYWARD_scopes", "spoofed"),
+        ("X_Keyward_Owner_Id", "spoofed"),
+        ("x_keyward_organization_id", "spoofed"),
+        ("x-keyward_environment", "spoofed"),
+        ("X_KEYWARD-EXTRA", "spoofed"),
+        ("x-keyward-key-id", "spoofed"),
+        ("x_keyward", "spoofed"),
+    ];
+    let mut headers = spoofs.to_vec();
+    headers.push(("x-api-key", &key));
+    let (status, echo) = s.get("/anything", &headers).await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert_identity(&echo, &rec, "protected");
+    let mut names = keyward_like_headers(&echo);
+    names.sort();
+    let canonical = [
+        "x-keyward-environment",
+        "x-keyward-key-id",
+        "x-keyward-organization-id",
+        "x-keyward-owner-id",
+        "x-keyward-scopes",
+    ];
+    assert_eq!(names, canonical, "only Keyward's own spellings arrive");
+    assert!(!echo.to_string().contains("spoofed"), "{echo}");
+
+    let (status, echo) = s.get("/public/x", &spoofs).await;
+    assert_eq!(status, StatusCode::OK, "{echo}");
+    assert!(keyward_like_headers(&echo).is_empty(), "{echo}");
+    assert!(!echo.to_string().contains("spoofed"), "{echo}");
+}
+
+/// Issue 15, finding 9: the key header is removed on every route, public ones included, whatever
+/// carries it: `Authorization` in any scheme (a key can ride in `Basic` or `Token` too), `X-API-Key`
+/// and its underscore spelling.
+#[tokio::test]
+async fn the_key_never_reaches_the_upstream_on_any_route() {
+    let s = setup().await;
+    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let secret = &key[8..];
+    let bearer = format!("Bearer {key}");
+    let lower_bearer = format!("bearer {key}");
+    let token = format!("Token {key}");
+    let variants: [&[(&str, &str)]; 7] = [
+        &[("authorization", &bearer)],
+        &[("Authorization", &lower_bearer)],
+        &[("x-api-key", &key)],
+        &[("X_Api_Key", &key), ("x-api-key", &key)],
+        &[("authorization", &token), ("x-api-key", &key)],
+        &[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", &key)],
+        &[("x-api-key", &key), ("authorization", &bearer), ("authorization", "Basic dXNlcjpwYXNz")],
+    ];
+    for path in ["/public/x", "/anything", "/projects/1"] {
+        for variant in variants {
+            let (status, echo) = s.get(path, variant).await;
+            if path == "/public/x"
+                || variant.iter().any(|(name, _)| name.eq_ignore_ascii_case("x-api-key"))
+                || variant.len() == 1
+            {
+                assert_ne!(status, StatusCode::UNAUTHORIZED, "{path} {variant:?}: {echo}");
+            }
+            let h = &echo["headers"];
+            for name in ["authorization", "x-api-key", "x_api_key"] {
+                assert!(h.get(name).is_none(), "{path} {variant:?}: {name} reached the upstream: {echo}");
+            }
+            assert!(!echo.to_string().contains(secret), "{path} {variant:?}: the key reached the upstream");
+        }
+    }
 }
