@@ -1,6 +1,10 @@
 //! The authorization matrix (issue 15, "keep them closed"): every route of `/openapi.json`, called by
 //! every kind of caller on every kind of target, answers the status written in [`MATRIX`], one table.
 //!
+//! Keys that cannot be used (revoked, disabled, expired, of a disabled organization, unknown,
+//! malformed, from an address not allowed), each holding `keyward:admin`, must answer like no key
+//! at all, with the error code of their reason.
+//!
 //! Every caller but [`Caller::OrgB`] belongs to organization A (the seeded `default`); targets are made
 //! fresh for each call, so a DELETE or a rotation never changes what the next call sees, and each
 //! caller kind runs on a TestApp of its own. Bodies are valid, so a 2xx proves the permission and not a
@@ -42,6 +46,17 @@ enum Caller {
     Admin,
     /// Only customer scopes, wildcards included (`*`, `admin:all`): they never cover a `keyward:` scope.
     Customer,
+    // Keys that cannot be used, each holding `keyward:admin`: every route answers as without a key.
+    RevokedAdmin,
+    DisabledAdmin,
+    ExpiredAdmin,
+    /// Of an organization that was disabled.
+    OrgDisabledAdmin,
+    /// Well-formed, never issued.
+    UnknownKey,
+    Malformed,
+    /// Allowed from 10.0.0.0/8 only; the tests call from 203.0.113.7: 403 where no key gets 401.
+    IpRestrictedAdmin,
 }
 
 const CALLERS: [Caller; 11] = [
@@ -57,6 +72,41 @@ const CALLERS: [Caller; 11] = [
     Caller::Admin,
     Caller::Customer,
 ];
+
+/// Callers whose key cannot be used: the table's first column (no key) holds for them.
+const UNUSABLE: [Caller; 7] = [
+    Caller::RevokedAdmin,
+    Caller::DisabledAdmin,
+    Caller::ExpiredAdmin,
+    Caller::OrgDisabledAdmin,
+    Caller::UnknownKey,
+    Caller::Malformed,
+    Caller::IpRestrictedAdmin,
+];
+
+/// The error code of a refused caller: proves the refusal is for the reason the caller stands for.
+fn refusal_code(caller: Caller) -> Option<&'static str> {
+    Some(match caller {
+        Caller::Anonymous => "missing_credentials",
+        Caller::RevokedAdmin => "key_revoked",
+        Caller::DisabledAdmin => "key_disabled",
+        Caller::ExpiredAdmin => "key_expired",
+        Caller::OrgDisabledAdmin => "organization_disabled",
+        Caller::UnknownKey => "unknown_key",
+        Caller::Malformed => "malformed_key",
+        Caller::IpRestrictedAdmin => "ip_not_allowed",
+        _ => return None,
+    })
+}
+
+/// What `row` answers `caller`.
+fn expected(row: &Row, caller: Caller) -> u16 {
+    match CALLERS.iter().position(|c| *c == caller) {
+        Some(column) => row.expect[column],
+        None if caller == Caller::IpRestrictedAdmin && row.expect[0] == 401 => 403,
+        None => row.expect[0],
+    }
+}
 
 /// What the call is about: the `{id}` of the path; for `/v1/verify` the key in the body, for
 /// `/v1/usage` its `key_id`; for `POST /v1/keys`, `POST /v1/webhooks` and the import the
@@ -324,6 +374,36 @@ impl World {
             }
             Caller::Admin => Some(app.admin_key.clone()),
             Caller::Customer => key(a, Some("alice"), &["*", "admin:all"]).await,
+            Caller::RevokedAdmin | Caller::DisabledAdmin => {
+                let (secret, made) = app.key_with(a, owned(None, &["keyward:admin"])).await;
+                let path = format!("/v1/keys/{}", made.id);
+                let r = match caller {
+                    Caller::RevokedAdmin => app.delete(&path, &app.admin_key).await,
+                    _ => app.patch(&path, &app.admin_key, json!({"is_active": false})).await,
+                };
+                assert!(r.status.is_success(), "{}", r.text);
+                Some(secret)
+            }
+            Caller::ExpiredAdmin => {
+                let request = CreateKeyRequest { expires_in_days: Some(1), ..owned(None, &["keyward:admin"]) };
+                let secret = app.key_with(a, request).await.0;
+                app.clock.advance(chrono::Duration::days(2));
+                Some(secret)
+            }
+            Caller::OrgDisabledAdmin => {
+                let c = app.org("org-c").await.id;
+                let secret = app.key_with(c, owned(None, &["keyward:admin"])).await.0;
+                let r = app.patch(&format!("/v1/organizations/{c}"), &app.admin_key, json!({"is_active": false})).await;
+                assert!(r.status.is_success(), "{}", r.text);
+                Some(secret)
+            }
+            Caller::UnknownKey => Some(Made::missing().secret),
+            Caller::Malformed => Some("sk_live_not-a-key".to_owned()),
+            Caller::IpRestrictedAdmin => {
+                let request =
+                    CreateKeyRequest { allowed_ips: vec!["10.0.0.0/8".into()], ..owned(None, &["keyward:admin"]) };
+                Some(app.key_with(a, request).await.0)
+            }
         };
         Self { app, org_b, caller }
     }
@@ -425,17 +505,22 @@ fn short(r: &Response) -> String {
 
 /// Every row of the table, for one kind of caller: mismatches, and how many calls were compared with
 /// the same call on a missing target.
-async fn walk(caller: Caller, column: usize) -> (Vec<String>, usize) {
+async fn walk(caller: Caller) -> (Vec<String>, usize) {
     let world = World::new(caller).await;
     let (mut problems, mut compared) = (Vec::new(), 0);
     for row in MATRIX {
-        let expected = row.expect[column];
+        let expected = expected(row, caller);
         let target = world.make(row.target).await;
         let r = world.call(row, &target).await;
         let got = r.status.as_u16();
         if got != expected {
             problems.push(format!("{}: expected {expected} got {got} ({})", label(caller, row), short(&r)));
             continue;
+        }
+        if let Some(code) = refusal_code(caller).filter(|_| got >= 400)
+            && r.body["error"]["code"] != code
+        {
+            problems.push(format!("{}: refused, but not as `{code}` ({})", label(caller, row), short(&r)));
         }
         // SECURITY: what the caller may not see answers exactly as if it did not exist, so ids (and
         // keys) of other organizations and owners cannot be probed.
@@ -466,14 +551,14 @@ async fn walk(caller: Caller, column: usize) -> (Vec<String>, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_caller_gets_the_status_the_matrix_names_on_every_target() {
     let started = std::time::Instant::now();
-    let walks = CALLERS.into_iter().enumerate().map(|(column, caller)| tokio::spawn(walk(caller, column)));
+    let walks = CALLERS.into_iter().chain(UNUSABLE).map(|caller| tokio::spawn(walk(caller)));
     let (mut problems, mut compared) = (Vec::new(), 0);
     for walk in walks.collect::<Vec<_>>() {
         let (p, c) = walk.await.expect("walk");
         problems.extend(p);
         compared += c;
     }
-    let calls = MATRIX.len() * CALLERS.len();
+    let calls = MATRIX.len() * (CALLERS.len() + UNUSABLE.len());
     eprintln!(
         "authorization matrix: {calls} calls ({compared} compared with a missing target) in {:?}",
         started.elapsed()
