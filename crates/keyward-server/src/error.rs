@@ -38,6 +38,7 @@ error_codes! {
     ValidationFailed => (UNPROCESSABLE_ENTITY, "validation_failed"),
     UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
     PayloadTooLarge => (PAYLOAD_TOO_LARGE, "payload_too_large"),
+    RequestTimeout => (REQUEST_TIMEOUT, "request_timeout"),
     MissingCredentials => (UNAUTHORIZED, "missing_credentials"),
     MalformedKey => (UNAUTHORIZED, "malformed_key"),
     UnknownKey => (UNAUTHORIZED, "unknown_key"),

@@ -6,6 +6,7 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::listen::BodyReadTimeout;
 
 /// The largest request body accepted anywhere.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -43,10 +44,29 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
                 "expected a body with `Content-Type: application/json`",
             ));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await.map_err(|_| {
-            ApiError::new(ErrorCode::PayloadTooLarge, format!("the body is larger than {MAX_BODY_BYTES} bytes"))
-        })?;
-        Ok(JsonBody(bytes))
+        let timeout = req.extensions().get::<BodyReadTimeout>().copied();
+        Ok(JsonBody(read_body(req.into_body(), MAX_BODY_BYTES, timeout).await?))
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes: 413 past it, 408 when it has not all arrived within
+/// the listener's body deadline (none when the request came from elsewhere, e.g. a test's `oneshot`).
+pub async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: Option<BodyReadTimeout>,
+) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("the body is larger than {limit} bytes"));
+    let read = axum::body::to_bytes(body, limit);
+    match timeout {
+        None => read.await.map_err(|_| too_large()),
+        Some(BodyReadTimeout(within)) => match tokio::time::timeout(within, read).await {
+            Ok(bytes) => bytes.map_err(|_| too_large()),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("the body did not arrive within {} ms", within.as_millis()),
+            )),
+        },
     }
 }
 

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod gateway;
 pub mod lifecycle;
 pub mod limits;
+pub mod listen;
 pub mod model;
 pub mod openapi;
 pub mod routes;
@@ -20,7 +21,6 @@ pub mod verifier;
 pub mod webhooks;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -69,12 +69,12 @@ pub fn router(state: AppState) -> Router {
     api.layer(telemetry::RequestLayer)
 }
 
-/// Serves the router until `shutdown` resolves, then finishes the requests in flight.
+/// Serves the API until `shutdown` resolves, then finishes the requests in flight (see [`listen`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: listen::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    listen::serve(listener, router(state), limits, shutdown).await
 }

@@ -42,7 +42,7 @@ async fn remote_verification_gives_the_same_answers() {
     let addr = listener.local_addr().unwrap();
     let server_state = state.clone();
     tokio::spawn(async move {
-        let _ = keyward_server::serve(listener, server_state, std::future::pending()).await;
+        let _ = keyward_server::serve(listener, server_state, Default::default(), std::future::pending()).await;
     });
 
     let remote = Remote::new(&format!("http://{addr}"), service_key.expose_secret()).unwrap();

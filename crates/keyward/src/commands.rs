@@ -293,10 +293,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let gateway = match (gateway_config, gateway_listener) {
         (Some(gw), Some(listener)) => {
             tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
-            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw)?)
-                .into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw)?);
             let shutdown = stopped(stop_rx.clone());
-            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }))
+            let limits = config.server;
+            Some(tokio::spawn(async move { keyward_server::listen::serve(listener, app, limits, shutdown).await }))
         }
         _ => None,
     };
@@ -304,7 +304,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    keyward_server::serve(listener, state, stopped(stop_rx)).await?;
+    keyward_server::serve(listener, state, config.server, stopped(stop_rx)).await?;
     if let Some(gateway) = gateway {
         gateway.await??;
     }

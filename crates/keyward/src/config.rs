@@ -40,6 +40,8 @@ pub struct Config {
     /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
     pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
     pub protection: keyward_server::limits::Protection,
+    /// Deadlines and the connection cap of every HTTP listener.
+    pub server: keyward_server::listen::ServerLimits,
     /// The verify cache: sizes and times.
     pub cache: keyward_server::cache::CacheConfig,
     /// The expiry sweeper and the `key.expiring` threshold.
@@ -201,6 +203,7 @@ impl Default for Config {
             limiter_failure_policy: keyward_limit::FailurePolicy::default(),
             plans: Default::default(),
             protection: Default::default(),
+            server: Default::default(),
             cache: Default::default(),
             lifecycle: Default::default(),
             webhooks: Default::default(),
@@ -245,7 +248,8 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 7] = ["gateway__", "plans__", "protection__", "cache__", "lifecycle__", "webhooks__", "usage__"];
+const SECTIONS: [&str; 8] =
+    ["gateway__", "plans__", "protection__", "server__", "cache__", "lifecycle__", "webhooks__", "usage__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -340,13 +344,14 @@ impl Config {
     pub fn show(&self) -> String {
         let gateway = toml_section(&self.gateway);
         let protection = toml_section(&self.protection);
+        let server = toml_section(&self.server);
         let cache = toml_section(&self.cache);
         let usage = toml_section(&self.usage);
         let lifecycle = toml_section(&self.lifecycle);
         let webhooks = toml_section(&self.webhooks);
         let plans = toml_section(&self.plans());
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[server]\n{server}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },

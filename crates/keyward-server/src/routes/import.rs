@@ -48,6 +48,7 @@ pub async fn import_keys(
     caller: Caller,
     ApiQuery(q): ApiQuery<ImportQuery>,
     headers: HeaderMap,
+    timeout: Option<axum::Extension<crate::listen::BodyReadTimeout>>,
     body: Body,
 ) -> ApiResult<Json<ImportReport>> {
     caller.require(KeywardScope::Admin)?;
@@ -71,9 +72,7 @@ pub async fn import_keys(
             raw.parse::<OrgId>().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?
         }
     };
-    let bytes = axum::body::to_bytes(body, MAX_IMPORT_BYTES).await.map_err(|_| {
-        ApiError::new(ErrorCode::PayloadTooLarge, format!("the body is larger than {MAX_IMPORT_BYTES} bytes"))
-    })?;
+    let bytes = crate::extract::read_body(body, MAX_IMPORT_BYTES, timeout.map(|t| t.0)).await?;
     let file = import::parse(format, &bytes)?;
     import::check_call_size(&file)?;
     let now = state.clock.now();

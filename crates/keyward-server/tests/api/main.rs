@@ -19,6 +19,7 @@ mod keys_list;
 mod keys_rotate;
 mod legacy;
 mod limits;
+mod listen;
 mod me_health;
 mod orgs;
 mod secrets;
