@@ -600,14 +600,25 @@ impl keyward_store::UsageStore for CachedStore {
     }
 }
 
-/// Redis pub/sub between nodes. Publishing never blocks a request for long: a bounded timeout, and a
-/// failure is logged (the other nodes' TTL still bounds how long they can be stale).
+/// Redis pub/sub between nodes.
+///
+/// SECURITY: an invalidation is never lost. Publishing hands the change to this node's publisher
+/// task, which retries it with backoff until Redis takes it (a restarted Redis fails the first command
+/// on the old connection: that one is retried, not dropped). Should changes pile up past
+/// [`OUTBOX`] during an outage, the publisher sends `*` (every node drops its whole cache) before the
+/// rest. On the receiving side, a node whose subscription was lost drops its whole cache, since it
+/// cannot know what it missed.
 #[derive(Clone)]
 pub struct RedisBus {
     client: redis::Client,
-    publisher: redis::aio::ConnectionManager,
+    outbox: tokio::sync::mpsc::Sender<Invalidation>,
+    /// Set when a change did not fit in the outbox: the next publish is `*`.
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
     channel: Arc<str>,
 }
+
+/// Changes waiting to be published, at most.
+pub const OUTBOX: usize = 10_000;
 
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -621,7 +632,11 @@ impl RedisBus {
     pub async fn connect(url: &str, channel: &str) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let publisher = redis::aio::ConnectionManager::new(client.clone()).await?;
-        Ok(Self { client, publisher, channel: channel.into() })
+        let (outbox, pending) = tokio::sync::mpsc::channel(OUTBOX);
+        let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let channel: Arc<str> = channel.into();
+        tokio::spawn(publish_until_taken(publisher, channel.clone(), pending, overflowed.clone()));
+        Ok(Self { client, outbox, overflowed, channel })
     }
 
     /// Applies every change other nodes publish to `cache`, until the task is aborted. A lost
@@ -668,14 +683,61 @@ async fn futures_next<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::I
 #[async_trait]
 impl InvalidationBus for RedisBus {
     async fn publish(&self, change: &Invalidation) {
-        let mut conn = self.publisher.clone();
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&*self.channel).arg(change.encode());
-        let publish = cmd.query_async::<i64>(&mut conn);
-        match tokio::time::timeout(Duration::from_millis(500), publish).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "publishing a cache invalidation failed"),
-            Err(_) => tracing::warn!("publishing a cache invalidation timed out"),
+        match self.outbox.try_send(change.clone()) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("the cache invalidation publisher stopped; other nodes rely on their TTL");
+            }
+        }
+    }
+}
+
+/// The publisher task of a [`RedisBus`]: each change, in order, until Redis takes it.
+async fn publish_until_taken(
+    mut conn: redis::aio::ConnectionManager,
+    channel: Arc<str>,
+    mut pending: tokio::sync::mpsc::Receiver<Invalidation>,
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while let Some(change) = pending.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        let mut failures = 0u32;
+        loop {
+            // Changes were dropped for want of room: every node drops everything first.
+            let sending = if overflowed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                Invalidation::All
+            } else {
+                change.clone()
+            };
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&*channel).arg(sending.encode());
+            let outcome = tokio::time::timeout(Duration::from_millis(500), cmd.query_async::<i64>(&mut conn)).await;
+            match outcome {
+                Ok(Ok(_)) if sending == Invalidation::All && change != Invalidation::All => continue,
+                Ok(Ok(_)) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "a cache invalidation was published after retries");
+                    }
+                    break;
+                }
+                Ok(Err(e)) => {
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "publishing a cache invalidation failed; retrying until Redis takes it");
+                    }
+                }
+                Err(_) => {
+                    if failures == 0 {
+                        tracing::warn!("publishing a cache invalidation timed out; retrying until Redis takes it");
+                    }
+                }
+            }
+            failures = failures.saturating_add(1);
+            metrics::counter!("keyward_cache_invalidation_retries_total").increment(1);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 }

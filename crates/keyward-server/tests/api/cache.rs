@@ -145,31 +145,141 @@ async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
     // Let both subscriptions settle (each drops its cache once when it subscribes).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seeded = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap();
-    let check = |state: &AppState, key: &str| {
-        let (state, key) = (state.clone(), key.to_owned());
-        async move {
-            let check = keyward_server::verifier::Check {
-                presented: &key,
-                client_ip: None,
-                required_scopes: &[],
-                organization: None,
-                user_agent: "",
-                via: "test",
-                cost: 1,
-                failures: keyward_server::limits::FailureScope::Edge,
-            };
-            keyward_server::verifier::verify(&state, check).await.unwrap().outcome.code()
-        }
-    };
     let key = seeded.key.expose_secret().to_owned();
     assert_eq!(check(&b, &key).await, "VALID", "node B has the key cached now");
     a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
+    revoked_within_a_second(&b, &key).await;
+}
+
+async fn check(state: &AppState, key: &str) -> &'static str {
+    let check = keyward_server::verifier::Check {
+        presented: key,
+        client_ip: None,
+        required_scopes: &[],
+        organization: None,
+        user_agent: "",
+        via: "test",
+        cost: 1,
+        failures: keyward_server::limits::FailureScope::Edge,
+    };
+    keyward_server::verifier::verify(state, check).await.unwrap().outcome.code()
+}
+
+async fn revoked_within_a_second(node: &AppState, key: &str) {
     let started = std::time::Instant::now();
     loop {
-        if check(&b, &key).await == "REVOKED" {
-            break;
+        if check(node, key).await == "REVOKED" {
+            return;
         }
-        assert!(started.elapsed() < Duration::from_secs(1), "node B still answers VALID after 1 s");
+        assert!(started.elapsed() < Duration::from_secs(1), "the other node still answers VALID after 1 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A Redis of the test's own on a free port, killed with the test.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Self { port, dir: tempfile::TempDir::new().unwrap(), child: None };
+        redis.restart();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts it on the same port and waits until it answers.
+    fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (the test script installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `want` nodes listen on `channel`.
+    async fn subscribed(&self, channel: &str, want: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while self.subscribers(channel).await < want {
+            assert!(std::time::Instant::now() < deadline, "the nodes did not (re)subscribe");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many nodes listen on `channel`.
+    async fn subscribers(&self, channel: &str) -> i64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return 0 };
+        let counts: Vec<(String, i64)> =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut conn).await.unwrap_or_default();
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Issue 16, item 1: after Redis restarted, node A's first publish met its broken connection and was
+/// dropped, and node B answered VALID for a revoked key until its cache entry expired (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start();
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = keyward_store::open(&format!("sqlite://{}", dir.path().join("k.db").display()), true).await.unwrap();
+    let channel = "keyward:invalidate";
+    let clock = ManualClock::new(t0());
+    let a = node(db.clone(), &redis.url(), channel, &clock).await;
+    let b = node(db, &redis.url(), channel, &clock).await;
+    redis.subscribed(channel, 2).await;
+    let org = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap().organization.id;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let v = service::Validator { plans: &a.plans, now: t0() };
+        let draft = service::CreateKeyRequest { name: "k".into(), ..Default::default() }.validate(&v, org).unwrap();
+        let (plain, record) = service::create_key(&a, draft, &Actor::cli(t0())).await.unwrap();
+        keys.push((plain.expose_secret().to_owned(), record));
+    }
+    for (key, _) in &keys {
+        assert_eq!(check(&b, key).await, "VALID");
+    }
+    // Redis goes away and comes back on the same port; both nodes subscribe again (dropping their
+    // caches), and node B caches the keys again.
+    redis.restart();
+    redis.subscribed(channel, 2).await;
+    for (key, _) in &keys {
+        assert_eq!(check(&b, key).await, "VALID");
+    }
+    // The first revocation through node A after the restart, then two more.
+    for (key, record) in &keys {
+        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
+        revoked_within_a_second(&b, key).await;
     }
 }
