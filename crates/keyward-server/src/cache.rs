@@ -265,11 +265,99 @@ pub struct CachedStore {
     cache: KeyCache,
     clock: Arc<dyn Clock>,
     bus: Option<Arc<dyn InvalidationBus>>,
+    breaker: Arc<StoreBreaker>,
+}
+
+/// The verify path's view of the store's health (a circuit breaker). A lookup that finds the store
+/// unreachable opens it; while it is open, lookups that miss the cache do not wait on the store (a
+/// cached entry answers, up to the stale ceiling; anything else is `Unavailable` at once), and a
+/// background probe pings the store every [`PROBE_EVERY`] until it answers, which closes it. So an
+/// outage costs one pool timeout, not one per verification.
+#[derive(Debug, Default)]
+pub struct StoreBreaker {
+    open: std::sync::atomic::AtomicBool,
+    since: Mutex<Option<std::time::Instant>>,
+}
+
+/// How often an open breaker pings the store.
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+impl StoreBreaker {
+    pub fn is_open(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How long the store has been unreachable, while it is.
+    pub fn down_for(&self) -> Option<Duration> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner()).map(|at| at.elapsed())
+    }
+
+    /// Opens the breaker; `true` for the caller that opened it (it starts the probe).
+    fn trip(&self) -> bool {
+        let opened = !self.open.swap(true, std::sync::atomic::Ordering::AcqRel);
+        if opened {
+            *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            metrics::gauge!("keyward_store_degraded").set(1.0);
+        }
+        opened
+    }
+
+    fn close(&self) {
+        let since = self.since.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        metrics::gauge!("keyward_store_degraded").set(0.0);
+        if let Some(since) = since {
+            let seconds = since.elapsed().as_secs_f64();
+            metrics::counter!("keyward_store_degraded_seconds_total").increment(seconds.ceil() as u64);
+            tracing::info!(down_for_s = seconds, "the store answers again: lookups reach it again");
+        }
+    }
 }
 
 impl CachedStore {
     pub fn new(inner: Arc<dyn Store>, cache: KeyCache, clock: Arc<dyn Clock>) -> Self {
-        Self { inner, cache, clock, bus: None }
+        Self { inner, cache, clock, bus: None, breaker: Arc::default() }
+    }
+
+    /// The store's health as the verify path sees it.
+    pub fn breaker(&self) -> Arc<StoreBreaker> {
+        self.breaker.clone()
+    }
+
+    /// Opens the breaker after a lookup found the store unreachable; the first to open it starts the
+    /// probe that closes it.
+    fn store_unreachable(&self, cause: &str) {
+        if !self.breaker.trip() {
+            return;
+        }
+        tracing::warn!(%cause, "the store is unreachable: verifications answer from the cache until it is back");
+        let (inner, breaker) = (self.inner.clone(), self.breaker.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), inner.ping()).await {
+                    breaker.close();
+                    return;
+                }
+            }
+        });
+    }
+
+    /// While the store is unreachable: the cached entry up to the stale ceiling, else `Unavailable`.
+    fn stale_or_unavailable(
+        &self,
+        cached: Option<Arc<KeyRecord>>,
+        now: DateTime<Utc>,
+        cause: String,
+    ) -> StoreResult<Option<Arc<KeyRecord>>> {
+        match cached {
+            // SECURITY: stale only while the store is down, and only up to the ceiling.
+            Some(record) if age_ms(now, record.fetched_at) < self.cache.config.stale_ceiling_ms => {
+                metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
+                Ok(Some(record))
+            }
+            _ => Err(StoreError::Unavailable(cause)),
+        }
     }
 
     pub fn with_bus(mut self, bus: Arc<dyn InvalidationBus>) -> Self {
@@ -357,6 +445,9 @@ impl Store for CachedStore {
             metrics::counter!("keyward_cache_lookups_total", "result" => "negative_hit").increment(1);
             return Ok(None);
         }
+        if self.breaker.is_open() {
+            return self.stale_or_unavailable(cached, now, "the store is unreachable".to_owned());
+        }
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
         let miss = self.cache.miss(slot);
         let found = self.inner.find_key_record(hash).await;
@@ -373,15 +464,10 @@ impl Store for CachedStore {
                 miss.keep_unknown(now);
                 Ok(None)
             }
-            // SECURITY: stale only while the store is down, and only up to the ceiling.
-            Err(StoreError::Unavailable(cause)) => match cached {
-                Some(record) if age_ms(now, record.fetched_at) < cfg.stale_ceiling_ms => {
-                    metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
-                    tracing::warn!(%cause, "store unavailable: serving a cached key");
-                    Ok(Some(record))
-                }
-                _ => Err(StoreError::Unavailable(cause)),
-            },
+            Err(StoreError::Unavailable(cause)) => {
+                self.store_unreachable(&cause);
+                self.stale_or_unavailable(cached, now, cause)
+            }
             Err(e) => Err(e),
         }
     }

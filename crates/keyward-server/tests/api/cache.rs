@@ -111,7 +111,65 @@ async fn while_the_store_is_down_cached_keys_answer_and_misses_are_503() {
     let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "past the ceiling: {}", r.text);
     store.down.store(false, Ordering::SeqCst);
-    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    answers_again(&app, &key).await;
+}
+
+/// Once the store is back, the breaker's probe notices within a few probe intervals.
+async fn answers_again(app: &TestApp, key: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
+        if r.status == StatusCode::OK && r.body["code"] == "VALID" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still failing after the store came back: {}", r.text);
+        tokio::time::sleep(keyward_server::cache::PROBE_EVERY).await;
+    }
+}
+
+/// Issue 16, item 2: once cached entries' TTL had passed during an outage, each verification waited
+/// the pool timeout twice (the calling key and the verified key) before answering from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_noticed_once_and_cached_keys_answer_at_cache_speed() {
+    let (app, store) = counted().await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(app.key(app.default_org.id, &[]).await.0);
+    }
+    let (cold, _) = app.key(app.default_org.id, &[]).await;
+    for key in &keys {
+        assert_eq!(app.verify(key, json!({})).await["code"], "VALID");
+    }
+    // The store goes away; a lookup now takes 300 ms to fail, as a pool waiting for a connection does.
+    store.fails_after_ms.store(300, Ordering::SeqCst);
+    store.down.store(true, Ordering::SeqCst);
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64 + 1));
+    let started = std::time::Instant::now();
+    let lookups_before = store.calls();
+    let mut latencies = Vec::new();
+    for round in 0..40 {
+        for key in &keys {
+            let at = std::time::Instant::now();
+            let r = app.post("/v1/verify", &app.admin_key, json!({"key": key})).await;
+            latencies.push(at.elapsed());
+            assert_eq!((r.status, r.body["code"].as_str()), (StatusCode::OK, Some("VALID")), "round {round}");
+        }
+        // Uncached: 503 at once, not after a pool timeout.
+        let at = std::time::Instant::now();
+        let r = app.post("/v1/verify", &app.admin_key, json!({"key": cold})).await;
+        latencies.push(at.elapsed());
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+        assert_eq!(r.body["error"]["code"], "store_unavailable");
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    assert!(p99 < Duration::from_millis(10), "p99 {p99:?} over {} requests", latencies.len());
+    // One lookup noticed the outage (plus the probe's pings), not one per request.
+    let store_calls = store.calls() - lookups_before;
+    let probes = started.elapsed().as_millis() / keyward_server::cache::PROBE_EVERY.as_millis() + 2;
+    assert!(store_calls as u128 <= 2 + probes, "{store_calls} store calls during the outage");
+    store.down.store(false, Ordering::SeqCst);
+    answers_again(&app, &cold).await;
 }
 
 fn redis_url() -> Option<String> {

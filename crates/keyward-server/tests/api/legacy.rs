@@ -29,6 +29,8 @@ pub(crate) struct Counting {
     pub calls: AtomicUsize,
     pub hashes: Mutex<Vec<KeyHash>>,
     pub down: std::sync::atomic::AtomicBool,
+    /// While `down`: how long a lookup takes to fail (a pool waiting for a connection), in ms.
+    pub fails_after_ms: std::sync::atomic::AtomicU64,
     /// Held for writing by a test: a lookup by hash reads the store, says so on `read`, then waits
     /// for it (a lookup slower than a concurrent change).
     pub gate: tokio::sync::RwLock<()>,
@@ -42,6 +44,7 @@ impl Counting {
             calls: AtomicUsize::new(0),
             hashes: Mutex::new(Vec::new()),
             down: Default::default(),
+            fails_after_ms: Default::default(),
             gate: Default::default(),
             read: Default::default(),
         }
@@ -71,6 +74,9 @@ impl Store for Counting {
     }
     async fn ping(&self) -> StoreResult<()> {
         self.count();
+        if self.down.load(Ordering::SeqCst) {
+            return Err(keyward_store::StoreError::Unavailable("the test took the store down".into()));
+        }
         self.inner.ping().await
     }
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
@@ -117,6 +123,8 @@ impl Store for Counting {
         self.count();
         self.hashes.lock().unwrap().push(*hash);
         if self.down.load(Ordering::SeqCst) {
+            let wait = self.fails_after_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
             return Err(keyward_store::StoreError::Unavailable("the test took the store down".into()));
         }
         let found = self.inner.find_key_by_hash(hash).await;
