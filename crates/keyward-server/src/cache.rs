@@ -40,6 +40,9 @@ pub struct CacheConfig {
     pub negative_ttl_ms: u64,
     /// How long an entry may be served while the store is unreachable, in milliseconds.
     pub stale_ceiling_ms: u64,
+    /// How long a lookup that missed the cache waits for the store before the store counts as
+    /// unreachable (the breaker opens), in milliseconds.
+    pub lookup_timeout_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -50,6 +53,7 @@ impl Default for CacheConfig {
             ttl_ms: 30_000,
             negative_ttl_ms: 2_000,
             stale_ceiling_ms: 300_000,
+            lookup_timeout_ms: 1_000,
         }
     }
 }
@@ -450,7 +454,13 @@ impl Store for CachedStore {
         }
         metrics::counter!("keyward_cache_lookups_total", "result" => "miss").increment(1);
         let miss = self.cache.miss(slot);
-        let found = self.inner.find_key_record(hash).await;
+        // A pool waiting for a connection to a dead server takes its whole acquire timeout (5 s) to
+        // say so; the verify path gives up sooner and lets the breaker take over.
+        let within = Duration::from_millis(cfg.lookup_timeout_ms.max(1));
+        let found = match tokio::time::timeout(within, self.inner.find_key_record(hash)).await {
+            Ok(found) => found,
+            Err(_) => Err(StoreError::Unavailable(format!("no answer within {} ms", cfg.lookup_timeout_ms))),
+        };
         // SECURITY: a change invalidated entries while the store was read (a revocation, here or on
         // another node): what was read may predate it, so it answers this request but is not kept.
         match found {
