@@ -53,6 +53,8 @@ pub struct Shared {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
+    /// The store's health as the verify cache sees it (`CachedStore::breaker`), for `/readyz`.
+    pub store_health: Arc<crate::cache::StoreBreaker>,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
             lifecycle: crate::lifecycle::LifecycleSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
+            store_health: Arc::default(),
         }))
     }
 

@@ -216,6 +216,7 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
             }
         }
     }
+    let store_health = cached.breaker();
     let store: Arc<dyn keyward_store::Store> = Arc::new(cached);
     let (usage, worker) = match usage {
         Some(usage) => UsageRecorder::spawn_with(store.clone(), usage),
@@ -231,6 +232,7 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
     state.protection = config.protection;
     state.lifecycle = config.lifecycle;
     state.webhooks = config.webhooks.clone();
+    state.store_health = store_health;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));

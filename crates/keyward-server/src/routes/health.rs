@@ -5,8 +5,9 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::state::AppState;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthResponse {
@@ -20,13 +21,33 @@ pub async fn healthz() -> Json<HealthResponse> {
     Json(HealthResponse { status: "ok" })
 }
 
-/// The store answers.
+/// `GET /readyz`: whether this node can answer, and what is degraded.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ready`, or `degraded` when the store is unreachable (503).
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// `ok` or `unreachable`. While unreachable, cached keys answer for up to `cache.stale_ceiling_ms`
+    /// and everything else is 503.
+    #[schema(example = "ok")]
+    pub store: &'static str,
+    /// Seconds the store has been unreachable, while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_down_for_s: Option<u64>,
+}
+
+/// Ready when the store answers; 503 with what is degraded when it does not. While the verify path's
+/// breaker is open the store is not pinged again: the probe does that.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = HealthResponse), (status = 503, body = ErrorBody)))]
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<HealthResponse>> {
-    state.store.ping().await.map_err(|e| ApiError {
-        source: Some(e.to_string()),
-        ..ApiError::new(ErrorCode::StoreUnavailable, "the store is unavailable")
-    })?;
-    Ok(Json(HealthResponse { status: "ready" }))
+    responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
+pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
+    let down_for = state.store_health.down_for();
+    let reachable = down_for.is_none() && state.store.ping().await.is_ok();
+    let body = ReadyResponse {
+        status: if reachable { "ready" } else { "degraded" },
+        store: if reachable { "ok" } else { "unreachable" },
+        store_down_for_s: down_for.map(|d| d.as_secs()),
+    };
+    let status = if reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }

@@ -169,8 +169,15 @@ async fn a_store_outage_is_noticed_once_and_cached_keys_answer_at_cache_speed() 
     let store_calls = store.calls() - lookups_before;
     let probes = started.elapsed().as_millis() / keyward_server::cache::PROBE_EVERY.as_millis() + 2;
     assert!(store_calls as u128 <= 2 + probes, "{store_calls} store calls during the outage");
+    // /readyz says what is degraded, without waiting on the store.
+    let r = app.call(axum::http::Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!((r.body["status"].as_str(), r.body["store"].as_str()), (Some("degraded"), Some("unreachable")));
+    assert!(r.body["store_down_for_s"].is_u64(), "{}", r.text);
     store.down.store(false, Ordering::SeqCst);
     answers_again(&app, &cold).await;
+    let r = app.call(axum::http::Method::GET, "/readyz", None, None).await;
+    assert_eq!((r.status, r.body["store"].as_str()), (StatusCode::OK, Some("ok")), "{}", r.text);
 }
 
 fn redis_url() -> Option<String> {

@@ -74,9 +74,12 @@ impl TestApp {
         let clock = ManualClock::new(t0());
         // Through the verify cache, as `keyward serve` runs.
         let cache = KeyCache::new(CacheConfig::default());
-        let store: Arc<dyn Store> = Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())));
+        let cached = CachedStore::new(store, cache, Arc::new(clock.clone()));
+        let store_health = cached.breaker();
+        let store: Arc<dyn Store> = Arc::new(cached);
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
         let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
+        state.store_health = store_health;
         // As `keyward serve`: monthly quotas seeded from the store's durable counters.
         state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
         state.legacy.refresh(&*state.store).await.unwrap();
