@@ -20,6 +20,7 @@ mod keys_rotate;
 mod legacy;
 mod limits;
 mod me_health;
+mod openapi;
 mod orgs;
 mod secrets;
 mod usage;
