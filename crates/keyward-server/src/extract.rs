@@ -72,20 +72,30 @@ pub async fn read_body(
 
 /// Deserialize with the path of the failing field. SECURITY: serde quotes the offending string value
 /// in its messages, which may be a key sent in the wrong field; quoted parts are cut out.
+///
+/// Every body and row Keyward reads is a JSON object: serde would also build a struct from an array
+/// of its fields in order (`[null, null]`), which no schema admits, so anything but an object is 422.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = redact_path(&e.path().to_string());
-        let inner = e.into_inner();
-        let message = redact_backticked(&redact_quoted(&inner.to_string()));
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let message = if path == "." { message } else { format!("field `{path}`: {message}") };
-                ApiError { field: (path != ".").then_some(path), ..ApiError::new(ErrorCode::InvalidRequest, message) }
-            }
-            _ => ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {message}")),
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        serde_path_to_error::deserialize::<_, serde::de::IgnoredAny>(de).map_err(refusal)?;
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(de).map_err(refusal)
+}
+
+/// 400 `invalid_json` for broken JSON, 422 `invalid_request` naming the field for a data error.
+fn refusal(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = redact_path(&e.path().to_string());
+    let inner = e.into_inner();
+    let message = redact_backticked(&redact_quoted(&inner.to_string()));
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            let message = if path == "." { message } else { format!("field `{path}`: {message}") };
+            ApiError { field: (path != ".").then_some(path), ..ApiError::new(ErrorCode::InvalidRequest, message) }
         }
-    })
+        _ => ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {message}")),
+    }
 }
 
 /// SECURITY: a field *name* is echoed too (`unknown field `x``); one that could be a key is not.
@@ -190,6 +200,18 @@ mod tests {
     #[allow(dead_code)]
     struct Probe {
         name: Option<String>,
+    }
+
+    #[test]
+    fn only_an_object_is_a_body() {
+        for body in ["[null]", "[]", " [\"name\"]", "null", "1", "\"x\"", "true"] {
+            let e = parse_json::<Probe>(body.as_bytes()).err().unwrap();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{body}: {}", e.message);
+        }
+        for body in ["[1,", "", "nul"] {
+            assert_eq!(parse_json::<Probe>(body.as_bytes()).err().unwrap().code, ErrorCode::InvalidJson, "{body}");
+        }
+        assert!(parse_json::<Probe>(b" {\"name\": null}").is_ok());
     }
 
     #[test]

@@ -10,6 +10,114 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
 
+/// `live` or `test`: how the API spells [`Environment`].
+#[derive(ToSchema)]
+#[schema(as = Environment, rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: the values are `keyward_core::Environment`
+pub enum EnvironmentName {
+    Live,
+    Test,
+}
+
+/// A key's derived status: how the API spells [`KeyStatus`].
+#[derive(ToSchema)]
+#[schema(as = KeyStatus, rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: the values are `keyward_core::KeyStatus`
+pub enum KeyStatusName {
+    Active,
+    Disabled,
+    Expired,
+    Revoked,
+}
+
+/// A string schema for the documentation-only types below.
+pub(crate) fn text_schema(
+    min_length: usize,
+    max_length: usize,
+    pattern: &str,
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .min_length(Some(min_length))
+        .max_length(Some(max_length))
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .into()
+}
+
+/// A scope as `keyward_core::Scope::parse` takes it.
+pub struct ScopeName;
+
+impl utoipa::PartialSchema for ScopeName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        text_schema(
+            1,
+            128,
+            r"^(\*|keyward:(keys:read|keys:write|verify|audit:read|self|admin)|(?!keyward:)[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)*:([A-Za-z0-9_.\-]+|\*))$",
+            "`action:resource` (`:`-separated segments of letters, digits, `_`, `-` and `.`; the last one \
+             may be `*`), `*`, or one of Keyward's own `keyward:` scopes; at most 128 characters.",
+        )
+    }
+}
+
+impl ToSchema for ScopeName {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Scope".into()
+    }
+}
+
+/// A name as `service::Validator::name` takes it.
+pub struct Name;
+
+impl utoipa::PartialSchema for Name {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // Not only whitespace, as Rust's `str::trim` sees it (Unicode White_Space), character by character.
+        text_schema(
+            1,
+            200,
+            r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]",
+            "1-200 characters, not only whitespace; surrounding whitespace is trimmed.",
+        )
+    }
+}
+
+impl ToSchema for Name {}
+
+/// An entry of an IP allow-list: an IPv4 or IPv6 address, or a CIDR block of either.
+pub struct IpEntry;
+
+/// `a.b.c.d/n`, without leading zeros.
+const IPV4_CIDR: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/(3[0-2]|[12]?[0-9])$";
+/// An IPv6 address in any of its compressed forms, `/n`.
+const IPV6_CIDR: &str = concat!(
+    r"^(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}:){1,7}:|([0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}",
+    r"|([0-9A-Fa-f]{1,4}:){1,5}(:[0-9A-Fa-f]{1,4}){1,2}|([0-9A-Fa-f]{1,4}:){1,4}(:[0-9A-Fa-f]{1,4}){1,3}",
+    r"|([0-9A-Fa-f]{1,4}:){1,3}(:[0-9A-Fa-f]{1,4}){1,4}|([0-9A-Fa-f]{1,4}:){1,2}(:[0-9A-Fa-f]{1,4}){1,5}",
+    r"|[0-9A-Fa-f]{1,4}:(:[0-9A-Fa-f]{1,4}){1,6}|:((:[0-9A-Fa-f]{1,4}){1,7}|:))",
+    r"/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
+);
+
+impl utoipa::PartialSchema for IpEntry {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, SchemaFormat, Type};
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        AnyOfBuilder::new()
+            .item(string().format(Some(SchemaFormat::Custom("ipv4".to_owned()))))
+            .item(string().format(Some(SchemaFormat::Custom("ipv6".to_owned()))))
+            .item(string().pattern(Some(IPV4_CIDR)))
+            .item(string().pattern(Some(IPV6_CIDR)))
+            .description(Some("An IPv4 or IPv6 address, or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`)."))
+            .into()
+    }
+}
+
+impl ToSchema for IpEntry {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "IpEntry".into()
+    }
+}
+
 /// An API key as the API shows it: never the key, never its hash.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyResponse {
@@ -20,7 +128,7 @@ pub struct KeyResponse {
     pub owner_id: Option<String>,
     pub name: String,
     pub description: Option<String>,
-    #[schema(value_type = String, example = "live")]
+    #[schema(value_type = EnvironmentName)]
     pub environment: Environment,
     /// The visible start of the key.
     #[schema(example = "sk_live_")]
@@ -30,7 +138,7 @@ pub struct KeyResponse {
     pub scopes: Vec<String>,
     pub allowed_ips: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
-    #[schema(value_type = String, example = "active")]
+    #[schema(value_type = KeyStatusName)]
     pub status: KeyStatus,
     pub is_active: bool,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -203,8 +311,10 @@ impl<T> PageResponse<T> {
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
     /// 1-100, default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 

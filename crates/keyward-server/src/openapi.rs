@@ -1,10 +1,17 @@
-//! The OpenAPI 3 document served at `/openapi.json`: every route and every error body.
+//! The OpenAPI 3 document served at `/openapi.json`: every route, every status it answers and every
+//! constraint the server enforces on what it reads, so that generated clients validate the same way.
+//! `scripts/schemathesis.sh` holds the document to that.
 
 use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{IntoResponses, Modify, OpenApi};
 
+use crate::error::ErrorBody;
 use crate::routes::{audit, health, keys, me, orgs, usage, verify, webhooks};
+use crate::state::AppState;
 
 struct BearerAuth;
 
@@ -17,6 +24,46 @@ impl Modify for BearerAuth {
             );
         }
     }
+}
+
+/// What every route that takes a key may answer besides its own statuses (the `Caller` extractor
+/// and the management API's per-address limit).
+#[derive(IntoResponses)]
+#[allow(dead_code)] // documentation only: the errors themselves are `ApiError`s
+pub enum KeyErrors {
+    /// No key, or one that is malformed, unknown, revoked, disabled or expired, or whose organization
+    /// is disabled.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The key lacks a scope the route needs, may not act on this target, or may not be used from
+    /// this address.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Too many requests, or too many failed authentications, from this address.
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
+    /// The store is unavailable; try again.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// What every route that reads a JSON body may answer about the body itself (`extract::JsonBody`).
+#[derive(IntoResponses)]
+#[allow(dead_code)] // documentation only: the errors themselves are `ApiError`s
+pub enum JsonBodyErrors {
+    /// `invalid_json`: the body is not JSON.
+    #[response(status = 400)]
+    InvalidJson(ErrorBody),
+    /// `payload_too_large`: the body is larger than 64 KiB.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// `unsupported_media_type`: the body is not sent as `Content-Type: application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// `invalid_request` (an unknown, missing or mistyped field) or `validation_failed` (a value the
+    /// schema cannot express, such as a date in the past or an IP list entry); `field` names it.
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
 }
 
 #[derive(OpenApi)]
@@ -35,11 +82,44 @@ impl Modify for BearerAuth {
         webhooks::delete_webhook, webhooks::list_deliveries, webhooks::retry_delivery,
         health::healthz, health::readyz, crate::telemetry::render,
     ),
+    components(schemas(ErrorBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
 
+/// Request schemas with a `plan` field. Plans come from the configuration, so the document names
+/// them when it is served, not when it is compiled.
+const PLAN_FIELDS: &[&str] =
+    &["CreateKeyRequest", "UpdateKeyRequest", "CreateOrganizationRequest", "UpdateOrganizationRequest"];
+
+/// The document with this server's plans as the only values its requests' `plan` fields take
+/// (`null` too: each of them may be absent or null).
+pub fn document(plans: &keyward_core::Plans) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    let mut values: Vec<Value> = plans.names().map(Value::from).collect();
+    values.push(Value::Null);
+    if let Some(components) = doc.components.as_mut() {
+        // `CreateKeyRequest::validate` takes `expires_at` or `expires_in_days`, not both. utoipa has no
+        // attribute for `not`; its extensions are flattened into the schema object, so they carry it.
+        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut("CreateKeyRequest") {
+            let both = json!({
+                "required": ["expires_at", "expires_in_days"],
+                "properties": {"expires_at": {"type": "string"}, "expires_in_days": {"type": "integer"}},
+            });
+            object.extensions.get_or_insert_with(Default::default).insert("not".to_owned(), both);
+        }
+        for name in PLAN_FIELDS {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(*name)
+                && let Some(RefOr::T(Schema::Object(plan))) = object.properties.get_mut("plan")
+            {
+                plan.enum_values = Some(values.clone());
+            }
+        }
+    }
+    doc
+}
+
 /// `GET /openapi.json`.
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    Json(document(&state.plans))
 }

@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::double_option;
+use crate::model::{EnvironmentName, IpEntry, Name, ScopeName};
 use crate::state::AppState;
 
 const MAX_NAME: usize = 200;
@@ -23,25 +24,42 @@ const MAX_OWNER_ID: usize = 255;
 const MAX_SCOPES: usize = 100;
 const MAX_EXPIRES_IN_DAYS: i64 = 3_650;
 
+// The request schemas below state every rule `validate` enforces that JSON Schema can express (the
+// numbers are the constants above); what it cannot (a date in the future, `expires_at` and
+// `expires_in_days` together) is said in the field's description. `scripts/schemathesis.sh` checks
+// the two agree.
+
 /// The body of `POST /v1/keys`, also built by `keyward keys create`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
+    #[schema(value_type = Name)]
     pub name: String,
+    /// At most 2,000 characters; blank: none.
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
-    /// The customer's user id (free text).
+    /// The customer's user id (free text, at most 255 characters; blank: none).
+    #[schema(max_length = 255)]
     pub owner_id: Option<String>,
     /// `live` (default) or `test`.
+    #[schema(value_type = Option<EnvironmentName>)]
     pub environment: Option<String>,
     /// 1-16 lowercase letters or digits; `sk` by default.
+    #[schema(min_length = 1, max_length = 16, pattern = "^[a-z0-9]+$")]
     pub prefix: Option<String>,
+    /// At most 100.
     #[serde(default)]
+    #[schema(value_type = Vec<ScopeName>, max_items = 100)]
     pub scopes: Vec<String>,
-    /// IP addresses and CIDR blocks, v4 and v6.
+    /// IP addresses and CIDR blocks, v4 and v6; at most 256. Empty: any address.
     #[serde(default)]
+    #[schema(value_type = Vec<IpEntry>, max_items = 256)]
     pub allowed_ips: Vec<String>,
-    /// RFC 3339.
+    /// RFC 3339, in the future. Not together with `expires_in_days`.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
+    /// 1-3650. Not together with `expires_at`.
+    #[schema(minimum = 1, maximum = 3650)]
     pub expires_in_days: Option<i64>,
     /// A JSON object (email, company, ...).
     #[schema(value_type = Option<Object>)]
@@ -49,6 +67,7 @@ pub struct CreateKeyRequest {
     /// Per-key tier override.
     pub plan: Option<String>,
     /// Only with `keyward:admin`; default: the caller's organization.
+    #[schema(format = Uuid)]
     pub organization_id: Option<String>,
 }
 
@@ -56,14 +75,21 @@ pub struct CreateKeyRequest {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKeyRequest {
+    #[schema(value_type = Option<Name>)]
     pub name: Option<String>,
+    /// At most 2,000 characters; blank or `null`: none.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2000)]
     pub description: Option<Option<String>>,
+    /// At most 100.
+    #[schema(value_type = Option<Vec<ScopeName>>, max_items = 100)]
     pub scopes: Option<Vec<String>>,
+    /// IP addresses and CIDR blocks, v4 and v6; at most 256. Empty: any address.
+    #[schema(value_type = Option<Vec<IpEntry>>, max_items = 256)]
     pub allowed_ips: Option<Vec<String>>,
+    /// RFC 3339, in the future; `null`: never.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<String>>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
@@ -80,9 +106,11 @@ pub struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// The length counts the whitespace around the name too, as the schema's `maxLength` does.
     pub fn name(&self, field: &str, name: &str) -> ApiResult<String> {
+        let too_long = name.chars().count() > MAX_NAME;
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > MAX_NAME {
+        if name.is_empty() || too_long {
             return Err(ApiError::validation(field, format!("`{field}` must be 1-{MAX_NAME} characters")));
         }
         Ok(name.to_owned())
@@ -262,8 +290,10 @@ pub const MAX_GRACE_PERIOD_SECONDS: i64 = 604_800;
 #[serde(deny_unknown_fields)]
 pub struct RotateKeyRequest {
     /// How long the old key keeps working, 0-604800 seconds (7 days); default 0: it stops at once.
+    #[schema(minimum = 0, maximum = 604800)]
     pub grace_period_seconds: Option<i64>,
     /// The new key's name; default: the old key's.
+    #[schema(value_type = Option<Name>)]
     pub name: Option<String>,
 }
 
@@ -338,18 +368,31 @@ pub async fn rotate_key(
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganizationRequest {
+    #[schema(value_type = Name)]
     pub name: String,
-    /// Unique; 1-63 lowercase letters, digits and dashes.
+    /// Unique; 1-63 lowercase letters, digits and dashes, not starting or ending with a dash.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
     pub slug: String,
+    /// At most 254 characters, with an `@` that is neither first nor last.
+    #[schema(max_length = 254, pattern = r"^[^@][\s\S]*@[\s\S]*[^@]$")]
     pub email: Option<String>,
     /// `free` (default), `pro`, `enterprise` or a configured plan.
     pub plan: Option<String>,
     pub is_active: Option<bool>,
+    /// `null`: the plan's.
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub monthly_request_limit: Option<i64>,
+    /// `null`: the plan's.
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_minute: Option<i64>,
+    /// `null`: the plan's.
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_hour: Option<i64>,
+    /// `null`: the plan's.
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_day: Option<i64>,
     /// `null`: no limit.
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_api_keys: Option<i64>,
 }
 
@@ -357,26 +400,28 @@ pub struct CreateOrganizationRequest {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOrganizationRequest {
+    #[schema(value_type = Option<Name>)]
     pub name: Option<String>,
+    /// At most 254 characters, with an `@` that is neither first nor last; `null`: none.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 254, pattern = r"^[^@][\s\S]*@[\s\S]*[^@]$")]
     pub email: Option<Option<String>>,
     pub plan: Option<String>,
     pub is_active: Option<bool>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807_i64)]
     pub monthly_request_limit: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_minute: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_hour: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807_i64)]
     pub rate_limit_per_day: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_api_keys: Option<Option<i64>>,
 }
 
@@ -394,7 +439,8 @@ fn slug(value: &str) -> ApiResult<String> {
 
 fn email(value: Option<String>) -> ApiResult<Option<String>> {
     match value {
-        Some(e) if e.len() > 254 || !e.contains('@') || e.starts_with('@') || e.ends_with('@') => {
+        // Characters, as the schema's `maxLength` counts them.
+        Some(e) if e.chars().count() > 254 || !e.contains('@') || e.starts_with('@') || e.ends_with('@') => {
             Err(ApiError::validation("email", "must be an email address"))
         }
         e => Ok(e),

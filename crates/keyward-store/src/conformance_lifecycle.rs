@@ -215,6 +215,8 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     let all = store.insert_webhook(hook(&[], true, org.id), &cli).await.must("hook 2");
     let inactive = store.insert_webhook(hook(&[], false, org.id), &cli).await.must("hook 3");
     let foreign = store.insert_webhook(hook(&[], true, other), &cli).await.must("hook 4");
+    let unknown = store.insert_webhook(hook(&[], true, keyward_core::OrgId::new()), &cli).await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)), "an unknown organization: {unknown:?}");
     assert_eq!(store.get_webhook(all.id).await.must("get"), all);
     let listed: Vec<_> = store.list_webhooks(Some(org.id)).await.must("list").iter().map(|h| h.id).collect();
     assert_eq!(listed, [inactive.id, all.id, created_only.id]);

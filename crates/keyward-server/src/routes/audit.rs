@@ -12,21 +12,29 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
+use crate::openapi::KeyErrors;
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    #[param(format = Uuid)]
     pub key_id: Option<String>,
     /// `create`, `update`, `activate`, `deactivate`, `revoke`, ...
     pub action: Option<String>,
     /// A key id, `cli` or `system`.
     pub actor: Option<String>,
     /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     pub since: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     pub until: Option<String>,
+    /// `next_cursor` of the previous page.
+    #[param(min_length = 1, max_length = 18, pattern = "^[0-9]+$")]
     pub cursor: Option<String>,
+    /// 1-100, default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
@@ -42,8 +50,7 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 
 /// List audit rows, newest first.
 #[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = PageResponse<AuditEntryResponse>), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = PageResponse<AuditEntryResponse>), (status = 400, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_audit(
     State(state): State<AppState>,
@@ -64,6 +71,10 @@ pub async fn list_audit(
         since: time("since", q.since.as_deref())?,
         until: time("until", q.until.as_deref())?,
     };
+    // The schema's pattern, exactly: audit ids are positive, and 18 digits always fit an i64.
+    if q.cursor.as_deref().is_some_and(|c| !(1..=18).contains(&c.len()) || !c.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "`cursor` is not valid"));
+    }
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
     let page = state.store.list_audit(&filter, page).await?;
     Ok(Json(PageResponse::from_page(page, AuditEntryResponse::from)))
@@ -94,7 +105,7 @@ pub struct BrokenRow {
 /// Verify the tamper-evident audit chain, oldest row first. `keyward:admin` only: the chain spans every
 /// organization. Always 200; `intact` says the outcome.
 #[utoipa::path(get, path = "/v1/audit-logs/verify", tag = "audit",
-    responses((status = 200, body = AuditVerifyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = AuditVerifyResponse), KeyErrors),
     security(("bearer" = [])))]
 pub async fn verify_audit(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<AuditVerifyResponse>> {
     caller.require(KeywardScope::Admin)?;

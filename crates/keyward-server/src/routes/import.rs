@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
+use crate::openapi::KeyErrors;
 use crate::service::import::{self, ImportFormat, ImportReport};
 use crate::state::AppState;
 
@@ -22,11 +23,24 @@ pub const MAX_IMPORT_BYTES: usize = 8 * 1024 * 1024;
 #[into_params(parameter_in = Query)]
 pub struct ImportQuery {
     /// Default: the caller's organization.
+    #[param(format = Uuid)]
     pub organization_id: Option<String>,
     /// Check every row and report what would happen; change nothing.
     pub dry_run: Option<bool>,
-    /// `jsonl` or `csv`; default: from `Content-Type` (`application/x-ndjson`, `text/csv`).
+    /// Default: from `Content-Type` (`application/x-ndjson`, `text/csv`). Case does not matter.
+    #[param(value_type = Option<ImportFormatName>, inline)]
     pub format: Option<String>,
+}
+
+/// `jsonl` (also spelled `ndjson` or `json`) or `csv`: how `?format=` spells [`ImportFormat`].
+#[derive(utoipa::ToSchema)]
+#[schema(as = ImportFormat, rename_all = "lowercase")]
+#[allow(dead_code)] // documentation only: the values are `ImportFormat::parse`'s
+pub enum ImportFormatName {
+    Jsonl,
+    Ndjson,
+    Json,
+    Csv,
 }
 
 /// Import keys issued by another system. Each row has `key` (plaintext) or `key_sha256` (hex SHA-256
@@ -38,8 +52,11 @@ pub struct ImportQuery {
         description = "JSON Lines (`application/x-ndjson`) or CSV with a header line (`text/csv`)"),
     responses(
         (status = 200, body = ImportReport),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "`invalid_query`"),
+        (status = 413, body = ErrorBody, description = "`payload_too_large`: more than 8 MiB or 10,000 rows"),
+        (status = 415, body = ErrorBody, description = "`unsupported_media_type`: neither JSON Lines nor CSV"),
+        (status = 422, body = ErrorBody, description = "`validation_failed`: a CSV file without a usable header, or no such organization"),
+        KeyErrors,
     ),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]

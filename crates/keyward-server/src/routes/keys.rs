@@ -13,7 +13,10 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
-use crate::model::{CreatedKeyResponse, KeyResponse, PageQuery, PageResponse, RotatedKeyResponse};
+use crate::model::{
+    CreatedKeyResponse, EnvironmentName, KeyResponse, KeyStatusName, PageQuery, PageResponse, RotatedKeyResponse,
+};
+use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
@@ -96,12 +99,7 @@ fn check_limits(
 
 /// Create a key. The full key is in this response only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
-    responses(
-        (status = 201, body = CreatedKeyResponse),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody),
-    ),
+    responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn create_key(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
@@ -154,20 +152,23 @@ pub async fn create_key(State(state): State<AppState>, caller: Caller, body: Jso
 #[into_params(parameter_in = Query)]
 pub struct ListKeysQuery {
     pub owner_id: Option<String>,
-    /// `live` or `test`.
+    #[param(value_type = Option<EnvironmentName>)]
     pub environment: Option<String>,
-    /// `active`, `disabled`, `expired` or `revoked`.
+    #[param(value_type = Option<KeyStatusName>)]
     pub status: Option<String>,
     /// Also list disabled and revoked keys.
     pub include_inactive: Option<bool>,
+    /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
+    /// 1-100, default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
 }
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
-    responses((status = 200, body = PageResponse<KeyResponse>),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = PageResponse<KeyResponse>), (status = 400, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_keys(
     State(state): State<AppState>,
@@ -207,8 +208,8 @@ pub async fn list_keys(
 }
 
 /// Read one key.
-#[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
-    responses((status = 200, body = KeyResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
+    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn get_key(
     State(state): State<AppState>,
@@ -223,10 +224,9 @@ pub async fn get_key(
 }
 
 /// Update a key; `is_active: false` deactivates it, `true` reactivates it. Audited with a diff.
-#[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
+#[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = UpdateKeyRequest,
-    responses((status = 200, body = KeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn update_key(
@@ -254,8 +254,8 @@ pub async fn update_key(
 }
 
 /// Revoke a key: permanent; the record stays for the audit trail.
-#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
+    responses((status = 204), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn revoke_key(
@@ -273,11 +273,10 @@ pub async fn revoke_key(
 /// Rotate a key: a new key with the same settings (shown once), the old one revoked (reason `rotated`)
 /// when the grace period ends. Rate-limit and quota counters are shared by the two. A key rotated
 /// before, or revoked, answers 409.
-#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = String, Path, description = "key id")),
+#[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = RotateKeyRequest,
-    responses((status = 201, body = RotatedKeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)),
+    responses((status = 201, body = RotatedKeyResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(
@@ -321,6 +320,7 @@ const EXPIRING_LIMIT: u32 = 1_000;
 #[into_params(parameter_in = Query)]
 pub struct ExpiringQuery {
     /// Keys expiring within this many days, 1-365; default 7.
+    #[param(minimum = 1, maximum = 365)]
     pub days: Option<u32>,
 }
 
@@ -335,8 +335,7 @@ pub struct ExpiringResponse {
 /// List the keys that expire within `days` days (the caller's organization; every organization for
 /// `keyward:admin`; a `keyward:self` key sees its own owner's keys).
 #[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
-    responses((status = 200, body = ExpiringResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = ExpiringResponse), (status = 400, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_expiring(
     State(state): State<AppState>,
@@ -369,7 +368,7 @@ pub struct CleanupResponse {
 /// caller as actor, and a `key.expired` event. Needs `keyward:keys:write` (`keyward:self` is not
 /// enough: this acts on the whole organization).
 #[utoipa::path(post, path = "/v1/keys/cleanup-expired", tag = "keys",
-    responses((status = 200, body = CleanupResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = CleanupResponse), KeyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn cleanup_expired(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<CleanupResponse>> {

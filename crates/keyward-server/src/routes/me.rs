@@ -6,9 +6,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
-use crate::error::{ApiResult, ErrorBody};
+use crate::error::ApiResult;
 use crate::limits::Standing;
 use crate::model::{KeyResponse, OrganizationResponse};
+use crate::openapi::KeyErrors;
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -23,7 +24,7 @@ pub struct MeResponse {
 
 /// The calling key and its organization. Any valid key may call it.
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
-    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = MeResponse), KeyErrors),
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeResponse>> {
     let key = state.store.get_key(caller.key.id).await?;

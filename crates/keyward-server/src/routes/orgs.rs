@@ -9,13 +9,13 @@ use crate::auth::Caller;
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{OrganizationResponse, PageQuery, PageResponse};
+use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::service::{CreateOrganizationRequest, UpdateOrganizationRequest, Validator};
 use crate::state::AppState;
 
 /// Create an organization.
 #[utoipa::path(post, path = "/v1/organizations", tag = "organizations", request_body = CreateOrganizationRequest,
-    responses((status = 201, body = OrganizationResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 201, body = OrganizationResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 pub async fn create_org(
     State(state): State<AppState>,
@@ -32,8 +32,7 @@ pub async fn create_org(
 
 /// List organizations, newest first.
 #[utoipa::path(get, path = "/v1/organizations", tag = "organizations", params(PageQuery),
-    responses((status = 200, body = PageResponse<OrganizationResponse>), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = PageResponse<OrganizationResponse>), (status = 400, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_orgs(
     State(state): State<AppState>,
@@ -46,8 +45,8 @@ pub async fn list_orgs(
 }
 
 /// Read an organization.
-#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = String, Path, description = "organization id")),
-    responses((status = 200, body = OrganizationResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = Uuid, Path, description = "organization id")),
+    responses((status = 200, body = OrganizationResponse), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn get_org(
     State(state): State<AppState>,
@@ -59,10 +58,9 @@ pub async fn get_org(
 }
 
 /// Update an organization (`is_active: false` disables every key of it). Audited with a diff.
-#[utoipa::path(patch, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = String, Path, description = "organization id")),
+#[utoipa::path(patch, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = Uuid, Path, description = "organization id")),
     request_body = UpdateOrganizationRequest,
-    responses((status = 200, body = OrganizationResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = OrganizationResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 pub async fn update_org(
     State(state): State<AppState>,

@@ -29,6 +29,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
+use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::state::AppState;
 use crate::webhooks::{EVENTS, check_url};
 
@@ -143,26 +144,77 @@ pub struct DeliveryListResponse {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookRequest {
-    /// `http://...`; loopback and private addresses are refused unless the server allows them.
+    #[schema(value_type = WebhookUrl)]
     pub url: String,
-    /// Events to receive (see the README); empty or absent: every event.
+    /// Events to receive (see the README); empty or absent: every event. `auth.failures_spike` needs
+    /// `keyward:admin`.
     #[serde(default)]
+    #[schema(value_type = Vec<EventName>)]
     pub events: Vec<String>,
     pub is_active: Option<bool>,
+    /// At most 2,000 characters; blank: none.
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
     /// Only with `keyward:admin`; default: the caller's organization.
+    #[schema(format = Uuid)]
     pub organization_id: Option<String>,
+}
+
+/// A webhook target as `check_url` takes it.
+pub struct WebhookUrl;
+
+impl utoipa::PartialSchema for WebhookUrl {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // A subset of what `http::Uri` takes (it also takes IPv6 literals, user info and a few more
+        // characters): the common form, so a client's check never admits what the server refuses.
+        crate::model::text_schema(
+            8,
+            2000,
+            r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9\-._~!$&'()*+,;=]+(:[0-9]{1,5})?(/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*)?(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?$",
+            "An absolute `http://` or `https://` URL naming a host, at most 2,000 characters. Loopback and \
+             private addresses are refused unless the server allows them.",
+        )
+    }
+}
+
+impl ToSchema for WebhookUrl {}
+
+/// A webhook event: how the API spells [`EVENTS`].
+#[derive(ToSchema)]
+#[schema(as = WebhookEvent)]
+#[allow(dead_code)] // documentation only: the values are `EVENTS`
+pub enum EventName {
+    #[schema(rename = "key.created")]
+    KeyCreated,
+    #[schema(rename = "key.updated")]
+    KeyUpdated,
+    #[schema(rename = "key.rotated")]
+    KeyRotated,
+    #[schema(rename = "key.revoked")]
+    KeyRevoked,
+    #[schema(rename = "key.expiring")]
+    KeyExpiring,
+    #[schema(rename = "key.expired")]
+    KeyExpired,
+    #[schema(rename = "quota.threshold")]
+    QuotaThreshold,
+    #[schema(rename = "auth.failures_spike")]
+    AuthFailuresSpike,
 }
 
 /// The body of `PATCH /v1/webhooks/{id}`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateWebhookRequest {
+    #[schema(value_type = Option<WebhookUrl>)]
     pub url: Option<String>,
+    /// As at creation; empty: every event.
+    #[schema(value_type = Option<Vec<EventName>>)]
     pub events: Option<Vec<String>>,
     pub is_active: Option<bool>,
+    /// At most 2,000 characters; blank or `null`: none.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 2000)]
     pub description: Option<Option<String>>,
 }
 
@@ -232,8 +284,7 @@ async fn manageable(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<We
 
 /// Create a webhook endpoint. The signing secret is in this response only.
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
-    responses((status = 201, body = CreatedWebhookResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
@@ -277,7 +328,7 @@ pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body:
 
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
-    responses((status = 200, body = WebhookListResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = WebhookListResponse), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<WebhookListResponse>> {
     require(&caller)?;
@@ -286,9 +337,8 @@ pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Api
 }
 
 /// Read one webhook endpoint.
-#[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
-    responses((status = 200, body = WebhookResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
+    responses((status = 200, body = WebhookResponse), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn get_webhook(
     State(state): State<AppState>,
@@ -300,10 +350,9 @@ pub async fn get_webhook(
 }
 
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
-#[utoipa::path(patch, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
+#[utoipa::path(patch, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     request_body = UpdateWebhookRequest,
-    responses((status = 200, body = WebhookResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = WebhookResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn update_webhook(
@@ -332,8 +381,8 @@ pub async fn update_webhook(
 }
 
 /// Delete a webhook endpoint and its deliveries.
-#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "webhook id")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
+    responses((status = 204), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn delete_webhook(
@@ -349,9 +398,8 @@ pub async fn delete_webhook(
 
 /// The endpoint's most recent deliveries (up to 100), newest first, each with every attempt.
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
-    params(("id" = String, Path, description = "webhook id")),
-    responses((status = 200, body = DeliveryListResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+    params(("id" = Uuid, Path, description = "webhook id")),
+    responses((status = 200, body = DeliveryListResponse), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
@@ -372,9 +420,8 @@ pub async fn list_deliveries(
 
 /// Send a delivery again now (also a failed one): it is pending again, with a fresh retry window.
 #[utoipa::path(post, path = "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", tag = "webhooks",
-    params(("id" = String, Path, description = "webhook id"), ("delivery_id" = String, Path, description = "delivery id")),
-    responses((status = 200, body = DeliveryResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+    params(("id" = Uuid, Path, description = "webhook id"), ("delivery_id" = Uuid, Path, description = "delivery id")),
+    responses((status = 200, body = DeliveryResponse), (status = 404, body = ErrorBody), KeyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn retry_delivery(

@@ -21,6 +21,7 @@ mod legacy;
 mod limits;
 mod listen;
 mod me_health;
+mod openapi;
 mod orgs;
 mod secrets;
 mod usage;

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key};
+use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key, select_org};
 use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
@@ -400,6 +400,8 @@ impl LifecycleStore for PostgresStore {
 
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
         let mut tx = self.begin().await?;
+        // An unknown organization is NotFound, as for keys, not a foreign-key failure.
+        select_org(&mut tx, hook.organization_id, false).await?;
         sqlx::query(
             "INSERT INTO webhook_endpoints (id, organization_id, url, events, is_active, secret, description,
                  created_at, updated_at)

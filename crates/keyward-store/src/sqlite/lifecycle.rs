@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{
     KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
-    select_key, ts,
+    select_key, select_org, ts,
 };
 use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
@@ -409,6 +409,8 @@ impl LifecycleStore for SqliteStore {
 
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
         let mut tx = self.begin_write().await?;
+        // An unknown organization is NotFound, as for keys, not a foreign-key failure.
+        select_org(&mut tx, hook.organization_id).await?;
         sqlx::query(
             "INSERT INTO webhook_endpoints (id, organization_id, url, events, is_active, secret, description,
                  created_at, updated_at)
