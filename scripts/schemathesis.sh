@@ -68,10 +68,12 @@ fi
 key=$(sed -n 's/^Admin key: //p' "$work/out.log" | head -n 1)
 # The seeded organization, for the hooks (scripts/schemathesis_hooks.py). The key goes by environment,
 # not by argument, so that no process listing shows it.
-KEYWARD_SCHEMATHESIS_ORG=$(KEY="$key" python3 -c 'import json, os, sys, urllib.request as u
+me=$(KEY="$key" python3 -c 'import json, os, sys, urllib.request as u
 r = u.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["KEY"]})
-print(json.load(u.urlopen(r, timeout=10))["organization"]["id"])' "http://$address/v1/me")
-export KEYWARD_SCHEMATHESIS_ORG
+me = json.load(u.urlopen(r, timeout=10))
+print(me["organization"]["id"], me["key"]["id"])' "http://$address/v1/me")
+read -r KEYWARD_SCHEMATHESIS_ORG KEYWARD_SCHEMATHESIS_KEY_ID <<<"$me"
+export KEYWARD_SCHEMATHESIS_ORG KEYWARD_SCHEMATHESIS_KEY_ID
 
 echo "==> schemathesis $SCHEMATHESIS_VERSION against http://$address ($EXAMPLES examples per operation)"
 started=$(date +%s)

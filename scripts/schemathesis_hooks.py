@@ -14,6 +14,11 @@ operation each in scripts/schemathesis.toml, they are the run's only exceptions)
 - `organization_id` (a body field or the import's query parameter) must name an organization that
   exists (else 422 `validation_failed`), which a schema cannot say either: a generated UUID is replaced
   by the seeded organization's id (KEYWARD_SCHEMATHESIS_ORG, set by scripts/schemathesis.sh).
+- A usage report's `key_id` must name a key that exists (else 422 `validation_failed` for the batch),
+  which a schema cannot say: a generated UUID is replaced by the admin key's id
+  (KEYWARD_SCHEMATHESIS_KEY_ID, set by scripts/schemathesis.sh).
+- A usage report's `timestamp` must not lie more than 5 minutes ahead (a report is about a request
+  that happened), which a schema cannot say: a generated date-time in the future is sent as now.
 - A CSV import must open with a header line naming its columns, one of them `key` or `key_sha256`
   (else 422 for the whole file), which a schema of a text body cannot say: generated CSV text gets
   the header `key_sha256` before it, so its lines are rows (each refused or imported, 200).
@@ -59,15 +64,44 @@ def _in_the_future(value):
     return (now + datetime.timedelta(days=365)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _existing_organization(value):
-    """The seeded organization's id for any UUID; anything else (an invalid case) as it is."""
-    if not isinstance(value, str) or "KEYWARD_SCHEMATHESIS_ORG" not in os.environ:
+def _existing(value, variable):
+    """The id in `variable` for any UUID; anything else (an invalid case) as it is."""
+    if not isinstance(value, str) or variable not in os.environ:
         return value
     try:
         uuid.UUID(value)
     except ValueError:
         return value
-    return os.environ["KEYWARD_SCHEMATHESIS_ORG"]
+    return os.environ[variable]
+
+
+def _existing_organization(value):
+    return _existing(value, "KEYWARD_SCHEMATHESIS_ORG")
+
+
+def _not_ahead(value):
+    """`value` if it is not an RFC 3339 date-time in the future, else now."""
+    if not isinstance(value, str):
+        return value
+    try:
+        at = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return value
+    if at.tzinfo is None:
+        return value
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if at <= now:
+        return value
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _existing_keys(report):
+    if not isinstance(report, dict):
+        return
+    if "key_id" in report:
+        report["key_id"] = _existing(report["key_id"], "KEYWARD_SCHEMATHESIS_KEY_ID")
+    if "timestamp" in report:
+        report["timestamp"] = _not_ahead(report["timestamp"])
 
 
 def _is_csv_import(case):
@@ -91,5 +125,9 @@ def before_call(ctx, case, **kwargs):
     if isinstance(case.body, dict):
         if "organization_id" in case.body:
             case.body["organization_id"] = _existing_organization(case.body["organization_id"])
+        if case.operation.path == "/v1/usage":
+            _existing_keys(case.body)
+            for report in case.body.get("events", []) if isinstance(case.body.get("events"), list) else []:
+                _existing_keys(report)
         if case.operation.path in ("/v1/keys", "/v1/keys/{id}") and "expires_at" in case.body:
             case.body["expires_at"] = _in_the_future(case.body["expires_at"])

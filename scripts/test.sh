@@ -95,3 +95,5 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
 cargo test --workspace --locked
+say "schemathesis (every check against /openapi.json)"
+./scripts/schemathesis.sh

@@ -67,6 +67,27 @@ impl ToSchema for ScopeName {
     }
 }
 
+/// An IPv4 or IPv6 address (no block).
+pub struct IpAddress;
+
+impl utoipa::PartialSchema for IpAddress {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, SchemaFormat, Type};
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        AnyOfBuilder::new()
+            .item(string().format(Some(SchemaFormat::Custom("ipv4".to_owned()))))
+            .item(string().format(Some(SchemaFormat::Custom("ipv6".to_owned()))))
+            .description(Some("An IPv4 or IPv6 address."))
+            .into()
+    }
+}
+
+impl ToSchema for IpAddress {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "IpAddress".into()
+    }
+}
+
 /// A name as `service::Validator::name` takes it.
 pub struct Name;
 

@@ -25,6 +25,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::state::AppState;
 
 /// Events one `POST /v1/usage` may carry.
@@ -80,14 +81,15 @@ fn bounded(field: impl FnOnce() -> String, value: Option<u64>, max: i64) -> ApiR
 pub struct UsageReport {
     /// Your id for this report (1 to 128 characters), unique in your organization: a report sent again
     /// with the same id is counted once.
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")]
     pub id: String,
     /// The key that made the request (`key_id` of the verify answer).
+    #[schema(format = Uuid)]
     pub key_id: String,
     /// When the request happened (RFC 3339); default: now. At most 5 minutes ahead.
     pub timestamp: Option<DateTime<Utc>>,
-    /// 1 to 200 characters.
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1 to 200 characters, no control characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")]
     pub endpoint: Option<String>,
     /// 1 to 16 letters.
     #[schema(min_length = 1, max_length = 16, pattern = "^[A-Za-z]+$")]
@@ -105,15 +107,16 @@ pub struct UsageReport {
     #[schema(minimum = 0, maximum = 1000000000000_i64)]
     pub cost_micros: Option<u64>,
     /// The end client's IP.
+    #[schema(value_type = Option<crate::model::IpAddress>)]
     pub ip: Option<String>,
-    /// At most 512 characters.
-    #[schema(max_length = 512)]
+    /// At most 512 characters, no control characters.
+    #[schema(max_length = 512, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub user_agent: Option<String>,
-    /// At most 100 characters.
-    #[schema(max_length = 100)]
+    /// At most 100 characters, no control characters.
+    #[schema(max_length = 100, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub error_code: Option<String>,
-    /// At most 1,000 characters.
-    #[schema(max_length = 1000)]
+    /// At most 1,000 characters, no control characters.
+    #[schema(max_length = 1000, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub error_message: Option<String>,
 }
 
@@ -134,9 +137,7 @@ pub struct UsageAcceptedResponse {
 
 /// Report usage (status, latency, tokens, cost) for requests verified earlier: one report or a batch.
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageReportBatch,
-    responses((status = 202, body = UsageAcceptedResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody)),
+    responses((status = 202, body = UsageAcceptedResponse), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn report_usage(
@@ -223,9 +224,11 @@ pub async fn report_usage(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DaysQuery {
     /// 1 to 366 days ending today (UTC); default 30.
+    #[param(minimum = 1, maximum = 366)]
     pub days: Option<u32>,
 }
 
@@ -340,9 +343,9 @@ pub async fn key_usage_report(
 ///
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/keys/{id}/usage", tag = "usage",
-    params(("id" = String, Path, description = "key id"), DaysQuery),
-    responses((status = 200, body = KeyUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    params(("id" = Uuid, Path, description = "key id"), DaysQuery),
+    responses((status = 200, body = KeyUsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        KeyErrors),
     security(("bearer" = [])))]
 pub async fn key_usage(
     State(state): State<AppState>,
@@ -364,9 +367,11 @@ pub async fn key_usage(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MonthQuery {
     /// `YYYY-MM` (UTC); default: the current month.
+    #[param(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
     pub month: Option<String>,
 }
 
@@ -408,9 +413,9 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
 ///
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/organizations/{id}/usage", tag = "usage",
-    params(("id" = String, Path, description = "organization id"), MonthQuery),
-    responses((status = 200, body = OrgUsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    params(("id" = Uuid, Path, description = "organization id"), MonthQuery),
+    responses((status = 200, body = OrgUsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        KeyErrors),
     security(("bearer" = [])))]
 pub async fn org_usage(
     State(state): State<AppState>,

@@ -13,9 +13,10 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::limits::{self, QuotaInfo, RateLimitInfo};
+use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::state::AppState;
 use crate::verifier::{self, Check};
 
@@ -26,17 +27,22 @@ pub struct VerifyKeyRequest {
     pub key: String,
     /// Scopes the request needs; each must be covered by the key's scopes.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::model::ScopeName>)]
     pub required_scopes: Vec<String>,
     /// The end client's IP, checked against the key's allow-list. A key with an allow-list is refused
     /// (`IP_NOT_ALLOWED`) when this is missing.
+    #[schema(value_type = Option<crate::model::IpAddress>)]
     pub ip: Option<String>,
     /// Units of the monthly quota this request spends: 0 to 1,000,000,000; 1 by default (e.g. tokens
     /// for an LLM API).
     #[schema(minimum = 0, maximum = 1000000000)]
     pub cost: Option<u64>,
-    /// The endpoint of your API the request was for (recorded in the key's usage; 1 to 200 characters).
+    /// The endpoint of your API the request was for (recorded in the key's usage; 1 to 200 characters,
+    /// no control characters).
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")]
     pub endpoint: Option<String>,
-    /// The HTTP method of the request (recorded in the key's usage).
+    /// The HTTP method of the request (recorded in the key's usage): 1 to 16 letters.
+    #[schema(min_length = 1, max_length = 16, pattern = "^[A-Za-z]+$")]
     pub method: Option<String>,
 }
 
@@ -84,9 +90,7 @@ impl VerifyKeyResponse<'_> {
 
 /// Verify a key: status, organization, IP allow-list and scopes, in that order.
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyKeyRequest,
-    responses((status = 200, body = VerifyKeyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)),
+    responses((status = 200, body = VerifyKeyResponse), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 pub async fn verify(
     State(state): State<AppState>,
