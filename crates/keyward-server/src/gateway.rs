@@ -65,7 +65,106 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone)]
 pub struct Gateway {
     config: Arc<GatewayConfig>,
+    /// Each route's prefix in every [`Reading`], in the order of `config.routes`.
+    readings: Arc<Vec<[String; READINGS.len()]>>,
     client: Client<HttpConnector, Body>,
+}
+
+/// A way an upstream may read a canonical path differently from Keyward's route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    /// Tomcat, Jetty and Spring drop `;` parameters from every segment before routing.
+    without_parameters: bool,
+    /// Express, ASP.NET Core and IIS route without regard to case (ASP.NET with Unicode case rules).
+    case_folded: bool,
+}
+
+/// The first one is the canonical path itself.
+const READINGS: [Reading; 4] = [
+    Reading { without_parameters: false, case_folded: false },
+    Reading { without_parameters: true, case_folded: false },
+    Reading { without_parameters: false, case_folded: true },
+    Reading { without_parameters: true, case_folded: true },
+];
+
+impl Reading {
+    /// `path` (canonical) as this reading sees it; segments emptied by dropping parameters go, as
+    /// runs of slashes do.
+    fn of(self, path: &str) -> String {
+        let mut out = String::with_capacity(path.len());
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            let segment = if self.without_parameters { segment.split(';').next().unwrap_or_default() } else { segment };
+            if segment.is_empty() {
+                continue;
+            }
+            out.push('/');
+            if self.case_folded {
+                out.push_str(&fold_case(segment));
+            } else {
+                out.push_str(segment);
+            }
+        }
+        if out.is_empty() || path.ends_with('/') {
+            out.push('/');
+        }
+        out
+    }
+}
+
+/// A segment percent-decoded and case-folded so that every spelling a case-insensitive router takes
+/// for one name is one string: upper-casing first maps `ſ` to `S` (as .NET's `OrdinalIgnoreCase`
+/// does), lower-casing then maps the Kelvin sign to `k`.
+fn fold_case(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // A canonical path decodes to UTF-8; anything else keeps its escapes and folds ASCII only.
+    match String::from_utf8(decoded) {
+        Ok(text) => text.to_uppercase().to_lowercase(),
+        Err(_) => segment.to_ascii_lowercase(),
+    }
+}
+
+/// The request headers that make Express (`method-override`), Rack, Laravel and ASP.NET Core run a
+/// request as another method, as CGI names them (`_` read as `-`).
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// The methods a request may run as upstream: its own, upper-cased (Django and Werkzeug upper-case
+/// it before routing), and every method an override header names.
+fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
+    let mut methods = vec![canonical_method(method)];
+    for (name, value) in headers {
+        if METHOD_OVERRIDES.contains(&cgi_name(name).as_str())
+            && let Ok(value) = value.to_str()
+            && let Ok(named) = Method::from_bytes(value.trim().to_ascii_uppercase().as_bytes())
+            && !methods.contains(&named)
+        {
+            methods.push(named);
+        }
+    }
+    methods
+}
+
+/// The method in upper case: routes are configured in upper case, and the upstream gets this one.
+fn canonical_method(method: &Method) -> Method {
+    Method::from_bytes(method.as_str().to_ascii_uppercase().as_bytes()).unwrap_or_else(|_| method.clone())
 }
 
 /// A configured route prefix that has no canonical form; refused at start-up.
@@ -90,19 +189,58 @@ impl Gateway {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeout));
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
-        Ok(Self { config: Arc::new(config), client })
+        let readings = config.routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix))).collect();
+        Ok(Self { config: Arc::new(config), readings: Arc::new(readings), client })
     }
 
     /// The longest matching prefix wins; among equal prefixes, one that names the method.
-    pub fn rule_for(&self, method: &Method, path: &NormalizedPath) -> &RouteRule {
-        self.config
-            .routes
-            .iter()
-            .filter(|r| r.methods.is_empty() || r.methods.contains(method))
-            .filter(|r| prefix_matches(&r.prefix, path.as_str()))
-            .max_by_key(|r| (r.prefix.len(), !r.methods.is_empty()))
-            .map(|r| &r.rule)
-            .unwrap_or(&self.config.unmatched)
+    pub fn rule_for(&self, method: &Method, path: &NormalizedPath) -> RouteRule {
+        self.rule_for_any(std::slice::from_ref(method), path)
+    }
+
+    /// What a request needs that the upstream may run as any of `methods` on any [`Reading`] of
+    /// `path`: the rule of the first method on the canonical path (the unmatched rule when no route
+    /// matches), and the rule of every other method and reading that a route matches.
+    ///
+    /// SECURITY: the rules are combined as all of them: public only when every one is, every scope
+    /// any one names, the highest cost. Another reading only ever adds requirements, so a spelling
+    /// the upstream reads as a protected path (`/projects;x`, `/PROJECTS`, `post`, an override
+    /// header) cannot get a weaker rule than that path's.
+    pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> RouteRule {
+        let mut combined: Option<RouteRule> = None;
+        for (r, reading) in READINGS.iter().enumerate() {
+            let read = reading.of(path.as_str());
+            for (m, method) in methods.iter().enumerate() {
+                let found = self
+                    .config
+                    .routes
+                    .iter()
+                    .zip(self.readings.iter())
+                    .filter(|(route, _)| route.methods.is_empty() || route.methods.contains(method))
+                    .filter(|(_, prefixes)| prefix_matches(&prefixes[r], &read))
+                    .max_by_key(|(route, prefixes)| (prefixes[r].len(), !route.methods.is_empty()))
+                    .map(|(route, _)| &route.rule);
+                let rule = match found {
+                    Some(rule) => rule,
+                    None if r == 0 && m == 0 => &self.config.unmatched,
+                    None => continue,
+                };
+                combined = Some(match combined {
+                    None => rule.clone(),
+                    Some(mut all) => {
+                        all.public &= rule.public;
+                        for scope in &rule.scopes {
+                            if !all.scopes.contains(scope) {
+                                all.scopes.push(scope.clone());
+                            }
+                        }
+                        all.cost = all.cost.max(rule.cost);
+                        all
+                    }
+                });
+            }
+        }
+        combined.unwrap_or_else(|| self.config.unmatched.clone())
     }
 }
 
@@ -244,7 +382,9 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
     };
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
     let client_ip = crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies);
-    let rule = gateway.rule_for(&parts.method, &path).clone();
+    // SECURITY: the method the rule is chosen for is the method the upstream gets.
+    parts.method = canonical_method(&parts.method);
+    let rule = gateway.rule_for_any(&methods_of(&parts.method, &parts.headers), &path);
     // Read before the client headers go: Keyward is the recipient of a key or a user agent the client
     // names in `Connection`, the upstream is not.
     let presented = presented_key(&parts.headers);
@@ -440,6 +580,32 @@ mod tests {
             let err = gateway(vec![route(bad, &[], "read:x")]).map(|_| ()).unwrap_err();
             assert_eq!(err.prefix, bad);
         }
+    }
+
+    #[test]
+    fn readings_of_a_path() {
+        let table = [
+            ("/", ["/", "/", "/", "/"]),
+            ("/v1/projects", ["/v1/projects", "/v1/projects", "/v1/projects", "/v1/projects"]),
+            ("/V1/Projects;x=1/", ["/V1/Projects;x=1/", "/V1/Projects/", "/v1/projects;x=1/", "/v1/projects/"]),
+            ("/;a/b;c/;", ["/;a/b;c/;", "/b", "/;a/b;c/;", "/b"]),
+            ("/caf%C3%89/%C5%BF", ["/caf%C3%89/%C5%BF", "/caf%C3%89/%C5%BF", "/caf\u{e9}/s", "/caf\u{e9}/s"]),
+            ("/%E2%84%AA", ["/%E2%84%AA", "/%E2%84%AA", "/k", "/k"]),
+        ];
+        for (path, want) in table {
+            let got = READINGS.map(|reading| reading.of(path));
+            assert_eq!(got, want, "{path}");
+        }
+    }
+
+    #[test]
+    fn methods_in_any_case_and_overrides() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-http-method-override", HeaderValue::from_static(" delete "));
+        headers.append("x_method_override", HeaderValue::from_static("patch"));
+        headers.append("x-http-method", HeaderValue::from_static("bad method"));
+        let methods = methods_of(&Method::from_bytes(b"post").unwrap(), &headers);
+        assert_eq!(methods, [Method::POST, Method::DELETE, Method::PATCH]);
     }
 
     #[test]
