@@ -372,7 +372,17 @@ fn normalize_uri(uri: &mut Uri) -> Result<NormalizedPath, PathError> {
     Ok(path)
 }
 
-#[tracing::instrument(skip_all, fields(method = %request.method(), path = %request.uri().path()))]
+/// The path as log lines show it. SECURITY: a segment that could hold a key is `…`: a client may put
+/// a key (its own or one it found) in a path, and a full key never appears in a log.
+fn loggable_path(path: &NormalizedPath) -> String {
+    path.as_str()
+        .split('/')
+        .map(|segment| if keyward_core::key::could_hold_key(segment) { "…" } else { segment })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tracing::instrument(skip_all, fields(method = %request.method(), path = tracing::field::Empty))]
 async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
     // SECURITY: one canonical path, for route matching and for the upstream alike.
@@ -380,6 +390,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
         Ok(path) => path,
         Err(e) => return ApiError::new(ErrorCode::InvalidPath, e.to_string()).into_response(),
     };
+    tracing::Span::current().record("path", tracing::field::display(loggable_path(&path)));
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
     let client_ip = crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies);
     // SECURITY: the method the rule is chosen for is the method the upstream gets.
