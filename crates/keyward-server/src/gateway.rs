@@ -147,9 +147,13 @@ fn fold_case(segment: &str) -> String {
 const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
 /// The methods a request may run as upstream: its own, upper-cased (Django and Werkzeug upper-case
-/// it before routing), and every method an override header names.
+/// it before routing), `GET` for `HEAD` (Flask, Express, Rails and Go's `ServeMux` run the `GET`
+/// handler), and every method an override header names.
 fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
     let mut methods = vec![canonical_method(method)];
+    if methods[0] == Method::HEAD {
+        methods.push(Method::GET);
+    }
     for (name, value) in headers {
         if METHOD_OVERRIDES.contains(&cgi_name(name).as_str())
             && let Ok(value) = value.to_str()
@@ -617,6 +621,7 @@ mod tests {
         headers.append("x-http-method", HeaderValue::from_static("bad method"));
         let methods = methods_of(&Method::from_bytes(b"post").unwrap(), &headers);
         assert_eq!(methods, [Method::POST, Method::DELETE, Method::PATCH]);
+        assert_eq!(methods_of(&Method::from_bytes(b"Head").unwrap(), &HeaderMap::new()), [Method::HEAD, Method::GET]);
     }
 
     #[test]

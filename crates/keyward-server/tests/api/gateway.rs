@@ -73,6 +73,7 @@ async fn setup_with(upstream: SocketAddr, timeout: Duration) -> Setup {
             },
             GatewayRoute { prefix: "/projects".into(), methods: vec![], rule: rule(&["read:projects"]) },
             GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
+            GatewayRoute { prefix: "/reports".into(), methods: vec![Method::GET], rule: rule(&["read:reports"]) },
         ],
         unmatched: RouteRule::default(),
     })
@@ -667,4 +668,20 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
     }
     let (status, echo) = s.get("/Projects;v=2/7", &[("x-api-key", &reader)]).await;
     assert_eq!((status, echo["path"].as_str()), (StatusCode::OK, Some("/Projects;v=2/7")), "{echo}");
+}
+
+/// Red team of issue 15: Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
+/// handler, so a `GET`-only route's rule holds for `HEAD` too (the handler runs; its headers and
+/// side effects are the upstream's answer).
+#[tokio::test]
+async fn head_needs_the_rule_of_get() {
+    let s = setup().await;
+    let (nobody, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:reports"]).await;
+    for method in [Method::HEAD, Method::from_bytes(b"head").unwrap()] {
+        let (status, _) = s.send(method.clone(), "/reports/7", &[("x-api-key", &nobody)], Body::empty()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} /reports/7 without read:reports");
+        let (status, _) = s.send(method.clone(), "/reports/7", &[("x-api-key", &reader)], Body::empty()).await;
+        assert_eq!(status, StatusCode::OK, "{method} /reports/7 with read:reports");
+    }
 }
