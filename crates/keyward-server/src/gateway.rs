@@ -154,13 +154,16 @@ fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
     if methods[0] == Method::HEAD {
         methods.push(Method::GET);
     }
-    for (name, value) in headers {
-        if METHOD_OVERRIDES.contains(&cgi_name(name).as_str())
-            && let Ok(value) = value.to_str()
-            && let Ok(named) = Method::from_bytes(value.trim().to_ascii_uppercase().as_bytes())
-            && !methods.contains(&named)
-        {
-            methods.push(named);
+    // Node.js joins repeated headers with `,` and Express's `method-override` takes the first item:
+    // every item of every value counts.
+    let named = headers
+        .iter()
+        .filter(|(name, _)| METHOD_OVERRIDES.contains(&cgi_name(name).as_str()))
+        .flat_map(|(_, value)| value.as_bytes().split(|b| *b == b','))
+        .filter_map(|item| Method::from_bytes(&item.trim_ascii().to_ascii_uppercase()).ok());
+    for method in named {
+        if !methods.contains(&method) {
+            methods.push(method);
         }
     }
     methods
@@ -619,8 +622,9 @@ mod tests {
         headers.insert("x-http-method-override", HeaderValue::from_static(" delete "));
         headers.append("x_method_override", HeaderValue::from_static("patch"));
         headers.append("x-http-method", HeaderValue::from_static("bad method"));
+        headers.append("x-http-method", HeaderValue::from_static("PUT , get"));
         let methods = methods_of(&Method::from_bytes(b"post").unwrap(), &headers);
-        assert_eq!(methods, [Method::POST, Method::DELETE, Method::PATCH]);
+        assert_eq!(methods, [Method::POST, Method::DELETE, Method::PATCH, Method::PUT, Method::GET]);
         assert_eq!(methods_of(&Method::from_bytes(b"Head").unwrap(), &HeaderMap::new()), [Method::HEAD, Method::GET]);
     }
 

@@ -612,6 +612,8 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
         ("x-http-method", "POST"),
         ("x-method-override", " Post "),
         ("X_HTTP_Method_Override", "POST"),
+        ("x-http-method-override", "POST, GET"),
+        ("x-http-method-override", "GET,post"),
     ] {
         for method in [Method::GET, Method::PUT] {
             let headers = [("x-api-key", reader.as_str()), (name, value)];
