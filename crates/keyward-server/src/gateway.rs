@@ -111,6 +111,15 @@ impl Reading {
     }
 }
 
+/// `path` without the extension of its last segment (from the segment's first `.`, when something
+/// comes before it): Rails routes `/projects.json` as `/projects` with a format, Spring's suffix
+/// matching and IIS's trailing dots do the same. `None` when there is none to drop.
+fn without_extension(path: &str) -> Option<&str> {
+    let start = path.rfind('/')? + 1;
+    let dot = path[start..].find('.')?;
+    (dot > 0).then(|| &path[..start + dot])
+}
+
 /// A segment percent-decoded and case-folded so that every spelling a case-insensitive router takes
 /// for one name is one string: upper-casing first maps `ſ` to `S` (as .NET's `OrdinalIgnoreCase`
 /// does), lower-casing then maps the Kelvin sign to `k`.
@@ -207,16 +216,21 @@ impl Gateway {
 
     /// What a request needs that the upstream may run as any of `methods` on any [`Reading`] of
     /// `path`: the rule of the first method on the canonical path (the unmatched rule when no route
-    /// matches), and the rule of every other method and reading that a route matches.
+    /// matches), and the rule of every other method and reading, and of each reading without its
+    /// last segment's extension ([`without_extension`]), that a route matches.
     ///
     /// SECURITY: the rules are combined as all of them: public only when every one is, every scope
     /// any one names, the highest cost. Another reading only ever adds requirements, so a spelling
-    /// the upstream reads as a protected path (`/projects;x`, `/PROJECTS`, `post`, an override
-    /// header) cannot get a weaker rule than that path's.
+    /// the upstream reads as a protected path (`/projects;x`, `/PROJECTS`, `/projects.json`, `post`,
+    /// an override header) cannot get a weaker rule than that path's.
     pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> RouteRule {
         let mut combined: Option<RouteRule> = None;
-        for (r, reading) in READINGS.iter().enumerate() {
+        let readings = READINGS.iter().enumerate().flat_map(|(r, reading)| {
             let read = reading.of(path.as_str());
+            let bare = without_extension(&read).map(|bare| (r, bare.to_owned(), true));
+            [Some((r, read, false)), bare].into_iter().flatten()
+        });
+        for (r, read, bare) in readings {
             for (m, method) in methods.iter().enumerate() {
                 let found = self
                     .config
@@ -229,7 +243,7 @@ impl Gateway {
                     .map(|(route, _)| &route.rule);
                 let rule = match found {
                     Some(rule) => rule,
-                    None if r == 0 && m == 0 => &self.config.unmatched,
+                    None if r == 0 && m == 0 && !bare => &self.config.unmatched,
                     None => continue,
                 };
                 combined = Some(match combined {
@@ -613,6 +627,22 @@ mod tests {
         for (path, want) in table {
             let got = READINGS.map(|reading| reading.of(path));
             assert_eq!(got, want, "{path}");
+        }
+    }
+
+    #[test]
+    fn extensions_of_the_last_segment() {
+        for (path, want) in [
+            ("/v1/projects.json", Some("/v1/projects")),
+            ("/v1/projects.tar.gz", Some("/v1/projects")),
+            ("/v1/projects.", Some("/v1/projects")),
+            ("/v1.0/projects", None),
+            ("/v1/projects", None),
+            ("/v1/projects.json/", None),
+            ("/.well-known", None),
+            ("/", None),
+        ] {
+            assert_eq!(without_extension(path), want, "{path}");
         }
     }
 

@@ -631,8 +631,9 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
 }
 
 /// Red team of issue 15: the upstream may read a path another way than its canonical form. Tomcat,
-/// Jetty and Spring drop `;` parameters from every segment (`/projects;x` is `/projects`), and
-/// Express, ASP.NET Core and IIS match routes without regard to case (`/PROJECTS` is `/projects`).
+/// Jetty and Spring drop `;` parameters from every segment (`/projects;x` is `/projects`),
+/// Express, ASP.NET Core and IIS match routes without regard to case (`/PROJECTS` is `/projects`),
+/// and Rails routes `/projects.json` as `/projects` with a format.
 /// A request needs the rule of every such reading that a route matches, so neither dodges a rule.
 #[tokio::test]
 async fn path_parameters_and_case_do_not_dodge_a_rule() {
@@ -648,6 +649,9 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
         "/Projects/7",
         "/%50ROJECTS;a=b/7",
         "/project%C5%BF",
+        "/projects.json",
+        "/Projects.xml;x",
+        "/projects.",
     ] {
         let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
@@ -663,8 +667,8 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
         );
     }
     // Another reading only ever adds requirements: what passed before still passes.
-    for path in ["/public/x", "/public/A;b", "/Public/x"] {
-        let headers: &[(&str, &str)] = if path.starts_with("/Public") { &[("x-api-key", &nobody)] } else { &[] };
+    for path in ["/public/x", "/public/A;b", "/Public/x", "/public/app.js", "/public.d/x"] {
+        let headers: &[(&str, &str)] = if path.starts_with("/public/") { &[] } else { &[("x-api-key", &nobody)] };
         let (status, echo) = s.get(path, headers).await;
         assert_eq!(status, StatusCode::OK, "GET {path}: {echo}");
     }
