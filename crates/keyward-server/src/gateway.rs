@@ -658,6 +658,47 @@ mod tests {
         assert_eq!(methods_of(&Method::from_bytes(b"Head").unwrap(), &HeaderMap::new()), [Method::HEAD, Method::GET]);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2048, ..Default::default() })]
+
+        /// Other readings only add requirements: the combined rule is never weaker than the rule of
+        /// the canonical path and method alone, and a reading's own rule is part of it.
+        #[test]
+        fn readings_never_weaken_a_rule(
+            raw in "(/(v1|V1|projects|Projects|PROJECTS|public|x\\.json|projects\\.json|;a|p;b|%50rojects)){0,4}/?",
+            method in proptest::sample::select(vec!["GET", "get", "POST", "post", "HEAD", "DELETE"]),
+            over in proptest::option::of(proptest::sample::select(vec!["POST", "delete", "GET, POST"])),
+        ) {
+            let gw = Gateway::new(GatewayConfig {
+                upstream: "http://127.0.0.1:1".parse().unwrap(),
+                timeout: Duration::from_secs(1),
+                routes: vec![
+                    route("/v1", &[], "read:v1"),
+                    route("/v1/projects", &[], "read:projects"),
+                    route("/v1/projects", &[Method::POST], "write:projects"),
+                    route("/v1/projects", &[Method::DELETE], "delete:projects"),
+                    route("/projects", &[Method::GET], "read:p"),
+                    GatewayRoute { prefix: "/public".into(), methods: vec![], rule: RouteRule { public: true, ..Default::default() } },
+                ],
+                unmatched: RouteRule { public: true, ..Default::default() },
+            }).unwrap();
+            let Ok(path) = NormalizedPath::parse(&raw) else { return Ok(()) };
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let mut headers = HeaderMap::new();
+            if let Some(over) = over {
+                headers.insert("x-http-method-override", HeaderValue::from_static(over));
+            }
+            let methods = methods_of(&method, &headers);
+            let all = gw.rule_for_any(&methods, &path);
+            for m in &methods {
+                let alone = gw.rule_for(m, &path);
+                proptest::prop_assert!(!all.public || alone.public || *m != methods[0], "{raw} {m}");
+                proptest::prop_assert!(alone.scopes.iter().all(|s| all.scopes.contains(s)), "{raw} {m}");
+                proptest::prop_assert!(all.cost >= alone.cost);
+            }
+        }
+    }
+
     #[test]
     fn reserved_headers_in_every_spelling() {
         for name in [
