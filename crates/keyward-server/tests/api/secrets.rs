@@ -283,3 +283,34 @@ async fn a_key_in_a_gateway_path_is_not_logged() {
     assert!(logs.contains("\"via\":\"gateway\""), "the capture works: {logs}");
     assert!(!logs.contains(secret), "a gateway log line has the key");
 }
+
+/// Red team of issue 15: a key pasted where a plan or an event name goes was quoted back in the
+/// error (`unknown plan `sk_live_…``), on every route that takes one.
+#[tokio::test]
+async fn a_key_given_as_a_plan_or_event_name_is_not_repeated() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let secret = &key[8..];
+    let org = format!("/v1/organizations/{}", app.default_org.id);
+    let item = format!("/v1/keys/{}", rec.id);
+    for name in [key.clone(), format!("pro {key}"), format!("{key}.json")] {
+        for r in [
+            app.post("/v1/keys", &app.admin_key, json!({"name": "k", "plan": name})).await,
+            app.patch(&item, &app.admin_key, json!({"plan": name})).await,
+            app.patch(&org, &app.admin_key, json!({"plan": name})).await,
+            app.post("/v1/organizations", &app.admin_key, json!({"name": "o", "slug": "o-1", "plan": name})).await,
+            app.post("/v1/webhooks", &app.admin_key, json!({"url": "http://hooks.example.com/", "events": [name]}))
+                .await,
+        ] {
+            assert!(r.status.is_client_error(), "{}", r.text);
+            assert!(!r.text.contains(secret), "the key is repeated: {}", r.text);
+        }
+    }
+    // A name that cannot hold a key is still quoted, so a typo stays easy to see.
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k", "plan": "enterprize"})).await;
+    assert!(r.text.contains("`enterprize`"), "{}", r.text);
+    let r = app
+        .post("/v1/webhooks", &app.admin_key, json!({"url": "http://hooks.example.com/", "events": ["key.craeted"]}))
+        .await;
+    assert!(r.text.contains("`key.craeted`"), "{}", r.text);
+}
