@@ -13,22 +13,20 @@ pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted_proxies: &[I
     if !trusted(&peer) {
         return Some(peer);
     }
-    // Every X-Forwarded-For header, in order, as one list; the rightmost entry was added last.
-    let mut hops = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
-        let Ok(value) = value.to_str() else { return Some(peer) };
-        for hop in value.split(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip.to_canonical()),
-                // A malformed list is not evidence of anything: fall back to the proxy itself.
-                Err(_) => return Some(peer),
-            }
-        }
-    }
+    // Every X-Forwarded-For header, in order, as one list, read from the right: the rightmost entry
+    // was added last, by the peer.
+    // SECURITY: only what trusted hops wrote is parsed. Everything left of the first untrusted hop
+    // is the client's to write, so it is never read, and a malformed entry ends the walk at the last
+    // address a trusted hop vouched for: were the whole list refused for it instead, a client could
+    // write `x` to be taken for the proxy itself, inside allow-lists written for the proxy's network.
+    let values: Vec<&[u8]> = headers.get_all("x-forwarded-for").iter().map(|v| v.as_bytes()).collect();
     let mut client = peer;
-    for hop in hops.into_iter().rev() {
-        client = hop;
-        if !trusted(&hop) {
+    for hop in values.iter().rev().flat_map(|value| value.rsplit(|b| *b == b',')) {
+        let Some(ip) = std::str::from_utf8(hop).ok().and_then(|hop| hop.trim().parse::<IpAddr>().ok()) else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !trusted(&client) {
             break;
         }
     }
@@ -46,7 +44,7 @@ mod tests {
     #[test]
     fn table() {
         let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
-        let cases: [(&str, &[&str], &str); 9] = [
+        let cases: [(&str, &[&str], &str); 15] = [
             // An untrusted peer's header is ignored.
             ("203.0.113.9", &["1.2.3.4"], "203.0.113.9"),
             // No header: the proxy itself.
@@ -60,6 +58,14 @@ mod tests {
             ("10.0.0.1", &["10.0.0.3, 10.0.0.2"], "10.0.0.3"),
             ("10.0.0.1", &["not-an-ip"], "10.0.0.1"),
             ("::ffff:10.0.0.1", &["2001:db8::1"], "2001:db8::1"),
+            // What the client wrote left of the address its proxy appended is never read.
+            ("10.0.0.1", &["x, 198.51.100.7"], "198.51.100.7"),
+            ("10.0.0.1", &["x", "198.51.100.7"], "198.51.100.7"),
+            ("10.0.0.1", &["unknown, 1.1.1.1, 198.51.100.7"], "198.51.100.7"),
+            // A malformed entry ends the walk at the last address a trusted hop vouched for.
+            ("10.0.0.1", &["x, 10.0.0.2"], "10.0.0.2"),
+            ("10.0.0.1", &["198.51.100.7, x, 10.0.0.2"], "10.0.0.2"),
+            ("10.0.0.1", &["198.51.100.7,"], "10.0.0.1"),
         ];
         for (peer, xff, want) in cases {
             let mut headers = HeaderMap::new();

@@ -145,7 +145,9 @@ impl Validator<'_> {
             Ok(plan.to_owned())
         } else {
             let known: Vec<&str> = self.plans.names().collect();
-            Err(ApiError::validation(field, format!("unknown plan `{plan}`; known plans: {}", known.join(", "))))
+            // SECURITY: the name is client input, and could be a key pasted in the wrong place.
+            let plan = keyward_core::key::quote_if_not_key(plan);
+            Err(ApiError::validation(field, format!("unknown plan {plan}; known plans: {}", known.join(", "))))
         }
     }
 

@@ -131,8 +131,27 @@ fn check_url_with(raw: &str, allow_private: bool, is_internal: &dyn Fn(IpAddr) -
     Ok(uri)
 }
 
+/// The IPv4 address an IPv6 address carries for a translator or tunnel to reach: NAT64 (the
+/// well-known `64:ff9b::/96` and the local-use `64:ff9b:1::/48`, RFC 6052 and 8215), 6to4
+/// (`2002::/16`) and the deprecated IPv4-compatible `::/96`.
+///
+/// SECURITY: a NAT64 gateway (AWS's, in IPv6-only subnets) translates `64:ff9b::a00:1` to
+/// `10.0.0.1`, private addresses of the network included, so such an address is as internal as the
+/// IPv4 address inside it.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let last = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(last(hi, lo)),
+        [0x64, 0xff9b, 1, ..] => Some(last(s[6], s[7])),
+        [0x2002, hi, lo, ..] => Some(last(hi, lo)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => Some(last(hi, lo)),
+        _ => None,
+    }
+}
+
 /// Loopback, private, link-local, shared (CGNAT), unspecified, multicast and broadcast addresses, and
-/// IPv4 addresses mapped into IPv6.
+/// IPv4 addresses mapped into IPv6 or carried by an IPv6 address for a translator ([`embedded_ipv4`]).
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -147,7 +166,7 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || o[0] == 0
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = v6.to_ipv4_mapped().or_else(|| embedded_ipv4(v6)) {
                 return is_internal(IpAddr::V4(v4));
             }
             let first = v6.segments()[0];
@@ -508,6 +527,29 @@ mod tests {
             "http://0.0.0.0/",
         ] {
             assert!(check_url(bad, false).is_err(), "{bad}");
+        }
+        // Red team of issue 15: an IPv6 address that a translator or tunnel turns into an internal
+        // IPv4 address is internal; one that carries a public IPv4 address is not.
+        for (ip, internal) in [
+            ("64:ff9b::a00:1", true),
+            ("64:ff9b::7f00:1", true),
+            ("64:ff9b::a9fe:a9fe", true),
+            ("64:ff9b:1::c0a8:1", true),
+            ("64:ff9b:1:2:3:4:a00:1", true),
+            ("2002:a00:1::1", true),
+            ("2002:7f00:1::", true),
+            ("::7f00:1", true),
+            ("::a00:1", true),
+            ("::1", true),
+            ("::", true),
+            ("64:ff9b::cb00:7105", false),
+            ("2002:cb00:7105::1", false),
+            ("::cb00:7105", false),
+            ("2001:db8::a00:1", false),
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(is_internal(parsed), internal, "{ip}");
+            assert_eq!(check_url(&format!("http://[{ip}]/"), false).is_err(), internal, "{ip}");
         }
         assert!(check_url("http://127.0.0.1:9000/", true).is_ok());
         assert!(check_url("https://hooks.example.com/", false).is_ok());

@@ -32,7 +32,11 @@ fn check_grant(caller: &Caller, scopes: &ScopeSet, self_service: bool) -> ApiRes
         if !allowed {
             return Err(ApiError::new(
                 ErrorCode::InsufficientScope,
-                format!("this key cannot grant the scope `{scope}` it does not hold"),
+                // SECURITY: a customer scope is client text (`read:<anything>`); it could hold a key.
+                format!(
+                    "this key cannot grant the scope {} it does not hold",
+                    keyward_core::key::quote_if_not_key(scope.as_str())
+                ),
             ));
         }
     }

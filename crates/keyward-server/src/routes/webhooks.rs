@@ -238,7 +238,12 @@ fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
         if !EVENTS.contains(&e.as_str()) {
             return Err(ApiError::validation(
                 format!("events[{i}]"),
-                format!("unknown event `{e}`; known events: {}", EVENTS.join(", ")),
+                // SECURITY: the name is client input, and could be a key pasted in the wrong place.
+                format!(
+                    "unknown event {}; known events: {}",
+                    keyward_core::key::quote_if_not_key(e),
+                    EVENTS.join(", ")
+                ),
             ));
         }
     }

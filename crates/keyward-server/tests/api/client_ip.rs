@@ -32,3 +32,50 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     spoofed.headers_mut().insert("x-forwarded-for", "198.51.100.7, 192.0.2.50".parse().unwrap());
     assert_eq!(app.send(spoofed).await.status, StatusCode::FORBIDDEN);
 }
+
+/// Red team of issue 15: behind a trusted proxy, a client that put something unparsable in
+/// `X-Forwarded-For` (left of the address its proxy appended, or in a header of its own) was taken
+/// to be the proxy itself, so it passed an allow-list written for the proxy's network and shared the
+/// proxy's per-address limits. The list is read from the right, as far as the first untrusted hop,
+/// and what a client wrote to the left of that is never parsed.
+#[tokio::test]
+async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
+    let mut app = TestApp::sqlite().await;
+    let (key, _) = app
+        .key_with(
+            app.default_org.id,
+            CreateKeyRequest {
+                name: "internal".into(),
+                allowed_ips: vec!["203.0.113.0/24".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    app.state.trusted_proxies = vec!["203.0.113.0/24".parse().unwrap()].into();
+    let from = |values: &[&[u8]]| {
+        let mut req = request(Method::GET, "/v1/me", Some(&key), None);
+        for value in values {
+            req.headers_mut().append("x-forwarded-for", axum::http::HeaderValue::from_bytes(value).unwrap());
+        }
+        req
+    };
+    for values in [
+        &[&b"x, 198.51.100.7"[..]][..],
+        &[b"unknown, 198.51.100.7"],
+        &[b"198.51.100.7:443, 198.51.100.7"],
+        &[b"x", b"198.51.100.7"],
+        &[b"\xff", b"198.51.100.7"],
+        &[b"\xff, 198.51.100.7"],
+        &[b"1.2.3.4, ,198.51.100.7"],
+    ] {
+        let r = app.send(from(values)).await;
+        assert_eq!(
+            (r.status, r.body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("ip_not_allowed")),
+            "{values:?}"
+        );
+    }
+    // The proxy's own requests, and clients inside its network, still pass.
+    assert_eq!(app.send(from(&[])).await.status, StatusCode::OK);
+    assert_eq!(app.send(from(&[b"x, 203.0.113.9"])).await.status, StatusCode::OK);
+}

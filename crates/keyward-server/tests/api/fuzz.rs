@@ -774,21 +774,21 @@ fn client_ip_is_the_peer_or_a_forwarded_hop() {
         }
         let got = client_ip(Some(peer), &headers, &proxies).unwrap();
         let is_trusted = |ip: &IpAddr| proxies.iter().any(|n| n.contains(ip));
-        let hops: Option<Vec<IpAddr>> = headers
-            .get_all("x-forwarded-for")
+        // The hops a trusted walk may read: from the right, up to the first entry that is not an
+        // address (raw bytes: a value need not be UTF-8).
+        let readable: Vec<IpAddr> = values
             .iter()
-            .map(|v| v.to_str().ok())
-            .collect::<Option<Vec<_>>>()
-            .and_then(|vs| vs.iter().flat_map(|v| v.split(',')).map(|h| h.trim().parse::<IpAddr>().ok()).collect());
-        let want = match hops {
-            _ if !is_trusted(&peer.to_canonical()) => peer.to_canonical(),
-            // SECURITY: a malformed list proves nothing; the proxy itself is the client.
-            None => peer.to_canonical(),
-            // The rightmost hop not trusted; the leftmost when every hop is trusted.
-            Some(hops) => {
-                let hops: Vec<IpAddr> = hops.into_iter().map(|h| h.to_canonical()).collect();
-                hops.iter().rev().find(|h| !is_trusted(h)).or(hops.first()).copied().unwrap_or(peer.to_canonical())
-            }
+            .rev()
+            .flat_map(|v| v.rsplit(|b| *b == b','))
+            .map_while(|h| std::str::from_utf8(h).ok().and_then(|h| h.trim().parse::<IpAddr>().ok()))
+            .map(|h| h.to_canonical())
+            .collect();
+        let want = if !is_trusted(&peer.to_canonical()) {
+            peer.to_canonical()
+        } else {
+            // SECURITY: the rightmost hop not trusted; else the last one a trusted hop vouched for
+            // (a malformed entry left of it, written by the client, is never read); else the proxy.
+            readable.iter().find(|h| !is_trusted(h)).or(readable.last()).copied().unwrap_or(peer.to_canonical())
         };
         prop_assert_eq!(got, want);
         Ok(())

@@ -73,6 +73,7 @@ async fn setup_with(upstream: SocketAddr, timeout: Duration) -> Setup {
             },
             GatewayRoute { prefix: "/projects".into(), methods: vec![], rule: rule(&["read:projects"]) },
             GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
+            GatewayRoute { prefix: "/reports".into(), methods: vec![Method::GET], rule: rule(&["read:reports"]) },
         ],
         unmatched: RouteRule::default(),
     })
@@ -574,5 +575,119 @@ async fn the_key_never_reaches_the_upstream_on_any_route() {
             }
             assert!(!echo.to_string().contains(secret), "{path} {variant:?}: the key reached the upstream");
         }
+    }
+}
+
+/// Red team of issue 15: HTTP methods are case-sensitive on the wire, but Django and Werkzeug (Flask)
+/// upper-case the method before routing, so `post` is `POST` to them. The gateway checks and forwards
+/// the upper-case method: `post` gets `POST`'s rule, and the upstream gets `POST`.
+#[tokio::test]
+async fn a_method_in_any_case_gets_that_methods_rule() {
+    let s = setup().await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:projects"]).await;
+    let (writer, _) = s.app.key(s.app.default_org.id, &["write:projects"]).await;
+    for method in ["post", "Post", "pOST", "poSt"] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let (status, body) = s.send(method.clone(), "/projects", &[("x-api-key", &reader)], Body::empty()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            "{method} /projects"
+        );
+        let (status, echo) = s.send(method.clone(), "/projects", &[("x-api-key", &writer)], Body::empty()).await;
+        assert_eq!((status, echo["method"].as_str()), (StatusCode::OK, Some("POST")), "{method}: {echo}");
+    }
+}
+
+/// Red team of issue 15: Express's `method-override`, Rack, Laravel and ASP.NET Core run a request
+/// as the method named in `X-HTTP-Method-Override` (or `X-HTTP-Method`, `X-Method-Override`). The
+/// header reaches the upstream, so the request needs the rule of every method it names as well.
+#[tokio::test]
+async fn a_method_override_needs_the_rule_of_the_method_it_names() {
+    let s = setup().await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:projects"]).await;
+    for (name, value) in [
+        ("x-http-method-override", "POST"),
+        ("X-HTTP-Method-Override", "post"),
+        ("x-http-method", "POST"),
+        ("x-method-override", " Post "),
+        ("X_HTTP_Method_Override", "POST"),
+        ("x-http-method-override", "POST, GET"),
+        ("x-http-method-override", "GET,post"),
+    ] {
+        for method in [Method::GET, Method::PUT] {
+            let headers = [("x-api-key", reader.as_str()), (name, value)];
+            let (status, body) = s.send(method.clone(), "/projects/7", &headers, Body::empty()).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+                "{method} /projects/7 with {name}: {value}"
+            );
+        }
+    }
+    let headers = [("x-api-key", reader.as_str()), ("x-http-method-override", "GET")];
+    let (status, echo) = s.send(Method::GET, "/projects/7", &headers, Body::empty()).await;
+    assert_eq!(status, StatusCode::OK, "an override to a method the key may use passes: {echo}");
+}
+
+/// Red team of issue 15: the upstream may read a path another way than its canonical form. Tomcat,
+/// Jetty and Spring drop `;` parameters from every segment (`/projects;x` is `/projects`),
+/// Express, ASP.NET Core and IIS match routes without regard to case (`/PROJECTS` is `/projects`),
+/// and Rails routes `/projects.json` as `/projects` with a format.
+/// A request needs the rule of every such reading that a route matches, so neither dodges a rule.
+#[tokio::test]
+async fn path_parameters_and_case_do_not_dodge_a_rule() {
+    let s = setup().await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:projects"]).await;
+    let (nobody, _) = s.app.key(s.app.default_org.id, &[]).await;
+    for path in [
+        "/projects;x",
+        "/projects;",
+        "/projects;jsessionid=1/7",
+        "/;x/projects",
+        "/PROJECTS",
+        "/Projects/7",
+        "/%50ROJECTS;a=b/7",
+        "/project%C5%BF",
+        "/projects.json",
+        "/Projects.xml;x",
+        "/projects.",
+    ] {
+        let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            "POST {path}"
+        );
+        let (status, body) = s.get(path, &[("x-api-key", &nobody)]).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            "GET {path}"
+        );
+    }
+    // Another reading only ever adds requirements: what passed before still passes.
+    for path in ["/public/x", "/public/A;b", "/Public/x", "/public/app.js", "/public.d/x"] {
+        let headers: &[(&str, &str)] = if path.starts_with("/public/") { &[] } else { &[("x-api-key", &nobody)] };
+        let (status, echo) = s.get(path, headers).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {echo}");
+    }
+    let (status, echo) = s.get("/Projects;v=2/7", &[("x-api-key", &reader)]).await;
+    assert_eq!((status, echo["path"].as_str()), (StatusCode::OK, Some("/Projects;v=2/7")), "{echo}");
+}
+
+/// Red team of issue 15: Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
+/// handler, so a `GET`-only route's rule holds for `HEAD` too (the handler runs; its headers and
+/// side effects are the upstream's answer).
+#[tokio::test]
+async fn head_needs_the_rule_of_get() {
+    let s = setup().await;
+    let (nobody, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let (reader, _) = s.app.key(s.app.default_org.id, &["read:reports"]).await;
+    for method in [Method::HEAD, Method::from_bytes(b"head").unwrap()] {
+        let (status, _) = s.send(method.clone(), "/reports/7", &[("x-api-key", &nobody)], Body::empty()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} /reports/7 without read:reports");
+        let (status, _) = s.send(method.clone(), "/reports/7", &[("x-api-key", &reader)], Body::empty()).await;
+        assert_eq!(status, StatusCode::OK, "{method} /reports/7 with read:reports");
     }
 }

@@ -231,3 +231,103 @@ async fn rotated_keys_and_webhook_secrets_leak_nowhere() {
         assert!(!body.contains(&secret[6..]), "{i} contains the webhook secret: {body}");
     }
 }
+
+/// Red team of issue 15: the gateway's request span named the raw path, so a key a client put in a
+/// path (its own or one it found) reached every log line of the request. Segments that could hold a
+/// key are logged as `…`.
+#[tokio::test]
+async fn a_key_in_a_gateway_path_is_not_logged() {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use keyward_server::gateway::{self, Gateway, GatewayConfig, RouteRule};
+
+    let capture = capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let gw = Gateway::new(GatewayConfig {
+        upstream: "http://127.0.0.1:1".parse().unwrap(),
+        timeout: std::time::Duration::from_secs(5),
+        routes: vec![],
+        unmatched: RouteRule::default(),
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = gateway::router(app.state.clone(), gw);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await;
+    });
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let secret = &key[8..];
+    for (path, header) in [
+        (format!("/reset/{key}"), None),
+        (format!("/a/{key}/b?x=1"), Some("sk_live_wrong")),
+        (format!("/a/%73{}", &key[1..]), None),
+    ] {
+        let mut request = axum::http::Request::get(format!("http://{addr}{path}"));
+        if let Some(header) = header {
+            request = request.header("x-api-key", header);
+        }
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.request(request.body(Body::empty()).unwrap()),
+        )
+        .await
+        .expect("the gateway answered in time")
+        .unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::UNAUTHORIZED, "{path}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains(secret), "{path}: the answer has the key");
+    }
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("\"via\":\"gateway\""), "the capture works: {logs}");
+    assert!(!logs.contains(secret), "a gateway log line has the key");
+}
+
+/// Red team of issue 15: a key pasted where a plan or an event name goes was quoted back in the
+/// error (`unknown plan `sk_live_…``), on every route that takes one.
+#[tokio::test]
+async fn a_key_given_as_a_plan_or_event_name_is_not_repeated() {
+    let app = TestApp::sqlite().await;
+    let (key, rec) = app.key(app.default_org.id, &[]).await;
+    let secret = &key[8..];
+    let org = format!("/v1/organizations/{}", app.default_org.id);
+    let item = format!("/v1/keys/{}", rec.id);
+    for name in [key.clone(), format!("pro {key}"), format!("{key}.json")] {
+        for r in [
+            app.post("/v1/keys", &app.admin_key, json!({"name": "k", "plan": name})).await,
+            app.patch(&item, &app.admin_key, json!({"plan": name})).await,
+            app.patch(&org, &app.admin_key, json!({"plan": name})).await,
+            app.post("/v1/organizations", &app.admin_key, json!({"name": "o", "slug": "o-1", "plan": name})).await,
+            app.post("/v1/webhooks", &app.admin_key, json!({"url": "http://hooks.example.com/", "events": [name]}))
+                .await,
+        ] {
+            assert!(r.status.is_client_error(), "{}", r.text);
+            assert!(!r.text.contains(secret), "the key is repeated: {}", r.text);
+        }
+    }
+    // A customer scope is free text after `action:`: a self-service key granting one it lacks.
+    let (own, _) = app
+        .key_with(
+            app.default_org.id,
+            keyward_server::service::CreateKeyRequest {
+                name: "self".into(),
+                owner_id: Some("u1".into()),
+                scopes: vec!["keyward:self".into(), "read:projects".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let r = app.post("/v1/keys", &own, json!({"name": "k", "scopes": [format!("read:{key}")]})).await;
+    assert_eq!(r.status, axum::http::StatusCode::FORBIDDEN, "{}", r.text);
+    assert!(!r.text.contains(secret), "the key is repeated: {}", r.text);
+    let r = app.post("/v1/keys", &own, json!({"name": "k", "scopes": ["write:projects"]})).await;
+    assert!(r.text.contains("`write:projects`"), "{}", r.text);
+    // A name that cannot hold a key is still quoted, so a typo stays easy to see.
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k", "plan": "enterprize"})).await;
+    assert!(r.text.contains("`enterprize`"), "{}", r.text);
+    let r = app
+        .post("/v1/webhooks", &app.admin_key, json!({"url": "http://hooks.example.com/", "events": ["key.craeted"]}))
+        .await;
+    assert!(r.text.contains("`key.craeted`"), "{}", r.text);
+}
