@@ -86,9 +86,10 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// [`Limiter::check`] for a limit that must hold through an outage of the shared backend
     /// (Keyward's protection of itself: failed authentications, the management API, key creation).
     /// While the backend is down this node decides from its own memory instead of applying the
-    /// [`FailurePolicy`]: the decision is `degraded`, but its counts are real (this node's only),
-    /// so a refusal is a true one and nobody is locked out by the outage itself. A limiter with no
-    /// shared backend decides as [`Limiter::check`] does.
+    /// [`FailurePolicy`]: its figures are real counts (this node's only), so the decision is not
+    /// `degraded` and a refusal is a true one: an outage neither opens the limit (N nodes admit at
+    /// most N times it) nor locks anybody out. [`Limiter::health`] says the backend is down. A
+    /// limiter with no shared backend decides as [`Limiter::check`] does.
     async fn check_or_local(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) -> RateDecision {
         self.check(subject, limits, cost, now).await
     }

@@ -408,8 +408,9 @@ impl Limiter for RedisLimiter {
             self.link.health.count(Op::Rate, DecidedBy::Local);
         }
         // SECURITY: this node's own count. Each node counts apart, so N nodes admit at most N times
-        // the limit during an outage: bounded, never open, and a refusal is a true one.
-        RateDecision { degraded: true, ..self.local.check_sync(subject, limits, cost, now) }
+        // the limit during an outage: bounded, never open, and a refusal is a true one (its figures
+        // are counts, so the decision is not `degraded`).
+        self.local.check_sync(subject, limits, cost, now)
     }
 
     async fn consume_quota(&self, subject: &str, limit: Option<u64>, cost: u64, now: DateTime<Utc>) -> QuotaDecision {
