@@ -17,10 +17,14 @@ pub enum VerifyOutcome {
     InsufficientScope,
     RateLimited,
     QuotaExceeded,
+    /// The shared limiter (Redis) is unreachable and the failure policy is `fail_closed`: the key
+    /// passed every other check, but its limits cannot be enforced. Not the key's fault, nor a
+    /// limit it ran into: retry shortly (`Retry-After`).
+    LimiterUnavailable,
 }
 
 impl VerifyOutcome {
-    pub const ALL: [VerifyOutcome; 11] = [
+    pub const ALL: [VerifyOutcome; 12] = [
         Self::Valid,
         Self::Malformed,
         Self::NotFound,
@@ -32,6 +36,7 @@ impl VerifyOutcome {
         Self::InsufficientScope,
         Self::RateLimited,
         Self::QuotaExceeded,
+        Self::LimiterUnavailable,
     ];
 
     pub fn is_valid(self) -> bool {
@@ -52,6 +57,7 @@ impl VerifyOutcome {
             Self::InsufficientScope => "INSUFFICIENT_SCOPE",
             Self::RateLimited => "RATE_LIMITED",
             Self::QuotaExceeded => "QUOTA_EXCEEDED",
+            Self::LimiterUnavailable => "LIMITER_UNAVAILABLE",
         }
     }
 }

@@ -82,6 +82,34 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     async fn hit(&self, subject: &str, limits: &RateLimits, now: DateTime<Utc>) -> RateDecision {
         self.check(subject, limits, 1, now).await
     }
+
+    /// [`Limiter::check`] for a limit that must hold through an outage of the shared backend
+    /// (Keyward's protection of itself: failed authentications, the management API, key creation).
+    /// While the backend is down this node decides from its own memory instead of applying the
+    /// [`FailurePolicy`]: its figures are real counts (this node's only), so the decision is not
+    /// `degraded` and a refusal is a true one: an outage neither opens the limit (N nodes admit at
+    /// most N times it) nor locks anybody out. [`Limiter::health`] says the backend is down. A
+    /// limiter with no shared backend decides as [`Limiter::check`] does.
+    async fn check_or_local(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) -> RateDecision {
+        self.check(subject, limits, cost, now).await
+    }
+
+    /// Whether the shared backend answers, and the time spent without it (for `/readyz`). A
+    /// limiter with nothing to lose is always up.
+    fn health(&self) -> LimiterHealth {
+        LimiterHealth { up: true, degraded_for: None, degraded_total: Duration::ZERO }
+    }
+}
+
+/// The health of a limiter's shared backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterHealth {
+    /// The backend answers: decisions are exact. While false, every decision is `degraded`.
+    pub up: bool,
+    /// How long the current outage has lasted (`None` while up).
+    pub degraded_for: Option<Duration>,
+    /// Time spent degraded since this limiter was made, the current outage included.
+    pub degraded_total: Duration,
 }
 
 /// What a limiter does when it cannot decide (Redis unreachable, quota store failing).
@@ -134,9 +162,13 @@ pub enum LimitError {
 
 /// The names of this crate's metrics.
 pub mod metric {
-    /// Counter: decisions taken by the failure policy, labels `backend` (`redis`, `quota_store`),
-    /// `op` (`rate`, `quota`) and `policy` (`fail_open`, `fail_closed`).
+    /// Counter: decisions taken without the backend, labels `backend` (`redis`, `quota_store`),
+    /// `op` (`rate`, `quota`) and `policy` (`fail_open`, `fail_closed`, or `local`: this node's
+    /// own count, see [`crate::Limiter::check_or_local`]).
     pub const ERRORS: &str = "keyward_limiter_errors_total";
     /// Gauge: 1 while the backend answers, 0 during an outage; label `backend`.
     pub const BACKEND_UP: &str = "keyward_limiter_backend_up";
+    /// Gauge, only ever growing: seconds spent without the backend since the process started
+    /// (updated while an outage lasts, not only when it ends); label `backend`.
+    pub const DEGRADED_SECONDS: &str = "keyward_limiter_degraded_seconds_total";
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::limits::{self, QuotaDecision, RateDecision, RateLimits};
 
-use crate::health::Health;
+use crate::health::{DecidedBy, Health, Op};
 use crate::shard::{Expiring, ShardedMap};
 use crate::{FailurePolicy, Limiter, QuotaSeed};
 
@@ -155,7 +155,7 @@ impl Limiter for MemoryLimiter {
                     used
                 }
                 Err(error) => {
-                    self.seed_health.failed("quota", self.seed_failure, &error);
+                    self.seed_health.failed(Op::Quota, DecidedBy::Policy(self.seed_failure), self.seed_failure, &error);
                     return QuotaDecision::degraded(limit, self.seed_failure.allows(), now);
                 }
             },

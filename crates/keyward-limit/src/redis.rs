@@ -9,23 +9,43 @@
 //! - `{prefix}:q:{yyyymm}:{subject}`: the month's quota count; expires 7 days after the month ends
 //!   (time enough to reconcile it with the store).
 //!
-//! Connections come from a `ConnectionManager`, which reconnects by itself; every call is bounded
-//! by `timeout`. Any error or timeout applies the [`FailurePolicy`]: one `warn!` when the outage
-//! begins, one `info!` when it ends, and a count per decision in `keyward_limiter_errors_total`.
-//! The limiter starts even when Redis is down (the policy applies until it answers).
+//! # Outages: a circuit breaker
+//!
+//! Redis being down is noticed once, not paid for by every request. The first call that fails (an
+//! error, or no answer within `timeout`) opens the breaker: from then on every decision is taken at
+//! once, in memory, without touching Redis, by the [`FailurePolicy`] (or, for
+//! [`Limiter::check_or_local`], by this node's own count), and is marked `degraded`. A background
+//! task probes Redis on a fresh connection (`PING`, backoff from 50 ms up to `probe_interval`);
+//! when it answers, that fresh connection replaces the old one and the breaker closes, so the first
+//! call after a recovery runs on a connection known to work. While Redis is up the same task sends a
+//! `PING` every `probe_interval`, so that an idle node notices an outage (and `/readyz` can say so)
+//! before a request does; and a call whose connection turns out to have dropped (Redis restarted
+//! while the node was idle) is retried once, within the same `timeout`, on the reconnected one.
+//!
+//! That retry is only made when the connection was dropped or refused, never after a timeout; if a
+//! connection drops after Redis ran the script but before its answer arrived, the request is counted
+//! twice (a limit errs on the tight side, never the loose one).
+//!
+//! Logging: one `warn!` when an outage begins, one `info!` when it ends; metrics: a count per
+//! decision taken without Redis (`keyward_limiter_errors_total`), `keyward_limiter_backend_up` and
+//! `keyward_limiter_degraded_seconds_total`. The limiter starts even when Redis is down (the policy
+//! applies until it answers).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Script};
+use ::redis::{Client, RedisResult, Script};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::limits::{self, MAX_COST, MAX_LIMIT, QuotaDecision, RateDecision, RateLimits};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
-use crate::health::Health;
-use crate::{FailurePolicy, LimitError, Limiter, QuotaSeed};
+use crate::health::{DecidedBy, Health, Op};
+use crate::memory::{MemoryConfig, MemoryLimiter};
+use crate::{FailurePolicy, LimitError, Limiter, LimiterHealth, QuotaSeed};
 
 /// GCRA over the windows given, all or nothing. Mirrors `RateDecision::decide` in keyward-core:
 /// change both together (the `redis_matches_memory` test compares them).
@@ -104,6 +124,9 @@ pub struct RedisConfig {
     pub policy: FailurePolicy,
     /// Longest wait for one decision, connecting included. Default 250 ms.
     pub timeout: Duration,
+    /// While Redis is up, the interval of the `PING` that notices an outage on an idle node; while
+    /// it is down, the longest pause between probes. Default 1 s.
+    pub probe_interval: Duration,
 }
 
 impl RedisConfig {
@@ -113,7 +136,13 @@ impl RedisConfig {
             key_prefix: "keyward:rl".to_owned(),
             policy: FailurePolicy::default(),
             timeout: Duration::from_millis(250),
+            probe_interval: Duration::from_secs(1),
         }
+    }
+
+    pub fn with_probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval.max(PROBE_MIN);
+        self
     }
 
     pub fn with_policy(mut self, policy: FailurePolicy) -> Self {
@@ -132,17 +161,39 @@ impl RedisConfig {
     }
 }
 
+/// The first pause between probes once Redis is down (then doubled up to `probe_interval`).
+const PROBE_MIN: Duration = Duration::from_millis(50);
+
+/// Subjects this node counts alone while Redis is down ([`Limiter::check_or_local`]: Keyward's
+/// protection of itself, a few per client address or organization).
+const LOCAL_SUBJECTS: usize = 100_000;
+
 /// Rate limits and quotas shared by every node through one Redis.
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     policy: FailurePolicy,
-    timeout: Duration,
     rate_script: Script,
     quota_script: Script,
     seed: Option<Arc<dyn QuotaSeed>>,
-    health: Health,
     seed_health: Health,
+    /// What [`Limiter::check_or_local`] decides with while Redis is down.
+    local: MemoryLimiter,
+    /// The probe; aborted when the limiter is dropped.
+    watcher: JoinHandle<()>,
+}
+
+/// The connection to Redis and whether it answers: the breaker, shared with the probe task.
+struct Link {
+    client: Client,
+    manager: ConnectionManagerConfig,
+    conn: RwLock<ConnectionManager>,
+    health: Health,
+    /// Wakes the probe task when a call opened the breaker.
+    wake: Notify,
+    policy: FailurePolicy,
+    timeout: Duration,
+    probe_interval: Duration,
 }
 
 impl fmt::Debug for RedisLimiter {
@@ -151,35 +202,53 @@ impl fmt::Debug for RedisLimiter {
         f.debug_struct("RedisLimiter")
             .field("prefix", &self.prefix)
             .field("policy", &self.policy)
-            .field("timeout", &self.timeout)
-            .field("up", &self.health.is_up())
+            .field("timeout", &self.link.timeout)
+            .field("up", &self.link.health.is_up())
             .finish()
+    }
+}
+
+impl Drop for RedisLimiter {
+    fn drop(&mut self) {
+        self.watcher.abort();
     }
 }
 
 impl RedisLimiter {
     /// A limiter that connects on first use and reconnects by itself. Fails only on an invalid URL;
     /// an unreachable Redis is an outage (the policy applies), not an error. Call inside a Tokio
-    /// runtime.
+    /// runtime: the probe runs as a task of its own.
     pub fn new(config: RedisConfig) -> Result<Self, LimitError> {
         let client = Client::open(config.url.as_str()).map_err(LimitError::Config)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(LimitError::Config)?;
-        Ok(Self {
-            conn,
-            prefix: config.key_prefix,
+            // One attempt per reconnection: retrying is the breaker's probe's job, and a manager
+            // that retried by itself would hold the call that noticed the outage for its backoff.
+            .set_number_of_retries(0);
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager.clone()).map_err(LimitError::Config)?;
+        let link = Arc::new(Link {
+            client,
+            manager,
+            conn: RwLock::new(conn),
+            health: Health::new("redis"),
+            wake: Notify::new(),
             policy: config.policy,
             timeout: config.timeout,
+            probe_interval: config.probe_interval.max(PROBE_MIN),
+        });
+        let watcher = tokio::spawn(watch(link.clone()));
+        Ok(Self {
+            link,
+            prefix: config.key_prefix,
+            policy: config.policy,
             rate_script: Script::new(RATE_SCRIPT),
             quota_script: Script::new(QUOTA_SCRIPT),
             seed: None,
-            health: Health::new("redis"),
             seed_health: Health::new("quota_store"),
+            local: MemoryLimiter::new(MemoryConfig { max_subjects: LOCAL_SUBJECTS, ..MemoryConfig::default() }),
+            watcher,
         })
     }
 
@@ -196,21 +265,20 @@ impl RedisLimiter {
         self
     }
 
-    /// One `PING`, bounded by the timeout (for `/readyz`).
+    /// One `PING`, bounded by the timeout, whatever the breaker says.
     pub async fn ping(&self) -> Result<(), LimitError> {
-        let mut conn = self.conn.clone();
-        self.bounded(async move { ::redis::cmd("PING").query_async::<String>(&mut conn).await }).await.map(drop)
+        self.link.run(|mut conn| async move { ping(&mut conn).await }).await
     }
 
-    /// Whether the last decision reached Redis.
+    /// Whether the breaker is closed: Redis answered the last call or probe.
     pub fn is_up(&self) -> bool {
-        self.health.is_up()
+        self.link.health.is_up()
     }
 
-    async fn bounded<T>(&self, f: impl Future<Output = ::redis::RedisResult<T>>) -> Result<T, LimitError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(LimitError::from),
-            Err(_) => Err(LimitError::Timeout(self.timeout)),
+    /// A call to Redis failed: the breaker opens (the probe task is woken when this began it).
+    fn failed(&self, op: Op, by: DecidedBy, error: &LimitError) {
+        if self.link.health.failed(op, by, self.policy, error) {
+            self.link.wake.notify_one();
         }
     }
 
@@ -227,8 +295,8 @@ impl RedisLimiter {
         for r in &rules {
             invocation.arg(r.window.name()).arg(r.interval).arg(r.capacity);
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let invocation = &invocation;
+        let reply: Vec<i64> = self.link.run(|mut conn| async move { invocation.invoke_async(&mut conn).await }).await?;
         let (allowed, after) = match reply.split_first() {
             Some((&allowed, after)) if after.len() == rules.len() => (allowed == 1, after),
             _ => return Err(LimitError::Protocol(format!("rate script answered {reply:?}"))),
@@ -254,8 +322,9 @@ impl RedisLimiter {
         let mut invocation = self.quota_script.key(key);
         invocation.arg(limit_arg).arg(cost.min(MAX_COST)).arg(ttl.num_milliseconds().max(1));
         invocation.arg(seed.map(|s| s.to_string()).unwrap_or_default());
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let invocation = &invocation;
+        let reply: Vec<String> =
+            self.link.run(|mut conn| async move { invocation.invoke_async(&mut conn).await }).await?;
         match reply.as_slice() {
             [s] if s == "seed" => Ok(None),
             [allowed, used] => {
@@ -305,31 +374,147 @@ impl Limiter for RedisLimiter {
         if limits.is_unlimited() {
             return RateDecision::UNLIMITED;
         }
+        let by = DecidedBy::Policy(self.policy);
+        // The breaker is open: the policy answers at once, Redis is not asked.
+        if !self.link.health.is_up() {
+            self.link.health.count(Op::Rate, by);
+            return RateDecision::degraded(limits, self.policy.allows());
+        }
         match self.rate_in_redis(subject, limits, cost, now.timestamp_micros()).await {
             Ok(d) => {
-                self.health.succeeded();
+                self.link.health.succeeded();
                 d
             }
             Err(error) => {
-                self.health.failed("rate", self.policy, &error);
+                self.failed(Op::Rate, by, &error);
                 RateDecision::degraded(limits, self.policy.allows())
             }
         }
     }
 
+    async fn check_or_local(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) -> RateDecision {
+        if limits.is_unlimited() {
+            return RateDecision::UNLIMITED;
+        }
+        if self.link.health.is_up() {
+            match self.rate_in_redis(subject, limits, cost, now.timestamp_micros()).await {
+                Ok(d) => {
+                    self.link.health.succeeded();
+                    return d;
+                }
+                Err(error) => self.failed(Op::Rate, DecidedBy::Local, &error),
+            }
+        } else {
+            self.link.health.count(Op::Rate, DecidedBy::Local);
+        }
+        // SECURITY: this node's own count. Each node counts apart, so N nodes admit at most N times
+        // the limit during an outage: bounded, never open, and a refusal is a true one (its figures
+        // are counts, so the decision is not `degraded`).
+        self.local.check_sync(subject, limits, cost, now)
+    }
+
     async fn consume_quota(&self, subject: &str, limit: Option<u64>, cost: u64, now: DateTime<Utc>) -> QuotaDecision {
+        let by = DecidedBy::Policy(self.policy);
+        if !self.link.health.is_up() {
+            self.link.health.count(Op::Quota, by);
+            return QuotaDecision::degraded(limit, self.policy.allows(), now);
+        }
         match self.quota(subject, limit, cost, now).await {
             Ok(d) => {
-                self.health.succeeded();
+                self.link.health.succeeded();
                 d
             }
             Err(Fault::Redis(error)) => {
-                self.health.failed("quota", self.policy, &error);
+                self.failed(Op::Quota, by, &error);
                 QuotaDecision::degraded(limit, self.policy.allows(), now)
             }
             Err(Fault::Seed(error)) => {
-                self.seed_health.failed("quota", self.policy, &error);
+                self.seed_health.failed(Op::Quota, by, self.policy, &error);
                 QuotaDecision::degraded(limit, self.policy.allows(), now)
+            }
+        }
+    }
+
+    fn health(&self) -> LimiterHealth {
+        self.link.health.status()
+    }
+}
+
+impl Link {
+    /// The connection of the moment: a clone of a handle (no allocation), replaced on recovery.
+    fn conn(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// `call` on the current connection, all of it bounded by `timeout`. A connection found dropped
+    /// or refused (Redis restarted while this node was idle) is tried once more: the manager has
+    /// begun reconnecting, and the second call waits for that. Never after a timeout, which may
+    /// mean the script ran.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, LimitError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempts = async {
+            match call(self.conn()).await {
+                Err(e) if e.is_connection_dropped() || e.is_connection_refusal() => call(self.conn()).await,
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempts).await {
+            Ok(r) => r.map_err(LimitError::from),
+            Err(_) => Err(LimitError::Timeout(self.timeout)),
+        }
+    }
+
+    /// A new connection, proven by a `PING`, in place of the old one. The old manager may hold a
+    /// failed connection attempt it would only retry on the next call's error: a fresh one means
+    /// the first decision after a recovery succeeds.
+    async fn reconnect(&self) -> Result<(), LimitError> {
+        let fresh = async {
+            let mut conn = ConnectionManager::new_with_config(self.client.clone(), self.manager.clone()).await?;
+            ping(&mut conn).await?;
+            Ok::<_, ::redis::RedisError>(conn)
+        };
+        let conn = match tokio::time::timeout(self.timeout, fresh).await {
+            Ok(r) => r?,
+            Err(_) => return Err(LimitError::Timeout(self.timeout)),
+        };
+        *self.conn.write().unwrap_or_else(PoisonError::into_inner) = conn;
+        Ok(())
+    }
+}
+
+async fn ping(conn: &mut ConnectionManager) -> RedisResult<()> {
+    ::redis::cmd("PING").query_async::<String>(conn).await.map(drop)
+}
+
+/// The probe task: a heartbeat while Redis is up, probes with backoff while it is down.
+async fn watch(link: Arc<Link>) {
+    let mut pause = PROBE_MIN;
+    loop {
+        if link.health.is_up() {
+            pause = PROBE_MIN;
+            // Also connects the lazy manager at start, so the first request finds it warm.
+            if let Err(error) = link.run(|mut conn| async move { ping(&mut conn).await }).await {
+                link.health.went_down(link.policy, &error);
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(link.probe_interval) => {}
+                () = link.wake.notified() => {}
+            }
+            continue;
+        }
+        tokio::time::sleep(pause).await;
+        match link.reconnect().await {
+            Ok(()) => {
+                link.health.succeeded();
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Redis probe failed");
+                pause = (pause * 2).min(link.probe_interval);
+                link.health.publish_degraded();
             }
         }
     }

@@ -65,6 +65,9 @@ fn counters() -> &'static Counters {
     })
 }
 
+/// One test at a time: they read process-wide counters by label, and time decisions.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn count(name: &str) -> u64 {
     counters().0.lock().unwrap().get(name).map_or(0, |c| c.load(Ordering::SeqCst))
 }
@@ -128,28 +131,40 @@ fn t0() -> DateTime<Utc> {
     common::at("2026-05-31T12:00:00Z")
 }
 
-/// Polls a decision (a peek, cost 0) until Redis answers again, at most `within`.
-async fn wait_until_up(l: &RedisLimiter, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let d = l.check("probe", &RateLimits::per_minute(1), 0, t0()).await;
-        if !d.degraded {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the limiter did not recover within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Waits (polling the limiter's health, never Redis) until the breaker says `up`, at most `within`.
+async fn wait_for_health(l: &RedisLimiter, up: bool, within: Duration) -> Duration {
+    let started = Instant::now();
+    while l.health().up != up {
+        assert!(
+            started.elapsed() < within,
+            "the limiter did not see Redis {} within {within:?}",
+            if up { "up" } else { "down" }
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    started.elapsed()
 }
 
+/// The longest a decision may take while Redis is down and the breaker knows it.
+const MEMORY_SPEED: Duration = Duration::from_millis(10);
+
 async fn outage(policy: FailurePolicy) {
+    let _serial = SERIAL.lock().await;
     counters();
     let Some(mut redis) = OwnRedis::start() else { return };
     let timeout = Duration::from_millis(300);
-    let config = RedisConfig::new(redis.url()).with_policy(policy).with_timeout(timeout);
+    // A probe every 200 ms at most once Redis is down; the heartbeat (same interval) is not what
+    // notices the outage here: the first decision after the kill does.
+    let config = RedisConfig::new(redis.url())
+        .with_policy(policy)
+        .with_timeout(timeout)
+        .with_probe_interval(Duration::from_millis(200));
     let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
     let limits = RateLimits::per_minute(3);
     let errors = format!("{}{{backend=redis,op=rate,policy={}}}", metric::ERRORS, policy.as_str());
     let quota_errors = format!("{}{{backend=redis,op=quota,policy={}}}", metric::ERRORS, policy.as_str());
+    let local_errors = format!("{}{{backend=redis,op=rate,policy=local}}", metric::ERRORS);
+    let (errors_before, quota_before, local_before) = (count(&errors), count(&quota_errors), count(&local_errors));
 
     // Up: exact.
     for _ in 0..3 {
@@ -157,45 +172,121 @@ async fn outage(policy: FailurePolicy) {
     }
     let d = l.hit("key:k", &limits, t0()).await;
     assert!(!d.allowed && !d.degraded);
-    assert_eq!(count(&errors), 0);
+    assert_eq!(l.health().degraded_total, Duration::ZERO);
 
-    // Down: the policy decides, fast, every time; each decision is counted.
+    // Down: the first decision notices (bounded by the timeout), every later one is answered by
+    // the policy at memory speed, without touching Redis; each is counted.
     redis.kill();
-    for i in 0..5 {
+    let started = Instant::now();
+    let first = l.hit("key:k", &limits, t0()).await;
+    let noticed = started.elapsed();
+    assert!(first.degraded && first.allowed == policy.allows(), "{first:?}");
+    assert!(noticed <= timeout + Duration::from_millis(50), "noticing the outage took {noticed:?}");
+    assert!(!l.is_up() && !l.health().up);
+    let mut slowest = Duration::ZERO;
+    for i in 0..200 {
         let started = Instant::now();
         let d = l.hit("key:k", &limits, t0()).await;
+        let q = l.consume_quota("org:o", Some(100), 1, t0()).await;
+        slowest = slowest.max(started.elapsed() / 2);
         assert!(d.degraded, "decision {i} while Redis is down");
         assert_eq!(d.allowed, policy.allows(), "decision {i} follows {policy:?}");
         if !policy.allows() {
             assert_eq!(d.retry_after_secs(), Some(1));
         }
-        assert!(started.elapsed() < timeout * 3, "a decision took {:?} while Redis was down", started.elapsed());
-        let q = l.consume_quota("org:o", Some(100), 1, t0()).await;
         assert_eq!((q.allowed, q.degraded), (policy.allows(), true));
     }
-    assert!(!l.is_up());
-    assert_eq!(count(&errors), 5);
-    assert_eq!(count(&quota_errors), 5);
+    // A limit that holds through the outage: this node's own count, whatever the policy.
+    for i in 0..4 {
+        let started = Instant::now();
+        let d = l.check_or_local("auth-fail:198.51.100.1", &limits, 1, t0()).await;
+        slowest = slowest.max(started.elapsed());
+        assert!(!d.degraded, "counted, not by the policy");
+        assert_eq!(d.allowed, i < 3, "local decision {i}");
+    }
+    eprintln!("{policy:?}: outage noticed in {noticed:?}, slowest decision after that {slowest:?}");
+    assert!(slowest < MEMORY_SPEED, "a decision took {slowest:?} while the breaker was open");
+    assert_eq!(count(&errors) - errors_before, 201);
+    assert_eq!(count(&quota_errors) - quota_before, 200);
+    assert_eq!(count(&local_errors) - local_before, 4);
+    let down = l.health();
+    assert!(!down.up && down.degraded_for.is_some_and(|d| d > Duration::ZERO));
 
-    // Back on the same port (empty: no persistence): limits are exact again, no restart needed.
+    // Back on the same port (empty: no persistence). The probe notices by itself, with no
+    // request to pay for it; then the very first decision is exact, no restart needed.
     redis.spawn();
-    wait_until_up(&l, Duration::from_secs(15)).await;
-    assert!(l.is_up());
+    let recovered_in = wait_for_health(&l, true, Duration::from_secs(5)).await;
+    eprintln!("{policy:?}: recovery seen {recovered_in:?} after Redis listened");
     for _ in 0..3 {
-        assert!(l.hit("key:k", &limits, t0()).await.allowed);
+        let d = l.hit("key:k", &limits, t0()).await;
+        assert!(d.allowed && !d.degraded, "{d:?}");
     }
     let d = l.hit("key:k", &limits, t0()).await;
     assert!(!d.allowed && !d.degraded);
     assert_eq!(l.consume_quota("org:o", Some(100), 1, t0()).await.used, 1);
-    assert_eq!(count(&errors), 5, "no error counted once Redis is back");
+    assert_eq!(count(&errors) - errors_before, 201, "no error counted once Redis is back");
+    let after = l.health();
+    assert!(after.up && after.degraded_for.is_none() && after.degraded_total >= down.degraded_for.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_fail_open_admits_then_limits_again_after_restart() {
+async fn redis_outage_fail_open_admits_at_memory_speed_then_limits_again_after_restart() {
     tokio::time::timeout(Duration::from_secs(60), outage(FailurePolicy::FailOpen)).await.expect("bounded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_fail_closed_denies_then_limits_again_after_restart() {
+async fn redis_outage_fail_closed_denies_at_memory_speed_then_limits_again_after_restart() {
     tokio::time::timeout(Duration::from_secs(60), outage(FailurePolicy::FailClosed)).await.expect("bounded");
+}
+
+/// Redis restarts while the node is idle (no request, and no heartbeat in between): the first
+/// decision after it must not fail on the dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_decision_after_a_restart_on_an_idle_node_succeeds() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let _serial = SERIAL.lock().await;
+        let Some(mut redis) = OwnRedis::start() else { return };
+        let config = RedisConfig::new(redis.url())
+            .with_policy(FailurePolicy::FailClosed)
+            // Generous: this test is about the dead connection, not about speed.
+            .with_timeout(Duration::from_secs(2))
+            .with_probe_interval(Duration::from_secs(3600));
+        let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+        let limits = RateLimits::per_minute(3);
+        assert!(!l.hit("key:idle", &limits, t0()).await.degraded);
+        redis.kill();
+        redis.spawn();
+        let d = l.hit("key:idle", &limits, t0()).await;
+        assert!(d.allowed && !d.degraded, "the first decision after the restart: {d:?}");
+        assert!(l.health().up);
+        assert_eq!(l.health().degraded_total, Duration::ZERO, "no outage was seen");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// An idle node notices the outage by its heartbeat, before any request pays for it; then the
+/// very first decision is already at memory speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_notices_an_outage_by_itself() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let _serial = SERIAL.lock().await;
+        let Some(mut redis) = OwnRedis::start() else { return };
+        let config = RedisConfig::new(redis.url())
+            .with_policy(FailurePolicy::FailOpen)
+            .with_timeout(Duration::from_millis(300))
+            .with_probe_interval(Duration::from_millis(100));
+        let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+        redis.kill();
+        wait_for_health(&l, false, Duration::from_secs(5)).await;
+        let started = Instant::now();
+        let d = l.hit("key:idle", &RateLimits::per_minute(3), t0()).await;
+        assert!(d.allowed && d.degraded);
+        assert!(started.elapsed() < MEMORY_SPEED, "the first decision took {:?}", started.elapsed());
+        redis.spawn();
+        wait_for_health(&l, true, Duration::from_secs(5)).await;
+        assert!(!l.hit("key:idle", &RateLimits::per_minute(3), t0()).await.degraded);
+    })
+    .await
+    .expect("bounded");
 }

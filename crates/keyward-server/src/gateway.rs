@@ -360,11 +360,18 @@ fn rejection(outcome: VerifyOutcome) -> Response {
         VerifyOutcome::InsufficientScope => (StatusCode::FORBIDDEN, "the API key lacks a scope this route needs"),
         VerifyOutcome::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
         VerifyOutcome::QuotaExceeded => (StatusCode::TOO_MANY_REQUESTS, "monthly quota exceeded"),
+        VerifyOutcome::LimiterUnavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "rate limits cannot be checked right now; retry shortly")
+        }
         VerifyOutcome::Valid => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     };
     // In gateway mode the error code is the verify outcome code (DESIGN.md).
     let body = ErrorBody { error: ErrorDetail { code: outcome.code(), message: message.to_owned(), field: None } };
-    (status, axum::Json(body)).into_response()
+    let mut response = (status, axum::Json(body)).into_response();
+    if outcome == VerifyOutcome::LimiterUnavailable {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, crate::limits::LIMITER_RETRY_AFTER_SECS.into());
+    }
+    response
 }
 
 fn identity_headers(headers: &mut HeaderMap, key: &KeyRecord) {

@@ -59,7 +59,11 @@ pub struct QuotaInfo {
 }
 
 impl RateLimitInfo {
+    /// `None` for a decision of the failure policy: its figures are not counts.
     pub fn from_decision(d: &RateDecision) -> Option<Self> {
+        if d.degraded {
+            return None;
+        }
         d.tightest().map(|w| Self { limit: w.limit, remaining: w.remaining, reset: w.reset_secs() })
     }
 }
@@ -78,20 +82,32 @@ pub struct KeyDecision {
     pub quota: Option<QuotaDecision>,
 }
 
+/// `Retry-After` of a refusal by the `fail_closed` policy: the limiter probes Redis at least this often.
+pub const LIMITER_RETRY_AFTER_SECS: u64 = 1;
+
 /// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
 /// request spends no quota. The quota is the key's own when it has a monthly override, else its
 /// organization's pool.
+///
+/// SECURITY: a refusal by the `fail_closed` policy (the limiter is down) is `LIMITER_UNAVAILABLE`,
+/// never `RATE_LIMITED` or `QUOTA_EXCEEDED`: the key ran into no limit, and a client told it did
+/// would back off for nothing or report a billing problem that is not there.
 pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
     let limits = state.plans.resolve(&key.org.plan, key.plan(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
     let rate = state.limiter.check(Subject::new("key:", key.lineage.0).as_str(), &limits.rate(), 1, now).await;
     if !rate.allowed {
-        return KeyDecision { outcome: VerifyOutcome::RateLimited, rate, quota: None };
+        let outcome = if rate.degraded { VerifyOutcome::LimiterUnavailable } else { VerifyOutcome::RateLimited };
+        return KeyDecision { outcome, rate, quota: None };
     }
     let subject = quota_subject(key);
     let quota = state.limiter.consume_quota(subject.as_str(), limits.per_month, cost, now).await;
     quota_threshold_hook(state, key, subject.as_str(), &quota, cost, now);
-    let outcome = if quota.allowed { VerifyOutcome::Valid } else { VerifyOutcome::QuotaExceeded };
+    let outcome = match (quota.allowed, quota.degraded) {
+        (true, _) => VerifyOutcome::Valid,
+        (false, true) => VerifyOutcome::LimiterUnavailable,
+        (false, false) => VerifyOutcome::QuotaExceeded,
+    };
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
 
@@ -249,10 +265,15 @@ impl FailureScope {
 
 /// Whether `ip` has used up its failed authentications in `scope`; `Some(seconds)` to wait when it
 /// has.
+///
+/// SECURITY: Keyward's protection of itself (this, the management API limit, key creation) never
+/// follows the failure policy. While Redis is down each node counts alone, in memory
+/// (`Limiter::check_or_local`): guessing stays bounded (at most N nodes × the limit per address),
+/// yet an outage locks nobody out, and a 429 "too many failed authentications" is always true.
 pub async fn failed_auth_blocked(state: &AppState, scope: FailureScope, ip: IpAddr, now: DateTime<Utc>) -> Option<u64> {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
     // Cost 0 looks without spending: blocked when not one more failure fits.
-    let peek = state.limiter.check(scope.subject(ip).as_str(), &limits, 0, now).await;
+    let peek = state.limiter.check_or_local(scope.subject(ip).as_str(), &limits, 0, now).await;
     let w = peek.tightest()?;
     (w.remaining == 0).then(|| {
         let interval = w.window.period_micros() / (w.limit.max(1) as i64);
@@ -264,7 +285,7 @@ pub async fn failed_auth_blocked(state: &AppState, scope: FailureScope, ip: IpAd
 /// (`auth.failures_spike`).
 pub async fn count_failed_auth(state: &AppState, scope: FailureScope, ip: IpAddr, now: DateTime<Utc>) {
     let limits = RateLimits::per_minute(state.protection.failed_auth_per_minute);
-    state.limiter.check(scope.subject(ip).as_str(), &limits, 1, now).await;
+    state.limiter.check_or_local(scope.subject(ip).as_str(), &limits, 1, now).await;
     failures_spike_hook(state, ip, now).await;
 }
 
@@ -392,10 +413,11 @@ pub fn is_failed_auth(outcome: VerifyOutcome) -> bool {
     )
 }
 
-/// Key creation per organization.
+/// Key creation per organization (counted by this node alone while Redis is down, see
+/// [`failed_auth_blocked`]).
 pub async fn key_creation(state: &AppState, org: OrgId, now: DateTime<Utc>) -> Result<RateDecision, ApiError> {
     let limits = RateLimits::per_minute(state.protection.key_creation_per_minute);
-    let d = state.limiter.check(&format!("key-create:{org}"), &limits, 1, now).await;
+    let d = state.limiter.check_or_local(&format!("key-create:{org}"), &limits, 1, now).await;
     if d.allowed { Ok(d) } else { Err(too_many(&d, now, "too many keys created for this organization; slow down")) }
 }
 
@@ -406,9 +428,16 @@ pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError
 
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft, structured-field form), the common
 /// `X-RateLimit-*` (limit, remaining, and reset as Unix time) of the tightest window, and
-/// `Retry-After` when denied.
+/// `Retry-After` when denied. A decision of the failure policy has no counts to show: only
+/// `Retry-After` when it refused.
 pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(8);
+    if d.degraded {
+        if !d.allowed {
+            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(LIMITER_RETRY_AFTER_SECS));
+        }
+        return h;
+    }
     let Some(tight) = d.tightest() else { return h };
     // Pieces pushed, numbers through `itoa`: `format!` cost more than the limiter's decision, and this
     // runs on every verification.
@@ -441,7 +470,8 @@ pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
     h
 }
 
-/// Management API requests per client IP; the decision's headers go on every response.
+/// Management API requests per client IP (counted by this node alone while Redis is down, see
+/// [`failed_auth_blocked`]); the decision's headers go on every response.
 pub async fn management(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
@@ -449,7 +479,7 @@ pub async fn management(State(state): State<AppState>, request: Request, next: N
     let Some(ip) = ip else { return next.run(Request::from_parts(parts, body)).await };
     let limits = RateLimits::per_minute(state.protection.management_per_minute);
     let now = state.clock.now();
-    let d = state.limiter.check(&format!("ip-mgmt:{ip}"), &limits, 1, now).await;
+    let d = state.limiter.check_or_local(&format!("ip-mgmt:{ip}"), &limits, 1, now).await;
     if !d.allowed {
         return too_many(&d, now, "too many requests from this address; slow down").into_response();
     }

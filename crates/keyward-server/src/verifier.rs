@@ -81,6 +81,9 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
     });
     match &verdict.key {
         Some(_) if verdict.outcome.is_valid() => {}
+        // Not an authentication failure: the limiter is down and refused by policy (logged once per
+        // outage by the limiter, counted in `keyward_verify_total`).
+        Some(_) if verdict.outcome == VerifyOutcome::LimiterUnavailable => {}
         key => {
             auth_failed(AuthFailure {
                 reason: verdict.outcome.code(),

@@ -227,6 +227,7 @@ fn outcome_status(outcome: VerifyOutcome) -> StatusCode {
             StatusCode::FORBIDDEN
         }
         VerifyOutcome::RateLimited | VerifyOutcome::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        VerifyOutcome::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNAUTHORIZED,
     }
 }
@@ -264,7 +265,13 @@ where
                     request.extensions_mut().insert(identity);
                     inner.call(request).await
                 }
-                Ok(Err(outcome)) => Ok(refuse(outcome_status(outcome), outcome.code(), "the API key was refused")),
+                Ok(Err(outcome)) => {
+                    let mut response = refuse(outcome_status(outcome), outcome.code(), "the API key was refused");
+                    if outcome == VerifyOutcome::LimiterUnavailable {
+                        response.headers_mut().insert(axum::http::header::RETRY_AFTER, 1.into());
+                    }
+                    Ok(response)
+                }
                 Err(cause) => {
                     tracing::error!(%cause, "key verification failed");
                     Ok(refuse(

@@ -135,9 +135,13 @@ pub async fn verify(
         event.method = method;
         state.usage.record(event);
     }
-    let headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+    let mut headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+    if verdict.outcome == VerifyOutcome::LimiterUnavailable {
+        headers.insert(axum::http::header::RETRY_AFTER, limits::LIMITER_RETRY_AFTER_SECS.into());
+    }
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
-    let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).map(QuotaInfo::from);
+    // A decision of the failure policy knows no count: no figures rather than made-up ones.
+    let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).filter(|q| !q.degraded).map(QuotaInfo::from);
     let response = match &verdict.key {
         None => VerifyKeyResponse::bare(verdict.outcome),
         Some(k) => VerifyKeyResponse {

@@ -269,3 +269,152 @@ async fn one_tenant_s_failed_verifications_lock_out_no_other_tenant_and_not_the_
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the management counter still guards itself");
     assert_eq!(verify_as(&app, &b_backend, &b_good, "127.0.0.1").await, "VALID");
 }
+
+/// A `redis-server` of the test's own on a free loopback port (never the shared one), killed on drop.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Self { port, dir: tempfile::TempDir::new().unwrap(), child: None };
+        redis.spawn();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (the test script installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls the limiter's health (never Redis) until it says `up`, at most 5 s.
+async fn limiter_up(app: &TestApp, up: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while app.state.limiter.health().up != up {
+        assert!(std::time::Instant::now() < deadline, "the limiter did not see Redis up={up} within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue 16, item 3, through the API on a Redis of the test's own, killed and restarted: during the
+/// outage every verification answers by the policy without waiting for Redis; `fail_closed` says
+/// `LIMITER_UNAVAILABLE` with `Retry-After`, never `RATE_LIMITED`/`QUOTA_EXCEEDED`; Keyward's
+/// protection of itself counts on this node (the management API works, guessing is still bounded,
+/// and its 429 is a true one); after the restart the first verification is exact again.
+async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
+    use keyward_limit::{RedisConfig, RedisLimiter};
+    if std::env::var("KEYWARD_TEST_SKIP_REDIS").is_ok_and(|v| v == "1") {
+        eprintln!("!!!!! SKIPPED: KEYWARD_TEST_SKIP_REDIS=1 !!!!!");
+        return;
+    }
+    let mut redis = OwnRedis::start();
+    let mut app = TestApp::sqlite().await;
+    let config = RedisConfig::new(redis.url())
+        .with_policy(policy)
+        .with_timeout(std::time::Duration::from_millis(300))
+        .with_probe_interval(std::time::Duration::from_millis(200));
+    let seed = std::sync::Arc::new(keyward_server::usage::StoreQuotaSeed::new(app.state.store.clone()));
+    app.state.limiter = std::sync::Arc::new(RedisLimiter::connect(config).await.unwrap().with_quota_seed(seed));
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let v = app.verify(&key, json!({})).await;
+    assert_eq!(v["code"], "VALID");
+    assert_eq!(v["quota"]["used"], 1);
+
+    redis.kill();
+    // The heartbeat notices by itself; no request pays for it.
+    limiter_up(&app, false).await;
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..30 {
+        let started = std::time::Instant::now();
+        let r = app.post("/v1/verify", &app.admin_key, json!({"key": key, "ip": "198.51.100.20"})).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        if policy.allows() {
+            assert_eq!(r.body["code"], "VALID", "request {i}");
+            assert!(!r.headers.contains_key("retry-after"));
+        } else {
+            assert_eq!(r.body["code"], "LIMITER_UNAVAILABLE", "request {i}: {}", r.text);
+            assert_eq!(r.body["valid"], false);
+            assert_eq!(r.headers["retry-after"], "1");
+        }
+        // The policy knows no counts: no figures rather than made-up ones.
+        assert_eq!(r.body["rate_limit"], Value::Null);
+        assert_eq!(r.body["quota"], Value::Null);
+        assert!(!r.headers.contains_key("x-ratelimit-remaining"));
+    }
+    eprintln!("{policy:?}: slowest verification through the router during the outage: {slowest:?}");
+    // Far below the 300 ms Redis timeout: nothing waited for Redis.
+    assert!(slowest < std::time::Duration::from_millis(100), "a verification took {slowest:?}");
+
+    // The management API and key creation stay open (this node counts).
+    let r = app.get("/v1/me", &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.headers["x-ratelimit-limit"], "100", "the management limit still counts, on this node");
+    let r = app.post("/v1/keys", &app.admin_key, json!({"name": "during the outage"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // Guessing stays bounded: 10 failures from an address, then even a right key gets a true 429.
+    let guesser = [198, 51, 100, 77];
+    let unknown = keyward_core::PlainKey::generate(&Default::default(), keyward_core::Environment::Live).unwrap();
+    for i in 0..10 {
+        let r = app.send(from(request(Method::GET, "/v1/me", Some(unknown.expose_secret()), None), guesser)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "failure {}: {}", i + 1, r.text);
+    }
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), guesser)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(r.body["error"]["message"], "too many failed authentications from this address");
+    let r = app.send(from(request(Method::GET, "/v1/me", Some(&app.admin_key), None), [192, 0, 2, 30])).await;
+    assert_eq!(r.status, StatusCode::OK, "another address is not locked out by the outage: {}", r.text);
+
+    // Back: the probe sees it; the very first verification is exact.
+    redis.spawn();
+    limiter_up(&app, true).await;
+    let v = app.verify(&key, json!({})).await;
+    assert_eq!(v["code"], "VALID", "{v}");
+    assert_eq!(v["rate_limit"]["limit"], 60);
+    assert!(v["quota"]["used"].as_u64().unwrap() >= 1, "{v}");
+    let health = app.state.limiter.health();
+    assert!(health.up && health.degraded_total > std::time::Duration::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_with_fail_closed_answers_limiter_unavailable_at_once_and_recovers() {
+    let test = redis_outage_through_the_api(keyward_limit::FailurePolicy::FailClosed);
+    tokio::time::timeout(std::time::Duration::from_secs(60), test).await.expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_with_fail_open_admits_at_once_and_recovers() {
+    let test = redis_outage_through_the_api(keyward_limit::FailurePolicy::FailOpen);
+    tokio::time::timeout(std::time::Duration::from_secs(60), test).await.expect("bounded");
+}
