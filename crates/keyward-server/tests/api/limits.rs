@@ -374,6 +374,11 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
         assert!(!r.headers.contains_key("x-ratelimit-remaining"));
     }
     eprintln!("{policy:?}: slowest verification through the router during the outage: {slowest:?}");
+    // /readyz says so, and stays 200: the node answers by its policy.
+    let r = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!((r.body["status"].as_str(), r.body["limiter"].as_str()), (Some("degraded"), Some("unreachable")));
+    assert_eq!(r.body["store"], "ok");
     // Far below the 300 ms Redis timeout: nothing waited for Redis.
     assert!(slowest < std::time::Duration::from_millis(100), "a verification took {slowest:?}");
 
@@ -405,6 +410,8 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
     assert!(v["quota"]["used"].as_u64().unwrap() >= 1, "{v}");
     let health = app.state.limiter.health();
     assert!(health.up && health.degraded_total > std::time::Duration::ZERO);
+    let r = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!((r.body["status"].as_str(), r.body["limiter"].as_str()), (Some("ready"), Some("ok")), "{}", r.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
