@@ -48,20 +48,35 @@ def _whole_floats_as_integers(value):
     return value
 
 
-def _in_the_future(value):
-    """`value` if it is not an RFC 3339 date-time in the past, else one a year from now."""
+def _instant(value):
+    """An RFC 3339 date-time with an offset, as an aware datetime; None for anything else."""
     if not isinstance(value, str):
-        return value
+        return None
     try:
         at = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def _utc_text(at):
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _in_the_future(value):
+    """`value` if it is not an RFC 3339 date-time in the past, else one a year from now."""
+    at, now = _instant(value), datetime.datetime.now(datetime.timezone.utc)
+    if at is None or at > now + datetime.timedelta(minutes=1):
         return value
-    if at.tzinfo is None:
+    return _utc_text(now + datetime.timedelta(days=365))
+
+
+def _not_ahead(value):
+    """`value` if it is not an RFC 3339 date-time in the future, else now."""
+    at, now = _instant(value), datetime.datetime.now(datetime.timezone.utc)
+    if at is None or at <= now:
         return value
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if at > now + datetime.timedelta(minutes=1):
-        return value
-    return (now + datetime.timedelta(days=365)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _utc_text(now)
 
 
 def _existing(value, variable):
@@ -77,22 +92,6 @@ def _existing(value, variable):
 
 def _existing_organization(value):
     return _existing(value, "KEYWARD_SCHEMATHESIS_ORG")
-
-
-def _not_ahead(value):
-    """`value` if it is not an RFC 3339 date-time in the future, else now."""
-    if not isinstance(value, str):
-        return value
-    try:
-        at = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        return value
-    if at.tzinfo is None:
-        return value
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if at <= now:
-        return value
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _existing_keys(report):

@@ -3,12 +3,13 @@
 //! three under concurrent load. Real processes, real sockets, every wait bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keyward_store::testing::PgSchema;
+
+mod common;
 use serde_json::{Value, json};
 
 struct Node {
@@ -73,20 +74,7 @@ fn start(database_url: &str, redis_url: &str) -> Node {
 
 /// One HTTP/1.1 request, `Connection: close`; status and JSON body.
 fn http(address: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let json = response.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
+    let (status, json, _) = common::http(address, method, path, key, body);
     (status, json)
 }
 

@@ -8,7 +8,7 @@ use axum::http::{Method, StatusCode};
 use chrono::{Duration, TimeZone, Utc};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, code, request};
+use crate::helpers::{OwnRedis, TestApp, code, request};
 
 async fn org_with(app: &TestApp, slug: &str, body: Value) -> keyward_core::OrgId {
     let mut b = json!({"name": slug, "slug": slug});
@@ -270,54 +270,6 @@ async fn one_tenant_s_failed_verifications_lock_out_no_other_tenant_and_not_the_
     assert_eq!(verify_as(&app, &b_backend, &b_good, "127.0.0.1").await, "VALID");
 }
 
-/// A `redis-server` of the test's own on a free loopback port (never the shared one), killed on drop.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = Self { port, dir: tempfile::TempDir::new().unwrap(), child: None };
-        redis.spawn();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (the test script installs it)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Polls the limiter's health (never Redis) until it says `up`, at most 5 s.
 async fn limiter_up(app: &TestApp, up: bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -351,7 +303,7 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
     assert_eq!(v["code"], "VALID");
     assert_eq!(v["quota"]["used"], 1);
 
-    redis.kill();
+    redis.stop();
     // The heartbeat notices by itself; no request pays for it.
     limiter_up(&app, false).await;
     let mut slowest = std::time::Duration::ZERO;
@@ -402,7 +354,7 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
     assert_eq!(r.status, StatusCode::OK, "another address is not locked out by the outage: {}", r.text);
 
     // Back: the probe sees it; the very first verification is exact.
-    redis.spawn();
+    redis.restart();
     limiter_up(&app, true).await;
     let v = app.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID", "{v}");
