@@ -268,6 +268,28 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     for (key, _) in &keys {
         assert_eq!(check(&b, key).await, "VALID");
     }
+    // Load on both nodes throughout: verifications of a key nobody revokes.
+    let v = service::Validator { plans: &a.plans, now: t0() };
+    let draft = service::CreateKeyRequest { name: "busy".into(), ..Default::default() }.validate(&v, org).unwrap();
+    let busy = service::create_key(&a, draft, &Actor::cli(t0())).await.unwrap().0.expose_secret().to_owned();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|node| {
+            let (busy, stop) = (busy.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut answered = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    // The manual clock never moves: past the free plan's minute, RATE_LIMITED.
+                    let code = check(&node, &busy).await;
+                    assert!(code == "VALID" || code == "RATE_LIMITED", "{code}");
+                    answered += 1;
+                    tokio::task::yield_now().await;
+                }
+                answered
+            })
+        })
+        .collect();
     // Redis goes away and comes back on the same port; both nodes subscribe again (dropping their
     // caches), and node B caches the keys again.
     redis.restart();
@@ -279,5 +301,9 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     for (key, record) in &keys {
         a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
         revoked_within_a_second(&b, key).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for node in load {
+        assert!(node.await.unwrap() > 0, "the load ran");
     }
 }
