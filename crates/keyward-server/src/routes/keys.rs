@@ -25,7 +25,7 @@ use crate::state::AppState;
 fn check_grant(caller: &Caller, scopes: &ScopeSet, self_service: bool) -> ApiResult<()> {
     for scope in scopes.iter() {
         let allowed = if scope.is_reserved() {
-            caller.is_admin() || caller.scopes().holds(scope.keyward().unwrap_or(keyward_core::KeywardScope::Admin))
+            caller_holds(caller, scope)
         } else {
             !self_service || caller.scopes().covers(scope)
         };
@@ -65,6 +65,8 @@ async fn writable_key(state: &AppState, caller: &Caller, id: KeyId) -> ApiResult
     Ok(key)
 }
 
+/// Whether the caller holds this `keyward:` scope itself (admin holds every one); an unknown reserved
+/// scope needs admin.
 fn caller_holds(caller: &Caller, reserved: &keyward_core::Scope) -> bool {
     caller.is_admin() || caller.scopes().holds(reserved.keyward().unwrap_or(keyward_core::KeywardScope::Admin))
 }
