@@ -279,42 +279,44 @@ pub struct CachedStore {
 /// outage costs one pool timeout, not one per verification.
 #[derive(Debug, Default)]
 pub struct StoreBreaker {
-    open: std::sync::atomic::AtomicBool,
-    since: Mutex<Option<std::time::Instant>>,
+    /// Since when the store has been unreachable; `None`: the breaker is closed.
+    down_since: Mutex<Option<std::time::Instant>>,
 }
 
 /// How often an open breaker pings the store.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 impl StoreBreaker {
+    fn since(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.down_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn is_open(&self) -> bool {
-        self.open.load(std::sync::atomic::Ordering::Acquire)
+        self.since().is_some()
     }
 
     /// How long the store has been unreachable, while it is.
     pub fn down_for(&self) -> Option<Duration> {
-        self.since.lock().unwrap_or_else(|p| p.into_inner()).map(|at| at.elapsed())
+        self.since().map(|at| at.elapsed())
     }
 
     /// Opens the breaker; `true` for the caller that opened it (it starts the probe).
     fn trip(&self) -> bool {
-        let opened = !self.open.swap(true, std::sync::atomic::Ordering::AcqRel);
-        if opened {
-            *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
-            metrics::gauge!("keyward_store_degraded").set(1.0);
+        let mut since = self.since();
+        if since.is_some() {
+            return false;
         }
-        opened
+        *since = Some(std::time::Instant::now());
+        metrics::gauge!("keyward_store_degraded").set(1.0);
+        true
     }
 
     fn close(&self) {
-        let since = self.since.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.open.store(false, std::sync::atomic::Ordering::Release);
+        let Some(since) = self.since().take() else { return };
         metrics::gauge!("keyward_store_degraded").set(0.0);
-        if let Some(since) = since {
-            let seconds = since.elapsed().as_secs_f64();
-            metrics::counter!("keyward_store_degraded_seconds_total").increment(seconds.ceil() as u64);
-            tracing::info!(down_for_s = seconds, "the store answers again: lookups reach it again");
-        }
+        let seconds = since.elapsed().as_secs_f64();
+        metrics::counter!("keyward_store_degraded_seconds_total").increment(seconds.ceil() as u64);
+        tracing::info!(down_for_s = seconds, "the store answers again: lookups reach it again");
     }
 }
 
