@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 mod common;
 use common::http;
@@ -140,22 +140,7 @@ impl Node {
                 admin = key.trim().to_owned();
             }
         }
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let address = loop {
-            assert!(started.elapsed() < Duration::from_secs(30), "node did not start");
-            let mut line = String::new();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "node exited during start");
-            if line.contains("keyward is listening") {
-                let v: Value = serde_json::from_str(&line).unwrap();
-                break v["fields"]["address"].as_str().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
+        let address = common::listening_address(&mut child, started);
         Self { child, address, admin }
     }
 

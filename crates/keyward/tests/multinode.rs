@@ -3,7 +3,6 @@
 //! three under concurrent load. Real processes, real sockets, every wait bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,24 +50,7 @@ fn start(database_url: &str, redis_url: &str) -> Node {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let started = Instant::now();
-    let address = loop {
-        assert!(started.elapsed() < Duration::from_secs(30), "node did not start");
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "node exited during start");
-        if line.contains("keyward is listening") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining the node's logs so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
+    let address = common::listening_address(&mut child, Instant::now());
     Node { child, address }
 }
 

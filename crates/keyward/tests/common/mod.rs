@@ -1,8 +1,9 @@
 //! What the binary's process tests share.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -25,4 +26,27 @@ pub fn http(address: &str, method: &str, path: &str, key: &str, body: Option<Val
     let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     let json = response.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
     (status, json, started.elapsed())
+}
+
+/// The address of a `keyward serve` child started with JSON logs on stderr (piped), from its
+/// "keyward is listening" line, within 30 s of `started`; its stderr is drained from then on so the
+/// node never blocks on a full pipe.
+pub fn listening_address(child: &mut Child, started: Instant) -> String {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let address = loop {
+        assert!(started.elapsed() < Duration::from_secs(30), "node did not start");
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "node exited during start");
+        if line.contains("keyward is listening") {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    address
 }
