@@ -145,8 +145,11 @@ async fn wait_for_health(l: &RedisLimiter, up: bool, within: Duration) -> Durati
     started.elapsed()
 }
 
-/// The longest a decision may take while Redis is down and the breaker knows it.
-const MEMORY_SPEED: Duration = Duration::from_millis(10);
+/// The longest a decision may take while Redis is down and the breaker knows it: half the 300 ms
+/// Redis timeout the tests configure. A decision that waited for Redis takes the whole timeout; one
+/// that did not takes microseconds; halfway, a busy 2-core machine's scheduling cannot fail the
+/// test. (Speed itself is the benchmarks' to measure.)
+const MEMORY_SPEED: Duration = Duration::from_millis(150);
 
 async fn outage(policy: FailurePolicy) {
     let _serial = SERIAL.lock().await;
@@ -181,7 +184,7 @@ async fn outage(policy: FailurePolicy) {
     let first = l.hit("key:k", &limits, t0()).await;
     let noticed = started.elapsed();
     assert!(first.degraded && first.allowed == policy.allows(), "{first:?}");
-    assert!(noticed <= timeout + Duration::from_millis(50), "noticing the outage took {noticed:?}");
+    assert!(noticed <= timeout * 3 / 2, "noticing the outage took {noticed:?}");
     assert!(!l.is_up() && !l.health().up);
     let mut slowest = Duration::ZERO;
     for i in 0..200 {

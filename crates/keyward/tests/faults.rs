@@ -120,6 +120,7 @@ impl Node {
             .env("KEYWARD_PROTECTION__KEY_CREATION_PER_MINUTE", "100000000")
             // Entries go stale within the outage: what is tested is the stale path, not the fresh one.
             .env("KEYWARD_CACHE__TTL_MS", "200")
+            .env("KEYWARD_CACHE__LOOKUP_TIMEOUT_MS", LOOKUP_TIMEOUT.as_millis().to_string())
             .env("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "50")
             .env("KEYWARD_USAGE__RETRY_MAX_MS", "200")
             .env("KEYWARD_USAGE__SPILL_PATH", dir.join("spill.jsonl"))
@@ -164,6 +165,12 @@ impl Drop for Node {
         let _ = self.child.kill();
     }
 }
+
+/// How long a lookup may wait for the store. An answer that waited for the store takes at least this
+/// long (or the pool's 5 s); one that did not takes microseconds. The assertions sit halfway, far from
+/// both, so a busy 2-core machine's scheduling noise cannot fail them: speed itself is measured by the
+/// benchmarks, this test proves that nothing waits for a dead store.
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 fn percentile(latencies: &mut [Duration], p: usize) -> Duration {
     latencies.sort();
@@ -265,13 +272,13 @@ fn a_postgres_outage_under_load_keeps_cached_keys_fast_and_loses_no_usage() {
         refused[0],
         back.elapsed()
     );
-    assert!(p99 < Duration::from_millis(10), "cached keys during the outage: p99 {p99:?}");
-    // The first lookup after the server died notices it, within the cache's lookup timeout (1 s);
-    // every other refusal is at once.
-    assert!(refused[0] < Duration::from_millis(1_500), "noticing the outage took {:?}", refused[0]);
+    assert!(p99 < LOOKUP_TIMEOUT / 2, "cached keys waited for the store during the outage: p99 {p99:?}");
+    // The first lookup after the server died notices it, within the cache's lookup timeout; every
+    // other refusal is at once.
+    assert!(refused[0] < LOOKUP_TIMEOUT * 3 / 2, "noticing the outage took {:?}", refused[0]);
     let mut after_first = refused[1..].to_vec();
     let refused_p99 = percentile(&mut after_first, 99);
-    assert!(refused_p99 < Duration::from_millis(10), "uncached keys during the outage: p99 {refused_p99:?}");
+    assert!(refused_p99 < LOOKUP_TIMEOUT / 2, "uncached keys waited for the store: p99 {refused_p99:?}");
 
     // Every verification is counted once: what the node buffered or spilled during the outage is
     // written when it stops.

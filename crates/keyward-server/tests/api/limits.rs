@@ -331,8 +331,8 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!((r.body["status"].as_str(), r.body["limiter"].as_str()), (Some("degraded"), Some("unreachable")));
     assert_eq!(r.body["store"], "ok");
-    // Far below the 300 ms Redis timeout: nothing waited for Redis.
-    assert!(slowest < std::time::Duration::from_millis(100), "a verification took {slowest:?}");
+    // Half the 300 ms Redis timeout: nothing waited for Redis.
+    assert!(slowest < std::time::Duration::from_millis(150), "a verification took {slowest:?}");
 
     // The management API and key creation stay open (this node counts).
     let r = app.get("/v1/me", &app.admin_key).await;
