@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
 use keyward_core::{OrgId, VerifyOutcome};
-use keyward_store::KeyRecord;
 use keyward_store::usage::QuotaSubject;
+use keyward_store::{EventKind, KeyRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -341,8 +341,8 @@ pub fn quota_threshold_hook(
         for percent in crossed {
             let data = serde_json::json!({ "percent": percent, "used": used, "limit": limit,
                                             "month": month, "quota": scope });
-            let event = keyward_store::Event::about_key("quota.threshold", &key, data, now);
-            let dedup = format!("quota.threshold:{subject}:{month}:{percent}");
+            let event = keyward_store::Event::about_key(EventKind::QuotaThreshold, &key, data, now);
+            let dedup = format!("{}:{subject}:{month}:{percent}", EventKind::QuotaThreshold);
             match state.store.record_event(&event, Some(&dedup)).await {
                 Ok(true) => state.events_written(),
                 Ok(false) => {}
@@ -383,13 +383,14 @@ async fn spike(state: &AppState, kind: &str, value: &str, now: DateTime<Utc>) {
     let minute = now.timestamp().div_euclid(60);
     let event = keyward_store::Event {
         id: uuid::Uuid::now_v7(),
-        event: "auth.failures_spike".to_owned(),
+        event: EventKind::AuthFailuresSpike,
         organization_id: None,
         key_id: None,
         payload: serde_json::json!({ kind: value, "failures_per_minute": per_minute }),
         created_at: keyward_store::stored_time(now),
     };
-    match state.store.record_event(&event, Some(&format!("auth.failures_spike:{kind}:{value}:{minute}"))).await {
+    let dedup = format!("{}:{kind}:{value}:{minute}", EventKind::AuthFailuresSpike);
+    match state.store.record_event(&event, Some(&dedup)).await {
         Ok(true) => {
             tracing::warn!(kind, value, "failed authentications spike");
             state.events_written();

@@ -48,18 +48,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::AppState;
 
-/// Every event a webhook can subscribe to.
-pub const EVENTS: &[&str] = &[
-    "key.created",
-    "key.updated",
-    "key.rotated",
-    "key.revoked",
-    "key.expiring",
-    "key.expired",
-    "quota.threshold",
-    "auth.failures_spike",
-];
-
 /// `[webhooks]` in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -81,7 +81,7 @@ pub async fn rotation_links_both_keys_and_schedules_revocation(store: &dyn Store
     assert!(matches!(gone, Err(StoreError::KeyLimitReached(1))), "the limit still holds for creation: {gone:?}");
     let events = store.list_events(None, 1_000).await.must("list_events");
     let rotated_events: Vec<_> =
-        events.iter().filter(|e| e.event == "key.rotated" && e.organization_id == Some(org.id)).collect();
+        events.iter().filter(|e| e.event.as_str() == "key.rotated" && e.organization_id == Some(org.id)).collect();
     assert_eq!(rotated_events.len(), 2);
     assert_eq!(rotated_events[0].key_id, Some(n.id));
     assert_eq!(rotated_events[0].payload["rotated_from"], json!(old.id));
@@ -119,7 +119,7 @@ pub async fn expiry_lists_notifies_and_deactivates(store: &dyn Store) {
     let first = store.record_expiring_events(at(0), 7).await.must("record expiring");
     let mine: Vec<_> = first.iter().filter(|e| e.organization_id == Some(org.id)).collect();
     assert_eq!(mine.iter().map(|e| e.key_id).collect::<Vec<_>>(), [Some(soon.id), Some(later.id)]);
-    assert!(mine.iter().all(|e| e.event == "key.expiring" && e.payload["days"] == json!(7)));
+    assert!(mine.iter().all(|e| e.event.as_str() == "key.expiring" && e.payload["days"] == json!(7)));
     let again = store.record_expiring_events(at(5), 7).await.must("record again");
     assert!(again.iter().all(|e| e.organization_id != Some(org.id)), "once per key and threshold: {again:?}");
     let one_day = store.record_expiring_events(at(5), 1).await.must("another threshold");
@@ -136,7 +136,7 @@ pub async fn expiry_lists_notifies_and_deactivates(store: &dyn Store) {
     assert_eq!(rows[0].details["after"]["is_active"], json!(false));
     assert!(store.expire_keys(Some(org.id), at(62), &system).await.must("expire again").is_empty(), "once");
     let events = store.list_events(None, 1_000).await.must("events");
-    assert_eq!(events.iter().filter(|e| e.event == "key.expired" && e.key_id == Some(soon.id)).count(), 1);
+    assert_eq!(events.iter().filter(|e| e.event.as_str() == "key.expired" && e.key_id == Some(soon.id)).count(), 1);
     // Ids sort by creation: paging after the first returns the rest.
     let rest = store.list_events(Some(events[0].id), 1_000).await.must("events after");
     assert_eq!(rest.len(), events.len() - 1);
@@ -282,9 +282,9 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     assert!(store.list_deliveries(all.id, 10).await.must("gone").is_empty());
     // Events recorded on their own, with a dedup key, happen once.
     let k2 = store.get_key(k.id).await.must("get key");
-    let e = crate::Event::about_key("quota.threshold", &k2, json!({"percent": 80}), at(9));
+    let e = crate::Event::about_key(crate::EventKind::QuotaThreshold, &k2, json!({"percent": 80}), at(9));
     assert!(store.record_event(&e, Some("quota:test:80")).await.must("record"));
-    let e2 = crate::Event::about_key("quota.threshold", &k2, json!({"percent": 80}), at(9));
+    let e2 = crate::Event::about_key(crate::EventKind::QuotaThreshold, &k2, json!({"percent": 80}), at(9));
     assert!(!store.record_event(&e2, Some("quota:test:80")).await.must("record twice"));
     assert!(store.verify_audit_chain().await.must("verify").intact);
 }

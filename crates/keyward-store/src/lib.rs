@@ -85,6 +85,11 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A stored value that does not parse: the database was edited by hand or by a newer version.
+pub(crate) fn corrupt(column: &str, what: impl fmt::Display) -> StoreError {
+    StoreError::Internal(format!("invalid value in column `{column}`: {what}"))
+}
+
 /// Who made a change, from where, and when; written into the audit row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
@@ -533,8 +538,8 @@ pub struct MigrationInfo {
 }
 
 pub use lifecycle::{
-    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, LifecycleStore, NewWebhook,
-    Rotation, Webhook, WebhookPatch, WebhookSecret,
+    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
+    NewWebhook, Rotation, Webhook, WebhookPatch, WebhookSecret,
 };
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.

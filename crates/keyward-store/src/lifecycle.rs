@@ -24,12 +24,82 @@ pub struct Rotation {
     pub new: ApiKey,
 }
 
+/// What an outbox event says happened: the closed set of names a webhook endpoint subscribes to. The
+/// names ([`EventKind::as_str`]) are part of the API: stored in the outbox and in subscriptions, sent
+/// as a delivery's `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    KeyCreated,
+    KeyUpdated,
+    KeyRotated,
+    KeyRevoked,
+    KeyExpiring,
+    KeyExpired,
+    /// A quota crossed one of its notice thresholds.
+    QuotaThreshold,
+    /// Many failed authentications from one address or against one key prefix (no organization's).
+    AuthFailuresSpike,
+}
+
+impl EventKind {
+    /// Every event, in the order the API lists them.
+    pub const ALL: [Self; 8] = [
+        Self::KeyCreated,
+        Self::KeyUpdated,
+        Self::KeyRotated,
+        Self::KeyRevoked,
+        Self::KeyExpiring,
+        Self::KeyExpired,
+        Self::QuotaThreshold,
+        Self::AuthFailuresSpike,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyCreated => "key.created",
+            Self::KeyUpdated => "key.updated",
+            Self::KeyRotated => "key.rotated",
+            Self::KeyRevoked => "key.revoked",
+            Self::KeyExpiring => "key.expiring",
+            Self::KeyExpired => "key.expired",
+            Self::QuotaThreshold => "quota.threshold",
+            Self::AuthFailuresSpike => "auth.failures_spike",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+
+    /// A name read back from `column`: one this version does not know is a corrupt row.
+    pub(crate) fn stored(name: &str, column: &str) -> StoreResult<Self> {
+        Self::parse(name).ok_or_else(|| crate::corrupt(column, name))
+    }
+
+    /// Whether the event belongs to no organization: only endpoints that name it receive it ("every
+    /// event" does not include it), and only `keyward:admin` may subscribe to it.
+    pub fn is_global(self) -> bool {
+        matches!(self, Self::AuthFailuresSpike)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// An event of the outbox: what happened, once, with the id every webhook payload carries.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
     pub id: Uuid,
-    /// `key.created`, `key.rotated`, `key.expiring`, `key.expired`, ...
-    pub event: String,
+    pub event: EventKind,
     pub organization_id: Option<OrgId>,
     pub key_id: Option<KeyId>,
     pub payload: Value,
@@ -38,14 +108,14 @@ pub struct Event {
 
 impl Event {
     /// A new event about a key. SECURITY: the payload is the key's audit form (prefix and hint only).
-    pub fn about_key(event: &str, key: &ApiKey, extra: Value, at: DateTime<Utc>) -> Self {
+    pub fn about_key(event: EventKind, key: &ApiKey, extra: Value, at: DateTime<Utc>) -> Self {
         let mut data = json!({ "key_id": key.id, "organization_id": key.organization_id, "key": key.audit_json() });
         if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), extra) {
             data.extend(extra);
         }
         Self {
             id: Uuid::now_v7(),
-            event: event.to_owned(),
+            event,
             organization_id: Some(key.organization_id),
             key_id: Some(key.id),
             payload: data,
@@ -136,7 +206,7 @@ pub struct Delivery {
     pub id: Uuid,
     pub endpoint_id: Uuid,
     pub event_id: Uuid,
-    pub event: String,
+    pub event: EventKind,
     /// The JSON body that is POSTed.
     pub payload: Value,
     /// `pending`, `succeeded` or `failed`.
@@ -199,18 +269,14 @@ pub fn delivery_body(event: &Event) -> Value {
     json!({ "id": event.id, "type": event.event, "created_at": event.created_at, "data": event.payload })
 }
 
-/// Whether an endpoint subscribed to `event` (an empty list: every event).
-pub fn subscribed(events: &[String], event: &str) -> bool {
-    events.is_empty() || events.iter().any(|e| e == event)
-}
-
-/// Whether an endpoint (already of the event's organization) receives `event`. An event of no
-/// organization (`auth.failures_spike`) goes only to endpoints that named it, which only
-/// `keyward:admin` may do; "every event" does not include it.
+/// Whether an endpoint (already of the event's organization) that subscribed to `events` (empty: every
+/// event) receives `event`. An event of no organization (`auth.failures_spike`) goes only to endpoints
+/// that named it, which only `keyward:admin` may do; "every event" does not include it.
 pub fn subscribed_to(events: &[String], event: &Event) -> bool {
+    let named = events.iter().any(|e| e == event.event.as_str());
     match event.organization_id {
-        Some(_) => subscribed(events, &event.event),
-        None => events.contains(&event.event),
+        Some(_) => events.is_empty() || named,
+        None => named,
     }
 }
 
@@ -318,7 +384,7 @@ pub(crate) fn rotate_details(before: &ApiKey, after: &ApiKey, new_id: KeyId) -> 
 /// expiry is moved gets a new notice).
 pub(crate) fn expiring_dedup(key: &ApiKey, days: u32) -> String {
     let expires = key.expires_at.map(|at| at.timestamp()).unwrap_or_default();
-    format!("key.expiring:{}:{days}d:{expires}", key.id)
+    format!("{}:{}:{days}d:{expires}", EventKind::KeyExpiring, key.id)
 }
 
 /// Turns a walk of rows into a report; shared by both backends.
@@ -328,5 +394,35 @@ pub(crate) fn report(walker: &keyward_core::audit_chain::ChainWalker, broken: Op
         rows_checked: walker.checked,
         unchained_rows: walker.unchained,
         broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_are_the_wire_names_and_read_back() {
+        let names: Vec<&str> = EventKind::ALL.map(EventKind::as_str).to_vec();
+        assert_eq!(
+            names,
+            [
+                "key.created",
+                "key.updated",
+                "key.rotated",
+                "key.revoked",
+                "key.expiring",
+                "key.expired",
+                "quota.threshold",
+                "auth.failures_spike"
+            ]
+        );
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).ok(), Some(json!(kind.as_str())));
+        }
+        assert_eq!(EventKind::parse("key.deleted"), None);
+        let global: Vec<_> = EventKind::ALL.into_iter().filter(|e| e.is_global()).collect();
+        assert_eq!(global, [EventKind::AuthFailuresSpike]);
     }
 }

@@ -30,9 +30,9 @@ use uuid::Uuid;
 mod lifecycle;
 
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
-    LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
+    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
+    PageRequest, Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -135,11 +135,6 @@ fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
         sqlx::migrate::MigrateError::Execute(inner) => db(inner),
         other => StoreError::Internal(format!("migration: {other}")),
     }
-}
-
-/// A stored value that does not parse: the database was edited by hand or by a newer version.
-fn corrupt(column: &str, what: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("invalid value in column `{column}`: {what}"))
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -618,7 +613,7 @@ impl Store for PostgresStore {
         let created = select_key(&mut tx, key.id, false).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyCreated, &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -732,7 +727,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyUpdated, &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
     }
@@ -764,7 +759,7 @@ impl Store for PostgresStore {
         .map_err(db)?
         .into_key()?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyRevoked, &after, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)
     }

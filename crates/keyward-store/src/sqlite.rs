@@ -34,9 +34,9 @@ use sqlx::{QueryBuilder, Sqlite};
 mod lifecycle;
 
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
-    LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
+    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
+    PageRequest, Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -185,11 +185,6 @@ fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
         sqlx::migrate::MigrateError::Execute(inner) => db(inner),
         other => StoreError::Internal(format!("migration: {other}")),
     }
-}
-
-/// A stored value that does not parse: the database was edited by hand or by a newer version.
-fn corrupt(column: &str, what: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("invalid value in column `{column}`: {what}"))
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -719,7 +714,7 @@ impl Store for SqliteStore {
         let created = select_key(&mut tx, key.id).await?;
         let details = json!({ "after": created.audit_json() });
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyCreated, &created, actor).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
     }
@@ -831,7 +826,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyUpdated, &after, actor).await?;
         let updated = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(updated)
@@ -860,7 +855,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
-        lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
+        lifecycle::key_event(&mut tx, EventKind::KeyRevoked, &after, actor).await?;
         let revoked = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
         Ok(revoked)

@@ -20,7 +20,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use keyward_core::{KeywardScope, OrgId};
-use keyward_store::{Attempt, Delivery, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
+use keyward_store::{Attempt, Delivery, EventKind, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -31,7 +31,7 @@ use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::state::AppState;
-use crate::webhooks::{EVENTS, check_url};
+use crate::webhooks::check_url;
 
 const MAX_DESCRIPTION: usize = 2_000;
 
@@ -121,7 +121,7 @@ impl DeliveryResponse {
         Self {
             id: d.id,
             event_id: d.event_id,
-            event: d.event,
+            event: d.event.as_str().to_owned(),
             payload: d.payload,
             status: d.status,
             attempts: d.attempts,
@@ -179,27 +179,23 @@ impl utoipa::PartialSchema for WebhookUrl {
 
 impl ToSchema for WebhookUrl {}
 
-/// A webhook event: how the API spells [`EVENTS`].
-#[derive(ToSchema)]
-#[schema(as = WebhookEvent)]
-#[allow(dead_code)] // documentation only: the values are `EVENTS`
-pub enum EventName {
-    #[schema(rename = "key.created")]
-    KeyCreated,
-    #[schema(rename = "key.updated")]
-    KeyUpdated,
-    #[schema(rename = "key.rotated")]
-    KeyRotated,
-    #[schema(rename = "key.revoked")]
-    KeyRevoked,
-    #[schema(rename = "key.expiring")]
-    KeyExpiring,
-    #[schema(rename = "key.expired")]
-    KeyExpired,
-    #[schema(rename = "quota.threshold")]
-    QuotaThreshold,
-    #[schema(rename = "auth.failures_spike")]
-    AuthFailuresSpike,
+/// A webhook event, as the API spells it: one of [`EventKind::ALL`].
+pub struct EventName;
+
+impl utoipa::PartialSchema for EventName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(EventKind::ALL.map(EventKind::as_str)))
+            .description(Some("A webhook event."))
+            .into()
+    }
+}
+
+impl ToSchema for EventName {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "WebhookEvent".into()
+    }
 }
 
 /// The body of `PATCH /v1/webhooks/{id}`.
@@ -218,13 +214,11 @@ pub struct UpdateWebhookRequest {
     pub description: Option<Option<String>>,
 }
 
-/// Events that belong to no organization: only `keyward:admin` may subscribe to them.
-const ADMIN_EVENTS: &[&str] = &["auth.failures_spike"];
-
 /// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
 /// checked at creation, and on every write with the endpoint's current events and its new ones.
 fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
-    match events.iter().find(|e| ADMIN_EVENTS.contains(&e.as_str())) {
+    // Events that belong to no organization: only `keyward:admin` may subscribe to them.
+    match events.iter().find(|e| EventKind::parse(e).is_some_and(EventKind::is_global)) {
         Some(event) if !caller.is_admin() => Err(ApiError::new(
             ErrorCode::InsufficientScope,
             format!("an endpoint subscribed to `{event}` needs the scope `keyward:admin`"),
@@ -235,14 +229,14 @@ fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
 
 fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
     for (i, e) in events.iter().enumerate() {
-        if !EVENTS.contains(&e.as_str()) {
+        if EventKind::parse(e).is_none() {
             return Err(ApiError::validation(
                 format!("events[{i}]"),
                 // SECURITY: the name is client input, and could be a key pasted in the wrong place.
                 format!(
                     "unknown event {}; known events: {}",
                     keyward_core::key::quote_if_not_key(e),
-                    EVENTS.join(", ")
+                    EventKind::ALL.map(EventKind::as_str).join(", ")
                 ),
             ));
         }

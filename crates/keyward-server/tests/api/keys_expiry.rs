@@ -53,7 +53,7 @@ async fn expiring_cleanup_and_sweeper(app: TestApp) {
     assert_eq!(sweep(&app.state).await.unwrap(), SweepReport { expired: 0, expiring_notices: 3 });
     assert_eq!(sweep(&app.state).await.unwrap(), SweepReport { expired: 0, expiring_notices: 0 }, "once");
     let events = app.state.store.list_events(None, 1000).await.unwrap();
-    let notices: Vec<_> = events.iter().filter(|e| e.event == "key.expiring").collect();
+    let notices: Vec<_> = events.iter().filter(|e| e.event.as_str() == "key.expiring").collect();
     assert_eq!(notices.len(), 3);
     assert!(notices.iter().any(|e| e.key_id == Some(foreign.id)));
 
@@ -84,7 +84,7 @@ async fn expiring_cleanup_and_sweeper(app: TestApp) {
         (Some("expire"), Some("system"))
     );
     let events = app.state.store.list_events(None, 1000).await.unwrap();
-    let expired: Vec<_> = events.iter().filter(|e| e.event == "key.expired").map(|e| e.key_id).collect();
+    let expired: Vec<_> = events.iter().filter(|e| e.event.as_str() == "key.expired").map(|e| e.key_id).collect();
     assert_eq!(expired, [Some(in1.id), Some(foreign.id)]);
     // The audit chain holds through all of it.
     let r = app.get("/v1/audit-logs/verify", &app.admin_key).await;

@@ -299,7 +299,7 @@ where
 }
 
 async fn events_of(app: &TestApp, event: &str) -> Vec<keyward_store::Event> {
-    app.state.store.list_events(None, 10_000).await.unwrap().into_iter().filter(|e| e.event == event).collect()
+    app.state.store.list_events(None, 10_000).await.unwrap().into_iter().filter(|e| e.event.as_str() == event).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key, select_org};
 use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
-    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
-    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -49,7 +49,7 @@ pub(super) async fn insert_event(conn: &mut PgConnection, event: &Event, dedup: 
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedup_key) DO NOTHING",
     )
     .bind(event.id)
-    .bind(&event.event)
+    .bind(event.event.as_str())
     .bind(event.organization_id.map(|id| id.0))
     .bind(event.key_id.map(|id| id.0))
     .bind(dedup)
@@ -62,7 +62,12 @@ pub(super) async fn insert_event(conn: &mut PgConnection, event: &Event, dedup: 
 }
 
 /// The outbox event of a change to a key, written in the change's transaction next to its audit row.
-pub(super) async fn key_event(conn: &mut PgConnection, event: &str, key: &ApiKey, actor: &Actor) -> StoreResult<()> {
+pub(super) async fn key_event(
+    conn: &mut PgConnection,
+    event: EventKind,
+    key: &ApiKey,
+    actor: &Actor,
+) -> StoreResult<()> {
     insert_event(conn, &Event::about_key(event, key, json!({ "actor": actor.actor }), actor.at), None).await?;
     Ok(())
 }
@@ -92,15 +97,15 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn into_event(self) -> Event {
-        Event {
+    fn into_event(self) -> StoreResult<Event> {
+        Ok(Event {
             id: self.id,
-            event: self.event,
+            event: EventKind::stored(&self.event, "events.event")?,
             organization_id: self.organization_id.map(OrgId),
             key_id: self.key_id.map(KeyId),
             payload: self.payload.0,
             created_at: self.created_at,
-        }
+        })
     }
 }
 
@@ -156,12 +161,12 @@ struct DeliveryRow {
 }
 
 impl DeliveryRow {
-    fn into_delivery(self) -> Delivery {
-        Delivery {
+    fn into_delivery(self) -> StoreResult<Delivery> {
+        Ok(Delivery {
             id: self.id,
             endpoint_id: self.endpoint_id,
             event_id: self.event_id,
-            event: self.event,
+            event: EventKind::stored(&self.event, "webhook_deliveries.event")?,
             payload: self.payload.0,
             status: self.status,
             attempts: self.attempts,
@@ -171,7 +176,7 @@ impl DeliveryRow {
             last_error: self.last_error,
             created_at: self.created_at,
             updated_at: self.updated_at,
-        }
+        })
     }
 }
 
@@ -238,7 +243,7 @@ impl LifecycleStore for PostgresStore {
         let details = json!({ "after": created.audit_json(), "rotated_from": old });
         append_audit(&mut tx, "create", Some(created.id), org, actor, &details).await?;
         let extra = json!({ "rotated_from": old, "old_key_revoked_at": revoke_at });
-        insert_event(&mut tx, &Event::about_key("key.rotated", &created, extra, actor.at), None).await?;
+        insert_event(&mut tx, &Event::about_key(EventKind::KeyRotated, &created, extra, actor.at), None).await?;
         tx.commit().await.map_err(db)?;
         Ok(Rotation { old: old_after, new: created })
     }
@@ -299,7 +304,7 @@ impl LifecycleStore for PostgresStore {
                 keyward_core::diff::diff(&before.audit_json(), &after.audit_json()).unwrap_or_else(|| json!({}));
             append_audit(&mut tx, "expire", Some(after.id), after.organization_id, actor, &details).await?;
             let extra = json!({ "expired_at": after.expires_at });
-            insert_event(&mut tx, &Event::about_key("key.expired", &after, extra, actor.at), None).await?;
+            insert_event(&mut tx, &Event::about_key(EventKind::KeyExpired, &after, extra, actor.at), None).await?;
             expired.push(after);
         }
         tx.commit().await.map_err(db)?;
@@ -318,7 +323,7 @@ impl LifecycleStore for PostgresStore {
         for row in rows {
             let key = row.into_key()?;
             let extra = json!({ "expires_at": key.expires_at, "days": days });
-            let event = Event::about_key("key.expiring", &key, extra, now);
+            let event = Event::about_key(EventKind::KeyExpiring, &key, extra, now);
             if insert_event(&mut tx, &event, Some(&expiring_dedup(&key, days))).await? {
                 events.push(event);
             }
@@ -390,7 +395,7 @@ impl LifecycleStore for PostgresStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit.max(1)));
         let rows = qb.build_query_as::<EventRow>().fetch_all(&self.pool).await.map_err(db)?;
-        Ok(rows.into_iter().map(EventRow::into_event).collect())
+        rows.into_iter().map(EventRow::into_event).collect()
     }
 
     async fn record_event(&self, event: &Event, dedup_key: Option<&str>) -> StoreResult<bool> {
@@ -508,7 +513,7 @@ impl LifecycleStore for PostgresStore {
         .map_err(db)?;
         let mut made = 0;
         for row in rows {
-            let event = row.into_event();
+            let event = row.into_event()?;
             {
                 // An event of no organization goes to the endpoints that named it (see `subscribed_to`).
                 let mut qb = QueryBuilder::<Postgres>::new(format!(
@@ -534,7 +539,7 @@ impl LifecycleStore for PostgresStore {
                     .bind(Uuid::now_v7())
                     .bind(hook.id)
                     .bind(event.id)
-                    .bind(&event.event)
+                    .bind(event.event.as_str())
                     .bind(Json(&body))
                     .bind(stored_time(now))
                     .bind(stored_time(give_up_at))
@@ -576,7 +581,7 @@ impl LifecycleStore for PostgresStore {
         .map_err(db)?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
-            let delivery = row.into_delivery();
+            let delivery = row.into_delivery()?;
             let hook = select_webhook(&mut tx, delivery.endpoint_id).await?;
             jobs.push(DeliveryJob { delivery, url: hook.url, secret: hook.secret });
         }
@@ -624,7 +629,7 @@ impl LifecycleStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        Ok(rows.into_iter().map(DeliveryRow::into_delivery).collect())
+        rows.into_iter().map(DeliveryRow::into_delivery).collect()
     }
 
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
@@ -665,6 +670,6 @@ impl LifecycleStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        row.map(DeliveryRow::into_delivery).ok_or(StoreError::NotFound)
+        row.map(DeliveryRow::into_delivery).ok_or(StoreError::NotFound)?
     }
 }

@@ -17,8 +17,8 @@ use super::{
 };
 use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
 use crate::{
-    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
-    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -53,7 +53,7 @@ pub(super) async fn insert_event(conn: &mut SqliteConnection, event: &Event, ded
          VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup_key) DO NOTHING",
     )
     .bind(event.id.to_string())
-    .bind(&event.event)
+    .bind(event.event.as_str())
     .bind(event.organization_id.map(|id| id.to_string()))
     .bind(event.key_id.map(|id| id.to_string()))
     .bind(dedup)
@@ -68,7 +68,7 @@ pub(super) async fn insert_event(conn: &mut SqliteConnection, event: &Event, ded
 /// The outbox event of a change to a key, written in the change's transaction next to its audit row.
 pub(super) async fn key_event(
     conn: &mut SqliteConnection,
-    event: &str,
+    event: EventKind,
     key: &ApiKey,
     actor: &Actor,
 ) -> StoreResult<()> {
@@ -104,7 +104,7 @@ impl EventRow {
     fn into_event(self) -> StoreResult<Event> {
         Ok(Event {
             id: super::parse_id(&self.id, "events.id")?,
-            event: self.event,
+            event: EventKind::stored(&self.event, "events.event")?,
             organization_id: parse_opt_id(self.organization_id, "events.organization_id")?,
             key_id: parse_opt_id(self.key_id, "events.key_id")?,
             payload: parse_json(&self.payload, "events.payload")?,
@@ -170,7 +170,7 @@ impl DeliveryRow {
             id: super::parse_id(&self.id, "webhook_deliveries.id")?,
             endpoint_id: super::parse_id(&self.endpoint_id, "webhook_deliveries.endpoint_id")?,
             event_id: super::parse_id(&self.event_id, "webhook_deliveries.event_id")?,
-            event: self.event,
+            event: EventKind::stored(&self.event, "webhook_deliveries.event")?,
             payload: parse_json(&self.payload, "webhook_deliveries.payload")?,
             status: self.status,
             attempts: self.attempts,
@@ -256,7 +256,7 @@ impl LifecycleStore for SqliteStore {
         let details = json!({ "after": created.audit_json(), "rotated_from": old });
         append_audit(&mut tx, "create", Some(created.id), org, actor, &details).await?;
         let extra = json!({ "rotated_from": old, "old_key_revoked_at": revoke_at });
-        insert_event(&mut tx, &Event::about_key("key.rotated", &created, extra, actor.at), None).await?;
+        insert_event(&mut tx, &Event::about_key(EventKind::KeyRotated, &created, extra, actor.at), None).await?;
         tx.commit().await.map_err(db)?;
         Ok(Rotation { old: old_after, new: created })
     }
@@ -310,7 +310,7 @@ impl LifecycleStore for SqliteStore {
                 keyward_core::diff::diff(&before.audit_json(), &after.audit_json()).unwrap_or_else(|| json!({}));
             append_audit(&mut tx, "expire", Some(after.id), after.organization_id, actor, &details).await?;
             let extra = json!({ "expired_at": after.expires_at });
-            insert_event(&mut tx, &Event::about_key("key.expired", &after, extra, actor.at), None).await?;
+            insert_event(&mut tx, &Event::about_key(EventKind::KeyExpired, &after, extra, actor.at), None).await?;
             expired.push(after);
         }
         tx.commit().await.map_err(db)?;
@@ -330,7 +330,7 @@ impl LifecycleStore for SqliteStore {
         for row in rows {
             let key = row.into_key()?;
             let extra = json!({ "expires_at": key.expires_at, "days": days });
-            let event = Event::about_key("key.expiring", &key, extra, now);
+            let event = Event::about_key(EventKind::KeyExpiring, &key, extra, now);
             if insert_event(&mut tx, &event, Some(&expiring_dedup(&key, days))).await? {
                 events.push(event);
             }
@@ -540,7 +540,7 @@ impl LifecycleStore for SqliteStore {
                     .bind(Uuid::now_v7().to_string())
                     .bind(hook.id.to_string())
                     .bind(event.id.to_string())
-                    .bind(&event.event)
+                    .bind(event.event.as_str())
                     .bind(&body)
                     .bind(ts(now))
                     .bind(ts(give_up_at))
