@@ -58,6 +58,7 @@ pub mod conformance_lifecycle;
 pub mod lifecycle;
 pub mod postgres;
 pub mod record;
+mod sql;
 pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;

@@ -6,33 +6,35 @@
 //! `max_api_keys` count and the insert cannot interleave with another node's; the key itself for an
 //! update or a revocation, so that the audit diff is computed against what is really replaced.
 //!
-//! Queries are checked at run time (no `DATABASE_URL` at build time); the conformance suite, run
-//! against a real server, is what proves the SQL. Rows are read into private `FromRow` structs and
-//! converted into the public records in one place each.
+//! The statements and rows are the ones both backends share (`crate::sql`); this module says how
+//! PostgreSQL stores the column types that differ and how its errors read.
 
 mod usage;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::diff::diff;
-use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
+use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::{Value, json};
-use sqlx::migrate::{Migrate, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult};
 use sqlx::types::Json;
-use sqlx::{Postgres, QueryBuilder};
+use sqlx::{Arguments, Database, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
 
 mod lifecycle;
 
+use crate::sql::{Arg, Backend, Dialect, rows, store};
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
+    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
+    StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -86,10 +88,6 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-
-    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, Postgres>> {
-        self.pool.begin().await.map_err(db)
-    }
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -130,219 +128,121 @@ fn db(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
-    match e {
-        sqlx::migrate::MigrateError::Execute(inner) => db(inner),
-        other => StoreError::Internal(format!("migration: {other}")),
+// -----------------------------------------------------------------------------------------------
+// Column encodings
+
+/// Ids are `uuid`, times `timestamptz`, JSON `jsonb` and lists of strings `text[]`: sqlx reads them as
+/// they are.
+impl Dialect for Postgres {
+    type Id = Uuid;
+    type Time = DateTime<Utc>;
+    type Json = Json<Value>;
+    type List = Vec<String>;
+
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const TRUE: &'static str = "TRUE";
+    const FALSE: &'static str = "FALSE";
+
+    fn error(e: sqlx::Error) -> StoreError {
+        db(e)
+    }
+
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn arguments<'q>(args: Vec<Arg>) -> Result<<Postgres as Database>::Arguments<'q>, BoxDynError> {
+        let mut out = PgArguments::default();
+        for arg in args {
+            match arg {
+                Arg::Id(v) => out.add(v)?,
+                Arg::Time(v) => out.add(v)?,
+                Arg::Day(v) => out.add(v)?,
+                Arg::Text(v) => out.add(v)?,
+                Arg::Int(v) => out.add(v)?,
+                Arg::Bool(v) => out.add(v)?,
+                Arg::Bytes(v) => out.add(v)?,
+                Arg::Json(v) => out.add(Json(v))?,
+                Arg::List(v) => out.add(v)?,
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_id(v: Uuid, _column: &str) -> StoreResult<Uuid> {
+        Ok(v)
+    }
+
+    fn id_text(v: &Uuid) -> String {
+        v.to_string()
+    }
+
+    fn read_time(v: DateTime<Utc>, _column: &str) -> StoreResult<DateTime<Utc>> {
+        Ok(v)
+    }
+
+    fn read_json(v: Json<Value>, _column: &str) -> StoreResult<Value> {
+        Ok(v.0)
+    }
+
+    fn read_list(v: Vec<String>, _column: &str) -> StoreResult<Vec<String>> {
+        Ok(v)
+    }
+}
+
+impl Backend for PostgresStore {
+    type Db = Postgres;
+
+    async fn reader(&self) -> StoreResult<PoolConnection<Postgres>> {
+        self.pool.acquire().await.map_err(db)
+    }
+
+    async fn writer(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(db)
+    }
+
+    /// sqlx holds a PostgreSQL advisory lock while it migrates: nodes starting together take turns.
+    fn migrations(&self) -> (&'static Migrator, &PgPool) {
+        (&MIGRATOR, &self.pool)
+    }
+
+    async fn snapshot(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        Ok(tx)
     }
 }
 
 // -----------------------------------------------------------------------------------------------
-// Rows
+// Statements of the writes
 
-#[derive(sqlx::FromRow)]
-struct OrgRow {
-    id: Uuid,
-    name: String,
-    slug: String,
-    email: Option<String>,
-    plan: String,
-    is_active: bool,
-    monthly_request_limit: Option<i64>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    max_api_keys: Option<i64>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-impl OrgRow {
-    fn into_org(self) -> StoreResult<Organization> {
-        Ok(Organization {
-            id: OrgId(self.id),
-            name: self.name,
-            slug: self.slug,
-            email: self.email,
-            plan: self.plan,
-            is_active: self.is_active,
-            limits: LimitOverrides {
-                rate_limit_per_minute: self.rate_limit_per_minute,
-                rate_limit_per_hour: self.rate_limit_per_hour,
-                rate_limit_per_day: self.rate_limit_per_day,
-                monthly_request_limit: self.monthly_request_limit,
-            },
-            max_api_keys: self.max_api_keys,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct KeyRow {
-    id: Uuid,
-    organization_id: Uuid,
-    owner_id: Option<String>,
-    name: String,
-    description: Option<String>,
-    environment: String,
-    prefix: String,
-    key_hint: String,
-    key_hash: Vec<u8>,
-    hash_algorithm: String,
-    scopes: Vec<String>,
-    allowed_ips: Vec<String>,
-    expires_at: Option<DateTime<Utc>>,
-    is_active: bool,
-    revoked_at: Option<DateTime<Utc>>,
-    revoke_reason: Option<String>,
-    plan: Option<String>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    monthly_request_limit: Option<i64>,
-    metadata: Json<Value>,
-    total_requests: i64,
-    last_used_at: Option<DateTime<Utc>>,
-    last_used_ip: Option<String>,
-    rotated_from: Option<Uuid>,
-    replaced_by: Option<Uuid>,
-    created_by: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    lineage_id: Option<Uuid>,
-}
-
-impl KeyRow {
-    fn into_key(self) -> StoreResult<ApiKey> {
-        Ok(ApiKey {
-            id: KeyId(self.id),
-            organization_id: OrgId(self.organization_id),
-            owner_id: self.owner_id,
-            name: self.name,
-            description: self.description,
-            environment: Environment::parse(&self.environment).map_err(|e| corrupt("api_keys.environment", e))?,
-            prefix: self.prefix,
-            hint: self.key_hint,
-            hash_algorithm: HashAlgorithm::parse(&self.hash_algorithm)
-                .ok_or_else(|| corrupt("api_keys.hash_algorithm", &self.hash_algorithm))?,
-            // SECURITY: the error names the length only, never the bytes.
-            key_hash: KeyHash::from_slice(&self.key_hash)
-                .ok_or_else(|| corrupt("api_keys.key_hash", format!("{} bytes", self.key_hash.len())))?,
-            scopes: ScopeSet::parse(&self.scopes).map_err(|e| corrupt("api_keys.scopes", e))?,
-            allowed_ips: IpAllowList::parse(&self.allowed_ips).map_err(|e| corrupt("api_keys.allowed_ips", e))?,
-            expires_at: self.expires_at,
-            is_active: self.is_active,
-            revoked_at: self.revoked_at,
-            revoke_reason: self.revoke_reason,
-            plan: self.plan,
-            limits: LimitOverrides {
-                rate_limit_per_minute: self.rate_limit_per_minute,
-                rate_limit_per_hour: self.rate_limit_per_hour,
-                rate_limit_per_day: self.rate_limit_per_day,
-                monthly_request_limit: self.monthly_request_limit,
-            },
-            metadata: self.metadata.0,
-            total_requests: self.total_requests,
-            last_used_at: self.last_used_at,
-            last_used_ip: self.last_used_ip,
-            rotated_from: self.rotated_from.map(KeyId),
-            replaced_by: self.replaced_by.map(KeyId),
-            created_by: self.created_by,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            lineage_id: self.lineage_id.map(KeyId),
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct KeyWithOrgRow {
-    #[sqlx(flatten)]
-    key: KeyRow,
-    org_is_active: bool,
-    org_plan: String,
-    org_rate_limit_per_minute: Option<i64>,
-    org_rate_limit_per_hour: Option<i64>,
-    org_rate_limit_per_day: Option<i64>,
-    org_monthly_request_limit: Option<i64>,
-}
-
-#[derive(sqlx::FromRow)]
-struct AuditRow {
-    id: i64,
-    action: String,
-    key_id: Option<Uuid>,
-    organization_id: Option<Uuid>,
-    actor: String,
-    actor_ip: Option<String>,
-    details: Json<Value>,
-    created_at: DateTime<Utc>,
-}
-
-impl AuditRow {
-    fn into_entry(self) -> StoreResult<AuditEntry> {
-        Ok(AuditEntry {
-            id: self.id,
-            action: self.action,
-            key_id: self.key_id.map(KeyId),
-            organization_id: self.organization_id.map(OrgId),
-            actor: self.actor,
-            actor_ip: self.actor_ip,
-            details: self.details.0,
-            created_at: self.created_at,
-        })
-    }
-}
-
-/// Turns `limit + 1` fetched rows into a page: the extra row only says that there is a next page.
-fn into_page<R, T, C>(
-    rows: Vec<R>,
-    limit: usize,
-    convert: impl Fn(R) -> StoreResult<T>,
-    cursor: impl Fn(&T) -> C,
-) -> StoreResult<Page<T, C>> {
-    let more = rows.len() > limit;
-    let items = rows.into_iter().take(limit).map(convert).collect::<StoreResult<Vec<T>>>()?;
-    let next_cursor = if more { items.last().map(cursor) } else { None };
-    Ok(Page { items, next_cursor })
-}
-
-/// Rows to fetch for a page. A limit of 0 is read as 1, so that paging always moves forward.
-fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
-    let limit = page.limit.max(1);
-    (limit as usize, i64::from(limit) + 1)
-}
-
-// -----------------------------------------------------------------------------------------------
-// Statements shared by several methods; each runs on the caller's transaction.
+type KeyRow = rows::KeyRow<Postgres>;
+type OrgRow = rows::OrgRow<Postgres>;
 
 async fn select_org(conn: &mut PgConnection, id: OrgId, lock: bool) -> StoreResult<Organization> {
-    let sql = if lock {
-        concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = $1 FOR UPDATE")
-    } else {
-        concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = $1")
-    };
-    sqlx::query_as::<_, OrgRow>(sql).bind(id.0).fetch_one(conn).await.map_err(db)?.into_org()
+    if lock { store::lock_org::<Postgres>(conn, id).await } else { store::select_org::<Postgres>(conn, id).await }
 }
 
 async fn select_key(conn: &mut PgConnection, id: KeyId, lock: bool) -> StoreResult<ApiKey> {
-    let sql = if lock {
-        concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1 FOR UPDATE")
-    } else {
-        concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1")
-    };
-    sqlx::query_as::<_, KeyRow>(sql).bind(id.0).fetch_one(conn).await.map_err(db)?.into_key()
+    if lock { store::lock_key::<Postgres>(conn, id).await } else { store::select_key::<Postgres>(conn, id).await }
 }
 
-/// Keys that count against `max_api_keys`: every key not revoked.
 async fn held_keys(conn: &mut PgConnection, org: OrgId) -> StoreResult<i64> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE organization_id = $1 AND revoked_at IS NULL")
-        .bind(org.0)
-        .fetch_one(conn)
-        .await
-        .map_err(db)
+    store::held_keys::<Postgres>(conn, org).await
+}
+
+async fn append_audit(
+    conn: &mut PgConnection,
+    action: &str,
+    key_id: Option<KeyId>,
+    organization_id: OrgId,
+    actor: &Actor,
+    details: &Value,
+) -> StoreResult<AuditEntry> {
+    store::append_audit::<Postgres>(conn, action, key_id, organization_id, actor, details).await
 }
 
 /// A key row to insert: created keys and imported keys alike.
@@ -394,65 +294,6 @@ async fn insert_key_rows(conn: &mut PgConnection, rows: &[KeyInsert<'_>], actor:
     Ok(())
 }
 
-/// The audit row of a change, written in the change's own transaction.
-async fn append_audit(
-    conn: &mut PgConnection,
-    action: &str,
-    key_id: Option<KeyId>,
-    organization_id: OrgId,
-    actor: &Actor,
-    details: &Value,
-) -> StoreResult<AuditEntry> {
-    // The row is linked into the audit chain; `chain_link` locks the chain head, so appends from every
-    // node are serialized until this transaction ends.
-    let at = stored_time(actor.at);
-    let (key_text, org_text) = (key_id.map(|id| id.to_string()), organization_id.to_string());
-    let (prev_hash, row_hash) = lifecycle::chain_link(
-        &mut *conn,
-        &keyward_core::audit_chain::AuditContent {
-            action,
-            key_id: key_text.as_deref(),
-            organization_id: Some(&org_text),
-            actor: &actor.actor,
-            actor_ip: actor.ip.as_deref(),
-            details,
-            created_at: at,
-        },
-    )
-    .await?;
-    let entry = sqlx::query_as::<_, AuditRow>(concat!(
-        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash,
-                 row_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             RETURNING ",
-        audit_columns!()
-    ))
-    .bind(action)
-    .bind(key_id.map(|id| id.0))
-    .bind(organization_id.0)
-    .bind(&actor.actor)
-    .bind(&actor.ip)
-    .bind(Json(details))
-    .bind(at)
-    .bind(prev_hash)
-    .bind(&row_hash)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?
-    .into_entry()?;
-    lifecycle::chain_advance(conn, entry.id, &row_hash).await?;
-    Ok(entry)
-}
-
-/// Appends the status of a key at `now` to a query, with the precedence of `KeyState::status`.
-fn push_status(qb: &mut QueryBuilder<'_, Postgres>, now: DateTime<Utc>) {
-    qb.push("(CASE WHEN revoked_at IS NOT NULL AND revoked_at <= ")
-        .push_bind(now)
-        .push(" THEN 'revoked' WHEN NOT is_active THEN 'disabled' WHEN expires_at IS NOT NULL AND expires_at <= ")
-        .push_bind(now)
-        .push(" THEN 'expired' ELSE 'active' END)");
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
@@ -465,43 +306,19 @@ impl Store for PostgresStore {
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
-        // sqlx holds a PostgreSQL advisory lock while it migrates: nodes starting together take turns.
-        MIGRATOR.run(&self.pool).await.map_err(migrate_err)?;
-        self.migration_status().await
+        store::migrate_up(self).await
     }
 
     async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
-        let mut applied = {
-            let mut conn = self.pool.acquire().await.map_err(db)?;
-            conn.ensure_migrations_table().await.map_err(migrate_err)?;
-            conn.list_applied_migrations().await.map_err(migrate_err)?
-        };
-        applied.sort_by_key(|m| std::cmp::Reverse(m.version));
-        // `undo` reverts every applied migration newer than the target: the newest one left standing.
-        let target = applied.get(steps as usize).map_or(0, |m| m.version);
-        MIGRATOR.undo(&self.pool, target).await.map_err(migrate_err)?;
-        self.migration_status().await
+        store::migrate_down(self, steps).await
     }
 
     async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
-        let applied: HashSet<i64> = {
-            let mut conn = self.pool.acquire().await.map_err(db)?;
-            conn.ensure_migrations_table().await.map_err(migrate_err)?;
-            conn.list_applied_migrations().await.map_err(migrate_err)?.into_iter().map(|m| m.version).collect()
-        };
-        Ok(MIGRATOR
-            .iter()
-            .filter(|m| m.migration_type.is_up_migration())
-            .map(|m| MigrationInfo {
-                version: m.version,
-                description: m.description.to_string(),
-                applied: applied.contains(&m.version),
-            })
-            .collect())
+        store::migration_status(self).await
     }
 
     async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let created = sqlx::query_as::<_, OrgRow>(concat!(
             "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
                  rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
@@ -531,34 +348,20 @@ impl Store for PostgresStore {
     }
 
     async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        select_org(&mut conn, id, false).await
+        store::get_org(self, id).await
     }
 
     async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
-        sqlx::query_as::<_, OrgRow>(concat!("SELECT ", org_columns!(), " FROM organizations WHERE slug = $1"))
-            .bind(slug)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?
-            .map(OrgRow::into_org)
-            .transpose()
+        store::find_org_by_slug(self, slug).await
     }
 
     async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", org_columns!(), " FROM organizations"));
-        if let Some(after) = page.after {
-            qb.push(" WHERE id < ").push_bind(after.0);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<OrgRow>().fetch_all(&self.pool).await.map_err(db)?;
-        into_page(rows, limit, OrgRow::into_org, |org| org.id)
+        store::list_orgs(self, page).await
     }
 
     async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
         let action = patch.action();
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = select_org(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
@@ -594,11 +397,11 @@ impl Store for PostgresStore {
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM organizations").fetch_one(&self.pool).await.map_err(db)
+        store::count_orgs(self).await
     }
 
     async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         // The organization's row lock serializes key creations per organization across every node: the
         // count below (a fresh snapshot under READ COMMITTED, taken after the lock) sees every key
         // committed before, so two creations cannot both pass the limit.
@@ -619,81 +422,20 @@ impl Store for PostgresStore {
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        let row = sqlx::query_as::<_, KeyWithOrgRow>(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
-                o.org_rate_limit_per_day, o.org_monthly_request_limit
-             FROM api_keys JOIN (
-                 SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
-                        rate_limit_per_minute AS org_rate_limit_per_minute,
-                        rate_limit_per_hour AS org_rate_limit_per_hour,
-                        rate_limit_per_day AS org_rate_limit_per_day,
-                        monthly_request_limit AS org_monthly_request_limit
-                 FROM organizations
-             ) AS o ON o.org_id = api_keys.organization_id
-             WHERE key_hash = $1"
-        ))
-        .bind(hash.0.as_slice())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        row.map(|r| {
-            Ok(KeyWithOrg {
-                key: r.key.into_key()?,
-                org_is_active: r.org_is_active,
-                org_plan: r.org_plan,
-                org_limits: LimitOverrides {
-                    rate_limit_per_minute: r.org_rate_limit_per_minute,
-                    rate_limit_per_hour: r.org_rate_limit_per_hour,
-                    rate_limit_per_day: r.org_rate_limit_per_day,
-                    monthly_request_limit: r.org_monthly_request_limit,
-                },
-            })
-        })
-        .transpose()
+        store::find_key_by_hash(self, hash).await
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        select_key(&mut conn, id, false).await
+        store::get_key(self, id).await
     }
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE true"));
-        if let Some(org) = filter.organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.0);
-        }
-        if let Some(owner) = &filter.owner_id {
-            qb.push(" AND owner_id = ").push_bind(owner.clone());
-        }
-        if let Some(environment) = filter.environment {
-            qb.push(" AND environment = ").push_bind(environment.as_str());
-        }
-        match filter.status {
-            Some(status) => {
-                qb.push(" AND ");
-                push_status(&mut qb, filter.now);
-                qb.push(" = ").push_bind(status.as_str());
-            }
-            None if !filter.include_inactive => {
-                // Expired keys stay listed: they are still the customer's, and may be extended.
-                qb.push(" AND is_active AND (revoked_at IS NULL OR revoked_at > ").push_bind(filter.now).push(")");
-            }
-            None => {}
-        }
-        if let Some(after) = page.after {
-            qb.push(" AND id < ").push_bind(after.0);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<KeyRow>().fetch_all(&self.pool).await.map_err(db)?;
-        into_page(rows, limit, KeyRow::into_key, |key| key.id)
+        store::list_keys(self, filter, page).await
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
         let action = patch.action();
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
@@ -734,7 +476,7 @@ impl Store for PostgresStore {
 
     async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
         let at = stored_time(at);
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id, true).await?;
         // SECURITY: a revocation only ever moves earlier. A key already revoked by `at` stays as it is;
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
@@ -772,7 +514,7 @@ impl Store for PostgresStore {
         // sort is stable: one key's notes keep their order.
         let mut ordered: Vec<&KeyUsage> = usage.iter().collect();
         ordered.sort_by_key(|u| u.key_id);
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         for u in ordered {
             // SET expressions all see the row as it was, so the two CASEs compare against the old
             // `last_used_at`. An unknown address does not erase the last known one. A key that was
@@ -807,7 +549,7 @@ impl Store for PostgresStore {
         if keys.iter().any(|k| k.key.organization_id != organization_id) {
             return Err(StoreError::Internal("an imported key names another organization".to_owned()));
         }
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         // The same lock as insert_key: the limit counted here holds until the inserts are committed.
         let org = select_org(&mut tx, organization_id, true).await?;
         let held = match org.max_api_keys {
@@ -849,10 +591,7 @@ impl Store for PostgresStore {
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {
-        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy)")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)
+        store::has_legacy_keys(self).await
     }
 
     async fn append_audit(
@@ -863,38 +602,13 @@ impl Store for PostgresStore {
         actor: &Actor,
     ) -> StoreResult<AuditEntry> {
         // A transaction: the chain head stays locked until the row is committed.
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let entry = append_audit(&mut tx, action, None, organization_id, actor, &details).await?;
         tx.commit().await.map_err(db)?;
         Ok(entry)
     }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", audit_columns!(), " FROM audit_log WHERE true"));
-        if let Some(org) = filter.organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.0);
-        }
-        if let Some(key) = filter.key_id {
-            qb.push(" AND key_id = ").push_bind(key.0);
-        }
-        if let Some(action) = &filter.action {
-            qb.push(" AND action = ").push_bind(action.clone());
-        }
-        if let Some(actor) = &filter.actor {
-            qb.push(" AND actor = ").push_bind(actor.clone());
-        }
-        if let Some(since) = filter.since {
-            qb.push(" AND created_at >= ").push_bind(since);
-        }
-        if let Some(until) = filter.until {
-            qb.push(" AND created_at < ").push_bind(until);
-        }
-        if let Some(after) = page.after {
-            qb.push(" AND id < ").push_bind(after);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<AuditRow>().fetch_all(&self.pool).await.map_err(db)?;
-        into_page(rows, limit, AuditRow::into_entry, |entry| entry.id)
+        store::list_audit(self, filter, page).await
     }
 }

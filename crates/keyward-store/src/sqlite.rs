@@ -8,13 +8,12 @@
 //! file (the CLI next to a running server) waits for the busy timeout instead of interleaving between
 //! our read and our write.
 //!
-//! Queries are checked at run time (no `DATABASE_URL` at build time); the conformance suite is what
-//! proves the SQL. Rows are read into private `FromRow` structs and converted into the public records
-//! in one place each ([`KeyRow::into_key`], [`OrgRow::into_org`], [`AuditRow::into_entry`]).
+//! The statements and rows are the ones both backends share (`crate::sql`); this module says how
+//! SQLite stores the column types that differ (all as TEXT) and how its errors read.
 
 mod usage;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,20 +22,25 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::diff::diff;
-use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
+use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::{Value, json};
-use sqlx::migrate::{Migrate, Migrator};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteQueryResult, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::{Arguments, QueryBuilder, Sqlite, Transaction};
+use uuid::Uuid;
 
 mod lifecycle;
 
+use crate::sql::{Arg, Backend, Dialect, rows, store};
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
+    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
+    StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -127,11 +131,6 @@ impl SqliteStore {
             running.store(false, Ordering::Release);
         });
     }
-
-    /// A write transaction holding the database write lock from its first statement.
-    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
-        self.write.begin_with("BEGIN IMMEDIATE").await.map_err(db)
-    }
 }
 
 fn is_memory(url: &str) -> bool {
@@ -180,13 +179,6 @@ fn primary_code(e: &dyn sqlx::error::DatabaseError) -> Option<i32> {
     e.code()?.parse::<i32>().ok().map(|code| code & 0xff)
 }
 
-fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
-    match e {
-        sqlx::migrate::MigrateError::Execute(inner) => db(inner),
-        other => StoreError::Internal(format!("migration: {other}")),
-    }
-}
-
 // -----------------------------------------------------------------------------------------------
 // Column encodings
 
@@ -205,22 +197,11 @@ fn parse_ts(s: &str, column: &str) -> StoreResult<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| corrupt(column, e))
 }
 
-fn parse_opt_ts(s: Option<String>, column: &str) -> StoreResult<Option<DateTime<Utc>>> {
-    s.map(|s| parse_ts(&s, column)).transpose()
-}
-
 fn parse_id<T: FromStr>(s: &str, column: &str) -> StoreResult<T>
 where
     T::Err: std::fmt::Display,
 {
     s.parse().map_err(|e| corrupt(column, e))
-}
-
-fn parse_opt_id<T: FromStr>(s: Option<String>, column: &str) -> StoreResult<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    s.map(|s| parse_id(&s, column)).transpose()
 }
 
 fn json_text(value: &impl serde::Serialize) -> StoreResult<String> {
@@ -231,214 +212,113 @@ fn parse_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreRes
     serde_json::from_str(s).map_err(|e| corrupt(column, e))
 }
 
-// -----------------------------------------------------------------------------------------------
-// Rows
+/// Ids, times, JSON documents and lists of strings are all TEXT: ids hyphenated, times as [`ts`]
+/// writes them, lists as JSON arrays.
+impl Dialect for Sqlite {
+    type Id = String;
+    type Time = String;
+    type Json = String;
+    type List = String;
 
-#[derive(sqlx::FromRow)]
-struct OrgRow {
-    id: String,
-    name: String,
-    slug: String,
-    email: Option<String>,
-    plan: String,
-    is_active: bool,
-    monthly_request_limit: Option<i64>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    max_api_keys: Option<i64>,
-    created_at: String,
-    updated_at: String,
-}
+    const FOR_UPDATE: &'static str = "";
+    const TRUE: &'static str = "1";
+    const FALSE: &'static str = "0";
 
-impl OrgRow {
-    fn into_org(self) -> StoreResult<Organization> {
-        Ok(Organization {
-            id: parse_id(&self.id, "organizations.id")?,
-            name: self.name,
-            slug: self.slug,
-            email: self.email,
-            plan: self.plan,
-            is_active: self.is_active,
-            limits: LimitOverrides {
-                rate_limit_per_minute: self.rate_limit_per_minute,
-                rate_limit_per_hour: self.rate_limit_per_hour,
-                rate_limit_per_day: self.rate_limit_per_day,
-                monthly_request_limit: self.monthly_request_limit,
-            },
-            max_api_keys: self.max_api_keys,
-            created_at: parse_ts(&self.created_at, "organizations.created_at")?,
-            updated_at: parse_ts(&self.updated_at, "organizations.updated_at")?,
-        })
+    fn error(e: sqlx::Error) -> StoreError {
+        db(e)
+    }
+
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn arguments<'q>(args: Vec<Arg>) -> Result<SqliteArguments<'q>, BoxDynError> {
+        let mut out = SqliteArguments::default();
+        for arg in args {
+            match arg {
+                Arg::Id(v) => out.add(v.map(|id| id.to_string()))?,
+                Arg::Time(v) => out.add(opt_ts(v))?,
+                Arg::Day(v) => out.add(v.format("%Y-%m-%d").to_string())?,
+                Arg::Text(v) => out.add(v)?,
+                Arg::Int(v) => out.add(v)?,
+                Arg::Bool(v) => out.add(v)?,
+                Arg::Bytes(v) => out.add(v)?,
+                Arg::Json(v) => out.add(serde_json::to_string(&v)?)?,
+                Arg::List(v) => out.add(serde_json::to_string(&v)?)?,
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_id(v: String, column: &str) -> StoreResult<Uuid> {
+        parse_id(&v, column)
+    }
+
+    fn id_text(v: &String) -> String {
+        v.clone()
+    }
+
+    fn read_time(v: String, column: &str) -> StoreResult<DateTime<Utc>> {
+        parse_ts(&v, column)
+    }
+
+    fn read_json(v: String, column: &str) -> StoreResult<Value> {
+        parse_json(&v, column)
+    }
+
+    fn read_list(v: String, column: &str) -> StoreResult<Vec<String>> {
+        parse_json(&v, column)
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct KeyRow {
-    id: String,
-    organization_id: String,
-    owner_id: Option<String>,
-    name: String,
-    description: Option<String>,
-    environment: String,
-    prefix: String,
-    key_hint: String,
-    key_hash: Vec<u8>,
-    hash_algorithm: String,
-    scopes: String,
-    allowed_ips: String,
-    expires_at: Option<String>,
-    is_active: bool,
-    revoked_at: Option<String>,
-    revoke_reason: Option<String>,
-    plan: Option<String>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    monthly_request_limit: Option<i64>,
-    metadata: String,
-    total_requests: i64,
-    last_used_at: Option<String>,
-    last_used_ip: Option<String>,
-    rotated_from: Option<String>,
-    replaced_by: Option<String>,
-    created_by: Option<String>,
-    created_at: String,
-    updated_at: String,
-    lineage_id: Option<String>,
-}
+impl Backend for SqliteStore {
+    type Db = Sqlite;
 
-impl KeyRow {
-    fn into_key(self) -> StoreResult<ApiKey> {
-        let scopes: Vec<String> = parse_json(&self.scopes, "api_keys.scopes")?;
-        let allowed_ips: Vec<String> = parse_json(&self.allowed_ips, "api_keys.allowed_ips")?;
-        Ok(ApiKey {
-            id: parse_id(&self.id, "api_keys.id")?,
-            organization_id: parse_id(&self.organization_id, "api_keys.organization_id")?,
-            owner_id: self.owner_id,
-            name: self.name,
-            description: self.description,
-            environment: Environment::parse(&self.environment).map_err(|e| corrupt("api_keys.environment", e))?,
-            prefix: self.prefix,
-            hint: self.key_hint,
-            hash_algorithm: HashAlgorithm::parse(&self.hash_algorithm)
-                .ok_or_else(|| corrupt("api_keys.hash_algorithm", &self.hash_algorithm))?,
-            // SECURITY: the error names the length only, never the bytes.
-            key_hash: KeyHash::from_slice(&self.key_hash)
-                .ok_or_else(|| corrupt("api_keys.key_hash", format!("{} bytes", self.key_hash.len())))?,
-            scopes: ScopeSet::parse(&scopes).map_err(|e| corrupt("api_keys.scopes", e))?,
-            allowed_ips: IpAllowList::parse(&allowed_ips).map_err(|e| corrupt("api_keys.allowed_ips", e))?,
-            expires_at: parse_opt_ts(self.expires_at, "api_keys.expires_at")?,
-            is_active: self.is_active,
-            revoked_at: parse_opt_ts(self.revoked_at, "api_keys.revoked_at")?,
-            revoke_reason: self.revoke_reason,
-            plan: self.plan,
-            limits: LimitOverrides {
-                rate_limit_per_minute: self.rate_limit_per_minute,
-                rate_limit_per_hour: self.rate_limit_per_hour,
-                rate_limit_per_day: self.rate_limit_per_day,
-                monthly_request_limit: self.monthly_request_limit,
-            },
-            metadata: parse_json(&self.metadata, "api_keys.metadata")?,
-            total_requests: self.total_requests,
-            last_used_at: parse_opt_ts(self.last_used_at, "api_keys.last_used_at")?,
-            last_used_ip: self.last_used_ip,
-            rotated_from: parse_opt_id(self.rotated_from, "api_keys.rotated_from")?,
-            replaced_by: parse_opt_id(self.replaced_by, "api_keys.replaced_by")?,
-            created_by: self.created_by,
-            created_at: parse_ts(&self.created_at, "api_keys.created_at")?,
-            updated_at: parse_ts(&self.updated_at, "api_keys.updated_at")?,
-            lineage_id: parse_opt_id(self.lineage_id, "api_keys.lineage_id")?,
-        })
+    async fn reader(&self) -> StoreResult<PoolConnection<Sqlite>> {
+        self.read.acquire().await.map_err(db)
     }
-}
 
-#[derive(sqlx::FromRow)]
-struct KeyWithOrgRow {
-    #[sqlx(flatten)]
-    key: KeyRow,
-    org_is_active: bool,
-    org_plan: String,
-    org_rate_limit_per_minute: Option<i64>,
-    org_rate_limit_per_hour: Option<i64>,
-    org_rate_limit_per_day: Option<i64>,
-    org_monthly_request_limit: Option<i64>,
-}
-
-#[derive(sqlx::FromRow)]
-struct AuditRow {
-    id: i64,
-    action: String,
-    key_id: Option<String>,
-    organization_id: Option<String>,
-    actor: String,
-    actor_ip: Option<String>,
-    details: String,
-    created_at: String,
-}
-
-impl AuditRow {
-    fn into_entry(self) -> StoreResult<AuditEntry> {
-        Ok(AuditEntry {
-            id: self.id,
-            action: self.action,
-            key_id: parse_opt_id(self.key_id, "audit_log.key_id")?,
-            organization_id: parse_opt_id(self.organization_id, "audit_log.organization_id")?,
-            actor: self.actor,
-            actor_ip: self.actor_ip,
-            details: parse_json(&self.details, "audit_log.details")?,
-            created_at: parse_ts(&self.created_at, "audit_log.created_at")?,
-        })
+    /// Holds the database write lock from its first statement (see the module's doc).
+    async fn writer(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.write.begin_with("BEGIN IMMEDIATE").await.map_err(db)
     }
-}
 
-/// Turns `limit + 1` fetched rows into a page: the extra row only says that there is a next page.
-fn into_page<R, T, C>(
-    rows: Vec<R>,
-    limit: usize,
-    convert: impl Fn(R) -> StoreResult<T>,
-    cursor: impl Fn(&T) -> C,
-) -> StoreResult<Page<T, C>> {
-    let more = rows.len() > limit;
-    let items = rows.into_iter().take(limit).map(convert).collect::<StoreResult<Vec<T>>>()?;
-    let next_cursor = if more { items.last().map(cursor) } else { None };
-    Ok(Page { items, next_cursor })
-}
+    /// A deferred transaction on a reader: under WAL its first read fixes the snapshot.
+    fn migrations(&self) -> (&'static Migrator, &SqlitePool) {
+        (&MIGRATOR, &self.write)
+    }
 
-/// Rows to fetch for a page. A limit of 0 is read as 1, so that paging always moves forward.
-fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
-    let limit = page.limit.max(1);
-    (limit as usize, i64::from(limit) + 1)
+    async fn snapshot(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.read.begin().await.map_err(db)
+    }
 }
 
 // -----------------------------------------------------------------------------------------------
-// Statements shared by several methods; each runs on the caller's transaction.
+// Statements of the writes
+
+type KeyRow = rows::KeyRow<Sqlite>;
 
 async fn select_org(conn: &mut SqliteConnection, id: OrgId) -> StoreResult<Organization> {
-    sqlx::query_as::<_, OrgRow>(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_one(conn)
-        .await
-        .map_err(db)?
-        .into_org()
+    store::select_org::<Sqlite>(conn, id).await
 }
 
 async fn select_key(conn: &mut SqliteConnection, id: KeyId) -> StoreResult<ApiKey> {
-    sqlx::query_as::<_, KeyRow>(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_one(conn)
-        .await
-        .map_err(db)?
-        .into_key()
+    store::select_key::<Sqlite>(conn, id).await
 }
 
-/// Keys that count against `max_api_keys`: every key not revoked.
 async fn held_keys(conn: &mut SqliteConnection, org: OrgId) -> StoreResult<i64> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE organization_id = ? AND revoked_at IS NULL")
-        .bind(org.to_string())
-        .fetch_one(conn)
-        .await
-        .map_err(db)
+    store::held_keys::<Sqlite>(conn, org).await
+}
+
+async fn append_audit(
+    conn: &mut SqliteConnection,
+    action: &str,
+    key_id: Option<KeyId>,
+    organization_id: OrgId,
+    actor: &Actor,
+    details: &Value,
+) -> StoreResult<AuditEntry> {
+    store::append_audit::<Sqlite>(conn, action, key_id, organization_id, actor, details).await
 }
 
 /// A key row to insert: created keys and imported keys alike.
@@ -504,61 +384,6 @@ async fn insert_key_rows(conn: &mut SqliteConnection, rows: &[KeyInsert<'_>], ac
     Ok(())
 }
 
-/// The audit row of a change, written in the change's own transaction.
-async fn append_audit(
-    conn: &mut SqliteConnection,
-    action: &str,
-    key_id: Option<KeyId>,
-    organization_id: OrgId,
-    actor: &Actor,
-    details: &Value,
-) -> StoreResult<()> {
-    // The row is linked into the audit chain (see `lifecycle::chain_link`); this connection holds the
-    // write lock, so appends are serialized.
-    let key_id = key_id.map(|id| id.to_string());
-    let organization_id = organization_id.to_string();
-    let (prev_hash, row_hash) = lifecycle::chain_link(
-        &mut *conn,
-        &keyward_core::audit_chain::AuditContent {
-            action,
-            key_id: key_id.as_deref(),
-            organization_id: Some(&organization_id),
-            actor: &actor.actor,
-            actor_ip: actor.ip.as_deref(),
-            details,
-            created_at: actor.at,
-        },
-    )
-    .await?;
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO audit_log (action, key_id, organization_id, actor, actor_ip, details, created_at, prev_hash,
-             row_hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(action)
-    .bind(key_id)
-    .bind(organization_id)
-    .bind(&actor.actor)
-    .bind(&actor.ip)
-    .bind(json_text(details)?)
-    .bind(ts(actor.at))
-    .bind(prev_hash)
-    .bind(&row_hash)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
-    lifecycle::chain_advance(conn, id, &row_hash).await
-}
-
-/// Appends the status of `key` at `now` to a query, with the precedence of `KeyState::status`.
-fn push_status(qb: &mut QueryBuilder<'_, Sqlite>, now: &str) {
-    qb.push("(CASE WHEN revoked_at IS NOT NULL AND revoked_at <= ")
-        .push_bind(now.to_owned())
-        .push(" THEN 'revoked' WHEN is_active = 0 THEN 'disabled' WHEN expires_at IS NOT NULL AND expires_at <= ")
-        .push_bind(now.to_owned())
-        .push(" THEN 'expired' ELSE 'active' END)");
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -571,42 +396,19 @@ impl Store for SqliteStore {
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
-        MIGRATOR.run(&self.write).await.map_err(migrate_err)?;
-        self.migration_status().await
+        store::migrate_up(self).await
     }
 
     async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
-        let mut applied = {
-            let mut conn = self.write.acquire().await.map_err(db)?;
-            conn.ensure_migrations_table().await.map_err(migrate_err)?;
-            conn.list_applied_migrations().await.map_err(migrate_err)?
-        };
-        applied.sort_by_key(|m| std::cmp::Reverse(m.version));
-        // `undo` reverts every applied migration newer than the target: the newest one left standing.
-        let target = applied.get(steps as usize).map_or(0, |m| m.version);
-        MIGRATOR.undo(&self.write, target).await.map_err(migrate_err)?;
-        self.migration_status().await
+        store::migrate_down(self, steps).await
     }
 
     async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
-        let applied: HashSet<i64> = {
-            let mut conn = self.write.acquire().await.map_err(db)?;
-            conn.ensure_migrations_table().await.map_err(migrate_err)?;
-            conn.list_applied_migrations().await.map_err(migrate_err)?.into_iter().map(|m| m.version).collect()
-        };
-        Ok(MIGRATOR
-            .iter()
-            .filter(|m| m.migration_type.is_up_migration())
-            .map(|m| MigrationInfo {
-                version: m.version,
-                description: m.description.to_string(),
-                applied: applied.contains(&m.version),
-            })
-            .collect())
+        store::migration_status(self).await
     }
 
     async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         sqlx::query(
             "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
                  rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
@@ -635,34 +437,20 @@ impl Store for SqliteStore {
     }
 
     async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
-        let mut conn = self.read.acquire().await.map_err(db)?;
-        select_org(&mut conn, id).await
+        store::get_org(self, id).await
     }
 
     async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
-        sqlx::query_as::<_, OrgRow>(concat!("SELECT ", org_columns!(), " FROM organizations WHERE slug = ?"))
-            .bind(slug)
-            .fetch_optional(&self.read)
-            .await
-            .map_err(db)?
-            .map(OrgRow::into_org)
-            .transpose()
+        store::find_org_by_slug(self, slug).await
     }
 
     async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", org_columns!(), " FROM organizations"));
-        if let Some(after) = page.after {
-            qb.push(" WHERE id < ").push_bind(after.to_string());
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<OrgRow>().fetch_all(&self.read).await.map_err(db)?;
-        into_page(rows, limit, OrgRow::into_org, |org| org.id)
+        store::list_orgs(self, page).await
     }
 
     async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
         let action = patch.action();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_org(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
@@ -696,13 +484,13 @@ impl Store for SqliteStore {
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM organizations").fetch_one(&self.read).await.map_err(db)
+        store::count_orgs(self).await
     }
 
     async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
         // IMMEDIATE: the count below and the insert must see the same keys, also across processes, or
         // two concurrent creations could both pass the limit.
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let org = select_org(&mut tx, key.organization_id).await?;
         if let Some(max) = org.max_api_keys
             && held_keys(&mut tx, org.id).await? >= max
@@ -720,82 +508,20 @@ impl Store for SqliteStore {
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        let row = sqlx::query_as::<_, KeyWithOrgRow>(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
-                o.org_rate_limit_per_day, o.org_monthly_request_limit
-             FROM api_keys JOIN (
-                 SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
-                        rate_limit_per_minute AS org_rate_limit_per_minute,
-                        rate_limit_per_hour AS org_rate_limit_per_hour,
-                        rate_limit_per_day AS org_rate_limit_per_day,
-                        monthly_request_limit AS org_monthly_request_limit
-                 FROM organizations
-             ) AS o ON o.org_id = api_keys.organization_id
-             WHERE key_hash = ?"
-        ))
-        .bind(hash.0.as_slice())
-        .fetch_optional(&self.read)
-        .await
-        .map_err(db)?;
-        row.map(|r| {
-            Ok(KeyWithOrg {
-                key: r.key.into_key()?,
-                org_is_active: r.org_is_active,
-                org_plan: r.org_plan,
-                org_limits: LimitOverrides {
-                    rate_limit_per_minute: r.org_rate_limit_per_minute,
-                    rate_limit_per_hour: r.org_rate_limit_per_hour,
-                    rate_limit_per_day: r.org_rate_limit_per_day,
-                    monthly_request_limit: r.org_monthly_request_limit,
-                },
-            })
-        })
-        .transpose()
+        store::find_key_by_hash(self, hash).await
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
-        let mut conn = self.read.acquire().await.map_err(db)?;
-        select_key(&mut conn, id).await
+        store::get_key(self, id).await
     }
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let now = ts(filter.now);
-        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE 1 = 1"));
-        if let Some(org) = filter.organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.to_string());
-        }
-        if let Some(owner) = &filter.owner_id {
-            qb.push(" AND owner_id = ").push_bind(owner.clone());
-        }
-        if let Some(environment) = filter.environment {
-            qb.push(" AND environment = ").push_bind(environment.as_str());
-        }
-        match filter.status {
-            Some(status) => {
-                qb.push(" AND ");
-                push_status(&mut qb, &now);
-                qb.push(" = ").push_bind(status.as_str());
-            }
-            None if !filter.include_inactive => {
-                // Expired keys stay listed: they are still the customer's, and may be extended.
-                qb.push(" AND is_active = 1 AND (revoked_at IS NULL OR revoked_at > ").push_bind(now.clone()).push(")");
-            }
-            None => {}
-        }
-        if let Some(after) = page.after {
-            qb.push(" AND id < ").push_bind(after.to_string());
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<KeyRow>().fetch_all(&self.read).await.map_err(db)?;
-        into_page(rows, limit, KeyRow::into_key, |key| key.id)
+        store::list_keys(self, filter, page).await
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
         let action = patch.action();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
@@ -834,7 +560,7 @@ impl Store for SqliteStore {
 
     async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
         let at = stored_time(at);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id).await?;
         // SECURITY: a revocation only ever moves earlier. A key already revoked by `at` stays as it is;
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
@@ -865,7 +591,7 @@ impl Store for SqliteStore {
         if usage.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         for u in usage {
             // SET expressions all see the row as it was, so the two CASEs compare against the old
             // `last_used_at`. An unknown address does not erase the last known one. A key that was
@@ -899,7 +625,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<ImportOutcome>> {
         // IMMEDIATE for the same reason as insert_key: the limit and the hashes checked below must be
         // what the inserts land on.
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let org = select_org(&mut tx, organization_id).await?;
         let held = match org.max_api_keys {
             Some(_) => held_keys(&mut tx, org.id).await?,
@@ -944,10 +670,7 @@ impl Store for SqliteStore {
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {
-        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy = 1)")
-            .fetch_one(&self.read)
-            .await
-            .map_err(db)
+        store::has_legacy_keys(self).await
     }
 
     async fn append_audit(
@@ -957,47 +680,14 @@ impl Store for SqliteStore {
         details: Value,
         actor: &Actor,
     ) -> StoreResult<AuditEntry> {
-        let mut tx = self.begin_write().await?;
-        append_audit(&mut tx, action, None, organization_id, actor, &details).await?;
-        let row = sqlx::query_as::<_, AuditRow>(concat!(
-            "SELECT ",
-            audit_columns!(),
-            " FROM audit_log WHERE id = last_insert_rowid()"
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
+        let mut tx = self.writer().await?;
+        let entry = append_audit(&mut tx, action, None, organization_id, actor, &details).await?;
         tx.commit().await.map_err(db)?;
-        row.into_entry()
+        Ok(entry)
     }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
-        let (limit, fetch) = fetch_limit(&page);
-        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", audit_columns!(), " FROM audit_log WHERE 1 = 1"));
-        if let Some(org) = filter.organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.to_string());
-        }
-        if let Some(key) = filter.key_id {
-            qb.push(" AND key_id = ").push_bind(key.to_string());
-        }
-        if let Some(action) = &filter.action {
-            qb.push(" AND action = ").push_bind(action.clone());
-        }
-        if let Some(actor) = &filter.actor {
-            qb.push(" AND actor = ").push_bind(actor.clone());
-        }
-        if let Some(since) = filter.since {
-            qb.push(" AND created_at >= ").push_bind(ts(since));
-        }
-        if let Some(until) = filter.until {
-            qb.push(" AND created_at < ").push_bind(ts(until));
-        }
-        if let Some(after) = page.after {
-            qb.push(" AND id < ").push_bind(after);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(fetch);
-        let rows = qb.build_query_as::<AuditRow>().fetch_all(&self.read).await.map_err(db)?;
-        into_page(rows, limit, AuditRow::into_entry, |entry| entry.id)
+        store::list_audit(self, filter, page).await
     }
 }
 

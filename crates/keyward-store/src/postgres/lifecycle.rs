@@ -5,7 +5,6 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::audit_chain::{AuditContent, ChainWalker, GENESIS};
 use keyward_core::{KeyId, OrgId};
 use serde_json::json;
 use sqlx::postgres::PgConnection;
@@ -14,183 +13,39 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key, select_org};
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
+use crate::lifecycle::{delivery_body, expiring_dedup, rotate_details, subscribed_to};
+use crate::sql::Backend;
+use crate::sql::{lifecycle, rows};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
-    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, stored_time,
 };
 
-/// The chain link of a new audit row: the current head's hash and the row's own hash.
-pub(super) async fn chain_link(conn: &mut PgConnection, content: &AuditContent<'_>) -> StoreResult<(String, String)> {
-    let prev: String = sqlx::query_scalar("SELECT last_hash FROM audit_chain WHERE id = 1 FOR UPDATE")
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?
-        .unwrap_or_else(|| GENESIS.to_owned());
-    let hash = content.row_hash(&prev);
-    Ok((prev, hash))
+type EventRow = rows::EventRow<Postgres>;
+type WebhookRow = rows::WebhookRow<Postgres>;
+type DeliveryRow = rows::DeliveryRow<Postgres>;
+
+async fn insert_event(conn: &mut PgConnection, event: &Event, dedup: Option<&str>) -> StoreResult<bool> {
+    lifecycle::insert_event::<Postgres>(conn, event, dedup).await
 }
 
-/// Moves the chain head to the row just inserted.
-pub(super) async fn chain_advance(conn: &mut PgConnection, id: i64, hash: &str) -> StoreResult<()> {
-    sqlx::query("UPDATE audit_chain SET last_id = $1, last_hash = $2 WHERE id = 1")
-        .bind(id)
-        .bind(hash)
-        .execute(conn)
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
-/// Writes an outbox event; with a dedup key, only once. Returns whether it was written.
-pub(super) async fn insert_event(conn: &mut PgConnection, event: &Event, dedup: Option<&str>) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "INSERT INTO events (id, event, organization_id, key_id, dedup_key, payload, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedup_key) DO NOTHING",
-    )
-    .bind(event.id)
-    .bind(event.event.as_str())
-    .bind(event.organization_id.map(|id| id.0))
-    .bind(event.key_id.map(|id| id.0))
-    .bind(dedup)
-    .bind(Json(&event.payload))
-    .bind(event.created_at)
-    .execute(conn)
-    .await
-    .map_err(db)?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// The outbox event of a change to a key, written in the change's transaction next to its audit row.
 pub(super) async fn key_event(
     conn: &mut PgConnection,
     event: EventKind,
     key: &ApiKey,
     actor: &Actor,
 ) -> StoreResult<()> {
-    insert_event(conn, &Event::about_key(event, key, json!({ "actor": actor.actor }), actor.at), None).await?;
-    Ok(())
+    lifecycle::key_event::<Postgres>(conn, event, key, actor).await
 }
 
-#[derive(sqlx::FromRow)]
-struct ChainRow {
-    id: i64,
-    action: String,
-    key_id: Option<Uuid>,
-    organization_id: Option<Uuid>,
-    actor: String,
-    actor_ip: Option<String>,
-    details: Json<serde_json::Value>,
-    created_at: DateTime<Utc>,
-    prev_hash: Option<String>,
-    row_hash: Option<String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    id: Uuid,
-    event: String,
-    organization_id: Option<Uuid>,
-    key_id: Option<Uuid>,
-    payload: Json<serde_json::Value>,
-    created_at: DateTime<Utc>,
-}
-
-impl EventRow {
-    fn into_event(self) -> StoreResult<Event> {
-        Ok(Event {
-            id: self.id,
-            event: EventKind::stored(&self.event, "events.event")?,
-            organization_id: self.organization_id.map(OrgId),
-            key_id: self.key_id.map(KeyId),
-            payload: self.payload.0,
-            created_at: self.created_at,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct WebhookRow {
-    id: Uuid,
-    organization_id: Uuid,
-    url: String,
-    events: Vec<String>,
-    is_active: bool,
-    secret: String,
-    description: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-impl WebhookRow {
-    fn into_webhook(self) -> Webhook {
-        Webhook {
-            id: self.id,
-            organization_id: OrgId(self.organization_id),
-            url: self.url,
-            events: self.events,
-            is_active: self.is_active,
-            secret: WebhookSecret(self.secret),
-            description: self.description,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        }
-    }
+async fn select_webhook(conn: &mut PgConnection, id: Uuid) -> StoreResult<Webhook> {
+    lifecycle::select_webhook::<Postgres>(conn, id).await
 }
 
 const WEBHOOK_COLUMNS: &str =
     "id, organization_id, url, events, is_active, secret, description, created_at, updated_at";
 const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, status, attempts, next_attempt_at, \
      give_up_at, last_status_code, last_error, created_at, updated_at";
-
-#[derive(sqlx::FromRow)]
-struct DeliveryRow {
-    id: Uuid,
-    endpoint_id: Uuid,
-    event_id: Uuid,
-    event: String,
-    payload: Json<serde_json::Value>,
-    status: String,
-    attempts: i64,
-    next_attempt_at: Option<DateTime<Utc>>,
-    give_up_at: DateTime<Utc>,
-    last_status_code: Option<i64>,
-    last_error: Option<String>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-}
-
-impl DeliveryRow {
-    fn into_delivery(self) -> StoreResult<Delivery> {
-        Ok(Delivery {
-            id: self.id,
-            endpoint_id: self.endpoint_id,
-            event_id: self.event_id,
-            event: EventKind::stored(&self.event, "webhook_deliveries.event")?,
-            payload: self.payload.0,
-            status: self.status,
-            attempts: self.attempts,
-            next_attempt_at: self.next_attempt_at,
-            give_up_at: self.give_up_at,
-            last_status_code: self.last_status_code,
-            last_error: self.last_error,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
-    }
-}
-
-async fn select_webhook(conn: &mut PgConnection, id: Uuid) -> StoreResult<Webhook> {
-    Ok(sqlx::query_as::<_, WebhookRow>(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
-        .bind(id)
-        .fetch_one(conn)
-        .await
-        .map_err(db)?
-        .into_webhook())
-}
-
-/// Rows per read of the chain walk.
-const CHAIN_BATCH: i64 = 1_000;
 
 /// Keys usable at `now` (active, not revoked by then).
 const USABLE: &str = " is_active AND (revoked_at IS NULL OR revoked_at > ";
@@ -205,7 +60,7 @@ impl LifecycleStore for PostgresStore {
         actor: &Actor,
     ) -> StoreResult<Rotation> {
         let revoke_at = stored_time(revoke_at);
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, old, true).await?;
         if before.replaced_by.is_some() {
             return Err(StoreError::Conflict("the key was already rotated".to_owned()));
@@ -255,15 +110,7 @@ impl LifecycleStore for PostgresStore {
         until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<ApiKey>> {
-        let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
-        qb.push(USABLE).push_bind(now).push(")");
-        qb.push(" AND expires_at > ").push_bind(now).push(" AND expires_at <= ").push_bind(until);
-        if let Some(org) = organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.0);
-        }
-        qb.push(" ORDER BY expires_at, id LIMIT ").push_bind(i64::from(limit.max(1)));
-        let rows = qb.build_query_as::<KeyRow>().fetch_all(&self.pool).await.map_err(db)?;
-        rows.into_iter().map(KeyRow::into_key).collect()
+        lifecycle::list_expiring_keys(self, organization_id, now, until, limit).await
     }
 
     async fn expire_keys(
@@ -272,7 +119,7 @@ impl LifecycleStore for PostgresStore {
         now: DateTime<Utc>,
         actor: &Actor,
     ) -> StoreResult<Vec<ApiKey>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         // The key rows are locked (in id order, so two sweepers cannot deadlock) and changed before the
         // first audit append takes the chain head.
         let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
@@ -313,7 +160,7 @@ impl LifecycleStore for PostgresStore {
 
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>> {
         let until = now + chrono::Duration::days(i64::from(days));
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let mut qb = QueryBuilder::<Postgres>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
         qb.push(USABLE).push_bind(now).push(")");
         qb.push(" AND expires_at > ").push_bind(now).push(" AND expires_at <= ").push_bind(until);
@@ -333,69 +180,11 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn verify_audit_chain(&self) -> StoreResult<AuditChainReport> {
-        // One read transaction: the head and every row come from the same snapshot.
-        let mut tx = self.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let (head_id, head_hash): (Option<i64>, String) =
-            sqlx::query_as("SELECT last_id, last_hash FROM audit_chain WHERE id = 1")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?
-                .unwrap_or((None, GENESIS.to_owned()));
-        let mut walker = ChainWalker::new();
-        let mut after = i64::MIN;
-        loop {
-            let rows = sqlx::query_as::<_, ChainRow>(concat!(
-                "SELECT ",
-                chained_audit_columns!(),
-                " FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2"
-            ))
-            .bind(after)
-            .bind(CHAIN_BATCH)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            for row in rows {
-                let (key_id, org_id) =
-                    (row.key_id.map(|id| id.to_string()), row.organization_id.map(|id| id.to_string()));
-                let content = AuditContent {
-                    action: &row.action,
-                    key_id: key_id.as_deref(),
-                    organization_id: org_id.as_deref(),
-                    actor: &row.actor,
-                    actor_ip: row.actor_ip.as_deref(),
-                    details: &row.details.0,
-                    created_at: row.created_at,
-                };
-                if let Err(e) = walker.check(row.id, &content, row.prev_hash.as_deref(), row.row_hash.as_deref()) {
-                    let broken = BrokenLink { id: Some(row.id), reason: e.as_str().to_owned() };
-                    return Ok(report(&walker, Some(broken)));
-                }
-            }
-        }
-        tx.rollback().await.map_err(db)?;
-        let broken = walker
-            .finish(head_id, &head_hash)
-            .err()
-            .map(|id| BrokenLink { id, reason: keyward_core::audit_chain::ChainBreak::Truncated.as_str().to_owned() });
-        Ok(report(&walker, broken))
+        lifecycle::verify_audit_chain(self).await
     }
 
     async fn list_events(&self, after: Option<Uuid>, limit: u32) -> StoreResult<Vec<Event>> {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT id, event, organization_id, key_id, payload, created_at FROM events WHERE true",
-        );
-        if let Some(after) = after {
-            qb.push(" AND id > ").push_bind(after);
-        }
-        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit.max(1)));
-        let rows = qb.build_query_as::<EventRow>().fetch_all(&self.pool).await.map_err(db)?;
-        rows.into_iter().map(EventRow::into_event).collect()
+        lifecycle::list_events(self, after, limit).await
     }
 
     async fn record_event(&self, event: &Event, dedup_key: Option<&str>) -> StoreResult<bool> {
@@ -404,7 +193,7 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         // An unknown organization is NotFound, as for keys, not a foreign-key failure.
         select_org(&mut tx, hook.organization_id, false).await?;
         sqlx::query(
@@ -431,23 +220,15 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn get_webhook(&self, id: Uuid) -> StoreResult<Webhook> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        select_webhook(&mut conn, id).await
+        lifecycle::get_webhook(self, id).await
     }
 
     async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<Webhook>> {
-        let mut qb =
-            QueryBuilder::<Postgres>::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE true"));
-        if let Some(org) = organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.0);
-        }
-        qb.push(" ORDER BY id DESC LIMIT 1000");
-        let rows = qb.build_query_as::<WebhookRow>().fetch_all(&self.pool).await.map_err(db)?;
-        Ok(rows.into_iter().map(WebhookRow::into_webhook).collect())
+        lifecycle::list_webhooks(self, organization_id).await
     }
 
     async fn update_webhook(&self, id: Uuid, patch: WebhookPatch, actor: &Actor) -> StoreResult<Webhook> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = sqlx::query_as::<_, WebhookRow>(&format!(
             "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1 FOR UPDATE"
         ))
@@ -455,7 +236,7 @@ impl LifecycleStore for PostgresStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?
-        .into_webhook();
+        .into_webhook()?;
         let mut after = before.clone();
         if let Some(url) = patch.url {
             after.url = url;
@@ -492,7 +273,7 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let before = select_webhook(&mut tx, id).await?;
         sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(db)?;
         let details = json!({ "before": before.audit_json() });
@@ -501,7 +282,7 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         // SKIP LOCKED: two nodes dispatching at once take different events.
         let rows = sqlx::query_as::<_, EventRow>(
             "SELECT id, event, organization_id, key_id, payload, created_at FROM events
@@ -526,7 +307,7 @@ impl LifecycleStore for PostgresStore {
                 let hooks = qb.build_query_as::<WebhookRow>().fetch_all(&mut *tx).await.map_err(db)?;
                 let body = delivery_body(&event);
                 for hook in hooks {
-                    let hook = hook.into_webhook();
+                    let hook = hook.into_webhook()?;
                     if !subscribed_to(&hook.events, &event) {
                         continue;
                     }
@@ -566,7 +347,7 @@ impl LifecycleStore for PostgresStore {
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
             "UPDATE webhook_deliveries SET next_attempt_at = $1
              WHERE id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $2
@@ -590,7 +371,7 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn record_attempt(&self, delivery: Uuid, attempt: &Attempt, outcome: AttemptOutcome) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, error)
              VALUES ($1, $2, $3, $4, $5)",
@@ -621,35 +402,11 @@ impl LifecycleStore for PostgresStore {
     }
 
     async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>> {
-        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2"
-        ))
-        .bind(endpoint)
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        rows.into_iter().map(DeliveryRow::into_delivery).collect()
+        lifecycle::list_deliveries(self, endpoint, limit).await
     }
 
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
-        let rows: Vec<(DateTime<Utc>, Option<i64>, i64, Option<String>)> = sqlx::query_as(
-            "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts WHERE delivery_id = $1
-             ORDER BY id",
-        )
-        .bind(delivery)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(rows
-            .into_iter()
-            .map(|(attempted_at, status_code, latency_ms, error)| Attempt {
-                attempted_at,
-                status_code,
-                latency_ms,
-                error,
-            })
-            .collect())
+        lifecycle::list_attempts(self, delivery).await
     }
 
     async fn retry_delivery(

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::{PostgresStore, db};
 use crate::StoreResult;
+use crate::sql::Backend;
 use crate::usage::{
     BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
     KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
@@ -138,7 +139,7 @@ impl PostgresStore {
     /// The batch when some of its events may be stored already: learns which ones went in
     /// (`RETURNING`) and applies the effects of those only.
     async fn record_usage_batch_checked(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
         for mut q in event_inserts(events, true) {
             let ids: Vec<Uuid> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
@@ -169,7 +170,7 @@ impl UsageStore for PostgresStore {
         let inserts = event_inserts(events, false);
         let fx = BatchEffects::of(events);
         let effects = effect_statements(&fx);
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         for mut q in inserts {
             match q.build().execute(&mut *tx).await {
                 Ok(_) => {}
@@ -236,7 +237,7 @@ impl UsageStore for PostgresStore {
         );
         let mut folded = 0;
         loop {
-            let mut tx = self.begin().await?;
+            let mut tx = self.writer().await?;
             // Folds run one at a time across the nodes: two would wait on each other's rows.
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keyward.fold_usage'))")
                 .execute(&mut *tx)
@@ -338,7 +339,7 @@ impl UsageStore for PostgresStore {
     }
 
     async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.writer().await?;
         let done = sqlx::query(
             "DELETE FROM usage_events WHERE id IN
                  (SELECT id FROM usage_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)",

@@ -4,206 +4,47 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::audit_chain::{AuditContent, ChainWalker, GENESIS};
 use keyward_core::{KeyId, OrgId};
 use serde_json::json;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
-use super::{
-    KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
-    select_key, select_org, ts,
-};
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
+use super::{KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, select_key, select_org, ts};
+use crate::lifecycle::{delivery_body, expiring_dedup, rotate_details, subscribed_to};
+use crate::sql::Backend;
+use crate::sql::{lifecycle, rows};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
-    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, stored_time,
 };
 
-/// The chain link of a new audit row: the current head's hash and the row's own hash.
-pub(super) async fn chain_link(
-    conn: &mut SqliteConnection,
-    content: &AuditContent<'_>,
-) -> StoreResult<(String, String)> {
-    let prev: String = sqlx::query_scalar("SELECT last_hash FROM audit_chain WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?
-        .unwrap_or_else(|| GENESIS.to_owned());
-    let hash = content.row_hash(&prev);
-    Ok((prev, hash))
+type EventRow = rows::EventRow<Sqlite>;
+type WebhookRow = rows::WebhookRow<Sqlite>;
+
+async fn insert_event(conn: &mut SqliteConnection, event: &Event, dedup: Option<&str>) -> StoreResult<bool> {
+    lifecycle::insert_event::<Sqlite>(conn, event, dedup).await
 }
 
-/// Moves the chain head to the row just inserted.
-pub(super) async fn chain_advance(conn: &mut SqliteConnection, id: i64, hash: &str) -> StoreResult<()> {
-    sqlx::query("UPDATE audit_chain SET last_id = ?, last_hash = ? WHERE id = 1")
-        .bind(id)
-        .bind(hash)
-        .execute(conn)
-        .await
-        .map_err(db)?;
-    Ok(())
-}
-
-/// Writes an outbox event; with a dedup key, only once. Returns whether it was written.
-pub(super) async fn insert_event(conn: &mut SqliteConnection, event: &Event, dedup: Option<&str>) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "INSERT INTO events (id, event, organization_id, key_id, dedup_key, payload, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup_key) DO NOTHING",
-    )
-    .bind(event.id.to_string())
-    .bind(event.event.as_str())
-    .bind(event.organization_id.map(|id| id.to_string()))
-    .bind(event.key_id.map(|id| id.to_string()))
-    .bind(dedup)
-    .bind(json_text(&event.payload)?)
-    .bind(ts(event.created_at))
-    .execute(conn)
-    .await
-    .map_err(db)?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// The outbox event of a change to a key, written in the change's transaction next to its audit row.
 pub(super) async fn key_event(
     conn: &mut SqliteConnection,
     event: EventKind,
     key: &ApiKey,
     actor: &Actor,
 ) -> StoreResult<()> {
-    insert_event(conn, &Event::about_key(event, key, json!({ "actor": actor.actor }), actor.at), None).await?;
-    Ok(())
+    lifecycle::key_event::<Sqlite>(conn, event, key, actor).await
 }
 
-#[derive(sqlx::FromRow)]
-struct ChainRow {
-    id: i64,
-    action: String,
-    key_id: Option<String>,
-    organization_id: Option<String>,
-    actor: String,
-    actor_ip: Option<String>,
-    details: String,
-    created_at: String,
-    prev_hash: Option<String>,
-    row_hash: Option<String>,
+async fn select_webhook(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Webhook> {
+    lifecycle::select_webhook::<Sqlite>(conn, id).await
 }
 
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    id: String,
-    event: String,
-    organization_id: Option<String>,
-    key_id: Option<String>,
-    payload: String,
-    created_at: String,
-}
-
-impl EventRow {
-    fn into_event(self) -> StoreResult<Event> {
-        Ok(Event {
-            id: super::parse_id(&self.id, "events.id")?,
-            event: EventKind::stored(&self.event, "events.event")?,
-            organization_id: parse_opt_id(self.organization_id, "events.organization_id")?,
-            key_id: parse_opt_id(self.key_id, "events.key_id")?,
-            payload: parse_json(&self.payload, "events.payload")?,
-            created_at: parse_ts(&self.created_at, "events.created_at")?,
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct WebhookRow {
-    id: String,
-    organization_id: String,
-    url: String,
-    events: String,
-    is_active: bool,
-    secret: String,
-    description: Option<String>,
-    created_at: String,
-    updated_at: String,
-}
-
-impl WebhookRow {
-    fn into_webhook(self) -> StoreResult<Webhook> {
-        Ok(Webhook {
-            id: super::parse_id(&self.id, "webhook_endpoints.id")?,
-            organization_id: super::parse_id(&self.organization_id, "webhook_endpoints.organization_id")?,
-            url: self.url,
-            events: parse_json(&self.events, "webhook_endpoints.events")?,
-            is_active: self.is_active,
-            secret: WebhookSecret(self.secret),
-            description: self.description,
-            created_at: parse_ts(&self.created_at, "webhook_endpoints.created_at")?,
-            updated_at: parse_ts(&self.updated_at, "webhook_endpoints.updated_at")?,
-        })
-    }
+async fn select_delivery(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Delivery> {
+    lifecycle::select_delivery::<Sqlite>(conn, id).await
 }
 
 const WEBHOOK_COLUMNS: &str =
     "id, organization_id, url, events, is_active, secret, description, created_at, updated_at";
-const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, status, attempts, next_attempt_at, \
-     give_up_at, last_status_code, last_error, created_at, updated_at";
-
-#[derive(sqlx::FromRow)]
-struct DeliveryRow {
-    id: String,
-    endpoint_id: String,
-    event_id: String,
-    event: String,
-    payload: String,
-    status: String,
-    attempts: i64,
-    next_attempt_at: Option<String>,
-    give_up_at: String,
-    last_status_code: Option<i64>,
-    last_error: Option<String>,
-    created_at: String,
-    updated_at: String,
-}
-
-impl DeliveryRow {
-    fn into_delivery(self) -> StoreResult<Delivery> {
-        Ok(Delivery {
-            id: super::parse_id(&self.id, "webhook_deliveries.id")?,
-            endpoint_id: super::parse_id(&self.endpoint_id, "webhook_deliveries.endpoint_id")?,
-            event_id: super::parse_id(&self.event_id, "webhook_deliveries.event_id")?,
-            event: EventKind::stored(&self.event, "webhook_deliveries.event")?,
-            payload: parse_json(&self.payload, "webhook_deliveries.payload")?,
-            status: self.status,
-            attempts: self.attempts,
-            next_attempt_at: super::parse_opt_ts(self.next_attempt_at, "webhook_deliveries.next_attempt_at")?,
-            give_up_at: parse_ts(&self.give_up_at, "webhook_deliveries.give_up_at")?,
-            last_status_code: self.last_status_code,
-            last_error: self.last_error,
-            created_at: parse_ts(&self.created_at, "webhook_deliveries.created_at")?,
-            updated_at: parse_ts(&self.updated_at, "webhook_deliveries.updated_at")?,
-        })
-    }
-}
-
-async fn select_webhook(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Webhook> {
-    sqlx::query_as::<_, WebhookRow>(&format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_one(conn)
-        .await
-        .map_err(db)?
-        .into_webhook()
-}
-
-async fn select_delivery(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Delivery> {
-    sqlx::query_as::<_, DeliveryRow>(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_one(conn)
-        .await
-        .map_err(db)?
-        .into_delivery()
-}
-
-/// Rows per read of the chain walk.
-const CHAIN_BATCH: i64 = 1_000;
 
 /// Keys usable at `now` (active, not revoked by then).
 const USABLE: &str = " is_active = 1 AND (revoked_at IS NULL OR revoked_at > ";
@@ -218,7 +59,7 @@ impl LifecycleStore for SqliteStore {
         actor: &Actor,
     ) -> StoreResult<Rotation> {
         let revoke_at = stored_time(revoke_at);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_key(&mut tx, old).await?;
         if before.replaced_by.is_some() {
             return Err(StoreError::Conflict("the key was already rotated".to_owned()));
@@ -268,16 +109,7 @@ impl LifecycleStore for SqliteStore {
         until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<ApiKey>> {
-        let now = ts(now);
-        let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
-        qb.push(USABLE).push_bind(now.clone()).push(")");
-        qb.push(" AND expires_at > ").push_bind(now).push(" AND expires_at <= ").push_bind(ts(until));
-        if let Some(org) = organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.to_string());
-        }
-        qb.push(" ORDER BY expires_at, id LIMIT ").push_bind(i64::from(limit.max(1)));
-        let rows = qb.build_query_as::<KeyRow>().fetch_all(&self.read).await.map_err(db)?;
-        rows.into_iter().map(KeyRow::into_key).collect()
+        lifecycle::list_expiring_keys(self, organization_id, now, until, limit).await
     }
 
     async fn expire_keys(
@@ -287,7 +119,7 @@ impl LifecycleStore for SqliteStore {
         actor: &Actor,
     ) -> StoreResult<Vec<ApiKey>> {
         let now_text = ts(now);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
         qb.push(USABLE).push_bind(now_text.clone()).push(")");
         qb.push(" AND expires_at IS NOT NULL AND expires_at <= ").push_bind(now_text);
@@ -320,7 +152,7 @@ impl LifecycleStore for SqliteStore {
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>> {
         let until = now + chrono::Duration::days(i64::from(days));
         let now_text = ts(now);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
         qb.push(USABLE).push_bind(now_text.clone()).push(")");
         qb.push(" AND expires_at > ").push_bind(now_text).push(" AND expires_at <= ").push_bind(ts(until));
@@ -340,75 +172,22 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn verify_audit_chain(&self) -> StoreResult<AuditChainReport> {
-        // One read transaction: the head and every row come from the same snapshot.
-        let mut tx = self.read.begin().await.map_err(db)?;
-        let (head_id, head_hash): (Option<i64>, String) =
-            sqlx::query_as("SELECT last_id, last_hash FROM audit_chain WHERE id = 1")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?
-                .unwrap_or((None, GENESIS.to_owned()));
-        let mut walker = ChainWalker::new();
-        let mut after = i64::MIN;
-        loop {
-            let rows = sqlx::query_as::<_, ChainRow>(concat!(
-                "SELECT ",
-                chained_audit_columns!(),
-                " FROM audit_log WHERE id > ? ORDER BY id LIMIT ?"
-            ))
-            .bind(after)
-            .bind(CHAIN_BATCH)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            for row in rows {
-                let details = parse_json(&row.details, "audit_log.details")?;
-                let content = AuditContent {
-                    action: &row.action,
-                    key_id: row.key_id.as_deref(),
-                    organization_id: row.organization_id.as_deref(),
-                    actor: &row.actor,
-                    actor_ip: row.actor_ip.as_deref(),
-                    details: &details,
-                    created_at: parse_ts(&row.created_at, "audit_log.created_at")?,
-                };
-                if let Err(e) = walker.check(row.id, &content, row.prev_hash.as_deref(), row.row_hash.as_deref()) {
-                    let broken = BrokenLink { id: Some(row.id), reason: e.as_str().to_owned() };
-                    return Ok(report(&walker, Some(broken)));
-                }
-            }
-        }
-        tx.rollback().await.map_err(db)?;
-        let broken = walker
-            .finish(head_id, &head_hash)
-            .err()
-            .map(|id| BrokenLink { id, reason: keyward_core::audit_chain::ChainBreak::Truncated.as_str().to_owned() });
-        Ok(report(&walker, broken))
+        lifecycle::verify_audit_chain(self).await
     }
 
     async fn list_events(&self, after: Option<Uuid>, limit: u32) -> StoreResult<Vec<Event>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT id, event, organization_id, key_id, payload, created_at FROM events WHERE 1 = 1",
-        );
-        if let Some(after) = after {
-            qb.push(" AND id > ").push_bind(after.to_string());
-        }
-        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit.max(1)));
-        let rows = qb.build_query_as::<EventRow>().fetch_all(&self.read).await.map_err(db)?;
-        rows.into_iter().map(EventRow::into_event).collect()
+        lifecycle::list_events(self, after, limit).await
     }
 
     async fn record_event(&self, event: &Event, dedup_key: Option<&str>) -> StoreResult<bool> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let written = insert_event(&mut tx, event, dedup_key).await?;
         tx.commit().await.map_err(db)?;
         Ok(written)
     }
 
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         // An unknown organization is NotFound, as for keys, not a foreign-key failure.
         select_org(&mut tx, hook.organization_id).await?;
         sqlx::query(
@@ -436,23 +215,15 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn get_webhook(&self, id: Uuid) -> StoreResult<Webhook> {
-        let mut conn = self.read.acquire().await.map_err(db)?;
-        select_webhook(&mut conn, id).await
+        lifecycle::get_webhook(self, id).await
     }
 
     async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<Webhook>> {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE 1 = 1"));
-        if let Some(org) = organization_id {
-            qb.push(" AND organization_id = ").push_bind(org.to_string());
-        }
-        qb.push(" ORDER BY id DESC LIMIT 1000");
-        let rows = qb.build_query_as::<WebhookRow>().fetch_all(&self.read).await.map_err(db)?;
-        rows.into_iter().map(WebhookRow::into_webhook).collect()
+        lifecycle::list_webhooks(self, organization_id).await
     }
 
     async fn update_webhook(&self, id: Uuid, patch: WebhookPatch, actor: &Actor) -> StoreResult<Webhook> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_webhook(&mut tx, id).await?;
         let mut after = before.clone();
         if let Some(url) = patch.url {
@@ -490,7 +261,7 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let before = select_webhook(&mut tx, id).await?;
         sqlx::query("DELETE FROM webhook_endpoints WHERE id = ?")
             .bind(id.to_string())
@@ -503,7 +274,7 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let rows = sqlx::query_as::<_, EventRow>(
             "SELECT id, event, organization_id, key_id, payload, created_at FROM events
              WHERE dispatched_at IS NULL ORDER BY id LIMIT ?",
@@ -569,7 +340,7 @@ impl LifecycleStore for SqliteStore {
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?
              ORDER BY next_attempt_at, id LIMIT ?",
@@ -596,7 +367,7 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn record_attempt(&self, delivery: Uuid, attempt: &Attempt, outcome: AttemptOutcome) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, latency_ms, error)
              VALUES (?, ?, ?, ?, ?)",
@@ -627,36 +398,11 @@ impl LifecycleStore for SqliteStore {
     }
 
     async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>> {
-        let rows = sqlx::query_as::<_, DeliveryRow>(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = ? ORDER BY id DESC LIMIT ?"
-        ))
-        .bind(endpoint.to_string())
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db)?;
-        rows.into_iter().map(DeliveryRow::into_delivery).collect()
+        lifecycle::list_deliveries(self, endpoint, limit).await
     }
 
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
-        let rows: Vec<(String, Option<i64>, i64, Option<String>)> = sqlx::query_as(
-            "SELECT attempted_at, status_code, latency_ms, error FROM webhook_attempts WHERE delivery_id = ?
-             ORDER BY id",
-        )
-        .bind(delivery.to_string())
-        .fetch_all(&self.read)
-        .await
-        .map_err(db)?;
-        rows.into_iter()
-            .map(|(at, status_code, latency_ms, error)| {
-                Ok(Attempt {
-                    attempted_at: parse_ts(&at, "webhook_attempts.attempted_at")?,
-                    status_code,
-                    latency_ms,
-                    error,
-                })
-            })
-            .collect()
+        lifecycle::list_attempts(self, delivery).await
     }
 
     async fn retry_delivery(
@@ -666,7 +412,7 @@ impl LifecycleStore for SqliteStore {
         now: DateTime<Utc>,
         give_up_at: DateTime<Utc>,
     ) -> StoreResult<Delivery> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let found = select_delivery(&mut tx, delivery).await?;
         if found.endpoint_id != endpoint {
             return Err(StoreError::NotFound);

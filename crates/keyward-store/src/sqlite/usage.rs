@@ -11,6 +11,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{SqliteStore, db, parse_id, ts};
+use crate::sql::Backend;
 use crate::usage::{
     BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
     KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
@@ -255,7 +256,7 @@ impl SqliteStore {
     /// The batch when some of its events may be stored already: learns which ones went in
     /// (`RETURNING`) and applies the effects of those only.
     async fn record_usage_batch_checked(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let mut inserted: HashSet<String> = HashSet::with_capacity(events.len());
         for mut q in event_inserts(events, true) {
             let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
@@ -287,7 +288,7 @@ impl UsageStore for SqliteStore {
         let inserts = event_inserts(events, false);
         let fx = BatchEffects::of(events);
         let effects = effect_statements(&fx);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let mut rows = 0;
         for mut q in inserts {
             rows += q.build().execute(&mut *tx).await.map_err(db)?.rows_affected();
@@ -414,7 +415,7 @@ impl UsageStore for SqliteStore {
     }
 
     async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer().await?;
         let done = sqlx::query(
             "DELETE FROM usage_events WHERE id IN
                  (SELECT id FROM usage_events WHERE occurred_at < ? ORDER BY occurred_at LIMIT ?)",
