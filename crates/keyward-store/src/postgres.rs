@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use keyward_core::diff::diff;
 use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::{Value, json};
@@ -24,6 +24,7 @@ use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult};
+use sqlx::query::Query;
 use sqlx::types::Json;
 use sqlx::{Arguments, Database, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
@@ -138,6 +139,7 @@ impl Dialect for Postgres {
     type Time = DateTime<Utc>;
     type Json = Json<Value>;
     type List = Vec<String>;
+    type Day = NaiveDate;
 
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     const TRUE: &'static str = "TRUE";
@@ -187,6 +189,16 @@ impl Dialect for Postgres {
 
     fn read_list(v: Vec<String>, _column: &str) -> StoreResult<Vec<String>> {
         Ok(v)
+    }
+
+    fn read_day(v: NaiveDate, _column: &str) -> StoreResult<NaiveDate> {
+        Ok(v)
+    }
+
+    fn build<'a: 'b, 'b>(
+        q: &'b mut QueryBuilder<'a, Postgres>,
+    ) -> Query<'b, Postgres, <Postgres as Database>::Arguments<'b>> {
+        q.build()
     }
 }
 

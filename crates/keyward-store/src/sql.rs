@@ -10,6 +10,7 @@
 pub(crate) mod lifecycle;
 pub(crate) mod rows;
 pub(crate) mod store;
+pub(crate) mod usage;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -20,7 +21,8 @@ use serde_json::Value;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::pool::PoolConnection;
-use sqlx::{Database, Executor, IntoArguments, Pool, Transaction};
+use sqlx::query::Query;
+use sqlx::{Database, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction};
 use uuid::Uuid;
 
 use self::rows::{ChainHead, ChainedRow};
@@ -116,6 +118,7 @@ pub(crate) trait Dialect: Database {
     type Time: Send + Unpin;
     type Json: Send + Unpin;
     type List: Send + Unpin;
+    type Day: Send + Unpin;
 
     /// Appended to a `SELECT` that locks the rows it reads until the transaction ends (where the
     /// database has row locks; SQLite's writers are serialized instead).
@@ -138,6 +141,11 @@ pub(crate) trait Dialect: Database {
     fn read_time(v: Self::Time, column: &str) -> StoreResult<DateTime<Utc>>;
     fn read_json(v: Self::Json, column: &str) -> StoreResult<Value>;
     fn read_list(v: Self::List, column: &str) -> StoreResult<Vec<String>>;
+    fn read_day(v: Self::Day, column: &str) -> StoreResult<NaiveDate>;
+
+    /// sqlx's builder, built: its arguments' lifetime shortened to the borrow, which only the concrete
+    /// types allow.
+    fn build<'a: 'b, 'b>(q: &'b mut QueryBuilder<'a, Self>) -> Query<'b, Self, Self::Arguments<'b>>;
 }
 
 /// Backend `Self` reads a `T` from a row of shape [`Reads::Shape`] (see [`rows`]).
@@ -174,6 +182,20 @@ pub(crate) trait Db:
         conn: &mut Self::Connection,
         stmt: Stmt,
     ) -> impl Future<Output = StoreResult<Option<T>>> + Send
+    where
+        Self: Reads<T>;
+
+    /// Runs a statement built with sqlx's own builder (bulk inserts whose arguments are arrays or
+    /// long lists); the driver's error as it is, for the caller to look at.
+    fn execute_built(
+        conn: &mut Self::Connection,
+        q: &mut QueryBuilder<'_, Self>,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    fn fetch_built<T: Send>(
+        conn: &mut Self::Connection,
+        q: &mut QueryBuilder<'_, Self>,
+    ) -> impl Future<Output = StoreResult<Vec<T>>> + Send
     where
         Self: Reads<T>;
 
@@ -222,6 +244,18 @@ where
     for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
     D::Connection: Migrate,
 {
+    async fn execute_built(conn: &mut Self::Connection, q: &mut QueryBuilder<'_, Self>) -> Result<u64, sqlx::Error> {
+        Ok(D::rows_affected(&D::build(q).execute(conn).await?))
+    }
+
+    async fn fetch_built<T: Send>(conn: &mut Self::Connection, q: &mut QueryBuilder<'_, Self>) -> StoreResult<Vec<T>>
+    where
+        Self: Reads<T>,
+    {
+        let rows = D::build(q).fetch_all(conn).await.map_err(D::error)?;
+        rows.iter().map(|row| D::record(<D as Reads<T>>::Shape::from_row(row).map_err(D::error)?)).collect()
+    }
+
     async fn migrate_up(pool: &Pool<Self>, migrator: &'static Migrator) -> StoreResult<()> {
         migrator.run(pool).await.map_err(migrate_error::<D>)
     }

@@ -20,18 +20,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use keyward_core::diff::diff;
 use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::{Value, json};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
+use sqlx::query::Query;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteQueryResult, SqliteSynchronous,
 };
-use sqlx::{Arguments, QueryBuilder, Sqlite, Transaction};
+use sqlx::{Arguments, Database, QueryBuilder, Sqlite, Transaction};
 use uuid::Uuid;
 
 mod lifecycle;
@@ -212,13 +213,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreRes
     serde_json::from_str(s).map_err(|e| corrupt(column, e))
 }
 
-/// Ids, times, JSON documents and lists of strings are all TEXT: ids hyphenated, times as [`ts`]
-/// writes them, lists as JSON arrays.
+/// Ids, times, days, JSON documents and lists of strings are all TEXT: ids hyphenated, times as [`ts`]
+/// writes them, days `YYYY-MM-DD`, lists as JSON arrays.
 impl Dialect for Sqlite {
     type Id = String;
     type Time = String;
     type Json = String;
     type List = String;
+    type Day = String;
 
     const FOR_UPDATE: &'static str = "";
     const TRUE: &'static str = "1";
@@ -238,7 +240,7 @@ impl Dialect for Sqlite {
             match arg {
                 Arg::Id(v) => out.add(v.map(|id| id.to_string()))?,
                 Arg::Time(v) => out.add(opt_ts(v))?,
-                Arg::Day(v) => out.add(v.format("%Y-%m-%d").to_string())?,
+                Arg::Day(v) => out.add(usage::day(v))?,
                 Arg::Text(v) => out.add(v)?,
                 Arg::Int(v) => out.add(v)?,
                 Arg::Bool(v) => out.add(v)?,
@@ -268,6 +270,16 @@ impl Dialect for Sqlite {
 
     fn read_list(v: String, column: &str) -> StoreResult<Vec<String>> {
         parse_json(&v, column)
+    }
+
+    fn read_day(v: String, column: &str) -> StoreResult<NaiveDate> {
+        NaiveDate::parse_from_str(&v, "%Y-%m-%d").map_err(|e| corrupt(column, e))
+    }
+
+    fn build<'a: 'b, 'b>(
+        q: &'b mut QueryBuilder<'a, Sqlite>,
+    ) -> Query<'b, Sqlite, <Sqlite as Database>::Arguments<'b>> {
+        q.build()
     }
 }
 

@@ -1,36 +1,18 @@
-//! The usage ledger in PostgreSQL: events and pending rollup rows inserted from arrays, quota counters
-//! upserted by adding, all in one transaction per batch; pending rows folded into the rollups by
-//! [`UsageStore::fold_usage`]. Quota rows are upserted in subject order ([`BatchEffects::of`] sorts),
-//! so two nodes flushing overlapping batches cannot deadlock.
+//! The usage ledger's SQL for PostgreSQL: events and pending rollup rows inserted from arrays, quota
+//! counters upserted by adding, all in one transaction per batch (see `crate::sql::usage`); pending rows
+//! folded into the rollups by one statement per transaction. Quota rows are upserted in subject order
+//! ([`BatchEffects::of`] sorts), so two nodes flushing overlapping batches cannot deadlock.
 
-use std::collections::HashSet;
-
-use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, Utc};
-use keyward_core::{KeyId, OrgId};
-use sqlx::postgres::PgRow;
-use sqlx::{Postgres, QueryBuilder, Row};
-use uuid::Uuid;
+use sqlx::{Postgres, QueryBuilder};
 
 use super::{PostgresStore, db};
 use crate::StoreResult;
 use crate::sql::Backend;
-use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
-    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
-};
+use crate::sql::usage::{UsageBackend, UsageDialect};
+use crate::usage::{BatchEffects, DAILY_COLUMNS, FOLD_ROWS, UsageEvent, daily_add_set, endpoint_add_set};
 
 /// Rows per INSERT (arrays of this length, one per column).
 const INSERT_ROWS: usize = 5_000;
-
-/// The 25 rollup values starting at column `offset`.
-fn counts(row: &PgRow, offset: usize) -> StoreResult<DailyCounts> {
-    let mut v = [0i64; 25];
-    for (i, slot) in v.iter_mut().enumerate() {
-        *slot = row.try_get::<i64, _>(offset + i).map_err(db)?;
-    }
-    Ok(DailyCounts::from_values(&v))
-}
 
 /// A numeric SQL expression clamped to the i64 range, as a bigint. PostgreSQL's bigint `+` and the
 /// `::bigint` cast of a larger numeric fail the statement (and the fold is one statement for every
@@ -49,146 +31,95 @@ fn sat_sum(c: &str) -> String {
     clamp(&format!("SUM({c})"))
 }
 
-fn sums() -> String {
-    DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", sat_sum(c))).collect::<Vec<_>>().join(", ")
-}
+impl UsageDialect for Postgres {
+    fn sat_sum(c: &str) -> String {
+        sat_sum(c)
+    }
 
-/// The events' `INSERT`s: one array per column (UNNEST), 17 parameters per statement whatever its
-/// size, and no per-value placeholder parsing, which dominates a multi-row VALUES list at this volume.
-/// `checked`: `ON CONFLICT DO NOTHING RETURNING id` (known events are skipped and the new ones named);
-/// otherwise a known event fails the statement with a unique violation, and the unique-index checks
-/// of `ON CONFLICT` (a third of the statement's time, in `EXPLAIN ANALYZE`) are not made.
-fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Postgres>> {
-    events
-        .chunks(INSERT_ROWS)
-        .map(|chunk| {
-            let text = |f: fn(&UsageEvent) -> Option<&str>| chunk.iter().map(f).collect::<Vec<_>>();
-            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
-                 method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
-                 error_message, idempotency_id) SELECT * FROM UNNEST(",
-            );
+    /// One array per column (UNNEST), 17 parameters per statement whatever its size, and no per-value
+    /// placeholder parsing, which dominates a multi-row VALUES list at this volume. `checked`:
+    /// `ON CONFLICT DO NOTHING RETURNING id` (known events are skipped and the new ones named);
+    /// otherwise a known event fails the statement with a unique violation, and the unique-index checks
+    /// of `ON CONFLICT` are not made.
+    fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Postgres>> {
+        events
+            .chunks(INSERT_ROWS)
+            .map(|chunk| {
+                let text = |f: fn(&UsageEvent) -> Option<&str>| chunk.iter().map(f).collect::<Vec<_>>();
+                let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "INSERT INTO usage_events (id, key_id, organization_id, occurred_at, kind, outcome, endpoint, \
+                     method, status_code, response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, \
+                     error_message, idempotency_id) SELECT * FROM UNNEST(",
+                );
+                let mut a = q.separated(", ");
+                a.push_bind(chunk.iter().map(|e| e.id).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+                a.push_bind(chunk.iter().map(|e| e.key_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+                a.push_bind(chunk.iter().map(|e| e.organization_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+                a.push_bind(chunk.iter().map(|e| e.at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
+                a.push_bind(chunk.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.outcome.as_deref())).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.endpoint.as_deref())).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.method.as_deref())).push_unseparated("::text[]");
+                a.push_bind(chunk.iter().map(|e| e.status_code).collect::<Vec<_>>()).push_unseparated("::int4[]");
+                a.push_bind(chunk.iter().map(|e| e.response_time_ms).collect::<Vec<_>>()).push_unseparated("::int8[]");
+                a.push_bind(chunk.iter().map(|e| e.tokens_used).collect::<Vec<_>>()).push_unseparated("::int8[]");
+                a.push_bind(chunk.iter().map(|e| e.cost_micros).collect::<Vec<_>>()).push_unseparated("::int8[]");
+                a.push_bind(chunk.iter().map(|e| e.ip.map(|ip| ip.to_string())).collect::<Vec<_>>())
+                    .push_unseparated("::text[]");
+                a.push_bind(text(|e| e.user_agent.as_deref())).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.error_code.as_deref())).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.error_message.as_deref())).push_unseparated("::text[]");
+                a.push_bind(text(|e| e.idempotency_id.as_deref())).push_unseparated("::text[]");
+                q.push(if checked { ") ON CONFLICT DO NOTHING RETURNING id" } else { ")" });
+                q
+            })
+            .collect()
+    }
+
+    fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Postgres>> {
+        let mut statements = Vec::new();
+        for chunk in fx.pending.chunks(INSERT_ROWS) {
+            let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, last_used_at, \
+                 last_used_ip) SELECT * FROM UNNEST(",
+                DAILY_COLUMNS.join(", ")
+            ));
+            let values: Vec<[i64; 25]> = chunk.iter().map(|p| p.counts.values()).collect();
             let mut a = q.separated(", ");
-            a.push_bind(chunk.iter().map(|e| e.id).collect::<Vec<_>>()).push_unseparated("::uuid[]");
-            a.push_bind(chunk.iter().map(|e| e.key_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
-            a.push_bind(chunk.iter().map(|e| e.organization_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
-            a.push_bind(chunk.iter().map(|e| e.at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
-            a.push_bind(chunk.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.outcome.as_deref())).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.endpoint.as_deref())).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.method.as_deref())).push_unseparated("::text[]");
-            a.push_bind(chunk.iter().map(|e| e.status_code).collect::<Vec<_>>()).push_unseparated("::int4[]");
-            a.push_bind(chunk.iter().map(|e| e.response_time_ms).collect::<Vec<_>>()).push_unseparated("::int8[]");
-            a.push_bind(chunk.iter().map(|e| e.tokens_used).collect::<Vec<_>>()).push_unseparated("::int8[]");
-            a.push_bind(chunk.iter().map(|e| e.cost_micros).collect::<Vec<_>>()).push_unseparated("::int8[]");
-            a.push_bind(chunk.iter().map(|e| e.ip.map(|ip| ip.to_string())).collect::<Vec<_>>())
-                .push_unseparated("::text[]");
-            a.push_bind(text(|e| e.user_agent.as_deref())).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.error_code.as_deref())).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.error_message.as_deref())).push_unseparated("::text[]");
-            a.push_bind(text(|e| e.idempotency_id.as_deref())).push_unseparated("::text[]");
-            q.push(if checked { ") ON CONFLICT DO NOTHING RETURNING id" } else { ")" });
-            q
-        })
-        .collect()
-}
-
-/// Everything a batch's effects change besides the events: its `usage_pending` rows and the quota
-/// counters.
-fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Postgres>> {
-    let mut statements = Vec::new();
-    for chunk in fx.pending.chunks(INSERT_ROWS) {
-        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, last_used_at, \
-             last_used_ip) SELECT * FROM UNNEST(",
-            DAILY_COLUMNS.join(", ")
-        ));
-        let values: Vec<[i64; 25]> = chunk.iter().map(|p| p.counts.values()).collect();
-        let mut a = q.separated(", ");
-        a.push_bind(chunk.iter().map(|p| p.key_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
-        a.push_bind(chunk.iter().map(|p| p.organization_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
-        a.push_bind(chunk.iter().map(|p| p.day).collect::<Vec<_>>()).push_unseparated("::date[]");
-        a.push_bind(chunk.iter().map(|p| p.endpoint.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
-        for i in 0..DAILY_COLUMNS.len() {
-            a.push_bind(values.iter().map(|v| v[i]).collect::<Vec<_>>()).push_unseparated("::int8[]");
-        }
-        a.push_bind(chunk.iter().map(|p| p.endpoint_errors).collect::<Vec<_>>()).push_unseparated("::int8[]");
-        a.push_bind(chunk.iter().map(|p| p.last_used_at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
-        a.push_bind(chunk.iter().map(|p| p.last_used_ip.as_deref()).collect::<Vec<_>>()).push_unseparated("::text[]");
-        q.push(")");
-        statements.push(q);
-    }
-    // Sorted by subject (BatchEffects::of), one row each.
-    if !fx.quota.is_empty() {
-        let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new("INSERT INTO quota_usage (subject, month, used) SELECT * FROM UNNEST(");
-        let mut a = q.separated(", ");
-        a.push_bind(fx.quota.iter().map(|(s, ..)| s.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
-        a.push_bind(fx.quota.iter().map(|(_, m, _)| m.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
-        a.push_bind(fx.quota.iter().map(|(.., u)| *u).collect::<Vec<_>>()).push_unseparated("::int8[]");
-        q.push(format!(
-            ") ON CONFLICT (subject, month) DO UPDATE SET used = {}",
-            sat_add("quota_usage.used", "excluded.used")
-        ));
-        statements.push(q);
-    }
-    statements
-}
-
-impl PostgresStore {
-    /// The batch when some of its events may be stored already: learns which ones went in
-    /// (`RETURNING`) and applies the effects of those only.
-    async fn record_usage_batch_checked(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        let mut tx = self.writer().await?;
-        let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
-        for mut q in event_inserts(events, true) {
-            let ids: Vec<Uuid> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
-            inserted.extend(ids);
-        }
-        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
-        let fx = BatchEffects::of(fresh.iter().copied());
-        for mut q in effect_statements(&fx) {
-            q.build().execute(&mut *tx).await.map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-        let inserted = fresh.len() as u64;
-        Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
-    }
-}
-
-#[async_trait]
-impl UsageStore for PostgresStore {
-    /// Optimistic: nearly every batch is all new events, so its statements and effects are built
-    /// before the transaction starts, and the events go in without `ON CONFLICT`. When one of them is
-    /// stored already (a replay, or a retry of a batch whose commit went through unacknowledged), the
-    /// insert fails with a unique violation, the transaction is rolled back, and the batch is written
-    /// again by [`PostgresStore::record_usage_batch_checked`].
-    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        if events.is_empty() {
-            return Ok(RecordedBatch::default());
-        }
-        let inserts = event_inserts(events, false);
-        let fx = BatchEffects::of(events);
-        let effects = effect_statements(&fx);
-        let mut tx = self.writer().await?;
-        for mut q in inserts {
-            match q.build().execute(&mut *tx).await {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    tx.rollback().await.map_err(db)?;
-                    return self.record_usage_batch_checked(events).await;
-                }
-                Err(e) => return Err(db(e)),
+            a.push_bind(chunk.iter().map(|p| p.key_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+            a.push_bind(chunk.iter().map(|p| p.organization_id.0).collect::<Vec<_>>()).push_unseparated("::uuid[]");
+            a.push_bind(chunk.iter().map(|p| p.day).collect::<Vec<_>>()).push_unseparated("::date[]");
+            a.push_bind(chunk.iter().map(|p| p.endpoint.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
+            for i in 0..DAILY_COLUMNS.len() {
+                a.push_bind(values.iter().map(|v| v[i]).collect::<Vec<_>>()).push_unseparated("::int8[]");
             }
+            a.push_bind(chunk.iter().map(|p| p.endpoint_errors).collect::<Vec<_>>()).push_unseparated("::int8[]");
+            a.push_bind(chunk.iter().map(|p| p.last_used_at).collect::<Vec<_>>()).push_unseparated("::timestamptz[]");
+            a.push_bind(chunk.iter().map(|p| p.last_used_ip.as_deref()).collect::<Vec<_>>())
+                .push_unseparated("::text[]");
+            q.push(")");
+            statements.push(q);
         }
-        for mut q in effects {
-            q.build().execute(&mut *tx).await.map_err(db)?;
+        // Sorted by subject (BatchEffects::of), one row each.
+        if !fx.quota.is_empty() {
+            let mut q: QueryBuilder<Postgres> =
+                QueryBuilder::new("INSERT INTO quota_usage (subject, month, used) SELECT * FROM UNNEST(");
+            let mut a = q.separated(", ");
+            a.push_bind(fx.quota.iter().map(|(s, ..)| s.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
+            a.push_bind(fx.quota.iter().map(|(_, m, _)| m.as_str()).collect::<Vec<_>>()).push_unseparated("::text[]");
+            a.push_bind(fx.quota.iter().map(|(.., u)| *u).collect::<Vec<_>>()).push_unseparated("::int8[]");
+            q.push(format!(
+                ") ON CONFLICT (subject, month) DO UPDATE SET used = {}",
+                sat_add("quota_usage.used", "excluded.used")
+            ));
+            statements.push(q);
         }
-        tx.commit().await.map_err(db)?;
-        Ok(RecordedBatch { inserted: events.len() as u64, duplicates: 0 })
+        statements
     }
+}
 
-    async fn fold_usage(&self) -> StoreResult<u64> {
+impl UsageBackend for PostgresStore {
+    async fn fold_pending(&self) -> StoreResult<u64> {
         let columns = DAILY_COLUMNS.join(", ");
         let sums = DAILY_COLUMNS.iter().map(|c| sat_sum(c)).collect::<Vec<_>>().join(", ");
         let endpoint_sums = ["requests", "endpoint_errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ");
@@ -250,106 +181,5 @@ impl UsageStore for PostgresStore {
                 return Ok(folded);
             }
         }
-    }
-
-    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
-        let sql = format!(
-            "SELECT day, {} FROM usage_daily WHERE key_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
-            DAILY_COLUMNS.join(", ")
-        );
-        let rows = sqlx::query(&sql).bind(key_id.0).bind(from).bind(to).fetch_all(&self.pool).await;
-        rows.map_err(db)?
-            .iter()
-            .map(|row| Ok(DailyUsage { day: row.try_get(0).map_err(db)?, counts: counts(row, 1)? }))
-            .collect()
-    }
-
-    async fn key_usage_endpoints(
-        &self,
-        key_id: KeyId,
-        from: NaiveDate,
-        to: NaiveDate,
-        limit: u32,
-    ) -> StoreResult<Vec<EndpointUsage>> {
-        let sql = format!(
-            "SELECT endpoint, {} FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
-             GROUP BY endpoint ORDER BY SUM(requests) DESC, endpoint LIMIT $4",
-            ["requests", "errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ")
-        );
-        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)
-            .bind(key_id.0)
-            .bind(from)
-            .bind(to)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(rows
-            .into_iter()
-            .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
-                endpoint,
-                counts: EndpointCounts { requests, errors, tokens_used, cost_micros },
-            })
-            .collect())
-    }
-
-    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
-        let sql = format!(
-            "SELECT key_id, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
-             GROUP BY key_id ORDER BY key_id",
-            sums()
-        );
-        let rows = sqlx::query(&sql).bind(org.0).bind(from).bind(to).fetch_all(&self.pool).await;
-        rows.map_err(db)?
-            .iter()
-            .map(|row| {
-                let id: Uuid = row.try_get(0).map_err(db)?;
-                Ok(KeyTotals { key_id: KeyId(id), counts: counts(row, 1)? })
-            })
-            .collect()
-    }
-
-    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
-        let used: Option<i64> = sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = $1 AND month = $2")
-            .bind(subject)
-            .bind(month)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(used.unwrap_or(0))
-    }
-
-    async fn usage_event_totals(
-        &self,
-        key_id: KeyId,
-        from: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> StoreResult<EventTotals> {
-        let sql = format!(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0)::bigint,
-                    COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)
-             FROM usage_events WHERE key_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
-            sat_sum("tokens_used"),
-            sat_sum("cost_micros"),
-            sat_sum("response_time_ms")
-        );
-        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) =
-            sqlx::query_as(&sql).bind(key_id.0).bind(from).bind(until).fetch_one(&self.pool).await.map_err(db)?;
-        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
-    }
-
-    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let mut tx = self.writer().await?;
-        let done = sqlx::query(
-            "DELETE FROM usage_events WHERE id IN
-                 (SELECT id FROM usage_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(done.rows_affected())
     }
 }

@@ -1,22 +1,14 @@
-//! The usage ledger in SQLite: events and pending rollup rows inserted with multi-row statements, quota
-//! counters upserted by adding, all in one `BEGIN IMMEDIATE` transaction per batch; pending rows folded
-//! into the rollups by [`UsageStore::fold_usage`].
+//! The usage ledger's SQL for SQLite: events and pending rollup rows inserted with multi-row statements,
+//! quota counters upserted by adding, all in one `BEGIN IMMEDIATE` transaction per batch (see
+//! `crate::sql::usage`); pending rows folded into the rollups by transactions of statements, each on
+//! the single write connection.
 
-use std::collections::HashSet;
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
-use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, Utc};
-use keyward_core::{KeyId, OrgId};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
-
-use super::{SqliteStore, db, parse_id, ts};
-use crate::sql::Backend;
-use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, FOLD_ROWS,
-    KeyTotals, RecordedBatch, UsageEvent, UsageStore, daily_add_set, endpoint_add_set,
-};
-use crate::{StoreError, StoreResult};
+use super::{SqliteStore, db, ts};
+use crate::StoreResult;
+use crate::sql::usage::{UsageBackend, UsageDialect};
+use crate::usage::{BatchEffects, DAILY_COLUMNS, FOLD_ROWS, UsageEvent, daily_add_set, endpoint_add_set};
 
 /// The write connection's page cache during a fold, KiB (its sorts' in-memory bound too).
 const FOLD_CACHE_KIB: u32 = 8 * 1024;
@@ -24,21 +16,8 @@ const FOLD_CACHE_KIB: u32 = 8 * 1024;
 /// Rows per INSERT: 17 parameters a row stays under SQLite's 32,766.
 const INSERT_ROWS: usize = 1_000;
 
-fn day(d: NaiveDate) -> String {
+pub(super) fn day(d: chrono::NaiveDate) -> String {
     d.format("%Y-%m-%d").to_string()
-}
-
-fn parse_day(s: &str) -> StoreResult<NaiveDate> {
-    NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|e| StoreError::Internal(format!("invalid day `{s}`: {e}")))
-}
-
-/// The 25 rollup values starting at column `offset`.
-fn counts(row: &SqliteRow, offset: usize) -> StoreResult<DailyCounts> {
-    let mut v = [0i64; 25];
-    for (i, slot) in v.iter_mut().enumerate() {
-        *slot = row.try_get::<i64, _>(offset + i).map_err(db)?;
-    }
-    Ok(DailyCounts::from_values(&v))
 }
 
 /// `a + b` clamped to the i64 range. SQLite's `+` does not fail on overflow: it turns the result
@@ -79,95 +58,93 @@ fn fold_sum(c: &str) -> String {
     }
 }
 
-fn sums() -> String {
-    DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", sat_sum(c))).collect::<Vec<_>>().join(", ")
-}
-
-/// The events' `INSERT`s.
-///
-/// `checked`: `ON CONFLICT DO NOTHING RETURNING id`: a known id or idempotency id is skipped, the new
-/// rows are named, and any other constraint fails the statement. Otherwise `INSERT OR IGNORE`, which
-/// skips a row that breaks any constraint: such a statement can never stop half-way, so SQLite keeps
-/// no statement journal for it (a copy of every page it touches; 5 % of the writer's time in a
-/// profile). The caller compares the rows inserted with the events and, when one is missing, for
-/// whatever reason, rolls back and takes the checked path, where a bad row is an error, not a skip.
-fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Sqlite>> {
-    events
-        .chunks(INSERT_ROWS)
-        .map(|chunk| {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(if checked {
-                "INSERT INTO usage_events "
-            } else {
-                "INSERT OR IGNORE INTO usage_events "
-            });
-            q.push(
-                "(id, key_id, organization_id, occurred_at, kind, outcome, endpoint, method, status_code, \
-                 response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, error_message, \
-                 idempotency_id) ",
-            );
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.id.to_string())
-                    .push_bind(e.key_id.to_string())
-                    .push_bind(e.organization_id.to_string())
-                    .push_bind(ts(e.at))
-                    .push_bind(e.kind.as_str())
-                    .push_bind(e.outcome.as_deref())
-                    .push_bind(e.endpoint.as_deref())
-                    .push_bind(e.method.as_deref())
-                    .push_bind(e.status_code)
-                    .push_bind(e.response_time_ms)
-                    .push_bind(e.tokens_used)
-                    .push_bind(e.cost_micros)
-                    .push_bind(e.ip.map(|ip| ip.to_string()))
-                    .push_bind(e.user_agent.as_deref())
-                    .push_bind(e.error_code.as_deref())
-                    .push_bind(e.error_message.as_deref())
-                    .push_bind(e.idempotency_id.as_deref());
-            });
-            if checked {
-                // Without a conflict target: a known id and a known idempotency id are both skipped.
-                q.push(" ON CONFLICT DO NOTHING RETURNING id");
-            }
-            q
-        })
-        .collect()
-}
-
-/// Everything a batch's effects change besides the events: its `usage_pending` rows and the quota
-/// counters.
-fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Sqlite>> {
-    let mut statements = Vec::new();
-    // 33 parameters a row: 900 rows stay under SQLite's 32,766.
-    for chunk in fx.pending.chunks(900) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, \
-             last_used_at, last_used_ip) ",
-            DAILY_COLUMNS.join(", ")
-        ));
-        q.push_values(chunk, |mut b, p| {
-            b.push_bind(p.key_id.to_string())
-                .push_bind(p.organization_id.to_string())
-                .push_bind(day(p.day))
-                .push_bind(p.endpoint.as_str());
-            for v in p.counts.values() {
-                b.push_bind(v);
-            }
-            b.push_bind(p.endpoint_errors).push_bind(p.last_used_at.map(ts)).push_bind(p.last_used_ip.as_deref());
-        });
-        statements.push(q);
+impl UsageDialect for Sqlite {
+    fn sat_sum(c: &str) -> String {
+        sat_sum(c)
     }
-    for chunk in fx.quota.chunks(1000) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO quota_usage (subject, month, used) ");
-        q.push_values(chunk, |mut b, (subject, month, used)| {
-            b.push_bind(subject.as_str()).push_bind(month.as_str()).push_bind(*used);
-        });
-        q.push(format!(
-            " ON CONFLICT (subject, month) DO UPDATE SET used = {}",
-            sat_add("quota_usage.used", "excluded.used")
-        ));
-        statements.push(q);
+
+    /// `checked`: `ON CONFLICT DO NOTHING RETURNING id`: a known id or idempotency id is skipped, the
+    /// new rows are named, and any other constraint fails the statement. Otherwise `INSERT OR IGNORE`,
+    /// which skips a row that breaks any constraint: such a statement can never stop half-way, so SQLite
+    /// keeps no statement journal for it (a copy of every page it touches). The caller compares the rows
+    /// inserted with the events and, when one is missing, for whatever reason, rolls back and takes the
+    /// checked path, where a bad row is an error, not a skip.
+    fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Sqlite>> {
+        events
+            .chunks(INSERT_ROWS)
+            .map(|chunk| {
+                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(if checked {
+                    "INSERT INTO usage_events "
+                } else {
+                    "INSERT OR IGNORE INTO usage_events "
+                });
+                q.push(
+                    "(id, key_id, organization_id, occurred_at, kind, outcome, endpoint, method, status_code, \
+                     response_time_ms, tokens_used, cost_micros, ip, user_agent, error_code, error_message, \
+                     idempotency_id) ",
+                );
+                q.push_values(chunk, |mut b, e| {
+                    b.push_bind(e.id.to_string())
+                        .push_bind(e.key_id.to_string())
+                        .push_bind(e.organization_id.to_string())
+                        .push_bind(ts(e.at))
+                        .push_bind(e.kind.as_str())
+                        .push_bind(e.outcome.as_deref())
+                        .push_bind(e.endpoint.as_deref())
+                        .push_bind(e.method.as_deref())
+                        .push_bind(e.status_code)
+                        .push_bind(e.response_time_ms)
+                        .push_bind(e.tokens_used)
+                        .push_bind(e.cost_micros)
+                        .push_bind(e.ip.map(|ip| ip.to_string()))
+                        .push_bind(e.user_agent.as_deref())
+                        .push_bind(e.error_code.as_deref())
+                        .push_bind(e.error_message.as_deref())
+                        .push_bind(e.idempotency_id.as_deref());
+                });
+                if checked {
+                    // Without a conflict target: a known id and a known idempotency id are both skipped.
+                    q.push(" ON CONFLICT DO NOTHING RETURNING id");
+                }
+                q
+            })
+            .collect()
     }
-    statements
+
+    fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Sqlite>> {
+        let mut statements = Vec::new();
+        // 33 parameters a row: 900 rows stay under SQLite's 32,766.
+        for chunk in fx.pending.chunks(900) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                "INSERT INTO usage_pending (key_id, organization_id, day, endpoint, {}, endpoint_errors, \
+                 last_used_at, last_used_ip) ",
+                DAILY_COLUMNS.join(", ")
+            ));
+            q.push_values(chunk, |mut b, p| {
+                b.push_bind(p.key_id.to_string())
+                    .push_bind(p.organization_id.to_string())
+                    .push_bind(day(p.day))
+                    .push_bind(p.endpoint.as_str());
+                for v in p.counts.values() {
+                    b.push_bind(v);
+                }
+                b.push_bind(p.endpoint_errors).push_bind(p.last_used_at.map(ts)).push_bind(p.last_used_ip.as_deref());
+            });
+            statements.push(q);
+        }
+        for chunk in fx.quota.chunks(1000) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO quota_usage (subject, month, used) ");
+            q.push_values(chunk, |mut b, (subject, month, used)| {
+                b.push_bind(subject.as_str()).push_bind(month.as_str()).push_bind(*used);
+            });
+            q.push(format!(
+                " ON CONFLICT (subject, month) DO UPDATE SET used = {}",
+                sat_add("quota_usage.used", "excluded.used")
+            ));
+            statements.push(q);
+        }
+        statements
+    }
 }
 
 /// One fold transaction on the write connection: at most [`FOLD_ROWS`] pending rows, oldest first.
@@ -239,6 +216,25 @@ async fn set_temp_store_and_cache(conn: &mut SqliteConnection, temp_store: &str,
     Ok(())
 }
 
+impl UsageBackend for SqliteStore {
+    async fn fold_pending(&self) -> StoreResult<u64> {
+        let mut conn = self.write.acquire().await.map_err(db)?;
+        // A fold's GROUP BYs sort up to FOLD_ROWS rows, in memory up to the page cache's size, then in
+        // temporary files. With the write connection's temp_store=memory their temporary b-trees would
+        // grow in memory without bound (and the C allocator keeps what it took); in files, with a small
+        // cache for the fold, it stays near that cache, in the same time: the fold visits each page
+        // once, in key order, so a large cache buys it nothing.
+        set_temp_store_and_cache(&mut conn, "file", FOLD_CACHE_KIB).await?;
+        let result = self.fold_all(&mut conn).await;
+        set_temp_store_and_cache(&mut conn, super::WRITE_TEMP_STORE, super::WRITE_CACHE_KIB).await?;
+        result
+    }
+
+    fn batch_written(&self) {
+        self.checkpoint_in_background();
+    }
+}
+
 impl SqliteStore {
     /// Fold transactions until one finds fewer than [`FOLD_ROWS`] pending rows; the rows folded.
     async fn fold_all(&self, conn: &mut SqliteConnection) -> StoreResult<u64> {
@@ -251,182 +247,6 @@ impl SqliteStore {
                 return Ok(folded);
             }
         }
-    }
-
-    /// The batch when some of its events may be stored already: learns which ones went in
-    /// (`RETURNING`) and applies the effects of those only.
-    async fn record_usage_batch_checked(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        let mut tx = self.writer().await?;
-        let mut inserted: HashSet<String> = HashSet::with_capacity(events.len());
-        for mut q in event_inserts(events, true) {
-            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(db)?;
-            inserted.extend(ids);
-        }
-        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id.to_string())).collect();
-        let fx = BatchEffects::of(fresh.iter().copied());
-        for mut q in effect_statements(&fx) {
-            q.build().execute(&mut *tx).await.map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-        self.checkpoint_in_background();
-        let inserted = fresh.len() as u64;
-        Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
-    }
-}
-
-#[async_trait]
-impl UsageStore for SqliteStore {
-    /// Optimistic: nearly every batch is all new events, so its statements and effects are built
-    /// before the write lock is taken (a second batch gets ready while the first one writes), and the
-    /// rows the inserts report prove it. When some event was stored already (a replay, or a retry of a
-    /// batch whose commit went through unacknowledged), the transaction is rolled back and the batch
-    /// written again by [`SqliteStore::record_usage_batch_checked`].
-    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
-        if events.is_empty() {
-            return Ok(RecordedBatch::default());
-        }
-        let inserts = event_inserts(events, false);
-        let fx = BatchEffects::of(events);
-        let effects = effect_statements(&fx);
-        let mut tx = self.writer().await?;
-        let mut rows = 0;
-        for mut q in inserts {
-            rows += q.build().execute(&mut *tx).await.map_err(db)?.rows_affected();
-        }
-        if rows != events.len() as u64 {
-            tx.rollback().await.map_err(db)?;
-            return self.record_usage_batch_checked(events).await;
-        }
-        for mut q in effects {
-            q.build().execute(&mut *tx).await.map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-        self.checkpoint_in_background();
-        Ok(RecordedBatch { inserted: rows, duplicates: 0 })
-    }
-
-    async fn fold_usage(&self) -> StoreResult<u64> {
-        let mut conn = self.write.acquire().await.map_err(db)?;
-        // A fold's GROUP BYs sort up to FOLD_ROWS rows, in memory up to the page cache's size, then in
-        // temporary files. With the write connection's temp_store=memory (and the 64 MiB cache it had then)
-        // their temporary b-trees grew in memory without bound: a fold of 200,000 rows of 1,000,000
-        // keys peaked at 480 MB (sqlite3, same statements), which the C allocator kept afterwards. In
-        // files, with an 8 MiB cache for the fold, it stays near 8 MiB, in the same time: the fold
-        // visits each page once, in key order, so a large cache buys it nothing.
-        set_temp_store_and_cache(&mut conn, "file", FOLD_CACHE_KIB).await?;
-        let result = self.fold_all(&mut conn).await;
-        set_temp_store_and_cache(&mut conn, super::WRITE_TEMP_STORE, super::WRITE_CACHE_KIB).await?;
-        result
-    }
-
-    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
-        let sql = format!(
-            "SELECT day, {} FROM usage_daily WHERE key_id = ? AND day >= ? AND day <= ? ORDER BY day",
-            DAILY_COLUMNS.join(", ")
-        );
-        let rows = sqlx::query(&sql).bind(key_id.to_string()).bind(day(from)).bind(day(to)).fetch_all(&self.read).await;
-        rows.map_err(db)?
-            .iter()
-            .map(|row| {
-                let d: String = row.try_get(0).map_err(db)?;
-                Ok(DailyUsage { day: parse_day(&d)?, counts: counts(row, 1)? })
-            })
-            .collect()
-    }
-
-    async fn key_usage_endpoints(
-        &self,
-        key_id: KeyId,
-        from: NaiveDate,
-        to: NaiveDate,
-        limit: u32,
-    ) -> StoreResult<Vec<EndpointUsage>> {
-        let sql = format!(
-            "SELECT endpoint, {} FROM usage_daily_endpoints WHERE key_id = ? AND day >= ? AND day <= ?
-             GROUP BY endpoint ORDER BY 2 DESC, endpoint LIMIT ?",
-            ["requests", "errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ")
-        );
-        let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&sql)
-            .bind(key_id.to_string())
-            .bind(day(from))
-            .bind(day(to))
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await
-            .map_err(db)?;
-        Ok(rows
-            .into_iter()
-            .map(|(endpoint, requests, errors, tokens_used, cost_micros)| EndpointUsage {
-                endpoint,
-                counts: EndpointCounts { requests, errors, tokens_used, cost_micros },
-            })
-            .collect())
-    }
-
-    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
-        let sql = format!(
-            "SELECT key_id, {} FROM usage_daily WHERE organization_id = ? AND day >= ? AND day <= ? \
-             GROUP BY key_id ORDER BY key_id",
-            sums()
-        );
-        let rows = sqlx::query(&sql).bind(org.to_string()).bind(day(from)).bind(day(to)).fetch_all(&self.read).await;
-        rows.map_err(db)?
-            .iter()
-            .map(|row| {
-                let id: String = row.try_get(0).map_err(db)?;
-                Ok(KeyTotals { key_id: parse_id(&id, "usage_daily.key_id")?, counts: counts(row, 1)? })
-            })
-            .collect()
-    }
-
-    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
-        let used: Option<i64> = sqlx::query_scalar("SELECT used FROM quota_usage WHERE subject = ? AND month = ?")
-            .bind(subject)
-            .bind(month)
-            .fetch_optional(&self.read)
-            .await
-            .map_err(db)?;
-        Ok(used.unwrap_or(0))
-    }
-
-    async fn usage_event_totals(
-        &self,
-        key_id: KeyId,
-        from: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> StoreResult<EventTotals> {
-        let sql = format!(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0),
-                    COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)
-             FROM usage_events WHERE key_id = ? AND occurred_at >= ? AND occurred_at < ?",
-            sat_sum("tokens_used"),
-            sat_sum("cost_micros"),
-            sat_sum("response_time_ms")
-        );
-        let (events, requests, tokens_used, cost_micros, latency_sum_ms): (i64, i64, i64, i64, i64) =
-            sqlx::query_as(&sql)
-                .bind(key_id.to_string())
-                .bind(ts(from))
-                .bind(ts(until))
-                .fetch_one(&self.read)
-                .await
-                .map_err(db)?;
-        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
-    }
-
-    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let mut tx = self.writer().await?;
-        let done = sqlx::query(
-            "DELETE FROM usage_events WHERE id IN
-                 (SELECT id FROM usage_events WHERE occurred_at < ? ORDER BY occurred_at LIMIT ?)",
-        )
-        .bind(ts(before))
-        .bind(i64::from(limit))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(done.rows_affected())
     }
 }
 

@@ -1,0 +1,266 @@
+//! [`UsageStore`] for both SQL backends, written once: how a batch is written (optimistically, then
+//! checked when some event was stored already), and every read of the rollups. What differs between the
+//! databases is theirs ([`UsageDialect`]: how events and pending rows are inserted in bulk, how a sum
+//! saturates) and so is the fold ([`UsageBackend::fold_pending`]), whose SQL differs whole.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use sqlx::{ColumnIndex, Decode, FromRow, QueryBuilder, Row, Type};
+use uuid::Uuid;
+
+use super::{Backend, Db, Dialect, Reads, Stmt};
+use crate::StoreResult;
+use crate::usage::{
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
+    RecordedBatch, UsageEvent, UsageStore,
+};
+
+/// The usage ledger's SQL that differs between the databases.
+pub(crate) trait UsageDialect:
+    Db + Reads<DailyUsage> + Reads<KeyTotals> + Reads<EndpointUsage> + Reads<EventTotals>
+{
+    /// `SUM(c)` of a bigint column, clamped to the i64 range instead of failing.
+    fn sat_sum(c: &str) -> String;
+    /// The events' `INSERT`s. Unchecked, a statement may skip a known event (SQLite) or fail with a
+    /// unique violation (PostgreSQL); `checked`, it skips known events and returns the new ones' ids.
+    fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Self>>;
+    /// Everything a batch's effects change besides the events: its `usage_pending` rows and the quota
+    /// counters.
+    fn effect_statements(fx: &BatchEffects) -> Vec<QueryBuilder<'_, Self>>;
+}
+
+/// A backend's usage ledger: its fold, and what it does after a batch.
+pub(crate) trait UsageBackend: Backend<Db: UsageDialect> {
+    /// [`UsageStore::fold_usage`].
+    fn fold_pending(&self) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    /// Called after each batch is committed.
+    fn batch_written(&self) {}
+}
+
+/// The rollup values, in [`DAILY_COLUMNS`] order, from column `offset` of a row.
+fn counts<'r, R: Row>(row: &'r R, offset: usize) -> Result<DailyCounts, sqlx::Error>
+where
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut v = [0i64; 25];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = row.try_get(offset + i)?;
+    }
+    Ok(DailyCounts::from_values(&v))
+}
+
+/// A rollup row, or a sum of them: a key (or a day) and its counts.
+pub(crate) struct CountsRow<T> {
+    of: T,
+    counts: DailyCounts,
+}
+
+impl<'r, R: Row, T> FromRow<'r, R> for CountsRow<T>
+where
+    usize: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    T: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        Ok(Self { of: row.try_get(0)?, counts: counts(row, 1)? })
+    }
+}
+
+impl<D: Dialect> Reads<DailyUsage> for D
+where
+    CountsRow<D::Day>: for<'r> FromRow<'r, D::Row>,
+{
+    type Shape = CountsRow<D::Day>;
+
+    fn record(row: Self::Shape) -> StoreResult<DailyUsage> {
+        Ok(DailyUsage { day: D::read_day(row.of, "usage_daily.day")?, counts: row.counts })
+    }
+}
+
+impl<D: Dialect> Reads<KeyTotals> for D
+where
+    CountsRow<D::Id>: for<'r> FromRow<'r, D::Row>,
+{
+    type Shape = CountsRow<D::Id>;
+
+    fn record(row: Self::Shape) -> StoreResult<KeyTotals> {
+        Ok(KeyTotals { key_id: KeyId(D::read_id(row.of, "usage_daily.key_id")?), counts: row.counts })
+    }
+}
+
+impl<D: Dialect> Reads<EndpointUsage> for D
+where
+    (String, i64, i64, i64, i64): for<'r> FromRow<'r, D::Row>,
+{
+    type Shape = (String, i64, i64, i64, i64);
+
+    fn record((endpoint, requests, errors, tokens_used, cost_micros): Self::Shape) -> StoreResult<EndpointUsage> {
+        Ok(EndpointUsage { endpoint, counts: EndpointCounts { requests, errors, tokens_used, cost_micros } })
+    }
+}
+
+impl<D: Dialect> Reads<EventTotals> for D
+where
+    (i64, i64, i64, i64, i64): for<'r> FromRow<'r, D::Row>,
+{
+    type Shape = (i64, i64, i64, i64, i64);
+
+    fn record((events, requests, tokens_used, cost_micros, latency_sum_ms): Self::Shape) -> StoreResult<EventTotals> {
+        Ok(EventTotals { events, requests, tokens_used, cost_micros, latency_sum_ms })
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|e| e.is_unique_violation())
+}
+
+/// Every rollup column, summed (saturating), in [`DAILY_COLUMNS`] order.
+fn daily_sums<D: UsageDialect>() -> String {
+    DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", D::sat_sum(c))).collect::<Vec<_>>().join(", ")
+}
+
+/// The batch when some of its events may be stored already: learns which ones went in
+/// (`RETURNING`) and applies the effects of those only.
+async fn record_usage_batch_checked<B: UsageBackend>(b: &B, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+    let mut tx = b.writer().await?;
+    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
+    for mut q in B::Db::event_inserts(events, true) {
+        let ids: Vec<Uuid> = B::Db::fetch_built(&mut tx, &mut q).await?;
+        inserted.extend(ids);
+    }
+    let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
+    let fx = BatchEffects::of(fresh.iter().copied());
+    for mut q in B::Db::effect_statements(&fx) {
+        B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
+    }
+    tx.commit().await.map_err(B::Db::error)?;
+    b.batch_written();
+    let inserted = fresh.len() as u64;
+    Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
+}
+
+#[async_trait]
+impl<B: UsageBackend> UsageStore for B {
+    /// Optimistic: nearly every batch is all new events, so its statements and effects are built
+    /// before the transaction starts (a second batch gets ready while the first one writes), and the
+    /// events go in unchecked. When one of them is stored already (a replay, or a retry of a batch
+    /// whose commit went through unacknowledged), an insert reports fewer rows or fails with a unique
+    /// violation; the transaction is rolled back and the batch written again, checked.
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+        if events.is_empty() {
+            return Ok(RecordedBatch::default());
+        }
+        let inserts = B::Db::event_inserts(events, false);
+        let fx = BatchEffects::of(events);
+        let effects = B::Db::effect_statements(&fx);
+        let mut tx = self.writer().await?;
+        let mut rows = 0;
+        for mut q in inserts {
+            match B::Db::execute_built(&mut tx, &mut q).await {
+                Ok(inserted) => rows += inserted,
+                Err(e) if is_unique_violation(&e) => break,
+                Err(e) => return Err(B::Db::error(e)),
+            }
+        }
+        if rows != events.len() as u64 {
+            tx.rollback().await.map_err(B::Db::error)?;
+            return record_usage_batch_checked(self, events).await;
+        }
+        for mut q in effects {
+            B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
+        }
+        tx.commit().await.map_err(B::Db::error)?;
+        self.batch_written();
+        Ok(RecordedBatch { inserted: rows, duplicates: 0 })
+    }
+
+    async fn fold_usage(&self) -> StoreResult<u64> {
+        self.fold_pending().await
+    }
+
+    async fn key_usage_daily(&self, key_id: KeyId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        let q = Stmt::new(format!(
+            "SELECT day, {} FROM usage_daily WHERE key_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        ))
+        .arg(key_id)
+        .arg(from)
+        .arg(to);
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn key_usage_endpoints(
+        &self,
+        key_id: KeyId,
+        from: NaiveDate,
+        to: NaiveDate,
+        limit: u32,
+    ) -> StoreResult<Vec<EndpointUsage>> {
+        let q = Stmt::new(format!(
+            "SELECT endpoint, {} FROM usage_daily_endpoints WHERE key_id = $1 AND day >= $2 AND day <= $3
+             GROUP BY endpoint ORDER BY 2 DESC, endpoint LIMIT $4",
+            ["requests", "errors", "tokens_used", "cost_micros"].map(B::Db::sat_sum).join(", ")
+        ))
+        .arg(key_id)
+        .arg(from)
+        .arg(to)
+        .arg(i64::from(limit));
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
+        let q = Stmt::new(format!(
+            "SELECT key_id, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
+             GROUP BY key_id ORDER BY key_id",
+            daily_sums::<B::Db>()
+        ))
+        .arg(org)
+        .arg(from)
+        .arg(to);
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
+        let q = Stmt::new("SELECT used FROM quota_usage WHERE subject = $1 AND month = $2").arg(subject).arg(month);
+        Ok(B::Db::fetch_optional(&mut *self.reader().await?, q).await?.unwrap_or(0))
+    }
+
+    async fn usage_event_totals(
+        &self,
+        key_id: KeyId,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<EventTotals> {
+        let q = Stmt::new(format!(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind IN ('verify', 'gateway') THEN 1 ELSE 0 END), 0),
+                    COALESCE({}, 0), COALESCE({}, 0), COALESCE({}, 0)
+             FROM usage_events WHERE key_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
+            B::Db::sat_sum("tokens_used"),
+            B::Db::sat_sum("cost_micros"),
+            B::Db::sat_sum("response_time_ms")
+        ))
+        .arg(key_id)
+        .arg(from)
+        .arg(until);
+        B::Db::fetch_one(&mut *self.reader().await?, q).await
+    }
+
+    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let mut tx = self.writer().await?;
+        let q = Stmt::new(
+            "DELETE FROM usage_events WHERE id IN
+                 (SELECT id FROM usage_events WHERE occurred_at < $1 ORDER BY occurred_at LIMIT $2)",
+        )
+        .arg(before)
+        .arg(i64::from(limit));
+        let deleted = B::Db::execute(&mut tx, q).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(deleted)
+    }
+}
