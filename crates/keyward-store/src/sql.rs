@@ -154,23 +154,8 @@ pub(crate) trait Reads<T>: Dialect {
     fn record(row: Self::Shape) -> StoreResult<T>;
 }
 
-/// Runs statements. Implemented once, for every [`Dialect`] whose rows read every record.
-pub(crate) trait Db:
-    Dialect
-    + Reads<ApiKey>
-    + Reads<KeyWithOrg>
-    + Reads<Organization>
-    + Reads<AuditEntry>
-    + Reads<ChainedRow>
-    + Reads<ChainHead>
-    + Reads<Event>
-    + Reads<Webhook>
-    + Reads<Delivery>
-    + Reads<Attempt>
-    + Reads<Uuid>
-    + Reads<i64>
-    + Reads<bool>
-{
+/// Runs statements. Implemented once, for every [`Dialect`].
+pub(crate) trait Db: Dialect {
     /// Rows changed.
     fn execute(conn: &mut Self::Connection, stmt: Stmt) -> impl Future<Output = StoreResult<u64>> + Send;
 
@@ -224,22 +209,8 @@ pub(crate) trait Db:
     }
 }
 
-impl<D> Db for D
+impl<D: Dialect> Db for D
 where
-    D: Dialect
-        + Reads<ApiKey>
-        + Reads<KeyWithOrg>
-        + Reads<Organization>
-        + Reads<AuditEntry>
-        + Reads<ChainedRow>
-        + Reads<ChainHead>
-        + Reads<Event>
-        + Reads<Webhook>
-        + Reads<Delivery>
-        + Reads<Attempt>
-        + Reads<Uuid>
-        + Reads<i64>
-        + Reads<bool>,
     for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
     for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
     D::Connection: Migrate,
@@ -334,7 +305,21 @@ fn migrate_error<D: Dialect>(e: MigrateError) -> StoreError {
 
 /// A backend's connections: for reads, and for writes (a transaction).
 pub(crate) trait Backend: Send + Sync + 'static {
-    type Db: Db;
+    /// Its database, which reads every record.
+    type Db: Db
+        + Reads<ApiKey>
+        + Reads<KeyWithOrg>
+        + Reads<Organization>
+        + Reads<AuditEntry>
+        + Reads<ChainedRow>
+        + Reads<ChainHead>
+        + Reads<Event>
+        + Reads<Webhook>
+        + Reads<Delivery>
+        + Reads<Attempt>
+        + Reads<Uuid>
+        + Reads<i64>
+        + Reads<bool>;
 
     /// A connection for reads.
     fn reader(&self) -> impl Future<Output = StoreResult<PoolConnection<Self::Db>>> + Send;

@@ -8,7 +8,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::rows::{ChainHead, ChainedRow};
-use super::{Backend, Db, Dialect, Stmt};
+use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::lifecycle::{BrokenLink, report};
 use crate::{Actor, ApiKey, Attempt, AuditChainReport, Delivery, Event, EventKind, StoreResult, Webhook};
 
@@ -21,13 +21,13 @@ const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, statu
 const CHAIN_BATCH: i64 = 1_000;
 
 /// The audit chain's head; the genesis hash before the first chained row.
-async fn chain_head<D: Db>(conn: &mut D::Connection, lock: &str) -> StoreResult<ChainHead> {
+async fn chain_head<D: Db + Reads<ChainHead>>(conn: &mut D::Connection, lock: &str) -> StoreResult<ChainHead> {
     let q = Stmt::new(format!("SELECT last_id, last_hash FROM audit_chain WHERE id = 1{lock}"));
     Ok(D::fetch_optional(conn, q).await?.unwrap_or_else(|| ChainHead(None, GENESIS.to_owned())))
 }
 
 /// The head, locked until the transaction ends (see [`super::store::append_audit`]).
-pub(crate) async fn lock_chain_head<D: Db>(conn: &mut D::Connection) -> StoreResult<ChainHead> {
+pub(crate) async fn lock_chain_head<D: Db + Reads<ChainHead>>(conn: &mut D::Connection) -> StoreResult<ChainHead> {
     chain_head::<D>(conn, D::FOR_UPDATE).await
 }
 
@@ -136,7 +136,7 @@ pub(crate) async fn list_events<B: Backend>(b: &B, after: Option<Uuid>, limit: u
     B::Db::fetch_all(&mut *b.reader().await?, q).await
 }
 
-pub(crate) async fn select_webhook<D: Db>(conn: &mut D::Connection, id: Uuid) -> StoreResult<Webhook> {
+pub(crate) async fn select_webhook<D: Db + Reads<Webhook>>(conn: &mut D::Connection, id: Uuid) -> StoreResult<Webhook> {
     D::fetch_one(conn, Stmt::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1")).arg(id))
         .await
 }
@@ -154,7 +154,10 @@ pub(crate) async fn list_webhooks<B: Backend>(b: &B, organization_id: Option<Org
     B::Db::fetch_all(&mut *b.reader().await?, q).await
 }
 
-pub(crate) async fn select_delivery<D: Db>(conn: &mut D::Connection, id: Uuid) -> StoreResult<Delivery> {
+pub(crate) async fn select_delivery<D: Db + Reads<Delivery>>(
+    conn: &mut D::Connection,
+    id: Uuid,
+) -> StoreResult<Delivery> {
     let q = Stmt::new(format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1")).arg(id);
     D::fetch_one(conn, q).await
 }

@@ -4,7 +4,8 @@ use keyward_core::audit_chain::AuditContent;
 use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::Value;
 
-use super::{Backend, Db, Dialect, Stmt};
+use super::rows::ChainHead;
+use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyWithOrg, MigrationInfo, Organization, Page, PageRequest,
     StoreResult, stored_time,
@@ -28,30 +29,36 @@ fn into_page<T, C>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> C) ->
 // -----------------------------------------------------------------------------------------------
 // Statements shared by several methods; each runs on the caller's connection or transaction.
 
-pub(crate) async fn select_org<D: Db>(conn: &mut D::Connection, id: OrgId) -> StoreResult<Organization> {
+pub(crate) async fn select_org<D: Db + Reads<Organization>>(
+    conn: &mut D::Connection,
+    id: OrgId,
+) -> StoreResult<Organization> {
     D::fetch_one(conn, Stmt::new(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = $1")).arg(id)).await
 }
 
 /// The organization, locked until the transaction ends: key creations and imports of one organization
 /// take turns, so the `max_api_keys` count and the insert cannot interleave with another's.
-pub(crate) async fn lock_org<D: Db>(conn: &mut D::Connection, id: OrgId) -> StoreResult<Organization> {
+pub(crate) async fn lock_org<D: Db + Reads<Organization>>(
+    conn: &mut D::Connection,
+    id: OrgId,
+) -> StoreResult<Organization> {
     let sql = format!(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = $1{}"), D::FOR_UPDATE);
     D::fetch_one(conn, Stmt::new(sql).arg(id)).await
 }
 
-pub(crate) async fn select_key<D: Db>(conn: &mut D::Connection, id: KeyId) -> StoreResult<ApiKey> {
+pub(crate) async fn select_key<D: Db + Reads<ApiKey>>(conn: &mut D::Connection, id: KeyId) -> StoreResult<ApiKey> {
     D::fetch_one(conn, Stmt::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1")).arg(id)).await
 }
 
 /// The key, locked until the transaction ends, so that an audit diff is computed against what is
 /// really replaced.
-pub(crate) async fn lock_key<D: Db>(conn: &mut D::Connection, id: KeyId) -> StoreResult<ApiKey> {
+pub(crate) async fn lock_key<D: Db + Reads<ApiKey>>(conn: &mut D::Connection, id: KeyId) -> StoreResult<ApiKey> {
     let sql = format!(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1{}"), D::FOR_UPDATE);
     D::fetch_one(conn, Stmt::new(sql).arg(id)).await
 }
 
 /// Keys that count against `max_api_keys`: every key not revoked.
-pub(crate) async fn held_keys<D: Db>(conn: &mut D::Connection, org: OrgId) -> StoreResult<i64> {
+pub(crate) async fn held_keys<D: Db + Reads<i64>>(conn: &mut D::Connection, org: OrgId) -> StoreResult<i64> {
     let sql = "SELECT COUNT(*) FROM api_keys WHERE organization_id = $1 AND revoked_at IS NULL";
     D::fetch_one(conn, Stmt::new(sql).arg(org)).await
 }
@@ -60,7 +67,7 @@ pub(crate) async fn held_keys<D: Db>(conn: &mut D::Connection, org: OrgId) -> St
 /// (see `keyward_core::audit_chain`). The chain head is read locked (SQLite: under the write lock), so
 /// appends from every process are serialized until the transaction ends; a transaction therefore
 /// takes it last, after the rows it changes.
-pub(crate) async fn append_audit<D: Db>(
+pub(crate) async fn append_audit<D: Db + Reads<AuditEntry> + Reads<ChainHead>>(
     conn: &mut D::Connection,
     action: &str,
     key_id: Option<KeyId>,
