@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
 
 use chrono::{DateTime, Duration, Utc};
 use keyward_core::{Environment, IpAllowList, KeyHasher, KeyId, KeyPrefix, KeyStatus, OrgId, PlainKey, ScopeSet};
@@ -994,8 +996,8 @@ pub async fn append_audit_writes_one_row(store: &dyn Store) {
     assert_eq!(mine, [&row]);
 }
 
-/// Not a case of [`CASES`]: it drops every table, so it needs a store of its own. Migrating down one
-/// step reverts the newest migration only and keeps the data; down to nothing drops the tables; up
+/// It drops every table, so it needs a store of its own (as every case has). Migrating down one step
+/// reverts the newest migration only and keeps the data; down to nothing drops the tables; up
 /// again gives a working store, and up once more changes nothing.
 pub async fn migrate_down_and_up(store: &dyn Store) {
     let org = org(store, None).await;
@@ -1037,26 +1039,156 @@ pub async fn migrate_down_and_up(store: &dyn Store) {
     import_keys_is_idempotent_and_respects_the_limit(store).await;
 }
 
-/// Every case, by name, for a backend's test file to cross-check its list against.
-pub const CASES: &[&str] = &[
-    "ping_and_backend",
-    "migrations_are_all_applied",
-    "create_find_and_get_a_key",
-    "unknown_ids_are_not_found",
-    "list_keys_filters",
-    "list_keys_paginates_newest_first",
-    "update_key_records_a_diff",
-    "deactivate_and_activate_are_named",
-    "revoke_keeps_the_row",
-    "audit_list_filters_and_paginates",
-    "organizations_create_update_and_find",
-    "list_and_count_orgs",
-    "max_api_keys_is_enforced",
-    "duplicate_hash_is_a_conflict",
-    "record_key_usage_accumulates",
-    "concurrent_inserts_respect_the_limit",
-    "audit_rows_never_hold_key_material",
-    "import_keys_is_idempotent_and_respects_the_limit",
-    "has_legacy_keys_follows_imports",
-    "append_audit_writes_one_row",
-];
+/// Two stores on one database (two nodes, or the server and the CLI on one file), each with its own
+/// connections: the organization's `max_api_keys` holds across them, and each sees the other's write
+/// at once.
+pub async fn two_stores_respect_the_limit(a: &dyn Store, b: &dyn Store) {
+    for round in 0..5 {
+        let org = a.insert_org(new_org(Some(1)), &Actor::cli(t0())).await.must("insert_org");
+        let actor = Actor::cli(t0());
+        let (x, y) = tokio::join!(
+            a.insert_key(new_key(&org, Environment::Live).1, &actor),
+            b.insert_key(new_key(&org, Environment::Live).1, &actor)
+        );
+        let wins = [&x, &y].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {x:?} / {y:?}");
+        assert!(matches!(x.as_ref().err().or(y.as_ref().err()), Some(StoreError::KeyLimitReached(1))));
+        let filter = KeyFilter { include_inactive: true, ..filter(Some(org.id), t0()) };
+        let page = PageRequest { after: None, limit: 10 };
+        assert_eq!(a.list_keys(&filter, page).await.must("list a").items.len(), 1);
+        assert_eq!(b.list_keys(&filter, page).await.must("list b").items.len(), 1);
+    }
+}
+
+/// Reads the status column of the `v_api_keys` view for a key.
+pub type StatusOf<'a> = &'a (dyn Fn(KeyId) -> Pin<Box<dyn Future<Output = String> + Send>> + Sync);
+
+/// `v_api_keys` derives the status against the database clock with the precedence of
+/// `KeyState::status`.
+pub async fn status_view_agrees_with_key_state(store: &dyn Store, status_of: StatusOf<'_>) {
+    let org = org(store, None).await;
+    let wall = Utc::now();
+    let hour = Duration::hours(1);
+    let cli = Actor::cli(wall);
+    let mut keys = Vec::new();
+    for (is_active, expires_at, revoked_at) in [
+        (true, None, None),
+        (false, None, None),
+        (true, Some(wall - hour), None),
+        (true, Some(wall + hour), None),
+        (false, Some(wall - hour), None),
+        (true, None, Some(wall - hour)),
+        (false, Some(wall - hour), Some(wall - hour)),
+        (true, None, Some(wall + hour)),
+    ] {
+        let new = NewKey { is_active, expires_at, ..new_key(&org, Environment::Live).1 };
+        let mut key = store.insert_key(new, &cli).await.must("insert_key");
+        if let Some(at) = revoked_at {
+            key = store.revoke_key(key.id, "test", at, &cli).await.must("revoke_key");
+        }
+        keys.push(key);
+    }
+    for key in keys {
+        assert_eq!(status_of(key.id).await, key.status(Utc::now()).as_str(), "{:?}", key.state());
+    }
+}
+
+/// Declares the whole suite in a backend's test file: one `#[tokio::test]` per case, each on a store
+/// of its own. `$fresh(test_name)` gives `Some((guard, store))`, or `None` when the backend's tests
+/// are skipped; `$done(guard, store)` releases them; `$tamper(kind)` runs
+/// [`crate::conformance_lifecycle::audit_tampering_is_detected`] on a fresh database. The cases are
+/// listed here only, so every backend runs every one.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fresh:ident, $done:ident, $tamper:ident) => {
+        mod store {
+            use super::*;
+            use $crate::conformance as cases;
+
+            $crate::conformance_tests!(@cases $fresh, $done:
+                ping_and_backend,
+                migrations_are_all_applied,
+                create_find_and_get_a_key,
+                unknown_ids_are_not_found,
+                list_keys_filters,
+                list_keys_paginates_newest_first,
+                update_key_records_a_diff,
+                deactivate_and_activate_are_named,
+                revoke_keeps_the_row,
+                audit_list_filters_and_paginates,
+                organizations_create_update_and_find,
+                list_and_count_orgs,
+                max_api_keys_is_enforced,
+                duplicate_hash_is_a_conflict,
+                record_key_usage_accumulates,
+                concurrent_inserts_respect_the_limit,
+                audit_rows_never_hold_key_material,
+                import_keys_is_idempotent_and_respects_the_limit,
+                has_legacy_keys_follows_imports,
+                append_audit_writes_one_row,
+                migrate_down_and_up,
+            );
+        }
+
+        mod lifecycle {
+            use super::*;
+            use $crate::conformance_lifecycle as cases;
+            use $crate::conformance_lifecycle::Tamper;
+
+            $crate::conformance_tests!(@cases $fresh, $done:
+                rotation_links_both_keys_and_schedules_revocation,
+                revoked_keys_are_not_rotated,
+                expiry_lists_notifies_and_deactivates,
+                audit_chain_stays_intact,
+                webhooks_dispatch_claim_and_record,
+            );
+
+            #[tokio::test]
+            async fn a_changed_audit_row_is_named() {
+                $tamper(Tamper::Change).await;
+            }
+
+            #[tokio::test]
+            async fn a_deleted_audit_row_is_detected_at_the_next_row() {
+                $tamper(Tamper::Delete).await;
+            }
+
+            #[tokio::test]
+            async fn reordered_audit_rows_are_named() {
+                $tamper(Tamper::Reorder).await;
+            }
+
+            #[tokio::test]
+            async fn a_truncated_audit_log_is_detected() {
+                $tamper(Tamper::Truncate).await;
+            }
+        }
+
+        mod usage {
+            use super::*;
+            use $crate::conformance::usage as cases;
+
+            $crate::conformance_tests!(@cases $fresh, $done:
+                usage_batch_writes_events_rollups_and_counters,
+                usage_batch_is_idempotent,
+                usage_batch_of_known_and_new_events_counts_the_new_once,
+                usage_prune_keeps_rollups,
+                usage_fold_counts_each_pending_row_once,
+                usage_extreme_rows_saturate_and_never_stop_the_fold,
+            );
+        }
+    };
+    (@cases $fresh:ident, $done:ident: $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some((guard, store)) = $fresh(concat!(module_path!(), "::", stringify!($case))).await else {
+                    return;
+                };
+                cases::$case(&store).await;
+                $done(guard, store).await;
+            }
+        )*
+    };
+}

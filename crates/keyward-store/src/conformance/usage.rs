@@ -1,5 +1,5 @@
 //! The usage ledger's cases of the conformance suite ([`crate::UsageStore`]), run by each backend's
-//! test file like the others; [`CASES`] lists them.
+//! test file like the others (see `conformance_tests!`).
 
 use chrono::{Duration, NaiveDate};
 use keyward_core::OrgId;
@@ -7,16 +7,6 @@ use keyward_core::OrgId;
 use super::{Must, at, key, org, t0};
 use crate::Store;
 use crate::usage::{Histogram, QuotaSubject, UsageEvent, UsageKind};
-
-/// Every case of this module, in order; each backend's list must match.
-pub const CASES: &[&str] = &[
-    "usage_batch_writes_events_rollups_and_counters",
-    "usage_batch_is_idempotent",
-    "usage_batch_of_known_and_new_events_counts_the_new_once",
-    "usage_prune_keeps_rollups",
-    "usage_fold_counts_each_pending_row_once",
-    "usage_extreme_rows_saturate_and_never_stop_the_fold",
-];
 
 fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
     let mut e = UsageEvent::new(UsageKind::Verify, key.id, key.organization_id, at(minutes));
