@@ -19,9 +19,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::{Clock, KeyHash, KeyId, OrgId, ScopeSet};
 use keyward_store::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyRecord, KeyUsage,
-    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization, OrganizationPatch, Page, PageRequest,
-    Store, StoreError, StoreResult,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyRecord,
+    KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization, OrganizationPatch, Page,
+    PageRequest, Store, StoreError, StoreResult,
 };
 use quick_cache::sync::Cache;
 use serde_json::Value;
@@ -69,33 +69,7 @@ fn slot(hash: &KeyHash) -> Slot {
     u128::from_le_bytes(first)
 }
 
-/// What a change made stale.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invalidation {
-    Key(KeyHash),
-    Organization(OrgId),
-    All,
-}
-
-impl Invalidation {
-    /// The wire form on the bus: `k:<hex>`, `o:<uuid>`, `*`.
-    pub fn encode(&self) -> String {
-        match self {
-            Self::Key(h) => format!("k:{}", h.to_hex()),
-            Self::Organization(id) => format!("o:{id}"),
-            Self::All => "*".to_owned(),
-        }
-    }
-
-    pub fn decode(s: &str) -> Option<Self> {
-        match s.split_once(':') {
-            Some(("k", hex)) => KeyHash::from_hex(hex).map(Self::Key),
-            Some(("o", id)) => id.parse().ok().map(Self::Organization),
-            _ if s == "*" => Some(Self::All),
-            _ => None,
-        }
-    }
-}
+pub use keyward_store::Invalidation;
 
 /// The node's cache of keys by hash.
 #[derive(Clone)]
@@ -381,6 +355,14 @@ impl CachedStore {
             bus.publish(&change).await;
         }
     }
+
+    /// Drops what a write made stale, here and on the other nodes.
+    async fn pass<T>(&self, changed: Changed<T>) -> Changed<T> {
+        for change in changed.invalidations() {
+            self.changed(change.clone()).await;
+        }
+        changed
+    }
 }
 
 #[async_trait]
@@ -414,19 +396,19 @@ impl Store for CachedStore {
     async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
         self.inner.list_orgs(page).await
     }
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
-        let org = self.inner.update_org(id, patch, actor).await?;
-        self.changed(Invalidation::Organization(id)).await;
-        Ok(org)
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
+        Ok(self.pass(self.inner.update_org(id, patch, actor).await?).await)
     }
     async fn count_orgs(&self) -> StoreResult<i64> {
         self.inner.count_orgs().await
     }
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
-        let key = self.inner.insert_key(key, actor).await?;
-        // A hash remembered as unknown is known now.
-        self.changed(Invalidation::Key(key.key_hash)).await;
-        Ok(key)
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
+        Ok(self.pass(self.inner.insert_key(key, actor).await?).await)
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
@@ -490,15 +472,17 @@ impl Store for CachedStore {
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
         self.inner.list_keys(filter, page).await
     }
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
-        let key = self.inner.update_key(id, patch, actor).await?;
-        self.changed(Invalidation::Key(key.key_hash)).await;
-        Ok(key)
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
+        Ok(self.pass(self.inner.update_key(id, patch, actor).await?).await)
     }
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
-        let key = self.inner.revoke_key(id, reason, at, actor).await?;
-        self.changed(Invalidation::Key(key.key_hash)).await;
-        Ok(key)
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
+        Ok(self.pass(self.inner.revoke_key(id, reason, at, actor).await?).await)
     }
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
         self.inner.record_key_usage(usage).await
@@ -509,15 +493,8 @@ impl Store for CachedStore {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
-        let hashes: Vec<KeyHash> = keys.iter().map(|k| k.key.key_hash).collect();
-        let outcomes = self.inner.import_keys(organization_id, keys, actor, dry_run).await?;
-        if !dry_run {
-            for hash in hashes {
-                self.changed(Invalidation::Key(hash)).await;
-            }
-        }
-        Ok(outcomes)
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
+        Ok(self.pass(self.inner.import_keys(organization_id, keys, actor, dry_run).await?).await)
     }
     async fn has_legacy_keys(&self) -> StoreResult<bool> {
         self.inner.has_legacy_keys().await
@@ -546,11 +523,8 @@ impl keyward_store::LifecycleStore for CachedStore {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<keyward_store::Rotation> {
-        let rotation = self.inner.rotate_key(old, new, revoke_at, actor).await?;
-        self.changed(Invalidation::Key(rotation.old.key_hash)).await;
-        self.changed(Invalidation::Key(rotation.new.key_hash)).await;
-        Ok(rotation)
+    ) -> StoreResult<Changed<keyward_store::Rotation>> {
+        Ok(self.pass(self.inner.rotate_key(old, new, revoke_at, actor).await?).await)
     }
     async fn list_expiring_keys(
         &self,
@@ -566,12 +540,8 @@ impl keyward_store::LifecycleStore for CachedStore {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>> {
-        let expired = self.inner.expire_keys(organization_id, now, actor).await?;
-        for key in &expired {
-            self.changed(Invalidation::Key(key.key_hash)).await;
-        }
-        Ok(expired)
+    ) -> StoreResult<Changed<Vec<ApiKey>>> {
+        Ok(self.pass(self.inner.expire_keys(organization_id, now, actor).await?).await)
     }
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<keyward_store::Event>> {
         self.inner.record_expiring_events(now, days).await
@@ -843,16 +813,6 @@ async fn publish_until_taken(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn invalidations_round_trip() {
-        for change in [Invalidation::Key(KeyHash([7; 32])), Invalidation::Organization(OrgId::new()), Invalidation::All]
-        {
-            assert_eq!(Invalidation::decode(&change.encode()), Some(change));
-        }
-        assert_eq!(Invalidation::decode("k:zz"), None);
-        assert_eq!(Invalidation::decode("nonsense"), None);
-    }
 
     fn record(org: OrgId, plan: &str, scopes: &[&str]) -> Arc<KeyRecord> {
         Arc::new(KeyRecord {

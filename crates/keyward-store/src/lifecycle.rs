@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::{Actor, ApiKey, NewKey, StoreResult};
+use crate::{Actor, ApiKey, Changed, NewKey, StoreResult};
 
 /// The two keys of a rotation, as stored after it.
 #[derive(Debug, Clone, PartialEq)]
@@ -295,7 +295,7 @@ pub trait LifecycleStore: Send + Sync {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Rotation>;
+    ) -> StoreResult<Changed<Rotation>>;
 
     /// Keys that are usable at `now` and expire in `(now, until]`, soonest first (at most `limit`);
     /// `organization_id` `None`: every organization.
@@ -315,7 +315,7 @@ pub trait LifecycleStore: Send + Sync {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>>;
+    ) -> StoreResult<Changed<Vec<ApiKey>>>;
 
     /// Writes a `key.expiring` event for every usable key expiring within `days` days of `now` that has
     /// not had one for this threshold (and this expiry) yet; returns the new events.

@@ -33,9 +33,9 @@ mod lifecycle;
 
 use crate::sql::{Arg, Backend, Dialect, rows, store};
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, corrupt, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch,
+    KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest,
+    Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -371,14 +371,19 @@ impl Store for PostgresStore {
         store::list_orgs(self, page).await
     }
 
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
         let action = patch.action();
         let mut tx = self.writer().await?;
         let before = select_org(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_org(before));
         };
         let updated = sqlx::query_as::<_, OrgRow>(concat!(
             "UPDATE organizations SET name = $1, email = $2, plan = $3, is_active = $4, monthly_request_limit = $5,
@@ -405,14 +410,14 @@ impl Store for PostgresStore {
         .into_org()?;
         append_audit(&mut tx, action, None, id, actor, &details).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_org(updated))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
         store::count_orgs(self).await
     }
 
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let mut tx = self.writer().await?;
         // The organization's row lock serializes key creations per organization across every node: the
         // count below (a fresh snapshot under READ COMMITTED, taken after the lock) sees every key
@@ -430,7 +435,7 @@ impl Store for PostgresStore {
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, EventKind::KeyCreated, &created, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(created)
+        Ok(Changed::inserted_key(created))
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
@@ -445,14 +450,14 @@ impl Store for PostgresStore {
         store::list_keys(self, filter, page).await
     }
 
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let action = patch.action();
         let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_key(before));
         };
         let updated = sqlx::query_as::<_, KeyRow>(concat!(
             "UPDATE api_keys SET name = $1, description = $2, scopes = $3, allowed_ips = $4, expires_at = $5,
@@ -483,10 +488,16 @@ impl Store for PostgresStore {
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, EventKind::KeyUpdated, &after, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_key(updated))
     }
 
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
         let at = stored_time(at);
         let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id, true).await?;
@@ -494,7 +505,7 @@ impl Store for PostgresStore {
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
         // leaked key during its grace period stops it now.
         if before.revoked_at.is_some_and(|revoked| revoked <= at) {
-            return Ok(before);
+            return Ok(Changed::revoked_key(before));
         }
         let mut after = before.clone();
         after.revoked_at = Some(at);
@@ -515,7 +526,7 @@ impl Store for PostgresStore {
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, EventKind::KeyRevoked, &after, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(revoked)
+        Ok(Changed::revoked_key(revoked))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
@@ -557,7 +568,7 @@ impl Store for PostgresStore {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
         if keys.iter().any(|k| k.key.organization_id != organization_id) {
             return Err(StoreError::Internal("an imported key names another organization".to_owned()));
         }
@@ -599,7 +610,7 @@ impl Store for PostgresStore {
         } else {
             tx.commit().await.map_err(db)?;
         }
-        Ok(outcomes)
+        Ok(Changed::imported(outcomes, &keys, dry_run))
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {

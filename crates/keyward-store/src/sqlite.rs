@@ -39,9 +39,9 @@ mod lifecycle;
 
 use crate::sql::{Arg, Backend, Dialect, rows, store};
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, corrupt, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, EventKind, ImportOutcome, KeyFilter, KeyImport, KeyPatch,
+    KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest,
+    Store, StoreError, StoreResult, corrupt, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -460,14 +460,19 @@ impl Store for SqliteStore {
         store::list_orgs(self, page).await
     }
 
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
         let action = patch.action();
         let mut tx = self.writer().await?;
         let before = select_org(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_org(before));
         };
         sqlx::query(
             "UPDATE organizations SET name = ?, email = ?, plan = ?, is_active = ?, monthly_request_limit = ?,
@@ -492,14 +497,14 @@ impl Store for SqliteStore {
         append_audit(&mut tx, action, None, id, actor, &details).await?;
         let updated = select_org(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_org(updated))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
         store::count_orgs(self).await
     }
 
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         // IMMEDIATE: the count below and the insert must see the same keys, also across processes, or
         // two concurrent creations could both pass the limit.
         let mut tx = self.writer().await?;
@@ -516,7 +521,7 @@ impl Store for SqliteStore {
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, EventKind::KeyCreated, &created, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(created)
+        Ok(Changed::inserted_key(created))
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
@@ -531,14 +536,14 @@ impl Store for SqliteStore {
         store::list_keys(self, filter, page).await
     }
 
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let action = patch.action();
         let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_key(before));
         };
         sqlx::query(
             "UPDATE api_keys SET name = ?, description = ?, scopes = ?, allowed_ips = ?, expires_at = ?, metadata = ?,
@@ -567,10 +572,16 @@ impl Store for SqliteStore {
         lifecycle::key_event(&mut tx, EventKind::KeyUpdated, &after, actor).await?;
         let updated = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_key(updated))
     }
 
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
         let at = stored_time(at);
         let mut tx = self.writer().await?;
         let before = select_key(&mut tx, id).await?;
@@ -578,7 +589,7 @@ impl Store for SqliteStore {
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
         // leaked key during its grace period stops it now.
         if before.revoked_at.is_some_and(|revoked| revoked <= at) {
-            return Ok(before);
+            return Ok(Changed::revoked_key(before));
         }
         let mut after = before.clone();
         after.revoked_at = Some(at);
@@ -596,7 +607,7 @@ impl Store for SqliteStore {
         lifecycle::key_event(&mut tx, EventKind::KeyRevoked, &after, actor).await?;
         let revoked = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(revoked)
+        Ok(Changed::revoked_key(revoked))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
@@ -634,7 +645,7 @@ impl Store for SqliteStore {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
         // IMMEDIATE for the same reason as insert_key: the limit and the hashes checked below must be
         // what the inserts land on.
         let mut tx = self.writer().await?;
@@ -678,7 +689,7 @@ impl Store for SqliteStore {
         } else {
             tx.commit().await.map_err(db)?;
         }
-        Ok(outcomes)
+        Ok(Changed::imported(outcomes, &keys, dry_run))
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {

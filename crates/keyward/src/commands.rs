@@ -18,7 +18,7 @@ use keyward_server::service::{
     self, CreateKeyRequest, CreateOrganizationRequest, RotateKeyRequest, UpdateKeyRequest, Validator,
 };
 use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
-use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
+use keyward_store::{Actor, AuditFilter, KeyFilter, NoCache, PageRequest};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
@@ -573,7 +573,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 },
             };
             let patch = request.validate(&v)?;
-            let key = KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?, now);
+            let key = KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?.apply(&NoCache), now);
             if json {
                 print_json(&key)
             } else {
@@ -607,7 +607,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             }
         }
         KeysAction::Revoke { id, reason, json } => {
-            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?;
+            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?.apply(&NoCache);
             let key = KeyResponse::new(key, now);
             if json {
                 print_json(&key)

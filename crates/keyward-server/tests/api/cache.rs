@@ -74,7 +74,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
     tokio::time::timeout(Duration::from_secs(5), store.read.notified()).await.expect("the lookup read the store");
     // ...while the key is revoked through this node (the cache is invalidated).
     let now = keyward_core::Clock::now(&app.clock);
-    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap();
+    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
     drop(gate);
     let raced = tokio::time::timeout(Duration::from_secs(5), racing).await.unwrap().unwrap().unwrap();
     assert!(raced.is_valid(), "the racing request answers from what it read");
@@ -89,7 +89,7 @@ async fn a_change_made_around_keyward_shows_after_the_ttl() {
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
     // Straight in the store underneath, as an operator editing the database would.
     let now = keyward_core::Clock::now(&app.clock);
-    store.inner.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap();
+    store.inner.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "cached until the TTL");
     app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64));
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
@@ -213,7 +213,7 @@ async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
     let seeded = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap();
     let key = seeded.key.expose_secret().to_owned();
     assert_eq!(check(&b, &key).await, "VALID", "node B has the key cached now");
-    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
+    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
     revoked_within_a_second(&b, &key).await;
 }
 
@@ -299,7 +299,7 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     }
     // The first revocation through node A after the restart, then two more.
     for (key, record) in &keys {
-        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap();
+        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
         revoked_within_a_second(&b, key).await;
     }
     stop.store(true, Ordering::SeqCst);

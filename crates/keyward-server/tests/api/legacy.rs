@@ -107,7 +107,12 @@ impl Store for Counting {
         self.count();
         self.inner.list_orgs(page).await
     }
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Changed<Organization>> {
         self.count();
         self.inner.update_org(id, patch, actor).await
     }
@@ -115,7 +120,7 @@ impl Store for Counting {
         self.count();
         self.inner.count_orgs().await
     }
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<keyward_store::Changed<ApiKey>> {
         self.count();
         self.inner.insert_key(key, actor).await
     }
@@ -140,11 +145,22 @@ impl Store for Counting {
         self.count();
         self.inner.list_keys(filter, page).await
     }
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn update_key(
+        &self,
+        id: KeyId,
+        patch: KeyPatch,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Changed<ApiKey>> {
         self.count();
         self.inner.update_key(id, patch, actor).await
     }
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<keyward_store::Changed<ApiKey>> {
         self.count();
         self.inner.revoke_key(id, reason, at, actor).await
     }
@@ -158,7 +174,7 @@ impl Store for Counting {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
+    ) -> StoreResult<keyward_store::Changed<Vec<ImportOutcome>>> {
         self.count();
         self.inner.import_keys(organization_id, keys, actor, dry_run).await
     }
@@ -190,7 +206,7 @@ impl keyward_store::LifecycleStore for Counting {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<keyward_store::Rotation> {
+    ) -> StoreResult<keyward_store::Changed<keyward_store::Rotation>> {
         self.count();
         self.inner.rotate_key(old, new, revoke_at, actor).await
     }
@@ -209,7 +225,7 @@ impl keyward_store::LifecycleStore for Counting {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>> {
+    ) -> StoreResult<keyward_store::Changed<Vec<ApiKey>>> {
         self.count();
         self.inner.expire_keys(organization_id, now, actor).await
     }

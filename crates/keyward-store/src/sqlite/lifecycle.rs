@@ -15,8 +15,8 @@ use crate::lifecycle::{delivery_body, expiring_dedup, rotate_details, subscribed
 use crate::sql::Backend;
 use crate::sql::{lifecycle, rows};
 use crate::{
-    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
-    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Changed, Delivery, DeliveryJob, Event, EventKind,
+    LifecycleStore, NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, stored_time,
 };
 
 type EventRow = rows::EventRow<Sqlite>;
@@ -57,7 +57,7 @@ impl LifecycleStore for SqliteStore {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Rotation> {
+    ) -> StoreResult<Changed<Rotation>> {
         let revoke_at = stored_time(revoke_at);
         let mut tx = self.writer().await?;
         let before = select_key(&mut tx, old).await?;
@@ -99,7 +99,7 @@ impl LifecycleStore for SqliteStore {
         let extra = json!({ "rotated_from": old, "old_key_revoked_at": revoke_at });
         insert_event(&mut tx, &Event::about_key(EventKind::KeyRotated, &created, extra, actor.at), None).await?;
         tx.commit().await.map_err(db)?;
-        Ok(Rotation { old: old_after, new: created })
+        Ok(Changed::rotated(Rotation { old: old_after, new: created }))
     }
 
     async fn list_expiring_keys(
@@ -117,7 +117,7 @@ impl LifecycleStore for SqliteStore {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>> {
+    ) -> StoreResult<Changed<Vec<ApiKey>>> {
         let now_text = ts(now);
         let mut tx = self.writer().await?;
         let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
@@ -146,7 +146,7 @@ impl LifecycleStore for SqliteStore {
             expired.push(after);
         }
         tx.commit().await.map_err(db)?;
-        Ok(expired)
+        Ok(Changed::expired(expired))
     }
 
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>> {
