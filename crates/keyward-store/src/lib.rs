@@ -56,6 +56,7 @@ pub mod changed;
 pub mod conformance;
 #[doc(hidden)]
 pub mod conformance_lifecycle;
+mod effects;
 pub mod lifecycle;
 pub mod postgres;
 pub mod record;

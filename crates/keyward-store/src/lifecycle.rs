@@ -371,15 +371,6 @@ pub trait LifecycleStore: Send + Sync {
     ) -> StoreResult<Delivery>;
 }
 
-/// The audit details of a rotation, for the old key.
-pub(crate) fn rotate_details(before: &ApiKey, after: &ApiKey, new_id: KeyId) -> Value {
-    let mut details = keyward_core::diff::diff(&before.audit_json(), &after.audit_json()).unwrap_or_else(|| json!({}));
-    if let Some(map) = details.as_object_mut() {
-        map.insert("replaced_by".to_owned(), json!(new_id));
-    }
-    details
-}
-
 /// The dedup key of a `key.expiring` event: once per key, threshold and expiry date (a key whose
 /// expiry is moved gets a new notice).
 pub(crate) fn expiring_dedup(key: &ApiKey, days: u32) -> String {

@@ -25,7 +25,7 @@ use sqlx::query::Query;
 use sqlx::{Database, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use self::rows::{ChainHead, ChainedRow};
+use self::rows::{ChainHead, ChainedRow, HashOwner};
 use crate::{
     ApiKey, Attempt, AuditEntry, Delivery, Event, KeyWithOrg, MigrationInfo, Organization, StoreError, StoreResult,
     Webhook,
@@ -108,6 +108,27 @@ impl Stmt {
         self.sql.push_str(&format!("${}", self.args.len()));
         self
     }
+
+    /// Appends `a, b, ...`: one placeholder per argument.
+    pub(crate) fn push_list(&mut self, args: impl IntoIterator<Item = Arg>) -> &mut Self {
+        for (i, arg) in args.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.push_arg(arg);
+        }
+        self
+    }
+
+    /// Appends `(a, b, ...), (c, d, ...)`: one parenthesised list of placeholders per row.
+    pub(crate) fn push_rows(&mut self, rows: impl IntoIterator<Item = Vec<Arg>>) -> &mut Self {
+        for (i, row) in rows.into_iter().enumerate() {
+            self.push(if i == 0 { "(" } else { ", (" });
+            self.push_list(row);
+            self.push(")");
+        }
+        self
+    }
 }
 
 /// What one backend's database does differently from the other's; implemented for the sqlx database
@@ -123,6 +144,8 @@ pub(crate) trait Dialect: Database {
     /// Appended to a `SELECT` that locks the rows it reads until the transaction ends (where the
     /// database has row locks; SQLite's writers are serialized instead).
     const FOR_UPDATE: &'static str;
+    /// The same, skipping rows another transaction holds, so that nodes share out work.
+    const SKIP_LOCKED: &'static str;
     /// The boolean literals as the schema's partial indexes spell them.
     const TRUE: &'static str;
     const FALSE: &'static str;
@@ -305,6 +328,9 @@ fn migrate_error<D: Dialect>(e: MigrateError) -> StoreError {
 
 /// A backend's connections: for reads, and for writes (a transaction).
 pub(crate) trait Backend: Send + Sync + 'static {
+    /// `sqlite` or `postgres` ([`crate::Store::backend`]).
+    const NAME: &'static str;
+
     /// Its database, which reads every record.
     type Db: Db
         + Reads<ApiKey>
@@ -317,6 +343,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         + Reads<Webhook>
         + Reads<Delivery>
         + Reads<Attempt>
+        + Reads<HashOwner>
         + Reads<Uuid>
         + Reads<i64>
         + Reads<bool>;

@@ -364,6 +364,9 @@ impl<D: Dialect> AttemptRow<D> {
     }
 }
 
+/// A stored key hash and the organization holding it.
+pub(crate) struct HashOwner(pub KeyHash, pub OrgId);
+
 /// The audit chain's head: the id and hash of the newest chained row.
 pub(crate) struct ChainHead(pub Option<i64>, pub String);
 
@@ -397,4 +400,8 @@ reads! {
     bool: (bool,) => |(b,)| Ok(b);
     Uuid: (D::Id,) => |(v,)| id::<D>(v, "id");
     ChainHead: (Option<i64>, String) => |(id, hash)| Ok(ChainHead(id, hash));
+    HashOwner: (Vec<u8>, D::Id) => |(hash, owner): (Vec<u8>, D::Id)| {
+        let hash = KeyHash::from_slice(&hash).ok_or_else(|| corrupt("api_keys.key_hash", "not 32 bytes"))?;
+        Ok(HashOwner(hash, OrgId(id::<D>(owner, "api_keys.organization_id")?)))
+    };
 }

@@ -1,14 +1,22 @@
-//! [`crate::Store`]'s statements and reads, once for both SQL backends.
+//! [`Store`] for every SQL backend, written once: each method is its statements (shared by both
+//! databases, see [`super`]) around the rules of [`crate::effects`], in one transaction.
 
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use keyward_core::audit_chain::AuditContent;
 use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::Value;
 
-use super::rows::ChainHead;
-use super::{Backend, Db, Dialect, Reads, Stmt};
+use super::rows::{ChainHead, HashOwner};
+use super::usage::UsageBackend;
+use super::{Arg, Db, Dialect, Reads, Stmt, lifecycle};
+use crate::effects::{self, Effects};
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, KeyFilter, KeyWithOrg, MigrationInfo, Organization, Page, PageRequest,
-    StoreResult, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
+    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
+    StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// Rows to fetch for a page: one more than it holds, which only says there is a next page. A limit of
@@ -111,6 +119,83 @@ pub(crate) async fn append_audit<D: Db + Reads<AuditEntry> + Reads<ChainHead>>(
     Ok(entry)
 }
 
+/// Writes a change's audit rows, then its event, in the change's transaction: after the rows it
+/// changed, since the first audit row takes the chain head.
+pub(crate) async fn record<D>(conn: &mut D::Connection, effects: &Effects, actor: &Actor) -> StoreResult<()>
+where
+    D: Db + Reads<AuditEntry> + Reads<ChainHead>,
+{
+    for audit in &effects.audits {
+        append_audit::<D>(conn, audit.action, audit.key_id, audit.organization_id, actor, &audit.details).await?;
+    }
+    if let Some(event) = &effects.event {
+        lifecycle::insert_event::<D>(conn, event, None).await?;
+    }
+    Ok(())
+}
+
+/// A key row to insert: created keys and imported keys alike.
+pub(crate) struct KeyInsert<'a> {
+    pub key: &'a NewKey,
+    pub legacy: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Rows per multi-row INSERT: 25 parameters a row stays well under SQLite's 32,766 (PostgreSQL takes
+/// 65,535). One statement per few hundred rows, not per row: each statement is a round trip.
+const INSERT_ROWS: usize = 500;
+/// Hashes per `IN (...)` lookup of an import.
+const LOOKUP_HASHES: usize = 500;
+
+/// The one INSERT of key rows.
+pub(crate) async fn insert_key_rows<D: Db>(
+    conn: &mut D::Connection,
+    rows: &[KeyInsert<'_>],
+    actor: &Actor,
+) -> StoreResult<()> {
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let mut q = Stmt::new(
+            "INSERT INTO api_keys (id, organization_id, owner_id, name, description, environment, prefix, key_hint,
+                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, rate_limit_per_minute,
+                 rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, rotated_from, created_by,
+                 created_at, updated_at, legacy)
+             VALUES ",
+        );
+        q.push_rows(chunk.iter().map(|row| {
+            let key = row.key;
+            vec![
+                key.id.into(),
+                key.organization_id.into(),
+                key.owner_id.as_deref().into(),
+                key.name.as_str().into(),
+                key.description.as_deref().into(),
+                key.environment.as_str().into(),
+                key.prefix.as_str().into(),
+                key.hint.as_str().into(),
+                Arg::Bytes(key.key_hash.0.to_vec()),
+                key.hash_algorithm.as_str().into(),
+                key.scopes.to_strings().into(),
+                key.allowed_ips.to_strings().into(),
+                key.expires_at.into(),
+                key.is_active.into(),
+                key.plan.as_deref().into(),
+                key.limits.rate_limit_per_minute.into(),
+                key.limits.rate_limit_per_hour.into(),
+                key.limits.rate_limit_per_day.into(),
+                key.limits.monthly_request_limit.into(),
+                (&key.metadata).into(),
+                key.rotated_from.into(),
+                actor.actor.as_str().into(),
+                row.created_at.into(),
+                actor.at.into(),
+                row.legacy.into(),
+            ]
+        }));
+        D::execute(conn, q).await?;
+    }
+    Ok(())
+}
+
 /// Appends the status of a key at `now` to a query, with the precedence of `KeyState::status`.
 fn push_status<D: Db>(q: &mut Stmt, now: chrono::DateTime<chrono::Utc>) {
     q.push("(CASE WHEN revoked_at IS NOT NULL AND revoked_at <= ")
@@ -122,148 +207,386 @@ fn push_status<D: Db>(q: &mut Stmt, now: chrono::DateTime<chrono::Utc>) {
 }
 
 // -----------------------------------------------------------------------------------------------
-// Migrations
+// The store
 
-pub(crate) async fn migrate_up<B: Backend>(b: &B) -> StoreResult<Vec<MigrationInfo>> {
-    let (migrator, pool) = b.migrations();
-    B::Db::migrate_up(pool, migrator).await?;
-    B::Db::migration_status(pool, migrator).await
-}
-
-pub(crate) async fn migrate_down<B: Backend>(b: &B, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
-    let (migrator, pool) = b.migrations();
-    B::Db::migrate_down(pool, migrator, steps).await?;
-    B::Db::migration_status(pool, migrator).await
-}
-
-pub(crate) async fn migration_status<B: Backend>(b: &B) -> StoreResult<Vec<MigrationInfo>> {
-    let (migrator, pool) = b.migrations();
-    B::Db::migration_status(pool, migrator).await
-}
-
-// -----------------------------------------------------------------------------------------------
-// Reads
-
-pub(crate) async fn get_org<B: Backend>(b: &B, id: OrgId) -> StoreResult<Organization> {
-    select_org::<B::Db>(&mut *b.reader().await?, id).await
-}
-
-pub(crate) async fn find_org_by_slug<B: Backend>(b: &B, slug: &str) -> StoreResult<Option<Organization>> {
-    let q = Stmt::new(concat!("SELECT ", org_columns!(), " FROM organizations WHERE slug = $1")).arg(slug);
-    B::Db::fetch_optional(&mut *b.reader().await?, q).await
-}
-
-pub(crate) async fn list_orgs<B: Backend>(b: &B, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
-    let (limit, fetch) = fetch_limit(&page);
-    let mut q = Stmt::new(concat!("SELECT ", org_columns!(), " FROM organizations"));
-    if let Some(after) = page.after {
-        q.push(" WHERE id < ").push_arg(after);
+#[async_trait]
+impl<B: UsageBackend + std::fmt::Debug> Store for B {
+    fn backend(&self) -> &'static str {
+        B::NAME
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
-    let orgs = B::Db::fetch_all(&mut *b.reader().await?, q).await?;
-    Ok(into_page(orgs, limit, |org: &Organization| org.id))
-}
 
-pub(crate) async fn count_orgs<B: Backend>(b: &B) -> StoreResult<i64> {
-    B::Db::fetch_one(&mut *b.reader().await?, Stmt::new("SELECT COUNT(*) FROM organizations")).await
-}
-
-pub(crate) async fn find_key_by_hash<B: Backend>(b: &B, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-    let q = Stmt::new(concat!(
-        "SELECT ",
-        key_columns!(),
-        ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
-            o.org_rate_limit_per_day, o.org_monthly_request_limit
-         FROM api_keys JOIN (
-             SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
-                    rate_limit_per_minute AS org_rate_limit_per_minute,
-                    rate_limit_per_hour AS org_rate_limit_per_hour,
-                    rate_limit_per_day AS org_rate_limit_per_day,
-                    monthly_request_limit AS org_monthly_request_limit
-             FROM organizations
-         ) AS o ON o.org_id = api_keys.organization_id
-         WHERE key_hash = $1"
-    ))
-    .arg(super::Arg::Bytes(hash.0.to_vec()));
-    B::Db::fetch_optional(&mut *b.reader().await?, q).await
-}
-
-pub(crate) async fn get_key<B: Backend>(b: &B, id: KeyId) -> StoreResult<ApiKey> {
-    select_key::<B::Db>(&mut *b.reader().await?, id).await
-}
-
-pub(crate) async fn list_keys<B: Backend>(
-    b: &B,
-    filter: &KeyFilter,
-    page: PageRequest<KeyId>,
-) -> StoreResult<Page<ApiKey, KeyId>> {
-    let (limit, fetch) = fetch_limit(&page);
-    let mut q = Stmt::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE 1 = 1"));
-    if let Some(org) = filter.organization_id {
-        q.push(" AND organization_id = ").push_arg(org);
+    async fn ping(&self) -> StoreResult<()> {
+        B::Db::execute(&mut *self.reader().await?, Stmt::new("SELECT 1")).await?;
+        Ok(())
     }
-    if let Some(owner) = &filter.owner_id {
-        q.push(" AND owner_id = ").push_arg(owner);
+
+    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
+        let (migrator, pool) = self.migrations();
+        B::Db::migrate_up(pool, migrator).await?;
+        B::Db::migration_status(pool, migrator).await
     }
-    if let Some(environment) = filter.environment {
-        q.push(" AND environment = ").push_arg(environment.as_str());
+
+    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
+        let (migrator, pool) = self.migrations();
+        B::Db::migrate_down(pool, migrator, steps).await?;
+        B::Db::migration_status(pool, migrator).await
     }
-    match filter.status {
-        Some(status) => {
-            q.push(" AND ");
-            push_status::<B::Db>(&mut q, filter.now);
-            q.push(" = ").push_arg(status.as_str());
+
+    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
+        let (migrator, pool) = self.migrations();
+        B::Db::migration_status(pool, migrator).await
+    }
+
+    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
+        let mut tx = self.writer().await?;
+        let insert = Stmt::new(concat!(
+            "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
+                 rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)
+             RETURNING ",
+            org_columns!()
+        ))
+        .arg(org.id)
+        .arg(&org.name)
+        .arg(&org.slug)
+        .arg(&org.email)
+        .arg(&org.plan)
+        .arg(org.is_active)
+        .arg(org.limits.monthly_request_limit)
+        .arg(org.limits.rate_limit_per_minute)
+        .arg(org.limits.rate_limit_per_hour)
+        .arg(org.limits.rate_limit_per_day)
+        .arg(org.max_api_keys)
+        .arg(actor.at);
+        let created: Organization = B::Db::fetch_one(&mut tx, insert).await?;
+        record::<B::Db>(&mut tx, &effects::org_created(&created), actor).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(created)
+    }
+
+    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
+        select_org::<B::Db>(&mut *self.reader().await?, id).await
+    }
+
+    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
+        let q = Stmt::new(concat!("SELECT ", org_columns!(), " FROM organizations WHERE slug = $1")).arg(slug);
+        B::Db::fetch_optional(&mut *self.reader().await?, q).await
+    }
+
+    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut q = Stmt::new(concat!("SELECT ", org_columns!(), " FROM organizations"));
+        if let Some(after) = page.after {
+            q.push(" WHERE id < ").push_arg(after);
         }
-        None if !filter.include_inactive => {
-            // Expired keys stay listed: they are still the customer's, and may be extended.
-            q.push(&format!(" AND is_active = {} AND (revoked_at IS NULL OR revoked_at > ", B::Db::TRUE))
-                .push_arg(filter.now)
-                .push(")");
+        q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
+        let orgs = B::Db::fetch_all(&mut *self.reader().await?, q).await?;
+        Ok(into_page(orgs, limit, |org: &Organization| org.id))
+    }
+
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
+        let mut tx = self.writer().await?;
+        let before = lock_org::<B::Db>(&mut tx, id).await?;
+        let Some((after, effects)) = effects::org_updated(&before, &patch) else {
+            // Nothing changed: no write, no audit row, and `updated_at` stays put.
+            return Ok(Changed::updated_org(before));
+        };
+        let update = Stmt::new(concat!(
+            "UPDATE organizations SET name = $1, email = $2, plan = $3, is_active = $4, monthly_request_limit = $5,
+                 rate_limit_per_minute = $6, rate_limit_per_hour = $7, rate_limit_per_day = $8, max_api_keys = $9,
+                 updated_at = $10
+             WHERE id = $11
+             RETURNING ",
+            org_columns!()
+        ))
+        .arg(&after.name)
+        .arg(&after.email)
+        .arg(&after.plan)
+        .arg(after.is_active)
+        .arg(after.limits.monthly_request_limit)
+        .arg(after.limits.rate_limit_per_minute)
+        .arg(after.limits.rate_limit_per_hour)
+        .arg(after.limits.rate_limit_per_day)
+        .arg(after.max_api_keys)
+        .arg(actor.at)
+        .arg(id);
+        let updated = B::Db::fetch_one(&mut tx, update).await?;
+        record::<B::Db>(&mut tx, &effects, actor).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(Changed::updated_org(updated))
+    }
+
+    async fn count_orgs(&self) -> StoreResult<i64> {
+        B::Db::fetch_one(&mut *self.reader().await?, Stmt::new("SELECT COUNT(*) FROM organizations")).await
+    }
+
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
+        let mut tx = self.writer().await?;
+        // Key creations of one organization take turns (its row lock; SQLite: the database's write
+        // lock, across processes too): the count below and the insert see the same keys, so two
+        // creations cannot both pass the limit.
+        let org = lock_org::<B::Db>(&mut tx, key.organization_id).await?;
+        if let Some(max) = org.max_api_keys
+            && held_keys::<B::Db>(&mut tx, org.id).await? >= max
+        {
+            return Err(StoreError::KeyLimitReached(max));
         }
-        None => {}
+        insert_key_rows::<B::Db>(&mut tx, &[KeyInsert { key: &key, legacy: false, created_at: actor.at }], actor)
+            .await?;
+        // Read back, so the record returned is exactly what later reads return.
+        let created = select_key::<B::Db>(&mut tx, key.id).await?;
+        record::<B::Db>(&mut tx, &effects::key_created(&created, actor), actor).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(Changed::inserted_key(created))
     }
-    if let Some(after) = page.after {
-        q.push(" AND id < ").push_arg(after);
-    }
-    q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
-    let keys = B::Db::fetch_all(&mut *b.reader().await?, q).await?;
-    Ok(into_page(keys, limit, |key: &ApiKey| key.id))
-}
 
-pub(crate) async fn has_legacy_keys<B: Backend>(b: &B) -> StoreResult<bool> {
-    let sql = format!("SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy = {})", B::Db::TRUE);
-    B::Db::fetch_one(&mut *b.reader().await?, Stmt::new(sql)).await
-}
+    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+        let q = Stmt::new(concat!(
+            "SELECT ",
+            key_columns!(),
+            ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
+                o.org_rate_limit_per_day, o.org_monthly_request_limit
+             FROM api_keys JOIN (
+                 SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
+                        rate_limit_per_minute AS org_rate_limit_per_minute,
+                        rate_limit_per_hour AS org_rate_limit_per_hour,
+                        rate_limit_per_day AS org_rate_limit_per_day,
+                        monthly_request_limit AS org_monthly_request_limit
+                 FROM organizations
+             ) AS o ON o.org_id = api_keys.organization_id
+             WHERE key_hash = $1"
+        ))
+        .arg(Arg::Bytes(hash.0.to_vec()));
+        B::Db::fetch_optional(&mut *self.reader().await?, q).await
+    }
 
-pub(crate) async fn list_audit<B: Backend>(
-    b: &B,
-    filter: &AuditFilter,
-    page: PageRequest<i64>,
-) -> StoreResult<Page<AuditEntry, i64>> {
-    let (limit, fetch) = fetch_limit(&page);
-    let mut q = Stmt::new(concat!("SELECT ", audit_columns!(), " FROM audit_log WHERE 1 = 1"));
-    if let Some(org) = filter.organization_id {
-        q.push(" AND organization_id = ").push_arg(org);
+    async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
+        select_key::<B::Db>(&mut *self.reader().await?, id).await
     }
-    if let Some(key) = filter.key_id {
-        q.push(" AND key_id = ").push_arg(key);
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut q = Stmt::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE 1 = 1"));
+        if let Some(org) = filter.organization_id {
+            q.push(" AND organization_id = ").push_arg(org);
+        }
+        if let Some(owner) = &filter.owner_id {
+            q.push(" AND owner_id = ").push_arg(owner);
+        }
+        if let Some(environment) = filter.environment {
+            q.push(" AND environment = ").push_arg(environment.as_str());
+        }
+        match filter.status {
+            Some(status) => {
+                q.push(" AND ");
+                push_status::<B::Db>(&mut q, filter.now);
+                q.push(" = ").push_arg(status.as_str());
+            }
+            None if !filter.include_inactive => {
+                // Expired keys stay listed: they are still the customer's, and may be extended.
+                q.push(&format!(" AND is_active = {} AND (revoked_at IS NULL OR revoked_at > ", B::Db::TRUE))
+                    .push_arg(filter.now)
+                    .push(")");
+            }
+            None => {}
+        }
+        if let Some(after) = page.after {
+            q.push(" AND id < ").push_arg(after);
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
+        let keys = B::Db::fetch_all(&mut *self.reader().await?, q).await?;
+        Ok(into_page(keys, limit, |key: &ApiKey| key.id))
     }
-    if let Some(action) = &filter.action {
-        q.push(" AND action = ").push_arg(action);
+
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
+        let mut tx = self.writer().await?;
+        let before = lock_key::<B::Db>(&mut tx, id).await?;
+        let Some((after, effects)) = effects::key_updated(&before, &patch, actor) else {
+            // Nothing changed: no write, no audit row, and `updated_at` stays put.
+            return Ok(Changed::updated_key(before));
+        };
+        let update = Stmt::new(concat!(
+            "UPDATE api_keys SET name = $1, description = $2, scopes = $3, allowed_ips = $4, expires_at = $5,
+                 metadata = $6, plan = $7, is_active = $8, rate_limit_per_minute = $9, rate_limit_per_hour = $10,
+                 rate_limit_per_day = $11, monthly_request_limit = $12, updated_at = $13
+             WHERE id = $14
+             RETURNING ",
+            key_columns!()
+        ))
+        .arg(&after.name)
+        .arg(&after.description)
+        .arg(after.scopes.to_strings())
+        .arg(after.allowed_ips.to_strings())
+        .arg(after.expires_at)
+        .arg(&after.metadata)
+        .arg(&after.plan)
+        .arg(after.is_active)
+        .arg(after.limits.rate_limit_per_minute)
+        .arg(after.limits.rate_limit_per_hour)
+        .arg(after.limits.rate_limit_per_day)
+        .arg(after.limits.monthly_request_limit)
+        .arg(actor.at)
+        .arg(id);
+        let updated = B::Db::fetch_one(&mut tx, update).await?;
+        record::<B::Db>(&mut tx, &effects, actor).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(Changed::updated_key(updated))
     }
-    if let Some(actor) = &filter.actor {
-        q.push(" AND actor = ").push_arg(actor);
+
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
+        let mut tx = self.writer().await?;
+        let before = lock_key::<B::Db>(&mut tx, id).await?;
+        let Some((after, effects)) = effects::key_revoked(&before, reason, stored_time(at), actor) else {
+            return Ok(Changed::revoked_key(before));
+        };
+        let update = Stmt::new(concat!(
+            "UPDATE api_keys SET revoked_at = $1, revoke_reason = $2, updated_at = $3 WHERE id = $4 RETURNING ",
+            key_columns!()
+        ))
+        .arg(after.revoked_at)
+        .arg(&after.revoke_reason)
+        .arg(actor.at)
+        .arg(id);
+        let revoked = B::Db::fetch_one(&mut tx, update).await?;
+        record::<B::Db>(&mut tx, &effects, actor).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(Changed::revoked_key(revoked))
     }
-    if let Some(since) = filter.since {
-        q.push(" AND created_at >= ").push_arg(since);
+
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        // Rows are locked in id order, so two nodes flushing overlapping batches cannot deadlock. The
+        // sort is stable: one key's notes keep their order.
+        let mut ordered: Vec<&KeyUsage> = usage.iter().collect();
+        ordered.sort_by_key(|u| u.key_id);
+        let mut tx = self.writer().await?;
+        for u in ordered {
+            // SET expressions all see the row as it was, so the two CASEs compare against the old
+            // `last_used_at`. An unknown address does not erase the last known one. A key that was
+            // deleted since the request matches no row, which is fine.
+            let update = Stmt::new(
+                "UPDATE api_keys SET
+                     total_requests = total_requests + $1,
+                     last_used_ip = CASE WHEN last_used_at IS NULL OR last_used_at < $2
+                                         THEN COALESCE($3, last_used_ip) ELSE last_used_ip END,
+                     last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2
+                                         THEN $2 ELSE last_used_at END
+                 WHERE id = $4",
+            )
+            .arg(u.requests)
+            .arg(u.last_used_at)
+            .arg(&u.last_used_ip)
+            .arg(u.key_id);
+            B::Db::execute(&mut tx, update).await?;
+        }
+        tx.commit().await.map_err(B::Db::error)
     }
-    if let Some(until) = filter.until {
-        q.push(" AND created_at < ").push_arg(until);
+
+    async fn import_keys(
+        &self,
+        organization_id: OrgId,
+        keys: Vec<KeyImport>,
+        actor: &Actor,
+        dry_run: bool,
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
+        if keys.iter().any(|k| k.key.organization_id != organization_id) {
+            return Err(StoreError::Internal("an imported key names another organization".to_owned()));
+        }
+        let mut tx = self.writer().await?;
+        // As for insert_key: the limit counted here holds until the inserts are committed, and the
+        // hashes looked up are what the inserts land on.
+        let org = lock_org::<B::Db>(&mut tx, organization_id).await?;
+        let held = match org.max_api_keys {
+            Some(_) => held_keys::<B::Db>(&mut tx, org.id).await?,
+            None => 0,
+        };
+        let mut known = HashMap::new();
+        for chunk in keys.chunks(LOOKUP_HASHES) {
+            let mut q = Stmt::new("SELECT key_hash, organization_id FROM api_keys WHERE key_hash IN (");
+            q.push_list(chunk.iter().map(|import| Arg::Bytes(import.key.key_hash.0.to_vec()))).push(")");
+            for HashOwner(hash, owner) in B::Db::fetch_all(&mut tx, q).await? {
+                known.insert(hash, owner);
+            }
+        }
+        let (outcomes, to_insert) = plan_import(&org, held, &keys, &known);
+        let inserts: Vec<KeyInsert<'_>> = to_insert
+            .into_iter()
+            .map(|i| {
+                let import = &keys[i];
+                KeyInsert {
+                    key: &import.key,
+                    legacy: import.legacy,
+                    created_at: stored_time(import.created_at.unwrap_or(actor.at)),
+                }
+            })
+            .collect();
+        insert_key_rows::<B::Db>(&mut tx, &inserts, actor).await?;
+        if dry_run {
+            tx.rollback().await.map_err(B::Db::error)?;
+        } else {
+            tx.commit().await.map_err(B::Db::error)?;
+        }
+        Ok(Changed::imported(outcomes, &keys, dry_run))
     }
-    if let Some(after) = page.after {
-        q.push(" AND id < ").push_arg(after);
+
+    async fn has_legacy_keys(&self) -> StoreResult<bool> {
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy = {})", B::Db::TRUE);
+        B::Db::fetch_one(&mut *self.reader().await?, Stmt::new(sql)).await
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
-    let entries = B::Db::fetch_all(&mut *b.reader().await?, q).await?;
-    Ok(into_page(entries, limit, |entry: &AuditEntry| entry.id))
+
+    async fn append_audit(
+        &self,
+        action: &str,
+        organization_id: OrgId,
+        details: Value,
+        actor: &Actor,
+    ) -> StoreResult<AuditEntry> {
+        // A transaction: the chain head stays locked until the row is committed.
+        let mut tx = self.writer().await?;
+        let entry = append_audit::<B::Db>(&mut tx, action, None, organization_id, actor, &details).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(entry)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut q = Stmt::new(concat!("SELECT ", audit_columns!(), " FROM audit_log WHERE 1 = 1"));
+        if let Some(org) = filter.organization_id {
+            q.push(" AND organization_id = ").push_arg(org);
+        }
+        if let Some(key) = filter.key_id {
+            q.push(" AND key_id = ").push_arg(key);
+        }
+        if let Some(action) = &filter.action {
+            q.push(" AND action = ").push_arg(action);
+        }
+        if let Some(actor) = &filter.actor {
+            q.push(" AND actor = ").push_arg(actor);
+        }
+        if let Some(since) = filter.since {
+            q.push(" AND created_at >= ").push_arg(since);
+        }
+        if let Some(until) = filter.until {
+            q.push(" AND created_at < ").push_arg(until);
+        }
+        if let Some(after) = page.after {
+            q.push(" AND id < ").push_arg(after);
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
+        let entries = B::Db::fetch_all(&mut *self.reader().await?, q).await?;
+        Ok(into_page(entries, limit, |entry: &AuditEntry| entry.id))
+    }
 }
