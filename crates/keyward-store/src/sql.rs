@@ -12,6 +12,7 @@ pub(crate) mod rows;
 pub(crate) mod store;
 pub(crate) mod usage;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
 
@@ -82,12 +83,13 @@ arg_from! {
 /// order of [`Stmt::arg`]); a statement built piece by piece appends them with [`Stmt::push_arg`].
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Stmt {
-    sql: String,
+    /// Static SQL is not copied: most statements are, some run once per request or per key.
+    sql: Cow<'static, str>,
     args: Vec<Arg>,
 }
 
 impl Stmt {
-    pub(crate) fn new(sql: impl Into<String>) -> Self {
+    pub(crate) fn new(sql: impl Into<Cow<'static, str>>) -> Self {
         Self { sql: sql.into(), args: Vec::new() }
     }
 
@@ -98,15 +100,15 @@ impl Stmt {
     }
 
     pub(crate) fn push(&mut self, sql: &str) -> &mut Self {
-        self.sql.push_str(sql);
+        self.sql.to_mut().push_str(sql);
         self
     }
 
     /// Appends the placeholder of a new argument.
     pub(crate) fn push_arg(&mut self, arg: impl Into<Arg>) -> &mut Self {
         self.args.push(arg.into());
-        self.sql.push_str(&format!("${}", self.args.len()));
-        self
+        let placeholder = format!("${}", self.args.len());
+        self.push(&placeholder)
     }
 
     /// Appends `a, b, ...`: one placeholder per argument.
