@@ -175,46 +175,16 @@ pub(crate) fn webhook_deleted(before: &Webhook) -> Effects {
 
 #[cfg(test)]
 mod tests {
-    use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, ScopeSet};
+    use keyward_core::Environment;
 
     use super::*;
-    use crate::LimitOverrides;
 
     fn at(minutes: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_893_456_000 + minutes * 60, 0).unwrap_or_default()
     }
 
     fn key() -> ApiKey {
-        ApiKey {
-            id: KeyId::new(),
-            organization_id: OrgId::new(),
-            owner_id: None,
-            name: "k".into(),
-            description: None,
-            environment: Environment::Live,
-            prefix: "sk_live_".into(),
-            hint: "abcd".into(),
-            hash_algorithm: HashAlgorithm::Sha256,
-            key_hash: KeyHash([1; 32]),
-            scopes: ScopeSet::default(),
-            allowed_ips: IpAllowList::default(),
-            expires_at: None,
-            is_active: true,
-            revoked_at: None,
-            revoke_reason: None,
-            plan: None,
-            limits: LimitOverrides::default(),
-            metadata: json!({}),
-            total_requests: 0,
-            last_used_at: None,
-            last_used_ip: None,
-            rotated_from: None,
-            replaced_by: None,
-            created_by: None,
-            created_at: at(0),
-            updated_at: at(0),
-            lineage_id: None,
-        }
+        crate::fixtures::key(OrgId::new(), at(0))
     }
 
     #[test]
@@ -251,26 +221,8 @@ mod tests {
     #[test]
     fn a_rotation_never_extends_a_key_and_refuses_what_cannot_be_rotated() {
         let k = key();
-        let new = NewKey {
-            id: KeyId::new(),
-            organization_id: k.organization_id,
-            owner_id: None,
-            name: "n".into(),
-            description: None,
-            environment: Environment::Live,
-            prefix: "sk_live_".into(),
-            hint: "efgh".into(),
-            hash_algorithm: HashAlgorithm::Sha256,
-            key_hash: KeyHash([2; 32]),
-            scopes: ScopeSet::default(),
-            allowed_ips: IpAllowList::default(),
-            expires_at: None,
-            is_active: true,
-            plan: None,
-            limits: LimitOverrides::default(),
-            metadata: json!({}),
-            rotated_from: None,
-        };
+        let org = Organization { id: k.organization_id, ..crate::fixtures::org(at(0)) };
+        let new = crate::conformance::new_key(&org, Environment::Live).1;
         assert_eq!(rotation_revokes_at(&k, &new, at(60), at(1)).ok(), Some(at(60)));
         let scheduled = ApiKey { revoked_at: Some(at(30)), ..k.clone() };
         assert_eq!(rotation_revokes_at(&scheduled, &new, at(60), at(1)).ok(), Some(at(30)));

@@ -2,10 +2,14 @@
 //! and the backends themselves: SQLite ([`sqlite`]) and PostgreSQL ([`postgres`]), chosen by the URL
 //! given to [`open`].
 //!
-//! A change that touches several rows is one method, so each backend owns its transaction; every change
-//! to a key or an organization writes its audit row inside that same transaction. What does not depend
-//! on the backend (applying a patch, naming its audit action) lives here, once, so both backends
-//! behave the same by construction; the conformance suite proves the rest.
+//! A change that touches several rows is one method, run in one transaction; every change to a key or
+//! an organization writes its audit row (and its outbox event) inside that same transaction.
+//!
+//! The store is written once for both databases (`sql`): its statements, the rows they read, and what
+//! each change does besides its rows (`effects`: the record after it, its audit rows, its event),
+//! decided in plain Rust. A backend gives only its connections, its error mapping and how it encodes
+//! the column types the two databases store differently, plus the usage ledger's bulk SQL; so both
+//! backends behave the same by construction, and the conformance suite runs against each.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -642,6 +646,61 @@ pub async fn open(url: &str, migrate: bool) -> StoreResult<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// Records as a store returns them, for unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    pub(crate) fn org(at: DateTime<Utc>) -> Organization {
+        Organization {
+            id: OrgId::new(),
+            name: "a".into(),
+            slug: "a".into(),
+            email: Some("a@b.c".into()),
+            plan: "free".into(),
+            is_active: true,
+            limits: LimitOverrides::default(),
+            max_api_keys: Some(3),
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// A key of `organization_id` with nothing set but what every key has.
+    pub(crate) fn key(organization_id: OrgId, at: DateTime<Utc>) -> ApiKey {
+        ApiKey {
+            id: KeyId::new(),
+            organization_id,
+            owner_id: None,
+            name: "k".into(),
+            description: None,
+            environment: Environment::Live,
+            prefix: "sk_live_".into(),
+            hint: "abcd".into(),
+            hash_algorithm: HashAlgorithm::Sha256,
+            key_hash: KeyHash([0; 32]),
+            scopes: ScopeSet::default(),
+            allowed_ips: IpAllowList::default(),
+            expires_at: None,
+            is_active: true,
+            revoked_at: None,
+            revoke_reason: None,
+            plan: None,
+            limits: LimitOverrides::default(),
+            metadata: json!({}),
+            total_requests: 0,
+            last_used_at: None,
+            last_used_ip: None,
+            rotated_from: None,
+            replaced_by: None,
+            created_by: None,
+            created_at: at,
+            updated_at: at,
+            lineage_id: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,53 +729,13 @@ mod tests {
     #[test]
     fn patches_set_only_what_they_name_and_cut_times_to_microseconds() {
         let at = DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default();
-        let org = Organization {
-            id: OrgId::new(),
-            name: "a".into(),
-            slug: "a".into(),
-            email: Some("a@b.c".into()),
-            plan: "free".into(),
-            is_active: true,
-            limits: LimitOverrides::default(),
-            max_api_keys: Some(3),
-            created_at: at,
-            updated_at: at,
-        };
+        let org = fixtures::org(at);
         let patch = OrganizationPatch { email: Some(None), max_api_keys: Some(None), ..Default::default() };
         let after = patch.apply_to(&org);
         assert_eq!(after, Organization { email: None, max_api_keys: None, ..org.clone() });
         assert_eq!(OrganizationPatch::default().apply_to(&org), org);
 
-        let key = ApiKey {
-            id: KeyId::new(),
-            organization_id: org.id,
-            owner_id: None,
-            name: "k".into(),
-            description: Some("d".into()),
-            environment: Environment::Live,
-            prefix: "sk_live_".into(),
-            hint: "abcd".into(),
-            hash_algorithm: HashAlgorithm::Sha256,
-            key_hash: KeyHash([0; 32]),
-            scopes: ScopeSet::default(),
-            allowed_ips: IpAllowList::default(),
-            expires_at: None,
-            is_active: true,
-            revoked_at: None,
-            revoke_reason: None,
-            plan: None,
-            limits: LimitOverrides::default(),
-            metadata: json!({}),
-            total_requests: 0,
-            last_used_at: None,
-            last_used_ip: None,
-            rotated_from: None,
-            replaced_by: None,
-            created_by: None,
-            created_at: at,
-            updated_at: at,
-            lineage_id: None,
-        };
+        let key = ApiKey { description: Some("d".into()), ..fixtures::key(org.id, at) };
         let patch = KeyPatch {
             description: Some(None),
             expires_at: Some(Some(at)),

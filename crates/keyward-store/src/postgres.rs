@@ -45,7 +45,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to the database a URL names: `postgres://user:password@host:5432/db`. libpq's
     /// parameters work, e.g. `?sslmode=require` or `?options[search_path]=keyward` to keep Keyward in a
-    /// schema of its own. Does not migrate; see [`Store::migrate_up`].
+    /// schema of its own. Does not migrate; see [`crate::Store::migrate_up`].
     pub async fn connect(url: &str) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(url).map_err(db)?.application_name("keyward");
         // One connection outside the pool first: a pool that cannot connect says only "pool timed out"

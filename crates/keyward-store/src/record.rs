@@ -136,34 +136,21 @@ mod tests {
     fn found(metadata: Value, limits: crate::LimitOverrides, allowed_ips: IpAllowList) -> KeyWithOrg {
         let at = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap_or_default();
         let key = ApiKey {
-            id: KeyId::new(),
-            organization_id: OrgId::new(),
             owner_id: Some("customer-7".into()),
             name: "a long name that the record does not keep".into(),
             description: Some("nor this".into()),
-            environment: Environment::Live,
-            prefix: "sk_live_".into(),
-            hint: "abcd".into(),
-            hash_algorithm: HashAlgorithm::Sha256,
             key_hash: KeyHash([3; 32]),
             scopes: ScopeSet::new(vec![Scope::parse("read:projects").unwrap_or_else(|e| panic!("{e}"))]),
             allowed_ips,
             expires_at: Some(at),
-            is_active: true,
-            revoked_at: None,
-            revoke_reason: None,
             plan: Some("pro".into()),
             limits,
             metadata,
             total_requests: 9,
             last_used_at: Some(at),
             last_used_ip: Some("10.0.0.1".into()),
-            rotated_from: None,
-            replaced_by: None,
-            created_by: None,
-            created_at: at,
-            updated_at: at,
             lineage_id: Some(KeyId::new()),
+            ..crate::fixtures::key(OrgId::new(), at)
         };
         KeyWithOrg { key, org_is_active: true, org_plan: "free".into(), org_limits: crate::LimitOverrides::default() }
     }

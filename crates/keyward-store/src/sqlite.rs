@@ -63,7 +63,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database a URL names: `sqlite://path/to/keyward.db`,
-    /// `sqlite:keyward.db` or `sqlite::memory:`. Does not migrate; see [`Store::migrate_up`].
+    /// `sqlite:keyward.db` or `sqlite::memory:`. Does not migrate; see [`crate::Store::migrate_up`].
     pub async fn connect(url: &str) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db)?

@@ -87,25 +87,33 @@ async fn an_unreachable_server_is_unavailable_not_a_panic() {
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }
 
+/// Two nodes on one fresh schema, each a store with a pool of its own.
+async fn two_nodes(test: &str) -> Option<(PgSchema, PostgresStore, PostgresStore)> {
+    let (schema, a) = fresh(test).await?;
+    let b = PostgresStore::connect(schema.url()).await.unwrap();
+    Some((schema, a, b))
+}
+
+async fn done_two(schema: PgSchema, a: PostgresStore, b: PostgresStore) {
+    b.pool().close().await;
+    done(schema, a).await;
+}
+
 /// Two nodes, each with its own pool on one database: the organization's row lock must keep the limit
 /// check and the insert of one from interleaving with the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_database_respect_the_limit() {
-    let Some((schema, node_a)) = fresh("postgres::two_nodes_on_one_database_respect_the_limit").await else { return };
-    let node_b = PostgresStore::connect(schema.url()).await.unwrap();
-    conformance::two_stores_respect_the_limit(&node_a, &node_b).await;
-    node_b.pool().close().await;
-    done(schema, node_a).await;
+    let Some((schema, a, b)) = two_nodes("postgres::two_nodes_on_one_database_respect_the_limit").await else { return };
+    conformance::two_stores_respect_the_limit(&a, &b).await;
+    done_two(schema, a, b).await;
 }
 
 /// Two nodes appending at once, many times over: the chain head lock keeps one chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_writing_at_once_keep_one_intact_chain() {
-    let Some((schema, node_a)) = fresh("postgres::two_nodes_chain").await else { return };
-    let node_b = PostgresStore::connect(schema.url()).await.unwrap();
-    conformance_lifecycle::two_stores_writing_at_once_keep_one_intact_chain(&node_a, &node_b).await;
-    node_b.pool().close().await;
-    done(schema, node_a).await;
+    let Some((schema, a, b)) = two_nodes("postgres::two_nodes_chain").await else { return };
+    conformance_lifecycle::two_stores_writing_at_once_keep_one_intact_chain(&a, &b).await;
+    done_two(schema, a, b).await;
 }
 
 #[tokio::test]
