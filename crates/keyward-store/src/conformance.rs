@@ -1156,25 +1156,12 @@ macro_rules! conformance_tests {
                 webhooks_dispatch_claim_and_record,
             );
 
-            #[tokio::test]
-            async fn a_changed_audit_row_is_named() {
-                $tamper(Tamper::Change).await;
-            }
-
-            #[tokio::test]
-            async fn a_deleted_audit_row_is_detected_at_the_next_row() {
-                $tamper(Tamper::Delete).await;
-            }
-
-            #[tokio::test]
-            async fn reordered_audit_rows_are_named() {
-                $tamper(Tamper::Reorder).await;
-            }
-
-            #[tokio::test]
-            async fn a_truncated_audit_log_is_detected() {
-                $tamper(Tamper::Truncate).await;
-            }
+            $crate::conformance_tests!(@tamper $tamper:
+                a_changed_audit_row_is_named: Change,
+                a_deleted_audit_row_is_detected_at_the_next_row: Delete,
+                reordered_audit_rows_are_named: Reorder,
+                a_truncated_audit_log_is_detected: Truncate,
+            );
         }
 
         mod usage {
@@ -1190,6 +1177,14 @@ macro_rules! conformance_tests {
                 usage_extreme_rows_saturate_and_never_stop_the_fold,
             );
         }
+    };
+    (@tamper $tamper:ident: $($name:ident: $kind:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                $tamper(Tamper::$kind).await;
+            }
+        )*
     };
     (@cases $fresh:ident, $done:ident: $($case:ident),* $(,)?) => {
         $(

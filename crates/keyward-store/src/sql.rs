@@ -296,11 +296,7 @@ where
     where
         Self: Reads<T>,
     {
-        let args = arguments::<D>(stmt.args)?;
-        let rows = sqlx::query_as_with::<D, <D as Reads<T>>::Shape, _>(&stmt.sql, args)
-            .fetch_all(conn)
-            .await
-            .map_err(D::error)?;
+        let rows = query_as::<D, T>(&stmt.sql, stmt.args)?.fetch_all(conn).await.map_err(D::error)?;
         rows.into_iter().map(D::record).collect()
     }
 
@@ -308,13 +304,21 @@ where
     where
         Self: Reads<T>,
     {
-        let args = arguments::<D>(stmt.args)?;
-        let row = sqlx::query_as_with::<D, <D as Reads<T>>::Shape, _>(&stmt.sql, args)
-            .fetch_optional(conn)
-            .await
-            .map_err(D::error)?;
+        let row = query_as::<D, T>(&stmt.sql, stmt.args)?.fetch_optional(conn).await.map_err(D::error)?;
         row.map(D::record).transpose()
     }
+}
+
+/// A query reading rows of the shape `D` reads a `T` from.
+fn query_as<'q, D, T>(
+    sql: &'q str,
+    args: Vec<Arg>,
+) -> StoreResult<sqlx::query::QueryAs<'q, D, <D as Reads<T>>::Shape, D::Arguments<'q>>>
+where
+    D: Reads<T>,
+    D::Arguments<'q>: IntoArguments<'q, D>,
+{
+    Ok(sqlx::query_as_with(sql, arguments::<D>(args)?))
 }
 
 fn arguments<'q, D: Dialect>(args: Vec<Arg>) -> StoreResult<D::Arguments<'q>> {

@@ -10,7 +10,7 @@ use keyward_core::{KeyId, OrgId};
 use uuid::Uuid;
 
 use super::rows::{ChainHead, ChainedRow};
-use super::store::{KeyInsert, insert_key_rows, lock_key, record, select_key, select_org};
+use super::store::{KeyInsert, finish, insert_key_rows, lock_key, record, select_key, select_org};
 use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
 use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, subscribed_to};
@@ -294,10 +294,7 @@ impl<B: Backend> LifecycleStore for B {
         .arg(&after.description)
         .arg(actor.at)
         .arg(id);
-        let updated = B::Db::fetch_one(&mut tx, update).await?;
-        record::<B::Db>(&mut tx, &effects, actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(updated)
+        finish(tx, update, &effects, actor).await
     }
 
     async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use keyward_core::audit_chain::AuditContent;
 use keyward_core::{KeyHash, KeyId, OrgId};
 use serde_json::Value;
+use sqlx::Transaction;
 
 use super::rows::{ChainHead, HashOwner};
 use super::usage::UsageBackend;
@@ -132,6 +133,24 @@ where
         lifecycle::insert_event::<D>(conn, event, None).await?;
     }
     Ok(())
+}
+
+/// Ends a change of one row: runs `write` (which returns the row as written), records the change's
+/// `effects` after it, and commits.
+pub(crate) async fn finish<D, T>(
+    mut tx: Transaction<'static, D>,
+    write: Stmt,
+    effects: &Effects,
+    actor: &Actor,
+) -> StoreResult<T>
+where
+    D: Db + Reads<T> + Reads<AuditEntry> + Reads<ChainHead>,
+    T: Send,
+{
+    let written = D::fetch_one(&mut tx, write).await?;
+    record::<D>(&mut tx, effects, actor).await?;
+    tx.commit().await.map_err(D::error)?;
+    Ok(written)
 }
 
 /// A key row to insert: created keys and imported keys alike.
@@ -315,10 +334,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(after.max_api_keys)
         .arg(actor.at)
         .arg(id);
-        let updated = B::Db::fetch_one(&mut tx, update).await?;
-        record::<B::Db>(&mut tx, &effects, actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(Changed::updated_org(updated))
+        Ok(Changed::updated_org(finish(tx, update, &effects, actor).await?))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
@@ -432,10 +448,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(after.limits.monthly_request_limit)
         .arg(actor.at)
         .arg(id);
-        let updated = B::Db::fetch_one(&mut tx, update).await?;
-        record::<B::Db>(&mut tx, &effects, actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(Changed::updated_key(updated))
+        Ok(Changed::updated_key(finish(tx, update, &effects, actor).await?))
     }
 
     async fn revoke_key(
@@ -458,10 +471,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(&after.revoke_reason)
         .arg(actor.at)
         .arg(id);
-        let revoked = B::Db::fetch_one(&mut tx, update).await?;
-        record::<B::Db>(&mut tx, &effects, actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(Changed::revoked_key(revoked))
+        Ok(Changed::revoked_key(finish(tx, update, &effects, actor).await?))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
