@@ -122,18 +122,7 @@ impl Setup {
 #[tokio::test]
 async fn a_valid_key_is_proxied_with_identity_and_without_the_key() {
     let s = setup().await;
-    let (key, rec) = s
-        .app
-        .key_with(
-            s.app.default_org.id,
-            CreateKeyRequest {
-                name: "gw".into(),
-                owner_id: Some("user_9".into()),
-                scopes: vec!["read:*".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (key, rec) = owner_key(&s).await;
     let bearer = format!("Bearer {key}");
     let (status, echo) = s
         .get(
@@ -350,17 +339,7 @@ fn keyward_like_headers(echo: &Value) -> Vec<String> {
 }
 
 async fn owner_key(s: &Setup) -> (String, keyward_store::ApiKey) {
-    s.app
-        .key_with(
-            s.app.default_org.id,
-            CreateKeyRequest {
-                name: "gw".into(),
-                owner_id: Some("user_9".into()),
-                scopes: vec!["read:*".into()],
-                ..Default::default()
-            },
-        )
-        .await
+    s.app.owned_key(s.app.default_org.id, "user_9", &["read:*"]).await
 }
 
 /// Issue 15, finding 3: routes match on the normalized path. A `read:projects` key cannot reach the

@@ -156,6 +156,17 @@ impl TestApp {
         .await
     }
 
+    /// A key in `org` belonging to the customer `owner`, with these scopes.
+    pub async fn owned_key(&self, org: OrgId, owner: &str, scopes: &[&str]) -> (String, ApiKey) {
+        let request = CreateKeyRequest {
+            name: format!("{owner}'s key"),
+            owner_id: Some(owner.into()),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        self.key_with(org, request).await
+    }
+
     pub async fn key_with(&self, org: OrgId, request: CreateKeyRequest) -> (String, ApiKey) {
         let v = Validator { plans: &self.state.plans, now: self.clock.now_utc() };
         let draft = request.validate(&v, org).unwrap();

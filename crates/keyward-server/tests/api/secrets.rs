@@ -307,17 +307,7 @@ async fn a_key_given_as_a_plan_or_event_name_is_not_repeated() {
         }
     }
     // A customer scope is free text after `action:`: a self-service key granting one it lacks.
-    let (own, _) = app
-        .key_with(
-            app.default_org.id,
-            keyward_server::service::CreateKeyRequest {
-                name: "self".into(),
-                owner_id: Some("u1".into()),
-                scopes: vec!["keyward:self".into(), "read:projects".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (own, _) = app.owned_key(app.default_org.id, "u1", &["keyward:self", "read:projects"]).await;
     let r = app.post("/v1/keys", &own, json!({"name": "k", "scopes": [format!("read:{key}")]})).await;
     assert_eq!(r.status, axum::http::StatusCode::FORBIDDEN, "{}", r.text);
     assert!(!r.text.contains(secret), "the key is repeated: {}", r.text);

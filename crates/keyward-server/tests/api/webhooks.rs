@@ -269,17 +269,7 @@ async fn bad_inputs_are_refused() {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert_eq!(app.get(&format!("/v1/webhooks/{id}"), &writer).await.status, StatusCode::NOT_FOUND);
     // A self-service key manages no webhooks.
-    let (me, _) = app
-        .key_with(
-            app.default_org.id,
-            keyward_server::service::CreateKeyRequest {
-                name: "me".into(),
-                owner_id: Some("u".into()),
-                scopes: vec!["keyward:self".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (me, _) = app.owned_key(app.default_org.id, "u", &["keyward:self"]).await;
     assert_eq!(app.get("/v1/webhooks", &me).await.status, StatusCode::FORBIDDEN);
 }
 
