@@ -43,7 +43,7 @@ impl VerifyOutcome {
         self == Self::Valid
     }
 
-    /// The wire code, as in DESIGN.md.
+    /// The wire code, as docs/architecture.md lists it.
     pub fn code(self) -> &'static str {
         match self {
             Self::Valid => "VALID",

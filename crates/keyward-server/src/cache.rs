@@ -30,7 +30,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Keys held (about 270 bytes each, measured with 1,000,000 keys; see BENCHMARKS.md).
+    /// Keys held (the memory each takes: BENCHMARKS.md).
     pub capacity: usize,
     /// Unknown hashes held, separately.
     pub negative_capacity: usize,

@@ -365,7 +365,7 @@ fn rejection(outcome: VerifyOutcome) -> Response {
         }
         VerifyOutcome::Valid => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     };
-    // In gateway mode the error code is the verify outcome code (DESIGN.md).
+    // In gateway mode the error code is the verify outcome code (docs/architecture.md).
     let body = ErrorBody { error: ErrorDetail { code: outcome.code(), message: message.to_owned(), field: None } };
     let mut response = (status, axum::Json(body)).into_response();
     if outcome == VerifyOutcome::LimiterUnavailable {

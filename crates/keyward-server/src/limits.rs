@@ -234,7 +234,7 @@ impl std::fmt::Write for Subject {
 
 /// Whose failed authentications a failure counts against, and which counter a refusal reads.
 ///
-/// SECURITY: failure counters are per tenant (DESIGN.md). `/v1/verify` counts against the calling
+/// SECURITY: failure counters are per tenant (SECURITY.md). `/v1/verify` counts against the calling
 /// organization and the end client's address it names, so one organization's callers (naming any
 /// address they like) can never lock out another's, nor the management API; the management API
 /// counts against the address of the connection (or what a trusted proxy forwarded).

@@ -91,7 +91,7 @@ pub const LEGACY_REFRESH: Duration = Duration::from_secs(10);
 /// their SHA-256): one in-memory flag, so that deciding costs nothing on the verify path.
 ///
 /// While it is off, a presented string that is not a Keyward key answers `MALFORMED` without any store
-/// query, exactly as before imports existed: random garbage cannot make a server hit its database. Once
+/// query, exactly as if no key had been imported: random garbage cannot make a server hit its database. Once
 /// on, such a string costs one indexed lookup by hash, like an unknown well-formed key. The flag is read
 /// from the store at start ([`LegacyKeys::refresh`]), switched on at once by an import through this
 /// process, and, while off, read again every [`LEGACY_REFRESH`] by [`LegacyKeys::spawn_refresher`] for

@@ -26,8 +26,8 @@
 //!   (plus, during an outage, the events held in memory below the spill bound).
 //!
 //! Keys' use as *callers* of Keyward's own API (`total_requests`, `last_used_*` of a management key)
-//! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, as before the
-//! ledger existed: it is not a billable event.
+//! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, outside the
+//! ledger: it is not a billable event.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;

@@ -528,7 +528,7 @@ mod tests {
         ] {
             assert!(check_url(bad, false).is_err(), "{bad}");
         }
-        // Red team of issue 15: an IPv6 address that a translator or tunnel turns into an internal
+        // An IPv6 address that a translator or tunnel turns into an internal
         // IPv4 address is internal; one that carries a public IPv4 address is not.
         for (ip, internal) in [
             ("64:ff9b::a00:1", true),

@@ -59,7 +59,8 @@ pub trait Verify: Send + Sync + 'static {
     async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Result<Decision, String>;
 }
 
-/// Verifies against the same store (and later cache and limiter) as a Keyward server.
+/// Verifies with a Keyward server's state, as its `/v1/verify` does: the same store behind the verify
+/// cache, the same rate limits and quotas, and the same usage ledger.
 #[derive(Clone, Debug)]
 pub struct InProcess {
     state: AppState,

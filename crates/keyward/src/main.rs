@@ -2,7 +2,7 @@
 //! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `usage`, `config`).
 
 /// A faster allocator than glibc's under many small, cross-thread allocations (the request path's
-/// pattern): measured in BENCHMARKS.md.
+/// pattern), where glibc's arenas contend on their locks.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -52,7 +52,7 @@ async fn visible_key(state: &AppState, caller: &Caller, id: KeyId, write: bool) 
 /// Load a key the caller may change (update, revoke, rotate).
 ///
 /// SECURITY: one rule for every write on a key: the caller holds every `keyward:` scope the key holds
-/// (DESIGN.md), so no key can re-enable, strip or revoke a key more powerful than itself. A key the
+/// (SECURITY.md), so no key can re-enable, strip or revoke a key more powerful than itself. A key the
 /// caller may not see answers 404; one it may see but not change, 403.
 async fn writable_key(state: &AppState, caller: &Caller, id: KeyId) -> ApiResult<ApiKey> {
     let key = visible_key(state, caller, id, true).await?;
@@ -72,7 +72,7 @@ fn caller_holds(caller: &Caller, reserved: &keyward_core::Scope) -> bool {
 }
 
 /// SECURITY: a key's own plan and limit overrides may only make it tighter than its organization's own
-/// settings allow, unless the caller holds `keyward:admin` (DESIGN.md); else a tenant that may create
+/// settings allow, unless the caller holds `keyward:admin` (SECURITY.md); else a tenant that may create
 /// keys could give itself a bigger plan than it pays for.
 fn check_limits(
     state: &AppState,

@@ -1,4 +1,4 @@
-//! The authorization matrix (issue 15, "keep them closed"): every route of `/openapi.json`, called by
+//! The authorization matrix: every route of `/openapi.json`, called by
 //! every kind of caller on every kind of target, answers the status written in [`MATRIX`], one table.
 //!
 //! Keys that cannot be used (revoked, disabled, expired, of a disabled organization, unknown,

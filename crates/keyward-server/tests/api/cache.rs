@@ -127,8 +127,8 @@ async fn answers_again(app: &TestApp, key: &str) {
     }
 }
 
-/// Issue 16, item 2: once cached entries' TTL had passed during an outage, each verification waited
-/// the pool timeout twice (the calling key and the verified key) before answering from the cache.
+/// Once cached entries' TTL has passed during an outage, no verification waits the pool timeout (for
+/// the calling key or for the verified key) before answering from the cache: the outage is noticed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_is_noticed_once_and_cached_keys_answer_at_cache_speed() {
     let (app, store) = counted().await;
@@ -242,8 +242,8 @@ async fn revoked_within_a_second(node: &AppState, key: &str) {
     }
 }
 
-/// Issue 16, item 1: after Redis restarted, node A's first publish met its broken connection and was
-/// dropped, and node B answered VALID for a revoked key until its cache entry expired (30 s).
+/// After Redis restarts, node A's first publish meets a broken connection: it must be retried, not
+/// dropped, or node B answers VALID for a revoked key until its cache entry expires (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     if redis_url().is_none() {

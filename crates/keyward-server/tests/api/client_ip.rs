@@ -33,11 +33,11 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     assert_eq!(app.send(spoofed).await.status, StatusCode::FORBIDDEN);
 }
 
-/// Red team of issue 15: behind a trusted proxy, a client that put something unparsable in
-/// `X-Forwarded-For` (left of the address its proxy appended, or in a header of its own) was taken
-/// to be the proxy itself, so it passed an allow-list written for the proxy's network and shared the
-/// proxy's per-address limits. The list is read from the right, as far as the first untrusted hop,
-/// and what a client wrote to the left of that is never parsed.
+/// Behind a trusted proxy, a client that puts something unparsable in `X-Forwarded-For` (left of the
+/// address its proxy appended, or in a header of its own) is not taken for the proxy itself, which
+/// would pass an allow-list written for the proxy's network and share the proxy's per-address limits.
+/// The list is read from the right, as far as the first untrusted hop, and what a client wrote to the
+/// left of that is never parsed.
 #[tokio::test]
 async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
     let mut app = TestApp::sqlite().await;

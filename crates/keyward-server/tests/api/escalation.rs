@@ -1,4 +1,4 @@
-//! No key can be used to gain more than it holds (DESIGN.md, security invariants): per-key plans may
+//! No key can be used to gain more than it holds (SECURITY.md, the permission ladder): per-key plans may
 //! only tighten the organization's limits unless the caller holds `keyward:admin`; every write on a key
 //! (update, revoke, rotate) needs every `keyward:` scope that key holds; and a rotation grants no more
 //! than a creation by the same caller could.

@@ -342,7 +342,7 @@ async fn owner_key(s: &Setup) -> (String, keyward_store::ApiKey) {
     s.app.owned_key(s.app.default_org.id, "user_9", &["read:*"]).await
 }
 
-/// Issue 15, finding 3: routes match on the normalized path. A `read:projects` key cannot reach the
+/// Routes match on the normalized path. A `read:projects` key cannot reach the
 /// `write:projects` rule through another spelling of `/projects`, and no spelling climbs out of the
 /// public `/public` route into a protected one.
 #[tokio::test]
@@ -445,7 +445,7 @@ async fn paths_without_a_safe_reading_are_refused_with_400() {
     }
 }
 
-/// Issue 15, finding 7: hop-by-hop stripping runs before the identity headers go in, so a header the
+/// Hop-by-hop stripping runs before the identity headers go in, so a header the
 /// client names in `Connection` (any case, any list, several `Connection` headers) removes nothing
 /// of Keyward's. A key header named there still authenticates: Keyward is its recipient.
 #[tokio::test]
@@ -480,7 +480,7 @@ async fn connection_cannot_remove_identity_headers() {
     }
 }
 
-/// Issue 15, finding 8: CGI, WSGI and Rack read `X_Keyward_Owner_Id` as `X-Keyward-Owner-Id`, so
+/// CGI, WSGI and Rack read `X_Keyward_Owner_Id` as `X-Keyward-Owner-Id`, so
 /// every spelling that maps to an `x-keyward-` name goes, on protected and public routes alike.
 #[tokio::test]
 async fn identity_headers_in_any_spelling_are_stripped() {
@@ -519,7 +519,7 @@ async fn identity_headers_in_any_spelling_are_stripped() {
     assert!(!echo.to_string().contains("spoofed"), "{echo}");
 }
 
-/// Issue 15, finding 9: the key header is removed on every route, public ones included, whatever
+/// The key header is removed on every route, public ones included, whatever
 /// carries it: `Authorization` in any scheme (a key can ride in `Basic` or `Token` too), `X-API-Key`
 /// and its underscore spelling.
 #[tokio::test]
@@ -557,7 +557,7 @@ async fn the_key_never_reaches_the_upstream_on_any_route() {
     }
 }
 
-/// Red team of issue 15: HTTP methods are case-sensitive on the wire, but Django and Werkzeug (Flask)
+/// HTTP methods are case-sensitive on the wire, but Django and Werkzeug (Flask)
 /// upper-case the method before routing, so `post` is `POST` to them. The gateway checks and forwards
 /// the upper-case method: `post` gets `POST`'s rule, and the upstream gets `POST`.
 #[tokio::test]
@@ -578,7 +578,7 @@ async fn a_method_in_any_case_gets_that_methods_rule() {
     }
 }
 
-/// Red team of issue 15: Express's `method-override`, Rack, Laravel and ASP.NET Core run a request
+/// Express's `method-override`, Rack, Laravel and ASP.NET Core run a request
 /// as the method named in `X-HTTP-Method-Override` (or `X-HTTP-Method`, `X-Method-Override`). The
 /// header reaches the upstream, so the request needs the rule of every method it names as well.
 #[tokio::test]
@@ -609,7 +609,7 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
     assert_eq!(status, StatusCode::OK, "an override to a method the key may use passes: {echo}");
 }
 
-/// Red team of issue 15: the upstream may read a path another way than its canonical form. Tomcat,
+/// The upstream may read a path another way than its canonical form. Tomcat,
 /// Jetty and Spring drop `;` parameters from every segment (`/projects;x` is `/projects`),
 /// Express, ASP.NET Core and IIS match routes without regard to case (`/PROJECTS` is `/projects`),
 /// and Rails routes `/projects.json` as `/projects` with a format.
@@ -655,7 +655,7 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
     assert_eq!((status, echo["path"].as_str()), (StatusCode::OK, Some("/Projects;v=2/7")), "{echo}");
 }
 
-/// Red team of issue 15: Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
+/// Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
 /// handler, so a `GET`-only route's rule holds for `HEAD` too (the handler runs; its headers and
 /// side effects are the upstream's answer).
 #[tokio::test]

@@ -279,7 +279,7 @@ async fn limiter_up(app: &TestApp, up: bool) {
     }
 }
 
-/// Issue 16, item 3, through the API on a Redis of the test's own, killed and restarted: during the
+/// A Redis outage through the API, on a Redis of the test's own, killed and restarted: during the
 /// outage every verification answers by the policy without waiting for Redis; `fail_closed` says
 /// `LIMITER_UNAVAILABLE` with `Retry-After`, never `RATE_LIMITED`/`QUOTA_EXCEEDED`; Keyward's
 /// protection of itself counts on this node (the management API works, guessing is still bounded,

@@ -232,9 +232,9 @@ async fn rotated_keys_and_webhook_secrets_leak_nowhere() {
     }
 }
 
-/// Red team of issue 15: the gateway's request span named the raw path, so a key a client put in a
-/// path (its own or one it found) reached every log line of the request. Segments that could hold a
-/// key are logged as `…`.
+/// A key a client puts in a path (its own or one it found) must not reach the request's log lines
+/// through the gateway's request span, which names the path: segments that could hold a key are
+/// logged as `…`.
 #[tokio::test]
 async fn a_key_in_a_gateway_path_is_not_logged() {
     use axum::body::Body;
@@ -284,8 +284,8 @@ async fn a_key_in_a_gateway_path_is_not_logged() {
     assert!(!logs.contains(secret), "a gateway log line has the key");
 }
 
-/// Red team of issue 15: a key pasted where a plan or an event name goes was quoted back in the
-/// error (`unknown plan `sk_live_…``), on every route that takes one.
+/// A key pasted where a plan or an event name goes is never quoted back in the error (as in
+/// `unknown plan `sk_live_…``), on any route that takes one.
 #[tokio::test]
 async fn a_key_given_as_a_plan_or_event_name_is_not_repeated() {
     let app = TestApp::sqlite().await;

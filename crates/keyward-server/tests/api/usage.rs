@@ -436,7 +436,7 @@ async fn org_usage_is_for_admins_and_the_organization_itself() {
     }
 }
 
-/// Issue 4, item 4: the monthly quota survives a restart exactly (one node): a new AppState on the
+/// The monthly quota survives a restart exactly (one node): a new AppState on the
 /// same database seeds the month's count from the durable counters the ledger kept.
 #[tokio::test]
 async fn monthly_quota_survives_a_restart() {

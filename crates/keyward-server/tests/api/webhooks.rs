@@ -605,7 +605,7 @@ async fn numeric_host_spellings_of_loopback_are_refused() {
     assert!(receiver.requests().is_empty());
 }
 
-/// Issue 15, finding 11: every write on an endpoint needs what creating it needs, with its current
+/// Every write on an endpoint needs what creating it needs, with its current
 /// events and its new ones. An endpoint subscribed to `auth.failures_spike` is admin-only: a
 /// `keyward:keys:write` key of the same organization sees it (GET), and every write answers 403
 /// `insufficient_scope` before the body is even read; a key of another organization gets 404.

@@ -87,9 +87,9 @@ fn sums() -> String {
 /// `checked`: `ON CONFLICT DO NOTHING RETURNING id`: a known id or idempotency id is skipped, the new
 /// rows are named, and any other constraint fails the statement. Otherwise `INSERT OR IGNORE`, which
 /// skips a row that breaks any constraint: such a statement can never stop half-way, so SQLite keeps
-/// no statement journal for it (a copy of every page it touches; 5 % of the writer's time in a
-/// profile). The caller compares the rows inserted with the events and, when one is missing, for
-/// whatever reason, rolls back and takes the checked path, where a bad row is an error, not a skip.
+/// no statement journal for it (a copy of every page it touches). The caller compares the rows
+/// inserted with the events and, when one is missing, for whatever reason, rolls back and takes the
+/// checked path, where a bad row is an error, not a skip.
 fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Sqlite>> {
     events
         .chunks(INSERT_ROWS)
@@ -307,9 +307,8 @@ impl UsageStore for SqliteStore {
     async fn fold_usage(&self) -> StoreResult<u64> {
         let mut conn = self.write.acquire().await.map_err(db)?;
         // A fold's GROUP BYs sort up to FOLD_ROWS rows, in memory up to the page cache's size, then in
-        // temporary files. With the write connection's temp_store=memory (and the 64 MiB cache it had then)
-        // their temporary b-trees grew in memory without bound: a fold of 200,000 rows of 1,000,000
-        // keys peaked at 480 MB (sqlite3, same statements), which the C allocator kept afterwards. In
+        // temporary files. Under the write connection's temp_store=memory their temporary b-trees would
+        // grow in memory without bound, and the C allocator keeps what they took (BENCHMARKS.md). In
         // files, with an 8 MiB cache for the fold, it stays near 8 MiB, in the same time: the fold
         // visits each page once, in key order, so a large cache buys it nothing.
         set_temp_store_and_cache(&mut conn, "file", FOLD_CACHE_KIB).await?;
