@@ -6,13 +6,13 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, ScopeSet, VerifyOutcome};
+use keyward_core::{Environment, KeyId, OrgId, Scope, ScopeSet, VerifyOutcome};
 use keyward_store::usage::MAX_QUOTA_COST;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Verify};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::limits::{self, QuotaInfo, RateLimitInfo};
@@ -94,10 +94,9 @@ impl VerifyKeyResponse<'_> {
     security(("bearer" = [])))]
 pub async fn verify(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Verify>,
     body: JsonBody,
 ) -> ApiResult<axum::response::Response> {
-    caller.require(KeywardScope::Verify)?;
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
         .required_scopes
@@ -127,7 +126,7 @@ pub async fn verify(
         user_agent: "",
         via: "verify",
         cost,
-        failures: limits::FailureScope::Tenant(caller.key.organization_id),
+        failures: limits::FailureScope::Tenant(caller.organization_id()),
     };
     let (verdict, event) = verifier::verify_deferred(&state, check).await?;
     if let Some(mut event) = event {

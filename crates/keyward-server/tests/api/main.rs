@@ -23,6 +23,7 @@ mod listen;
 mod me_health;
 mod openapi;
 mod orgs;
+mod routes;
 mod secrets;
 mod usage;
 mod verify;
