@@ -61,6 +61,27 @@ error_codes! {
     StoreUnavailable => (SERVICE_UNAVAILABLE, "store_unavailable"),
 }
 
+/// A store failure behind an error, counted in `keyward_store_errors_total` when the error is
+/// answered (not when it is made: a conversion has no side effect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    Unavailable,
+    Internal,
+}
+
+impl StoreFailure {
+    /// The metric's `kind` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// Store errors by kind: failures behind answered errors, and the usage writer's (`telemetry`).
+pub const STORE_ERRORS_TOTAL: &str = "keyward_store_errors_total";
+
 /// The wire form of an error.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -85,13 +106,15 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Logged for 5xx, never sent.
     pub source: Option<String>,
+    /// Counted when answered.
+    pub store_failure: Option<StoreFailure>,
     /// Sent with the error (rate-limit headers on a 429); boxed to keep errors small.
     pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, source: None, headers: None }
+        Self { code, message: message.into(), field: None, source: None, store_failure: None, headers: None }
     }
 
     pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -117,11 +140,6 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::Unavailable(_) => crate::telemetry::store_error("unavailable"),
-            StoreError::Internal(_) => crate::telemetry::store_error("internal"),
-            _ => {}
-        }
         match e {
             StoreError::NotFound => Self::not_found(),
             StoreError::Conflict(what) => Self::new(ErrorCode::Conflict, what),
@@ -131,9 +149,12 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Unavailable(cause) => Self {
                 source: Some(cause),
+                store_failure: Some(StoreFailure::Unavailable),
                 ..Self::new(ErrorCode::StoreUnavailable, "the store is unavailable; try again")
             },
-            StoreError::Internal(cause) => Self::internal(cause),
+            StoreError::Internal(cause) => {
+                Self { store_failure: Some(StoreFailure::Internal), ..Self::internal(cause) }
+            }
         }
     }
 }
@@ -141,6 +162,9 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
+        if let Some(failure) = self.store_failure {
+            metrics::counter!(STORE_ERRORS_TOTAL, "kind" => failure.as_str()).increment(1);
+        }
         if status.is_server_error() {
             tracing::error!(code = self.code.as_str(), cause = self.source.as_deref().unwrap_or(""), "request failed");
         } else {
