@@ -13,15 +13,15 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{AUTHORIZATION, HOST, USER_AGENT};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keyward_core::{NormalizedPath, PathError, Scope, VerifyOutcome};
+use keyward_core::{NormalizedPath, PathError, Scope};
 use keyward_store::KeyRecord;
 
-use crate::error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::verifier::{self, Check};
 
@@ -348,32 +348,6 @@ fn strip_client_headers(headers: &mut HeaderMap) {
     }
 }
 
-fn rejection(outcome: VerifyOutcome) -> Response {
-    let (status, message) = match outcome {
-        VerifyOutcome::Malformed => (StatusCode::UNAUTHORIZED, "the API key is malformed"),
-        VerifyOutcome::NotFound => (StatusCode::UNAUTHORIZED, "the API key is not known"),
-        VerifyOutcome::Revoked => (StatusCode::UNAUTHORIZED, "the API key was revoked"),
-        VerifyOutcome::Disabled => (StatusCode::UNAUTHORIZED, "the API key is disabled"),
-        VerifyOutcome::Expired => (StatusCode::UNAUTHORIZED, "the API key has expired"),
-        VerifyOutcome::OrgDisabled => (StatusCode::FORBIDDEN, "the key's organization is disabled"),
-        VerifyOutcome::IpNotAllowed => (StatusCode::FORBIDDEN, "the API key may not be used from this address"),
-        VerifyOutcome::InsufficientScope => (StatusCode::FORBIDDEN, "the API key lacks a scope this route needs"),
-        VerifyOutcome::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
-        VerifyOutcome::QuotaExceeded => (StatusCode::TOO_MANY_REQUESTS, "monthly quota exceeded"),
-        VerifyOutcome::LimiterUnavailable => {
-            (StatusCode::SERVICE_UNAVAILABLE, "rate limits cannot be checked right now; retry shortly")
-        }
-        VerifyOutcome::Valid => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-    };
-    // In gateway mode the error code is the verify outcome code (DESIGN.md).
-    let body = ErrorBody { error: ErrorDetail { code: outcome.code(), message: message.to_owned(), field: None } };
-    let mut response = (status, axum::Json(body)).into_response();
-    if outcome == VerifyOutcome::LimiterUnavailable {
-        response.headers_mut().insert(axum::http::header::RETRY_AFTER, crate::limits::LIMITER_RETRY_AFTER_SECS.into());
-    }
-    response
-}
-
 fn identity_headers(headers: &mut HeaderMap, key: &KeyRecord) {
     let mut set = |name: &'static str, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -440,11 +414,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
                 user_agent: &user_agent,
                 via: "gateway",
             });
-            return ApiError::new(
-                ErrorCode::MissingCredentials,
-                "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-            )
-            .into_response();
+            return ApiError::missing_credentials().into_response();
         };
         let check = Check {
             presented: &presented,
@@ -460,18 +430,18 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             Ok(v) => v,
             Err(e) => return ApiError::from(e).into_response(),
         };
-        let limit_headers =
-            verdict.limits.as_ref().map(|l| crate::limits::headers(&l.rate, state.clock.now())).unwrap_or_default();
-        match (&verdict.key, verdict.outcome) {
+        let now = state.clock.now();
+        match (&verdict.key, verdict.refusal(now)) {
             // SECURITY: inserted last; the key and every client `x-keyward-*` header are already gone.
-            (Some(key), VerifyOutcome::Valid) => identity_headers(&mut parts.headers, key),
-            (_, outcome) => {
-                let mut response = rejection(outcome);
-                response.headers_mut().extend(limit_headers);
+            (Some(key), None) => identity_headers(&mut parts.headers, key),
+            (_, refusal) => {
+                let response =
+                    refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record")).into_response();
                 record_usage(&state, event, (&parts.method, path.as_str()), &response, None);
                 return response;
             }
         }
+        let limit_headers = verdict.headers(now);
         // The path only: a query string may carry anything, a secret included.
         let request_line = (parts.method.clone(), path.to_string());
         let started = std::time::Instant::now();

@@ -3,6 +3,8 @@
 
 use axum::http::Method;
 use chrono::Duration;
+use keyward_core::VerifyOutcome;
+use keyward_server::error::{ErrorCode, RetryAfter};
 use keyward_server::service::CreateKeyRequest;
 use serde_json::json;
 
@@ -76,4 +78,39 @@ async fn every_error_body() {
         assert!(!l.contains(" 500 "), "{l}");
     }
     insta::assert_snapshot!(out.join("\n"));
+}
+
+/// The README's table of errors is the table in `error.rs`, row for row: a code added, renamed or
+/// described anew without its README row fails here, and the message prints the rows to paste.
+#[test]
+fn the_readme_lists_every_error_code() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let mut want =
+        vec!["| code | status | when it is answered | `Retry-After` |".to_owned(), "|---|---|---|---|".to_owned()];
+    for code in ErrorCode::ALL {
+        let retry = match code.retry_after() {
+            RetryAfter::Never => "no".to_owned(),
+            RetryAfter::Seconds(s) => format!("`{s}`"),
+            RetryAfter::UntilAdmitted => "seconds until the limit admits a request again".to_owned(),
+        };
+        want.push(format!("| `{}` | {} | {} | {retry} |", code.as_str(), code.status().as_u16(), code.description()));
+    }
+    let want = want.join("\n");
+    assert!(readme.contains(&format!("{want}\n")), "README.md's error table must read:\n\n{want}\n");
+}
+
+/// The README's table of verify outcomes names, for each, the error it is refused with elsewhere: the
+/// one mapping, `ErrorCode::of_outcome`.
+#[test]
+fn the_readme_maps_every_outcome_to_its_error() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    for outcome in VerifyOutcome::ALL {
+        let start = format!("| `{}` |", outcome.code());
+        let row = readme.lines().find(|l| l.starts_with(&start)).unwrap_or_else(|| panic!("no README row {start}"));
+        let end = match ErrorCode::of_outcome(outcome) {
+            Some(code) => format!("| {} `{}` |", code.status().as_u16(), code.as_str()),
+            None => "| — |".to_owned(),
+        };
+        assert!(row.ends_with(&end), "{row}\nshould end with {end}");
+    }
 }
