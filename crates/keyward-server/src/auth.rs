@@ -78,18 +78,22 @@ pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
     crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
-/// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
-fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
-    if let Some(value) = headers.get(AUTHORIZATION) {
-        let value = value.to_str().unwrap_or_default().trim();
-        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-            return Ok(token.trim());
-        }
-        return Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"));
+/// The key in the request, read the same way on every surface (management API, gateway, layer):
+/// `Authorization: Bearer <key>` first, then `X-API-Key`. An `Authorization` header of another scheme
+/// holds no key; without an `X-API-Key` the answer says which scheme to use.
+pub fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+    let authorization = headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or_default().trim());
+    if let Some((scheme, token)) = authorization.and_then(|v| v.split_once(' '))
+        && scheme.eq_ignore_ascii_case("bearer")
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim());
     }
     match headers.get("x-api-key").map(|v| v.to_str().unwrap_or_default().trim()) {
         Some(key) if !key.is_empty() => Ok(key),
+        _ if authorization.is_some() => {
+            Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"))
+        }
         _ => Err(ApiError::missing_credentials()),
     }
 }

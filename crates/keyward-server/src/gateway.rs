@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use axum::http::header::{HOST, USER_AGENT};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
@@ -305,21 +305,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The key the client presented, if any.
-fn presented_key(headers: &HeaderMap) -> Option<String> {
-    if let Some(token) = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-    {
-        return Some(token.to_owned());
-    }
-    let key = headers.get("x-api-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then(|| key.to_owned())
-}
-
 /// A header name as CGI, WSGI and Rack read it: `X_Keyward_Owner_Id` and `x-keyward-owner-id` are one.
 fn cgi_name(name: &HeaderName) -> String {
     name.as_str().replace('_', "-")
@@ -400,21 +385,24 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
     let rule = gateway.rule_for_any(&methods_of(&parts.method, &parts.headers), &path);
     // Read before the client headers go: Keyward is the recipient of a key or a user agent the client
     // names in `Connection`, the upstream is not.
-    let presented = presented_key(&parts.headers);
+    let presented = crate::auth::presented_key(&parts.headers).map(str::to_owned);
     let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     strip_client_headers(&mut parts.headers);
 
     if !rule.public {
-        let Some(presented) = presented else {
-            crate::auth::auth_failed(crate::auth::AuthFailure {
-                reason: "MISSING_CREDENTIALS",
-                presented: "",
-                key_id: None,
-                ip: client_ip,
-                user_agent: &user_agent,
-                via: "gateway",
-            });
-            return ApiError::missing_credentials().into_response();
+        let presented = match presented {
+            Ok(presented) => presented,
+            Err(missing) => {
+                crate::auth::auth_failed(crate::auth::AuthFailure {
+                    reason: "MISSING_CREDENTIALS",
+                    presented: "",
+                    key_id: None,
+                    ip: client_ip,
+                    user_agent: &user_agent,
+                    via: "gateway",
+                });
+                return missing.into_response();
+            }
         };
         let check = Check {
             presented: &presented,

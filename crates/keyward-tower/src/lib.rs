@@ -34,6 +34,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::{Scope, ScopeError, VerifyOutcome};
+use keyward_server::auth::presented_key;
 use keyward_server::verifier::{self, Check};
 use keyward_server::{ApiError, AppState, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -232,16 +233,6 @@ pub struct KeywardService<S> {
     layer: KeywardLayer,
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().to_owned());
-    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_owned()))
-}
-
 impl<S, B> Service<Request<B>> for KeywardService<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
@@ -262,8 +253,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let Some(key) = presented_key(request.headers()) else {
-                return Ok(ApiError::missing_credentials().into_response());
+            let key = match presented_key(request.headers()) {
+                Ok(key) => key.to_owned(),
+                Err(missing) => return Ok(missing.into_response()),
             };
             let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(a)| a.ip().to_canonical());
             match layer.verifier.verify(&key, ip, &layer.required).await {
