@@ -24,6 +24,7 @@ mod me_health;
 mod openapi;
 mod orgs;
 mod secrets;
+mod surfaces;
 mod usage;
 mod verify;
 mod webhooks;
