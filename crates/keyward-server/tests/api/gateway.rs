@@ -177,13 +177,7 @@ async fn rejections_carry_the_outcome_code_and_status() {
     let s = setup().await;
     let org = s.app.default_org.id;
     let (reader, _) = s.app.key(org, &["read:projects"]).await;
-    let (walled, _) = s
-        .app
-        .key_with(
-            org,
-            CreateKeyRequest { name: "w".into(), allowed_ips: vec!["10.0.0.0/8".into()], ..Default::default() },
-        )
-        .await;
+    let walled = crate::surfaces::walled_key(&s.app, org).await;
     let (revoked, rec) = s.app.key(org, &[]).await;
     s.app.delete(&format!("/v1/keys/{}", rec.id), &s.app.admin_key).await;
 

@@ -116,6 +116,19 @@ impl Surfaces {
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         r.body["id"].as_str().unwrap().parse().unwrap()
     }
+
+    /// A key of a new organization with these limits, after its one allowed verification.
+    async fn spent(&self, slug: &str, limits: Value) -> String {
+        let (key, _) = self.app.key(self.org(slug, limits).await, &[]).await;
+        assert_eq!(self.app.verify(&key, json!({})).await["code"], "VALID", "spends the one request");
+        key
+    }
+}
+
+/// A key of `org` usable from 10.0.0.0/8 only.
+pub async fn walled_key(app: &TestApp, org: OrgId) -> String {
+    let allowed_ips = vec!["10.0.0.0/8".into()];
+    app.key_with(org, CreateKeyRequest { name: "w".into(), allowed_ips, ..Default::default() }).await.0
 }
 
 pub fn request(path: &str, headers: &[(&str, &str)], ip: Option<[u8; 4]>) -> Request<Body> {
@@ -229,13 +242,7 @@ async fn a_key_that_no_longer_authenticates_is_401_everywhere() {
 async fn a_key_that_may_not_do_this_is_403_everywhere() {
     let s = Surfaces::new().await;
     let org = s.app.default_org.id;
-    let (walled, _) = s
-        .app
-        .key_with(
-            org,
-            CreateKeyRequest { name: "w".into(), allowed_ips: vec!["10.0.0.0/8".into()], ..Default::default() },
-        )
-        .await;
+    let walled = walled_key(&s.app, org).await;
     let want = refused(StatusCode::FORBIDDEN, "ip_not_allowed");
     assert_eq!(s.everywhere("from outside its allow-list", &x_api_key(&walled), Some([192, 0, 2, 1])).await, want);
     assert_eq!(s.everywhere("from an unknown address", &x_api_key(&walled), None).await, want);
@@ -258,9 +265,7 @@ async fn a_key_that_may_not_do_this_is_403_everywhere() {
 #[tokio::test]
 async fn over_a_rate_limit_is_429_with_retry_after_on_the_gateway_and_the_layer() {
     let s = Surfaces::new().await;
-    let org = s.org("tight", json!({"rate_limit_per_minute": 1})).await;
-    let (key, _) = s.app.key(org, &[]).await;
-    assert_eq!(s.app.verify(&key, json!({})).await["code"], "VALID", "spends the minute's one request");
+    let key = s.spent("tight", json!({"rate_limit_per_minute": 1})).await;
     let edge = s.edge("rate limited", "/me", &x_api_key(&key), None).await;
     assert_eq!((edge.status, edge.code.as_str()), (429, "rate_limited"));
     assert_eq!(edge.retry_after.as_deref(), Some("60"), "one request a minute frees up in a minute");
@@ -271,9 +276,7 @@ async fn over_a_rate_limit_is_429_with_retry_after_on_the_gateway_and_the_layer(
 #[tokio::test]
 async fn a_spent_quota_is_429_without_retry_after_on_the_gateway_and_the_layer() {
     let s = Surfaces::new().await;
-    let org = s.org("metered", json!({"monthly_request_limit": 1})).await;
-    let (key, _) = s.app.key(org, &[]).await;
-    assert_eq!(s.app.verify(&key, json!({})).await["code"], "VALID", "spends the month's one request");
+    let key = s.spent("metered", json!({"monthly_request_limit": 1})).await;
     let want = refused(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
     assert_eq!(s.edge("quota spent", "/me", &x_api_key(&key), None).await, want);
     assert_eq!(s.verified(&key).await, want);
