@@ -86,22 +86,23 @@ pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
     crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
-/// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
-fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
-    if let Some(value) = headers.get(AUTHORIZATION) {
-        let value = value.to_str().unwrap_or_default().trim();
-        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-            return Ok(token.trim());
-        }
-        return Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"));
+/// The key in the request, read the same way on every surface (management API, gateway, layer):
+/// `Authorization: Bearer <key>` first, then `X-API-Key`. An `Authorization` header of another scheme
+/// holds no key; without an `X-API-Key` the answer says which scheme to use.
+pub fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+    let authorization = headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or_default().trim());
+    if let Some((scheme, token)) = authorization.and_then(|v| v.split_once(' '))
+        && scheme.eq_ignore_ascii_case("bearer")
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim());
     }
     match headers.get("x-api-key").map(|v| v.to_str().unwrap_or_default().trim()) {
         Some(key) if !key.is_empty() => Ok(key),
-        _ => Err(ApiError::new(
-            ErrorCode::MissingCredentials,
-            "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-        )),
+        _ if authorization.is_some() => {
+            Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"))
+        }
+        _ => Err(ApiError::missing_credentials()),
     }
 }
 
@@ -190,19 +191,21 @@ async fn authenticate(
     };
     let found = match lookup(state, presented).await? {
         Lookup::Malformed(e) => {
-            let error = ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}"));
+            let error = ApiError {
+                message: format!("the API key is malformed: {e}"),
+                ..ApiError::refused(VerifyOutcome::Malformed)
+            };
             return Ok(Err((VerifyOutcome::Malformed.code(), None, error)));
         }
         Lookup::NotFound => {
-            let error = ApiError::new(ErrorCode::UnknownKey, "the API key is not known");
-            return Ok(Err((VerifyOutcome::NotFound.code(), None, error)));
+            return Ok(Err((VerifyOutcome::NotFound.code(), None, ApiError::refused(VerifyOutcome::NotFound))));
         }
         Lookup::Found(found) => found,
     };
     let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
     let outcome = found.check(&request);
     if outcome != VerifyOutcome::Valid {
-        return Ok(Err((outcome.code(), Some(found.id), refusal(outcome))));
+        return Ok(Err((outcome.code(), Some(found.id), ApiError::refused(outcome))));
     }
     Ok(Ok(Authenticated { key: found, ip }))
 }
@@ -238,18 +241,6 @@ pub fn auth_failed(f: AuthFailure<'_>) {
 /// `sk_live_…abcd` for a string that parsed, `…` otherwise. SECURITY: never more.
 pub fn redacted(presented: &str) -> String {
     PlainKey::parse(presented).map(|k| k.redacted()).unwrap_or_else(|_| "…".to_owned())
-}
-
-fn refusal(outcome: VerifyOutcome) -> ApiError {
-    let (code, message) = match outcome {
-        VerifyOutcome::Revoked => (ErrorCode::KeyRevoked, "the API key was revoked"),
-        VerifyOutcome::Disabled => (ErrorCode::KeyDisabled, "the API key is disabled"),
-        VerifyOutcome::Expired => (ErrorCode::KeyExpired, "the API key has expired"),
-        VerifyOutcome::OrgDisabled => (ErrorCode::OrganizationDisabled, "the key's organization is disabled"),
-        VerifyOutcome::IpNotAllowed => (ErrorCode::IpNotAllowed, "the API key may not be used from this address"),
-        _ => (ErrorCode::UnknownKey, "the API key is not valid"),
-    };
-    ApiError::new(code, message)
 }
 
 /// How far an admitted caller reaches.

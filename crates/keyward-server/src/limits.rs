@@ -82,9 +82,6 @@ pub struct KeyDecision {
     pub quota: Option<QuotaDecision>,
 }
 
-/// `Retry-After` of a refusal by the `fail_closed` policy: the limiter probes Redis at least this often.
-pub const LIMITER_RETRY_AFTER_SECS: u64 = 1;
-
 /// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
 /// request spends no quota. The quota is the key's own when it has a monthly override, else its
 /// organization's pool.
@@ -428,14 +425,11 @@ pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError
 
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft, structured-field form), the common
 /// `X-RateLimit-*` (limit, remaining, and reset as Unix time) of the tightest window, and
-/// `Retry-After` when denied. A decision of the failure policy has no counts to show: only
-/// `Retry-After` when it refused.
+/// `Retry-After` when denied. A decision of the failure policy has no counts to show: none (its
+/// refusal, `limiter_unavailable`, has a fixed `Retry-After` in the error table).
 pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(8);
     if d.degraded {
-        if !d.allowed {
-            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(LIMITER_RETRY_AFTER_SECS));
-        }
         return h;
     }
     let Some(tight) = d.tightest() else { return h };

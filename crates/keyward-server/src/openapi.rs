@@ -9,7 +9,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{IntoResponses, Modify, OpenApi};
 
-use crate::error::ErrorBody;
+use crate::error::{ErrorBody, ErrorCode};
 use crate::routes::{audit, health, keys, me, orgs, usage, verify, webhooks};
 use crate::state::AppState;
 
@@ -27,22 +27,25 @@ impl Modify for BearerAuth {
 }
 
 /// What every route that takes a key may answer besides its own statuses (the `Caller` extractor
-/// and the management API's per-address limit).
+/// and the management API's per-address limit). The codes named are those of `error::ErrorCode`
+/// with that status (a test holds them to it).
 #[derive(IntoResponses)]
 #[allow(dead_code)] // documentation only: the errors themselves are `ApiError`s
 pub enum KeyErrors {
-    /// No key, or one that is malformed, unknown, revoked, disabled or expired, or whose organization
-    /// is disabled.
+    /// No key (`missing_credentials`), or one that is malformed (`malformed_key`), unknown
+    /// (`unknown_key`), revoked (`key_revoked`), disabled (`key_disabled`) or expired (`key_expired`),
+    /// or whose organization is disabled (`organization_disabled`).
     #[response(status = 401)]
     Unauthorized(ErrorBody),
-    /// The key lacks a scope the route needs, may not act on this target, or may not be used from
-    /// this address.
+    /// The key lacks a scope the route needs (`insufficient_scope`), may not act on this target
+    /// (`forbidden`), or may not be used from this address (`ip_not_allowed`).
     #[response(status = 403)]
     Forbidden(ErrorBody),
-    /// Too many requests, or too many failed authentications, from this address.
+    /// `rate_limited`: too many requests, or too many failed authentications, from this address
+    /// (with `Retry-After`).
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
-    /// The store is unavailable; try again.
+    /// `store_unavailable`: the store cannot be reached; try again.
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }
@@ -54,6 +57,9 @@ pub enum JsonBodyErrors {
     /// `invalid_json`: the body is not JSON.
     #[response(status = 400)]
     InvalidJson(ErrorBody),
+    /// `request_timeout`: the body did not arrive within the server's body read timeout.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// `payload_too_large`: the body is larger than 64 KiB.
     #[response(status = 413)]
     PayloadTooLarge(ErrorBody),
@@ -107,6 +113,12 @@ pub fn document(plans: &keyward_core::Plans) -> utoipa::openapi::OpenApi {
                 "properties": {"expires_at": {"type": "string"}, "expires_in_days": {"type": "integer"}},
             });
             object.extensions.get_or_insert_with(Default::default).insert("not".to_owned(), both);
+        }
+        // Every code of the one error table (gateway and layer codes too: one envelope everywhere).
+        if let Some(RefOr::T(Schema::Object(detail))) = components.schemas.get_mut("ErrorDetail")
+            && let Some(RefOr::T(Schema::Object(code))) = detail.properties.get_mut("code")
+        {
+            code.enum_values = Some(ErrorCode::ALL.iter().map(|c| Value::from(c.as_str())).collect());
         }
         for name in PLAN_FIELDS {
             if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(*name)

@@ -60,7 +60,7 @@ fn describe() {
     metrics::describe_counter!("keyward_usage_spilled_events_total", "Usage events spilled to the local file.");
     metrics::describe_counter!("keyward_usage_replayed_events_total", "Usage events replayed from the spill file.");
     metrics::describe_counter!("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention.");
-    metrics::describe_counter!("keyward_store_errors_total", "Store errors by kind.");
+    metrics::describe_counter!(crate::error::STORE_ERRORS_TOTAL, "Store errors by kind.");
 }
 
 /// The verify path's metrics, registered once: looking a metric up by name and labels costs more than
@@ -134,8 +134,10 @@ pub fn auth_failure(reason: &'static str, via: &'static str) {
     metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via).increment(1);
 }
 
+/// A store error no answer carries (the usage writer's); those behind an answer are counted by
+/// `ApiError`'s `IntoResponse`.
 pub fn store_error(kind: &'static str) {
-    metrics::counter!("keyward_store_errors_total", "kind" => kind).increment(1);
+    metrics::counter!(crate::error::STORE_ERRORS_TOTAL, "kind" => kind).increment(1);
 }
 
 /// `x-request-id`: taken from the request when the client (or a proxy) sent one, else made here;

@@ -65,7 +65,7 @@ async fn remote_verification_gives_the_same_answers() {
     assert_eq!(body, rec.id.to_string());
     let (status, body) = call(service_key.expose_secret()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(body.contains("INSUFFICIENT_SCOPE"), "{body}");
+    assert!(body.contains("\"insufficient_scope\""), "{body}");
     let (status, _) = call("sk_live_x").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
@@ -77,4 +77,7 @@ async fn remote_verification_gives_the_same_answers() {
     let req = Request::get("/projects").header("x-api-key", customer.expose_secret()).body(Body::empty()).unwrap();
     let res = tokio::time::timeout(Duration::from_secs(10), app.oneshot(req)).await.unwrap().unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "verification_unavailable", "{body}");
 }

@@ -134,10 +134,7 @@ pub async fn verify(
         event.method = method;
         state.usage.record(event);
     }
-    let mut headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
-    if verdict.outcome == VerifyOutcome::LimiterUnavailable {
-        headers.insert(axum::http::header::RETRY_AFTER, limits::LIMITER_RETRY_AFTER_SECS.into());
-    }
+    let headers = verdict.headers(now);
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
     // A decision of the failure policy knows no count: no figures rather than made-up ones.
     let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).filter(|q| !q.degraded).map(QuotaInfo::from);

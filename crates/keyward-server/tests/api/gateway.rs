@@ -17,7 +17,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::Scope;
 use keyward_server::gateway::{self, Gateway, GatewayConfig, GatewayRoute, RouteRule};
-use keyward_server::service::CreateKeyRequest;
 use serde_json::{Value, json};
 
 use crate::helpers::TestApp;
@@ -166,26 +165,20 @@ async fn rejections_carry_the_outcome_code_and_status() {
     let s = setup().await;
     let org = s.app.default_org.id;
     let (reader, _) = s.app.key(org, &["read:projects"]).await;
-    let (walled, _) = s
-        .app
-        .key_with(
-            org,
-            CreateKeyRequest { name: "w".into(), allowed_ips: vec!["10.0.0.0/8".into()], ..Default::default() },
-        )
-        .await;
+    let walled = crate::surfaces::walled_key(&s.app, org).await;
     let (revoked, rec) = s.app.key(org, &[]).await;
     s.app.delete(&format!("/v1/keys/{}", rec.id), &s.app.admin_key).await;
 
     let (status, body) = s.get("/projects", &[]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_credentials")));
     let (status, body) = s.get("/projects", &[("x-api-key", "sk_live_nope")]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("MALFORMED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("malformed_key")));
     let (status, body) = s.get("/projects", &[("x-api-key", &revoked)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("REVOKED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("key_revoked")));
     let (status, body) = s.get("/projects", &[("x-api-key", &walled)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("IP_NOT_ALLOWED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("ip_not_allowed")));
     let (status, body) = s.send(Method::POST, "/projects", &[("x-api-key", &reader)], Body::empty()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
     let (status, _) = s.get("/projects", &[("x-api-key", &reader)]).await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -209,7 +202,7 @@ async fn over_the_limit_is_429_with_the_rate_limit_headers() {
         assert_eq!(headers["x-ratelimit-limit"], "2", "proxied responses carry the limit headers");
     }
     let (status, headers, body) = s.send_full(Method::GET, "/x", &[("x-api-key", &key)], Body::empty()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("RATE_LIMITED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited")));
     assert_eq!(headers["retry-after"], "30");
     assert!(headers.contains_key("ratelimit-policy"));
     // The quota: the third request of the month passes, the fourth does not.
@@ -217,7 +210,7 @@ async fn over_the_limit_is_429_with_the_rate_limit_headers() {
     let (status, _) = s.get("/x", &[("x-api-key", &key)]).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = s.get("/x", &[("x-api-key", &key)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("QUOTA_EXCEEDED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")));
 }
 
 #[tokio::test]
@@ -365,7 +358,7 @@ async fn every_spelling_of_a_path_gets_that_paths_rule() {
         let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "POST {path}"
         );
     }
@@ -570,7 +563,7 @@ async fn a_method_in_any_case_gets_that_methods_rule() {
         let (status, body) = s.send(method.clone(), "/projects", &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "{method} /projects"
         );
         let (status, echo) = s.send(method.clone(), "/projects", &[("x-api-key", &writer)], Body::empty()).await;
@@ -599,7 +592,7 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
             let (status, body) = s.send(method.clone(), "/projects/7", &headers, Body::empty()).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
-                (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+                (StatusCode::FORBIDDEN, Some("insufficient_scope")),
                 "{method} /projects/7 with {name}: {value}"
             );
         }
@@ -635,13 +628,13 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
         let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "POST {path}"
         );
         let (status, body) = s.get(path, &[("x-api-key", &nobody)]).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "GET {path}"
         );
     }

@@ -25,6 +25,7 @@ mod openapi;
 mod orgs;
 mod routes;
 mod secrets;
+mod surfaces;
 mod usage;
 mod verify;
 mod webhooks;
