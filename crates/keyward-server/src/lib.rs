@@ -14,6 +14,7 @@ pub mod model;
 pub mod openapi;
 pub mod routes;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod usage;
@@ -73,7 +74,7 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    limits: listen::ServerLimits,
+    limits: settings::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listen::serve(listener, router(state), limits, shutdown).await

@@ -8,7 +8,7 @@ use keyward_core::{Clock, KeyHasher, Plans};
 use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
-use crate::limits::Protection;
+use crate::settings::{LifecycleSettings, Protection, WebhookSettings};
 use crate::usage::UsageRecorder;
 
 /// What every handler shares, behind one `Arc`: handing it to a handler is one reference count, not
@@ -48,9 +48,9 @@ pub struct Shared {
     /// Whether strings that are not Keyward keys must be looked up as legacy keys.
     pub legacy: LegacyKeys,
     /// The expiry sweeper's schedule and the `key.expiring` threshold.
-    pub lifecycle: crate::lifecycle::LifecycleSettings,
+    pub lifecycle: LifecycleSettings,
     /// Webhook delivery settings (private targets, timeout, retries).
-    pub webhooks: crate::webhooks::WebhookSettings,
+    pub webhooks: WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
     /// The store's health as the verify cache sees it (`CachedStore::breaker`), for `/readyz`.
@@ -70,8 +70,8 @@ impl AppState {
             protection: Protection::default(),
             trusted_proxies: Arc::new([]),
             legacy: LegacyKeys::default(),
-            lifecycle: crate::lifecycle::LifecycleSettings::default(),
-            webhooks: crate::webhooks::WebhookSettings::default(),
+            lifecycle: LifecycleSettings::default(),
+            webhooks: WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
             store_health: Arc::default(),
         }))

@@ -39,15 +39,15 @@ pub struct Config {
     pub limiter_failure_policy: keyward_limit::FailurePolicy,
     /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
     pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
-    pub protection: keyward_server::limits::Protection,
+    pub protection: keyward_server::settings::Protection,
     /// Deadlines and the connection cap of every HTTP listener.
-    pub server: keyward_server::listen::ServerLimits,
+    pub server: keyward_server::settings::ServerLimits,
     /// The verify cache: sizes and times.
-    pub cache: keyward_server::cache::CacheConfig,
+    pub cache: keyward_server::settings::CacheConfig,
     /// The expiry sweeper and the `key.expiring` threshold.
-    pub lifecycle: keyward_server::lifecycle::LifecycleSettings,
+    pub lifecycle: keyward_server::settings::LifecycleSettings,
     /// Webhook delivery: private targets, timeout, retries.
-    pub webhooks: keyward_server::webhooks::WebhookSettings,
+    pub webhooks: keyward_server::settings::WebhookSettings,
     pub usage: UsageSettings,
 }
 

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::body::Body;
 use axum::http::Method;
 use keyward_core::{Environment, HashAlgorithm, KeyHasher, KeyPrefix, OrgId, PlainKey};
-use keyward_server::limits::Protection;
 use keyward_server::service::CreateKeyRequest;
+use keyward_server::settings::Protection;
 use serde_json::{Value, json};
 
 use crate::helpers::{NowUtc, Response, TestApp, request};

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache, RedisBus};
+use keyward_server::cache::{CachedStore, KeyCache, RedisBus};
+use keyward_server::settings::CacheConfig;
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
 use keyward_store::{Actor, Store};

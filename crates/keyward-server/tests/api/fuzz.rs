@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use ipnet::IpNet;
 use keyward_server::ErrorCode;
 use keyward_server::client_ip::client_ip;
-use keyward_server::limits::Protection;
+use keyward_server::settings::Protection;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
