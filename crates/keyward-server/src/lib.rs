@@ -11,6 +11,8 @@ pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod model;
+#[cfg(test)]
+mod module_graph;
 pub mod openapi;
 pub mod routes;
 pub mod service;
@@ -59,8 +61,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", post(routes::usage::report_usage))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .route("/metrics", get(telemetry::render))
+        .route("/openapi.json", get(routes::openapi::openapi_json))
+        .route("/metrics", get(health::metrics))
         .merge(management)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {

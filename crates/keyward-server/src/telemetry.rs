@@ -9,9 +9,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use keyward_core::VerifyOutcome;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower::{Layer, Service};
@@ -273,16 +272,6 @@ fn count_request(method: &'static str, route: &str, status: u16, elapsed: Durati
     metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("keyward_http_request_duration_seconds", "route" => route).record(elapsed);
-}
-
-/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
-#[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn render() -> Response {
-    match install() {
-        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
-        None => crate::error::ApiError::internal("another metrics recorder is installed").into_response(),
-    }
 }
 
 #[cfg(test)]
