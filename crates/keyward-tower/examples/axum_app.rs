@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use keyward_core::{KeyHasher, SystemClock};
+use keyward_core::SystemClock;
 use keyward_server::AppState;
 use keyward_server::usage::UsageRecorder;
 use keyward_tower::{Identity, InProcess, KeywardLayer};
@@ -29,7 +29,7 @@ async fn list_projects(Extension(who): Extension<Identity>) -> Json<Value> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = keyward_store::open("sqlite://keyward.db", true).await?;
     let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(1));
-    let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
+    let state = AppState::builder(store, Arc::new(SystemClock), usage).build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>()).await?;
@@ -51,7 +51,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("k.db").display());
         let store = keyward_store::open(&url, true).await.unwrap();
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-        let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
+        let state = AppState::builder(store, Arc::new(SystemClock), usage).build();
         (state, dir)
     }
 

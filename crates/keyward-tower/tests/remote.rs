@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use axum::{Extension, Router};
-use keyward_core::{KeyHasher, SystemClock};
+use keyward_core::SystemClock;
 use keyward_server::AppState;
 use keyward_server::service::{self, CreateKeyRequest, Validator};
 use keyward_server::usage::UsageRecorder;
@@ -21,7 +21,7 @@ async fn remote_verification_gives_the_same_answers() {
     let dir = tempfile::TempDir::new().unwrap();
     let store = keyward_store::open(&format!("sqlite://{}", dir.path().join("k.db").display()), true).await.unwrap();
     let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
+    let state = AppState::builder(store, Arc::new(SystemClock), usage).build();
     let seeded = service::seed(&state, &Actor::cli(state.clock.now())).await.unwrap().unwrap();
     let v = Validator { plans: &state.plans, now: state.clock.now() };
     let mk = |scopes: &[&str]| {

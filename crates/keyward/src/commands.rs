@@ -225,18 +225,23 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
     // Monthly quotas survive restarts: a subject's month is seeded from the durable counters, which
     // the ledger writer keeps current.
     let seed: Arc<dyn keyward_limit::QuotaSeed> = Arc::new(StoreQuotaSeed::new(store.clone()));
-    let mut state = AppState::new(store, clock, hasher, usage);
-    state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(seed.clone()));
-    state.trusted_proxies = config.trusted_proxy_nets()?.into();
-    state.plans = Arc::new(config.plans());
-    state.protection = config.protection;
-    state.lifecycle = config.lifecycle;
-    state.webhooks = config.webhooks.clone();
-    state.store_health = store_health;
-    if let Some(url) = &config.redis_url {
-        let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
-        state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));
-    }
+    let limiter: Arc<dyn keyward_limit::Limiter> = match &config.redis_url {
+        Some(url) => {
+            let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
+            Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed))
+        }
+        None => Arc::new(MemoryLimiter::default().with_quota_seed(seed)),
+    };
+    let state = AppState::builder(store, clock, usage)
+        .hasher(hasher)
+        .limiter(limiter)
+        .trusted_proxies(config.trusted_proxy_nets()?)
+        .plans(config.plans())
+        .protection(config.protection)
+        .lifecycle(config.lifecycle)
+        .webhooks(config.webhooks.clone())
+        .store_health(store_health)
+        .build();
     // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
     state.legacy.refresh(&*state.store).await?;
     Ok((state, worker))

@@ -197,7 +197,7 @@ async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClo
     let cached: Arc<dyn Store> =
         Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus)));
     let (usage, _w) = UsageRecorder::spawn(cached.clone(), Duration::from_secs(3600));
-    AppState::new(cached, Arc::new(clock.clone()), KeyHasher::default(), usage)
+    AppState::builder(cached, Arc::new(clock.clone()), usage).build()
 }
 
 #[tokio::test]

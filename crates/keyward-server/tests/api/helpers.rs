@@ -12,11 +12,12 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
-use keyward_core::{KeyHasher, ManualClock, OrgId};
+use keyward_core::{ManualClock, OrgId};
 use keyward_limit::MemoryLimiter;
 use keyward_server::cache::{CachedStore, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::settings::CacheConfig;
+use keyward_server::state::StateBuilder;
 use keyward_server::usage::{StoreQuotaSeed, UsageRecorder};
 use keyward_server::{AppState, router};
 use keyward_store::testing::PgSchema;
@@ -79,10 +80,12 @@ impl TestApp {
         let store_health = cached.breaker();
         let store: Arc<dyn Store> = Arc::new(cached);
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-        let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
-        state.store_health = store_health;
         // As `keyward serve`: monthly quotas seeded from the store's durable counters.
-        state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
+        let limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store.clone()))));
+        let state = AppState::builder(store, Arc::new(clock.clone()), usage)
+            .store_health(store_health)
+            .limiter(limiter)
+            .build();
         state.legacy.refresh(&*state.store).await.unwrap();
         let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
         Self {
@@ -119,6 +122,13 @@ impl TestApp {
             }
             Guard::None => panic!("no database to tamper with"),
         }
+    }
+
+    /// The state rebuilt with some parts changed (`|b| b.protection(..)`), as a node started with
+    /// them would hold it.
+    #[allow(dead_code)]
+    pub fn reconfigure(&mut self, change: impl FnOnce(StateBuilder) -> StateBuilder) {
+        self.state = change(self.state.to_builder()).build();
     }
 
     /// The same database and clock with another state (a restart).

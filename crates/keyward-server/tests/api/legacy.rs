@@ -378,7 +378,7 @@ async fn the_flag_is_read_at_start_and_refreshed() {
 
 fn fresh_state(app: &TestApp) -> AppState {
     let (usage, _worker) = UsageRecorder::spawn(app.state.store.clone(), std::time::Duration::from_secs(3600));
-    AppState::new(app.state.store.clone(), app.state.clock.clone(), app.state.hasher.clone(), usage)
+    AppState::builder(app.state.store.clone(), app.state.clock.clone(), usage).hasher(app.state.hasher.clone()).build()
 }
 
 #[async_trait]

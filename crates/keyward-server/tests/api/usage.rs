@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use chrono::{Duration as Days, NaiveDate};
-use keyward_core::KeyHasher;
 use keyward_limit::MemoryLimiter;
 use keyward_server::AppState;
 use keyward_server::service::CreateKeyRequest;
@@ -453,8 +452,8 @@ async fn monthly_quota_survives_a_restart() {
     // "Restart": a new state (new limiter, new writer) on the same store and clock.
     let store = app.state.store.clone();
     let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let mut state = AppState::new(store.clone(), Arc::new(app.clock.clone()), KeyHasher::default(), usage);
-    state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
+    let limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store.clone()))));
+    let state = AppState::builder(store, Arc::new(app.clock.clone()), usage).limiter(limiter).build();
     let restarted = app.with_state(state);
     let v = restarted.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID");
@@ -482,7 +481,7 @@ async fn a_store_outage_loses_nothing() {
         ..UsageConfig::new(Duration::from_secs(3600), spill.clone())
     };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
-    app.state.usage = usage;
+    app.reconfigure(|b| b.usage(usage));
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     // Seed the quota counter first: the limiter reads the store once per month and subject.
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
@@ -596,7 +595,7 @@ fn writer_folding_every(app: &mut TestApp, fold_interval: Duration) -> UsageWork
     let spill = std::env::temp_dir().join(format!("kw-spill-{}", uuid::Uuid::now_v7()));
     let config = UsageConfig { fold_interval, ..UsageConfig::new(Duration::from_millis(10), spill) };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
-    app.state.usage = usage;
+    app.reconfigure(|b| b.usage(usage));
     worker
 }
 
@@ -663,11 +662,11 @@ async fn redis_quota_is_reconciled_with_the_store() {
 
     let store = app.state.store.clone();
     let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let mut state = AppState::new(store.clone(), Arc::new(app.clock.clone()), KeyHasher::default(), usage);
     let prefix = format!("keyward:rl:test:{}", uuid::Uuid::new_v4().simple());
     let config = keyward_limit::RedisConfig::new(url).with_key_prefix(prefix);
     let redis = keyward_limit::RedisLimiter::connect(config).await.expect("Redis at 127.0.0.1:6379");
-    state.limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
+    let limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(store.clone()))));
+    let state = AppState::builder(store, Arc::new(app.clock.clone()), usage).limiter(limiter).build();
     let node = app.with_state(state);
     let v = node.verify(&key, json!({})).await;
     assert_eq!((v["code"].clone(), v["quota"]["used"].clone()), (json!("VALID"), json!(4)), "{v}");
