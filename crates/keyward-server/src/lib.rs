@@ -1,6 +1,7 @@
 //! Keyward's HTTP API: the axum router, its handlers and extractors, the error table, the usage
 //! batch writer, and the operations the CLI shares with the API.
 
+pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
@@ -28,6 +29,7 @@ use std::future::Future;
 use axum::Router;
 use axum::routing::{get, post};
 
+pub use app::App;
 pub use error::{ApiError, ErrorCode};
 pub use state::AppState;
 

@@ -5,13 +5,19 @@
 //! error format (`{"error": {"code": "REVOKED", ...}}`, 401/403/429) and never reaches the service.
 //!
 //! ```no_run
-//! # async fn demo(state: keyward_server::AppState) {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use axum::{Extension, Router, routing::get};
+//! use keyward_server::settings::Settings;
 //! use keyward_tower::{Identity, InProcess, KeywardLayer};
 //!
+//! let settings = Settings { database_url: "sqlite://keyward.db".to_owned(), ..Settings::default() };
+//! let (verifier, tasks) = InProcess::build(settings).await?;
 //! let app: Router = Router::new()
 //!     .route("/projects", get(|Extension(who): Extension<Identity>| async move { who.key_id }))
-//!     .layer(KeywardLayer::new(InProcess::new(state)).require(&["read:projects"]).unwrap());
+//!     .layer(KeywardLayer::new(verifier).require(&["read:projects"])?);
+//! // ... serve `app`; then write the usage recorded:
+//! tasks.shutdown().await;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -34,6 +40,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::{Scope, ScopeError, VerifyOutcome};
 use keyward_server::AppState;
+use keyward_server::app::{App, BuildError, Tasks};
+use keyward_server::settings::Settings;
 use keyward_server::verifier::{self, Check};
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
@@ -59,15 +67,27 @@ pub trait Verify: Send + Sync + 'static {
     async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Result<Decision, String>;
 }
 
-/// Verifies against the same store (and later cache and limiter) as a Keyward server.
+/// Verifies in this process, exactly as a Keyward server node does: through its verify cache,
+/// against its store, counted by its limiter, with usage recorded by its writer.
 #[derive(Clone, Debug)]
 pub struct InProcess {
     state: AppState,
 }
 
 impl InProcess {
+    /// Verifies with `state`, a node's state built by [`App`] (shared, for instance, with Keyward's
+    /// own router in the same process).
     pub fn new(state: AppState) -> Self {
         Self { state }
+    }
+
+    /// A verifier on a node of its own, built from `settings` as `keyward serve` builds one
+    /// ([`App::build`]): with Redis (`settings.redis_url`) it shares limits and cache invalidations
+    /// with the servers. Keep the [`Tasks`] and await [`Tasks::shutdown`] before the process exits,
+    /// so that the usage recorded is written.
+    pub async fn build(settings: Settings) -> Result<(Self, Tasks), BuildError> {
+        let App { state, tasks } = App::build(settings).await?;
+        Ok((Self::new(state), tasks))
     }
 }
 

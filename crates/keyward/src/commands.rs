@@ -1,25 +1,21 @@
 //! The subcommands. The CLI works straight on the database through the same store and the same
 //! validation as the API; its changes are audited with actor `cli`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
 use comfy_table::Table;
-use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
-use keyward_limit::{MemoryLimiter, RedisConfig, RedisLimiter};
-use keyward_server::AppState;
-use keyward_server::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
+use keyward_core::KeyId;
 use keyward_server::model::{
     AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse, RotatedKeyResponse,
 };
 use keyward_server::service::{
     self, CreateKeyRequest, CreateOrganizationRequest, RotateKeyRequest, UpdateKeyRequest, Validator,
 };
-use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
+use keyward_server::settings::UsageConfig;
+use keyward_server::{App, AppState};
 use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
-use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -188,63 +184,13 @@ pub enum AuditAction {
     },
 }
 
-/// The same state the server runs with, over the configured database.
-pub(crate) async fn open(config: &Config) -> anyhow::Result<(AppState, UsageWorker)> {
+/// The same node the server runs, over the configured database, without the scheduled jobs.
+pub(crate) async fn open(config: &Config) -> anyhow::Result<App> {
+    let mut settings = config.settings()?;
     // The CLI's own writer: a spill file of its own, so it never replays (and empties) a server's.
-    open_with(config, None).await
-}
-
-/// [`open`], with the ledger writer `serve` runs (its spill file, batching and retention).
-async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Result<(AppState, UsageWorker)> {
-    let store = keyward_store::open(&config.database_url, true)
-        .await
-        // SECURITY: the URL may carry a password.
-        .with_context(|| format!("cannot open the database at {}", crate::config::redact_url(&config.database_url)))?;
-    let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let cache = KeyCache::new(config.cache);
-    let mut cached = CachedStore::new(store, cache.clone(), clock.clone());
-    if let Some(url) = &config.redis_url {
-        // Changes reach every node's cache through Redis; without it, within the cache TTL.
-        match RedisBus::connect(url.expose_secret(), DEFAULT_CHANNEL).await {
-            Ok(bus) => {
-                bus.subscribe(cache);
-                cached = cached.with_bus(Arc::new(bus));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Redis unreachable: other nodes learn of changes only when their cache entries expire")
-            }
-        }
-    }
-    let store_health = cached.breaker();
-    let store: Arc<dyn keyward_store::Store> = Arc::new(cached);
-    let (usage, worker) = match usage {
-        Some(usage) => UsageRecorder::spawn_with(store.clone(), usage),
-        None => UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms)),
-    };
-    // Monthly quotas survive restarts: a subject's month is seeded from the durable counters, which
-    // the ledger writer keeps current.
-    let seed: Arc<dyn keyward_limit::QuotaSeed> = Arc::new(StoreQuotaSeed::new(store.clone()));
-    let limiter: Arc<dyn keyward_limit::Limiter> = match &config.redis_url {
-        Some(url) => {
-            let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
-            Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed))
-        }
-        None => Arc::new(MemoryLimiter::default().with_quota_seed(seed)),
-    };
-    let state = AppState::builder(store, clock, usage)
-        .hasher(hasher)
-        .limiter(limiter)
-        .trusted_proxies(config.trusted_proxy_nets()?)
-        .plans(config.plans())
-        .protection(config.protection)
-        .lifecycle(config.lifecycle)
-        .webhooks(config.webhooks.clone())
-        .store_health(store_health)
-        .build();
-    // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
-    state.legacy.refresh(&*state.store).await?;
-    Ok((state, worker))
+    settings.usage =
+        UsageConfig { flush_interval: Duration::from_millis(config.usage_flush_interval_ms), ..UsageConfig::default() };
+    Ok(App::builder(settings).without_jobs().build().await?)
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -271,26 +217,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let (state, worker) = open_with(&config, Some(config.usage_config())).await?;
-    let retention = chrono::Duration::days(i64::from(config.usage.retention_days));
-    let _pruner = keyward_server::usage::spawn_pruner(
-        state.store.clone(),
-        state.clock.clone(),
-        retention,
-        Duration::from_secs(3600),
-    );
+    let App { state, tasks } = App::build(config.settings()?).await?;
     if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
         // SECURITY: printed once, to stdout only, never logged.
         println!("Created organization `default` and an admin key (scope keyward:admin).");
         println!("Admin key: {}", seeded.key.expose_secret());
         println!("Store it now: it will not be shown again.");
     }
-    // Imports made by the CLI or another node while this one runs are noticed within LEGACY_REFRESH.
-    let _legacy_refresher = state.legacy.spawn_refresher(state.store.clone(), keyward_server::state::LEGACY_REFRESH);
-    // Expired keys are deactivated and `key.expiring` notices written on a schedule.
-    let _sweeper = keyward_server::lifecycle::spawn_sweeper(state.clone());
-    // Outbox events become signed webhook deliveries.
-    let _webhooks = keyward_server::webhooks::spawn_worker(state.clone());
     tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
     // One shutdown signal, seen by every listener.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -316,7 +249,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         gateway.await??;
     }
     tracing::info!("shutting down: writing pending usage");
-    worker.shutdown().await;
+    tasks.shutdown().await;
     Ok(())
 }
 
@@ -339,9 +272,9 @@ async fn shutdown_signal() {
 }
 
 pub async fn seed(config: Config, json: bool) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let App { state, tasks } = open(&config).await?;
     let seeded = service::seed(&state, &Actor::cli(state.clock.now())).await?;
-    worker.shutdown().await;
+    tasks.shutdown().await;
     match (seeded, json) {
         (Some(s), true) => print_json(&serde_json::json!({
             "seeded": true,
@@ -364,7 +297,7 @@ pub async fn seed(config: Config, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn orgs(config: Config, action: OrgsAction) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let App { state, tasks } = open(&config).await?;
     let now = state.clock.now();
     let result = match action {
         OrgsAction::Create { name, slug, email, plan, max_api_keys, json } => {
@@ -410,7 +343,7 @@ pub async fn orgs(config: Config, action: OrgsAction) -> anyhow::Result<()> {
             }
         }
     };
-    worker.shutdown().await;
+    tasks.shutdown().await;
     result
 }
 
@@ -452,9 +385,9 @@ fn key_table(keys: Vec<KeyResponse>) -> Table {
 }
 
 pub async fn keys(config: Config, action: KeysAction) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let App { state, tasks } = open(&config).await?;
     let result = keys_inner(&state, action).await;
-    worker.shutdown().await;
+    tasks.shutdown().await;
     result
 }
 
@@ -643,11 +576,11 @@ fn grace_seconds(raw: &str) -> anyhow::Result<i64> {
 }
 
 pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
-    let (state, worker) = open(&config).await?;
+    let App { state, tasks } = open(&config).await?;
     let (key, action, actor, limit, json) = match action {
         AuditAction::Verify { json } => {
             let report = state.store.verify_audit_chain().await;
-            worker.shutdown().await;
+            tasks.shutdown().await;
             let report = report?;
             if json {
                 print_json(&report)?;
@@ -670,7 +603,7 @@ pub async fn audit(config: Config, action: AuditAction) -> anyhow::Result<()> {
     };
     let filter = AuditFilter { key_id: key.as_deref().map(key_id).transpose()?, action, actor, ..Default::default() };
     let page = state.store.list_audit(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await;
-    worker.shutdown().await;
+    tasks.shutdown().await;
     let rows: Vec<AuditEntryResponse> = page?.items.into_iter().map(AuditEntryResponse::from).collect();
     if json {
         return print_json(&rows);

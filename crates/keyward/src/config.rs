@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use keyward_server::settings::{Settings, redact_url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -82,7 +83,7 @@ pub struct UsageSettings {
 
 impl Default for UsageSettings {
     fn default() -> Self {
-        let d = keyward_server::usage::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+        let d = keyward_server::settings::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
         Self {
             spill_path: None,
             max_buffered: d.max_buffered,
@@ -317,13 +318,13 @@ impl Config {
     }
 
     /// The ledger writer's settings for `serve`.
-    pub fn usage_config(&self) -> keyward_server::usage::UsageConfig {
+    pub fn usage_config(&self) -> keyward_server::settings::UsageConfig {
         let spill = self
             .usage
             .spill_path
             .clone()
-            .unwrap_or_else(|| keyward_server::usage::UsageConfig::default_spill_path(&self.database_url));
-        keyward_server::usage::UsageConfig {
+            .unwrap_or_else(|| keyward_server::settings::UsageConfig::default_spill_path(&self.database_url));
+        keyward_server::settings::UsageConfig {
             batch_size: self.usage.batch_size,
             max_buffered: self.usage.max_buffered,
             concurrent_batches: self.usage.concurrent_batches,
@@ -331,8 +332,26 @@ impl Config {
             retry_max: Duration::from_millis(self.usage.retry_max_ms),
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
-            ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
+            ..keyward_server::settings::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
+    }
+
+    /// What `serve` builds its node from.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            database_url: self.database_url.clone(),
+            pepper: self.pepper.clone(),
+            redis_url: self.redis_url.clone(),
+            limiter_failure_policy: self.limiter_failure_policy,
+            plans: self.plans(),
+            protection: self.protection,
+            trusted_proxies: self.trusted_proxy_nets()?,
+            cache: self.cache,
+            lifecycle: self.lifecycle,
+            webhooks: self.webhooks.clone(),
+            usage: self.usage_config(),
+            usage_retention: chrono::Duration::days(i64::from(self.usage.retention_days)),
+        })
     }
 
     /// The plans: the defaults, with configured ones added or replacing a default of the same name.
@@ -386,29 +405,9 @@ fn check_toml_syntax(path: &Path) -> anyhow::Result<()> {
     bail!("{}:{line}:{column}: invalid TOML: {what}", path.display())
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
-pub(crate) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_lose_their_passwords() {
-        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:[redacted]@h/db");
-        assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
-    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's own test-jail signature

@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use chrono::{Duration as Days, NaiveDate};
-use keyward_limit::MemoryLimiter;
-use keyward_server::AppState;
 use keyward_server::service::CreateKeyRequest;
-use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
+use keyward_server::settings::UsageConfig;
+use keyward_server::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
 use keyward_store::{Actor, OrganizationPatch};
 use serde_json::{Value, json};
 
-use crate::helpers::{Guard, NowUtc, TestApp, code, on_every_backend, t0};
+use crate::helpers::{Guard, NowUtc, TestApp, code, on_every_backend, settings, t0};
 
 fn day(offset: i64) -> NaiveDate {
     (t0() + Days::days(offset)).date_naive()
@@ -449,12 +448,9 @@ async fn monthly_quota_survives_a_restart() {
     }
     assert!(app.state.usage.flush().await);
 
-    // "Restart": a new state (new limiter, new writer) on the same store and clock.
-    let store = app.state.store.clone();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store.clone()))));
-    let state = AppState::builder(store, Arc::new(app.clock.clone()), usage).limiter(limiter).build();
-    let restarted = app.with_state(state);
+    // "Restart": a new node (new cache, limiter and writer) on the same database and clock.
+    let node = app.another_node(settings()).await;
+    let restarted = app.with_state(node.state);
     let v = restarted.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID");
     assert_eq!(v["quota"]["used"], 5, "4 units before the restart + 1");
@@ -660,14 +656,13 @@ async fn redis_quota_is_reconciled_with_the_store() {
     assert_eq!(app.verify(&key, json!({"cost": 3})).await["code"], "VALID");
     assert!(app.state.usage.flush().await);
 
-    let store = app.state.store.clone();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+    // Another node, limited on Redis under a prefix of the test's own (the Redis is shared).
+    let other = app.another_node(settings()).await.state;
     let prefix = format!("keyward:rl:test:{}", uuid::Uuid::new_v4().simple());
     let config = keyward_limit::RedisConfig::new(url).with_key_prefix(prefix);
     let redis = keyward_limit::RedisLimiter::connect(config).await.expect("Redis at 127.0.0.1:6379");
-    let limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(store.clone()))));
-    let state = AppState::builder(store, Arc::new(app.clock.clone()), usage).limiter(limiter).build();
-    let node = app.with_state(state);
+    let limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(other.store.clone()))));
+    let node = app.with_state(other.to_builder().limiter(limiter).build());
     let v = node.verify(&key, json!({})).await;
     assert_eq!((v["code"].clone(), v["quota"]["used"].clone()), (json!("VALID"), json!(4)), "{v}");
     assert_eq!(node.verify(&key, json!({})).await["quota"]["used"], 5);

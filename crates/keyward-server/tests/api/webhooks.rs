@@ -17,13 +17,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use keyward_server::AppState;
-use keyward_server::settings::{Protection, WebhookSettings};
-use keyward_server::usage::UsageRecorder;
+use keyward_server::settings::{Protection, Settings, WebhookSettings};
 use keyward_server::webhooks::{Network, Resolve, Worker};
 use serde_json::{Value, json};
 
-use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
+use crate::helpers::{NowUtc, TestApp, code, on_every_backend, settings};
 
 on_every_backend!(signed_events_arrive_and_verify, receiver_down_then_up_across_a_restart);
 
@@ -159,10 +157,8 @@ async fn receiver_down_then_up_across_a_restart(app: TestApp) {
 
     // Keyward restarts: a new process state over the same database; the first worker is gone.
     drop(first);
-    let store = keyward_store::open(&app.database_url(), true).await.unwrap();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
     let webhooks = WebhookSettings { allow_private_targets: true, ..Default::default() };
-    let restarted = AppState::builder(store, Arc::new(app.clock.clone()), usage).webhooks(webhooks).build();
+    let restarted = app.another_node(Settings { webhooks, ..settings() }).await.state;
     let worker = Worker::new(restarted.clone());
     assert_eq!(worker.tick().await.unwrap().attempted, 0, "not due yet: the backoff holds across the restart");
 
