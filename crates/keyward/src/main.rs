@@ -8,7 +8,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod commands;
 mod config;
-mod import;
 mod log_fields;
 
 use std::path::PathBuf;
@@ -48,22 +47,22 @@ enum Command {
     /// Apply, revert or list database migrations.
     Migrate {
         #[command(subcommand)]
-        action: MigrateAction,
+        action: commands::migrate::MigrateAction,
     },
     /// Create organization `default` and an admin key on an empty database.
     Seed(JsonFlag),
     /// Manage organizations.
     Orgs {
         #[command(subcommand)]
-        action: commands::OrgsAction,
+        action: commands::orgs::OrgsAction,
     },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
-        action: commands::KeysAction,
+        action: commands::keys::KeysAction,
     },
     /// Import keys another system issued (JSON Lines or CSV), so they keep working.
-    Import(import::ImportArgs),
+    Import(commands::import::ImportArgs),
     /// A key's usage: daily table, a small chart, totals and top endpoints (from daily rollups).
     Usage {
         /// The key's id.
@@ -77,31 +76,13 @@ enum Command {
     /// Read the audit log.
     Audit {
         #[command(subcommand)]
-        action: commands::AuditAction,
+        action: commands::audit::AuditAction,
     },
     /// Show the effective configuration (secrets redacted).
     Config {
         #[command(subcommand)]
-        action: ConfigAction,
+        action: commands::config::ConfigAction,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum MigrateAction {
-    /// Apply every pending migration.
-    Up,
-    /// Revert the newest migrations.
-    Down {
-        #[arg(long, default_value_t = 1)]
-        steps: u32,
-    },
-    /// List migrations and whether each is applied.
-    Status,
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigAction {
-    Show,
 }
 
 #[derive(Debug, Args)]
@@ -163,27 +144,16 @@ impl std::error::Error for Silent {}
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Serve { .. } => commands::serve(config).await,
-        Command::Migrate { action } => {
-            let store = keyward_store::open(&config.database_url, false).await?;
-            let list = match action {
-                MigrateAction::Up => store.migrate_up().await?,
-                MigrateAction::Down { steps } => store.migrate_down(steps).await?,
-                MigrateAction::Status => store.migration_status().await?,
-            };
-            for m in list {
-                println!("{:>04} {:<30} {}", m.version, m.description, if m.applied { "applied" } else { "pending" });
-            }
-            Ok(())
-        }
-        Command::Seed(flag) => commands::seed(config, flag.json).await,
-        Command::Orgs { action } => commands::orgs(config, action).await,
-        Command::Keys { action } => commands::keys(config, action).await,
-        Command::Import(args) => import::run(config, args).await,
-        Command::Audit { action } => commands::audit(config, action).await,
-        Command::Usage { key_id, days, json } => commands::usage(config, &key_id, days, json).await,
-        Command::Config { action: ConfigAction::Show } => {
-            print!("{}", config.show());
+        Command::Serve { .. } => commands::serve::run(config).await,
+        Command::Migrate { action } => commands::migrate::run(config, action).await,
+        Command::Seed(flag) => commands::seed::run(config, flag.json).await,
+        Command::Orgs { action } => commands::orgs::run(config, action).await,
+        Command::Keys { action } => commands::keys::run(config, action).await,
+        Command::Import(args) => commands::import::run(config, args).await,
+        Command::Audit { action } => commands::audit::run(config, action).await,
+        Command::Usage { key_id, days, json } => commands::usage::run(config, &key_id, days, json).await,
+        Command::Config { action } => {
+            commands::config::run(&config, action);
             Ok(())
         }
     }

@@ -12,7 +12,7 @@ use keyward_store::Actor;
 
 use keyward_server::App;
 
-use crate::commands::open;
+use super::open;
 use crate::config::Config;
 
 #[derive(Debug, Args)]
