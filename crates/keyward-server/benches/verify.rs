@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
             required_scopes: &required,
             organization: None,
             user_agent: "",
-            via: "bench",
+            via: keyward_server::telemetry::Via::Verify,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };

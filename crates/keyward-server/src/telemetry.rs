@@ -128,9 +128,33 @@ pub fn cache_hit() {
     }
 }
 
-/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`; `via` is `management` or `verify`.
-pub fn auth_failure(reason: &'static str, via: &'static str) {
-    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via).increment(1);
+/// Where a key was checked: the `via` of failed-authentication logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The caller's own key, on the management API.
+    Management,
+    /// A key checked through `POST /v1/verify`.
+    Verify,
+    /// A request through the gateway.
+    Gateway,
+    /// A request through the embeddable tower layer.
+    Layer,
+}
+
+impl Via {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Management => "management",
+            Self::Verify => "verify",
+            Self::Gateway => "gateway",
+            Self::Layer => "layer",
+        }
+    }
+}
+
+/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`.
+pub fn auth_failure(reason: &'static str, via: Via) {
+    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via.as_str()).increment(1);
 }
 
 pub fn store_error(kind: &'static str) {

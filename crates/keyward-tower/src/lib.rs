@@ -42,6 +42,7 @@ use keyward_core::{Scope, ScopeError, VerifyOutcome};
 use keyward_server::AppState;
 use keyward_server::app::{App, BuildError, Tasks};
 use keyward_server::settings::Settings;
+use keyward_server::telemetry::Via;
 use keyward_server::verifier::{self, Check};
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
@@ -100,7 +101,7 @@ impl Verify for InProcess {
             required_scopes: required,
             organization: None,
             user_agent: "",
-            via: "layer",
+            via: Via::Layer,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };

@@ -125,7 +125,7 @@ pub async fn verify(
         required_scopes: &required,
         organization: caller.org_filter(),
         user_agent: "",
-        via: "verify",
+        via: crate::telemetry::Via::Verify,
         cost,
         failures: limits::FailureScope::Tenant(caller.key.organization_id),
     };

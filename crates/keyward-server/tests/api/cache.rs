@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
 use keyward_server::cache::{CachedStore, KeyCache, RedisBus};
 use keyward_server::settings::CacheConfig;
+use keyward_server::telemetry::Via;
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
 use keyward_store::{Actor, Store};
@@ -66,7 +67,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
             required_scopes: &[],
             organization: None,
             user_agent: "",
-            via: "verify",
+            via: Via::Verify,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };
@@ -225,7 +226,7 @@ async fn check(state: &AppState, key: &str) -> &'static str {
         required_scopes: &[],
         organization: None,
         user_agent: "",
-        via: "test",
+        via: Via::Verify,
         cost: 1,
         failures: keyward_server::limits::FailureScope::Edge,
     };
