@@ -220,6 +220,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
     pub gateway: GatewayOverrides,
 }
@@ -498,6 +502,52 @@ mod tests {
             jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "2000");
             jail.set_env("KEYWARD_USAGE__CONCURRENT_BATCHES", "0");
             assert!(Config::load(None, Overrides::default()).is_err(), "no writer at all");
+            Ok(())
+        });
+    }
+
+    /// Each setting a flag sets, set in every layer: the flag wins over the environment, which wins
+    /// over the file, which wins over the default.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn flags_win_over_the_environment_over_the_file_over_the_defaults() {
+        figment::Jail::expect_with(|jail| {
+            let seen = |overrides: Overrides| {
+                let c = Config::load(None, overrides).map_err(|e| e.to_string())?;
+                let redis = c.redis_url.as_ref().map(|u| u.expose_secret().to_owned());
+                Ok::<_, String>((c.listen.port(), c.database_url, redis, c.log_format, c.gateway.upstream))
+            };
+            let none = || Overrides::default();
+            let expect = |port: u16, db: &str, redis: Option<&str>, log, upstream: Option<&str>| {
+                (port, db.to_owned(), redis.map(str::to_owned), log, upstream.map(str::to_owned))
+            };
+            assert_eq!(seen(none())?, expect(8080, "sqlite://keyward.db", None, LogFormat::Pretty, None));
+            jail.create_file(
+                "keyward.toml",
+                "listen = \"127.0.0.1:2\"\ndatabase_url = \"sqlite://file.db\"\nredis_url = \"redis://file:6379\"\n\
+                 log_format = \"json\"\n[gateway]\nupstream = \"http://file:9000\"\n",
+            )?;
+            let file =
+                expect(2, "sqlite://file.db", Some("redis://file:6379"), LogFormat::Json, Some("http://file:9000"));
+            assert_eq!(seen(none())?, file);
+            jail.set_env("KEYWARD_LISTEN", "127.0.0.1:3");
+            jail.set_env("KEYWARD_DATABASE_URL", "sqlite://env.db");
+            jail.set_env("KEYWARD_REDIS_URL", "redis://env:6379");
+            jail.set_env("KEYWARD_LOG_FORMAT", "pretty");
+            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://env:9000");
+            let env =
+                expect(3, "sqlite://env.db", Some("redis://env:6379"), LogFormat::Pretty, Some("http://env:9000"));
+            assert_eq!(seen(none())?, env);
+            let flags = Overrides {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 4))),
+                database_url: Some("sqlite://flag.db".to_owned()),
+                redis_url: Some("redis://flag:6379".to_owned()),
+                log_format: Some(LogFormat::Json),
+                gateway: GatewayOverrides { upstream: Some("http://flag:9000".to_owned()), listen: None },
+            };
+            let flag =
+                expect(4, "sqlite://flag.db", Some("redis://flag:6379"), LogFormat::Json, Some("http://flag:9000"));
+            assert_eq!(seen(flags)?, flag);
             Ok(())
         });
     }

@@ -26,6 +26,13 @@ struct Cli {
     /// Database URL: sqlite://keyward.db or postgres://user@host/db (env KEYWARD_DATABASE_URL).
     #[arg(long, global = true)]
     database_url: Option<String>,
+    /// Redis for limits and cache invalidations shared by every node: redis://host:6379 (env
+    /// KEYWARD_REDIS_URL; default: none, limits in memory).
+    #[arg(long, global = true)]
+    redis_url: Option<String>,
+    /// Log lines as `pretty` text or `json` (env KEYWARD_LOG_FORMAT; default pretty); filter with RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,14 +101,16 @@ struct JsonFlag {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = match &cli.command {
-        Command::Serve { listen, upstream, gateway_listen } => Overrides {
-            listen: *listen,
-            database_url: cli.database_url.clone(),
-            gateway: GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen },
-        },
-        _ => Overrides { database_url: cli.database_url.clone(), ..Default::default() },
+    let mut overrides = Overrides {
+        database_url: cli.database_url.clone(),
+        redis_url: cli.redis_url.clone(),
+        log_format: cli.log_format,
+        ..Default::default()
     };
+    if let Command::Serve { listen, upstream, gateway_listen } = &cli.command {
+        overrides.listen = *listen;
+        overrides.gateway = GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen };
+    }
     let config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,
         Err(e) => {
