@@ -36,6 +36,9 @@ pub struct Settings {
     pub cache: CacheConfig,
     pub lifecycle: LifecycleSettings,
     pub webhooks: WebhookSettings,
+    /// The usage writer. Its default spill file is the process's own ([`UsageConfig::private_spill_path`]):
+    /// give a `spill_path` of the node's own for events spilled before a crash to be replayed at the next
+    /// start, as `keyward serve` does.
     pub usage: UsageConfig,
     /// Raw usage events older than this are pruned; daily rollups stay.
     pub usage_retention: chrono::Duration,
