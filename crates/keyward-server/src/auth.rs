@@ -167,7 +167,7 @@ impl FromRequestParts<AppState> for Authenticated {
             Err(refused) => refused,
         };
         let presented = presented_key(&parts.headers).unwrap_or_default();
-        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" });
+        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: crate::telemetry::Via::Management });
         if let Some(ip) = ip {
             crate::limits::count_failed_auth(state, crate::limits::FailureScope::Management, ip, now).await;
         }
@@ -219,8 +219,7 @@ pub struct AuthFailure<'a> {
     pub key_id: Option<KeyId>,
     pub ip: Option<IpAddr>,
     pub user_agent: &'a str,
-    /// `management` (the caller's own key) or `verify` (a key checked through `/v1/verify`).
-    pub via: &'static str,
+    pub via: crate::telemetry::Via,
 }
 
 /// One structured log line (JSON under `KEYWARD_LOG_FORMAT=json`) and one metric per failed
@@ -229,7 +228,7 @@ pub fn auth_failed(f: AuthFailure<'_>) {
     crate::telemetry::auth_failure(f.reason, f.via);
     tracing::info!(
         reason = f.reason,
-        via = f.via,
+        via = f.via.as_str(),
         key = %redacted(f.presented),
         key_id = f.key_id.map(|k| k.to_string()).unwrap_or_default(),
         client_ip = f.ip.map(|ip| ip.to_string()).unwrap_or_default(),

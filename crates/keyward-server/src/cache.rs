@@ -26,37 +26,7 @@ use keyward_store::{
 use quick_cache::sync::Cache;
 use serde_json::Value;
 
-/// Sizes and times of the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Keys held (the memory each takes: BENCHMARKS.md).
-    pub capacity: usize,
-    /// Unknown hashes held, separately.
-    pub negative_capacity: usize,
-    /// How long an entry is trusted without a word from the bus, in milliseconds.
-    pub ttl_ms: u64,
-    /// How long an unknown hash is remembered, in milliseconds.
-    pub negative_ttl_ms: u64,
-    /// How long an entry may be served while the store is unreachable, in milliseconds.
-    pub stale_ceiling_ms: u64,
-    /// How long a lookup that missed the cache waits for the store before the store counts as
-    /// unreachable (the breaker opens), in milliseconds.
-    pub lookup_timeout_ms: u64,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            capacity: 1_000_000,
-            negative_capacity: 100_000,
-            ttl_ms: 30_000,
-            negative_ttl_ms: 2_000,
-            stale_ceiling_ms: 300_000,
-            lookup_timeout_ms: 1_000,
-        }
-    }
-}
+use crate::settings::CacheConfig;
 
 /// The cache's key: the first 128 bits of the key's hash. The record was read from the store under
 /// the whole hash (compared there in constant time); another key whose SHA-256 starts with the same 128

@@ -399,7 +399,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
                     key_id: None,
                     ip: client_ip,
                     user_agent: &user_agent,
-                    via: "gateway",
+                    via: crate::telemetry::Via::Gateway,
                 });
                 return missing.into_response();
             }
@@ -410,7 +410,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             required_scopes: &rule.scopes,
             organization: None,
             user_agent: &user_agent,
-            via: "gateway",
+            via: crate::telemetry::Via::Gateway,
             cost: rule.cost,
             failures: crate::limits::FailureScope::Edge,
         };

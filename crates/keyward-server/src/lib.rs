@@ -1,6 +1,7 @@
 //! Keyward's HTTP API: the axum router, its handlers and extractors, the error table, the usage
 //! batch writer, and the operations the CLI shares with the API.
 
+pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
@@ -11,9 +12,12 @@ pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod model;
+#[cfg(test)]
+mod module_graph;
 pub mod openapi;
 pub mod routes;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod usage;
@@ -24,6 +28,7 @@ use std::future::Future;
 
 use axum::Router;
 
+pub use app::App;
 pub use error::{ApiError, ErrorCode};
 pub use state::AppState;
 
@@ -72,8 +77,8 @@ pub fn service_routes() -> RouteTable {
         .route(Post,   "/v1/usage",                           Verify,          ledger::report_usage)
         .public(Get,   "/healthz",                                             health::healthz)
         .public(Get,   "/readyz",                                              health::readyz)
-        .public(Get,   "/openapi.json",                                        openapi::openapi_json)
-        .public(Get,   "/metrics",                                             telemetry::render)
+        .public(Get,   "/openapi.json",                                        routes::openapi::openapi_json)
+        .public(Get,   "/metrics",                                             health::metrics)
 }
 
 /// Every route of the API, with request ids and one tracing span per request.
@@ -97,7 +102,7 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    limits: listen::ServerLimits,
+    limits: settings::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listen::serve(listener, router(state), limits, shutdown).await

@@ -5,26 +5,8 @@
 use std::time::Duration;
 
 use keyward_store::{Actor, StoreResult};
-use serde::{Deserialize, Serialize};
 
 use crate::state::AppState;
-
-/// `[lifecycle]` in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LifecycleSettings {
-    /// How often the expiry sweeper runs, in seconds; 0 turns it off (`POST /v1/keys/cleanup-expired`
-    /// still works).
-    pub sweep_interval_seconds: u64,
-    /// `key.expiring` is sent this many days before a key expires.
-    pub expiring_notice_days: u32,
-}
-
-impl Default for LifecycleSettings {
-    fn default() -> Self {
-        Self { sweep_interval_seconds: 60, expiring_notice_days: 7 }
-    }
-}
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

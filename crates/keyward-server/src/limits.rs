@@ -14,29 +14,11 @@ use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
 use keyward_core::{OrgId, VerifyOutcome};
 use keyward_store::KeyRecord;
 use keyward_store::usage::QuotaSubject;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
-
-/// Keyward's limits on its own callers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Protection {
-    /// Management API requests per client IP per minute (`/v1/verify` is not counted).
-    pub management_per_minute: u64,
-    /// Failed authentications per client IP per minute; past it even a right key gets 429.
-    pub failed_auth_per_minute: u64,
-    /// Keys created per organization per minute.
-    pub key_creation_per_minute: u64,
-}
-
-impl Default for Protection {
-    fn default() -> Self {
-        Self { management_per_minute: 100, failed_auth_per_minute: 10, key_creation_per_minute: 5 }
-    }
-}
 
 /// `rate_limit` in a verify answer: the tightest window.
 #[derive(Debug, Clone, Serialize, ToSchema)]

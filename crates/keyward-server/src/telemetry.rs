@@ -9,9 +9,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use keyward_core::VerifyOutcome;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower::{Layer, Service};
@@ -129,9 +128,33 @@ pub fn cache_hit() {
     }
 }
 
-/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`; `via` is `management` or `verify`.
-pub fn auth_failure(reason: &'static str, via: &'static str) {
-    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via).increment(1);
+/// Where a key was checked: the `via` of failed-authentication logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The caller's own key, on the management API.
+    Management,
+    /// A key checked through `POST /v1/verify`.
+    Verify,
+    /// A request through the gateway.
+    Gateway,
+    /// A request through the embeddable tower layer.
+    Layer,
+}
+
+impl Via {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Management => "management",
+            Self::Verify => "verify",
+            Self::Gateway => "gateway",
+            Self::Layer => "layer",
+        }
+    }
+}
+
+/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`.
+pub fn auth_failure(reason: &'static str, via: Via) {
+    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via.as_str()).increment(1);
 }
 
 /// A store error no answer carries (the usage writer's); those behind an answer are counted by
@@ -275,16 +298,6 @@ fn count_request(method: &'static str, route: &str, status: u16, elapsed: Durati
     metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("keyward_http_request_duration_seconds", "route" => route).record(elapsed);
-}
-
-/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
-#[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn render() -> Response {
-    match install() {
-        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
-        None => crate::error::ApiError::internal("another metrics recorder is installed").into_response(),
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::auth::{AuthFailure, Lookup, auth_failed, lookup};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{self, KeyDecision};
 use crate::state::AppState;
+use crate::telemetry::Via;
 
 /// What to check a presented key against.
 #[derive(Debug, Clone, Copy)]
@@ -30,8 +31,8 @@ pub struct Check<'a> {
     /// Only keys of this organization exist for the caller; `None`: any organization.
     pub organization: Option<OrgId>,
     pub user_agent: &'a str,
-    /// Where the check came from, for logs and metrics: `verify`, `gateway`, `layer`.
-    pub via: &'static str,
+    /// Where the check came from: for logs and metrics, and the kind of its usage event.
+    pub via: Via,
     /// Units of the monthly quota this request spends (1 by default; tokens for an LLM API).
     pub cost: u64,
     /// Whose failed-authentication counter a refusal counts against and is blocked by.
@@ -91,7 +92,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
     tracing::Span::current().record("outcome", verdict.outcome.code());
     crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
     let event = verdict.key.as_ref().map(|key| {
-        let kind = if check.via == "gateway" { UsageKind::Gateway } else { UsageKind::Verify };
+        let kind = if check.via == Via::Gateway { UsageKind::Gateway } else { UsageKind::Verify };
         // Cheap parts only (this runs once per verification): a static code, the address and the
         // quota counter as values (the writer makes text of them), one copy of the user agent.
         let mut event = UsageEvent::new(kind, key.id, key.organization_id, now);

@@ -6,13 +6,19 @@
 //! with the rate-limit headers and `Retry-After` where they apply) and never reaches the service.
 //!
 //! ```no_run
-//! # async fn demo(state: keyward_server::AppState) {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use axum::{Extension, Router, routing::get};
+//! use keyward_server::settings::Settings;
 //! use keyward_tower::{Identity, InProcess, KeywardLayer};
 //!
+//! let settings = Settings { database_url: "sqlite://keyward.db".to_owned(), ..Settings::default() };
+//! let (verifier, tasks) = InProcess::build(settings).await?;
 //! let app: Router = Router::new()
 //!     .route("/projects", get(|Extension(who): Extension<Identity>| async move { who.key_id }))
-//!     .layer(KeywardLayer::new(InProcess::new(state)).require(&["read:projects"]).unwrap());
+//!     .layer(KeywardLayer::new(verifier).require(&["read:projects"])?);
+//! // ... serve `app`; then write the usage recorded:
+//! tasks.shutdown().await;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -34,7 +40,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::{Scope, ScopeError, VerifyOutcome};
+use keyward_server::app::{App, BuildError, Tasks};
 use keyward_server::auth::presented_key;
+use keyward_server::settings::Settings;
+use keyward_server::telemetry::Via;
 use keyward_server::verifier::{self, Check};
 use keyward_server::{ApiError, AppState, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -62,16 +71,27 @@ pub trait Verify: Send + Sync + 'static {
     async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Decision;
 }
 
-/// Verifies with a Keyward server's state, as its `/v1/verify` does: the same store behind the verify
-/// cache, the same rate limits and quotas, and the same usage ledger.
+/// Verifies in this process, exactly as a Keyward server node does: through its verify cache,
+/// against its store, counted by its limiter, with usage recorded by its writer.
 #[derive(Clone, Debug)]
 pub struct InProcess {
     state: AppState,
 }
 
 impl InProcess {
+    /// Verifies with `state`, a node's state built by [`App`] (shared, for instance, with Keyward's
+    /// own router in the same process).
     pub fn new(state: AppState) -> Self {
         Self { state }
+    }
+
+    /// A verifier on a node of its own, built from `settings` as `keyward serve` builds one
+    /// ([`App::build`]): with Redis (`settings.redis_url`) it shares limits and cache invalidations
+    /// with the servers. Keep the [`Tasks`] and await [`Tasks::shutdown`] before the process exits,
+    /// so that the usage recorded is written.
+    pub async fn build(settings: Settings) -> Result<(Self, Tasks), BuildError> {
+        let App { state, tasks } = App::build(settings).await?;
+        Ok((Self::new(state), tasks))
     }
 }
 
@@ -84,7 +104,7 @@ impl Verify for InProcess {
             required_scopes: required,
             organization: None,
             user_agent: "",
-            via: "layer",
+            via: Via::Layer,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };

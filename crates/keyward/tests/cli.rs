@@ -15,11 +15,21 @@ fn serve(
     cli: &Cli,
     env: &[(&str, &str)],
 ) -> (std::process::Child, String, String, std::io::BufReader<std::process::ChildStderr>, String) {
+    serve_with(cli, &[], env)
+}
+
+/// [`serve`] with more arguments after `serve --listen 127.0.0.1:0`.
+fn serve_with(
+    cli: &Cli,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, String, std::io::BufReader<std::process::ChildStderr>, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .env("KEYWARD_DATABASE_URL", &cli.url)
         .env("KEYWARD_LOG_FORMAT", "json")
         .envs(env.iter().copied())
@@ -181,6 +191,41 @@ fn config_show_redacts_the_pepper() {
         .output()
         .unwrap();
     assert!(!short.status.success());
+}
+
+/// `--redis-url` and `--log-format` reach `keyward config show` over their environment variables.
+#[test]
+fn flags_win_over_the_environment() {
+    let cli = Cli::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["config", "show", "--redis-url", "redis://:hunter2@flag.test:6379", "--log-format", "json"])
+        .env("KEYWARD_REDIS_URL", "redis://env.test:6379")
+        .env("KEYWARD_LOG_FORMAT", "pretty")
+        .env_remove("KEYWARD_PEPPER")
+        .current_dir(cli.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("redis_url = \"redis://:[redacted]@flag.test:6379\""), "{text}");
+    assert!(text.contains("log_format = \"json\""), "{text}");
+}
+
+/// `keyward serve --redis-url` builds the node on that Redis, not on `KEYWARD_REDIS_URL`'s: with the
+/// flag naming a port nothing listens on, the node says at start that Redis is unreachable (and still
+/// serves, its limits following the failure policy), though the environment names a working one.
+#[test]
+fn serve_takes_its_redis_from_the_flag() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let flag = format!("redis://127.0.0.1:{closed}");
+    let env = std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let cli = Cli::new();
+    let (mut child, key, address, _stderr, logs) =
+        serve_with(&cli, &["--redis-url", &flag], &[("KEYWARD_REDIS_URL", env.as_str())]);
+    assert!(key.starts_with("sk_live_"));
+    assert!(logs.contains("Redis unreachable"), "{logs}");
+    assert!(!address.is_empty());
+    terminate(&mut child, std::time::Duration::from_secs(10));
 }
 
 /// `keyward serve` on a real socket: prints the admin key once on stdout (never in the logs),

@@ -1,12 +1,14 @@
-//! Liveness and readiness.
+//! Liveness, readiness and metrics.
 
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,4 +64,14 @@ pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     };
     let status = if reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics() -> axum::response::Response {
+    match crate::telemetry::install() {
+        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => ApiError::internal("another metrics recorder is installed").into_response(),
+    }
 }

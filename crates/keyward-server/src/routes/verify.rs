@@ -124,7 +124,7 @@ pub async fn verify(
         required_scopes: &required,
         organization: caller.org_filter(),
         user_agent: "",
-        via: "verify",
+        via: crate::telemetry::Via::Verify,
         cost,
         failures: limits::FailureScope::Tenant(caller.organization_id()),
     };

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache, RedisBus};
+use keyward_server::cache::{CachedStore, KeyCache, RedisBus};
+use keyward_server::settings::CacheConfig;
+use keyward_server::telemetry::Via;
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
 use keyward_store::{Actor, Store};
@@ -65,7 +67,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
             required_scopes: &[],
             organization: None,
             user_agent: "",
-            via: "verify",
+            via: Via::Verify,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };
@@ -196,7 +198,7 @@ async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClo
     let cached: Arc<dyn Store> =
         Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus)));
     let (usage, _w) = UsageRecorder::spawn(cached.clone(), Duration::from_secs(3600));
-    AppState::new(cached, Arc::new(clock.clone()), KeyHasher::default(), usage)
+    AppState::builder(cached, Arc::new(clock.clone()), usage).build()
 }
 
 #[tokio::test]
@@ -224,7 +226,7 @@ async fn check(state: &AppState, key: &str) -> &'static str {
         required_scopes: &[],
         organization: None,
         user_agent: "",
-        via: "test",
+        via: Via::Verify,
         cost: 1,
         failures: keyward_server::limits::FailureScope::Edge,
     };

@@ -24,7 +24,7 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
     assert_eq!(r.body["error"]["code"], "ip_not_allowed");
 
-    app.state.trusted_proxies = vec!["203.0.113.0/24".parse().unwrap()].into();
+    app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
     let r = app.send(forwarded()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // A client-supplied address to the left of the real one does not help.
@@ -51,7 +51,7 @@ async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
             },
         )
         .await;
-    app.state.trusted_proxies = vec!["203.0.113.0/24".parse().unwrap()].into();
+    app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
     let from = |values: &[&[u8]]| {
         let mut req = request(Method::GET, "/v1/me", Some(&key), None);
         for value in values {

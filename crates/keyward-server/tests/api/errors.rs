@@ -165,7 +165,7 @@ async fn every_error_body() {
     out.push(edge_line("gateway: upstream too slow", &mute, get_("/me", with(&member))).await);
     out.push(edge_line("layer (remote): keyward unreachable", &remote, get_("/me", with(&member))).await);
     let mut down = TestApp::sqlite().await;
-    down.state.limiter = Arc::new(surfaces::FailClosed::default());
+    down.reconfigure(|b| b.limiter(Arc::new(surfaces::FailClosed::default())));
     let (member, _) = down.key(down.default_org.id, &[]).await;
     let down_gateway = surfaces::gateway_router(&down, closed, StdDuration::from_secs(5));
     out.push(edge_line("gateway: limiter down", &down_gateway, get_("/me", with(&member))).await);

@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use keyward_core::{HashAlgorithm, KeyHash, KeyHasher, KeyId, OrgId};
 use keyward_server::auth::{Lookup, lookup};
-use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
 use keyward_store::{
     Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
@@ -18,7 +17,7 @@ use keyward_store::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{Guard, TestApp};
+use crate::helpers::{Guard, TestApp, settings};
 use crate::import::import;
 
 /// A store that counts every call, and remembers every hash looked up; with `down` set, lookups by
@@ -354,14 +353,14 @@ async fn garbage_costs_no_store_query_until_legacy_keys_exist() {
 #[tokio::test]
 async fn the_flag_is_read_at_start_and_refreshed() {
     let app = TestApp::sqlite().await;
-    let running = fresh_state(&app);
+    let running = fresh_state(&app).await;
     assert!(!running.legacy.refresh(&*running.store).await.unwrap());
 
     // The import goes straight to the store, as `keyward import` in another process does.
     let file =
         service::import::parse(service::import::ImportFormat::Csv, format!("key,name\n{LEGACY},old\n").as_bytes())
             .unwrap();
-    let cli = fresh_state(&app);
+    let cli = fresh_state(&app).await;
     let report =
         service::import::run(&cli, app.default_org.id, file, &Actor::cli(crate::helpers::t0()), false, &mut |_, _| {})
             .await
@@ -370,15 +369,15 @@ async fn the_flag_is_read_at_start_and_refreshed() {
     assert!(!app.state.legacy.enabled(), "another process's import is not seen before a refresh");
     assert_eq!(app.verify(LEGACY, json!({})).await["code"], "MALFORMED");
 
-    let restarted = fresh_state(&app);
+    let restarted = fresh_state(&app).await;
     assert!(restarted.legacy.refresh(&*restarted.store).await.unwrap(), "read at start");
     assert!(app.state.legacy.refresh(&*app.state.store).await.unwrap(), "noticed by the refresh");
     assert_eq!(app.verify(LEGACY, json!({})).await["code"], "VALID");
 }
 
-fn fresh_state(app: &TestApp) -> AppState {
-    let (usage, _worker) = UsageRecorder::spawn(app.state.store.clone(), std::time::Duration::from_secs(3600));
-    AppState::new(app.state.store.clone(), app.state.clock.clone(), app.state.hasher.clone(), usage)
+/// Another process on the same database.
+async fn fresh_state(app: &TestApp) -> AppState {
+    app.another_node(settings()).await.state
 }
 
 #[async_trait]

@@ -297,7 +297,8 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
         .with_timeout(std::time::Duration::from_millis(300))
         .with_probe_interval(std::time::Duration::from_millis(200));
     let seed = std::sync::Arc::new(keyward_server::usage::StoreQuotaSeed::new(app.state.store.clone()));
-    app.state.limiter = std::sync::Arc::new(RedisLimiter::connect(config).await.unwrap().with_quota_seed(seed));
+    let limiter = std::sync::Arc::new(RedisLimiter::connect(config).await.unwrap().with_quota_seed(seed));
+    app.reconfigure(|b| b.limiter(limiter));
     let (key, _) = app.key(app.default_org.id, &[]).await;
     let v = app.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID");

@@ -46,7 +46,7 @@ fn table() -> String {
 
 #[test]
 fn the_route_table_holds_every_documented_route_once() {
-    let doc = serde_json::to_value(keyward_server::openapi::document(&keyward_core::Plans::default())).unwrap();
+    let doc = serde_json::to_value(keyward_server::routes::openapi::document(&keyward_core::Plans::default())).unwrap();
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {

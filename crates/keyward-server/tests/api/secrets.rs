@@ -4,6 +4,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use axum::http::Method;
+use keyward_server::settings::WebhookSettings;
 use serde_json::json;
 
 use crate::helpers::TestApp;
@@ -200,7 +201,8 @@ async fn metrics_count_verifications_by_outcome() {
 async fn rotated_keys_and_webhook_secrets_leak_nowhere() {
     let capture = capture_logs();
     let mut app = TestApp::sqlite().await;
-    app.state.webhooks.allow_private_targets = true;
+    let webhooks = WebhookSettings { allow_private_targets: true, ..app.state.webhooks.clone() };
+    app.reconfigure(|b| b.webhooks(webhooks));
     let hook = app.post("/v1/webhooks", &app.admin_key, json!({"url": "http://127.0.0.1:9/hook"})).await;
     let secret = hook.body["secret"].as_str().unwrap().to_owned();
     let hook_id = hook.body["webhook"]["id"].as_str().unwrap().to_owned();

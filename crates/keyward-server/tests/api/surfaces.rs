@@ -305,7 +305,7 @@ impl Limiter for FailClosed {
 #[tokio::test]
 async fn a_limiter_that_cannot_decide_is_503_with_retry_after_on_the_gateway_and_the_layer() {
     let mut app = TestApp::sqlite().await;
-    app.state.limiter = Arc::new(FailClosed::default());
+    app.reconfigure(|b| b.limiter(Arc::new(FailClosed::default())));
     let s = Surfaces::of(app);
     let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
     let want =
