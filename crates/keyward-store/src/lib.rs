@@ -63,6 +63,7 @@ pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
 pub mod usage;
+pub mod webhook;
 
 pub use changed::{Changed, Invalidation, Invalidator, NoCache, Write};
 pub use record::{KeyExtras, KeyRecord, OrgRecord};
@@ -534,14 +535,14 @@ pub struct MigrationInfo {
     pub applied: bool,
 }
 
-pub use lifecycle::{
-    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, LifecycleStore, NewWebhook,
-    Rotation, Webhook, WebhookPatch, WebhookSecret,
+pub use lifecycle::{AuditChainReport, BrokenLink, Event, LifecycleStore, Rotation};
+pub use webhook::{
+    Attempt, AttemptOutcome, Delivery, DeliveryJob, NewWebhook, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
 };
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
+pub trait Store: LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     async fn ping(&self) -> StoreResult<()>;

@@ -244,6 +244,10 @@ impl keyward_store::LifecycleStore for Counting {
     async fn record_event(&self, event: &keyward_store::Event, dedup_key: Option<&str>) -> StoreResult<bool> {
         self.inner.record_event(event, dedup_key).await
     }
+}
+
+#[async_trait]
+impl keyward_store::WebhookStore for Counting {
     async fn insert_webhook(
         &self,
         hook: keyward_store::NewWebhook,

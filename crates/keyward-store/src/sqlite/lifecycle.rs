@@ -1,6 +1,6 @@
-//! [`LifecycleStore`] on SQLite: rotation, expiry, the audit chain and the event outbox. Every change
-//! runs in a `BEGIN IMMEDIATE` transaction on the single write connection, so audit appends (and the
-//! chain head they move) are serialized.
+//! [`LifecycleStore`] and [`WebhookStore`] on SQLite: rotation, expiry, the audit chain, the event
+//! outbox and webhook deliveries. Every change runs in a `BEGIN IMMEDIATE` transaction on the single
+//! write connection, so audit appends (and the chain head they move) are serialized.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,10 +15,12 @@ use super::{
     KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
     select_key, select_org, ts,
 };
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
+use crate::lifecycle::{BrokenLink, expiring_dedup, report, rotate_details};
+use crate::webhook::{delivery_body, subscribed_to};
 use crate::{
     Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Changed, Delivery, DeliveryJob, Event, LifecycleStore,
-    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
+    stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -406,7 +408,10 @@ impl LifecycleStore for SqliteStore {
         tx.commit().await.map_err(db)?;
         Ok(written)
     }
+}
 
+#[async_trait]
+impl WebhookStore for SqliteStore {
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
         let mut tx = self.begin_write().await?;
         // An unknown organization is NotFound, as for keys, not a foreign-key failure.
