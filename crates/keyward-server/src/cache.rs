@@ -19,9 +19,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::{Clock, KeyHash, KeyId, OrgId, ScopeSet};
 use keyward_store::{
-    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyRecord,
-    KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization,
+    OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult,
 };
 use quick_cache::sync::Cache;
 use serde_json::Value;
@@ -366,55 +366,7 @@ impl CachedStore {
 }
 
 #[async_trait]
-impl Store for CachedStore {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
-        self.inner.migrate_up().await
-    }
-    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
-        let r = self.inner.migrate_down(steps).await;
-        self.changed(Invalidation::All).await;
-        r
-    }
-    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
-        self.inner.migration_status().await
-    }
-    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
-        self.inner.insert_org(org, actor).await
-    }
-    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
-        self.inner.get_org(id).await
-    }
-    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
-        self.inner.find_org_by_slug(slug).await
-    }
-    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
-        self.inner.list_orgs(page).await
-    }
-    async fn update_org(
-        &self,
-        id: OrgId,
-        patch: OrganizationPatch,
-        actor: &Actor,
-    ) -> StoreResult<Changed<Organization>> {
-        Ok(self.pass(self.inner.update_org(id, patch, actor).await?).await)
-    }
-    async fn count_orgs(&self) -> StoreResult<i64> {
-        self.inner.count_orgs().await
-    }
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
-        Ok(self.pass(self.inner.insert_key(key, actor).await?).await)
-    }
-
-    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        self.inner.find_key_by_hash(hash).await
-    }
-
+impl KeyLookup for CachedStore {
     async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
         let now = self.clock.now();
         let cfg = self.cache.config;
@@ -464,6 +416,58 @@ impl Store for CachedStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
+        self.inner.migrate_up().await
+    }
+    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
+        let r = self.inner.migrate_down(steps).await;
+        self.changed(Invalidation::All).await;
+        r
+    }
+    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
+        self.inner.migration_status().await
+    }
+    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
+        self.inner.insert_org(org, actor).await
+    }
+    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
+        self.inner.get_org(id).await
+    }
+    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
+        self.inner.find_org_by_slug(slug).await
+    }
+    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
+        self.inner.list_orgs(page).await
+    }
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
+        Ok(self.pass(self.inner.update_org(id, patch, actor).await?).await)
+    }
+    async fn count_orgs(&self) -> StoreResult<i64> {
+        self.inner.count_orgs().await
+    }
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
+        Ok(self.pass(self.inner.insert_key(key, actor).await?).await)
+    }
+
+    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+        self.inner.find_key_by_hash(hash).await
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {

@@ -57,6 +57,7 @@ pub mod conformance;
 #[doc(hidden)]
 pub mod conformance_lifecycle;
 pub mod lifecycle;
+pub mod lookup;
 pub mod postgres;
 pub mod record;
 pub mod sqlite;
@@ -66,6 +67,7 @@ pub mod usage;
 pub mod webhook;
 
 pub use changed::{Changed, Invalidation, Invalidator, NoCache, Write};
+pub use lookup::KeyLookup;
 pub use record::{KeyExtras, KeyRecord, OrgRecord};
 pub use usage::UsageStore;
 
@@ -542,10 +544,9 @@ pub use webhook::{
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt::Debug {
+pub trait Store: KeyLookup + LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
-    async fn ping(&self) -> StoreResult<()>;
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>>;
     /// Reverts the newest `steps` applied migrations.
@@ -567,14 +568,8 @@ pub trait Store: LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt:
     /// Inserts a key and its audit row; refuses with `KeyLimitReached` when the organization already
     /// holds `max_api_keys` keys that are not revoked (checked in the same transaction).
     async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>>;
+    /// The whole key and its organization's part (verification reads [`KeyLookup::find_key_record`]).
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>>;
-    /// What verification needs of the key stored under `hash`, compact and shared. SECURITY: the stored
-    /// hash is compared with `hash` in constant time, so a near match from an index is never acted on.
-    /// The verify cache's wrapper answers it from memory.
-    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<std::sync::Arc<KeyRecord>>> {
-        let found = self.find_key_by_hash(hash).await?;
-        Ok(found.filter(|f| f.key.key_hash.ct_eq(hash)).map(|f| std::sync::Arc::new(KeyRecord::from(f))))
-    }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey>;
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>>;
     /// Applies the patch and writes an audit row with the diff; a patch that changes nothing writes no row.

@@ -14,6 +14,7 @@ mod usage;
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,10 +30,11 @@ use uuid::Uuid;
 
 mod lifecycle;
 
+use crate::lookup::key_record;
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization,
+    OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -459,14 +461,21 @@ fn push_status(qb: &mut QueryBuilder<'_, Postgres>, now: DateTime<Utc>) {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
+impl KeyLookup for PostgresStore {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Ok(key_record(self.find_key_by_hash(hash).await?, hash))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {

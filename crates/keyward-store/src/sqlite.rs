@@ -33,10 +33,11 @@ use sqlx::{QueryBuilder, Sqlite};
 
 mod lifecycle;
 
+use crate::lookup::key_record;
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization,
+    OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -565,14 +566,21 @@ fn push_status(qb: &mut QueryBuilder<'_, Sqlite>, now: &str) {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
+impl KeyLookup for SqliteStore {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Ok(key_record(self.find_key_by_hash(hash).await?, hash))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.read).await.map_err(db)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {

@@ -68,9 +68,9 @@ impl Counting {
 }
 
 #[async_trait]
-impl Store for Counting {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
+impl keyward_store::KeyLookup for Counting {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<keyward_store::KeyRecord>>> {
+        Ok(keyward_store::lookup::key_record(self.find_key_by_hash(hash).await?, hash))
     }
     async fn ping(&self) -> StoreResult<()> {
         self.count();
@@ -78,6 +78,13 @@ impl Store for Counting {
             return Err(keyward_store::StoreError::Unavailable("the test took the store down".into()));
         }
         self.inner.ping().await
+    }
+}
+
+#[async_trait]
+impl Store for Counting {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
     }
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
         self.count();
