@@ -8,6 +8,7 @@ use keyward_core::{Clock, KeyHasher, Plans};
 use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
+use crate::cache::{CacheConfig, CachedLookup, KeyCache};
 use crate::limits::Protection;
 use crate::usage::UsageRecorder;
 
@@ -53,13 +54,15 @@ pub struct Shared {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
-    /// The store's health as the verify cache sees it (`CachedStore::breaker`), for `/readyz`.
-    pub store_health: Arc<crate::cache::StoreBreaker>,
+    /// The verify path's view of the store: key lookups through this node's cache. Every store write
+    /// that changes what verification answers is applied to it (`store.revoke_key(..).await?.apply(&state.keys)`).
+    pub keys: CachedLookup,
 }
 
 impl AppState {
-    /// Default plans and protection, limits in memory.
+    /// Default plans and protection, limits in memory, key lookups through a cache of default size.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
+        let keys = CachedLookup::new(store.clone(), KeyCache::new(CacheConfig::default()), clock.clone());
         Self(Arc::new(Shared {
             store,
             clock,
@@ -73,7 +76,7 @@ impl AppState {
             lifecycle: crate::lifecycle::LifecycleSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
-            store_health: Arc::default(),
+            keys,
         }))
     }
 

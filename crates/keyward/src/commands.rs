@@ -10,7 +10,7 @@ use comfy_table::Table;
 use keyward_core::{Clock, KeyHasher, KeyId, SystemClock};
 use keyward_limit::{MemoryLimiter, RedisConfig, RedisLimiter};
 use keyward_server::AppState;
-use keyward_server::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
+use keyward_server::cache::{CachedLookup, DEFAULT_CHANNEL, KeyCache, RedisBus};
 use keyward_server::model::{
     AuditEntryResponse, CreatedKeyResponse, KeyResponse, OrganizationResponse, RotatedKeyResponse,
 };
@@ -18,7 +18,7 @@ use keyward_server::service::{
     self, CreateKeyRequest, CreateOrganizationRequest, RotateKeyRequest, UpdateKeyRequest, Validator,
 };
 use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
-use keyward_store::{Actor, AuditFilter, KeyFilter, NoCache, PageRequest};
+use keyward_store::{Actor, AuditFilter, KeyFilter, PageRequest};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
@@ -203,21 +203,19 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
     let hasher = KeyHasher::new(config.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let cache = KeyCache::new(config.cache);
-    let mut cached = CachedStore::new(store, cache.clone(), clock.clone());
+    let mut keys = CachedLookup::new(store.clone(), cache.clone(), clock.clone());
     if let Some(url) = &config.redis_url {
         // Changes reach every node's cache through Redis; without it, within the cache TTL.
         match RedisBus::connect(url.expose_secret(), DEFAULT_CHANNEL).await {
             Ok(bus) => {
                 bus.subscribe(cache);
-                cached = cached.with_bus(Arc::new(bus));
+                keys = keys.with_bus(Arc::new(bus));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Redis unreachable: other nodes learn of changes only when their cache entries expire")
             }
         }
     }
-    let store_health = cached.breaker();
-    let store: Arc<dyn keyward_store::Store> = Arc::new(cached);
     let (usage, worker) = match usage {
         Some(usage) => UsageRecorder::spawn_with(store.clone(), usage),
         None => UsageRecorder::spawn(store.clone(), Duration::from_millis(config.usage_flush_interval_ms)),
@@ -232,7 +230,7 @@ async fn open_with(config: &Config, usage: Option<UsageConfig>) -> anyhow::Resul
     state.protection = config.protection;
     state.lifecycle = config.lifecycle;
     state.webhooks = config.webhooks.clone();
-    state.store_health = store_health;
+    state.keys = keys;
     if let Some(url) = &config.redis_url {
         let redis = RedisConfig::new(url.expose_secret()).with_policy(config.limiter_failure_policy);
         state.limiter = Arc::new(RedisLimiter::new(redis).context("invalid redis_url")?.with_quota_seed(seed));
@@ -573,7 +571,8 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 },
             };
             let patch = request.validate(&v)?;
-            let key = KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?.apply(&NoCache), now);
+            let key =
+                KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?.apply(&state.keys), now);
             if json {
                 print_json(&key)
             } else {
@@ -607,7 +606,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             }
         }
         KeysAction::Revoke { id, reason, json } => {
-            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?.apply(&NoCache);
+            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?.apply(&state.keys);
             let key = KeyResponse::new(key, now);
             if json {
                 print_json(&key)

@@ -7,7 +7,7 @@ use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId, ScopeSet};
-use keyward_store::{ApiKey, KeyFilter, NoCache, Organization};
+use keyward_store::{ApiKey, KeyFilter, Organization};
 use serde::Deserialize;
 
 use crate::auth::Caller;
@@ -255,7 +255,7 @@ pub async fn update_key(
         let org = state.store.get_org(key.organization_id).await?;
         check_limits(&state, &caller, &org, Some(plan), &key.limits)?;
     }
-    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&NoCache);
+    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&state.keys);
     Ok(Json(KeyResponse::new(key, now)))
 }
 
@@ -272,7 +272,7 @@ pub async fn revoke_key(
     caller.require_key_write()?;
     writable_key(&state, &caller, id).await?;
     let now = state.clock.now();
-    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&NoCache);
+    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -380,7 +380,7 @@ pub struct CleanupResponse {
 pub async fn cleanup_expired(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<CleanupResponse>> {
     caller.require(keyward_core::KeywardScope::KeysWrite)?;
     let now = state.clock.now();
-    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&NoCache);
+    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&state.keys);
     if !expired.is_empty() {
         state.events_written();
     }

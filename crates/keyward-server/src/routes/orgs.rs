@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use keyward_core::{KeywardScope, OrgId};
-use keyward_store::NoCache;
 
 use crate::auth::Caller;
 use crate::error::{ApiResult, ErrorBody};
@@ -73,5 +72,5 @@ pub async fn update_org(
     let body: UpdateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
-    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.apply(&NoCache).into()))
+    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.apply(&state.keys).into()))
 }

@@ -8,20 +8,14 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache, RedisBus};
+use keyward_server::cache::{CacheConfig, CachedLookup, KeyCache, RedisBus};
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
-use keyward_store::{Actor, Store};
+use keyward_store::{Actor, NoCache, Store};
 use serde_json::json;
 
-use crate::helpers::{Guard, OwnRedis, TestApp, t0};
-use crate::legacy::Counting;
-
-async fn counted() -> (TestApp, Arc<Counting>) {
-    let inner = keyward_store::open("sqlite::memory:", true).await.unwrap();
-    let store = Arc::new(Counting::new(inner));
-    (TestApp::with_store(store.clone(), Guard::None).await, store)
-}
+use crate::helpers::{OwnRedis, TestApp, t0};
+use crate::legacy::counted;
 
 fn hash(key: &str) -> keyward_core::KeyHash {
     KeyHasher::default().candidates(key).next().unwrap().1
@@ -74,7 +68,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
     tokio::time::timeout(Duration::from_secs(5), store.read.notified()).await.expect("the lookup read the store");
     // ...while the key is revoked through this node (the cache is invalidated).
     let now = keyward_core::Clock::now(&app.clock);
-    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap().apply(&app.state.keys);
     drop(gate);
     let raced = tokio::time::timeout(Duration::from_secs(5), racing).await.unwrap().unwrap().unwrap();
     assert!(raced.is_valid(), "the racing request answers from what it read");
@@ -84,12 +78,12 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
 
 #[tokio::test]
 async fn a_change_made_around_keyward_shows_after_the_ttl() {
-    let (app, store) = counted().await;
+    let (app, _) = counted().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
-    // Straight in the store underneath, as an operator editing the database would.
+    // A change no cache hears of, as an operator editing the database makes.
     let now = keyward_core::Clock::now(&app.clock);
-    store.inner.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&NoCache);
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "cached until the TTL");
     app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64));
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
@@ -193,10 +187,10 @@ async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClo
     let cache = KeyCache::new(CacheConfig::default());
     let bus = RedisBus::connect(url, channel).await.expect("Redis");
     bus.subscribe(cache.clone());
-    let cached: Arc<dyn Store> =
-        Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus)));
-    let (usage, _w) = UsageRecorder::spawn(cached.clone(), Duration::from_secs(3600));
-    AppState::new(cached, Arc::new(clock.clone()), KeyHasher::default(), usage)
+    let (usage, _w) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+    let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
+    state.keys = CachedLookup::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus));
+    state
 }
 
 #[tokio::test]
@@ -213,7 +207,7 @@ async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
     let seeded = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap();
     let key = seeded.key.expose_secret().to_owned();
     assert_eq!(check(&b, &key).await, "VALID", "node B has the key cached now");
-    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&a.keys);
     revoked_within_a_second(&b, &key).await;
 }
 
@@ -299,7 +293,7 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     }
     // The first revocation through node A after the restart, then two more.
     for (key, record) in &keys {
-        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&a.keys);
         revoked_within_a_second(&b, key).await;
     }
     stop.store(true, Ordering::SeqCst);

@@ -110,7 +110,7 @@ async fn keys_write_cannot_touch_a_key_holding_keyward_scopes_it_lacks() {
         .update_key(admin.id, KeyPatch { is_active: Some(false), ..Default::default() }, &Actor::cli(now))
         .await
         .unwrap()
-        .apply(&keyward_store::NoCache);
+        .apply(&app.state.keys);
 
     for target in [&admin, &auditor] {
         let path = format!("/v1/keys/{}", target.id);

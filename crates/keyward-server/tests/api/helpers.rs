@@ -14,12 +14,12 @@ use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use keyward_core::{KeyHasher, ManualClock, OrgId};
 use keyward_limit::MemoryLimiter;
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache};
+use keyward_server::cache::{CacheConfig, CachedLookup, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::usage::{StoreQuotaSeed, UsageRecorder};
 use keyward_server::{AppState, router};
 use keyward_store::testing::PgSchema;
-use keyward_store::{Actor, ApiKey, Organization, Store};
+use keyward_store::{Actor, ApiKey, KeyLookup, Organization, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 use tower::ServiceExt;
@@ -71,15 +71,17 @@ impl TestApp {
 
     /// Seeded, as `keyward serve` does on an empty database, with the legacy-key flag read at start.
     pub async fn with_store(store: Arc<dyn Store>, guard: Guard) -> Self {
+        Self::with_lookup(store.clone(), store, guard).await
+    }
+
+    /// [`TestApp::with_store`], with verification's key lookups made through `lookup` (a test double
+    /// in front of the store).
+    pub async fn with_lookup(store: Arc<dyn Store>, lookup: Arc<dyn KeyLookup>, guard: Guard) -> Self {
         let clock = ManualClock::new(t0());
-        // Through the verify cache, as `keyward serve` runs.
-        let cache = KeyCache::new(CacheConfig::default());
-        let cached = CachedStore::new(store, cache, Arc::new(clock.clone()));
-        let store_health = cached.breaker();
-        let store: Arc<dyn Store> = Arc::new(cached);
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
         let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
-        state.store_health = store_health;
+        // Through the verify cache, as `keyward serve` runs.
+        state.keys = CachedLookup::new(lookup, KeyCache::new(CacheConfig::default()), Arc::new(clock.clone()));
         // As `keyward serve`: monthly quotas seeded from the store's durable counters.
         state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
         state.legacy.refresh(&*state.store).await.unwrap();

@@ -312,7 +312,7 @@ async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
         .update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc()))
         .await
         .unwrap()
-        .apply(&keyward_store::NoCache);
+        .apply(&app.state.keys);
     for _ in 0..3 {
         assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
     }
