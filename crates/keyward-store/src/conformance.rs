@@ -14,7 +14,10 @@ use keyward_core::{Environment, IpAllowList, KeyHasher, KeyId, KeyPrefix, KeySta
 use serde_json::json;
 use uuid::Uuid;
 
+pub mod invalidation;
 pub mod usage;
+
+pub use invalidation::every_write_is_seen_by_the_next_verification;
 
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
@@ -1071,4 +1074,5 @@ pub const CASES: &[&str] = &[
     "import_keys_is_idempotent_and_respects_the_limit",
     "has_legacy_keys_follows_imports",
     "append_audit_writes_one_row",
+    "every_write_is_seen_by_the_next_verification",
 ];

@@ -70,6 +70,7 @@ conformance!(
     import_keys_is_idempotent_and_respects_the_limit,
     has_legacy_keys_follows_imports,
     append_audit_writes_one_row,
+    every_write_is_seen_by_the_next_verification,
 );
 
 #[tokio::test]

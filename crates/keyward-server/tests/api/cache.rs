@@ -1,6 +1,7 @@
-//! The verify cache: warm verifications touch no store, unknown hashes are remembered briefly,
-//! changes invalidate at once (on this node directly, on others through Redis), a stale entry is
-//! served only while the store is down and only up to the ceiling, and a miss then is a 503.
+//! The verify cache: warm verifications touch no store, unknown hashes are remembered briefly, every
+//! write that changes what verification answers invalidates at once (on this node directly, on others
+//! through Redis), a stale entry is served only while the store is down and only up to the ceiling,
+//! and a miss then is a 503.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,11 +15,86 @@ use keyward_server::{AppState, service};
 use keyward_store::{Actor, NoCache, Store};
 use serde_json::json;
 
-use crate::helpers::{OwnRedis, TestApp, t0};
+use crate::helpers::{OwnRedis, TestApp, on_every_backend, t0};
 use crate::legacy::counted;
 
 fn hash(key: &str) -> keyward_core::KeyHash {
     KeyHasher::default().candidates(key).next().unwrap().1
+}
+
+on_every_backend!(every_store_write_is_seen_through_the_node_cache, writes_through_the_api_are_seen_at_once);
+
+/// The store's conformance case for the verify cache (one case per kind of write that can change what
+/// verification answers), with this server's cache in front of the store.
+async fn every_store_write_is_seen_through_the_node_cache(app: TestApp) {
+    keyward_store::conformance::invalidation::writes_are_seen_through(&*app.state.store, &app.state.keys).await;
+}
+
+/// Every management API write that changes what verification answers, on one node: the very next
+/// verification there sees it, with no clock moving (entries would otherwise live for the TTL).
+async fn writes_through_the_api_are_seen_at_once(app: TestApp) {
+    let admin = app.admin_key.clone();
+    let org = app.org("acme").await;
+    let key = |expires_at: Option<&str>| {
+        let request = service::CreateKeyRequest {
+            name: "k".into(),
+            expires_at: expires_at.map(str::to_owned),
+            ..Default::default()
+        };
+        app.key_with(org.id, request)
+    };
+    let code = |key: String| {
+        let app = &app;
+        async move { app.verify(&key, json!({})).await["code"].as_str().unwrap_or_default().to_owned() }
+    };
+
+    // Revoked.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.delete(&format!("/v1/keys/{}", rec.id), &admin).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    assert_eq!(code(plain).await, "REVOKED");
+
+    // Deactivated.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.patch(&format!("/v1/keys/{}", rec.id), &admin, json!({"is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "DISABLED");
+
+    // Rotated with no grace period: the old key stops, the new one works.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.post(&format!("/v1/keys/{}/rotate", rec.id), &admin, json!({"grace_period_seconds": 0})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(code(plain).await, "REVOKED");
+    assert_eq!(code(r.body["key"].as_str().unwrap().to_owned()).await, "VALID");
+
+    // Expired, then deactivated by the cleanup.
+    let expiry = (t0() + chrono::Duration::seconds(10)).to_rfc3339();
+    let (plain, _) = key(Some(&expiry)).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    app.clock.advance(chrono::Duration::seconds(11));
+    assert_eq!(code(plain.clone()).await, "EXPIRED");
+    let r = app.post("/v1/keys/cleanup-expired", &admin, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "DISABLED");
+
+    // Unknown (and remembered as such), then imported.
+    let unknown = PlainKey::generate(&KeyPrefix::default(), Environment::Live).unwrap();
+    let unknown = unknown.expose_secret().to_owned();
+    assert_eq!(code(unknown.clone()).await, "NOT_FOUND");
+    let body = format!("{}\n", json!({"key": unknown, "name": "imported"}));
+    let r = crate::import::import(&app, &format!("?organization_id={}", org.id), "application/x-ndjson", &body).await;
+    assert_eq!(r.body["imported"], 1, "{}", r.text);
+    assert_eq!(code(unknown).await, "VALID");
+
+    // Its organization disabled: every key of it.
+    let (plain, _) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.patch(&format!("/v1/organizations/{}", org.id), &admin, json!({"is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "ORG_DISABLED");
 }
 
 #[tokio::test]
