@@ -11,12 +11,10 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use keyward_core::{Limits, Plans, SystemClock};
 use keyward_server::AppState;
-use keyward_server::cache::{CachedStore, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, Validator};
-use keyward_server::settings::CacheConfig;
 use keyward_server::usage::UsageRecorder;
 use keyward_server::verifier::{self, Check};
-use keyward_store::{Actor, Store};
+use keyward_store::Actor;
 
 // The allocator the `keyward` binary runs with.
 #[global_allocator]
@@ -31,10 +29,8 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::TempDir::new().unwrap();
     let (state, keys) = rt.block_on(async {
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let inner = keyward_store::open(&url, true).await.unwrap();
+        let store = keyward_store::open(&url, true).await.unwrap();
         let clock = Arc::new(SystemClock);
-        let store: Arc<dyn Store> =
-            Arc::new(CachedStore::new(inner, KeyCache::new(CacheConfig::default()), clock.clone()));
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(1));
         // Limits on, high enough that the benchmark measures deciding, not refusing.
         let huge = Limits {

@@ -13,7 +13,7 @@ use keyward_store::{Store, StoreError};
 use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 
-use crate::cache::{CachedStore, DEFAULT_CHANNEL, KeyCache, RedisBus};
+use crate::cache::{CachedLookup, DEFAULT_CHANNEL, KeyCache, RedisBus};
 use crate::settings::{Settings, redact_url};
 use crate::state::{AppState, LEGACY_REFRESH};
 use crate::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
@@ -119,22 +119,20 @@ impl AppBuilder {
         };
         let hasher = KeyHasher::new(settings.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
         let cache = KeyCache::new(settings.cache);
-        let mut cached = CachedStore::new(store, cache.clone(), clock.clone());
+        let mut keys = CachedLookup::new(store.clone(), cache.clone(), clock.clone());
         let mut running = Vec::new();
         if let Some(url) = &settings.redis_url {
             // Changes reach every node's cache through Redis; without it, within the cache TTL.
             match RedisBus::connect(url.expose_secret(), DEFAULT_CHANNEL).await {
                 Ok(bus) => {
                     running.push(bus.subscribe(cache));
-                    cached = cached.with_bus(Arc::new(bus));
+                    keys = keys.with_bus(Arc::new(bus));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis unreachable: other nodes learn of changes only when their cache entries expire")
                 }
             }
         }
-        let store_health = cached.breaker();
-        let store: Arc<dyn Store> = Arc::new(cached);
         let (usage, writer) = UsageRecorder::spawn_with(store.clone(), settings.usage.clone());
         // Monthly quotas survive restarts: a subject's month is seeded from the durable counters, which
         // the usage writer keeps current.
@@ -154,7 +152,7 @@ impl AppBuilder {
             .trusted_proxies(settings.trusted_proxies)
             .lifecycle(settings.lifecycle)
             .webhooks(settings.webhooks)
-            .store_health(store_health)
+            .keys(keys)
             .build();
         // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
         state.legacy.refresh(&*state.store).await.map_err(BuildError::Store)?;

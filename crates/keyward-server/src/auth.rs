@@ -69,9 +69,9 @@ fn could_be_legacy(presented: &str) -> bool {
 async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Arc<KeyRecord>>> {
     for (algorithm, hash) in state.hasher.candidates(secret) {
         // SECURITY: the store compared the stored hash with this one in constant time before the
-        // record was made (`Store::find_key_record`); the cache holds it under the hash's first 128
+        // record was made (`KeyLookup::find_key_record`); the cache holds it under the hash's first 128
         // bits (why that is enough: `cache::Slot`).
-        if let Some(found) = state.store.find_key_record(&hash).await?
+        if let Some(found) = state.keys.find(&hash).await?
             && found.hash_algorithm == algorithm
         {
             return Ok(Some(found));

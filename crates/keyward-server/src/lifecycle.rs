@@ -18,7 +18,7 @@ pub struct SweepReport {
 /// One run of the sweeper at the clock's `now`, over every organization.
 pub async fn sweep(state: &AppState) -> StoreResult<SweepReport> {
     let now = state.clock.now();
-    let expired = state.store.expire_keys(None, now, &Actor::system(now)).await?;
+    let expired = state.store.expire_keys(None, now, &Actor::system(now)).await?.apply(&state.keys);
     let notices = state.store.record_expiring_events(now, state.lifecycle.expiring_notice_days).await?;
     if !expired.is_empty() || !notices.is_empty() {
         tracing::info!(expired = expired.len(), expiring_notices = notices.len(), "expiry sweep");

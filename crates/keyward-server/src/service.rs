@@ -281,7 +281,7 @@ pub async fn create_key(state: &AppState, draft: KeyDraft, actor: &Actor) -> Api
         StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
         e => e.into(),
     })?;
-    Ok((plain, record))
+    Ok((plain, record.apply(&state.keys)))
 }
 
 /// The longest grace period a rotation may give the old key: 7 days.
@@ -363,7 +363,7 @@ pub async fn rotate_key(
         StoreError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
         e => e.into(),
     })?;
-    Ok((plain, rotation))
+    Ok((plain, rotation.apply(&state.keys)))
 }
 
 /// The body of `POST /v1/organizations`, also built by `keyward orgs create`.

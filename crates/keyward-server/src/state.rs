@@ -8,7 +8,8 @@ use keyward_core::{Clock, KeyHasher, Plans};
 use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
-use crate::settings::{LifecycleSettings, Protection, WebhookSettings};
+use crate::cache::{CachedLookup, KeyCache};
+use crate::settings::{CacheConfig, LifecycleSettings, Protection, WebhookSettings};
 use crate::usage::UsageRecorder;
 
 /// What every handler shares, behind one `Arc`: handing it to a handler is one reference count, not
@@ -47,14 +48,17 @@ pub struct Shared {
     pub webhooks: WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
-    /// The store's health as the verify cache sees it (`CachedStore::breaker`), for `/readyz`.
-    pub store_health: Arc<crate::cache::StoreBreaker>,
+    /// Key lookups by hash, through the verify cache; the invalidator every store write applies its
+    /// changes to (`Changed::apply`). Its breaker is the store's health for `/readyz`.
+    pub keys: CachedLookup,
 }
 
 impl AppState {
     /// A state over these parts; every other part has its default (SHA-256 hashes, the default plans
-    /// and protection, limits in memory without a quota seed) until the builder is told otherwise.
+    /// and protection, limits in memory without a quota seed, key lookups through a cache of default
+    /// size) until the builder is told otherwise.
     pub fn builder(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageRecorder) -> StateBuilder {
+        let keys = CachedLookup::new(store.clone(), KeyCache::new(CacheConfig::default()), clock.clone());
         StateBuilder(Shared {
             store,
             clock,
@@ -68,7 +72,7 @@ impl AppState {
             lifecycle: LifecycleSettings::default(),
             webhooks: WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
-            store_health: Arc::default(),
+            keys,
         })
     }
 
@@ -131,9 +135,10 @@ impl StateBuilder {
         self
     }
 
-    /// The breaker of the verify cache in front of the store (`CachedStore::breaker`).
-    pub fn store_health(mut self, health: Arc<crate::cache::StoreBreaker>) -> Self {
-        self.0.store_health = health;
+    /// The verify cache in front of the store's key lookups (configured, and on the bus with many
+    /// nodes).
+    pub fn keys(mut self, keys: CachedLookup) -> Self {
+        self.0.keys = keys;
         self
     }
 
@@ -150,7 +155,7 @@ pub const LEGACY_REFRESH: Duration = Duration::from_secs(10);
 /// their SHA-256): one in-memory flag, so that deciding costs nothing on the verify path.
 ///
 /// While it is off, a presented string that is not a Keyward key answers `MALFORMED` without any store
-/// query, exactly as if no key had been imported: random garbage cannot make a server hit its database. Once
+/// query, exactly as before imports existed: random garbage cannot make a server hit its database. Once
 /// on, such a string costs one indexed lookup by hash, like an unknown well-formed key. The flag is read
 /// from the store at start ([`LegacyKeys::refresh`]), switched on at once by an import through this
 /// process, and, while off, read again every [`LEGACY_REFRESH`] by [`LegacyKeys::spawn_refresher`] for

@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use keyward_core::{Environment, KeyId, KeyStatus};
 use serde_json::json;
 
-use crate::conformance::{new_key, new_org, t0};
+use crate::conformance::{Written, new_key, new_org, t0};
 use crate::{Actor, AuditEntry, AuditFilter, NewKey, Organization, PageRequest, Store, StoreError};
 
 trait Must<T> {
@@ -49,8 +49,8 @@ fn successor(org: &Organization) -> NewKey {
 pub async fn rotation_links_both_keys_and_schedules_revocation(store: &dyn Store) {
     let org = org(store, Some(1)).await;
     let cli = Actor::cli(at(1));
-    let old = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.must("insert");
-    let rotated = store.rotate_key(old.id, successor(&org), at(61), &Actor::cli(at(1))).await.must("rotate");
+    let old = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.written("insert");
+    let rotated = store.rotate_key(old.id, successor(&org), at(61), &Actor::cli(at(1))).await.written("rotate");
     let (o, n) = (&rotated.old, &rotated.new);
     assert_eq!(
         (o.id, o.replaced_by, o.revoked_at, o.revoke_reason.as_deref()),
@@ -74,7 +74,7 @@ pub async fn rotation_links_both_keys_and_schedules_revocation(store: &dyn Store
     let missing = store.rotate_key(KeyId::new(), successor(&org), at(2), &Actor::cli(at(2))).await;
     assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
     // The chain goes on under the first key's lineage.
-    let third = store.rotate_key(n.id, successor(&org), at(3), &Actor::cli(at(3))).await.must("rotate again");
+    let third = store.rotate_key(n.id, successor(&org), at(3), &Actor::cli(at(3))).await.written("rotate again");
     assert_eq!(third.new.lineage(), old.id);
     // A revoked key is not rotated.
     let gone = store.insert_key(new_key(&org, Environment::Live).1, &cli).await;
@@ -91,8 +91,8 @@ pub async fn rotation_links_both_keys_and_schedules_revocation(store: &dyn Store
 /// Rotating a key revoked at once is refused.
 pub async fn revoked_keys_are_not_rotated(store: &dyn Store) {
     let org = org(store, None).await;
-    let k = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.must("insert");
-    store.revoke_key(k.id, "revoked", at(2), &Actor::cli(at(2))).await.must("revoke");
+    let k = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.written("insert");
+    store.revoke_key(k.id, "revoked", at(2), &Actor::cli(at(2))).await.written("revoke");
     let r = store.rotate_key(k.id, successor(&org), at(3), &Actor::cli(at(3))).await;
     assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
 }
@@ -104,11 +104,11 @@ pub async fn expiry_lists_notifies_and_deactivates(store: &dyn Store) {
     let other = org_id_only(store).await;
     let cli = Actor::cli(t0());
     let with_expiry = |minutes: i64| NewKey { expires_at: Some(at(minutes)), ..new_key(&org, Environment::Live).1 };
-    let soon = store.insert_key(with_expiry(60), &cli).await.must("soon");
-    let later = store.insert_key(with_expiry(60 * 24 * 3), &cli).await.must("later");
-    let far = store.insert_key(with_expiry(60 * 24 * 30), &cli).await.must("far");
-    let never = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.must("never");
-    let disabled = store.insert_key(NewKey { is_active: false, ..with_expiry(30) }, &cli).await.must("disabled");
+    let soon = store.insert_key(with_expiry(60), &cli).await.written("soon");
+    let later = store.insert_key(with_expiry(60 * 24 * 3), &cli).await.written("later");
+    let far = store.insert_key(with_expiry(60 * 24 * 30), &cli).await.written("far");
+    let never = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.written("never");
+    let disabled = store.insert_key(NewKey { is_active: false, ..with_expiry(30) }, &cli).await.written("disabled");
 
     let week = at(0) + Duration::days(7);
     let listed = store.list_expiring_keys(Some(org.id), at(0), week, 100).await.must("expiring");
@@ -129,12 +129,12 @@ pub async fn expiry_lists_notifies_and_deactivates(store: &dyn Store) {
     );
 
     let system = Actor::system(at(61));
-    let expired = store.expire_keys(Some(org.id), at(61), &system).await.must("expire");
+    let expired = store.expire_keys(Some(org.id), at(61), &system).await.written("expire");
     assert_eq!(expired.iter().map(|k| (k.id, k.is_active)).collect::<Vec<_>>(), [(soon.id, false)]);
     let rows = key_audit(store, soon.id).await;
     assert_eq!((rows[0].action.as_str(), rows[0].actor.as_str()), ("expire", "system"));
     assert_eq!(rows[0].details["after"]["is_active"], json!(false));
-    assert!(store.expire_keys(Some(org.id), at(62), &system).await.must("expire again").is_empty(), "once");
+    assert!(store.expire_keys(Some(org.id), at(62), &system).await.written("expire again").is_empty(), "once");
     let events = store.list_events(None, 1_000).await.must("events");
     assert_eq!(events.iter().filter(|e| e.event == "key.expired" && e.key_id == Some(soon.id)).count(), 1);
     // Ids sort by creation: paging after the first returns the rest.
@@ -150,22 +150,22 @@ async fn org_id_only(store: &dyn Store) -> crate::OrgId {
 pub async fn audit_chain_stays_intact(store: &dyn Store) {
     let org = org(store, None).await;
     let cli = Actor::cli(at(1));
-    let k = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.must("insert");
+    let k = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.written("insert");
     let patch = crate::KeyPatch {
         name: Some("renamed".into()),
         metadata: Some(json!({"b": 1, "a": [1.5, "x"]})),
         ..Default::default()
     };
-    store.update_key(k.id, patch, &Actor::key(k.id, Some("2001:db8::1".into()), at(2))).await.must("update");
+    store.update_key(k.id, patch, &Actor::key(k.id, Some("2001:db8::1".into()), at(2))).await.written("update");
     store.append_audit("import", org.id, json!({"z": {"y": 1, "x": null}}), &cli).await.must("append");
-    store.rotate_key(k.id, successor(&org), at(9), &cli).await.must("rotate");
+    store.rotate_key(k.id, successor(&org), at(9), &cli).await.written("rotate");
     let actors: Vec<Actor> = (0..8).map(|i| Actor::cli(at(10 + i))).collect();
     let mut writes = Vec::new();
     for actor in &actors {
         writes.push(store.insert_key(new_key(&org, Environment::Test).1, actor));
     }
     for r in join_all(writes).await {
-        r.must("concurrent insert");
+        r.written("concurrent insert");
     }
     let report = store.verify_audit_chain().await.must("verify");
     assert!(report.intact, "{report:?}");
@@ -224,8 +224,8 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     assert!(rows.iter().any(|r| r.action == "webhook_create"));
     assert!(!format!("{rows:?}").contains("whsec_test_secret_value"), "SECURITY: no secret in the audit trail");
 
-    let k = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.must("insert key");
-    store.revoke_key(k.id, "revoked", at(2), &Actor::cli(at(2))).await.must("revoke");
+    let k = store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(1))).await.written("insert key");
+    store.revoke_key(k.id, "revoked", at(2), &Actor::cli(at(2))).await.written("revoke");
     let made = store.dispatch_events(at(3), at(3) + Duration::hours(24), 1_000).await.must("dispatch");
     assert_eq!(made, 3, "created → 2 endpoints, revoked → 1");
     assert_eq!(store.dispatch_events(at(3), at(3), 1_000).await.must("again"), 0, "each event once");
@@ -320,7 +320,7 @@ pub async fn audit_tampering_is_detected(
 ) {
     let org = org(store, None).await;
     for i in 0..4 {
-        store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(i))).await.must("insert");
+        store.insert_key(new_key(&org, Environment::Live).1, &Actor::cli(at(i))).await.written("insert");
     }
     assert!(store.verify_audit_chain().await.must("verify").intact);
     let filter = AuditFilter::default();

@@ -51,18 +51,23 @@ macro_rules! chained_audit_columns {
     };
 }
 
+pub mod changed;
 #[doc(hidden)]
 pub mod conformance;
 #[doc(hidden)]
 pub mod conformance_lifecycle;
 pub mod lifecycle;
+pub mod lookup;
 pub mod postgres;
 pub mod record;
 pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
 pub mod usage;
+pub mod webhook;
 
+pub use changed::{Changed, Invalidation, Invalidator, NoCache, Write};
+pub use lookup::KeyLookup;
 pub use record::{KeyExtras, KeyRecord, OrgRecord};
 pub use usage::UsageStore;
 
@@ -532,17 +537,16 @@ pub struct MigrationInfo {
     pub applied: bool,
 }
 
-pub use lifecycle::{
-    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, LifecycleStore, NewWebhook,
-    Rotation, Webhook, WebhookPatch, WebhookSecret,
+pub use lifecycle::{AuditChainReport, BrokenLink, Event, LifecycleStore, Rotation};
+pub use webhook::{
+    Attempt, AttemptOutcome, Delivery, DeliveryJob, NewWebhook, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
 };
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
+pub trait Store: KeyLookup + LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
-    async fn ping(&self) -> StoreResult<()>;
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>>;
     /// Reverts the newest `steps` applied migrations.
@@ -553,27 +557,32 @@ pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
     async fn get_org(&self, id: OrgId) -> StoreResult<Organization>;
     async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>>;
     async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>>;
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization>;
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>>;
     async fn count_orgs(&self) -> StoreResult<i64>;
 
     /// Inserts a key and its audit row; refuses with `KeyLimitReached` when the organization already
     /// holds `max_api_keys` keys that are not revoked (checked in the same transaction).
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey>;
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>>;
+    /// The whole key and its organization's part (verification reads [`KeyLookup::find_key_record`]).
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>>;
-    /// What verification needs of the key stored under `hash`, compact and shared. SECURITY: the stored
-    /// hash is compared with `hash` in constant time, so a near match from an index is never acted on.
-    /// The verify cache's wrapper answers it from memory.
-    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<std::sync::Arc<KeyRecord>>> {
-        let found = self.find_key_by_hash(hash).await?;
-        Ok(found.filter(|f| f.key.key_hash.ct_eq(hash)).map(|f| std::sync::Arc::new(KeyRecord::from(f))))
-    }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey>;
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>>;
     /// Applies the patch and writes an audit row with the diff; a patch that changes nothing writes no row.
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey>;
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>>;
     /// Permanent; keeps the row. `revoked_at` is `at` (may be in the future: a grace period).
     /// Revoking a revoked key changes nothing and writes no row.
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey>;
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>>;
     /// Adds requests and moves `last_used_*` forward (never back), for many keys in one transaction.
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
 
@@ -588,7 +597,7 @@ pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>>;
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>>;
     /// Whether any key was imported as a legacy key (any organization). Cheap: a partial index.
     async fn has_legacy_keys(&self) -> StoreResult<bool>;
 

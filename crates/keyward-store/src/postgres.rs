@@ -14,6 +14,7 @@ mod usage;
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,10 +30,11 @@ use uuid::Uuid;
 
 mod lifecycle;
 
+use crate::lookup::key_record;
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
-    LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization,
+    OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -459,14 +461,21 @@ fn push_status(qb: &mut QueryBuilder<'_, Postgres>, now: DateTime<Utc>) {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
+impl KeyLookup for PostgresStore {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Ok(key_record(self.find_key_by_hash(hash).await?, hash))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
@@ -561,14 +570,19 @@ impl Store for PostgresStore {
         into_page(rows, limit, OrgRow::into_org, |org| org.id)
     }
 
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
         let action = patch.action();
         let mut tx = self.begin().await?;
         let before = select_org(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_org(before));
         };
         let updated = sqlx::query_as::<_, OrgRow>(concat!(
             "UPDATE organizations SET name = $1, email = $2, plan = $3, is_active = $4, monthly_request_limit = $5,
@@ -595,14 +609,14 @@ impl Store for PostgresStore {
         .into_org()?;
         append_audit(&mut tx, action, None, id, actor, &details).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_org(updated))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM organizations").fetch_one(&self.pool).await.map_err(db)
     }
 
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let mut tx = self.begin().await?;
         // The organization's row lock serializes key creations per organization across every node: the
         // count below (a fresh snapshot under READ COMMITTED, taken after the lock) sees every key
@@ -620,7 +634,7 @@ impl Store for PostgresStore {
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(created)
+        Ok(Changed::inserted_key(created))
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
@@ -696,14 +710,14 @@ impl Store for PostgresStore {
         into_page(rows, limit, KeyRow::into_key, |key| key.id)
     }
 
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let action = patch.action();
         let mut tx = self.begin().await?;
         let before = select_key(&mut tx, id, true).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_key(before));
         };
         let updated = sqlx::query_as::<_, KeyRow>(concat!(
             "UPDATE api_keys SET name = $1, description = $2, scopes = $3, allowed_ips = $4, expires_at = $5,
@@ -734,10 +748,16 @@ impl Store for PostgresStore {
         append_audit(&mut tx, action, Some(id), before.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_key(updated))
     }
 
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
         let at = stored_time(at);
         let mut tx = self.begin().await?;
         let before = select_key(&mut tx, id, true).await?;
@@ -745,7 +765,7 @@ impl Store for PostgresStore {
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
         // leaked key during its grace period stops it now.
         if before.revoked_at.is_some_and(|revoked| revoked <= at) {
-            return Ok(before);
+            return Ok(Changed::revoked_key(before));
         }
         let mut after = before.clone();
         after.revoked_at = Some(at);
@@ -766,7 +786,7 @@ impl Store for PostgresStore {
         append_audit(&mut tx, "revoke", Some(id), before.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(revoked)
+        Ok(Changed::revoked_key(revoked))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
@@ -808,7 +828,7 @@ impl Store for PostgresStore {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
         if keys.iter().any(|k| k.key.organization_id != organization_id) {
             return Err(StoreError::Internal("an imported key names another organization".to_owned()));
         }
@@ -850,7 +870,7 @@ impl Store for PostgresStore {
         } else {
             tx.commit().await.map_err(db)?;
         }
-        Ok(outcomes)
+        Ok(Changed::imported(outcomes, &keys, dry_run))
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {

@@ -33,10 +33,11 @@ use sqlx::{QueryBuilder, Sqlite};
 
 mod lifecycle;
 
+use crate::lookup::key_record;
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage, KeyWithOrg,
-    LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, LimitOverrides, MigrationInfo, NewKey, NewOrganization, Organization,
+    OrganizationPatch, Page, PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -563,14 +564,21 @@ fn push_status(qb: &mut QueryBuilder<'_, Sqlite>, now: &str) {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
+impl KeyLookup for SqliteStore {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Ok(key_record(self.find_key_by_hash(hash).await?, hash))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.read).await.map_err(db)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
@@ -663,14 +671,19 @@ impl Store for SqliteStore {
         into_page(rows, limit, OrgRow::into_org, |org| org.id)
     }
 
-    async fn update_org(&self, id: OrgId, patch: OrganizationPatch, actor: &Actor) -> StoreResult<Organization> {
+    async fn update_org(
+        &self,
+        id: OrgId,
+        patch: OrganizationPatch,
+        actor: &Actor,
+    ) -> StoreResult<Changed<Organization>> {
         let action = patch.action();
         let mut tx = self.begin_write().await?;
         let before = select_org(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_org(before));
         };
         sqlx::query(
             "UPDATE organizations SET name = ?, email = ?, plan = ?, is_active = ?, monthly_request_limit = ?,
@@ -695,14 +708,14 @@ impl Store for SqliteStore {
         append_audit(&mut tx, action, None, id, actor, &details).await?;
         let updated = select_org(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_org(updated))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM organizations").fetch_one(&self.read).await.map_err(db)
     }
 
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         // IMMEDIATE: the count below and the insert must see the same keys, also across processes, or
         // two concurrent creations could both pass the limit.
         let mut tx = self.begin_write().await?;
@@ -719,7 +732,7 @@ impl Store for SqliteStore {
         append_audit(&mut tx, "create", Some(created.id), created.organization_id, actor, &details).await?;
         lifecycle::key_event(&mut tx, "key.created", &created, actor).await?;
         tx.commit().await.map_err(db)?;
-        Ok(created)
+        Ok(Changed::inserted_key(created))
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
@@ -796,14 +809,14 @@ impl Store for SqliteStore {
         into_page(rows, limit, KeyRow::into_key, |key| key.id)
     }
 
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let action = patch.action();
         let mut tx = self.begin_write().await?;
         let before = select_key(&mut tx, id).await?;
         let after = patch.apply_to(&before);
         let Some(details) = diff(&before.audit_json(), &after.audit_json()) else {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
-            return Ok(before);
+            return Ok(Changed::updated_key(before));
         };
         sqlx::query(
             "UPDATE api_keys SET name = ?, description = ?, scopes = ?, allowed_ips = ?, expires_at = ?, metadata = ?,
@@ -832,10 +845,16 @@ impl Store for SqliteStore {
         lifecycle::key_event(&mut tx, "key.updated", &after, actor).await?;
         let updated = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(updated)
+        Ok(Changed::updated_key(updated))
     }
 
-    async fn revoke_key(&self, id: KeyId, reason: &str, at: DateTime<Utc>, actor: &Actor) -> StoreResult<ApiKey> {
+    async fn revoke_key(
+        &self,
+        id: KeyId,
+        reason: &str,
+        at: DateTime<Utc>,
+        actor: &Actor,
+    ) -> StoreResult<Changed<ApiKey>> {
         let at = stored_time(at);
         let mut tx = self.begin_write().await?;
         let before = select_key(&mut tx, id).await?;
@@ -843,7 +862,7 @@ impl Store for SqliteStore {
         // a key scheduled to stop later (a rotation's grace period) is brought forward, so revoking a
         // leaked key during its grace period stops it now.
         if before.revoked_at.is_some_and(|revoked| revoked <= at) {
-            return Ok(before);
+            return Ok(Changed::revoked_key(before));
         }
         let mut after = before.clone();
         after.revoked_at = Some(at);
@@ -861,7 +880,7 @@ impl Store for SqliteStore {
         lifecycle::key_event(&mut tx, "key.revoked", &after, actor).await?;
         let revoked = select_key(&mut tx, id).await?;
         tx.commit().await.map_err(db)?;
-        Ok(revoked)
+        Ok(Changed::revoked_key(revoked))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
@@ -899,7 +918,7 @@ impl Store for SqliteStore {
         keys: Vec<KeyImport>,
         actor: &Actor,
         dry_run: bool,
-    ) -> StoreResult<Vec<ImportOutcome>> {
+    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
         // IMMEDIATE for the same reason as insert_key: the limit and the hashes checked below must be
         // what the inserts land on.
         let mut tx = self.begin_write().await?;
@@ -943,7 +962,7 @@ impl Store for SqliteStore {
         } else {
             tx.commit().await.map_err(db)?;
         }
-        Ok(outcomes)
+        Ok(Changed::imported(outcomes, &keys, dry_run))
     }
 
     async fn has_legacy_keys(&self) -> StoreResult<bool> {

@@ -13,7 +13,7 @@ use keyward_core::Environment;
 use keyward_store::conformance::{self, new_key, new_org, t0};
 use keyward_store::postgres::PostgresStore;
 use keyward_store::testing::{self, PgSchema};
-use keyward_store::{Actor, KeyFilter, NewKey, PageRequest, Store, StoreError};
+use keyward_store::{Actor, KeyFilter, NewKey, NoCache, PageRequest, Store, StoreError};
 use sqlx::Connection;
 
 /// A migrated store in a new schema, or `None` when PostgreSQL tests are skipped.
@@ -70,6 +70,7 @@ conformance!(
     import_keys_is_idempotent_and_respects_the_limit,
     has_legacy_keys_follows_imports,
     append_audit_writes_one_row,
+    every_write_is_seen_by_the_next_verification,
 );
 
 #[tokio::test]
@@ -157,9 +158,9 @@ async fn the_status_view_agrees_with_key_state() {
         (true, None, Some(wall + hour)),
     ] {
         let new = NewKey { is_active, expires_at, ..new_key(&org, Environment::Live).1 };
-        let mut key = store.insert_key(new, &cli).await.unwrap();
+        let mut key = store.insert_key(new, &cli).await.unwrap().apply(&NoCache);
         if let Some(at) = revoked_at {
-            key = store.revoke_key(key.id, "test", at, &cli).await.unwrap();
+            key = store.revoke_key(key.id, "test", at, &cli).await.unwrap().apply(&NoCache);
         }
         keys.push(key);
     }
@@ -297,8 +298,8 @@ mod lifecycle {
                 node_a.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
                 node_b.append_audit("import", org.id, serde_json::json!({"n": 2}), &actor),
             );
-            a1.unwrap();
-            b1.unwrap();
+            a1.unwrap().apply(&NoCache);
+            b1.unwrap().apply(&NoCache);
             a2.unwrap();
             b2.unwrap();
         }

@@ -7,7 +7,7 @@ use chrono::Utc;
 use keyward_core::Environment;
 use keyward_store::conformance::{self, new_key, new_org, t0};
 use keyward_store::sqlite::SqliteStore;
-use keyward_store::{Actor, KeyFilter, NewKey, PageRequest, Store, StoreError};
+use keyward_store::{Actor, KeyFilter, NewKey, NoCache, PageRequest, Store, StoreError};
 use tempfile::TempDir;
 
 /// A migrated store on a new file; the directory lives as long as the returned guard.
@@ -61,6 +61,7 @@ conformance!(
     import_keys_is_idempotent_and_respects_the_limit,
     has_legacy_keys_follows_imports,
     append_audit_writes_one_row,
+    every_write_is_seen_by_the_next_verification,
 );
 
 #[tokio::test]
@@ -156,9 +157,9 @@ async fn the_status_view_agrees_with_key_state() {
         (true, None, Some(wall + hour)),
     ] {
         let new = NewKey { is_active, expires_at, ..new_key(&org, Environment::Live).1 };
-        let mut key = store.insert_key(new, &cli).await.unwrap();
+        let mut key = store.insert_key(new, &cli).await.unwrap().apply(&NoCache);
         if let Some(at) = revoked_at {
-            key = store.revoke_key(key.id, "test", at, &cli).await.unwrap();
+            key = store.revoke_key(key.id, "test", at, &cli).await.unwrap().apply(&NoCache);
         }
         keys.push(key);
     }
@@ -228,7 +229,7 @@ mod lifecycle {
                 server.insert_key(new_key(&org, Environment::Live).1, &actor),
                 cli.append_audit("import", org.id, serde_json::json!({"n": 1}), &actor),
             );
-            a.unwrap();
+            a.unwrap().apply(&NoCache);
             b.unwrap();
         }
         let report = keyward_store::LifecycleStore::verify_audit_chain(&cli).await.unwrap();

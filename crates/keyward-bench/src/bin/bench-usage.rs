@@ -69,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             metadata: serde_json::json!({}),
             rotated_from: None,
         };
-        ids.push(store.insert_key(key, &actor).await?.id);
+        ids.push(store.insert_key(key, &actor).await?.apply(&keyward_store::NoCache).id);
     }
     let ids = Arc::new(ids);
     let spill = std::env::temp_dir().join(format!("bench-usage-spill-{}.jsonl", uuid::Uuid::now_v7()));

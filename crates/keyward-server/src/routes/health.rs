@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use keyward_store::KeyLookup;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -52,8 +53,8 @@ pub struct ReadyResponse {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
 pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
-    let down_for = state.store_health.down_for();
-    let reachable = down_for.is_none() && state.store.ping().await.is_ok();
+    let down_for = state.keys.breaker().down_for();
+    let reachable = down_for.is_none() && KeyLookup::ping(&state.keys).await.is_ok();
     let limiter = state.limiter.health();
     let body = ReadyResponse {
         status: if reachable && limiter.up { "ready" } else { "degraded" },

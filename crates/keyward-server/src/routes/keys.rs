@@ -185,7 +185,7 @@ pub async fn update_key(
     if let Some(Some(plan)) = &patch.plan {
         check_limits(&state, &caller, key.organization_id, Some(plan), &key.limits).await?;
     }
-    let key = state.store.update_key(id, patch, &caller.actor(now)).await?;
+    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&state.keys);
     Ok(Json(KeyResponse::new(key, now)))
 }
 
@@ -201,7 +201,7 @@ pub async fn revoke_key(
 ) -> ApiResult<StatusCode> {
     writable_key(&state, &caller, id).await?;
     let now = state.clock.now();
-    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?;
+    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -306,7 +306,7 @@ pub async fn cleanup_expired(
     caller: Caller<KeysWrite>,
 ) -> ApiResult<Json<CleanupResponse>> {
     let now = state.clock.now();
-    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?;
+    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&state.keys);
     if !expired.is_empty() {
         state.events_written();
     }

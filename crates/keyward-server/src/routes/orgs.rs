@@ -68,5 +68,5 @@ pub async fn update_org(
     let body: UpdateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
-    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.into()))
+    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.apply(&state.keys).into()))
 }

@@ -503,6 +503,7 @@ pub async fn run(
         let legacy: Vec<bool> = keys.iter().map(|k| k.legacy).collect();
         match state.store.import_keys(organization_id, keys, actor, dry_run).await {
             Ok(outcomes) => {
+                let outcomes = outcomes.apply(&state.keys);
                 for ((line, outcome), legacy) in lines.iter().zip(outcomes).zip(legacy) {
                     match outcome {
                         ImportOutcome::Imported => {

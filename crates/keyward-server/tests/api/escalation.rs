@@ -109,7 +109,8 @@ async fn keys_write_cannot_touch_a_key_holding_keyward_scopes_it_lacks() {
         .store
         .update_key(admin.id, KeyPatch { is_active: Some(false), ..Default::default() }, &Actor::cli(now))
         .await
-        .unwrap();
+        .unwrap()
+        .apply(&app.state.keys);
 
     for target in [&admin, &auditor] {
         let path = format!("/v1/keys/{}", target.id);

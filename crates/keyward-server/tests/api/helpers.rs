@@ -14,12 +14,13 @@ use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
 use keyward_core::{ManualClock, OrgId};
 use keyward_server::app::{AppBuilder, Tasks};
+use keyward_server::cache::{CachedLookup, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::settings::{Settings, UsageConfig};
 use keyward_server::state::StateBuilder;
 use keyward_server::{App, AppState, router};
 use keyward_store::testing::PgSchema;
-use keyward_store::{Actor, ApiKey, Organization, Store};
+use keyward_store::{Actor, ApiKey, KeyLookup, Organization, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 use tower::ServiceExt;
@@ -87,8 +88,17 @@ impl TestApp {
     /// A node built as `keyward serve` builds one ([`App`]) on `store`, seeded as `serve` seeds an empty
     /// database.
     pub async fn with_store(store: Arc<dyn Store>, guard: Guard) -> Self {
+        Self::with_lookup(store.clone(), store, guard).await
+    }
+
+    /// [`TestApp::with_store`], with verification's key lookups made through `lookup` (a test double
+    /// in front of the store).
+    pub async fn with_lookup(store: Arc<dyn Store>, lookup: Arc<dyn KeyLookup>, guard: Guard) -> Self {
         let clock = ManualClock::new(t0());
         let App { state, tasks } = node(settings(), &clock).store(store).build().await.unwrap();
+        // Verification's lookups through `lookup`, behind a verify cache as `keyward serve` runs.
+        let keys = CachedLookup::new(lookup, KeyCache::new(settings().cache), Arc::new(clock.clone()));
+        let state = state.to_builder().keys(keys).build();
         let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
         Self {
             admin_key: seeded.key.expose_secret().to_owned(),

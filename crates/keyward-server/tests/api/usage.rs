@@ -441,7 +441,7 @@ async fn monthly_quota_survives_a_restart() {
     let app = TestApp::sqlite().await;
     let org = app.org("quota-restart").await;
     let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
-    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap();
+    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     for _ in 0..2 {
         assert_eq!(app.verify(&key, json!({"cost": 2})).await["code"], "VALID");
@@ -651,7 +651,7 @@ async fn redis_quota_is_reconciled_with_the_store() {
     let app = TestApp::sqlite().await;
     let org = app.org("quota-redis").await;
     let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
-    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap();
+    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     assert_eq!(app.verify(&key, json!({"cost": 3})).await["code"], "VALID");
     assert!(app.state.usage.flush().await);

@@ -65,7 +65,8 @@ async fn each_outcome_in_order() {
             &keyward_store::Actor::cli(keyward_core::Clock::now(&app.clock)),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .apply(&app.state.keys);
     assert_eq!(app.verify(&other, json!({})).await["code"], "REVOKED");
     assert_eq!(app.verify(&key, json!({"ip": "11.1.1.1"})).await["code"], "IP_NOT_ALLOWED");
     assert_eq!(app.verify(&key, json!({})).await["code"], "IP_NOT_ALLOWED");

@@ -294,7 +294,12 @@ async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
     let app = TestApp::sqlite().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     let patch = keyward_store::KeyPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
-    app.state.store.update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc())).await.unwrap();
+    app.state
+        .store
+        .update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc()))
+        .await
+        .unwrap()
+        .apply(&app.state.keys);
     for _ in 0..3 {
         assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
     }

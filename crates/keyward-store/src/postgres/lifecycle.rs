@@ -1,7 +1,8 @@
-//! [`LifecycleStore`] on PostgreSQL: rotation, expiry, the audit chain and the event outbox. Every
-//! audit append locks the chain head row (`audit_chain`, `FOR UPDATE`) until its transaction ends, so
-//! appends from every node are serialized and ids are assigned in chain order. To stay clear of lock
-//! cycles, a transaction takes the chain head last: key rows are locked and changed first.
+//! [`LifecycleStore`] and [`WebhookStore`] on PostgreSQL: rotation, expiry, the audit chain, the event
+//! outbox and webhook deliveries. Every audit append locks the chain head row (`audit_chain`,
+//! `FOR UPDATE`) until its transaction ends, so appends from every node are serialized and ids are
+//! assigned in chain order. To stay clear of lock cycles, a transaction takes the chain head last: key
+//! rows are locked and changed first.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,10 +15,12 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{KeyInsert, KeyRow, PostgresStore, append_audit, db, insert_key_rows, select_key, select_org};
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
+use crate::lifecycle::{BrokenLink, expiring_dedup, report, rotate_details};
+use crate::webhook::{delivery_body, subscribed_to};
 use crate::{
-    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
-    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Changed, Delivery, DeliveryJob, Event, LifecycleStore,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
+    stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -198,7 +201,7 @@ impl LifecycleStore for PostgresStore {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Rotation> {
+    ) -> StoreResult<Changed<Rotation>> {
         let revoke_at = stored_time(revoke_at);
         let mut tx = self.begin().await?;
         let before = select_key(&mut tx, old, true).await?;
@@ -240,7 +243,7 @@ impl LifecycleStore for PostgresStore {
         let extra = json!({ "rotated_from": old, "old_key_revoked_at": revoke_at });
         insert_event(&mut tx, &Event::about_key("key.rotated", &created, extra, actor.at), None).await?;
         tx.commit().await.map_err(db)?;
-        Ok(Rotation { old: old_after, new: created })
+        Ok(Changed::rotated(Rotation { old: old_after, new: created }))
     }
 
     async fn list_expiring_keys(
@@ -266,7 +269,7 @@ impl LifecycleStore for PostgresStore {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>> {
+    ) -> StoreResult<Changed<Vec<ApiKey>>> {
         let mut tx = self.begin().await?;
         // The key rows are locked (in id order, so two sweepers cannot deadlock) and changed before the
         // first audit append takes the chain head.
@@ -303,7 +306,7 @@ impl LifecycleStore for PostgresStore {
             expired.push(after);
         }
         tx.commit().await.map_err(db)?;
-        Ok(expired)
+        Ok(Changed::expired(expired))
     }
 
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>> {
@@ -397,7 +400,10 @@ impl LifecycleStore for PostgresStore {
         let mut conn = self.pool.acquire().await.map_err(db)?;
         insert_event(&mut conn, event, dedup_key).await
     }
+}
 
+#[async_trait]
+impl WebhookStore for PostgresStore {
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
         let mut tx = self.begin().await?;
         // An unknown organization is NotFound, as for keys, not a foreign-key failure.

@@ -1,6 +1,6 @@
-//! [`LifecycleStore`] on SQLite: rotation, expiry, the audit chain and the event outbox. Every change
-//! runs in a `BEGIN IMMEDIATE` transaction on the single write connection, so audit appends (and the
-//! chain head they move) are serialized.
+//! [`LifecycleStore`] and [`WebhookStore`] on SQLite: rotation, expiry, the audit chain, the event
+//! outbox and webhook deliveries. Every change runs in a `BEGIN IMMEDIATE` transaction on the single
+//! write connection, so audit appends (and the chain head they move) are serialized.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,10 +15,12 @@ use super::{
     KeyInsert, KeyRow, SqliteStore, append_audit, db, insert_key_rows, json_text, parse_json, parse_opt_id, parse_ts,
     select_key, select_org, ts,
 };
-use crate::lifecycle::{BrokenLink, delivery_body, expiring_dedup, report, rotate_details, subscribed_to};
+use crate::lifecycle::{BrokenLink, expiring_dedup, report, rotate_details};
+use crate::webhook::{delivery_body, subscribed_to};
 use crate::{
-    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Delivery, DeliveryJob, Event, LifecycleStore, NewKey,
-    NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, stored_time,
+    Actor, ApiKey, Attempt, AttemptOutcome, AuditChainReport, Changed, Delivery, DeliveryJob, Event, LifecycleStore,
+    NewKey, NewWebhook, Rotation, StoreError, StoreResult, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
+    stored_time,
 };
 
 /// The chain link of a new audit row: the current head's hash and the row's own hash.
@@ -216,7 +218,7 @@ impl LifecycleStore for SqliteStore {
         new: NewKey,
         revoke_at: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Rotation> {
+    ) -> StoreResult<Changed<Rotation>> {
         let revoke_at = stored_time(revoke_at);
         let mut tx = self.begin_write().await?;
         let before = select_key(&mut tx, old).await?;
@@ -258,7 +260,7 @@ impl LifecycleStore for SqliteStore {
         let extra = json!({ "rotated_from": old, "old_key_revoked_at": revoke_at });
         insert_event(&mut tx, &Event::about_key("key.rotated", &created, extra, actor.at), None).await?;
         tx.commit().await.map_err(db)?;
-        Ok(Rotation { old: old_after, new: created })
+        Ok(Changed::rotated(Rotation { old: old_after, new: created }))
     }
 
     async fn list_expiring_keys(
@@ -285,7 +287,7 @@ impl LifecycleStore for SqliteStore {
         organization_id: Option<OrgId>,
         now: DateTime<Utc>,
         actor: &Actor,
-    ) -> StoreResult<Vec<ApiKey>> {
+    ) -> StoreResult<Changed<Vec<ApiKey>>> {
         let now_text = ts(now);
         let mut tx = self.begin_write().await?;
         let mut qb = QueryBuilder::<Sqlite>::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE"));
@@ -314,7 +316,7 @@ impl LifecycleStore for SqliteStore {
             expired.push(after);
         }
         tx.commit().await.map_err(db)?;
-        Ok(expired)
+        Ok(Changed::expired(expired))
     }
 
     async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<Event>> {
@@ -406,7 +408,10 @@ impl LifecycleStore for SqliteStore {
         tx.commit().await.map_err(db)?;
         Ok(written)
     }
+}
 
+#[async_trait]
+impl WebhookStore for SqliteStore {
     async fn insert_webhook(&self, hook: NewWebhook, actor: &Actor) -> StoreResult<Webhook> {
         let mut tx = self.begin_write().await?;
         // An unknown organization is NotFound, as for keys, not a foreign-key failure.

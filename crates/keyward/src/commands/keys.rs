@@ -255,7 +255,8 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 },
             };
             let patch = request.validate(&v)?;
-            let key = KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?, now);
+            let key =
+                KeyResponse::new(state.store.update_key(id, patch, &Actor::cli(now)).await?.apply(&state.keys), now);
             if json {
                 print_json(&key)
             } else {
@@ -289,7 +290,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             }
         }
         KeysAction::Revoke { id, reason, json } => {
-            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?;
+            let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?.apply(&state.keys);
             let key = KeyResponse::new(key, now);
             if json {
                 print_json(&key)
