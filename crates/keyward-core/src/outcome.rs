@@ -1,4 +1,5 @@
-//! The answer of a verification. A value, not an error: `/v1/verify` answers 200 with it.
+//! The answer of a verification. A value, not an error: `/v1/verify` answers 200 with it; the gateway
+//! and the layer answer a refusal with the error it maps to in keyward-server's error table.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +44,9 @@ impl VerifyOutcome {
         self == Self::Valid
     }
 
-    /// The wire code, as in DESIGN.md.
+    /// The wire code: `code` in `/v1/verify`'s 200 answer (a result, in upper case). A surface that
+    /// refuses the request instead answers the error code keyward-server's error table maps the
+    /// outcome to (`ErrorCode::of_outcome`: `REVOKED` is `key_revoked`).
     pub fn code(self) -> &'static str {
         match self {
             Self::Valid => "VALID",

@@ -1,6 +1,6 @@
 //! Plans and the limits a key ends up with: per-key override → organization override → plan.
 //!
-//! Default plans (DESIGN.md), all configurable:
+//! Default plans (docs/architecture.md), all configurable:
 //!
 //! | plan | per minute | per hour | per day | per month |
 //! |---|---:|---:|---:|---:|
@@ -8,9 +8,9 @@
 //! | `pro` | 600 | 20,000 | 500,000 | none |
 //! | `enterprise` | 6,000 | 200,000 | 10,000,000 | none |
 //!
-//! Paid plans have no monthly quota by default: DESIGN.md names none, their daily limits already
-//! bound a month (15.5 M and 310 M), and a paid quota is a billing decision set per organization
-//! (`monthly_request_limit`) or in the plan's config.
+//! Paid plans have no monthly quota by default: their daily limits already bound a month (15.5 M and
+//! 310 M), and a paid quota is a billing decision set per organization (`monthly_request_limit`) or
+//! in the plan's config.
 
 use std::collections::BTreeMap;
 
@@ -124,7 +124,7 @@ impl Plans {
     pub const PRO: &'static str = "pro";
     pub const ENTERPRISE: &'static str = "enterprise";
 
-    /// The tiers of DESIGN.md (see the module docs).
+    /// The default tiers (see the module docs).
     pub fn defaults() -> Self {
         let plan =
             |m, h, d, month| Limits { per_minute: Some(m), per_hour: Some(h), per_day: Some(d), per_month: month };

@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keyward_core::{KeyHasher, Limits, Plans, SystemClock};
+use keyward_core::{Limits, Plans, SystemClock};
 use keyward_server::AppState;
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, Validator};
 use keyward_server::usage::UsageRecorder;
 use keyward_server::verifier::{self, Check};
-use keyward_store::{Actor, Store};
+use keyward_store::Actor;
 
 // The allocator the `keyward` binary runs with.
 #[global_allocator]
@@ -30,12 +29,9 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::TempDir::new().unwrap();
     let (state, keys) = rt.block_on(async {
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let inner = keyward_store::open(&url, true).await.unwrap();
+        let store = keyward_store::open(&url, true).await.unwrap();
         let clock = Arc::new(SystemClock);
-        let store: Arc<dyn Store> =
-            Arc::new(CachedStore::new(inner, KeyCache::new(CacheConfig::default()), clock.clone()));
         let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(1));
-        let mut state = AppState::new(store, clock, KeyHasher::default(), usage);
         // Limits on, high enough that the benchmark measures deciding, not refusing.
         let huge = Limits {
             per_minute: Some(1 << 40),
@@ -43,7 +39,8 @@ fn bench(c: &mut Criterion) {
             per_day: Some(1 << 40),
             per_month: Some(1 << 40),
         };
-        state.plans = Arc::new(Plans::defaults().with([("bench".to_owned(), huge)]));
+        let state =
+            AppState::builder(store, clock, usage).plans(Plans::defaults().with([("bench".to_owned(), huge)])).build();
         let seeded = service::seed(&state, &Actor::cli(state.clock.now())).await.unwrap().unwrap();
         let mut keys = Vec::new();
         for i in 0..1_000 {
@@ -69,7 +66,7 @@ fn bench(c: &mut Criterion) {
             required_scopes: &required,
             organization: None,
             user_agent: "",
-            via: "bench",
+            via: keyward_server::telemetry::Via::Verify,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };

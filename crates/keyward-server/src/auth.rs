@@ -1,7 +1,13 @@
 //! Who is calling: the key in `Authorization: Bearer` or `X-API-Key`, checked exactly like a verified
 //! key, and what that key may do. The client gets the reason a key was refused; the log line carries
 //! prefix and hint only.
+//!
+//! What a route needs is a type, the `P` of the [`Caller<P>`] its handler takes ([`KeysWrite`],
+//! [`Admin`], ...), named again beside the path in the route table (`lib.rs`), which does not compile
+//! when the two differ. The object-level rules (which organization, which owner's keys, which scopes a
+//! caller may change or grant) are methods of [`Caller`], each written once.
 
+use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
@@ -9,7 +15,9 @@ use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use keyward_core::{KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, ScopeSet, VerifyOutcome, VerifyRequest};
+use keyward_core::{
+    KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, Scope, ScopeSet, VerifyOutcome, VerifyRequest,
+};
 use std::sync::Arc;
 
 use keyward_store::{Actor, ApiKey, KeyRecord, StoreResult};
@@ -61,9 +69,9 @@ fn could_be_legacy(presented: &str) -> bool {
 async fn find_by_hash(state: &AppState, secret: &str) -> StoreResult<Option<Arc<KeyRecord>>> {
     for (algorithm, hash) in state.hasher.candidates(secret) {
         // SECURITY: the store compared the stored hash with this one in constant time before the
-        // record was made (`Store::find_key_record`); the cache holds it under the hash's first 128
+        // record was made (`KeyLookup::find_key_record`); the cache holds it under the hash's first 128
         // bits (why that is enough: `cache::Slot`).
-        if let Some(found) = state.store.find_key_record(&hash).await?
+        if let Some(found) = state.keys.find(&hash).await?
             && found.hash_algorithm == algorithm
         {
             return Ok(Some(found));
@@ -78,33 +86,56 @@ pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
     crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
-/// The key in the request: `Authorization: Bearer <key>` first, then `X-API-Key`.
-fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
-    if let Some(value) = headers.get(AUTHORIZATION) {
-        let value = value.to_str().unwrap_or_default().trim();
-        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-            return Ok(token.trim());
-        }
-        return Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"));
+/// The key in the request, read the same way on every surface (management API, gateway, layer):
+/// `Authorization: Bearer <key>` first, then `X-API-Key`. An `Authorization` header of another scheme
+/// holds no key; without an `X-API-Key` the answer says which scheme to use.
+pub fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+    let authorization = headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or_default().trim());
+    if let Some((scheme, token)) = authorization.and_then(|v| v.split_once(' '))
+        && scheme.eq_ignore_ascii_case("bearer")
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim());
     }
     match headers.get("x-api-key").map(|v| v.to_str().unwrap_or_default().trim()) {
         Some(key) if !key.is_empty() => Ok(key),
-        _ => Err(ApiError::new(
-            ErrorCode::MissingCredentials,
-            "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-        )),
+        _ if authorization.is_some() => {
+            Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"))
+        }
+        _ => Err(ApiError::missing_credentials()),
     }
 }
 
-/// An authenticated caller of the management API.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub key: Arc<KeyRecord>,
-    pub ip: Option<IpAddr>,
+/// A caller of the API, authenticated and admitted by the permission `P` its route declares in the
+/// handler's signature (`Caller<KeysWrite>`): a handler holding one was never reached by a key that
+/// lacks it. How far the caller reaches ([`Reach`]) is decided here, once, and the
+/// object-level rules below read it.
+#[derive(Debug)]
+pub struct Caller<P> {
+    key: Arc<KeyRecord>,
+    ip: Option<IpAddr>,
+    reach: Reach,
+    permission: PhantomData<fn() -> P>,
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<P: Permission> FromRequestParts<AppState> for Caller<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Authenticated { key, ip } = Authenticated::from_request_parts(parts, state).await?;
+        let reach = admit(P::GRANTS, &key.scopes).map_err(|lacks| ApiError::insufficient_scope(lacks.as_str()))?;
+        Ok(Caller { key, ip, reach, permission: PhantomData })
+    }
+}
+
+/// A usable key, before its route's permission admitted it. A refusal is logged and counted as a
+/// failed authentication.
+struct Authenticated {
+    key: Arc<KeyRecord>,
+    ip: Option<IpAddr>,
+}
+
+impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
@@ -136,7 +167,7 @@ impl FromRequestParts<AppState> for Caller {
             Err(refused) => refused,
         };
         let presented = presented_key(&parts.headers).unwrap_or_default();
-        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: "management" });
+        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: crate::telemetry::Via::Management });
         if let Some(ip) = ip {
             crate::limits::count_failed_auth(state, crate::limits::FailureScope::Management, ip, now).await;
         }
@@ -153,28 +184,30 @@ async fn authenticate(
     parts: &Parts,
     ip: Option<IpAddr>,
     now: DateTime<Utc>,
-) -> Result<Result<Caller, Refusal>, ApiError> {
+) -> Result<Result<Authenticated, Refusal>, ApiError> {
     let presented = match presented_key(&parts.headers) {
         Ok(p) => p,
         Err(e) => return Ok(Err(("MISSING_CREDENTIALS", None, e))),
     };
     let found = match lookup(state, presented).await? {
         Lookup::Malformed(e) => {
-            let error = ApiError::new(ErrorCode::MalformedKey, format!("the API key is malformed: {e}"));
+            let error = ApiError {
+                message: format!("the API key is malformed: {e}"),
+                ..ApiError::refused(VerifyOutcome::Malformed)
+            };
             return Ok(Err((VerifyOutcome::Malformed.code(), None, error)));
         }
         Lookup::NotFound => {
-            let error = ApiError::new(ErrorCode::UnknownKey, "the API key is not known");
-            return Ok(Err((VerifyOutcome::NotFound.code(), None, error)));
+            return Ok(Err((VerifyOutcome::NotFound.code(), None, ApiError::refused(VerifyOutcome::NotFound))));
         }
         Lookup::Found(found) => found,
     };
     let request = VerifyRequest { now, client_ip: ip, required_scopes: &[] };
     let outcome = found.check(&request);
     if outcome != VerifyOutcome::Valid {
-        return Ok(Err((outcome.code(), Some(found.id), refusal(outcome))));
+        return Ok(Err((outcome.code(), Some(found.id), ApiError::refused(outcome))));
     }
-    Ok(Ok(Caller { key: found, ip }))
+    Ok(Ok(Authenticated { key: found, ip }))
 }
 
 /// One failed authentication, as logged and counted.
@@ -186,8 +219,7 @@ pub struct AuthFailure<'a> {
     pub key_id: Option<KeyId>,
     pub ip: Option<IpAddr>,
     pub user_agent: &'a str,
-    /// `management` (the caller's own key) or `verify` (a key checked through `/v1/verify`).
-    pub via: &'static str,
+    pub via: crate::telemetry::Via,
 }
 
 /// One structured log line (JSON under `KEYWARD_LOG_FORMAT=json`) and one metric per failed
@@ -196,7 +228,7 @@ pub fn auth_failed(f: AuthFailure<'_>) {
     crate::telemetry::auth_failure(f.reason, f.via);
     tracing::info!(
         reason = f.reason,
-        via = f.via,
+        via = f.via.as_str(),
         key = %redacted(f.presented),
         key_id = f.key_id.map(|k| k.to_string()).unwrap_or_default(),
         client_ip = f.ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -210,19 +242,90 @@ pub fn redacted(presented: &str) -> String {
     PlainKey::parse(presented).map(|k| k.redacted()).unwrap_or_else(|_| "…".to_owned())
 }
 
-fn refusal(outcome: VerifyOutcome) -> ApiError {
-    let (code, message) = match outcome {
-        VerifyOutcome::Revoked => (ErrorCode::KeyRevoked, "the API key was revoked"),
-        VerifyOutcome::Disabled => (ErrorCode::KeyDisabled, "the API key is disabled"),
-        VerifyOutcome::Expired => (ErrorCode::KeyExpired, "the API key has expired"),
-        VerifyOutcome::OrgDisabled => (ErrorCode::OrganizationDisabled, "the key's organization is disabled"),
-        VerifyOutcome::IpNotAllowed => (ErrorCode::IpNotAllowed, "the API key may not be used from this address"),
-        _ => (ErrorCode::UnknownKey, "the API key is not valid"),
-    };
-    ApiError::new(code, message)
+/// How far an admitted caller reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// `keyward:admin`: every organization.
+    Everywhere,
+    /// Its own organization.
+    Organization,
+    /// The keys of its own `owner_id`, in its own organization (`keyward:self`); a key without an
+    /// owner reaches none.
+    OwnKeys,
 }
 
-impl Caller {
+/// One way into a route: a `keyward:` scope the key permits (`ScopeSet::permits`: held, implied by
+/// `keyward:keys:write` for reading, or by `keyward:admin`), and how far it then reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: KeywardScope,
+    pub reach: Reach,
+}
+
+const fn grant(scope: KeywardScope, reach: Reach) -> Grant {
+    Grant { scope, reach }
+}
+
+/// What a route needs of its caller, as a type: the `P` of `Caller<P>`.
+pub trait Permission: 'static {
+    /// Tried in order: the first the key permits admits it; none, and the answer is 403
+    /// `insufficient_scope` naming the first. Empty: any usable key. `keyward:admin` is admitted by
+    /// every permission and reaches [`Reach::Everywhere`].
+    const GRANTS: &'static [Grant];
+}
+
+macro_rules! permissions {
+    ($($(#[$doc:meta])* $name:ident => [$($scope:ident: $reach:ident),*];)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
+
+        impl Permission for $name {
+            const GRANTS: &'static [Grant] = &[$(grant(KeywardScope::$scope, Reach::$reach)),*];
+        }
+    )*};
+}
+
+permissions! {
+    /// Any usable key (its own standing).
+    AnyKey => [];
+    /// `keyward:verify`: the hot path, in the caller's organization.
+    Verify => [Verify: Organization];
+    /// `keyward:keys:read` in the caller's organization, or `keyward:self` on its own owner's keys.
+    KeysReadOrSelf => [KeysRead: Organization, SelfService: OwnKeys];
+    /// `keyward:keys:write` in the caller's organization, or `keyward:self` on its own owner's keys.
+    KeysWriteOrSelf => [KeysWrite: Organization, SelfService: OwnKeys];
+    /// `keyward:keys:read`: what spans the organization (`keyward:self` is not enough).
+    KeysRead => [KeysRead: Organization];
+    /// `keyward:keys:write`: what spans the organization (`keyward:self` is not enough).
+    KeysWrite => [KeysWrite: Organization];
+    /// `keyward:audit:read`, in the caller's organization.
+    AuditRead => [AuditRead: Organization];
+    /// `keyward:admin`: every organization.
+    Admin => [Admin: Everywhere];
+}
+
+/// How far a key with `scopes` reaches under `grants`, or the scope a refusal names.
+pub fn admit(grants: &[Grant], scopes: &ScopeSet) -> Result<Reach, KeywardScope> {
+    if scopes.holds(KeywardScope::Admin) {
+        return Ok(Reach::Everywhere);
+    }
+    match grants.first() {
+        None => Ok(Reach::Organization),
+        Some(first) => grants.iter().find(|g| scopes.permits(g.scope)).map(|g| g.reach).ok_or(first.scope),
+    }
+}
+
+/// The object-level rules: each written once, here, and called by name from the handlers.
+impl<P> Caller<P> {
+    pub fn key_id(&self) -> KeyId {
+        self.key.id
+    }
+
+    pub fn organization_id(&self) -> OrgId {
+        self.key.organization_id
+    }
+
     pub fn scopes(&self) -> &ScopeSet {
         &self.key.scopes
     }
@@ -231,61 +334,141 @@ impl Caller {
         self.key.scopes.holds(KeywardScope::Admin)
     }
 
-    pub fn permits(&self, scope: KeywardScope) -> bool {
-        self.key.scopes.permits(scope)
-    }
-
-    pub fn require(&self, scope: KeywardScope) -> ApiResult<()> {
-        if self.permits(scope) { Ok(()) } else { Err(ApiError::insufficient_scope(scope.as_str())) }
-    }
-
-    /// Reading keys: `keyward:keys:read`, or `keyward:self` for its own owner's keys.
-    pub fn require_key_read(&self) -> ApiResult<()> {
-        if self.permits(KeywardScope::KeysRead) || self.permits(KeywardScope::SelfService) {
-            Ok(())
-        } else {
-            Err(ApiError::insufficient_scope(KeywardScope::KeysRead.as_str()))
-        }
-    }
-
-    /// Creating and revoking keys: `keyward:keys:write`, or `keyward:self` for its own owner's keys.
-    pub fn require_key_write(&self) -> ApiResult<()> {
-        if self.permits(KeywardScope::KeysWrite) || self.permits(KeywardScope::SelfService) {
-            Ok(())
-        } else {
-            Err(ApiError::insufficient_scope(KeywardScope::KeysWrite.as_str()))
-        }
-    }
-
-    /// Holds `keyward:self` and nothing broader for keys: it acts only on its own owner's keys.
-    pub fn self_service_only(&self, write: bool) -> bool {
-        let broad = if write { KeywardScope::KeysWrite } else { KeywardScope::KeysRead };
-        !self.permits(broad) && self.permits(KeywardScope::SelfService)
-    }
-
-    /// The organization the caller is confined to; `None` for `keyward:admin`.
-    pub fn org_filter(&self) -> Option<OrgId> {
-        (!self.is_admin()).then_some(self.key.organization_id)
-    }
-
-    /// Whether the caller may see this key at all. A key it may not see answers 404, exactly like
-    /// one that does not exist.
-    pub fn can_see(&self, key: &ApiKey, write: bool) -> bool {
-        if self.is_admin() {
-            return true;
-        }
-        if key.organization_id != self.key.organization_id {
-            return false;
-        }
-        !self.self_service_only(write)
-            || (self.key.owner_id.is_some() && key.owner_id.as_deref() == self.key.owner_id.as_deref())
-    }
-
     pub fn actor(&self, at: DateTime<Utc>) -> Actor {
         Actor::key(self.key.id, self.ip.map(|ip| ip.to_string()), at)
     }
 
-    pub fn key_id(&self) -> KeyId {
-        self.key.id
+    /// The organization the caller is confined to; `None` for `keyward:admin`.
+    pub fn org_filter(&self) -> Option<OrgId> {
+        (self.reach != Reach::Everywhere).then_some(self.key.organization_id)
+    }
+
+    /// Whether the caller reaches into this organization. SECURITY: what it does not reach answers
+    /// like what does not exist.
+    pub fn reaches_org(&self, organization: OrgId) -> bool {
+        self.org_filter().is_none_or(|own| own == organization)
+    }
+
+    /// Whether the caller reaches only the keys of its own owner (`keyward:self`).
+    fn confined_to_owner(&self) -> bool {
+        self.reach == Reach::OwnKeys
+    }
+
+    /// The owner whose keys alone the caller may list (`""`, no one's, for a `keyward:self` key without
+    /// an owner); `None` when it is not confined to one.
+    pub fn listed_owner(&self) -> Option<&str> {
+        self.confined_to_owner().then(|| self.key.owner_id.as_deref().unwrap_or_default())
+    }
+
+    /// Whether the caller may see this key at all. A key it may not see answers 404, exactly like
+    /// one that does not exist.
+    pub fn sees_key(&self, key: &ApiKey) -> bool {
+        let own = self.key.owner_id.as_deref();
+        self.reaches_org(key.organization_id)
+            && (!self.confined_to_owner() || (own.is_some() && key.owner_id.as_deref() == own))
+    }
+
+    /// Whether the caller holds this `keyward:` scope itself (admin holds every one); an unknown reserved
+    /// scope needs admin.
+    pub fn holds(&self, reserved: &Scope) -> bool {
+        self.is_admin() || self.key.scopes.holds(reserved.keyward().unwrap_or(KeywardScope::Admin))
+    }
+
+    /// SECURITY: one rule for every write on a key: the caller holds every `keyward:` scope the key
+    /// holds, so no key can re-enable, strip or revoke a key more powerful than itself.
+    pub fn may_change(&self, key: &ApiKey) -> ApiResult<()> {
+        match key.scopes.iter().filter(|s| s.is_reserved()).find(|s| !self.holds(s)) {
+            None => Ok(()),
+            Some(scope) => Err(ApiError::new(
+                ErrorCode::InsufficientScope,
+                format!("this key cannot change a key that holds `{scope}`, which it does not hold itself"),
+            )),
+        }
+    }
+
+    /// SECURITY: a key may grant only the `keyward:` scopes it holds itself (admin grants any), and a
+    /// key confined to its owner's keys only customer scopes its own scopes cover.
+    pub fn may_grant(&self, scopes: &ScopeSet) -> ApiResult<()> {
+        let confined = self.confined_to_owner();
+        match scopes
+            .iter()
+            .find(|s| if s.is_reserved() { !self.holds(s) } else { confined && !self.scopes().covers(s) })
+        {
+            None => Ok(()),
+            Some(scope) => Err(ApiError::new(
+                ErrorCode::InsufficientScope,
+                // SECURITY: a customer scope is client text (`read:<anything>`); it could hold a key.
+                format!(
+                    "this key cannot grant the scope {} it does not hold",
+                    keyward_core::key::quote_if_not_key(scope.as_str())
+                ),
+            )),
+        }
+    }
+
+    /// The organization a new key, endpoint or import is for: the caller's own unless it names another,
+    /// which needs `keyward:admin`.
+    pub fn organization_for(&self, requested: Option<&str>) -> ApiResult<OrgId> {
+        let Some(raw) = requested else { return Ok(self.key.organization_id) };
+        let id: OrgId =
+            raw.parse().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?;
+        if self.reaches_org(id) { Ok(id) } else { Err(ApiError::insufficient_scope(KeywardScope::Admin.as_str())) }
+    }
+
+    /// The owner a new key is for: the one asked for, except that a caller confined to its owner's keys
+    /// creates keys for that owner only (and, without an owner, none).
+    pub fn owner_for(&self, requested: Option<String>) -> ApiResult<Option<String>> {
+        if !self.confined_to_owner() {
+            return Ok(requested);
+        }
+        let Some(own) = self.key.owner_id.as_deref() else {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "a self-service key without an owner_id cannot create keys",
+            ));
+        };
+        match requested {
+            Some(owner) if *owner != *own => {
+                Err(ApiError::new(ErrorCode::Forbidden, "a self-service key creates keys for its own owner only"))
+            }
+            _ => Ok(Some(own.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Admitted = Result<Reach, KeywardScope>;
+
+    fn reach<P: Permission>(scopes: &[&str]) -> Admitted {
+        admit(P::GRANTS, &ScopeSet::parse(scopes).unwrap())
+    }
+
+    #[test]
+    fn permissions_admit_as_declared() {
+        use KeywardScope as S;
+        use Reach::{Everywhere, Organization, OwnKeys};
+        let cases: &[(&str, Admitted, Admitted)] = &[
+            // a key's scope, what `KeysReadOrSelf` admits, what `KeysWrite` admits
+            ("keyward:admin", Ok(Everywhere), Ok(Everywhere)),
+            ("keyward:keys:write", Ok(Organization), Ok(Organization)),
+            ("keyward:keys:read", Ok(Organization), Err(S::KeysWrite)),
+            ("keyward:self", Ok(OwnKeys), Err(S::KeysWrite)),
+            ("keyward:verify", Err(S::KeysRead), Err(S::KeysWrite)),
+            ("*", Err(S::KeysRead), Err(S::KeysWrite)),
+        ];
+        for (scope, read_or_self, write) in cases {
+            assert_eq!(reach::<KeysReadOrSelf>(&[scope]), *read_or_self, "{scope}");
+            assert_eq!(reach::<KeysWrite>(&[scope]), *write, "{scope}");
+        }
+        // The broader scope wins over `keyward:self`.
+        assert_eq!(reach::<KeysWriteOrSelf>(&["keyward:self", "keyward:keys:write"]), Ok(Organization));
+        assert_eq!(reach::<KeysWriteOrSelf>(&["keyward:self", "keyward:keys:read"]), Ok(OwnKeys));
+        assert_eq!(reach::<AnyKey>(&[]), Ok(Organization));
+        assert_eq!(reach::<Admin>(&["keyward:keys:write", "keyward:audit:read"]), Err(S::Admin));
+        assert_eq!(reach::<AuditRead>(&["keyward:audit:read"]), Ok(Organization));
+        assert_eq!(reach::<Verify>(&["keyward:keys:write"]), Err(S::Verify));
     }
 }

@@ -2,14 +2,16 @@
 //! front of the store, so a warm verification touches no database and takes no lock that all
 //! requests share (`quick_cache` is sharded).
 //!
-//! [`CachedStore`] wraps any [`Store`]: reads of keys by hash go through the cache; every change made
-//! through it (update, revoke, organization change, new or imported key) removes what it made stale,
-//! on this node at once and on every other node through the [`InvalidationBus`] (Redis pub/sub)
-//! within milliseconds. Unknown hashes are cached briefly too (negative entries, bounded separately,
-//! so a flood of random keys cannot evict real ones). A bounded TTL is the safety net for changes
-//! made around Keyward (by hand in the database). After a lost subscription a node drops its whole
-//! cache: it cannot know what it missed. While the store is unreachable an entry is served stale up
-//! to `stale_ceiling`; a miss then answers `store_unavailable`, never "not found".
+//! [`CachedLookup`] wraps a [`KeyLookup`], the one thing the verify path asks of storage, and nothing
+//! wider. Every store write that can change what verification answers returns its result as a
+//! [`keyward_store::Changed`], whose value comes out only by handing its invalidations to an
+//! [`Invalidator`]: the node's `CachedLookup`, which drops them at once and publishes them to every
+//! other node through the [`InvalidationBus`] (Redis pub/sub) within milliseconds. Unknown hashes are
+//! cached briefly too (negative entries, bounded separately, so a flood of random keys cannot evict
+//! real ones). A bounded TTL is the safety net for changes made around Keyward (by hand in the
+//! database). After a lost subscription a node drops its whole cache: it cannot know what it missed.
+//! While the store is unreachable an entry is served stale up to `stale_ceiling`; a miss then answers
+//! `store_unavailable`, never "not found".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,46 +19,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::{Clock, KeyHash, KeyId, OrgId, ScopeSet};
-use keyward_store::{
-    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyRecord,
-    KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, OrgRecord, Organization, OrganizationPatch, Page,
-    PageRequest, Store, StoreError, StoreResult,
-};
+use keyward_core::{Clock, KeyHash, OrgId, ScopeSet};
+use keyward_store::{Invalidator, KeyLookup, KeyRecord, OrgRecord, StoreError, StoreResult};
 use quick_cache::sync::Cache;
-use serde_json::Value;
 
-/// Sizes and times of the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Keys held (about 270 bytes each, measured with 1,000,000 keys; see BENCHMARKS.md).
-    pub capacity: usize,
-    /// Unknown hashes held, separately.
-    pub negative_capacity: usize,
-    /// How long an entry is trusted without a word from the bus, in milliseconds.
-    pub ttl_ms: u64,
-    /// How long an unknown hash is remembered, in milliseconds.
-    pub negative_ttl_ms: u64,
-    /// How long an entry may be served while the store is unreachable, in milliseconds.
-    pub stale_ceiling_ms: u64,
-    /// How long a lookup that missed the cache waits for the store before the store counts as
-    /// unreachable (the breaker opens), in milliseconds.
-    pub lookup_timeout_ms: u64,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            capacity: 1_000_000,
-            negative_capacity: 100_000,
-            ttl_ms: 30_000,
-            negative_ttl_ms: 2_000,
-            stale_ceiling_ms: 300_000,
-            lookup_timeout_ms: 1_000,
-        }
-    }
-}
+use crate::settings::CacheConfig;
 
 /// The cache's key: the first 128 bits of the key's hash. The record was read from the store under
 /// the whole hash (compared there in constant time); another key whose SHA-256 starts with the same 128
@@ -230,16 +197,18 @@ fn age_ms(now: DateTime<Utc>, then: DateTime<Utc>) -> u64 {
     u64::try_from((now - then).num_milliseconds()).unwrap_or(0)
 }
 
-/// Publishes changes to the other nodes.
-#[async_trait]
+/// Publishes changes to the other nodes. Never waits: a change is handed over, and the bus makes sure
+/// it goes out.
 pub trait InvalidationBus: Send + Sync + std::fmt::Debug {
-    async fn publish(&self, change: &Invalidation);
+    fn publish(&self, change: &Invalidation);
 }
 
-/// A [`Store`] with the verify cache in front of `find_key_by_hash`.
+/// A [`KeyLookup`] with the node's verify cache in front of it, and the [`Invalidator`] every store
+/// write hands what it changed to (see [`keyward_store::Changed`]): the change is dropped here at once
+/// and published to the other nodes.
 #[derive(Debug, Clone)]
-pub struct CachedStore {
-    inner: Arc<dyn Store>,
+pub struct CachedLookup {
+    inner: Arc<dyn KeyLookup>,
     cache: KeyCache,
     clock: Arc<dyn Clock>,
     bus: Option<Arc<dyn InvalidationBus>>,
@@ -294,50 +263,9 @@ impl StoreBreaker {
     }
 }
 
-impl CachedStore {
-    pub fn new(inner: Arc<dyn Store>, cache: KeyCache, clock: Arc<dyn Clock>) -> Self {
+impl CachedLookup {
+    pub fn new(inner: Arc<dyn KeyLookup>, cache: KeyCache, clock: Arc<dyn Clock>) -> Self {
         Self { inner, cache, clock, bus: None, breaker: Arc::default() }
-    }
-
-    /// The store's health as the verify path sees it.
-    pub fn breaker(&self) -> Arc<StoreBreaker> {
-        self.breaker.clone()
-    }
-
-    /// Opens the breaker after a lookup found the store unreachable; the first to open it starts the
-    /// probe that closes it.
-    fn store_unreachable(&self, cause: &str) {
-        if !self.breaker.trip() {
-            return;
-        }
-        tracing::warn!(%cause, "the store is unreachable: verifications answer from the cache until it is back");
-        let (inner, breaker) = (self.inner.clone(), self.breaker.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(PROBE_EVERY).await;
-                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), inner.ping()).await {
-                    breaker.close();
-                    return;
-                }
-            }
-        });
-    }
-
-    /// While the store is unreachable: the cached entry up to the stale ceiling, else `Unavailable`.
-    fn stale_or_unavailable(
-        &self,
-        cached: Option<Arc<KeyRecord>>,
-        now: DateTime<Utc>,
-        cause: String,
-    ) -> StoreResult<Option<Arc<KeyRecord>>> {
-        match cached {
-            // SECURITY: stale only while the store is down, and only up to the ceiling.
-            Some(record) if age_ms(now, record.fetched_at) < self.cache.config.stale_ceiling_ms => {
-                metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
-                Ok(Some(record))
-            }
-            _ => Err(StoreError::Unavailable(cause)),
-        }
     }
 
     pub fn with_bus(mut self, bus: Arc<dyn InvalidationBus>) -> Self {
@@ -349,73 +277,16 @@ impl CachedStore {
         &self.cache
     }
 
-    async fn changed(&self, change: Invalidation) {
-        self.cache.apply(&change);
-        if let Some(bus) = &self.bus {
-            bus.publish(&change).await;
-        }
+    /// The store's health as the verify path sees it.
+    pub fn breaker(&self) -> &StoreBreaker {
+        &self.breaker
     }
 
-    /// Drops what a write made stale, here and on the other nodes.
-    async fn pass<T>(&self, changed: Changed<T>) -> Changed<T> {
-        for change in changed.invalidations() {
-            self.changed(change.clone()).await;
-        }
-        changed
-    }
-}
-
-#[async_trait]
-impl Store for CachedStore {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
-        self.inner.migrate_up().await
-    }
-    async fn migrate_down(&self, steps: u32) -> StoreResult<Vec<MigrationInfo>> {
-        let r = self.inner.migrate_down(steps).await;
-        self.changed(Invalidation::All).await;
-        r
-    }
-    async fn migration_status(&self) -> StoreResult<Vec<MigrationInfo>> {
-        self.inner.migration_status().await
-    }
-    async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
-        self.inner.insert_org(org, actor).await
-    }
-    async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
-        self.inner.get_org(id).await
-    }
-    async fn find_org_by_slug(&self, slug: &str) -> StoreResult<Option<Organization>> {
-        self.inner.find_org_by_slug(slug).await
-    }
-    async fn list_orgs(&self, page: PageRequest<OrgId>) -> StoreResult<Page<Organization, OrgId>> {
-        self.inner.list_orgs(page).await
-    }
-    async fn update_org(
-        &self,
-        id: OrgId,
-        patch: OrganizationPatch,
-        actor: &Actor,
-    ) -> StoreResult<Changed<Organization>> {
-        Ok(self.pass(self.inner.update_org(id, patch, actor).await?).await)
-    }
-    async fn count_orgs(&self) -> StoreResult<i64> {
-        self.inner.count_orgs().await
-    }
-    async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
-        Ok(self.pass(self.inner.insert_key(key, actor).await?).await)
-    }
-
-    async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        self.inner.find_key_by_hash(hash).await
-    }
-
-    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+    /// The key stored under `hash`: from the cache while its entry is fresh (or, while the store is
+    /// unreachable, up to the stale ceiling), else from the store. The verify path calls this directly,
+    /// not through [`KeyLookup`], so a hit boxes no future: it allocates nothing and takes no lock that
+    /// all requests share.
+    pub async fn find(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
         let now = self.clock.now();
         let cfg = self.cache.config;
         let slot = slot(hash);
@@ -466,205 +337,60 @@ impl Store for CachedStore {
         }
     }
 
-    async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {
-        self.inner.get_key(id).await
+    /// Opens the breaker after a lookup found the store unreachable; the first to open it starts the
+    /// probe that closes it.
+    fn store_unreachable(&self, cause: &str) {
+        if !self.breaker.trip() {
+            return;
+        }
+        tracing::warn!(%cause, "the store is unreachable: verifications answer from the cache until it is back");
+        let (inner, breaker) = (self.inner.clone(), self.breaker.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), inner.ping()).await {
+                    breaker.close();
+                    return;
+                }
+            }
+        });
     }
-    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
-        self.inner.list_keys(filter, page).await
-    }
-    async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
-        Ok(self.pass(self.inner.update_key(id, patch, actor).await?).await)
-    }
-    async fn revoke_key(
+
+    /// While the store is unreachable: the cached entry up to the stale ceiling, else `Unavailable`.
+    fn stale_or_unavailable(
         &self,
-        id: KeyId,
-        reason: &str,
-        at: DateTime<Utc>,
-        actor: &Actor,
-    ) -> StoreResult<Changed<ApiKey>> {
-        Ok(self.pass(self.inner.revoke_key(id, reason, at, actor).await?).await)
-    }
-    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
-        self.inner.record_key_usage(usage).await
-    }
-    async fn import_keys(
-        &self,
-        organization_id: OrgId,
-        keys: Vec<KeyImport>,
-        actor: &Actor,
-        dry_run: bool,
-    ) -> StoreResult<Changed<Vec<ImportOutcome>>> {
-        Ok(self.pass(self.inner.import_keys(organization_id, keys, actor, dry_run).await?).await)
-    }
-    async fn has_legacy_keys(&self) -> StoreResult<bool> {
-        self.inner.has_legacy_keys().await
-    }
-    async fn append_audit(
-        &self,
-        action: &str,
-        organization_id: OrgId,
-        details: Value,
-        actor: &Actor,
-    ) -> StoreResult<AuditEntry> {
-        self.inner.append_audit(action, organization_id, details, actor).await
-    }
-    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest<i64>) -> StoreResult<Page<AuditEntry, i64>> {
-        self.inner.list_audit(filter, page).await
+        cached: Option<Arc<KeyRecord>>,
+        now: DateTime<Utc>,
+        cause: String,
+    ) -> StoreResult<Option<Arc<KeyRecord>>> {
+        match cached {
+            // SECURITY: stale only while the store is down, and only up to the ceiling.
+            Some(record) if age_ms(now, record.fetched_at) < self.cache.config.stale_ceiling_ms => {
+                metrics::counter!("keyward_cache_lookups_total", "result" => "stale").increment(1);
+                Ok(Some(record))
+            }
+            _ => Err(StoreError::Unavailable(cause)),
+        }
     }
 }
 
-/// Lifecycle changes go through; rotation and expiry change what verification answers, so they
-/// invalidate like any other change.
 #[async_trait]
-impl keyward_store::LifecycleStore for CachedStore {
-    async fn rotate_key(
-        &self,
-        old: KeyId,
-        new: NewKey,
-        revoke_at: DateTime<Utc>,
-        actor: &Actor,
-    ) -> StoreResult<Changed<keyward_store::Rotation>> {
-        Ok(self.pass(self.inner.rotate_key(old, new, revoke_at, actor).await?).await)
+impl KeyLookup for CachedLookup {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        self.find(hash).await
     }
-    async fn list_expiring_keys(
-        &self,
-        organization_id: Option<OrgId>,
-        now: DateTime<Utc>,
-        until: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<ApiKey>> {
-        self.inner.list_expiring_keys(organization_id, now, until, limit).await
-    }
-    async fn expire_keys(
-        &self,
-        organization_id: Option<OrgId>,
-        now: DateTime<Utc>,
-        actor: &Actor,
-    ) -> StoreResult<Changed<Vec<ApiKey>>> {
-        Ok(self.pass(self.inner.expire_keys(organization_id, now, actor).await?).await)
-    }
-    async fn record_expiring_events(&self, now: DateTime<Utc>, days: u32) -> StoreResult<Vec<keyward_store::Event>> {
-        self.inner.record_expiring_events(now, days).await
-    }
-    async fn verify_audit_chain(&self) -> StoreResult<keyward_store::AuditChainReport> {
-        self.inner.verify_audit_chain().await
-    }
-    async fn list_events(&self, after: Option<uuid::Uuid>, limit: u32) -> StoreResult<Vec<keyward_store::Event>> {
-        self.inner.list_events(after, limit).await
-    }
-    async fn record_event(&self, event: &keyward_store::Event, dedup_key: Option<&str>) -> StoreResult<bool> {
-        self.inner.record_event(event, dedup_key).await
-    }
-    async fn insert_webhook(
-        &self,
-        hook: keyward_store::NewWebhook,
-        actor: &Actor,
-    ) -> StoreResult<keyward_store::Webhook> {
-        self.inner.insert_webhook(hook, actor).await
-    }
-    async fn get_webhook(&self, id: uuid::Uuid) -> StoreResult<keyward_store::Webhook> {
-        self.inner.get_webhook(id).await
-    }
-    async fn list_webhooks(&self, organization_id: Option<OrgId>) -> StoreResult<Vec<keyward_store::Webhook>> {
-        self.inner.list_webhooks(organization_id).await
-    }
-    async fn update_webhook(
-        &self,
-        id: uuid::Uuid,
-        patch: keyward_store::WebhookPatch,
-        actor: &Actor,
-    ) -> StoreResult<keyward_store::Webhook> {
-        self.inner.update_webhook(id, patch, actor).await
-    }
-    async fn delete_webhook(&self, id: uuid::Uuid, actor: &Actor) -> StoreResult<()> {
-        self.inner.delete_webhook(id, actor).await
-    }
-    async fn dispatch_events(&self, now: DateTime<Utc>, give_up_at: DateTime<Utc>, limit: u32) -> StoreResult<usize> {
-        self.inner.dispatch_events(now, give_up_at, limit).await
-    }
-    async fn claim_deliveries(
-        &self,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<keyward_store::DeliveryJob>> {
-        self.inner.claim_deliveries(now, lease_until, limit).await
-    }
-    async fn record_attempt(
-        &self,
-        delivery: uuid::Uuid,
-        attempt: &keyward_store::Attempt,
-        outcome: keyward_store::AttemptOutcome,
-    ) -> StoreResult<()> {
-        self.inner.record_attempt(delivery, attempt, outcome).await
-    }
-    async fn list_deliveries(&self, endpoint: uuid::Uuid, limit: u32) -> StoreResult<Vec<keyward_store::Delivery>> {
-        self.inner.list_deliveries(endpoint, limit).await
-    }
-    async fn list_attempts(&self, delivery: uuid::Uuid) -> StoreResult<Vec<keyward_store::Attempt>> {
-        self.inner.list_attempts(delivery).await
-    }
-    async fn retry_delivery(
-        &self,
-        endpoint: uuid::Uuid,
-        delivery: uuid::Uuid,
-        now: DateTime<Utc>,
-        give_up_at: DateTime<Utc>,
-    ) -> StoreResult<keyward_store::Delivery> {
-        self.inner.retry_delivery(endpoint, delivery, now, give_up_at).await
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
     }
 }
 
-/// The usage ledger goes straight through: nothing it writes changes what verification answers.
-#[async_trait]
-impl keyward_store::UsageStore for CachedStore {
-    async fn record_usage_batch(
-        &self,
-        events: &[keyward_store::usage::UsageEvent],
-    ) -> StoreResult<keyward_store::usage::RecordedBatch> {
-        self.inner.record_usage_batch(events).await
-    }
-    async fn fold_usage(&self) -> StoreResult<u64> {
-        self.inner.fold_usage().await
-    }
-    async fn key_usage_daily(
-        &self,
-        key_id: KeyId,
-        from: chrono::NaiveDate,
-        to: chrono::NaiveDate,
-    ) -> StoreResult<Vec<keyward_store::usage::DailyUsage>> {
-        self.inner.key_usage_daily(key_id, from, to).await
-    }
-    async fn key_usage_endpoints(
-        &self,
-        key_id: KeyId,
-        from: chrono::NaiveDate,
-        to: chrono::NaiveDate,
-        limit: u32,
-    ) -> StoreResult<Vec<keyward_store::usage::EndpointUsage>> {
-        self.inner.key_usage_endpoints(key_id, from, to, limit).await
-    }
-    async fn org_usage_by_key(
-        &self,
-        org: OrgId,
-        from: chrono::NaiveDate,
-        to: chrono::NaiveDate,
-    ) -> StoreResult<Vec<keyward_store::usage::KeyTotals>> {
-        self.inner.org_usage_by_key(org, from, to).await
-    }
-    async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {
-        self.inner.quota_used(subject, month).await
-    }
-    async fn usage_event_totals(
-        &self,
-        key_id: KeyId,
-        from: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> StoreResult<keyward_store::usage::EventTotals> {
-        self.inner.usage_event_totals(key_id, from, until).await
-    }
-    async fn prune_usage_events(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        self.inner.prune_usage_events(before, limit).await
+impl Invalidator for CachedLookup {
+    fn invalidate(&self, change: &Invalidation) {
+        self.cache.apply(change);
+        if let Some(bus) = &self.bus {
+            bus.publish(change);
+        }
     }
 }
 
@@ -748,9 +474,8 @@ async fn futures_next<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::I
     futures_util::StreamExt::next(s).await
 }
 
-#[async_trait]
 impl InvalidationBus for RedisBus {
-    async fn publish(&self, change: &Invalidation) {
+    fn publish(&self, change: &Invalidation) {
         match self.outbox.try_send(change.clone()) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
@@ -812,6 +537,8 @@ async fn publish_until_taken(
 
 #[cfg(test)]
 mod tests {
+    use keyward_core::KeyId;
+
     use super::*;
 
     fn record(org: OrgId, plan: &str, scopes: &[&str]) -> Arc<KeyRecord> {

@@ -12,16 +12,16 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header::{AUTHORIZATION, HOST, USER_AGENT};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::header::{HOST, USER_AGENT};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keyward_core::{NormalizedPath, PathError, Scope, VerifyOutcome};
+use keyward_core::{NormalizedPath, PathError, Scope};
 use keyward_store::KeyRecord;
 
-use crate::error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::verifier::{self, Check};
 
@@ -305,21 +305,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The key the client presented, if any.
-fn presented_key(headers: &HeaderMap) -> Option<String> {
-    if let Some(token) = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-    {
-        return Some(token.to_owned());
-    }
-    let key = headers.get("x-api-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then(|| key.to_owned())
-}
-
 /// A header name as CGI, WSGI and Rack read it: `X_Keyward_Owner_Id` and `x-keyward-owner-id` are one.
 fn cgi_name(name: &HeaderName) -> String {
     name.as_str().replace('_', "-")
@@ -346,32 +331,6 @@ fn strip_client_headers(headers: &mut HeaderMap) {
     for name in reserved {
         headers.remove(name);
     }
-}
-
-fn rejection(outcome: VerifyOutcome) -> Response {
-    let (status, message) = match outcome {
-        VerifyOutcome::Malformed => (StatusCode::UNAUTHORIZED, "the API key is malformed"),
-        VerifyOutcome::NotFound => (StatusCode::UNAUTHORIZED, "the API key is not known"),
-        VerifyOutcome::Revoked => (StatusCode::UNAUTHORIZED, "the API key was revoked"),
-        VerifyOutcome::Disabled => (StatusCode::UNAUTHORIZED, "the API key is disabled"),
-        VerifyOutcome::Expired => (StatusCode::UNAUTHORIZED, "the API key has expired"),
-        VerifyOutcome::OrgDisabled => (StatusCode::FORBIDDEN, "the key's organization is disabled"),
-        VerifyOutcome::IpNotAllowed => (StatusCode::FORBIDDEN, "the API key may not be used from this address"),
-        VerifyOutcome::InsufficientScope => (StatusCode::FORBIDDEN, "the API key lacks a scope this route needs"),
-        VerifyOutcome::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"),
-        VerifyOutcome::QuotaExceeded => (StatusCode::TOO_MANY_REQUESTS, "monthly quota exceeded"),
-        VerifyOutcome::LimiterUnavailable => {
-            (StatusCode::SERVICE_UNAVAILABLE, "rate limits cannot be checked right now; retry shortly")
-        }
-        VerifyOutcome::Valid => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-    };
-    // In gateway mode the error code is the verify outcome code (DESIGN.md).
-    let body = ErrorBody { error: ErrorDetail { code: outcome.code(), message: message.to_owned(), field: None } };
-    let mut response = (status, axum::Json(body)).into_response();
-    if outcome == VerifyOutcome::LimiterUnavailable {
-        response.headers_mut().insert(axum::http::header::RETRY_AFTER, crate::limits::LIMITER_RETRY_AFTER_SECS.into());
-    }
-    response
 }
 
 fn identity_headers(headers: &mut HeaderMap, key: &KeyRecord) {
@@ -426,25 +385,24 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
     let rule = gateway.rule_for_any(&methods_of(&parts.method, &parts.headers), &path);
     // Read before the client headers go: Keyward is the recipient of a key or a user agent the client
     // names in `Connection`, the upstream is not.
-    let presented = presented_key(&parts.headers);
+    let presented = crate::auth::presented_key(&parts.headers).map(str::to_owned);
     let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     strip_client_headers(&mut parts.headers);
 
     if !rule.public {
-        let Some(presented) = presented else {
-            crate::auth::auth_failed(crate::auth::AuthFailure {
-                reason: "MISSING_CREDENTIALS",
-                presented: "",
-                key_id: None,
-                ip: client_ip,
-                user_agent: &user_agent,
-                via: "gateway",
-            });
-            return ApiError::new(
-                ErrorCode::MissingCredentials,
-                "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-            )
-            .into_response();
+        let presented = match presented {
+            Ok(presented) => presented,
+            Err(missing) => {
+                crate::auth::auth_failed(crate::auth::AuthFailure {
+                    reason: "MISSING_CREDENTIALS",
+                    presented: "",
+                    key_id: None,
+                    ip: client_ip,
+                    user_agent: &user_agent,
+                    via: crate::telemetry::Via::Gateway,
+                });
+                return missing.into_response();
+            }
         };
         let check = Check {
             presented: &presented,
@@ -452,7 +410,7 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             required_scopes: &rule.scopes,
             organization: None,
             user_agent: &user_agent,
-            via: "gateway",
+            via: crate::telemetry::Via::Gateway,
             cost: rule.cost,
             failures: crate::limits::FailureScope::Edge,
         };
@@ -460,18 +418,18 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
             Ok(v) => v,
             Err(e) => return ApiError::from(e).into_response(),
         };
-        let limit_headers =
-            verdict.limits.as_ref().map(|l| crate::limits::headers(&l.rate, state.clock.now())).unwrap_or_default();
-        match (&verdict.key, verdict.outcome) {
+        let now = state.clock.now();
+        match (&verdict.key, verdict.refusal(now)) {
             // SECURITY: inserted last; the key and every client `x-keyward-*` header are already gone.
-            (Some(key), VerifyOutcome::Valid) => identity_headers(&mut parts.headers, key),
-            (_, outcome) => {
-                let mut response = rejection(outcome);
-                response.headers_mut().extend(limit_headers);
+            (Some(key), None) => identity_headers(&mut parts.headers, key),
+            (_, refusal) => {
+                let response =
+                    refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record")).into_response();
                 record_usage(&state, event, (&parts.method, path.as_str()), &response, None);
                 return response;
             }
         }
+        let limit_headers = verdict.headers(now);
         // The path only: a query string may carry anything, a secret included.
         let request_line = (parts.method.clone(), path.to_string());
         let started = std::time::Instant::now();

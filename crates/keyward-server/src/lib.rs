@@ -1,6 +1,7 @@
 //! Keyward's HTTP API: the axum router, its handlers and extractors, the error table, the usage
 //! batch writer, and the operations the CLI shares with the API.
 
+pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod client_ip;
@@ -11,9 +12,12 @@ pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod model;
+#[cfg(test)]
+mod module_graph;
 pub mod openapi;
 pub mod routes;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod usage;
@@ -23,43 +27,68 @@ pub mod webhooks;
 use std::future::Future;
 
 use axum::Router;
-use axum::routing::{get, post};
 
+pub use app::App;
 pub use error::{ApiError, ErrorCode};
 pub use state::AppState;
 
-use crate::routes::{audit, health, keys, me, orgs, verify, webhooks as hooks};
+use crate::auth::{Admin, AnyKey, AuditRead, KeysRead, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Verify};
+use crate::routes::RouteTable;
+use crate::routes::Verb::{Delete, Get, Patch, Post};
+use crate::routes::{audit, health, import, keys, me, orgs, usage as ledger, verify, webhooks as hooks};
+
+/// The management API, limited per client IP. Each route names the permission it needs (`auth`'s
+/// types); its handler takes a `Caller` of exactly that permission, or this does not compile.
+#[rustfmt::skip]
+pub fn management_routes() -> RouteTable {
+    RouteTable::default()
+        .route(Post,   "/v1/keys",                            KeysWriteOrSelf, keys::create_key)
+        .route(Get,    "/v1/keys",                            KeysReadOrSelf,  keys::list_keys)
+        .route(Post,   "/v1/keys/import",                     Admin,           import::import_keys)
+        .route(Get,    "/v1/keys/{id}",                       KeysReadOrSelf,  keys::get_key)
+        .route(Patch,  "/v1/keys/{id}",                       KeysWrite,       keys::update_key)
+        .route(Delete, "/v1/keys/{id}",                       KeysWriteOrSelf, keys::revoke_key)
+        .route(Post,   "/v1/keys/{id}/rotate",                KeysWriteOrSelf, keys::rotate_key)
+        .route(Get,    "/v1/keys/expiring",                   KeysReadOrSelf,  keys::list_expiring)
+        .route(Post,   "/v1/keys/cleanup-expired",            KeysWrite,       keys::cleanup_expired)
+        .route(Get,    "/v1/keys/{id}/usage",                 KeysReadOrSelf,  ledger::key_usage)
+        .route(Get,    "/v1/me",                              AnyKey,          me::me)
+        .route(Post,   "/v1/organizations",                   Admin,           orgs::create_org)
+        .route(Get,    "/v1/organizations",                   Admin,           orgs::list_orgs)
+        .route(Get,    "/v1/organizations/{id}",              Admin,           orgs::get_org)
+        .route(Patch,  "/v1/organizations/{id}",              Admin,           orgs::update_org)
+        .route(Get,    "/v1/organizations/{id}/usage",        KeysRead,        ledger::org_usage)
+        .route(Get,    "/v1/audit-logs",                      AuditRead,       audit::list_audit)
+        .route(Get,    "/v1/audit-logs/verify",               Admin,           audit::verify_audit)
+        .route(Post,   "/v1/webhooks",                        KeysWrite,       hooks::create_webhook)
+        .route(Get,    "/v1/webhooks",                        KeysWrite,       hooks::list_webhooks)
+        .route(Get,    "/v1/webhooks/{id}",                   KeysWrite,       hooks::get_webhook)
+        .route(Patch,  "/v1/webhooks/{id}",                   KeysWrite,       hooks::update_webhook)
+        .route(Delete, "/v1/webhooks/{id}",                   KeysWrite,       hooks::delete_webhook)
+        .route(Get,    "/v1/webhooks/{id}/deliveries",        KeysWrite,       hooks::list_deliveries)
+        .route(Post,   "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", KeysWrite, hooks::retry_delivery)
+}
+
+/// The hot path and the probes: not limited per client IP.
+#[rustfmt::skip]
+pub fn service_routes() -> RouteTable {
+    RouteTable::default()
+        .route(Post,   "/v1/verify",                          Verify,          verify::verify)
+        .route(Post,   "/v1/usage",                           Verify,          ledger::report_usage)
+        .public(Get,   "/healthz",                                             health::healthz)
+        .public(Get,   "/readyz",                                              health::readyz)
+        .public(Get,   "/openapi.json",                                        routes::openapi::openapi_json)
+        .public(Get,   "/metrics",                                             health::metrics)
+}
 
 /// Every route of the API, with request ids and one tracing span per request.
 pub fn router(state: AppState) -> Router {
     telemetry::install();
-    // The management API is limited per client IP; the hot path and the probes are not.
-    let management = Router::new()
-        .route("/v1/keys", post(keys::create_key).get(keys::list_keys))
-        .route("/v1/keys/import", post(routes::import::import_keys))
-        .route("/v1/keys/{id}", get(keys::get_key).patch(keys::update_key).delete(keys::revoke_key))
-        .route("/v1/keys/{id}/rotate", post(keys::rotate_key))
-        .route("/v1/keys/expiring", get(keys::list_expiring))
-        .route("/v1/keys/cleanup-expired", post(keys::cleanup_expired))
-        .route("/v1/keys/{id}/usage", get(routes::usage::key_usage))
-        .route("/v1/me", get(me::me))
-        .route("/v1/organizations", post(orgs::create_org).get(orgs::list_orgs))
-        .route("/v1/organizations/{id}", get(orgs::get_org).patch(orgs::update_org))
-        .route("/v1/organizations/{id}/usage", get(routes::usage::org_usage))
-        .route("/v1/audit-logs", get(audit::list_audit))
-        .route("/v1/audit-logs/verify", get(audit::verify_audit))
-        .route("/v1/webhooks", post(hooks::create_webhook).get(hooks::list_webhooks))
-        .route("/v1/webhooks/{id}", get(hooks::get_webhook).patch(hooks::update_webhook).delete(hooks::delete_webhook))
-        .route("/v1/webhooks/{id}/deliveries", get(hooks::list_deliveries))
-        .route("/v1/webhooks/{id}/deliveries/{delivery_id}/retry", post(hooks::retry_delivery))
+    let management = management_routes()
+        .router()
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
-    let api = Router::new()
-        .route("/v1/verify", post(verify::verify))
-        .route("/v1/usage", post(routes::usage::report_usage))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .route("/metrics", get(telemetry::render))
+    let api = service_routes()
+        .router()
         .merge(management)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -73,7 +102,7 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    limits: listen::ServerLimits,
+    limits: settings::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listen::serve(listener, router(state), limits, shutdown).await

@@ -4,27 +4,9 @@
 
 use std::time::Duration;
 
-use keyward_store::{Actor, NoCache, StoreResult};
-use serde::{Deserialize, Serialize};
+use keyward_store::{Actor, StoreResult};
 
 use crate::state::AppState;
-
-/// `[lifecycle]` in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LifecycleSettings {
-    /// How often the expiry sweeper runs, in seconds; 0 turns it off (`POST /v1/keys/cleanup-expired`
-    /// still works).
-    pub sweep_interval_seconds: u64,
-    /// `key.expiring` is sent this many days before a key expires.
-    pub expiring_notice_days: u32,
-}
-
-impl Default for LifecycleSettings {
-    fn default() -> Self {
-        Self { sweep_interval_seconds: 60, expiring_notice_days: 7 }
-    }
-}
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,7 +18,7 @@ pub struct SweepReport {
 /// One run of the sweeper at the clock's `now`, over every organization.
 pub async fn sweep(state: &AppState) -> StoreResult<SweepReport> {
     let now = state.clock.now();
-    let expired = state.store.expire_keys(None, now, &Actor::system(now)).await?.apply(&NoCache);
+    let expired = state.store.expire_keys(None, now, &Actor::system(now)).await?.apply(&state.keys);
     let notices = state.store.record_expiring_events(now, state.lifecycle.expiring_notice_days).await?;
     if !expired.is_empty() || !notices.is_empty() {
         tracing::info!(expired = expired.len(), expiring_notices = notices.len(), "expiry sweep");

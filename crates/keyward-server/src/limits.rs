@@ -14,29 +14,11 @@ use keyward_core::limits::{QuotaDecision, RateDecision, RateLimits};
 use keyward_core::{OrgId, VerifyOutcome};
 use keyward_store::usage::QuotaSubject;
 use keyward_store::{EventKind, KeyRecord};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
-
-/// Keyward's limits on its own callers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Protection {
-    /// Management API requests per client IP per minute (`/v1/verify` is not counted).
-    pub management_per_minute: u64,
-    /// Failed authentications per client IP per minute; past it even a right key gets 429.
-    pub failed_auth_per_minute: u64,
-    /// Keys created per organization per minute.
-    pub key_creation_per_minute: u64,
-}
-
-impl Default for Protection {
-    fn default() -> Self {
-        Self { management_per_minute: 100, failed_auth_per_minute: 10, key_creation_per_minute: 5 }
-    }
-}
 
 /// `rate_limit` in a verify answer: the tightest window.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -81,9 +63,6 @@ pub struct KeyDecision {
     pub rate: RateDecision,
     pub quota: Option<QuotaDecision>,
 }
-
-/// `Retry-After` of a refusal by the `fail_closed` policy: the limiter probes Redis at least this often.
-pub const LIMITER_RETRY_AFTER_SECS: u64 = 1;
 
 /// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
 /// request spends no quota. The quota is the key's own when it has a monthly override, else its
@@ -234,7 +213,7 @@ impl std::fmt::Write for Subject {
 
 /// Whose failed authentications a failure counts against, and which counter a refusal reads.
 ///
-/// SECURITY: failure counters are per tenant (DESIGN.md). `/v1/verify` counts against the calling
+/// SECURITY: failure counters are per tenant (SECURITY.md). `/v1/verify` counts against the calling
 /// organization and the end client's address it names, so one organization's callers (naming any
 /// address they like) can never lock out another's, nor the management API; the management API
 /// counts against the address of the connection (or what a trusted proxy forwarded).
@@ -429,14 +408,11 @@ pub fn too_many(d: &RateDecision, now: DateTime<Utc>, message: &str) -> ApiError
 
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft, structured-field form), the common
 /// `X-RateLimit-*` (limit, remaining, and reset as Unix time) of the tightest window, and
-/// `Retry-After` when denied. A decision of the failure policy has no counts to show: only
-/// `Retry-After` when it refused.
+/// `Retry-After` when denied. A decision of the failure policy has no counts to show: none (its
+/// refusal, `limiter_unavailable`, has a fixed `Retry-After` in the error table).
 pub fn headers(d: &RateDecision, now: DateTime<Utc>) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(8);
     if d.degraded {
-        if !d.allowed {
-            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(LIMITER_RETRY_AFTER_SECS));
-        }
         return h;
     }
     let Some(tight) = d.tightest() else { return h };

@@ -18,33 +18,9 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
-/// `[server]` in the configuration: limits of every HTTP listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerLimits {
-    /// How long a client may take to send a request's headers, in milliseconds.
-    pub header_read_timeout_ms: u64,
-    /// How long a client may take to send a request's body, in milliseconds (408 after it).
-    pub body_read_timeout_ms: u64,
-    /// Connections served at once per listener; more wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// How long a graceful shutdown waits for requests in flight, in milliseconds.
-    pub shutdown_grace_ms: u64,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout_ms: 10_000,
-            body_read_timeout_ms: 30_000,
-            max_connections: 10_000,
-            shutdown_grace_ms: 10_000,
-        }
-    }
-}
+use crate::settings::ServerLimits;
 
 /// How long the request's body may take to arrive; put in every request's extensions by [`serve`]
 /// and read by the body extractors.

@@ -6,7 +6,7 @@ pub mod import;
 use chrono::{DateTime, Duration, Utc};
 use keyward_core::{Environment, IpAllowList, KeyId, KeyPrefix, OrgId, PlainKey, ScopeSet};
 use keyward_store::{
-    Actor, ApiKey, LimitOverrides, NewKey, NewOrganization, NoCache, Organization, OrganizationPatch, Rotation, Store,
+    Actor, ApiKey, LimitOverrides, NewKey, NewOrganization, Organization, OrganizationPatch, Rotation, Store,
     StoreError,
 };
 use serde::Deserialize;
@@ -281,7 +281,7 @@ pub async fn create_key(state: &AppState, draft: KeyDraft, actor: &Actor) -> Api
         StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
         e => e.into(),
     })?;
-    Ok((plain, record.apply(&NoCache)))
+    Ok((plain, record.apply(&state.keys)))
 }
 
 /// The longest grace period a rotation may give the old key: 7 days.
@@ -363,7 +363,7 @@ pub async fn rotate_key(
         StoreError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
         e => e.into(),
     })?;
-    Ok((plain, rotation.apply(&NoCache)))
+    Ok((plain, rotation.apply(&state.keys)))
 }
 
 /// The body of `POST /v1/organizations`, also built by `keyward orgs create`.

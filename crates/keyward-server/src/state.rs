@@ -8,12 +8,13 @@ use keyward_core::{Clock, KeyHasher, Plans};
 use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
-use crate::limits::Protection;
+use crate::cache::{CachedLookup, KeyCache};
+use crate::settings::{CacheConfig, LifecycleSettings, Protection, WebhookSettings};
 use crate::usage::UsageRecorder;
 
 /// What every handler shares, behind one `Arc`: handing it to a handler is one reference count, not
-/// one per part. Set parts up before serving (`state.plans = ...` copies the parts if the state is
-/// already shared).
+/// one per part. Built by [`AppState::builder`] (a whole node: [`crate::app::App::build`]) and never
+/// changed afterwards.
 #[derive(Clone, Debug)]
 pub struct AppState(Arc<Shared>);
 
@@ -21,12 +22,6 @@ impl std::ops::Deref for AppState {
     type Target = Shared;
     fn deref(&self) -> &Shared {
         &self.0
-    }
-}
-
-impl std::ops::DerefMut for AppState {
-    fn deref_mut(&mut self) -> &mut Shared {
-        Arc::make_mut(&mut self.0)
     }
 }
 
@@ -48,38 +43,107 @@ pub struct Shared {
     /// Whether strings that are not Keyward keys must be looked up as legacy keys.
     pub legacy: LegacyKeys,
     /// The expiry sweeper's schedule and the `key.expiring` threshold.
-    pub lifecycle: crate::lifecycle::LifecycleSettings,
+    pub lifecycle: LifecycleSettings,
     /// Webhook delivery settings (private targets, timeout, retries).
-    pub webhooks: crate::webhooks::WebhookSettings,
+    pub webhooks: WebhookSettings,
     /// Rung after a change wrote outbox events, so the webhook worker looks at once.
     pub events: Arc<tokio::sync::Notify>,
-    /// The store's health as the verify cache sees it (`CachedStore::breaker`), for `/readyz`.
-    pub store_health: Arc<crate::cache::StoreBreaker>,
+    /// Key lookups by hash, through the verify cache; the invalidator every store write applies its
+    /// changes to (`Changed::apply`). Its breaker is the store's health for `/readyz`.
+    pub keys: CachedLookup,
 }
 
 impl AppState {
-    /// Default plans and protection, limits in memory.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, hasher: KeyHasher, usage: UsageRecorder) -> Self {
-        Self(Arc::new(Shared {
+    /// A state over these parts; every other part has its default (SHA-256 hashes, the default plans
+    /// and protection, limits in memory without a quota seed, key lookups through a cache of default
+    /// size) until the builder is told otherwise.
+    pub fn builder(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageRecorder) -> StateBuilder {
+        let keys = CachedLookup::new(store.clone(), KeyCache::new(CacheConfig::default()), clock.clone());
+        StateBuilder(Shared {
             store,
             clock,
-            hasher,
+            hasher: KeyHasher::default(),
             usage,
             plans: Arc::new(Plans::defaults()),
             limiter: Arc::new(MemoryLimiter::default()),
             protection: Protection::default(),
             trusted_proxies: Arc::new([]),
             legacy: LegacyKeys::default(),
-            lifecycle: crate::lifecycle::LifecycleSettings::default(),
-            webhooks: crate::webhooks::WebhookSettings::default(),
+            lifecycle: LifecycleSettings::default(),
+            webhooks: WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
-            store_health: Arc::default(),
-        }))
+            keys,
+        })
+    }
+
+    /// A builder holding this state's parts, for a state that differs in some of them (a test that
+    /// changes a setting mid-way). The two share the legacy-key flag and the webhook worker's signal.
+    pub fn to_builder(&self) -> StateBuilder {
+        StateBuilder(Shared::clone(&self.0))
     }
 
     /// Wakes the webhook worker: events are waiting in the outbox.
     pub fn events_written(&self) {
         self.events.notify_one();
+    }
+}
+
+/// Builds an [`AppState`]; see [`AppState::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct StateBuilder(Shared);
+
+impl StateBuilder {
+    /// How presented keys are hashed: with the server's pepper, when it has one.
+    pub fn hasher(mut self, hasher: KeyHasher) -> Self {
+        self.0.hasher = hasher;
+        self
+    }
+
+    pub fn usage(mut self, usage: UsageRecorder) -> Self {
+        self.0.usage = usage;
+        self
+    }
+
+    pub fn plans(mut self, plans: Plans) -> Self {
+        self.0.plans = Arc::new(plans);
+        self
+    }
+
+    pub fn limiter(mut self, limiter: Arc<dyn Limiter>) -> Self {
+        self.0.limiter = limiter;
+        self
+    }
+
+    pub fn protection(mut self, protection: Protection) -> Self {
+        self.0.protection = protection;
+        self
+    }
+
+    pub fn trusted_proxies(mut self, proxies: impl Into<Arc<[ipnet::IpNet]>>) -> Self {
+        self.0.trusted_proxies = proxies.into();
+        self
+    }
+
+    pub fn lifecycle(mut self, lifecycle: LifecycleSettings) -> Self {
+        self.0.lifecycle = lifecycle;
+        self
+    }
+
+    pub fn webhooks(mut self, webhooks: WebhookSettings) -> Self {
+        self.0.webhooks = webhooks;
+        self
+    }
+
+    /// The verify cache in front of the store's key lookups (configured, and on the bus with many
+    /// nodes).
+    pub fn keys(mut self, keys: CachedLookup) -> Self {
+        self.0.keys = keys;
+        self
+    }
+
+    pub fn build(self) -> AppState {
+        AppState(Arc::new(self.0))
     }
 }
 

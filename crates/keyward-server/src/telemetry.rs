@@ -9,9 +9,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderName, HeaderValue, Method};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use keyward_core::VerifyOutcome;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower::{Layer, Service};
@@ -60,7 +59,7 @@ fn describe() {
     metrics::describe_counter!("keyward_usage_spilled_events_total", "Usage events spilled to the local file.");
     metrics::describe_counter!("keyward_usage_replayed_events_total", "Usage events replayed from the spill file.");
     metrics::describe_counter!("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention.");
-    metrics::describe_counter!("keyward_store_errors_total", "Store errors by kind.");
+    metrics::describe_counter!(crate::error::STORE_ERRORS_TOTAL, "Store errors by kind.");
 }
 
 /// The verify path's metrics, registered once: looking a metric up by name and labels costs more than
@@ -129,13 +128,39 @@ pub fn cache_hit() {
     }
 }
 
-/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`; `via` is `management` or `verify`.
-pub fn auth_failure(reason: &'static str, via: &'static str) {
-    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via).increment(1);
+/// Where a key was checked: the `via` of failed-authentication logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The caller's own key, on the management API.
+    Management,
+    /// A key checked through `POST /v1/verify`.
+    Verify,
+    /// A request through the gateway.
+    Gateway,
+    /// A request through the embeddable tower layer.
+    Layer,
 }
 
+impl Via {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Management => "management",
+            Self::Verify => "verify",
+            Self::Gateway => "gateway",
+            Self::Layer => "layer",
+        }
+    }
+}
+
+/// `reason` is a verify outcome code or `MISSING_CREDENTIALS`.
+pub fn auth_failure(reason: &'static str, via: Via) {
+    metrics::counter!("keyward_auth_failures_total", "reason" => reason, "via" => via.as_str()).increment(1);
+}
+
+/// A store error no answer carries (the usage writer's); those behind an answer are counted by
+/// `ApiError`'s `IntoResponse`.
 pub fn store_error(kind: &'static str) {
-    metrics::counter!("keyward_store_errors_total", "kind" => kind).increment(1);
+    metrics::counter!(crate::error::STORE_ERRORS_TOTAL, "kind" => kind).increment(1);
 }
 
 /// `x-request-id`: taken from the request when the client (or a proxy) sent one, else made here;
@@ -145,8 +170,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// What every request gets, in one layer around each route: a request id, one `request` span (method,
 /// matched path, request id; the handlers record key id, organization and outcome), and the request
 /// metrics by matched route (a closed set), never by raw path. One layer instead of tower-http's
-/// request-id, propagation and trace layers plus a metrics middleware: on the verify path each layer's
-/// own future, clone and boxing showed in the profile (BENCHMARKS.md).
+/// request-id, propagation and trace layers plus a metrics middleware, because each layer adds its own
+/// future, clone and boxing to every request on the verify path.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestLayer;
 
@@ -273,16 +298,6 @@ fn count_request(method: &'static str, route: &str, status: u16, elapsed: Durati
     metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("keyward_http_request_duration_seconds", "route" => route).record(elapsed);
-}
-
-/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
-#[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn render() -> Response {
-    match install() {
-        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
-        None => crate::error::ApiError::internal("another metrics recorder is installed").into_response(),
-    }
 }
 
 #[cfg(test)]

@@ -26,13 +26,13 @@
 //!   (plus, during an outage, the events held in memory below the spill bound).
 //!
 //! Keys' use as *callers* of Keyward's own API (`total_requests`, `last_used_*` of a management key)
-//! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, as before the
-//! ledger existed: it is not a billable event.
+//! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, outside the
+//! ledger: it is not a billable event.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,58 +45,7 @@ use keyward_store::{KeyUsage, Store};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-/// How the ledger's writer batches, retries and spills.
-#[derive(Debug, Clone)]
-pub struct UsageConfig {
-    pub flush_interval: Duration,
-    /// Events per transaction; this many buffered wake the writer before the interval.
-    pub batch_size: usize,
-    /// Events held in memory while the store fails; past it they go to the spill file.
-    pub max_buffered: usize,
-    pub spill_path: PathBuf,
-    /// The first wait after a failed write; it doubles after each failure in a row.
-    pub retry_initial: Duration,
-    /// The longest wait between two attempts.
-    pub retry_max: Duration,
-    /// How long shutdown keeps retrying before spilling what is left.
-    pub shutdown_timeout: Duration,
-    /// Batches written at once, each its own transaction (at least 1).
-    pub concurrent_batches: usize,
-    /// How often the rollups catch up with the batches ([`keyward_store::UsageStore::fold_usage`]):
-    /// the most a usage report, a key's `total_requests` and its `last_used_*` lag behind. A flush
-    /// and shutdown fold at once.
-    pub fold_interval: Duration,
-}
-
-impl UsageConfig {
-    /// Defaults, flushing every `flush_interval`, spilling to `spill_path`.
-    pub fn new(flush_interval: Duration, spill_path: PathBuf) -> Self {
-        Self {
-            flush_interval,
-            batch_size: 5_000,
-            max_buffered: 100_000,
-            spill_path,
-            retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(10),
-            concurrent_batches: 2,
-            fold_interval: Duration::from_secs(10),
-        }
-    }
-
-    /// The spill file next to a SQLite database file, else in the temp directory.
-    pub fn default_spill_path(database_url: &str) -> PathBuf {
-        let file = database_url
-            .strip_prefix("sqlite://")
-            .or_else(|| database_url.strip_prefix("sqlite:"))
-            .map(|rest| rest.split('?').next().unwrap_or_default())
-            .filter(|p| !p.is_empty() && !p.contains(":memory:"));
-        match file {
-            Some(path) => PathBuf::from(format!("{path}.usage-spill.jsonl")),
-            None => std::env::temp_dir().join("keyward-usage-spill.jsonl"),
-        }
-    }
-}
+use crate::settings::UsageConfig;
 
 enum Control {
     Flush(oneshot::Sender<bool>),
@@ -186,8 +135,7 @@ impl UsageRecorder {
     /// Starts the writer with the default settings, flushing every `interval`, spilling (only if ever
     /// needed) to a file of its own in the temp directory.
     pub fn spawn(store: Arc<dyn Store>, interval: Duration) -> (UsageRecorder, UsageWorker) {
-        let spill = std::env::temp_dir().join(format!("keyward-usage-spill-{}.jsonl", uuid::Uuid::now_v7()));
-        Self::spawn_with(store, UsageConfig::new(interval, spill))
+        Self::spawn_with(store, UsageConfig { flush_interval: interval, ..UsageConfig::default() })
     }
 
     pub fn spawn_with(store: Arc<dyn Store>, config: UsageConfig) -> (UsageRecorder, UsageWorker) {
@@ -644,18 +592,6 @@ mod tests {
         assert_eq!(usage.requests, 3);
         assert_eq!(usage.last_used_at, t0 + chrono::Duration::seconds(5));
         assert_eq!(usage.last_used_ip, Some([10, 0, 0, 2].into()));
-    }
-
-    #[test]
-    fn the_spill_file_sits_next_to_a_sqlite_file() {
-        assert_eq!(
-            UsageConfig::default_spill_path("sqlite:///var/lib/keyward/keyward.db?mode=rwc"),
-            PathBuf::from("/var/lib/keyward/keyward.db.usage-spill.jsonl")
-        );
-        assert_eq!(UsageConfig::default_spill_path("sqlite:kw.db"), PathBuf::from("kw.db.usage-spill.jsonl"));
-        let tmp = std::env::temp_dir().join("keyward-usage-spill.jsonl");
-        assert_eq!(UsageConfig::default_spill_path("sqlite::memory:"), tmp);
-        assert_eq!(UsageConfig::default_spill_path("postgres://h/db"), tmp);
     }
 
     #[test]

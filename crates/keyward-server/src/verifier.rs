@@ -7,14 +7,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue};
 use chrono::{DateTime, Utc};
 use keyward_core::{OrgId, Scope, VerifyOutcome, VerifyRequest};
 use keyward_store::usage::{UsageEvent, UsageKind};
 use keyward_store::{KeyRecord, StoreResult};
 
 use crate::auth::{AuthFailure, Lookup, auth_failed, lookup};
+use crate::error::{ApiError, ErrorCode};
 use crate::limits::{self, KeyDecision};
 use crate::state::AppState;
+use crate::telemetry::Via;
 
 /// What to check a presented key against.
 #[derive(Debug, Clone, Copy)]
@@ -27,8 +31,8 @@ pub struct Check<'a> {
     /// Only keys of this organization exist for the caller; `None`: any organization.
     pub organization: Option<OrgId>,
     pub user_agent: &'a str,
-    /// Where the check came from, for logs and metrics: `verify`, `gateway`, `layer`.
-    pub via: &'static str,
+    /// Where the check came from: for logs and metrics, and the kind of its usage event.
+    pub via: Via,
     /// Units of the monthly quota this request spends (1 by default; tokens for an LLM API).
     pub cost: u64,
     /// Whose failed-authentication counter a refusal counts against and is blocked by.
@@ -42,6 +46,29 @@ pub struct Verdict {
     pub key: Option<Arc<KeyRecord>>,
     /// The key's tier limits and quota, when the key got that far.
     pub limits: Option<KeyDecision>,
+    /// Seconds until the client's address may try again, when it was refused for too many failed
+    /// authentications (no key was looked at, so `limits` has none).
+    pub lockout_secs: Option<u64>,
+}
+
+impl Verdict {
+    /// What every answer about this verification carries, 200 or refusal, on every surface: the
+    /// key's rate-limit headers, and `Retry-After` when waiting helps (a limit or a lockout: how
+    /// long; the limiter down: the table's fixed delay).
+    pub fn headers(&self, now: DateTime<Utc>) -> HeaderMap {
+        let mut headers = self.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+        let fixed = ErrorCode::of_outcome(self.outcome).and_then(|code| code.retry_after().seconds());
+        if let Some(after) = self.lockout_secs.or(fixed) {
+            headers.insert(RETRY_AFTER, HeaderValue::from(after));
+        }
+        headers
+    }
+
+    /// The answer to a request this verification refused, with [`Verdict::headers`]; `None` when the
+    /// key is valid. The gateway and the layer answer with it.
+    pub fn refusal(&self, now: DateTime<Utc>) -> Option<ApiError> {
+        (!self.outcome.is_valid()).then(|| ApiError::refused(self.outcome).with_headers(self.headers(now)))
+    }
 }
 
 /// Verifies and records the usage event at once (the layer, and any caller with nothing to add).
@@ -65,7 +92,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
     tracing::Span::current().record("outcome", verdict.outcome.code());
     crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
     let event = verdict.key.as_ref().map(|key| {
-        let kind = if check.via == "gateway" { UsageKind::Gateway } else { UsageKind::Verify };
+        let kind = if check.via == Via::Gateway { UsageKind::Gateway } else { UsageKind::Verify };
         // Cheap parts only (this runs once per verification): a static code, the address and the
         // quota counter as values (the writer makes text of them), one copy of the user agent.
         let mut event = UsageEvent::new(kind, key.id, key.organization_id, now);
@@ -107,13 +134,13 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
 }
 
 async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> StoreResult<Verdict> {
-    let bare = |outcome| Verdict { outcome, key: None, limits: None };
+    let bare = |outcome| Verdict { outcome, key: None, limits: None, lockout_secs: None };
     // SECURITY: an address that used up its failed authentications is refused before any lookup,
     // whatever key it sends: guessing stops.
     if let Some(ip) = check.client_ip
-        && limits::failed_auth_blocked(state, check.failures, ip, now).await.is_some()
+        && let Some(secs) = limits::failed_auth_blocked(state, check.failures, ip, now).await
     {
-        return Ok(bare(VerifyOutcome::RateLimited));
+        return Ok(Verdict { lockout_secs: Some(secs), ..bare(VerifyOutcome::RateLimited) });
     }
     let found = match lookup(state, check.presented).await? {
         Lookup::Malformed(_) => return Ok(bare(VerifyOutcome::Malformed)),
@@ -124,10 +151,10 @@ async fn decide(state: &AppState, check: &Check<'_>, now: DateTime<Utc>) -> Stor
     let request = VerifyRequest { now, client_ip: check.client_ip, required_scopes: check.required_scopes };
     let outcome = found.check(&request);
     if !outcome.is_valid() {
-        return Ok(Verdict { outcome, key: Some(found), limits: None });
+        return Ok(Verdict { key: Some(found), ..bare(outcome) });
     }
     let decision = limits::check_key(state, &found, check.cost, now).await;
-    Ok(Verdict { outcome: decision.outcome, key: Some(found), limits: Some(decision) })
+    Ok(Verdict { outcome: decision.outcome, key: Some(found), limits: Some(decision), lockout_secs: None })
 }
 
 /// The first `max` characters of `s` (a borrow: no copy, and no walk over a short string).

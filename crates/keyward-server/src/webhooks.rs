@@ -44,44 +44,8 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 use keyward_store::{Attempt, AttemptOutcome, DeliveryJob, StoreResult};
 use rustls::pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 
 use crate::state::AppState;
-
-/// `[webhooks]` in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct WebhookSettings {
-    /// Extra certificate authorities (PEM) trusted for `https://` targets, beside the bundled Mozilla
-    /// roots: for receivers behind a private CA.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Allow targets on loopback, private and link-local addresses (off: refused). Tests and
-    /// single-host setups turn it on.
-    pub allow_private_targets: bool,
-    /// How long a receiver may take to answer, in milliseconds.
-    pub timeout_ms: u64,
-    /// Retries stop this long after the event; the delivery is then `failed`.
-    pub retry_for_hours: u64,
-    /// How often the worker looks for due deliveries without being woken, in milliseconds.
-    pub poll_interval_ms: u64,
-    /// `auth.failures_spike`: this many failed authentications from one IP, or against one key prefix,
-    /// within a minute; 0 turns it off.
-    pub failures_spike_per_minute: u64,
-}
-
-impl Default for WebhookSettings {
-    fn default() -> Self {
-        Self {
-            ca_file: None,
-            allow_private_targets: false,
-            timeout_ms: 10_000,
-            retry_for_hours: 24,
-            poll_interval_ms: 1_000,
-            failures_spike_per_minute: 50,
-        }
-    }
-}
 
 /// Why a target URL is refused; said to the caller (it names no secret). An IP-literal host is
 /// classified by [`is_internal`]; a name is resolved only when delivering (see [`Network`]).
@@ -516,7 +480,7 @@ mod tests {
         ] {
             assert!(check_url(bad, false).is_err(), "{bad}");
         }
-        // Red team of issue 15: an IPv6 address that a translator or tunnel turns into an internal
+        // An IPv6 address that a translator or tunnel turns into an internal
         // IPv4 address is internal; one that carries a public IPv4 address is not.
         for (ip, internal) in [
             ("64:ff9b::a00:1", true),

@@ -6,8 +6,9 @@
 //! out only through [`Changed::apply`], which hands the invalidations to an [`Invalidator`] (a node's
 //! verify cache, which also tells the other nodes; [`NoCache`] where no cache stands in front of the
 //! store), so no caller can lose them without saying so. Writes that cannot change a verification
-//! (usage, audit rows, events, webhooks) return plain values. Every kind of such write is a [`Write`];
-//! the conformance suite has one case per variant.
+//! return plain values: usage, audit rows, events, webhooks, a new organization (it has no keys yet)
+//! and migrations (run by the CLI on a store no node's cache is in front of). Every kind of write that
+//! can is a [`Write`]; the conformance suite has one case per variant.
 
 use keyward_core::{KeyHash, OrgId};
 

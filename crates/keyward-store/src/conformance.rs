@@ -16,7 +16,10 @@ use keyward_core::{Environment, IpAllowList, KeyHasher, KeyId, KeyPrefix, KeySta
 use serde_json::json;
 use uuid::Uuid;
 
+pub mod invalidation;
 pub mod usage;
+
+pub use invalidation::every_write_is_seen_by_the_next_verification;
 
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
@@ -1139,6 +1142,7 @@ macro_rules! conformance_tests {
                 import_keys_is_idempotent_and_respects_the_limit,
                 has_legacy_keys_follows_imports,
                 append_audit_writes_one_row,
+                every_write_is_seen_by_the_next_verification,
                 migrate_down_and_up,
             );
         }

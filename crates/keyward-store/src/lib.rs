@@ -62,6 +62,7 @@ pub mod conformance;
 pub mod conformance_lifecycle;
 mod effects;
 pub mod lifecycle;
+pub mod lookup;
 pub mod postgres;
 pub mod record;
 mod sql;
@@ -69,8 +70,10 @@ pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
 pub mod usage;
+pub mod webhook;
 
 pub use changed::{Changed, Invalidation, Invalidator, NoCache, Write};
+pub use lookup::KeyLookup;
 pub use record::{KeyExtras, KeyRecord, OrgRecord};
 pub use usage::UsageStore;
 
@@ -545,17 +548,16 @@ pub struct MigrationInfo {
     pub applied: bool,
 }
 
-pub use lifecycle::{
-    Attempt, AttemptOutcome, AuditChainReport, BrokenLink, Delivery, DeliveryJob, Event, EventKind, LifecycleStore,
-    NewWebhook, Rotation, Webhook, WebhookPatch, WebhookSecret,
+pub use lifecycle::{AuditChainReport, BrokenLink, Event, EventKind, LifecycleStore, Rotation};
+pub use webhook::{
+    Attempt, AttemptOutcome, Delivery, DeliveryJob, NewWebhook, Webhook, WebhookPatch, WebhookSecret, WebhookStore,
 };
 
 /// The storage every Keyward node talks to. Held as `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
+pub trait Store: KeyLookup + LifecycleStore + WebhookStore + UsageStore + Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
-    async fn ping(&self) -> StoreResult<()>;
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>>;
     /// Reverts the newest `steps` applied migrations.
@@ -577,14 +579,8 @@ pub trait Store: LifecycleStore + UsageStore + Send + Sync + fmt::Debug {
     /// Inserts a key and its audit row; refuses with `KeyLimitReached` when the organization already
     /// holds `max_api_keys` keys that are not revoked (checked in the same transaction).
     async fn insert_key(&self, key: NewKey, actor: &Actor) -> StoreResult<Changed<ApiKey>>;
+    /// The whole key and its organization's part (verification reads [`KeyLookup::find_key_record`]).
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>>;
-    /// What verification needs of the key stored under `hash`, compact and shared. SECURITY: the stored
-    /// hash is compared with `hash` in constant time, so a near match from an index is never acted on.
-    /// The verify cache's wrapper answers it from memory.
-    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<std::sync::Arc<KeyRecord>>> {
-        let found = self.find_key_by_hash(hash).await?;
-        Ok(found.filter(|f| f.key.key_hash.ct_eq(hash)).map(|f| std::sync::Arc::new(KeyRecord::from(f))))
-    }
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey>;
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>>;
     /// Applies the patch and writes an audit row with the diff; a patch that changes nothing writes no row.

@@ -11,6 +11,7 @@ pub(crate) mod lifecycle;
 pub(crate) mod rows;
 pub(crate) mod store;
 pub(crate) mod usage;
+pub(crate) mod webhook;
 
 use std::borrow::Cow;
 use std::collections::HashSet;

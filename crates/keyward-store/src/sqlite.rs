@@ -86,12 +86,10 @@ impl SqliteStore {
             return Ok(Self { read: pool.clone(), write: pool, checkpointing: None });
         }
         // The write pool first: it creates the file and switches it to WAL before any reader opens it.
-        // Its page cache is larger than SQLite's 2 MiB default: the usage ledger's batches insert into
-        // four indexes of a growing table, and with the default cache every batch re-read from the OS
-        // most of the pages it touched (`pread` was a third of the writer's time in a profile). Since
-        // the events' key index is gone (migration 0005) and rollups are folded (0006), batches only
-        // append: 16 MiB serve them as well as 64 did (42,000 verifications/s and the same writer CPU
-        // either way at 1,000 keys) and keep 48 MiB less resident. Its temporary files (the statement
+        // Its page cache is larger than SQLite's 2 MiB default, so that a usage batch finds the pages
+        // it writes in memory instead of re-reading them from the OS. Batches only append (raw events
+        // are indexed by time, rollups are folded), so a modest cache serves them; a larger one only
+        // stays resident (BENCHMARKS.md, "Tried and not kept"). Its temporary files (the statement
         // journal of a multi-row insert) stay in memory.
         let write_options = options
             .clone()
@@ -106,9 +104,9 @@ impl SqliteStore {
 
     /// Copies the WAL into the database file from a reader connection, in the background, unless a
     /// copy is already running. Called after each usage batch: left to the write connection's
-    /// automatic checkpoint, the copy (and its fsyncs) ran inside every other batch's commit and held
-    /// the single writer for a quarter of its time. A passive checkpoint runs beside the writer; the
-    /// write connection's own automatic checkpoint, at a higher mark, stays as the fallback.
+    /// automatic checkpoint, the copy (and its fsyncs) runs inside a batch's commit and holds the
+    /// single writer meanwhile. A passive checkpoint runs beside the writer; the write connection's own
+    /// automatic checkpoint, at a higher mark, stays as the fallback.
     fn checkpoint_in_background(&self) {
         let Some(running) = &self.checkpointing else { return };
         if running.swap(true, Ordering::AcqRel) {
@@ -175,7 +173,7 @@ fn primary_code(e: &dyn sqlx::error::DatabaseError) -> Option<i32> {
 
 /// The one stored form of a timestamp: fixed width, UTC, microseconds, so text order is time order.
 /// `2026-11-23T17:43:56.170511Z`, by chrono's RFC 3339 writer, not a `format` string, which would be parsed again for every value (a
-/// timestamp per usage event: 1 % of a loaded server).
+/// timestamp per usage event, on the ledger's write path).
 fn ts(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }

@@ -4,20 +4,16 @@
 //! Run: `cargo run -p keyward-tower --example axum_app` (uses ./keyward.db; prints a demo key).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use keyward_core::{KeyHasher, SystemClock};
-use keyward_server::AppState;
-use keyward_server::usage::UsageRecorder;
+use keyward_server::settings::Settings;
 use keyward_tower::{Identity, InProcess, KeywardLayer};
 use serde_json::{Value, json};
 
 /// The example's whole API.
-pub fn app(state: AppState) -> Router {
-    let layer = KeywardLayer::new(InProcess::new(state)).require(&["read:projects"]).unwrap_or_else(|e| panic!("{e}"));
+pub fn app(verifier: InProcess) -> Router {
+    let layer = KeywardLayer::new(verifier).require(&["read:projects"]).unwrap_or_else(|e| panic!("{e}"));
     Router::new().route("/projects", get(list_projects)).layer(layer).route("/health", get(|| async { "ok" }))
 }
 
@@ -27,12 +23,17 @@ async fn list_projects(Extension(who): Extension<Identity>) -> Json<Value> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store = keyward_store::open("sqlite://keyward.db", true).await?;
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(1));
-    let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
+    // The same node as `keyward serve` on ./keyward.db: cache, limits, usage writer, scheduled jobs.
+    let settings = Settings { database_url: "sqlite://keyward.db".to_owned(), ..Settings::default() };
+    let (verifier, tasks) = InProcess::build(settings).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(listener, app(verifier).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    tasks.shutdown().await;
     Ok(())
 }
 
@@ -43,16 +44,15 @@ mod tests {
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
     use keyward_server::service::{self, CreateKeyRequest, Validator};
+    use keyward_server::{App, AppState};
     use keyward_store::Actor;
     use tower::ServiceExt;
 
     async fn state() -> (AppState, tempfile::TempDir) {
         let dir = tempfile::TempDir::new().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("k.db").display());
-        let store = keyward_store::open(&url, true).await.unwrap();
-        let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-        let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
-        (state, dir)
+        let database_url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let app = App::builder(Settings { database_url, ..Settings::default() }).without_jobs().build().await.unwrap();
+        (app.state, dir)
     }
 
     async fn key(state: &AppState, scopes: &[&str]) -> String {
@@ -89,14 +89,14 @@ mod tests {
         let (state, _dir) = state().await;
         let good = key(&state, &["read:projects"]).await;
         let weak = key(&state, &["read:users"]).await;
-        let (status, body) = get(app(state.clone()), Some(&good)).await;
+        let (status, body) = get(app(InProcess::new(state.clone())), Some(&good)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["owner"], "u1");
-        let (status, body) = get(app(state.clone()), Some(&weak)).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")));
-        let (status, body) = get(app(state.clone()), Some("sk_live_bad")).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("MALFORMED")));
-        let (status, body) = get(app(state), None).await;
+        let (status, body) = get(app(InProcess::new(state.clone())), Some(&weak)).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
+        let (status, body) = get(app(InProcess::new(state.clone())), Some("sk_live_bad")).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("malformed_key")));
+        let (status, body) = get(app(InProcess::new(state)), None).await;
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_credentials")));
     }
 }

@@ -1,17 +1,24 @@
 //! Keyward as a [`tower::Layer`]: put it in front of any axum (or tower) service and every request's
 //! key is verified — in-process against the same store as a Keyward server ([`InProcess`]), or
 //! against a remote Keyward over HTTP ([`Remote`]) with the same interface. The verified identity
-//! lands in the request's extensions as [`Identity`]; a refused request is answered in Keyward's
-//! error format (`{"error": {"code": "REVOKED", ...}}`, 401/403/429) and never reaches the service.
+//! lands in the request's extensions as [`Identity`]; a refused request is answered from Keyward's
+//! error table exactly as the gateway answers it (`401 {"error": {"code": "key_revoked", ...}}`,
+//! with the rate-limit headers and `Retry-After` where they apply) and never reaches the service.
 //!
 //! ```no_run
-//! # async fn demo(state: keyward_server::AppState) {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use axum::{Extension, Router, routing::get};
+//! use keyward_server::settings::Settings;
 //! use keyward_tower::{Identity, InProcess, KeywardLayer};
 //!
+//! let settings = Settings { database_url: "sqlite://keyward.db".to_owned(), ..Settings::default() };
+//! let (verifier, tasks) = InProcess::build(settings).await?;
 //! let app: Router = Router::new()
 //!     .route("/projects", get(|Extension(who): Extension<Identity>| async move { who.key_id }))
-//!     .layer(KeywardLayer::new(InProcess::new(state)).require(&["read:projects"]).unwrap());
+//!     .layer(KeywardLayer::new(verifier).require(&["read:projects"])?);
+//! // ... serve `app`; then write the usage recorded:
+//! tasks.shutdown().await;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -33,8 +40,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::{Scope, ScopeError, VerifyOutcome};
-use keyward_server::AppState;
+use keyward_server::app::{App, BuildError, Tasks};
+use keyward_server::auth::presented_key;
+use keyward_server::settings::Settings;
+use keyward_server::telemetry::Via;
 use keyward_server::verifier::{self, Check};
+use keyward_server::{ApiError, AppState, ErrorCode};
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
 
@@ -49,52 +60,66 @@ pub struct Identity {
     pub metadata: serde_json::Value,
 }
 
-/// The answer of a verifier: the identity, or why not.
-pub type Decision = Result<Identity, VerifyOutcome>;
+/// The answer of a verifier: the identity, or the error to answer the request with: a refusal of the
+/// key (`key_revoked`, `rate_limited`, ...), or a failure to check it at all (`store_unavailable`,
+/// `verification_unavailable`, ...). Either way the code comes from Keyward's one error table.
+pub type Decision = Result<Identity, ApiError>;
 
 /// Something that verifies keys: in-process or remote.
 #[async_trait]
 pub trait Verify: Send + Sync + 'static {
-    /// `Err(message)` when verification itself failed (store or network down): answered 503.
-    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Result<Decision, String>;
+    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Decision;
 }
 
-/// Verifies against the same store (and later cache and limiter) as a Keyward server.
+/// Verifies in this process, exactly as a Keyward server node does: through its verify cache,
+/// against its store, counted by its limiter, with usage recorded by its writer.
 #[derive(Clone, Debug)]
 pub struct InProcess {
     state: AppState,
 }
 
 impl InProcess {
+    /// Verifies with `state`, a node's state built by [`App`] (shared, for instance, with Keyward's
+    /// own router in the same process).
     pub fn new(state: AppState) -> Self {
         Self { state }
+    }
+
+    /// A verifier on a node of its own, built from `settings` as `keyward serve` builds one
+    /// ([`App::build`]): with Redis (`settings.redis_url`) it shares limits and cache invalidations
+    /// with the servers. Keep the [`Tasks`] and await [`Tasks::shutdown`] before the process exits,
+    /// so that the usage recorded is written.
+    pub async fn build(settings: Settings) -> Result<(Self, Tasks), BuildError> {
+        let App { state, tasks } = App::build(settings).await?;
+        Ok((Self::new(state), tasks))
     }
 }
 
 #[async_trait]
 impl Verify for InProcess {
-    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Result<Decision, String> {
+    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Decision {
         let check = Check {
             presented: key,
             client_ip,
             required_scopes: required,
             organization: None,
             user_agent: "",
-            via: "layer",
+            via: Via::Layer,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };
-        let verdict = verifier::verify(&self.state, check).await.map_err(|e| e.to_string())?;
-        Ok(match (verdict.outcome, verdict.key) {
-            (VerifyOutcome::Valid, Some(k)) => Ok(Identity {
-                key_id: k.id.to_string(),
-                organization_id: k.organization_id.to_string(),
-                owner_id: k.owner_id.as_deref().map(str::to_owned),
-                environment: k.environment.to_string(),
-                scopes: k.scopes.to_strings(),
-                metadata: k.metadata(),
-            }),
-            (outcome, _) => Err(outcome),
+        let verdict = verifier::verify(&self.state, check).await?;
+        if let Some(refusal) = verdict.refusal(self.state.clock.now()) {
+            return Err(refusal);
+        }
+        let k = verdict.key.ok_or_else(|| ApiError::internal("a valid key without a record"))?;
+        Ok(Identity {
+            key_id: k.id.to_string(),
+            organization_id: k.organization_id.to_string(),
+            owner_id: k.owner_id.as_deref().map(str::to_owned),
+            environment: k.environment.to_string(),
+            scopes: k.scopes.to_strings(),
+            metadata: k.metadata(),
         })
     }
 }
@@ -138,9 +163,22 @@ struct RemoteAnswer {
     metadata: Option<serde_json::Value>,
 }
 
+/// The headers of a remote verification's answer that go with a refusal: the verified key's
+/// rate-limit headers and `Retry-After`, as the gateway sends them.
+const REFUSAL_HEADERS: [&str; 6] =
+    ["ratelimit-policy", "ratelimit", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after"];
+
+/// The remote Keyward could not check the key: 503, never a pass.
+fn unavailable(cause: String) -> ApiError {
+    ApiError {
+        source: Some(cause),
+        ..ApiError::new(ErrorCode::VerificationUnavailable, "the key cannot be checked right now")
+    }
+}
+
 #[async_trait]
 impl Verify for Remote {
-    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Result<Decision, String> {
+    async fn verify(&self, key: &str, client_ip: Option<IpAddr>, required: &[Scope]) -> Decision {
         let body = serde_json::json!({
             "key": key,
             "required_scopes": required.iter().map(Scope::as_str).collect::<Vec<_>>(),
@@ -150,15 +188,17 @@ impl Verify for Remote {
             .header(AUTHORIZATION, format!("Bearer {}", self.service_key))
             .header(CONTENT_TYPE, "application/json")
             .body(Body::from(body.to_string()))
-            .map_err(|e| e.to_string())?;
-        let response = self.client.request(request).await.map_err(|e| format!("keyward unreachable: {e}"))?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        if status != StatusCode::OK {
-            return Err(format!("keyward answered {status}"));
+            .map_err(|e| unavailable(e.to_string()))?;
+        let response =
+            self.client.request(request).await.map_err(|e| unavailable(format!("keyward unreachable: {e}")))?;
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.map_err(|e| unavailable(e.to_string()))?.to_bytes();
+        if parts.status != StatusCode::OK {
+            return Err(unavailable(format!("keyward answered {}", parts.status)));
         }
-        let a: RemoteAnswer = serde_json::from_slice(&bytes).map_err(|e| format!("unexpected answer: {e}"))?;
-        Ok(match (a.code, a.key_id, a.organization_id, a.environment) {
+        let a: RemoteAnswer =
+            serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("unexpected answer: {e}")))?;
+        match (a.code, a.key_id, a.organization_id, a.environment) {
             (VerifyOutcome::Valid, Some(key_id), Some(organization_id), Some(environment)) => Ok(Identity {
                 key_id,
                 organization_id,
@@ -167,9 +207,17 @@ impl Verify for Remote {
                 scopes: a.scopes.unwrap_or_default(),
                 metadata: a.metadata.unwrap_or_default(),
             }),
-            (VerifyOutcome::Valid, ..) => return Err("incomplete answer from keyward".to_owned()),
-            (outcome, ..) => Err(outcome),
-        })
+            (VerifyOutcome::Valid, ..) => Err(unavailable("incomplete answer from keyward".to_owned())),
+            (outcome, ..) => {
+                let mut headers = HeaderMap::new();
+                for name in REFUSAL_HEADERS {
+                    if let Some(value) = parts.headers.get(name) {
+                        headers.insert(name, value.clone());
+                    }
+                }
+                Err(ApiError::refused(outcome).with_headers(headers))
+            }
+        }
     }
 }
 
@@ -206,32 +254,6 @@ pub struct KeywardService<S> {
     layer: KeywardLayer,
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().to_owned());
-    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_owned()))
-}
-
-fn refuse(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
-    (status, axum::Json(body)).into_response()
-}
-
-fn outcome_status(outcome: VerifyOutcome) -> StatusCode {
-    match outcome {
-        VerifyOutcome::IpNotAllowed | VerifyOutcome::InsufficientScope | VerifyOutcome::OrgDisabled => {
-            StatusCode::FORBIDDEN
-        }
-        VerifyOutcome::RateLimited | VerifyOutcome::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-        VerifyOutcome::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::UNAUTHORIZED,
-    }
-}
-
 impl<S, B> Service<Request<B>> for KeywardService<S>
 where
     S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
@@ -252,34 +274,17 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let Some(key) = presented_key(request.headers()) else {
-                return Ok(refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_credentials",
-                    "send a key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-                ));
+            let key = match presented_key(request.headers()) {
+                Ok(key) => key.to_owned(),
+                Err(missing) => return Ok(missing.into_response()),
             };
             let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(a)| a.ip().to_canonical());
             match layer.verifier.verify(&key, ip, &layer.required).await {
-                Ok(Ok(identity)) => {
+                Ok(identity) => {
                     request.extensions_mut().insert(identity);
                     inner.call(request).await
                 }
-                Ok(Err(outcome)) => {
-                    let mut response = refuse(outcome_status(outcome), outcome.code(), "the API key was refused");
-                    if outcome == VerifyOutcome::LimiterUnavailable {
-                        response.headers_mut().insert(axum::http::header::RETRY_AFTER, 1.into());
-                    }
-                    Ok(response)
-                }
-                Err(cause) => {
-                    tracing::error!(%cause, "key verification failed");
-                    Ok(refuse(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "verification_unavailable",
-                        "the key cannot be checked right now",
-                    ))
-                }
+                Err(error) => Ok(error.into_response()),
             }
         })
     }

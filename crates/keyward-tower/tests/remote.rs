@@ -1,17 +1,15 @@
 //! The layer against a remote Keyward over HTTP: a real server on 127.0.0.1:0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use axum::{Extension, Router};
-use keyward_core::{KeyHasher, SystemClock};
-use keyward_server::AppState;
+use keyward_server::App;
 use keyward_server::service::{self, CreateKeyRequest, Validator};
-use keyward_server::usage::UsageRecorder;
+use keyward_server::settings::Settings;
 use keyward_store::Actor;
 use keyward_tower::{Identity, KeywardLayer, Remote};
 use tower::ServiceExt;
@@ -19,9 +17,9 @@ use tower::ServiceExt;
 #[tokio::test]
 async fn remote_verification_gives_the_same_answers() {
     let dir = tempfile::TempDir::new().unwrap();
-    let store = keyward_store::open(&format!("sqlite://{}", dir.path().join("k.db").display()), true).await.unwrap();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let state = AppState::new(store, Arc::new(SystemClock), KeyHasher::default(), usage);
+    let database_url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let App { state, tasks: _tasks } =
+        App::builder(Settings { database_url, ..Settings::default() }).without_jobs().build().await.unwrap();
     let seeded = service::seed(&state, &Actor::cli(state.clock.now())).await.unwrap().unwrap();
     let v = Validator { plans: &state.plans, now: state.clock.now() };
     let mk = |scopes: &[&str]| {
@@ -65,7 +63,7 @@ async fn remote_verification_gives_the_same_answers() {
     assert_eq!(body, rec.id.to_string());
     let (status, body) = call(service_key.expose_secret()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(body.contains("INSUFFICIENT_SCOPE"), "{body}");
+    assert!(body.contains("\"insufficient_scope\""), "{body}");
     let (status, _) = call("sk_live_x").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
@@ -77,4 +75,7 @@ async fn remote_verification_gives_the_same_answers() {
     let req = Request::get("/projects").header("x-api-key", customer.expose_secret()).body(Body::empty()).unwrap();
     let res = tokio::time::timeout(Duration::from_secs(10), app.oneshot(req)).await.unwrap().unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "verification_unavailable", "{body}");
 }

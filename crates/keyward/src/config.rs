@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use keyward_server::settings::{Settings, redact_url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -39,15 +40,15 @@ pub struct Config {
     pub limiter_failure_policy: keyward_limit::FailurePolicy,
     /// Extra or changed plans: `[plans.gold] per_minute = 1200 ...`.
     pub plans: std::collections::BTreeMap<String, keyward_core::Limits>,
-    pub protection: keyward_server::limits::Protection,
+    pub protection: keyward_server::settings::Protection,
     /// Deadlines and the connection cap of every HTTP listener.
-    pub server: keyward_server::listen::ServerLimits,
+    pub server: keyward_server::settings::ServerLimits,
     /// The verify cache: sizes and times.
-    pub cache: keyward_server::cache::CacheConfig,
+    pub cache: keyward_server::settings::CacheConfig,
     /// The expiry sweeper and the `key.expiring` threshold.
-    pub lifecycle: keyward_server::lifecycle::LifecycleSettings,
+    pub lifecycle: keyward_server::settings::LifecycleSettings,
     /// Webhook delivery: private targets, timeout, retries.
-    pub webhooks: keyward_server::webhooks::WebhookSettings,
+    pub webhooks: keyward_server::settings::WebhookSettings,
     pub usage: UsageSettings,
 }
 
@@ -82,7 +83,7 @@ pub struct UsageSettings {
 
 impl Default for UsageSettings {
     fn default() -> Self {
-        let d = keyward_server::usage::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+        let d = keyward_server::settings::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
         Self {
             spill_path: None,
             max_buffered: d.max_buffered,
@@ -219,6 +220,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
     pub gateway: GatewayOverrides,
 }
@@ -317,13 +322,13 @@ impl Config {
     }
 
     /// The ledger writer's settings for `serve`.
-    pub fn usage_config(&self) -> keyward_server::usage::UsageConfig {
+    pub fn usage_config(&self) -> keyward_server::settings::UsageConfig {
         let spill = self
             .usage
             .spill_path
             .clone()
-            .unwrap_or_else(|| keyward_server::usage::UsageConfig::default_spill_path(&self.database_url));
-        keyward_server::usage::UsageConfig {
+            .unwrap_or_else(|| keyward_server::settings::UsageConfig::default_spill_path(&self.database_url));
+        keyward_server::settings::UsageConfig {
             batch_size: self.usage.batch_size,
             max_buffered: self.usage.max_buffered,
             concurrent_batches: self.usage.concurrent_batches,
@@ -331,8 +336,26 @@ impl Config {
             retry_max: Duration::from_millis(self.usage.retry_max_ms),
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
-            ..keyward_server::usage::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
+            ..keyward_server::settings::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
+    }
+
+    /// What `serve` builds its node from.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            database_url: self.database_url.clone(),
+            pepper: self.pepper.clone(),
+            redis_url: self.redis_url.clone(),
+            limiter_failure_policy: self.limiter_failure_policy,
+            plans: self.plans(),
+            protection: self.protection,
+            trusted_proxies: self.trusted_proxy_nets()?,
+            cache: self.cache,
+            lifecycle: self.lifecycle,
+            webhooks: self.webhooks.clone(),
+            usage: self.usage_config(),
+            usage_retention: chrono::Duration::days(i64::from(self.usage.retention_days)),
+        })
     }
 
     /// The plans: the defaults, with configured ones added or replacing a default of the same name.
@@ -386,29 +409,9 @@ fn check_toml_syntax(path: &Path) -> anyhow::Result<()> {
     bail!("{}:{line}:{column}: invalid TOML: {what}", path.display())
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
-pub(crate) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:[redacted]{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_lose_their_passwords() {
-        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:[redacted]@h/db");
-        assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
-    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's own test-jail signature
@@ -499,6 +502,52 @@ mod tests {
             jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "2000");
             jail.set_env("KEYWARD_USAGE__CONCURRENT_BATCHES", "0");
             assert!(Config::load(None, Overrides::default()).is_err(), "no writer at all");
+            Ok(())
+        });
+    }
+
+    /// Each setting a flag sets, set in every layer: the flag wins over the environment, which wins
+    /// over the file, which wins over the default.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn flags_win_over_the_environment_over_the_file_over_the_defaults() {
+        figment::Jail::expect_with(|jail| {
+            let seen = |overrides: Overrides| {
+                let c = Config::load(None, overrides).map_err(|e| e.to_string())?;
+                let redis = c.redis_url.as_ref().map(|u| u.expose_secret().to_owned());
+                Ok::<_, String>((c.listen.port(), c.database_url, redis, c.log_format, c.gateway.upstream))
+            };
+            let none = || Overrides::default();
+            let expect = |port: u16, db: &str, redis: Option<&str>, log, upstream: Option<&str>| {
+                (port, db.to_owned(), redis.map(str::to_owned), log, upstream.map(str::to_owned))
+            };
+            assert_eq!(seen(none())?, expect(8080, "sqlite://keyward.db", None, LogFormat::Pretty, None));
+            jail.create_file(
+                "keyward.toml",
+                "listen = \"127.0.0.1:2\"\ndatabase_url = \"sqlite://file.db\"\nredis_url = \"redis://file:6379\"\n\
+                 log_format = \"json\"\n[gateway]\nupstream = \"http://file:9000\"\n",
+            )?;
+            let file =
+                expect(2, "sqlite://file.db", Some("redis://file:6379"), LogFormat::Json, Some("http://file:9000"));
+            assert_eq!(seen(none())?, file);
+            jail.set_env("KEYWARD_LISTEN", "127.0.0.1:3");
+            jail.set_env("KEYWARD_DATABASE_URL", "sqlite://env.db");
+            jail.set_env("KEYWARD_REDIS_URL", "redis://env:6379");
+            jail.set_env("KEYWARD_LOG_FORMAT", "pretty");
+            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://env:9000");
+            let env =
+                expect(3, "sqlite://env.db", Some("redis://env:6379"), LogFormat::Pretty, Some("http://env:9000"));
+            assert_eq!(seen(none())?, env);
+            let flags = Overrides {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 4))),
+                database_url: Some("sqlite://flag.db".to_owned()),
+                redis_url: Some("redis://flag:6379".to_owned()),
+                log_format: Some(LogFormat::Json),
+                gateway: GatewayOverrides { upstream: Some("http://flag:9000".to_owned()), listen: None },
+            };
+            let flag =
+                expect(4, "sqlite://flag.db", Some("redis://flag:6379"), LogFormat::Json, Some("http://flag:9000"));
+            assert_eq!(seen(flags)?, flag);
             Ok(())
         });
     }

@@ -3,8 +3,8 @@
 //! into the line. Every request opens a span whose fields are formatted when it opens, whether or not a
 //! line is ever written in it; the default formatter sends each string through `Debug` (an escape
 //! check per character) and each name through the colour wrapper even when colours are off: a good
-//! part of the request span's cost, itself about a tenth of a verification's CPU (BENCHMARKS.md). With
-//! colours on, the default formatter writes everything.
+//! part of the request span's cost, which every request pays. With colours on, the default formatter
+//! writes everything.
 
 use std::fmt;
 

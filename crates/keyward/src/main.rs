@@ -2,13 +2,12 @@
 //! (`migrate`, `seed`, `orgs`, `keys`, `import`, `audit`, `usage`, `config`).
 
 /// A faster allocator than glibc's under many small, cross-thread allocations (the request path's
-/// pattern): measured in BENCHMARKS.md.
+/// pattern), where glibc's arenas contend on their locks.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod commands;
 mod config;
-mod import;
 mod log_fields;
 
 use std::path::PathBuf;
@@ -27,6 +26,13 @@ struct Cli {
     /// Database URL: sqlite://keyward.db or postgres://user@host/db (env KEYWARD_DATABASE_URL).
     #[arg(long, global = true)]
     database_url: Option<String>,
+    /// Redis for limits and cache invalidations shared by every node: redis://host:6379 (env
+    /// KEYWARD_REDIS_URL; default: none, limits in memory).
+    #[arg(long, global = true)]
+    redis_url: Option<String>,
+    /// Log lines as `pretty` text or `json` (env KEYWARD_LOG_FORMAT; default pretty); filter with RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,22 +54,22 @@ enum Command {
     /// Apply, revert or list database migrations.
     Migrate {
         #[command(subcommand)]
-        action: MigrateAction,
+        action: commands::migrate::MigrateAction,
     },
     /// Create organization `default` and an admin key on an empty database.
     Seed(JsonFlag),
     /// Manage organizations.
     Orgs {
         #[command(subcommand)]
-        action: commands::OrgsAction,
+        action: commands::orgs::OrgsAction,
     },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
-        action: commands::KeysAction,
+        action: commands::keys::KeysAction,
     },
     /// Import keys another system issued (JSON Lines or CSV), so they keep working.
-    Import(import::ImportArgs),
+    Import(commands::import::ImportArgs),
     /// A key's usage: daily table, a small chart, totals and top endpoints (from daily rollups).
     Usage {
         /// The key's id.
@@ -77,31 +83,13 @@ enum Command {
     /// Read the audit log.
     Audit {
         #[command(subcommand)]
-        action: commands::AuditAction,
+        action: commands::audit::AuditAction,
     },
     /// Show the effective configuration (secrets redacted).
     Config {
         #[command(subcommand)]
-        action: ConfigAction,
+        action: commands::config::ConfigAction,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum MigrateAction {
-    /// Apply every pending migration.
-    Up,
-    /// Revert the newest migrations.
-    Down {
-        #[arg(long, default_value_t = 1)]
-        steps: u32,
-    },
-    /// List migrations and whether each is applied.
-    Status,
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigAction {
-    Show,
 }
 
 #[derive(Debug, Args)]
@@ -113,14 +101,16 @@ struct JsonFlag {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = match &cli.command {
-        Command::Serve { listen, upstream, gateway_listen } => Overrides {
-            listen: *listen,
-            database_url: cli.database_url.clone(),
-            gateway: GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen },
-        },
-        _ => Overrides { database_url: cli.database_url.clone(), ..Default::default() },
+    let mut overrides = Overrides {
+        database_url: cli.database_url.clone(),
+        redis_url: cli.redis_url.clone(),
+        log_format: cli.log_format,
+        ..Default::default()
     };
+    if let Command::Serve { listen, upstream, gateway_listen } = &cli.command {
+        overrides.listen = *listen;
+        overrides.gateway = GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen };
+    }
     let config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -163,27 +153,16 @@ impl std::error::Error for Silent {}
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Serve { .. } => commands::serve(config).await,
-        Command::Migrate { action } => {
-            let store = keyward_store::open(&config.database_url, false).await?;
-            let list = match action {
-                MigrateAction::Up => store.migrate_up().await?,
-                MigrateAction::Down { steps } => store.migrate_down(steps).await?,
-                MigrateAction::Status => store.migration_status().await?,
-            };
-            for m in list {
-                println!("{:>04} {:<30} {}", m.version, m.description, if m.applied { "applied" } else { "pending" });
-            }
-            Ok(())
-        }
-        Command::Seed(flag) => commands::seed(config, flag.json).await,
-        Command::Orgs { action } => commands::orgs(config, action).await,
-        Command::Keys { action } => commands::keys(config, action).await,
-        Command::Import(args) => import::run(config, args).await,
-        Command::Audit { action } => commands::audit(config, action).await,
-        Command::Usage { key_id, days, json } => commands::usage(config, &key_id, days, json).await,
-        Command::Config { action: ConfigAction::Show } => {
-            print!("{}", config.show());
+        Command::Serve { .. } => commands::serve::run(config).await,
+        Command::Migrate { action } => commands::migrate::run(config, action).await,
+        Command::Seed(flag) => commands::seed::run(config, flag.json).await,
+        Command::Orgs { action } => commands::orgs::run(config, action).await,
+        Command::Keys { action } => commands::keys::run(config, action).await,
+        Command::Import(args) => commands::import::run(config, args).await,
+        Command::Audit { action } => commands::audit::run(config, action).await,
+        Command::Usage { key_id, days, json } => commands::usage::run(config, &key_id, days, json).await,
+        Command::Config { action } => {
+            commands::config::run(&config, action);
             Ok(())
         }
     }

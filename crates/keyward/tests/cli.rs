@@ -1,41 +1,12 @@
 //! The `keyward` binary, run as a user would, on a fresh SQLite file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
-use tempfile::TempDir;
 
-struct Cli {
-    dir: TempDir,
-}
-
-impl Cli {
-    fn new() -> Self {
-        Self { dir: TempDir::new().unwrap() }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let url = format!("sqlite://{}", self.dir.path().join("k.db").display());
-        Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(args)
-            .env("KEYWARD_DATABASE_URL", url)
-            .env_remove("KEYWARD_PEPPER")
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-}
+mod common;
+use common::Cli;
 
 /// `keyward serve` on 127.0.0.1:0 over the test's database with `env` set (JSON logs): the child, the
 /// admin key it printed once on stdout, the address from its listening line, its stderr and the log
@@ -44,13 +15,22 @@ fn serve(
     cli: &Cli,
     env: &[(&str, &str)],
 ) -> (std::process::Child, String, String, std::io::BufReader<std::process::ChildStderr>, String) {
+    serve_with(cli, &[], env)
+}
+
+/// [`serve`] with more arguments after `serve --listen 127.0.0.1:0`.
+fn serve_with(
+    cli: &Cli,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, String, std::io::BufReader<std::process::ChildStderr>, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
-    let url = format!("sqlite://{}", cli.dir.path().join("k.db").display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KEYWARD_DATABASE_URL", url)
+        .args(args)
+        .env("KEYWARD_DATABASE_URL", &cli.url)
         .env("KEYWARD_LOG_FORMAT", "json")
         .envs(env.iter().copied())
         .current_dir(cli.dir.path())
@@ -213,25 +193,54 @@ fn config_show_redacts_the_pepper() {
     assert!(!short.status.success());
 }
 
+/// `--redis-url` and `--log-format` reach `keyward config show` over their environment variables.
+#[test]
+fn flags_win_over_the_environment() {
+    let cli = Cli::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["config", "show", "--redis-url", "redis://:hunter2@flag.test:6379", "--log-format", "json"])
+        .env("KEYWARD_REDIS_URL", "redis://env.test:6379")
+        .env("KEYWARD_LOG_FORMAT", "pretty")
+        .env_remove("KEYWARD_PEPPER")
+        .current_dir(cli.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("redis_url = \"redis://:[redacted]@flag.test:6379\""), "{text}");
+    assert!(text.contains("log_format = \"json\""), "{text}");
+}
+
+/// `keyward serve --redis-url` builds the node on that Redis, not on `KEYWARD_REDIS_URL`'s: with the
+/// flag naming a port nothing listens on, the node says at start that Redis is unreachable (and still
+/// serves, its limits following the failure policy), though the environment names a working one.
+#[test]
+fn serve_takes_its_redis_from_the_flag() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let flag = format!("redis://127.0.0.1:{closed}");
+    let env = std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let cli = Cli::new();
+    let (mut child, key, address, _stderr, logs) =
+        serve_with(&cli, &["--redis-url", &flag], &[("KEYWARD_REDIS_URL", env.as_str())]);
+    assert!(key.starts_with("sk_live_"));
+    assert!(logs.contains("Redis unreachable"), "{logs}");
+    assert!(!address.is_empty());
+    terminate(&mut child, std::time::Duration::from_secs(10));
+}
+
 /// `keyward serve` on a real socket: prints the admin key once on stdout (never in the logs),
 /// answers with it, and exits cleanly on SIGTERM.
 #[test]
 fn serve_seeds_answers_and_stops_on_sigterm() {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use std::io::Read;
     use std::time::Duration;
 
     let cli = Cli::new();
     let (mut child, key, address, mut stderr, mut logs) = serve(&cli, &[("RUST_LOG", "debug")]);
 
-    let mut stream = TcpStream::connect(&address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET /v1/me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains("\"slug\":\"default\""));
+    let (status, me, _) = common::http(&address, "GET", "/v1/me", &key, None);
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["organization"]["slug"], "default", "{me}");
 
     let status = terminate(&mut child, Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
@@ -286,8 +295,7 @@ fn rotate_and_verify_the_audit_chain_from_the_cli() {
 /// event is in the store once the process has stopped, and `keyward usage` reports them.
 #[test]
 fn sigterm_writes_every_buffered_usage_event() {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use std::io::Read;
     use std::time::Duration;
 
     const N: usize = 60;
@@ -296,20 +304,9 @@ fn sigterm_writes_every_buffered_usage_event() {
         serve(&cli, &[("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "3600000")]);
     let mut key_id = String::new();
     for i in 0..N {
-        let body = format!(r#"{{"key":"{key}","endpoint":"/e{}","method":"GET"}}"#, i % 3);
-        let mut stream = TcpStream::connect(&address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200") && response.contains("\"VALID\""), "{response}");
-        let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let body = serde_json::json!({"key": key, "endpoint": format!("/e{}", i % 3), "method": "GET"});
+        let (status, json, _) = common::http(&address, "POST", "/v1/verify", &key, Some(body));
+        assert_eq!((status, json["code"].as_str()), (200, Some("VALID")), "{json}");
         key_id = json["key_id"].as_str().unwrap().to_owned();
     }
 
@@ -335,8 +332,6 @@ fn sigterm_writes_every_buffered_usage_event() {
 /// own (no shutdown), so after SIGKILL every event recorded more than an interval earlier is there.
 #[test]
 fn sigkill_loses_at_most_one_flush_interval() {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
     use std::time::{Duration, Instant};
 
     const N: usize = 20;
@@ -344,19 +339,7 @@ fn sigkill_loses_at_most_one_flush_interval() {
     let (mut child, key, address, _stderr, _logs) = serve(&cli, &[("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "100")]);
     let mut key_id = String::new();
     for _ in 0..N {
-        let body = format!(r#"{{"key":"{key}"}}"#);
-        let mut stream = TcpStream::connect(&address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let json: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let (_, json, _) = common::http(&address, "POST", "/v1/verify", &key, Some(serde_json::json!({"key": key})));
         key_id = json["key_id"].as_str().unwrap().to_owned();
     }
     // Written by the interval alone, within a few intervals (bounded wait).

@@ -1,45 +1,11 @@
 //! `keyward import`, run as an operator would, on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
-
 use keyward_store::testing::PgSchema;
-use serde_json::{Value, json};
-use tempfile::TempDir;
+use serde_json::json;
 
-struct Cli {
-    dir: TempDir,
-    url: String,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(args)
-            .env("KEYWARD_DATABASE_URL", &self.url)
-            .env_remove("KEYWARD_PEPPER")
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "{args:?} wrote to stderr (no progress bar off a terminal)");
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
+mod common;
+use common::Cli;
 
 fn sha256_hex(s: &str) -> String {
     keyward_core::KeyHasher::default().hash_str(keyward_core::HashAlgorithm::Sha256, s).to_hex()
@@ -47,7 +13,7 @@ fn sha256_hex(s: &str) -> String {
 
 /// Dry run, import, import again, a CSV file, the audit row: the same on every backend.
 fn import_flow(cli: &Cli) {
-    cli.ok(&["orgs", "create", "--name", "Acme", "--slug", "acme"]);
+    cli.quiet(&["orgs", "create", "--name", "Acme", "--slug", "acme"]);
     let jsonl = [
         json!({"key": "old_system_key_0001_abcdef", "name": "one", "owner_id": "u1", "scopes": ["read:x"]}),
         json!({"key_sha256": sha256_hex("old_system_key_0002_abcdef"), "name": "two"}),
@@ -59,7 +25,7 @@ fn import_flow(cli: &Cli) {
     .collect::<String>();
     let file = cli.write("keys.jsonl", &jsonl);
 
-    let dry = cli.ok(&["import", &file, "--org", "acme", "--dry-run"]);
+    let dry = cli.quiet(&["import", &file, "--org", "acme", "--dry-run"]);
     assert!(
         dry.starts_with("Would import 2 keys into acme: 0 unchanged (already there), 2 rejected, of 4 rows."),
         "{dry}"
@@ -77,14 +43,14 @@ fn import_flow(cli: &Cli) {
     assert_eq!(names.len(), 2);
     assert!(names.contains(&"one") && names.contains(&"two"));
 
-    let again = cli.ok(&["import", &file, "--org", "acme"]);
+    let again = cli.quiet(&["import", &file, "--org", "acme"]);
     assert!(
         again.starts_with("Imported 0 keys into acme: 2 unchanged (already there), 2 rejected, of 4 rows."),
         "{again}"
     );
 
     let csv = cli.write("more.csv", "key,name,scopes\nold_system_key_0004_abcdef,four,\"read:a read:b\"\n");
-    let out = cli.ok(&["import", &csv, "--org", "acme"]);
+    let out = cli.quiet(&["import", &csv, "--org", "acme"]);
     assert!(out.starts_with("Imported 1 keys into acme"), "{out}");
 
     let audit = cli.json(&["audit", "list", "--action", "import", "--json"]);
@@ -111,20 +77,18 @@ fn import_flow(cli: &Cli) {
 
 #[test]
 fn import_on_sqlite() {
-    let dir = TempDir::new().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("k.db").display());
-    import_flow(&Cli { dir, url });
+    import_flow(&Cli::new());
 }
 
 #[tokio::test]
 async fn import_on_postgres() {
     let Some(schema) = PgSchema::create("keyward::import_on_postgres").await else { return };
-    let cli = Cli { dir: TempDir::new().unwrap(), url: schema.url().to_owned() };
+    let cli = Cli::at(schema.url());
     // `migrate` works on PostgreSQL as on SQLite.
-    assert!(cli.ok(&["migrate", "status"]).contains("pending"));
-    let up = cli.ok(&["migrate", "up"]);
+    assert!(cli.quiet(&["migrate", "status"]).contains("pending"));
+    let up = cli.quiet(&["migrate", "up"]);
     assert!(up.contains("0001 init") && up.contains("0002 import") && !up.contains("pending"), "{up}");
     import_flow(&cli);
-    assert!(cli.ok(&["migrate", "down", "--steps", "100"]).lines().all(|l| l.ends_with("pending")));
+    assert!(cli.quiet(&["migrate", "down", "--steps", "100"]).lines().all(|l| l.ends_with("pending")));
     drop(schema);
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use keyward_core::{Environment, KeyHasher, KeyId, KeyPrefix, OrgId, PlainKey};
-use keyward_server::usage::{UsageConfig, UsageRecorder};
+use keyward_server::settings::UsageConfig;
+use keyward_server::usage::UsageRecorder;
 use keyward_store::usage::{QuotaSubject, UsageEvent, UsageKind};
 use keyward_store::{Actor, LimitOverrides, NewKey, NewOrganization};
 

@@ -4,11 +4,11 @@
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use keyward_core::{KeyId, KeywardScope};
+use keyward_core::KeyId;
 use keyward_store::AuditFilter;
 use serde::Deserialize;
 
-use crate::auth::Caller;
+use crate::auth::{Admin, AuditRead, Caller};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
@@ -54,10 +54,9 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
     security(("bearer" = [])))]
 pub async fn list_audit(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<AuditRead>,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<PageResponse<AuditEntryResponse>>> {
-    caller.require(KeywardScope::AuditRead)?;
     let key_id = q
         .key_id
         .as_deref()
@@ -107,8 +106,10 @@ pub struct BrokenRow {
 #[utoipa::path(get, path = "/v1/audit-logs/verify", tag = "audit",
     responses((status = 200, body = AuditVerifyResponse), KeyErrors),
     security(("bearer" = [])))]
-pub async fn verify_audit(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<AuditVerifyResponse>> {
-    caller.require(KeywardScope::Admin)?;
+pub async fn verify_audit(
+    State(state): State<AppState>,
+    _admin: Caller<Admin>,
+) -> ApiResult<Json<AuditVerifyResponse>> {
     let report = state.store.verify_audit_chain().await?;
     if !report.intact {
         tracing::warn!(broken = ?report.broken, "the audit chain is broken");

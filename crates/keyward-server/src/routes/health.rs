@@ -1,12 +1,15 @@
-//! Liveness and readiness.
+//! Liveness, readiness and metrics.
 
 use axum::Json;
 use axum::extract::State;
+use keyward_store::KeyLookup;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -50,8 +53,8 @@ pub struct ReadyResponse {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
 pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
-    let down_for = state.store_health.down_for();
-    let reachable = down_for.is_none() && state.store.ping().await.is_ok();
+    let down_for = state.keys.breaker().down_for();
+    let reachable = down_for.is_none() && KeyLookup::ping(&state.keys).await.is_ok();
     let limiter = state.limiter.health();
     let body = ReadyResponse {
         status: if reachable && limiter.up { "ready" } else { "degraded" },
@@ -62,4 +65,14 @@ pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     };
     let status = if reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics() -> axum::response::Response {
+    match crate::telemetry::install() {
+        Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => ApiError::internal("another metrics recorder is installed").into_response(),
+    }
 }

@@ -6,10 +6,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
-use keyward_core::{KeywardScope, OrgId};
 use serde::Deserialize;
 
-use crate::auth::Caller;
+use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::openapi::KeyErrors;
@@ -62,13 +61,12 @@ pub enum ImportFormatName {
 #[tracing::instrument(skip_all)]
 pub async fn import_keys(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Admin>,
     ApiQuery(q): ApiQuery<ImportQuery>,
     headers: HeaderMap,
     timeout: Option<axum::Extension<crate::listen::BodyReadTimeout>>,
     body: Body,
 ) -> ApiResult<Json<ImportReport>> {
-    caller.require(KeywardScope::Admin)?;
     let format = match q.format.as_deref() {
         Some(f) => ImportFormat::parse(f)
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidQuery, "`format` must be `jsonl` or `csv`"))?,
@@ -83,12 +81,7 @@ pub async fn import_keys(
                 )
             })?,
     };
-    let organization_id = match q.organization_id.as_deref() {
-        None => caller.key.organization_id,
-        Some(raw) => {
-            raw.parse::<OrgId>().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?
-        }
-    };
+    let organization_id = caller.organization_for(q.organization_id.as_deref())?;
     let bytes = crate::extract::read_body(body, MAX_IMPORT_BYTES, timeout.map(|t| t.0)).await?;
     let file = import::parse(format, &bytes)?;
     import::check_call_size(&file)?;

@@ -6,11 +6,11 @@ use axum::extract::State;
 use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use keyward_core::{Environment, KeyId, KeyStatus, OrgId, ScopeSet};
-use keyward_store::{ApiKey, KeyFilter, NoCache, Organization};
+use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
+use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{
@@ -20,70 +20,34 @@ use crate::openapi::{JsonBodyErrors, KeyErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
-/// SECURITY: a key may grant only the `keyward:` scopes it holds itself (admin grants any), and a
-/// self-service key only customer scopes its own scopes cover.
-fn check_grant(caller: &Caller, scopes: &ScopeSet, self_service: bool) -> ApiResult<()> {
-    for scope in scopes.iter() {
-        let allowed = if scope.is_reserved() {
-            caller_holds(caller, scope)
-        } else {
-            !self_service || caller.scopes().covers(scope)
-        };
-        if !allowed {
-            return Err(ApiError::new(
-                ErrorCode::InsufficientScope,
-                // SECURITY: a customer scope is client text (`read:<anything>`); it could hold a key.
-                format!(
-                    "this key cannot grant the scope {} it does not hold",
-                    keyward_core::key::quote_if_not_key(scope.as_str())
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Load a key the caller may see; any other id answers 404.
-async fn visible_key(state: &AppState, caller: &Caller, id: KeyId, write: bool) -> ApiResult<ApiKey> {
+/// Load a key the caller may see; any other id answers 404, exactly like one that does not exist.
+pub(crate) async fn visible_key<P>(state: &AppState, caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
     let key = state.store.get_key(id).await?;
-    if caller.can_see(&key, write) { Ok(key) } else { Err(ApiError::not_found()) }
+    if caller.sees_key(&key) { Ok(key) } else { Err(ApiError::not_found()) }
 }
 
-/// Load a key the caller may change (update, revoke, rotate).
-///
-/// SECURITY: one rule for every write on a key: the caller holds every `keyward:` scope the key holds
-/// (DESIGN.md), so no key can re-enable, strip or revoke a key more powerful than itself. A key the
-/// caller may not see answers 404; one it may see but not change, 403.
-async fn writable_key(state: &AppState, caller: &Caller, id: KeyId) -> ApiResult<ApiKey> {
-    let key = visible_key(state, caller, id, true).await?;
-    if let Some(scope) = key.scopes.iter().filter(|s| s.is_reserved()).find(|s| !caller_holds(caller, s)) {
-        return Err(ApiError::new(
-            ErrorCode::InsufficientScope,
-            format!("this key cannot change a key that holds `{scope}`, which it does not hold itself"),
-        ));
-    }
+/// Load a key the caller may change (update, revoke, rotate): one it may see (else 404) and may change
+/// ([`Caller::may_change`], else 403).
+async fn writable_key<P>(state: &AppState, caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
+    let key = visible_key(state, caller, id).await?;
+    caller.may_change(&key)?;
     Ok(key)
 }
 
-/// Whether the caller holds this `keyward:` scope itself (admin holds every one); an unknown reserved
-/// scope needs admin.
-fn caller_holds(caller: &Caller, reserved: &keyward_core::Scope) -> bool {
-    caller.is_admin() || caller.scopes().holds(reserved.keyward().unwrap_or(keyward_core::KeywardScope::Admin))
-}
-
 /// SECURITY: a key's own plan and limit overrides may only make it tighter than its organization's own
-/// settings allow, unless the caller holds `keyward:admin` (DESIGN.md); else a tenant that may create
+/// settings allow, unless the caller holds `keyward:admin` (SECURITY.md); else a tenant that may create
 /// keys could give itself a bigger plan than it pays for.
-fn check_limits(
+async fn check_limits<P>(
     state: &AppState,
-    caller: &Caller,
-    org: &Organization,
+    caller: &Caller<P>,
+    organization_id: OrgId,
     plan: Option<&str>,
     overrides: &keyward_store::LimitOverrides,
 ) -> ApiResult<()> {
     if caller.is_admin() || (plan.is_none() && *overrides == keyward_store::LimitOverrides::default()) {
         return Ok(());
     }
+    let org = state.store.get_org(organization_id).await?;
     let own = state.plans.resolve(&org.plan, None, &org.limits.core(), &keyward_core::LimitOverrides::NONE);
     let key = state.plans.resolve(&org.plan, plan, &org.limits.core(), &overrides.core());
     match key.looser_than(&own) {
@@ -108,42 +72,18 @@ fn check_limits(
     responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-pub async fn create_key(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
-    caller.require_key_write()?;
+pub async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller<KeysWriteOrSelf>,
+    body: JsonBody,
+) -> ApiResult<Response> {
     let mut body: CreateKeyRequest = body.parse()?;
-    let self_service = caller.self_service_only(true);
-    let organization_id = match body.organization_id.take() {
-        None => caller.key.organization_id,
-        Some(raw) => {
-            let id: OrgId =
-                raw.parse().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?;
-            if id != caller.key.organization_id && !caller.is_admin() {
-                return Err(ApiError::insufficient_scope("keyward:admin"));
-            }
-            id
-        }
-    };
-    if self_service {
-        let own = caller.key.owner_id.as_deref().map(str::to_owned).ok_or_else(|| {
-            ApiError::new(ErrorCode::Forbidden, "a self-service key without an owner_id cannot create keys")
-        })?;
-        match &body.owner_id {
-            Some(owner) if *owner != own => {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    "a self-service key creates keys for its own owner only",
-                ));
-            }
-            _ => body.owner_id = Some(own),
-        }
-    }
+    let organization_id = caller.organization_for(body.organization_id.take().as_deref())?;
+    body.owner_id = caller.owner_for(body.owner_id.take())?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
-    check_grant(&caller, &draft.scopes, self_service)?;
-    if draft.plan.is_some() && !caller.is_admin() {
-        let org = state.store.get_org(organization_id).await?;
-        check_limits(&state, &caller, &org, draft.plan.as_deref(), &Default::default())?;
-    }
+    caller.may_grant(&draft.scopes)?;
+    check_limits(&state, &caller, organization_id, draft.plan.as_deref(), &Default::default()).await?;
     let limit = crate::limits::key_creation(&state, organization_id, now).await?;
     let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
@@ -178,10 +118,9 @@ pub struct ListKeysQuery {
     security(("bearer" = [])))]
 pub async fn list_keys(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysReadOrSelf>,
     ApiQuery(q): ApiQuery<ListKeysQuery>,
 ) -> ApiResult<Json<PageResponse<KeyResponse>>> {
-    caller.require_key_read()?;
     let bad = |m: &str| ApiError::new(ErrorCode::InvalidQuery, m.to_owned());
     let environment = q
         .environment
@@ -194,11 +133,7 @@ pub async fn list_keys(
         .as_deref()
         .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
         .transpose()?;
-    let owner_id = if caller.self_service_only(false) {
-        caller.key.owner_id.as_deref().map(str::to_owned).or(Some(String::new()))
-    } else {
-        q.owner_id
-    };
+    let owner_id = caller.listed_owner().map(str::to_owned).or(q.owner_id);
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<KeyId>()?;
     let now = state.clock.now();
     let filter = KeyFilter {
@@ -219,11 +154,10 @@ pub async fn list_keys(
     security(("bearer" = [])))]
 pub async fn get_key(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysReadOrSelf>,
     ApiPath(id): ApiPath<KeyId>,
 ) -> ApiResult<Json<KeyResponse>> {
-    caller.require_key_read()?;
-    let key = visible_key(&state, &caller, id, false).await?;
+    let key = visible_key(&state, &caller, id).await?;
     let org = state.store.get_org(key.organization_id).await?;
     let limits = crate::limits::effective(&state, &key, &org);
     Ok(Json(KeyResponse { effective_limits: Some(limits), ..KeyResponse::new(key, state.clock.now()) }))
@@ -237,25 +171,21 @@ pub async fn get_key(
 #[tracing::instrument(skip_all)]
 pub async fn update_key(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<KeyId>,
     body: JsonBody,
 ) -> ApiResult<Json<KeyResponse>> {
-    caller.require(keyward_core::KeywardScope::KeysWrite)?;
     let key = writable_key(&state, &caller, id).await?;
     let body: UpdateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
     if let Some(scopes) = &patch.scopes {
-        check_grant(&caller, scopes, false)?;
+        caller.may_grant(scopes)?;
     }
-    if let Some(Some(plan)) = &patch.plan
-        && !caller.is_admin()
-    {
-        let org = state.store.get_org(key.organization_id).await?;
-        check_limits(&state, &caller, &org, Some(plan), &key.limits)?;
+    if let Some(Some(plan)) = &patch.plan {
+        check_limits(&state, &caller, key.organization_id, Some(plan), &key.limits).await?;
     }
-    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&NoCache);
+    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&state.keys);
     Ok(Json(KeyResponse::new(key, now)))
 }
 
@@ -266,13 +196,12 @@ pub async fn update_key(
 #[tracing::instrument(skip_all)]
 pub async fn revoke_key(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWriteOrSelf>,
     ApiPath(id): ApiPath<KeyId>,
 ) -> ApiResult<StatusCode> {
-    caller.require_key_write()?;
     writable_key(&state, &caller, id).await?;
     let now = state.clock.now();
-    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&NoCache);
+    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -287,11 +216,10 @@ pub async fn revoke_key(
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWriteOrSelf>,
     ApiPath(id): ApiPath<KeyId>,
     body: JsonBody,
 ) -> ApiResult<Response> {
-    caller.require_key_write()?;
     let old = writable_key(&state, &caller, id).await?;
     let body: RotateKeyRequest = body.parse()?;
     let now = state.clock.now();
@@ -299,11 +227,8 @@ pub async fn rotate_key(
     // SECURITY: the new key carries the old key's scopes, plan and limits, so rotating is granting
     // them: the rules of creation apply (a self-service caller only grants customer scopes its own
     // cover; a grace period would otherwise leave two keys with scopes the caller could never mint).
-    check_grant(&caller, &old.scopes, caller.self_service_only(true))?;
-    if !caller.is_admin() {
-        let org = state.store.get_org(old.organization_id).await?;
-        check_limits(&state, &caller, &org, old.plan.as_deref(), &old.limits)?;
-    }
+    caller.may_grant(&old.scopes)?;
+    check_limits(&state, &caller, old.organization_id, old.plan.as_deref(), &old.limits).await?;
     let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
     let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");
@@ -345,10 +270,9 @@ pub struct ExpiringResponse {
     security(("bearer" = [])))]
 pub async fn list_expiring(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysReadOrSelf>,
     ApiQuery(q): ApiQuery<ExpiringQuery>,
 ) -> ApiResult<Json<ExpiringResponse>> {
-    caller.require_key_read()?;
     let days = q.days.unwrap_or(7);
     if !(1..=365).contains(&days) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, "`days` must be 1-365"));
@@ -356,7 +280,7 @@ pub async fn list_expiring(
     let now = state.clock.now();
     let until = now + chrono::Duration::days(i64::from(days));
     let keys = state.store.list_expiring_keys(caller.org_filter(), now, until, EXPIRING_LIMIT).await?;
-    let items = keys.into_iter().filter(|k| caller.can_see(k, false)).map(|k| KeyResponse::new(k, now)).collect();
+    let items = keys.into_iter().filter(|k| caller.sees_key(k)).map(|k| KeyResponse::new(k, now)).collect();
     Ok(Json(ExpiringResponse { days, items }))
 }
 
@@ -377,10 +301,12 @@ pub struct CleanupResponse {
     responses((status = 200, body = CleanupResponse), KeyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-pub async fn cleanup_expired(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<CleanupResponse>> {
-    caller.require(keyward_core::KeywardScope::KeysWrite)?;
+pub async fn cleanup_expired(
+    State(state): State<AppState>,
+    caller: Caller<KeysWrite>,
+) -> ApiResult<Json<CleanupResponse>> {
     let now = state.clock.now();
-    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&NoCache);
+    let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&state.keys);
     if !expired.is_empty() {
         state.events_written();
     }

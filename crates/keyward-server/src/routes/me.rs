@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
+use crate::auth::{AnyKey, Caller};
 use crate::error::ApiResult;
 use crate::limits::Standing;
 use crate::model::{KeyResponse, OrganizationResponse};
@@ -26,8 +26,8 @@ pub struct MeResponse {
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
     responses((status = 200, body = MeResponse), KeyErrors),
     security(("bearer" = [])))]
-pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<MeResponse>> {
-    let key = state.store.get_key(caller.key.id).await?;
+pub async fn me(State(state): State<AppState>, caller: Caller<AnyKey>) -> ApiResult<Json<MeResponse>> {
+    let key = state.store.get_key(caller.key_id()).await?;
     let organization = state.store.get_org(key.organization_id).await?;
     let now = state.clock.now();
     let standing = crate::limits::standing(&state, &key, &organization, now).await;

@@ -3,10 +3,9 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use keyward_core::{KeywardScope, OrgId};
-use keyward_store::NoCache;
+use keyward_core::OrgId;
 
-use crate::auth::Caller;
+use crate::auth::{Admin, Caller};
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{OrganizationResponse, PageQuery, PageResponse};
@@ -20,10 +19,9 @@ use crate::state::AppState;
     security(("bearer" = [])))]
 pub async fn create_org(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Admin>,
     body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<OrganizationResponse>)> {
-    caller.require(KeywardScope::Admin)?;
     let body: CreateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let new = body.validate(&Validator { plans: &state.plans, now })?;
@@ -37,10 +35,9 @@ pub async fn create_org(
     security(("bearer" = [])))]
 pub async fn list_orgs(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Caller<Admin>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<PageResponse<OrganizationResponse>>> {
-    caller.require(KeywardScope::Admin)?;
     let page = state.store.list_orgs(q.request::<OrgId>()?).await?;
     Ok(Json(PageResponse::from_page(page, OrganizationResponse::from)))
 }
@@ -51,10 +48,9 @@ pub async fn list_orgs(
     security(("bearer" = [])))]
 pub async fn get_org(
     State(state): State<AppState>,
-    caller: Caller,
+    _admin: Caller<Admin>,
     ApiPath(id): ApiPath<OrgId>,
 ) -> ApiResult<Json<OrganizationResponse>> {
-    caller.require(KeywardScope::Admin)?;
     Ok(Json(state.store.get_org(id).await?.into()))
 }
 
@@ -65,13 +61,12 @@ pub async fn get_org(
     security(("bearer" = [])))]
 pub async fn update_org(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Admin>,
     ApiPath(id): ApiPath<OrgId>,
     body: JsonBody,
 ) -> ApiResult<Json<OrganizationResponse>> {
-    caller.require(KeywardScope::Admin)?;
     let body: UpdateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
-    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.apply(&NoCache).into()))
+    Ok(Json(state.store.update_org(id, patch, &caller.actor(now)).await?.apply(&state.keys).into()))
 }

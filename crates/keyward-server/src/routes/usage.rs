@@ -13,7 +13,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
-use keyward_core::{KeyId, KeywardScope, OrgId};
+use keyward_core::{KeyId, OrgId};
 use keyward_store::usage::{
     DailyCounts, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT, UsageEvent,
     UsageKind,
@@ -22,7 +22,7 @@ use keyward_store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, KeysRead, KeysReadOrSelf, Verify};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::openapi::{JsonBodyErrors, KeyErrors};
@@ -142,10 +142,9 @@ pub struct UsageAcceptedResponse {
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn report_usage(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Verify>,
     body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<UsageAcceptedResponse>)> {
-    caller.require(KeywardScope::Verify)?;
     let value: serde_json::Value = body.parse()?;
     let (reports, prefix) = if value.get("events").is_some() {
         let batch: UsageReportBatch = body.parse()?;
@@ -177,7 +176,7 @@ pub async fn report_usage(
                     Err(e) => return Err(e.into()),
                 };
                 // SECURITY: another organization's key is answered exactly like an unknown one.
-                if caller.org_filter().is_some_and(|org| org != key.organization_id) {
+                if !caller.reaches_org(key.organization_id) {
                     return Err(unknown());
                 }
                 owners.insert(key_id, key.organization_id);
@@ -349,19 +348,15 @@ pub async fn key_usage_report(
     security(("bearer" = [])))]
 pub async fn key_usage(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysReadOrSelf>,
     ApiPath(id): ApiPath<KeyId>,
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<KeyUsageResponse>> {
-    caller.require_key_read()?;
     let days = q.days.unwrap_or(30);
     if !(1..=MAX_DAYS).contains(&days) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`days` must be 1 to {MAX_DAYS}")));
     }
-    let key = state.store.get_key(id).await?;
-    if !caller.can_see(&key, false) {
-        return Err(ApiError::not_found());
-    }
+    crate::routes::keys::visible_key(&state, &caller, id).await?;
     let today = state.clock.now().date_naive();
     Ok(Json(key_usage_report(&*state.store, id, days, today).await?))
 }
@@ -419,16 +414,13 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
     security(("bearer" = [])))]
 pub async fn org_usage(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysRead>,
     ApiPath(id): ApiPath<OrgId>,
     ApiQuery(q): ApiQuery<MonthQuery>,
 ) -> ApiResult<Json<OrgUsageResponse>> {
-    if !caller.is_admin() {
-        caller.require(KeywardScope::KeysRead)?;
-        // SECURITY: another organization answers like an unknown one.
-        if id != caller.key.organization_id {
-            return Err(ApiError::not_found());
-        }
+    // SECURITY: another organization answers like an unknown one.
+    if !caller.reaches_org(id) {
+        return Err(ApiError::not_found());
     }
     let now = state.clock.now();
     let month = q.month.unwrap_or_else(|| keyward_store::usage::month_of(now));

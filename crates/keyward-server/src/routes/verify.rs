@@ -6,13 +6,13 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeywardScope, OrgId, Scope, ScopeSet, VerifyOutcome};
+use keyward_core::{Environment, KeyId, OrgId, Scope, ScopeSet, VerifyOutcome};
 use keyward_store::usage::MAX_QUOTA_COST;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Verify};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::limits::{self, QuotaInfo, RateLimitInfo};
@@ -94,10 +94,9 @@ impl VerifyKeyResponse<'_> {
     security(("bearer" = [])))]
 pub async fn verify(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<Verify>,
     body: JsonBody,
 ) -> ApiResult<axum::response::Response> {
-    caller.require(KeywardScope::Verify)?;
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
         .required_scopes
@@ -125,9 +124,9 @@ pub async fn verify(
         required_scopes: &required,
         organization: caller.org_filter(),
         user_agent: "",
-        via: "verify",
+        via: crate::telemetry::Via::Verify,
         cost,
-        failures: limits::FailureScope::Tenant(caller.key.organization_id),
+        failures: limits::FailureScope::Tenant(caller.organization_id()),
     };
     let (verdict, event) = verifier::verify_deferred(&state, check).await?;
     if let Some(mut event) = event {
@@ -135,10 +134,7 @@ pub async fn verify(
         event.method = method;
         state.usage.record(event);
     }
-    let mut headers = verdict.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
-    if verdict.outcome == VerifyOutcome::LimiterUnavailable {
-        headers.insert(axum::http::header::RETRY_AFTER, limits::LIMITER_RETRY_AFTER_SECS.into());
-    }
+    let headers = verdict.headers(now);
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
     // A decision of the failure policy knows no count: no figures rather than made-up ones.
     let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).filter(|q| !q.degraded).map(QuotaInfo::from);

@@ -19,14 +19,14 @@ use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use keyward_core::{KeywardScope, OrgId};
+use keyward_core::OrgId;
 use keyward_store::{Attempt, Delivery, EventKind, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, KeysWrite};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::openapi::{JsonBodyErrors, KeyErrors};
@@ -216,7 +216,7 @@ pub struct UpdateWebhookRequest {
 
 /// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
 /// checked at creation, and on every write with the endpoint's current events and its new ones.
-fn check_admin_events(caller: &Caller, events: &[String]) -> ApiResult<()> {
+fn check_admin_events(caller: &Caller<KeysWrite>, events: &[String]) -> ApiResult<()> {
     // Events that belong to no organization: only `keyward:admin` may subscribe to them.
     match events.iter().find(|e| EventKind::parse(e).is_some_and(EventKind::is_global)) {
         Some(event) if !caller.is_admin() => Err(ApiError::new(
@@ -257,23 +257,15 @@ fn check_description(d: Option<String>) -> ApiResult<Option<String>> {
     }
 }
 
-fn require(caller: &Caller) -> ApiResult<()> {
-    caller.require(KeywardScope::KeysWrite)
-}
-
 /// An endpoint the caller may manage; any other id answers 404.
-async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Webhook> {
+async fn visible(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
     let hook = state.store.get_webhook(id).await?;
-    if caller.is_admin() || hook.organization_id == caller.key.organization_id {
-        Ok(hook)
-    } else {
-        Err(ApiError::not_found())
-    }
+    if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
 }
 
 /// An endpoint the caller may change or read the deliveries of: visible to it (else 404) and one it could have
 /// created (else 403).
-async fn manageable(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Webhook> {
+async fn manageable(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
     let hook = visible(state, caller, id).await?;
     // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
     // only `keyward:admin` may create.
@@ -286,20 +278,13 @@ async fn manageable(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<We
     responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
-pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body: JsonBody) -> ApiResult<Response> {
-    require(&caller)?;
+pub async fn create_webhook(
+    State(state): State<AppState>,
+    caller: Caller<KeysWrite>,
+    body: JsonBody,
+) -> ApiResult<Response> {
     let body: CreateWebhookRequest = body.parse()?;
-    let organization_id = match body.organization_id.as_deref() {
-        None => caller.key.organization_id,
-        Some(raw) => {
-            let id: OrgId =
-                raw.parse().map_err(|_| ApiError::validation("organization_id", "must be an organization id"))?;
-            if id != caller.key.organization_id && !caller.is_admin() {
-                return Err(ApiError::insufficient_scope("keyward:admin"));
-            }
-            id
-        }
-    };
+    let organization_id = caller.organization_for(body.organization_id.as_deref())?;
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     let events = check_events(&body.events)?;
     check_admin_events(&caller, &events)?;
@@ -329,8 +314,10 @@ pub async fn create_webhook(State(state): State<AppState>, caller: Caller, body:
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
     responses((status = 200, body = WebhookListResponse), KeyErrors),
     security(("bearer" = [])))]
-pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<WebhookListResponse>> {
-    require(&caller)?;
+pub async fn list_webhooks(
+    State(state): State<AppState>,
+    caller: Caller<KeysWrite>,
+) -> ApiResult<Json<WebhookListResponse>> {
     let hooks = state.store.list_webhooks(caller.org_filter()).await?;
     Ok(Json(WebhookListResponse { items: hooks.into_iter().map(WebhookResponse::from).collect() }))
 }
@@ -341,10 +328,9 @@ pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Api
     security(("bearer" = [])))]
 pub async fn get_webhook(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<WebhookResponse>> {
-    require(&caller)?;
     Ok(Json(visible(&state, &caller, id).await?.into()))
 }
 
@@ -356,11 +342,10 @@ pub async fn get_webhook(
 #[tracing::instrument(skip_all)]
 pub async fn update_webhook(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
     body: JsonBody,
 ) -> ApiResult<Json<WebhookResponse>> {
-    require(&caller)?;
     manageable(&state, &caller, id).await?;
     let body: UpdateWebhookRequest = body.parse()?;
     if let Some(url) = &body.url {
@@ -386,10 +371,9 @@ pub async fn update_webhook(
 #[tracing::instrument(skip_all)]
 pub async fn delete_webhook(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
-    require(&caller)?;
     manageable(&state, &caller, id).await?;
     state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -402,10 +386,9 @@ pub async fn delete_webhook(
     security(("bearer" = [])))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<DeliveryListResponse>> {
-    require(&caller)?;
     // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
     // does.
     manageable(&state, &caller, id).await?;
@@ -425,10 +408,9 @@ pub async fn list_deliveries(
 #[tracing::instrument(skip_all)]
 pub async fn retry_delivery(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Caller<KeysWrite>,
     ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<DeliveryResponse>> {
-    require(&caller)?;
     manageable(&state, &caller, id).await?;
     let now = state.clock.now();
     let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use keyward_core::{Environment, HashAlgorithm, KeyFormatError, KeyHash, KeyHasher, KeyId, OrgId, PlainKey};
-use keyward_store::{Actor, ImportOutcome, KeyImport, LimitOverrides, NewKey, NoCache, StoreError};
+use keyward_store::{Actor, ImportOutcome, KeyImport, LimitOverrides, NewKey, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -503,7 +503,7 @@ pub async fn run(
         let legacy: Vec<bool> = keys.iter().map(|k| k.legacy).collect();
         match state.store.import_keys(organization_id, keys, actor, dry_run).await {
             Ok(outcomes) => {
-                let outcomes = outcomes.apply(&NoCache);
+                let outcomes = outcomes.apply(&state.keys);
                 for ((line, outcome), legacy) in lines.iter().zip(outcomes).zip(legacy) {
                     match outcome {
                         ImportOutcome::Imported => {

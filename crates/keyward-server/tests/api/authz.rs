@@ -1,4 +1,4 @@
-//! The authorization matrix (issue 15, "keep them closed"): every route of `/openapi.json`, called by
+//! The authorization matrix: every route of `/openapi.json`, called by
 //! every kind of caller on every kind of target, answers the status written in [`MATRIX`], one table.
 //!
 //! Keys that cannot be used (revoked, disabled, expired, of a disabled organization, unknown,
@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::body::Body;
 use axum::http::Method;
 use keyward_core::{Environment, HashAlgorithm, KeyHasher, KeyPrefix, OrgId, PlainKey};
-use keyward_server::limits::Protection;
 use keyward_server::service::CreateKeyRequest;
+use keyward_server::settings::Protection;
 use serde_json::{Value, json};
 
 use crate::helpers::{NowUtc, Response, TestApp, request};
@@ -348,11 +348,13 @@ impl World {
         let mut app = TestApp::sqlite().await;
         // Hundreds of calls from one address, many without a key, many creating keys: the matrix is
         // about permissions, not the abuse limits (tests/api/limits.rs holds those).
-        app.state.protection = Protection {
-            management_per_minute: 1_000_000,
-            failed_auth_per_minute: 1_000_000,
-            key_creation_per_minute: 1_000_000,
-        };
+        app.reconfigure(|b| {
+            b.protection(Protection {
+                management_per_minute: 1_000_000,
+                failed_auth_per_minute: 1_000_000,
+                key_creation_per_minute: 1_000_000,
+            })
+        });
         let a = app.default_org.id;
         let org_b = app.org("org-b").await.id;
         let key = |org, owner, scopes| {

@@ -1,6 +1,7 @@
-//! The verify cache: warm verifications touch no store, unknown hashes are remembered briefly,
-//! changes invalidate at once (on this node directly, on others through Redis), a stale entry is
-//! served only while the store is down and only up to the ceiling, and a miss then is a 503.
+//! The verify cache: warm verifications touch no store, unknown hashes are remembered briefly, every
+//! write that changes what verification answers invalidates at once (on this node directly, on others
+//! through Redis), a stale entry is served only while the store is down and only up to the ceiling,
+//! and a miss then is a 503.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,23 +9,94 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache, RedisBus};
+use keyward_server::cache::{CachedLookup, KeyCache, RedisBus};
+use keyward_server::settings::CacheConfig;
+use keyward_server::telemetry::Via;
 use keyward_server::usage::UsageRecorder;
 use keyward_server::{AppState, service};
-use keyward_store::{Actor, Store};
+use keyward_store::{Actor, NoCache, Store};
 use serde_json::json;
 
-use crate::helpers::{Guard, OwnRedis, TestApp, t0};
-use crate::legacy::Counting;
-
-async fn counted() -> (TestApp, Arc<Counting>) {
-    let inner = keyward_store::open("sqlite::memory:", true).await.unwrap();
-    let store = Arc::new(Counting::new(inner));
-    (TestApp::with_store(store.clone(), Guard::None).await, store)
-}
+use crate::helpers::{OwnRedis, TestApp, on_every_backend, t0};
+use crate::legacy::counted;
 
 fn hash(key: &str) -> keyward_core::KeyHash {
     KeyHasher::default().candidates(key).next().unwrap().1
+}
+
+on_every_backend!(every_store_write_is_seen_through_the_node_cache, writes_through_the_api_are_seen_at_once);
+
+/// The store's conformance case for the verify cache (one case per kind of write that can change what
+/// verification answers), with this server's cache in front of the store.
+async fn every_store_write_is_seen_through_the_node_cache(app: TestApp) {
+    keyward_store::conformance::invalidation::writes_are_seen_through(&*app.state.store, &app.state.keys).await;
+}
+
+/// Every management API write that changes what verification answers, on one node: the very next
+/// verification there sees it, with no clock moving (entries would otherwise live for the TTL).
+async fn writes_through_the_api_are_seen_at_once(app: TestApp) {
+    let admin = app.admin_key.clone();
+    let org = app.org("acme").await;
+    let key = |expires_at: Option<&str>| {
+        let request = service::CreateKeyRequest {
+            name: "k".into(),
+            expires_at: expires_at.map(str::to_owned),
+            ..Default::default()
+        };
+        app.key_with(org.id, request)
+    };
+    let code = |key: String| {
+        let app = &app;
+        async move { app.verify(&key, json!({})).await["code"].as_str().unwrap_or_default().to_owned() }
+    };
+
+    // Revoked.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.delete(&format!("/v1/keys/{}", rec.id), &admin).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    assert_eq!(code(plain).await, "REVOKED");
+
+    // Deactivated.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.patch(&format!("/v1/keys/{}", rec.id), &admin, json!({"is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "DISABLED");
+
+    // Rotated with no grace period: the old key stops, the new one works.
+    let (plain, rec) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.post(&format!("/v1/keys/{}/rotate", rec.id), &admin, json!({"grace_period_seconds": 0})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(code(plain).await, "REVOKED");
+    assert_eq!(code(r.body["key"].as_str().unwrap().to_owned()).await, "VALID");
+
+    // Expired, then deactivated by the cleanup.
+    let expiry = (t0() + chrono::Duration::seconds(10)).to_rfc3339();
+    let (plain, _) = key(Some(&expiry)).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    app.clock.advance(chrono::Duration::seconds(11));
+    assert_eq!(code(plain.clone()).await, "EXPIRED");
+    let r = app.post("/v1/keys/cleanup-expired", &admin, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "DISABLED");
+
+    // Unknown (and remembered as such), then imported.
+    let unknown = PlainKey::generate(&KeyPrefix::default(), Environment::Live).unwrap();
+    let unknown = unknown.expose_secret().to_owned();
+    assert_eq!(code(unknown.clone()).await, "NOT_FOUND");
+    let body = format!("{}\n", json!({"key": unknown, "name": "imported"}));
+    let r = crate::import::import(&app, &format!("?organization_id={}", org.id), "application/x-ndjson", &body).await;
+    assert_eq!(r.body["imported"], 1, "{}", r.text);
+    assert_eq!(code(unknown).await, "VALID");
+
+    // Its organization disabled: every key of it.
+    let (plain, _) = key(None).await;
+    assert_eq!(code(plain.clone()).await, "VALID");
+    let r = app.patch(&format!("/v1/organizations/{}", org.id), &admin, json!({"is_active": false})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(code(plain).await, "ORG_DISABLED");
 }
 
 #[tokio::test]
@@ -65,7 +137,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
             required_scopes: &[],
             organization: None,
             user_agent: "",
-            via: "verify",
+            via: Via::Verify,
             cost: 1,
             failures: keyward_server::limits::FailureScope::Edge,
         };
@@ -74,7 +146,7 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
     tokio::time::timeout(Duration::from_secs(5), store.read.notified()).await.expect("the lookup read the store");
     // ...while the key is revoked through this node (the cache is invalidated).
     let now = keyward_core::Clock::now(&app.clock);
-    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.revoke_key(rec.id, "raced", now, &Actor::cli(now)).await.unwrap().apply(&app.state.keys);
     drop(gate);
     let raced = tokio::time::timeout(Duration::from_secs(5), racing).await.unwrap().unwrap().unwrap();
     assert!(raced.is_valid(), "the racing request answers from what it read");
@@ -84,12 +156,12 @@ async fn a_lookup_that_raced_a_revocation_does_not_keep_what_it_read() {
 
 #[tokio::test]
 async fn a_change_made_around_keyward_shows_after_the_ttl() {
-    let (app, store) = counted().await;
+    let (app, _) = counted().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
-    // Straight in the store underneath, as an operator editing the database would.
+    // A change no cache hears of, as an operator editing the database makes.
     let now = keyward_core::Clock::now(&app.clock);
-    store.inner.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.revoke_key(rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&NoCache);
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID", "cached until the TTL");
     app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64));
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
@@ -127,8 +199,8 @@ async fn answers_again(app: &TestApp, key: &str) {
     }
 }
 
-/// Issue 16, item 2: once cached entries' TTL had passed during an outage, each verification waited
-/// the pool timeout twice (the calling key and the verified key) before answering from the cache.
+/// Once cached entries' TTL has passed during an outage, no verification waits the pool timeout (for
+/// the calling key or for the verified key) before answering from the cache: the outage is noticed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_is_noticed_once_and_cached_keys_answer_at_cache_speed() {
     let (app, store) = counted().await;
@@ -193,10 +265,9 @@ async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClo
     let cache = KeyCache::new(CacheConfig::default());
     let bus = RedisBus::connect(url, channel).await.expect("Redis");
     bus.subscribe(cache.clone());
-    let cached: Arc<dyn Store> =
-        Arc::new(CachedStore::new(store, cache, Arc::new(clock.clone())).with_bus(Arc::new(bus)));
-    let (usage, _w) = UsageRecorder::spawn(cached.clone(), Duration::from_secs(3600));
-    AppState::new(cached, Arc::new(clock.clone()), KeyHasher::default(), usage)
+    let (usage, _w) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
+    let keys = CachedLookup::new(store.clone(), cache, Arc::new(clock.clone())).with_bus(Arc::new(bus));
+    AppState::builder(store, Arc::new(clock.clone()), usage).keys(keys).build()
 }
 
 #[tokio::test]
@@ -213,7 +284,7 @@ async fn a_revocation_on_one_node_reaches_the_other_within_a_second() {
     let seeded = service::seed(&a, &Actor::cli(t0())).await.unwrap().unwrap();
     let key = seeded.key.expose_secret().to_owned();
     assert_eq!(check(&b, &key).await, "VALID", "node B has the key cached now");
-    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+    a.store.revoke_key(seeded.record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&a.keys);
     revoked_within_a_second(&b, &key).await;
 }
 
@@ -224,7 +295,7 @@ async fn check(state: &AppState, key: &str) -> &'static str {
         required_scopes: &[],
         organization: None,
         user_agent: "",
-        via: "test",
+        via: Via::Verify,
         cost: 1,
         failures: keyward_server::limits::FailureScope::Edge,
     };
@@ -242,8 +313,8 @@ async fn revoked_within_a_second(node: &AppState, key: &str) {
     }
 }
 
-/// Issue 16, item 1: after Redis restarted, node A's first publish met its broken connection and was
-/// dropped, and node B answered VALID for a revoked key until its cache entry expired (30 s).
+/// After Redis restarts, node A's first publish meets a broken connection: it must be retried, not
+/// dropped, or node B answers VALID for a revoked key until its cache entry expires (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     if redis_url().is_none() {
@@ -299,7 +370,7 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
     }
     // The first revocation through node A after the restart, then two more.
     for (key, record) in &keys {
-        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+        a.store.revoke_key(record.id, "test", t0(), &Actor::cli(t0())).await.unwrap().apply(&a.keys);
         revoked_within_a_second(&b, key).await;
     }
     stop.store(true, Ordering::SeqCst);

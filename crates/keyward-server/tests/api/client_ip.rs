@@ -24,7 +24,7 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
     assert_eq!(r.body["error"]["code"], "ip_not_allowed");
 
-    app.state.trusted_proxies = vec!["203.0.113.0/24".parse().unwrap()].into();
+    app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
     let r = app.send(forwarded()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // A client-supplied address to the left of the real one does not help.
@@ -33,11 +33,11 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     assert_eq!(app.send(spoofed).await.status, StatusCode::FORBIDDEN);
 }
 
-/// Red team of issue 15: behind a trusted proxy, a client that put something unparsable in
-/// `X-Forwarded-For` (left of the address its proxy appended, or in a header of its own) was taken
-/// to be the proxy itself, so it passed an allow-list written for the proxy's network and shared the
-/// proxy's per-address limits. The list is read from the right, as far as the first untrusted hop,
-/// and what a client wrote to the left of that is never parsed.
+/// Behind a trusted proxy, a client that puts something unparsable in `X-Forwarded-For` (left of the
+/// address its proxy appended, or in a header of its own) is not taken for the proxy itself, which
+/// would pass an allow-list written for the proxy's network and share the proxy's per-address limits.
+/// The list is read from the right, as far as the first untrusted hop, and what a client wrote to the
+/// left of that is never parsed.
 #[tokio::test]
 async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
     let mut app = TestApp::sqlite().await;
@@ -51,7 +51,7 @@ async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
             },
         )
         .await;
-    app.state.trusted_proxies = vec!["203.0.113.0/24".parse().unwrap()].into();
+    app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
     let from = |values: &[&[u8]]| {
         let mut req = request(Method::GET, "/v1/me", Some(&key), None);
         for value in values {

@@ -1,4 +1,4 @@
-//! No key can be used to gain more than it holds (DESIGN.md, security invariants): per-key plans may
+//! No key can be used to gain more than it holds (SECURITY.md, the permission ladder): per-key plans may
 //! only tighten the organization's limits unless the caller holds `keyward:admin`; every write on a key
 //! (update, revoke, rotate) needs every `keyward:` scope that key holds; and a rotation grants no more
 //! than a creation by the same caller could.
@@ -110,7 +110,7 @@ async fn keys_write_cannot_touch_a_key_holding_keyward_scopes_it_lacks() {
         .update_key(admin.id, KeyPatch { is_active: Some(false), ..Default::default() }, &Actor::cli(now))
         .await
         .unwrap()
-        .apply(&keyward_store::NoCache);
+        .apply(&app.state.keys);
 
     for target in [&admin, &auditor] {
         let path = format!("/v1/keys/{}", target.id);

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request};
 use ipnet::IpNet;
 use keyward_server::ErrorCode;
 use keyward_server::client_ip::client_ip;
-use keyward_server::limits::Protection;
+use keyward_server::settings::Protection;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -65,11 +65,13 @@ fn setup() -> Fuzz {
     ));
     let enter = rt.enter();
     let mut app = rt.block_on(TestApp::sqlite());
-    app.state.protection = Protection {
-        management_per_minute: 1_000_000,
-        failed_auth_per_minute: 1_000_000,
-        key_creation_per_minute: 1_000_000,
-    };
+    app.reconfigure(|b| {
+        b.protection(Protection {
+            management_per_minute: 1_000_000,
+            failed_auth_per_minute: 1_000_000,
+            key_creation_per_minute: 1_000_000,
+        })
+    });
     let (key, record) = rt.block_on(app.key(app.default_org.id, &["read:x"]));
     Fuzz { app, key, key_id: record.id.to_string(), _enter: enter }
 }
@@ -800,7 +802,7 @@ fn client_ip_is_the_peer_or_a_forwarded_hop() {
 #[test]
 fn forwarded_for_never_fails_on_the_server() {
     let mut fuzz = setup();
-    fuzz.app.state.trusted_proxies = trusted().into();
+    fuzz.app.reconfigure(|b| b.trusted_proxies(trusted()));
     let route = proptest::sample::select(vec!["/v1/me", "/v1/verify", "/v1/keys"]);
     fuzz.run(2_000, (route, forwarded()), |fuzz, (route, values)| {
         let bearer = format!("Bearer {}", fuzz.app.admin_key);

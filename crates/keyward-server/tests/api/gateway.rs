@@ -17,7 +17,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keyward_core::Scope;
 use keyward_server::gateway::{self, Gateway, GatewayConfig, GatewayRoute, RouteRule};
-use keyward_server::service::CreateKeyRequest;
 use serde_json::{Value, json};
 
 use crate::helpers::TestApp;
@@ -122,18 +121,7 @@ impl Setup {
 #[tokio::test]
 async fn a_valid_key_is_proxied_with_identity_and_without_the_key() {
     let s = setup().await;
-    let (key, rec) = s
-        .app
-        .key_with(
-            s.app.default_org.id,
-            CreateKeyRequest {
-                name: "gw".into(),
-                owner_id: Some("user_9".into()),
-                scopes: vec!["read:*".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (key, rec) = owner_key(&s).await;
     let bearer = format!("Bearer {key}");
     let (status, echo) = s
         .get(
@@ -177,26 +165,20 @@ async fn rejections_carry_the_outcome_code_and_status() {
     let s = setup().await;
     let org = s.app.default_org.id;
     let (reader, _) = s.app.key(org, &["read:projects"]).await;
-    let (walled, _) = s
-        .app
-        .key_with(
-            org,
-            CreateKeyRequest { name: "w".into(), allowed_ips: vec!["10.0.0.0/8".into()], ..Default::default() },
-        )
-        .await;
+    let walled = crate::surfaces::walled_key(&s.app, org).await;
     let (revoked, rec) = s.app.key(org, &[]).await;
     s.app.delete(&format!("/v1/keys/{}", rec.id), &s.app.admin_key).await;
 
     let (status, body) = s.get("/projects", &[]).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_credentials")));
     let (status, body) = s.get("/projects", &[("x-api-key", "sk_live_nope")]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("MALFORMED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("malformed_key")));
     let (status, body) = s.get("/projects", &[("x-api-key", &revoked)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("REVOKED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("key_revoked")));
     let (status, body) = s.get("/projects", &[("x-api-key", &walled)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("IP_NOT_ALLOWED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("ip_not_allowed")));
     let (status, body) = s.send(Method::POST, "/projects", &[("x-api-key", &reader)], Body::empty()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
     let (status, _) = s.get("/projects", &[("x-api-key", &reader)]).await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -220,7 +202,7 @@ async fn over_the_limit_is_429_with_the_rate_limit_headers() {
         assert_eq!(headers["x-ratelimit-limit"], "2", "proxied responses carry the limit headers");
     }
     let (status, headers, body) = s.send_full(Method::GET, "/x", &[("x-api-key", &key)], Body::empty()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("RATE_LIMITED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited")));
     assert_eq!(headers["retry-after"], "30");
     assert!(headers.contains_key("ratelimit-policy"));
     // The quota: the third request of the month passes, the fourth does not.
@@ -228,7 +210,7 @@ async fn over_the_limit_is_429_with_the_rate_limit_headers() {
     let (status, _) = s.get("/x", &[("x-api-key", &key)]).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = s.get("/x", &[("x-api-key", &key)]).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("QUOTA_EXCEEDED")));
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")));
 }
 
 #[tokio::test]
@@ -350,20 +332,10 @@ fn keyward_like_headers(echo: &Value) -> Vec<String> {
 }
 
 async fn owner_key(s: &Setup) -> (String, keyward_store::ApiKey) {
-    s.app
-        .key_with(
-            s.app.default_org.id,
-            CreateKeyRequest {
-                name: "gw".into(),
-                owner_id: Some("user_9".into()),
-                scopes: vec!["read:*".into()],
-                ..Default::default()
-            },
-        )
-        .await
+    s.app.owned_key(s.app.default_org.id, "user_9", &["read:*"]).await
 }
 
-/// Issue 15, finding 3: routes match on the normalized path. A `read:projects` key cannot reach the
+/// Routes match on the normalized path. A `read:projects` key cannot reach the
 /// `write:projects` rule through another spelling of `/projects`, and no spelling climbs out of the
 /// public `/public` route into a protected one.
 #[tokio::test]
@@ -386,7 +358,7 @@ async fn every_spelling_of_a_path_gets_that_paths_rule() {
         let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "POST {path}"
         );
     }
@@ -466,7 +438,7 @@ async fn paths_without_a_safe_reading_are_refused_with_400() {
     }
 }
 
-/// Issue 15, finding 7: hop-by-hop stripping runs before the identity headers go in, so a header the
+/// Hop-by-hop stripping runs before the identity headers go in, so a header the
 /// client names in `Connection` (any case, any list, several `Connection` headers) removes nothing
 /// of Keyward's. A key header named there still authenticates: Keyward is its recipient.
 #[tokio::test]
@@ -501,7 +473,7 @@ async fn connection_cannot_remove_identity_headers() {
     }
 }
 
-/// Issue 15, finding 8: CGI, WSGI and Rack read `X_Keyward_Owner_Id` as `X-Keyward-Owner-Id`, so
+/// CGI, WSGI and Rack read `X_Keyward_Owner_Id` as `X-Keyward-Owner-Id`, so
 /// every spelling that maps to an `x-keyward-` name goes, on protected and public routes alike.
 #[tokio::test]
 async fn identity_headers_in_any_spelling_are_stripped() {
@@ -540,7 +512,7 @@ async fn identity_headers_in_any_spelling_are_stripped() {
     assert!(!echo.to_string().contains("spoofed"), "{echo}");
 }
 
-/// Issue 15, finding 9: the key header is removed on every route, public ones included, whatever
+/// The key header is removed on every route, public ones included, whatever
 /// carries it: `Authorization` in any scheme (a key can ride in `Basic` or `Token` too), `X-API-Key`
 /// and its underscore spelling.
 #[tokio::test]
@@ -578,7 +550,7 @@ async fn the_key_never_reaches_the_upstream_on_any_route() {
     }
 }
 
-/// Red team of issue 15: HTTP methods are case-sensitive on the wire, but Django and Werkzeug (Flask)
+/// HTTP methods are case-sensitive on the wire, but Django and Werkzeug (Flask)
 /// upper-case the method before routing, so `post` is `POST` to them. The gateway checks and forwards
 /// the upper-case method: `post` gets `POST`'s rule, and the upstream gets `POST`.
 #[tokio::test]
@@ -591,7 +563,7 @@ async fn a_method_in_any_case_gets_that_methods_rule() {
         let (status, body) = s.send(method.clone(), "/projects", &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "{method} /projects"
         );
         let (status, echo) = s.send(method.clone(), "/projects", &[("x-api-key", &writer)], Body::empty()).await;
@@ -599,7 +571,7 @@ async fn a_method_in_any_case_gets_that_methods_rule() {
     }
 }
 
-/// Red team of issue 15: Express's `method-override`, Rack, Laravel and ASP.NET Core run a request
+/// Express's `method-override`, Rack, Laravel and ASP.NET Core run a request
 /// as the method named in `X-HTTP-Method-Override` (or `X-HTTP-Method`, `X-Method-Override`). The
 /// header reaches the upstream, so the request needs the rule of every method it names as well.
 #[tokio::test]
@@ -620,7 +592,7 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
             let (status, body) = s.send(method.clone(), "/projects/7", &headers, Body::empty()).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
-                (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+                (StatusCode::FORBIDDEN, Some("insufficient_scope")),
                 "{method} /projects/7 with {name}: {value}"
             );
         }
@@ -630,7 +602,7 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
     assert_eq!(status, StatusCode::OK, "an override to a method the key may use passes: {echo}");
 }
 
-/// Red team of issue 15: the upstream may read a path another way than its canonical form. Tomcat,
+/// The upstream may read a path another way than its canonical form. Tomcat,
 /// Jetty and Spring drop `;` parameters from every segment (`/projects;x` is `/projects`),
 /// Express, ASP.NET Core and IIS match routes without regard to case (`/PROJECTS` is `/projects`),
 /// and Rails routes `/projects.json` as `/projects` with a format.
@@ -656,13 +628,13 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
         let (status, body) = s.send(Method::POST, path, &[("x-api-key", &reader)], Body::empty()).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "POST {path}"
         );
         let (status, body) = s.get(path, &[("x-api-key", &nobody)]).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
-            (StatusCode::FORBIDDEN, Some("INSUFFICIENT_SCOPE")),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
             "GET {path}"
         );
     }
@@ -676,7 +648,7 @@ async fn path_parameters_and_case_do_not_dodge_a_rule() {
     assert_eq!((status, echo["path"].as_str()), (StatusCode::OK, Some("/Projects;v=2/7")), "{echo}");
 }
 
-/// Red team of issue 15: Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
+/// Flask, Express, Rails and Go's `ServeMux` answer `HEAD` with the `GET`
 /// handler, so a `GET`-only route's rule holds for `HEAD` too (the handler runs; its headers and
 /// side effects are the upstream's answer).
 #[tokio::test]

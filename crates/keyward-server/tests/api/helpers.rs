@@ -12,14 +12,15 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
-use keyward_core::{KeyHasher, ManualClock, OrgId};
-use keyward_limit::MemoryLimiter;
-use keyward_server::cache::{CacheConfig, CachedStore, KeyCache};
+use keyward_core::{ManualClock, OrgId};
+use keyward_server::app::{AppBuilder, Tasks};
+use keyward_server::cache::{CachedLookup, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
-use keyward_server::usage::{StoreQuotaSeed, UsageRecorder};
-use keyward_server::{AppState, router};
+use keyward_server::settings::{Settings, UsageConfig};
+use keyward_server::state::StateBuilder;
+use keyward_server::{App, AppState, router};
 use keyward_store::testing::PgSchema;
-use keyward_store::{Actor, ApiKey, Organization, Store};
+use keyward_store::{Actor, ApiKey, KeyLookup, Organization, Store};
 use serde_json::Value;
 use tempfile::TempDir;
 use tower::ServiceExt;
@@ -34,7 +35,22 @@ pub struct TestApp {
     /// The seeded `keyward:admin` key of organization `default`.
     pub admin_key: String,
     pub default_org: Organization,
+    _tasks: Tasks,
     _guard: Guard,
+}
+
+/// The tests' settings: the defaults, with a usage writer that writes when a test flushes it.
+pub fn settings() -> Settings {
+    Settings {
+        usage: UsageConfig { flush_interval: Duration::from_secs(3600), ..UsageConfig::default() },
+        ..Settings::default()
+    }
+}
+
+/// A node on the test's clock without the scheduled jobs: a test runs each (the expiry sweep, the
+/// webhook worker's tick) when it chooses, at the clock's time.
+fn node(settings: Settings, clock: &ManualClock) -> AppBuilder {
+    App::builder(settings).clock(Arc::new(clock.clone())).without_jobs()
 }
 
 /// What keeps the database alive for the test, and removes it after (held for its `Drop`).
@@ -69,28 +85,37 @@ impl TestApp {
         Some(Self::with_store(store, Guard::Schema(schema)).await)
     }
 
-    /// Seeded, as `keyward serve` does on an empty database, with the legacy-key flag read at start.
+    /// A node built as `keyward serve` builds one ([`App`]) on `store`, seeded as `serve` seeds an empty
+    /// database.
     pub async fn with_store(store: Arc<dyn Store>, guard: Guard) -> Self {
+        Self::with_lookup(store.clone(), store, guard).await
+    }
+
+    /// [`TestApp::with_store`], with verification's key lookups made through `lookup` (a test double
+    /// in front of the store).
+    pub async fn with_lookup(store: Arc<dyn Store>, lookup: Arc<dyn KeyLookup>, guard: Guard) -> Self {
         let clock = ManualClock::new(t0());
-        // Through the verify cache, as `keyward serve` runs.
-        let cache = KeyCache::new(CacheConfig::default());
-        let cached = CachedStore::new(store, cache, Arc::new(clock.clone()));
-        let store_health = cached.breaker();
-        let store: Arc<dyn Store> = Arc::new(cached);
-        let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-        let mut state = AppState::new(store.clone(), Arc::new(clock.clone()), KeyHasher::default(), usage);
-        state.store_health = store_health;
-        // As `keyward serve`: monthly quotas seeded from the store's durable counters.
-        state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
-        state.legacy.refresh(&*state.store).await.unwrap();
+        let App { state, tasks } = node(settings(), &clock).store(store).build().await.unwrap();
+        // Verification's lookups through `lookup`, behind a verify cache as `keyward serve` runs.
+        let keys = CachedLookup::new(lookup, KeyCache::new(settings().cache), Arc::new(clock.clone()));
+        let state = state.to_builder().keys(keys).build();
         let seeded = service::seed(&state, &Actor::system(t0())).await.unwrap().unwrap();
         Self {
             admin_key: seeded.key.expose_secret().to_owned(),
             default_org: seeded.organization,
             state,
             clock,
+            _tasks: tasks,
             _guard: guard,
         }
+    }
+
+    /// Another node on the test's database and clock (a restart, or a second process), built with
+    /// `settings`; its store is opened anew, so it has a cache of its own.
+    #[allow(dead_code)]
+    pub async fn another_node(&self, settings: Settings) -> App {
+        let store = keyward_store::open(&self.database_url(), true).await.unwrap();
+        node(settings, &self.clock).store(store).build().await.unwrap()
     }
 
     /// The URL of the test's database, for a second "process" on it.
@@ -118,6 +143,13 @@ impl TestApp {
             }
             Guard::None => panic!("no database to tamper with"),
         }
+    }
+
+    /// The state rebuilt with some parts changed (`|b| b.protection(..)`), as a node started with
+    /// them would hold it.
+    #[allow(dead_code)]
+    pub fn reconfigure(&mut self, change: impl FnOnce(StateBuilder) -> StateBuilder) {
+        self.state = change(self.state.to_builder()).build();
     }
 
     /// The same database and clock with another state (a restart).
@@ -154,6 +186,17 @@ impl TestApp {
             },
         )
         .await
+    }
+
+    /// A key in `org` belonging to the customer `owner`, with these scopes.
+    pub async fn owned_key(&self, org: OrgId, owner: &str, scopes: &[&str]) -> (String, ApiKey) {
+        let request = CreateKeyRequest {
+            name: format!("{owner}'s key"),
+            owner_id: Some(owner.into()),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        self.key_with(org, request).await
     }
 
     pub async fn key_with(&self, org: OrgId, request: CreateKeyRequest) -> (String, ApiKey) {

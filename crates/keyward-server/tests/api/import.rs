@@ -195,7 +195,7 @@ async fn bad_requests_are_refused_whole() {
 #[tokio::test]
 async fn with_a_pepper_plaintexts_are_stored_as_hmac_and_hashes_as_sha256() {
     let mut app = TestApp::sqlite().await;
-    app.state.hasher = KeyHasher::new(Some(&[7u8; 32])).unwrap();
+    app.reconfigure(|b| b.hasher(KeyHasher::new(Some(&[7u8; 32])).unwrap()));
     let body = format!(
         "{}\n{}\n",
         json!({"key": "peppered_legacy_0123456789", "owner_id": "a"}),

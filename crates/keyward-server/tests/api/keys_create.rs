@@ -70,40 +70,52 @@ async fn expires_at_is_accepted_in_rfc3339() {
     assert_eq!(r.body["api_key"]["expires_at"], "2026-12-31T22:00:00Z");
 }
 
-async fn refused(body: serde_json::Value, status: StatusCode, want_code: &str, field: Option<&str>) {
+/// Each body is refused with its status, code and field, and writes nothing: only the seeded admin
+/// key exists afterwards.
+#[tokio::test]
+async fn bad_input_is_refused_with_its_field_and_writes_nothing() {
+    const UNPROCESSABLE: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
+    let cases = [
+        (json!({}), "invalid_request", None),
+        (json!({"name": "  "}), "validation_failed", Some("name")),
+        (json!({"name": 5}), "invalid_request", Some("name")),
+        (json!({"name": "k", "scopes": ["read:x", "not a scope"]}), "validation_failed", Some("scopes[1]")),
+        (json!({"name": "k", "scopes": ["keyward:root"]}), "validation_failed", Some("scopes[0]")),
+        (json!({"name": "k", "scopes": "read:x"}), "invalid_request", Some("scopes")),
+        (json!({"name": "k", "allowed_ips": ["10.0.0.300"]}), "validation_failed", Some("allowed_ips")),
+        (json!({"name": "k", "allowed_ips": ["10.0.0.0/40"]}), "validation_failed", Some("allowed_ips")),
+        (json!({"name": "k", "expires_at": "next tuesday"}), "validation_failed", Some("expires_at")),
+        (json!({"name": "k", "expires_at": "2020-01-01T00:00:00Z"}), "validation_failed", Some("expires_at")),
+        (
+            json!({"name": "k", "expires_at": "2030-01-01T00:00:00Z", "expires_in_days": 3}),
+            "validation_failed",
+            Some("expires_in_days"),
+        ),
+        (json!({"name": "k", "expires_in_days": 0}), "validation_failed", Some("expires_in_days")),
+        (json!({"name": "k", "prefix": "SK_"}), "validation_failed", Some("prefix")),
+        (json!({"name": "k", "prefix": "abcdefghijklmnopq"}), "validation_failed", Some("prefix")),
+        (json!({"name": "k", "environment": "prod"}), "validation_failed", Some("environment")),
+        (json!({"name": "k", "metadata": [1, 2]}), "validation_failed", Some("metadata")),
+        (json!({"name": "k", "plan": "platinum"}), "validation_failed", Some("plan")),
+        (json!({"name": "k", "organization_id": "nope"}), "validation_failed", Some("organization_id")),
+        (
+            json!({"name": "k", "organization_id": "0190c6d1-0000-7000-8000-000000000000"}),
+            "validation_failed",
+            Some("organization_id"),
+        ),
+    ];
     let app = TestApp::sqlite().await;
-    let r = app.post("/v1/keys", &app.admin_key, body.clone()).await;
-    assert_eq!(r.status, status, "{body}: {}", r.text);
-    assert_eq!(code(&r), want_code, "{body}: {}", r.text);
-    if let Some(field) = field {
-        assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
-        assert!(r.body["error"]["message"].as_str().unwrap().len() > 5);
+    for (body, want_code, field) in cases {
+        let r = app.post("/v1/keys", &app.admin_key, body.clone()).await;
+        assert_eq!(r.status, UNPROCESSABLE, "{body}: {}", r.text);
+        assert_eq!(code(&r), want_code, "{body}: {}", r.text);
+        if let Some(field) = field {
+            assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
+            assert!(r.body["error"]["message"].as_str().unwrap().len() > 5);
+        }
+        let list = app.get("/v1/keys?include_inactive=true", &app.admin_key).await;
+        assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "a partial write: {body}");
     }
-    // Never a partial write: only the seeded admin key exists.
-    let list = app.get("/v1/keys?include_inactive=true", &app.admin_key).await;
-    assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "{body}");
-}
-
-const UNPROCESSABLE: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
-
-#[tokio::test]
-async fn missing_name() {
-    refused(json!({}), UNPROCESSABLE, "invalid_request", None).await;
-}
-
-#[tokio::test]
-async fn blank_name() {
-    refused(json!({"name": "  "}), UNPROCESSABLE, "validation_failed", Some("name")).await;
-}
-
-#[tokio::test]
-async fn name_of_wrong_type() {
-    refused(json!({"name": 5}), UNPROCESSABLE, "invalid_request", Some("name")).await;
-}
-
-#[tokio::test]
-async fn unknown_field() {
-    let app = TestApp::sqlite().await;
     let r = app.post("/v1/keys", &app.admin_key, json!({"name": "k", "colour": "red"})).await;
     assert_eq!(r.status, UNPROCESSABLE);
     assert_eq!(code(&r), "invalid_request");
@@ -111,151 +123,18 @@ async fn unknown_field() {
 }
 
 #[tokio::test]
-async fn bad_scope() {
-    refused(
-        json!({"name": "k", "scopes": ["read:x", "not a scope"]}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("scopes[1]"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn unknown_reserved_scope() {
-    refused(json!({"name": "k", "scopes": ["keyward:root"]}), UNPROCESSABLE, "validation_failed", Some("scopes[0]"))
-        .await;
-}
-
-#[tokio::test]
-async fn scopes_of_wrong_type() {
-    refused(json!({"name": "k", "scopes": "read:x"}), UNPROCESSABLE, "invalid_request", Some("scopes")).await;
-}
-
-#[tokio::test]
-async fn bad_ip() {
-    refused(
-        json!({"name": "k", "allowed_ips": ["10.0.0.300"]}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("allowed_ips"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn bad_cidr() {
-    refused(
-        json!({"name": "k", "allowed_ips": ["10.0.0.0/40"]}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("allowed_ips"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn bad_date() {
-    refused(json!({"name": "k", "expires_at": "next tuesday"}), UNPROCESSABLE, "validation_failed", Some("expires_at"))
-        .await;
-}
-
-#[tokio::test]
-async fn date_in_the_past() {
-    refused(
-        json!({"name": "k", "expires_at": "2020-01-01T00:00:00Z"}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("expires_at"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn both_expiry_forms() {
-    refused(
-        json!({"name": "k", "expires_at": "2030-01-01T00:00:00Z", "expires_in_days": 3}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("expires_in_days"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn expires_in_zero_days() {
-    refused(json!({"name": "k", "expires_in_days": 0}), UNPROCESSABLE, "validation_failed", Some("expires_in_days"))
-        .await;
-}
-
-#[tokio::test]
-async fn bad_prefix() {
-    refused(json!({"name": "k", "prefix": "SK_"}), UNPROCESSABLE, "validation_failed", Some("prefix")).await;
-}
-
-#[tokio::test]
-async fn prefix_too_long() {
-    refused(json!({"name": "k", "prefix": "abcdefghijklmnopq"}), UNPROCESSABLE, "validation_failed", Some("prefix"))
-        .await;
-}
-
-#[tokio::test]
-async fn bad_environment() {
-    refused(json!({"name": "k", "environment": "prod"}), UNPROCESSABLE, "validation_failed", Some("environment")).await;
-}
-
-#[tokio::test]
-async fn metadata_not_an_object() {
-    refused(json!({"name": "k", "metadata": [1, 2]}), UNPROCESSABLE, "validation_failed", Some("metadata")).await;
-}
-
-#[tokio::test]
-async fn unknown_plan() {
-    refused(json!({"name": "k", "plan": "platinum"}), UNPROCESSABLE, "validation_failed", Some("plan")).await;
-}
-
-#[tokio::test]
-async fn bad_organization_id() {
-    refused(
-        json!({"name": "k", "organization_id": "nope"}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("organization_id"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn unknown_organization_id() {
-    refused(
-        json!({"name": "k", "organization_id": "0190c6d1-0000-7000-8000-000000000000"}),
-        UNPROCESSABLE,
-        "validation_failed",
-        Some("organization_id"),
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn malformed_json() {
+async fn a_body_that_is_not_json_is_refused() {
     let app = TestApp::sqlite().await;
-    let mut req = request(Method::POST, "/v1/keys", Some(&app.admin_key), None);
-    req.headers_mut().insert("content-type", "application/json".parse().unwrap());
-    *req.body_mut() = axum::body::Body::from("{\"name\": ");
-    let r = app.send(req).await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert_eq!(code(&r), "invalid_json");
-}
-
-#[tokio::test]
-async fn wrong_content_type() {
-    let app = TestApp::sqlite().await;
-    let mut req = request(Method::POST, "/v1/keys", Some(&app.admin_key), None);
-    req.headers_mut().insert("content-type", "text/plain".parse().unwrap());
-    *req.body_mut() = axum::body::Body::from("{\"name\": \"k\"}");
-    let r = app.send(req).await;
-    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(code(&r), "unsupported_media_type");
+    for (content_type, body, status, want) in [
+        ("application/json", "{\"name\": ", StatusCode::BAD_REQUEST, "invalid_json"),
+        ("text/plain", "{\"name\": \"k\"}", StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+    ] {
+        let mut req = request(Method::POST, "/v1/keys", Some(&app.admin_key), None);
+        req.headers_mut().insert("content-type", content_type.parse().unwrap());
+        *req.body_mut() = axum::body::Body::from(body);
+        let r = app.send(req).await;
+        assert_eq!((r.status, code(&r)), (status, want), "{content_type} {body}");
+    }
 }
 
 #[tokio::test]
@@ -308,17 +187,7 @@ async fn a_key_grants_only_the_keyward_scopes_it_holds() {
 #[tokio::test]
 async fn self_service_keys_stay_within_their_owner_and_scopes() {
     let app = TestApp::sqlite().await;
-    let (me, _) = app
-        .key_with(
-            app.default_org.id,
-            keyward_server::service::CreateKeyRequest {
-                name: "customer".into(),
-                owner_id: Some("cust_1".into()),
-                scopes: vec!["keyward:self".into(), "read:*".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (me, _) = app.owned_key(app.default_org.id, "cust_1", &["keyward:self", "read:*"]).await;
     let r = app.post("/v1/keys", &me, json!({"name": "mine", "scopes": ["read:projects"]})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(r.body["api_key"]["owner_id"], "cust_1");

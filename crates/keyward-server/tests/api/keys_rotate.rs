@@ -93,12 +93,7 @@ async fn the_pair_shares_quota_and_rate_limits(app: TestApp) {
     let (old_key, old) = app.key(app.default_org.id, &[]).await;
     let limits =
         KeyPatch { monthly_request_limit: Some(Some(3)), rate_limit_per_minute: Some(Some(2)), ..Default::default() };
-    app.state
-        .store
-        .update_key(old.id, limits, &Actor::cli(app.clock.now_utc()))
-        .await
-        .unwrap()
-        .apply(&keyward_store::NoCache);
+    app.state.store.update_key(old.id, limits, &Actor::cli(app.clock.now_utc())).await.unwrap().apply(&app.state.keys);
     assert_eq!(app.verify(&old_key, json!({})).await["code"], "VALID");
     assert_eq!(app.verify(&old_key, json!({})).await["code"], "VALID");
     let r = rotate(&app, &app.admin_key, old.id, json!({"grace_period_seconds": 86400})).await;
@@ -120,12 +115,7 @@ async fn max_api_keys_does_not_block_a_rotation() {
     let org = app.org("capped").await;
     let (_, k) = app.key(org.id, &[]).await;
     let patch = OrganizationPatch { max_api_keys: Some(Some(1)), ..Default::default() };
-    app.state
-        .store
-        .update_org(org.id, patch, &Actor::cli(app.clock.now_utc()))
-        .await
-        .unwrap()
-        .apply(&keyward_store::NoCache);
+    app.state.store.update_org(org.id, patch, &Actor::cli(app.clock.now_utc())).await.unwrap().apply(&app.state.keys);
     let r = app.post("/v1/keys", &app.admin_key, json!({"name": "x", "organization_id": org.id})).await;
     assert_eq!(code(&r), "key_limit_reached");
     let r = rotate(&app, &app.admin_key, k.id, json!({"grace_period_seconds": 60})).await;

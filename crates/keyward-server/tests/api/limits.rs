@@ -279,7 +279,7 @@ async fn limiter_up(app: &TestApp, up: bool) {
     }
 }
 
-/// Issue 16, item 3, through the API on a Redis of the test's own, killed and restarted: during the
+/// A Redis outage through the API, on a Redis of the test's own, killed and restarted: during the
 /// outage every verification answers by the policy without waiting for Redis; `fail_closed` says
 /// `LIMITER_UNAVAILABLE` with `Retry-After`, never `RATE_LIMITED`/`QUOTA_EXCEEDED`; Keyward's
 /// protection of itself counts on this node (the management API works, guessing is still bounded,
@@ -297,7 +297,8 @@ async fn redis_outage_through_the_api(policy: keyward_limit::FailurePolicy) {
         .with_timeout(std::time::Duration::from_millis(300))
         .with_probe_interval(std::time::Duration::from_millis(200));
     let seed = std::sync::Arc::new(keyward_server::usage::StoreQuotaSeed::new(app.state.store.clone()));
-    app.state.limiter = std::sync::Arc::new(RedisLimiter::connect(config).await.unwrap().with_quota_seed(seed));
+    let limiter = std::sync::Arc::new(RedisLimiter::connect(config).await.unwrap().with_quota_seed(seed));
+    app.reconfigure(|b| b.limiter(limiter));
     let (key, _) = app.key(app.default_org.id, &[]).await;
     let v = app.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID");

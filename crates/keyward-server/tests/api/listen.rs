@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keyward_server::listen::ServerLimits;
+use keyward_server::settings::ServerLimits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;

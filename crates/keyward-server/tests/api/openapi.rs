@@ -3,6 +3,7 @@
 //! document against the server; these tests keep the parts that are easy to break by hand.)
 
 use axum::http::{Method, StatusCode};
+use keyward_server::ErrorCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, code};
@@ -12,9 +13,6 @@ async fn spec(app: &TestApp) -> Value {
     assert_eq!(r.status, StatusCode::OK);
     r.body
 }
-
-/// Statuses `routes/usage.rs` and `routes/verify.rs` answer but do not document yet: they are being
-/// changed elsewhere and will use `openapi::KeyErrors` too. Remove these lines then.
 
 #[tokio::test]
 async fn every_route_documents_the_statuses_every_such_route_answers() {
@@ -31,7 +29,7 @@ async fn every_route_documents_the_statuses_every_such_route_answers() {
                 }
             }
             if op["requestBody"]["content"].get("application/json").is_some() {
-                for status in ["400", "413", "415", "422"] {
+                for status in ["400", "408", "413", "415", "422"] {
                     assert!(!lacks(status), "{method} {path} takes JSON but does not document {status}");
                 }
             }
@@ -127,4 +125,28 @@ async fn an_unknown_organization_is_named() {
         assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {}", r.text);
         assert_eq!(r.body["error"]["field"], "organization_id", "{path}");
     }
+}
+
+/// `error.code` is one of the error table's codes, and a response that names codes in its
+/// description names codes of its own status: the document says what is answered.
+#[tokio::test]
+async fn error_codes_are_the_error_table() {
+    let app = TestApp::sqlite().await;
+    let spec = spec(&app).await;
+    let table: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(spec["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"], json!(table));
+    let mut named = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, response) in op["responses"].as_object().unwrap() {
+                let description = response["description"].as_str().unwrap_or_default();
+                for word in description.split('`').skip(1).step_by(2) {
+                    let Some(code) = ErrorCode::ALL.iter().find(|c| c.as_str() == word) else { continue };
+                    assert_eq!(code.status().as_str(), status, "{method} {path}: `{word}` under {status}");
+                    named += 1;
+                }
+            }
+        }
+    }
+    assert!(named > 100, "only {named} codes named");
 }

@@ -7,15 +7,13 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use chrono::{Duration as Days, NaiveDate};
-use keyward_core::KeyHasher;
-use keyward_limit::MemoryLimiter;
-use keyward_server::AppState;
 use keyward_server::service::CreateKeyRequest;
-use keyward_server::usage::{StoreQuotaSeed, UsageConfig, UsageRecorder, UsageWorker};
+use keyward_server::settings::UsageConfig;
+use keyward_server::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
 use keyward_store::{Actor, OrganizationPatch};
 use serde_json::{Value, json};
 
-use crate::helpers::{Guard, NowUtc, TestApp, code, on_every_backend, t0};
+use crate::helpers::{Guard, NowUtc, TestApp, code, on_every_backend, settings, t0};
 
 fn day(offset: i64) -> NaiveDate {
     (t0() + Days::days(offset)).date_naive()
@@ -436,26 +434,23 @@ async fn org_usage_is_for_admins_and_the_organization_itself() {
     }
 }
 
-/// Issue 4, item 4: the monthly quota survives a restart exactly (one node): a new AppState on the
+/// The monthly quota survives a restart exactly (one node): a new AppState on the
 /// same database seeds the month's count from the durable counters the ledger kept.
 #[tokio::test]
 async fn monthly_quota_survives_a_restart() {
     let app = TestApp::sqlite().await;
     let org = app.org("quota-restart").await;
     let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
-    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     for _ in 0..2 {
         assert_eq!(app.verify(&key, json!({"cost": 2})).await["code"], "VALID");
     }
     assert!(app.state.usage.flush().await);
 
-    // "Restart": a new state (new limiter, new writer) on the same store and clock.
-    let store = app.state.store.clone();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let mut state = AppState::new(store.clone(), Arc::new(app.clock.clone()), KeyHasher::default(), usage);
-    state.limiter = Arc::new(MemoryLimiter::default().with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
-    let restarted = app.with_state(state);
+    // "Restart": a new node (new cache, limiter and writer) on the same database and clock.
+    let node = app.another_node(settings()).await;
+    let restarted = app.with_state(node.state);
     let v = restarted.verify(&key, json!({})).await;
     assert_eq!(v["code"], "VALID");
     assert_eq!(v["quota"]["used"], 5, "4 units before the restart + 1");
@@ -482,7 +477,7 @@ async fn a_store_outage_loses_nothing() {
         ..UsageConfig::new(Duration::from_secs(3600), spill.clone())
     };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
-    app.state.usage = usage;
+    app.reconfigure(|b| b.usage(usage));
     let (key, rec) = app.key(app.default_org.id, &[]).await;
     // Seed the quota counter first: the limiter reads the store once per month and subject.
     assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
@@ -596,7 +591,7 @@ fn writer_folding_every(app: &mut TestApp, fold_interval: Duration) -> UsageWork
     let spill = std::env::temp_dir().join(format!("kw-spill-{}", uuid::Uuid::now_v7()));
     let config = UsageConfig { fold_interval, ..UsageConfig::new(Duration::from_millis(10), spill) };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
-    app.state.usage = usage;
+    app.reconfigure(|b| b.usage(usage));
     worker
 }
 
@@ -656,19 +651,18 @@ async fn redis_quota_is_reconciled_with_the_store() {
     let app = TestApp::sqlite().await;
     let org = app.org("quota-redis").await;
     let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
-    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&keyward_store::NoCache);
+    app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     assert_eq!(app.verify(&key, json!({"cost": 3})).await["code"], "VALID");
     assert!(app.state.usage.flush().await);
 
-    let store = app.state.store.clone();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let mut state = AppState::new(store.clone(), Arc::new(app.clock.clone()), KeyHasher::default(), usage);
+    // Another node, limited on Redis under a prefix of the test's own (the Redis is shared).
+    let other = app.another_node(settings()).await.state;
     let prefix = format!("keyward:rl:test:{}", uuid::Uuid::new_v4().simple());
     let config = keyward_limit::RedisConfig::new(url).with_key_prefix(prefix);
     let redis = keyward_limit::RedisLimiter::connect(config).await.expect("Redis at 127.0.0.1:6379");
-    state.limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(store))));
-    let node = app.with_state(state);
+    let limiter = Arc::new(redis.with_quota_seed(Arc::new(StoreQuotaSeed::new(other.store.clone()))));
+    let node = app.with_state(other.to_builder().limiter(limiter).build());
     let v = node.verify(&key, json!({})).await;
     assert_eq!((v["code"].clone(), v["quota"]["used"].clone()), (json!("VALID"), json!(4)), "{v}");
     assert_eq!(node.verify(&key, json!({})).await["quota"]["used"], 5);

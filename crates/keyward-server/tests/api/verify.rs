@@ -66,7 +66,7 @@ async fn each_outcome_in_order() {
         )
         .await
         .unwrap()
-        .apply(&keyward_store::NoCache);
+        .apply(&app.state.keys);
     assert_eq!(app.verify(&other, json!({})).await["code"], "REVOKED");
     assert_eq!(app.verify(&key, json!({"ip": "11.1.1.1"})).await["code"], "IP_NOT_ALLOWED");
     assert_eq!(app.verify(&key, json!({})).await["code"], "IP_NOT_ALLOWED");

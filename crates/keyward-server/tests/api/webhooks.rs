@@ -17,13 +17,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use keyward_core::KeyHasher;
-use keyward_server::AppState;
-use keyward_server::usage::UsageRecorder;
+use keyward_server::settings::{Protection, Settings, WebhookSettings};
 use keyward_server::webhooks::{Network, Resolve, Worker};
 use serde_json::{Value, json};
 
-use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
+use crate::helpers::{NowUtc, TestApp, code, on_every_backend, settings};
 
 on_every_backend!(signed_events_arrive_and_verify, receiver_down_then_up_across_a_restart);
 
@@ -57,7 +55,8 @@ async fn bind(port: u16) -> tokio::net::TcpListener {
 }
 
 fn allow_private(mut app: TestApp) -> TestApp {
-    app.state.webhooks.allow_private_targets = true;
+    let webhooks = WebhookSettings { allow_private_targets: true, ..app.state.webhooks.clone() };
+    app.reconfigure(|b| b.webhooks(webhooks));
     app
 }
 
@@ -158,10 +157,8 @@ async fn receiver_down_then_up_across_a_restart(app: TestApp) {
 
     // Keyward restarts: a new process state over the same database; the first worker is gone.
     drop(first);
-    let store = keyward_store::open(&app.database_url(), true).await.unwrap();
-    let (usage, _worker) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let mut restarted = AppState::new(store, Arc::new(app.clock.clone()), KeyHasher::default(), usage);
-    restarted.webhooks.allow_private_targets = true;
+    let webhooks = WebhookSettings { allow_private_targets: true, ..Default::default() };
+    let restarted = app.another_node(Settings { webhooks, ..settings() }).await.state;
     let worker = Worker::new(restarted.clone());
     assert_eq!(worker.tick().await.unwrap().attempted, 0, "not due yet: the backoff holds across the restart");
 
@@ -269,17 +266,7 @@ async fn bad_inputs_are_refused() {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert_eq!(app.get(&format!("/v1/webhooks/{id}"), &writer).await.status, StatusCode::NOT_FOUND);
     // A self-service key manages no webhooks.
-    let (me, _) = app
-        .key_with(
-            app.default_org.id,
-            keyward_server::service::CreateKeyRequest {
-                name: "me".into(),
-                owner_id: Some("u".into()),
-                scopes: vec!["keyward:self".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let (me, _) = app.owned_key(app.default_org.id, "u", &["keyward:self"]).await;
     assert_eq!(app.get("/v1/webhooks", &me).await.status, StatusCode::FORBIDDEN);
 }
 
@@ -312,7 +299,7 @@ async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
         .update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc()))
         .await
         .unwrap()
-        .apply(&keyward_store::NoCache);
+        .apply(&app.state.keys);
     for _ in 0..3 {
         assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
     }
@@ -331,8 +318,9 @@ async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_of_failed_authentications_reaches_admin_endpoints() {
     let mut app = allow_private(TestApp::sqlite().await);
-    app.state.protection.failed_auth_per_minute = 1_000;
-    app.state.webhooks.failures_spike_per_minute = 3;
+    let protection = Protection { failed_auth_per_minute: 1_000, ..app.state.protection };
+    let webhooks = WebhookSettings { failures_spike_per_minute: 3, ..app.state.webhooks.clone() };
+    app.reconfigure(|b| b.protection(protection).webhooks(webhooks));
     let listener = bind(0).await;
     let port = listener.local_addr().unwrap().port();
     let receiver = receiver_on(listener).await;
@@ -441,7 +429,8 @@ async fn https_receivers_behind_a_private_ca() {
     assert_eq!((report.attempted, report.succeeded), (1, 0));
     assert!(receiver.requests().is_empty());
 
-    app.state.webhooks.ca_file = Some(ca_file);
+    let webhooks = WebhookSettings { ca_file: Some(ca_file), ..app.state.webhooks.clone() };
+    app.reconfigure(|b| b.webhooks(webhooks));
     app.clock.advance(chrono::Duration::hours(2));
     let report = Worker::new(app.state.clone()).tick().await.unwrap();
     assert_eq!((report.attempted, report.succeeded), (1, 1), "delivered over TLS");
@@ -620,7 +609,7 @@ async fn numeric_host_spellings_of_loopback_are_refused() {
     assert!(receiver.requests().is_empty());
 }
 
-/// Issue 15, finding 11: every write on an endpoint needs what creating it needs, with its current
+/// Every write on an endpoint needs what creating it needs, with its current
 /// events and its new ones. An endpoint subscribed to `auth.failures_spike` is admin-only: a
 /// `keyward:keys:write` key of the same organization sees it (GET), and every write answers 403
 /// `insufficient_scope` before the body is even read; a key of another organization gets 404.
@@ -733,7 +722,8 @@ async fn https_by_name_keeps_the_name_for_tls_and_host() {
         let port = listener.local_addr().unwrap().port();
         let (receiver, ca_file, _dir, server_names) = tls_receiver(listener, &cert_names).await;
         let mut app = TestApp::sqlite().await;
-        app.state.webhooks.ca_file = Some(ca_file);
+        let webhooks = WebhookSettings { ca_file: Some(ca_file), ..app.state.webhooks.clone() };
+        app.reconfigure(|b| b.webhooks(webhooks));
         create_hook(&app, &format!("https://{NAME}:{port}/hook"), json!(["key.created"])).await;
         app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
         let resolver = ScriptedResolver::new(vec![Some(vec![PUBLIC])]);

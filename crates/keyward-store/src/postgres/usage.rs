@@ -40,7 +40,7 @@ impl UsageDialect for Postgres {
     /// placeholder parsing, which dominates a multi-row VALUES list at this volume. `checked`:
     /// `ON CONFLICT DO NOTHING RETURNING id` (known events are skipped and the new ones named);
     /// otherwise a known event fails the statement with a unique violation, and the unique-index checks
-    /// of `ON CONFLICT` are not made.
+    /// of `ON CONFLICT` (a speculative insertion into each unique index, per row) are not made.
     fn event_inserts(events: &[UsageEvent], checked: bool) -> Vec<QueryBuilder<'_, Postgres>> {
         events
             .chunks(INSERT_ROWS)

@@ -2,6 +2,7 @@
 //! databases, see [`super`]) around the rules of [`crate::effects`], in one transaction.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,12 +13,13 @@ use sqlx::Transaction;
 
 use super::rows::{ChainHead, HashOwner};
 use super::usage::UsageBackend;
-use super::{Arg, Db, Dialect, Reads, Stmt, lifecycle};
+use super::{Arg, Backend, Db, Dialect, Reads, Stmt, lifecycle};
 use crate::effects::{self, Effects};
+use crate::lookup::key_record;
 use crate::{
-    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page, PageRequest, Store,
-    StoreError, StoreResult, plan_import, stored_time,
+    Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyLookup, KeyPatch,
+    KeyRecord, KeyUsage, KeyWithOrg, MigrationInfo, NewKey, NewOrganization, Organization, OrganizationPatch, Page,
+    PageRequest, Store, StoreError, StoreResult, plan_import, stored_time,
 };
 
 /// Rows to fetch for a page: one more than it holds, which only says there is a next page. A limit of
@@ -228,15 +230,43 @@ fn push_status<D: Db>(q: &mut Stmt, now: chrono::DateTime<chrono::Utc>) {
 // -----------------------------------------------------------------------------------------------
 // The store
 
+/// A key with what verification needs of its organization.
+async fn find_key<B: Backend>(b: &B, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
+    let q = Stmt::new(concat!(
+        "SELECT ",
+        key_columns!(),
+        ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
+            o.org_rate_limit_per_day, o.org_monthly_request_limit
+         FROM api_keys JOIN (
+             SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
+                    rate_limit_per_minute AS org_rate_limit_per_minute,
+                    rate_limit_per_hour AS org_rate_limit_per_hour,
+                    rate_limit_per_day AS org_rate_limit_per_day,
+                    monthly_request_limit AS org_monthly_request_limit
+             FROM organizations
+         ) AS o ON o.org_id = api_keys.organization_id
+         WHERE key_hash = $1"
+    ))
+    .arg(Arg::Bytes(hash.0.to_vec()));
+    B::Db::fetch_optional(&mut *b.reader().await?, q).await
+}
+
 #[async_trait]
-impl<B: UsageBackend + std::fmt::Debug> Store for B {
-    fn backend(&self) -> &'static str {
-        B::NAME
+impl<B: Backend + std::fmt::Debug> KeyLookup for B {
+    async fn find_key_record(&self, hash: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Ok(key_record(find_key(self, hash).await?, hash))
     }
 
     async fn ping(&self) -> StoreResult<()> {
         B::Db::execute(&mut *self.reader().await?, Stmt::new("SELECT 1")).await?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl<B: UsageBackend + std::fmt::Debug> Store for B {
+    fn backend(&self) -> &'static str {
+        B::NAME
     }
 
     async fn migrate_up(&self) -> StoreResult<Vec<MigrationInfo>> {
@@ -362,23 +392,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
     }
 
     async fn find_key_by_hash(&self, hash: &KeyHash) -> StoreResult<Option<KeyWithOrg>> {
-        let q = Stmt::new(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", o.org_is_active, o.org_plan, o.org_rate_limit_per_minute, o.org_rate_limit_per_hour,
-                o.org_rate_limit_per_day, o.org_monthly_request_limit
-             FROM api_keys JOIN (
-                 SELECT id AS org_id, is_active AS org_is_active, plan AS org_plan,
-                        rate_limit_per_minute AS org_rate_limit_per_minute,
-                        rate_limit_per_hour AS org_rate_limit_per_hour,
-                        rate_limit_per_day AS org_rate_limit_per_day,
-                        monthly_request_limit AS org_monthly_request_limit
-                 FROM organizations
-             ) AS o ON o.org_id = api_keys.organization_id
-             WHERE key_hash = $1"
-        ))
-        .arg(Arg::Bytes(hash.0.to_vec()));
-        B::Db::fetch_optional(&mut *self.reader().await?, q).await
+        find_key(self, hash).await
     }
 
     async fn get_key(&self, id: KeyId) -> StoreResult<ApiKey> {

@@ -3,10 +3,72 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::Child;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// The `keyward` binary run as an operator would, in a temporary directory, on one database.
+pub struct Cli {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Default for Cli {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cli {
+    /// A fresh SQLite file in the directory.
+    pub fn new() -> Self {
+        let dir = tempfile::TempDir::new().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        Self { dir, url }
+    }
+
+    /// Another database (e.g. a PostgreSQL schema of the test's own).
+    pub fn at(url: &str) -> Self {
+        Self { dir: tempfile::TempDir::new().unwrap(), url: url.to_owned() }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(args)
+            .env("KEYWARD_DATABASE_URL", &self.url)
+            .env_remove("KEYWARD_PEPPER")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Its standard output, once it succeeded.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Like `ok`, and nothing on standard error (no progress bar off a terminal).
+    pub fn quiet(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "{args:?} wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// A file in the directory; its path.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
 
 /// One HTTP/1.1 request, `Connection: close`; status, JSON body, and how long it took.
 pub fn http(address: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value, Duration) {

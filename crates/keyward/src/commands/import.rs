@@ -10,7 +10,9 @@ use clap::Args;
 use keyward_server::service::{self, import::ImportFormat};
 use keyward_store::Actor;
 
-use crate::commands::open;
+use keyward_server::App;
+
+use super::open;
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -46,7 +48,7 @@ pub async fn run(config: Config, args: ImportArgs) -> anyhow::Result<()> {
     }
     let file = service::import::parse(format, &bytes)?;
     drop(bytes);
-    let (state, worker) = open(&config).await?;
+    let App { state, tasks } = open(&config).await?;
     let result = async {
         let org = service::find_org(&*state.store, &args.org).await?;
         let actor = Actor::cli(state.clock.now());
@@ -59,7 +61,7 @@ pub async fn run(config: Config, args: ImportArgs) -> anyhow::Result<()> {
         anyhow::Ok((org, report?))
     }
     .await;
-    worker.shutdown().await;
+    tasks.shutdown().await;
     let (org, report) = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,0 +1,74 @@
+//! `keyward serve`: the API (and the gateway, when an upstream is set) until SIGTERM or Ctrl-C.
+
+use anyhow::Context;
+use keyward_server::{App, service};
+use keyward_store::Actor;
+
+use super::print_admin_key;
+use crate::config::Config;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Listeners first: a port in use is found before the first start creates the database and prints
+    // an admin key that an operator reading only the error would lose.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let gateway_config = config.gateway.build()?;
+    let gateway_listener = match &gateway_config {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.gateway.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?,
+        ),
+        None => None,
+    };
+    let App { state, tasks } = App::build(config.settings()?).await?;
+    if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
+        print_admin_key(&seeded.key);
+    }
+    tracing::info!(address = %listener.local_addr()?, database = state.store.backend(), "keyward is listening");
+    // One shutdown signal, seen by every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let gateway = match (gateway_config, gateway_listener) {
+        (Some(gw), Some(listener)) => {
+            tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
+            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw)?);
+            let shutdown = stopped(stop_rx.clone());
+            let limits = config.server;
+            Some(tokio::spawn(async move { keyward_server::listen::serve(listener, app, limits, shutdown).await }))
+        }
+        _ => None,
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    keyward_server::serve(listener, state, config.server, stopped(stop_rx)).await?;
+    if let Some(gateway) = gateway {
+        gateway.await??;
+    }
+    tracing::info!("shutting down: writing pending usage");
+    tasks.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
