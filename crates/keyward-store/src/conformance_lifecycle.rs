@@ -11,7 +11,7 @@ use keyward_core::{Environment, KeyId, KeyStatus};
 use serde_json::json;
 
 use crate::conformance::{Written, new_key, new_org, t0};
-use crate::{Actor, AuditEntry, AuditFilter, NewKey, Organization, PageRequest, Store, StoreError};
+use crate::{Actor, AuditEntry, AuditFilter, EventKind, NewKey, Organization, PageRequest, Store, StoreError};
 
 trait Must<T> {
     fn must(self, what: &str) -> T;
@@ -202,16 +202,16 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     let org = org(store, None).await;
     let other = org_id_only(store).await;
     let cli = Actor::cli(at(0));
-    let hook = |events: &[&str], is_active: bool, organization_id| NewWebhook {
+    let hook = |events: &[EventKind], is_active: bool, organization_id| NewWebhook {
         id: uuid::Uuid::now_v7(),
         organization_id,
         url: "http://127.0.0.1:9/hook".to_owned(),
-        events: events.iter().map(|e| e.to_string()).collect(),
+        events: events.to_vec(),
         is_active,
         secret: WebhookSecret("whsec_test_secret_value".to_owned()),
         description: None,
     };
-    let created_only = store.insert_webhook(hook(&["key.created"], true, org.id), &cli).await.must("hook 1");
+    let created_only = store.insert_webhook(hook(&[EventKind::KeyCreated], true, org.id), &cli).await.must("hook 1");
     let all = store.insert_webhook(hook(&[], true, org.id), &cli).await.must("hook 2");
     let inactive = store.insert_webhook(hook(&[], false, org.id), &cli).await.must("hook 3");
     let foreign = store.insert_webhook(hook(&[], true, other), &cli).await.must("hook 4");
@@ -274,9 +274,10 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     let wrong = store.retry_delivery(foreign.id, d.id, at(7), at(8)).await;
     assert!(matches!(wrong, Err(StoreError::NotFound)), "{wrong:?}");
 
-    let patch = WebhookPatch { is_active: Some(false), events: Some(vec!["key.revoked".into()]), ..Default::default() };
+    let patch =
+        WebhookPatch { is_active: Some(false), events: Some(vec![EventKind::KeyRevoked]), ..Default::default() };
     let updated = store.update_webhook(all.id, patch, &cli).await.must("update");
-    assert_eq!((updated.is_active, updated.events.clone()), (false, vec!["key.revoked".to_owned()]));
+    assert_eq!((updated.is_active, updated.events.clone()), (false, vec![EventKind::KeyRevoked]));
     store.delete_webhook(all.id, &cli).await.must("delete");
     assert!(matches!(store.get_webhook(all.id).await, Err(StoreError::NotFound)));
     assert!(store.list_deliveries(all.id, 10).await.must("gone").is_empty());

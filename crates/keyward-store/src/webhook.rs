@@ -28,8 +28,8 @@ pub struct Webhook {
     pub id: Uuid,
     pub organization_id: OrgId,
     pub url: String,
-    /// Event names it receives; empty: every event.
-    pub events: Vec<String>,
+    /// The events it receives; empty: every event (of its organization).
+    pub events: Vec<EventKind>,
     pub is_active: bool,
     pub secret: WebhookSecret,
     pub description: Option<String>,
@@ -50,7 +50,7 @@ pub struct NewWebhook {
     pub id: Uuid,
     pub organization_id: OrgId,
     pub url: String,
-    pub events: Vec<String>,
+    pub events: Vec<EventKind>,
     pub is_active: bool,
     pub secret: WebhookSecret,
     pub description: Option<String>,
@@ -60,7 +60,7 @@ pub struct NewWebhook {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WebhookPatch {
     pub url: Option<String>,
-    pub events: Option<Vec<String>>,
+    pub events: Option<Vec<EventKind>>,
     pub is_active: Option<bool>,
     pub description: Option<Option<String>>,
 }
@@ -137,8 +137,8 @@ pub fn delivery_body(event: &Event) -> Value {
 /// Whether an endpoint (already of the event's organization) that subscribed to `events` (empty: every
 /// event) receives `event`. An event of no organization (`auth.failures_spike`) goes only to endpoints
 /// that named it, which only `keyward:admin` may do; "every event" does not include it.
-pub fn subscribed_to(events: &[String], event: &Event) -> bool {
-    let named = events.iter().any(|e| e == event.event.as_str());
+pub fn subscribed_to(events: &[EventKind], event: &Event) -> bool {
+    let named = events.contains(&event.event);
     match event.organization_id {
         Some(_) => events.is_empty() || named,
         None => named,

@@ -44,7 +44,8 @@ pub struct WebhookResponse {
     pub organization_id: OrgId,
     pub url: String,
     /// Subscribed events; empty: every event.
-    pub events: Vec<String>,
+    #[schema(value_type = Vec<EventName>)]
+    pub events: Vec<EventKind>,
     pub is_active: bool,
     pub description: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -216,9 +217,9 @@ pub struct UpdateWebhookRequest {
 
 /// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
 /// checked at creation, and on every write with the endpoint's current events and its new ones.
-fn check_admin_events(caller: &Caller<KeysWrite>, events: &[String]) -> ApiResult<()> {
+fn check_admin_events(caller: &Caller<KeysWrite>, events: &[EventKind]) -> ApiResult<()> {
     // Events that belong to no organization: only `keyward:admin` may subscribe to them.
-    match events.iter().find(|e| EventKind::parse(e).is_some_and(EventKind::is_global)) {
+    match events.iter().find(|e| e.is_global()) {
         Some(event) if !caller.is_admin() => Err(ApiError::new(
             ErrorCode::InsufficientScope,
             format!("an endpoint subscribed to `{event}` needs the scope `keyward:admin`"),
@@ -227,9 +228,11 @@ fn check_admin_events(caller: &Caller<KeysWrite>, events: &[String]) -> ApiResul
     }
 }
 
-fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
+/// The events named, each once, in the order of their names.
+fn check_events(events: &[String]) -> ApiResult<Vec<EventKind>> {
+    let mut out = Vec::with_capacity(events.len());
     for (i, e) in events.iter().enumerate() {
-        if EventKind::parse(e).is_none() {
+        let Some(kind) = EventKind::parse(e) else {
             return Err(ApiError::validation(
                 format!("events[{i}]"),
                 // SECURITY: the name is client input, and could be a key pasted in the wrong place.
@@ -239,10 +242,10 @@ fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
                     EventKind::ALL.map(EventKind::as_str).join(", ")
                 ),
             ));
-        }
+        };
+        out.push(kind);
     }
-    let mut out = events.to_vec();
-    out.sort();
+    out.sort_by_key(|e| e.as_str());
     out.dedup();
     Ok(out)
 }

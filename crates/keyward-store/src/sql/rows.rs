@@ -298,7 +298,10 @@ impl<D: Dialect> WebhookRow<D> {
             id: id::<D>(self.id, "webhook_endpoints.id")?,
             organization_id: OrgId(id::<D>(self.organization_id, "webhook_endpoints.organization_id")?),
             url: self.url,
-            events: D::read_list(self.events, "webhook_endpoints.events")?,
+            events: D::read_list(self.events, "webhook_endpoints.events")?
+                .iter()
+                .map(|name| EventKind::stored(name, "webhook_endpoints.events"))
+                .collect::<StoreResult<_>>()?,
             is_active: self.is_active,
             secret: WebhookSecret(self.secret),
             description: self.description,

@@ -11,14 +11,19 @@ use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
 use crate::webhook::{delivery_body, subscribed_to};
 use crate::{
-    Actor, Attempt, AttemptOutcome, Delivery, DeliveryJob, Event, NewWebhook, StoreError, StoreResult, Webhook,
-    WebhookPatch, WebhookStore,
+    Actor, Attempt, AttemptOutcome, Delivery, DeliveryJob, Event, EventKind, NewWebhook, StoreError, StoreResult,
+    Webhook, WebhookPatch, WebhookStore,
 };
 
 const WEBHOOK_COLUMNS: &str =
     "id, organization_id, url, events, is_active, secret, description, created_at, updated_at";
 const DELIVERY_COLUMNS: &str = "id, endpoint_id, event_id, event, payload, status, attempts, next_attempt_at, \
      give_up_at, last_status_code, last_error, created_at, updated_at";
+
+/// Subscriptions as stored: the events' names.
+fn names(events: &[EventKind]) -> Vec<String> {
+    events.iter().map(|e| e.as_str().to_owned()).collect()
+}
 
 async fn select_webhook<D: Db + Reads<Webhook>>(conn: &mut D::Connection, id: Uuid) -> StoreResult<Webhook> {
     D::fetch_one(conn, Stmt::new(format!("SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1")).arg(id))
@@ -40,7 +45,7 @@ impl<B: Backend> WebhookStore for B {
         .arg(hook.id)
         .arg(hook.organization_id)
         .arg(&hook.url)
-        .arg(hook.events.clone())
+        .arg(names(&hook.events))
         .arg(hook.is_active)
         .arg(&hook.secret.0)
         .arg(&hook.description)
@@ -77,7 +82,7 @@ impl<B: Backend> WebhookStore for B {
              RETURNING {WEBHOOK_COLUMNS}"
         ))
         .arg(&after.url)
-        .arg(after.events.clone())
+        .arg(names(&after.events))
         .arg(after.is_active)
         .arg(&after.description)
         .arg(actor.at)
