@@ -16,7 +16,7 @@ use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{
     CreatedKeyResponse, EnvironmentName, KeyResponse, KeyStatusName, PageQuery, PageResponse, RotatedKeyResponse,
 };
-use crate::openapi::{JsonBodyErrors, KeyErrors};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
@@ -69,8 +69,7 @@ async fn check_limits<P>(
 
 /// Create a key. The full key is in this response only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
-    responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_key(
     State(state): State<AppState>,
@@ -114,8 +113,7 @@ pub struct ListKeysQuery {
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
-    responses((status = 200, body = PageResponse<KeyResponse>), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = PageResponse<KeyResponse>), QueryErrors, KeyErrors))]
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -150,8 +148,7 @@ pub async fn list_keys(
 
 /// Read one key.
 #[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
-    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors))]
 pub async fn get_key(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -166,8 +163,7 @@ pub async fn get_key(
 /// Update a key; `is_active: false` deactivates it, `true` reactivates it. Audited with a diff.
 #[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = UpdateKeyRequest,
-    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn update_key(
     State(state): State<AppState>,
@@ -191,8 +187,7 @@ pub async fn update_key(
 
 /// Revoke a key: permanent; the record stays for the audit trail.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
-    responses((status = 204), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn revoke_key(
     State(state): State<AppState>,
@@ -210,9 +205,8 @@ pub async fn revoke_key(
 /// before, or revoked, answers 409.
 #[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = RotateKeyRequest,
-    responses((status = 201, body = RotatedKeyResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = RotatedKeyResponse), NotFoundErrors, (status = 409, body = ErrorBody),
+        KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(
     State(state): State<AppState>,
@@ -266,8 +260,7 @@ pub struct ExpiringResponse {
 /// List the keys that expire within `days` days (the caller's organization; every organization for
 /// `keyward:admin`; a `keyward:self` key sees its own owner's keys).
 #[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
-    responses((status = 200, body = ExpiringResponse), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = ExpiringResponse), QueryErrors, KeyErrors))]
 pub async fn list_expiring(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -298,8 +291,7 @@ pub struct CleanupResponse {
 /// caller as actor, and a `key.expired` event. Needs `keyward:keys:write` (`keyward:self` is not
 /// enough: this acts on the whole organization).
 #[utoipa::path(post, path = "/v1/keys/cleanup-expired", tag = "keys",
-    responses((status = 200, body = CleanupResponse), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = CleanupResponse), KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn cleanup_expired(
     State(state): State<AppState>,
