@@ -59,8 +59,7 @@ async fn every_error_body() {
         keyward_core::PlainKey::generate(&keyward_core::KeyPrefix::default(), keyward_core::Environment::Live).unwrap();
     out.push(line("unknown key", &app.get("/v1/me", unknown.expose_secret()).await));
 
-    let (revoked, rec) = app.key(org.id, &[]).await;
-    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let (revoked, _) = app.revoked_key(org.id).await;
     out.push(line("revoked key", &app.get("/v1/me", &revoked).await));
     let (disabled, rec) = app.key(org.id, &[]).await;
     app.patch(&format!("/v1/keys/{}", rec.id), &app.admin_key, json!({"is_active": false})).await;
