@@ -199,6 +199,13 @@ impl TestApp {
         self.key_with(org, request).await
     }
 
+    /// A key in `org` that may only be used from `allowed` (an address or a block).
+    pub async fn walled_key(&self, org: OrgId, allowed: &str) -> String {
+        let request =
+            CreateKeyRequest { name: "walled".into(), allowed_ips: vec![allowed.into()], ..Default::default() };
+        self.key_with(org, request).await.0
+    }
+
     /// A key in `org` revoked through the API.
     pub async fn revoked_key(&self, org: OrgId) -> (String, ApiKey) {
         let (plain, record) = self.key(org, &[]).await;
