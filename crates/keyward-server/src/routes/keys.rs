@@ -3,9 +3,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header::CACHE_CONTROL;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
@@ -87,10 +86,7 @@ pub async fn create_key(
     let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
     let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
-    // SECURITY: the only response that carries a key must not be stored by any cache.
-    let headers = crate::limits::headers(&limit, now);
-    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
-        .into_response())
+    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -232,10 +228,7 @@ pub async fn rotate_key(
         api_key: KeyResponse::new(rotation.new, now),
         old_api_key: KeyResponse::new(rotation.old, now),
     };
-    // SECURITY: the response carries a key: no cache may store it.
-    let headers = crate::limits::headers(&limit, now);
-    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
-        .into_response())
+    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
 }
 
 /// Most keys `GET /v1/keys/expiring` lists.

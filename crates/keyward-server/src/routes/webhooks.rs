@@ -15,9 +15,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header::CACHE_CONTROL;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use keyward_core::OrgId;
 use keyward_store::{Attempt, Delivery, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
@@ -311,8 +310,7 @@ pub async fn create_webhook(
         e => e.into(),
     })?;
     let body = CreatedWebhookResponse { secret, webhook: hook.into() };
-    // SECURITY: the only response that carries the secret must not be cached.
-    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response())
+    Ok(super::created_with_secret(Default::default(), body))
 }
 
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
