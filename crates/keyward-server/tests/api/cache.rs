@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
 use keyward_server::cache::{CachedLookup, KeyCache, RedisBus};
 use keyward_server::settings::CacheConfig;
@@ -50,19 +50,17 @@ async fn writes_through_the_api_are_seen_at_once(app: TestApp) {
         async move { app.verify(&key, json!({})).await["code"].as_str().unwrap_or_default().to_owned() }
     };
 
-    // Revoked.
-    let (plain, rec) = key(None).await;
-    assert_eq!(code(plain.clone()).await, "VALID");
-    let r = app.delete(&format!("/v1/keys/{}", rec.id), &admin).await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
-    assert_eq!(code(plain).await, "REVOKED");
-
-    // Deactivated.
-    let (plain, rec) = key(None).await;
-    assert_eq!(code(plain.clone()).await, "VALID");
-    let r = app.patch(&format!("/v1/keys/{}", rec.id), &admin, json!({"is_active": false})).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(code(plain).await, "DISABLED");
+    // Revoked; deactivated.
+    for (method, body, status, want) in [
+        (Method::DELETE, None, StatusCode::NO_CONTENT, "REVOKED"),
+        (Method::PATCH, Some(json!({"is_active": false})), StatusCode::OK, "DISABLED"),
+    ] {
+        let (plain, rec) = key(None).await;
+        assert_eq!(code(plain.clone()).await, "VALID");
+        let r = app.call(method, &format!("/v1/keys/{}", rec.id), Some(&admin), body).await;
+        assert_eq!(r.status, status, "{}", r.text);
+        assert_eq!(code(plain).await, want);
+    }
 
     // Rotated with no grace period: the old key stops, the new one works.
     let (plain, rec) = key(None).await;
