@@ -386,6 +386,13 @@ mod tests {
         (0..n).filter(|_| RateDecision::decide(limits, tats, now, cost).allowed).count() as u64
     }
 
+    /// After a full burst of `n` at `T0`, the whole of it is free again exactly `window` later.
+    fn frees_whole_after(limits: &RateLimits, n: u64, window: i64) {
+        let mut tats = [None; 3];
+        assert_eq!(burst(limits, &mut tats, T0, n, 1), n);
+        assert_eq!(burst(limits, &mut tats, T0 + window, n + 1, 1), n);
+    }
+
     #[test]
     fn gcra_parameters() {
         let cases = [
@@ -431,9 +438,7 @@ mod tests {
         assert!(!RateDecision::decide(&limits, &mut tats, T0 + S, 1).allowed);
         // The whole minute frees 60 s after the last admitted request (at T0 + 1 s).
         assert_eq!(burst(&limits, &mut tats, T0 + 61 * S - 1, 60, 1), 59);
-        let mut tats = [None; 3];
-        burst(&limits, &mut tats, T0, 60, 1);
-        assert_eq!(burst(&limits, &mut tats, T0 + 60 * S, 61, 1), 60);
+        frees_whole_after(&limits, 60, 60 * S);
     }
 
     #[test]
@@ -469,9 +474,7 @@ mod tests {
         assert_eq!(d.tightest().map(|t| (t.reset_secs(), t.retry_after_micros)), Some((86_400, Some(8_640_000))));
         // One µs before the day is whole again, all but one unit has freed.
         assert_eq!(burst(&limits, &mut tats, T0 + 86_400 * S - 1, 10_001, 1), 9_999);
-        let mut tats = [None; 3];
-        burst(&limits, &mut tats, T0, 10_000, 1);
-        assert_eq!(burst(&limits, &mut tats, T0 + 86_400 * S, 10_001, 1), 10_000);
+        frees_whole_after(&limits, 10_000, 86_400 * S);
     }
 
     #[test]

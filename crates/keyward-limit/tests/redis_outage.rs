@@ -151,18 +151,36 @@ async fn wait_for_health(l: &RedisLimiter, up: bool, within: Duration) -> Durati
 /// test. (Speed itself is the benchmarks' to measure.)
 const MEMORY_SPEED: Duration = Duration::from_millis(150);
 
+/// Runs a test of this file: within 60 s, and alone.
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let _serial = SERIAL.lock().await;
+        test.await
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A Redis of the test's own and a limiter on it with `policy`, `timeout` and a probe (and
+/// heartbeat) every `probe_interval`; `None` where no `redis-server` can be started.
+async fn own_redis(
+    policy: FailurePolicy,
+    timeout: Duration,
+    probe_interval: Duration,
+) -> Option<(OwnRedis, RedisLimiter)> {
+    let redis = OwnRedis::start()?;
+    let config =
+        RedisConfig::new(redis.url()).with_policy(policy).with_timeout(timeout).with_probe_interval(probe_interval);
+    let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+    Some((redis, l))
+}
+
 async fn outage(policy: FailurePolicy) {
-    let _serial = SERIAL.lock().await;
     counters();
-    let Some(mut redis) = OwnRedis::start() else { return };
     let timeout = Duration::from_millis(300);
     // A probe every 200 ms at most once Redis is down; the heartbeat (same interval) is not what
     // notices the outage here: the first decision after the kill does.
-    let config = RedisConfig::new(redis.url())
-        .with_policy(policy)
-        .with_timeout(timeout)
-        .with_probe_interval(Duration::from_millis(200));
-    let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+    let Some((mut redis, l)) = own_redis(policy, timeout, Duration::from_millis(200)).await else { return };
     let limits = RateLimits::per_minute(3);
     let errors = format!("{}{{backend=redis,op=rate,policy={}}}", metric::ERRORS, policy.as_str());
     let quota_errors = format!("{}{{backend=redis,op=quota,policy={}}}", metric::ERRORS, policy.as_str());
@@ -234,27 +252,22 @@ async fn outage(policy: FailurePolicy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fail_open_admits_at_memory_speed_then_limits_again_after_restart() {
-    tokio::time::timeout(Duration::from_secs(60), outage(FailurePolicy::FailOpen)).await.expect("bounded");
+    bounded(outage(FailurePolicy::FailOpen)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fail_closed_denies_at_memory_speed_then_limits_again_after_restart() {
-    tokio::time::timeout(Duration::from_secs(60), outage(FailurePolicy::FailClosed)).await.expect("bounded");
+    bounded(outage(FailurePolicy::FailClosed)).await;
 }
 
 /// Redis restarts while the node is idle (no request, and no heartbeat in between): the first
 /// decision after it must not fail on the dead connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_decision_after_a_restart_on_an_idle_node_succeeds() {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        let _serial = SERIAL.lock().await;
-        let Some(mut redis) = OwnRedis::start() else { return };
-        let config = RedisConfig::new(redis.url())
-            .with_policy(FailurePolicy::FailClosed)
-            // Generous: this test is about the dead connection, not about speed.
-            .with_timeout(Duration::from_secs(2))
-            .with_probe_interval(Duration::from_secs(3600));
-        let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+    bounded(async {
+        // A generous timeout: this test is about the dead connection, not about speed.
+        let (timeout, probe) = (Duration::from_secs(2), Duration::from_secs(3600));
+        let Some((mut redis, l)) = own_redis(FailurePolicy::FailClosed, timeout, probe).await else { return };
         let limits = RateLimits::per_minute(3);
         assert!(!l.hit("key:idle", &limits, t0()).await.degraded);
         redis.kill();
@@ -264,22 +277,16 @@ async fn the_first_decision_after_a_restart_on_an_idle_node_succeeds() {
         assert!(l.health().up);
         assert_eq!(l.health().degraded_total, Duration::ZERO, "no outage was seen");
     })
-    .await
-    .expect("bounded");
+    .await;
 }
 
 /// An idle node notices the outage by its heartbeat, before any request pays for it; then the
 /// very first decision is already at memory speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_node_notices_an_outage_by_itself() {
-    tokio::time::timeout(Duration::from_secs(60), async {
-        let _serial = SERIAL.lock().await;
-        let Some(mut redis) = OwnRedis::start() else { return };
-        let config = RedisConfig::new(redis.url())
-            .with_policy(FailurePolicy::FailOpen)
-            .with_timeout(Duration::from_millis(300))
-            .with_probe_interval(Duration::from_millis(100));
-        let l = RedisLimiter::connect(config).await.expect("our own redis-server answers");
+    bounded(async {
+        let (timeout, probe) = (Duration::from_millis(300), Duration::from_millis(100));
+        let Some((mut redis, l)) = own_redis(FailurePolicy::FailOpen, timeout, probe).await else { return };
         redis.kill();
         wait_for_health(&l, false, Duration::from_secs(5)).await;
         let started = Instant::now();
@@ -290,6 +297,5 @@ async fn an_idle_node_notices_an_outage_by_itself() {
         wait_for_health(&l, true, Duration::from_secs(5)).await;
         assert!(!l.hit("key:idle", &RateLimits::per_minute(3), t0()).await.degraded);
     })
-    .await
-    .expect("bounded");
+    .await;
 }

@@ -518,12 +518,16 @@ mod tests {
         }
     }
 
-    fn gateway(routes: Vec<GatewayRoute>) -> Result<Gateway, InvalidRoutePrefix> {
+    fn public(prefix: &str) -> GatewayRoute {
+        GatewayRoute { prefix: prefix.into(), methods: vec![], rule: RouteRule { public: true, ..Default::default() } }
+    }
+
+    fn gateway(routes: Vec<GatewayRoute>, unmatched: RouteRule) -> Result<Gateway, InvalidRoutePrefix> {
         Gateway::new(GatewayConfig {
             upstream: "http://127.0.0.1:1".parse().unwrap(),
             timeout: Duration::from_secs(1),
             routes,
-            unmatched: RouteRule::default(),
+            unmatched,
         })
     }
 
@@ -533,21 +537,15 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins_and_methods_narrow() {
-        let gw = Gateway::new(GatewayConfig {
-            upstream: "http://127.0.0.1:1".parse().unwrap(),
-            timeout: Duration::from_secs(1),
-            routes: vec![
+        let gw = gateway(
+            vec![
                 route("/v1", &[], "read:v1"),
                 route("/v1/projects", &[], "read:projects"),
                 route("/v1/projects", &[Method::POST], "write:projects"),
-                GatewayRoute {
-                    prefix: "/health".into(),
-                    methods: vec![],
-                    rule: RouteRule { public: true, ..Default::default() },
-                },
+                public("/health"),
             ],
-            unmatched: RouteRule::default(),
-        })
+            RouteRule::default(),
+        )
         .unwrap();
         let scope = |m: Method, p: &str| gw.rule_for(&m, &path(p)).scopes.first().map(|s| s.to_string());
         assert_eq!(scope(Method::GET, "/v1/projects/7").as_deref(), Some("read:projects"));
@@ -561,11 +559,14 @@ mod tests {
 
     #[test]
     fn config_prefixes_are_normalized_like_paths() {
-        let gw = gateway(vec![
-            route("/v1//projects/", &[], "read:projects"),
-            route("/v1/%75sers/./", &[], "read:users"),
-            route("/v1/a/../billing", &[], "read:billing"),
-        ])
+        let gw = gateway(
+            vec![
+                route("/v1//projects/", &[], "read:projects"),
+                route("/v1/%75sers/./", &[], "read:users"),
+                route("/v1/a/../billing", &[], "read:billing"),
+            ],
+            RouteRule::default(),
+        )
         .unwrap();
         let scope = |p: &str| gw.rule_for(&Method::GET, &path(p)).scopes.first().map(|s| s.to_string());
         assert_eq!(scope("/v1/projects").as_deref(), Some("read:projects"));
@@ -574,7 +575,7 @@ mod tests {
         assert_eq!(scope("/v1/billing").as_deref(), Some("read:billing"));
         assert_eq!(scope("/v1/a/billing").as_deref(), None);
         for bad in ["/v1/%2Fprojects", "/../v1", "v1", "/v1/%zz", "/v1/..;/x"] {
-            let err = gateway(vec![route(bad, &[], "read:x")]).map(|_| ()).unwrap_err();
+            let err = gateway(vec![route(bad, &[], "read:x")], RouteRule::default()).map(|_| ()).unwrap_err();
             assert_eq!(err.prefix, bad);
         }
     }
@@ -634,19 +635,17 @@ mod tests {
             method in proptest::sample::select(vec!["GET", "get", "POST", "post", "HEAD", "DELETE"]),
             over in proptest::option::of(proptest::sample::select(vec!["POST", "delete", "GET, POST"])),
         ) {
-            let gw = Gateway::new(GatewayConfig {
-                upstream: "http://127.0.0.1:1".parse().unwrap(),
-                timeout: Duration::from_secs(1),
-                routes: vec![
+            let gw = gateway(
+                vec![
                     route("/v1", &[], "read:v1"),
                     route("/v1/projects", &[], "read:projects"),
                     route("/v1/projects", &[Method::POST], "write:projects"),
                     route("/v1/projects", &[Method::DELETE], "delete:projects"),
                     route("/projects", &[Method::GET], "read:p"),
-                    GatewayRoute { prefix: "/public".into(), methods: vec![], rule: RouteRule { public: true, ..Default::default() } },
+                    public("/public"),
                 ],
-                unmatched: RouteRule { public: true, ..Default::default() },
-            }).unwrap();
+                RouteRule { public: true, ..Default::default() },
+            ).unwrap();
             let Ok(path) = NormalizedPath::parse(&raw) else { return Ok(()) };
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             let mut headers = HeaderMap::new();

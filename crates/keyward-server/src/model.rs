@@ -72,20 +72,21 @@ pub struct IpAddress;
 
 impl utoipa::PartialSchema for IpAddress {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, SchemaFormat, Type};
-        let string = || ObjectBuilder::new().schema_type(Type::String);
-        AnyOfBuilder::new()
-            .item(string().format(Some(SchemaFormat::Custom("ipv4".to_owned()))))
-            .item(string().format(Some(SchemaFormat::Custom("ipv6".to_owned()))))
-            .description(Some("An IPv4 or IPv6 address."))
-            .into()
+        ip_schema(&[], "An IPv4 or IPv6 address.")
     }
 }
 
-impl ToSchema for IpAddress {
-    fn name() -> std::borrow::Cow<'static, str> {
-        "IpAddress".into()
-    }
+impl ToSchema for IpAddress {}
+
+/// `anyOf` an IPv4 address, an IPv6 address and a string matching each of `patterns`: what
+/// [`IpAddress`] and [`IpEntry`] share.
+fn ip_schema(patterns: &[&str], description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, SchemaFormat, Type};
+    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let any = AnyOfBuilder::new()
+        .item(string().format(Some(SchemaFormat::Custom("ipv4".to_owned()))))
+        .item(string().format(Some(SchemaFormat::Custom("ipv6".to_owned()))));
+    patterns.iter().fold(any, |any, p| any.item(string().pattern(Some(*p)))).description(Some(description)).into()
 }
 
 /// A name as `service::Validator::name` takes it.
@@ -121,23 +122,11 @@ const IPV6_CIDR: &str = concat!(
 
 impl utoipa::PartialSchema for IpEntry {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, SchemaFormat, Type};
-        let string = || ObjectBuilder::new().schema_type(Type::String);
-        AnyOfBuilder::new()
-            .item(string().format(Some(SchemaFormat::Custom("ipv4".to_owned()))))
-            .item(string().format(Some(SchemaFormat::Custom("ipv6".to_owned()))))
-            .item(string().pattern(Some(IPV4_CIDR)))
-            .item(string().pattern(Some(IPV6_CIDR)))
-            .description(Some("An IPv4 or IPv6 address, or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`)."))
-            .into()
+        ip_schema(&[IPV4_CIDR, IPV6_CIDR], "An IPv4 or IPv6 address, or a CIDR block (`10.0.0.0/8`, `2001:db8::/32`).")
     }
 }
 
-impl ToSchema for IpEntry {
-    fn name() -> std::borrow::Cow<'static, str> {
-        "IpEntry".into()
-    }
-}
+impl ToSchema for IpEntry {}
 
 /// An API key as the API shows it: never the key, never its hash.
 #[derive(Debug, Serialize, ToSchema)]

@@ -1,5 +1,6 @@
 //! The parts of the OpenAPI 3 document that routes share: the error answers every route that takes a
-//! key or a JSON body may give, and the bearer scheme. The document itself is assembled in
+//! key, a JSON body, a query or an id may give, and the bearer scheme (required by the document as a
+//! whole; a route that takes no key says so). The document itself is assembled in
 //! [`crate::routes::openapi`], from the routes.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -7,7 +8,7 @@ use utoipa::{IntoResponses, Modify};
 
 use crate::error::ErrorBody;
 
-/// The `bearer` security scheme every route that takes a key names.
+/// The `bearer` security scheme the document requires of every route that takes a key.
 pub struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -65,4 +66,22 @@ pub enum JsonBodyErrors {
     /// schema cannot express, such as a date in the past or an IP list entry); `field` names it.
     #[response(status = 422)]
     Unprocessable(ErrorBody),
+}
+
+/// What every route that names a resource by id in its path answers when it cannot reach it.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // documentation only: the errors themselves are `ApiError`s
+pub enum NotFoundErrors {
+    /// `not_found`: no such resource, or one the caller may not see (the two answer alike).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+}
+
+/// What every route that reads a query string may answer about it (`extract::ApiQuery`).
+#[derive(IntoResponses)]
+#[allow(dead_code)] // documentation only: the errors themselves are `ApiError`s
+pub enum QueryErrors {
+    /// `invalid_query`: a parameter is unknown, malformed or out of range.
+    #[response(status = 400)]
+    InvalidQuery(ErrorBody),
 }

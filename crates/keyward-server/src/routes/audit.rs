@@ -9,10 +9,10 @@ use keyward_store::AuditFilter;
 use serde::Deserialize;
 
 use crate::auth::{Admin, AuditRead, Caller};
-use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
-use crate::openapi::KeyErrors;
+use crate::openapi::{KeyErrors, QueryErrors};
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -50,8 +50,7 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 
 /// List audit rows, newest first.
 #[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = PageResponse<AuditEntryResponse>), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = PageResponse<AuditEntryResponse>), QueryErrors, KeyErrors))]
 pub async fn list_audit(
     State(state): State<AppState>,
     caller: Caller<AuditRead>,
@@ -104,8 +103,7 @@ pub struct BrokenRow {
 /// Verify the tamper-evident audit chain, oldest row first. `keyward:admin` only: the chain spans every
 /// organization. Always 200; `intact` says the outcome.
 #[utoipa::path(get, path = "/v1/audit-logs/verify", tag = "audit",
-    responses((status = 200, body = AuditVerifyResponse), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = AuditVerifyResponse), KeyErrors))]
 pub async fn verify_audit(
     State(state): State<AppState>,
     _admin: Caller<Admin>,

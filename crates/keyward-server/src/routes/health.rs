@@ -19,7 +19,7 @@ pub struct HealthResponse {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)), security())]
 pub async fn healthz() -> Json<HealthResponse> {
     Json(HealthResponse { status: "ok" })
 }
@@ -51,7 +51,7 @@ pub struct ReadyResponse {
 /// covers). While the verify path's
 /// breaker is open the store is not pinged again: the probe does that.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)))]
+    responses((status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)), security())]
 pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     let down_for = state.keys.breaker().down_for();
     let reachable = down_for.is_none() && KeyLookup::ping(&state.keys).await.is_ok();
@@ -69,7 +69,7 @@ pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
 
 /// Prometheus metrics (text format). Labels never carry a key, a key id or an IP.
 #[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, content_type = "text/plain", body = String)))]
+    responses((status = 200, content_type = "text/plain", body = String)), security())]
 pub async fn metrics() -> axum::response::Response {
     match crate::telemetry::install() {
         Some(handle) => ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),

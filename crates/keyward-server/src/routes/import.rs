@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
-use crate::openapi::KeyErrors;
+use crate::openapi::{KeyErrors, QueryErrors};
 use crate::service::import::{self, ImportFormat, ImportReport};
 use crate::state::AppState;
 
@@ -51,13 +51,12 @@ pub enum ImportFormatName {
         description = "JSON Lines (`application/x-ndjson`) or CSV with a header line (`text/csv`)"),
     responses(
         (status = 200, body = ImportReport),
-        (status = 400, body = ErrorBody, description = "`invalid_query`"),
         (status = 413, body = ErrorBody, description = "`payload_too_large`: more than 8 MiB or 10,000 rows"),
         (status = 415, body = ErrorBody, description = "`unsupported_media_type`: neither JSON Lines nor CSV"),
         (status = 422, body = ErrorBody, description = "`validation_failed`: a CSV file without a usable header, or no such organization"),
+        QueryErrors,
         KeyErrors,
-    ),
-    security(("bearer" = [])))]
+    ))]
 #[tracing::instrument(skip_all)]
 pub async fn import_keys(
     State(state): State<AppState>,

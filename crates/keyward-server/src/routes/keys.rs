@@ -3,9 +3,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header::CACHE_CONTROL;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
@@ -16,7 +15,7 @@ use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{
     CreatedKeyResponse, EnvironmentName, KeyResponse, KeyStatusName, PageQuery, PageResponse, RotatedKeyResponse,
 };
-use crate::openapi::{JsonBodyErrors, KeyErrors};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 use crate::state::AppState;
 
@@ -69,8 +68,7 @@ async fn check_limits<P>(
 
 /// Create a key. The full key is in this response only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
-    responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_key(
     State(state): State<AppState>,
@@ -88,10 +86,7 @@ pub async fn create_key(
     let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
     let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
-    // SECURITY: the only response that carries a key must not be stored by any cache.
-    let headers = crate::limits::headers(&limit, now);
-    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
-        .into_response())
+    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -114,8 +109,7 @@ pub struct ListKeysQuery {
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
-    responses((status = 200, body = PageResponse<KeyResponse>), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = PageResponse<KeyResponse>), QueryErrors, KeyErrors))]
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -150,8 +144,7 @@ pub async fn list_keys(
 
 /// Read one key.
 #[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
-    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors))]
 pub async fn get_key(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -166,8 +159,7 @@ pub async fn get_key(
 /// Update a key; `is_active: false` deactivates it, `true` reactivates it. Audited with a diff.
 #[utoipa::path(patch, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = UpdateKeyRequest,
-    responses((status = 200, body = KeyResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn update_key(
     State(state): State<AppState>,
@@ -191,8 +183,7 @@ pub async fn update_key(
 
 /// Revoke a key: permanent; the record stays for the audit trail.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
-    responses((status = 204), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn revoke_key(
     State(state): State<AppState>,
@@ -210,9 +201,8 @@ pub async fn revoke_key(
 /// before, or revoked, answers 409.
 #[utoipa::path(post, path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     request_body = RotateKeyRequest,
-    responses((status = 201, body = RotatedKeyResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-        KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = RotatedKeyResponse), NotFoundErrors, (status = 409, body = ErrorBody),
+        KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(
     State(state): State<AppState>,
@@ -238,10 +228,7 @@ pub async fn rotate_key(
         api_key: KeyResponse::new(rotation.new, now),
         old_api_key: KeyResponse::new(rotation.old, now),
     };
-    // SECURITY: the response carries a key: no cache may store it.
-    let headers = crate::limits::headers(&limit, now);
-    Ok((StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
-        .into_response())
+    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
 }
 
 /// Most keys `GET /v1/keys/expiring` lists.
@@ -266,8 +253,7 @@ pub struct ExpiringResponse {
 /// List the keys that expire within `days` days (the caller's organization; every organization for
 /// `keyward:admin`; a `keyward:self` key sees its own owner's keys).
 #[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
-    responses((status = 200, body = ExpiringResponse), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = ExpiringResponse), QueryErrors, KeyErrors))]
 pub async fn list_expiring(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -298,8 +284,7 @@ pub struct CleanupResponse {
 /// caller as actor, and a `key.expired` event. Needs `keyward:keys:write` (`keyward:self` is not
 /// enough: this acts on the whole organization).
 #[utoipa::path(post, path = "/v1/keys/cleanup-expired", tag = "keys",
-    responses((status = 200, body = CleanupResponse), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = CleanupResponse), KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn cleanup_expired(
     State(state): State<AppState>,

@@ -24,8 +24,7 @@ pub struct MeResponse {
 
 /// The calling key and its organization. Any valid key may call it.
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
-    responses((status = 200, body = MeResponse), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = MeResponse), KeyErrors))]
 pub async fn me(State(state): State<AppState>, caller: Caller<AnyKey>) -> ApiResult<Json<MeResponse>> {
     let key = state.store.get_key(caller.key_id()).await?;
     let organization = state.store.get_org(key.organization_id).await?;

@@ -1,10 +1,13 @@
 //! One module per resource, and [`RouteTable`]: how `lib.rs` declares the routes, each with the
 //! permission it needs, so that the route table reads like the authorization matrix.
 
-use axum::Router;
 use axum::extract::State;
 use axum::handler::Handler;
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
+use axum::{Json, Router};
 
 use crate::auth::{Caller, Grant, Permission};
 use crate::state::AppState;
@@ -19,6 +22,13 @@ pub mod orgs;
 pub mod usage;
 pub mod verify;
 pub mod webhooks;
+
+/// A `201` whose body carries a secret shown this once (a key, a webhook's signing secret), with
+/// `headers`.
+// SECURITY: no cache may store a response that carries a secret.
+fn created_with_secret(headers: HeaderMap, body: impl serde::Serialize) -> Response {
+    (StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response()
+}
 
 /// The methods the API uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

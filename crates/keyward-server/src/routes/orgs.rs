@@ -9,14 +9,13 @@ use crate::auth::{Admin, Caller};
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{OrganizationResponse, PageQuery, PageResponse};
-use crate::openapi::{JsonBodyErrors, KeyErrors};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{CreateOrganizationRequest, UpdateOrganizationRequest, Validator};
 use crate::state::AppState;
 
 /// Create an organization.
 #[utoipa::path(post, path = "/v1/organizations", tag = "organizations", request_body = CreateOrganizationRequest,
-    responses((status = 201, body = OrganizationResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = OrganizationResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
 pub async fn create_org(
     State(state): State<AppState>,
     caller: Caller<Admin>,
@@ -31,8 +30,7 @@ pub async fn create_org(
 
 /// List organizations, newest first.
 #[utoipa::path(get, path = "/v1/organizations", tag = "organizations", params(PageQuery),
-    responses((status = 200, body = PageResponse<OrganizationResponse>), (status = 400, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = PageResponse<OrganizationResponse>), QueryErrors, KeyErrors))]
 pub async fn list_orgs(
     State(state): State<AppState>,
     _admin: Caller<Admin>,
@@ -44,8 +42,7 @@ pub async fn list_orgs(
 
 /// Read an organization.
 #[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = Uuid, Path, description = "organization id")),
-    responses((status = 200, body = OrganizationResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = OrganizationResponse), NotFoundErrors, KeyErrors))]
 pub async fn get_org(
     State(state): State<AppState>,
     _admin: Caller<Admin>,
@@ -57,8 +54,7 @@ pub async fn get_org(
 /// Update an organization (`is_active: false` disables every key of it). Audited with a diff.
 #[utoipa::path(patch, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = Uuid, Path, description = "organization id")),
     request_body = UpdateOrganizationRequest,
-    responses((status = 200, body = OrganizationResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = OrganizationResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 pub async fn update_org(
     State(state): State<AppState>,
     caller: Caller<Admin>,

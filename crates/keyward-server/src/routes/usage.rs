@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Caller, KeysRead, KeysReadOrSelf, Verify};
-use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
-use crate::openapi::{JsonBodyErrors, KeyErrors};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::state::AppState;
 
 /// Events one `POST /v1/usage` may carry.
@@ -137,8 +137,7 @@ pub struct UsageAcceptedResponse {
 
 /// Report usage (status, latency, tokens, cost) for requests verified earlier: one report or a batch.
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = UsageReportBatch,
-    responses((status = 202, body = UsageAcceptedResponse), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 202, body = UsageAcceptedResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn report_usage(
     State(state): State<AppState>,
@@ -343,9 +342,8 @@ pub async fn key_usage_report(
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/keys/{id}/usage", tag = "usage",
     params(("id" = Uuid, Path, description = "key id"), DaysQuery),
-    responses((status = 200, body = KeyUsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = KeyUsageResponse), QueryErrors, NotFoundErrors,
+        KeyErrors))]
 pub async fn key_usage(
     State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
@@ -409,9 +407,8 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/organizations/{id}/usage", tag = "usage",
     params(("id" = Uuid, Path, description = "organization id"), MonthQuery),
-    responses((status = 200, body = OrgUsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = OrgUsageResponse), QueryErrors, NotFoundErrors,
+        KeyErrors))]
 pub async fn org_usage(
     State(state): State<AppState>,
     caller: Caller<KeysRead>,

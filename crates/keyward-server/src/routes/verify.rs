@@ -90,8 +90,7 @@ impl VerifyKeyResponse<'_> {
 
 /// Verify a key: status, organization, IP allow-list and scopes, in that order.
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyKeyRequest,
-    responses((status = 200, body = VerifyKeyResponse), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = VerifyKeyResponse), KeyErrors, JsonBodyErrors))]
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller<Verify>,

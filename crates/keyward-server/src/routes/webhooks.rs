@@ -15,9 +15,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header::CACHE_CONTROL;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use keyward_core::OrgId;
 use keyward_store::{Attempt, Delivery, EventKind, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
@@ -27,9 +26,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{Caller, KeysWrite};
-use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
-use crate::openapi::{JsonBodyErrors, KeyErrors};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors};
 use crate::state::AppState;
 use crate::webhooks::check_url;
 
@@ -278,8 +277,7 @@ async fn manageable(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> A
 
 /// Create a webhook endpoint. The signing secret is in this response only.
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
-    responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_webhook(
     State(state): State<AppState>,
@@ -309,14 +307,12 @@ pub async fn create_webhook(
         e => e.into(),
     })?;
     let body = CreatedWebhookResponse { secret, webhook: hook.into() };
-    // SECURITY: the only response that carries the secret must not be cached.
-    Ok((StatusCode::CREATED, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response())
+    Ok(super::created_with_secret(Default::default(), body))
 }
 
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
-    responses((status = 200, body = WebhookListResponse), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = WebhookListResponse), KeyErrors))]
 pub async fn list_webhooks(
     State(state): State<AppState>,
     caller: Caller<KeysWrite>,
@@ -327,8 +323,7 @@ pub async fn list_webhooks(
 
 /// Read one webhook endpoint.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
-    responses((status = 200, body = WebhookResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors))]
 pub async fn get_webhook(
     State(state): State<AppState>,
     caller: Caller<KeysWrite>,
@@ -340,8 +335,7 @@ pub async fn get_webhook(
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
 #[utoipa::path(patch, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     request_body = UpdateWebhookRequest,
-    responses((status = 200, body = WebhookResponse), (status = 404, body = ErrorBody), KeyErrors, JsonBodyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn update_webhook(
     State(state): State<AppState>,
@@ -369,8 +363,7 @@ pub async fn update_webhook(
 
 /// Delete a webhook endpoint and its deliveries.
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
-    responses((status = 204), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn delete_webhook(
     State(state): State<AppState>,
@@ -385,8 +378,7 @@ pub async fn delete_webhook(
 /// The endpoint's most recent deliveries (up to 100), newest first, each with every attempt.
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(("id" = Uuid, Path, description = "webhook id")),
-    responses((status = 200, body = DeliveryListResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = DeliveryListResponse), NotFoundErrors, KeyErrors))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller<KeysWrite>,
@@ -406,8 +398,7 @@ pub async fn list_deliveries(
 /// Send a delivery again now (also a failed one): it is pending again, with a fresh retry window.
 #[utoipa::path(post, path = "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", tag = "webhooks",
     params(("id" = Uuid, Path, description = "webhook id"), ("delivery_id" = Uuid, Path, description = "delivery id")),
-    responses((status = 200, body = DeliveryResponse), (status = 404, body = ErrorBody), KeyErrors),
-    security(("bearer" = [])))]
+    responses((status = 200, body = DeliveryResponse), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn retry_delivery(
     State(state): State<AppState>,

@@ -1,19 +1,13 @@
 //! `X-Forwarded-For` is believed only from a configured trusted proxy.
 
 use axum::http::{Method, StatusCode};
-use keyward_server::service::CreateKeyRequest;
 
 use crate::helpers::{TestApp, request};
 
 #[tokio::test]
 async fn forwarded_for_counts_only_from_trusted_proxies() {
     let mut app = TestApp::sqlite().await;
-    let (key, _) = app
-        .key_with(
-            app.default_org.id,
-            CreateKeyRequest { name: "walled".into(), allowed_ips: vec!["198.51.100.7".into()], ..Default::default() },
-        )
-        .await;
+    let key = app.walled_key(app.default_org.id, "198.51.100.7").await;
     let forwarded = || {
         let mut req = request(Method::GET, "/v1/me", Some(&key), None);
         req.headers_mut().insert("x-forwarded-for", "198.51.100.7".parse().unwrap());
@@ -41,16 +35,7 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 #[tokio::test]
 async fn an_unparsable_forwarded_for_does_not_make_a_client_the_proxy() {
     let mut app = TestApp::sqlite().await;
-    let (key, _) = app
-        .key_with(
-            app.default_org.id,
-            CreateKeyRequest {
-                name: "internal".into(),
-                allowed_ips: vec!["203.0.113.0/24".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+    let key = app.walled_key(app.default_org.id, "203.0.113.0/24").await;
     app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
     let from = |values: &[&[u8]]| {
         let mut req = request(Method::GET, "/v1/me", Some(&key), None);

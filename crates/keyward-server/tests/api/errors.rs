@@ -59,8 +59,7 @@ async fn every_error_body() {
         keyward_core::PlainKey::generate(&keyward_core::KeyPrefix::default(), keyward_core::Environment::Live).unwrap();
     out.push(line("unknown key", &app.get("/v1/me", unknown.expose_secret()).await));
 
-    let (revoked, rec) = app.key(org.id, &[]).await;
-    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let (revoked, _) = app.revoked_key(org.id).await;
     out.push(line("revoked key", &app.get("/v1/me", &revoked).await));
     let (disabled, rec) = app.key(org.id, &[]).await;
     app.patch(&format!("/v1/keys/{}", rec.id), &app.admin_key, json!({"is_active": false})).await;
@@ -68,7 +67,7 @@ async fn every_error_body() {
     let (expiring, _) = app
         .key_with(org.id, CreateKeyRequest { name: "e".into(), expires_in_days: Some(1), ..Default::default() })
         .await;
-    let walled = surfaces::walled_key(&app, org.id).await;
+    let walled = app.walled_key(org.id, "10.0.0.0/8").await;
     out.push(line("ip not allowed", &app.get("/v1/me", &walled).await));
     let (member, _) = app.key(org.id, &[]).await;
     out.push(line("insufficient scope", &app.get("/v1/keys", &member).await));

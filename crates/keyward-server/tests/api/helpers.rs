@@ -199,6 +199,21 @@ impl TestApp {
         self.key_with(org, request).await
     }
 
+    /// A key in `org` that may only be used from `allowed` (an address or a block).
+    pub async fn walled_key(&self, org: OrgId, allowed: &str) -> String {
+        let request =
+            CreateKeyRequest { name: "walled".into(), allowed_ips: vec![allowed.into()], ..Default::default() };
+        self.key_with(org, request).await.0
+    }
+
+    /// A key in `org` revoked through the API.
+    pub async fn revoked_key(&self, org: OrgId) -> (String, ApiKey) {
+        let (plain, record) = self.key(org, &[]).await;
+        let r = self.delete(&format!("/v1/keys/{}", record.id), &self.admin_key).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        (plain, record)
+    }
+
     pub async fn key_with(&self, org: OrgId, request: CreateKeyRequest) -> (String, ApiKey) {
         let v = Validator { plans: &self.state.plans, now: self.clock.now_utc() };
         let draft = request.validate(&v, org).unwrap();

@@ -121,8 +121,7 @@ fn failed_auth_line(capture: &Capture, key_id: &str) -> serde_json::Value {
 async fn a_failed_authentication_is_one_structured_line_with_context() {
     let capture = capture_logs();
     let app = TestApp::sqlite().await;
-    let (key, rec) = app.key(app.default_org.id, &[]).await;
-    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let (key, rec) = app.revoked_key(app.default_org.id).await;
     let mut req = crate::helpers::request(Method::GET, "/v1/me", Some(&key), None);
     req.headers_mut().insert("user-agent", "curl/8.0".parse().unwrap());
     let request_id = format!("req-{}", rec.id);
@@ -149,8 +148,7 @@ async fn a_failed_authentication_is_one_structured_line_with_context() {
 async fn a_refused_verification_logs_its_outcome_in_the_request_span() {
     let capture = capture_logs();
     let app = TestApp::sqlite().await;
-    let (key, rec) = app.key(app.default_org.id, &[]).await;
-    app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await;
+    let (key, rec) = app.revoked_key(app.default_org.id).await;
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
 
     let line = failed_auth_line(&capture, &rec.id.to_string());

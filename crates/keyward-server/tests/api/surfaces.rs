@@ -125,12 +125,6 @@ impl Surfaces {
     }
 }
 
-/// A key of `org` usable from 10.0.0.0/8 only.
-pub async fn walled_key(app: &TestApp, org: OrgId) -> String {
-    let allowed_ips = vec!["10.0.0.0/8".into()];
-    app.key_with(org, CreateKeyRequest { name: "w".into(), allowed_ips, ..Default::default() }).await.0
-}
-
 pub fn request(path: &str, headers: &[(&str, &str)], ip: Option<[u8; 4]>) -> Request<Body> {
     let mut builder = Request::builder().method(Method::GET).uri(path);
     for (name, value) in headers {
@@ -209,8 +203,7 @@ async fn a_key_that_no_longer_authenticates_is_401_everywhere() {
     let s = Surfaces::new().await;
     let app = &s.app;
     let org = app.default_org.id;
-    let (revoked, rec) = app.key(org, &[]).await;
-    assert_eq!(app.delete(&format!("/v1/keys/{}", rec.id), &app.admin_key).await.status, StatusCode::NO_CONTENT);
+    let (revoked, _) = app.revoked_key(org).await;
     let (rotated, rec) = app.key(org, &[]).await;
     let r = app.post(&format!("/v1/keys/{}/rotate", rec.id), &app.admin_key, json!({})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
@@ -242,7 +235,7 @@ async fn a_key_that_no_longer_authenticates_is_401_everywhere() {
 async fn a_key_that_may_not_do_this_is_403_everywhere() {
     let s = Surfaces::new().await;
     let org = s.app.default_org.id;
-    let walled = walled_key(&s.app, org).await;
+    let walled = s.app.walled_key(org, "10.0.0.0/8").await;
     let want = refused(StatusCode::FORBIDDEN, "ip_not_allowed");
     assert_eq!(s.everywhere("from outside its allow-list", &x_api_key(&walled), Some([192, 0, 2, 1])).await, want);
     assert_eq!(s.everywhere("from an unknown address", &x_api_key(&walled), None).await, want);

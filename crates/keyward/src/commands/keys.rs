@@ -186,17 +186,8 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             let (plain, record) = service::create_key(state, draft, &Actor::cli(now)).await?;
             let created =
                 CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
-            if key_only {
-                println!("{}", created.key);
-                Ok(())
-            } else if json {
-                print_json(&created)
-            } else {
-                println!("Created key {} ({}) in {}", created.api_key.id, created.api_key.name, org.slug);
-                println!("Key: {}", created.key);
-                println!("Store it now: it will not be shown again.");
-                Ok(())
-            }
+            let headline = format!("Created key {} ({}) in {}", created.api_key.id, created.api_key.name, org.slug);
+            print_new_key(&created.key, &created, Shown { key_only, json }, &headline, None)
         }
         KeysAction::List { org, owner_id, include_inactive, limit, json } => {
             let organization_id = match org {
@@ -273,21 +264,12 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 api_key: KeyResponse::new(rotation.new, now),
                 old_api_key: KeyResponse::new(rotation.old, now),
             };
-            if key_only {
-                println!("{}", rotated.key);
-                Ok(())
-            } else if json {
-                print_json(&rotated)
-            } else {
-                println!("Rotated key {} into {}", rotated.old_api_key.id, rotated.api_key.id);
-                println!("Key: {}", rotated.key);
-                println!("Store it now: it will not be shown again.");
-                match rotated.old_api_key.revoked_at {
-                    Some(at) if at > now => println!("The old key keeps working until {}", at.to_rfc3339()),
-                    _ => println!("The old key no longer works."),
-                }
-                Ok(())
-            }
+            let headline = format!("Rotated key {} into {}", rotated.old_api_key.id, rotated.api_key.id);
+            let old = match rotated.old_api_key.revoked_at {
+                Some(at) if at > now => format!("The old key keeps working until {}", at.to_rfc3339()),
+                _ => "The old key no longer works.".to_owned(),
+            };
+            print_new_key(&rotated.key, &rotated, Shown { key_only, json }, &headline, Some(&old))
         }
         KeysAction::Revoke { id, reason, json } => {
             let key = state.store.revoke_key(key_id(&id)?, &reason, now, &Actor::cli(now)).await?.apply(&state.keys);
@@ -342,6 +324,36 @@ fn grace_seconds(raw: &str) -> anyhow::Result<i64> {
         _ => return Err(anyhow!("--grace unit must be s, m, h or d")),
     };
     n.checked_mul(factor).ok_or_else(|| anyhow!("--grace is too long"))
+}
+
+/// How `--key-only` and `--json` ask for a new key to be shown.
+struct Shown {
+    key_only: bool,
+    json: bool,
+}
+
+/// Prints a key that is shown this once: alone (`--key-only`), as the whole `response` (`--json`), or
+/// after `headline` with the warning to store it, then `after`.
+fn print_new_key(
+    key: &str,
+    response: &impl serde::Serialize,
+    shown: Shown,
+    headline: &str,
+    after: Option<&str>,
+) -> anyhow::Result<()> {
+    if shown.key_only {
+        println!("{key}");
+    } else if shown.json {
+        print_json(response)?;
+    } else {
+        println!("{headline}");
+        println!("Key: {key}");
+        println!("Store it now: it will not be shown again.");
+        if let Some(after) = after {
+            println!("{after}");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
