@@ -13,7 +13,7 @@ use keyward_store::{Store, StoreError};
 use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 
-use crate::cache::{CachedLookup, DEFAULT_CHANNEL, KeyCache, RedisBus};
+use crate::cache::{CachedLookup, KeyCache, RedisBus};
 use crate::settings::{Settings, redact_url};
 use crate::state::{AppState, LEGACY_REFRESH};
 use crate::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
@@ -123,7 +123,7 @@ impl AppBuilder {
         let mut running = Vec::new();
         if let Some(url) = &settings.redis_url {
             // Changes reach every node's cache through Redis; without it, within the cache TTL.
-            match RedisBus::connect(url.expose_secret(), DEFAULT_CHANNEL).await {
+            match RedisBus::connect(url.expose_secret(), &settings.redis_channel).await {
                 Ok(bus) => {
                     running.push(bus.subscribe(cache));
                     keys = keys.with_bus(Arc::new(bus));

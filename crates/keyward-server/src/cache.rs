@@ -420,7 +420,7 @@ impl std::fmt::Debug for RedisBus {
     }
 }
 
-pub const DEFAULT_CHANNEL: &str = "keyward:invalidate";
+pub use crate::settings::DEFAULT_CHANNEL;
 
 impl RedisBus {
     pub async fn connect(url: &str, channel: &str) -> Result<Self, redis::RedisError> {

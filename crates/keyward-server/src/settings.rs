@@ -14,6 +14,9 @@ use keyward_limit::FailurePolicy;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+/// The channel of [`Settings::redis_channel`] unless told otherwise.
+pub const DEFAULT_CHANNEL: &str = "keyward:invalidate";
+
 /// What a node is built from ([`crate::app::App::build`]). `Default` is a single node on
 /// `sqlite://keyward.db` with every limit and schedule at its documented default.
 #[derive(Debug, Clone)]
@@ -26,6 +29,9 @@ pub struct Settings {
     /// `redis://host:port`: rate limits and quotas shared by every node, and the channel that carries
     /// cache invalidations to them. `None`: limits in memory, on this node alone.
     pub redis_url: Option<SecretString>,
+    /// The Redis channel cache invalidations travel on: the nodes of one deployment share it; two
+    /// deployments on one Redis need one each.
+    pub redis_channel: String,
     /// What the limiter does while Redis cannot be reached.
     pub limiter_failure_policy: FailurePolicy,
     /// The tiers keys and organizations may name.
@@ -50,6 +56,7 @@ impl Default for Settings {
             database_url: "sqlite://keyward.db".to_owned(),
             pepper: None,
             redis_url: None,
+            redis_channel: DEFAULT_CHANNEL.to_owned(),
             limiter_failure_policy: FailurePolicy::default(),
             plans: Plans::defaults(),
             protection: Protection::default(),

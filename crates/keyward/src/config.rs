@@ -346,6 +346,7 @@ impl Config {
             database_url: self.database_url.clone(),
             pepper: self.pepper.clone(),
             redis_url: self.redis_url.clone(),
+            redis_channel: keyward_server::settings::DEFAULT_CHANNEL.to_owned(),
             limiter_failure_policy: self.limiter_failure_policy,
             plans: self.plans(),
             protection: self.protection,

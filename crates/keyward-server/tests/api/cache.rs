@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use keyward_core::{Environment, KeyHasher, KeyPrefix, ManualClock, PlainKey};
-use keyward_server::cache::{CachedLookup, KeyCache, RedisBus};
 use keyward_server::settings::CacheConfig;
+use keyward_server::settings::Settings;
 use keyward_server::telemetry::Via;
-use keyward_server::usage::UsageRecorder;
-use keyward_server::{AppState, service};
+use keyward_server::{App, AppState, service};
 use keyward_store::{Actor, NoCache, Store};
 use serde_json::json;
 
-use crate::helpers::{OwnRedis, TestApp, on_every_backend, t0};
+use crate::helpers::{OwnRedis, TestApp, on_every_backend, settings, t0};
 use crate::legacy::counted;
 
 fn hash(key: &str) -> keyward_core::KeyHash {
@@ -248,12 +247,10 @@ fn redis_url() -> Option<String> {
 
 /// A second node: its own cache over the same database, subscribed to the same channel.
 async fn node(store: Arc<dyn Store>, url: &str, channel: &str, clock: &ManualClock) -> AppState {
-    let cache = KeyCache::new(CacheConfig::default());
-    let bus = RedisBus::connect(url, channel).await.expect("Redis");
-    bus.subscribe(cache.clone());
-    let (usage, _w) = UsageRecorder::spawn(store.clone(), Duration::from_secs(3600));
-    let keys = CachedLookup::new(store.clone(), cache, Arc::new(clock.clone())).with_bus(Arc::new(bus));
-    AppState::builder(store, Arc::new(clock.clone()), usage).keys(keys).build()
+    let settings = Settings { redis_url: Some(url.into()), redis_channel: channel.to_owned(), ..settings() };
+    let app = App::builder(settings).store(store).clock(Arc::new(clock.clone())).without_jobs().build().await;
+    // The node's tasks (its bus subscription) run on after `Tasks` is dropped.
+    app.expect("a node on the test's Redis").state
 }
 
 #[tokio::test]
