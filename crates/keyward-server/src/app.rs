@@ -18,6 +18,9 @@ use crate::settings::{Settings, redact_url};
 use crate::state::{AppState, LEGACY_REFRESH};
 use crate::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
 
+/// How long [`Tasks::shutdown`] waits for Redis to take the cache invalidations still owed to it.
+const FLUSH_INVALIDATIONS_WITHIN: Duration = Duration::from_secs(5);
+
 /// How often raw usage events past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -35,14 +38,27 @@ pub struct App {
 pub struct Tasks {
     usage: UsageWorker,
     running: Vec<JoinHandle<()>>,
+    /// The bus this node publishes its changes on (with Redis).
+    bus: Option<RedisBus>,
 }
 
 impl Tasks {
-    /// Stops the subscriber and the jobs, then writes every pending usage event (see
+    /// Stops the subscriber and the jobs, waits (a bounded time) until Redis has taken every cache
+    /// invalidation this node published, then writes every pending usage event (see
     /// [`UsageWorker::shutdown`]).
+    ///
+    /// SECURITY: the publisher task dies with the process: without the wait, a change the CLI made
+    /// (`keyward keys revoke`) could leave the other nodes answering from their caches until the TTL.
     pub async fn shutdown(self) {
         for task in &self.running {
             task.abort();
+        }
+        if let Some(bus) = &self.bus
+            && !bus.flush(FLUSH_INVALIDATIONS_WITHIN).await
+        {
+            tracing::error!(
+                "Redis did not take every cache invalidation in time: other nodes learn of them only when their cache entries expire"
+            );
         }
         self.usage.shutdown().await;
     }
@@ -121,12 +137,14 @@ impl AppBuilder {
         let cache = KeyCache::new(settings.cache);
         let mut keys = CachedLookup::new(store.clone(), cache.clone(), clock.clone());
         let mut running = Vec::new();
+        let mut published_on = None;
         if let Some(url) = &settings.redis_url {
             // Changes reach every node's cache through Redis; without it, within the cache TTL.
             match RedisBus::connect(url.expose_secret(), &settings.redis_channel).await {
                 Ok(bus) => {
                     running.push(bus.subscribe(cache));
-                    keys = keys.with_bus(Arc::new(bus));
+                    keys = keys.with_bus(Arc::new(bus.clone()));
+                    published_on = Some(bus);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis unreachable: other nodes learn of changes only when their cache entries expire")
@@ -159,7 +177,7 @@ impl AppBuilder {
         if jobs {
             running.extend(start_jobs(&state, settings.usage_retention));
         }
-        Ok(App { state, tasks: Tasks { usage: writer, running } })
+        Ok(App { state, tasks: Tasks { usage: writer, running, bus: published_on } })
     }
 }
 

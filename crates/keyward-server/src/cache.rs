@@ -406,9 +406,19 @@ impl Invalidator for CachedLookup {
 pub struct RedisBus {
     client: redis::Client,
     outbox: tokio::sync::mpsc::Sender<Invalidation>,
-    /// Set when a change did not fit in the outbox: the next publish is `*`.
-    overflowed: Arc<std::sync::atomic::AtomicBool>,
+    backlog: Arc<Backlog>,
     channel: Arc<str>,
+}
+
+/// What the publisher task still owes Redis.
+#[derive(Default)]
+struct Backlog {
+    /// Set when a change did not fit in the outbox: the next publish is `*`.
+    overflowed: std::sync::atomic::AtomicBool,
+    /// Changes handed over and not yet taken by Redis.
+    unpublished: std::sync::atomic::AtomicUsize,
+    /// Signalled each time Redis takes one.
+    published: tokio::sync::Notify,
 }
 
 /// Changes waiting to be published, at most.
@@ -427,10 +437,27 @@ impl RedisBus {
         let client = redis::Client::open(url)?;
         let publisher = redis::aio::ConnectionManager::new(client.clone()).await?;
         let (outbox, pending) = tokio::sync::mpsc::channel(OUTBOX);
-        let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backlog = Arc::new(Backlog::default());
         let channel: Arc<str> = channel.into();
-        tokio::spawn(publish_until_taken(publisher, channel.clone(), pending, overflowed.clone()));
-        Ok(Self { client, outbox, overflowed, channel })
+        tokio::spawn(publish_until_taken(publisher, channel.clone(), pending, backlog.clone()));
+        Ok(Self { client, outbox, backlog, channel })
+    }
+
+    /// Waits until Redis has taken every change handed over so far, at most `within`; whether it has.
+    /// A process that exits after a write (the CLI) waits here first: its publisher task ends with it,
+    /// and a change still queued or being retried would never reach the other nodes.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let drained = async {
+            loop {
+                // Registered before the check, so a change published in between still wakes it.
+                let published = self.backlog.published.notified();
+                if self.backlog.unpublished.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                published.await;
+            }
+        };
+        tokio::time::timeout(within, drained).await.is_ok()
     }
 
     /// Applies every change other nodes publish to `cache`, until the task is aborted. A lost
@@ -476,10 +503,16 @@ async fn futures_next<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::I
 
 impl InvalidationBus for RedisBus {
     fn publish(&self, change: &Invalidation) {
-        match self.outbox.try_send(change.clone()) {
+        // Counted before it is handed over: the publisher may take it before `try_send` returns.
+        self.backlog.unpublished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let sent = self.outbox.try_send(change.clone());
+        if sent.is_err() {
+            self.backlog.unpublished.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        match sent {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.backlog.overflowed.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
                 tracing::error!("the cache invalidation publisher stopped; other nodes rely on their TTL");
@@ -493,14 +526,14 @@ async fn publish_until_taken(
     mut conn: redis::aio::ConnectionManager,
     channel: Arc<str>,
     mut pending: tokio::sync::mpsc::Receiver<Invalidation>,
-    overflowed: Arc<std::sync::atomic::AtomicBool>,
+    backlog: Arc<Backlog>,
 ) {
     while let Some(change) = pending.recv().await {
         let mut backoff = Duration::from_millis(50);
         let mut failures = 0u32;
         loop {
             // Changes were dropped for want of room: every node drops everything first.
-            let sending = if overflowed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let sending = if backlog.overflowed.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 Invalidation::All
             } else {
                 change.clone()
@@ -532,6 +565,8 @@ async fn publish_until_taken(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+        backlog.unpublished.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        backlog.published.notify_waiters();
     }
 }
 

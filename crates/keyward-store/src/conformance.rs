@@ -1157,6 +1157,7 @@ macro_rules! conformance_tests {
                 revoked_keys_are_not_rotated,
                 expiry_lists_notifies_and_deactivates,
                 audit_chain_stays_intact,
+                audit_chain_survives_numbers_jsonb_rewrites,
                 webhooks_dispatch_claim_and_record,
             );
 

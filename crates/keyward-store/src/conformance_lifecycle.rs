@@ -147,6 +147,29 @@ async fn org_id_only(store: &dyn Store) -> crate::OrgId {
 }
 
 /// Every kind of write links its audit rows into one intact chain, also under concurrent writers.
+/// Numbers a client may send in metadata that PostgreSQL's `jsonb` does not give back as they were
+/// written (`-0.0` comes back `0.0`; `1e16` comes back `10000000000000000`, an integer): the audit row
+/// is hashed as it is stored, or every later check reports its content changed.
+pub async fn audit_chain_survives_numbers_jsonb_rewrites(store: &dyn Store) {
+    let org = org(store, None).await;
+    let cli = Actor::cli(at(1));
+    let k = store.insert_key(new_key(&org, Environment::Live).1, &cli).await.written("insert");
+    let variants = [
+        json!({"zero": -0.0}),
+        json!({"big": 1e16}),
+        json!({"negative": -1.5e17}),
+        json!({"nested": [{"n": 2e18}], "huge": 1e300}),
+    ];
+    for (i, metadata) in variants.into_iter().enumerate() {
+        let patch = crate::KeyPatch { metadata: Some(metadata.clone()), ..Default::default() };
+        let when = at(2 + i as i64);
+        store.update_key(k.id, patch, &Actor::cli(when)).await.written("update");
+        store.append_audit("import", org.id, metadata.clone(), &Actor::cli(when)).await.must("append");
+        let report = store.verify_audit_chain().await.must("verify");
+        assert!(report.intact, "{metadata}: {report:?}");
+    }
+}
+
 pub async fn audit_chain_stays_intact(store: &dyn Store) {
     let org = org(store, None).await;
     let cli = Actor::cli(at(1));

@@ -243,6 +243,34 @@ pub fn stored_time(at: DateTime<Utc>) -> DateTime<Utc> {
     at.trunc_subsecs(6)
 }
 
+/// A JSON document as every backend gives it back. PostgreSQL's `jsonb` keeps numbers as `numeric`,
+/// which has no negative zero and writes an exponent out as digits (`1e16` comes back
+/// `10000000000000000`, read as an integer when it fits one); SQLite keeps the text. Audit details are
+/// written and hashed in this form, so that a row read back hashes as it did when it was written.
+pub fn stored_json(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), stored_json(v))).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(stored_json).collect()),
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or_default();
+            let text = n.to_string();
+            let written_out = text.split_once('e').is_some_and(|(_, exponent)| !exponent.starts_with('-'));
+            // Bounds as f64: 2^64 and -2^63, each exact.
+            match () {
+                _ if f == 0.0 => json!(0.0),
+                _ if written_out && f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
+                    json!(f as u64)
+                }
+                _ if written_out && f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..0.0).contains(&f) => {
+                    json!(f as i64)
+                }
+                _ => value.clone(),
+            }
+        }
+        other => other.clone(),
+    }
+}
+
 /// A stored API key. Holds the hash (never the key); [`ApiKey::audit_json`] is what may be shown.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiKey {

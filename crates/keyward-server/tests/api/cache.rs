@@ -362,3 +362,76 @@ async fn the_first_revocation_after_a_redis_restart_still_reaches_every_node() {
         assert!(node.await.unwrap() > 0, "the load ran");
     }
 }
+
+/// `keyward keys revoke` and `keyward keys update` are a process that builds a node, writes, shuts its
+/// tasks down and exits. Its revocation must reach Redis before it exits, even when its first publish
+/// meets a connection Redis closed (a Redis restart since the CLI connected): else every running node
+/// answers VALID for the revoked key until its cache entry expires (30 s). The CLI runs on a runtime
+/// of its own, dropped when its command is done, as a process's is at exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_by_the_cli_reaches_running_nodes_before_the_cli_exits() {
+    if redis_url().is_none() {
+        return;
+    }
+    for variant in ["revoke", "deactivate"] {
+        let mut redis = OwnRedis::start();
+        let channel = keyward_server::cache::DEFAULT_CHANNEL;
+        let dir = tempfile::TempDir::new().unwrap();
+        let database_url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let db = keyward_store::open(&database_url, true).await.unwrap();
+        let clock = ManualClock::new(t0());
+        let server = node(db, &redis.url(), channel, &clock).await;
+        redis.subscribed(channel, 1).await;
+        let seeded = service::seed(&server, &Actor::cli(t0())).await.unwrap().unwrap();
+        let key = seeded.key.expose_secret().to_owned();
+        let settings = keyward_server::settings::Settings {
+            database_url,
+            redis_url: Some(redis.url().into()),
+            ..crate::helpers::settings()
+        };
+        let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (id, cli_clock) = (seeded.record.id, Arc::new(clock.clone()));
+        let cli = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let keyward_server::App { state, tasks } =
+                    keyward_server::App::builder(settings).clock(cli_clock).without_jobs().build().await.unwrap();
+                ready_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                let now = state.clock.now();
+                let actor = Actor::cli(now);
+                if variant == "revoke" {
+                    state.store.revoke_key(id, "cli", now, &actor).await.unwrap().apply(&state.keys);
+                } else {
+                    let patch = keyward_store::KeyPatch { is_active: Some(false), ..Default::default() };
+                    state.store.update_key(id, patch, &actor).await.unwrap().apply(&state.keys);
+                }
+                tasks.shutdown().await;
+            });
+        });
+        ready.await.unwrap();
+        redis.subscribed(channel, 2).await;
+        // Redis restarts: both subscribe again (dropping their caches); the CLI's publishing connection
+        // is broken until its next command fails.
+        redis.restart();
+        redis.subscribed(channel, 2).await;
+        assert_eq!(check(&server, &key).await, "VALID", "{variant}: the running node has the key cached");
+        go.send(()).unwrap();
+        tokio::task::spawn_blocking(move || cli.join().unwrap()).await.unwrap();
+        let want = if variant == "revoke" { "REVOKED" } else { "DISABLED" };
+        let started = std::time::Instant::now();
+        loop {
+            let code = check(&server, &key).await;
+            if code == want {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{variant}: the running node still answers {code} 2 s after the CLI exited"
+            );
+            // Slowly: the free plan's minute runs out on a clock that does not move.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

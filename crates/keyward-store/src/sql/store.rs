@@ -87,6 +87,7 @@ pub(crate) async fn append_audit<D: Db + Reads<AuditEntry> + Reads<ChainHead>>(
     details: &Value,
 ) -> StoreResult<AuditEntry> {
     let at = stored_time(actor.at);
+    let details = &crate::stored_json(details);
     let (key_text, org_text) = (key_id.map(|id| id.to_string()), organization_id.to_string());
     let content = AuditContent {
         action,
