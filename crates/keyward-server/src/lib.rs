@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod cache;
 pub mod client_ip;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod model;
 mod module_graph;
 pub mod openapi;
 pub mod routes;
+pub mod rules;
 pub mod service;
 pub mod settings;
 pub mod state;
