@@ -7,6 +7,7 @@ pub mod authz;
 pub mod cache;
 pub mod client_ip;
 pub mod error;
+pub mod ext_authz;
 pub mod extract;
 pub mod gateway;
 pub mod lifecycle;

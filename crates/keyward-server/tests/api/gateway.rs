@@ -15,11 +15,10 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keyward_core::Scope;
-use keyward_server::gateway::{self, Gateway, GatewayConfig, GatewayRoute, RouteRule};
+use keyward_server::gateway::{self, Gateway, GatewayConfig, RouteRule};
 use serde_json::{Value, json};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, protected_api_routes};
 
 /// Echoes method, path, headers and the body's length, counting the body as it streams in.
 async fn echo(request: Request) -> axum::Json<Value> {
@@ -55,25 +54,12 @@ struct Setup {
     client: Client<HttpConnector, Body>,
 }
 
-fn rule(scopes: &[&str]) -> RouteRule {
-    RouteRule { scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(), ..Default::default() }
-}
-
 async fn setup_with(upstream: SocketAddr, timeout: Duration) -> Setup {
     let app = TestApp::sqlite().await;
     let gw = Gateway::new(GatewayConfig {
         upstream: format!("http://{upstream}").parse().unwrap(),
         timeout,
-        routes: vec![
-            GatewayRoute {
-                prefix: "/public".into(),
-                methods: vec![],
-                rule: RouteRule { public: true, ..Default::default() },
-            },
-            GatewayRoute { prefix: "/projects".into(), methods: vec![], rule: rule(&["read:projects"]) },
-            GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
-            GatewayRoute { prefix: "/reports".into(), methods: vec![Method::GET], rule: rule(&["read:reports"]) },
-        ],
+        routes: protected_api_routes(),
         unmatched: RouteRule::default(),
     })
     .unwrap();

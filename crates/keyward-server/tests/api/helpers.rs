@@ -12,8 +12,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
-use keyward_core::{ManualClock, OrgId};
+use keyward_core::{ManualClock, OrgId, Scope};
 use keyward_server::app::{AppBuilder, Tasks};
+use keyward_server::authz::{GatewayRoute, RouteRule};
 use keyward_server::cache::{CachedLookup, KeyCache};
 use keyward_server::service::{self, CreateKeyRequest, CreateOrganizationRequest, Validator};
 use keyward_server::settings::{Settings, UsageConfig};
@@ -381,4 +382,24 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The rule of a route that needs `scopes`.
+fn rule(scopes: &[&str]) -> RouteRule {
+    RouteRule { scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(), ..Default::default() }
+}
+
+/// The protected API of the gateway and proxy-hook tests: `/public` open, `/projects` needing
+/// `read:projects` (`write:projects` to POST), `GET /reports` needing `read:reports`.
+pub fn protected_api_routes() -> Vec<GatewayRoute> {
+    vec![
+        GatewayRoute {
+            prefix: "/public".into(),
+            methods: vec![],
+            rule: RouteRule { public: true, ..Default::default() },
+        },
+        GatewayRoute { prefix: "/projects".into(), methods: vec![], rule: rule(&["read:projects"]) },
+        GatewayRoute { prefix: "/projects".into(), methods: vec![Method::POST], rule: rule(&["write:projects"]) },
+        GatewayRoute { prefix: "/reports".into(), methods: vec![Method::GET], rule: rule(&["read:reports"]) },
+    ]
 }

@@ -7,6 +7,7 @@ mod cache;
 mod client_ip;
 mod errors;
 mod escalation;
+mod ext_authz;
 mod fuzz;
 mod gateway;
 mod helpers;

@@ -1,0 +1,264 @@
+//! Envoy's external authorization over gRPC (`envoy.service.auth.v3.Authorization/Check`) and the
+//! standard `grpc.health.v1` service, on a listener of their own. This module only translates: a
+//! `CheckRequest` becomes an [`AuthzRequest`], the [`Decision`] of the one decision core
+//! ([`authz::decide`]) becomes a `CheckResponse`. Nothing here decides.
+//!
+//! Envoy allows a request when the response's `status` is `OK` and denies it otherwise, answering the
+//! client with the `DeniedHttpResponse` (status, headers, body). A gRPC *error* (Keyward unreachable, a
+//! timeout) is what Envoy's `failure_mode_allow` and `status_on_error` apply to; a store outage that
+//! Keyward answers is a decision of its own (503 `store_unavailable`, fail closed).
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use envoy_types::ext_authz::v3::pb::{
+    Address, Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue as EnvoyHeader, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+use tonic::{Code, Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
+use crate::state::AppState;
+use crate::telemetry::Via;
+
+/// Largest `CheckRequest` taken: Envoy's request headers are at most 60 KiB by default (its
+/// `max_request_headers_kb` goes up to 8 MiB, past any sane key check); the body is never asked for.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// Limits of the gRPC listener; see [`serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcLimits {
+    /// A whole call, from its headers to the answer: a client that sends its message slowly is cut
+    /// off here (`DEADLINE_EXCEEDED`, which Envoy treats as an error).
+    pub call_timeout: Duration,
+    /// Calls open at once on one HTTP/2 connection (Envoy multiplexes many on few connections).
+    pub max_streams_per_connection: u32,
+    /// Idle connections are pinged this often, and dropped when a ping is not answered within
+    /// `call_timeout`: a peer that vanished does not hold its connection.
+    pub keepalive: Duration,
+    /// How long a graceful shutdown waits for calls in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GrpcLimits {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(5),
+            max_streams_per_connection: 1024,
+            keepalive: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The `Authorization` service: one node's state and the route → scope rules.
+#[derive(Debug, Clone)]
+pub struct ExtAuthz {
+    state: AppState,
+    routes: Routes,
+}
+
+impl ExtAuthz {
+    pub fn new(state: AppState, routes: Routes) -> Self {
+        Self { state, routes }
+    }
+
+    /// The answer to one `CheckRequest`.
+    pub async fn check_request(&self, check: &CheckRequest) -> CheckResponse {
+        let http = check.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let (method, path) = http.map(|h| (h.method.as_str(), h.path.as_str())).unwrap_or_default();
+        let headers = http.map(header_map).unwrap_or_default();
+        let request =
+            AuthzRequest { method, path, headers: &headers, client_ip: client_ip(check), via: Via::ExtAuthzGrpc };
+        match authz::decide(&self.state, &self.routes, request).await {
+            Decision::Allow(allowed) => allow(allowed),
+            Decision::Deny(error) => deny(error.into_response()).await,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    #[tracing::instrument(skip_all, name = "ext_authz")]
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.check_request(request.get_ref()).await))
+    }
+}
+
+/// The request's headers as Envoy saw them: `header_map` (sent with `encode_raw_headers`, values as
+/// bytes) or else the `headers` map (repeated headers joined with commas). Pseudo-headers (`:path`)
+/// and what is not a valid header are left out: the key is read from ordinary headers only.
+fn header_map(http: &HttpRequest) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    let mut add = |name: &str, value: &[u8]| {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {
+            map.append(name, value);
+        }
+    };
+    match &http.header_map {
+        Some(raw) => {
+            for h in &raw.headers {
+                let value = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+                add(&h.key, value);
+            }
+        }
+        None => {
+            for (name, value) in &http.headers {
+                add(name, value.as_bytes());
+            }
+        }
+    }
+    map
+}
+
+/// The address of the peer that connected to Envoy (`attributes.source.address`).
+fn client_ip(check: &CheckRequest) -> Option<IpAddr> {
+    let address = check.attributes.as_ref()?.source.as_ref()?.address.as_ref()?.address.as_ref()?;
+    match address {
+        Address::SocketAddress(socket) => socket.address.parse().ok(),
+        _ => None,
+    }
+}
+
+fn allow(allowed: Allowed) -> CheckResponse {
+    let Allowed { upstream_headers, remove_headers, response_headers, .. } = allowed;
+    let dynamic_metadata = identity_metadata(&upstream_headers);
+    let ok = OkHttpResponse {
+        headers: options(&upstream_headers),
+        headers_to_remove: remove_headers.iter().map(|h| h.as_str().to_owned()).collect(),
+        response_headers_to_add: options(&response_headers),
+        ..OkHttpResponse::default()
+    };
+    CheckResponse {
+        status: Some(rpc::Status { code: Code::Ok.into(), ..rpc::Status::default() }),
+        http_response: Some(HttpResponse::OkResponse(ok)),
+        dynamic_metadata,
+    }
+}
+
+/// Keyward's error answer (status, JSON body, `Retry-After` and rate-limit headers), as Envoy sends
+/// it to the client.
+async fn deny(response: axum::response::Response) -> CheckResponse {
+    let (parts, body) = response.into_parts();
+    // An error body is a few hundred bytes of JSON; the bound only keeps a fault from growing it.
+    let body = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let denied = DeniedHttpResponse {
+        status: Some(HttpStatus { code: i32::from(parts.status.as_u16()) }),
+        headers: options(&parts.headers),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let code = grpc_code(parts.status);
+    CheckResponse {
+        status: Some(rpc::Status { code: code.into(), message: code.description().to_owned(), details: Vec::new() }),
+        http_response: Some(HttpResponse::DeniedResponse(denied)),
+        dynamic_metadata: None,
+    }
+}
+
+/// The gRPC status beside a refusal: Envoy only tells `OK` from the rest (the HTTP status is what
+/// the client sees), but logs, the network filter and other callers read it.
+fn grpc_code(status: StatusCode) -> Code {
+    match status {
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::NOT_FOUND => Code::NotFound,
+        s if s.is_client_error() => Code::InvalidArgument,
+        _ => Code::Internal,
+    }
+}
+
+/// Headers to set, each replacing what the request (or response) already had by that name: a client
+/// cannot add a value of its own beside Keyward's.
+fn options(headers: &HeaderMap) -> Vec<HeaderValueOption> {
+    headers
+        .iter()
+        .map(|(name, value)| HeaderValueOption {
+            header: Some(EnvoyHeader {
+                key: name.as_str().to_owned(),
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                raw_value: Vec::new(),
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+            ..HeaderValueOption::default()
+        })
+        .collect()
+}
+
+/// The identity for later filters (`envoy.filters.http.ext_authz` namespace): the `x-keyward-*`
+/// headers the upstream gets, one field each without the prefix (`key_id`, `organization_id`,
+/// `owner_id`, `environment`, and `scopes` as a list), so the two never disagree.
+fn identity_metadata(headers: &HeaderMap) -> Option<Struct> {
+    let fields: std::collections::BTreeMap<String, Value> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let field = name.as_str().strip_prefix("x-keyward-")?.replace('-', "_");
+            let text = value.to_str().ok()?;
+            let kind = if field == "scopes" {
+                let scopes = text.split_whitespace().map(|s| Value { kind: Some(Kind::StringValue(s.to_owned())) });
+                Kind::ListValue(ListValue { values: scopes.collect() })
+            } else {
+                Kind::StringValue(text.to_owned())
+            };
+            Some((field, Value { kind: Some(kind) }))
+        })
+        .collect();
+    (!fields.is_empty()).then(|| Struct { fields: fields.into_iter().collect() })
+}
+
+/// Serves `Authorization/Check` and `grpc.health.v1.Health` on `listener` until `shutdown` resolves;
+/// health answers `SERVING` until then, and `NOT_SERVING` while calls in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: ExtAuthz,
+    limits: GrpcLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let authorization = AuthorizationServer::new(service)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = limits.shutdown_grace;
+    let server = tonic::transport::Server::builder()
+        .timeout(limits.call_timeout)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(limits.call_timeout))
+        .add_service(health)
+        .add_service(authorization)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        served = &mut server => return served,
+        () = &mut shutdown => {}
+    }
+    reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = grace.as_millis(),
+                "shutdown: gRPC calls still open after the grace period were dropped"
+            );
+            Ok(())
+        }
+    }
+}

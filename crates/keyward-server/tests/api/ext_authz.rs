@@ -1,0 +1,376 @@
+//! Envoy ext_authz over gRPC, through a real tonic client built from the same protos, against the
+//! service on `127.0.0.1:0`: every field of an allow and of each kind of deny, the health service,
+//! and the key in no field of any answer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use envoy_types::ext_authz::v3::pb::{Address, CheckRequest, CheckResponse, HeaderAppendAction, HttpResponse};
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap as EnvoyHeaderMap, HeaderValue, SocketAddress};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::google::protobuf::value::Kind;
+use keyward_core::KeyHash;
+use keyward_server::authz::{RouteRule, Routes};
+use keyward_server::ext_authz::{self, ExtAuthz, GrpcLimits};
+use keyward_store::{KeyLookup, KeyRecord, StoreError, StoreResult};
+use serde_json::Value;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::helpers::{Guard, TestApp, protected_api_routes};
+
+/// Every wait in this file.
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn routes() -> Routes {
+    Routes::new(protected_api_routes(), RouteRule::default()).unwrap()
+}
+
+/// The service of `app` on a port of its own, and a client connected to it. The server stops when
+/// the test's runtime does.
+async fn serve(app: &TestApp) -> (SocketAddr, Channel) {
+    serve_until(app, std::future::pending()).await
+}
+
+async fn serve_until(app: &TestApp, stop: impl Future<Output = ()> + Send + 'static) -> (SocketAddr, Channel) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = ExtAuthz::new(app.state.clone(), routes());
+    tokio::spawn(ext_authz::serve(listener, service, GrpcLimits::default(), stop));
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap().connect_timeout(WITHIN).timeout(WITHIN);
+    let channel = tokio::time::timeout(WITHIN, endpoint.connect()).await.unwrap().unwrap();
+    (addr, channel)
+}
+
+/// A `CheckRequest` as Envoy sends one (headers lower-cased in the `headers` map, pseudo-headers
+/// among them), from client `ip`.
+fn check_request(method: &str, path: &str, headers: &[(&str, &str)], ip: &str) -> CheckRequest {
+    let mut map: HashMap<String, String> = headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    map.insert(":method".into(), method.into());
+    map.insert(":path".into(), path.into());
+    map.insert(":authority".into(), "api.example.com".into());
+    let http = HttpRequest {
+        method: method.into(),
+        path: path.into(),
+        host: "api.example.com".into(),
+        scheme: "https".into(),
+        headers: map,
+        ..HttpRequest::default()
+    };
+    peer_request(http, ip)
+}
+
+fn peer_request(http: HttpRequest, ip: &str) -> CheckRequest {
+    let socket = SocketAddress { address: ip.into(), ..SocketAddress::default() };
+    let source = Peer {
+        address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+            address: Some(Address::SocketAddress(socket)),
+        }),
+        ..Peer::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(source),
+            request: Some(Request { http: Some(http), ..Request::default() }),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
+async fn check(channel: &Channel, request: CheckRequest) -> CheckResponse {
+    let mut client = AuthorizationClient::new(channel.clone());
+    tokio::time::timeout(WITHIN, client.check(request)).await.unwrap().unwrap().into_inner()
+}
+
+fn headers_of(options: &[HeaderValueOption]) -> HashMap<String, String> {
+    options
+        .iter()
+        .map(|o| {
+            let h = o.header.as_ref().unwrap();
+            assert_eq!(o.append_action, i32::from(HeaderAppendAction::OverwriteIfExistsOrAdd), "{}", h.key);
+            (h.key.clone(), h.value.clone())
+        })
+        .collect()
+}
+
+/// A denial as the client would get it: the gRPC code, the HTTP status, the headers and the body.
+struct Denied {
+    grpc: tonic::Code,
+    status: i32,
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+fn denied(response: &CheckResponse) -> Denied {
+    let grpc = tonic::Code::from(response.status.as_ref().unwrap().code);
+    assert_ne!(grpc, tonic::Code::Ok);
+    assert!(response.dynamic_metadata.is_none());
+    match response.http_response.as_ref().unwrap() {
+        HttpResponse::DeniedResponse(d) => Denied {
+            grpc,
+            status: d.status.as_ref().unwrap().code,
+            headers: headers_of(&d.headers),
+            body: serde_json::from_str(&d.body).unwrap(),
+        },
+        other => panic!("not denied: {other:?}"),
+    }
+}
+
+/// Asserts a denial's gRPC code, HTTP status and `error.code`, and gives it back.
+fn assert_denied(response: &CheckResponse, grpc: tonic::Code, status: i32, code: &str) -> Denied {
+    let d = denied(response);
+    assert_eq!((d.grpc, d.status, d.body["error"]["code"].as_str()), (grpc, status, Some(code)), "{:?}", d.body);
+    d
+}
+
+fn allowed(response: &CheckResponse) -> &envoy_types::ext_authz::v3::pb::OkHttpResponse {
+    assert_eq!(response.status.as_ref().unwrap().code, i32::from(tonic::Code::Ok), "{response:?}");
+    match response.http_response.as_ref().unwrap() {
+        HttpResponse::OkResponse(ok) => ok,
+        other => panic!("not allowed: {other:?}"),
+    }
+}
+
+/// SECURITY: the key is in no field of the answer, in any encoding Debug shows.
+fn assert_no_key(response: &CheckResponse, key: &str) {
+    assert!(!format!("{response:?}").contains(key), "the key is in {response:?}");
+}
+
+#[tokio::test]
+async fn an_allowed_request_carries_identity_key_removal_rate_limits_and_metadata() {
+    let app = TestApp::sqlite().await;
+    let (key, record) = app.owned_key(app.default_org.id, "user-7", &["read:projects"]).await;
+    let (_, channel) = serve(&app).await;
+    let bearer = format!("Bearer {key}");
+    // A forged identity header from the client is overwritten, not joined.
+    let request = check_request(
+        "GET",
+        "/projects/7?page=2",
+        &[("authorization", &bearer), ("x-keyward-key-id", "forged"), ("user-agent", "curl/8")],
+        "203.0.113.7",
+    );
+    let response = check(&channel, request).await;
+    assert_no_key(&response, &key);
+    let ok = allowed(&response);
+    let upstream = headers_of(&ok.headers);
+    assert_eq!(upstream["x-keyward-key-id"], record.id.to_string());
+    assert_eq!(upstream["x-keyward-organization-id"], app.default_org.id.to_string());
+    assert_eq!(upstream["x-keyward-owner-id"], "user-7");
+    assert_eq!(upstream["x-keyward-environment"], "live");
+    assert_eq!(upstream["x-keyward-scopes"], "read:projects");
+    assert!(ok.headers_to_remove.contains(&"authorization".to_owned()), "{:?}", ok.headers_to_remove);
+    assert!(ok.headers_to_remove.contains(&"x-api-key".to_owned()), "{:?}", ok.headers_to_remove);
+    let to_client = headers_of(&ok.response_headers_to_add);
+    assert_eq!(to_client["x-ratelimit-limit"], "60");
+    assert_eq!(to_client["x-ratelimit-remaining"], "59");
+    assert!(to_client["ratelimit"].starts_with("\"minute\";r=59;t="), "{to_client:?}");
+    assert!(to_client.contains_key("ratelimit-policy"), "{to_client:?}");
+    assert!(ok.query_parameters_to_set.is_empty() && ok.query_parameters_to_remove.is_empty());
+    let metadata = &response.dynamic_metadata.as_ref().unwrap().fields;
+    let text = |field: &str| match metadata[field].kind.as_ref().unwrap() {
+        Kind::StringValue(s) => s.clone(),
+        other => panic!("{field}: {other:?}"),
+    };
+    assert_eq!(text("key_id"), record.id.to_string());
+    assert_eq!(text("organization_id"), app.default_org.id.to_string());
+    assert_eq!(text("owner_id"), "user-7");
+    assert_eq!(text("environment"), "live");
+    match metadata["scopes"].kind.as_ref().unwrap() {
+        Kind::ListValue(list) => {
+            let scopes: Vec<_> = list.values.iter().map(|v| v.kind.clone()).collect();
+            assert_eq!(scopes, vec![Some(Kind::StringValue("read:projects".into()))]);
+        }
+        other => panic!("scopes: {other:?}"),
+    }
+}
+
+/// `x-api-key`, and Envoy's `header_map` (sent with `encode_raw_headers: true`, values as bytes).
+#[tokio::test]
+async fn the_key_is_read_from_x_api_key_and_from_raw_header_maps() {
+    let app = TestApp::sqlite().await;
+    let (key, record) = app.key(app.default_org.id, &["read:projects"]).await;
+    let (_, channel) = serve(&app).await;
+    let response = check(&channel, check_request("GET", "/projects", &[("x-api-key", &key)], "192.0.2.1")).await;
+    assert_eq!(headers_of(&allowed(&response).headers)["x-keyward-key-id"], record.id.to_string());
+    let raw = HttpRequest {
+        method: "GET".into(),
+        path: "/projects".into(),
+        header_map: Some(EnvoyHeaderMap {
+            headers: vec![
+                HeaderValue { key: ":path".into(), raw_value: b"/projects".to_vec(), ..HeaderValue::default() },
+                HeaderValue { key: "x-api-key".into(), raw_value: key.as_bytes().to_vec(), ..HeaderValue::default() },
+            ],
+        }),
+        ..HttpRequest::default()
+    };
+    let response = check(&channel, peer_request(raw, "192.0.2.1")).await;
+    assert_no_key(&response, &key);
+    assert_eq!(headers_of(&allowed(&response).headers)["x-keyward-key-id"], record.id.to_string());
+}
+
+#[tokio::test]
+async fn missing_malformed_unknown_and_revoked_keys_are_401_unauthenticated() {
+    let app = TestApp::sqlite().await;
+    let (revoked, _) = app.revoked_key(app.default_org.id).await;
+    let unknown =
+        keyward_core::PlainKey::generate(&keyward_core::KeyPrefix::default(), keyward_core::Environment::Live)
+            .unwrap()
+            .expose_secret()
+            .to_owned();
+    let (_, channel) = serve(&app).await;
+    for (presented, code) in [
+        (None, "missing_credentials"),
+        (Some("sk_live_nope"), "malformed_key"),
+        (Some(unknown.as_str()), "unknown_key"),
+        (Some(revoked.as_str()), "key_revoked"),
+    ] {
+        let bearer = presented.map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+        let response = check(&channel, check_request("GET", "/projects", &headers, "192.0.2.1")).await;
+        if let Some(k) = presented {
+            assert_no_key(&response, k);
+        }
+        let d = assert_denied(&response, tonic::Code::Unauthenticated, 401, code);
+        assert!(d.headers.get("content-type").is_some_and(|c| c.starts_with("application/json")), "{:?}", d.headers);
+    }
+}
+
+/// Route scopes match the normalized path: no spelling of `/projects` escapes its rule, and a path
+/// with no single safe reading is refused.
+#[tokio::test]
+async fn route_scopes_apply_on_the_normalized_path_and_a_wrong_scope_is_403() {
+    let app = TestApp::sqlite().await;
+    let (reader, _) = app.key(app.default_org.id, &["read:projects"]).await;
+    let (other, _) = app.key(app.default_org.id, &["read:reports"]).await;
+    let (_, channel) = serve(&app).await;
+    let ask = |method: &'static str, path: &'static str, key: &str| {
+        let bearer = format!("Bearer {key}");
+        let channel = channel.clone();
+        async move { check(&channel, check_request(method, path, &[("authorization", &bearer)], "192.0.2.1")).await }
+    };
+    for path in ["/projects/7", "//projects/7", "/x/../projects/7", "/%70rojects/7", "/./projects"] {
+        assert_denied(&ask("GET", path, &other).await, tonic::Code::PermissionDenied, 403, "insufficient_scope");
+        allowed(&ask("GET", path, &reader).await);
+    }
+    // The POST rule needs `write:projects`.
+    assert_denied(&ask("POST", "/projects", &reader).await, tonic::Code::PermissionDenied, 403, "insufficient_scope");
+    // Public paths need no key; a path with an encoded slash has no single reading.
+    let public = check(&channel, check_request("GET", "/public/docs", &[], "192.0.2.1")).await;
+    assert!(allowed(&public).headers.is_empty());
+    assert_denied(&ask("GET", "/projects%2F7", &reader).await, tonic::Code::InvalidArgument, 400, "invalid_path");
+}
+
+/// The client IP is the peer Envoy saw (`attributes.source.address`), checked against the key's
+/// allow-list.
+#[tokio::test]
+async fn the_source_address_is_the_client_ip_for_the_allow_list() {
+    let app = TestApp::sqlite().await;
+    let key = app.walled_key(app.default_org.id, "10.0.0.0/8").await;
+    let (_, channel) = serve(&app).await;
+    let bearer = format!("Bearer {key}");
+    let inside = check(&channel, check_request("GET", "/x", &[("authorization", &bearer)], "10.1.2.3")).await;
+    allowed(&inside);
+    let outside = check(
+        &channel,
+        check_request("GET", "/x", &[("authorization", &bearer), ("x-forwarded-for", "10.1.2.3")], "192.0.2.1"),
+    )
+    .await;
+    assert_denied(&outside, tonic::Code::PermissionDenied, 403, "ip_not_allowed");
+}
+
+#[tokio::test]
+async fn the_61st_check_in_a_minute_is_429_with_retry_after_and_rate_limit_headers() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let (_, channel) = serve(&app).await;
+    let bearer = format!("Bearer {key}");
+    for i in 0..60 {
+        let r = check(&channel, check_request("GET", "/x", &[("authorization", &bearer)], "192.0.2.1")).await;
+        assert_eq!(r.status.as_ref().unwrap().code, 0, "check {}", i + 1);
+    }
+    let response = check(&channel, check_request("GET", "/x", &[("authorization", &bearer)], "192.0.2.1")).await;
+    assert_no_key(&response, &key);
+    let d = assert_denied(&response, tonic::Code::ResourceExhausted, 429, "rate_limited");
+    assert_eq!(d.headers["retry-after"], "1");
+    assert_eq!(d.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(d.headers["x-ratelimit-limit"], "60");
+    assert!(d.headers.contains_key("ratelimit-policy"), "{:?}", d.headers);
+}
+
+/// Lookups that fail as a store that cannot be reached fails.
+#[derive(Debug)]
+struct DeadStore;
+
+#[async_trait]
+impl KeyLookup for DeadStore {
+    async fn find_key_record(&self, _: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        Err(StoreError::Unavailable("the test's store is down".into()))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Err(StoreError::Unavailable("the test's store is down".into()))
+    }
+}
+
+/// A key the cache does not hold, with the store down: 503 `store_unavailable`, `UNAVAILABLE`.
+#[tokio::test]
+async fn a_store_that_cannot_answer_is_503_unavailable() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keyward.db").display());
+    let store = keyward_store::open(&url, true).await.unwrap();
+    let app = TestApp::with_lookup(store, Arc::new(DeadStore), Guard::Dir(dir)).await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let (_, channel) = serve(&app).await;
+    let response = check(&channel, check_request("GET", "/x", &[("x-api-key", &key)], "192.0.2.1")).await;
+    assert_no_key(&response, &key);
+    assert_denied(&response, tonic::Code::Unavailable, 503, "store_unavailable");
+}
+
+/// `grpc.health.v1`: the node and the Authorization service are `SERVING` until the shutdown signal.
+#[tokio::test]
+async fn health_is_serving_until_shutdown_and_the_listener_then_closes() {
+    let app = TestApp::sqlite().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, channel) = serve_until(&app, async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let mut health = HealthClient::new(channel);
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let r =
+            tokio::time::timeout(WITHIN, health.check(HealthCheckRequest { service: service.into() })).await.unwrap();
+        assert_eq!(r.unwrap().into_inner().status(), ServingStatus::Serving, "{service:?}");
+    }
+    stop_tx.send(()).unwrap();
+    // The listener closes: a new connection is refused within the wait.
+    tokio::time::timeout(WITHIN, async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A `CheckRequest` past the size limit is refused before it is decoded (`OUT_OF_RANGE`: a gRPC
+/// error, which Envoy's `failure_mode_allow` decides about).
+#[tokio::test]
+async fn an_oversized_check_request_is_refused() {
+    let app = TestApp::sqlite().await;
+    let (_, channel) = serve(&app).await;
+    let huge = "a".repeat(ext_authz::MAX_REQUEST_BYTES);
+    let mut client = AuthorizationClient::new(channel);
+    let r = tokio::time::timeout(WITHIN, client.check(check_request("GET", "/x", &[("x-big", &huge)], "192.0.2.1")))
+        .await
+        .unwrap();
+    assert_eq!(r.unwrap_err().code(), tonic::Code::OutOfRange);
+}
