@@ -252,6 +252,9 @@ pub struct AuthzSettings {
     pub identity_secret: Option<SecretString>,
     /// How long a signed identity is valid, in seconds.
     pub identity_ttl_seconds: u64,
+    /// Where Envoy's ext_authz over gRPC is served (`--ext-authz-grpc-listen`); unset: not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<std::net::SocketAddr>,
 }
 
 /// The shortest `identity_secret` taken: as long as an HMAC-SHA256 key should be.
@@ -265,6 +268,7 @@ impl Default for AuthzSettings {
             nginx_compat: false,
             identity_secret: None,
             identity_ttl_seconds: 60,
+            grpc_listen: None,
         }
     }
 }

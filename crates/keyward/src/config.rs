@@ -243,6 +243,20 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
     pub gateway: GatewayOverrides,
+    #[serde(skip_serializing_if = "AuthzOverrides::is_empty")]
+    pub authz: AuthzOverrides,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct AuthzOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<SocketAddr>,
+}
+
+impl AuthzOverrides {
+    fn is_empty(&self) -> bool {
+        self.grpc_listen.is_none()
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -575,10 +589,32 @@ mod tests {
                 redis_url: Some("redis://flag:6379".to_owned()),
                 log_format: Some(LogFormat::Json),
                 gateway: GatewayOverrides { upstream: Some("http://flag:9000".to_owned()), listen: None },
+                authz: AuthzOverrides::default(),
             };
             let flag =
                 expect(4, "sqlite://flag.db", Some("redis://flag:6379"), LogFormat::Json, Some("http://flag:9000"));
             assert_eq!(seen(flags)?, flag);
+            Ok(())
+        });
+    }
+
+    /// `[authz] grpc_listen`, `KEYWARD_AUTHZ__GRPC_LISTEN`, `--ext-authz-grpc-listen`: later wins, and
+    /// the other `[authz]` settings of the file stay.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn the_ext_authz_grpc_listener_is_layered_like_the_others() {
+        figment::Jail::expect_with(|jail| {
+            let grpc = |overrides: Overrides| {
+                Config::load(None, overrides).map(|c| (c.authz.grpc_listen.map(|a| a.port()), c.authz.nginx_compat))
+            };
+            assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (None, false));
+            jail.create_file("keyward.toml", "[authz]\ngrpc_listen = \"127.0.0.1:9191\"\nnginx_compat = true\n")?;
+            assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9191), true));
+            jail.set_env("KEYWARD_AUTHZ__GRPC_LISTEN", "127.0.0.1:9192");
+            assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9192), true));
+            let flag = AuthzOverrides { grpc_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9193))) };
+            let flags = Overrides { authz: flag, ..Default::default() };
+            assert_eq!(grpc(flags).map_err(|e| e.to_string())?, (Some(9193), true));
             Ok(())
         });
     }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, GatewayOverrides, LogFormat, Overrides};
+use crate::config::{AuthzOverrides, Config, GatewayOverrides, LogFormat, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, about = "Self-hosted API keys: issue, verify, limit, audit.")]
@@ -50,6 +50,10 @@ enum Command {
         /// The gateway's listener (default 127.0.0.1:8000).
         #[arg(long)]
         gateway_listen: Option<std::net::SocketAddr>,
+        /// Serve Envoy's ext_authz over gRPC (and grpc.health.v1) on this address (env
+        /// KEYWARD_AUTHZ__GRPC_LISTEN; default: not served).
+        #[arg(long)]
+        ext_authz_grpc_listen: Option<std::net::SocketAddr>,
     },
     /// Apply, revert or list database migrations.
     Migrate {
@@ -107,9 +111,10 @@ fn main() -> ExitCode {
         log_format: cli.log_format,
         ..Default::default()
     };
-    if let Command::Serve { listen, upstream, gateway_listen } = &cli.command {
+    if let Command::Serve { listen, upstream, gateway_listen, ext_authz_grpc_listen } = &cli.command {
         overrides.listen = *listen;
         overrides.gateway = GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen };
+        overrides.authz = AuthzOverrides { grpc_listen: *ext_authz_grpc_listen };
     }
     let config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,

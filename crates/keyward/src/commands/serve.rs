@@ -1,6 +1,11 @@
-//! `keyward serve`: the API (and the gateway, when an upstream is set) until SIGTERM or Ctrl-C.
+//! `keyward serve`: the API (and the gateway, when an upstream is set, and Envoy's ext_authz over gRPC,
+//! when its address is) until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
+use keyward_server::ext_authz::{self, ExtAuthz, GrpcLimits};
 use keyward_server::{App, service};
 use keyward_store::Actor;
 
@@ -10,16 +15,14 @@ use crate::config::Config;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Listeners first: a port in use is found before the first start creates the database and prints
     // an admin key that an operator reading only the error would lose.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = bind(config.listen).await?;
     let gateway_config = config.gateway.build()?;
     let gateway_listener = match &gateway_config {
-        Some(_) => Some(
-            tokio::net::TcpListener::bind(config.gateway.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?,
-        ),
+        Some(_) => Some(bind(config.gateway.listen).await?),
+        None => None,
+    };
+    let grpc_listener = match config.authz.grpc_listen {
+        Some(address) => Some(bind(address).await?),
         None => None,
     };
     let App { state, tasks } = App::builder(config.settings()?).routes(config.gateway.routes()?).build().await?;
@@ -44,6 +47,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let ext_authz = match grpc_listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr()?, "ext_authz gRPC is listening");
+            let service = ExtAuthz::new(state.clone(), state.routes.clone());
+            let limits = GrpcLimits {
+                shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+                ..GrpcLimits::default()
+            };
+            Some(tokio::spawn(ext_authz::serve(listener, service, limits, stopped(stop_rx.clone()))))
+        }
+        None => None,
+    };
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -52,9 +67,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(gateway) = gateway {
         gateway.await??;
     }
+    if let Some(ext_authz) = ext_authz {
+        ext_authz.await??;
+    }
     tracing::info!("shutting down: writing pending usage");
     tasks.shutdown().await;
     Ok(())
+}
+
+async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
 }
 
 async fn shutdown_signal() {
