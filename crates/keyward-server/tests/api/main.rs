@@ -8,6 +8,7 @@ mod client_ip;
 mod errors;
 mod escalation;
 mod ext_authz;
+mod ext_authz_recipes;
 mod fuzz;
 mod gateway;
 mod helpers;
