@@ -10,6 +10,9 @@
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -22,6 +25,10 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderValue as EnvoyHeader, Heade
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -46,6 +53,8 @@ pub struct GrpcLimits {
     pub keepalive: Duration,
     /// How long a graceful shutdown waits for calls in flight.
     pub shutdown_grace: Duration,
+    /// Connections served at once; more wait in the kernel's backlog (as on the HTTP listeners).
+    pub max_connections: usize,
 }
 
 impl Default for GrpcLimits {
@@ -55,6 +64,7 @@ impl Default for GrpcLimits {
             max_streams_per_connection: 1024,
             keepalive: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -229,7 +239,7 @@ pub async fn serve(
     let authorization = AuthorizationServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = limited(listener, limits.max_connections);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = limits.shutdown_grace;
     let server = tonic::transport::Server::builder()
@@ -260,5 +270,78 @@ pub async fn serve(
             );
             Ok(())
         }
+    }
+}
+
+/// The connections `listener` accepts, each holding one of `cap` permits until it closes: past the
+/// cap, new connections wait in the kernel's backlog instead of costing memory ([`crate::listen`]
+/// does the same for HTTP).
+fn limited(
+    listener: tokio::net::TcpListener,
+    cap: usize,
+) -> impl futures_util::Stream<Item = std::io::Result<Permitted>> {
+    let permits = Arc::new(Semaphore::new(cap.max(1)));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(Permitted { stream, _permit: permit }), (listener, permits)));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// A connection and its permit, given back when the connection is dropped.
+#[derive(Debug)]
+struct Permitted {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for Permitted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Permitted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Permitted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

@@ -38,17 +38,21 @@ fn routes() -> Routes {
 /// The service of `app` on a port of its own, and a client connected to it. The server stops when
 /// the test's runtime does.
 async fn serve(app: &TestApp) -> (SocketAddr, Channel) {
-    serve_until(app, std::future::pending()).await
+    let addr = start(app, GrpcLimits::default(), std::future::pending()).await;
+    (addr, connect(addr).await)
 }
 
-async fn serve_until(app: &TestApp, stop: impl Future<Output = ()> + Send + 'static) -> (SocketAddr, Channel) {
+async fn start(app: &TestApp, limits: GrpcLimits, stop: impl Future<Output = ()> + Send + 'static) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = ExtAuthz::new(app.state.clone(), routes());
-    tokio::spawn(ext_authz::serve(listener, service, GrpcLimits::default(), stop));
+    tokio::spawn(ext_authz::serve(listener, service, limits, stop));
+    addr
+}
+
+async fn connect(addr: SocketAddr) -> Channel {
     let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap().connect_timeout(WITHIN).timeout(WITHIN);
-    let channel = tokio::time::timeout(WITHIN, endpoint.connect()).await.unwrap().unwrap();
-    (addr, channel)
+    tokio::time::timeout(WITHIN, endpoint.connect()).await.unwrap().unwrap()
 }
 
 /// A `CheckRequest` as Envoy sends one (headers lower-cased in the `headers` map, pseudo-headers
@@ -340,10 +344,11 @@ async fn a_store_that_cannot_answer_is_503_unavailable() {
 async fn health_is_serving_until_shutdown_and_the_listener_then_closes() {
     let app = TestApp::sqlite().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, channel) = serve_until(&app, async move {
+    let addr = start(&app, GrpcLimits::default(), async move {
         let _ = stop_rx.await;
     })
     .await;
+    let channel = connect(addr).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "envoy.service.auth.v3.Authorization"] {
         let r =
@@ -373,4 +378,22 @@ async fn an_oversized_check_request_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.unwrap_err().code(), tonic::Code::OutOfRange);
+}
+
+/// Past `max_connections`, a new connection waits in the backlog until one closes: a client that
+/// connects and sends nothing holds one connection, never the listener.
+#[tokio::test]
+async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
+    let app = TestApp::sqlite().await;
+    let addr = start(&app, GrpcLimits { max_connections: 1, ..GrpcLimits::default() }, std::future::pending()).await;
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(WITHIN);
+    let mut health = HealthClient::new(endpoint.connect_lazy());
+    let call = tokio::spawn(async move { health.check(HealthCheckRequest { service: String::new() }).await });
+    // The call cannot be served while the silent connection holds the only permit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!call.is_finished());
+    drop(silent);
+    let answer = tokio::time::timeout(WITHIN, call).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
 }

@@ -53,6 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let service = ExtAuthz::new(state.clone(), state.routes.clone());
             let limits = GrpcLimits {
                 shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
+                max_connections: config.server.max_connections,
                 ..GrpcLimits::default()
             };
             Some(tokio::spawn(ext_authz::serve(listener, service, limits, stopped(stop_rx.clone()))))
