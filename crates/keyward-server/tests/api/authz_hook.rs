@@ -438,3 +438,18 @@ async fn key_headers_are_configurable() {
     let r = app.send(ask(Method::GET, "/v1/authz/x", &[("authorization", &bearer(&key))])).await;
     assert_eq!((r.status, code(&r)), (StatusCode::UNAUTHORIZED, "missing_credentials"), "not a key header");
 }
+
+/// SECURITY: fail closed. A key neither the cache nor the store can answer for is a 503
+/// `store_unavailable` deny, not an allow.
+#[tokio::test]
+async fn while_the_store_cannot_answer_an_uncached_key_is_503() {
+    let (mut app, store) = crate::legacy::counted().await;
+    app.reconfigure(|b| b.routes(routes()));
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = app.send(styled(AuthzStyle::Envoy, "/anything", &key)).await;
+    assert_eq!((r.status, code(&r)), (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"), "{}", r.text);
+    let r = app.send(styled(AuthzStyle::Original, "/anything", &key)).await;
+    assert_eq!((r.status, r.headers["x-keyward-status"].to_str().unwrap()), (StatusCode::FORBIDDEN, "503"), "nginx");
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+}
