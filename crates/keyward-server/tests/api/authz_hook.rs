@@ -453,3 +453,34 @@ async fn while_the_store_cannot_answer_an_uncached_key_is_503() {
     assert_eq!((r.status, r.headers["x-keyward-status"].to_str().unwrap()), (StatusCode::FORBIDDEN, "503"), "nginx");
     store.down.store(false, std::sync::atomic::Ordering::SeqCst);
 }
+
+/// The gateway judges through the same decision: its upstream gets the signed identity too, and a
+/// client's own `X-Keyward-Identity` never reaches it.
+#[tokio::test]
+async fn the_gateway_sends_the_signed_identity_too() {
+    let authz = AuthzSettings { identity_secret: Some(SecretString::from(SECRET)), ..Default::default() };
+    let app = app_with(authz).await;
+    let (key, rec) = app.key(app.default_org.id, &["read:projects"]).await;
+    let upstream = crate::gateway::spawn(axum::Router::new().fallback(axum::routing::any(crate::gateway::echo))).await;
+    let gw = keyward_server::gateway::Gateway::with_routes(
+        format!("http://{upstream}").parse().unwrap(),
+        std::time::Duration::from_secs(5),
+        app.state.routes.clone(),
+    );
+    let gateway = crate::gateway::spawn(keyward_server::gateway::router(app.state.clone(), gw)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let request = Request::get(format!("http://{gateway}/v1/projects/7"))
+        .header("authorization", bearer(&key))
+        .header("x-keyward-identity", "forged")
+        .body(Body::empty())
+        .unwrap();
+    let response =
+        tokio::time::timeout(std::time::Duration::from_secs(10), client.request(request)).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let token = echo["headers"]["x-keyward-identity"].as_str().unwrap();
+    let now = keyward_core::Clock::now(&app.clock).timestamp();
+    let claims = identity::verify(SECRET.as_bytes(), token, now).unwrap();
+    assert_eq!((claims.key_id, claims.path), (rec.id.to_string(), "/v1/projects/7".to_owned()));
+}
