@@ -177,10 +177,12 @@ async fn over_the_rate_limit_is_429_and_in_nginx_mode_403_with_the_status_beside
     assert_eq!((r.status, r.headers["x-keyward-status"].to_str().unwrap()), (StatusCode::FORBIDDEN, "429"));
 }
 
+type Headers = &'static [(&'static str, &'static str)];
+
 /// Spoofing attempts: what each is, the auth request's URI and headers (the caller's key is added),
 /// and the status and error code it gets.
 #[rustfmt::skip]
-const SPOOFS: &[(&str, &str, &[(&str, &str)], u16, &str)] = &[
+const SPOOFS: &[(&str, &str, Headers, u16, &str)] = &[
     ("behind nginx, the client's X-Forwarded-Uri is not read",
         "/v1/authz?compat=nginx", &[("x-forwarded-method", "GET"), ("x-forwarded-uri", "/public"), ("x-original-method", "GET"), ("x-original-uri", "/v1/projects")], 403, "insufficient_scope"),
     ("behind Traefik, the client's X-Original-URI is not read",
