@@ -15,9 +15,12 @@ use std::sync::Arc;
 
 use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use chrono::{DateTime, Utc};
 use keyward_core::NormalizedPath;
+use keyward_core::identity::{self, IdentityClaims};
 use keyward_store::KeyRecord;
 use keyward_store::usage::{MAX_ENDPOINT_LEN, UsageEvent};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::{AuthFailure, auth_failed};
 use crate::error::{ApiError, ErrorCode};
@@ -174,12 +177,19 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
     });
     let now = state.clock.now();
     let decision = match (verdict.refusal(now), &verdict.key) {
-        (None, Some(key)) => Decision::Allow(Allowed {
-            upstream_headers: identity_headers(key),
-            key: Some(key.clone()),
-            remove_headers,
-            response_headers: verdict.headers(now),
-        }),
+        (None, Some(key)) => {
+            let mut upstream_headers = identity_headers(key);
+            if let Some(secret) = &state.authz.identity_secret {
+                let token = signed_identity(secret, state.authz.identity_ttl_seconds, key, (&method, &path), now);
+                upstream_headers.extend(token.map(|token| (IDENTITY_TOKEN_HEADER, token)));
+            }
+            Decision::Allow(Allowed {
+                upstream_headers,
+                key: Some(key.clone()),
+                remove_headers,
+                response_headers: verdict.headers(now),
+            })
+        }
         (refusal, _) => Decision::Deny(refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record"))),
     };
     Judgement { decision, path: Some(path), event }
@@ -202,6 +212,29 @@ fn presented_key<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Result<&'h
         (!key.is_empty()).then_some(key)
     });
     found.ok_or_else(ApiError::missing_credentials)
+}
+
+/// The `x-keyward-identity` token for this key and request, valid `ttl_seconds` from `now`.
+fn signed_identity(
+    secret: &SecretString,
+    ttl_seconds: u64,
+    key: &KeyRecord,
+    (method, path): (&Method, &NormalizedPath),
+    now: DateTime<Utc>,
+) -> Option<HeaderValue> {
+    let iat = now.timestamp();
+    let claims = IdentityClaims {
+        key_id: key.id.to_string(),
+        org: key.organization_id.to_string(),
+        owner: key.owner_id.as_ref().map(ToString::to_string),
+        env: key.environment.to_string(),
+        scopes: key.scopes.to_strings(),
+        iat,
+        exp: iat.saturating_add(i64::try_from(ttl_seconds).unwrap_or(i64::MAX)),
+        method: method.as_str().to_owned(),
+        path: path.to_string(),
+    };
+    HeaderValue::from_str(&identity::sign(secret.expose_secret().as_bytes(), &claims)).ok()
 }
 
 /// The key's identity for the upstream ([`IDENTITY_HEADERS`]; a value a header cannot carry is left

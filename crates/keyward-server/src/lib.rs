@@ -38,7 +38,9 @@ pub use state::AppState;
 use crate::auth::{Admin, AnyKey, AuditRead, KeysRead, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Verify};
 use crate::routes::RouteTable;
 use crate::routes::Verb::{Delete, Get, Patch, Post};
-use crate::routes::{audit, health, import, keys, me, orgs, usage as ledger, verify, webhooks as hooks};
+use crate::routes::{
+    audit, authz as proxy_hook, health, import, keys, me, orgs, usage as ledger, verify, webhooks as hooks,
+};
 
 /// The management API, limited per client IP. Each route names the permission it needs (`auth`'s
 /// types); its handler takes a `Caller` of exactly that permission, or this does not compile.
@@ -78,6 +80,9 @@ pub fn service_routes() -> RouteTable {
     RouteTable::default()
         .route(Post,   "/v1/verify",                          Verify,          verify::verify)
         .route(Post,   "/v1/usage",                           Verify,          ledger::report_usage)
+        // The end client's key is the credential: the proxy asking presents none of its own.
+        .public(Get,   "/v1/authz",                                            proxy_hook::authz)
+        .public(Post,  "/v1/authz",                                            proxy_hook::authz)
         .public(Get,   "/healthz",                                             health::healthz)
         .public(Get,   "/readyz",                                              health::readyz)
         .public(Get,   "/openapi.json",                                        routes::openapi::openapi_json)
@@ -92,6 +97,11 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
     let api = service_routes()
         .router()
+        // `/v1/authz` takes every method (Envoy's HTTP ext_authz sends the original one), and Envoy's
+        // path-prefix form.
+        .route(proxy_hook::PATH, axum::routing::any(proxy_hook::authz))
+        .route("/v1/authz/", axum::routing::any(proxy_hook::authz))
+        .route("/v1/authz/{*path}", axum::routing::any(proxy_hook::authz))
         .merge(management)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
