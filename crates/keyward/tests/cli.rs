@@ -46,16 +46,21 @@ fn serve_with(
     }
     let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
     let mut logs = String::new();
-    let address = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "no listening line: {logs}");
-        logs.push_str(&line);
-        if line.contains("keyward is listening") {
-            let v: Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let address = listening_address(&mut stderr, &mut logs, "keyward is listening");
     (child, key, address, stderr, logs)
+}
+
+/// The address of the log line saying `message`, reading `stderr` (into `logs`) up to it.
+fn listening_address(stderr: &mut impl std::io::BufRead, logs: &mut String, message: &str) -> String {
+    loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no line `{message}`: {logs}");
+        logs.push_str(&line);
+        if line.contains(message) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            return v["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    }
 }
 
 /// SIGTERM, then wait (bounded) for the process to end.
@@ -226,6 +231,50 @@ fn serve_takes_its_redis_from_the_flag() {
     assert!(logs.contains("Redis unreachable"), "{logs}");
     assert!(!address.is_empty());
     terminate(&mut child, std::time::Duration::from_secs(10));
+}
+
+/// `keyward serve --ext-authz-grpc-listen`: Envoy's Authorization/Check and grpc.health.v1 on their own
+/// listener, judged by the file's routes, until SIGTERM stops the process cleanly.
+#[test]
+fn serve_answers_ext_authz_over_grpc_on_its_own_listener() {
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+
+    let cli = Cli::new();
+    std::fs::write(
+        cli.dir.path().join("keyward.toml"),
+        "[[gateway.routes]]\nprefix = \"/v1/projects\"\nscopes = [\"read:projects\"]\n",
+    )
+    .unwrap();
+    let (mut child, key, _, mut stderr, mut logs) = serve_with(&cli, &["--ext-authz-grpc-listen", "127.0.0.1:0"], &[]);
+    let grpc = listening_address(&mut stderr, &mut logs, "ext_authz gRPC is listening");
+    let check = |path: &str| {
+        let headers = [("authorization".to_owned(), format!("Bearer {key}"))].into_iter().collect();
+        let http = HttpRequest { method: "GET".into(), path: path.into(), headers, ..HttpRequest::default() };
+        let request = Request { http: Some(http), ..Request::default() };
+        CheckRequest { attributes: Some(AttributeContext { request: Some(request), ..AttributeContext::default() }) }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let within = std::time::Duration::from_secs(10);
+    let (other, projects, health) = runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}")).unwrap().timeout(within);
+        let channel = tokio::time::timeout(within, channel.connect()).await.unwrap().unwrap();
+        let mut client = AuthorizationClient::new(channel.clone());
+        let other = client.check(check("/v1/other")).await.unwrap().into_inner();
+        let projects = client.check(check("//v1/%70rojects/7")).await.unwrap().into_inner();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        (other, projects, health.check(request).await.unwrap().into_inner().status)
+    });
+    // The admin key is a usable key, and holds no customer scope.
+    assert_eq!(other.status.unwrap().code, 0);
+    assert_eq!(projects.status.unwrap().code, i32::from(tonic::Code::PermissionDenied));
+    assert_eq!(health, i32::from(tonic_health::pb::health_check_response::ServingStatus::Serving));
+    // The client's connection closes with its runtime; shutdown then waits for no call in flight.
+    drop(runtime);
+    assert!(terminate(&mut child, std::time::Duration::from_secs(5)).success());
 }
 
 /// `keyward serve` without an upstream still judges `/v1/authz` by `[[gateway.routes]]` of its file.
