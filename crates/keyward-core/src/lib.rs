@@ -9,6 +9,7 @@ pub mod audit_chain;
 pub mod clock;
 pub mod diff;
 pub mod hash;
+pub mod identity;
 pub mod ids;
 pub mod ip;
 pub mod key;

@@ -14,6 +14,7 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 
 use crate::cache::{CachedLookup, KeyCache, RedisBus};
+use crate::rules::Routes;
 use crate::settings::{Settings, redact_url};
 use crate::state::{AppState, LEGACY_REFRESH};
 use crate::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
@@ -80,6 +81,9 @@ pub enum BuildError {
     Redis(#[source] keyward_limit::LimitError),
     #[error("cannot read the store at start")]
     Store(#[source] StoreError),
+    /// An `[authz]` setting that cannot work (a key header name, a short identity secret).
+    #[error("invalid [authz] setting: {0}")]
+    Authz(String),
 }
 
 impl App {
@@ -91,7 +95,7 @@ impl App {
 
     /// [`App::build`] with parts of its own: an open store, a clock, no scheduled jobs.
     pub fn builder(settings: Settings) -> AppBuilder {
-        AppBuilder { settings, store: None, clock: Arc::new(SystemClock), jobs: true }
+        AppBuilder { settings, store: None, clock: Arc::new(SystemClock), jobs: true, routes: Routes::default() }
     }
 }
 
@@ -102,6 +106,7 @@ pub struct AppBuilder {
     store: Option<Arc<dyn Store>>,
     clock: Arc<dyn Clock>,
     jobs: bool,
+    routes: Routes,
 }
 
 impl AppBuilder {
@@ -120,19 +125,35 @@ impl AppBuilder {
     /// Leaves the scheduled jobs off (expiry sweeper, webhook deliveries, usage pruning, legacy-key
     /// refresh): the caller runs each when it chooses, at its clock's time (the tests; the CLI, which
     /// runs one command and exits).
+    /// The route table of the protected API (`[[gateway.routes]]`), for the gateway and the proxy
+    /// hooks; by default every path needs a valid key.
+    pub fn routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
+    }
+
     pub fn without_jobs(mut self) -> Self {
         self.jobs = false;
         self
     }
 
     pub async fn build(self) -> Result<App, BuildError> {
-        let Self { settings, store, clock, jobs } = self;
+        let Self { settings, store, clock, jobs, routes } = self;
         let store = match store {
             Some(store) => store,
             None => keyward_store::open(&settings.database_url, true)
                 .await
                 .map_err(|source| BuildError::Database { url: redact_url(&settings.database_url), source })?,
         };
+        settings.authz.key_header_names().map_err(BuildError::Authz)?;
+        if let Some(secret) = &settings.authz.identity_secret
+            && secret.expose_secret().len() < crate::settings::MIN_IDENTITY_SECRET_LEN
+        {
+            return Err(BuildError::Authz(format!(
+                "authz.identity_secret must be at least {} bytes",
+                crate::settings::MIN_IDENTITY_SECRET_LEN
+            )));
+        }
         let hasher = KeyHasher::new(settings.pepper.as_ref().map(|p| p.expose_secret().as_bytes()))?;
         let cache = KeyCache::new(settings.cache);
         let mut keys = CachedLookup::new(store.clone(), cache.clone(), clock.clone());
@@ -171,6 +192,8 @@ impl AppBuilder {
             .lifecycle(settings.lifecycle)
             .webhooks(settings.webhooks)
             .keys(keys)
+            .routes(routes)
+            .authz(settings.authz)
             .build();
         // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
         state.legacy.refresh(&*state.store).await.map_err(BuildError::Store)?;

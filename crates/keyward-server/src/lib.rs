@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod authz;
 pub mod cache;
 pub mod client_ip;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod model;
 mod module_graph;
 pub mod openapi;
 pub mod routes;
+pub mod rules;
 pub mod service;
 pub mod settings;
 pub mod state;
@@ -35,7 +37,9 @@ pub use state::AppState;
 use crate::auth::{Admin, AnyKey, AuditRead, KeysRead, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Verify};
 use crate::routes::RouteTable;
 use crate::routes::Verb::{Delete, Get, Patch, Post};
-use crate::routes::{audit, health, import, keys, me, orgs, usage as ledger, verify, webhooks as hooks};
+use crate::routes::{
+    audit, authz as proxy_hook, health, import, keys, me, orgs, usage as ledger, verify, webhooks as hooks,
+};
 
 /// The management API, limited per client IP. Each route names the permission it needs (`auth`'s
 /// types); its handler takes a `Caller` of exactly that permission, or this does not compile.
@@ -75,6 +79,9 @@ pub fn service_routes() -> RouteTable {
     RouteTable::default()
         .route(Post,   "/v1/verify",                          Verify,          verify::verify)
         .route(Post,   "/v1/usage",                           Verify,          ledger::report_usage)
+        // The end client's key is the credential: the proxy asking presents none of its own.
+        .public(Get,   "/v1/authz",                                            proxy_hook::authz)
+        .public(Post,  "/v1/authz",                                            proxy_hook::authz)
         .public(Get,   "/healthz",                                             health::healthz)
         .public(Get,   "/readyz",                                              health::readyz)
         .public(Get,   "/openapi.json",                                        routes::openapi::openapi_json)
@@ -89,6 +96,11 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
     let api = service_routes()
         .router()
+        // `/v1/authz` takes every method (Envoy's HTTP ext_authz sends the original one), and Envoy's
+        // path-prefix form.
+        .route(proxy_hook::PATH, axum::routing::any(proxy_hook::authz))
+        .route("/v1/authz/", axum::routing::any(proxy_hook::authz))
+        .route("/v1/authz/{*path}", axum::routing::any(proxy_hook::authz))
         .merge(management)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {

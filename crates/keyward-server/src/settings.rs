@@ -1,7 +1,8 @@
 //! Every setting a node runs with, in one place: [`Settings`], what [`crate::app::App::build`] wires a
 //! node from, and the sections of the configuration file (`[protection]`, `[server]`, `[cache]`,
 //! `[lifecycle]`, `[webhooks]`) and the usage writer's settings. The binary reads them from the file,
-//! the environment and its flags; tests and embedders write them in code.
+//! the environment and its flags; tests and embedders write them in code. `[authz]` is
+//! [`AuthzSettings`].
 //!
 //! This module imports no other module of the crate, so any module may read its settings here without
 //! importing a module that imports it back (`module_graph` holds every module to that).
@@ -48,6 +49,8 @@ pub struct Settings {
     pub usage: UsageConfig,
     /// Raw usage events older than this are pruned; daily rollups stay.
     pub usage_retention: chrono::Duration,
+    /// The proxy hooks (`/v1/authz`, ext_authz) and what every decision adds (the signed identity).
+    pub authz: AuthzSettings,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             webhooks: WebhookSettings::default(),
             usage: UsageConfig::default(),
             usage_retention: chrono::Duration::days(90),
+            authz: AuthzSettings::default(),
         }
     }
 }
@@ -194,6 +198,92 @@ impl Default for WebhookSettings {
             poll_interval_ms: 1_000,
             failures_spike_per_minute: 50,
         }
+    }
+}
+
+/// Where `/v1/authz` reads the method and URI of the request a proxy asks about. Chosen by the proxy's
+/// configuration (the recipe's URL or `[authz] style`), never guessed from the headers present: a
+/// proxy passes its client's headers on, so a client behind nginx could otherwise send its own
+/// `X-Forwarded-Uri` and be judged on a path it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzStyle {
+    /// `X-Forwarded-Method` and `X-Forwarded-Uri` (Traefik, Caddy, APISIX).
+    Forwarded,
+    /// `X-Original-Method` and `X-Original-URI` (nginx `auth_request`, ingress-nginx).
+    Original,
+    /// Envoy's HTTP ext_authz: `/v1/authz/<original path>`, with the original method.
+    Envoy,
+}
+
+impl AuthzStyle {
+    pub const ALL: [AuthzStyle; 3] = [Self::Forwarded, Self::Original, Self::Envoy];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Original => "original",
+            Self::Envoy => "envoy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|style| style.as_str() == s)
+    }
+}
+
+/// `[authz]` in the configuration: the proxy hooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzSettings {
+    /// The headers a key is read from, in order, lower case: `authorization` holds it as
+    /// `Bearer <key>`, any other header as the bare key. Each is removed before the upstream.
+    pub key_headers: Vec<String>,
+    /// The style of every `/v1/authz` request; unset, each request names it (`?style=`, or
+    /// `?compat=nginx` for `original`), and one that names none is refused (400).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<AuthzStyle>,
+    /// nginx's `auth_request` turns every status but 2xx, 401 and 403 into 500: a 429 or 503 is sent
+    /// as 403 with `X-Keyward-Status` (per request: `?compat=nginx`).
+    pub nginx_compat: bool,
+    /// The shared secret of the signed `x-keyward-identity` header (HMAC-SHA256, at least 32 bytes);
+    /// unset, no such header is sent.
+    #[serde(skip_serializing)]
+    pub identity_secret: Option<SecretString>,
+    /// How long a signed identity is valid, in seconds.
+    pub identity_ttl_seconds: u64,
+}
+
+/// The shortest `identity_secret` taken: as long as an HMAC-SHA256 key should be.
+pub const MIN_IDENTITY_SECRET_LEN: usize = 32;
+
+impl Default for AuthzSettings {
+    fn default() -> Self {
+        Self {
+            key_headers: vec!["authorization".to_owned(), "x-api-key".to_owned()],
+            style: None,
+            nginx_compat: false,
+            identity_secret: None,
+            identity_ttl_seconds: 60,
+        }
+    }
+}
+
+impl AuthzSettings {
+    /// `key_headers` as header names; an invalid or upper-case name is refused.
+    pub fn key_header_names(&self) -> Result<Vec<axum::http::HeaderName>, String> {
+        if self.key_headers.is_empty() {
+            return Err("authz.key_headers must name at least one header".to_owned());
+        }
+        self.key_headers
+            .iter()
+            .map(|name| {
+                axum::http::HeaderName::from_bytes(name.as_bytes())
+                    .ok()
+                    .filter(|parsed| parsed.as_str() == name)
+                    .ok_or_else(|| format!("authz.key_headers: `{name}` is not a lower-case header name"))
+            })
+            .collect()
     }
 }
 

@@ -8,8 +8,11 @@ use keyward_core::{Clock, KeyHasher, Plans};
 use keyward_limit::{Limiter, MemoryLimiter};
 use keyward_store::{Store, StoreResult};
 
+use axum::http::HeaderName;
+
 use crate::cache::{CachedLookup, KeyCache};
-use crate::settings::{CacheConfig, LifecycleSettings, Protection, WebhookSettings};
+use crate::rules::Routes;
+use crate::settings::{AuthzSettings, CacheConfig, LifecycleSettings, Protection, WebhookSettings};
 use crate::usage::UsageRecorder;
 
 /// What every handler shares, behind one `Arc`: handing it to a handler is one reference count, not
@@ -51,6 +54,13 @@ pub struct Shared {
     /// Key lookups by hash, through the verify cache; the invalidator every store write applies its
     /// changes to (`Changed::apply`). Its breaker is the store's health for `/readyz`.
     pub keys: CachedLookup,
+    /// What each path of the protected API needs (`[[gateway.routes]]`): the route table of the
+    /// gateway and the proxy hooks.
+    pub routes: Routes,
+    /// `[authz]`: the proxy hooks' style and the signed identity.
+    pub authz: Arc<AuthzSettings>,
+    /// `authz.key_headers` as header names: where every decision reads the key.
+    pub key_headers: Arc<[HeaderName]>,
 }
 
 impl AppState {
@@ -73,6 +83,9 @@ impl AppState {
             webhooks: WebhookSettings::default(),
             events: Arc::new(tokio::sync::Notify::new()),
             keys,
+            routes: Routes::default(),
+            key_headers: key_headers(&AuthzSettings::default()),
+            authz: Arc::new(AuthzSettings::default()),
         })
     }
 
@@ -142,9 +155,27 @@ impl StateBuilder {
         self
     }
 
+    /// The route table of the protected API (default: every path needs a valid key).
+    pub fn routes(mut self, routes: Routes) -> Self {
+        self.0.routes = routes;
+        self
+    }
+
+    /// `[authz]`. A key header name that is not valid is left out ([`crate::app::App::build`] refuses
+    /// it first).
+    pub fn authz(mut self, authz: AuthzSettings) -> Self {
+        self.0.key_headers = key_headers(&authz);
+        self.0.authz = Arc::new(authz);
+        self
+    }
+
     pub fn build(self) -> AppState {
         AppState(Arc::new(self.0))
     }
+}
+
+fn key_headers(authz: &AuthzSettings) -> Arc<[HeaderName]> {
+    authz.key_headers.iter().filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()).collect()
 }
 
 /// How often a server that has not seen a legacy key yet asks the store again, so that an import made

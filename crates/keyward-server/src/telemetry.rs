@@ -139,6 +139,11 @@ pub enum Via {
     Gateway,
     /// A request through the embeddable tower layer.
     Layer,
+    /// A proxy asking about its client's request over HTTP: `/v1/authz` (Envoy HTTP ext_authz,
+    /// forward-auth, nginx `auth_request`).
+    ExtAuthzHttp,
+    /// Envoy asking over gRPC (`envoy.service.auth.v3.Authorization/Check`).
+    ExtAuthzGrpc,
 }
 
 impl Via {
@@ -148,7 +153,15 @@ impl Via {
             Self::Verify => "verify",
             Self::Gateway => "gateway",
             Self::Layer => "layer",
+            Self::ExtAuthzHttp => "ext_authz_http",
+            Self::ExtAuthzGrpc => "ext_authz_grpc",
         }
+    }
+
+    /// Whether the check judges a request to the protected API on its way there (the gateway, the
+    /// proxy hooks): its usage event is of kind `gateway`.
+    pub const fn judges_requests(self) -> bool {
+        matches!(self, Self::Gateway | Self::ExtAuthzHttp | Self::ExtAuthzGrpc)
     }
 }
 

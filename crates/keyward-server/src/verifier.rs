@@ -92,7 +92,7 @@ pub async fn verify_deferred(state: &AppState, check: Check<'_>) -> StoreResult<
     tracing::Span::current().record("outcome", verdict.outcome.code());
     crate::telemetry::verify_outcome(verdict.outcome, started.elapsed());
     let event = verdict.key.as_ref().map(|key| {
-        let kind = if check.via == Via::Gateway { UsageKind::Gateway } else { UsageKind::Verify };
+        let kind = if check.via.judges_requests() { UsageKind::Gateway } else { UsageKind::Verify };
         // Cheap parts only (this runs once per verification): a static code, the address and the
         // quota counter as values (the writer makes text of them), one copy of the user agent.
         let mut event = UsageEvent::new(kind, key.id, key.organization_id, now);

@@ -50,6 +50,8 @@ pub struct Config {
     /// Webhook delivery: private targets, timeout, retries.
     pub webhooks: keyward_server::settings::WebhookSettings,
     pub usage: UsageSettings,
+    /// The proxy hooks (`/v1/authz`, ext_authz): key headers, style, nginx compat, signed identity.
+    pub authz: keyward_server::settings::AuthzSettings,
 }
 
 /// The usage ledger (`[usage]`): batching, spilling during store outages, retention of raw events.
@@ -147,13 +149,32 @@ pub struct RouteSettings {
 impl GatewaySettings {
     /// The gateway configuration, or `None` when no upstream is set.
     pub fn build(&self) -> anyhow::Result<Option<keyward_server::gateway::GatewayConfig>> {
-        use keyward_server::gateway::{GatewayConfig, GatewayRoute, RouteRule};
         let Some(upstream) = &self.upstream else { return Ok(None) };
         let upstream: axum::http::Uri =
             upstream.parse().with_context(|| format!("gateway.upstream `{upstream}` is not a URL"))?;
         if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
             bail!("gateway.upstream must be an http://host:port URL");
         }
+        Ok(Some(keyward_server::gateway::GatewayConfig {
+            upstream,
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+            routes: self.route_list()?,
+            unmatched: self.unmatched(),
+        }))
+    }
+
+    /// The route table (`[[gateway.routes]]`): the gateway's and the proxy hooks' (`/v1/authz`,
+    /// ext_authz), with or without an upstream.
+    pub fn routes(&self) -> anyhow::Result<keyward_server::authz::Routes> {
+        keyward_server::authz::Routes::new(self.route_list()?, self.unmatched()).map_err(anyhow::Error::from)
+    }
+
+    fn unmatched(&self) -> keyward_server::authz::RouteRule {
+        keyward_server::authz::RouteRule { public: !self.require_key_for_unmatched, scopes: Vec::new(), cost: 1 }
+    }
+
+    fn route_list(&self) -> anyhow::Result<Vec<keyward_server::authz::GatewayRoute>> {
+        use keyward_server::authz::{GatewayRoute, RouteRule};
         let mut routes = Vec::new();
         for r in &self.routes {
             if !r.prefix.starts_with('/') {
@@ -181,12 +202,7 @@ impl GatewaySettings {
                 rule: RouteRule { public: r.public, scopes, cost },
             });
         }
-        Ok(Some(GatewayConfig {
-            upstream,
-            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
-            routes,
-            unmatched: RouteRule { public: !self.require_key_for_unmatched, scopes: Vec::new(), cost: 1 },
-        }))
+        Ok(routes)
     }
 }
 
@@ -209,6 +225,7 @@ impl Default for Config {
             lifecycle: Default::default(),
             webhooks: Default::default(),
             usage: UsageSettings::default(),
+            authz: Default::default(),
         }
     }
 }
@@ -253,8 +270,8 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 8] =
-    ["gateway__", "plans__", "protection__", "server__", "cache__", "lifecycle__", "webhooks__", "usage__"];
+const SECTIONS: [&str; 9] =
+    ["gateway__", "plans__", "protection__", "server__", "cache__", "lifecycle__", "webhooks__", "usage__", "authz__"];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -294,6 +311,16 @@ impl Config {
         }
         self.trusted_proxy_nets()?;
         self.gateway.build()?;
+        self.gateway.routes()?;
+        self.authz.key_header_names().map_err(anyhow::Error::msg)?;
+        if let Some(secret) = &self.authz.identity_secret
+            && secret.expose_secret().len() < keyward_server::settings::MIN_IDENTITY_SECRET_LEN
+        {
+            bail!(
+                "authz.identity_secret (KEYWARD_AUTHZ__IDENTITY_SECRET) must be at least {} bytes",
+                keyward_server::settings::MIN_IDENTITY_SECRET_LEN
+            );
+        }
         if let Some(path) = &self.webhooks.ca_file {
             keyward_server::webhooks::load_ca_file(path).map_err(|e| anyhow::anyhow!("webhooks.ca_file: {e}"))?;
         }
@@ -356,6 +383,7 @@ impl Config {
             webhooks: self.webhooks.clone(),
             usage: self.usage_config(),
             usage_retention: chrono::Duration::days(i64::from(self.usage.retention_days)),
+            authz: self.authz.clone(),
         })
     }
 
@@ -374,8 +402,10 @@ impl Config {
         let lifecycle = toml_section(&self.lifecycle);
         let webhooks = toml_section(&self.webhooks);
         let plans = toml_section(&self.plans());
+        let identity_secret = if self.authz.identity_secret.is_some() { "\"[redacted]\"" } else { "unset" };
+        let authz = format!("{}identity_secret = {identity_secret}\n", toml_section(&self.authz));
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[server]\n{server}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[server]\n{server}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[authz]\n{authz}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },

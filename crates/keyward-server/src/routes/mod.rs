@@ -13,6 +13,7 @@ use crate::auth::{Caller, Grant, Permission};
 use crate::state::AppState;
 
 pub mod audit;
+pub mod authz;
 pub mod health;
 pub mod import;
 pub mod keys;

@@ -18,6 +18,7 @@ use crate::state::AppState;
     info(title = "Keyward", description = "Self-hosted API keys: issue, verify, limit, audit."),
     paths(
         verify::verify,
+        crate::routes::authz::authz,
         usage::report_usage, usage::key_usage, usage::org_usage,
         keys::create_key, keys::list_keys, keys::get_key, keys::update_key, keys::revoke_key, keys::rotate_key,
         keys::list_expiring, keys::cleanup_expired,

@@ -237,6 +237,11 @@ const MATRIX: &[Row] = &[
     row("post",   "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", HookAdmin, [401, 403, 403, 403, 403, 403, 403, 403, 404, 200, 403]),
     row("post",   "/v1/webhooks/{id}/deliveries/{delivery_id}/retry", HookB,     [401, 403, 404, 403, 403, 403, 403, 403, 200, 200, 403]),
 
+    // A proxy hook: the key judged is the end client's, on the request it makes (here `GET /` and
+    // `POST /`, which the default route table gives to any usable key).
+    row("get",    "/v1/authz",                        NoTarget,      [401, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    row("post",   "/v1/authz",                        NoTarget,      [401, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+
     row("get",    "/healthz",                         NoTarget,      [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     row("get",    "/readyz",                          NoTarget,      [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     row("get",    "/metrics",                         NoTarget,      [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),

@@ -22,7 +22,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let App { state, tasks } = App::build(config.settings()?).await?;
+    let App { state, tasks } = App::builder(config.settings()?).routes(config.gateway.routes()?).build().await?;
     if let Some(seeded) = service::seed(&state, &Actor::system(state.clock.now())).await? {
         print_admin_key(&seeded.key);
     }
@@ -35,7 +35,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = match (gateway_config, gateway_listener) {
         (Some(gw), Some(listener)) => {
             tracing::info!(address = %listener.local_addr()?, upstream = %gw.upstream, "gateway is listening");
-            let app = keyward_server::gateway::router(state.clone(), keyward_server::gateway::Gateway::new(gw)?);
+            // The node's route table: the gateway and `/v1/authz` judge by the same one.
+            let gateway = keyward_server::gateway::Gateway::with_routes(gw.upstream, gw.timeout, state.routes.clone());
+            let app = keyward_server::gateway::router(state.clone(), gateway);
             let shutdown = stopped(stop_rx.clone());
             let limits = config.server;
             Some(tokio::spawn(async move { keyward_server::listen::serve(listener, app, limits, shutdown).await }))

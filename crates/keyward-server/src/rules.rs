@@ -1,0 +1,420 @@
+//! The route table: what each path of the protected API needs (public, scopes, cost), read from
+//! `[[gateway.routes]]` and shared by every mode that judges a request to that API (the gateway, the
+//! proxy hooks of [`crate::authz`]). Routes match the canonical path ([`NormalizedPath`]) and, so that
+//! no spelling an upstream reads as a protected path gets a weaker rule, every [`Reading`] of it.
+//!
+//! This module imports nothing of the crate: the gateway and `authz` both read it.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, Method};
+use keyward_core::{NormalizedPath, PathError, Scope};
+
+/// What a path needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    /// No key needed.
+    pub public: bool,
+    pub scopes: Vec<Scope>,
+    /// Counted against the monthly quota; 1 by default.
+    pub cost: u64,
+}
+
+impl Default for RouteRule {
+    /// A valid key, no scope, cost 1.
+    fn default() -> Self {
+        Self { public: false, scopes: Vec::new(), cost: 1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRoute {
+    /// Matches this path and everything below it (`/v1/projects` matches `/v1/projects/7`). Normalized
+    /// like request paths by [`Routes::new`], so `/v1//projects` is `/v1/projects`.
+    pub prefix: String,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub rule: RouteRule,
+}
+
+/// The routes and the rule of paths no route matches, each route's prefix in canonical form and in
+/// every [`Reading`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Routes(Arc<Table>);
+
+#[derive(Debug)]
+struct Table {
+    routes: Vec<GatewayRoute>,
+    /// Each route's prefix in every [`Reading`], in the order of `routes`.
+    readings: Vec<[String; READINGS.len()]>,
+    unmatched: RouteRule,
+}
+
+impl Default for Routes {
+    /// No routes: every path needs a valid key and no scope.
+    fn default() -> Self {
+        Self(Arc::new(Table { routes: Vec::new(), readings: Vec::new(), unmatched: RouteRule::default() }))
+    }
+}
+
+/// A way an upstream may read a canonical path differently from Keyward's route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    /// Tomcat, Jetty and Spring drop `;` parameters from every segment before routing.
+    without_parameters: bool,
+    /// Express, ASP.NET Core and IIS route without regard to case (ASP.NET with Unicode case rules).
+    case_folded: bool,
+}
+
+/// The first one is the canonical path itself.
+const READINGS: [Reading; 4] = [
+    Reading { without_parameters: false, case_folded: false },
+    Reading { without_parameters: true, case_folded: false },
+    Reading { without_parameters: false, case_folded: true },
+    Reading { without_parameters: true, case_folded: true },
+];
+
+impl Reading {
+    /// `path` (canonical) as this reading sees it; segments emptied by dropping parameters go, as
+    /// runs of slashes do.
+    fn of(self, path: &str) -> String {
+        let mut out = String::with_capacity(path.len());
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            let segment = if self.without_parameters { segment.split(';').next().unwrap_or_default() } else { segment };
+            if segment.is_empty() {
+                continue;
+            }
+            out.push('/');
+            if self.case_folded {
+                out.push_str(&fold_case(segment));
+            } else {
+                out.push_str(segment);
+            }
+        }
+        if out.is_empty() || path.ends_with('/') {
+            out.push('/');
+        }
+        out
+    }
+}
+
+/// `path` without the extension of its last segment (from the segment's first `.`, when something
+/// comes before it): Rails routes `/projects.json` as `/projects` with a format, Spring's suffix
+/// matching and IIS's trailing dots do the same. `None` when there is none to drop.
+fn without_extension(path: &str) -> Option<&str> {
+    let start = path.rfind('/')? + 1;
+    let dot = path[start..].find('.')?;
+    (dot > 0).then(|| &path[..start + dot])
+}
+
+/// A segment percent-decoded and case-folded so that every spelling a case-insensitive router takes
+/// for one name is one string: upper-casing first maps `ſ` to `S` (as .NET's `OrdinalIgnoreCase`
+/// does), lower-casing then maps the Kelvin sign to `k`.
+fn fold_case(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // A canonical path decodes to UTF-8; anything else keeps its escapes and folds ASCII only.
+    match String::from_utf8(decoded) {
+        Ok(text) => text.to_uppercase().to_lowercase(),
+        Err(_) => segment.to_ascii_lowercase(),
+    }
+}
+
+/// The request headers that make Express (`method-override`), Rack, Laravel and ASP.NET Core run a
+/// request as another method, as CGI names them (`_` read as `-`).
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// The methods a request may run as upstream: its own, upper-cased (Django and Werkzeug upper-case
+/// it before routing), `GET` for `HEAD` (Flask, Express, Rails and Go's `ServeMux` run the `GET`
+/// handler), and every method an override header names.
+pub fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
+    let mut methods = vec![canonical_method(method)];
+    if methods[0] == Method::HEAD {
+        methods.push(Method::GET);
+    }
+    // Node.js joins repeated headers with `,` and Express's `method-override` takes the first item:
+    // every item of every value counts.
+    let named = headers
+        .iter()
+        .filter(|(name, _)| METHOD_OVERRIDES.contains(&cgi_name(name).as_str()))
+        .flat_map(|(_, value)| value.as_bytes().split(|b| *b == b','))
+        .filter_map(|item| Method::from_bytes(&item.trim_ascii().to_ascii_uppercase()).ok());
+    for method in named {
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
+    methods
+}
+
+/// The method in upper case: routes are configured in upper case, and the upstream gets this one.
+pub fn canonical_method(method: &Method) -> Method {
+    Method::from_bytes(method.as_str().to_ascii_uppercase().as_bytes()).unwrap_or_else(|_| method.clone())
+}
+
+/// A configured route prefix that has no canonical form; refused at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("gateway route prefix `{prefix}`: {source}")]
+pub struct InvalidRoutePrefix {
+    pub prefix: String,
+    pub source: PathError,
+}
+impl Routes {
+    /// Refuses a route prefix that cannot be normalized: a prefix that matched nothing would hand its
+    /// paths to a shorter, possibly weaker, route.
+    pub fn new(mut routes: Vec<GatewayRoute>, unmatched: RouteRule) -> Result<Self, InvalidRoutePrefix> {
+        for route in &mut routes {
+            // SECURITY: prefixes and request paths are compared in the same canonical form.
+            route.prefix = NormalizedPath::parse(&route.prefix)
+                .map_err(|source| InvalidRoutePrefix { prefix: route.prefix.clone(), source })?
+                .to_string();
+        }
+        let readings = routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix))).collect();
+        Ok(Self(Arc::new(Table { routes, readings, unmatched })))
+    }
+
+    /// The routes, prefixes in canonical form.
+    pub fn routes(&self) -> &[GatewayRoute] {
+        &self.0.routes
+    }
+
+    /// The rule of paths no route matches.
+    pub fn unmatched(&self) -> &RouteRule {
+        &self.0.unmatched
+    }
+
+    /// The longest matching prefix wins; among equal prefixes, one that names the method.
+    pub fn rule_for(&self, method: &Method, path: &NormalizedPath) -> RouteRule {
+        self.rule_for_any(std::slice::from_ref(method), path)
+    }
+
+    /// What a request needs that the upstream may run as any of `methods` on any [`Reading`] of
+    /// `path`: the rule of the first method on the canonical path (the unmatched rule when no route
+    /// matches), and the rule of every other method and reading, and of each reading without its
+    /// last segment's extension ([`without_extension`]), that a route matches.
+    ///
+    /// SECURITY: the rules are combined as all of them: public only when every one is, every scope
+    /// any one names, the highest cost. Another reading only ever adds requirements, so a spelling
+    /// the upstream reads as a protected path (`/projects;x`, `/PROJECTS`, `/projects.json`, `post`,
+    /// an override header) cannot get a weaker rule than that path's.
+    pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> RouteRule {
+        let mut combined: Option<RouteRule> = None;
+        let readings = READINGS.iter().enumerate().flat_map(|(r, reading)| {
+            let read = reading.of(path.as_str());
+            let bare = without_extension(&read).map(|bare| (r, bare.to_owned(), true));
+            [Some((r, read, false)), bare].into_iter().flatten()
+        });
+        for (r, read, bare) in readings {
+            for (m, method) in methods.iter().enumerate() {
+                let found = self
+                    .0
+                    .routes
+                    .iter()
+                    .zip(self.0.readings.iter())
+                    .filter(|(route, _)| route.methods.is_empty() || route.methods.contains(method))
+                    .filter(|(_, prefixes)| prefix_matches(&prefixes[r], &read))
+                    .max_by_key(|(route, prefixes)| (prefixes[r].len(), !route.methods.is_empty()))
+                    .map(|(route, _)| &route.rule);
+                let rule = match found {
+                    Some(rule) => rule,
+                    None if r == 0 && m == 0 && !bare => &self.0.unmatched,
+                    None => continue,
+                };
+                combined = Some(match combined {
+                    None => rule.clone(),
+                    Some(mut all) => {
+                        all.public &= rule.public;
+                        for scope in &rule.scopes {
+                            if !all.scopes.contains(scope) {
+                                all.scopes.push(scope.clone());
+                            }
+                        }
+                        all.cost = all.cost.max(rule.cost);
+                        all
+                    }
+                });
+            }
+        }
+        combined.unwrap_or_else(|| self.0.unmatched.clone())
+    }
+}
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+/// A header name as CGI, WSGI and Rack read it: `X_Keyward_Owner_Id` and `x-keyward-owner-id` are one.
+pub fn cgi_name(name: &HeaderName) -> String {
+    name.as_str().replace('_', "-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn route(prefix: &str, methods: &[Method], scope: &str) -> GatewayRoute {
+        GatewayRoute {
+            prefix: prefix.into(),
+            methods: methods.to_vec(),
+            rule: RouteRule { scopes: vec![Scope::parse(scope).unwrap()], ..Default::default() },
+        }
+    }
+
+    fn public(prefix: &str) -> GatewayRoute {
+        GatewayRoute { prefix: prefix.into(), methods: vec![], rule: RouteRule { public: true, ..Default::default() } }
+    }
+
+    fn gateway(routes: Vec<GatewayRoute>, unmatched: RouteRule) -> Result<Routes, InvalidRoutePrefix> {
+        Routes::new(routes, unmatched)
+    }
+
+    fn path(p: &str) -> NormalizedPath {
+        NormalizedPath::parse(p).unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_methods_narrow() {
+        let gw = gateway(
+            vec![
+                route("/v1", &[], "read:v1"),
+                route("/v1/projects", &[], "read:projects"),
+                route("/v1/projects", &[Method::POST], "write:projects"),
+                public("/health"),
+            ],
+            RouteRule::default(),
+        )
+        .unwrap();
+        let scope = |m: Method, p: &str| gw.rule_for(&m, &path(p)).scopes.first().map(|s| s.to_string());
+        assert_eq!(scope(Method::GET, "/v1/projects/7").as_deref(), Some("read:projects"));
+        assert_eq!(scope(Method::POST, "/v1/projects").as_deref(), Some("write:projects"));
+        assert_eq!(scope(Method::GET, "/v1/users").as_deref(), Some("read:v1"));
+        assert_eq!(scope(Method::GET, "/v1projects").as_deref(), None, "prefixes match whole segments");
+        assert_eq!(scope(Method::GET, "/other").as_deref(), None);
+        assert!(gw.rule_for(&Method::GET, &path("/health")).public);
+        assert!(!gw.rule_for(&Method::GET, &path("/healthz")).public);
+    }
+
+    #[test]
+    fn config_prefixes_are_normalized_like_paths() {
+        let gw = gateway(
+            vec![
+                route("/v1//projects/", &[], "read:projects"),
+                route("/v1/%75sers/./", &[], "read:users"),
+                route("/v1/a/../billing", &[], "read:billing"),
+            ],
+            RouteRule::default(),
+        )
+        .unwrap();
+        let scope = |p: &str| gw.rule_for(&Method::GET, &path(p)).scopes.first().map(|s| s.to_string());
+        assert_eq!(scope("/v1/projects").as_deref(), Some("read:projects"));
+        assert_eq!(scope("//v1///projects/7").as_deref(), Some("read:projects"));
+        assert_eq!(scope("/v1/users/1").as_deref(), Some("read:users"));
+        assert_eq!(scope("/v1/billing").as_deref(), Some("read:billing"));
+        assert_eq!(scope("/v1/a/billing").as_deref(), None);
+        for bad in ["/v1/%2Fprojects", "/../v1", "v1", "/v1/%zz", "/v1/..;/x"] {
+            let err = gateway(vec![route(bad, &[], "read:x")], RouteRule::default()).map(|_| ()).unwrap_err();
+            assert_eq!(err.prefix, bad);
+        }
+    }
+
+    #[test]
+    fn readings_of_a_path() {
+        let table = [
+            ("/", ["/", "/", "/", "/"]),
+            ("/v1/projects", ["/v1/projects", "/v1/projects", "/v1/projects", "/v1/projects"]),
+            ("/V1/Projects;x=1/", ["/V1/Projects;x=1/", "/V1/Projects/", "/v1/projects;x=1/", "/v1/projects/"]),
+            ("/;a/b;c/;", ["/;a/b;c/;", "/b", "/;a/b;c/;", "/b"]),
+            ("/caf%C3%89/%C5%BF", ["/caf%C3%89/%C5%BF", "/caf%C3%89/%C5%BF", "/caf\u{e9}/s", "/caf\u{e9}/s"]),
+            ("/%E2%84%AA", ["/%E2%84%AA", "/%E2%84%AA", "/k", "/k"]),
+        ];
+        for (path, want) in table {
+            let got = READINGS.map(|reading| reading.of(path));
+            assert_eq!(got, want, "{path}");
+        }
+    }
+
+    #[test]
+    fn extensions_of_the_last_segment() {
+        for (path, want) in [
+            ("/v1/projects.json", Some("/v1/projects")),
+            ("/v1/projects.tar.gz", Some("/v1/projects")),
+            ("/v1/projects.", Some("/v1/projects")),
+            ("/v1.0/projects", None),
+            ("/v1/projects", None),
+            ("/v1/projects.json/", None),
+            ("/.well-known", None),
+            ("/", None),
+        ] {
+            assert_eq!(without_extension(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn methods_in_any_case_and_overrides() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-http-method-override", HeaderValue::from_static(" delete "));
+        headers.append("x_method_override", HeaderValue::from_static("patch"));
+        headers.append("x-http-method", HeaderValue::from_static("bad method"));
+        headers.append("x-http-method", HeaderValue::from_static("PUT , get"));
+        let methods = methods_of(&Method::from_bytes(b"post").unwrap(), &headers);
+        assert_eq!(methods, [Method::POST, Method::DELETE, Method::PATCH, Method::PUT, Method::GET]);
+        assert_eq!(methods_of(&Method::from_bytes(b"Head").unwrap(), &HeaderMap::new()), [Method::HEAD, Method::GET]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2048, ..Default::default() })]
+
+        /// Other readings only add requirements: the combined rule is never weaker than the rule of
+        /// the canonical path and method alone, and a reading's own rule is part of it.
+        #[test]
+        fn readings_never_weaken_a_rule(
+            raw in "(/(v1|V1|projects|Projects|PROJECTS|public|x\\.json|projects\\.json|;a|p;b|%50rojects)){0,4}/?",
+            method in proptest::sample::select(vec!["GET", "get", "POST", "post", "HEAD", "DELETE"]),
+            over in proptest::option::of(proptest::sample::select(vec!["POST", "delete", "GET, POST"])),
+        ) {
+            let gw = gateway(
+                vec![
+                    route("/v1", &[], "read:v1"),
+                    route("/v1/projects", &[], "read:projects"),
+                    route("/v1/projects", &[Method::POST], "write:projects"),
+                    route("/v1/projects", &[Method::DELETE], "delete:projects"),
+                    route("/projects", &[Method::GET], "read:p"),
+                    public("/public"),
+                ],
+                RouteRule { public: true, ..Default::default() },
+            ).unwrap();
+            let Ok(path) = NormalizedPath::parse(&raw) else { return Ok(()) };
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let mut headers = HeaderMap::new();
+            if let Some(over) = over {
+                headers.insert("x-http-method-override", HeaderValue::from_static(over));
+            }
+            let methods = methods_of(&method, &headers);
+            let all = gw.rule_for_any(&methods, &path);
+            for m in &methods {
+                let alone = gw.rule_for(m, &path);
+                proptest::prop_assert!(!all.public || alone.public || *m != methods[0], "{raw} {m}");
+                proptest::prop_assert!(alone.scopes.iter().all(|s| all.scopes.contains(s)), "{raw} {m}");
+                proptest::prop_assert!(all.cost >= alone.cost);
+            }
+        }
+    }
+}
