@@ -315,8 +315,9 @@ fn start_proxy(
 
 /// What a client forges in every request: an identity (in both spellings), and an original method and
 /// URI for each style, naming a public route.
-const FORGED: [(&str, &str); 7] = [
+const FORGED: [(&str, &str); 8] = [
     ("X-Keyward-Key-Id", "forged-key"),
+    ("X-Keyward-Identity", "forged-identity"),
     ("X-Keyward-Owner-Id", "forged-owner"),
     ("X_Keyward_Owner_Id", "forged-owner"),
     ("X-Original-URI", "/health"),
