@@ -51,7 +51,7 @@ run() { # name script tag
     RPS[$3]=$rps; P99[$3]=$(ms "$p99")
     if grep -q "Non-2xx" <<<"$out"; then echo "!! $1: non-2xx responses" >&2; grep "Non-2xx" <<<"$out" >&2; fi
 }
-echo "| run (64 connections, $N keys)         | decisions/s  | p50       | p99       |"
+printf '| %-36s | %12s | %9s | %9s |\n' "run (64 connections, $N keys)" "decisions/s" "p50" "p99"
 echo "|--------------------------------------|--------------|-----------|-----------|"
 run "POST /v1/verify" verify.lua verify
 run "GET /v1/authz?style=forwarded" authz.lua authz
