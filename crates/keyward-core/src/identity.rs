@@ -127,6 +127,14 @@ mod tests {
         assert_eq!(from_base64url("Z+=="), None);
     }
 
+    /// Made by the README's Python lines' counterpart (`base64.urlsafe_b64encode`, `hmac.new`), so a
+    /// token from here checks there.
+    #[test]
+    fn a_token_is_what_python_makes() {
+        let python = "eyJrZXlfaWQiOiJrIiwib3JnIjoibyIsIm93bmVyIjpudWxsLCJlbnYiOiJsaXZlIiwic2NvcGVzIjpbInJlYWQ6cHJvamVjdHMiXSwiaWF0IjoxMDAsImV4cCI6MTYwLCJtZXRob2QiOiJHRVQiLCJwYXRoIjoiL3YxL3Byb2plY3RzIn0.-GbNSfjo_jXFViTilElLLUMZYsvsgtu6sE9poTHSIws";
+        assert_eq!(sign(b"0123456789abcdef0123456789abcdef", &claims()), python);
+    }
+
     #[test]
     fn a_token_verifies_until_it_expires_and_not_with_another_secret() {
         let secret = b"0123456789abcdef0123456789abcdef";

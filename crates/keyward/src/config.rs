@@ -497,6 +497,46 @@ mod tests {
         });
     }
 
+    /// `[authz]` from the file and the environment; the route table exists without an upstream; the
+    /// identity secret is redacted and a short one or a bad key header is refused.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn authz_settings_and_routes_without_an_upstream() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "keyward.toml",
+                "[authz]\nstyle = \"original\"\nkey_headers = [\"x-client-key\"]\n\
+                 [[gateway.routes]]\nprefix = \"/v1/projects\"\nscopes = [\"read:projects\"]\n",
+            )?;
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.gateway.build().map_err(|e| e.to_string())?.is_none(), "no upstream, no gateway");
+            let routes = c.gateway.routes().map_err(|e| e.to_string())?;
+            assert_eq!(routes.routes().len(), 1);
+            let s = c.settings().map_err(|e| e.to_string())?;
+            assert_eq!(s.authz.style, Some(keyward_server::settings::AuthzStyle::Original));
+            assert_eq!(s.authz.key_headers, ["x-client-key"]);
+            assert!(c.show().contains("style = \"original\""), "{}", c.show());
+            assert!(c.show().contains("identity_secret = unset"), "{}", c.show());
+            jail.set_env("KEYWARD_AUTHZ__NGINX_COMPAT", "true");
+            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
+            jail.set_env("KEYWARD_AUTHZ__IDENTITY_TTL_SECONDS", "30");
+            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            assert!(c.authz.nginx_compat);
+            assert_eq!(c.authz.identity_ttl_seconds, 30);
+            assert!(c.show().contains("identity_secret = \"[redacted]\""), "{}", c.show());
+            assert!(!c.show().contains("ssss"), "the secret is never shown");
+            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "short");
+            assert!(Config::load(None, Overrides::default()).is_err(), "a short identity secret");
+            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
+            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"X-Key\"]");
+            assert!(Config::load(None, Overrides::default()).is_err(), "an upper-case key header");
+            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"x-client-key\"]");
+            jail.set_env("KEYWARD_AUTHZ__STYLE", "auto");
+            assert!(Config::load(None, Overrides::default()).is_err(), "a style that is not one");
+            Ok(())
+        });
+    }
+
     #[test]
     #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn no_file_means_defaults() {

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::helpers::TestApp;
 
 /// Echoes method, path, headers and the body's length, counting the body as it streams in.
-async fn echo(request: Request) -> axum::Json<Value> {
+pub(crate) async fn echo(request: Request) -> axum::Json<Value> {
     let (parts, mut body) = request.into_parts();
     let mut bytes = 0u64;
     while let Some(Ok(frame)) = body.frame().await {
@@ -40,7 +40,7 @@ async fn echo(request: Request) -> axum::Json<Value> {
     )
 }
 
-async fn spawn(router: Router) -> SocketAddr {
+pub(crate) async fn spawn(router: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

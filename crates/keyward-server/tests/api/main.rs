@@ -3,6 +3,7 @@
 
 mod audit;
 mod authz;
+mod authz_hook;
 mod cache;
 mod client_ip;
 mod errors;
