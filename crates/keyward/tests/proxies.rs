@@ -2,7 +2,8 @@
 //! that records what reaches it, asking a real `keyward serve` at `/v1/authz`. Each proxy runs the recipe
 //! of its page in `docs/proxies/` as written, with only the addresses and ports replaced. Checked for
 //! each: allow (identity headers at the upstream), 401, 403, 429 with `Retry-After` at the client, the key
-//! and forged identity headers never at the upstream, and a forged original URI or method changing nothing.
+//! and forged identity headers never at the upstream, a forged original URI or method changing nothing,
+//! and (nginx, whose recipe passes it on) the signed identity checking at the upstream.
 //!
 //! nginx and Caddy come from Debian's packages (`scripts/test.sh` installs them and exports
 //! `KEYWARD_TEST_NGINX`/`KEYWARD_TEST_CADDY`). Without them the tests are skipped with a loud line, and
@@ -161,9 +162,13 @@ impl Drop for Upstream {
     }
 }
 
-/// Keyward's side of the recipes: their routes, the proxies on loopback trusted, a plan of 2 a minute.
+/// Keyward's side of the recipes: their routes, the proxies on loopback trusted, a plan of 2 a minute,
+/// and the signed identity on (with [`IDENTITY_SECRET`]).
 const KEYWARD_TOML: &str = r#"
 trusted_proxies = ["127.0.0.1/32"]
+
+[authz]
+identity_secret = "proxies-test-identity-secret-of-32-bytes"
 
 [plans.tiny]
 per_minute = 2
@@ -181,6 +186,8 @@ scopes = ["read:projects"]
 prefix = "/health"
 public = true
 "#;
+
+const IDENTITY_SECRET: &[u8] = b"proxies-test-identity-secret-of-32-bytes";
 
 /// A key as `keys create --json` printed it.
 struct Key {
@@ -359,6 +366,16 @@ fn assert_reached(upstream: &Upstream, request: &str, key: &Key, owner: Option<&
     }
 }
 
+/// The upstream's last request carries a signed identity that checks with the shared secret and names
+/// this key and this request.
+fn assert_signed(upstream: &Upstream, key: &Key, method: &str, path: &str) {
+    let (_, headers) = upstream.last();
+    let token = header(&headers, "x-keyward-identity").expect("no x-keyward-identity at the upstream");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = keyward_core::identity::verify(IDENTITY_SECRET, token, i64::try_from(now).unwrap()).unwrap();
+    assert_eq!((claims.key_id.as_str(), claims.method.as_str(), claims.path.as_str()), (key.id.as_str(), method, path));
+}
+
 /// A refusal: the status, and the upstream never asked.
 fn assert_refused(upstream: &Upstream, response: &Response, status: u16) {
     let before = upstream.count();
@@ -368,7 +385,8 @@ fn assert_refused(upstream: &Upstream, response: &Response, status: u16) {
 }
 
 /// Every check, through one proxy started by `start` against a fresh Keyward and upstream.
-fn check(start: impl FnOnce(&str, &str) -> Proxy) {
+/// `copies_identity`: the recipe passes the signed identity on (otherwise it must not reach the upstream).
+fn check(start: impl FnOnce(&str, &str) -> Proxy, copies_identity: bool) {
     let keyward = Keyward::start();
     let upstream = Upstream::start();
     let proxy = start(&keyward.address, &upstream.address);
@@ -379,6 +397,11 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy) {
     assert!(response.body.contains(UPSTREAM_BODY), "{}", response.body);
     let scopes = "read:projects write:projects";
     assert_reached(&upstream, "GET /v1/projects/7?page=2", &keyward.owner, Some("customer-7"), scopes);
+    if copies_identity {
+        assert_signed(&upstream, &keyward.owner, "GET", "/v1/projects/7");
+    } else {
+        assert_eq!(header(&upstream.last().1, "x-keyward-identity"), None);
+    }
 
     // Allow: X-API-Key, a key without an owner: no owner reaches the upstream, forged or not.
     let response = send(&proxy, "GET", "/v1/projects", Some(("X-API-Key", keyward.reader.secret.clone())));
@@ -415,11 +438,11 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy) {
 #[test]
 fn nginx_auth_request_recipe() {
     let Some(binary) = proxy_binary("nginx", "/usr/sbin/nginx") else { return };
-    check(|keyward, upstream| nginx(&binary, keyward, upstream));
+    check(|keyward, upstream| nginx(&binary, keyward, upstream), true);
 }
 
 #[test]
 fn caddy_forward_auth_recipe() {
     let Some(binary) = proxy_binary("caddy", "/usr/bin/caddy") else { return };
-    check(|keyward, upstream| caddy(&binary, keyward, upstream));
+    check(|keyward, upstream| caddy(&binary, keyward, upstream), false);
 }
