@@ -228,6 +228,26 @@ fn serve_takes_its_redis_from_the_flag() {
     terminate(&mut child, std::time::Duration::from_secs(10));
 }
 
+/// `keyward serve` without an upstream still judges `/v1/authz` by `[[gateway.routes]]` of its file.
+#[test]
+fn serve_judges_proxy_hooks_by_the_configured_routes_without_an_upstream() {
+    let cli = Cli::new();
+    std::fs::write(
+        cli.dir.path().join("keyward.toml"),
+        "[[gateway.routes]]\nprefix = \"/v1/projects\"\nscopes = [\"read:projects\"]\n\
+         [[gateway.routes]]\nprefix = \"/public\"\npublic = true\n",
+    )
+    .unwrap();
+    let (mut child, key, address, _stderr, _logs) = serve(&cli, &[]);
+    // The admin key holds no customer scope.
+    let (status, body, _) = common::http(&address, "GET", "/v1/authz//v1/%70rojects/7", &key, None);
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("insufficient_scope")), "{body}");
+    assert_eq!(common::http(&address, "GET", "/v1/authz/v1/other", &key, None).0, 200);
+    assert_eq!(common::http(&address, "GET", "/v1/authz/public/x", "not-a-key", None).0, 200);
+    assert_eq!(common::http(&address, "GET", "/v1/authz/v1/other", "not-a-key", None).0, 401);
+    terminate(&mut child, std::time::Duration::from_secs(10));
+}
+
 /// `keyward serve` on a real socket: prints the admin key once on stdout (never in the logs),
 /// answers with it, and exits cleanly on SIGTERM.
 #[test]

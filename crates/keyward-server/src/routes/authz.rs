@@ -150,6 +150,11 @@ pub async fn authz(State(state): State<AppState>, request: Request) -> Response 
     let request = AuthzRequest { method, path, headers: &parts.headers, client_ip, via: Via::ExtAuthzHttp };
     match crate::authz::decide(&state, &state.routes, request).await {
         Decision::Allow(allowed) => {
+            if let Some(key) = &allowed.key {
+                let span = tracing::Span::current();
+                span.record("key_id", tracing::field::display(key.id));
+                span.record("organization_id", tracing::field::display(key.organization_id));
+            }
             let mut headers = allowed.response_headers;
             // Every identity header, empty when the key has no value: a proxy copying them overwrites
             // one its client forged.

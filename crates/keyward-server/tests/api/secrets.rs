@@ -284,6 +284,45 @@ async fn a_key_in_a_gateway_path_is_not_logged() {
     assert!(!logs.contains(secret), "a gateway log line has the key");
 }
 
+/// Through the proxy hook, the end client's key (allowed, refused, or put in the original path or a
+/// forwarded URI) reaches no log line, no answer and no header of the answer.
+#[tokio::test]
+async fn a_key_through_the_proxy_hook_leaks_nowhere() {
+    let capture = capture_logs();
+    let app = TestApp::sqlite().await;
+    let created = app.post("/v1/keys", &app.admin_key, json!({"name": "hooked", "allowed_ips": ["10.0.0.0/8"]})).await;
+    let key = created.body["key"].as_str().unwrap().to_owned();
+    let (open, _) = app.key(app.default_org.id, &[]).await;
+    let secret = &key[8..40];
+    let requests = [
+        ("/v1/authz/projects".to_owned(), vec![("authorization", format!("Bearer {key}"))]),
+        (format!("/v1/authz/reset/{key}"), vec![("x-api-key", open.clone())]),
+        (format!("/v1/authz/reset/{key}"), vec![("x-api-key", "sk_live_wrong".to_owned())]),
+        (
+            "/v1/authz?style=forwarded".to_owned(),
+            vec![
+                ("x-forwarded-method", "GET".to_owned()),
+                ("x-forwarded-uri", format!("/a/{key}?k={key}")),
+                ("x-api-key", key.clone()),
+            ],
+        ),
+    ];
+    for (uri, headers) in requests {
+        let mut request = crate::helpers::request(Method::GET, &uri, None, None);
+        for (name, value) in headers {
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        let r = app.send(request).await;
+        assert!(!r.text.contains(secret), "{uri}: the answer has the key: {}", r.text);
+        for (name, value) in &r.headers {
+            assert!(!value.to_str().unwrap_or_default().contains(secret), "{uri}: `{name}` has the key");
+        }
+    }
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("\"via\":\"ext_authz_http\""), "the capture works");
+    assert!(!logs.contains(secret), "a proxy-hook log line has the key");
+}
+
 /// A key pasted where a plan or an event name goes is never quoted back in the error (as in
 /// `unknown plan `sk_live_…``), on any route that takes one.
 #[tokio::test]
