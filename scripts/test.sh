@@ -4,6 +4,8 @@
 # PostgreSQL and Redis are real servers in tests, never mocks. This script makes sure both answer
 # (starting them, or installing them from Debian's packages, when needed). With CI=true an
 # unreachable service fails the run; elsewhere the tests that need it are skipped with a loud line.
+# nginx and Caddy are installed the same way (never started as system services: the proxy tests run
+# their own instances on loopback ports) and their paths exported as KEYWARD_TEST_NGINX/_CADDY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +16,16 @@ say() { printf '\n==> %s\n' "$*"; }
 
 apt_install() {
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+        # Packages such as nginx start their system service on install; the tests want only their own
+        # instances, so services are kept from starting (unless the machine already says so itself).
+        local policy=/usr/sbin/policy-rc.d own_policy=
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+        fi
+        local rc=0
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || rc=$?
+        [ -z "$own_policy" ] || rm -f "$policy"
+        return "$rc"
     else
         return 1
     fi
@@ -78,7 +89,23 @@ ensure_redis() {
     wait_for redis_up
 }
 
-for service in postgres redis; do
+# The proxy tests start their own nginx and Caddy, so being installed and able to run is enough.
+nginx_usable() { [ -x "$KEYWARD_TEST_NGINX" ] && "$KEYWARD_TEST_NGINX" -V 2>&1 | grep -q -- '--with-http_auth_request_module'; }
+caddy_usable() { [ -x "$KEYWARD_TEST_CADDY" ] && "$KEYWARD_TEST_CADDY" version >/dev/null 2>&1; }
+
+ensure_proxy() { # name package default_path
+    local var="KEYWARD_TEST_${1^^}"
+    export "$var=${!var:-$(command -v "$1" || echo "$3")}"
+    "${1}_usable" && return 0
+    say "$1 is not installed: installing it from Debian's packages"
+    apt_install "$2" || return 1
+    export "$var=$(command -v "$1" || echo "$3")"
+    "${1}_usable"
+}
+ensure_nginx() { ensure_proxy nginx nginx /usr/sbin/nginx; }
+ensure_caddy() { ensure_proxy caddy caddy /usr/bin/caddy; }
+
+for service in postgres redis nginx caddy; do
     if ! "ensure_$service"; then
         if [ "${CI:-}" = "true" ]; then
             echo "FATAL: $service is not reachable and CI=true: failing the run" >&2

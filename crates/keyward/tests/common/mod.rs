@@ -73,21 +73,59 @@ impl Cli {
 /// One HTTP/1.1 request, `Connection: close`; status, JSON body, and how long it took.
 pub fn http(address: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value, Duration) {
     let started = Instant::now();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let bearer = format!("Bearer {key}");
+    let response =
+        request(address, method, path, &[("Authorization", &bearer), ("Content-Type", "application/json")], &body);
+    let json = serde_json::from_str(&response.body).unwrap_or(Value::Null);
+    (response.status, json, started.elapsed())
+}
+
+/// A response as read off the socket: status, headers (names in lower case, in order), body.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+/// The first value of a header (`name` in lower case).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// One HTTP/1.1 request with exactly these headers (and `Host`, `Content-Length`, `Connection: close`);
+/// the whole response, read within 20 s.
+pub fn request(address: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
     let mut stream = TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    write!(stream, "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let json = response.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
-    (status, json, started.elapsed())
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let (status_line, headers) = parse_head(head);
+    let status = status_line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Response { status, headers, body: body.to_owned() }
+}
+
+/// A request's or response's head: its first line, and its headers with names in lower case.
+pub fn parse_head(head: &str) -> (String, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let first = lines.next().unwrap_or_default().to_owned();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (first, headers)
 }
 
 /// The address of a `keyward serve` child started with JSON logs on stderr (piped), from its
