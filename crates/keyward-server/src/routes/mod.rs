@@ -1,7 +1,6 @@
 //! One module per resource, and [`RouteTable`]: how `lib.rs` declares the routes, each with the
 //! permission it needs, so that the route table reads like the authorization matrix.
 
-use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -76,14 +75,14 @@ pub struct RouteRow {
     pub needs: Needs,
 }
 
-/// A handler whose second argument, after `State`, is a `Caller<P>`: admitted by the permission `P`.
+/// A handler whose first argument is a `Caller<P>`: admitted by the permission `P`.
 /// The route table names `P` beside the path and the compiler holds the handler to it, so the table
 /// cannot say one thing while the handler checks another.
 pub trait Guarded<P, T> {}
 
 macro_rules! guarded {
     ($($rest:ident),*) => {
-        impl<H, M, P: Permission, $($rest,)*> Guarded<P, (M, State<AppState>, Caller<P>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, $($rest,)*> Guarded<P, (M, Caller<P>, $($rest,)*)> for H {}
     };
 }
 

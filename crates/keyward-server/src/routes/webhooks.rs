@@ -14,7 +14,6 @@
 //! signing secret is never shown again after creation, to anyone.
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -29,7 +28,6 @@ use crate::auth::{Caller, KeysWrite};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors};
-use crate::state::AppState;
 use crate::webhooks::check_url;
 
 const MAX_DESCRIPTION: usize = 2_000;
@@ -260,15 +258,15 @@ fn check_description(d: Option<String>) -> ApiResult<Option<String>> {
 }
 
 /// An endpoint the caller may manage; any other id answers 404.
-async fn visible(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = state.store.get_webhook(id).await?;
+async fn visible(caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
+    let hook = caller.state().store.get_webhook(id).await?;
     if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
 }
 
 /// An endpoint the caller may change or read the deliveries of: visible to it (else 404) and one it could have
 /// created (else 403).
-async fn manageable(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = visible(state, caller, id).await?;
+async fn manageable(caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
+    let hook = visible(caller, id).await?;
     // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
     // only `keyward:admin` may create.
     check_admin_events(caller, &hook.events)?;
@@ -279,11 +277,8 @@ async fn manageable(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> A
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
     responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn create_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    body: JsonBody,
-) -> ApiResult<Response> {
+pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiResult<Response> {
+    let state = caller.state();
     let body: CreateWebhookRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.as_deref())?;
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
@@ -313,10 +308,8 @@ pub async fn create_webhook(
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
     responses((status = 200, body = WebhookListResponse), KeyErrors))]
-pub async fn list_webhooks(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-) -> ApiResult<Json<WebhookListResponse>> {
+pub async fn list_webhooks(caller: Caller<KeysWrite>) -> ApiResult<Json<WebhookListResponse>> {
+    let state = caller.state();
     let hooks = state.store.list_webhooks(caller.org_filter()).await?;
     Ok(Json(WebhookListResponse { items: hooks.into_iter().map(WebhookResponse::from).collect() }))
 }
@@ -324,12 +317,8 @@ pub async fn list_webhooks(
 /// Read one webhook endpoint.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<WebhookResponse>> {
-    Ok(Json(visible(&state, &caller, id).await?.into()))
+pub async fn get_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<WebhookResponse>> {
+    Ok(Json(visible(&caller, id).await?.into()))
 }
 
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
@@ -338,12 +327,12 @@ pub async fn get_webhook(
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn update_webhook(
-    State(state): State<AppState>,
     caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
     body: JsonBody,
 ) -> ApiResult<Json<WebhookResponse>> {
-    manageable(&state, &caller, id).await?;
+    let state = caller.state();
+    manageable(&caller, id).await?;
     let body: UpdateWebhookRequest = body.parse()?;
     if let Some(url) = &body.url {
         check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
@@ -365,12 +354,9 @@ pub async fn update_webhook(
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn delete_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
-    manageable(&state, &caller, id).await?;
+pub async fn delete_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<StatusCode> {
+    let state = caller.state();
+    manageable(&caller, id).await?;
     state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -380,13 +366,13 @@ pub async fn delete_webhook(
     params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = DeliveryListResponse), NotFoundErrors, KeyErrors))]
 pub async fn list_deliveries(
-    State(state): State<AppState>,
     caller: Caller<KeysWrite>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<DeliveryListResponse>> {
+    let state = caller.state();
     // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
     // does.
-    manageable(&state, &caller, id).await?;
+    manageable(&caller, id).await?;
     let mut items = Vec::new();
     for d in state.store.list_deliveries(id, 100).await? {
         let attempts = state.store.list_attempts(d.id).await?;
@@ -401,11 +387,11 @@ pub async fn list_deliveries(
     responses((status = 200, body = DeliveryResponse), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn retry_delivery(
-    State(state): State<AppState>,
     caller: Caller<KeysWrite>,
     ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<DeliveryResponse>> {
-    manageable(&state, &caller, id).await?;
+    let state = caller.state();
+    manageable(&caller, id).await?;
     let now = state.clock.now();
     let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);
     let d = state.store.retry_delivery(id, delivery, now, give_up).await?;
