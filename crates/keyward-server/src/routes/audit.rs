@@ -7,6 +7,7 @@ use keyward_core::KeyId;
 use keyward_store::AuditFilter;
 use serde::Deserialize;
 
+use super::{Listed, listed};
 use crate::auth::{Admin, AuditRead, Caller};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::ApiQuery;
@@ -49,10 +50,7 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 /// List audit rows, newest first.
 #[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
     responses((status = 200, body = PageResponse<AuditEntryResponse>), QueryErrors, KeyErrors))]
-pub async fn list_audit(
-    caller: Caller<AuditRead>,
-    ApiQuery(q): ApiQuery<AuditQuery>,
-) -> ApiResult<Json<PageResponse<AuditEntryResponse>>> {
+pub async fn list_audit(caller: Caller<AuditRead>, ApiQuery(q): ApiQuery<AuditQuery>) -> Listed<AuditEntryResponse> {
     let state = caller.state();
     let key_id = q
         .key_id
@@ -73,7 +71,7 @@ pub async fn list_audit(
     }
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
     let page = state.store.list_audit(&filter, page).await?;
-    Ok(Json(PageResponse::from_page(page, AuditEntryResponse::from)))
+    listed(page, AuditEntryResponse::from)
 }
 
 /// The result of walking the audit chain.

@@ -8,6 +8,7 @@ use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
 
+use super::{Listed, listed};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
@@ -105,10 +106,7 @@ pub struct ListKeysQuery {
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
     responses((status = 200, body = PageResponse<KeyResponse>), QueryErrors, KeyErrors))]
-pub async fn list_keys(
-    caller: Caller<KeysReadOrSelf>,
-    ApiQuery(q): ApiQuery<ListKeysQuery>,
-) -> ApiResult<Json<PageResponse<KeyResponse>>> {
+pub async fn list_keys(caller: Caller<KeysReadOrSelf>, ApiQuery(q): ApiQuery<ListKeysQuery>) -> Listed<KeyResponse> {
     let state = caller.state();
     let bad = |m: &str| ApiError::new(ErrorCode::InvalidQuery, m.to_owned());
     let environment = q
@@ -134,7 +132,7 @@ pub async fn list_keys(
         now,
     };
     let page = state.store.list_keys(&filter, page).await?;
-    Ok(Json(PageResponse::from_page(page, |k| KeyResponse::new(k, now))))
+    listed(page, |k| KeyResponse::new(k, now))
 }
 
 /// Read one key.

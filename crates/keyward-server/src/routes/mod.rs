@@ -8,7 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 
+use keyward_store::Page;
+
 use crate::auth::{Caller, Grant, Permission};
+use crate::error::ApiResult;
+use crate::model::PageResponse;
 use crate::state::AppState;
 
 pub mod audit;
@@ -27,6 +31,14 @@ pub mod webhooks;
 // SECURITY: no cache may store a response that carries a secret.
 fn created_with_secret(headers: HeaderMap, body: impl serde::Serialize) -> Response {
     (StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response()
+}
+
+/// What a list route answers: one page of `T`, and the cursor of the next.
+pub type Listed<T> = ApiResult<Json<PageResponse<T>>>;
+
+/// A page from the store as a list route answers it, each item turned into its response by `f`.
+fn listed<R, C: ToString, T>(page: Page<R, C>, f: impl FnMut(R) -> T) -> Listed<T> {
+    Ok(Json(PageResponse::from_page(page, f)))
 }
 
 /// The methods the API uses.

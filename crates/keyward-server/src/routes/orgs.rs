@@ -4,6 +4,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use keyward_core::OrgId;
 
+use super::{Listed, listed};
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
@@ -26,13 +27,10 @@ pub async fn create_org(caller: Caller<Admin>, body: JsonBody) -> ApiResult<(Sta
 /// List organizations, newest first.
 #[utoipa::path(get, path = "/v1/organizations", tag = "organizations", params(PageQuery),
     responses((status = 200, body = PageResponse<OrganizationResponse>), QueryErrors, KeyErrors))]
-pub async fn list_orgs(
-    admin: Caller<Admin>,
-    ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<PageResponse<OrganizationResponse>>> {
+pub async fn list_orgs(admin: Caller<Admin>, ApiQuery(q): ApiQuery<PageQuery>) -> Listed<OrganizationResponse> {
     let state = admin.state();
     let page = state.store.list_orgs(q.request::<OrgId>()?).await?;
-    Ok(Json(PageResponse::from_page(page, OrganizationResponse::from)))
+    listed(page, OrganizationResponse::from)
 }
 
 /// Read an organization.
