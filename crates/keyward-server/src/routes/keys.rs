@@ -8,28 +8,30 @@ use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
 
+use super::target::{Target, Visible, Writable};
 use super::{Listed, listed};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
-use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::model::{
     CreatedKeyResponse, EnvironmentName, KeyResponse, KeyStatusName, PageQuery, PageResponse, RotatedKeyResponse,
 };
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
 
-/// Load a key the caller may see; any other id answers 404, exactly like one that does not exist.
-pub(crate) async fn visible_key<P>(caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
-    let key = caller.state().store.get_key(id).await?;
-    if caller.sees_key(&key) { Ok(key) } else { Err(ApiError::not_found()) }
-}
+/// A key is visible to a caller that sees it ([`Caller::sees_key`]), and writable (update, revoke,
+/// rotate) by one that may change it ([`Caller::may_change`]).
+impl Target for ApiKey {
+    type Id = KeyId;
 
-/// Load a key the caller may change (update, revoke, rotate): one it may see (else 404) and may change
-/// ([`Caller::may_change`], else 403).
-async fn writable_key<P>(caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
-    let key = visible_key(caller, id).await?;
-    caller.may_change(&key)?;
-    Ok(key)
+    async fn visible<P>(caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
+        let key = caller.state().store.get_key(id).await?;
+        if caller.sees_key(&key) { Ok(key) } else { Err(ApiError::not_found()) }
+    }
+
+    fn may_change<P>(&self, caller: &Caller<P>) -> ApiResult<()> {
+        caller.may_change(self)
+    }
 }
 
 /// SECURITY: a key's own plan and limit overrides may only make it tighter than its organization's own
@@ -138,9 +140,9 @@ pub async fn list_keys(caller: Caller<KeysReadOrSelf>, ApiQuery(q): ApiQuery<Lis
 /// Read one key.
 #[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_key(caller: Caller<KeysReadOrSelf>, ApiPath(id): ApiPath<KeyId>) -> ApiResult<Json<KeyResponse>> {
+pub async fn get_key(key: Visible<KeysReadOrSelf, ApiKey>) -> ApiResult<Json<KeyResponse>> {
+    let Visible { caller, target: key } = key;
     let state = caller.state();
-    let key = visible_key(&caller, id).await?;
     let org = state.store.get_org(key.organization_id).await?;
     let limits = crate::limits::effective(state, &key, &org);
     Ok(Json(KeyResponse { effective_limits: Some(limits), ..KeyResponse::new(key, state.clock.now()) }))
@@ -151,13 +153,9 @@ pub async fn get_key(caller: Caller<KeysReadOrSelf>, ApiPath(id): ApiPath<KeyId>
     request_body = UpdateKeyRequest,
     responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn update_key(
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<KeyId>,
-    body: JsonBody,
-) -> ApiResult<Json<KeyResponse>> {
+pub async fn update_key(key: Writable<KeysWrite, ApiKey>, body: JsonBody) -> ApiResult<Json<KeyResponse>> {
+    let Writable { caller, target: key } = key;
     let state = caller.state();
-    let key = writable_key(&caller, id).await?;
     let body: UpdateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
@@ -167,7 +165,7 @@ pub async fn update_key(
     if let Some(Some(plan)) = &patch.plan {
         check_limits(&caller, key.organization_id, Some(plan), &key.limits).await?;
     }
-    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&state.keys);
+    let key = state.store.update_key(key.id, patch, &caller.actor(now)).await?.apply(&state.keys);
     Ok(Json(KeyResponse::new(key, now)))
 }
 
@@ -175,11 +173,11 @@ pub async fn update_key(
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn revoke_key(caller: Caller<KeysWriteOrSelf>, ApiPath(id): ApiPath<KeyId>) -> ApiResult<StatusCode> {
+pub async fn revoke_key(key: Writable<KeysWriteOrSelf, ApiKey>) -> ApiResult<StatusCode> {
+    let Writable { caller, target: key } = key;
     let state = caller.state();
-    writable_key(&caller, id).await?;
     let now = state.clock.now();
-    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
+    state.store.revoke_key(key.id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,13 +189,9 @@ pub async fn revoke_key(caller: Caller<KeysWriteOrSelf>, ApiPath(id): ApiPath<Ke
     responses((status = 201, body = RotatedKeyResponse), NotFoundErrors, (status = 409, body = ErrorBody),
         KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn rotate_key(
-    caller: Caller<KeysWriteOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
-    body: JsonBody,
-) -> ApiResult<Response> {
+pub async fn rotate_key(old: Writable<KeysWriteOrSelf, ApiKey>, body: JsonBody) -> ApiResult<Response> {
+    let Writable { caller, target: old } = old;
     let state = caller.state();
-    let old = writable_key(&caller, id).await?;
     let body: RotateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now })?;

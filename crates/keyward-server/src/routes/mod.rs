@@ -13,6 +13,7 @@ use keyward_store::Page;
 use crate::auth::{Caller, Grant, Permission};
 use crate::error::ApiResult;
 use crate::model::PageResponse;
+use crate::routes::target::{Visible, Writable};
 use crate::state::AppState;
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod me;
 pub mod openapi;
 pub mod orgs;
+pub mod target;
 pub mod usage;
 pub mod verify;
 pub mod webhooks;
@@ -87,7 +89,8 @@ pub struct RouteRow {
     pub needs: Needs,
 }
 
-/// A handler whose first argument is a `Caller<P>`: admitted by the permission `P`.
+/// A handler whose first argument is a `Caller<P>`, or a [`Visible`] or [`Writable`] object of one:
+/// admitted by the permission `P`.
 /// The route table names `P` beside the path and the compiler holds the handler to it, so the table
 /// cannot say one thing while the handler checks another.
 pub trait Guarded<P, T> {}
@@ -95,6 +98,8 @@ pub trait Guarded<P, T> {}
 macro_rules! guarded {
     ($($rest:ident),*) => {
         impl<H, M, P: Permission, $($rest,)*> Guarded<P, (M, Caller<P>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, T, $($rest,)*> Guarded<P, (M, Visible<P, T>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, T, $($rest,)*> Guarded<P, (M, Writable<P, T>, $($rest,)*)> for H {}
     };
 }
 

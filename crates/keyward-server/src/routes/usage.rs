@@ -17,7 +17,7 @@ use keyward_store::usage::{
     DailyCounts, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT, UsageEvent,
     UsageKind,
 };
-use keyward_store::{Store, StoreError};
+use keyward_store::{ApiKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -25,6 +25,7 @@ use crate::auth::{Caller, KeysRead, KeysReadOrSelf, Verify};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
+use crate::routes::target::Visible;
 
 /// Events one `POST /v1/usage` may carry.
 pub const MAX_REPORT_EVENTS: usize = 1_000;
@@ -343,18 +344,16 @@ pub async fn key_usage_report(
     responses((status = 200, body = KeyUsageResponse), QueryErrors, NotFoundErrors,
         KeyErrors))]
 pub async fn key_usage(
-    caller: Caller<KeysReadOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
+    key: Visible<KeysReadOrSelf, ApiKey>,
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<KeyUsageResponse>> {
-    let state = caller.state();
+    let state = key.caller.state();
     let days = q.days.unwrap_or(30);
     if !(1..=MAX_DAYS).contains(&days) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`days` must be 1 to {MAX_DAYS}")));
     }
-    crate::routes::keys::visible_key(&caller, id).await?;
     let today = state.clock.now().date_naive();
-    Ok(Json(key_usage_report(&*state.store, id, days, today).await?))
+    Ok(Json(key_usage_report(&*state.store, key.target.id, days, today).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

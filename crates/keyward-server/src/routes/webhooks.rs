@@ -28,6 +28,7 @@ use crate::auth::{Caller, KeysWrite};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors};
+use crate::routes::target::{self, Target, Visible, Writable};
 use crate::webhooks::check_url;
 
 const MAX_DESCRIPTION: usize = 2_000;
@@ -214,7 +215,7 @@ pub struct UpdateWebhookRequest {
 
 /// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
 /// checked at creation, and on every write with the endpoint's current events and its new ones.
-fn check_admin_events(caller: &Caller<KeysWrite>, events: &[EventKind]) -> ApiResult<()> {
+fn check_admin_events<P>(caller: &Caller<P>, events: &[EventKind]) -> ApiResult<()> {
     // Events that belong to no organization: only `keyward:admin` may subscribe to them.
     match events.iter().find(|e| e.is_global()) {
         Some(event) if !caller.is_admin() => Err(ApiError::new(
@@ -257,20 +258,21 @@ fn check_description(d: Option<String>) -> ApiResult<Option<String>> {
     }
 }
 
-/// An endpoint the caller may manage; any other id answers 404.
-async fn visible(caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = caller.state().store.get_webhook(id).await?;
-    if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
-}
+/// An endpoint is visible to a caller that reaches its organization, and writable (changed, or its
+/// deliveries read) by one that could have created it.
+impl Target for Webhook {
+    type Id = Uuid;
 
-/// An endpoint the caller may change or read the deliveries of: visible to it (else 404) and one it could have
-/// created (else 403).
-async fn manageable(caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = visible(caller, id).await?;
-    // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
-    // only `keyward:admin` may create.
-    check_admin_events(caller, &hook.events)?;
-    Ok(hook)
+    async fn visible<P>(caller: &Caller<P>, id: Uuid) -> ApiResult<Webhook> {
+        let hook = caller.state().store.get_webhook(id).await?;
+        if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
+    }
+
+    fn may_change<P>(&self, caller: &Caller<P>) -> ApiResult<()> {
+        // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
+        // only `keyward:admin` may create.
+        check_admin_events(caller, &self.events)
+    }
 }
 
 /// Create a webhook endpoint. The signing secret is in this response only.
@@ -317,8 +319,8 @@ pub async fn list_webhooks(caller: Caller<KeysWrite>) -> ApiResult<Json<WebhookL
 /// Read one webhook endpoint.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<WebhookResponse>> {
-    Ok(Json(visible(&caller, id).await?.into()))
+pub async fn get_webhook(hook: Visible<KeysWrite, Webhook>) -> ApiResult<Json<WebhookResponse>> {
+    Ok(Json(hook.target.into()))
 }
 
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
@@ -326,13 +328,9 @@ pub async fn get_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid>) 
     request_body = UpdateWebhookRequest,
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn update_webhook(
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-    body: JsonBody,
-) -> ApiResult<Json<WebhookResponse>> {
+pub async fn update_webhook(hook: Writable<KeysWrite, Webhook>, body: JsonBody) -> ApiResult<Json<WebhookResponse>> {
+    let Writable { caller, target: hook } = hook;
     let state = caller.state();
-    manageable(&caller, id).await?;
     let body: UpdateWebhookRequest = body.parse()?;
     if let Some(url) = &body.url {
         check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
@@ -347,17 +345,17 @@ pub async fn update_webhook(
         description: body.description.map(check_description).transpose()?,
     };
     let now = state.clock.now();
-    Ok(Json(state.store.update_webhook(id, patch, &caller.actor(now)).await?.into()))
+    Ok(Json(state.store.update_webhook(hook.id, patch, &caller.actor(now)).await?.into()))
 }
 
 /// Delete a webhook endpoint and its deliveries.
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn delete_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<StatusCode> {
+pub async fn delete_webhook(hook: Writable<KeysWrite, Webhook>) -> ApiResult<StatusCode> {
+    let Writable { caller, target: hook } = hook;
     let state = caller.state();
-    manageable(&caller, id).await?;
-    state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
+    state.store.delete_webhook(hook.id, &caller.actor(state.clock.now())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -365,16 +363,12 @@ pub async fn delete_webhook(caller: Caller<KeysWrite>, ApiPath(id): ApiPath<Uuid
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = DeliveryListResponse), NotFoundErrors, KeyErrors))]
-pub async fn list_deliveries(
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<DeliveryListResponse>> {
-    let state = caller.state();
+pub async fn list_deliveries(hook: Writable<KeysWrite, Webhook>) -> ApiResult<Json<DeliveryListResponse>> {
     // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
-    // does.
-    manageable(&caller, id).await?;
+    // does, hence `Writable`.
+    let state = hook.caller.state();
     let mut items = Vec::new();
-    for d in state.store.list_deliveries(id, 100).await? {
+    for d in state.store.list_deliveries(hook.target.id, 100).await? {
         let attempts = state.store.list_attempts(d.id).await?;
         items.push(DeliveryResponse::new(d, attempts));
     }
@@ -391,7 +385,7 @@ pub async fn retry_delivery(
     ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<DeliveryResponse>> {
     let state = caller.state();
-    manageable(&caller, id).await?;
+    target::writable::<_, Webhook>(&caller, id).await?;
     let now = state.clock.now();
     let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);
     let d = state.store.retry_delivery(id, delivery, now, give_up).await?;
