@@ -97,18 +97,16 @@ pub struct ListKeysQuery {
     pub status: Option<String>,
     /// Also list disabled and revoked keys.
     pub include_inactive: Option<bool>,
-    /// `next_cursor` of the previous page.
-    #[param(format = Uuid)]
-    pub cursor: Option<String>,
-    /// 1-100, default 50.
-    #[param(minimum = 1, maximum = 100)]
-    pub limit: Option<u32>,
 }
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
-#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery, PageQuery),
     responses((status = 200, body = PageResponse<KeyResponse>), QueryErrors, KeyErrors))]
-pub async fn list_keys(caller: Caller<KeysReadOrSelf>, ApiQuery(q): ApiQuery<ListKeysQuery>) -> Listed<KeyResponse> {
+pub async fn list_keys(
+    caller: Caller<KeysReadOrSelf>,
+    ApiQuery(q): ApiQuery<ListKeysQuery>,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Listed<KeyResponse> {
     let state = caller.state();
     let bad = |m: &str| ApiError::new(ErrorCode::InvalidQuery, m.to_owned());
     let environment = q
@@ -123,7 +121,7 @@ pub async fn list_keys(caller: Caller<KeysReadOrSelf>, ApiQuery(q): ApiQuery<Lis
         .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
         .transpose()?;
     let owner_id = caller.listed_owner().map(str::to_owned).or(q.owner_id);
-    let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<KeyId>()?;
+    let page = page.request::<KeyId>()?;
     let now = state.clock.now();
     let filter = KeyFilter {
         organization_id: caller.org_filter(),
