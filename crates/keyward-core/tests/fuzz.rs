@@ -11,28 +11,17 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use keyward_core::key::quote_if_not_key;
 use keyward_core::{Environment, IpAllowList, IpListError, KeyPrefix, KeywardScope, PlainKey, Scope, ScopeSet};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 
-/// Runs `test` on `cases` values of `strategy` from a fixed seed; no regression files are written.
-/// Shrinking is bounded so a failure is reported within seconds.
+#[path = "support/seeded.rs"]
+mod seeded;
+
+/// Runs `test` on `cases` values of `strategy` from a fixed seed ([`seeded::runner`]).
 fn check<S: Strategy>(cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
 where
     S::Value: Debug,
 {
-    let scale = std::env::var("KEYWARD_FUZZ_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
-    let config = Config {
-        cases: cases.saturating_mul(scale),
-        failure_persistence: None,
-        max_shrink_iters: 4_096,
-        max_shrink_time: 10_000,
-        ..Config::default()
-    };
-    let rng = match std::env::var("KEYWARD_FUZZ_SEED").ok().and_then(|s| s.parse::<u64>().ok()) {
-        Some(seed) => TestRng::from_seed(RngAlgorithm::ChaCha, &[seed.to_le_bytes(); 4].concat()),
-        None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    };
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    if let Err(e) = runner.run(&strategy, test) {
+    if let Err(e) = seeded::runner(cases, 4_096, 10_000).run(&strategy, test) {
         panic!("{e}");
     }
 }

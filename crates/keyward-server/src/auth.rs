@@ -109,9 +109,11 @@ pub fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
 /// A caller of the API, authenticated and admitted by the permission `P` its route declares in the
 /// handler's signature (`Caller<KeysWrite>`): a handler holding one was never reached by a key that
 /// lacks it. How far the caller reaches ([`Reach`]) is decided here, once, and the
-/// object-level rules below read it.
+/// object-level rules below read it. It carries the server's state too: every handler that has a caller
+/// acts on the state for it, so neither travels without the other.
 #[derive(Debug)]
 pub struct Caller<P> {
+    state: AppState,
     key: Arc<KeyRecord>,
     ip: Option<IpAddr>,
     reach: Reach,
@@ -124,7 +126,7 @@ impl<P: Permission> FromRequestParts<AppState> for Caller<P> {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Authenticated { key, ip } = Authenticated::from_request_parts(parts, state).await?;
         let reach = admit(P::GRANTS, &key.scopes).map_err(|lacks| ApiError::insufficient_scope(lacks.as_str()))?;
-        Ok(Caller { key, ip, reach, permission: PhantomData })
+        Ok(Caller { state: state.clone(), key, ip, reach, permission: PhantomData })
     }
 }
 
@@ -318,6 +320,11 @@ pub fn admit(grants: &[Grant], scopes: &ScopeSet) -> Result<Reach, KeywardScope>
 
 /// The object-level rules: each written once, here, and called by name from the handlers.
 impl<P> Caller<P> {
+    /// The server's state, which this caller's request acts on.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
     pub fn key_id(&self) -> KeyId {
         self.key.id
     }

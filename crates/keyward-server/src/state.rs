@@ -106,58 +106,44 @@ impl AppState {
 #[must_use]
 pub struct StateBuilder(Shared);
 
-impl StateBuilder {
+/// A setter on [`StateBuilder`] for each part that is taken as given.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $part:ident: $ty:ty,)*) => {
+        impl StateBuilder {
+            $(
+                $(#[$doc])*
+                pub fn $part(mut self, $part: $ty) -> Self {
+                    self.0.$part = $part;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
     /// How presented keys are hashed: with the server's pepper, when it has one.
-    pub fn hasher(mut self, hasher: KeyHasher) -> Self {
-        self.0.hasher = hasher;
-        self
-    }
+    hasher: KeyHasher,
+    usage: UsageRecorder,
+    limiter: Arc<dyn Limiter>,
+    protection: Protection,
+    lifecycle: LifecycleSettings,
+    webhooks: WebhookSettings,
+    /// The verify cache in front of the store's key lookups (configured, and on the bus with many
+    /// nodes).
+    keys: CachedLookup,
+    /// The route table of the protected API (default: every path needs a valid key).
+    routes: Routes,
+}
 
-    pub fn usage(mut self, usage: UsageRecorder) -> Self {
-        self.0.usage = usage;
-        self
-    }
-
+impl StateBuilder {
     pub fn plans(mut self, plans: Plans) -> Self {
         self.0.plans = Arc::new(plans);
         self
     }
 
-    pub fn limiter(mut self, limiter: Arc<dyn Limiter>) -> Self {
-        self.0.limiter = limiter;
-        self
-    }
-
-    pub fn protection(mut self, protection: Protection) -> Self {
-        self.0.protection = protection;
-        self
-    }
-
     pub fn trusted_proxies(mut self, proxies: impl Into<Arc<[ipnet::IpNet]>>) -> Self {
         self.0.trusted_proxies = proxies.into();
-        self
-    }
-
-    pub fn lifecycle(mut self, lifecycle: LifecycleSettings) -> Self {
-        self.0.lifecycle = lifecycle;
-        self
-    }
-
-    pub fn webhooks(mut self, webhooks: WebhookSettings) -> Self {
-        self.0.webhooks = webhooks;
-        self
-    }
-
-    /// The verify cache in front of the store's key lookups (configured, and on the bus with many
-    /// nodes).
-    pub fn keys(mut self, keys: CachedLookup) -> Self {
-        self.0.keys = keys;
-        self
-    }
-
-    /// The route table of the protected API (default: every path needs a valid key).
-    pub fn routes(mut self, routes: Routes) -> Self {
-        self.0.routes = routes;
         self
     }
 

@@ -38,28 +38,45 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-fn describe() {
-    metrics::describe_counter!("keyward_verify_total", "Verifications by outcome.");
-    metrics::describe_histogram!("keyward_verify_duration_seconds", "Time to answer a verification.");
-    metrics::describe_counter!(
-        "keyward_auth_failures_total",
-        "Failed authentications, by reason and by path (management API or verify)."
-    );
-    metrics::describe_counter!("keyward_http_requests_total", "HTTP requests by method, route and status class.");
-    metrics::describe_histogram!("keyward_http_request_duration_seconds", "HTTP request latency by route.");
-    metrics::describe_histogram!("keyward_usage_flush_duration_seconds", "Time to write one batch of usage events.");
-    metrics::describe_histogram!("keyward_usage_batch_events", "Usage events per written batch.");
-    metrics::describe_gauge!("keyward_usage_buffer_events", "Usage events held in memory, not yet in the store.");
-    metrics::describe_counter!("keyward_usage_events_written_total", "Usage events inserted into the store.");
-    metrics::describe_counter!(
+/// Every counter Keyward records, with what `/metrics` says of it.
+const COUNTERS: &[(&str, &str)] = &[
+    ("keyward_verify_total", "Verifications by outcome."),
+    ("keyward_auth_failures_total", "Failed authentications, by reason and by path (management API or verify)."),
+    ("keyward_http_requests_total", "HTTP requests by method, route and status class."),
+    ("keyward_usage_events_written_total", "Usage events inserted into the store."),
+    (
         "keyward_usage_duplicates_total",
-        "Usage events the store already had (a retried report, a replay): not counted again."
-    );
-    metrics::describe_counter!("keyward_usage_flush_errors_total", "Failed usage writes (kept and retried).");
-    metrics::describe_counter!("keyward_usage_spilled_events_total", "Usage events spilled to the local file.");
-    metrics::describe_counter!("keyward_usage_replayed_events_total", "Usage events replayed from the spill file.");
-    metrics::describe_counter!("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention.");
-    metrics::describe_counter!(crate::error::STORE_ERRORS_TOTAL, "Store errors by kind.");
+        "Usage events the store already had (a retried report, a replay): not counted again.",
+    ),
+    ("keyward_usage_flush_errors_total", "Failed usage writes (kept and retried)."),
+    ("keyward_usage_spilled_events_total", "Usage events spilled to the local file."),
+    ("keyward_usage_replayed_events_total", "Usage events replayed from the spill file."),
+    ("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention."),
+    (crate::error::STORE_ERRORS_TOTAL, "Store errors by kind."),
+];
+
+/// Every histogram, likewise.
+const HISTOGRAMS: &[(&str, &str)] = &[
+    ("keyward_verify_duration_seconds", "Time to answer a verification."),
+    ("keyward_http_request_duration_seconds", "HTTP request latency by route."),
+    ("keyward_usage_flush_duration_seconds", "Time to write one batch of usage events."),
+    ("keyward_usage_batch_events", "Usage events per written batch."),
+];
+
+/// Every gauge, likewise.
+const GAUGES: &[(&str, &str)] =
+    &[("keyward_usage_buffer_events", "Usage events held in memory, not yet in the store.")];
+
+fn describe() {
+    for &(name, description) in COUNTERS {
+        metrics::describe_counter!(name, description);
+    }
+    for &(name, description) in HISTOGRAMS {
+        metrics::describe_histogram!(name, description);
+    }
+    for &(name, description) in GAUGES {
+        metrics::describe_gauge!(name, description);
+    }
 }
 
 /// The verify path's metrics, registered once: looking a metric up by name and labels costs more than

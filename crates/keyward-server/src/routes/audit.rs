@@ -2,18 +2,17 @@
 //! `GET /v1/audit-logs/verify`: the tamper-evidence check of the whole chain (admin).
 
 use axum::Json;
-use axum::extract::State;
 use chrono::{DateTime, Utc};
 use keyward_core::KeyId;
 use keyward_store::AuditFilter;
 use serde::Deserialize;
 
+use super::{Listed, listed};
 use crate::auth::{Admin, AuditRead, Caller};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
 use crate::openapi::{KeyErrors, QueryErrors};
-use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -51,11 +50,8 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 /// List audit rows, newest first.
 #[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
     responses((status = 200, body = PageResponse<AuditEntryResponse>), QueryErrors, KeyErrors))]
-pub async fn list_audit(
-    State(state): State<AppState>,
-    caller: Caller<AuditRead>,
-    ApiQuery(q): ApiQuery<AuditQuery>,
-) -> ApiResult<Json<PageResponse<AuditEntryResponse>>> {
+pub async fn list_audit(caller: Caller<AuditRead>, ApiQuery(q): ApiQuery<AuditQuery>) -> Listed<AuditEntryResponse> {
+    let state = caller.state();
     let key_id = q
         .key_id
         .as_deref()
@@ -75,7 +71,7 @@ pub async fn list_audit(
     }
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
     let page = state.store.list_audit(&filter, page).await?;
-    Ok(Json(PageResponse::from_page(page, AuditEntryResponse::from)))
+    listed(page, AuditEntryResponse::from)
 }
 
 /// The result of walking the audit chain.
@@ -104,10 +100,8 @@ pub struct BrokenRow {
 /// organization. Always 200; `intact` says the outcome.
 #[utoipa::path(get, path = "/v1/audit-logs/verify", tag = "audit",
     responses((status = 200, body = AuditVerifyResponse), KeyErrors))]
-pub async fn verify_audit(
-    State(state): State<AppState>,
-    _admin: Caller<Admin>,
-) -> ApiResult<Json<AuditVerifyResponse>> {
+pub async fn verify_audit(admin: Caller<Admin>) -> ApiResult<Json<AuditVerifyResponse>> {
+    let state = admin.state();
     let report = state.store.verify_audit_chain().await?;
     if !report.intact {
         tracing::warn!(broken = ?report.broken, "the audit chain is broken");

@@ -3,7 +3,6 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use serde::Deserialize;
@@ -13,7 +12,6 @@ use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::openapi::{KeyErrors, QueryErrors};
 use crate::service::import::{self, ImportFormat, ImportReport};
-use crate::state::AppState;
 
 /// Large enough for 10,000 rows of a few hundred bytes each.
 pub const MAX_IMPORT_BYTES: usize = 8 * 1024 * 1024;
@@ -59,13 +57,13 @@ pub enum ImportFormatName {
     ))]
 #[tracing::instrument(skip_all)]
 pub async fn import_keys(
-    State(state): State<AppState>,
     caller: Caller<Admin>,
     ApiQuery(q): ApiQuery<ImportQuery>,
     headers: HeaderMap,
     timeout: Option<axum::Extension<crate::listen::BodyReadTimeout>>,
     body: Body,
 ) -> ApiResult<Json<ImportReport>> {
+    let state = caller.state();
     let format = match q.format.as_deref() {
         Some(f) => ImportFormat::parse(f)
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidQuery, "`format` must be `jsonl` or `csv`"))?,
@@ -86,7 +84,7 @@ pub async fn import_keys(
     import::check_call_size(&file)?;
     let now = state.clock.now();
     let report =
-        import::run(&state, organization_id, file, &caller.actor(now), q.dry_run.unwrap_or(false), &mut |_, _| {})
+        import::run(state, organization_id, file, &caller.actor(now), q.dry_run.unwrap_or(false), &mut |_, _| {})
             .await?;
     tracing::info!(
         organization_id = %organization_id,

@@ -2,42 +2,42 @@
 //! rotate, and expiry management (`/v1/keys/expiring`, `/v1/keys/cleanup-expired`).
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
 use serde::Deserialize;
 
+use super::target::{Target, Visible, Writable};
+use super::{Listed, listed};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
-use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::extract::{ApiQuery, JsonBody};
 use crate::model::{
     CreatedKeyResponse, EnvironmentName, KeyResponse, KeyStatusName, PageQuery, PageResponse, RotatedKeyResponse,
 };
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{self, CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest, Validator};
-use crate::state::AppState;
 
-/// Load a key the caller may see; any other id answers 404, exactly like one that does not exist.
-pub(crate) async fn visible_key<P>(state: &AppState, caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
-    let key = state.store.get_key(id).await?;
-    if caller.sees_key(&key) { Ok(key) } else { Err(ApiError::not_found()) }
-}
+/// A key is visible to a caller that sees it ([`Caller::sees_key`]), and writable (update, revoke,
+/// rotate) by one that may change it ([`Caller::may_change`]).
+impl Target for ApiKey {
+    type Id = KeyId;
 
-/// Load a key the caller may change (update, revoke, rotate): one it may see (else 404) and may change
-/// ([`Caller::may_change`], else 403).
-async fn writable_key<P>(state: &AppState, caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
-    let key = visible_key(state, caller, id).await?;
-    caller.may_change(&key)?;
-    Ok(key)
+    async fn visible<P>(caller: &Caller<P>, id: KeyId) -> ApiResult<ApiKey> {
+        let key = caller.state().store.get_key(id).await?;
+        if caller.sees_key(&key) { Ok(key) } else { Err(ApiError::not_found()) }
+    }
+
+    fn may_change<P>(&self, caller: &Caller<P>) -> ApiResult<()> {
+        caller.may_change(self)
+    }
 }
 
 /// SECURITY: a key's own plan and limit overrides may only make it tighter than its organization's own
 /// settings allow, unless the caller holds `keyward:admin` (SECURITY.md); else a tenant that may create
 /// keys could give itself a bigger plan than it pays for.
 async fn check_limits<P>(
-    state: &AppState,
     caller: &Caller<P>,
     organization_id: OrgId,
     plan: Option<&str>,
@@ -46,6 +46,7 @@ async fn check_limits<P>(
     if caller.is_admin() || (plan.is_none() && *overrides == keyward_store::LimitOverrides::default()) {
         return Ok(());
     }
+    let state = caller.state();
     let org = state.store.get_org(organization_id).await?;
     let own = state.plans.resolve(&org.plan, None, &org.limits.core(), &keyward_core::LimitOverrides::NONE);
     let key = state.plans.resolve(&org.plan, plan, &org.limits.core(), &overrides.core());
@@ -70,20 +71,17 @@ async fn check_limits<P>(
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
     responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn create_key(
-    State(state): State<AppState>,
-    caller: Caller<KeysWriteOrSelf>,
-    body: JsonBody,
-) -> ApiResult<Response> {
+pub async fn create_key(caller: Caller<KeysWriteOrSelf>, body: JsonBody) -> ApiResult<Response> {
+    let state = caller.state();
     let mut body: CreateKeyRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.take().as_deref())?;
     body.owner_id = caller.owner_for(body.owner_id.take())?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
     caller.may_grant(&draft.scopes)?;
-    check_limits(&state, &caller, organization_id, draft.plan.as_deref(), &Default::default()).await?;
-    let limit = crate::limits::key_creation(&state, organization_id, now).await?;
-    let (plain, record) = service::create_key(&state, draft, &caller.actor(now)).await?;
+    check_limits(&caller, organization_id, draft.plan.as_deref(), &Default::default()).await?;
+    let limit = crate::limits::key_creation(state, organization_id, now).await?;
+    let (plain, record) = service::create_key(state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
     let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
     Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
@@ -99,22 +97,17 @@ pub struct ListKeysQuery {
     pub status: Option<String>,
     /// Also list disabled and revoked keys.
     pub include_inactive: Option<bool>,
-    /// `next_cursor` of the previous page.
-    #[param(format = Uuid)]
-    pub cursor: Option<String>,
-    /// 1-100, default 50.
-    #[param(minimum = 1, maximum = 100)]
-    pub limit: Option<u32>,
 }
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
-#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery),
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(ListKeysQuery, PageQuery),
     responses((status = 200, body = PageResponse<KeyResponse>), QueryErrors, KeyErrors))]
 pub async fn list_keys(
-    State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
     ApiQuery(q): ApiQuery<ListKeysQuery>,
-) -> ApiResult<Json<PageResponse<KeyResponse>>> {
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Listed<KeyResponse> {
+    let state = caller.state();
     let bad = |m: &str| ApiError::new(ErrorCode::InvalidQuery, m.to_owned());
     let environment = q
         .environment
@@ -128,7 +121,7 @@ pub async fn list_keys(
         .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
         .transpose()?;
     let owner_id = caller.listed_owner().map(str::to_owned).or(q.owner_id);
-    let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<KeyId>()?;
+    let page = page.request::<KeyId>()?;
     let now = state.clock.now();
     let filter = KeyFilter {
         organization_id: caller.org_filter(),
@@ -139,20 +132,17 @@ pub async fn list_keys(
         now,
     };
     let page = state.store.list_keys(&filter, page).await?;
-    Ok(Json(PageResponse::from_page(page, |k| KeyResponse::new(k, now))))
+    listed(page, |k| KeyResponse::new(k, now))
 }
 
 /// Read one key.
 #[utoipa::path(get, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_key(
-    State(state): State<AppState>,
-    caller: Caller<KeysReadOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> ApiResult<Json<KeyResponse>> {
-    let key = visible_key(&state, &caller, id).await?;
+pub async fn get_key(key: Visible<KeysReadOrSelf, ApiKey>) -> ApiResult<Json<KeyResponse>> {
+    let Visible { caller, target: key } = key;
+    let state = caller.state();
     let org = state.store.get_org(key.organization_id).await?;
-    let limits = crate::limits::effective(&state, &key, &org);
+    let limits = crate::limits::effective(state, &key, &org);
     Ok(Json(KeyResponse { effective_limits: Some(limits), ..KeyResponse::new(key, state.clock.now()) }))
 }
 
@@ -161,13 +151,9 @@ pub async fn get_key(
     request_body = UpdateKeyRequest,
     responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn update_key(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<KeyId>,
-    body: JsonBody,
-) -> ApiResult<Json<KeyResponse>> {
-    let key = writable_key(&state, &caller, id).await?;
+pub async fn update_key(key: Writable<KeysWrite, ApiKey>, body: JsonBody) -> ApiResult<Json<KeyResponse>> {
+    let Writable { caller, target: key } = key;
+    let state = caller.state();
     let body: UpdateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
@@ -175,9 +161,9 @@ pub async fn update_key(
         caller.may_grant(scopes)?;
     }
     if let Some(Some(plan)) = &patch.plan {
-        check_limits(&state, &caller, key.organization_id, Some(plan), &key.limits).await?;
+        check_limits(&caller, key.organization_id, Some(plan), &key.limits).await?;
     }
-    let key = state.store.update_key(id, patch, &caller.actor(now)).await?.apply(&state.keys);
+    let key = state.store.update_key(key.id, patch, &caller.actor(now)).await?.apply(&state.keys);
     Ok(Json(KeyResponse::new(key, now)))
 }
 
@@ -185,14 +171,11 @@ pub async fn update_key(
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path, description = "key id")),
     responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn revoke_key(
-    State(state): State<AppState>,
-    caller: Caller<KeysWriteOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
-) -> ApiResult<StatusCode> {
-    writable_key(&state, &caller, id).await?;
+pub async fn revoke_key(key: Writable<KeysWriteOrSelf, ApiKey>) -> ApiResult<StatusCode> {
+    let Writable { caller, target: key } = key;
+    let state = caller.state();
     let now = state.clock.now();
-    state.store.revoke_key(id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
+    state.store.revoke_key(key.id, "revoked", now, &caller.actor(now)).await?.apply(&state.keys);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -204,13 +187,9 @@ pub async fn revoke_key(
     responses((status = 201, body = RotatedKeyResponse), NotFoundErrors, (status = 409, body = ErrorBody),
         KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn rotate_key(
-    State(state): State<AppState>,
-    caller: Caller<KeysWriteOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
-    body: JsonBody,
-) -> ApiResult<Response> {
-    let old = writable_key(&state, &caller, id).await?;
+pub async fn rotate_key(old: Writable<KeysWriteOrSelf, ApiKey>, body: JsonBody) -> ApiResult<Response> {
+    let Writable { caller, target: old } = old;
+    let state = caller.state();
     let body: RotateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now })?;
@@ -218,9 +197,9 @@ pub async fn rotate_key(
     // them: the rules of creation apply (a self-service caller only grants customer scopes its own
     // cover; a grace period would otherwise leave two keys with scopes the caller could never mint).
     caller.may_grant(&old.scopes)?;
-    check_limits(&state, &caller, old.organization_id, old.plan.as_deref(), &old.limits).await?;
-    let limit = crate::limits::key_creation(&state, old.organization_id, now).await?;
-    let (plain, rotation) = service::rotate_key(&state, &old, draft, &caller.actor(now)).await?;
+    check_limits(&caller, old.organization_id, old.plan.as_deref(), &old.limits).await?;
+    let limit = crate::limits::key_creation(state, old.organization_id, now).await?;
+    let (plain, rotation) = service::rotate_key(state, &old, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %rotation.new.id, rotated_from = %old.id, key = %plain.redacted(), "key rotated");
     state.events_written();
     let body = RotatedKeyResponse {
@@ -255,10 +234,10 @@ pub struct ExpiringResponse {
 #[utoipa::path(get, path = "/v1/keys/expiring", tag = "keys", params(ExpiringQuery),
     responses((status = 200, body = ExpiringResponse), QueryErrors, KeyErrors))]
 pub async fn list_expiring(
-    State(state): State<AppState>,
     caller: Caller<KeysReadOrSelf>,
     ApiQuery(q): ApiQuery<ExpiringQuery>,
 ) -> ApiResult<Json<ExpiringResponse>> {
+    let state = caller.state();
     let days = q.days.unwrap_or(7);
     if !(1..=365).contains(&days) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, "`days` must be 1-365"));
@@ -286,10 +265,8 @@ pub struct CleanupResponse {
 #[utoipa::path(post, path = "/v1/keys/cleanup-expired", tag = "keys",
     responses((status = 200, body = CleanupResponse), KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn cleanup_expired(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-) -> ApiResult<Json<CleanupResponse>> {
+pub async fn cleanup_expired(caller: Caller<KeysWrite>) -> ApiResult<Json<CleanupResponse>> {
+    let state = caller.state();
     let now = state.clock.now();
     let expired = state.store.expire_keys(caller.org_filter(), now, &caller.actor(now)).await?.apply(&state.keys);
     if !expired.is_empty() {

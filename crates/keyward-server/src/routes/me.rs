@@ -1,7 +1,6 @@
 //! `GET /v1/me`: the calling key and its organization.
 
 use axum::Json;
-use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -10,7 +9,6 @@ use crate::error::ApiResult;
 use crate::limits::Standing;
 use crate::model::{KeyResponse, OrganizationResponse};
 use crate::openapi::KeyErrors;
-use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MeResponse {
@@ -25,10 +23,11 @@ pub struct MeResponse {
 /// The calling key and its organization. Any valid key may call it.
 #[utoipa::path(get, path = "/v1/me", tag = "keys",
     responses((status = 200, body = MeResponse), KeyErrors))]
-pub async fn me(State(state): State<AppState>, caller: Caller<AnyKey>) -> ApiResult<Json<MeResponse>> {
+pub async fn me(caller: Caller<AnyKey>) -> ApiResult<Json<MeResponse>> {
+    let state = caller.state();
     let key = state.store.get_key(caller.key_id()).await?;
     let organization = state.store.get_org(key.organization_id).await?;
     let now = state.clock.now();
-    let standing = crate::limits::standing(&state, &key, &organization, now).await;
+    let standing = crate::limits::standing(state, &key, &organization, now).await;
     Ok(Json(MeResponse { key: KeyResponse::new(key, now), organization: organization.into(), standing }))
 }

@@ -1,7 +1,6 @@
 //! One module per resource, and [`RouteTable`]: how `lib.rs` declares the routes, each with the
 //! permission it needs, so that the route table reads like the authorization matrix.
 
-use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -9,7 +8,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 
+use keyward_store::Page;
+
 use crate::auth::{Caller, Grant, Permission};
+use crate::error::ApiResult;
+use crate::model::PageResponse;
+use crate::routes::target::{Visible, Writable};
 use crate::state::AppState;
 
 pub mod audit;
@@ -20,6 +24,7 @@ pub mod keys;
 pub mod me;
 pub mod openapi;
 pub mod orgs;
+pub mod target;
 pub mod usage;
 pub mod verify;
 pub mod webhooks;
@@ -29,6 +34,14 @@ pub mod webhooks;
 // SECURITY: no cache may store a response that carries a secret.
 fn created_with_secret(headers: HeaderMap, body: impl serde::Serialize) -> Response {
     (StatusCode::CREATED, headers, [(CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response()
+}
+
+/// What a list route answers: one page of `T`, and the cursor of the next.
+pub type Listed<T> = ApiResult<Json<PageResponse<T>>>;
+
+/// A page from the store as a list route answers it, each item turned into its response by `f`.
+fn listed<R, C: ToString, T>(page: Page<R, C>, f: impl FnMut(R) -> T) -> Listed<T> {
+    Ok(Json(PageResponse::from_page(page, f)))
 }
 
 /// The methods the API uses.
@@ -77,14 +90,17 @@ pub struct RouteRow {
     pub needs: Needs,
 }
 
-/// A handler whose second argument, after `State`, is a `Caller<P>`: admitted by the permission `P`.
+/// A handler whose first argument is a `Caller<P>`, or a [`Visible`] or [`Writable`] object of one:
+/// admitted by the permission `P`.
 /// The route table names `P` beside the path and the compiler holds the handler to it, so the table
 /// cannot say one thing while the handler checks another.
 pub trait Guarded<P, T> {}
 
 macro_rules! guarded {
     ($($rest:ident),*) => {
-        impl<H, M, P: Permission, $($rest,)*> Guarded<P, (M, State<AppState>, Caller<P>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, $($rest,)*> Guarded<P, (M, Caller<P>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, T, $($rest,)*> Guarded<P, (M, Visible<P, T>, $($rest,)*)> for H {}
+        impl<H, M, P: Permission, T, $($rest,)*> Guarded<P, (M, Writable<P, T>, $($rest,)*)> for H {}
     };
 }
 

@@ -1,26 +1,22 @@
 //! `/v1/organizations`: `keyward:admin` only.
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use keyward_core::OrgId;
 
+use super::{Listed, listed};
 use crate::auth::{Admin, Caller};
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::model::{OrganizationResponse, PageQuery, PageResponse};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
 use crate::service::{CreateOrganizationRequest, UpdateOrganizationRequest, Validator};
-use crate::state::AppState;
 
 /// Create an organization.
 #[utoipa::path(post, path = "/v1/organizations", tag = "organizations", request_body = CreateOrganizationRequest,
     responses((status = 201, body = OrganizationResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
-pub async fn create_org(
-    State(state): State<AppState>,
-    caller: Caller<Admin>,
-    body: JsonBody,
-) -> ApiResult<(StatusCode, Json<OrganizationResponse>)> {
+pub async fn create_org(caller: Caller<Admin>, body: JsonBody) -> ApiResult<(StatusCode, Json<OrganizationResponse>)> {
+    let state = caller.state();
     let body: CreateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let new = body.validate(&Validator { plans: &state.plans, now })?;
@@ -31,23 +27,17 @@ pub async fn create_org(
 /// List organizations, newest first.
 #[utoipa::path(get, path = "/v1/organizations", tag = "organizations", params(PageQuery),
     responses((status = 200, body = PageResponse<OrganizationResponse>), QueryErrors, KeyErrors))]
-pub async fn list_orgs(
-    State(state): State<AppState>,
-    _admin: Caller<Admin>,
-    ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<PageResponse<OrganizationResponse>>> {
+pub async fn list_orgs(admin: Caller<Admin>, ApiQuery(q): ApiQuery<PageQuery>) -> Listed<OrganizationResponse> {
+    let state = admin.state();
     let page = state.store.list_orgs(q.request::<OrgId>()?).await?;
-    Ok(Json(PageResponse::from_page(page, OrganizationResponse::from)))
+    listed(page, OrganizationResponse::from)
 }
 
 /// Read an organization.
 #[utoipa::path(get, path = "/v1/organizations/{id}", tag = "organizations", params(("id" = Uuid, Path, description = "organization id")),
     responses((status = 200, body = OrganizationResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_org(
-    State(state): State<AppState>,
-    _admin: Caller<Admin>,
-    ApiPath(id): ApiPath<OrgId>,
-) -> ApiResult<Json<OrganizationResponse>> {
+pub async fn get_org(admin: Caller<Admin>, ApiPath(id): ApiPath<OrgId>) -> ApiResult<Json<OrganizationResponse>> {
+    let state = admin.state();
     Ok(Json(state.store.get_org(id).await?.into()))
 }
 
@@ -56,11 +46,11 @@ pub async fn get_org(
     request_body = UpdateOrganizationRequest,
     responses((status = 200, body = OrganizationResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 pub async fn update_org(
-    State(state): State<AppState>,
     caller: Caller<Admin>,
     ApiPath(id): ApiPath<OrgId>,
     body: JsonBody,
 ) -> ApiResult<Json<OrganizationResponse>> {
+    let state = caller.state();
     let body: UpdateOrganizationRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;

@@ -10,7 +10,6 @@
 use std::collections::{HashMap, HashSet};
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
@@ -18,7 +17,7 @@ use keyward_store::usage::{
     DailyCounts, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT, UsageEvent,
     UsageKind,
 };
-use keyward_store::{Store, StoreError};
+use keyward_store::{ApiKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -26,7 +25,7 @@ use crate::auth::{Caller, KeysRead, KeysReadOrSelf, Verify};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
-use crate::state::AppState;
+use crate::routes::target::Visible;
 
 /// Events one `POST /v1/usage` may carry.
 pub const MAX_REPORT_EVENTS: usize = 1_000;
@@ -140,10 +139,10 @@ pub struct UsageAcceptedResponse {
     responses((status = 202, body = UsageAcceptedResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn report_usage(
-    State(state): State<AppState>,
     caller: Caller<Verify>,
     body: JsonBody,
 ) -> ApiResult<(StatusCode, Json<UsageAcceptedResponse>)> {
+    let state = caller.state();
     let value: serde_json::Value = body.parse()?;
     let (reports, prefix) = if value.get("events").is_some() {
         let batch: UsageReportBatch = body.parse()?;
@@ -345,18 +344,16 @@ pub async fn key_usage_report(
     responses((status = 200, body = KeyUsageResponse), QueryErrors, NotFoundErrors,
         KeyErrors))]
 pub async fn key_usage(
-    State(state): State<AppState>,
-    caller: Caller<KeysReadOrSelf>,
-    ApiPath(id): ApiPath<KeyId>,
+    key: Visible<KeysReadOrSelf, ApiKey>,
     ApiQuery(q): ApiQuery<DaysQuery>,
 ) -> ApiResult<Json<KeyUsageResponse>> {
+    let state = key.caller.state();
     let days = q.days.unwrap_or(30);
     if !(1..=MAX_DAYS).contains(&days) {
         return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`days` must be 1 to {MAX_DAYS}")));
     }
-    crate::routes::keys::visible_key(&state, &caller, id).await?;
     let today = state.clock.now().date_naive();
-    Ok(Json(key_usage_report(&*state.store, id, days, today).await?))
+    Ok(Json(key_usage_report(&*state.store, key.target.id, days, today).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -410,11 +407,11 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
     responses((status = 200, body = OrgUsageResponse), QueryErrors, NotFoundErrors,
         KeyErrors))]
 pub async fn org_usage(
-    State(state): State<AppState>,
     caller: Caller<KeysRead>,
     ApiPath(id): ApiPath<OrgId>,
     ApiQuery(q): ApiQuery<MonthQuery>,
 ) -> ApiResult<Json<OrgUsageResponse>> {
+    let state = caller.state();
     // SECURITY: another organization answers like an unknown one.
     if !caller.reaches_org(id) {
         return Err(ApiError::not_found());

@@ -3,7 +3,6 @@
 use std::net::IpAddr;
 
 use axum::Json;
-use axum::extract::State;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use keyward_core::{Environment, KeyId, OrgId, Scope, ScopeSet, VerifyOutcome};
@@ -17,7 +16,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::limits::{self, QuotaInfo, RateLimitInfo};
 use crate::openapi::{JsonBodyErrors, KeyErrors};
-use crate::state::AppState;
 use crate::verifier::{self, Check};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -91,11 +89,8 @@ impl VerifyKeyResponse<'_> {
 /// Verify a key: status, organization, IP allow-list and scopes, in that order.
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyKeyRequest,
     responses((status = 200, body = VerifyKeyResponse), KeyErrors, JsonBodyErrors))]
-pub async fn verify(
-    State(state): State<AppState>,
-    caller: Caller<Verify>,
-    body: JsonBody,
-) -> ApiResult<axum::response::Response> {
+pub async fn verify(caller: Caller<Verify>, body: JsonBody) -> ApiResult<axum::response::Response> {
+    let state = caller.state();
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
         .required_scopes
@@ -127,7 +122,7 @@ pub async fn verify(
         cost,
         failures: limits::FailureScope::Tenant(caller.organization_id()),
     };
-    let (verdict, event) = verifier::verify_deferred(&state, check).await?;
+    let (verdict, event) = verifier::verify_deferred(state, check).await?;
     if let Some(mut event) = event {
         event.endpoint = endpoint;
         event.method = method;

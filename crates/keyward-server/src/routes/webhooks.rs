@@ -14,7 +14,6 @@
 //! signing secret is never shown again after creation, to anyone.
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -29,7 +28,7 @@ use crate::auth::{Caller, KeysWrite};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, JsonBody, double_option};
 use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors};
-use crate::state::AppState;
+use crate::routes::target::{self, Target, Visible, Writable};
 use crate::webhooks::check_url;
 
 const MAX_DESCRIPTION: usize = 2_000;
@@ -216,7 +215,7 @@ pub struct UpdateWebhookRequest {
 
 /// What an endpoint subscribed to `events` needs beyond `keyward:keys:write` in its organization:
 /// checked at creation, and on every write with the endpoint's current events and its new ones.
-fn check_admin_events(caller: &Caller<KeysWrite>, events: &[EventKind]) -> ApiResult<()> {
+fn check_admin_events<P>(caller: &Caller<P>, events: &[EventKind]) -> ApiResult<()> {
     // Events that belong to no organization: only `keyward:admin` may subscribe to them.
     match events.iter().find(|e| e.is_global()) {
         Some(event) if !caller.is_admin() => Err(ApiError::new(
@@ -259,31 +258,29 @@ fn check_description(d: Option<String>) -> ApiResult<Option<String>> {
     }
 }
 
-/// An endpoint the caller may manage; any other id answers 404.
-async fn visible(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = state.store.get_webhook(id).await?;
-    if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
-}
+/// An endpoint is visible to a caller that reaches its organization, and writable (changed, or its
+/// deliveries read) by one that could have created it.
+impl Target for Webhook {
+    type Id = Uuid;
 
-/// An endpoint the caller may change or read the deliveries of: visible to it (else 404) and one it could have
-/// created (else 403).
-async fn manageable(state: &AppState, caller: &Caller<KeysWrite>, id: Uuid) -> ApiResult<Webhook> {
-    let hook = visible(state, caller, id).await?;
-    // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
-    // only `keyward:admin` may create.
-    check_admin_events(caller, &hook.events)?;
-    Ok(hook)
+    async fn visible<P>(caller: &Caller<P>, id: Uuid) -> ApiResult<Webhook> {
+        let hook = caller.state().store.get_webhook(id).await?;
+        if caller.reaches_org(hook.organization_id) { Ok(hook) } else { Err(ApiError::not_found()) }
+    }
+
+    fn may_change<P>(&self, caller: &Caller<P>) -> ApiResult<()> {
+        // SECURITY: without this, `keyward:keys:write` could repoint, silence or delete an endpoint that
+        // only `keyward:admin` may create.
+        check_admin_events(caller, &self.events)
+    }
 }
 
 /// Create a webhook endpoint. The signing secret is in this response only.
 #[utoipa::path(post, path = "/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
     responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn create_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    body: JsonBody,
-) -> ApiResult<Response> {
+pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiResult<Response> {
+    let state = caller.state();
     let body: CreateWebhookRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.as_deref())?;
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
@@ -313,10 +310,8 @@ pub async fn create_webhook(
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
     responses((status = 200, body = WebhookListResponse), KeyErrors))]
-pub async fn list_webhooks(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-) -> ApiResult<Json<WebhookListResponse>> {
+pub async fn list_webhooks(caller: Caller<KeysWrite>) -> ApiResult<Json<WebhookListResponse>> {
+    let state = caller.state();
     let hooks = state.store.list_webhooks(caller.org_filter()).await?;
     Ok(Json(WebhookListResponse { items: hooks.into_iter().map(WebhookResponse::from).collect() }))
 }
@@ -324,12 +319,8 @@ pub async fn list_webhooks(
 /// Read one webhook endpoint.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<WebhookResponse>> {
-    Ok(Json(visible(&state, &caller, id).await?.into()))
+pub async fn get_webhook(hook: Visible<KeysWrite, Webhook>) -> ApiResult<Json<WebhookResponse>> {
+    Ok(Json(hook.target.into()))
 }
 
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
@@ -337,13 +328,9 @@ pub async fn get_webhook(
     request_body = UpdateWebhookRequest,
     responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn update_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-    body: JsonBody,
-) -> ApiResult<Json<WebhookResponse>> {
-    manageable(&state, &caller, id).await?;
+pub async fn update_webhook(hook: Writable<KeysWrite, Webhook>, body: JsonBody) -> ApiResult<Json<WebhookResponse>> {
+    let Writable { caller, target: hook } = hook;
+    let state = caller.state();
     let body: UpdateWebhookRequest = body.parse()?;
     if let Some(url) = &body.url {
         check_url(url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
@@ -358,20 +345,17 @@ pub async fn update_webhook(
         description: body.description.map(check_description).transpose()?,
     };
     let now = state.clock.now();
-    Ok(Json(state.store.update_webhook(id, patch, &caller.actor(now)).await?.into()))
+    Ok(Json(state.store.update_webhook(hook.id, patch, &caller.actor(now)).await?.into()))
 }
 
 /// Delete a webhook endpoint and its deliveries.
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 204), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn delete_webhook(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<StatusCode> {
-    manageable(&state, &caller, id).await?;
-    state.store.delete_webhook(id, &caller.actor(state.clock.now())).await?;
+pub async fn delete_webhook(hook: Writable<KeysWrite, Webhook>) -> ApiResult<StatusCode> {
+    let Writable { caller, target: hook } = hook;
+    let state = caller.state();
+    state.store.delete_webhook(hook.id, &caller.actor(state.clock.now())).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -379,16 +363,12 @@ pub async fn delete_webhook(
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(("id" = Uuid, Path, description = "webhook id")),
     responses((status = 200, body = DeliveryListResponse), NotFoundErrors, KeyErrors))]
-pub async fn list_deliveries(
-    State(state): State<AppState>,
-    caller: Caller<KeysWrite>,
-    ApiPath(id): ApiPath<Uuid>,
-) -> ApiResult<Json<DeliveryListResponse>> {
+pub async fn list_deliveries(hook: Writable<KeysWrite, Webhook>) -> ApiResult<Json<DeliveryListResponse>> {
     // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
-    // does.
-    manageable(&state, &caller, id).await?;
+    // does, hence `Writable`.
+    let state = hook.caller.state();
     let mut items = Vec::new();
-    for d in state.store.list_deliveries(id, 100).await? {
+    for d in state.store.list_deliveries(hook.target.id, 100).await? {
         let attempts = state.store.list_attempts(d.id).await?;
         items.push(DeliveryResponse::new(d, attempts));
     }
@@ -401,11 +381,11 @@ pub async fn list_deliveries(
     responses((status = 200, body = DeliveryResponse), NotFoundErrors, KeyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn retry_delivery(
-    State(state): State<AppState>,
     caller: Caller<KeysWrite>,
     ApiPath((id, delivery)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<DeliveryResponse>> {
-    manageable(&state, &caller, id).await?;
+    let state = caller.state();
+    target::writable::<_, Webhook>(&caller, id).await?;
     let now = state.clock.now();
     let give_up = now + chrono::Duration::hours(state.webhooks.retry_for_hours.min(24 * 30) as i64);
     let d = state.store.retry_delivery(id, delivery, now, give_up).await?;

@@ -20,7 +20,7 @@ use keyward_server::client_ip::client_ip;
 use keyward_server::settings::Protection;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::{Map, Value};
 
 use crate::helpers::{Response, TestApp};
@@ -29,21 +29,13 @@ use crate::helpers::{Response, TestApp};
 // Harness
 // ---------------------------------------------------------------------------------------------------
 
+// The seeded runner keyward-core's fuzz suite uses.
+#[path = "../../../keyward-core/tests/support/seeded.rs"]
+mod seeded;
+
+/// Each case is a request: shrinking is bounded so a failure is reported in seconds, not minutes.
 fn runner(cases: u32) -> TestRunner {
-    let scale = std::env::var("KEYWARD_FUZZ_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
-    let config = Config {
-        cases: cases.saturating_mul(scale),
-        failure_persistence: None,
-        // Each case is a request: bound shrinking so a failure is reported in seconds, not minutes.
-        max_shrink_iters: 512,
-        max_shrink_time: 20_000,
-        ..Config::default()
-    };
-    let rng = match std::env::var("KEYWARD_FUZZ_SEED").ok().and_then(|s| s.parse::<u64>().ok()) {
-        Some(seed) => TestRng::from_seed(RngAlgorithm::ChaCha, &[seed.to_le_bytes(); 4].concat()),
-        None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
-    };
-    TestRunner::new_with_rng(config, rng)
+    seeded::runner(cases, 512, 20_000)
 }
 
 /// An app on a fresh SQLite database, with a runtime of its own that the (synchronous) property drives.

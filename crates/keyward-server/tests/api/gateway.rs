@@ -206,16 +206,21 @@ async fn over_the_limit_is_429_with_the_rate_limit_headers() {
     );
 }
 
+/// What a gateway in front of `upstream`, waiting `timeout` for it, answers a valid key's request.
+async fn through_gateway_to(upstream: SocketAddr, timeout: Duration) -> (StatusCode, Option<String>) {
+    let s = setup_with(upstream, timeout).await;
+    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
+    let answer = s.get("/x", &[("x-api-key", &key)]).await;
+    let (status, code) = refusal(&answer);
+    (status, code.map(str::to_owned))
+}
+
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
     // A port that was just free: nothing listens there.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let s = setup_with(closed, Duration::from_secs(5)).await;
-    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
-    assert_eq!(
-        refusal(&s.get("/x", &[("x-api-key", &key)]).await),
-        (StatusCode::BAD_GATEWAY, Some("upstream_unavailable"))
-    );
+    let answer = through_gateway_to(closed, Duration::from_secs(5)).await;
+    assert_eq!(answer, (StatusCode::BAD_GATEWAY, Some("upstream_unavailable".into())));
 }
 
 #[tokio::test]
@@ -225,12 +230,8 @@ async fn slow_upstream_is_504() {
         "late"
     })))
     .await;
-    let s = setup_with(slow, Duration::from_millis(200)).await;
-    let (key, _) = s.app.key(s.app.default_org.id, &[]).await;
-    assert_eq!(
-        refusal(&s.get("/x", &[("x-api-key", &key)]).await),
-        (StatusCode::GATEWAY_TIMEOUT, Some("upstream_timeout"))
-    );
+    let answer = through_gateway_to(slow, Duration::from_millis(200)).await;
+    assert_eq!(answer, (StatusCode::GATEWAY_TIMEOUT, Some("upstream_timeout".into())));
 }
 
 /// Streaming, proven by order rather than by measuring memory (which other tests share): the client
