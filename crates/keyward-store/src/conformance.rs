@@ -23,7 +23,8 @@ pub use invalidation::every_write_is_seen_by_the_next_verification;
 
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    LimitOverrides, NewKey, NewOrganization, NoCache, Organization, OrganizationPatch, PageRequest, Store, StoreError,
+    LimitOverrides, LimitPatch, NewKey, NewOrganization, NoCache, Organization, OrganizationPatch, PageRequest, Store,
+    StoreError,
 };
 
 // -----------------------------------------------------------------------------------------------
@@ -479,10 +480,12 @@ pub async fn update_key_records_a_diff(store: &dyn Store) {
         expires_at: Some(Some(at(90) + Duration::microseconds(17))),
         metadata: Some(json!({"company": "Acme", "tier": 2})),
         plan: Some(Some("enterprise".to_owned())),
-        rate_limit_per_minute: Some(Some(1)),
-        rate_limit_per_hour: Some(Some(2)),
-        rate_limit_per_day: Some(Some(3)),
-        monthly_request_limit: Some(Some(4)),
+        limits: LimitPatch {
+            rate_limit_per_minute: Some(Some(1)),
+            rate_limit_per_hour: Some(Some(2)),
+            rate_limit_per_day: Some(Some(3)),
+            monthly_request_limit: Some(Some(4)),
+        },
         ..Default::default()
     };
     let all = store.update_key(created.id, full, &Actor::cli(at(8))).await.written("full update");
@@ -675,7 +678,7 @@ pub async fn organizations_create_update_and_find(store: &dyn Store) {
         email: Some(None),
         plan: Some("free".to_owned()),
         max_api_keys: Some(None),
-        rate_limit_per_hour: Some(Some(500)),
+        limits: LimitPatch { rate_limit_per_hour: Some(Some(500)), ..Default::default() },
         ..Default::default()
     };
     let updated = store.update_org(created.id, patch, &Actor::system(at(5))).await.written("update_org");
