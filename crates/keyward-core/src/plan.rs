@@ -20,16 +20,12 @@ use crate::limits::RateLimits;
 
 /// Every limit that applies to a key; `None`: no limit of that kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    #[serde(default)]
     pub per_minute: Option<u64>,
-    #[serde(default)]
     pub per_hour: Option<u64>,
-    #[serde(default)]
     pub per_day: Option<u64>,
     /// Monthly quota (UTC calendar months), in cost units (1 per request unless told otherwise).
-    #[serde(default)]
     pub per_month: Option<u64>,
 }
 
