@@ -20,16 +20,12 @@ use crate::limits::RateLimits;
 
 /// Every limit that applies to a key; `None`: no limit of that kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    #[serde(default)]
     pub per_minute: Option<u64>,
-    #[serde(default)]
     pub per_hour: Option<u64>,
-    #[serde(default)]
     pub per_day: Option<u64>,
     /// Monthly quota (UTC calendar months), in cost units (1 per request unless told otherwise).
-    #[serde(default)]
     pub per_month: Option<u64>,
 }
 
@@ -66,18 +62,13 @@ pub struct LooserWindow {
     pub bound: u64,
 }
 
-/// Limits set on an organization or a key; `None`: inherit from the level below.
+/// Limits set on an organization or a key, the same windows as [`Limits`]; here `None` means
+/// "inherit from the level below", not "no limit".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct LimitOverrides {
-    pub per_minute: Option<u64>,
-    pub per_hour: Option<u64>,
-    pub per_day: Option<u64>,
-    pub per_month: Option<u64>,
-}
+pub struct LimitOverrides(pub Limits);
 
 impl LimitOverrides {
-    pub const NONE: LimitOverrides =
-        LimitOverrides { per_minute: None, per_hour: None, per_day: None, per_month: None };
+    pub const NONE: LimitOverrides = LimitOverrides(Limits::UNLIMITED);
 
     /// From the store's signed columns (`rate_limit_per_minute`, …, `monthly_request_limit`). A
     /// negative value cannot be a limit and is read as "inherit" (the API refuses to write one).
@@ -88,16 +79,17 @@ impl LimitOverrides {
         per_month: Option<i64>,
     ) -> Self {
         let u = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
-        Self { per_minute: u(per_minute), per_hour: u(per_hour), per_day: u(per_day), per_month: u(per_month) }
+        Self(Limits { per_minute: u(per_minute), per_hour: u(per_hour), per_day: u(per_day), per_month: u(per_month) })
     }
 
     /// `self` where set, `base` elsewhere.
     pub fn over(&self, base: Limits) -> Limits {
+        let set = &self.0;
         Limits {
-            per_minute: self.per_minute.or(base.per_minute),
-            per_hour: self.per_hour.or(base.per_hour),
-            per_day: self.per_day.or(base.per_day),
-            per_month: self.per_month.or(base.per_month),
+            per_minute: set.per_minute.or(base.per_minute),
+            per_hour: set.per_hour.or(base.per_hour),
+            per_day: set.per_day.or(base.per_day),
+            per_month: set.per_month.or(base.per_month),
         }
     }
 }
@@ -176,7 +168,7 @@ mod tests {
     use super::*;
 
     fn o(m: Option<u64>, h: Option<u64>, d: Option<u64>, month: Option<u64>) -> LimitOverrides {
-        LimitOverrides { per_minute: m, per_hour: h, per_day: d, per_month: month }
+        LimitOverrides(l(m, h, d, month))
     }
 
     fn l(m: Option<u64>, h: Option<u64>, d: Option<u64>, month: Option<u64>) -> Limits {

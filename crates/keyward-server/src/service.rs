@@ -484,10 +484,12 @@ impl UpdateOrganizationRequest {
             email: self.email.map(email).transpose()?,
             plan: self.plan.as_deref().map(|p| v.plan("plan", p)).transpose()?,
             is_active: self.is_active,
-            rate_limit_per_minute: nn("rate_limit_per_minute", self.rate_limit_per_minute)?,
-            rate_limit_per_hour: nn("rate_limit_per_hour", self.rate_limit_per_hour)?,
-            rate_limit_per_day: nn("rate_limit_per_day", self.rate_limit_per_day)?,
-            monthly_request_limit: nn("monthly_request_limit", self.monthly_request_limit)?,
+            limits: keyward_store::LimitPatch {
+                rate_limit_per_minute: nn("rate_limit_per_minute", self.rate_limit_per_minute)?,
+                rate_limit_per_hour: nn("rate_limit_per_hour", self.rate_limit_per_hour)?,
+                rate_limit_per_day: nn("rate_limit_per_day", self.rate_limit_per_day)?,
+                monthly_request_limit: nn("monthly_request_limit", self.monthly_request_limit)?,
+            },
             max_api_keys: nn("max_api_keys", self.max_api_keys)?,
         })
     }

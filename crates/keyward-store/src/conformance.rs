@@ -23,11 +23,36 @@ pub use invalidation::every_write_is_seen_by_the_next_verification;
 
 use crate::{
     Actor, ApiKey, AuditEntry, AuditFilter, Changed, ImportOutcome, KeyFilter, KeyImport, KeyPatch, KeyUsage,
-    LimitOverrides, NewKey, NewOrganization, NoCache, Organization, OrganizationPatch, PageRequest, Store, StoreError,
+    LimitOverrides, LimitPatch, NewKey, NewOrganization, NoCache, Organization, OrganizationPatch, Page, PageRequest,
+    Store, StoreError, StoreResult,
 };
 
 // -----------------------------------------------------------------------------------------------
 // Helpers
+
+/// Every page of a list from the first on: each page's size and the ids of all items, in order. A
+/// page's cursor is its last item's id.
+async fn walk_pages<T, C, Fut>(mut list: impl FnMut(Option<C>) -> Fut, id: impl Fn(&T) -> C) -> (Vec<usize>, Vec<C>)
+where
+    C: Copy + PartialEq + Debug,
+    Fut: Future<Output = StoreResult<Page<T, C>>>,
+{
+    let (mut sizes, mut seen) = (Vec::new(), Vec::new());
+    let mut after = None;
+    loop {
+        let page = list(after).await.must("list page");
+        sizes.push(page.items.len());
+        seen.extend(page.items.iter().map(&id));
+        match page.next_cursor {
+            Some(cursor) => {
+                assert_eq!(Some(cursor), seen.last().copied(), "the cursor is the last item's id");
+                after = Some(cursor);
+            }
+            None => return (sizes, seen),
+        }
+        assert!(sizes.len() < 10, "pagination does not end");
+    }
+}
 
 /// `unwrap` with the operation named in the panic (clippy keeps `unwrap` out of library code).
 trait Must<T> {
@@ -398,22 +423,8 @@ pub async fn list_keys_paginates_newest_first(store: &dyn Store) {
     let want: Vec<KeyId> = inserted.iter().rev().copied().collect();
     let all = filter(Some(org.id), t0());
 
-    let mut seen = Vec::new();
-    let mut sizes = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.list_keys(&all, PageRequest { after, limit: 3 }).await.must("list_keys page");
-        sizes.push(page.items.len());
-        seen.extend(page.items.iter().map(|k| k.id));
-        match page.next_cursor {
-            Some(cursor) => {
-                assert_eq!(Some(cursor), seen.last().copied(), "the cursor is the last item's id");
-                after = Some(cursor);
-            }
-            None => break,
-        }
-        assert!(sizes.len() < 10, "pagination does not end");
-    }
+    let (sizes, seen) =
+        walk_pages(|after| store.list_keys(&all, PageRequest { after, limit: 3 }), |k: &ApiKey| k.id).await;
     assert_eq!(sizes, [3, 3, 1]);
     assert_eq!(seen, want, "newest first, none missing, none twice");
 
@@ -479,10 +490,12 @@ pub async fn update_key_records_a_diff(store: &dyn Store) {
         expires_at: Some(Some(at(90) + Duration::microseconds(17))),
         metadata: Some(json!({"company": "Acme", "tier": 2})),
         plan: Some(Some("enterprise".to_owned())),
-        rate_limit_per_minute: Some(Some(1)),
-        rate_limit_per_hour: Some(Some(2)),
-        rate_limit_per_day: Some(Some(3)),
-        monthly_request_limit: Some(Some(4)),
+        limits: LimitPatch {
+            rate_limit_per_minute: Some(Some(1)),
+            rate_limit_per_hour: Some(Some(2)),
+            rate_limit_per_day: Some(Some(3)),
+            monthly_request_limit: Some(Some(4)),
+        },
         ..Default::default()
     };
     let all = store.update_key(created.id, full, &Actor::cli(at(8))).await.written("full update");
@@ -625,19 +638,8 @@ pub async fn audit_list_filters_and_paginates(store: &dyn Store) {
     assert_eq!(created_by_key[0].created_at, at(2));
 
     let only_org = AuditFilter { organization_id: Some(org.id), ..Default::default() };
-    let mut seen = Vec::new();
-    let mut sizes = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.list_audit(&only_org, PageRequest { after, limit: 2 }).await.must("audit page");
-        sizes.push(page.items.len());
-        seen.extend(page.items.iter().map(|e| e.id));
-        match page.next_cursor {
-            Some(cursor) => after = Some(cursor),
-            None => break,
-        }
-        assert!(sizes.len() < 10, "pagination does not end");
-    }
+    let (sizes, seen) =
+        walk_pages(|after| store.list_audit(&only_org, PageRequest { after, limit: 2 }), |e: &AuditEntry| e.id).await;
     assert_eq!(sizes, [2, 2, 1]);
     assert_eq!(seen, everything.iter().map(|e| e.id).collect::<Vec<_>>());
 }
@@ -675,7 +677,7 @@ pub async fn organizations_create_update_and_find(store: &dyn Store) {
         email: Some(None),
         plan: Some("free".to_owned()),
         max_api_keys: Some(None),
-        rate_limit_per_hour: Some(Some(500)),
+        limits: LimitPatch { rate_limit_per_hour: Some(Some(500)), ..Default::default() },
         ..Default::default()
     };
     let updated = store.update_org(created.id, patch, &Actor::system(at(5))).await.written("update_org");

@@ -145,6 +145,27 @@ impl LimitOverrides {
     }
 }
 
+/// A partial update of [`LimitOverrides`], in a key's or an organization's patch: `None` leaves a
+/// limit alone; `Some(None)` clears it (back to the plan's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitPatch {
+    pub rate_limit_per_minute: Option<Option<i64>>,
+    pub rate_limit_per_hour: Option<Option<i64>>,
+    pub rate_limit_per_day: Option<Option<i64>>,
+    pub monthly_request_limit: Option<Option<i64>>,
+}
+
+impl LimitPatch {
+    pub fn apply_to(&self, limits: &mut LimitOverrides) {
+        // Destructured so that a limit added to the patch fails to compile here until it is handled.
+        let Self { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit } = *self;
+        set(&mut limits.rate_limit_per_minute, rate_limit_per_minute);
+        set(&mut limits.rate_limit_per_hour, rate_limit_per_hour);
+        set(&mut limits.rate_limit_per_day, rate_limit_per_day);
+        set(&mut limits.monthly_request_limit, monthly_request_limit);
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Organization {
     pub id: OrgId,
@@ -180,10 +201,7 @@ pub struct OrganizationPatch {
     pub email: Option<Option<String>>,
     pub plan: Option<String>,
     pub is_active: Option<bool>,
-    pub rate_limit_per_minute: Option<Option<i64>>,
-    pub rate_limit_per_hour: Option<Option<i64>>,
-    pub rate_limit_per_day: Option<Option<i64>>,
-    pub monthly_request_limit: Option<Option<i64>>,
+    pub limits: LimitPatch,
     pub max_api_keys: Option<Option<i64>>,
 }
 
@@ -198,26 +216,13 @@ impl OrganizationPatch {
     /// The organization as it is after the patch (nothing is written).
     pub fn apply_to(&self, org: &Organization) -> Organization {
         // Destructured so that a field added to the patch fails to compile here until it is handled.
-        let Self {
-            name,
-            email,
-            plan,
-            is_active,
-            rate_limit_per_minute,
-            rate_limit_per_hour,
-            rate_limit_per_day,
-            monthly_request_limit,
-            max_api_keys,
-        } = self.clone();
+        let Self { name, email, plan, is_active, limits, max_api_keys } = self.clone();
         let mut out = org.clone();
         set(&mut out.name, name);
         set(&mut out.email, email);
         set(&mut out.plan, plan);
         set(&mut out.is_active, is_active);
-        set(&mut out.limits.rate_limit_per_minute, rate_limit_per_minute);
-        set(&mut out.limits.rate_limit_per_hour, rate_limit_per_hour);
-        set(&mut out.limits.rate_limit_per_day, rate_limit_per_day);
-        set(&mut out.limits.monthly_request_limit, monthly_request_limit);
+        limits.apply_to(&mut out.limits);
         set(&mut out.max_api_keys, max_api_keys);
         out
     }
@@ -396,10 +401,7 @@ pub struct KeyPatch {
     pub metadata: Option<Value>,
     pub plan: Option<Option<String>>,
     pub is_active: Option<bool>,
-    pub rate_limit_per_minute: Option<Option<i64>>,
-    pub rate_limit_per_hour: Option<Option<i64>>,
-    pub rate_limit_per_day: Option<Option<i64>>,
-    pub monthly_request_limit: Option<Option<i64>>,
+    pub limits: LimitPatch,
 }
 
 impl KeyPatch {
@@ -413,20 +415,8 @@ impl KeyPatch {
     /// The key as it is after the patch (nothing is written). Times are cut to what storage keeps.
     pub fn apply_to(&self, key: &ApiKey) -> ApiKey {
         // Destructured so that a field added to KeyPatch fails to compile here until it is handled.
-        let Self {
-            name,
-            description,
-            scopes,
-            allowed_ips,
-            expires_at,
-            metadata,
-            plan,
-            is_active,
-            rate_limit_per_minute,
-            rate_limit_per_hour,
-            rate_limit_per_day,
-            monthly_request_limit,
-        } = self.clone();
+        let Self { name, description, scopes, allowed_ips, expires_at, metadata, plan, is_active, limits } =
+            self.clone();
         let mut out = key.clone();
         set(&mut out.name, name);
         set(&mut out.description, description);
@@ -436,10 +426,7 @@ impl KeyPatch {
         set(&mut out.metadata, metadata);
         set(&mut out.plan, plan);
         set(&mut out.is_active, is_active);
-        set(&mut out.limits.rate_limit_per_minute, rate_limit_per_minute);
-        set(&mut out.limits.rate_limit_per_hour, rate_limit_per_hour);
-        set(&mut out.limits.rate_limit_per_day, rate_limit_per_day);
-        set(&mut out.limits.monthly_request_limit, monthly_request_limit);
+        limits.apply_to(&mut out.limits);
         out
     }
 }
@@ -763,7 +750,7 @@ mod tests {
         let patch = KeyPatch {
             description: Some(None),
             expires_at: Some(Some(at)),
-            rate_limit_per_day: Some(Some(9)),
+            limits: LimitPatch { rate_limit_per_day: Some(Some(9)), ..Default::default() },
             ..Default::default()
         };
         let after = patch.apply_to(&key);

@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(record.allowed_ips(), &ips);
         assert_eq!(record.metadata(), json!({"tier": "gold"}));
         assert_eq!(record.plan(), Some("pro"));
-        assert_eq!(record.limits().per_month, Some(50));
+        assert_eq!(record.limits().0.per_month, Some(50));
         assert!(record.own_quota);
         assert_eq!(*record.org, OrgRecord { is_active: true, plan: "free".into(), limits: LimitOverrides::NONE });
     }

@@ -659,12 +659,18 @@ mod tests {
         assert!("quota:key:nope".parse::<QuotaSubject>().is_err());
     }
 
+    /// A VALID verification of a new key, in 2030.
+    fn valid_verification() -> UsageEvent {
+        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
+        let mut e = UsageEvent::new(UsageKind::Verify, KeyId::new(), OrgId::new(), t);
+        e.outcome = Some("VALID".into());
+        e
+    }
+
     #[test]
     fn effects_count_requests_reports_and_quota_once() {
-        let (key, org) = (KeyId::new(), OrgId::new());
-        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
-        let mut valid = UsageEvent::new(UsageKind::Verify, key, org, t);
-        valid.outcome = Some("VALID".into());
+        let mut valid = valid_verification();
+        let (key, org, t) = (valid.key_id, valid.organization_id, valid.at);
         valid.quota_subject = Some(QuotaSubject::Org(org));
         valid.quota_units = 3;
         valid.ip = Some([10, 0, 0, 1].into());
@@ -694,10 +700,8 @@ mod tests {
 
     #[test]
     fn effects_saturate_instead_of_overflowing() {
-        let (key, org) = (KeyId::new(), OrgId::new());
-        let t = DateTime::from_timestamp(1_893_456_000, 0).unwrap_or_default();
-        let mut e = UsageEvent::new(UsageKind::Verify, key, org, t);
-        e.outcome = Some("VALID".into());
+        let mut e = valid_verification();
+        let key = e.key_id;
         (e.tokens_used, e.cost_micros, e.response_time_ms) = (i64::MAX, i64::MAX, Some(i64::MAX));
         e.quota_subject = Some(QuotaSubject::Key(key));
         e.quota_units = i64::MAX;

@@ -456,10 +456,16 @@ fn check_toml_syntax(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::result_large_err)] // figment's own test-jail signature
+
     use super::*;
 
+    /// The configuration the jail's file and environment give, without flags.
+    fn load() -> Result<Config, String> {
+        Config::load(None, Overrides::default()).map_err(|e| e.to_string())
+    }
+
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn gateway_routes_from_toml() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -476,7 +482,7 @@ mod tests {
                 public = true
                 "#,
             )?;
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             let gw = c.gateway.build().map_err(|e| e.to_string())?.ok_or("no gateway")?;
             assert_eq!(gw.routes.len(), 2);
             assert_eq!(gw.routes[0].methods, vec![axum::http::Method::GET]);
@@ -491,7 +497,6 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn gateway_route_costs_are_bounded() {
         figment::Jail::expect_with(|jail| {
             let route = |cost: &str| {
@@ -552,10 +557,9 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn no_file_means_defaults() {
         figment::Jail::expect_with(|_jail| {
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert_eq!(c.listen.port(), 8080);
             assert_eq!(c.database_url, "sqlite://keyward.db");
             Ok(())
@@ -563,10 +567,9 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn usage_writer_settings_reach_the_writer_and_bad_ones_are_refused() {
         figment::Jail::expect_with(|jail| {
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             let u = c.usage_config();
             assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(100), Duration::from_secs(5)));
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(10), 2));
@@ -576,7 +579,7 @@ mod tests {
                 "[usage]\nretry_initial_ms = 50\nretry_max_ms = 2000\nshutdown_timeout_ms = 3000\nconcurrent_batches = 1\n\
                  fold_interval_ms = 2500",
             )?;
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             let u = c.usage_config();
             assert_eq!((u.retry_initial, u.retry_max), (Duration::from_millis(50), Duration::from_secs(2)));
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(3), 1));
@@ -594,7 +597,6 @@ mod tests {
     /// Each setting a flag sets, set in every layer: the flag wins over the environment, which wins
     /// over the file, which wins over the default.
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn flags_win_over_the_environment_over_the_file_over_the_defaults() {
         figment::Jail::expect_with(|jail| {
             let seen = |overrides: Overrides| {
@@ -660,23 +662,22 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)] // figment's own test-jail signature
     fn layers_apply_in_order_and_short_pepper_is_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("keyward.toml", "listen = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://a.db\"")?;
             jail.set_env("KEYWARD_DATABASE_URL", "sqlite://b.db");
             jail.set_env("KEYWARD_TEST_POSTGRES_URL", "ignored");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert_eq!(c.listen.port(), 9000);
             assert_eq!(c.database_url, "sqlite://b.db");
             let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
             let c = Config::load(None, flags).map_err(|e| e.to_string())?;
             assert_eq!(c.database_url, "sqlite://c.db");
             jail.set_env("KEYWARD_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert_eq!(c.trusted_proxies.len(), 2);
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.gateway.build().map_err(|e| e.to_string())?.is_some());
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "ftp://nope");
             assert!(Config::load(None, Overrides::default()).is_err());
@@ -684,7 +685,7 @@ mod tests {
             jail.set_env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "3");
             jail.set_env("KEYWARD_PLANS__GOLD__PER_MINUTE", "1200");
             jail.set_env("KEYWARD_LIMITER_FAILURE_POLICY", "fail_closed");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert_eq!(c.protection.failed_auth_per_minute, 3);
             assert_eq!(c.protection.management_per_minute, 100);
             assert_eq!(c.plans().get("gold").and_then(|p| p.per_minute), Some(1200));
@@ -693,14 +694,14 @@ mod tests {
             assert!(!c.webhooks.allow_private_targets, "private webhook targets are refused by default");
             jail.set_env("KEYWARD_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true");
             jail.set_env("KEYWARD_LIFECYCLE__EXPIRING_NOTICE_DAYS", "3");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.webhooks.allow_private_targets);
             assert_eq!(c.lifecycle.expiring_notice_days, 3);
             assert!(c.show().contains("allow_private_targets = true"), "{}", c.show());
             jail.set_env("KEYWARD_PEPPER", "too-short");
             assert!(Config::load(None, Overrides::default()).is_err());
             jail.set_env("KEYWARD_PEPPER", "x".repeat(32));
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(!c.show().contains("xxxx"));
             Ok(())
         });

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use keyward_core::{Environment, KeyHasher, KeyId, KeyPrefix, OrgId, PlainKey};
+use keyward_core::{Environment, KeyId};
 use keyward_server::settings::UsageConfig;
 use keyward_server::usage::UsageRecorder;
+use keyward_store::conformance::{new_key, new_org};
 use keyward_store::usage::{QuotaSubject, UsageEvent, UsageKind};
-use keyward_store::{Actor, LimitOverrides, NewKey, NewOrganization};
+use keyward_store::{Actor, NewOrganization};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,45 +31,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let store = keyward_store::open(url, true).await?;
     let actor = Actor::cli(Utc::now());
-    let org = store
-        .insert_org(
-            NewOrganization {
-                id: OrgId::new(),
-                name: "bench".into(),
-                slug: format!("bench-{}", uuid::Uuid::now_v7().simple()),
-                email: None,
-                plan: "enterprise".into(),
-                is_active: true,
-                limits: LimitOverrides::default(),
-                max_api_keys: None,
-            },
-            &actor,
-        )
-        .await?;
+    // The conformance suite's records; the plan with the widest limits.
+    let org = NewOrganization { name: "bench".into(), plan: "enterprise".into(), email: None, ..new_org(None) };
+    let org = store.insert_org(org, &actor).await?;
     let mut ids: Vec<KeyId> = Vec::with_capacity(keys);
     for _ in 0..keys {
-        let plain = PlainKey::generate(&KeyPrefix::default(), Environment::Live)?;
-        let (hash_algorithm, key_hash) = KeyHasher::default().hash(&plain);
-        let key = NewKey {
-            id: KeyId::new(),
-            organization_id: org.id,
-            owner_id: None,
-            name: "bench".into(),
-            description: None,
-            environment: Environment::Live,
-            prefix: plain.prefix().to_owned(),
-            hint: plain.hint().to_owned(),
-            hash_algorithm,
-            key_hash,
-            scopes: Default::default(),
-            allowed_ips: Default::default(),
-            expires_at: None,
-            is_active: true,
-            plan: None,
-            limits: LimitOverrides::default(),
-            metadata: serde_json::json!({}),
-            rotated_from: None,
-        };
+        let (_, key) = new_key(&org, Environment::Live);
         ids.push(store.insert_key(key, &actor).await?.apply(&keyward_store::NoCache).id);
     }
     let ids = Arc::new(ids);

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use chrono::Duration;
 use keyward_core::OrgId;
 use keyward_server::service::CreateKeyRequest;
-use keyward_store::{Actor, KeyPatch, OrganizationPatch};
+use keyward_store::{Actor, KeyPatch, LimitPatch, OrganizationPatch};
 use serde_json::{Value, json};
 
 use crate::helpers::{NowUtc, TestApp, code, on_every_backend};
@@ -91,8 +91,14 @@ async fn rotation_keeps_the_old_key_for_the_grace_period(app: TestApp) {
 /// counter each, so rotating never doubles the allowance.
 async fn the_pair_shares_quota_and_rate_limits(app: TestApp) {
     let (old_key, old) = app.key(app.default_org.id, &[]).await;
-    let limits =
-        KeyPatch { monthly_request_limit: Some(Some(3)), rate_limit_per_minute: Some(Some(2)), ..Default::default() };
+    let limits = KeyPatch {
+        limits: LimitPatch {
+            monthly_request_limit: Some(Some(3)),
+            rate_limit_per_minute: Some(Some(2)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     app.state.store.update_key(old.id, limits, &Actor::cli(app.clock.now_utc())).await.unwrap().apply(&app.state.keys);
     assert_eq!(app.verify(&old_key, json!({})).await["code"], "VALID");
     assert_eq!(app.verify(&old_key, json!({})).await["code"], "VALID");

@@ -434,13 +434,18 @@ async fn org_usage_is_for_admins_and_the_organization_itself() {
     }
 }
 
+fn monthly_quota_of(limit: i64) -> OrganizationPatch {
+    let limits = keyward_store::LimitPatch { monthly_request_limit: Some(Some(limit)), ..Default::default() };
+    OrganizationPatch { limits, ..Default::default() }
+}
+
 /// The monthly quota survives a restart exactly (one node): a new AppState on the
 /// same database seeds the month's count from the durable counters the ledger kept.
 #[tokio::test]
 async fn monthly_quota_survives_a_restart() {
     let app = TestApp::sqlite().await;
     let org = app.org("quota-restart").await;
-    let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    let patch = monthly_quota_of(5);
     app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     for _ in 0..2 {
@@ -650,7 +655,7 @@ async fn redis_quota_is_reconciled_with_the_store() {
     let url = std::env::var("KEYWARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let app = TestApp::sqlite().await;
     let org = app.org("quota-redis").await;
-    let patch = OrganizationPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    let patch = monthly_quota_of(5);
     app.state.store.update_org(org.id, patch, &Actor::cli(t0())).await.unwrap().apply(&app.state.keys);
     let (key, _) = app.key(org.id, &[]).await;
     assert_eq!(app.verify(&key, json!({"cost": 3})).await["code"], "VALID");

@@ -293,7 +293,10 @@ async fn events_of(app: &TestApp, event: &str) -> Vec<keyward_store::Event> {
 async fn quota_threshold_fires_at_80_and_100_percent_once_each() {
     let app = TestApp::sqlite().await;
     let (key, rec) = app.key(app.default_org.id, &[]).await;
-    let patch = keyward_store::KeyPatch { monthly_request_limit: Some(Some(5)), ..Default::default() };
+    let patch = keyward_store::KeyPatch {
+        limits: keyward_store::LimitPatch { monthly_request_limit: Some(Some(5)), ..Default::default() },
+        ..Default::default()
+    };
     app.state
         .store
         .update_key(rec.id, patch, &keyward_store::Actor::cli(app.clock.now_utc()))

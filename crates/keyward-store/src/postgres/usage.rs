@@ -26,14 +26,10 @@ fn sat_add(a: &str, b: &str) -> String {
     clamp(&format!("({a})::numeric + ({b})"))
 }
 
-/// `SUM(c)` of a bigint, saturating: `SUM(bigint)` is a numeric, exact at any size.
-fn sat_sum(c: &str) -> String {
-    clamp(&format!("SUM({c})"))
-}
-
 impl UsageDialect for Postgres {
+    /// `SUM(bigint)` is a numeric, exact at any size: clamped.
     fn sat_sum(c: &str) -> String {
-        sat_sum(c)
+        clamp(&format!("SUM({c})"))
     }
 
     /// One array per column (UNNEST), 17 parameters per statement whatever its size, and no per-value
@@ -121,8 +117,9 @@ impl UsageDialect for Postgres {
 impl UsageBackend for PostgresStore {
     async fn fold_pending(&self) -> StoreResult<u64> {
         let columns = DAILY_COLUMNS.join(", ");
-        let sums = DAILY_COLUMNS.iter().map(|c| sat_sum(c)).collect::<Vec<_>>().join(", ");
-        let endpoint_sums = ["requests", "endpoint_errors", "tokens_used", "cost_micros"].map(sat_sum).join(", ");
+        let sums = DAILY_COLUMNS.iter().map(|c| Postgres::sat_sum(c)).collect::<Vec<_>>().join(", ");
+        let endpoint_sums =
+            ["requests", "endpoint_errors", "tokens_used", "cost_micros"].map(Postgres::sat_sum).join(", ");
         // One statement, so one snapshot: the rows it deletes are exactly the rows it adds up (a batch
         // committing meanwhile is left for the next fold). Rows are grouped by key; the keys' rows are
         // locked in id order first, as in record_key_usage.
@@ -163,7 +160,7 @@ impl UsageBackend for PostgresStore {
              SELECT COUNT(*) FROM moved",
             add = daily_add_set("usage_daily", sat_add),
             endpoint_add = endpoint_add_set(sat_add),
-            valid_sum = sat_sum("requests::numeric - denied"),
+            valid_sum = Postgres::sat_sum("requests::numeric - denied"),
             total_add = sat_add("k.total_requests", "v.requests"),
         );
         let mut folded = 0;

@@ -139,11 +139,11 @@ where
 }
 
 /// Ends a change of one row: runs `write` (which returns the row as written), records the change's
-/// `effects` after it, and commits.
+/// effects (`effects` of the row written) after it, and commits.
 pub(crate) async fn finish<D, T>(
     mut tx: Transaction<'static, D>,
     write: Stmt,
-    effects: &Effects,
+    effects: impl FnOnce(&T) -> Effects + Send,
     actor: &Actor,
 ) -> StoreResult<T>
 where
@@ -151,7 +151,7 @@ where
     T: Send,
 {
     let written = D::fetch_one(&mut tx, write).await?;
-    record::<D>(&mut tx, effects, actor).await?;
+    record::<D>(&mut tx, &effects(&written), actor).await?;
     tx.commit().await.map_err(D::error)?;
     Ok(written)
 }
@@ -288,7 +288,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
     }
 
     async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
-        let mut tx = self.writer().await?;
+        let tx = self.writer().await?;
         let insert = Stmt::new(concat!(
             "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
                  rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
@@ -308,10 +308,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(org.limits.rate_limit_per_day)
         .arg(org.max_api_keys)
         .arg(actor.at);
-        let created: Organization = B::Db::fetch_one(&mut tx, insert).await?;
-        record::<B::Db>(&mut tx, &effects::org_created(&created), actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(created)
+        finish(tx, insert, effects::org_created, actor).await
     }
 
     async fn get_org(&self, id: OrgId) -> StoreResult<Organization> {
@@ -365,7 +362,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(after.max_api_keys)
         .arg(actor.at)
         .arg(id);
-        Ok(Changed::updated_org(finish(tx, update, &effects, actor).await?))
+        Ok(Changed::updated_org(finish(tx, update, |_| effects, actor).await?))
     }
 
     async fn count_orgs(&self) -> StoreResult<i64> {
@@ -463,7 +460,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(after.limits.monthly_request_limit)
         .arg(actor.at)
         .arg(id);
-        Ok(Changed::updated_key(finish(tx, update, &effects, actor).await?))
+        Ok(Changed::updated_key(finish(tx, update, |_| effects, actor).await?))
     }
 
     async fn revoke_key(
@@ -486,7 +483,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(&after.revoke_reason)
         .arg(actor.at)
         .arg(id);
-        Ok(Changed::revoked_key(finish(tx, update, &effects, actor).await?))
+        Ok(Changed::revoked_key(finish(tx, update, |_| effects, actor).await?))
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {

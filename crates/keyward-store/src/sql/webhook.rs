@@ -50,10 +50,7 @@ impl<B: Backend> WebhookStore for B {
         .arg(&hook.secret.0)
         .arg(&hook.description)
         .arg(actor.at);
-        let created: Webhook = B::Db::fetch_one(&mut tx, insert).await?;
-        record::<B::Db>(&mut tx, &effects::webhook_created(&created), actor).await?;
-        tx.commit().await.map_err(B::Db::error)?;
-        Ok(created)
+        finish(tx, insert, effects::webhook_created, actor).await
     }
 
     async fn get_webhook(&self, id: Uuid) -> StoreResult<Webhook> {
@@ -87,7 +84,7 @@ impl<B: Backend> WebhookStore for B {
         .arg(&after.description)
         .arg(actor.at)
         .arg(id);
-        finish(tx, update, &effects, actor).await
+        finish(tx, update, |_| effects, actor).await
     }
 
     async fn delete_webhook(&self, id: Uuid, actor: &Actor) -> StoreResult<()> {

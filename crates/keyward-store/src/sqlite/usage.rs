@@ -31,36 +31,32 @@ fn sat_add(a: &str, b: &str) -> String {
     )
 }
 
-/// `SUM(c)` clamped to the i64 range, exact below it. SQLite's `SUM()` fails the whole statement with
-/// "integer overflow" (and `TOTAL()` is a float, inexact past 2^53), so each value is split into its
-/// high 32 bits (`c >> 32`, arithmetic) and low 32 bits (`c & 0xFFFFFFFF`, never negative): neither
-/// sum can overflow below 2^31 rows. With `h` the high sum plus the carry of the low one, the total
-/// `h * 2^32 + (low mod 2^32)` fits an i64 exactly when `h` fits an i32. NULL over no rows, as `SUM`.
-fn sat_sum(c: &str) -> String {
-    let high = format!("(SUM(({c}) >> 32) + (SUM(({c}) & 4294967295) >> 32))");
-    format!(
-        "(CASE WHEN {high} > 2147483647 THEN 9223372036854775807 \
-         WHEN {high} < -2147483648 THEN -9223372036854775808 \
-         ELSE ({high} << 32) + (SUM(({c}) & 4294967295) & 4294967295) END)"
-    )
-}
-
-/// A fold's `SUM(c)` of a pending column: [`sat_sum`] for the columns one batch can make large
+/// A fold's `SUM(c)` of a pending column: [`Sqlite::sat_sum`] for the columns one batch can make large
 /// (tokens, cost, latency), and for the counts (of events, so below 2^32 in any batch) a plain `SUM`
 /// of the value clamped to `0..=2^32-1`, which cannot overflow over at most [`FOLD_ROWS`] rows and
 /// costs a fold about half of what `sat_sum` does.
 fn fold_sum(c: &str) -> String {
     const _: () = assert!(FOLD_ROWS < 1 << 31, "FOLD_ROWS * (2^32 - 1) must fit an i64");
     if ["tokens_used", "cost_micros", "latency_sum_ms"].contains(&c) {
-        sat_sum(c)
+        Sqlite::sat_sum(c)
     } else {
         format!("SUM(MIN(MAX({c}, 0), 4294967295))")
     }
 }
 
 impl UsageDialect for Sqlite {
+    /// `SUM(c)` clamped to the i64 range, exact below it. SQLite's `SUM()` fails the whole statement with
+    /// "integer overflow" (and `TOTAL()` is a float, inexact past 2^53), so each value is split into its
+    /// high 32 bits (`c >> 32`, arithmetic) and low 32 bits (`c & 0xFFFFFFFF`, never negative): neither
+    /// sum can overflow below 2^31 rows. With `h` the high sum plus the carry of the low one, the total
+    /// `h * 2^32 + (low mod 2^32)` fits an i64 exactly when `h` fits an i32. NULL over no rows, as `SUM`.
     fn sat_sum(c: &str) -> String {
-        sat_sum(c)
+        let high = format!("(SUM(({c}) >> 32) + (SUM(({c}) & 4294967295) >> 32))");
+        format!(
+            "(CASE WHEN {high} > 2147483647 THEN 9223372036854775807 \
+             WHEN {high} < -2147483648 THEN -9223372036854775808 \
+             ELSE ({high} << 32) + (SUM(({c}) & 4294967295) & 4294967295) END)"
+        )
     }
 
     /// `checked`: `ON CONFLICT DO NOTHING RETURNING id`: a known id or idempotency id is skipped, the
@@ -281,7 +277,11 @@ mod tests {
                 sqlx::query("INSERT INTO t VALUES (?, ?)").bind(g as i64).bind(*v).execute(&mut conn).await.unwrap();
             }
         }
-        let sql = format!("SELECT g, {}, typeof({}) FROM t GROUP BY g ORDER BY g", sat_sum("c"), sat_sum("c"));
+        let sql = format!(
+            "SELECT g, {}, typeof({}) FROM t GROUP BY g ORDER BY g",
+            Sqlite::sat_sum("c"),
+            Sqlite::sat_sum("c")
+        );
         let got: Vec<(i64, i64, String)> = sqlx::query_as(&sql).fetch_all(&mut conn).await.unwrap();
         let clamp = |n: i128| n.clamp(i128::from(min), i128::from(max)) as i64;
         for ((g, sum, kind), values) in got.iter().zip(&groups) {
