@@ -11,9 +11,9 @@ use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName};
 use chrono::{DateTime, Utc};
 use keyward_core::{
     KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, Scope, ScopeSet, VerifyOutcome, VerifyRequest,
@@ -86,24 +86,37 @@ pub fn request_ip(parts: &Parts, state: &AppState) -> Option<IpAddr> {
     crate::client_ip::client_ip(peer, &parts.headers, &state.trusted_proxies)
 }
 
+/// The header names a key is read from unless `[authz] key_headers` names others.
+pub const DEFAULT_KEY_HEADERS: [HeaderName; 2] = [AUTHORIZATION, HeaderName::from_static("x-api-key")];
+
 /// The key in the request, read the same way on every surface (management API, gateway, layer):
 /// `Authorization: Bearer <key>` first, then `X-API-Key`. An `Authorization` header of another scheme
 /// holds no key; without an `X-API-Key` the answer says which scheme to use.
 pub fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
-    let authorization = headers.get(AUTHORIZATION).map(|v| v.to_str().unwrap_or_default().trim());
-    if let Some((scheme, token)) = authorization.and_then(|v| v.split_once(' '))
-        && scheme.eq_ignore_ascii_case("bearer")
-        && !token.trim().is_empty()
-    {
-        return Ok(token.trim());
-    }
-    match headers.get("x-api-key").map(|v| v.to_str().unwrap_or_default().trim()) {
-        Some(key) if !key.is_empty() => Ok(key),
-        _ if authorization.is_some() => {
-            Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"))
+    presented_key_in(&DEFAULT_KEY_HEADERS, headers)
+}
+
+/// The key in the first of `names` that holds one: `authorization` as `Bearer <key>`, any other
+/// header as the bare key (the proxy hooks, whose header names are configurable).
+pub fn presented_key_in<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> ApiResult<&'h str> {
+    for name in names {
+        let Some(value) = headers.get(name).map(|v| v.to_str().unwrap_or_default().trim()) else { continue };
+        let key = if *name == AUTHORIZATION {
+            value
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map_or("", |(_, t)| t.trim())
+        } else {
+            value
+        };
+        if !key.is_empty() {
+            return Ok(key);
         }
-        _ => Err(ApiError::missing_credentials()),
     }
+    if names.contains(&AUTHORIZATION) && headers.contains_key(AUTHORIZATION) {
+        return Err(ApiError::new(ErrorCode::MissingCredentials, "the Authorization header must be `Bearer <key>`"));
+    }
+    Err(ApiError::missing_credentials())
 }
 
 /// A caller of the API, authenticated and admitted by the permission `P` its route declares in the

@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::http::header::{AUTHORIZATION, USER_AGENT};
+use axum::http::header::USER_AGENT;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use chrono::{DateTime, Utc};
 use keyward_core::NormalizedPath;
@@ -141,7 +141,7 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
         return Judgement { decision: Decision::Allow(allowed), path: Some(path), event: None };
     }
     let user_agent = request.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let presented = match presented_key(&state.key_headers, request.headers) {
+    let presented = match crate::auth::presented_key_in(&state.key_headers, request.headers) {
         Ok(presented) => presented,
         Err(missing) => {
             auth_failed(AuthFailure {
@@ -193,25 +193,6 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
         (refusal, _) => Decision::Deny(refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record"))),
     };
     Judgement { decision, path: Some(path), event }
-}
-
-/// The key in the first of `names` that holds one: `authorization` as `Bearer <key>`, any other
-/// header as the bare key. With the default names, exactly [`crate::auth::presented_key`].
-fn presented_key<'h>(names: &[HeaderName], headers: &'h HeaderMap) -> Result<&'h str, ApiError> {
-    if names == [AUTHORIZATION, HeaderName::from_static("x-api-key")] {
-        return crate::auth::presented_key(headers);
-    }
-    let value = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let found = names.iter().find_map(|name| {
-        let value = value(name)?;
-        let key = if *name == AUTHORIZATION {
-            value.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))?.1.trim()
-        } else {
-            value
-        };
-        (!key.is_empty()).then_some(key)
-    });
-    found.ok_or_else(ApiError::missing_credentials)
 }
 
 /// The `x-keyward-identity` token for this key and request, valid `ttl_seconds` from `now`.
