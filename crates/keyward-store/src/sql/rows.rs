@@ -30,13 +30,21 @@ fn opt_time<D: Dialect>(v: Option<D::Time>, column: &str) -> StoreResult<Option<
     v.map(|v| D::read_time(v, column)).transpose()
 }
 
-fn limits(
+/// The limit override columns of a key's or an organization's row (`limit_columns!()`).
+#[derive(FromRow)]
+struct LimitColumns {
     rate_limit_per_minute: Option<i64>,
     rate_limit_per_hour: Option<i64>,
     rate_limit_per_day: Option<i64>,
     monthly_request_limit: Option<i64>,
-) -> LimitOverrides {
-    LimitOverrides { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit }
+}
+
+impl From<LimitColumns> for LimitOverrides {
+    fn from(row: LimitColumns) -> Self {
+        let LimitColumns { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit } =
+            row;
+        Self { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit }
+    }
 }
 
 #[derive(FromRow)]
@@ -47,10 +55,8 @@ pub(crate) struct OrgRow<D: Dialect> {
     email: Option<String>,
     plan: String,
     is_active: bool,
-    monthly_request_limit: Option<i64>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
+    #[sqlx(flatten)]
+    limits: LimitColumns,
     max_api_keys: Option<i64>,
     created_at: D::Time,
     updated_at: D::Time,
@@ -65,12 +71,7 @@ impl<D: Dialect> OrgRow<D> {
             email: self.email,
             plan: self.plan,
             is_active: self.is_active,
-            limits: limits(
-                self.rate_limit_per_minute,
-                self.rate_limit_per_hour,
-                self.rate_limit_per_day,
-                self.monthly_request_limit,
-            ),
+            limits: self.limits.into(),
             max_api_keys: self.max_api_keys,
             created_at: time::<D>(self.created_at, "organizations.created_at")?,
             updated_at: time::<D>(self.updated_at, "organizations.updated_at")?,
@@ -97,10 +98,8 @@ pub(crate) struct KeyRow<D: Dialect> {
     revoked_at: Option<D::Time>,
     revoke_reason: Option<String>,
     plan: Option<String>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    monthly_request_limit: Option<i64>,
+    #[sqlx(flatten)]
+    limits: LimitColumns,
     metadata: D::Json,
     total_requests: i64,
     last_used_at: Option<D::Time>,
@@ -138,12 +137,7 @@ impl<D: Dialect> KeyRow<D> {
             revoked_at: opt_time::<D>(self.revoked_at, "api_keys.revoked_at")?,
             revoke_reason: self.revoke_reason,
             plan: self.plan,
-            limits: limits(
-                self.rate_limit_per_minute,
-                self.rate_limit_per_hour,
-                self.rate_limit_per_day,
-                self.monthly_request_limit,
-            ),
+            limits: self.limits.into(),
             metadata: D::read_json(self.metadata, "api_keys.metadata")?,
             total_requests: self.total_requests,
             last_used_at: opt_time::<D>(self.last_used_at, "api_keys.last_used_at")?,
@@ -177,12 +171,12 @@ impl<D: Dialect> KeyWithOrgRow<D> {
             key: self.key.into_key()?,
             org_is_active: self.org_is_active,
             org_plan: self.org_plan,
-            org_limits: limits(
-                self.org_rate_limit_per_minute,
-                self.org_rate_limit_per_hour,
-                self.org_rate_limit_per_day,
-                self.org_monthly_request_limit,
-            ),
+            org_limits: LimitOverrides {
+                rate_limit_per_minute: self.org_rate_limit_per_minute,
+                rate_limit_per_hour: self.org_rate_limit_per_hour,
+                rate_limit_per_day: self.org_rate_limit_per_day,
+                monthly_request_limit: self.org_monthly_request_limit,
+            },
         })
     }
 }
