@@ -27,7 +27,7 @@ use sqlx::query::Query;
 use sqlx::{Database, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use self::rows::{ChainHead, ChainedRow, HashOwner};
+use self::rows::{ChainHead, ChainRow, HashOwner};
 use crate::{
     ApiKey, Attempt, AuditEntry, Delivery, Event, KeyWithOrg, LimitOverrides, MigrationInfo, Organization, StoreError,
     StoreResult, Webhook,
@@ -357,7 +357,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         + Reads<KeyWithOrg>
         + Reads<Organization>
         + Reads<AuditEntry>
-        + Reads<ChainedRow>
+        + Reads<ChainRow<Self::Db>>
         + Reads<ChainHead>
         + Reads<Event>
         + Reads<Webhook>

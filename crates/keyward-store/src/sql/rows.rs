@@ -4,6 +4,7 @@
 //! `Internal` error naming its column.
 
 use chrono::{DateTime, Utc};
+use keyward_core::audit_chain::{AuditContent, ChainBreak, ChainWalker};
 use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
 use sqlx::FromRow;
 use uuid::Uuid;
@@ -208,22 +209,8 @@ impl<D: Dialect> AuditRow<D> {
     }
 }
 
-/// An audit row as the chain hashes it (see `keyward_core::audit_chain`): its ids as stored, and the
-/// hashes it was written with.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ChainedRow {
-    pub id: i64,
-    pub action: String,
-    pub key_id: Option<String>,
-    pub organization_id: Option<String>,
-    pub actor: String,
-    pub actor_ip: Option<String>,
-    pub details: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub prev_hash: Option<String>,
-    pub row_hash: Option<String>,
-}
-
+/// An audit row as the chain hashes it (see `keyward_core::audit_chain`), with the hashes it was
+/// written with.
 #[derive(FromRow)]
 pub(crate) struct ChainRow<D: Dialect> {
     #[sqlx(flatten)]
@@ -233,20 +220,27 @@ pub(crate) struct ChainRow<D: Dialect> {
 }
 
 impl<D: Dialect> ChainRow<D> {
-    pub(crate) fn into_chained(self) -> StoreResult<ChainedRow> {
+    pub(crate) fn id(&self) -> i64 {
+        self.row.id
+    }
+
+    /// Feeds the row to `walker` with its content as it was hashed: the ids as the stored text, not
+    /// parsed, so that an edited id reads as a changed row. The inner `Err` says why the chain breaks.
+    pub(crate) fn check(self, walker: &mut ChainWalker) -> StoreResult<Result<(), ChainBreak>> {
         let row = self.row;
-        Ok(ChainedRow {
-            id: row.id,
-            action: row.action,
-            key_id: row.key_id.as_ref().map(D::id_text),
-            organization_id: row.organization_id.as_ref().map(D::id_text),
-            actor: row.actor,
-            actor_ip: row.actor_ip,
-            details: D::read_json(row.details, "audit_log.details")?,
+        let key_id = row.key_id.as_ref().map(D::id_text);
+        let organization_id = row.organization_id.as_ref().map(D::id_text);
+        let details = D::read_json(row.details, "audit_log.details")?;
+        let content = AuditContent {
+            action: &row.action,
+            key_id: key_id.as_deref(),
+            organization_id: organization_id.as_deref(),
+            actor: &row.actor,
+            actor_ip: row.actor_ip.as_deref(),
+            details: &details,
             created_at: time::<D>(row.created_at, "audit_log.created_at")?,
-            prev_hash: self.prev_hash,
-            row_hash: self.row_hash,
-        })
+        };
+        Ok(walker.check(row.id, &content, self.prev_hash.as_deref(), self.row_hash.as_deref()))
     }
 }
 
@@ -388,7 +382,7 @@ reads! {
     ApiKey: KeyRow<D> => KeyRow::into_key;
     KeyWithOrg: KeyWithOrgRow<D> => KeyWithOrgRow::into_found;
     AuditEntry: AuditRow<D> => AuditRow::into_entry;
-    ChainedRow: ChainRow<D> => ChainRow::into_chained;
+    ChainRow<D>: ChainRow<D> => Ok;
     Event: EventRow<D> => EventRow::into_event;
     Webhook: WebhookRow<D> => WebhookRow::into_webhook;
     Delivery: DeliveryRow<D> => DeliveryRow::into_delivery;
