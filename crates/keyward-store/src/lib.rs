@@ -27,18 +27,34 @@ use serde_json::{Value, json};
 // columns, so the lists live here once.
 macro_rules! org_columns {
     () => {
-        "id, name, slug, email, plan, is_active, monthly_request_limit, rate_limit_per_minute, \
-         rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at"
+        concat!("id, ", org_settings_columns!())
+    };
+}
+
+// Every column of an organization's row but its id, in the order [`sql`] binds them: an update writes
+// them all (the slug and `created_at` as they were).
+macro_rules! org_settings_columns {
+    () => {
+        concat!("name, slug, email, plan, is_active, ", limit_columns!(), ", max_api_keys, created_at, updated_at")
+    };
+}
+
+// The limit override columns of keys and organizations alike, in the one order they are bound.
+macro_rules! limit_columns {
+    () => {
+        "rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit"
     };
 }
 
 macro_rules! key_columns {
     () => {
-        "id, organization_id, owner_id, name, description, environment, prefix, key_hint, key_hash, \
-         hash_algorithm, scopes, allowed_ips, expires_at, is_active, revoked_at, revoke_reason, plan, \
-         rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, \
-         total_requests, last_used_at, last_used_ip, rotated_from, replaced_by, created_by, created_at, updated_at, \
-         lineage_id"
+        concat!(
+            "id, organization_id, owner_id, name, description, environment, prefix, key_hint, key_hash, \
+             hash_algorithm, scopes, allowed_ips, expires_at, is_active, revoked_at, revoke_reason, plan, ",
+            limit_columns!(),
+            ", metadata, total_requests, last_used_at, last_used_ip, rotated_from, replaced_by, created_by, \
+             created_at, updated_at, lineage_id"
+        )
     };
 }
 
@@ -192,6 +208,15 @@ pub struct NewOrganization {
     pub is_active: bool,
     pub limits: LimitOverrides,
     pub max_api_keys: Option<i64>,
+}
+
+impl NewOrganization {
+    /// The organization as stored when it is created at `at`.
+    pub(crate) fn created(self, at: DateTime<Utc>) -> Organization {
+        let Self { id, name, slug, email, plan, is_active, limits, max_api_keys } = self;
+        let at = stored_time(at);
+        Organization { id, name, slug, email, plan, is_active, limits, max_api_keys, created_at: at, updated_at: at }
+    }
 }
 
 /// A partial update: `None` leaves a field alone; `Some(None)` clears a nullable field.

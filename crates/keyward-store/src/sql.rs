@@ -27,10 +27,10 @@ use sqlx::query::Query;
 use sqlx::{Database, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use self::rows::{ChainHead, ChainedRow, HashOwner};
+use self::rows::{ChainHead, ChainRow, HashOwner};
 use crate::{
-    ApiKey, Attempt, AuditEntry, Delivery, Event, KeyWithOrg, MigrationInfo, Organization, StoreError, StoreResult,
-    Webhook,
+    ApiKey, Attempt, AuditEntry, Delivery, Event, KeyWithOrg, LimitOverrides, MigrationInfo, Organization, StoreError,
+    StoreResult, Webhook,
 };
 
 /// A value bound to a statement, in the form the store thinks of it; each backend encodes it
@@ -80,6 +80,13 @@ arg_from! {
     Vec<String> => |v| Arg::List(v);
 }
 
+/// A key's or an organization's limit overrides, in the order of `limit_columns!()`.
+pub(crate) fn limit_args(limits: &LimitOverrides) -> [Arg; 4] {
+    let LimitOverrides { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit } =
+        *limits;
+    [rate_limit_per_minute.into(), rate_limit_per_hour.into(), rate_limit_per_day.into(), monthly_request_limit.into()]
+}
+
 /// A statement and its arguments. Static SQL numbers its placeholders itself (`$1`, `$2`, ... in the
 /// order of [`Stmt::arg`]); a statement built piece by piece appends them with [`Stmt::push_arg`].
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +104,12 @@ impl Stmt {
     /// The next argument, `$n` where `n` is how many came before plus one.
     pub(crate) fn arg(mut self, arg: impl Into<Arg>) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// The next arguments, in order.
+    pub(crate) fn args(mut self, args: impl IntoIterator<Item = Arg>) -> Self {
+        self.args.extend(args);
         self
     }
 
@@ -344,7 +357,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         + Reads<KeyWithOrg>
         + Reads<Organization>
         + Reads<AuditEntry>
-        + Reads<ChainedRow>
+        + Reads<ChainRow<Self::Db>>
         + Reads<ChainHead>
         + Reads<Event>
         + Reads<Webhook>

@@ -5,11 +5,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keyward_core::audit_chain::{AuditContent, ChainBreak, ChainWalker, GENESIS};
+use keyward_core::audit_chain::{ChainBreak, ChainWalker, GENESIS};
 use keyward_core::{KeyId, OrgId};
 use uuid::Uuid;
 
-use super::rows::{ChainHead, ChainedRow};
+use super::rows::{ChainHead, ChainRow};
 use super::store::{KeyInsert, insert_key_rows, lock_key, record, select_key};
 use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
@@ -183,21 +183,13 @@ impl<B: Backend> LifecycleStore for B {
             ))
             .arg(after)
             .arg(CHAIN_BATCH);
-            let rows: Vec<ChainedRow> = B::Db::fetch_all(&mut tx, q).await?;
+            let rows: Vec<ChainRow<B::Db>> = B::Db::fetch_all(&mut tx, q).await?;
             let Some(last) = rows.last() else { break };
-            after = last.id;
-            for row in &rows {
-                let content = AuditContent {
-                    action: &row.action,
-                    key_id: row.key_id.as_deref(),
-                    organization_id: row.organization_id.as_deref(),
-                    actor: &row.actor,
-                    actor_ip: row.actor_ip.as_deref(),
-                    details: &row.details,
-                    created_at: row.created_at,
-                };
-                if let Err(e) = walker.check(row.id, &content, row.prev_hash.as_deref(), row.row_hash.as_deref()) {
-                    let broken = BrokenLink { id: Some(row.id), reason: e.as_str().to_owned() };
+            after = last.id();
+            for row in rows {
+                let id = row.id();
+                if let Err(e) = row.check(&mut walker)? {
+                    let broken = BrokenLink { id: Some(id), reason: e.as_str().to_owned() };
                     return Ok(report(&walker, Some(broken)));
                 }
             }

@@ -4,6 +4,7 @@
 //! `Internal` error naming its column.
 
 use chrono::{DateTime, Utc};
+use keyward_core::audit_chain::{AuditContent, ChainBreak, ChainWalker};
 use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
 use sqlx::FromRow;
 use uuid::Uuid;
@@ -30,13 +31,21 @@ fn opt_time<D: Dialect>(v: Option<D::Time>, column: &str) -> StoreResult<Option<
     v.map(|v| D::read_time(v, column)).transpose()
 }
 
-fn limits(
+/// The limit override columns of a key's or an organization's row (`limit_columns!()`).
+#[derive(FromRow)]
+struct LimitColumns {
     rate_limit_per_minute: Option<i64>,
     rate_limit_per_hour: Option<i64>,
     rate_limit_per_day: Option<i64>,
     monthly_request_limit: Option<i64>,
-) -> LimitOverrides {
-    LimitOverrides { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit }
+}
+
+impl From<LimitColumns> for LimitOverrides {
+    fn from(row: LimitColumns) -> Self {
+        let LimitColumns { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit } =
+            row;
+        Self { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit }
+    }
 }
 
 #[derive(FromRow)]
@@ -47,10 +56,8 @@ pub(crate) struct OrgRow<D: Dialect> {
     email: Option<String>,
     plan: String,
     is_active: bool,
-    monthly_request_limit: Option<i64>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
+    #[sqlx(flatten)]
+    limits: LimitColumns,
     max_api_keys: Option<i64>,
     created_at: D::Time,
     updated_at: D::Time,
@@ -65,12 +72,7 @@ impl<D: Dialect> OrgRow<D> {
             email: self.email,
             plan: self.plan,
             is_active: self.is_active,
-            limits: limits(
-                self.rate_limit_per_minute,
-                self.rate_limit_per_hour,
-                self.rate_limit_per_day,
-                self.monthly_request_limit,
-            ),
+            limits: self.limits.into(),
             max_api_keys: self.max_api_keys,
             created_at: time::<D>(self.created_at, "organizations.created_at")?,
             updated_at: time::<D>(self.updated_at, "organizations.updated_at")?,
@@ -97,10 +99,8 @@ pub(crate) struct KeyRow<D: Dialect> {
     revoked_at: Option<D::Time>,
     revoke_reason: Option<String>,
     plan: Option<String>,
-    rate_limit_per_minute: Option<i64>,
-    rate_limit_per_hour: Option<i64>,
-    rate_limit_per_day: Option<i64>,
-    monthly_request_limit: Option<i64>,
+    #[sqlx(flatten)]
+    limits: LimitColumns,
     metadata: D::Json,
     total_requests: i64,
     last_used_at: Option<D::Time>,
@@ -138,12 +138,7 @@ impl<D: Dialect> KeyRow<D> {
             revoked_at: opt_time::<D>(self.revoked_at, "api_keys.revoked_at")?,
             revoke_reason: self.revoke_reason,
             plan: self.plan,
-            limits: limits(
-                self.rate_limit_per_minute,
-                self.rate_limit_per_hour,
-                self.rate_limit_per_day,
-                self.monthly_request_limit,
-            ),
+            limits: self.limits.into(),
             metadata: D::read_json(self.metadata, "api_keys.metadata")?,
             total_requests: self.total_requests,
             last_used_at: opt_time::<D>(self.last_used_at, "api_keys.last_used_at")?,
@@ -177,12 +172,12 @@ impl<D: Dialect> KeyWithOrgRow<D> {
             key: self.key.into_key()?,
             org_is_active: self.org_is_active,
             org_plan: self.org_plan,
-            org_limits: limits(
-                self.org_rate_limit_per_minute,
-                self.org_rate_limit_per_hour,
-                self.org_rate_limit_per_day,
-                self.org_monthly_request_limit,
-            ),
+            org_limits: LimitOverrides {
+                rate_limit_per_minute: self.org_rate_limit_per_minute,
+                rate_limit_per_hour: self.org_rate_limit_per_hour,
+                rate_limit_per_day: self.org_rate_limit_per_day,
+                monthly_request_limit: self.org_monthly_request_limit,
+            },
         })
     }
 }
@@ -214,22 +209,8 @@ impl<D: Dialect> AuditRow<D> {
     }
 }
 
-/// An audit row as the chain hashes it (see `keyward_core::audit_chain`): its ids as stored, and the
-/// hashes it was written with.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ChainedRow {
-    pub id: i64,
-    pub action: String,
-    pub key_id: Option<String>,
-    pub organization_id: Option<String>,
-    pub actor: String,
-    pub actor_ip: Option<String>,
-    pub details: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub prev_hash: Option<String>,
-    pub row_hash: Option<String>,
-}
-
+/// An audit row as the chain hashes it (see `keyward_core::audit_chain`), with the hashes it was
+/// written with.
 #[derive(FromRow)]
 pub(crate) struct ChainRow<D: Dialect> {
     #[sqlx(flatten)]
@@ -239,20 +220,27 @@ pub(crate) struct ChainRow<D: Dialect> {
 }
 
 impl<D: Dialect> ChainRow<D> {
-    pub(crate) fn into_chained(self) -> StoreResult<ChainedRow> {
+    pub(crate) fn id(&self) -> i64 {
+        self.row.id
+    }
+
+    /// Feeds the row to `walker` with its content as it was hashed: the ids as the stored text, not
+    /// parsed, so that an edited id reads as a changed row. The inner `Err` says why the chain breaks.
+    pub(crate) fn check(self, walker: &mut ChainWalker) -> StoreResult<Result<(), ChainBreak>> {
         let row = self.row;
-        Ok(ChainedRow {
-            id: row.id,
-            action: row.action,
-            key_id: row.key_id.as_ref().map(D::id_text),
-            organization_id: row.organization_id.as_ref().map(D::id_text),
-            actor: row.actor,
-            actor_ip: row.actor_ip,
-            details: D::read_json(row.details, "audit_log.details")?,
+        let key_id = row.key_id.as_ref().map(D::id_text);
+        let organization_id = row.organization_id.as_ref().map(D::id_text);
+        let details = D::read_json(row.details, "audit_log.details")?;
+        let content = AuditContent {
+            action: &row.action,
+            key_id: key_id.as_deref(),
+            organization_id: organization_id.as_deref(),
+            actor: &row.actor,
+            actor_ip: row.actor_ip.as_deref(),
+            details: &details,
             created_at: time::<D>(row.created_at, "audit_log.created_at")?,
-            prev_hash: self.prev_hash,
-            row_hash: self.row_hash,
-        })
+        };
+        Ok(walker.check(row.id, &content, self.prev_hash.as_deref(), self.row_hash.as_deref()))
     }
 }
 
@@ -394,7 +382,7 @@ reads! {
     ApiKey: KeyRow<D> => KeyRow::into_key;
     KeyWithOrg: KeyWithOrgRow<D> => KeyWithOrgRow::into_found;
     AuditEntry: AuditRow<D> => AuditRow::into_entry;
-    ChainedRow: ChainRow<D> => ChainRow::into_chained;
+    ChainRow<D>: ChainRow<D> => Ok;
     Event: EventRow<D> => EventRow::into_event;
     Webhook: WebhookRow<D> => WebhookRow::into_webhook;
     Delivery: DeliveryRow<D> => DeliveryRow::into_delivery;

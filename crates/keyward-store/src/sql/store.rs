@@ -13,7 +13,7 @@ use sqlx::Transaction;
 
 use super::rows::{ChainHead, HashOwner};
 use super::usage::UsageBackend;
-use super::{Arg, Backend, Db, Dialect, Reads, Stmt, lifecycle};
+use super::{Arg, Backend, Db, Dialect, Reads, Stmt, lifecycle, limit_args};
 use crate::effects::{self, Effects};
 use crate::lookup::key_record;
 use crate::{
@@ -176,16 +176,15 @@ pub(crate) async fn insert_key_rows<D: Db>(
     actor: &Actor,
 ) -> StoreResult<()> {
     for chunk in rows.chunks(INSERT_ROWS) {
-        let mut q = Stmt::new(
+        let mut q = Stmt::new(concat!(
             "INSERT INTO api_keys (id, organization_id, owner_id, name, description, environment, prefix, key_hint,
-                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, rate_limit_per_minute,
-                 rate_limit_per_hour, rate_limit_per_day, monthly_request_limit, metadata, rotated_from, created_by,
-                 created_at, updated_at, legacy)
-             VALUES ",
-        );
+                 key_hash, hash_algorithm, scopes, allowed_ips, expires_at, is_active, plan, ",
+            limit_columns!(),
+            ", metadata, rotated_from, created_by, created_at, updated_at, legacy) VALUES "
+        ));
         q.push_rows(chunk.iter().map(|row| {
             let key = row.key;
-            vec![
+            let mut args = vec![
                 key.id.into(),
                 key.organization_id.into(),
                 key.owner_id.as_deref().into(),
@@ -201,21 +200,36 @@ pub(crate) async fn insert_key_rows<D: Db>(
                 key.expires_at.into(),
                 key.is_active.into(),
                 key.plan.as_deref().into(),
-                key.limits.rate_limit_per_minute.into(),
-                key.limits.rate_limit_per_hour.into(),
-                key.limits.rate_limit_per_day.into(),
-                key.limits.monthly_request_limit.into(),
+            ];
+            args.extend(limit_args(&key.limits));
+            args.extend([
                 (&key.metadata).into(),
                 key.rotated_from.into(),
                 actor.actor.as_str().into(),
                 row.created_at.into(),
                 actor.at.into(),
                 row.legacy.into(),
-            ]
+            ]);
+            args
         }));
         D::execute(conn, q).await?;
     }
     Ok(())
+}
+
+/// An organization's row, in the order of `org_columns!()`.
+fn org_row(org: &Organization) -> Vec<Arg> {
+    let mut args = vec![
+        org.id.into(),
+        (&org.name).into(),
+        (&org.slug).into(),
+        (&org.email).into(),
+        (&org.plan).into(),
+        org.is_active.into(),
+    ];
+    args.extend(limit_args(&org.limits));
+    args.extend([org.max_api_keys.into(), org.created_at.into(), org.updated_at.into()]);
+    args
 }
 
 /// Appends the status of a key at `now` to a query, with the precedence of `KeyState::status`.
@@ -290,24 +304,12 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
     async fn insert_org(&self, org: NewOrganization, actor: &Actor) -> StoreResult<Organization> {
         let tx = self.writer().await?;
         let insert = Stmt::new(concat!(
-            "INSERT INTO organizations (id, name, slug, email, plan, is_active, monthly_request_limit,
-                 rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, max_api_keys, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)
-             RETURNING ",
+            "INSERT INTO organizations (",
+            org_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
             org_columns!()
         ))
-        .arg(org.id)
-        .arg(&org.name)
-        .arg(&org.slug)
-        .arg(&org.email)
-        .arg(&org.plan)
-        .arg(org.is_active)
-        .arg(org.limits.monthly_request_limit)
-        .arg(org.limits.rate_limit_per_minute)
-        .arg(org.limits.rate_limit_per_hour)
-        .arg(org.limits.rate_limit_per_day)
-        .arg(org.max_api_keys)
-        .arg(actor.at);
+        .args(org_row(&org.created(actor.at)));
         finish(tx, insert, effects::org_created, actor).await
     }
 
@@ -343,25 +345,14 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
             // Nothing changed: no write, no audit row, and `updated_at` stays put.
             return Ok(Changed::updated_org(before));
         };
+        let after = Organization { updated_at: actor.at, ..after };
         let update = Stmt::new(concat!(
-            "UPDATE organizations SET name = $1, email = $2, plan = $3, is_active = $4, monthly_request_limit = $5,
-                 rate_limit_per_minute = $6, rate_limit_per_hour = $7, rate_limit_per_day = $8, max_api_keys = $9,
-                 updated_at = $10
-             WHERE id = $11
-             RETURNING ",
+            "UPDATE organizations SET (",
+            org_settings_columns!(),
+            ") = ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) WHERE id = $1 RETURNING ",
             org_columns!()
         ))
-        .arg(&after.name)
-        .arg(&after.email)
-        .arg(&after.plan)
-        .arg(after.is_active)
-        .arg(after.limits.monthly_request_limit)
-        .arg(after.limits.rate_limit_per_minute)
-        .arg(after.limits.rate_limit_per_hour)
-        .arg(after.limits.rate_limit_per_day)
-        .arg(after.max_api_keys)
-        .arg(actor.at)
-        .arg(id);
+        .args(org_row(&after));
         Ok(Changed::updated_org(finish(tx, update, |_| effects, actor).await?))
     }
 
@@ -454,10 +445,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         .arg(&after.metadata)
         .arg(&after.plan)
         .arg(after.is_active)
-        .arg(after.limits.rate_limit_per_minute)
-        .arg(after.limits.rate_limit_per_hour)
-        .arg(after.limits.rate_limit_per_day)
-        .arg(after.limits.monthly_request_limit)
+        .args(limit_args(&after.limits))
         .arg(actor.at)
         .arg(id);
         Ok(Changed::updated_key(finish(tx, update, |_| effects, actor).await?))
