@@ -465,6 +465,17 @@ mod tests {
         Config::load(None, Overrides::default()).map_err(|e| e.to_string())
     }
 
+    /// With `var` set to `bad` the configuration is refused (`why` names the rule), and with `var` set
+    /// back to `good` it loads: the refusal was `bad`'s, and the next check starts from a valid one.
+    fn refuses(jail: &mut figment::Jail, var: &str, bad: &str, good: &str, why: &str) {
+        jail.set_env(var, bad);
+        assert!(load().is_err(), "{why}: {var}={bad} was accepted");
+        jail.set_env(var, good);
+        if let Err(e) = load() {
+            panic!("{why}: {var}={good} was refused too: {e}");
+        }
+    }
+
     #[test]
     fn gateway_routes_from_toml() {
         figment::Jail::expect_with(|jail| {
@@ -491,7 +502,7 @@ mod tests {
                 "keyward.toml",
                 "[gateway]\nupstream = \"http://x\"\n[[gateway.routes]]\nprefix = \"/a\"\nscopes = [\"bad scope\"]\n",
             )?;
-            assert!(Config::load(None, Overrides::default()).is_err());
+            assert!(load().is_err(), "a scope that does not parse");
             Ok(())
         });
     }
@@ -510,7 +521,7 @@ mod tests {
             }
             for bad in ["1000000001", "9223372036854775807", "18446744073709551615", "-1", "1.5", "\"5\""] {
                 jail.create_file("keyward.toml", &route(bad))?;
-                assert!(Config::load(None, Overrides::default()).is_err(), "cost = {bad}");
+                assert!(load().is_err(), "cost = {bad}");
             }
             Ok(())
         });
@@ -527,7 +538,7 @@ mod tests {
                 "[authz]\nstyle = \"original\"\nkey_headers = [\"x-client-key\"]\n\
                  [[gateway.routes]]\nprefix = \"/v1/projects\"\nscopes = [\"read:projects\"]\n",
             )?;
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.gateway.build().map_err(|e| e.to_string())?.is_none(), "no upstream, no gateway");
             let routes = c.gateway.routes().map_err(|e| e.to_string())?;
             assert_eq!(routes.routes().len(), 1);
@@ -539,19 +550,21 @@ mod tests {
             jail.set_env("KEYWARD_AUTHZ__NGINX_COMPAT", "true");
             jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
             jail.set_env("KEYWARD_AUTHZ__IDENTITY_TTL_SECONDS", "30");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.authz.nginx_compat);
             assert_eq!(c.authz.identity_ttl_seconds, 30);
             assert!(c.show().contains("identity_secret = \"[redacted]\""), "{}", c.show());
             assert!(!c.show().contains("ssss"), "the secret is never shown");
-            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "short");
-            assert!(Config::load(None, Overrides::default()).is_err(), "a short identity secret");
-            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
-            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"X-Key\"]");
-            assert!(Config::load(None, Overrides::default()).is_err(), "an upper-case key header");
-            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"x-client-key\"]");
-            jail.set_env("KEYWARD_AUTHZ__STYLE", "auto");
-            assert!(Config::load(None, Overrides::default()).is_err(), "a style that is not one");
+            let secret = "s".repeat(32);
+            refuses(jail, "KEYWARD_AUTHZ__IDENTITY_SECRET", "short", &secret, "a short identity secret");
+            refuses(
+                jail,
+                "KEYWARD_AUTHZ__KEY_HEADERS",
+                "[\"X-Key\"]",
+                "[\"x-client-key\"]",
+                "an upper-case key header",
+            );
+            refuses(jail, "KEYWARD_AUTHZ__STYLE", "auto", "original", "a style that is not one");
             Ok(())
         });
     }
@@ -585,11 +598,8 @@ mod tests {
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(3), 1));
             assert_eq!(u.fold_interval, Duration::from_millis(2500));
             assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
-            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "10");
-            assert!(Config::load(None, Overrides::default()).is_err(), "retry_max below retry_initial");
-            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "2000");
-            jail.set_env("KEYWARD_USAGE__CONCURRENT_BATCHES", "0");
-            assert!(Config::load(None, Overrides::default()).is_err(), "no writer at all");
+            refuses(jail, "KEYWARD_USAGE__RETRY_MAX_MS", "10", "2000", "retry_max below retry_initial");
+            refuses(jail, "KEYWARD_USAGE__CONCURRENT_BATCHES", "0", "1", "no writer at all");
             Ok(())
         });
     }
@@ -679,9 +689,7 @@ mod tests {
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
             let c = load()?;
             assert!(c.gateway.build().map_err(|e| e.to_string())?.is_some());
-            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "ftp://nope");
-            assert!(Config::load(None, Overrides::default()).is_err());
-            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
+            refuses(jail, "KEYWARD_GATEWAY__UPSTREAM", "ftp://nope", "http://127.0.0.1:9000", "not an HTTP upstream");
             jail.set_env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "3");
             jail.set_env("KEYWARD_PLANS__GOLD__PER_MINUTE", "1200");
             jail.set_env("KEYWARD_LIMITER_FAILURE_POLICY", "fail_closed");
@@ -698,9 +706,7 @@ mod tests {
             assert!(c.webhooks.allow_private_targets);
             assert_eq!(c.lifecycle.expiring_notice_days, 3);
             assert!(c.show().contains("allow_private_targets = true"), "{}", c.show());
-            jail.set_env("KEYWARD_PEPPER", "too-short");
-            assert!(Config::load(None, Overrides::default()).is_err());
-            jail.set_env("KEYWARD_PEPPER", "x".repeat(32));
+            refuses(jail, "KEYWARD_PEPPER", "too-short", &"x".repeat(32), "a short pepper");
             let c = load()?;
             assert!(!c.show().contains("xxxx"));
             Ok(())
