@@ -230,46 +230,19 @@ impl Default for Config {
     }
 }
 
-/// Values given on the command line; only the ones given override.
-#[derive(Debug, Default, Serialize)]
-pub struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub database_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
-    pub gateway: GatewayOverrides,
-    #[serde(skip_serializing_if = "AuthzOverrides::is_empty")]
-    pub authz: AuthzOverrides,
-}
+/// Values given on the command line, each at its key in [`Config`]; only the ones given override.
+#[derive(Debug, Default)]
+pub struct Overrides(Figment);
 
-#[derive(Debug, Default, Serialize)]
-pub struct AuthzOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grpc_listen: Option<SocketAddr>,
-}
-
-impl AuthzOverrides {
-    fn is_empty(&self) -> bool {
-        self.grpc_listen.is_none()
-    }
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct GatewayOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-}
-
-impl GatewayOverrides {
-    fn is_empty(&self) -> bool {
-        self.upstream.is_none() && self.listen.is_none()
+impl Overrides {
+    /// `value` at `key` (a section's with a dot: `gateway.upstream`), when given. A value not given
+    /// is not set at all: set as `None`, it would clear what the file or the environment set. A key
+    /// `Config` does not have is refused when the configuration loads.
+    pub fn set<T: Serialize>(self, key: &str, value: Option<T>) -> Self {
+        match value {
+            Some(value) => Self(self.0.merge(Serialized::default(key, value))),
+            None => self,
+        }
     }
 }
 
@@ -309,7 +282,7 @@ impl Config {
                     })
                     .split("__"),
             )
-            .merge(Serialized::defaults(overrides))
+            .merge(overrides.0)
             .extract()
             .context("invalid configuration")?;
         config.check()?;
@@ -635,17 +608,21 @@ mod tests {
             let env =
                 expect(3, "sqlite://env.db", Some("redis://env:6379"), LogFormat::Pretty, Some("http://env:9000"));
             assert_eq!(seen(none())?, env);
-            let flags = Overrides {
-                listen: Some(SocketAddr::from(([127, 0, 0, 1], 4))),
-                database_url: Some("sqlite://flag.db".to_owned()),
-                redis_url: Some("redis://flag:6379".to_owned()),
-                log_format: Some(LogFormat::Json),
-                gateway: GatewayOverrides { upstream: Some("http://flag:9000".to_owned()), listen: None },
-                authz: AuthzOverrides::default(),
-            };
+            let flags = none()
+                .set("listen", Some(SocketAddr::from(([127, 0, 0, 1], 4))))
+                .set("database_url", Some("sqlite://flag.db"))
+                .set("redis_url", Some("redis://flag:6379"))
+                .set("log_format", Some(LogFormat::Json))
+                .set("gateway.upstream", Some("http://flag:9000"));
             let flag =
                 expect(4, "sqlite://flag.db", Some("redis://flag:6379"), LogFormat::Json, Some("http://flag:9000"));
             assert_eq!(seen(flags)?, flag);
+            // `--gateway-listen`: not given, the default; given, its value.
+            let gateway_listen = |overrides: Overrides| Config::load(None, overrides).map(|c| c.gateway.listen.port());
+            assert_eq!(gateway_listen(none()).map_err(|e| e.to_string())?, 8000);
+            let port_5 = Some(SocketAddr::from(([127, 0, 0, 1], 5)));
+            assert_eq!(gateway_listen(none().set("gateway.listen", port_5)).map_err(|e| e.to_string())?, 5);
+            assert!(Config::load(None, none().set("gateway.lisen", port_5)).is_err(), "a key Config does not have");
             Ok(())
         });
     }
@@ -664,8 +641,7 @@ mod tests {
             assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9191), true));
             jail.set_env("KEYWARD_AUTHZ__GRPC_LISTEN", "127.0.0.1:9192");
             assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9192), true));
-            let flag = AuthzOverrides { grpc_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9193))) };
-            let flags = Overrides { authz: flag, ..Default::default() };
+            let flags = Overrides::default().set("authz.grpc_listen", Some(SocketAddr::from(([127, 0, 0, 1], 9193))));
             assert_eq!(grpc(flags).map_err(|e| e.to_string())?, (Some(9193), true));
             Ok(())
         });
@@ -680,7 +656,7 @@ mod tests {
             let c = load()?;
             assert_eq!(c.listen.port(), 9000);
             assert_eq!(c.database_url, "sqlite://b.db");
-            let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
+            let flags = Overrides::default().set("database_url", Some("sqlite://c.db"));
             let c = Config::load(None, flags).map_err(|e| e.to_string())?;
             assert_eq!(c.database_url, "sqlite://c.db");
             jail.set_env("KEYWARD_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
