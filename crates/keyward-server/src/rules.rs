@@ -290,45 +290,57 @@ mod tests {
         NormalizedPath::parse(p).unwrap()
     }
 
+    /// Asserts, for each `(method, path, scope)`, that the rule `routes` give `method path` asks for
+    /// `scope` first (`None`: no scope at all).
+    fn assert_first_scopes(routes: Vec<GatewayRoute>, table: &[(Method, &str, Option<&str>)]) {
+        let gw = gateway(routes, RouteRule::default()).unwrap();
+        for (method, p, want) in table {
+            let first = gw.rule_for(method, &path(p)).scopes.first().map(ToString::to_string);
+            assert_eq!(first.as_deref(), *want, "{method} {p}");
+        }
+    }
+
     #[test]
     fn longest_prefix_wins_and_methods_narrow() {
-        let gw = gateway(
-            vec![
-                route("/v1", &[], "read:v1"),
-                route("/v1/projects", &[], "read:projects"),
-                route("/v1/projects", &[Method::POST], "write:projects"),
-                public("/health"),
+        let routes = vec![
+            route("/v1", &[], "read:v1"),
+            route("/v1/projects", &[], "read:projects"),
+            route("/v1/projects", &[Method::POST], "write:projects"),
+            public("/health"),
+        ];
+        assert_first_scopes(
+            routes.clone(),
+            &[
+                (Method::GET, "/v1/projects/7", Some("read:projects")),
+                (Method::POST, "/v1/projects", Some("write:projects")),
+                (Method::GET, "/v1/users", Some("read:v1")),
+                // Prefixes match whole segments.
+                (Method::GET, "/v1projects", None),
+                (Method::GET, "/other", None),
             ],
-            RouteRule::default(),
-        )
-        .unwrap();
-        let scope = |m: Method, p: &str| gw.rule_for(&m, &path(p)).scopes.first().map(|s| s.to_string());
-        assert_eq!(scope(Method::GET, "/v1/projects/7").as_deref(), Some("read:projects"));
-        assert_eq!(scope(Method::POST, "/v1/projects").as_deref(), Some("write:projects"));
-        assert_eq!(scope(Method::GET, "/v1/users").as_deref(), Some("read:v1"));
-        assert_eq!(scope(Method::GET, "/v1projects").as_deref(), None, "prefixes match whole segments");
-        assert_eq!(scope(Method::GET, "/other").as_deref(), None);
+        );
+        let gw = gateway(routes, RouteRule::default()).unwrap();
         assert!(gw.rule_for(&Method::GET, &path("/health")).public);
         assert!(!gw.rule_for(&Method::GET, &path("/healthz")).public);
     }
 
     #[test]
     fn config_prefixes_are_normalized_like_paths() {
-        let gw = gateway(
-            vec![
-                route("/v1//projects/", &[], "read:projects"),
-                route("/v1/%75sers/./", &[], "read:users"),
-                route("/v1/a/../billing", &[], "read:billing"),
+        let routes = vec![
+            route("/v1//projects/", &[], "read:projects"),
+            route("/v1/%75sers/./", &[], "read:users"),
+            route("/v1/a/../billing", &[], "read:billing"),
+        ];
+        assert_first_scopes(
+            routes,
+            &[
+                (Method::GET, "/v1/projects", Some("read:projects")),
+                (Method::GET, "//v1///projects/7", Some("read:projects")),
+                (Method::GET, "/v1/users/1", Some("read:users")),
+                (Method::GET, "/v1/billing", Some("read:billing")),
+                (Method::GET, "/v1/a/billing", None),
             ],
-            RouteRule::default(),
-        )
-        .unwrap();
-        let scope = |p: &str| gw.rule_for(&Method::GET, &path(p)).scopes.first().map(|s| s.to_string());
-        assert_eq!(scope("/v1/projects").as_deref(), Some("read:projects"));
-        assert_eq!(scope("//v1///projects/7").as_deref(), Some("read:projects"));
-        assert_eq!(scope("/v1/users/1").as_deref(), Some("read:users"));
-        assert_eq!(scope("/v1/billing").as_deref(), Some("read:billing"));
-        assert_eq!(scope("/v1/a/billing").as_deref(), None);
+        );
         for bad in ["/v1/%2Fprojects", "/../v1", "v1", "/v1/%zz", "/v1/..;/x"] {
             let err = gateway(vec![route(bad, &[], "read:x")], RouteRule::default()).map(|_| ()).unwrap_err();
             assert_eq!(err.prefix, bad);

@@ -230,46 +230,19 @@ impl Default for Config {
     }
 }
 
-/// Values given on the command line; only the ones given override.
-#[derive(Debug, Default, Serialize)]
-pub struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub database_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    #[serde(skip_serializing_if = "GatewayOverrides::is_empty")]
-    pub gateway: GatewayOverrides,
-    #[serde(skip_serializing_if = "AuthzOverrides::is_empty")]
-    pub authz: AuthzOverrides,
-}
+/// Values given on the command line, each at its key in [`Config`]; only the ones given override.
+#[derive(Debug, Default)]
+pub struct Overrides(Figment);
 
-#[derive(Debug, Default, Serialize)]
-pub struct AuthzOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grpc_listen: Option<SocketAddr>,
-}
-
-impl AuthzOverrides {
-    fn is_empty(&self) -> bool {
-        self.grpc_listen.is_none()
-    }
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct GatewayOverrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-}
-
-impl GatewayOverrides {
-    fn is_empty(&self) -> bool {
-        self.upstream.is_none() && self.listen.is_none()
+impl Overrides {
+    /// `value` at `key` (a section's with a dot: `gateway.upstream`), when given. A value not given
+    /// is not set at all: set as `None`, it would clear what the file or the environment set. A key
+    /// `Config` does not have is refused when the configuration loads.
+    pub fn set<T: Serialize>(self, key: &str, value: Option<T>) -> Self {
+        match value {
+            Some(value) => Self(self.0.merge(Serialized::default(key, value))),
+            None => self,
+        }
     }
 }
 
@@ -309,7 +282,7 @@ impl Config {
                     })
                     .split("__"),
             )
-            .merge(Serialized::defaults(overrides))
+            .merge(overrides.0)
             .extract()
             .context("invalid configuration")?;
         config.check()?;
@@ -465,6 +438,17 @@ mod tests {
         Config::load(None, Overrides::default()).map_err(|e| e.to_string())
     }
 
+    /// With `var` set to `bad` the configuration is refused (`why` names the rule), and with `var` set
+    /// back to `good` it loads: the refusal was `bad`'s, and the next check starts from a valid one.
+    fn refuses(jail: &mut figment::Jail, var: &str, bad: &str, good: &str, why: &str) {
+        jail.set_env(var, bad);
+        assert!(load().is_err(), "{why}: {var}={bad} was accepted");
+        jail.set_env(var, good);
+        if let Err(e) = load() {
+            panic!("{why}: {var}={good} was refused too: {e}");
+        }
+    }
+
     #[test]
     fn gateway_routes_from_toml() {
         figment::Jail::expect_with(|jail| {
@@ -491,7 +475,7 @@ mod tests {
                 "keyward.toml",
                 "[gateway]\nupstream = \"http://x\"\n[[gateway.routes]]\nprefix = \"/a\"\nscopes = [\"bad scope\"]\n",
             )?;
-            assert!(Config::load(None, Overrides::default()).is_err());
+            assert!(load().is_err(), "a scope that does not parse");
             Ok(())
         });
     }
@@ -510,7 +494,7 @@ mod tests {
             }
             for bad in ["1000000001", "9223372036854775807", "18446744073709551615", "-1", "1.5", "\"5\""] {
                 jail.create_file("keyward.toml", &route(bad))?;
-                assert!(Config::load(None, Overrides::default()).is_err(), "cost = {bad}");
+                assert!(load().is_err(), "cost = {bad}");
             }
             Ok(())
         });
@@ -527,7 +511,7 @@ mod tests {
                 "[authz]\nstyle = \"original\"\nkey_headers = [\"x-client-key\"]\n\
                  [[gateway.routes]]\nprefix = \"/v1/projects\"\nscopes = [\"read:projects\"]\n",
             )?;
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.gateway.build().map_err(|e| e.to_string())?.is_none(), "no upstream, no gateway");
             let routes = c.gateway.routes().map_err(|e| e.to_string())?;
             assert_eq!(routes.routes().len(), 1);
@@ -539,19 +523,21 @@ mod tests {
             jail.set_env("KEYWARD_AUTHZ__NGINX_COMPAT", "true");
             jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
             jail.set_env("KEYWARD_AUTHZ__IDENTITY_TTL_SECONDS", "30");
-            let c = Config::load(None, Overrides::default()).map_err(|e| e.to_string())?;
+            let c = load()?;
             assert!(c.authz.nginx_compat);
             assert_eq!(c.authz.identity_ttl_seconds, 30);
             assert!(c.show().contains("identity_secret = \"[redacted]\""), "{}", c.show());
             assert!(!c.show().contains("ssss"), "the secret is never shown");
-            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "short");
-            assert!(Config::load(None, Overrides::default()).is_err(), "a short identity secret");
-            jail.set_env("KEYWARD_AUTHZ__IDENTITY_SECRET", "s".repeat(32));
-            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"X-Key\"]");
-            assert!(Config::load(None, Overrides::default()).is_err(), "an upper-case key header");
-            jail.set_env("KEYWARD_AUTHZ__KEY_HEADERS", "[\"x-client-key\"]");
-            jail.set_env("KEYWARD_AUTHZ__STYLE", "auto");
-            assert!(Config::load(None, Overrides::default()).is_err(), "a style that is not one");
+            let secret = "s".repeat(32);
+            refuses(jail, "KEYWARD_AUTHZ__IDENTITY_SECRET", "short", &secret, "a short identity secret");
+            refuses(
+                jail,
+                "KEYWARD_AUTHZ__KEY_HEADERS",
+                "[\"X-Key\"]",
+                "[\"x-client-key\"]",
+                "an upper-case key header",
+            );
+            refuses(jail, "KEYWARD_AUTHZ__STYLE", "auto", "original", "a style that is not one");
             Ok(())
         });
     }
@@ -585,11 +571,8 @@ mod tests {
             assert_eq!((u.shutdown_timeout, u.concurrent_batches), (Duration::from_secs(3), 1));
             assert_eq!(u.fold_interval, Duration::from_millis(2500));
             assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
-            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "10");
-            assert!(Config::load(None, Overrides::default()).is_err(), "retry_max below retry_initial");
-            jail.set_env("KEYWARD_USAGE__RETRY_MAX_MS", "2000");
-            jail.set_env("KEYWARD_USAGE__CONCURRENT_BATCHES", "0");
-            assert!(Config::load(None, Overrides::default()).is_err(), "no writer at all");
+            refuses(jail, "KEYWARD_USAGE__RETRY_MAX_MS", "10", "2000", "retry_max below retry_initial");
+            refuses(jail, "KEYWARD_USAGE__CONCURRENT_BATCHES", "0", "1", "no writer at all");
             Ok(())
         });
     }
@@ -625,17 +608,21 @@ mod tests {
             let env =
                 expect(3, "sqlite://env.db", Some("redis://env:6379"), LogFormat::Pretty, Some("http://env:9000"));
             assert_eq!(seen(none())?, env);
-            let flags = Overrides {
-                listen: Some(SocketAddr::from(([127, 0, 0, 1], 4))),
-                database_url: Some("sqlite://flag.db".to_owned()),
-                redis_url: Some("redis://flag:6379".to_owned()),
-                log_format: Some(LogFormat::Json),
-                gateway: GatewayOverrides { upstream: Some("http://flag:9000".to_owned()), listen: None },
-                authz: AuthzOverrides::default(),
-            };
+            let flags = none()
+                .set("listen", Some(SocketAddr::from(([127, 0, 0, 1], 4))))
+                .set("database_url", Some("sqlite://flag.db"))
+                .set("redis_url", Some("redis://flag:6379"))
+                .set("log_format", Some(LogFormat::Json))
+                .set("gateway.upstream", Some("http://flag:9000"));
             let flag =
                 expect(4, "sqlite://flag.db", Some("redis://flag:6379"), LogFormat::Json, Some("http://flag:9000"));
             assert_eq!(seen(flags)?, flag);
+            // `--gateway-listen`: not given, the default; given, its value.
+            let gateway_listen = |overrides: Overrides| Config::load(None, overrides).map(|c| c.gateway.listen.port());
+            assert_eq!(gateway_listen(none()).map_err(|e| e.to_string())?, 8000);
+            let port_5 = Some(SocketAddr::from(([127, 0, 0, 1], 5)));
+            assert_eq!(gateway_listen(none().set("gateway.listen", port_5)).map_err(|e| e.to_string())?, 5);
+            assert!(Config::load(None, none().set("gateway.lisen", port_5)).is_err(), "a key Config does not have");
             Ok(())
         });
     }
@@ -654,8 +641,7 @@ mod tests {
             assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9191), true));
             jail.set_env("KEYWARD_AUTHZ__GRPC_LISTEN", "127.0.0.1:9192");
             assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9192), true));
-            let flag = AuthzOverrides { grpc_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9193))) };
-            let flags = Overrides { authz: flag, ..Default::default() };
+            let flags = Overrides::default().set("authz.grpc_listen", Some(SocketAddr::from(([127, 0, 0, 1], 9193))));
             assert_eq!(grpc(flags).map_err(|e| e.to_string())?, (Some(9193), true));
             Ok(())
         });
@@ -670,7 +656,7 @@ mod tests {
             let c = load()?;
             assert_eq!(c.listen.port(), 9000);
             assert_eq!(c.database_url, "sqlite://b.db");
-            let flags = Overrides { database_url: Some("sqlite://c.db".into()), ..Default::default() };
+            let flags = Overrides::default().set("database_url", Some("sqlite://c.db"));
             let c = Config::load(None, flags).map_err(|e| e.to_string())?;
             assert_eq!(c.database_url, "sqlite://c.db");
             jail.set_env("KEYWARD_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
@@ -679,9 +665,7 @@ mod tests {
             jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
             let c = load()?;
             assert!(c.gateway.build().map_err(|e| e.to_string())?.is_some());
-            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "ftp://nope");
-            assert!(Config::load(None, Overrides::default()).is_err());
-            jail.set_env("KEYWARD_GATEWAY__UPSTREAM", "http://127.0.0.1:9000");
+            refuses(jail, "KEYWARD_GATEWAY__UPSTREAM", "ftp://nope", "http://127.0.0.1:9000", "not an HTTP upstream");
             jail.set_env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "3");
             jail.set_env("KEYWARD_PLANS__GOLD__PER_MINUTE", "1200");
             jail.set_env("KEYWARD_LIMITER_FAILURE_POLICY", "fail_closed");
@@ -698,9 +682,7 @@ mod tests {
             assert!(c.webhooks.allow_private_targets);
             assert_eq!(c.lifecycle.expiring_notice_days, 3);
             assert!(c.show().contains("allow_private_targets = true"), "{}", c.show());
-            jail.set_env("KEYWARD_PEPPER", "too-short");
-            assert!(Config::load(None, Overrides::default()).is_err());
-            jail.set_env("KEYWARD_PEPPER", "x".repeat(32));
+            refuses(jail, "KEYWARD_PEPPER", "too-short", &"x".repeat(32), "a short pepper");
             let c = load()?;
             assert!(!c.show().contains("xxxx"));
             Ok(())

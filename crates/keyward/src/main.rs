@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{AuthzOverrides, Config, GatewayOverrides, LogFormat, Overrides};
+use crate::config::{Config, LogFormat, Overrides};
 
 #[derive(Debug, Parser)]
 #[command(name = "keyward", version, about = "Self-hosted API keys: issue, verify, limit, audit.")]
@@ -105,16 +105,16 @@ struct JsonFlag {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut overrides = Overrides {
-        database_url: cli.database_url.clone(),
-        redis_url: cli.redis_url.clone(),
-        log_format: cli.log_format,
-        ..Default::default()
-    };
+    let mut overrides = Overrides::default()
+        .set("database_url", cli.database_url.as_ref())
+        .set("redis_url", cli.redis_url.as_ref())
+        .set("log_format", cli.log_format);
     if let Command::Serve { listen, upstream, gateway_listen, ext_authz_grpc_listen } = &cli.command {
-        overrides.listen = *listen;
-        overrides.gateway = GatewayOverrides { upstream: upstream.clone(), listen: *gateway_listen };
-        overrides.authz = AuthzOverrides { grpc_listen: *ext_authz_grpc_listen };
+        overrides = overrides
+            .set("listen", *listen)
+            .set("gateway.upstream", upstream.as_ref())
+            .set("gateway.listen", *gateway_listen)
+            .set("authz.grpc_listen", *ext_authz_grpc_listen);
     }
     let config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,
