@@ -1,23 +1,17 @@
-//! Wire JSON: what the API answers. Records become responses here and nowhere else, so the hash can
-//! never slip into a body.
+//! Wire JSON: what the API answers. A record whose serde form is what the API shows is served as it is
+//! (`keyward_store` derives its schema with the `utoipa` feature); here are the answers that add to a
+//! record, or that no record holds. The hash cannot slip into a body: `ApiKey` skips it, and
+//! `KeyHash` has no `Serialize`.
 
 use chrono::{DateTime, Utc};
-use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
-use keyward_store::{ApiKey, AuditEntry, Organization, Page};
+use keyward_core::KeyStatus;
+use keyward_store::{ApiKey, Page};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorCode};
 
-/// `live` or `test`: how the API spells [`Environment`].
-#[derive(ToSchema)]
-#[schema(as = Environment, rename_all = "lowercase")]
-#[allow(dead_code)] // documentation only: the values are `keyward_core::Environment`
-pub enum EnvironmentName {
-    Live,
-    Test,
-}
+pub use keyward_store::openapi::EnvironmentName;
 
 /// A key's derived status: how the API spells [`KeyStatus`].
 #[derive(ToSchema)]
@@ -128,48 +122,16 @@ impl utoipa::PartialSchema for IpEntry {
 
 impl ToSchema for IpEntry {}
 
-/// An API key as the API shows it: never the key, never its hash.
+/// An API key as the API shows it: the stored record and its status at the time of the answer.
+// SECURITY: the record is served as it is, and `ApiKey` serializes neither its hash nor how it was made
+// (`KeyHash` has no `Serialize`, so a field that would show it does not compile; the tests below hold
+// the body to that).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyResponse {
-    #[schema(value_type = String, format = Uuid)]
-    pub id: KeyId,
-    #[schema(value_type = String, format = Uuid)]
-    pub organization_id: OrgId,
-    pub owner_id: Option<String>,
-    pub name: String,
-    pub description: Option<String>,
-    #[schema(value_type = EnvironmentName)]
-    pub environment: Environment,
-    /// The visible start of the key.
-    #[schema(example = "sk_live_")]
-    pub prefix: String,
-    /// The last four characters of the key.
-    pub hint: String,
-    pub scopes: Vec<String>,
-    pub allowed_ips: Vec<String>,
-    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub key: ApiKey,
     #[schema(value_type = KeyStatusName)]
     pub status: KeyStatus,
-    pub is_active: bool,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub revoke_reason: Option<String>,
-    #[schema(value_type = Object)]
-    pub metadata: Value,
-    pub plan: Option<String>,
-    pub rate_limit_per_minute: Option<i64>,
-    pub rate_limit_per_hour: Option<i64>,
-    pub rate_limit_per_day: Option<i64>,
-    pub monthly_request_limit: Option<i64>,
-    pub total_requests: i64,
-    pub last_used_at: Option<DateTime<Utc>>,
-    pub last_used_ip: Option<String>,
-    #[schema(value_type = Option<String>)]
-    pub rotated_from: Option<KeyId>,
-    #[schema(value_type = Option<String>)]
-    pub replaced_by: Option<KeyId>,
-    pub created_by: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
     /// The limits in force (key override, else organization override, else plan; `null`: none), on
     /// `GET /v1/keys/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,39 +140,8 @@ pub struct KeyResponse {
 }
 
 impl KeyResponse {
-    pub fn new(k: ApiKey, now: DateTime<Utc>) -> Self {
-        Self {
-            status: k.status(now),
-            id: k.id,
-            organization_id: k.organization_id,
-            owner_id: k.owner_id,
-            name: k.name,
-            description: k.description,
-            environment: k.environment,
-            prefix: k.prefix,
-            hint: k.hint,
-            scopes: k.scopes.to_strings(),
-            allowed_ips: k.allowed_ips.to_strings(),
-            expires_at: k.expires_at,
-            is_active: k.is_active,
-            revoked_at: k.revoked_at,
-            revoke_reason: k.revoke_reason,
-            metadata: k.metadata,
-            plan: k.plan,
-            rate_limit_per_minute: k.limits.rate_limit_per_minute,
-            rate_limit_per_hour: k.limits.rate_limit_per_hour,
-            rate_limit_per_day: k.limits.rate_limit_per_day,
-            monthly_request_limit: k.limits.monthly_request_limit,
-            total_requests: k.total_requests,
-            last_used_at: k.last_used_at,
-            last_used_ip: k.last_used_ip,
-            rotated_from: k.rotated_from,
-            replaced_by: k.replaced_by,
-            created_by: k.created_by,
-            created_at: k.created_at,
-            updated_at: k.updated_at,
-            effective_limits: None,
-        }
+    pub fn new(key: ApiKey, now: DateTime<Utc>) -> Self {
+        Self { status: key.status(now), key, effective_limits: None }
     }
 }
 
@@ -231,76 +162,6 @@ pub struct RotatedKeyResponse {
     pub api_key: KeyResponse,
     /// The old key's record: `replaced_by` the new one, `revoked_at` the end of the grace period.
     pub old_api_key: KeyResponse,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct OrganizationResponse {
-    #[schema(value_type = String, format = Uuid)]
-    pub id: OrgId,
-    pub name: String,
-    pub slug: String,
-    pub email: Option<String>,
-    pub plan: String,
-    pub is_active: bool,
-    pub monthly_request_limit: Option<i64>,
-    pub rate_limit_per_minute: Option<i64>,
-    pub rate_limit_per_hour: Option<i64>,
-    pub rate_limit_per_day: Option<i64>,
-    pub max_api_keys: Option<i64>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<Organization> for OrganizationResponse {
-    fn from(o: Organization) -> Self {
-        Self {
-            id: o.id,
-            name: o.name,
-            slug: o.slug,
-            email: o.email,
-            plan: o.plan,
-            is_active: o.is_active,
-            monthly_request_limit: o.limits.monthly_request_limit,
-            rate_limit_per_minute: o.limits.rate_limit_per_minute,
-            rate_limit_per_hour: o.limits.rate_limit_per_hour,
-            rate_limit_per_day: o.limits.rate_limit_per_day,
-            max_api_keys: o.max_api_keys,
-            created_at: o.created_at,
-            updated_at: o.updated_at,
-        }
-    }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditEntryResponse {
-    pub id: i64,
-    pub action: String,
-    #[schema(value_type = Option<String>)]
-    pub key_id: Option<KeyId>,
-    #[schema(value_type = Option<String>)]
-    pub organization_id: Option<OrgId>,
-    /// A key id, `cli` or `system`.
-    pub actor: String,
-    pub actor_ip: Option<String>,
-    /// `{"before": {...}, "after": {...}}` of the changed fields.
-    #[schema(value_type = Object)]
-    pub details: Value,
-    pub created_at: DateTime<Utc>,
-}
-
-impl From<AuditEntry> for AuditEntryResponse {
-    fn from(e: AuditEntry) -> Self {
-        Self {
-            id: e.id,
-            action: e.action,
-            key_id: e.key_id,
-            organization_id: e.organization_id,
-            actor: e.actor,
-            actor_ip: e.actor_ip,
-            details: e.details,
-            created_at: e.created_at,
-        }
-    }
 }
 
 /// One page of a list; pass `next_cursor` as `cursor` for the next one.
@@ -343,5 +204,79 @@ impl PageQuery {
             .map(|c| c.parse::<C>().map_err(|_| ApiError::new(ErrorCode::InvalidQuery, "`cursor` is not valid")))
             .transpose()?;
         Ok(keyward_store::PageRequest { after, limit })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keyward_core::{Environment, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
+    use keyward_store::LimitOverrides;
+    use serde_json::json;
+
+    use super::*;
+
+    /// The fields of a key's body, as clients have always read them: serving the record keeps them.
+    const KEY_FIELDS: &[&str] = &[
+        "id",
+        "organization_id",
+        "owner_id",
+        "name",
+        "description",
+        "environment",
+        "prefix",
+        "hint",
+        "scopes",
+        "allowed_ips",
+        "expires_at",
+        "status",
+        "is_active",
+        "revoked_at",
+        "revoke_reason",
+        "metadata",
+        "plan",
+        "rate_limit_per_minute",
+        "rate_limit_per_hour",
+        "rate_limit_per_day",
+        "monthly_request_limit",
+        "total_requests",
+        "last_used_at",
+        "last_used_ip",
+        "rotated_from",
+        "replaced_by",
+        "created_by",
+        "created_at",
+        "updated_at",
+    ];
+
+    fn key() -> ApiKey {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        ApiKey {
+            environment: Environment::Test,
+            key_hash: KeyHash([0xab; 32]),
+            scopes: ScopeSet::parse(&["read:x", "keyward:self"]).unwrap_or_default(),
+            allowed_ips: IpAllowList::parse(&["10.0.0.0/8"]).unwrap_or_default(),
+            limits: LimitOverrides { rate_limit_per_day: Some(9), ..Default::default() },
+            lineage_id: Some(KeyId::new()),
+            ..keyward_store::testing::key(OrgId::new(), at)
+        }
+    }
+
+    #[test]
+    fn a_key_body_has_its_fields_and_never_its_hash() {
+        let key = key();
+        let hash_hex = key.key_hash.to_hex();
+        let body = serde_json::to_value(KeyResponse::new(key.clone(), key.created_at)).unwrap_or_default();
+        let mut fields: Vec<&str> =
+            body.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+        fields.sort_unstable();
+        let mut expected = KEY_FIELDS.to_vec();
+        expected.sort_unstable();
+        assert_eq!(fields, expected);
+        let text = body.to_string();
+        assert!(!text.contains("hash") && !text.contains(&hash_hex) && !text.contains("lineage"), "{text}");
+        assert_eq!(body["scopes"], json!(key.scopes.to_strings()));
+        assert_eq!(body["allowed_ips"], json!(["10.0.0.0/8"]));
+        assert_eq!((body["environment"].clone(), body["status"].clone()), (json!("test"), json!("active")));
+        assert_eq!((body["rate_limit_per_day"].clone(), body["rate_limit_per_hour"].clone()), (json!(9), json!(null)));
     }
 }

@@ -79,6 +79,8 @@ pub mod conformance_lifecycle;
 mod effects;
 pub mod lifecycle;
 pub mod lookup;
+#[cfg(feature = "utoipa")]
+pub mod openapi;
 pub mod postgres;
 pub mod record;
 mod sql;
@@ -140,8 +142,9 @@ impl Actor {
     }
 }
 
-/// Rate limits and quota overrides; `None` means "from the plan".
+/// Rate limits and quota overrides; `None` (`null`) means "from the plan".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct LimitOverrides {
     pub rate_limit_per_minute: Option<i64>,
     pub rate_limit_per_hour: Option<i64>,
@@ -182,8 +185,11 @@ impl LimitPatch {
     }
 }
 
+// Serialized, this is the API's organization: its serde form is its wire form (and its audit form).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = OrganizationResponse))]
 pub struct Organization {
+    #[cfg_attr(feature = "utoipa", schema(value_type = String, format = Uuid))]
     pub id: OrgId,
     pub name: String,
     pub slug: String,
@@ -192,7 +198,7 @@ pub struct Organization {
     pub is_active: bool,
     #[serde(flatten)]
     pub limits: LimitOverrides,
-    /// `None`: no limit.
+    /// `null`: no limit.
     pub max_api_keys: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -301,41 +307,62 @@ pub fn stored_json(value: &Value) -> Value {
     }
 }
 
-/// A stored API key. Holds the hash (never the key); [`ApiKey::audit_json`] is what may be shown.
-#[derive(Debug, Clone, PartialEq)]
+/// A stored API key. Holds the hash (never the key); [`ApiKey::audit_json`] is what an audit row shows.
+// Serialized, it is the API's key record (the server adds the derived status). SECURITY: the hash and
+// how it was made are `serde(skip)`; `KeyHash` has no `Serialize`, so no body can carry it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(
+    feature = "utoipa",
+    derive(utoipa::ToSchema),
+    schema(description = "An API key as the API shows it: never the key, never its hash.")
+)]
 pub struct ApiKey {
+    #[cfg_attr(feature = "utoipa", schema(value_type = String, format = Uuid))]
     pub id: KeyId,
+    #[cfg_attr(feature = "utoipa", schema(value_type = String, format = Uuid))]
     pub organization_id: OrgId,
     pub owner_id: Option<String>,
     pub name: String,
     pub description: Option<String>,
+    #[cfg_attr(feature = "utoipa", schema(value_type = openapi::EnvironmentName))]
     pub environment: Environment,
-    /// The visible start of the key, e.g. `sk_live_`.
+    /// The visible start of the key.
+    #[cfg_attr(feature = "utoipa", schema(example = "sk_live_"))]
     pub prefix: String,
     /// The last four characters of the key.
     pub hint: String,
+    #[serde(skip)]
     pub hash_algorithm: HashAlgorithm,
+    #[serde(skip)]
     pub key_hash: KeyHash,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Vec<String>))]
     pub scopes: ScopeSet,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Vec<String>))]
     pub allowed_ips: IpAllowList,
     pub expires_at: Option<DateTime<Utc>>,
     pub is_active: bool,
     pub revoked_at: Option<DateTime<Utc>>,
     pub revoke_reason: Option<String>,
-    /// Per-key tier override; `None`: the organization's plan.
+    /// Per-key tier override; `null`: the organization's plan.
     pub plan: Option<String>,
+    #[serde(flatten)]
     pub limits: LimitOverrides,
     /// A JSON object (email, company, ...).
+    #[cfg_attr(feature = "utoipa", schema(value_type = Object))]
     pub metadata: Value,
     pub total_requests: i64,
     pub last_used_at: Option<DateTime<Utc>>,
     pub last_used_ip: Option<String>,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>))]
     pub rotated_from: Option<KeyId>,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>))]
     pub replaced_by: Option<KeyId>,
     pub created_by: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The first key of this key's rotation chain; `None`: the key itself (never rotated from another).
+    /// Internal bookkeeping of the counters, not shown.
+    #[serde(skip)]
     pub lineage_id: Option<KeyId>,
 }
 
@@ -549,14 +576,21 @@ pub struct Page<T, C> {
     pub next_cursor: Option<C>,
 }
 
+// Serialized, this is the API's audit row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = AuditEntryResponse))]
 pub struct AuditEntry {
     pub id: i64,
     pub action: String,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>))]
     pub key_id: Option<KeyId>,
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>))]
     pub organization_id: Option<OrgId>,
+    /// A key id, `cli` or `system`.
     pub actor: String,
     pub actor_ip: Option<String>,
+    /// `{"before": {...}, "after": {...}}` of the changed fields.
+    #[cfg_attr(feature = "utoipa", schema(value_type = Object))]
     pub details: Value,
     pub created_at: DateTime<Utc>,
 }
@@ -702,39 +736,7 @@ pub(crate) mod fixtures {
         }
     }
 
-    /// A key of `organization_id` with nothing set but what every key has.
-    pub(crate) fn key(organization_id: OrgId, at: DateTime<Utc>) -> ApiKey {
-        ApiKey {
-            id: KeyId::new(),
-            organization_id,
-            owner_id: None,
-            name: "k".into(),
-            description: None,
-            environment: Environment::Live,
-            prefix: "sk_live_".into(),
-            hint: "abcd".into(),
-            hash_algorithm: HashAlgorithm::Sha256,
-            key_hash: KeyHash([0; 32]),
-            scopes: ScopeSet::default(),
-            allowed_ips: IpAllowList::default(),
-            expires_at: None,
-            is_active: true,
-            revoked_at: None,
-            revoke_reason: None,
-            plan: None,
-            limits: LimitOverrides::default(),
-            metadata: json!({}),
-            total_requests: 0,
-            last_used_at: None,
-            last_used_ip: None,
-            rotated_from: None,
-            replaced_by: None,
-            created_by: None,
-            created_at: at,
-            updated_at: at,
-            lineage_id: None,
-        }
-    }
+    pub(crate) use crate::testing::key;
 }
 
 #[cfg(test)]

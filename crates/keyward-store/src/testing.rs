@@ -12,9 +12,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
+use keyward_core::{Environment, HashAlgorithm, IpAllowList, KeyHash, KeyId, OrgId, ScopeSet};
+use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
+
+use crate::{ApiKey, LimitOverrides};
 
 /// Where the PostgreSQL tests connect.
 pub const URL_ENV: &str = "KEYWARD_TEST_POSTGRES_URL";
@@ -151,5 +156,40 @@ fn redact(url: &str) -> String {
             None => url.to_owned(),
         },
         _ => url.to_owned(),
+    }
+}
+
+/// A key of `organization_id` with nothing set but what every key has, as a store returns it: for
+/// unit tests here and in the crates that serve keys.
+pub fn key(organization_id: OrgId, at: DateTime<Utc>) -> ApiKey {
+    ApiKey {
+        id: KeyId::new(),
+        organization_id,
+        owner_id: None,
+        name: "k".into(),
+        description: None,
+        environment: Environment::Live,
+        prefix: "sk_live_".into(),
+        hint: "abcd".into(),
+        hash_algorithm: HashAlgorithm::Sha256,
+        key_hash: KeyHash([0; 32]),
+        scopes: ScopeSet::default(),
+        allowed_ips: IpAllowList::default(),
+        expires_at: None,
+        is_active: true,
+        revoked_at: None,
+        revoke_reason: None,
+        plan: None,
+        limits: LimitOverrides::default(),
+        metadata: json!({}),
+        total_requests: 0,
+        last_used_at: None,
+        last_used_ip: None,
+        rotated_from: None,
+        replaced_by: None,
+        created_by: None,
+        created_at: at,
+        updated_at: at,
+        lineage_id: None,
     }
 }

@@ -277,17 +277,27 @@ impl Histogram {
 }
 
 /// What a batch adds to one key's day (a rollup row), or what a day holds when read back.
+// Serialized, these are the counters the API shows; the latency parts are shown as what they make (a
+// mean and a percentile, computed by the server), not as they are summed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(description = "Counters of a day, or of a span."))]
 pub struct DailyCounts {
+    /// Verifications and gateway requests.
     pub requests: i64,
+    /// Requests that were refused (not `VALID`).
     pub denied: i64,
+    /// Reports received through `POST /v1/usage`.
     pub reports: i64,
     pub errors_4xx: i64,
     pub errors_5xx: i64,
     pub tokens_used: i64,
+    /// Integer micro-dollars.
     pub cost_micros: i64,
+    #[serde(skip)]
     pub latency_count: i64,
+    #[serde(skip)]
     pub latency_sum_ms: i64,
+    #[serde(skip)]
     pub latency: Histogram,
 }
 
@@ -422,6 +432,7 @@ impl DailyCounts {
 
 /// Per endpoint of one key's day.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct EndpointCounts {
     pub requests: i64,
     pub errors: i64,
@@ -543,6 +554,7 @@ pub struct DailyUsage {
 
 /// One endpoint of a key over a span of days.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = EndpointUsageResponse))]
 pub struct EndpointUsage {
     /// `""`: requests that named no endpoint.
     pub endpoint: String,

@@ -23,14 +23,19 @@ impl std::fmt::Debug for WebhookSecret {
 }
 
 /// A webhook endpoint of an organization.
-#[derive(Debug, Clone, PartialEq)]
+// Serialized, it is the API's endpoint. SECURITY: never the secret (`serde(skip)`, and `WebhookSecret`
+// has no `Serialize`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = WebhookResponse))]
 pub struct Webhook {
     pub id: Uuid,
+    #[cfg_attr(feature = "utoipa", schema(value_type = String, format = Uuid))]
     pub organization_id: OrgId,
     pub url: String,
-    /// The events it receives; empty: every event (of its organization).
+    /// Subscribed events; empty: every event (of its organization).
     pub events: Vec<EventKind>,
     pub is_active: bool,
+    #[serde(skip)]
     pub secret: WebhookSecret,
     pub description: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -66,13 +71,17 @@ pub struct WebhookPatch {
 }
 
 /// One event for one endpoint, with its retry state.
+// Serialized, it is what the API shows of it (the endpoint is the one the URL names).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct Delivery {
     pub id: Uuid,
+    #[serde(skip)]
     pub endpoint_id: Uuid,
     pub event_id: Uuid,
     pub event: EventKind,
     /// The JSON body that is POSTed.
+    #[cfg_attr(feature = "utoipa", schema(value_type = Object))]
     pub payload: Value,
     /// `pending`, `succeeded` or `failed`.
     pub status: String,
@@ -83,6 +92,7 @@ pub struct Delivery {
     pub last_status_code: Option<i64>,
     pub last_error: Option<String>,
     pub created_at: DateTime<Utc>,
+    #[serde(skip)]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -96,9 +106,10 @@ pub struct DeliveryJob {
 
 /// One attempt at a delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema), schema(as = AttemptResponse))]
 pub struct Attempt {
     pub attempted_at: DateTime<Utc>,
-    /// The receiver's HTTP status; `None` when no answer came (refused, timeout, ...).
+    /// The receiver's HTTP status; `null` when no answer came (refused, timeout, ...).
     pub status_code: Option<i64>,
     pub latency_ms: i64,
     pub error: Option<String>,

@@ -4,14 +4,14 @@
 use axum::Json;
 use chrono::{DateTime, Utc};
 use keyward_core::KeyId;
-use keyward_store::AuditFilter;
+use keyward_store::{AuditEntry, AuditFilter};
 use serde::Deserialize;
 
 use super::{Listed, listed};
 use crate::auth::{Admin, AuditRead, Caller};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::ApiQuery;
-use crate::model::{AuditEntryResponse, PageQuery, PageResponse};
+use crate::model::{PageQuery, PageResponse};
 use crate::openapi::{KeyErrors, QueryErrors};
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -49,8 +49,8 @@ fn time(name: &str, value: Option<&str>) -> ApiResult<Option<DateTime<Utc>>> {
 
 /// List audit rows, newest first.
 #[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = PageResponse<AuditEntryResponse>), QueryErrors, KeyErrors))]
-pub async fn list_audit(caller: Caller<AuditRead>, ApiQuery(q): ApiQuery<AuditQuery>) -> Listed<AuditEntryResponse> {
+    responses((status = 200, body = PageResponse<AuditEntry>), QueryErrors, KeyErrors))]
+pub async fn list_audit(caller: Caller<AuditRead>, ApiQuery(q): ApiQuery<AuditQuery>) -> Listed<AuditEntry> {
     let state = caller.state();
     let key_id = q
         .key_id
@@ -71,7 +71,7 @@ pub async fn list_audit(caller: Caller<AuditRead>, ApiQuery(q): ApiQuery<AuditQu
     }
     let page = PageQuery { cursor: q.cursor, limit: q.limit }.request::<i64>()?;
     let page = state.store.list_audit(&filter, page).await?;
-    listed(page, AuditEntryResponse::from)
+    listed(page, std::convert::identity)
 }
 
 /// The result of walking the audit chain.

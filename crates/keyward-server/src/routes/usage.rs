@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
 use keyward_store::usage::{
-    DailyCounts, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS, MAX_TOKENS_PER_EVENT, UsageEvent,
-    UsageKind,
+    DailyCounts, EndpointUsage, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS,
+    MAX_TOKENS_PER_EVENT, UsageEvent, UsageKind,
 };
 use keyward_store::{ApiKey, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -229,38 +229,19 @@ pub struct DaysQuery {
     pub days: Option<u32>,
 }
 
-/// One day, or a span's totals.
+/// One day, or a span's totals: the stored counters and what the latency histogram makes of them.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UsageCounts {
-    /// Verifications and gateway requests.
-    pub requests: i64,
-    /// Requests that were refused (not `VALID`).
-    pub denied: i64,
-    /// Reports received through `POST /v1/usage`.
-    pub reports: i64,
-    pub errors_4xx: i64,
-    pub errors_5xx: i64,
-    pub tokens_used: i64,
-    /// Integer micro-dollars.
-    pub cost_micros: i64,
+    #[serde(flatten)]
+    pub counts: DailyCounts,
     pub mean_latency_ms: Option<f64>,
     /// The upper bound of the latency bucket holding the 95th percentile.
     pub p95_latency_ms: Option<i64>,
 }
 
-impl From<&DailyCounts> for UsageCounts {
-    fn from(c: &DailyCounts) -> Self {
-        Self {
-            requests: c.requests,
-            denied: c.denied,
-            reports: c.reports,
-            errors_4xx: c.errors_4xx,
-            errors_5xx: c.errors_5xx,
-            tokens_used: c.tokens_used,
-            cost_micros: c.cost_micros,
-            mean_latency_ms: c.mean_latency_ms(),
-            p95_latency_ms: c.latency.p95_ms(),
-        }
+impl From<DailyCounts> for UsageCounts {
+    fn from(counts: DailyCounts) -> Self {
+        Self { mean_latency_ms: counts.mean_latency_ms(), p95_latency_ms: counts.latency.p95_ms(), counts }
     }
 }
 
@@ -270,16 +251,6 @@ pub struct DayUsage {
     pub day: NaiveDate,
     #[serde(flatten)]
     pub counts: UsageCounts,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct EndpointUsageResponse {
-    /// `""`: requests that named no endpoint.
-    pub endpoint: String,
-    pub requests: i64,
-    pub errors: i64,
-    pub tokens_used: i64,
-    pub cost_micros: i64,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -294,7 +265,7 @@ pub struct KeyUsageResponse {
     pub days: Vec<DayUsage>,
     pub totals: UsageCounts,
     /// Most requested first, at most 10.
-    pub top_endpoints: Vec<EndpointUsageResponse>,
+    pub top_endpoints: Vec<EndpointUsage>,
 }
 
 /// A key's usage over the `days` days ending `today`, from the rollups (one row per day used).
@@ -313,26 +284,16 @@ pub async fn key_usage_report(
     while day <= today {
         let counts = by_day.get(&day).copied().cloned().unwrap_or_default();
         totals.add(&counts);
-        series.push(DayUsage { day, counts: UsageCounts::from(&counts) });
+        series.push(DayUsage { day, counts: counts.into() });
         day += Duration::days(1);
     }
-    let top = store.key_usage_endpoints(key_id, from, today, TOP_ENDPOINTS).await?;
     Ok(KeyUsageResponse {
         key_id,
         from,
         to: today,
         days: series,
-        totals: UsageCounts::from(&totals),
-        top_endpoints: top
-            .into_iter()
-            .map(|e| EndpointUsageResponse {
-                endpoint: e.endpoint,
-                requests: e.counts.requests,
-                errors: e.counts.errors,
-                tokens_used: e.counts.tokens_used,
-                cost_micros: e.counts.cost_micros,
-            })
-            .collect(),
+        totals: totals.into(),
+        top_endpoints: store.key_usage_endpoints(key_id, from, today, TOP_ENDPOINTS).await?,
     })
 }
 
@@ -430,8 +391,8 @@ pub async fn org_usage(
     Ok(Json(OrgUsageResponse {
         organization_id: id,
         month,
-        keys: lines.iter().map(|l| KeyBillingLine { key_id: l.key_id, counts: UsageCounts::from(&l.counts) }).collect(),
-        totals: UsageCounts::from(&totals),
+        keys: lines.into_iter().map(|l| KeyBillingLine { key_id: l.key_id, counts: l.counts.into() }).collect(),
+        totals: totals.into(),
     }))
 }
 

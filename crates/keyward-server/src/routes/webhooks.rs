@@ -16,11 +16,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::Response;
-use chrono::{DateTime, Utc};
-use keyward_core::OrgId;
 use keyward_store::{Attempt, Delivery, EventKind, NewWebhook, Webhook, WebhookPatch, WebhookSecret};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -33,105 +30,26 @@ use crate::webhooks::check_url;
 
 const MAX_DESCRIPTION: usize = 2_000;
 
-/// A webhook endpoint as the API shows it: never the secret.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct WebhookResponse {
-    #[schema(value_type = String, format = Uuid)]
-    pub id: Uuid,
-    #[schema(value_type = String, format = Uuid)]
-    pub organization_id: OrgId,
-    pub url: String,
-    /// Subscribed events; empty: every event.
-    #[schema(value_type = Vec<EventName>)]
-    pub events: Vec<EventKind>,
-    pub is_active: bool,
-    pub description: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<Webhook> for WebhookResponse {
-    fn from(w: Webhook) -> Self {
-        Self {
-            id: w.id,
-            organization_id: w.organization_id,
-            url: w.url,
-            events: w.events,
-            is_active: w.is_active,
-            description: w.description,
-            created_at: w.created_at,
-            updated_at: w.updated_at,
-        }
-    }
-}
-
 /// `201` of `POST /v1/webhooks`: the only time the signing secret is shown.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedWebhookResponse {
     /// The signing secret (`whsec_...`). Shown once; store it now.
     pub secret: String,
-    pub webhook: WebhookResponse,
+    pub webhook: Webhook,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookListResponse {
-    pub items: Vec<WebhookResponse>,
+    pub items: Vec<Webhook>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AttemptResponse {
-    pub attempted_at: DateTime<Utc>,
-    /// The receiver's HTTP status; `null` when it did not answer.
-    pub status_code: Option<i64>,
-    pub latency_ms: i64,
-    pub error: Option<String>,
-}
-
-impl From<Attempt> for AttemptResponse {
-    fn from(a: Attempt) -> Self {
-        Self { attempted_at: a.attempted_at, status_code: a.status_code, latency_ms: a.latency_ms, error: a.error }
-    }
-}
-
+/// A delivery as the API shows it: the stored record and every attempt at it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryResponse {
-    #[schema(value_type = String, format = Uuid)]
-    pub id: Uuid,
-    #[schema(value_type = String, format = Uuid)]
-    pub event_id: Uuid,
-    pub event: String,
-    /// The JSON body that is POSTed.
-    #[schema(value_type = Object)]
-    pub payload: Value,
-    /// `pending`, `succeeded` or `failed`.
-    pub status: String,
-    pub attempts: i64,
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    pub give_up_at: DateTime<Utc>,
-    pub last_status_code: Option<i64>,
-    pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub delivery: Delivery,
     /// Every attempt, oldest first.
-    pub attempt_log: Vec<AttemptResponse>,
-}
-
-impl DeliveryResponse {
-    fn new(d: Delivery, attempts: Vec<Attempt>) -> Self {
-        Self {
-            id: d.id,
-            event_id: d.event_id,
-            event: d.event.as_str().to_owned(),
-            payload: d.payload,
-            status: d.status,
-            attempts: d.attempts,
-            next_attempt_at: d.next_attempt_at,
-            give_up_at: d.give_up_at,
-            last_status_code: d.last_status_code,
-            last_error: d.last_error,
-            created_at: d.created_at,
-            attempt_log: attempts.into_iter().map(AttemptResponse::from).collect(),
-        }
-    }
+    pub attempt_log: Vec<Attempt>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -148,7 +66,7 @@ pub struct CreateWebhookRequest {
     /// Events to receive (see the README); empty or absent: every event. `auth.failures_spike` needs
     /// `keyward:admin`.
     #[serde(default)]
-    #[schema(value_type = Vec<EventName>)]
+    #[schema(value_type = Vec<EventKind>)]
     pub events: Vec<String>,
     pub is_active: Option<bool>,
     /// At most 2,000 characters; blank: none.
@@ -178,25 +96,6 @@ impl utoipa::PartialSchema for WebhookUrl {
 
 impl ToSchema for WebhookUrl {}
 
-/// A webhook event, as the API spells it: one of [`EventKind::ALL`].
-pub struct EventName;
-
-impl utoipa::PartialSchema for EventName {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::schema::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .enum_values(Some(EventKind::ALL.map(EventKind::as_str)))
-            .description(Some("A webhook event."))
-            .into()
-    }
-}
-
-impl ToSchema for EventName {
-    fn name() -> std::borrow::Cow<'static, str> {
-        "WebhookEvent".into()
-    }
-}
-
 /// The body of `PATCH /v1/webhooks/{id}`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -204,7 +103,7 @@ pub struct UpdateWebhookRequest {
     #[schema(value_type = Option<WebhookUrl>)]
     pub url: Option<String>,
     /// As at creation; empty: every event.
-    #[schema(value_type = Option<Vec<EventName>>)]
+    #[schema(value_type = Option<Vec<EventKind>>)]
     pub events: Option<Vec<String>>,
     pub is_active: Option<bool>,
     /// At most 2,000 characters; blank or `null`: none.
@@ -303,7 +202,7 @@ pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiRes
         keyward_store::StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
         e => e.into(),
     })?;
-    let body = CreatedWebhookResponse { secret, webhook: hook.into() };
+    let body = CreatedWebhookResponse { secret, webhook: hook };
     Ok(super::created_with_secret(Default::default(), body))
 }
 
@@ -313,22 +212,22 @@ pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiRes
 pub async fn list_webhooks(caller: Caller<KeysWrite>) -> ApiResult<Json<WebhookListResponse>> {
     let state = caller.state();
     let hooks = state.store.list_webhooks(caller.org_filter()).await?;
-    Ok(Json(WebhookListResponse { items: hooks.into_iter().map(WebhookResponse::from).collect() }))
+    Ok(Json(WebhookListResponse { items: hooks }))
 }
 
 /// Read one webhook endpoint.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
-    responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors))]
-pub async fn get_webhook(hook: Visible<KeysWrite, Webhook>) -> ApiResult<Json<WebhookResponse>> {
-    Ok(Json(hook.target.into()))
+    responses((status = 200, body = Webhook), NotFoundErrors, KeyErrors))]
+pub async fn get_webhook(hook: Visible<KeysWrite, Webhook>) -> ApiResult<Json<Webhook>> {
+    Ok(Json(hook.target))
 }
 
 /// Update a webhook endpoint (url, events, is_active, description). The secret stays.
 #[utoipa::path(patch, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path, description = "webhook id")),
     request_body = UpdateWebhookRequest,
-    responses((status = 200, body = WebhookResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
+    responses((status = 200, body = Webhook), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
-pub async fn update_webhook(hook: Writable<KeysWrite, Webhook>, body: JsonBody) -> ApiResult<Json<WebhookResponse>> {
+pub async fn update_webhook(hook: Writable<KeysWrite, Webhook>, body: JsonBody) -> ApiResult<Json<Webhook>> {
     let Writable { caller, target: hook } = hook;
     let state = caller.state();
     let body: UpdateWebhookRequest = body.parse()?;
@@ -345,7 +244,7 @@ pub async fn update_webhook(hook: Writable<KeysWrite, Webhook>, body: JsonBody) 
         description: body.description.map(check_description).transpose()?,
     };
     let now = state.clock.now();
-    Ok(Json(state.store.update_webhook(hook.id, patch, &caller.actor(now)).await?.into()))
+    Ok(Json(state.store.update_webhook(hook.id, patch, &caller.actor(now)).await?))
 }
 
 /// Delete a webhook endpoint and its deliveries.
@@ -370,7 +269,7 @@ pub async fn list_deliveries(hook: Writable<KeysWrite, Webhook>) -> ApiResult<Js
     let mut items = Vec::new();
     for d in state.store.list_deliveries(hook.target.id, 100).await? {
         let attempts = state.store.list_attempts(d.id).await?;
-        items.push(DeliveryResponse::new(d, attempts));
+        items.push(DeliveryResponse { delivery: d, attempt_log: attempts });
     }
     Ok(Json(DeliveryListResponse { items }))
 }
@@ -391,5 +290,5 @@ pub async fn retry_delivery(
     let d = state.store.retry_delivery(id, delivery, now, give_up).await?;
     let attempts = state.store.list_attempts(d.id).await?;
     state.events_written();
-    Ok(Json(DeliveryResponse::new(d, attempts)))
+    Ok(Json(DeliveryResponse { delivery: d, attempt_log: attempts }))
 }

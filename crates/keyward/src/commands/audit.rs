@@ -3,7 +3,6 @@
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_server::App;
-use keyward_server::model::AuditEntryResponse;
 use keyward_store::{AuditFilter, PageRequest};
 
 use super::{key_id, open, opt, print_json};
@@ -60,7 +59,7 @@ pub async fn run(config: Config, action: AuditAction) -> anyhow::Result<()> {
     let filter = AuditFilter { key_id: key.as_deref().map(key_id).transpose()?, action, actor, ..Default::default() };
     let page = state.store.list_audit(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await;
     tasks.shutdown().await;
-    let rows: Vec<AuditEntryResponse> = page?.items.into_iter().map(AuditEntryResponse::from).collect();
+    let rows = page?.items;
     if json {
         return print_json(&rows);
     }

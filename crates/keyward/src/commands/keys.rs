@@ -186,7 +186,8 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             let (plain, record) = service::create_key(state, draft, &Actor::cli(now)).await?;
             let created =
                 CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
-            let headline = format!("Created key {} ({}) in {}", created.api_key.id, created.api_key.name, org.slug);
+            let headline =
+                format!("Created key {} ({}) in {}", created.api_key.key.id, created.api_key.key.name, org.slug);
             print_new_key(&created.key, &created, Shown { key_only, json }, &headline, None)
         }
         KeysAction::List { org, owner_id, include_inactive, limit, json } => {
@@ -251,7 +252,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             if json {
                 print_json(&key)
             } else {
-                println!("Updated key {} (status {})", key.id, key.status.as_str());
+                println!("Updated key {} (status {})", key.key.id, key.status.as_str());
                 Ok(())
             }
         }
@@ -264,8 +265,8 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 api_key: KeyResponse::new(rotation.new, now),
                 old_api_key: KeyResponse::new(rotation.old, now),
             };
-            let headline = format!("Rotated key {} into {}", rotated.old_api_key.id, rotated.api_key.id);
-            let old = match rotated.old_api_key.revoked_at {
+            let headline = format!("Rotated key {} into {}", rotated.old_api_key.key.id, rotated.api_key.key.id);
+            let old = match rotated.old_api_key.key.revoked_at {
                 Some(at) if at > now => format!("The old key keeps working until {}", at.to_rfc3339()),
                 _ => "The old key no longer works.".to_owned(),
             };
@@ -277,7 +278,7 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
             if json {
                 print_json(&key)
             } else {
-                println!("Revoked key {} ({}…{})", key.id, key.prefix, key.hint);
+                println!("Revoked key {} ({}…{})", key.key.id, key.key.prefix, key.key.hint);
                 Ok(())
             }
         }
@@ -293,14 +294,15 @@ fn key_table(keys: Vec<KeyResponse>) -> Table {
     let mut table = Table::new();
     table.set_header(["id", "name", "key", "owner", "env", "status", "scopes", "expires", "last used"]);
     for k in keys {
+        let KeyResponse { key: k, status, .. } = k;
         table.add_row([
             k.id.to_string(),
             k.name,
             format!("{}…{}", k.prefix, k.hint),
             opt(&k.owner_id),
             k.environment.to_string(),
-            k.status.as_str().to_owned(),
-            k.scopes.join(","),
+            status.as_str().to_owned(),
+            k.scopes.to_strings().join(","),
             opt(&k.expires_at.map(|t| t.format("%Y-%m-%d").to_string())),
             opt(&k.last_used_at.map(|t| t.format("%Y-%m-%d %H:%M").to_string())),
         ]);

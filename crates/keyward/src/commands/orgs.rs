@@ -3,7 +3,6 @@
 use clap::Subcommand;
 use comfy_table::Table;
 use keyward_server::App;
-use keyward_server::model::OrganizationResponse;
 use keyward_server::service::{CreateOrganizationRequest, Validator};
 use keyward_store::{Actor, PageRequest};
 
@@ -42,7 +41,7 @@ pub async fn run(config: Config, action: OrgsAction) -> anyhow::Result<()> {
         OrgsAction::Create { name, slug, email, plan, max_api_keys, json } => {
             let new = CreateOrganizationRequest { name, slug, email, plan, max_api_keys, ..Default::default() }
                 .validate(&Validator { plans: &state.plans, now })?;
-            let org = OrganizationResponse::from(state.store.insert_org(new, &Actor::cli(now)).await?);
+            let org = state.store.insert_org(new, &Actor::cli(now)).await?;
             if json {
                 print_json(&org)
             } else {
@@ -55,7 +54,7 @@ pub async fn run(config: Config, action: OrgsAction) -> anyhow::Result<()> {
             let mut after = None;
             loop {
                 let page = state.store.list_orgs(PageRequest { after, limit: 100 }).await?;
-                all.extend(page.items.into_iter().map(OrganizationResponse::from));
+                all.extend(page.items);
                 match page.next_cursor {
                     Some(c) => after = Some(c),
                     None => break,

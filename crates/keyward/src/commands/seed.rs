@@ -1,6 +1,6 @@
 //! `keyward seed`: organization `default` and an admin key, on an empty database.
 
-use keyward_server::model::{KeyResponse, OrganizationResponse};
+use keyward_server::model::KeyResponse;
 use keyward_server::{App, service};
 use keyward_store::Actor;
 
@@ -14,7 +14,7 @@ pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     match (seeded, json) {
         (Some(s), true) => print_json(&serde_json::json!({
             "seeded": true,
-            "organization": OrganizationResponse::from(s.organization),
+            "organization": s.organization,
             "key": s.key.expose_secret(),
             "api_key": KeyResponse::new(s.record, state.clock.now()),
         })),
