@@ -64,22 +64,22 @@ pub(super) fn cookie(value: &str, secure: bool) -> HeaderValue {
 }
 
 /// SECURITY: a state-changing request must come from the console's own pages: a browser that says
-/// where it came from (`Sec-Fetch-Site`, `Origin`) must say this origin. The CSRF token is checked
-/// beside this, by the handler.
+/// where it came from must say this origin. `Sec-Fetch-Site` decides when sent (every current
+/// browser); else an `Origin` must name this host. `Origin: null` names nothing (browsers send it for
+/// our own forms, as the pages ask for no referrer) and is left to the CSRF token, which the handler
+/// checks beside this, and to the `SameSite=Strict` cookie.
 pub(super) fn same_origin(parts: &Parts) -> bool {
     if parts.method == Method::GET || parts.method == Method::HEAD {
         return true;
     }
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = header("sec-fetch-site")
-        && !matches!(site, "same-origin" | "none")
-    {
-        return false;
+    if let Some(site) = header("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
     }
     match (header("origin"), header("host")) {
+        (None | Some("null"), _) => true,
         (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, authority)| authority == host),
         (Some(_), None) => false,
-        (None, _) => true,
     }
 }
 
@@ -166,6 +166,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for FormBody<T> {
     }
 }
 
+/// The key id of the path: a page saying "No such key" (404) for anything that is not one.
+pub struct KeyPath(pub keyward_core::KeyId);
+
+impl FromRequestParts<AppState> for KeyPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<keyward_core::KeyId>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(id)| KeyPath(id))
+            .map_err(|_| view::message(state, StatusCode::NOT_FOUND, "No such key."))
+    }
+}
+
 /// A form that changes the key its path names: the session's caller admitted by `P`, the form's CSRF
 /// token checked, then the key loaded as its API route loads it (404 unseen, 403 unchangeable), and the
 /// form's fields `F`.
@@ -183,15 +197,13 @@ impl<P: Permission, F: DeserializeOwned + Send> FromRequest<AppState> for KeyFor
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
         let signed = Signed::<P>::from_request_parts(&mut parts, state).await?;
-        let id = axum::extract::Path::<keyward_core::KeyId>::from_request_parts(&mut parts, state)
-            .await
-            .map_err(|_| view::message(state, StatusCode::NOT_FOUND, "No such key."))?;
+        let KeyPath(id) = KeyPath::from_request_parts(&mut parts, state).await?;
         let bytes = form_bytes(Request::from_parts(parts, body), state).await?;
         let token: CsrfForm = serde_urlencoded::from_bytes(&bytes).unwrap_or_default();
         signed.check_csrf(&token.csrf)?;
         let form: F = serde_urlencoded::from_bytes(&bytes)
             .map_err(|_| view::message(state, StatusCode::BAD_REQUEST, "This form could not be read."))?;
-        let target = crate::routes::target::writable(&signed.caller, id.0).await.map_err(|e| view::failed(state, e))?;
+        let target = crate::routes::target::writable(&signed.caller, id).await.map_err(|e| view::failed(state, e))?;
         let csrf = signed.csrf_token();
         let key = crate::routes::target::Writable { caller: signed.caller, target };
         Ok(KeyForm { key, state: state.clone(), csrf, form })
@@ -228,7 +240,10 @@ mod tests {
             (Method::POST, &[host, ("sec-fetch-site", "cross-site")], false),
             (Method::POST, &[host, ("sec-fetch-site", "same-site")], false),
             (Method::POST, &[host, ("origin", "http://evil.example")], false),
-            (Method::POST, &[host, ("origin", "null")], false),
+            (Method::POST, &[host, ("origin", "null")], true),
+            (Method::POST, &[host, ("origin", "null"), ("sec-fetch-site", "same-origin")], true),
+            (Method::POST, &[host, ("origin", "null"), ("sec-fetch-site", "cross-site")], false),
+            (Method::POST, &[host, ("origin", "http://evil.example"), ("sec-fetch-site", "same-origin")], true),
         ];
         for (method, headers, ok) in cases {
             assert_eq!(same_origin(&parts(method.clone(), headers)), *ok, "{method} {headers:?}");

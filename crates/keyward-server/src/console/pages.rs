@@ -1,17 +1,17 @@
 //! The console's pages: each handler builds the same caller and calls the same handler or service
 //! function as its API route (`routes::keys`), then renders what it answered. maud escapes every value.
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::http::header::SET_COOKIE;
 use axum::http::request::Parts;
 use axum::response::Response;
-use keyward_core::KeyId;
 use keyward_store::ApiKey;
 use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
 
-use super::extract::{CsrfForm, FormBody, KeyForm, Signed, cookie, over_https, same_origin, see_other, session_cookie};
+use super::extract::{
+    CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
+};
 use super::view::{failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::extract::ApiQuery;
@@ -195,7 +195,7 @@ fn form_clone(f: &ListForm) -> ListForm {
 }
 
 /// `GET /console/keys/{id}`: `GET /v1/keys/{id}`, with the actions the key's page offers.
-pub async fn key_page(signed: Signed<KeysReadOrSelf>, Path(id): Path<KeyId>) -> PageResult {
+pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> PageResult {
     let state = signed.caller.state().clone();
     let csrf = signed.csrf_token();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
@@ -371,7 +371,7 @@ pub async fn rotate_key(changed: KeyForm<KeysWriteOrSelf, RotateForm>) -> PageRe
 }
 
 /// `GET /console/keys/{id}/revoke`: the confirmation step.
-pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, Path(id): Path<KeyId>) -> PageResult {
+pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, KeyPath(id): KeyPath) -> PageResult {
     let state = signed.caller.state().clone();
     let csrf = signed.csrf_token();
     let key = target::writable::<_, ApiKey>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
