@@ -194,3 +194,31 @@ async fn a_self_service_session_sees_its_own_owner_s_keys_only() {
     assert!(!list.text.contains("bob&#39;s key") && !list.text.contains("bob's key"), "{}", list.text);
     assert_eq!(get(&app, &format!("/console/keys/{}", bobs.id), &cookie).await.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn keys_signed_in_with_or_created_in_the_console_are_never_logged() {
+    let capture = crate::secrets::capture_logs();
+    let app = TestApp::sqlite().await;
+    let mut truncated = app.admin_key.clone();
+    truncated.pop();
+    assert_eq!(sign_in(&app, &truncated).await.status, StatusCode::UNAUTHORIZED);
+    let signed = sign_in(&app, &app.admin_key).await;
+    let cookie = session(&signed);
+    let token = csrf(&get(&app, "/console/keys/new", &cookie).await.text);
+    let form = format!("name=logged&csrf={token}");
+    let created = app.send(page(Method::POST, "/console/keys", &[("cookie", &cookie)], Some(&form))).await;
+    let at = created.text.find("id=\"new-key\"").unwrap();
+    let key = created.text[at..].split("value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    assert!(key.starts_with("sk_live_"), "{key}");
+    let id = created.text.split("action=\"/console/keys/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let again = get(&app, &format!("/console/keys/{id}"), &cookie).await;
+    assert!(!again.text.contains(&key[8..40]), "shown once only");
+    sign_in(&app, &key).await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("console session started"), "the capture works");
+    for secret in [&key, &app.admin_key, &truncated] {
+        assert!(!logs.contains(&secret[8..40]), "logs contain a key");
+        assert!(!signed.headers["set-cookie"].to_str().unwrap().contains(&secret[8..40]));
+    }
+}
