@@ -5,7 +5,8 @@
 # (starting them, or installing them from Debian's packages, when needed). With CI=true an
 # unreachable service fails the run; elsewhere the tests that need it are skipped with a loud line.
 # nginx and Caddy are installed the same way (never started as system services: the proxy tests run
-# their own instances on loopback ports) and their paths exported as KEYWARD_TEST_NGINX/_CADDY.
+# their own instances on loopback ports) and their paths exported as KEYWARD_TEST_NGINX/_CADDY; so are
+# Chromium and its WebDriver for the console's browser test (KEYWARD_TEST_CHROMIUM/_CHROMEDRIVER).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,8 +105,13 @@ ensure_proxy() { # name package default_path
 }
 ensure_nginx() { ensure_proxy nginx nginx /usr/sbin/nginx; }
 ensure_caddy() { ensure_proxy caddy caddy /usr/bin/caddy; }
+# The console's browser test starts its own chromedriver and headless Chromium.
+chromium_usable() { [ -x "$KEYWARD_TEST_CHROMIUM" ] && "$KEYWARD_TEST_CHROMIUM" --headless --no-sandbox --version >/dev/null 2>&1; }
+chromedriver_usable() { [ -x "$KEYWARD_TEST_CHROMEDRIVER" ] && "$KEYWARD_TEST_CHROMEDRIVER" --version >/dev/null 2>&1; }
+ensure_chromium() { ensure_proxy chromium chromium /usr/bin/chromium; }
+ensure_chromedriver() { ensure_proxy chromedriver chromium-driver /usr/bin/chromedriver; }
 
-for service in postgres redis nginx caddy; do
+for service in postgres redis nginx caddy chromium chromedriver; do
     if ! "ensure_$service"; then
         if [ "${CI:-}" = "true" ]; then
             echo "FATAL: $service is not reachable and CI=true: failing the run" >&2

@@ -194,6 +194,7 @@ impl AppBuilder {
             .keys(keys)
             .routes(routes)
             .authz(settings.authz)
+            .console(settings.console)
             .build();
         // Whether legacy (imported) keys exist decides whether non-Keyward strings are looked up at all.
         state.legacy.refresh(&*state.store).await.map_err(BuildError::Store)?;

@@ -138,8 +138,31 @@ impl<P: Permission> FromRequestParts<AppState> for Caller<P> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Authenticated { key, ip } = Authenticated::from_request_parts(parts, state).await?;
+        Caller::admitted(state, key, ip)
+    }
+}
+
+impl<P: Permission> Caller<P> {
+    /// The caller a usable key makes, admitted by `P` (else 403 `insufficient_scope`): what the
+    /// extractor builds once the request's key is authenticated, and what a console session builds from
+    /// its key, looked up again on each request.
+    pub(crate) fn admitted(state: &AppState, key: Arc<KeyRecord>, ip: Option<IpAddr>) -> ApiResult<Self> {
         let reach = admit(P::GRANTS, &key.scopes).map_err(|lacks| ApiError::insufficient_scope(lacks.as_str()))?;
         Ok(Caller { state: state.clone(), key, ip, reach, permission: PhantomData })
+    }
+
+    /// The caller `presented` makes (a key typed into the console's sign-in form), authenticated
+    /// exactly as a key in the request's headers: the same lookup and checks, the same log line, and a
+    /// refusal counts against the same failed-authentication limit.
+    pub(crate) async fn signed_in(parts: &Parts, state: &AppState, presented: &str) -> ApiResult<Self> {
+        let presented = if presented.is_empty() { Err(ApiError::missing_credentials()) } else { Ok(presented) };
+        let Authenticated { key, ip } = authenticated(parts, state, presented).await?;
+        Caller::admitted(state, key, ip)
+    }
+
+    /// The key this caller authenticated with.
+    pub(crate) fn record(&self) -> &Arc<KeyRecord> {
+        &self.key
     }
 }
 
@@ -154,41 +177,54 @@ impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let ip = request_ip(parts, state);
-        let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let now = state.clock.now();
-        // SECURITY: past its failed authentications an address gets 429 even for a right key, so
-        // guessing stops.
-        if let Some(ip) = ip
-            && let Some(retry_after) =
-                crate::limits::failed_auth_blocked(state, crate::limits::FailureScope::Management, ip, now).await
-        {
-            let mut headers = axum::http::HeaderMap::new();
-            headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
-            return Err(ApiError {
-                headers: Some(Box::new(headers)),
-                ..ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address")
-            });
-        }
-        let (reason, key_id, error) = match authenticate(state, parts, ip, now).await? {
-            Ok(caller) => {
-                let key = &caller.key;
-                tracing::Span::current().record("key_id", tracing::field::display(key.id));
-                tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
-                tracing::debug!(key_id = %key.id, key = %redacted(presented_key(&parts.headers).unwrap_or_default()), "authenticated");
-                state.usage.record_key_use(key.id, now, ip);
-                return Ok(caller);
-            }
-            Err(refused) => refused,
-        };
-        let presented = presented_key(&parts.headers).unwrap_or_default();
-        auth_failed(AuthFailure { reason, presented, key_id, ip, user_agent, via: crate::telemetry::Via::Management });
-        if let Some(ip) = ip {
-            crate::limits::count_failed_auth(state, crate::limits::FailureScope::Management, ip, now).await;
-        }
-        crate::limits::count_failed_prefix(state, presented, now).await;
-        Err(error)
+        authenticated(parts, state, presented_key(&parts.headers)).await
     }
+}
+
+/// The key `presented` (or why none was), authenticated for the request `parts`: a refusal is logged
+/// and counted as a failed authentication from the request's address.
+async fn authenticated(parts: &Parts, state: &AppState, presented: ApiResult<&str>) -> ApiResult<Authenticated> {
+    let ip = request_ip(parts, state);
+    let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let now = state.clock.now();
+    let text = presented.as_ref().map_or("", |p| *p);
+    // SECURITY: past its failed authentications an address gets 429 even for a right key, so
+    // guessing stops.
+    if let Some(ip) = ip
+        && let Some(retry_after) =
+            crate::limits::failed_auth_blocked(state, crate::limits::FailureScope::Management, ip, now).await
+    {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(axum::http::header::RETRY_AFTER, retry_after.into());
+        return Err(ApiError {
+            headers: Some(Box::new(headers)),
+            ..ApiError::new(ErrorCode::RateLimited, "too many failed authentications from this address")
+        });
+    }
+    let (reason, key_id, error) = match authenticate(state, presented, ip, now).await? {
+        Ok(caller) => {
+            let key = &caller.key;
+            tracing::Span::current().record("key_id", tracing::field::display(key.id));
+            tracing::Span::current().record("organization_id", tracing::field::display(key.organization_id));
+            tracing::debug!(key_id = %key.id, key = %redacted(text), "authenticated");
+            state.usage.record_key_use(key.id, now, ip);
+            return Ok(caller);
+        }
+        Err(refused) => refused,
+    };
+    auth_failed(AuthFailure {
+        reason,
+        presented: text,
+        key_id,
+        ip,
+        user_agent,
+        via: crate::telemetry::Via::Management,
+    });
+    if let Some(ip) = ip {
+        crate::limits::count_failed_auth(state, crate::limits::FailureScope::Management, ip, now).await;
+    }
+    crate::limits::count_failed_prefix(state, text, now).await;
+    Err(error)
 }
 
 /// Why a caller was refused: reason code, key id when known, and the error to answer.
@@ -196,11 +232,11 @@ type Refusal = (&'static str, Option<KeyId>, ApiError);
 
 async fn authenticate(
     state: &AppState,
-    parts: &Parts,
+    presented: ApiResult<&str>,
     ip: Option<IpAddr>,
     now: DateTime<Utc>,
 ) -> Result<Result<Authenticated, Refusal>, ApiError> {
-    let presented = match presented_key(&parts.headers) {
+    let presented = match presented {
         Ok(p) => p,
         Err(e) => return Ok(Err(("MISSING_CREDENTIALS", None, e))),
     };

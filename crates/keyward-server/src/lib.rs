@@ -6,6 +6,7 @@ pub mod auth;
 pub mod authz;
 pub mod cache;
 pub mod client_ip;
+pub mod console;
 pub mod error;
 pub mod ext_authz;
 pub mod extract;
@@ -95,6 +96,10 @@ pub fn router(state: AppState) -> Router {
     let management = management_routes()
         .router()
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::management));
+    let mut management = management;
+    if state.console.settings.enabled {
+        management = management.merge(console::router(&state));
+    }
     let api = service_routes()
         .router()
         // `/v1/authz` takes every method (Envoy's HTTP ext_authz sends the original one), and Envoy's

@@ -51,6 +51,8 @@ pub struct Settings {
     pub usage_retention: chrono::Duration,
     /// The proxy hooks (`/v1/authz`, ext_authz) and what every decision adds (the signed identity).
     pub authz: AuthzSettings,
+    /// The web console at `/console` on the management listener.
+    pub console: ConsoleSettings,
 }
 
 impl Default for Settings {
@@ -70,6 +72,7 @@ impl Default for Settings {
             usage: UsageConfig::default(),
             usage_retention: chrono::Duration::days(90),
             authz: AuthzSettings::default(),
+            console: ConsoleSettings::default(),
         }
     }
 }
@@ -163,6 +166,31 @@ pub struct LifecycleSettings {
 impl Default for LifecycleSettings {
     fn default() -> Self {
         Self { sweep_interval_seconds: 60, expiring_notice_days: 7 }
+    }
+}
+
+/// `[console]` in the configuration: the web console at `/console`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Serve the console (on by default).
+    pub enabled: bool,
+    /// The name shown at the top of every page.
+    pub product_name: String,
+    /// A session unused this long ends, in seconds.
+    pub session_idle_seconds: u64,
+    /// A session ends this long after sign-in however much it is used, in seconds.
+    pub session_absolute_seconds: u64,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            product_name: "Keyward".to_owned(),
+            session_idle_seconds: 1800,
+            session_absolute_seconds: 43_200,
+        }
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Shared {
     pub authz: Arc<AuthzSettings>,
     /// `authz.key_headers` as header names: where every decision reads the key.
     pub key_headers: Arc<[HeaderName]>,
+    /// `[console]` and this node's console sessions.
+    pub console: crate::console::sessions::Console,
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
     /// size) until the builder is told otherwise.
     pub fn builder(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageRecorder) -> StateBuilder {
         let keys = CachedLookup::new(store.clone(), KeyCache::new(CacheConfig::default()), clock.clone());
+        let clock_for_console = clock.clone();
         StateBuilder(Shared {
             store,
             clock,
@@ -86,6 +89,7 @@ impl AppState {
             routes: Routes::default(),
             key_headers: key_headers(&AuthzSettings::default()),
             authz: Arc::new(AuthzSettings::default()),
+            console: crate::console::sessions::Console::new(Default::default(), clock_for_console),
         })
     }
 
@@ -152,6 +156,12 @@ impl StateBuilder {
     pub fn authz(mut self, authz: AuthzSettings) -> Self {
         self.0.key_headers = key_headers(&authz);
         self.0.authz = Arc::new(authz);
+        self
+    }
+
+    /// `[console]`: its sessions run on the state's clock.
+    pub fn console(mut self, console: crate::settings::ConsoleSettings) -> Self {
+        self.0.console = crate::console::sessions::Console::new(console, self.0.clock.clone());
         self
     }
 

@@ -52,6 +52,8 @@ pub struct Config {
     pub usage: UsageSettings,
     /// The proxy hooks (`/v1/authz`, ext_authz): key headers, style, nginx compat, signed identity.
     pub authz: keyward_server::settings::AuthzSettings,
+    /// The web console at `/console`: on or off, product name, session lifetimes.
+    pub console: keyward_server::settings::ConsoleSettings,
 }
 
 /// The usage ledger (`[usage]`): batching, spilling during store outages, retention of raw events.
@@ -226,6 +228,7 @@ impl Default for Config {
             webhooks: Default::default(),
             usage: UsageSettings::default(),
             authz: Default::default(),
+            console: Default::default(),
         }
     }
 }
@@ -257,8 +260,18 @@ const KEYS: [&str; 8] = [
     "limiter_failure_policy",
 ];
 /// Nested sections, set from the environment as `KEYWARD_<SECTION>__<KEY>`.
-const SECTIONS: [&str; 9] =
-    ["gateway__", "plans__", "protection__", "server__", "cache__", "lifecycle__", "webhooks__", "usage__", "authz__"];
+const SECTIONS: [&str; 10] = [
+    "gateway__",
+    "plans__",
+    "protection__",
+    "server__",
+    "cache__",
+    "lifecycle__",
+    "webhooks__",
+    "usage__",
+    "authz__",
+    "console__",
+];
 
 impl Config {
     pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Self> {
@@ -371,6 +384,7 @@ impl Config {
             usage: self.usage_config(),
             usage_retention: chrono::Duration::days(i64::from(self.usage.retention_days)),
             authz: self.authz.clone(),
+            console: self.console.clone(),
         })
     }
 
@@ -388,11 +402,12 @@ impl Config {
         let usage = toml_section(&self.usage);
         let lifecycle = toml_section(&self.lifecycle);
         let webhooks = toml_section(&self.webhooks);
+        let console = toml_section(&self.console);
         let plans = toml_section(&self.plans());
         let identity_secret = if self.authz.identity_secret.is_some() { "\"[redacted]\"" } else { "unset" };
         let authz = format!("{}identity_secret = {identity_secret}\n", toml_section(&self.authz));
         format!(
-            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[server]\n{server}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[authz]\n{authz}\n[plans]\n{plans}",
+            "listen = \"{}\"\ndatabase_url = \"{}\"\npepper = {}\nlog_format = \"{}\"\nusage_flush_interval_ms = {}\ntrusted_proxies = {:?}\nredis_url = {}\nlimiter_failure_policy = \"{}\"\n\n[gateway]\n{gateway}\n[protection]\n{protection}\n[server]\n{server}\n[cache]\n{cache}\n[usage]\n{usage}\n[lifecycle]\n{lifecycle}\n[webhooks]\n{webhooks}\n[authz]\n{authz}\n[console]\n{console}\n[plans]\n{plans}",
             self.listen,
             redact_url(&self.database_url),
             if self.pepper.is_some() { "\"[redacted]\"" } else { "unset" },
@@ -681,6 +696,13 @@ mod tests {
             let c = load()?;
             assert!(c.webhooks.allow_private_targets);
             assert_eq!(c.lifecycle.expiring_notice_days, 3);
+            assert!(c.console.enabled, "the console is on by default");
+            jail.set_env("KEYWARD_CONSOLE__ENABLED", "false");
+            jail.set_env("KEYWARD_CONSOLE__PRODUCT_NAME", "Acme API");
+            let c = load()?;
+            assert!(!c.console.enabled);
+            assert_eq!(c.console.product_name, "Acme API");
+            assert_eq!(c.console.session_idle_seconds, 1800);
             assert!(c.show().contains("allow_private_targets = true"), "{}", c.show());
             refuses(jail, "KEYWARD_PEPPER", "too-short", &"x".repeat(32), "a short pepper");
             let c = load()?;

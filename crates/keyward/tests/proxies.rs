@@ -12,55 +12,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{Cli, Response, header, parse_head, request};
-
-/// A child process killed (and reaped) when the test lets go of it, also when it panics.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Waits (at most 20 s) until `address` accepts connections; a child that exits meanwhile fails the
-/// test with its log.
-fn wait_for_port(address: &str, child: &mut Child, log: &Path) {
-    let started = Instant::now();
-    while TcpStream::connect(address).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{address}: exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{address} did not answer within 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The proxy's binary: `$KEYWARD_TEST_<NAME>` or Debian's path. None (a loud skip) when it is missing,
-/// unless `CI=true`.
-fn proxy_binary(name: &str, default: &str) -> Option<PathBuf> {
-    let var = format!("KEYWARD_TEST_{}", name.to_ascii_uppercase());
-    let skipped = std::env::var(format!("KEYWARD_TEST_SKIP_{}", name.to_ascii_uppercase())).is_ok_and(|v| v == "1");
-    let path = PathBuf::from(std::env::var(&var).unwrap_or_else(|_| default.to_owned()));
-    if !skipped && path.exists() {
-        return Some(path);
-    }
-    assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{name} is not at {} and CI=true", path.display());
-    eprintln!("!!!!! SKIPPED proxies: {name} is not installed (set {var}, or run scripts/test.sh) !!!!!");
-    None
-}
+use common::{Cli, Killed, Response, free_port, header, parse_head, request, wait_for_port};
 
 /// The first ```` ```<fence> ```` block of `docs/proxies/<page>`, with each `(from, to)` replaced; every
 /// `from` must be in it, so a recipe that changes its addresses breaks this test rather than escaping it.
@@ -225,23 +184,8 @@ impl Keyward {
         let owner = key(&["--name", "owner", "--owner-id", "customer-7", "--scopes", "read:projects,write:projects"]);
         let reader = key(&["--name", "reader", "--scopes", "read:projects"]);
         let tiny = key(&["--name", "tiny", "--scopes", "read:projects", "--plan", "tiny"]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .current_dir(cli.dir.path())
-            .env("KEYWARD_DATABASE_URL", &cli.url)
-            .env("KEYWARD_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            // Every request comes from 127.0.0.1: lift Keyward's own per-address protection, which
-            // would otherwise answer 429 after the checks' deliberate 401s.
-            .env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "1000000")
-            .env("KEYWARD_PROTECTION__MANAGEMENT_PER_MINUTE", "1000000")
-            .env_remove("KEYWARD_PEPPER")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let address = common::listening_address(&mut child, Instant::now());
-        Self { _cli: cli, _node: Killed(child), address, owner, reader, tiny }
+        let (node, address) = common::serve(&cli, &[]);
+        Self { _cli: cli, _node: node, address, owner, reader, tiny }
     }
 }
 
@@ -437,12 +381,12 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy, copies_identity: bool) {
 
 #[test]
 fn nginx_auth_request_recipe() {
-    let Some(binary) = proxy_binary("nginx", "/usr/sbin/nginx") else { return };
+    let Some(binary) = common::tool("proxies", "nginx", "/usr/sbin/nginx") else { return };
     check(|keyward, upstream| nginx(&binary, keyward, upstream), true);
 }
 
 #[test]
 fn caddy_forward_auth_recipe() {
-    let Some(binary) = proxy_binary("caddy", "/usr/bin/caddy") else { return };
+    let Some(binary) = common::tool("proxies", "caddy", "/usr/bin/caddy") else { return };
     check(|keyward, upstream| caddy(&binary, keyward, upstream), false);
 }

@@ -2,7 +2,7 @@
 //! rotate, and expiry management (`/v1/keys/expiring`, `/v1/keys/cleanup-expired`).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
 use keyward_store::{ApiKey, KeyFilter};
@@ -72,19 +72,28 @@ async fn check_limits<P>(
     responses((status = 201, body = CreatedKeyResponse), (status = 409, body = ErrorBody), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_key(caller: Caller<KeysWriteOrSelf>, body: JsonBody) -> ApiResult<Response> {
+    let (headers, created) = create(&caller, body.parse()?).await?;
+    Ok(super::created_with_secret(headers, created))
+}
+
+/// What `POST /v1/keys` does with its body (the console's form too): the new key, and the headers of
+/// the key-creation limit.
+pub async fn create(
+    caller: &Caller<KeysWriteOrSelf>,
+    mut body: CreateKeyRequest,
+) -> ApiResult<(HeaderMap, CreatedKeyResponse)> {
     let state = caller.state();
-    let mut body: CreateKeyRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.take().as_deref())?;
     body.owner_id = caller.owner_for(body.owner_id.take())?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now }, organization_id)?;
     caller.may_grant(&draft.scopes)?;
-    check_limits(&caller, organization_id, draft.plan.as_deref(), &Default::default()).await?;
+    check_limits(caller, organization_id, draft.plan.as_deref(), &Default::default()).await?;
     let limit = crate::limits::key_creation(state, organization_id, now).await?;
     let (plain, record) = service::create_key(state, draft, &caller.actor(now)).await?;
     tracing::info!(key_id = %record.id, key = %plain.redacted(), "key created");
     let body = CreatedKeyResponse { key: plain.expose_secret().to_owned(), api_key: KeyResponse::new(record, now) };
-    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
+    Ok((crate::limits::headers(&limit, now), body))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -152,9 +161,14 @@ pub async fn get_key(key: Visible<KeysReadOrSelf, ApiKey>) -> ApiResult<Json<Key
     responses((status = 200, body = KeyResponse), NotFoundErrors, KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn update_key(key: Writable<KeysWrite, ApiKey>, body: JsonBody) -> ApiResult<Json<KeyResponse>> {
+    let body = body.parse()?;
+    Ok(Json(update(key, body).await?))
+}
+
+/// What `PATCH /v1/keys/{id}` does with its body (the console's forms too).
+pub async fn update(key: Writable<KeysWrite, ApiKey>, body: UpdateKeyRequest) -> ApiResult<KeyResponse> {
     let Writable { caller, target: key } = key;
     let state = caller.state();
-    let body: UpdateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let patch = body.validate(&Validator { plans: &state.plans, now })?;
     if let Some(scopes) = &patch.scopes {
@@ -164,7 +178,7 @@ pub async fn update_key(key: Writable<KeysWrite, ApiKey>, body: JsonBody) -> Api
         check_limits(&caller, key.organization_id, Some(plan), &key.limits).await?;
     }
     let key = state.store.update_key(key.id, patch, &caller.actor(now)).await?.apply(&state.keys);
-    Ok(Json(KeyResponse::new(key, now)))
+    Ok(KeyResponse::new(key, now))
 }
 
 /// Revoke a key: permanent; the record stays for the audit trail.
@@ -188,9 +202,19 @@ pub async fn revoke_key(key: Writable<KeysWriteOrSelf, ApiKey>) -> ApiResult<Sta
         KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(old: Writable<KeysWriteOrSelf, ApiKey>, body: JsonBody) -> ApiResult<Response> {
+    let body = body.parse()?;
+    let (headers, rotated) = rotate(old, body).await?;
+    Ok(super::created_with_secret(headers, rotated))
+}
+
+/// What `POST /v1/keys/{id}/rotate` does with its body (the console's form too): the new key, and
+/// the headers of the key-creation limit.
+pub async fn rotate(
+    old: Writable<KeysWriteOrSelf, ApiKey>,
+    body: RotateKeyRequest,
+) -> ApiResult<(HeaderMap, RotatedKeyResponse)> {
     let Writable { caller, target: old } = old;
     let state = caller.state();
-    let body: RotateKeyRequest = body.parse()?;
     let now = state.clock.now();
     let draft = body.validate(&Validator { plans: &state.plans, now })?;
     // SECURITY: the new key carries the old key's scopes, plan and limits, so rotating is granting
@@ -207,7 +231,7 @@ pub async fn rotate_key(old: Writable<KeysWriteOrSelf, ApiKey>, body: JsonBody) 
         api_key: KeyResponse::new(rotation.new, now),
         old_api_key: KeyResponse::new(rotation.old, now),
     };
-    Ok(super::created_with_secret(crate::limits::headers(&limit, now), body))
+    Ok((crate::limits::headers(&limit, now), body))
 }
 
 /// Most keys `GET /v1/keys/expiring` lists.

@@ -6,6 +6,7 @@ mod authz;
 mod authz_hook;
 mod cache;
 mod client_ip;
+mod console;
 mod errors;
 mod escalation;
 mod ext_authz;

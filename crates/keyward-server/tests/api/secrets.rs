@@ -12,7 +12,7 @@ use crate::helpers::TestApp;
 /// Log lines of every test in this binary. One global subscriber: a per-test (scoped) subscriber
 /// misses events when tests on other threads cached a callsite's interest first.
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Capture(pub(crate) Arc<Mutex<Vec<u8>>>);
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -24,7 +24,7 @@ impl Write for Capture {
     }
 }
 
-fn capture_logs() -> Capture {
+pub(crate) fn capture_logs() -> Capture {
     static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
     let capture = CAPTURE.get_or_init(|| {
         let capture = Capture::default();

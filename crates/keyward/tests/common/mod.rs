@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -149,4 +150,67 @@ pub fn listening_address(child: &mut Child, started: Instant) -> String {
         }
     });
     address
+}
+
+/// `keyward serve` on `cli`'s database and a free loopback port, with JSON logs and Keyward's own
+/// per-address protection lifted (every request of a test comes from 127.0.0.1, and its deliberate
+/// refusals would soon answer 429), plus `env`: the node, and its address.
+pub fn serve(cli: &Cli, env: &[(&str, &str)]) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(cli.dir.path())
+        .env("KEYWARD_DATABASE_URL", &cli.url)
+        .env("KEYWARD_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("KEYWARD_PROTECTION__FAILED_AUTH_PER_MINUTE", "1000000")
+        .env("KEYWARD_PROTECTION__MANAGEMENT_PER_MINUTE", "1000000")
+        .envs(env.iter().copied())
+        .env_remove("KEYWARD_PEPPER")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = listening_address(&mut child, Instant::now());
+    (Killed(child), address)
+}
+
+/// A program a test of `suite` runs (a proxy, a browser): `$KEYWARD_TEST_<NAME>` or Debian's path.
+/// None (a loud skip) when it is missing or `KEYWARD_TEST_SKIP_<NAME>=1`, unless `CI=true`.
+pub fn tool(suite: &str, name: &str, default: &str) -> Option<PathBuf> {
+    let var = format!("KEYWARD_TEST_{}", name.to_ascii_uppercase());
+    let skipped = std::env::var(format!("KEYWARD_TEST_SKIP_{}", name.to_ascii_uppercase())).is_ok_and(|v| v == "1");
+    let path = PathBuf::from(std::env::var(&var).unwrap_or_else(|_| default.to_owned()));
+    if !skipped && path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{name} is not at {} and CI=true", path.display());
+    eprintln!("!!!!! SKIPPED {suite}: {name} is not installed (set {var}, or run scripts/test.sh) !!!!!");
+    None
+}
+
+/// A child process killed (and reaped) when the test lets go of it, also when it panics.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits (at most 20 s) until `address` accepts connections; a child that exits meanwhile fails the
+/// test with its log.
+pub fn wait_for_port(address: &str, child: &mut Child, log: &Path) {
+    let started = Instant::now();
+    while TcpStream::connect(address).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{address}: exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{address} did not answer within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,403 @@
+//! The console's pages: each handler builds the same caller and calls the same handler or service
+//! function as its API route (`routes::keys`), then renders what it answered. maud escapes every value.
+
+use axum::http::StatusCode;
+use axum::http::header::SET_COOKIE;
+use axum::http::request::Parts;
+use axum::response::Response;
+use keyward_store::ApiKey;
+use maud::{Markup, html};
+use serde::{Deserialize, Serialize};
+
+use super::extract::{
+    CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
+};
+use super::view::{failed, layout, message, page};
+use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
+use crate::extract::ApiQuery;
+use crate::model::{KeyResponse, PageQuery};
+use crate::routes::keys::{self, ListKeysQuery};
+use crate::routes::target::{self, Target, Visible};
+use crate::service::{CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest};
+use crate::state::AppState;
+
+type PageResult = Result<Response, Response>;
+
+fn sign_in_form(state: &AppState, error: Option<&str>) -> Markup {
+    layout(
+        state,
+        None,
+        "Sign in",
+        html! {
+            @if let Some(error) = error { p.error role="alert" { (error) } }
+            form method="post" action="/console/sign-in" {
+                label for="key" { "API key" }
+                input #key type="password" name="key" autocomplete="off" required autofocus;
+                button type="submit" { "Sign in" }
+            }
+            p.hint { "Sign in with a key that may read keys (an operator's, or a customer's self-service key)." }
+        },
+    )
+}
+
+/// `GET /console`: the sign-in form, or the keys for a live session.
+pub async fn sign_in_page(parts: Parts, state: axum::extract::State<AppState>) -> Response {
+    let live = session_cookie(&parts.headers).is_some_and(|id| state.console.sessions.touch(id).is_some());
+    if live { see_other("/console/keys") } else { page(StatusCode::OK, sign_in_form(&state, None)) }
+}
+
+#[derive(Deserialize)]
+pub struct SignInForm {
+    #[serde(default)]
+    key: String,
+}
+
+/// `POST /console/sign-in`: the key checked as the API checks it; a session for it.
+#[tracing::instrument(skip_all)]
+pub async fn sign_in(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+) -> PageResult {
+    let (parts, body) = request.into_parts();
+    if !same_origin(&parts) {
+        return Err(message(&state, StatusCode::FORBIDDEN, "This request did not come from the console."));
+    }
+    let request = axum::extract::Request::from_parts(parts.clone(), body);
+    let FormBody(form) =
+        <FormBody<SignInForm> as axum::extract::FromRequest<AppState>>::from_request(request, &state).await?;
+    let caller = match Caller::<KeysReadOrSelf>::signed_in(&parts, &state, form.key.trim()).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            let status = e.code.status();
+            let text = if status == StatusCode::TOO_MANY_REQUESTS {
+                "Too many failed sign-ins from this address: wait a minute."
+            } else if status == StatusCode::FORBIDDEN {
+                "This key may not read keys, so it cannot use the console."
+            } else {
+                "That key was not accepted."
+            };
+            return Err(page(status, sign_in_form(&state, Some(text))));
+        }
+    };
+    let record = caller.record();
+    let hash = state.hasher.hash_str(record.hash_algorithm, form.key.trim());
+    let Some(id) = state.console.sessions.start(record.id, hash) else {
+        return Err(message(&state, StatusCode::INTERNAL_SERVER_ERROR, "Internal error: try again later."));
+    };
+    tracing::info!(key_id = %record.id, "console session started");
+    let mut response = see_other("/console/keys");
+    response.headers_mut().insert(SET_COOKIE, cookie(id.expose(), over_https(&parts, &state)));
+    Ok(response)
+}
+
+/// `POST /console/sign-out`: the session ends here and its cookie in the browser.
+pub async fn sign_out(
+    signed: Signed<crate::auth::AnyKey>,
+    parts: Parts,
+    FormBody(form): FormBody<CsrfForm>,
+) -> PageResult {
+    signed.check_csrf(&form.csrf)?;
+    if let Some(id) = session_cookie(&parts.headers) {
+        signed.caller.state().console.sessions.end(id);
+    }
+    let mut response = see_other("/console");
+    response.headers_mut().insert(SET_COOKIE, cookie("", over_https(&parts, signed.caller.state())));
+    Ok(response)
+}
+
+#[derive(Deserialize, Serialize, Default)]
+pub struct ListForm {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    owner: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    q: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    cursor: String,
+}
+
+const STATUSES: [(&str, &str); 6] = [
+    ("", "Usable"),
+    ("all", "All"),
+    ("active", "Active"),
+    ("disabled", "Disabled"),
+    ("expired", "Expired"),
+    ("revoked", "Revoked"),
+];
+
+/// `GET /console/keys`: `GET /v1/keys` with the same filters, newest first, a page at a time.
+pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
+    let state = signed.caller.state().clone();
+    let csrf = signed.csrf_token();
+    let blank = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let query = ListKeysQuery {
+        owner_id: blank(&form.owner),
+        status: blank(&form.status).filter(|s| s != "all"),
+        include_inactive: Some(!form.status.is_empty()),
+        ..ListKeysQuery::default()
+    };
+    let paging = PageQuery { cursor: blank(&form.cursor), limit: None };
+    let listed =
+        keys::list_keys(signed.caller, ApiQuery(query), ApiQuery(paging)).await.map_err(|e| failed(&state, e))?.0;
+    let needle = form.q.to_lowercase();
+    let shown: Vec<&KeyResponse> = listed
+        .items
+        .iter()
+        .filter(|k| {
+            needle.is_empty() || k.name.to_lowercase().contains(&needle) || k.hint.to_lowercase().contains(&needle)
+        })
+        .collect();
+    let next = listed.next_cursor.map(|cursor| {
+        let next = ListForm { cursor, ..form_clone(&form) };
+        format!("/console/keys?{}", serde_urlencoded::to_string(&next).unwrap_or_default())
+    });
+    Ok(page(
+        StatusCode::OK,
+        layout(
+            &state,
+            Some(&csrf),
+            "Keys",
+            html! {
+                form.filters method="get" action="/console/keys" role="search" {
+                    div { label for="owner" { "Owner" } input #owner name="owner" value=(form.owner); }
+                    div {
+                        label for="status" { "Status" }
+                        select #status name="status" {
+                            @for (value, label) in STATUSES {
+                                option value=(value) selected[form.status == value] { (label) }
+                            }
+                        }
+                    }
+                    div { label for="q" { "Name or hint (this page)" } input #q name="q" value=(form.q); }
+                    button type="submit" { "Filter" }
+                }
+                @if shown.is_empty() { p { "No keys." } } @else {
+                    div.scroll { table {
+                        thead { tr { th { "Name" } th { "Owner" } th { "Key" } th { "Status" } th { "Created" } } }
+                        tbody { @for k in &shown { tr {
+                            td { a href={ "/console/keys/" (k.id) } { (k.name) } }
+                            td { (k.owner_id.as_deref().unwrap_or("—")) }
+                            td { code { (k.prefix) "…" (k.hint) } }
+                            td { (k.status.as_str()) }
+                            td { (k.created_at.format("%Y-%m-%d %H:%M")) }
+                        } } }
+                    } }
+                }
+                @if let Some(next) = next { p { a href=(next) rel="next" { "Next page" } } }
+            },
+        ),
+    ))
+}
+
+fn form_clone(f: &ListForm) -> ListForm {
+    ListForm { owner: f.owner.clone(), status: f.status.clone(), q: f.q.clone(), cursor: String::new() }
+}
+
+/// `GET /console/keys/{id}`: `GET /v1/keys/{id}`, with the actions the key's page offers.
+pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> PageResult {
+    let state = signed.caller.state().clone();
+    let csrf = signed.csrf_token();
+    let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
+    let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
+    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.name, key_view(&key, &csrf, None))))
+}
+
+/// A key's settings and actions, with a secret just made (`fresh`) shown once above them.
+fn key_view(key: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
+    let limits = key.effective_limits.as_ref().and_then(|l| serde_json::to_value(l).ok());
+    let usable = key.revoked_at.is_none();
+    html! {
+        @if let Some(secret) = fresh {
+            section.secret role="alert" {
+                h2 { "Copy this key now" }
+                p { "It is shown this once: Keyward keeps only its hash. Store it somewhere safe." }
+                label for="new-key" { "New key" }
+                input #new-key type="text" readonly value=(secret);
+                button type="button" data-copy="new-key" { "Copy" }
+            }
+        }
+        dl {
+            dt { "Id" } dd { code { (key.id) } }
+            dt { "Key" } dd { code { (key.prefix) "…" (key.hint) } }
+            dt { "Status" } dd { (key.status.as_str()) }
+            dt { "Owner" } dd { (key.owner_id.as_deref().unwrap_or("—")) }
+            dt { "Description" } dd { (key.description.as_deref().unwrap_or("—")) }
+            dt { "Environment" } dd { (key.environment.as_str()) }
+            dt { "Scopes" } dd { (if key.scopes.is_empty() { "—".to_owned() } else { key.scopes.join(" ") }) }
+            dt { "Allowed addresses" } dd { (if key.allowed_ips.is_empty() { "any".to_owned() } else { key.allowed_ips.join(" ") }) }
+            dt { "Metadata" } dd { code { (key.metadata) } }
+            dt { "Plan" } dd { (key.plan.as_deref().unwrap_or("organization's")) }
+            dt { "Expires" } dd { (key.expires_at.map_or("never".to_owned(), |t| t.to_rfc3339())) }
+            dt { "Created" } dd { (key.created_at.to_rfc3339()) }
+            dt { "Last used" } dd { (key.last_used_at.map_or("never".to_owned(), |t| t.to_rfc3339())) }
+            dt { "Requests" } dd { (key.total_requests) }
+            @if let Some(by) = key.replaced_by { dt { "Replaced by" } dd { a href={ "/console/keys/" (by) } { (by) } } }
+            @if let Some(from) = key.rotated_from { dt { "Rotated from" } dd { a href={ "/console/keys/" (from) } { (from) } } }
+        }
+        @if let Some(serde_json::Value::Object(limits)) = limits {
+            h2 { "Effective limits" }
+            dl { @for (name, value) in &limits { dt { (name) } dd { (if value.is_null() { "none".to_owned() } else { value.to_string() }) } } }
+        }
+        @if usable {
+            h2 { "Actions" }
+            form method="post" action={ "/console/keys/" (key.id) "/active" } {
+                input type="hidden" name="csrf" value=(csrf);
+                input type="hidden" name="active" value=(if key.is_active { "false" } else { "true" });
+                button type="submit" { (if key.is_active { "Deactivate" } else { "Activate" }) }
+            }
+            @if key.replaced_by.is_none() {
+                form method="post" action={ "/console/keys/" (key.id) "/rotate" } {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="grace" { "Grace period for the old key (seconds, up to 604800)" }
+                    input #grace type="number" name="grace_period_seconds" min="0" max="604800" value="0";
+                    button type="submit" { "Rotate" }
+                }
+            }
+            p { a.danger href={ "/console/keys/" (key.id) "/revoke" } { "Revoke…" } }
+        }
+    }
+}
+
+/// `GET /console/keys/new`.
+pub async fn new_key(signed: Signed<KeysWriteOrSelf>) -> Response {
+    let csrf = signed.csrf_token();
+    page(
+        StatusCode::OK,
+        layout(
+            signed.caller.state(),
+            Some(&csrf),
+            "New key",
+            html! {
+                form method="post" action="/console/keys" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    label for="name" { "Name" } input #name name="name" required maxlength="255";
+                    label for="owner_id" { "Owner id" } input #owner_id name="owner_id" maxlength="255";
+                    label for="description" { "Description" } textarea #description name="description" maxlength="2000" {}
+                    label for="environment" { "Environment" }
+                    select #environment name="environment" { option value="live" { "live" } option value="test" { "test" } }
+                    label for="scopes" { "Scopes (separated by spaces)" } input #scopes name="scopes";
+                    label for="expires_in_days" { "Expires in days (blank: never)" }
+                    input #expires_in_days type="number" name="expires_in_days" min="1" max="3650";
+                    label for="metadata" { "Metadata (a JSON object)" } textarea #metadata name="metadata" {}
+                    button type="submit" { "Create key" }
+                }
+            },
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct CreateForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    owner_id: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    environment: String,
+    #[serde(default)]
+    scopes: String,
+    #[serde(default)]
+    expires_in_days: String,
+    #[serde(default)]
+    metadata: String,
+}
+
+/// `POST /console/keys`: `POST /v1/keys`; the new key is on this answer only.
+#[tracing::instrument(skip_all)]
+pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBody<CreateForm>) -> PageResult {
+    signed.check_csrf(&form.csrf)?;
+    let state = signed.caller.state().clone();
+    let csrf = signed.csrf_token();
+    let blank = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    let bad = |m: &str| message(&state, StatusCode::UNPROCESSABLE_ENTITY, m);
+    let metadata = blank(&form.metadata)
+        .map(|m| serde_json::from_str(&m).map_err(|_| bad("Metadata must be a JSON object.")))
+        .transpose()?;
+    let expires_in_days = blank(&form.expires_in_days)
+        .map(|d| d.parse().map_err(|_| bad("Expires in days must be a whole number.")))
+        .transpose()?;
+    let body = CreateKeyRequest {
+        name: form.name,
+        description: blank(&form.description),
+        owner_id: blank(&form.owner_id),
+        environment: blank(&form.environment),
+        scopes: form.scopes.split_whitespace().map(str::to_owned).collect(),
+        expires_in_days,
+        metadata,
+        ..CreateKeyRequest::default()
+    };
+    let (_, created) = keys::create(&signed.caller, body).await.map_err(|e| failed(&state, e))?;
+    Ok(shown_once(&state, &csrf, &created.api_key, &created.key))
+}
+
+/// A key just made, with its secret shown this once.
+fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
+    page(StatusCode::CREATED, layout(state, Some(csrf), &key.name, key_view(key, csrf, Some(secret))))
+}
+
+#[derive(Deserialize)]
+pub struct ActiveForm {
+    active: bool,
+}
+
+/// `POST /console/keys/{id}/active`: `PATCH /v1/keys/{id}` with `is_active`.
+#[tracing::instrument(skip_all)]
+pub async fn set_active(changed: KeyForm<KeysWrite, ActiveForm>) -> PageResult {
+    let KeyForm { key, state, form, .. } = changed;
+    let id = key.target.id;
+    let body = UpdateKeyRequest { is_active: Some(form.active), ..UpdateKeyRequest::default() };
+    keys::update(key, body).await.map_err(|e| failed(&state, e))?;
+    Ok(see_other(&format!("/console/keys/{id}")))
+}
+
+#[derive(Deserialize)]
+pub struct RotateForm {
+    #[serde(default)]
+    grace_period_seconds: Option<i64>,
+}
+
+/// `POST /console/keys/{id}/rotate`: `POST /v1/keys/{id}/rotate`; the new key is on this answer only.
+#[tracing::instrument(skip_all)]
+pub async fn rotate_key(changed: KeyForm<KeysWriteOrSelf, RotateForm>) -> PageResult {
+    let KeyForm { key, state, csrf, form } = changed;
+    let body = RotateKeyRequest { grace_period_seconds: form.grace_period_seconds, name: None };
+    let (_, rotated) = keys::rotate(key, body).await.map_err(|e| failed(&state, e))?;
+    Ok(shown_once(&state, &csrf, &rotated.api_key, &rotated.key))
+}
+
+/// `GET /console/keys/{id}/revoke`: the confirmation step.
+pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, KeyPath(id): KeyPath) -> PageResult {
+    let state = signed.caller.state().clone();
+    let csrf = signed.csrf_token();
+    let key = target::writable::<_, ApiKey>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
+    Ok(page(
+        StatusCode::OK,
+        layout(
+            &state,
+            Some(&csrf),
+            "Revoke key",
+            html! {
+                p { "Revoke " strong { (key.name) } " (" code { (key.prefix) "…" (key.hint) } ")? It stops working at once, for good." }
+                form method="post" action={ "/console/keys/" (key.id) "/revoke" } {
+                    input type="hidden" name="csrf" value=(csrf);
+                    button.danger type="submit" { "Revoke for good" }
+                }
+                p { a href={ "/console/keys/" (key.id) } { "Cancel" } }
+            },
+        ),
+    ))
+}
+
+/// `POST /console/keys/{id}/revoke`: `DELETE /v1/keys/{id}`.
+#[tracing::instrument(skip_all)]
+pub async fn revoke_key(changed: KeyForm<KeysWriteOrSelf, CsrfForm>) -> PageResult {
+    let KeyForm { key, state, .. } = changed;
+    let id = key.target.id;
+    keys::revoke_key(key).await.map_err(|e| failed(&state, e))?;
+    Ok(see_other(&format!("/console/keys/{id}")))
+}

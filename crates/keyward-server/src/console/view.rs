@@ -1,0 +1,97 @@
+//! What every console page shares: the layout (product name, stylesheet, script, sign-out), the
+//! embedded stylesheet and script, and the pages that say why a request was refused.
+
+use std::sync::LazyLock;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{DOCTYPE, Markup, html};
+use sha2::{Digest, Sha256};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// One embedded file, served under a name that carries a hash of its content, so it may be cached for
+/// a year and a new build is fetched anew.
+pub(super) struct Asset {
+    pub(super) path: String,
+    pub(super) body: &'static str,
+    pub(super) mime: &'static str,
+}
+
+impl Asset {
+    fn new(stem: &str, ext: &str, body: &'static str, mime: &'static str) -> Self {
+        let hash: String = Sha256::digest(body.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect();
+        Self { path: format!("/console/static/{stem}.{hash}.{ext}"), body, mime }
+    }
+}
+
+pub(super) static CSS: LazyLock<Asset> =
+    LazyLock::new(|| Asset::new("console", "css", include_str!("console.css"), "text/css; charset=utf-8"));
+pub(super) static JS: LazyLock<Asset> =
+    LazyLock::new(|| Asset::new("console", "js", include_str!("console.js"), "text/javascript; charset=utf-8"));
+
+/// Every page: the product's name, and sign-out for a signed-in user (`csrf`).
+pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Markup) -> Markup {
+    let product = &state.console.settings.product_name;
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · " (product) }
+                link rel="stylesheet" href=(CSS.path);
+                script src=(JS.path) defer {}
+            }
+            body {
+                header {
+                    a.brand href="/console/keys" { (product) }
+                    @if let Some(csrf) = csrf {
+                        nav {
+                            a href="/console/keys" { "Keys" }
+                            a href="/console/keys/new" { "New key" }
+                            form method="post" action="/console/sign-out" {
+                                input type="hidden" name="csrf" value=(csrf);
+                                button type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main { h1 { (title) } (body) }
+            }
+        }
+    }
+}
+
+pub(super) fn page(status: StatusCode, markup: Markup) -> Response {
+    (status, axum::response::Html(markup.into_string())).into_response()
+}
+
+/// A page saying only `text`, for a visitor who may not be signed in.
+pub(super) fn message(state: &AppState, status: StatusCode, text: &str) -> Response {
+    page(
+        status,
+        layout(state, None, status.canonical_reason().unwrap_or("Error"), html! { p.error role="alert" { (text) } }),
+    )
+}
+
+/// A refusal for a signed-in user.
+pub(super) fn refused<P>(caller: &Caller<P>, status: StatusCode, text: &str) -> Response {
+    message(caller.state(), status, text)
+}
+
+/// What an API error says, as a page: the status and message the API would answer (a 5xx says no more
+/// than "internal error"; its cause is logged as the API logs it).
+pub(super) fn failed(state: &AppState, error: ApiError) -> Response {
+    let text = error.message.clone();
+    let logged = error.into_response();
+    let status = logged.status();
+    let text = if status.is_server_error() { "Internal error: try again later.".to_owned() } else { text };
+    let mut response = message(state, status, &text);
+    if let Some(retry) = logged.headers().get(axum::http::header::RETRY_AFTER) {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry.clone());
+    }
+    response
+}

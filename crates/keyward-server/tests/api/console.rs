@@ -1,0 +1,224 @@
+//! The web console through the router: its headers, the session cookie, sign-in counted like any
+//! failed authentication, CSRF and origin checks, and sessions that end on expiry or when their key
+//! is revoked. (A real browser drives it in `crates/keyward/tests/console.rs`.)
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+
+use crate::helpers::{Response, TestApp, request};
+
+/// A form POST (or a GET with no `form`) from 203.0.113.7 with these headers.
+fn page(method: Method, path: &str, headers: &[(&str, &str)], form: Option<&str>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let body = match form {
+        Some(f) => {
+            builder = builder.header("content-type", "application/x-www-form-urlencoded");
+            Body::from(f.to_owned())
+        }
+        None => Body::empty(),
+    };
+    let mut req = builder.body(body).unwrap();
+    req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([203, 0, 113, 7], 40000))));
+    req
+}
+
+/// Signs in with `key`: the `Set-Cookie` of the answer.
+async fn sign_in(app: &TestApp, key: &str) -> Response {
+    let form = format!("key={}", key);
+    app.send(page(Method::POST, "/console/sign-in", &[], Some(&form))).await
+}
+
+/// The `name=value` of a session cookie.
+fn session(r: &Response) -> String {
+    let cookie = r.headers.get("set-cookie").unwrap().to_str().unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn get(app: &TestApp, path: &str, cookie: &str) -> Response {
+    app.send(page(Method::GET, path, &[("cookie", cookie)], None)).await
+}
+
+/// The value of the first hidden `csrf` field of a page.
+fn csrf(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    html[at..at + 64].to_owned()
+}
+
+fn location(r: &Response) -> &str {
+    r.headers.get("location").unwrap().to_str().unwrap()
+}
+
+#[tokio::test]
+async fn pages_send_a_strict_policy_and_assets_a_long_cache() {
+    let app = TestApp::sqlite().await;
+    let r = get(&app, "/console", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.headers["content-security-policy"],
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; \
+         frame-ancestors 'none'; base-uri 'none'"
+    );
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    assert_eq!(r.headers["referrer-policy"], "no-referrer");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert!(r.text.contains("<label for=\"key\">"), "{}", r.text);
+    assert!(!r.text.contains("<script>") && !r.text.contains("style="), "no inline script or style");
+    let css = r.text.split("href=\"").nth(1).unwrap().split('"').next().unwrap();
+    let asset = get(&app, css, "").await;
+    assert_eq!(asset.status, StatusCode::OK);
+    assert!(asset.headers["cache-control"].to_str().unwrap().contains("max-age=31536000"));
+    assert_eq!(get(&app, "/console/static/console.0.css", "").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_console_can_be_turned_off() {
+    let mut app = TestApp::sqlite().await;
+    let off = keyward_server::settings::ConsoleSettings { enabled: false, ..Default::default() };
+    app.reconfigure(|b| b.console(off));
+    assert_eq!(get(&app, "/console", "").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_session_cookie_is_http_only_strict_and_never_the_key() {
+    let mut app = TestApp::sqlite().await;
+    let r = sign_in(&app, &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text);
+    assert_eq!(location(&r), "/console/keys");
+    let cookie = r.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("keyward_session="), "{cookie}");
+    assert!(
+        cookie.contains("; HttpOnly") && cookie.contains("; SameSite=Strict") && cookie.contains("; Path=/console")
+    );
+    assert!(!cookie.contains("Secure"), "plain HTTP from an untrusted peer");
+    assert!(!cookie.contains(&app.admin_key) && !cookie.contains(&app.admin_key[8..20]), "{cookie}");
+    let keys = get(&app, "/console/keys", &session(&r)).await;
+    assert_eq!(keys.status, StatusCode::OK, "{}", keys.text);
+    assert!(keys.text.contains("bootstrap admin"));
+    assert!(!keys.text.contains(&app.admin_key));
+
+    // Behind a trusted proxy that says https, the cookie is Secure; from anyone else the header is ignored.
+    app.reconfigure(|b| b.trusted_proxies(vec!["203.0.113.0/24".parse().unwrap()]));
+    let form = format!("key={}", app.admin_key);
+    let proxied =
+        app.send(page(Method::POST, "/console/sign-in", &[("x-forwarded-proto", "https")], Some(&form))).await;
+    assert!(proxied.headers["set-cookie"].to_str().unwrap().ends_with("; Secure"));
+}
+
+#[tokio::test]
+async fn failed_sign_ins_count_against_the_failed_authentication_limit() {
+    let app = TestApp::sqlite().await;
+    let wrong = format!("{}x", &app.admin_key[..app.admin_key.len() - 1]);
+    let r = sign_in(&app, &wrong).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.headers.get("set-cookie").is_none());
+    for _ in 0..10 {
+        sign_in(&app, "sk_live_nope").await;
+    }
+    // Past the limit even the right key is refused, on the console as on the API.
+    let r = sign_in(&app, &app.admin_key).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(app.get("/v1/me", &app.admin_key).await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn a_key_that_may_not_read_keys_cannot_sign_in() {
+    let app = TestApp::sqlite().await;
+    let (verify_only, _) = app.key(app.default_org.id, &["keyward:verify"]).await;
+    let r = sign_in(&app, &verify_only).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.headers.get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn forms_need_their_csrf_token_and_the_same_origin() {
+    let app = TestApp::sqlite().await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let token = csrf(&get(&app, "/console/keys/new", &cookie).await.text);
+    let post = |headers: Vec<(&'static str, String)>, form: String| {
+        let mut all: Vec<(&str, String)> = vec![("cookie", cookie.clone())];
+        all.extend(headers);
+        let refs: Vec<(&str, &str)> = all.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        app.send(page(Method::POST, "/console/keys", &refs, Some(&form)))
+    };
+    assert_eq!(post(vec![], "name=a".into()).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(post(vec![], format!("name=a&csrf={}", "0".repeat(64))).await.status, StatusCode::FORBIDDEN);
+    let cross = vec![("sec-fetch-site", "cross-site".to_owned())];
+    assert_eq!(post(cross, format!("name=a&csrf={token}")).await.status, StatusCode::FORBIDDEN);
+    let foreign = vec![("origin", "http://evil.example".to_owned()), ("host", "keyward.test".to_owned())];
+    assert_eq!(post(foreign, format!("name=a&csrf={token}")).await.status, StatusCode::FORBIDDEN);
+    let created = post(vec![], format!("name=a&csrf={token}")).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert!(created.text.contains("Copy this key now"));
+    assert_eq!(created.headers["cache-control"], "no-store");
+    let out = app.send(page(Method::POST, "/console/sign-out", &[("cookie", &cookie)], Some(""))).await;
+    assert_eq!(out.status, StatusCode::FORBIDDEN, "signing out is a form too");
+}
+
+#[tokio::test]
+async fn a_session_ends_when_idle_past_its_limit_and_when_its_key_is_revoked() {
+    let app = TestApp::sqlite().await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    app.clock.advance(chrono::Duration::seconds(1799));
+    assert_eq!(get(&app, "/console/keys", &cookie).await.status, StatusCode::OK);
+    app.clock.advance(chrono::Duration::seconds(1801));
+    let r = get(&app, "/console/keys", &cookie).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&r), "/console");
+
+    let (manager, record) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let cookie = session(&sign_in(&app, &manager).await);
+    assert_eq!(get(&app, "/console/keys", &cookie).await.status, StatusCode::OK);
+    let revoked =
+        app.send(request(Method::DELETE, &format!("/v1/keys/{}", record.id), Some(&app.admin_key), None)).await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    assert_eq!(get(&app, "/console/keys", &cookie).await.status, StatusCode::SEE_OTHER);
+    assert_eq!(app.state.console.sessions.len(), 0, "both sessions are gone");
+}
+
+#[tokio::test]
+async fn a_self_service_session_sees_its_own_owner_s_keys_only() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let (_, bobs) = app.owned_key(org, "bob", &[]).await;
+    let cookie = session(&sign_in(&app, &customer).await);
+    let list = get(&app, "/console/keys?owner=bob&status=all", &cookie).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(list.text.contains("alice&#39;s key") || list.text.contains("alice's key"), "{}", list.text);
+    assert!(!list.text.contains("bob&#39;s key") && !list.text.contains("bob's key"), "{}", list.text);
+    assert_eq!(get(&app, &format!("/console/keys/{}", bobs.id), &cookie).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn keys_signed_in_with_or_created_in_the_console_are_never_logged() {
+    let capture = crate::secrets::capture_logs();
+    let app = TestApp::sqlite().await;
+    let mut truncated = app.admin_key.clone();
+    truncated.pop();
+    assert_eq!(sign_in(&app, &truncated).await.status, StatusCode::UNAUTHORIZED);
+    let signed = sign_in(&app, &app.admin_key).await;
+    let cookie = session(&signed);
+    let token = csrf(&get(&app, "/console/keys/new", &cookie).await.text);
+    let form = format!("name=logged&csrf={token}");
+    let created = app.send(page(Method::POST, "/console/keys", &[("cookie", &cookie)], Some(&form))).await;
+    let at = created.text.find("id=\"new-key\"").unwrap();
+    let key = created.text[at..].split("value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    assert!(key.starts_with("sk_live_"), "{key}");
+    let id = created.text.split("action=\"/console/keys/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let again = get(&app, &format!("/console/keys/{id}"), &cookie).await;
+    assert!(!again.text.contains(&key[8..40]), "shown once only");
+    sign_in(&app, &key).await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("console session started"), "the capture works");
+    for secret in [&key, &app.admin_key, &truncated] {
+        assert!(!logs.contains(&secret[8..40]), "logs contain a key");
+        assert!(!signed.headers["set-cookie"].to_str().unwrap().contains(&secret[8..40]));
+    }
+}
