@@ -145,7 +145,9 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
         .items
         .iter()
         .filter(|k| {
-            needle.is_empty() || k.name.to_lowercase().contains(&needle) || k.hint.to_lowercase().contains(&needle)
+            needle.is_empty()
+                || k.key.name.to_lowercase().contains(&needle)
+                || k.key.hint.to_lowercase().contains(&needle)
         })
         .collect();
     let next = listed.next_cursor.map(|cursor| {
@@ -175,11 +177,12 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
                 @if shown.is_empty() { p { "No keys." } } @else {
                     div.scroll { table {
                         thead { tr { th { "Name" } th { "Owner" } th { "Key" } th { "Status" } th { "Created" } } }
-                        tbody { @for k in &shown { tr {
+                        tbody { @for listed in &shown { tr {
+                            @let k = &listed.key;
                             td { a href={ "/console/keys/" (k.id) } { (k.name) } }
                             td { (k.owner_id.as_deref().unwrap_or("—")) }
                             td { code { (k.prefix) "…" (k.hint) } }
-                            td { (k.status.as_str()) }
+                            td { (listed.status.as_str()) }
                             td { (k.created_at.format("%Y-%m-%d %H:%M")) }
                         } } }
                     } }
@@ -200,12 +203,13 @@ pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> P
     let csrf = signed.csrf_token();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.name, key_view(&key, &csrf, None))))
+    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, key_view(&key, &csrf, None))))
 }
 
 /// A key's settings and actions, with a secret just made (`fresh`) shown once above them.
-fn key_view(key: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
-    let limits = key.effective_limits.as_ref().and_then(|l| serde_json::to_value(l).ok());
+fn key_view(response: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
+    let key = &response.key;
+    let limits = response.effective_limits.as_ref().and_then(|l| serde_json::to_value(l).ok());
     let usable = key.revoked_at.is_none();
     html! {
         @if let Some(secret) = fresh {
@@ -220,12 +224,12 @@ fn key_view(key: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
         dl {
             dt { "Id" } dd { code { (key.id) } }
             dt { "Key" } dd { code { (key.prefix) "…" (key.hint) } }
-            dt { "Status" } dd { (key.status.as_str()) }
+            dt { "Status" } dd { (response.status.as_str()) }
             dt { "Owner" } dd { (key.owner_id.as_deref().unwrap_or("—")) }
             dt { "Description" } dd { (key.description.as_deref().unwrap_or("—")) }
             dt { "Environment" } dd { (key.environment.as_str()) }
-            dt { "Scopes" } dd { (if key.scopes.is_empty() { "—".to_owned() } else { key.scopes.join(" ") }) }
-            dt { "Allowed addresses" } dd { (if key.allowed_ips.is_empty() { "any".to_owned() } else { key.allowed_ips.join(" ") }) }
+            dt { "Scopes" } dd { (if key.scopes.is_empty() { "—".to_owned() } else { key.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ") }) }
+            dt { "Allowed addresses" } dd { (if key.allowed_ips.is_empty() { "any".to_owned() } else { key.allowed_ips.to_strings().join(" ") }) }
             dt { "Metadata" } dd { code { (key.metadata) } }
             dt { "Plan" } dd { (key.plan.as_deref().unwrap_or("organization's")) }
             dt { "Expires" } dd { (key.expires_at.map_or("never".to_owned(), |t| t.to_rfc3339())) }
@@ -337,7 +341,7 @@ pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBod
 
 /// A key just made, with its secret shown this once.
 fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
-    page(StatusCode::CREATED, layout(state, Some(csrf), &key.name, key_view(key, csrf, Some(secret))))
+    page(StatusCode::CREATED, layout(state, Some(csrf), &key.key.name, key_view(key, csrf, Some(secret))))
 }
 
 #[derive(Deserialize)]
