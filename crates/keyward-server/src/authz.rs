@@ -124,8 +124,14 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
     let method = canonical_method(&method);
     // The path only: a query string may carry anything, a secret included.
     let raw = request.path.split_once('?').map_or(request.path, |(path, _)| path);
-    // SECURITY: one canonical path, for route matching and for the upstream alike.
-    let path = match NormalizedPath::parse(raw) {
+    // SECURITY: one canonical path, for route matching and for the upstream alike. Only the gateway
+    // forwards it; a proxy hook's proxy forwards the path as sent, so what an upstream may read as
+    // another path than the canonical one is refused (`NormalizedPath::parse_as_sent`).
+    let parsed = match request.via {
+        Via::Gateway => NormalizedPath::parse(raw),
+        _ => NormalizedPath::parse_as_sent(raw),
+    };
+    let path = match parsed {
         Ok(path) => path,
         Err(e) => return Judgement::denied(ApiError::new(ErrorCode::InvalidPath, e.to_string()), None),
     };

@@ -237,22 +237,54 @@ async fn a_client_cannot_choose_the_path_it_is_judged_on() {
 async fn routes_match_the_normalized_path() {
     let app = app().await;
     let (key, _) = app.key(app.default_org.id, &[]).await;
-    for spelling in [
-        "//v1/%70rojects",
-        "/health/../v1/projects",
-        "/v1/./projects/",
-        "/V1/Projects",
-        "/v1/projects;x=1",
-        "/v1/projects.json",
-    ] {
+    for spelling in ["/v1//%70rojects", "/v1/./projects/", "/V1/Projects", "/v1/projects;x=1", "/v1/projects.json"] {
         for style in AuthzStyle::ALL {
             let r = app.send(styled(style, spelling, &key)).await;
             assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{style:?} {spelling}");
         }
     }
-    for unsafe_path in ["/public/..%2Fv1/projects", "/public/%2e%2e/%2e%2e/v1", "/v1/%00"] {
+    // The proxy forwards the path as sent: `..` and a leading `//` are refused, not resolved.
+    for unsafe_path in
+        ["/public/..%2Fv1/projects", "/public/%2e%2e/%2e%2e/v1", "/v1/%00", "/health/../v1/projects", "//v1/projects"]
+    {
         let r = app.send(styled(AuthzStyle::Forwarded, unsafe_path, &key)).await;
         assert_eq!((r.status, code(&r)), (StatusCode::BAD_REQUEST, "invalid_path"), "{unsafe_path}");
+    }
+}
+
+/// SECURITY: a proxy hook's proxy forwards the path as its client sent it, not the canonical form the
+/// gateway forwards. An upstream that does not resolve `..` routes `/v1/projects/../../public` under
+/// `/v1/projects`, and one that reads the path as a URL (`urlsplit`, `new URL(path, base)`) takes
+/// `//public/v1/projects` for host `public` and path `/v1/projects`: each judged as the public route,
+/// each would reach a protected handler with no key. Refused, in every style and without a key.
+#[tokio::test]
+async fn a_path_the_upstream_may_read_as_another_is_refused() {
+    let app = app().await;
+    for sent in [
+        "/v1/projects/../../public",
+        "/v1/projects/x/../../../public/y",
+        "/v1/projects/%2e%2e/%2E%2E/public",
+        "/v1/projects/.%2e/..%2E/public?page=1",
+        "/v1/projects/./../.././public",
+        "/v1/projects/../..",
+        "//public/v1/projects",
+        "///public/v1/projects",
+        "//public",
+    ] {
+        for style in AuthzStyle::ALL {
+            let mut asked = styled(style, sent, "x");
+            asked.headers_mut().remove("authorization");
+            let r = app.send(asked).await;
+            // nginx mode sends a 400 as 403 with the status beside it.
+            let status =
+                r.headers.get("x-keyward-status").map_or(r.status.as_u16(), |s| s.to_str().unwrap().parse().unwrap());
+            assert_eq!((status, code(&r)), (400, "invalid_path"), "{style:?} {sent}: {}", r.text);
+        }
+    }
+    // What every upstream reads alike still passes: a `.` segment, slashes inside the path.
+    for sent in ["/public/./x", "/public//x", "/public/x/"] {
+        let r = app.send(styled(AuthzStyle::Forwarded, sent, "x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{sent}: {}", r.text);
     }
 }
 
@@ -305,7 +337,7 @@ async fn the_signed_identity_verifies_and_expires_with_the_clock() {
     };
     let app = app_with(authz).await;
     let (key, rec) = app.owned_key(app.default_org.id, "user_9", &["read:projects"]).await;
-    let r = app.send(styled(AuthzStyle::Forwarded, "//v1/projects/7?secret=x", &key)).await;
+    let r = app.send(styled(AuthzStyle::Forwarded, "/v1//projects/7?secret=x", &key)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let token = r.headers["x-keyward-identity"].to_str().unwrap().to_owned();
     let now = keyward_core::Clock::now(&app.clock).timestamp();
