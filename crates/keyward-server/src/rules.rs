@@ -265,6 +265,21 @@ pub fn cgi_name(name: &HeaderName) -> String {
     name.as_str().replace('_', "-")
 }
 
+/// Whether CGI, WSGI and Rack read two header names as one (`_` is `-`; names are lower case).
+pub fn same_cgi_name(a: &[u8], b: &[u8]) -> bool {
+    let unify = |c: &u8| if *c == b'_' { b'-' } else { *c };
+    a.len() == b.len() && a.iter().map(unify).eq(b.iter().map(unify))
+}
+
+/// `x-keyward` or `x-keyward-*` in any spelling CGI reads alike: a name the upstream takes for
+/// Keyward's identity.
+pub fn is_keyward_header(name: &HeaderName) -> bool {
+    const PREFIX: &[u8] = b"x-keyward";
+    let name = name.as_str().as_bytes();
+    name.get(..PREFIX.len()).is_some_and(|head| same_cgi_name(head, PREFIX))
+        && matches!(name.get(PREFIX.len()), None | Some(b'-' | b'_'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

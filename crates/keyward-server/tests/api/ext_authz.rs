@@ -197,6 +197,45 @@ async fn an_allowed_request_carries_identity_key_removal_rate_limits_and_metadat
     }
 }
 
+/// SECURITY: Envoy passes every client header on unless the answer sets or removes it, and accepts
+/// names with `_` by default (`headers_with_underscores_action: ALLOW`), which CGI, WSGI and Rack read
+/// as `-`. Whatever `x-keyward-*` or key header the client sent, in any spelling, is removed unless the
+/// answer sets that very name; one it sets is never removed (Envoy removes after it sets).
+#[tokio::test]
+async fn forged_identity_and_key_headers_in_any_spelling_never_reach_the_upstream() {
+    let app = TestApp::sqlite().await;
+    let (no_owner, _) = app.key(app.default_org.id, &["read:projects"]).await;
+    let (owned, _) = app.owned_key(app.default_org.id, "user-7", &["read:projects"]).await;
+    let (_, channel) = serve(&app).await;
+    let forged = [
+        "x-keyward-owner-id",
+        "x_keyward_owner_id",
+        "x-keyward_key-id",
+        "x_keyward_scopes",
+        "x-keyward-identity",
+        "x-keyward",
+        "x-keyward-anything",
+        "x_api_key",
+    ];
+    for (key, path) in [(&no_owner, "/projects/1"), (&owned, "/projects/1"), (&no_owner, "/public/x")] {
+        let bearer = format!("Bearer {key}");
+        let mut headers: Vec<(&str, &str)> = forged.iter().map(|name| (*name, "forged")).collect();
+        headers.push(("authorization", &bearer));
+        let response = check(&channel, check_request("GET", path, &headers, "192.0.2.1")).await;
+        let ok = allowed(&response);
+        let set = headers_of(&ok.headers);
+        for name in forged.iter().chain(&["authorization"]) {
+            let removed = ok.headers_to_remove.iter().any(|r| r == name);
+            assert!(
+                removed != set.contains_key(*name),
+                "{path} {name}: set {set:?}, removed {:?}",
+                ok.headers_to_remove
+            );
+        }
+        assert!(set.values().all(|v| v != "forged"), "{set:?}");
+    }
+}
+
 /// `x-api-key`, and Envoy's `header_map` (sent with `encode_raw_headers: true`, values as bytes).
 #[tokio::test]
 async fn the_key_is_read_from_x_api_key_and_from_raw_header_maps() {
