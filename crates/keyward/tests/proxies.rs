@@ -320,13 +320,17 @@ fn start_proxy(
     Proxy { _process: Killed(child), _dir: dir, address }
 }
 
-/// What a client forges in every request: an identity (in both spellings), and an original method and
-/// URI for each style, naming a public route.
-const FORGED: [(&str, &str); 8] = [
+/// What a client forges in every request: an identity (in every spelling CGI, WSGI and Rack read as
+/// `X-Keyward-*`: `_` for `-` anywhere, any case), and an original method and URI for each style,
+/// naming a public route.
+const FORGED: [(&str, &str); 11] = [
     ("X-Keyward-Key-Id", "forged-key"),
     ("X-Keyward-Identity", "forged-identity"),
     ("X-Keyward-Owner-Id", "forged-owner"),
     ("X_Keyward_Owner_Id", "forged-owner"),
+    ("X-Keyward_Owner-Id", "forged-owner"),
+    ("X_Keyward-Key-Id", "forged-key"),
+    ("x-KEYWARD-scopes", "forged-scopes"),
     ("X-Original-URI", "/health"),
     ("X-Original-Method", "GET"),
     ("X-Forwarded-Uri", "/health"),
@@ -413,6 +417,17 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy, copies_identity: bool) {
     assert_eq!(response.status, 200, "{}", response.body);
     let (_, headers) = upstream.last();
     assert!(headers.iter().all(|(n, v)| !n.starts_with("x_keyward") && !v.starts_with("forged")), "{headers:?}");
+
+    // The proxy forwards the path as sent: one that only its canonical form makes public (an upstream
+    // may leave `..` unresolved, or read `//health` as a host) is refused, without a key and with one.
+    for sent in ["/v1/projects/../../health", "/v1/projects/%2e%2e/.%2E/health?x=1", "//health/v1/projects"] {
+        for credentials in [None, bearer(&keyward.reader)] {
+            let before = upstream.count();
+            let response = send(&proxy, "GET", sent, credentials);
+            assert!([400, 403].contains(&response.status), "{sent}: {} {}", response.status, response.body);
+            assert_eq!(upstream.count(), before, "{sent} reached the upstream");
+        }
+    }
 
     // 401: no key, a malformed key; the forged original URI (`/health`, public) is not what is judged.
     assert_refused(&upstream, &send(&proxy, "GET", "/v1/projects", None), 401);
