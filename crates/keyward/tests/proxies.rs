@@ -207,6 +207,10 @@ struct Keyward {
     reader: Key,
     /// `read:projects` on the 2-a-minute plan.
     tiny: Key,
+    /// `read:projects`, usable from 198.51.100.7 only.
+    walled: Key,
+    /// `read:projects`, usable from 127.0.0.1 (where the test's client is) only.
+    local: Key,
 }
 
 impl Keyward {
@@ -225,6 +229,8 @@ impl Keyward {
         let owner = key(&["--name", "owner", "--owner-id", "customer-7", "--scopes", "read:projects,write:projects"]);
         let reader = key(&["--name", "reader", "--scopes", "read:projects"]);
         let tiny = key(&["--name", "tiny", "--scopes", "read:projects", "--plan", "tiny"]);
+        let walled = key(&["--name", "walled", "--scopes", "read:projects", "--allowed-ips", "198.51.100.7"]);
+        let local = key(&["--name", "local", "--scopes", "read:projects", "--allowed-ips", "127.0.0.1"]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .current_dir(cli.dir.path())
@@ -241,7 +247,7 @@ impl Keyward {
             .spawn()
             .unwrap();
         let address = common::listening_address(&mut child, Instant::now());
-        Self { _cli: cli, _node: Killed(child), address, owner, reader, tiny }
+        Self { _cli: cli, _node: Killed(child), address, owner, reader, tiny, walled, local }
     }
 }
 
@@ -428,6 +434,16 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy, copies_identity: bool) {
             assert_eq!(upstream.count(), before, "{sent} reached the upstream");
         }
     }
+
+    // The client address is the one the proxy saw: an X-Forwarded-For of the client's own choosing
+    // neither opens a key walled to that address nor closes one walled to the real client.
+    let spoofed = |key: &Key| {
+        let bearer = format!("Bearer {}", key.secret);
+        let headers = [("X-Forwarded-For", "198.51.100.7"), ("X-Real-IP", "198.51.100.7"), ("Authorization", &bearer)];
+        request(&proxy.address, "GET", "/v1/projects", &headers, "")
+    };
+    assert_refused(&upstream, &spoofed(&keyward.walled), 403);
+    assert_eq!(spoofed(&keyward.local).status, 200);
 
     // 401: no key, a malformed key; the forged original URI (`/health`, public) is not what is judged.
     assert_refused(&upstream, &send(&proxy, "GET", "/v1/projects", None), 401);
