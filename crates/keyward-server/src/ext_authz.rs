@@ -55,6 +55,10 @@ pub struct GrpcLimits {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the kernel's backlog (as on the HTTP listeners).
     pub max_connections: usize,
+    /// A new connection's HTTP/2 preface must have arrived within this. Keepalive pings start only
+    /// once it has: without this, connections that stay silent (or trickle) would hold every one of
+    /// `max_connections` for good, and Envoy could not connect.
+    pub preface_timeout: Duration,
 }
 
 impl Default for GrpcLimits {
@@ -65,6 +69,7 @@ impl Default for GrpcLimits {
             keepalive: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
+            preface_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -239,7 +244,7 @@ pub async fn serve(
     let authorization = AuthorizationServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let incoming = limited(listener, limits.max_connections);
+    let incoming = limited(listener, limits.max_connections, limits.preface_timeout);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = limits.shutdown_grace;
     let server = tonic::transport::Server::builder()
@@ -279,15 +284,17 @@ pub async fn serve(
 fn limited(
     listener: tokio::net::TcpListener,
     cap: usize,
+    preface_timeout: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Permitted>> {
     let permits = Arc::new(Semaphore::new(cap.max(1)));
-    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+    futures_util::stream::unfold((listener, permits), move |(listener, permits)| async move {
         let permit = permits.clone().acquire_owned().await.ok()?;
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((Ok(Permitted { stream, _permit: permit }), (listener, permits)));
+                    let preface = Some((PREFACE_LEN, Box::pin(tokio::time::sleep(preface_timeout))));
+                    return Some((Ok(Permitted { stream, preface, _permit: permit }), (listener, permits)));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -299,10 +306,15 @@ fn limited(
     })
 }
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE_LEN: usize = 24;
+
 /// A connection and its permit, given back when the connection is dropped.
 #[derive(Debug)]
 struct Permitted {
     stream: TcpStream,
+    /// Until the preface is in: how many of its bytes are still to come, and by when.
+    preface: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -315,8 +327,23 @@ impl Connected for Permitted {
 }
 
 impl AsyncRead for Permitted {
+    /// Fails the read once the preface is late, which closes the connection and frees its permit.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some((_, deadline)) = &mut this.preface
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP/2 preface in time")));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((left, _))) = (&read, &mut this.preface) {
+            *left = left.saturating_sub(buf.filled().len() - before);
+            if *left == 0 {
+                this.preface = None;
+            }
+        }
+        read
     }
 }
 

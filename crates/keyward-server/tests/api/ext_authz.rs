@@ -441,3 +441,37 @@ async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
     let answer = tokio::time::timeout(WITHIN, call).await.unwrap().unwrap().unwrap();
     assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
 }
+
+/// A connection that sends no HTTP/2 preface, or only part of it, is closed after `preface_timeout`,
+/// so silent connections cannot hold the listener's every permit: with a cap of one, a real client
+/// is served once the silent one is cut off.
+#[tokio::test]
+async fn a_connection_without_its_preface_in_time_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::sqlite().await;
+    let limits =
+        GrpcLimits { max_connections: 1, preface_timeout: Duration::from_millis(300), ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(sent).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(WITHIN, async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{sent:?}: still open after {WITHIN:?}");
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(WITHIN);
+        let mut health = HealthClient::new(endpoint.connect_lazy());
+        let answer = tokio::time::timeout(WITHIN, health.check(HealthCheckRequest { service: String::new() }))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    }
+}
