@@ -25,7 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::auth::{AuthFailure, auth_failed};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::FailureScope;
-use crate::rules::{canonical_method, is_keyward_header, methods_of, same_cgi_name};
+use crate::rules::{canonical_method, is_keyward_header, methods_in_query, methods_of, same_cgi_name};
 use crate::state::AppState;
 use crate::telemetry::Via;
 use crate::verifier::{self, Check};
@@ -137,7 +137,16 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
         Ok(path) => path,
         Err(e) => return Judgement::denied(ApiError::new(ErrorCode::InvalidPath, e.to_string()), None),
     };
-    let rule = routes.rule_for_any(&methods_of(&method, request.headers), &path);
+    let mut methods = methods_of(&method, request.headers);
+    if let Some((_, query)) = request.path.split_once('?') {
+        // SECURITY: the query is read for the method it names only; the rule of that method applies too.
+        for named in methods_in_query(query) {
+            if !methods.contains(&named) {
+                methods.push(named);
+            }
+        }
+    }
+    let rule = routes.rule_for_any(&methods, &path);
     if rule.public {
         let allowed = Allowed {
             key: None,

@@ -152,7 +152,8 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
     parts.method = canonical_method(&parts.method);
     let request = AuthzRequest {
         method: parts.method.as_str(),
-        path: parts.uri.path(),
+        // With the query, which the upstream gets too (it may name a method: `_method`).
+        path: parts.uri.path_and_query().map_or(parts.uri.path(), |pq| pq.as_str()),
         headers: &parts.headers,
         client_ip,
         via: Via::Gateway,

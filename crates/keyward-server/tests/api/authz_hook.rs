@@ -288,6 +288,50 @@ async fn a_path_the_upstream_may_read_as_another_is_refused() {
     }
 }
 
+/// SECURITY: Symfony and Laravel (a POST's `_method`, query or form body) and Express's
+/// `method-override('_method')` (the query) run a request as the method its `_method` parameter names,
+/// in any spelling PHP reads as that name (`%5F`, `.`, ` ` and `[` for `_`). That method's rule
+/// applies too, as for the override headers.
+#[tokio::test]
+async fn a_method_parameter_in_the_query_needs_the_rule_of_the_method_it_names() {
+    let mut app = app().await;
+    let route = |methods: Vec<Method>, scope: &str| GatewayRoute {
+        prefix: "/v1/projects".into(),
+        methods,
+        rule: RouteRule { scopes: vec![Scope::parse(scope).unwrap()], ..Default::default() },
+    };
+    let routes = Routes::new(
+        vec![route(vec![], "read:projects"), route(vec![Method::DELETE], "delete:projects")],
+        RouteRule::default(),
+    )
+    .unwrap();
+    app.reconfigure(|b| b.routes(routes));
+    let (key, _) = app.key(app.default_org.id, &["read:projects"]).await;
+    let auth = bearer(&key);
+    let forwarded = |uri: &str| {
+        let headers = [("x-forwarded-method", "POST"), ("x-forwarded-uri", uri), ("authorization", auth.as_str())];
+        ask(Method::GET, "/v1/authz?style=forwarded", &headers)
+    };
+    let envoy = |uri: &str| ask(Method::POST, &format!("/v1/authz{uri}"), &[("authorization", auth.as_str())]);
+    for post in [&forwarded as &dyn Fn(&str) -> Request<Body>, &envoy] {
+        assert_eq!(app.send(post("/v1/projects/7?page=2&method=DELETE")).await.status, StatusCode::OK);
+    }
+    for uri in [
+        "/v1/projects/7?_method=DELETE",
+        "/v1/projects/7?page=2&_method=delete",
+        "/v1/projects/7?%5Fmethod=DELETE",
+        "/v1/projects/7?_method=%44ELETE",
+        "/v1/projects/7?.method=DELETE",
+        "/v1/projects/7?%20method=DELETE",
+        "/v1/projects/7?%5Bmethod=DELETE",
+    ] {
+        for post in [&forwarded as &dyn Fn(&str) -> Request<Body>, &envoy] {
+            let r = app.send(post(uri)).await;
+            assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{uri}: {}", r.text);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_public_route_needs_no_key_and_overwrites_forged_identity_headers() {
     let app = app().await;
