@@ -33,6 +33,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::telemetry::Via;
 
@@ -90,7 +91,11 @@ impl ExtAuthz {
     pub async fn check_request(&self, check: &CheckRequest) -> CheckResponse {
         let http = check.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let (method, path) = http.map(|h| (h.method.as_str(), h.path.as_str())).unwrap_or_default();
-        let headers = http.map(header_map).unwrap_or_default();
+        // SECURITY: refused whole, never judged on part of its headers (an override past the cut).
+        let Some(headers) = http.map_or(Some(HeaderMap::new()), header_map) else {
+            let refusal = ApiError::new(ErrorCode::PayloadTooLarge, "the request has more headers than Keyward takes");
+            return deny(refusal.into_response()).await;
+        };
         let request =
             AuthzRequest { method, path, headers: &headers, client_ip: client_ip(check), via: Via::ExtAuthzGrpc };
         match authz::decide(&self.state, &self.routes, request).await {
@@ -110,12 +115,14 @@ impl Authorization for ExtAuthz {
 
 /// The request's headers as Envoy saw them: `header_map` (sent with `encode_raw_headers`, values as
 /// bytes) or else the `headers` map (repeated headers joined with commas). Pseudo-headers (`:path`)
-/// and what is not a valid header are left out: the key is read from ordinary headers only.
-fn header_map(http: &HttpRequest) -> HeaderMap {
+/// and what is not a valid header are left out: the key is read from ordinary headers only. `None`
+/// when there are more names than a `HeaderMap` holds (tens of thousands; no proxy sends that many).
+fn header_map(http: &HttpRequest) -> Option<HeaderMap> {
     let mut map = HeaderMap::new();
+    let mut full = false;
     let mut add = |name: &str, value: &[u8]| {
         if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {
-            map.append(name, value);
+            full |= map.try_append(name, value).is_err();
         }
     };
     match &http.header_map {
@@ -131,7 +138,7 @@ fn header_map(http: &HttpRequest) -> HeaderMap {
             }
         }
     }
-    map
+    (!full).then_some(map)
 }
 
 /// The address of the peer that connected to Envoy (`attributes.source.address`).

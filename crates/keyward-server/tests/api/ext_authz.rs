@@ -424,6 +424,37 @@ async fn an_oversized_check_request_is_refused() {
     assert_eq!(r.unwrap_err().code(), tonic::Code::OutOfRange);
 }
 
+/// A header map holds at most 32,768 names (and grows its table past 24,576): a check inside the size
+/// bound with more names than that is refused (413), not a panic in the call; never decided on a
+/// partial map, where a method override past the cut would go unread.
+#[tokio::test]
+async fn a_check_with_more_headers_than_a_map_holds_is_refused() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let (_, channel) = serve(&app).await;
+    const DIGITS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut headers: Vec<HeaderValue> = (0..30_000usize)
+        .map(|i| {
+            let name = [DIGITS[i / 1296 % 26], DIGITS[i / 36 % 36], DIGITS[i % 36]];
+            HeaderValue { key: String::from_utf8(name.to_vec()).unwrap(), ..HeaderValue::default() }
+        })
+        .collect();
+    headers.push(HeaderValue { key: "x-api-key".into(), raw_value: key.into_bytes(), ..HeaderValue::default() });
+    headers.push(HeaderValue {
+        key: "x-http-method-override".into(),
+        raw_value: b"POST".to_vec(),
+        ..HeaderValue::default()
+    });
+    let http = HttpRequest {
+        method: "GET".into(),
+        path: "/projects".into(),
+        header_map: Some(EnvoyHeaderMap { headers }),
+        ..HttpRequest::default()
+    };
+    let response = check(&channel, peer_request(http, "192.0.2.1")).await;
+    assert_denied(&response, tonic::Code::InvalidArgument, 413, "payload_too_large");
+}
+
 /// Past `max_connections`, a new connection waits in the backlog until one closes: a client that
 /// connects and sends nothing holds one connection, never the listener.
 #[tokio::test]
