@@ -14,6 +14,9 @@
 //! - `..` that climbs above the root. RFC 3986 clamps it; browsers and HTTP libraries resolve dot
 //!   segments before sending, so only a hand-made request carries one, and refusing makes it visible;
 //! - anything that is not an absolute path (`*`, a `?` or `#` inside the path, control characters).
+//!
+//! A path the upstream receives as sent, not in canonical form (a proxy hook's proxy forwards its
+//! client's path), has stricter rules ([`NormalizedPath::parse_as_sent`]).
 
 use std::fmt;
 
@@ -36,6 +39,10 @@ pub enum PathError {
     DotSegmentWithParameters,
     #[error("the path climbs above the root with `..`")]
     AboveRoot,
+    #[error("the path contains a `..` segment, which the upstream receives unresolved")]
+    UnresolvedDotSegment,
+    #[error("the path starts with `//`, which some upstreams read as a host name")]
+    LeadingDoubleSlash,
 }
 
 /// A path in canonical form: starts with `/`, no empty, `.` or `..` segment (a trailing `/` is kept),
@@ -49,6 +56,31 @@ impl NormalizedPath {
     /// Normalizes a raw request path (without its query string).
     pub fn parse(raw: &str) -> Result<Self, PathError> {
         normalize(raw).map(Self)
+    }
+
+    /// Normalizes a path that reaches the upstream as sent rather than in this canonical form (a proxy
+    /// hook's proxy forwards its client's path): besides what [`parse`] refuses, a `..` segment (also
+    /// encoded) and a leading `//`.
+    ///
+    /// SECURITY: the route is chosen for the canonical path, the upstream reads the sent one. One that
+    /// does not resolve `..` routes `/v1/projects/../../public` under `/v1/projects`, and one that
+    /// reads the path as a URL (`urlsplit`, `new URL(path, base)`) takes `//public/v1/projects` for
+    /// host `public` and path `/v1/projects`; either would reach a route Keyward did not judge. A `.`
+    /// segment and inner runs of slashes move no path under another prefix, and stay.
+    ///
+    /// [`parse`]: NormalizedPath::parse
+    pub fn parse_as_sent(raw: &str) -> Result<Self, PathError> {
+        let path = Self::parse(raw)?;
+        if raw.starts_with("//") {
+            return Err(PathError::LeadingDoubleSlash);
+        }
+        // After `parse`, every escape is valid and `..;` is refused: a `..` is two dots, each raw or
+        // `%2E` in either case.
+        let is_dot_dot = |segment: &str| segment.to_ascii_lowercase().replace("%2e", ".") == "..";
+        if raw.split('/').any(is_dot_dot) {
+            return Err(PathError::UnresolvedDotSegment);
+        }
+        Ok(path)
     }
 
     pub fn as_str(&self) -> &str {
@@ -258,6 +290,35 @@ mod tests {
         ];
         for (raw, want) in bad {
             assert_eq!(normalize(raw), Err(want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn parse_as_sent_refuses_what_an_upstream_may_read_as_another_path() {
+        use PathError::{LeadingDoubleSlash as Host, UnresolvedDotSegment as DotDot};
+        // `None`: what `parse` answers.
+        let table: [(&str, Option<PathError>); 17] = [
+            ("/a/b", None),
+            ("/a/./b", None),
+            ("/a//b", None),
+            ("/a/b/", None),
+            ("/a/...", None),
+            ("/a/..b", None),
+            ("/a/%2e", None),
+            ("/", None),
+            ("/../a", None),
+            ("/a/..;/b", None),
+            ("/a/../b", Some(DotDot)),
+            ("/a/b/..", Some(DotDot)),
+            ("/a/%2e%2E/b", Some(DotDot)),
+            ("/a/.%2E/b", Some(DotDot)),
+            ("/a/%2e./b", Some(DotDot)),
+            ("//a/b", Some(Host)),
+            ("///a", Some(Host)),
+        ];
+        for (raw, refused) in table {
+            let want = refused.map_or_else(|| NormalizedPath::parse(raw), Err);
+            assert_eq!(NormalizedPath::parse_as_sent(raw), want, "{raw}");
         }
     }
 

@@ -25,7 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::auth::{AuthFailure, auth_failed};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::FailureScope;
-use crate::rules::{canonical_method, methods_of};
+use crate::rules::{canonical_method, is_keyward_header, methods_in_query, methods_of, same_cgi_name};
 use crate::state::AppState;
 use crate::telemetry::Via;
 use crate::verifier::{self, Check};
@@ -78,7 +78,9 @@ pub struct Allowed {
     /// For the upstream: the key's identity ([`IDENTITY_HEADERS`] it has values for, and
     /// [`IDENTITY_TOKEN_HEADER`] when signing is on). Empty on a public route.
     pub upstream_headers: HeaderMap,
-    /// To remove before the upstream: every header a key is read from (`[authz] key_headers`).
+    /// To remove before the upstream: every header a key is read from (`[authz] key_headers`), and
+    /// every one the client sent that an upstream may read as a key header or an `x-keyward-*` one
+    /// ([`headers_to_remove`]).
     pub remove_headers: Vec<HeaderName>,
     /// For the client: the key's rate-limit headers.
     pub response_headers: HeaderMap,
@@ -124,18 +126,32 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
     let method = canonical_method(&method);
     // The path only: a query string may carry anything, a secret included.
     let raw = request.path.split_once('?').map_or(request.path, |(path, _)| path);
-    // SECURITY: one canonical path, for route matching and for the upstream alike.
-    let path = match NormalizedPath::parse(raw) {
+    // SECURITY: one canonical path, for route matching and for the upstream alike. Only the gateway
+    // forwards it; a proxy hook's proxy forwards the path as sent, so what an upstream may read as
+    // another path than the canonical one is refused (`NormalizedPath::parse_as_sent`).
+    let parsed = match request.via {
+        Via::Gateway => NormalizedPath::parse(raw),
+        _ => NormalizedPath::parse_as_sent(raw),
+    };
+    let path = match parsed {
         Ok(path) => path,
         Err(e) => return Judgement::denied(ApiError::new(ErrorCode::InvalidPath, e.to_string()), None),
     };
-    let rule = routes.rule_for_any(&methods_of(&method, request.headers), &path);
-    let remove_headers = state.key_headers.to_vec();
+    let mut methods = methods_of(&method, request.headers);
+    if let Some((_, query)) = request.path.split_once('?') {
+        // SECURITY: the query is read for the method it names only; the rule of that method applies too.
+        for named in methods_in_query(query) {
+            if !methods.contains(&named) {
+                methods.push(named);
+            }
+        }
+    }
+    let rule = routes.rule_for_any(&methods, &path);
     if rule.public {
         let allowed = Allowed {
             key: None,
             upstream_headers: HeaderMap::new(),
-            remove_headers,
+            remove_headers: headers_to_remove(&state.key_headers, request.headers, &HeaderMap::new()),
             response_headers: HeaderMap::new(),
         };
         return Judgement { decision: Decision::Allow(allowed), path: Some(path), event: None };
@@ -184,15 +200,35 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
                 upstream_headers.extend(token.map(|token| (IDENTITY_TOKEN_HEADER, token)));
             }
             Decision::Allow(Allowed {
+                remove_headers: headers_to_remove(&state.key_headers, request.headers, &upstream_headers),
                 upstream_headers,
                 key: Some(key.clone()),
-                remove_headers,
                 response_headers: verdict.headers(now),
             })
         }
         (refusal, _) => Decision::Deny(refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record"))),
     };
     Judgement { decision, path: Some(path), event }
+}
+
+/// Each header a key is read from, and each one the client `sent` that CGI, WSGI and Rack read as one
+/// of those or as an `x-keyward-*` header (`X_Keyward_Owner_Id`), except the names the answer `set`s.
+///
+/// SECURITY: a proxy passes on every client header the answer neither sets nor removes: a forged
+/// `x-keyward-owner-id` beside a key without an owner, or any `_` spelling (Envoy accepts those by
+/// default). A name the answer sets is never listed, since Envoy removes after it sets.
+fn headers_to_remove(key_headers: &[HeaderName], sent: &HeaderMap, set: &HeaderMap) -> Vec<HeaderName> {
+    let mut remove = key_headers.to_vec();
+    let reserved = |name: &HeaderName| {
+        is_keyward_header(name)
+            || key_headers.iter().any(|k| same_cgi_name(k.as_str().as_bytes(), name.as_str().as_bytes()))
+    };
+    for name in sent.keys() {
+        if reserved(name) && !set.contains_key(name) && !remove.contains(name) {
+            remove.push(name.clone());
+        }
+    }
+    remove
 }
 
 /// The `x-keyward-identity` token for this key and request, valid `ttl_seconds` from `now`.

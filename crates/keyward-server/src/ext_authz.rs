@@ -33,6 +33,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
+use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::telemetry::Via;
 
@@ -55,6 +56,10 @@ pub struct GrpcLimits {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the kernel's backlog (as on the HTTP listeners).
     pub max_connections: usize,
+    /// A new connection's HTTP/2 preface must have arrived within this. Keepalive pings start only
+    /// once it has: without this, connections that stay silent (or trickle) would hold every one of
+    /// `max_connections` for good, and Envoy could not connect.
+    pub preface_timeout: Duration,
 }
 
 impl Default for GrpcLimits {
@@ -65,6 +70,7 @@ impl Default for GrpcLimits {
             keepalive: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
+            preface_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -85,7 +91,11 @@ impl ExtAuthz {
     pub async fn check_request(&self, check: &CheckRequest) -> CheckResponse {
         let http = check.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let (method, path) = http.map(|h| (h.method.as_str(), h.path.as_str())).unwrap_or_default();
-        let headers = http.map(header_map).unwrap_or_default();
+        // SECURITY: refused whole, never judged on part of its headers (an override past the cut).
+        let Some(headers) = http.map_or(Some(HeaderMap::new()), header_map) else {
+            let refusal = ApiError::new(ErrorCode::PayloadTooLarge, "the request has more headers than Keyward takes");
+            return deny(refusal.into_response()).await;
+        };
         let request =
             AuthzRequest { method, path, headers: &headers, client_ip: client_ip(check), via: Via::ExtAuthzGrpc };
         match authz::decide(&self.state, &self.routes, request).await {
@@ -105,12 +115,14 @@ impl Authorization for ExtAuthz {
 
 /// The request's headers as Envoy saw them: `header_map` (sent with `encode_raw_headers`, values as
 /// bytes) or else the `headers` map (repeated headers joined with commas). Pseudo-headers (`:path`)
-/// and what is not a valid header are left out: the key is read from ordinary headers only.
-fn header_map(http: &HttpRequest) -> HeaderMap {
+/// and what is not a valid header are left out: the key is read from ordinary headers only. `None`
+/// when there are more names than a `HeaderMap` holds (tens of thousands; no proxy sends that many).
+fn header_map(http: &HttpRequest) -> Option<HeaderMap> {
     let mut map = HeaderMap::new();
+    let mut full = false;
     let mut add = |name: &str, value: &[u8]| {
         if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {
-            map.append(name, value);
+            full |= map.try_append(name, value).is_err();
         }
     };
     match &http.header_map {
@@ -126,7 +138,7 @@ fn header_map(http: &HttpRequest) -> HeaderMap {
             }
         }
     }
-    map
+    (!full).then_some(map)
 }
 
 /// The address of the peer that connected to Envoy (`attributes.source.address`).
@@ -239,7 +251,7 @@ pub async fn serve(
     let authorization = AuthorizationServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let incoming = limited(listener, limits.max_connections);
+    let incoming = limited(listener, limits.max_connections, limits.preface_timeout);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = limits.shutdown_grace;
     let server = tonic::transport::Server::builder()
@@ -279,15 +291,17 @@ pub async fn serve(
 fn limited(
     listener: tokio::net::TcpListener,
     cap: usize,
+    preface_timeout: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Permitted>> {
     let permits = Arc::new(Semaphore::new(cap.max(1)));
-    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+    futures_util::stream::unfold((listener, permits), move |(listener, permits)| async move {
         let permit = permits.clone().acquire_owned().await.ok()?;
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((Ok(Permitted { stream, _permit: permit }), (listener, permits)));
+                    let preface = Some((PREFACE_LEN, Box::pin(tokio::time::sleep(preface_timeout))));
+                    return Some((Ok(Permitted { stream, preface, _permit: permit }), (listener, permits)));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -299,10 +313,15 @@ fn limited(
     })
 }
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE_LEN: usize = 24;
+
 /// A connection and its permit, given back when the connection is dropped.
 #[derive(Debug)]
 struct Permitted {
     stream: TcpStream,
+    /// Until the preface is in: how many of its bytes are still to come, and by when.
+    preface: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -315,8 +334,23 @@ impl Connected for Permitted {
 }
 
 impl AsyncRead for Permitted {
+    /// Fails the read once the preface is late, which closes the connection and frees its permit.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some((_, deadline)) = &mut this.preface
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP/2 preface in time")));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((left, _))) = (&read, &mut this.preface) {
+            *left = left.saturating_sub(buf.filled().len() - before);
+            if *left == 0 {
+                this.preface = None;
+            }
+        }
+        read
     }
 }
 

@@ -21,7 +21,7 @@ use keyward_core::NormalizedPath;
 
 use crate::authz::{AuthzRequest, Decision, Judgement};
 use crate::error::{ApiError, ErrorCode};
-use crate::rules::{canonical_method, cgi_name};
+use crate::rules::{canonical_method, is_keyward_header, same_cgi_name};
 use crate::state::AppState;
 use crate::telemetry::Via;
 
@@ -104,8 +104,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// What the upstream must never get from the client: identity headers in any spelling, and the key
 /// in any header or scheme.
 fn is_reserved_for_keyward(name: &HeaderName) -> bool {
-    let name = cgi_name(name);
-    name == "x-keyward" || name.starts_with("x-keyward-") || name == "x-api-key" || name == "authorization"
+    let name_bytes = name.as_str().as_bytes();
+    is_keyward_header(name) || [b"x-api-key".as_slice(), b"authorization"].iter().any(|k| same_cgi_name(name_bytes, k))
 }
 
 /// Everything the client sent that the upstream must not see. Runs before the identity headers are
@@ -152,7 +152,8 @@ async fn proxy(State((state, gateway)): State<(AppState, Gateway)>, request: Req
     parts.method = canonical_method(&parts.method);
     let request = AuthzRequest {
         method: parts.method.as_str(),
-        path: parts.uri.path(),
+        // With the query, which the upstream gets too (it may name a method: `_method`).
+        path: parts.uri.path_and_query().map_or(parts.uri.path(), |pq| pq.as_str()),
         headers: &parts.headers,
         client_ip,
         via: Via::Gateway,

@@ -111,7 +111,16 @@ fn without_extension(path: &str) -> Option<&str> {
 /// for one name is one string: upper-casing first maps `ſ` to `S` (as .NET's `OrdinalIgnoreCase`
 /// does), lower-casing then maps the Kelvin sign to `k`.
 fn fold_case(segment: &str) -> String {
-    let bytes = segment.as_bytes();
+    // A canonical path decodes to UTF-8; anything else keeps its escapes and folds ASCII only.
+    match String::from_utf8(percent_decoded(segment, false)) {
+        Ok(text) => text.to_uppercase().to_lowercase(),
+        Err(_) => segment.to_ascii_lowercase(),
+    }
+}
+
+/// `text` with its valid `%XX` escapes decoded, and `+` read as a space when `plus_is_space` (a query).
+fn percent_decoded(text: &str, plus_is_space: bool) -> Vec<u8> {
+    let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -120,22 +129,42 @@ fn fold_case(segment: &str) -> String {
             .flatten()
             .and_then(|hex| std::str::from_utf8(hex).ok())
             .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(b) => {
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
                 decoded.push(b);
                 i += 3;
             }
-            None => {
-                decoded.push(bytes[i]);
+            (None, b'+') if plus_is_space => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                decoded.push(b);
                 i += 1;
             }
         }
     }
-    // A canonical path decodes to UTF-8; anything else keeps its escapes and folds ASCII only.
-    match String::from_utf8(decoded) {
-        Ok(text) => text.to_uppercase().to_lowercase(),
-        Err(_) => segment.to_ascii_lowercase(),
-    }
+    decoded
+}
+
+/// The query parameter Symfony and Laravel (on a POST, query or form body) and Express's
+/// `method-override('_method')` (the query) run a request as.
+const METHOD_PARAMETER: &[u8] = b"_method";
+
+/// The methods a query's `_method` parameters name, in any spelling PHP reads as that name (it
+/// turns ` `, `.` and `[` in a parameter's name into `_`), decoded and upper-cased.
+pub fn methods_in_query(query: &str) -> impl Iterator<Item = Method> + '_ {
+    query.split('&').filter_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        let name: Vec<u8> = percent_decoded(name, true)
+            .into_iter()
+            .map(|b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b })
+            .collect();
+        if name != METHOD_PARAMETER {
+            return None;
+        }
+        Method::from_bytes(&percent_decoded(value, true).trim_ascii().to_ascii_uppercase()).ok()
+    })
 }
 
 /// The request headers that make Express (`method-override`), Rack, Laravel and ASP.NET Core run a
@@ -263,6 +292,21 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// A header name as CGI, WSGI and Rack read it: `X_Keyward_Owner_Id` and `x-keyward-owner-id` are one.
 pub fn cgi_name(name: &HeaderName) -> String {
     name.as_str().replace('_', "-")
+}
+
+/// Whether CGI, WSGI and Rack read two header names as one (`_` is `-`; names are lower case).
+pub fn same_cgi_name(a: &[u8], b: &[u8]) -> bool {
+    let unify = |c: &u8| if *c == b'_' { b'-' } else { *c };
+    a.len() == b.len() && a.iter().map(unify).eq(b.iter().map(unify))
+}
+
+/// `x-keyward` or `x-keyward-*` in any spelling CGI reads alike: a name the upstream takes for
+/// Keyward's identity.
+pub fn is_keyward_header(name: &HeaderName) -> bool {
+    const PREFIX: &[u8] = b"x-keyward";
+    let name = name.as_str().as_bytes();
+    name.get(..PREFIX.len()).is_some_and(|head| same_cgi_name(head, PREFIX))
+        && matches!(name.get(PREFIX.len()), None | Some(b'-' | b'_'))
 }
 
 #[cfg(test)]

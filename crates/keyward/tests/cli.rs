@@ -263,7 +263,7 @@ fn serve_answers_ext_authz_over_grpc_on_its_own_listener() {
         let channel = tokio::time::timeout(within, channel.connect()).await.unwrap().unwrap();
         let mut client = AuthorizationClient::new(channel.clone());
         let other = client.check(check("/v1/other")).await.unwrap().into_inner();
-        let projects = client.check(check("//v1/%70rojects/7")).await.unwrap().into_inner();
+        let projects = client.check(check("/v1//%70rojects/7")).await.unwrap().into_inner();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
         (other, projects, health.check(request).await.unwrap().into_inner().status)
@@ -289,7 +289,7 @@ fn serve_judges_proxy_hooks_by_the_configured_routes_without_an_upstream() {
     .unwrap();
     let (mut child, key, address, _stderr, _logs) = serve(&cli, &[]);
     // The admin key holds no customer scope.
-    let (status, body, _) = common::http(&address, "GET", "/v1/authz//v1/%70rojects/7", &key, None);
+    let (status, body, _) = common::http(&address, "GET", "/v1/authz/v1//%70rojects/7", &key, None);
     assert_eq!((status, body["error"]["code"].as_str()), (403, Some("insufficient_scope")), "{body}");
     assert_eq!(common::http(&address, "GET", "/v1/authz/v1/other", &key, None).0, 200);
     assert_eq!(common::http(&address, "GET", "/v1/authz/public/x", "not-a-key", None).0, 200);

@@ -166,6 +166,10 @@ struct Keyward {
     reader: Key,
     /// `read:projects` on the 2-a-minute plan.
     tiny: Key,
+    /// `read:projects`, usable from 198.51.100.7 only.
+    walled: Key,
+    /// `read:projects`, usable from 127.0.0.1 (where the test's client is) only.
+    local: Key,
 }
 
 impl Keyward {
@@ -184,8 +188,10 @@ impl Keyward {
         let owner = key(&["--name", "owner", "--owner-id", "customer-7", "--scopes", "read:projects,write:projects"]);
         let reader = key(&["--name", "reader", "--scopes", "read:projects"]);
         let tiny = key(&["--name", "tiny", "--scopes", "read:projects", "--plan", "tiny"]);
+        let walled = key(&["--name", "walled", "--scopes", "read:projects", "--allowed-ips", "198.51.100.7"]);
+        let local = key(&["--name", "local", "--scopes", "read:projects", "--allowed-ips", "127.0.0.1"]);
         let (node, address) = common::serve(&cli, &[]);
-        Self { _cli: cli, _node: node, address, owner, reader, tiny }
+        Self { _cli: cli, _node: node, address, owner, reader, tiny, walled, local }
     }
 }
 
@@ -264,13 +270,17 @@ fn start_proxy(
     Proxy { _process: Killed(child), _dir: dir, address }
 }
 
-/// What a client forges in every request: an identity (in both spellings), and an original method and
-/// URI for each style, naming a public route.
-const FORGED: [(&str, &str); 8] = [
+/// What a client forges in every request: an identity (in every spelling CGI, WSGI and Rack read as
+/// `X-Keyward-*`: `_` for `-` anywhere, any case), and an original method and URI for each style,
+/// naming a public route.
+const FORGED: [(&str, &str); 11] = [
     ("X-Keyward-Key-Id", "forged-key"),
     ("X-Keyward-Identity", "forged-identity"),
     ("X-Keyward-Owner-Id", "forged-owner"),
     ("X_Keyward_Owner_Id", "forged-owner"),
+    ("X-Keyward_Owner-Id", "forged-owner"),
+    ("X_Keyward-Key-Id", "forged-key"),
+    ("x-KEYWARD-scopes", "forged-scopes"),
     ("X-Original-URI", "/health"),
     ("X-Original-Method", "GET"),
     ("X-Forwarded-Uri", "/health"),
@@ -357,6 +367,27 @@ fn check(start: impl FnOnce(&str, &str) -> Proxy, copies_identity: bool) {
     assert_eq!(response.status, 200, "{}", response.body);
     let (_, headers) = upstream.last();
     assert!(headers.iter().all(|(n, v)| !n.starts_with("x_keyward") && !v.starts_with("forged")), "{headers:?}");
+
+    // The proxy forwards the path as sent: one that only its canonical form makes public (an upstream
+    // may leave `..` unresolved, or read `//health` as a host) is refused, without a key and with one.
+    for sent in ["/v1/projects/../../health", "/v1/projects/%2e%2e/.%2E/health?x=1", "//health/v1/projects"] {
+        for credentials in [None, bearer(&keyward.reader)] {
+            let before = upstream.count();
+            let response = send(&proxy, "GET", sent, credentials);
+            assert!([400, 403].contains(&response.status), "{sent}: {} {}", response.status, response.body);
+            assert_eq!(upstream.count(), before, "{sent} reached the upstream");
+        }
+    }
+
+    // The client address is the one the proxy saw: an X-Forwarded-For of the client's own choosing
+    // neither opens a key walled to that address nor closes one walled to the real client.
+    let spoofed = |key: &Key| {
+        let bearer = format!("Bearer {}", key.secret);
+        let headers = [("X-Forwarded-For", "198.51.100.7"), ("X-Real-IP", "198.51.100.7"), ("Authorization", &bearer)];
+        request(&proxy.address, "GET", "/v1/projects", &headers, "")
+    };
+    assert_refused(&upstream, &spoofed(&keyward.walled), 403);
+    assert_eq!(spoofed(&keyward.local).status, 200);
 
     // 401: no key, a malformed key; the forged original URI (`/health`, public) is not what is judged.
     assert_refused(&upstream, &send(&proxy, "GET", "/v1/projects", None), 401);

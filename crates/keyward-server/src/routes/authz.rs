@@ -112,7 +112,10 @@ fn original(parts: &Parts, reading: Reading) -> Result<(&str, &str), ApiError> {
                 ));
             }
             let rest = parts.uri.path().strip_prefix(PATH).unwrap_or_default();
-            let path = if rest.is_empty() { "/" } else { rest };
+            // In the path-prefix form the query is the client's: the decision reads the method it
+            // may name (`_method`), never a style.
+            let with_query = parts.uri.path_and_query().and_then(|pq| pq.as_str().strip_prefix(PATH));
+            let path = if rest.is_empty() { "/" } else { with_query.unwrap_or(rest) };
             Ok((parts.method.as_str(), path))
         }
     }

@@ -237,22 +237,98 @@ async fn a_client_cannot_choose_the_path_it_is_judged_on() {
 async fn routes_match_the_normalized_path() {
     let app = app().await;
     let (key, _) = app.key(app.default_org.id, &[]).await;
-    for spelling in [
-        "//v1/%70rojects",
-        "/health/../v1/projects",
-        "/v1/./projects/",
-        "/V1/Projects",
-        "/v1/projects;x=1",
-        "/v1/projects.json",
-    ] {
+    for spelling in ["/v1//%70rojects", "/v1/./projects/", "/V1/Projects", "/v1/projects;x=1", "/v1/projects.json"] {
         for style in AuthzStyle::ALL {
             let r = app.send(styled(style, spelling, &key)).await;
             assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{style:?} {spelling}");
         }
     }
-    for unsafe_path in ["/public/..%2Fv1/projects", "/public/%2e%2e/%2e%2e/v1", "/v1/%00"] {
+    // The proxy forwards the path as sent: `..` and a leading `//` are refused, not resolved.
+    for unsafe_path in
+        ["/public/..%2Fv1/projects", "/public/%2e%2e/%2e%2e/v1", "/v1/%00", "/health/../v1/projects", "//v1/projects"]
+    {
         let r = app.send(styled(AuthzStyle::Forwarded, unsafe_path, &key)).await;
         assert_eq!((r.status, code(&r)), (StatusCode::BAD_REQUEST, "invalid_path"), "{unsafe_path}");
+    }
+}
+
+/// SECURITY: a proxy hook's proxy forwards the path as its client sent it, not the canonical form the
+/// gateway forwards. An upstream that does not resolve `..` routes `/v1/projects/../../public` under
+/// `/v1/projects`, and one that reads the path as a URL (`urlsplit`, `new URL(path, base)`) takes
+/// `//public/v1/projects` for host `public` and path `/v1/projects`: each judged as the public route,
+/// each would reach a protected handler with no key. Refused, in every style and without a key.
+#[tokio::test]
+async fn a_path_the_upstream_may_read_as_another_is_refused() {
+    let app = app().await;
+    for sent in [
+        "/v1/projects/../../public",
+        "/v1/projects/x/../../../public/y",
+        "/v1/projects/%2e%2e/%2E%2E/public",
+        "/v1/projects/.%2e/..%2E/public?page=1",
+        "/v1/projects/./../.././public",
+        "/v1/projects/../..",
+        "//public/v1/projects",
+        "///public/v1/projects",
+        "//public",
+    ] {
+        for style in AuthzStyle::ALL {
+            let mut asked = styled(style, sent, "x");
+            asked.headers_mut().remove("authorization");
+            let r = app.send(asked).await;
+            // nginx mode sends a 400 as 403 with the status beside it.
+            let status =
+                r.headers.get("x-keyward-status").map_or(r.status.as_u16(), |s| s.to_str().unwrap().parse().unwrap());
+            assert_eq!((status, code(&r)), (400, "invalid_path"), "{style:?} {sent}: {}", r.text);
+        }
+    }
+    // What every upstream reads alike still passes: a `.` segment, slashes inside the path.
+    for sent in ["/public/./x", "/public//x", "/public/x/"] {
+        let r = app.send(styled(AuthzStyle::Forwarded, sent, "x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{sent}: {}", r.text);
+    }
+}
+
+/// SECURITY: Symfony and Laravel (a POST's `_method`, query or form body) and Express's
+/// `method-override('_method')` (the query) run a request as the method its `_method` parameter names,
+/// in any spelling PHP reads as that name (`%5F`, `.`, ` ` and `[` for `_`). That method's rule
+/// applies too, as for the override headers.
+#[tokio::test]
+async fn a_method_parameter_in_the_query_needs_the_rule_of_the_method_it_names() {
+    let mut app = app().await;
+    let route = |methods: Vec<Method>, scope: &str| GatewayRoute {
+        prefix: "/v1/projects".into(),
+        methods,
+        rule: RouteRule { scopes: vec![Scope::parse(scope).unwrap()], ..Default::default() },
+    };
+    let routes = Routes::new(
+        vec![route(vec![], "read:projects"), route(vec![Method::DELETE], "delete:projects")],
+        RouteRule::default(),
+    )
+    .unwrap();
+    app.reconfigure(|b| b.routes(routes));
+    let (key, _) = app.key(app.default_org.id, &["read:projects"]).await;
+    let auth = bearer(&key);
+    let forwarded = |uri: &str| {
+        let headers = [("x-forwarded-method", "POST"), ("x-forwarded-uri", uri), ("authorization", auth.as_str())];
+        ask(Method::GET, "/v1/authz?style=forwarded", &headers)
+    };
+    let envoy = |uri: &str| ask(Method::POST, &format!("/v1/authz{uri}"), &[("authorization", auth.as_str())]);
+    for post in [&forwarded as &dyn Fn(&str) -> Request<Body>, &envoy] {
+        assert_eq!(app.send(post("/v1/projects/7?page=2&method=DELETE")).await.status, StatusCode::OK);
+    }
+    for uri in [
+        "/v1/projects/7?_method=DELETE",
+        "/v1/projects/7?page=2&_method=delete",
+        "/v1/projects/7?%5Fmethod=DELETE",
+        "/v1/projects/7?_method=%44ELETE",
+        "/v1/projects/7?.method=DELETE",
+        "/v1/projects/7?%20method=DELETE",
+        "/v1/projects/7?%5Bmethod=DELETE",
+    ] {
+        for post in [&forwarded as &dyn Fn(&str) -> Request<Body>, &envoy] {
+            let r = app.send(post(uri)).await;
+            assert_eq!((r.status, code(&r)), (StatusCode::FORBIDDEN, "insufficient_scope"), "{uri}: {}", r.text);
+        }
     }
 }
 
@@ -305,7 +381,7 @@ async fn the_signed_identity_verifies_and_expires_with_the_clock() {
     };
     let app = app_with(authz).await;
     let (key, rec) = app.owned_key(app.default_org.id, "user_9", &["read:projects"]).await;
-    let r = app.send(styled(AuthzStyle::Forwarded, "//v1/projects/7?secret=x", &key)).await;
+    let r = app.send(styled(AuthzStyle::Forwarded, "/v1//projects/7?secret=x", &key)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let token = r.headers["x-keyward-identity"].to_str().unwrap().to_owned();
     let now = keyward_core::Clock::now(&app.clock).timestamp();

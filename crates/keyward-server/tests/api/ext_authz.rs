@@ -197,6 +197,45 @@ async fn an_allowed_request_carries_identity_key_removal_rate_limits_and_metadat
     }
 }
 
+/// SECURITY: Envoy passes every client header on unless the answer sets or removes it, and accepts
+/// names with `_` by default (`headers_with_underscores_action: ALLOW`), which CGI, WSGI and Rack read
+/// as `-`. Whatever `x-keyward-*` or key header the client sent, in any spelling, is removed unless the
+/// answer sets that very name; one it sets is never removed (Envoy removes after it sets).
+#[tokio::test]
+async fn forged_identity_and_key_headers_in_any_spelling_never_reach_the_upstream() {
+    let app = TestApp::sqlite().await;
+    let (no_owner, _) = app.key(app.default_org.id, &["read:projects"]).await;
+    let (owned, _) = app.owned_key(app.default_org.id, "user-7", &["read:projects"]).await;
+    let (_, channel) = serve(&app).await;
+    let forged = [
+        "x-keyward-owner-id",
+        "x_keyward_owner_id",
+        "x-keyward_key-id",
+        "x_keyward_scopes",
+        "x-keyward-identity",
+        "x-keyward",
+        "x-keyward-anything",
+        "x_api_key",
+    ];
+    for (key, path) in [(&no_owner, "/projects/1"), (&owned, "/projects/1"), (&no_owner, "/public/x")] {
+        let bearer = format!("Bearer {key}");
+        let mut headers: Vec<(&str, &str)> = forged.iter().map(|name| (*name, "forged")).collect();
+        headers.push(("authorization", &bearer));
+        let response = check(&channel, check_request("GET", path, &headers, "192.0.2.1")).await;
+        let ok = allowed(&response);
+        let set = headers_of(&ok.headers);
+        for name in forged.iter().chain(&["authorization"]) {
+            let removed = ok.headers_to_remove.iter().any(|r| r == name);
+            assert!(
+                removed != set.contains_key(*name),
+                "{path} {name}: set {set:?}, removed {:?}",
+                ok.headers_to_remove
+            );
+        }
+        assert!(set.values().all(|v| v != "forged"), "{set:?}");
+    }
+}
+
 /// `x-api-key`, and Envoy's `header_map` (sent with `encode_raw_headers: true`, values as bytes).
 #[tokio::test]
 async fn the_key_is_read_from_x_api_key_and_from_raw_header_maps() {
@@ -261,7 +300,7 @@ async fn route_scopes_apply_on_the_normalized_path_and_a_wrong_scope_is_403() {
         let channel = channel.clone();
         async move { check(&channel, check_request(method, path, &[("authorization", &bearer)], "192.0.2.1")).await }
     };
-    for path in ["/projects/7", "//projects/7", "/x/../projects/7", "/%70rojects/7", "/./projects"] {
+    for path in ["/projects/7", "/projects//7", "/%70rojects/7", "/./projects"] {
         assert_denied(&ask("GET", path, &other).await, tonic::Code::PermissionDenied, 403, "insufficient_scope");
         allowed(&ask("GET", path, &reader).await);
     }
@@ -271,6 +310,11 @@ async fn route_scopes_apply_on_the_normalized_path_and_a_wrong_scope_is_403() {
     let public = check(&channel, check_request("GET", "/public/docs", &[], "192.0.2.1")).await;
     assert!(allowed(&public).headers.is_empty());
     assert_denied(&ask("GET", "/projects%2F7", &reader).await, tonic::Code::InvalidArgument, 400, "invalid_path");
+    // Envoy forwards the path it checked: without `normalize_path` and `merge_slashes` that is the
+    // client's, and a `..` or a leading `//` has no single reading (`NormalizedPath::parse_as_sent`).
+    for path in ["//projects/7", "/x/../projects/7", "/projects/../public", "//public/projects"] {
+        assert_denied(&ask("GET", path, &reader).await, tonic::Code::InvalidArgument, 400, "invalid_path");
+    }
 }
 
 /// The client IP is the peer Envoy saw (`attributes.source.address`), checked against the key's
@@ -380,6 +424,37 @@ async fn an_oversized_check_request_is_refused() {
     assert_eq!(r.unwrap_err().code(), tonic::Code::OutOfRange);
 }
 
+/// A header map holds at most 32,768 names (and grows its table past 24,576): a check inside the size
+/// bound with more names than that is refused (413), not a panic in the call; never decided on a
+/// partial map, where a method override past the cut would go unread.
+#[tokio::test]
+async fn a_check_with_more_headers_than_a_map_holds_is_refused() {
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let (_, channel) = serve(&app).await;
+    const DIGITS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut headers: Vec<HeaderValue> = (0..30_000usize)
+        .map(|i| {
+            let name = [DIGITS[i / 1296 % 26], DIGITS[i / 36 % 36], DIGITS[i % 36]];
+            HeaderValue { key: String::from_utf8(name.to_vec()).unwrap(), ..HeaderValue::default() }
+        })
+        .collect();
+    headers.push(HeaderValue { key: "x-api-key".into(), raw_value: key.into_bytes(), ..HeaderValue::default() });
+    headers.push(HeaderValue {
+        key: "x-http-method-override".into(),
+        raw_value: b"POST".to_vec(),
+        ..HeaderValue::default()
+    });
+    let http = HttpRequest {
+        method: "GET".into(),
+        path: "/projects".into(),
+        header_map: Some(EnvoyHeaderMap { headers }),
+        ..HttpRequest::default()
+    };
+    let response = check(&channel, peer_request(http, "192.0.2.1")).await;
+    assert_denied(&response, tonic::Code::InvalidArgument, 413, "payload_too_large");
+}
+
 /// Past `max_connections`, a new connection waits in the backlog until one closes: a client that
 /// connects and sends nothing holds one connection, never the listener.
 #[tokio::test]
@@ -396,4 +471,38 @@ async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
     drop(silent);
     let answer = tokio::time::timeout(WITHIN, call).await.unwrap().unwrap().unwrap();
     assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+}
+
+/// A connection that sends no HTTP/2 preface, or only part of it, is closed after `preface_timeout`,
+/// so silent connections cannot hold the listener's every permit: with a cap of one, a real client
+/// is served once the silent one is cut off.
+#[tokio::test]
+async fn a_connection_without_its_preface_in_time_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::sqlite().await;
+    let limits =
+        GrpcLimits { max_connections: 1, preface_timeout: Duration::from_millis(300), ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(sent).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(WITHIN, async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{sent:?}: still open after {WITHIN:?}");
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(WITHIN);
+        let mut health = HealthClient::new(endpoint.connect_lazy());
+        let answer = tokio::time::timeout(WITHIN, health.check(HealthCheckRequest { service: String::new() }))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+    }
 }

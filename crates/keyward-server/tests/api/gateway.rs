@@ -593,6 +593,14 @@ async fn a_method_override_needs_the_rule_of_the_method_it_names() {
     let headers = [("x-api-key", reader.as_str()), ("x-http-method-override", "GET")];
     let (status, echo) = s.send(Method::GET, "/projects/7", &headers, Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "an override to a method the key may use passes: {echo}");
+    // The query's `_method` (Symfony, Laravel, Express's `method-override('_method')`) too.
+    for uri in ["/projects/7?_method=POST", "/projects/7?a=1&%5Fmethod=post"] {
+        assert_eq!(
+            refusal(&s.send(Method::GET, uri, &[("x-api-key", reader.as_str())], Body::empty()).await),
+            (StatusCode::FORBIDDEN, Some("insufficient_scope")),
+            "GET {uri}"
+        );
+    }
 }
 
 /// The upstream may read a path another way than its canonical form. Tomcat,
