@@ -6,6 +6,7 @@
 # decision. Each run prints decisions/s, p50 and p99 as the client saw them, and the Keyward process's
 # CPU time (user + system) per decision, its usage writer included: before and after each run the
 # script waits until every usage event is written. Release build; needs wrk (apt-get install wrk).
+# A last gRPC run with one caller on one connection gives the latency of a check without queueing.
 # Usage: scripts/bench-authz.sh [keys, default 1000] [seconds per run, default 10]
 set -euo pipefail
 N="${1:-1000}"
@@ -37,7 +38,7 @@ verify() { wrk_run "$1" -s scripts/verify.lua "http://$HTTP"; }
 forward_auth() { wrk_run "$1" -s scripts/authz.lua "http://$HTTP"; }
 grpc() { # bench-ext-authz's summary, kept like wrk_run's
     local out
-    out=$("$BIN/bench-ext-authz" "$GRPC" "$KEYS_FILE" "$DURATION" 64 4)
+    out=$("$BIN/bench-ext-authz" "$GRPC" "$KEYS_FILE" "$DURATION" "${CALLERS:-64}" "${CONNECTIONS:-4}")
     REQUESTS[$1]=$(grep -o '[0-9]* checks' <<<"$out" | cut -d' ' -f1)
     RPS[$1]=$(grep -o '= [0-9]* decisions/s' <<<"$out" | cut -d' ' -f2)
     P50[$1]=$(grep -o 'p50 [0-9]* us' <<<"$out" | awk '{printf "%.2fms", $2 / 1000}')
@@ -69,6 +70,10 @@ for runner in "${ORDER[@]}"; do
     measured "$tag" "$runner"
     row "${NAMES[$runner]}" "$tag"
 done
+# One caller on one connection: no queue behind other callers, so the latency is a check's own time
+# at the process, plus the client's and the loopback's.
+CALLERS=1 CONNECTIONS=1 measured alone grpc
+row "ext_authz gRPC Check, 1 caller" alone
 sum() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
 for hook in forward_auth grpc; do
     echo "${NAMES[$hook]} / ${NAMES[verify]}:" \
