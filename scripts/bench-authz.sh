@@ -1,20 +1,17 @@
 #!/usr/bin/env bash
-# Forward-auth decisions (GET /v1/authz?style=forwarded, as Caddy, Traefik and APISIX ask) against
-# POST /v1/verify, on one server in one run, 64 connections each, keys picked at random among 1,000
-# (a route with a scope rule matched on every decision). Release build; needs wrk (apt-get install wrk).
+# Proxy hook decisions against POST /v1/verify, on one server in one run: forward-auth (GET
+# /v1/authz?style=forwarded, as Caddy, Traefik and APISIX ask; wrk, 64 connections), Envoy ext_authz
+# over gRPC (bench-ext-authz: 64 callers on 4 HTTP/2 connections, as Envoy multiplexes) and POST
+# /v1/verify (wrk, 64 connections). Keys picked among 1,000; a route with a scope rule matched on every
+# decision. Each run prints decisions/s, p50 and p99 as the client saw them, and the Keyward process's
+# CPU time (user + system) per decision, its usage writer included: before and after each run the
+# script waits until every usage event is written. Release build; needs wrk (apt-get install wrk).
+# A last gRPC run with one caller on one connection gives the latency of a check without queueing.
 # Usage: scripts/bench-authz.sh [keys, default 1000] [seconds per run, default 10]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 N="${1:-1000}"
 DURATION="${2:-10}"
-command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p keyward -p keyward-bench
-BIN="${CARGO_TARGET_DIR:-target}/release"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-wait_http() { for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.01; done; echo "$1 not up" >&2; exit 1; }
+source "$(dirname "$0")/bench-common.sh"
 
 export KEYWARD_DATABASE_URL="sqlite://$WORK/bench.db"
 export KEYWARD_PLANS__BENCH__PER_DAY=1000000000000   # limits on, never reached
@@ -33,32 +30,54 @@ awk '{printf "{\"key\":\"%s\",\"name\":\"k%d\",\"owner_id\":\"customer-%d\",\"sc
 export SERVICE_KEY=$("$BIN/keyward" keys create --org bench --name service --scopes keyward:verify --key-only)
 export KEYS_FILE="$WORK/keys.txt" KEYS_USED="$N"
 
-"$BIN/keyward" serve --listen 127.0.0.1:18091 >/dev/null 2>"$WORK/serve.err" & PIDS+=($!)
-wait_http http://127.0.0.1:18091/readyz
-# Warm the cache and the code paths of both.
-wrk -t2 -c64 -d2s -s scripts/verify.lua http://127.0.0.1:18091 >/dev/null
-wrk -t2 -c64 -d2s -s scripts/authz.lua http://127.0.0.1:18091 >/dev/null
+HTTP=127.0.0.1:18091 GRPC=127.0.0.1:18092
+"$BIN/keyward" serve --listen "$HTTP" --ext-authz-grpc-listen "$GRPC" >/dev/null 2>"$WORK/serve.err" & PIDS+=($!); KW=$!
+wait_http "http://$HTTP/readyz"; wait_port "${GRPC#*:}"
 
-declare -A RPS P99
-ms() { # wrk's latency (850.00us, 1.31ms, 2.01s) in milliseconds
-    awk '{ v = $1 + 0; if ($1 ~ /us$/) v /= 1000; else if ($1 ~ /[0-9]s$/ && $1 !~ /ms$/) v *= 1000; print v }' <<<"$1"
+verify() { wrk_run "$1" -s scripts/verify.lua "http://$HTTP"; }
+forward_auth() { wrk_run "$1" -s scripts/authz.lua "http://$HTTP"; }
+grpc() { # bench-ext-authz's summary, kept like wrk_run's
+    local out
+    out=$("$BIN/bench-ext-authz" "$GRPC" "$KEYS_FILE" "$DURATION" "${CALLERS:-64}" "${CONNECTIONS:-4}")
+    REQUESTS[$1]=$(grep -o '[0-9]* checks' <<<"$out" | cut -d' ' -f1)
+    RPS[$1]=$(grep -o '= [0-9]* decisions/s' <<<"$out" | cut -d' ' -f2)
+    P50[$1]=$(grep -o 'p50 [0-9]* us' <<<"$out" | awk '{printf "%.2fms", $2 / 1000}')
+    P99[$1]=$(grep -o 'p99 [0-9]* us' <<<"$out" | awk '{printf "%.2fms", $2 / 1000}')
+    P99_MS[$1]=$(ms "${P99[$1]}")
+    if ! grep -q 'denied 0, failed 0' <<<"$out"; then echo "!! $1: $out" >&2; fi
 }
-run() { # name script tag
-    local out rps p50 p99
-    out=$(wrk -t2 -c64 -d"${DURATION}s" --latency -s "scripts/$2" http://127.0.0.1:18091)
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p50=$(awk '$1=="50%" {print $2}' <<<"$out"); p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    printf '| %-36s | %12s | %9s | %9s |\n' "$1" "$rps" "$p50" "$p99"
-    RPS[$3]=$rps; P99[$3]=$(ms "$p99")
-    if grep -q "Non-2xx" <<<"$out"; then echo "!! $1: non-2xx responses" >&2; grep "Non-2xx" <<<"$out" >&2; fi
+# Runs `$2 $1` with the usage writer idle before and after, and keeps the CPU per decision under $1.
+measured() { # tag runner
+    usage_drained "$HTTP"
+    local before
+    before=$(cpu_us "$KW")
+    "$2" "$1"
+    usage_drained "$HTTP"
+    CPU[$1]=$(awk -v c="$(( $(cpu_us "$KW") - before ))" -v n="${REQUESTS[$1]}" 'BEGIN { printf "%.1f", c / n }')
 }
-printf '| %-36s | %12s | %9s | %9s |\n' "run (64 connections, $N keys)" "decisions/s" "p50" "p99"
-echo "|--------------------------------------|--------------|-----------|-----------|"
-# Twice, in mirrored order (verify, authz, authz, verify), so neither gains from running second on a
-# machine whose load drifts; the ratios use the sums.
-run "POST /v1/verify" verify.lua verify1
-run "GET /v1/authz?style=forwarded" authz.lua authz1
-run "GET /v1/authz?style=forwarded" authz.lua authz2
-run "POST /v1/verify" verify.lua verify2
-ratio() { awk -v a="$1" -v b="$2" -v c="$3" -v d="$4" 'BEGIN { printf "%.2f", (a + b) / (c + d) }'; }
-echo "authz / verify: $(ratio "${RPS[authz1]}" "${RPS[authz2]}" "${RPS[verify1]}" "${RPS[verify2]}") x decisions/s (target >= 1)," \
-    "p99 $(ratio "${P99[authz1]}" "${P99[authz2]}" "${P99[verify1]}" "${P99[verify2]}") x"
+# Warm the cache and the code paths of all three.
+DURATION=2 verify warm; DURATION=2 forward_auth warm; DURATION=2 grpc warm
+
+printf '| %-36s | %12s | %9s | %9s | %12s |\n' "run (64 callers, $N keys)" "decisions/s" "p50" "p99" "CPU us/dec."
+echo "|--------------------------------------|--------------|-----------|-----------|--------------|"
+# Twice, in mirrored order, so that none gains from its place on a machine whose load drifts; the
+# ratios use the sums.
+ORDER=(verify forward_auth grpc grpc forward_auth verify)
+declare -A NAMES=([verify]="POST /v1/verify" [forward_auth]="GET /v1/authz?style=forwarded" [grpc]="ext_authz gRPC Check")
+declare -A SEEN
+for runner in "${ORDER[@]}"; do
+    tag="$runner$(( ${SEEN[$runner]:-0} + 1 ))"; SEEN[$runner]=$(( ${SEEN[$runner]:-0} + 1 ))
+    measured "$tag" "$runner"
+    row "${NAMES[$runner]}" "$tag"
+done
+# One caller on one connection: no queue behind other callers, so the latency is a check's own time
+# at the process, plus the client's and the loopback's.
+CALLERS=1 CONNECTIONS=1 measured alone grpc
+row "ext_authz gRPC Check, 1 caller" alone
+sum() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
+for hook in forward_auth grpc; do
+    echo "${NAMES[$hook]} / ${NAMES[verify]}:" \
+        "$(ratio "$(sum "${RPS[${hook}1]}" "${RPS[${hook}2]}")" "$(sum "${RPS[verify1]}" "${RPS[verify2]}")") x decisions/s (target >= 1)," \
+        "p99 $(ratio "$(sum "${P99_MS[${hook}1]}" "${P99_MS[${hook}2]}")" "$(sum "${P99_MS[verify1]}" "${P99_MS[verify2]}")") x," \
+        "CPU per decision $(ratio "$(sum "${CPU[${hook}1]}" "${CPU[${hook}2]}")" "$(sum "${CPU[verify1]}" "${CPU[verify2]}")") x"
+done

@@ -18,18 +18,18 @@ use tonic::transport::Channel;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// A check as Envoy sends one for `GET /projects/7` with the key in `x-api-key`.
+/// A check as Envoy sends one for `GET /v1/projects/7?page=2` with the key in `x-api-key`.
 fn check_request(key: &str) -> CheckRequest {
     let headers = [
         (":method", "GET"),
-        (":path", "/projects/7"),
+        (":path", "/v1/projects/7?page=2"),
         (":authority", "api.example.com"),
         ("user-agent", "bench-ext-authz"),
         ("x-api-key", key),
     ];
     let http = HttpRequest {
         method: "GET".into(),
-        path: "/projects/7".into(),
+        path: "/v1/projects/7?page=2".into(),
         host: "api.example.com".into(),
         headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         ..HttpRequest::default()
