@@ -340,6 +340,8 @@ pub struct UsageConfig {
     /// the most a usage report, a key's `total_requests` and its `last_used_*` lag behind. A flush
     /// and shutdown fold at once.
     pub fold_interval: Duration,
+    /// Which events keep a raw row besides the rollups (`usage.raw_events`).
+    pub raw_events: keyward_store::usage::RawEvents,
 }
 
 impl UsageConfig {
@@ -355,6 +357,7 @@ impl UsageConfig {
             shutdown_timeout: Duration::from_secs(10),
             concurrent_batches: 2,
             fold_interval: Duration::from_secs(10),
+            raw_events: keyward_store::usage::RawEvents::default(),
         }
     }
 

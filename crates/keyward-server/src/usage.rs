@@ -16,9 +16,13 @@
 //!   ([`UsageConfig::retry_initial`] doubling up to [`UsageConfig::retry_max`]).
 //! - **Long outages**: past [`UsageConfig::max_buffered`] events in memory, the oldest are appended to
 //!   a local append-only file ([`UsageConfig::spill_path`], JSON lines, fsynced) and replayed once the
-//!   store answers again, also by the next process that starts with the same file. Every event carries
-//!   its own id, and the store skips ids it already has, so a replay after a crash mid-replay counts
-//!   nothing twice.
+//!   store answers again, also by the next process that starts with the same file.
+//! - **Counted once**: a batch, once formed, is never split nor merged with other events: retried whole,
+//!   spilled as one group of lines (each tagged with the batch's id) and replayed as that group. The
+//!   store records each batch's id ([`keyward_store::usage::batch_id`], made from its events' ids) with
+//!   the batch and skips a batch it has seen, so a retry after a commit whose answer was lost, or a
+//!   replay after a crash mid-replay, counts nothing twice, with or without raw event rows
+//!   ([`UsageConfig::raw_events`]).
 //! - **Graceful shutdown** ([`UsageWorker::shutdown`], after axum's graceful shutdown) writes
 //!   everything; if the store cannot be reached within [`UsageConfig::shutdown_timeout`], what is left
 //!   goes to the spill file.
@@ -40,10 +44,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::{Clock, KeyId};
 use keyward_limit::{LimitError, QuotaSeed};
-use keyward_store::usage::{UsageEvent, month_of};
+use keyward_store::usage::{BATCH_ID_WINDOW, RawEvents, UsageEvent, batch_id, month_of};
 use keyward_store::{KeyUsage, Store};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
+use uuid::Uuid;
 
 use crate::settings::UsageConfig;
 
@@ -201,6 +207,9 @@ struct Writer {
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     config: UsageConfig,
+    /// Batches that were attempted and failed, oldest first: written (or spilled) whole, before
+    /// `pending`, so that each keeps the id it may already be stored under.
+    retry: VecDeque<Vec<UsageEvent>>,
     /// Oldest first; batches are taken from the front.
     pending: VecDeque<UsageEvent>,
     uses: HashMap<KeyId, KeyUse>,
@@ -225,6 +234,7 @@ impl Writer {
             store,
             shared,
             config,
+            retry: VecDeque::new(),
             pending: VecDeque::new(),
             uses: HashMap::new(),
             spilled,
@@ -297,8 +307,13 @@ impl Writer {
         }
     }
 
+    /// Events held in memory: in batches to retry and not yet batched.
+    fn buffered(&self) -> usize {
+        self.pending.len() + self.retry.iter().map(Vec::len).sum::<usize>()
+    }
+
     fn gauge(&self) {
-        metrics::gauge!("keyward_usage_buffer_events").set(self.pending.len() as f64);
+        metrics::gauge!("keyward_usage_buffer_events").set(self.buffered() as f64);
     }
 
     /// Replays the spill file, then writes the pending events batch by batch and the callers' key use,
@@ -345,25 +360,45 @@ impl Writer {
         false
     }
 
-    /// Writes the pending events in batches, [`UsageConfig::concurrent_batches`] at a time. After a
-    /// failure no batch starts; those under way finish, and every failed batch goes back to the front
-    /// of `pending`, whole (a batch is one transaction: all of it was written, or none). `true` when
-    /// every batch was written.
+    /// Writes the batches to retry, then the pending events in batches, [`UsageConfig::concurrent_batches`]
+    /// at a time. After a failure no batch starts; those under way finish, and every failed batch goes
+    /// to `retry`, whole and in order (a batch is one transaction: all of it was written, or none, and
+    /// written again it must be the same batch). `true` when every batch was written.
     async fn write_pending(&mut self) -> bool {
         let mut under_way = JoinSet::new();
         // The events of each batch under way, kept here too: a batch whose task panicked is not lost.
         let mut batches: HashMap<tokio::task::Id, Arc<Vec<UsageEvent>>> = HashMap::new();
+        // Batches that failed, in the order they were formed.
+        let mut failed: Vec<(usize, Vec<UsageEvent>)> = Vec::new();
+        let mut order: HashMap<tokio::task::Id, usize> = HashMap::new();
+        let mut formed = 0;
         let mut ok = true;
         loop {
-            while ok && under_way.len() < self.config.concurrent_batches.max(1) && !self.pending.is_empty() {
-                let n = self.pending.len().min(self.shared.batch_size);
-                let batch: Arc<Vec<UsageEvent>> = Arc::new(self.pending.drain(..n).collect());
-                let (store, events) = (self.store.clone(), batch.clone());
-                let task = under_way.spawn(async move { write_events(&*store, &events).await });
+            while ok
+                && under_way.len() < self.config.concurrent_batches.max(1)
+                && (!self.retry.is_empty() || !self.pending.is_empty())
+            {
+                let batch: Arc<Vec<UsageEvent>> = Arc::new(match self.retry.pop_front() {
+                    Some(batch) => batch,
+                    None => {
+                        let n = self.pending.len().min(self.shared.batch_size);
+                        self.pending.drain(..n).collect()
+                    }
+                });
+                let (store, events, raw) = (self.store.clone(), batch.clone(), self.config.raw_events);
+                let task = under_way.spawn(async move { write_events(&*store, &events, raw).await });
                 batches.insert(task.id(), batch);
+                order.insert(task.id(), formed);
+                formed += 1;
             }
             let (id, written) = match under_way.join_next_with_id().await {
-                None => return ok,
+                None => {
+                    failed.sort_by_key(|(n, _)| *n);
+                    for (_, batch) in failed.into_iter().rev() {
+                        self.retry.push_front(batch);
+                    }
+                    return ok;
+                }
                 Some(Ok((id, written))) => (id, written),
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "a usage batch's write task failed; the batch is kept for retry");
@@ -375,28 +410,46 @@ impl Writer {
                 ok = false;
                 if let Some(batch) = batch {
                     let events = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
-                    for e in events.into_iter().rev() {
-                        self.pending.push_front(e);
-                    }
+                    failed.push((order.get(&id).copied().unwrap_or_default(), events));
                 }
             }
         }
     }
 
-    /// Moves the oldest events past the memory bound to the spill file.
+    /// Moves the oldest events past the memory bound to the spill file: the batches to retry first
+    /// (whole), then pending events, in batches.
     async fn spill_excess(&mut self) {
-        if self.pending.len() <= self.config.max_buffered {
-            return;
+        let mut excess = self.buffered().saturating_sub(self.config.max_buffered);
+        let mut batches = Vec::new();
+        while excess > 0 {
+            let batch = match self.retry.pop_front() {
+                Some(batch) => batch,
+                None => {
+                    let n = self.pending.len().min(self.shared.batch_size).min(excess);
+                    self.pending.drain(..n).collect()
+                }
+            };
+            excess = excess.saturating_sub(batch.len());
+            batches.push(batch);
         }
-        let excess = self.pending.len() - self.config.max_buffered;
-        let events: Vec<UsageEvent> = self.pending.drain(..excess).collect();
-        self.spill(events).await;
+        if !batches.is_empty() {
+            self.spill(batches).await;
+        }
     }
 
-    async fn spill(&mut self, events: Vec<UsageEvent>) {
-        let n = events.len();
+    /// Everything in memory, as batches: those to retry, then the pending events.
+    fn take_all(&mut self) -> Vec<Vec<UsageEvent>> {
+        let mut batches: Vec<Vec<UsageEvent>> = std::mem::take(&mut self.retry).into();
+        let pending: Vec<UsageEvent> = std::mem::take(&mut self.pending).into();
+        batches.extend(pending.chunks(self.shared.batch_size).map(<[UsageEvent]>::to_vec));
+        batches
+    }
+
+    async fn spill(&mut self, batches: Vec<Vec<UsageEvent>>) {
+        let n: usize = batches.iter().map(Vec::len).sum();
         let path = self.config.spill_path.clone();
-        let written = tokio::task::spawn_blocking(move || append_spill(&path, &events).map_err(|e| (e, events))).await;
+        let written =
+            tokio::task::spawn_blocking(move || append_spill(&path, &batches).map_err(|e| (e, batches))).await;
         match written {
             Ok(Ok(())) => {
                 self.spilled = true;
@@ -404,10 +457,10 @@ impl Writer {
                 tracing::warn!(events = n, path = %self.config.spill_path.display(), "store behind: usage events spilled to disk");
             }
             // The disk failed too: the events go back to memory (never dropped), said loudly.
-            Ok(Err((e, events))) => {
+            Ok(Err((e, batches))) => {
                 tracing::error!(error = %e, events = n, "spilling usage events failed; keeping them in memory");
-                for e in events.into_iter().rev() {
-                    self.pending.push_front(e);
+                for batch in batches.into_iter().rev() {
+                    self.retry.push_front(batch);
                 }
             }
             Err(e) => tracing::error!(error = %e, events = n, "spill task failed; events lost"),
@@ -416,18 +469,18 @@ impl Writer {
 
     /// Writes the spill file's events; on success empties the file.
     async fn replay(&mut self) -> bool {
-        let path = self.config.spill_path.clone();
-        let read = tokio::task::spawn_blocking(move || read_spill(&path)).await;
-        let events = match read {
-            Ok(Ok(events)) => events,
+        let (path, chunk) = (self.config.spill_path.clone(), self.shared.batch_size);
+        let read = tokio::task::spawn_blocking(move || read_spill(&path, chunk)).await;
+        let batches = match read {
+            Ok(Ok(batches)) => batches,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the usage spill file failed; will retry");
                 return false;
             }
             Err(_) => return false,
         };
-        for chunk in events.chunks(self.shared.batch_size) {
-            if !write_events(&*self.store, chunk).await {
+        for batch in &batches {
+            if !write_events(&*self.store, batch, self.config.raw_events).await {
                 return false;
             }
         }
@@ -436,9 +489,10 @@ impl Writer {
             tracing::error!(error = %e, "emptying the usage spill file failed");
             return false;
         }
-        metrics::counter!("keyward_usage_replayed_events_total").increment(events.len() as u64);
-        if !events.is_empty() {
-            tracing::info!(events = events.len(), "usage spill file replayed");
+        let events: usize = batches.iter().map(Vec::len).sum();
+        metrics::counter!("keyward_usage_replayed_events_total").increment(events as u64);
+        if events > 0 {
+            tracing::info!(events, "usage spill file replayed");
         }
         self.spilled = false;
         true
@@ -458,16 +512,17 @@ impl Writer {
             tokio::time::sleep(self.delay).await;
             self.drain();
         }
-        let left: Vec<UsageEvent> = std::mem::take(&mut self.pending).into();
-        tracing::error!(events = left.len(), "store unreachable at shutdown: usage events spilled to disk");
+        let left = self.take_all();
+        let events: usize = left.iter().map(Vec::len).sum();
+        tracing::error!(events, "store unreachable at shutdown: usage events spilled to disk");
         self.spill(left).await;
         self.gauge();
     }
 }
 
-async fn write_events(store: &dyn Store, batch: &[UsageEvent]) -> bool {
+async fn write_events(store: &dyn Store, batch: &[UsageEvent], raw: RawEvents) -> bool {
     let started = Instant::now();
-    match store.record_usage_batch(batch).await {
+    match store.record_usage(batch, raw).await {
         Ok(recorded) => {
             metrics::histogram!("keyward_usage_flush_duration_seconds").record(started.elapsed().as_secs_f64());
             metrics::histogram!("keyward_usage_batch_events").record(batch.len() as f64);
@@ -483,32 +538,60 @@ async fn write_events(store: &dyn Store, batch: &[UsageEvent]) -> bool {
     }
 }
 
-fn append_spill(path: &Path, events: &[UsageEvent]) -> std::io::Result<()> {
+/// A spill file line: an event, tagged with the id of the batch it belongs to. Lines written before
+/// batches had ids carry no tag.
+#[derive(Serialize)]
+struct SpillLine<'a> {
+    batch: Uuid,
+    #[serde(flatten)]
+    event: &'a UsageEvent,
+}
+
+#[derive(Deserialize)]
+struct SpilledLine {
+    #[serde(default)]
+    batch: Option<Uuid>,
+    #[serde(flatten)]
+    event: UsageEvent,
+}
+
+/// One line per event, so a torn write loses at most the line it cut.
+fn append_spill(path: &Path, batches: &[Vec<UsageEvent>]) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     let mut out = std::io::BufWriter::new(file);
-    for e in events {
-        serde_json::to_writer(&mut out, e)?;
-        out.write_all(b"\n")?;
+    for events in batches {
+        let batch = batch_id(events);
+        for event in events {
+            serde_json::to_writer(&mut out, &SpillLine { batch, event })?;
+            out.write_all(b"\n")?;
+        }
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_data()
 }
 
-fn read_spill(path: &Path) -> std::io::Result<Vec<UsageEvent>> {
+/// The spill file's batches, in order: consecutive lines of one batch id make a batch; untagged lines
+/// (from a version before batch ids) make batches of at most `chunk`, the same ones at every read.
+fn read_spill(path: &Path, chunk: usize) -> std::io::Result<Vec<Vec<UsageEvent>>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut events = Vec::new();
+    let mut batches: Vec<(Option<Uuid>, Vec<UsageEvent>)> = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str(line) {
-            Ok(e) => events.push(e),
+        match serde_json::from_str::<SpilledLine>(line) {
+            Ok(SpilledLine { batch, event }) => match batches.last_mut() {
+                Some((tag, events)) if *tag == batch && (batch.is_some() || events.len() < chunk.max(1)) => {
+                    events.push(event)
+                }
+                _ => batches.push((batch, vec![event])),
+            },
             // Only a line cut short by a crash mid-write can be broken; it was never acknowledged.
             Err(e) => tracing::error!(error = %e, "skipping a broken line of the usage spill file"),
         }
     }
-    Ok(events)
+    Ok(batches.into_iter().map(|(_, events)| events).collect())
 }
 
 fn merge(pending: &mut HashMap<KeyId, KeyUse>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
@@ -539,7 +622,7 @@ impl QuotaSeed for StoreQuotaSeed {
 }
 
 /// Deletes raw usage events older than `retention`, every `every`, in steps of 10,000 rows (short
-/// write transactions). Rollups stay.
+/// write transactions), and the ids of batches older than [`BATCH_ID_WINDOW`]. Rollups stay.
 pub fn spawn_pruner(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -551,7 +634,11 @@ pub fn spawn_pruner(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let _ = prune_once(&*store, clock.now() - retention).await;
+            let now = clock.now();
+            let _ = prune_once(&*store, now - retention).await;
+            if let Err(e) = store.prune_usage_batches(now - BATCH_ID_WINDOW).await {
+                tracing::warn!(error = %e, "pruning usage batch ids failed; will retry");
+            }
         }
     })
 }
@@ -640,21 +727,36 @@ mod tests {
         assert_eq!(taken, recorded);
     }
 
-    #[test]
-    fn spilled_events_read_back_and_a_torn_last_line_is_skipped() {
+    /// A temporary directory, a spill file's path in it, and `n` verifications.
+    fn spill_fixture(n: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<UsageEvent>) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("spill.jsonl");
         let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
-        let events: Vec<UsageEvent> = (0..3)
-            .map(|_| {
-                UsageEvent::new(keyward_store::usage::UsageKind::Verify, KeyId::new(), keyward_core::OrgId::new(), at)
-            })
-            .collect();
-        append_spill(&path, &events[..2]).unwrap_or_else(|e| panic!("{e}"));
-        append_spill(&path, &events[2..]).unwrap_or_else(|e| panic!("{e}"));
+        let kind = keyward_store::usage::UsageKind::Verify;
+        let events = (0..n).map(|_| UsageEvent::new(kind, KeyId::new(), keyward_core::OrgId::new(), at)).collect();
+        (dir, path, events)
+    }
+
+    #[test]
+    fn spilled_events_read_back_and_a_torn_last_line_is_skipped() {
+        let (dir, path, events) = spill_fixture(3);
+        append_spill(&path, &[events[..2].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
+        append_spill(&path, &[events[2..].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap_or_else(|e| panic!("{e}"));
         f.write_all(b"{\"id\":\"trunc").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read_spill(&path).unwrap_or_default(), events);
-        assert!(read_spill(&dir.path().join("none")).unwrap_or_default().is_empty());
+        // Each batch comes back whole, as it was spilled, whatever the chunk size.
+        assert_eq!(read_spill(&path, 1).unwrap_or_default(), vec![events[..2].to_vec(), events[2..].to_vec()]);
+        assert!(read_spill(&dir.path().join("none"), 10).unwrap_or_default().is_empty());
+    }
+
+    #[test]
+    fn untagged_spill_lines_replay_in_the_same_chunks_every_time() {
+        let (_dir, path, events) = spill_fixture(5);
+        let legacy: String = events.iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect();
+        std::fs::write(&path, legacy).unwrap_or_else(|e| panic!("{e}"));
+        append_spill(&path, &[events[..1].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
+        let read = read_spill(&path, 2).unwrap_or_default();
+        let expected = vec![events[..2].to_vec(), events[2..4].to_vec(), events[4..].to_vec(), events[..1].to_vec()];
+        assert_eq!(read, expected);
     }
 }

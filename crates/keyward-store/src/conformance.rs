@@ -1182,6 +1182,8 @@ macro_rules! conformance_tests {
                 usage_prune_keeps_rollups,
                 usage_fold_counts_each_pending_row_once,
                 usage_extreme_rows_saturate_and_never_stop_the_fold,
+                usage_raw_events_choice_keeps_counts_exact,
+                usage_batches_side_by_side_add_up_and_their_ids_expire,
             );
         }
     };

@@ -235,6 +235,66 @@ pub fn event_id(at: DateTime<Utc>) -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &rest).into_uuid()
 }
 
+/// Which verifications and reports keep a raw row in `usage_events` (`usage.raw_events`). Counts never
+/// depend on it: every event is in the rollups and the quota counters whatever is kept raw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEvents {
+    /// No raw rows, except reports that carry an idempotency id: their row is what makes a retried
+    /// report count once.
+    Off,
+    /// A row for every refused request (not `VALID`) and every report: the security-relevant refusals
+    /// and the billing detail, not the allowed verifications that make up nearly all of the traffic.
+    #[default]
+    Denied,
+    /// A row for every event.
+    All,
+}
+
+impl RawEvents {
+    /// Whether `e` keeps a raw row.
+    pub fn keeps(self, e: &UsageEvent) -> bool {
+        match self {
+            Self::All => true,
+            Self::Denied => !e.is_valid_request(),
+            Self::Off => e.kind == UsageKind::Report && e.idempotency_id.is_some(),
+        }
+    }
+}
+
+impl std::str::FromStr for RawEvents {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "denied" => Ok(Self::Denied),
+            "all" => Ok(Self::All),
+            _ => Err(format!("`{s}` is not one of off, denied, all")),
+        }
+    }
+}
+
+/// How long a written batch's id is kept ([`UsageStore::prune_usage_batches`]): a batch written again
+/// within it counts nothing twice. A retry comes within seconds and a spill file is replayed when the
+/// store answers again or the node restarts; thirty days is far past either.
+pub const BATCH_ID_WINDOW: chrono::Duration = chrono::Duration::days(30);
+
+/// A batch's id: SHA-256 of its events' ids, in order, cut to 128 bits. The same events in the same
+/// order (a retry, a spill replay) give the same id; event ids are unique, so two different batches
+/// of any nodes never share one.
+pub fn batch_id(events: &[UsageEvent]) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for e in events {
+        h.update(e.id.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(bytes)
+}
+
 /// A latency histogram over [`LATENCY_BUCKETS_MS`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Histogram(pub [i64; 16]);
@@ -583,12 +643,22 @@ pub struct EventTotals {
 /// The usage ledger's storage. Every backend implements it; [`crate::Store`] requires it.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
-    /// Inserts the events that are not stored yet (by id, and by idempotency id per organization) and,
-    /// in the same transaction, adds them to the monthly quota counters and appends what they change in
-    /// the rollups and the keys' `total_requests`/`last_used_*` to `usage_pending`
-    /// ([`BatchEffects`]). All or nothing. The rollups show the batch after the next
+    /// [`UsageStore::record_usage`] keeping a raw row for every event.
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+        self.record_usage(events, RawEvents::All).await
+    }
+
+    /// Writes a batch once: its id ([`batch_id`]) goes into `usage_batches` in the same transaction,
+    /// and a batch whose id is there already is skipped whole. Inserts a raw row for each event `raw`
+    /// keeps, unless it is stored already (by id, and by idempotency id per organization: such an
+    /// event is not counted again); adds the counted events to the monthly quota counters and appends
+    /// what they change in the rollups and the keys' `total_requests`/`last_used_*` to
+    /// `usage_pending` ([`BatchEffects`]). All or nothing. The rollups show the batch after the next
     /// [`UsageStore::fold_usage`].
-    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch>;
+    async fn record_usage(&self, events: &[UsageEvent], raw: RawEvents) -> StoreResult<RecordedBatch>;
+
+    /// Forgets the ids of batches whose newest event is older than `before`; returns how many.
+    async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Folds the pending rows into `usage_daily`, `usage_daily_endpoints` and `api_keys`, and deletes
     /// them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows

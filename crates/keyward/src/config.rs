@@ -83,6 +83,9 @@ pub struct UsageSettings {
     /// How often the daily rollups and the keys' counters catch up with the written events (ms): the
     /// most a usage report lags behind.
     pub fold_interval_ms: u64,
+    /// Which events keep a raw row in `usage_events` besides the rollups: `off`, `denied` (every
+    /// refused request and every report) or `all`.
+    pub raw_events: keyward_store::usage::RawEvents,
 }
 
 impl Default for UsageSettings {
@@ -98,6 +101,7 @@ impl Default for UsageSettings {
             retry_max_ms: millis(d.retry_max),
             shutdown_timeout_ms: millis(d.shutdown_timeout),
             fold_interval_ms: millis(d.fold_interval),
+            raw_events: d.raw_events,
         }
     }
 }
@@ -363,6 +367,7 @@ impl Config {
             retry_max: Duration::from_millis(self.usage.retry_max_ms),
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
+            raw_events: self.usage.raw_events,
             ..keyward_server::settings::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
     }
@@ -588,6 +593,16 @@ mod tests {
             assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
             refuses(jail, "KEYWARD_USAGE__RETRY_MAX_MS", "10", "2000", "retry_max below retry_initial");
             refuses(jail, "KEYWARD_USAGE__CONCURRENT_BATCHES", "0", "1", "no writer at all");
+            use keyward_store::usage::RawEvents;
+            assert_eq!(c.usage_config().raw_events, RawEvents::Denied);
+            jail.create_file("keyward.toml", "[usage]\nraw_events = \"off\"")?;
+            assert_eq!(load()?.usage_config().raw_events, RawEvents::Off);
+            jail.set_env("KEYWARD_USAGE__RAW_EVENTS", "all");
+            let c = load()?;
+            assert_eq!(c.usage_config().raw_events, RawEvents::All);
+            assert!(c.show().contains("raw_events = \"all\""), "{}", c.show());
+            jail.set_env("KEYWARD_USAGE__RAW_EVENTS", "some");
+            assert!(load().is_err(), "an unknown choice is refused");
             Ok(())
         });
     }

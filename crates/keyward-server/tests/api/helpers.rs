@@ -40,10 +40,16 @@ pub struct TestApp {
     _guard: Guard,
 }
 
-/// The tests' settings: the defaults, with a usage writer that writes when a test flushes it.
+/// The tests' settings: the defaults, with a usage writer that writes when a test flushes it and keeps
+/// every raw event, so that tests can reconcile the rollups with the raw rows. What the other
+/// `usage.raw_events` choices keep is tested in the conformance suite and in `usage.rs`.
 pub fn settings() -> Settings {
     Settings {
-        usage: UsageConfig { flush_interval: Duration::from_secs(3600), ..UsageConfig::default() },
+        usage: UsageConfig {
+            flush_interval: Duration::from_secs(3600),
+            raw_events: keyward_store::usage::RawEvents::All,
+            ..UsageConfig::default()
+        },
         ..Settings::default()
     }
 }

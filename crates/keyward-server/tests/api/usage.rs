@@ -10,6 +10,7 @@ use chrono::{Duration as Days, NaiveDate};
 use keyward_server::service::CreateKeyRequest;
 use keyward_server::settings::UsageConfig;
 use keyward_server::usage::{StoreQuotaSeed, UsageRecorder, UsageWorker};
+use keyward_store::usage::RawEvents;
 use keyward_store::{Actor, OrganizationPatch};
 use serde_json::{Value, json};
 
@@ -107,7 +108,46 @@ async fn duplicate_report_ids_count_once(app: TestApp) {
     assert_eq!((r.body["totals"]["reports"].clone(), r.body["totals"]["cost_micros"].clone()), (json!(3), json!(21)));
 }
 
-on_every_backend!(verifications_become_events_and_rollups, duplicate_report_ids_count_once);
+/// With the default `usage.raw_events` (`denied`), the usage endpoints, the billing summary, the
+/// quota and the key's counters count every verification exactly, while raw rows are kept for the
+/// refused verifications and the reports only.
+async fn default_raw_events_keep_refusals_and_reports_and_count_everything(mut app: TestApp) {
+    let config = UsageConfig { flush_interval: Duration::from_secs(3600), ..UsageConfig::default() };
+    assert_eq!(config.raw_events, RawEvents::Denied);
+    let (usage, _worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
+    app.reconfigure(|b| b.usage(usage));
+    let (key, rec) = app.key(app.default_org.id, &["read:a"]).await;
+    for i in 0..20 {
+        let scopes = if i % 4 == 0 { json!(["write:a"]) } else { json!([]) };
+        app.verify(&key, json!({"endpoint": "/v1/embed", "required_scopes": scopes})).await;
+    }
+    let reports: Vec<Value> = (0..2)
+        .map(|i| json!({"id": format!("r{i}"), "key_id": rec.id.to_string(), "tokens_used": 10, "cost_micros": 7}))
+        .collect();
+    let r = app.post("/v1/usage", &app.admin_key, json!({"events": reports})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert!(app.state.usage.flush().await);
+
+    let r = app.get(&format!("/v1/keys/{}/usage?days=1", rec.id), &app.admin_key).await;
+    let totals = &r.body["totals"];
+    assert_eq!((totals["requests"].clone(), totals["denied"].clone()), (json!(20), json!(5)), "{}", r.body);
+    assert_eq!((totals["reports"].clone(), totals["tokens_used"].clone()), (json!(2), json!(20)));
+    assert_eq!(r.body["top_endpoints"][0]["requests"], 20);
+    let month = t0().format("%Y-%m").to_string();
+    let r = app.get(&format!("/v1/organizations/{}/usage?month={month}", app.default_org.id), &app.admin_key).await;
+    assert_eq!(r.body["totals"]["requests"], 20, "{}", r.body);
+    assert_eq!(app.state.store.get_key(rec.id).await.unwrap().total_requests, 15);
+    let subject = format!("quota:org:{}", app.default_org.id);
+    assert_eq!(app.state.store.quota_used(&subject, &month).await.unwrap(), 15);
+    let raw = app.state.store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap();
+    assert_eq!((raw.events, raw.requests), (7, 5), "raw rows: the refusals and the reports");
+}
+
+on_every_backend!(
+    verifications_become_events_and_rollups,
+    duplicate_report_ids_count_once,
+    default_raw_events_keep_refusals_and_reports_and_count_everything
+);
 
 #[tokio::test]
 async fn usage_reports_refuse_each_bad_input_and_write_nothing() {
@@ -465,13 +505,24 @@ async fn monthly_quota_survives_a_restart() {
     assert_eq!(restarted.verify(&key, json!({})).await["code"], "VALID");
 }
 
-/// PostgreSQL refusing every ledger write for a while (the `usage_events` table renamed away from under
-/// the running server: each batch transaction fails, as it would with the server down, while key
+/// PostgreSQL refusing every ledger write for a while (a table every batch writes renamed away from
+/// under the running server: each batch transaction fails, as it would with the server down, while key
 /// lookups still answer so requests keep coming), events past the memory bound spilled to disk: once
-/// the table is back, every event is in the store, once.
+/// the table is back, every event is in the store, once. With every raw event kept, the raw rows'
+/// table goes away; with the default (no raw row for a VALID verification), the batch ids'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_loses_nothing() {
-    let Some(mut app) = TestApp::postgres("usage::a_store_outage_loses_nothing").await else { return };
+    store_outage_loses_nothing("usage::a_store_outage_loses_nothing", RawEvents::All, "usage_events").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_loses_nothing_without_raw_rows() {
+    let name = "usage::a_store_outage_loses_nothing_without_raw_rows";
+    store_outage_loses_nothing(name, RawEvents::default(), "usage_batches").await;
+}
+
+async fn store_outage_loses_nothing(name: &str, raw_events: RawEvents, table: &str) {
+    let Some(mut app) = TestApp::postgres(name).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let spill = dir.path().join("spill.jsonl");
     let config = UsageConfig {
@@ -479,6 +530,7 @@ async fn a_store_outage_loses_nothing() {
         max_buffered: 15,
         retry_initial: Duration::from_millis(1),
         retry_max: Duration::from_millis(5),
+        raw_events,
         ..UsageConfig::new(Duration::from_secs(3600), spill.clone())
     };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
@@ -494,7 +546,8 @@ async fn a_store_outage_loses_nothing() {
         let (admin, sql) = (admin.clone(), format!("ALTER TABLE \"{schema}\".{from} RENAME TO {to}"));
         async move { sqlx::query(&sql).execute(&admin).await.unwrap() }
     };
-    rename("usage_events", "usage_events_away").await;
+    let away = format!("{table}_away");
+    rename(table, &away).await;
     for i in 0..40 {
         assert_eq!(app.verify(&key, json!({"endpoint": format!("/e{}", i % 4)})).await["code"], "VALID");
         if i % 10 == 9 {
@@ -503,17 +556,19 @@ async fn a_store_outage_loses_nothing() {
     }
     let spilled = std::fs::read_to_string(&spill).unwrap_or_default().lines().count();
     assert!(spilled >= 25, "past the memory bound events went to the spill file: {spilled}");
-    rename("usage_events_away", "usage_events").await;
+    rename(&away, table).await;
 
     assert!(app.state.usage.flush().await, "the store is back");
     worker.shutdown().await;
     assert_eq!(std::fs::read_to_string(&spill).unwrap_or_default(), "", "the spill file was replayed and emptied");
     let raw = app.state.store.usage_event_totals(rec.id, t0() - Days::days(1), t0() + Days::days(1)).await.unwrap();
-    assert_eq!(raw.events, 41);
+    assert_eq!(raw.events, if raw_events == RawEvents::All { 41 } else { 0 });
     let stored = app.state.store.get_key(rec.id).await.unwrap();
     assert_eq!(stored.total_requests, 41);
     let subject = format!("quota:org:{}", app.default_org.id);
     assert_eq!(app.state.store.quota_used(&subject, &t0().format("%Y-%m").to_string()).await.unwrap(), 41);
+    let r = app.get(&format!("/v1/keys/{}/usage?days=1", rec.id), &app.admin_key).await;
+    assert_eq!(r.body["totals"]["requests"], 41, "{}", r.body);
     admin.close().await;
 }
 
@@ -591,10 +646,12 @@ async fn pruning_deletes_old_events_and_keeps_rollups() {
     assert_eq!(r.body["totals"]["requests"], 2, "rollups stay");
 }
 
-/// Swaps the app's usage writer for one flushing every 10 ms and folding every `fold_interval`.
+/// Swaps the app's usage writer for one flushing every 10 ms and folding every `fold_interval`,
+/// keeping every raw event (the raw rows show when a batch was written).
 fn writer_folding_every(app: &mut TestApp, fold_interval: Duration) -> UsageWorker {
     let spill = std::env::temp_dir().join(format!("kw-spill-{}", uuid::Uuid::now_v7()));
-    let config = UsageConfig { fold_interval, ..UsageConfig::new(Duration::from_millis(10), spill) };
+    let config =
+        UsageConfig { fold_interval, raw_events: RawEvents::All, ..UsageConfig::new(Duration::from_millis(10), spill) };
     let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
     app.reconfigure(|b| b.usage(usage));
     worker

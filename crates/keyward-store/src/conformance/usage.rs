@@ -6,7 +6,7 @@ use keyward_core::OrgId;
 
 use super::{Must, at, key, org, t0};
 use crate::Store;
-use crate::usage::{Histogram, QuotaSubject, UsageEvent, UsageKind};
+use crate::usage::{Histogram, QuotaSubject, RawEvents, UsageEvent, UsageKind};
 
 fn verify_event(key: &crate::ApiKey, minutes: i64, outcome: &str, endpoint: &str) -> UsageEvent {
     let mut e = UsageEvent::new(UsageKind::Verify, key.id, key.organization_id, at(minutes));
@@ -149,6 +149,57 @@ pub async fn usage_batch_of_known_and_new_events_counts_the_new_once(store: &dyn
     assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 2_500);
     let subject = QuotaSubject::Org(org.id).to_string();
     assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota_used"), 5_000);
+}
+
+/// Whatever `usage.raw_events` keeps, the rollups, the key's counters and the quota count every event
+/// once, and a batch written twice counts once; only the raw rows differ: every report with an
+/// idempotency id (`off`), plus every refused request (`denied`), or everything (`all`).
+pub async fn usage_raw_events_choice_keeps_counts_exact(store: &dyn Store) {
+    for (raw, kept) in [(RawEvents::Off, 1), (RawEvents::Denied, 4), (RawEvents::All, 14)] {
+        let org = org(store, None).await;
+        let k = key(store, &org).await;
+        let mut events: Vec<UsageEvent> = (0..10).map(|i| verify_event(&k, i, "VALID", "/r")).collect();
+        events.extend((10..12).map(|i| verify_event(&k, i, "INSUFFICIENT_SCOPE", "/r")));
+        events.push(report(&k, org.id, 12, "r-1", 200, 9));
+        let mut anonymous = report(&k, org.id, 13, "", 500, 9);
+        anonymous.idempotency_id = None;
+        events.push(anonymous);
+        let first = store.record_usage(&events, raw).await.must("record_usage");
+        assert_eq!((first.inserted, first.duplicates), (14, 0), "{raw:?}");
+        let again = store.record_usage(&events, raw).await.must("written again");
+        assert_eq!((again.inserted, again.duplicates), (0, 14), "{raw:?}: the batch's id is known");
+        store.fold_usage().await.must("fold");
+        let days = store.key_usage_daily(k.id, day(0), day(0)).await.must("daily");
+        let c = &days[0].counts;
+        assert_eq!((c.requests, c.denied, c.reports, c.errors_5xx), (12, 2, 2, 1), "{raw:?}");
+        assert_eq!((c.tokens_used, c.cost_micros, c.latency_count), (200, 2_500, 2), "{raw:?}");
+        let endpoints = store.key_usage_endpoints(k.id, day(0), day(0), 10).await.must("endpoints");
+        assert_eq!(endpoints[0].counts.requests, 12, "{raw:?}");
+        assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 10, "{raw:?}");
+        let subject = QuotaSubject::Org(org.id).to_string();
+        assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota"), 20, "{raw:?}");
+        let rows = store.usage_event_totals(k.id, at(-1), at(24 * 60)).await.must("totals");
+        assert_eq!(rows.events, kept, "{raw:?}: raw rows kept");
+    }
+}
+
+/// Batches written at the same time on separate connections (two nodes on one database) add up; a
+/// batch id pruned past the window is forgotten, the others are still known.
+pub async fn usage_batches_side_by_side_add_up_and_their_ids_expire(store: &dyn Store) {
+    let org = org(store, None).await;
+    let k = key(store, &org).await;
+    let node_a: Vec<UsageEvent> = (0..300).map(|i| verify_event(&k, i % 60, "VALID", "/n")).collect();
+    let node_b: Vec<UsageEvent> = (0..200).map(|i| verify_event(&k, 60 + i % 60, "VALID", "/n")).collect();
+    let (a, b) = tokio::join!(store.record_usage(&node_a, RawEvents::Off), store.record_usage(&node_b, RawEvents::Off));
+    assert_eq!((a.must("node a").inserted, b.must("node b").inserted), (300, 200));
+    store.fold_usage().await.must("fold");
+    assert_eq!(store.get_key(k.id).await.must("get_key").total_requests, 500);
+    let subject = QuotaSubject::Org(org.id).to_string();
+    assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota"), 1_000);
+    // Node a's batch ends at minute 59, node b's at 119: only a's id is older than minute 60.
+    assert!(store.prune_usage_batches(at(60)).await.must("prune") >= 1);
+    assert_eq!(store.record_usage(&node_b, RawEvents::Off).await.must("b again").duplicates, 200);
+    assert_eq!(store.record_usage(&node_a, RawEvents::Off).await.must("a again").inserted, 300);
 }
 
 /// Pruning deletes old raw events only, in bounded steps; rollups stay.

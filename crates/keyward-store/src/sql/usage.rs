@@ -3,20 +3,21 @@
 //! databases is theirs ([`UsageDialect`]: how events and pending rows are inserted in bulk, how a sum
 //! saturates) and so is the fold ([`UsageBackend::fold_pending`]), whose SQL differs whole.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
-use sqlx::{ColumnIndex, Decode, FromRow, QueryBuilder, Row, Type};
+use sqlx::{ColumnIndex, Decode, FromRow, QueryBuilder, Row, Transaction, Type};
 use uuid::Uuid;
 
 use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::StoreResult;
 use crate::usage::{
     BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
-    RecordedBatch, UsageEvent, UsageStore,
+    RawEvents, RecordedBatch, UsageEvent, UsageStore, batch_id,
 };
 
 /// The usage ledger's SQL that differs between the databases.
@@ -125,16 +126,42 @@ fn daily_sums<D: UsageDialect>() -> String {
     DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", D::sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
-/// The batch when some of its events may be stored already: learns which ones went in
-/// (`RETURNING`) and applies the effects of those only.
-async fn record_usage_batch_checked<B: UsageBackend>(b: &B, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+/// Records the batch's id in `usage_batches`; `false` when it is there already (the batch was written).
+async fn claim_batch<B: UsageBackend>(
+    tx: &mut Transaction<'static, B::Db>,
+    events: &[UsageEvent],
+) -> StoreResult<bool> {
+    let newest = events.iter().map(|e| e.at).max().unwrap_or_default();
+    let q = Stmt::new("INSERT INTO usage_batches (id, at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .arg(batch_id(events))
+        .arg(newest);
+    Ok(B::Db::execute(&mut *tx, q).await? == 1)
+}
+
+/// What a batch write did when it was written before: nothing.
+fn written_before(events: &[UsageEvent]) -> RecordedBatch {
+    RecordedBatch { inserted: 0, duplicates: events.len() as u64 }
+}
+
+/// The batch when some of its raw events may be stored already: learns which ones went in
+/// (`RETURNING`) and applies the effects of those, and of the events that keep no raw row, only.
+async fn record_usage_checked<B: UsageBackend>(
+    b: &B,
+    events: &[UsageEvent],
+    keep: RawEvents,
+) -> StoreResult<RecordedBatch> {
     let mut tx = b.writer().await?;
-    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
-    for mut q in B::Db::event_inserts(events, true) {
+    if !claim_batch::<B>(&mut tx, events).await? {
+        tx.rollback().await.map_err(B::Db::error)?;
+        return Ok(written_before(events));
+    }
+    let raw = raw_rows(events, keep);
+    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(raw.len());
+    for mut q in B::Db::event_inserts(&raw, true) {
         let ids: Vec<Uuid> = B::Db::fetch_built(&mut tx, &mut q).await?;
         inserted.extend(ids);
     }
-    let fresh: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
+    let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !keep.keeps(e) || inserted.contains(&e.id)).collect();
     let fx = BatchEffects::of(fresh.iter().copied());
     for mut q in B::Db::effect_statements(&fx) {
         B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
@@ -145,21 +172,36 @@ async fn record_usage_batch_checked<B: UsageBackend>(b: &B, events: &[UsageEvent
     Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
 }
 
+/// The events of a batch that keep a raw row; borrowed whole when all of them do.
+fn raw_rows(events: &[UsageEvent], keep: RawEvents) -> Cow<'_, [UsageEvent]> {
+    if keep == RawEvents::All {
+        Cow::Borrowed(events)
+    } else {
+        Cow::Owned(events.iter().filter(|e| keep.keeps(e)).cloned().collect())
+    }
+}
+
 #[async_trait]
 impl<B: UsageBackend> UsageStore for B {
-    /// Optimistic: nearly every batch is all new events, so its statements and effects are built
-    /// before the transaction starts (a second batch gets ready while the first one writes), and the
-    /// events go in unchecked. When one of them is stored already (a replay, or a retry of a batch
-    /// whose commit went through unacknowledged), an insert reports fewer rows or fails with a unique
-    /// violation; the transaction is rolled back and the batch written again, checked.
-    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<RecordedBatch> {
+    /// Optimistic: nearly every batch is new and all its raw events too, so its statements and
+    /// effects are built before the transaction starts (a second batch gets ready while the first one
+    /// writes), and the raw events go in unchecked. A batch whose id is recorded already is skipped.
+    /// When a raw event is stored already (the same events in another batch), an insert reports fewer
+    /// rows or fails with a unique violation; the transaction is rolled back and the batch written
+    /// again, checked.
+    async fn record_usage(&self, events: &[UsageEvent], keep: RawEvents) -> StoreResult<RecordedBatch> {
         if events.is_empty() {
             return Ok(RecordedBatch::default());
         }
-        let inserts = B::Db::event_inserts(events, false);
+        let raw = raw_rows(events, keep);
+        let inserts = B::Db::event_inserts(&raw, false);
         let fx = BatchEffects::of(events);
         let effects = B::Db::effect_statements(&fx);
         let mut tx = self.writer().await?;
+        if !claim_batch::<B>(&mut tx, events).await? {
+            tx.rollback().await.map_err(B::Db::error)?;
+            return Ok(written_before(events));
+        }
         let mut rows = 0;
         for mut q in inserts {
             match B::Db::execute_built(&mut tx, &mut q).await {
@@ -168,16 +210,23 @@ impl<B: UsageBackend> UsageStore for B {
                 Err(e) => return Err(B::Db::error(e)),
             }
         }
-        if rows != events.len() as u64 {
+        if rows != raw.len() as u64 {
             tx.rollback().await.map_err(B::Db::error)?;
-            return record_usage_batch_checked(self, events).await;
+            return record_usage_checked(self, events, keep).await;
         }
         for mut q in effects {
             B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
         }
         tx.commit().await.map_err(B::Db::error)?;
         self.batch_written();
-        Ok(RecordedBatch { inserted: rows, duplicates: 0 })
+        Ok(RecordedBatch { inserted: events.len() as u64, duplicates: 0 })
+    }
+
+    async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.writer().await?;
+        let deleted = B::Db::execute(&mut tx, Stmt::new("DELETE FROM usage_batches WHERE at < $1").arg(before)).await?;
+        tx.commit().await.map_err(B::Db::error)?;
+        Ok(deleted)
     }
 
     async fn fold_usage(&self) -> StoreResult<u64> {
