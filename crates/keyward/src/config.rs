@@ -83,11 +83,22 @@ pub struct UsageSettings {
     /// How often the daily rollups and the keys' counters catch up with the written events (ms): the
     /// most a usage report lags behind.
     pub fold_interval_ms: u64,
+    /// A directory: every usage event (all verifications, gateway and authz decisions, reports) is
+    /// also appended to gzip-compressed newline-delimited JSON segments there, for analytics engines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<std::path::PathBuf>,
+    /// A segment is completed (renamed from `.part` to `.ndjson.gz`) once it is this old ...
+    pub export_rotate_seconds: u64,
+    /// ... or once it holds this many compressed bytes.
+    pub export_rotate_bytes: u64,
+    /// The most the complete segments may hold; past it the oldest are deleted.
+    pub export_max_bytes: u64,
 }
 
 impl Default for UsageSettings {
     fn default() -> Self {
         let d = keyward_server::settings::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+        let e = keyward_server::settings::ExportConfig::new(std::path::PathBuf::new());
         Self {
             spill_path: None,
             max_buffered: d.max_buffered,
@@ -98,6 +109,10 @@ impl Default for UsageSettings {
             retry_max_ms: millis(d.retry_max),
             shutdown_timeout_ms: millis(d.shutdown_timeout),
             fold_interval_ms: millis(d.fold_interval),
+            export: None,
+            export_rotate_seconds: e.rotate_after.as_secs(),
+            export_rotate_bytes: e.rotate_bytes,
+            export_max_bytes: e.max_bytes,
         }
     }
 }
@@ -339,6 +354,12 @@ impl Config {
         if self.usage.retry_initial_ms == 0 || self.usage.retry_max_ms < self.usage.retry_initial_ms {
             bail!("usage.retry_initial_ms must be positive and at most usage.retry_max_ms");
         }
+        if self.usage.export_rotate_seconds == 0 || self.usage.export_rotate_bytes == 0 {
+            bail!("usage.export_rotate_seconds and usage.export_rotate_bytes must be positive");
+        }
+        if self.usage.export_max_bytes < self.usage.export_rotate_bytes {
+            bail!("usage.export_max_bytes must be at least usage.export_rotate_bytes");
+        }
         Ok(())
     }
 
@@ -363,6 +384,12 @@ impl Config {
             retry_max: Duration::from_millis(self.usage.retry_max_ms),
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
+            export: self.usage.export.clone().map(|dir| keyward_server::settings::ExportConfig {
+                rotate_after: Duration::from_secs(self.usage.export_rotate_seconds),
+                rotate_bytes: self.usage.export_rotate_bytes,
+                max_bytes: self.usage.export_max_bytes,
+                ..keyward_server::settings::ExportConfig::new(dir)
+            }),
             ..keyward_server::settings::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
     }
