@@ -93,21 +93,27 @@ impl<'a> ExportRecord<'a> {
 pub struct Exporter {
     queue: SyncSender<Vec<UsageEvent>>,
     queued: Arc<AtomicUsize>,
+    /// The most events `queued` may reach.
+    limit: usize,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Exporter {
     /// Starts the export thread (the directory is created if missing).
     pub fn start(config: ExportConfig) -> std::io::Result<Self> {
+        Self::start_bounded(config, QUEUE_EVENTS)
+    }
+
+    fn start_bounded(config: ExportConfig, limit: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(&config.dir)?;
         // The bound that matters is `queued` (events); this one only caps the number of handovers.
-        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_EVENTS / 64);
+        let (queue, rx) = std::sync::mpsc::sync_channel(limit / 64 + 1);
         let queued = Arc::new(AtomicUsize::new(0));
         let counter = queued.clone();
         let thread = std::thread::Builder::new()
             .name("keyward-usage-export".to_owned())
             .spawn(move || run(Segments::new(config), rx, &counter))?;
-        Ok(Self { queue, queued, thread })
+        Ok(Self { queue, queued, limit, thread })
     }
 
     /// Queues a copy of `events` for the files; never waits. Dropped (and counted) when the thread is
@@ -117,7 +123,7 @@ impl Exporter {
             return;
         }
         let n = events.len();
-        let dropped = if self.queued.fetch_add(n, Ordering::AcqRel) + n > QUEUE_EVENTS {
+        let dropped = if self.queued.fetch_add(n, Ordering::AcqRel) + n > self.limit {
             true
         } else {
             self.queue.try_send(events.to_vec()).is_err()
@@ -462,6 +468,18 @@ mod tests {
         let ids: Vec<String> =
             lines(&complete[0]).iter().map(|l| l["event_id"].as_str().unwrap_or_default().to_owned()).collect();
         assert_eq!(ids, sent.iter().map(|e| e.id.to_string()).collect::<Vec<_>>());
+    }
+
+    /// Past the queue's bound the export drops what it is offered; what fits is still written.
+    #[tokio::test]
+    async fn the_exporter_drops_past_its_bound_and_keeps_what_fits() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let exporter = Exporter::start_bounded(config(dir.path()), 10).unwrap_or_else(|e| panic!("{e}"));
+        exporter.offer(&events(11));
+        exporter.offer(&events(6));
+        exporter.close().await;
+        let complete = complete_segments(dir.path()).unwrap_or_default();
+        assert_eq!(complete.iter().map(|p| lines(p).len()).sum::<usize>(), 6);
     }
 
     /// The field names are the export's contract; a key's secret or hash is never one of them.

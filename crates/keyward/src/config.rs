@@ -615,6 +615,8 @@ mod tests {
             assert!(c.show().contains("shutdown_timeout_ms = 3000"), "{}", c.show());
             refuses(jail, "KEYWARD_USAGE__RETRY_MAX_MS", "10", "2000", "retry_max below retry_initial");
             refuses(jail, "KEYWARD_USAGE__CONCURRENT_BATCHES", "0", "1", "no writer at all");
+            refuses(jail, "KEYWARD_USAGE__EXPORT_ROTATE_SECONDS", "0", "60", "segments never old enough");
+            refuses(jail, "KEYWARD_USAGE__EXPORT_MAX_BYTES", "1000", "67108864", "a bound below one segment");
             Ok(())
         });
     }
