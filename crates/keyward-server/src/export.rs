@@ -215,7 +215,10 @@ impl Segments {
     /// Appends `events` to the open segment (opening one at `now` if none is), then completes it if
     /// it is old enough or big enough.
     pub fn append(&mut self, events: &[UsageEvent], now: DateTime<Utc>) -> std::io::Result<()> {
-        self.tick(now)?;
+        // A segment that could not be completed stays a .part; these events still go to a new one.
+        if let Err(e) = self.tick(now) {
+            export_failed(&e);
+        }
         if events.is_empty() {
             return Ok(());
         }
@@ -224,17 +227,21 @@ impl Segments {
             serde_json::to_writer(&mut self.lines, &ExportRecord::of(e))?;
             self.lines.push(b'\n');
         }
-        let segment = match self.current.take() {
-            Some(segment) => segment,
-            None => self.open(now)?,
+        let opened = match self.current.take() {
+            Some(segment) => Ok(segment),
+            None => self.open(now),
         };
-        let segment = self.current.insert(segment);
-        if let Err(e) = segment.out.write_all(&self.lines) {
-            // The segment is left as it is (.part); the next batch starts a new one.
+        let written = opened.and_then(|segment| {
+            let segment = self.current.insert(segment);
+            segment.out.write_all(&self.lines)
+        });
+        if let Err(e) = written {
+            // A segment that failed is left as it is (.part); the next batch starts a new one.
             self.current = None;
             metrics::counter!("keyward_usage_export_dropped_total").increment(events.len() as u64);
             return Err(e);
         }
+        let Some(segment) = &self.current else { return Ok(()) };
         metrics::counter!("keyward_usage_export_events_total").increment(events.len() as u64);
         if segment.out.get_ref().bytes >= self.config.rotate_bytes {
             self.rotate()?;
