@@ -6,7 +6,8 @@
 # unreachable service fails the run; elsewhere the tests that need it are skipped with a loud line.
 # nginx and Caddy are installed the same way (never started as system services: the proxy tests run
 # their own instances on loopback ports) and their paths exported as KEYWARD_TEST_NGINX/_CADDY; so are
-# Chromium and its WebDriver for the console's browser test (KEYWARD_TEST_CHROMIUM/_CHROMEDRIVER).
+# Chromium and its WebDriver for the console's browser test (KEYWARD_TEST_CHROMIUM/_CHROMEDRIVER); so is
+# a Python with DuckDB for the usage export's test (KEYWARD_TEST_PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -110,8 +111,22 @@ chromium_usable() { [ -x "$KEYWARD_TEST_CHROMIUM" ] && "$KEYWARD_TEST_CHROMIUM" 
 chromedriver_usable() { [ -x "$KEYWARD_TEST_CHROMEDRIVER" ] && "$KEYWARD_TEST_CHROMEDRIVER" --version >/dev/null 2>&1; }
 ensure_chromium() { ensure_proxy chromium chromium /usr/bin/chromium; }
 ensure_chromedriver() { ensure_proxy chromedriver chromium-driver /usr/bin/chromedriver; }
+# The usage export's test has DuckDB count the exported rows: its Python package from the package
+# registry, in the tools' virtual environment scripts/schemathesis.sh keeps too (KEYWARD_TOOLS_DIR).
+DUCKDB_VERSION=2.0.1
+TOOLS="${KEYWARD_TOOLS_DIR:-$HOME/.cache/keyward}"
+export KEYWARD_TEST_PYTHON="$TOOLS/venv/bin/python"
+duckdb_usable() { "$KEYWARD_TEST_PYTHON" -c "import duckdb; assert duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null; }
+ensure_python() {
+    duckdb_usable && return 0
+    say "installing duckdb $DUCKDB_VERSION into $TOOLS/venv"
+    mkdir -p "$TOOLS"
+    { [ -x "$TOOLS/venv/bin/pip" ] || python3 -m venv "$TOOLS/venv"; } || return 1
+    "$TOOLS/venv/bin/pip" install -q "duckdb==$DUCKDB_VERSION" || return 1
+    duckdb_usable
+}
 
-for service in postgres redis nginx caddy chromium chromedriver; do
+for service in postgres redis nginx caddy chromium chromedriver python; do
     if ! "ensure_$service"; then
         if [ "${CI:-}" = "true" ]; then
             echo "FATAL: $service is not reachable and CI=true: failing the run" >&2

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod client_ip;
 pub mod console;
 pub mod error;
+pub mod export;
 pub mod ext_authz;
 pub mod extract;
 pub mod gateway;

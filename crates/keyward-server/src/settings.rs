@@ -342,6 +342,52 @@ pub struct UsageConfig {
     pub fold_interval: Duration,
     /// Which events keep a raw row besides the rollups (`usage.raw_events`).
     pub raw_events: keyward_store::usage::RawEvents,
+    /// Every usage event also appended to segment files analytics engines read
+    /// ([`crate::export`]); `None`: no export.
+    pub export: Option<ExportConfig>,
+}
+
+/// Where and how the raw usage events are exported ([`crate::export`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportConfig {
+    /// The directory of the segments (created if missing).
+    pub dir: PathBuf,
+    /// A segment is completed once it is this old ...
+    pub rotate_after: Duration,
+    /// ... or once this many compressed bytes are written to it.
+    pub rotate_bytes: u64,
+    /// The most the complete segments in the directory may hold: past it the oldest are deleted.
+    pub max_bytes: u64,
+    /// In every segment's name, so nodes sharing a directory or a bucket never write the same file.
+    pub node: String,
+}
+
+impl ExportConfig {
+    /// Defaults: a segment every 5 minutes or 64 MiB, at most 10 GiB kept, named for this host and process.
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            rotate_after: Duration::from_secs(300),
+            rotate_bytes: 64 << 20,
+            max_bytes: 10 << 30,
+            node: Self::default_node(),
+        }
+    }
+
+    /// `<host>-<pid>`, kept to letters, digits, `-` and `_` (it is part of a file name).
+    pub fn default_node() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let host = if host.is_empty() { "node".to_owned() } else { host };
+        format!("{host}-{}", std::process::id())
+    }
 }
 
 impl UsageConfig {
@@ -358,6 +404,7 @@ impl UsageConfig {
             concurrent_batches: 2,
             fold_interval: Duration::from_secs(10),
             raw_events: keyward_store::usage::RawEvents::default(),
+            export: None,
         }
     }
 

@@ -52,6 +52,11 @@ const COUNTERS: &[(&str, &str)] = &[
     ("keyward_usage_spilled_events_total", "Usage events spilled to the local file."),
     ("keyward_usage_replayed_events_total", "Usage events replayed from the spill file."),
     ("keyward_usage_pruned_events_total", "Raw usage events pruned past the retention."),
+    ("keyward_usage_export_events_total", "Usage events written to the export's segment files."),
+    ("keyward_usage_export_dropped_total", "Usage events not exported: the export fell behind or failed."),
+    ("keyward_usage_export_segments_total", "Export segments completed (renamed from .part)."),
+    ("keyward_usage_export_deleted_segments_total", "Oldest export segments deleted past export_max_bytes."),
+    ("keyward_usage_export_errors_total", "Failed writes of the usage export."),
     (crate::error::STORE_ERRORS_TOTAL, "Store errors by kind."),
 ];
 

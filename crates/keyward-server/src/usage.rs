@@ -220,6 +220,8 @@ struct Writer {
     delay: Duration,
     /// No fold before this, unless asked for one.
     next_fold: Instant,
+    /// Every event drained is offered to it ([`crate::export`]), whatever the store keeps.
+    export: Option<crate::export::Exporter>,
 }
 
 impl Writer {
@@ -230,6 +232,9 @@ impl Writer {
         }
         let delay = config.retry_initial;
         let next_fold = Instant::now() + config.fold_interval;
+        let export = config.export.clone().and_then(|c| {
+            crate::export::Exporter::start(c).map_err(|e| tracing::error!(error = %e, "usage export off")).ok()
+        });
         Self {
             store,
             shared,
@@ -241,6 +246,7 @@ impl Writer {
             retry_at: None,
             delay,
             next_fold,
+            export,
         }
     }
 
@@ -288,6 +294,9 @@ impl Writer {
         };
         let mut emptied = Vec::new();
         for mut chunk in full.into_iter().chain(std::iter::once(filling)) {
+            if let Some(export) = &self.export {
+                export.offer(&chunk);
+            }
             self.pending.extend(chunk.drain(..));
             if chunk.capacity() >= CHUNK {
                 emptied.push(chunk);
@@ -500,6 +509,9 @@ impl Writer {
 
     async fn shutdown(&mut self) {
         self.drain();
+        if let Some(export) = self.export.take() {
+            export.close().await;
+        }
         let deadline = Instant::now() + self.config.shutdown_timeout;
         loop {
             if self.write_all(true).await {

@@ -86,11 +86,22 @@ pub struct UsageSettings {
     /// Which events keep a raw row in `usage_events` besides the rollups: `off`, `denied` (every
     /// refused request and every report) or `all`.
     pub raw_events: keyward_store::usage::RawEvents,
+    /// A directory: every usage event (all verifications, gateway and authz decisions, reports) is
+    /// also appended to gzip-compressed newline-delimited JSON segments there, for analytics engines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<std::path::PathBuf>,
+    /// A segment is completed (renamed from `.part` to `.ndjson.gz`) once it is this old ...
+    pub export_rotate_seconds: u64,
+    /// ... or once it holds this many compressed bytes.
+    pub export_rotate_bytes: u64,
+    /// The most the complete segments may hold; past it the oldest are deleted.
+    pub export_max_bytes: u64,
 }
 
 impl Default for UsageSettings {
     fn default() -> Self {
         let d = keyward_server::settings::UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
+        let e = keyward_server::settings::ExportConfig::new(std::path::PathBuf::new());
         Self {
             spill_path: None,
             max_buffered: d.max_buffered,
@@ -102,6 +113,10 @@ impl Default for UsageSettings {
             shutdown_timeout_ms: millis(d.shutdown_timeout),
             fold_interval_ms: millis(d.fold_interval),
             raw_events: d.raw_events,
+            export: None,
+            export_rotate_seconds: e.rotate_after.as_secs(),
+            export_rotate_bytes: e.rotate_bytes,
+            export_max_bytes: e.max_bytes,
         }
     }
 }
@@ -343,6 +358,12 @@ impl Config {
         if self.usage.retry_initial_ms == 0 || self.usage.retry_max_ms < self.usage.retry_initial_ms {
             bail!("usage.retry_initial_ms must be positive and at most usage.retry_max_ms");
         }
+        if self.usage.export_rotate_seconds == 0 || self.usage.export_rotate_bytes == 0 {
+            bail!("usage.export_rotate_seconds and usage.export_rotate_bytes must be positive");
+        }
+        if self.usage.export_max_bytes < self.usage.export_rotate_bytes {
+            bail!("usage.export_max_bytes must be at least usage.export_rotate_bytes");
+        }
         Ok(())
     }
 
@@ -368,6 +389,12 @@ impl Config {
             shutdown_timeout: Duration::from_millis(self.usage.shutdown_timeout_ms),
             fold_interval: Duration::from_millis(self.usage.fold_interval_ms),
             raw_events: self.usage.raw_events,
+            export: self.usage.export.clone().map(|dir| keyward_server::settings::ExportConfig {
+                rotate_after: Duration::from_secs(self.usage.export_rotate_seconds),
+                rotate_bytes: self.usage.export_rotate_bytes,
+                max_bytes: self.usage.export_max_bytes,
+                ..keyward_server::settings::ExportConfig::new(dir)
+            }),
             ..keyward_server::settings::UsageConfig::new(Duration::from_millis(self.usage_flush_interval_ms), spill)
         }
     }
@@ -603,6 +630,8 @@ mod tests {
             assert!(c.show().contains("raw_events = \"all\""), "{}", c.show());
             jail.set_env("KEYWARD_USAGE__RAW_EVENTS", "some");
             assert!(load().is_err(), "an unknown choice is refused");
+            refuses(jail, "KEYWARD_USAGE__EXPORT_ROTATE_SECONDS", "0", "60", "segments never old enough");
+            refuses(jail, "KEYWARD_USAGE__EXPORT_MAX_BYTES", "1000", "67108864", "a bound below one segment");
             Ok(())
         });
     }

@@ -508,3 +508,48 @@ fn a_toml_syntax_error_is_one_line_with_file_line_and_column() {
         assert!(lines[0].contains(&format!("keyward.toml:{line}:{column}: invalid TOML")), "{stderr}");
     }
 }
+
+/// `usage.export`: every verification of a run is a line of a complete `.ndjson.gz` segment once the
+/// process stopped (no `.part` left, no key in any line), and DuckDB, an engine that never saw
+/// Keyward, counts exactly the verifications made.
+#[test]
+fn duckdb_counts_every_exported_verification() {
+    use std::io::Read;
+    use std::time::Duration;
+
+    const N: usize = 41;
+    let cli = Cli::new();
+    let export = cli.dir.path().join("export");
+    let (mut child, key, address, mut stderr, mut logs) =
+        serve(&cli, &[("KEYWARD_USAGE__EXPORT", export.to_str().unwrap())]);
+    for i in 0..N {
+        let body = serde_json::json!({"key": key, "endpoint": format!("/e{}", i % 4), "method": "GET"});
+        let (status, json, _) = common::http(&address, "POST", "/v1/verify", &key, Some(body));
+        assert_eq!((status, json["code"].as_str()), (200, Some("VALID")), "{json}");
+    }
+    let status = terminate(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    stderr.read_to_string(&mut logs).unwrap();
+
+    let mut names: Vec<String> =
+        std::fs::read_dir(&export).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert!(!names.is_empty() && names.iter().all(|n| n.ends_with(".ndjson.gz")), "{names:?}\n{logs}");
+    let mut text = String::new();
+    for name in &names {
+        flate2::read::GzDecoder::new(std::fs::File::open(export.join(name)).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+    }
+    assert_eq!(text.lines().count(), N, "{text}");
+    // SECURITY: the key, and any run of its body, is in no line.
+    let body = key.rsplit('_').next().unwrap();
+    assert!(!text.contains(&key) && !text.contains(&body[..12.min(body.len())]), "{text}");
+
+    let Some(python) = common::tool("the DuckDB export test", "python", "") else { return };
+    let query = "import duckdb, sys\n\
+        print(duckdb.sql(\"SELECT count(*), count(DISTINCT event_id) FROM read_json_auto('\" + sys.argv[1] + \"/*.ndjson.gz') WHERE kind = 'verify' AND outcome = 'VALID'\").fetchall()[0])";
+    let out = Command::new(python).args(["-c", query, export.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("({N}, {N})"));
+}

@@ -730,3 +730,53 @@ async fn redis_quota_is_reconciled_with_the_store() {
     assert_eq!(node.verify(&key, json!({})).await["quota"]["used"], 5);
     assert_eq!(node.verify(&key, json!({})).await["code"], "QUOTA_EXCEEDED");
 }
+
+/// `usage.export`: a valid and a refused verification and a report are each a line of a complete
+/// segment once the writer has stopped, in the order they were made, with no key in any line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_usage_event_is_exported() {
+    let mut app = TestApp::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let config = UsageConfig {
+        export: Some(keyward_server::settings::ExportConfig::new(export.clone())),
+        ..UsageConfig::new(Duration::from_secs(3600), dir.path().join("spill.jsonl"))
+    };
+    let (usage, worker) = UsageRecorder::spawn_with(app.state.store.clone(), config);
+    app.reconfigure(|b| b.usage(usage));
+    let (key, rec) = app.key(app.default_org.id, &["read:a"]).await;
+    let valid = app.verify(&key, json!({"endpoint": "/v1/chat", "method": "post"})).await;
+    assert_eq!(valid["code"], "VALID");
+    assert_eq!(app.verify(&key, json!({"required_scopes": ["write:a"]})).await["code"], "INSUFFICIENT_SCOPE");
+    let report = json!({"id": "r1", "key_id": rec.id.to_string(), "status_code": 201, "response_time_ms": 12,
+        "tokens_used": 7, "cost_micros": 30, "endpoint": "/v1/chat"});
+    let r = app.post("/v1/usage", &app.admin_key, json!({"events": [report]})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    worker.shutdown().await;
+
+    let segments = keyward_server::export::complete_segments(&export).unwrap();
+    assert_eq!(segments.len(), 1, "one segment, completed at shutdown");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(&segments[0]).unwrap()),
+        &mut text,
+    )
+    .unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(&str, &str, &Value, &Value)> = lines
+        .iter()
+        .map(|l| (l["kind"].as_str().unwrap(), l["key_id"].as_str().unwrap(), &l["outcome"], &l["tokens"]))
+        .collect();
+    let id = rec.id.to_string();
+    assert_eq!(
+        seen,
+        [
+            ("verify", id.as_str(), &json!("VALID"), &json!(0)),
+            ("verify", id.as_str(), &json!("INSUFFICIENT_SCOPE"), &json!(0)),
+            ("report", id.as_str(), &Value::Null, &json!(7)),
+        ]
+    );
+    assert_eq!((lines[0]["endpoint"].as_str(), lines[2]["status"].as_i64()), (Some("/v1/chat"), Some(201)));
+    // SECURITY: neither the key nor its body.
+    assert!(!text.contains(&key) && !text.contains(key.rsplit('_').next().unwrap()), "{text}");
+}
