@@ -10,6 +10,7 @@
 mod extract;
 mod pages;
 pub mod sessions;
+mod usage;
 mod view;
 
 use axum::Router;

@@ -202,8 +202,10 @@ pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> P
     let state = signed.caller.state().clone();
     let csrf = signed.csrf_token();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
+    let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, key_view(&key, &csrf, None))))
+    let body = html! { (key_view(&key, &csrf, None)) (usage) };
+    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
 }
 
 /// A key's settings and actions, with a secret just made (`fresh`) shown once above them.

@@ -222,3 +222,49 @@ async fn keys_signed_in_with_or_created_in_the_console_are_never_logged() {
         assert!(!signed.headers["set-cookie"].to_str().unwrap().contains(&secret[8..40]));
     }
 }
+
+const XSS: &str = "<img src=x onerror=alert(1)>";
+
+/// Signs `key` in and reads `path`: the page's text (asserting 200).
+async fn page_of(app: &TestApp, key: &str, path: &str, status: StatusCode) -> String {
+    let cookie = session(&sign_in(app, key).await);
+    let r = get(app, path, &cookie).await;
+    assert_eq!(r.status, status, "{path}: {}", r.text);
+    assert!(!r.text.contains("style=") && !r.text.contains("<script>"), "no inline style or script");
+    r.text
+}
+
+#[tokio::test]
+async fn a_key_page_charts_its_usage_with_a_table_and_escaped_endpoints() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (alices, alice) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    app.verify(&alices, serde_json::json!({"endpoint": "/v1/chat", "method": "POST"})).await;
+    app.verify(&alices, serde_json::json!({"required_scopes": ["admin:all"]})).await;
+    let report = serde_json::json!({"id": "r1", "key_id": alice.id.to_string(), "endpoint": XSS,
+        "status_code": 500, "tokens_used": 1234, "cost_micros": 2_500_000});
+    assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, StatusCode::ACCEPTED);
+    assert!(app.state.usage.flush().await);
+
+    let text = page_of(&app, &app.admin_key, &format!("/console/keys/{}", alice.id), StatusCode::OK).await;
+    assert!(text.contains("<svg class=\"chart\""), "{text}");
+    assert!(text.contains("role=\"img\" aria-labelledby=\"usage-title usage-desc\""));
+    assert!(text.contains("<title id=\"usage-title\">") && text.contains("<desc id=\"usage-desc\">"));
+    assert_eq!(text.matches("<rect class=\"requests\"").count(), 30, "one bar a day for 30 days");
+    assert!(text.contains("<caption>Requests, denied requests and errors per day (UTC)</caption>"));
+    assert!(text.contains("<dt>Tokens</dt><dd>1234</dd>") && text.contains("$2.500000"), "{text}");
+    assert!(text.contains("<code>/v1/chat</code>"));
+    assert!(text.contains("&lt;img src=x onerror=alert(1)&gt;") && !text.contains(XSS), "endpoints are text");
+    assert!(!text.contains("Where this key stands"), "the API shows standing to the key itself only");
+
+    // The key itself (keyward:self) sees its own usage and where it stands; another owner's key, or
+    // another organization's key, is not found, as through the API.
+    let own = page_of(&app, &alices, &format!("/console/keys/{}", alice.id), StatusCode::OK).await;
+    assert!(own.contains("<svg class=\"chart\"") && own.contains("Where this key stands"), "{own}");
+    let (bobs, _) = app.owned_key(org, "bob", &["keyward:self"]).await;
+    page_of(&app, &bobs, &format!("/console/keys/{}", alice.id), StatusCode::NOT_FOUND).await;
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:read"]).await;
+    let text = page_of(&app, &outsider, &format!("/console/keys/{}", alice.id), StatusCode::NOT_FOUND).await;
+    assert!(!text.contains("/v1/chat"));
+}
