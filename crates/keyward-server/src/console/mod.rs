@@ -7,6 +7,7 @@
 // A refusal is the page sent in its place, built at most once per request: boxing it buys nothing.
 #![allow(clippy::result_large_err)]
 
+mod audit;
 mod extract;
 mod pages;
 pub mod sessions;

@@ -203,8 +203,9 @@ pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> P
     let csrf = signed.csrf_token();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
+    let trail = super::audit::key_trail(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    let body = html! { (key_view(&key, &csrf, None)) (usage) };
+    let body = html! { (key_view(&key, &csrf, None)) (usage) @if let Some(trail) = trail { (trail) } };
     Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
 }
 

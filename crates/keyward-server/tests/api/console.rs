@@ -268,3 +268,38 @@ async fn a_key_page_charts_its_usage_with_a_table_and_escaped_endpoints() {
     let text = page_of(&app, &outsider, &format!("/console/keys/{}", alice.id), StatusCode::NOT_FOUND).await;
     assert!(!text.contains("/v1/chat"));
 }
+
+#[tokio::test]
+async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (alices, alice) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let change = serde_json::json!({"name": XSS, "metadata": {"note": XSS}});
+    let r = app.patch(&format!("/v1/keys/{}", alice.id), &app.admin_key, change).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let path = format!("/console/keys/{}", alice.id);
+
+    let text = page_of(&app, &app.admin_key, &path, StatusCode::OK).await;
+    assert!(text.contains("<h2 id=\"audit\">Audit trail</h2>"), "{text}");
+    assert!(
+        text.contains(
+            "<code>name</code>: from <del>alice&#39;s key</del> to <ins>&lt;img src=x onerror=alert(1)&gt;</ins>"
+        ) || text.contains(
+            "<code>name</code>: from <del>alice's key</del> to <ins>&lt;img src=x onerror=alert(1)&gt;</ins>"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("&lt;img src=x onerror=alert(1)&gt;&quot;}") && !text.contains(XSS),
+        "metadata diffs are text"
+    );
+
+    // The audit log is the audit:read permission's: a key without it sees the key but no trail.
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    for (key, trail) in [(&alices, false), (&reader, false), (&auditor, true)] {
+        let text = page_of(&app, key, &path, StatusCode::OK).await;
+        assert_eq!(text.contains("Audit trail"), trail, "{text}");
+        assert!(!text.contains(XSS));
+    }
+}
