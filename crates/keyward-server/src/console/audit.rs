@@ -2,15 +2,21 @@
 //! `GET /v1/audit-logs/verify`: a key's trail on its page, and the audit log page with its filters,
 //! its pages and the chain's status. Each row's diff is shown field by field, as text.
 
+use axum::http::StatusCode;
 use keyward_core::KeyId;
 use keyward_store::AuditEntry;
 use maud::{Markup, html};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::auth::{AuditRead, Caller, KeysReadOrSelf};
-use crate::error::ApiResult;
+use super::extract::Signed;
+use super::pages::PageResult;
+use super::view::{failed, layout, page};
+use crate::auth::{Admin, AuditRead, Caller, KeysReadOrSelf};
+use crate::error::{ApiResult, ErrorCode};
 use crate::extract::ApiQuery;
-use crate::routes::audit::{AuditQuery, list_audit};
+use crate::model::PageResponse;
+use crate::routes::audit::{AuditQuery, AuditVerifyResponse, list_audit, verify_audit};
 
 /// Rows of a key's trail on its page (the newest; the audit log page has the rest).
 const KEY_TRAIL_ROWS: u32 = 20;
@@ -93,6 +99,116 @@ pub(super) async fn key_trail(caller: &Caller<KeysReadOrSelf>, key: KeyId) -> Ap
     }))
 }
 
+/// The audit log page's filters, as its form sends them (blank: any).
+#[derive(Deserialize, Serialize, Default, Clone)]
+pub struct AuditForm {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    action: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    actor: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    since: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    until: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    cursor: String,
+}
+
+/// A typed instant as the API takes it: a bare day (`2030-01-31`) is that day's start, UTC.
+fn instant(typed: &str) -> Option<String> {
+    let typed = typed.trim();
+    match typed.len() {
+        0 => None,
+        10 => Some(format!("{typed}T00:00:00Z")),
+        _ => Some(typed.to_owned()),
+    }
+}
+
+impl AuditForm {
+    fn query(&self) -> AuditQuery {
+        let blank = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+        AuditQuery {
+            key_id: blank(&self.key),
+            action: blank(&self.action),
+            actor: blank(&self.actor),
+            since: instant(&self.since),
+            until: instant(&self.until),
+            cursor: blank(&self.cursor),
+            limit: None,
+        }
+    }
+}
+
+/// The chain's status, from `GET /v1/audit-logs/verify` when the caller may ask it (`keyward:admin`:
+/// the chain spans every organization).
+async fn chain_status(caller: &Caller<AuditRead>) -> ApiResult<Markup> {
+    let Ok(admin) = caller.admitted_as::<Admin>() else {
+        return Ok(
+            html! { p.hint { "Only a keyward:admin key may check the audit chain, which spans every organization." } },
+        );
+    };
+    let AuditVerifyResponse { intact, rows_checked, unchained_rows, broken } = verify_audit(admin).await?.0;
+    Ok(html! {
+        @if intact {
+            p.ok role="status" { "Audit chain intact: " (rows_checked) " rows checked"
+                @if unchained_rows > 0 { ", " (unchained_rows) " written before the chain existed" } "." }
+        } @else {
+            p.error role="alert" { "Audit chain broken"
+                @if let Some(b) = broken {
+                    @if let Some(id) = b.id { " at row " (id) } ": " (b.reason)
+                }
+                " (" (rows_checked) " rows checked)." }
+        }
+    })
+}
+
+/// `GET /console/audit`: `GET /v1/audit-logs` with the form's filters, newest first, a page at a time,
+/// under the chain's status. A key without `keyward:audit:read` gets the API's 403.
+pub async fn audit_page(signed: Signed<AuditRead>, ApiQuery(form): ApiQuery<AuditForm>) -> PageResult {
+    let state = signed.caller.state().clone();
+    let csrf = signed.csrf_token();
+    let status = chain_status(&signed.caller).await.map_err(|e| failed(&state, e))?;
+    let listed = list_audit(signed.caller, ApiQuery(form.query())).await;
+    let (entries, problem) = match listed {
+        Ok(axum::Json(PageResponse { items, next_cursor })) => ((items, next_cursor), None),
+        Err(e) if e.code == ErrorCode::InvalidQuery => ((Vec::new(), None), Some(e.message)),
+        Err(e) => return Err(failed(&state, e)),
+    };
+    let (items, next_cursor) = entries;
+    let next = next_cursor.map(|cursor| {
+        let next = AuditForm { cursor, ..form.clone() };
+        format!("/console/audit?{}", serde_urlencoded::to_string(&next).unwrap_or_default())
+    });
+    let field = |id: &'static str, label: &'static str, value: &str, hint: &'static str| {
+        html! { div { label for=(id) { (label) } input id=(id) name=(id) value=(value) placeholder=(hint); } }
+    };
+    let status_code = if problem.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    Ok(page(
+        status_code,
+        layout(
+            &state,
+            Some(&csrf),
+            "Audit log",
+            html! {
+                (status)
+                form.filters method="get" action="/console/audit" role="search" {
+                    (field("key", "Key id", &form.key, ""))
+                    (field("action", "Action", &form.action, "create, update, revoke…"))
+                    (field("actor", "Actor", &form.actor, "a key id, cli or system"))
+                    (field("since", "Since (UTC)", &form.since, "2030-01-31 or RFC 3339"))
+                    (field("until", "Until (UTC)", &form.until, "2030-01-31 or RFC 3339"))
+                    button type="submit" { "Filter" }
+                }
+                @if let Some(problem) = problem { p.error role="alert" { (problem) } }
+                (rows(&items, true))
+                @if let Some(next) = next { p { a href=(next) rel="next" { "Older rows" } } }
+            },
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +224,12 @@ mod tests {
         assert!(d.contains("<code>plan</code>: set to <ins>none</ins>"), "{d}");
         assert!(d.contains("<code>reason</code>: rotated"), "{d}");
         assert_eq!(diff(&json!("<i>")).into_string(), "<code>&quot;&lt;i&gt;&quot;</code>");
+    }
+
+    #[test]
+    fn a_bare_day_is_its_start() {
+        assert_eq!(instant(" 2030-01-31 ").as_deref(), Some("2030-01-31T00:00:00Z"));
+        assert_eq!(instant("2030-01-31T10:00:00Z").as_deref(), Some("2030-01-31T10:00:00Z"));
+        assert_eq!(instant(""), None);
     }
 }

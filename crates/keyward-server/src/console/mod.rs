@@ -44,6 +44,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console/keys/{id}/active", post(pages::set_active))
         .route("/console/keys/{id}/rotate", post(pages::rotate_key))
         .route("/console/keys/{id}/revoke", get(pages::revoke_confirm).post(pages::revoke_key))
+        .route("/console/audit", get(audit::audit_page))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::limits::management))
         .layer(axum::middleware::map_response(page_headers));
     Router::new().route("/console/static/{file}", get(asset)).merge(pages)

@@ -21,7 +21,7 @@ use crate::routes::target::{self, Target, Visible};
 use crate::service::{CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest};
 use crate::state::AppState;
 
-type PageResult = Result<Response, Response>;
+pub(super) type PageResult = Result<Response, Response>;
 
 fn sign_in_form(state: &AppState, error: Option<&str>) -> Markup {
     layout(

@@ -52,6 +52,7 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
                         nav {
                             a href="/console/keys" { "Keys" }
                             a href="/console/keys/new" { "New key" }
+                            a href="/console/audit" { "Audit log" }
                             form method="post" action="/console/sign-out" {
                                 input type="hidden" name="csrf" value=(csrf);
                                 button type="submit" { "Sign out" }

@@ -303,3 +303,59 @@ async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
         assert!(!text.contains(XSS));
     }
 }
+
+#[tokio::test]
+async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_only() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (_, key) = app.key(org, &[]).await;
+    for i in 0..51 {
+        let rename = serde_json::json!({"name": format!("n{i}")});
+        assert_eq!(app.patch(&format!("/v1/keys/{}", key.id), &app.admin_key, rename).await.status, StatusCode::OK);
+    }
+    let other = app.org("other").await;
+    let (_, hidden) = app.key(other.id, &[]).await;
+    app.patch(&format!("/v1/keys/{}", hidden.id), &app.admin_key, serde_json::json!({"name": "secret-rename"})).await;
+
+    // An admin: the chain's status on top, newest first, 50 a page, the filters kept on the next page.
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let filtered = format!("/console/audit?key={}&action=update", key.id);
+    let first = get(&app, &filtered, &cookie).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert!(first.text.contains("Audit chain intact"), "{}", first.text);
+    assert_eq!(first.text.matches("<td>update</td>").count(), 50);
+    assert!(first.text.contains("to <ins>n50</ins>") && !first.text.contains("secret-rename"));
+    let next = first.text.split("href=\"/console/audit?").nth(1).unwrap().split('"').next().unwrap();
+    let next = next.replace("&amp;", "&");
+    assert!(next.contains(&format!("key={}", key.id)) && next.contains("action=update") && next.contains("cursor="));
+    let second = get(&app, &format!("/console/audit?{next}"), &cookie).await;
+    assert_eq!(second.text.matches("<td>update</td>").count(), 1, "{}", second.text);
+    assert!(second.text.contains("to <ins>n0</ins>") && !second.text.contains("rel=\"next\""));
+
+    // Filters are echoed as text; a bad time is the API's 400, said on the page.
+    let bad = get(&app, "/console/audit?since=yesterday&actor=%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E", &cookie).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.text.contains("`since` must be an RFC 3339 date-time") && !bad.text.contains(XSS), "{}", bad.text);
+    let day = get(&app, "/console/audit?since=2999-01-01", &cookie).await;
+    assert!(day.status == StatusCode::OK && day.text.contains("No audit rows."), "{}", day.text);
+
+    // A broken chain says where it breaks.
+    app.exec_sql("UPDATE audit_log SET actor = 'someone-else' WHERE id = 3").await;
+    let broken = get(&app, "/console/audit", &cookie).await;
+    assert!(broken.text.contains("Audit chain broken at row 3: content_changed"), "{}", broken.text);
+
+    // An organization's auditor sees its own organization's rows, not the chain (admin's); keys
+    // without audit:read get the API's 403; audit:read alone cannot read keys, so cannot sign in.
+    let (auditor, _) = app.key(org, &["keyward:audit:read"]).await;
+    assert_eq!(sign_in(&app, &auditor).await.status, StatusCode::FORBIDDEN);
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    let text = page_of(&app, &auditor, "/console/audit", StatusCode::OK).await;
+    assert!(text.contains("Only a keyward:admin key may check the audit chain") && text.contains("<ins>n50</ins>"));
+    assert!(!text.contains("secret-rename"), "another organization's rows");
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    for key in [&reader, &customer] {
+        let text = page_of(&app, key, "/console/audit", StatusCode::FORBIDDEN).await;
+        assert!(!text.contains("<ins>") && !text.contains("Audit chain"), "{text}");
+    }
+}
