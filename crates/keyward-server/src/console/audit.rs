@@ -73,11 +73,11 @@ fn rows(entries: &[AuditEntry], with_key: bool) -> Markup {
                     th scope="col" { "Actor" } th scope="col" { "Change" }
                 } }
                 tbody { @for e in entries { tr {
-                    td { (e.created_at.format("%Y-%m-%d %H:%M:%S")) }
-                    td { (e.action) }
-                    @if with_key { td { @if let Some(k) = e.key_id { a href={ "/console/keys/" (k) } { code { (k) } } } @else { "—" } } }
-                    td { code { (e.actor) } @if let Some(ip) = &e.actor_ip { " from " (ip) } }
-                    td { (diff(&e.details)) }
+                    td data-label="When" { (e.created_at.format("%Y-%m-%d %H:%M:%S")) }
+                    td data-label="Action" { (e.action) }
+                    @if with_key { td data-label="Key" { @if let Some(k) = e.key_id { a href={ "/console/keys/" (k) } { code { (k) } } } @else { "—" } } }
+                    td data-label="Actor" { code { (e.actor) } @if let Some(ip) = &e.actor_ip { " from " (ip) } }
+                    td data-label="Change" { (diff(&e.details)) }
                 } } }
             } }
         }
