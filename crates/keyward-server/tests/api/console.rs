@@ -359,3 +359,65 @@ async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_o
         assert!(!text.contains("<ins>") && !text.contains("Audit chain"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn organizations_are_listed_created_and_changed_by_admins_only() {
+    let app = TestApp::sqlite().await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let list = get(&app, "/console/organizations", &cookie).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert!(list.text.contains(&app.default_org.slug) && !list.text.contains("style="));
+    let token = csrf(&list.text);
+    let post =
+        |path: &str, form: String| app.send(page(Method::POST, path, &[("cookie", cookie.as_str())], Some(&form)));
+    let name = "%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E";
+    let created =
+        post("/console/organizations", format!("csrf={token}&name={name}&slug=acme&plan=free&rate_limit_per_minute="))
+            .await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.text);
+    let at = location(&created).to_owned();
+    let id = at.rsplit('/').next().unwrap().to_owned();
+    let shown = get(&app, &at, &cookie).await;
+    assert!(shown.text.contains("&lt;img src=x onerror=alert(1)&gt;") && !shown.text.contains(XSS), "{}", shown.text);
+
+    // Plan and limits through PATCH /v1/organizations/{id}: a blank limit is the plan's (null).
+    let form = format!("csrf={token}&name=Acme&plan=pro&rate_limit_per_minute=5&monthly_request_limit=&is_active=true");
+    let changed = post(&at, form).await;
+    assert_eq!(changed.status, StatusCode::SEE_OTHER, "{}", changed.text);
+    let org = app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body;
+    assert_eq!((org["name"].clone(), org["plan"].clone()), (serde_json::json!("Acme"), serde_json::json!("pro")));
+    assert_eq!(
+        (org["rate_limit_per_minute"].clone(), org["monthly_request_limit"].clone()),
+        (serde_json::json!(5), serde_json::Value::Null)
+    );
+    let shown = get(&app, &at, &cookie).await;
+    assert!(
+        shown.text.contains("value=\"5\"") && shown.text.contains("<option value=\"pro\" selected>"),
+        "{}",
+        shown.text
+    );
+
+    // The API's validation, said on a page; a form without its token or a number that is none.
+    let bad = post("/console/organizations", format!("csrf={token}&name=x&slug=Not%20A%20Slug")).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    let bad = post(&at, format!("csrf={token}&name=x&rate_limit_per_hour=many")).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    assert_eq!(post(&at, "name=x&plan=enterprise".to_owned()).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body["plan"], "pro");
+    assert_eq!(get(&app, "/console/organizations/nope", &cookie).await.status, StatusCode::NOT_FOUND);
+
+    // Not an admin: the API's 403, on the pages and on the forms.
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let (customer, _) = app.owned_key(app.default_org.id, "alice", &["keyward:self"]).await;
+    for key in [&writer, &customer] {
+        let cookie = session(&sign_in(&app, key).await);
+        let r = get(&app, "/console/organizations", &cookie).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(!r.text.contains(&app.default_org.slug));
+        assert_eq!(get(&app, &at, &cookie).await.status, StatusCode::FORBIDDEN);
+        let form = "name=Mine&plan=enterprise".to_owned();
+        let r = app.send(page(Method::POST, &at, &[("cookie", cookie.as_str())], Some(&form))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body["plan"], "pro");
+}
