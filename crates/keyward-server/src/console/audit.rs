@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::extract::Signed;
-use super::pages::PageResult;
-use super::view::{failed, layout, page};
+use super::view::{PageResult, failed, layout, page};
 use crate::auth::{Admin, AuditRead, Caller, KeysReadOrSelf};
 use crate::error::{ApiResult, ErrorCode};
 use crate::extract::ApiQuery;

@@ -12,8 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::extract::{FormBody, Signed, see_other};
-use super::pages::PageResult;
-use super::view::{failed, layout, page};
+use super::view::{PageResult, failed, layout, page};
 use crate::auth::Admin;
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};

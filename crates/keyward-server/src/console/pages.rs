@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{
     CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
 };
-use super::view::{failed, layout, message, page};
+use super::view::{PageResult, failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
@@ -20,8 +20,6 @@ use crate::routes::keys::{self, ListKeysQuery};
 use crate::routes::target::{self, Target, Visible};
 use crate::service::{CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest};
 use crate::state::AppState;
-
-pub(super) type PageResult = Result<Response, Response>;
 
 fn sign_in_form(state: &AppState, error: Option<&str>) -> Markup {
     layout(

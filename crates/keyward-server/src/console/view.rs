@@ -67,6 +67,9 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
     }
 }
 
+/// What a page handler answers: the page, or the page said in its place.
+pub(super) type PageResult = Result<Response, Response>;
+
 pub(super) fn page(status: StatusCode, markup: Markup) -> Response {
     (status, axum::response::Html(markup.into_string())).into_response()
 }
