@@ -255,6 +255,7 @@ async fn the_console_in_a_real_browser() {
     // The audit log: the chain intact, the key's rows newest first, markup in diffs as text; filtered
     // by action through the form.
     b.click("header a[href='/console/audit']").await;
+    b.click("#check-chain").await;
     let text = b.text().await;
     assert!(text.contains("Audit chain intact"), "{text}");
     assert!(text.contains("revoke") && text.contains("rotate") && text.contains(XSS_NAME), "{text}");

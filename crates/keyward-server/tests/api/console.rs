@@ -322,12 +322,19 @@ async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_o
     let filtered = format!("/console/audit?key={}&action=update", key.id);
     let first = get(&app, &filtered, &cookie).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text);
-    assert!(first.text.contains("Audit chain intact"), "{}", first.text);
+    assert!(!first.text.contains("Audit chain intact"), "checked when asked only: {}", first.text);
+    let check = first.text.split("id=\"check-chain\" href=\"").nth(1).unwrap().split('"').next().unwrap();
+    let check = check.replace("&amp;", "&");
+    assert!(check.contains("check=chain") && check.contains("action=update"), "{check}");
+    let checked = get(&app, &check, &cookie).await;
+    assert!(checked.text.contains("Audit chain intact"), "{}", checked.text);
+    assert_eq!(checked.text.matches("<td data-label=\"Action\">update</td>").count(), 50);
     assert_eq!(first.text.matches("<td data-label=\"Action\">update</td>").count(), 50);
     assert!(first.text.contains("to <ins>n50</ins>") && !first.text.contains("secret-rename"));
-    let next = first.text.split("href=\"/console/audit?").nth(1).unwrap().split('"').next().unwrap();
-    let next = next.replace("&amp;", "&");
+    let next = first.text.split(" rel=\"next\"").next().unwrap().rsplit("href=\"/console/audit?").next().unwrap();
+    let next = next.trim_end_matches('"').replace("&amp;", "&");
     assert!(next.contains(&format!("key={}", key.id)) && next.contains("action=update") && next.contains("cursor="));
+    assert!(!next.contains("check="), "the next page does not check the chain again: {next}");
     let second = get(&app, &format!("/console/audit?{next}"), &cookie).await;
     assert_eq!(second.text.matches("<td data-label=\"Action\">update</td>").count(), 1, "{}", second.text);
     assert!(second.text.contains("to <ins>n0</ins>") && !second.text.contains("rel=\"next\""));
@@ -341,7 +348,7 @@ async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_o
 
     // A broken chain says where it breaks.
     app.exec_sql("UPDATE audit_log SET actor = 'someone-else' WHERE id = 3").await;
-    let broken = get(&app, "/console/audit", &cookie).await;
+    let broken = get(&app, "/console/audit?check=chain", &cookie).await;
     assert!(broken.text.contains("Audit chain broken at row 3: content_changed"), "{}", broken.text);
 
     // An organization's auditor sees its own organization's rows, not the chain (admin's); keys
@@ -349,7 +356,7 @@ async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_o
     let (auditor, _) = app.key(org, &["keyward:audit:read"]).await;
     assert_eq!(sign_in(&app, &auditor).await.status, StatusCode::FORBIDDEN);
     let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
-    let text = page_of(&app, &auditor, "/console/audit", StatusCode::OK).await;
+    let text = page_of(&app, &auditor, "/console/audit?check=chain", StatusCode::OK).await;
     assert!(text.contains("Only a keyward:admin key may check the audit chain") && text.contains("<ins>n50</ins>"));
     assert!(!text.contains("secret-rename"), "another organization's rows");
     let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
