@@ -1,10 +1,10 @@
 //! The web console in a real browser: Debian's `chromium`, headless at phone width with a profile of
 //! its own, driven through `chromedriver` (WebDriver, on a loopback port of its own) against a real
 //! `keyward serve`. Checked: sign in, create a key and read it once, see it in the list, open its usage
-//! chart, rotate it, revoke it after the confirmation step, read the audit log, sign out; a
-//! `keyward:self` customer sees only their own owner's keys; markup typed into a name, owner or
-//! metadata (or reported as an endpoint) shows as text and never runs; a form posted without its CSRF
-//! token is refused; a session ends when its key is revoked through the API.
+//! chart, rotate it, revoke it after the confirmation step, read the audit log, create an
+//! organization, sign out; a `keyward:self` customer sees only their own owner's keys; markup typed
+//! into a name, owner or metadata (or reported as an endpoint) shows as text and never runs; a form
+//! posted without its CSRF token is refused; a session ends when its key is revoked through the API.
 //!
 //! `scripts/test.sh` installs `chromium` and `chromium-driver` and exports `KEYWARD_TEST_CHROMIUM` and
 //! `KEYWARD_TEST_CHROMEDRIVER`. Without them the test is skipped with a loud line, and fails under
@@ -268,6 +268,22 @@ async fn the_console_in_a_real_browser() {
     for action in actions {
         assert_eq!(action.text().await.unwrap(), "revoke");
     }
+
+    // Organizations (admin): create one named with markup; it is listed, as text.
+    b.click("header a[href='/console/organizations']").await;
+    b.fill("name", XSS_NAME).await;
+    b.fill("slug", "acme-co").await;
+    b.fill("rate_limit_per_minute", "120").await;
+    b.click("main form button[type=submit]").await;
+    assert!(b.path().await.starts_with("/console/organizations/"), "{}", b.text().await);
+    assert_eq!(b.client.find(Locator::Css("h1")).await.unwrap().text().await.unwrap(), XSS_NAME);
+    let limit = b.client.find(Locator::Id("rate_limit_per_minute")).await.unwrap();
+    assert_eq!(limit.prop("value").await.unwrap().as_deref(), Some("120"));
+    b.nothing_ran().await;
+    b.open("/console/organizations").await;
+    assert!(b.text().await.contains("acme-co"));
+    b.nothing_ran().await;
+    b.shot("organizations").await;
 
     // A form posted without its CSRF token is refused.
     b.open("/console/keys/new").await;
