@@ -164,6 +164,12 @@ impl<P: Permission> Caller<P> {
     pub(crate) fn record(&self) -> &Arc<KeyRecord> {
         &self.key
     }
+
+    /// The same key admitted by another route's permission `Q` (else 403 `insufficient_scope`): a
+    /// console page that shows what several API routes answer builds each route's own caller.
+    pub(crate) fn admitted_as<Q: Permission>(&self) -> ApiResult<Caller<Q>> {
+        Caller::admitted(&self.state, self.key.clone(), self.ip)
+    }
 }
 
 /// A usable key, before its route's permission admitted it. A refusal is logged and counted as a

@@ -17,6 +17,12 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct JsonBody(axum::body::Bytes);
 
 impl JsonBody {
+    /// The body a JSON client would send as `value`: what a console form becomes before it is parsed
+    /// and checked exactly as the API parses and checks it.
+    pub(crate) fn of(value: &serde_json::Value) -> Self {
+        Self(value.to_string().into())
+    }
+
     /// 400 `invalid_json` for broken JSON, 422 `invalid_request` naming the field for an unknown,
     /// missing or mistyped field.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {

@@ -1,8 +1,9 @@
 //! The web console in a real browser: Debian's `chromium`, headless at phone width with a profile of
 //! its own, driven through `chromedriver` (WebDriver, on a loopback port of its own) against a real
-//! `keyward serve`. Checked: sign in, create a key and read it once, see it in the list, rotate it,
-//! revoke it after the confirmation step, sign out; a `keyward:self` customer sees only their own
-//! owner's keys; markup typed into a name, owner or metadata shows as text and never runs; a form
+//! `keyward serve`. Checked: sign in, create a key and read it once, see it in the list, open its usage
+//! chart, rotate it, revoke it after the confirmation step, read the audit log, create an
+//! organization, sign out; a `keyward:self` customer sees only their own owner's keys; markup typed
+//! into a name, owner or metadata (or reported as an endpoint) shows as text and never runs; a form
 //! posted without its CSRF token is refused; a session ends when its key is revoked through the API.
 //!
 //! `scripts/test.sh` installs `chromium` and `chromium-driver` and exports `KEYWARD_TEST_CHROMIUM` and
@@ -151,7 +152,13 @@ async fn the_console_in_a_real_browser() {
     let customer = created(&["--name", "alice portal", "--owner-id", "alice", "--scopes", "keyward:self"]);
     let bobs =
         created(&["--name", XSS_NAME, "--owner-id", "bob", "--metadata", &json!({"note": XSS_NOTE}).to_string()]);
-    let (_node, address) = common::serve(&cli, &[("KEYWARD_CONSOLE__PRODUCT_NAME", "Acme API")]);
+    // Usage reaches the rollups the key's chart reads within a fraction of a second.
+    let env = [
+        ("KEYWARD_CONSOLE__PRODUCT_NAME", "Acme API"),
+        ("KEYWARD_USAGE_FLUSH_INTERVAL_MS", "50"),
+        ("KEYWARD_USAGE__FOLD_INTERVAL_MS", "100"),
+    ];
+    let (_node, address) = common::serve(&cli, &env);
     let b = Browser::start(&chromium, &chromedriver, &address).await;
 
     // Sign in with the admin key.
@@ -182,6 +189,33 @@ async fn the_console_in_a_real_browser() {
     assert!(!b.source().await.contains(&secret));
     assert!(b.text().await.contains(XSS_NOTE), "metadata shows as text: {}", b.text().await);
     b.nothing_ran().await;
+
+    // Its usage: the chart drawn on the server, its table, the endpoints as text.
+    let verified = json!({"key": secret, "endpoint": "/v1/chat"});
+    assert_eq!(http(&address, "POST", "/v1/verify", &admin, Some(verified)).1["valid"], true);
+    let report = json!({"id": "r1", "key_id": id, "endpoint": XSS_NOTE, "tokens_used": 42, "cost_micros": 1500});
+    assert_eq!(http(&address, "POST", "/v1/usage", &admin, Some(report)).0, 202);
+    let started = std::time::Instant::now();
+    loop {
+        let usage = http(&address, "GET", &format!("/v1/keys/{id}/usage?days=1"), &admin, None).1;
+        if usage["totals"]["reports"] == 1 && usage["totals"]["requests"] == 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the usage never reached the rollups: {usage}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.client.refresh().await.unwrap();
+    let chart = b.client.find(Locator::Css("svg.chart")).await.unwrap();
+    assert_eq!(chart.attr("role").await.unwrap().as_deref(), Some("img"));
+    let bars = b.client.find_all(Locator::Css("svg.chart rect.requests")).await.unwrap();
+    assert_eq!(bars.len(), 30, "a bar a day");
+    assert_eq!(bars[29].attr("height").await.unwrap().as_deref(), Some("160"), "today's request is the highest bar");
+    b.client.find(Locator::Css("details summary")).await.unwrap().click().await.unwrap();
+    let text = b.text().await;
+    assert!(text.contains("/v1/chat") && text.contains(XSS_NOTE) && text.contains("$0.001500"), "{text}");
+    b.nothing_ran().await;
+    b.client.execute("document.getElementById('usage').scrollIntoView();", vec![]).await.unwrap();
+    b.shot("usage").await;
 
     // In the list, with bob's key made by the CLI.
     b.open("/console/keys").await;
@@ -217,6 +251,39 @@ async fn the_console_in_a_real_browser() {
     assert!(b.text().await.contains("revoked"));
     let (status, _, _) = http(&address, "GET", "/v1/me", &rotated, None);
     assert_eq!(status, 401);
+
+    // The audit log: the chain intact, the key's rows newest first, markup in diffs as text; filtered
+    // by action through the form.
+    b.click("header a[href='/console/audit']").await;
+    b.click("#check-chain").await;
+    let text = b.text().await;
+    assert!(text.contains("Audit chain intact"), "{text}");
+    assert!(text.contains("revoke") && text.contains("rotate") && text.contains(XSS_NAME), "{text}");
+    b.nothing_ran().await;
+    b.shot("audit").await;
+    b.fill("action", "revoke").await;
+    b.click("form.filters button").await;
+    let actions = b.client.find_all(Locator::Css("table.audit tbody tr td:nth-child(2)")).await.unwrap();
+    assert!(!actions.is_empty());
+    for action in actions {
+        assert_eq!(action.text().await.unwrap(), "revoke");
+    }
+
+    // Organizations (admin): create one named with markup; it is listed, as text.
+    b.click("header a[href='/console/organizations']").await;
+    b.fill("name", XSS_NAME).await;
+    b.fill("slug", "acme-co").await;
+    b.fill("rate_limit_per_minute", "120").await;
+    b.click("main form button[type=submit]").await;
+    assert!(b.path().await.starts_with("/console/organizations/"), "{}", b.text().await);
+    assert_eq!(b.client.find(Locator::Css("h1")).await.unwrap().text().await.unwrap(), XSS_NAME);
+    let limit = b.client.find(Locator::Id("rate_limit_per_minute")).await.unwrap();
+    assert_eq!(limit.prop("value").await.unwrap().as_deref(), Some("120"));
+    b.nothing_ran().await;
+    b.open("/console/organizations").await;
+    assert!(b.text().await.contains("acme-co"));
+    b.nothing_ran().await;
+    b.shot("organizations").await;
 
     // A form posted without its CSRF token is refused.
     b.open("/console/keys/new").await;

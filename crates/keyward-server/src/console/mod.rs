@@ -7,9 +7,12 @@
 // A refusal is the page sent in its place, built at most once per request: boxing it buys nothing.
 #![allow(clippy::result_large_err)]
 
+mod audit;
 mod extract;
+mod orgs;
 mod pages;
 pub mod sessions;
+mod usage;
 mod view;
 
 use axum::Router;
@@ -42,6 +45,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console/keys/{id}/active", post(pages::set_active))
         .route("/console/keys/{id}/rotate", post(pages::rotate_key))
         .route("/console/keys/{id}/revoke", get(pages::revoke_confirm).post(pages::revoke_key))
+        .route("/console/audit", get(audit::audit_page))
+        .route("/console/organizations", get(orgs::orgs_list).post(orgs::create))
+        .route("/console/organizations/{id}", get(orgs::org_page).post(orgs::update))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::limits::management))
         .layer(axum::middleware::map_response(page_headers));
     Router::new().route("/console/static/{file}", get(asset)).merge(pages)

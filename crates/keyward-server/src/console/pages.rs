@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{
     CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
 };
-use super::view::{failed, layout, message, page};
+use super::view::{PageResult, failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
@@ -20,8 +20,6 @@ use crate::routes::keys::{self, ListKeysQuery};
 use crate::routes::target::{self, Target, Visible};
 use crate::service::{CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest};
 use crate::state::AppState;
-
-type PageResult = Result<Response, Response>;
 
 fn sign_in_form(state: &AppState, error: Option<&str>) -> Markup {
     layout(
@@ -202,8 +200,11 @@ pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> P
     let state = signed.caller.state().clone();
     let csrf = signed.csrf_token();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
+    let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
+    let trail = super::audit::key_trail(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, key_view(&key, &csrf, None))))
+    let body = html! { (key_view(&key, &csrf, None)) (usage) @if let Some(trail) = trail { (trail) } };
+    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
 }
 
 /// A key's settings and actions, with a secret just made (`fresh`) shown once above them.

@@ -52,6 +52,8 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
                         nav {
                             a href="/console/keys" { "Keys" }
                             a href="/console/keys/new" { "New key" }
+                            a href="/console/audit" { "Audit log" }
+                            a href="/console/organizations" { "Organizations" }
                             form method="post" action="/console/sign-out" {
                                 input type="hidden" name="csrf" value=(csrf);
                                 button type="submit" { "Sign out" }
@@ -64,6 +66,9 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
         }
     }
 }
+
+/// What a page handler answers: the page, or the page said in its place.
+pub(super) type PageResult = Result<Response, Response>;
 
 pub(super) fn page(status: StatusCode, markup: Markup) -> Response {
     (status, axum::response::Html(markup.into_string())).into_response()

@@ -222,3 +222,209 @@ async fn keys_signed_in_with_or_created_in_the_console_are_never_logged() {
         assert!(!signed.headers["set-cookie"].to_str().unwrap().contains(&secret[8..40]));
     }
 }
+
+const XSS: &str = "<img src=x onerror=alert(1)>";
+
+/// Signs `key` in and reads `path`: the page's text (asserting 200).
+async fn page_of(app: &TestApp, key: &str, path: &str, status: StatusCode) -> String {
+    let cookie = session(&sign_in(app, key).await);
+    let r = get(app, path, &cookie).await;
+    assert_eq!(r.status, status, "{path}: {}", r.text);
+    assert!(!r.text.contains("style=") && !r.text.contains("<script>"), "no inline style or script");
+    r.text
+}
+
+#[tokio::test]
+async fn a_key_page_charts_its_usage_with_a_table_and_escaped_endpoints() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (alices, alice) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    app.verify(&alices, serde_json::json!({"endpoint": "/v1/chat", "method": "POST"})).await;
+    app.verify(&alices, serde_json::json!({"required_scopes": ["admin:all"]})).await;
+    let report = serde_json::json!({"id": "r1", "key_id": alice.id.to_string(), "endpoint": XSS,
+        "status_code": 500, "tokens_used": 1234, "cost_micros": 2_500_000});
+    assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, StatusCode::ACCEPTED);
+    assert!(app.state.usage.flush().await);
+
+    let text = page_of(&app, &app.admin_key, &format!("/console/keys/{}", alice.id), StatusCode::OK).await;
+    assert!(text.contains("<svg class=\"chart\""), "{text}");
+    assert!(text.contains("role=\"img\" aria-labelledby=\"usage-title usage-desc\""));
+    assert!(text.contains("<title id=\"usage-title\">") && text.contains("<desc id=\"usage-desc\">"));
+    assert_eq!(text.matches("<rect class=\"requests\"").count(), 30, "one bar a day for 30 days");
+    assert!(text.contains("<caption>Requests, denied requests and errors per day (UTC)</caption>"));
+    assert!(text.contains("<dt>Tokens</dt><dd>1234</dd>") && text.contains("$2.500000"), "{text}");
+    assert!(text.contains("<code>/v1/chat</code>"));
+    assert!(text.contains("&lt;img src=x onerror=alert(1)&gt;") && !text.contains(XSS), "endpoints are text");
+    assert!(!text.contains("Where this key stands"), "the API shows standing to the key itself only");
+
+    // The key itself (keyward:self) sees its own usage and where it stands; another owner's key, or
+    // another organization's key, is not found, as through the API.
+    let own = page_of(&app, &alices, &format!("/console/keys/{}", alice.id), StatusCode::OK).await;
+    assert!(own.contains("<svg class=\"chart\"") && own.contains("Where this key stands"), "{own}");
+    let (bobs, _) = app.owned_key(org, "bob", &["keyward:self"]).await;
+    page_of(&app, &bobs, &format!("/console/keys/{}", alice.id), StatusCode::NOT_FOUND).await;
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:read"]).await;
+    let text = page_of(&app, &outsider, &format!("/console/keys/{}", alice.id), StatusCode::NOT_FOUND).await;
+    assert!(!text.contains("/v1/chat"));
+}
+
+#[tokio::test]
+async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (alices, alice) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let change = serde_json::json!({"name": XSS, "metadata": {"note": XSS}});
+    let r = app.patch(&format!("/v1/keys/{}", alice.id), &app.admin_key, change).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let path = format!("/console/keys/{}", alice.id);
+
+    let text = page_of(&app, &app.admin_key, &path, StatusCode::OK).await;
+    assert!(text.contains("<h2 id=\"audit\">Audit trail</h2>"), "{text}");
+    assert!(
+        text.contains(
+            "<code>name</code>: from <del>alice&#39;s key</del> to <ins>&lt;img src=x onerror=alert(1)&gt;</ins>"
+        ) || text.contains(
+            "<code>name</code>: from <del>alice's key</del> to <ins>&lt;img src=x onerror=alert(1)&gt;</ins>"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("&lt;img src=x onerror=alert(1)&gt;&quot;}") && !text.contains(XSS),
+        "metadata diffs are text"
+    );
+
+    // The audit log is the audit:read permission's: a key without it sees the key but no trail.
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    for (key, trail) in [(&alices, false), (&reader, false), (&auditor, true)] {
+        let text = page_of(&app, key, &path, StatusCode::OK).await;
+        assert_eq!(text.contains("Audit trail"), trail, "{text}");
+        assert!(!text.contains(XSS));
+    }
+}
+
+#[tokio::test]
+async fn the_audit_log_page_filters_pages_and_shows_the_chain_to_audit_readers_only() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (_, key) = app.key(org, &[]).await;
+    for i in 0..51 {
+        let rename = serde_json::json!({"name": format!("n{i}")});
+        assert_eq!(app.patch(&format!("/v1/keys/{}", key.id), &app.admin_key, rename).await.status, StatusCode::OK);
+    }
+    let other = app.org("other").await;
+    let (_, hidden) = app.key(other.id, &[]).await;
+    app.patch(&format!("/v1/keys/{}", hidden.id), &app.admin_key, serde_json::json!({"name": "secret-rename"})).await;
+
+    // An admin: the chain's status on top, newest first, 50 a page, the filters kept on the next page.
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let filtered = format!("/console/audit?key={}&action=update", key.id);
+    let first = get(&app, &filtered, &cookie).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert!(!first.text.contains("Audit chain intact"), "checked when asked only: {}", first.text);
+    let check = first.text.split("id=\"check-chain\" href=\"").nth(1).unwrap().split('"').next().unwrap();
+    let check = check.replace("&amp;", "&");
+    assert!(check.contains("check=chain") && check.contains("action=update"), "{check}");
+    let checked = get(&app, &check, &cookie).await;
+    assert!(checked.text.contains("Audit chain intact"), "{}", checked.text);
+    assert_eq!(checked.text.matches("<td data-label=\"Action\">update</td>").count(), 50);
+    assert_eq!(first.text.matches("<td data-label=\"Action\">update</td>").count(), 50);
+    assert!(first.text.contains("to <ins>n50</ins>") && !first.text.contains("secret-rename"));
+    let next = first.text.split(" rel=\"next\"").next().unwrap().rsplit("href=\"/console/audit?").next().unwrap();
+    let next = next.trim_end_matches('"').replace("&amp;", "&");
+    assert!(next.contains(&format!("key={}", key.id)) && next.contains("action=update") && next.contains("cursor="));
+    assert!(!next.contains("check="), "the next page does not check the chain again: {next}");
+    let second = get(&app, &format!("/console/audit?{next}"), &cookie).await;
+    assert_eq!(second.text.matches("<td data-label=\"Action\">update</td>").count(), 1, "{}", second.text);
+    assert!(second.text.contains("to <ins>n0</ins>") && !second.text.contains("rel=\"next\""));
+
+    // Filters are echoed as text; a bad time is the API's 400, said on the page.
+    let bad = get(&app, "/console/audit?since=yesterday&actor=%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E", &cookie).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.text.contains("`since` must be an RFC 3339 date-time") && !bad.text.contains(XSS), "{}", bad.text);
+    let day = get(&app, "/console/audit?since=2999-01-01", &cookie).await;
+    assert!(day.status == StatusCode::OK && day.text.contains("No audit rows."), "{}", day.text);
+
+    // A broken chain says where it breaks.
+    app.exec_sql("UPDATE audit_log SET actor = 'someone-else' WHERE id = 3").await;
+    let broken = get(&app, "/console/audit?check=chain", &cookie).await;
+    assert!(broken.text.contains("Audit chain broken at row 3: content_changed"), "{}", broken.text);
+
+    // An organization's auditor sees its own organization's rows, not the chain (admin's); keys
+    // without audit:read get the API's 403; audit:read alone cannot read keys, so cannot sign in.
+    let (auditor, _) = app.key(org, &["keyward:audit:read"]).await;
+    assert_eq!(sign_in(&app, &auditor).await.status, StatusCode::FORBIDDEN);
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    let text = page_of(&app, &auditor, "/console/audit?check=chain", StatusCode::OK).await;
+    assert!(text.contains("Only a keyward:admin key may check the audit chain") && text.contains("<ins>n50</ins>"));
+    assert!(!text.contains("secret-rename"), "another organization's rows");
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    for key in [&reader, &customer] {
+        let text = page_of(&app, key, "/console/audit", StatusCode::FORBIDDEN).await;
+        assert!(!text.contains("<ins>") && !text.contains("Audit chain"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn organizations_are_listed_created_and_changed_by_admins_only() {
+    let app = TestApp::sqlite().await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let list = get(&app, "/console/organizations", &cookie).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert!(list.text.contains(&app.default_org.slug) && !list.text.contains("style="));
+    let token = csrf(&list.text);
+    let post =
+        |path: &str, form: String| app.send(page(Method::POST, path, &[("cookie", cookie.as_str())], Some(&form)));
+    let name = "%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E";
+    let created =
+        post("/console/organizations", format!("csrf={token}&name={name}&slug=acme&plan=free&rate_limit_per_minute="))
+            .await;
+    assert_eq!(created.status, StatusCode::SEE_OTHER, "{}", created.text);
+    let at = location(&created).to_owned();
+    let id = at.rsplit('/').next().unwrap().to_owned();
+    let shown = get(&app, &at, &cookie).await;
+    assert!(shown.text.contains("&lt;img src=x onerror=alert(1)&gt;") && !shown.text.contains(XSS), "{}", shown.text);
+
+    // Plan and limits through PATCH /v1/organizations/{id}: a blank limit is the plan's (null).
+    let form = format!("csrf={token}&name=Acme&plan=pro&rate_limit_per_minute=5&monthly_request_limit=&is_active=true");
+    let changed = post(&at, form).await;
+    assert_eq!(changed.status, StatusCode::SEE_OTHER, "{}", changed.text);
+    let org = app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body;
+    assert_eq!((org["name"].clone(), org["plan"].clone()), (serde_json::json!("Acme"), serde_json::json!("pro")));
+    assert_eq!(
+        (org["rate_limit_per_minute"].clone(), org["monthly_request_limit"].clone()),
+        (serde_json::json!(5), serde_json::Value::Null)
+    );
+    let shown = get(&app, &at, &cookie).await;
+    assert!(
+        shown.text.contains("value=\"5\"") && shown.text.contains("<option value=\"pro\" selected>"),
+        "{}",
+        shown.text
+    );
+
+    // The API's validation, said on a page; a form without its token or a number that is none.
+    let bad = post("/console/organizations", format!("csrf={token}&name=x&slug=Not%20A%20Slug")).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    let bad = post(&at, format!("csrf={token}&name=x&rate_limit_per_hour=many")).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    assert_eq!(post(&at, "name=x&plan=enterprise".to_owned()).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body["plan"], "pro");
+    assert_eq!(get(&app, "/console/organizations/nope", &cookie).await.status, StatusCode::NOT_FOUND);
+
+    // Not an admin: the API's 403, on the pages and on the forms.
+    let (writer, _) = app.key(app.default_org.id, &["keyward:keys:write"]).await;
+    let (customer, _) = app.owned_key(app.default_org.id, "alice", &["keyward:self"]).await;
+    for key in [&writer, &customer] {
+        let cookie = session(&sign_in(&app, key).await);
+        let r = get(&app, "/console/organizations", &cookie).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(!r.text.contains(&app.default_org.slug));
+        assert_eq!(get(&app, &at, &cookie).await.status, StatusCode::FORBIDDEN);
+        let form = "name=Mine&plan=enterprise".to_owned();
+        let r = app.send(page(Method::POST, &at, &[("cookie", cookie.as_str())], Some(&form))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body["plan"], "pro");
+}
