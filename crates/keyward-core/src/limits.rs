@@ -260,6 +260,17 @@ impl RateDecision {
         Self::from_rules(&rules, tats, now, cost, allowed)
     }
 
+    /// Gives back `cost` that [`RateDecision::decide`] consumed in every window, for a request the
+    /// rate limit admitted and something after it refused: a refusal for another reason must not
+    /// use up the rate limit. Never past a full bucket (`None`).
+    pub fn refund(limits: &RateLimits, tats: &mut [Option<i64>; 3], now: i64, cost: u64) {
+        for r in limits.rules().iter().flatten() {
+            let i = r.window.index();
+            let back = (cost.min(MAX_COST) as i64).saturating_mul(r.interval);
+            tats[i] = tats[i].map(|t| t.saturating_sub(back)).filter(|&t| t > now);
+        }
+    }
+
     /// The decision of a limiter that could not decide and applies its failure policy.
     pub fn degraded(limits: &RateLimits, allowed: bool) -> Self {
         let retry_after_micros = (!allowed).then_some(MICROS_PER_SEC);
@@ -391,6 +402,23 @@ mod tests {
         let mut tats = [None; 3];
         assert_eq!(burst(limits, &mut tats, T0, n, 1), n);
         assert_eq!(burst(limits, &mut tats, T0 + window, n + 1, 1), n);
+    }
+
+    #[test]
+    fn a_refund_undoes_the_consume_and_never_overfills() {
+        let limits = free();
+        let now = T0 + S / 2;
+        for spent_before in [0, 1, 30, 59] {
+            let mut tats = [None; 3];
+            burst(&limits, &mut tats, T0, spent_before, 1);
+            let before = RateDecision::decide(&limits, &mut tats.clone(), now, 0);
+            assert!(RateDecision::decide(&limits, &mut tats, now, 1).allowed);
+            RateDecision::refund(&limits, &mut tats, now, 1);
+            assert_eq!(RateDecision::decide(&limits, &mut tats, now, 0), before, "{spent_before} spent before");
+        }
+        let mut full = [None; 3];
+        RateDecision::refund(&limits, &mut full, T0, 5);
+        assert_eq!(full, [None; 3]);
     }
 
     #[test]

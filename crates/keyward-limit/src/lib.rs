@@ -78,6 +78,12 @@ pub trait Limiter: Send + Sync + fmt::Debug {
     /// consumes it only if it fits.
     async fn consume_quota(&self, subject: &str, limit: Option<u64>, cost: u64, now: DateTime<Utc>) -> QuotaDecision;
 
+    /// Gives back `cost` that an admitting [`Limiter::check`] of `subject` consumed, for a request
+    /// refused after it for another reason (its quota, the failure policy): only its rate limit may
+    /// make a key rate-limited. Best effort: a limiter that cannot reach its backend gives nothing
+    /// back, and one that keeps no count has nothing to give.
+    async fn refund(&self, _subject: &str, _limits: &RateLimits, _cost: u64, _now: DateTime<Utc>) {}
+
     /// [`Limiter::check`] with the usual cost of 1.
     async fn hit(&self, subject: &str, limits: &RateLimits, now: DateTime<Utc>) -> RateDecision {
         self.check(subject, limits, 1, now).await

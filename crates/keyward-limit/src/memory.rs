@@ -37,12 +37,17 @@ struct RateEntry {
 }
 
 impl RateEntry {
-    fn decide(&mut self, limits: &RateLimits, now: i64, cost: u64) -> RateDecision {
+    /// Runs `f` on the windows' states as `keyward_core::limits` takes them.
+    fn with_tats<R>(&mut self, f: impl FnOnce(&mut [Option<i64>; 3]) -> R) -> R {
         let get = |t: i64| (t != 0).then_some(t);
         let mut tats = [get(self.tats[0]), get(self.tats[1]), get(self.tats[2])];
-        let d = RateDecision::decide(limits, &mut tats, now, cost);
+        let r = f(&mut tats);
         self.tats = [tats[0].unwrap_or(0), tats[1].unwrap_or(0), tats[2].unwrap_or(0)];
-        d
+        r
+    }
+
+    fn decide(&mut self, limits: &RateLimits, now: i64, cost: u64) -> RateDecision {
+        self.with_tats(|tats| RateDecision::decide(limits, tats, now, cost))
     }
 }
 
@@ -139,6 +144,14 @@ impl MemoryLimiter {
 impl Limiter for MemoryLimiter {
     async fn check(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) -> RateDecision {
         self.check_sync(subject, limits, cost, now)
+    }
+
+    async fn refund(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) {
+        if limits.is_unlimited() {
+            return;
+        }
+        let now = now.timestamp_micros();
+        self.rates.update(subject, now, |e| e.with_tats(|tats| RateDecision::refund(limits, tats, now, cost)));
     }
 
     async fn consume_quota(&self, subject: &str, limit: Option<u64>, cost: u64, now: DateTime<Utc>) -> QuotaDecision {

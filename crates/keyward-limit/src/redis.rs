@@ -90,6 +90,29 @@ end
 return out
 ";
 
+/// Gives back what `RATE_SCRIPT` consumed: the inverse of its step, never past a full bucket (the
+/// field goes). Mirrors `RateDecision::refund` in keyward-core.
+///
+/// KEYS[1]: the subject's hash. ARGV[1]: now (µs). ARGV[2]: cost. Then per window: field, interval
+/// (µs).
+const REFUND_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+for i = 1, (#ARGV - 2) / 2 do
+  local field = ARGV[2 * i + 1]
+  local tat = tonumber(redis.call('HGET', KEYS[1], field))
+  if tat then
+    local back = tat - cost * tonumber(ARGV[2 * i + 2])
+    if back > now then
+      redis.call('HSET', KEYS[1], field, string.format('%.0f', back))
+    else
+      redis.call('HDEL', KEYS[1], field)
+    end
+  end
+end
+return 1
+";
+
 /// A month's quota count. KEYS[1]: the counter. ARGV: limit (-1: none), cost, time to live (ms,
 /// relative like the rate keys' so it follows the caller's clock), seed ('': unknown). Returns {'seed'} when the counter is absent and no seed was given, else
 /// {allowed, used after the decision}.
@@ -174,6 +197,7 @@ pub struct RedisLimiter {
     prefix: String,
     policy: FailurePolicy,
     rate_script: Script,
+    refund_script: Script,
     quota_script: Script,
     seed: Option<Arc<dyn QuotaSeed>>,
     seed_health: Health,
@@ -244,6 +268,7 @@ impl RedisLimiter {
             prefix: config.key_prefix,
             policy: config.policy,
             rate_script: Script::new(RATE_SCRIPT),
+            refund_script: Script::new(REFUND_SCRIPT),
             quota_script: Script::new(QUOTA_SCRIPT),
             seed: None,
             seed_health: Health::new("quota_store"),
@@ -411,6 +436,24 @@ impl Limiter for RedisLimiter {
         // the limit during an outage: bounded, never open, and a refusal is a true one (its figures
         // are counts, so the decision is not `degraded`).
         self.local.check_sync(subject, limits, cost, now)
+    }
+
+    async fn refund(&self, subject: &str, limits: &RateLimits, cost: u64, now: DateTime<Utc>) {
+        if limits.is_unlimited() || !self.link.health.is_up() {
+            return;
+        }
+        let mut invocation = self.refund_script.key(format!("{}:w:{subject}", self.prefix));
+        invocation.arg(now.timestamp_micros()).arg(cost.min(MAX_COST));
+        for r in limits.rules().into_iter().flatten() {
+            invocation.arg(r.window.name()).arg(r.interval);
+        }
+        let invocation = &invocation;
+        // Not a decision: a failure is noticed (and counted) by the next one.
+        if let Err(error) =
+            self.link.run(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await }).await
+        {
+            tracing::debug!(%error, "giving back a rate-limit unit failed");
+        }
     }
 
     async fn consume_quota(&self, subject: &str, limit: Option<u64>, cost: u64, now: DateTime<Utc>) -> QuotaDecision {

@@ -104,6 +104,11 @@ async fn redis_decides_exactly_like_memory() {
         let r = redis.check(&subject, &limits, cost, now).await;
         let m = memory.check(&subject, &limits, cost, now).await;
         assert_eq!(r, m, "step {step}: {subject} {limits:?} cost {cost} at {now}");
+        // Now and then the request is refused after it (its quota): the unit goes back, alike.
+        if r.allowed && rng.next(4) == 0 {
+            redis.refund(&subject, &limits, cost, now).await;
+            memory.refund(&subject, &limits, cost, now).await;
+        }
 
         let quota = [None, Some(10), Some(30)][rng.next(3) as usize];
         let r = redis.consume_quota(&subject, quota, cost, now).await;

@@ -65,8 +65,11 @@ pub struct KeyDecision {
 }
 
 /// Tier limits, then the monthly quota, for a key that passed every other check. A rate-limited
-/// request spends no quota. The quota is the key's own when it has a monthly override, else its
-/// organization's pool.
+/// request spends no quota, and a request the quota refuses (exceeded, or the failure policy) gets
+/// its rate-limit unit back: only its rate limit makes a key `RATE_LIMITED`, so a client polling an
+/// exhausted quota keeps hearing `QUOTA_EXCEEDED`, and one refused while the quota store was down
+/// is not rate-limited once it is back. The quota is the key's own when it has a monthly override,
+/// else its organization's pool.
 ///
 /// SECURITY: a refusal by the `fail_closed` policy (the limiter is down) is `LIMITER_UNAVAILABLE`,
 /// never `RATE_LIMITED` or `QUOTA_EXCEEDED`: the key ran into no limit, and a client told it did
@@ -74,7 +77,8 @@ pub struct KeyDecision {
 pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
     let limits = state.plans.resolve(&key.org.plan, key.plan(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
-    let rate = state.limiter.check(Subject::new("key:", key.lineage.0).as_str(), &limits.rate(), 1, now).await;
+    let rate_subject = Subject::new("key:", key.lineage.0);
+    let rate = state.limiter.check(rate_subject.as_str(), &limits.rate(), 1, now).await;
     if !rate.allowed {
         let outcome = if rate.degraded { VerifyOutcome::LimiterUnavailable } else { VerifyOutcome::RateLimited };
         return KeyDecision { outcome, rate, quota: None };
@@ -87,6 +91,9 @@ pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTi
         (false, true) => VerifyOutcome::LimiterUnavailable,
         (false, false) => VerifyOutcome::QuotaExceeded,
     };
+    if !quota.allowed && !rate.degraded {
+        state.limiter.refund(rate_subject.as_str(), &limits.rate(), 1, now).await;
+    }
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
 

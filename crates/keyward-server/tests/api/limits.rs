@@ -8,7 +8,7 @@ use axum::http::{Method, StatusCode};
 use chrono::{Duration, TimeZone, Utc};
 use serde_json::{Value, json};
 
-use crate::helpers::{OwnRedis, TestApp, code, request};
+use crate::helpers::{OwnRedis, TestApp, code, on_every_backend, request};
 
 async fn org_with(app: &TestApp, slug: &str, body: Value) -> keyward_core::OrgId {
     let mut b = json!({"name": slug, "slug": slug});
@@ -123,6 +123,25 @@ async fn a_rate_limited_request_spends_no_quota() {
     assert_eq!(limited["quota"], json!(null));
     app.clock.advance(Duration::minutes(1));
     assert_eq!(app.verify(&key, json!({})).await["quota"]["used"], 3);
+}
+
+on_every_backend!(a_request_the_quota_refuses_spends_no_rate_limit);
+
+async fn a_request_the_quota_refuses_spends_no_rate_limit(app: TestApp) {
+    let org = org_with(&app, "spent", json!({"rate_limit_per_minute": 3, "monthly_request_limit": 1})).await;
+    let (key, _) = app.key(org, &[]).await;
+    assert_eq!(app.verify(&key, json!({})).await["code"], "VALID");
+    // A client polling its exhausted quota hears why, every time: not `RATE_LIMITED` after 2 more.
+    for i in 0..10 {
+        let v = app.verify(&key, json!({})).await;
+        assert_eq!(v["code"], "QUOTA_EXCEEDED", "refusal {}: {v}", i + 1);
+    }
+    // Raised, the quota admits the key at once: the refusals left its rate limit as they found it.
+    let r = app.patch(&format!("/v1/organizations/{org}"), &app.admin_key, json!({"monthly_request_limit": 100})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = app.verify(&key, json!({})).await;
+    assert_eq!(v["code"], "VALID", "{v}");
+    assert_eq!(v["rate_limit"]["remaining"], 1);
 }
 
 #[tokio::test]
