@@ -49,7 +49,7 @@ impl AuditContent<'_> {
         let mut h = Sha256::new();
         h.update(prev_hash.as_bytes());
         h.update(self.canonical());
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex(&h.finalize())
     }
 }
 

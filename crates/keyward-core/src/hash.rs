@@ -43,7 +43,7 @@ pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex(&self.0)
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {

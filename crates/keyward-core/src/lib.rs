@@ -22,6 +22,12 @@ pub mod status;
 pub mod webhook;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+
+/// Lower-case hex of `bytes`: how digests, tokens and signatures are written everywhere.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub use hash::{HashAlgorithm, KeyHash, KeyHasher, PepperError};
 pub use ids::{KeyId, OrgId};
 pub use ip::{IpAllowList, IpListError};

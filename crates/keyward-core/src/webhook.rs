@@ -6,6 +6,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use crate::hex;
+
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "Keyward-Signature";
 
@@ -19,10 +21,6 @@ fn mac(secret: &str, t: i64, body: &[u8]) -> Vec<u8> {
     m.update(b".");
     m.update(body);
     m.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The header value for a delivery of `body` signed at `t`.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
-use keyward_core::{Clock, KeyHash, KeyId};
+use keyward_core::{Clock, KeyHash, KeyId, hex};
 
 use crate::settings::ConsoleSettings;
 use sha2::{Digest, Sha256};
@@ -154,10 +154,6 @@ impl Sessions {
 
 fn digest(id: &str) -> [u8; 32] {
     Sha256::digest(id.as_bytes()).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

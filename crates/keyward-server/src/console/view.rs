@@ -22,7 +22,7 @@ pub(super) struct Asset {
 
 impl Asset {
     fn new(stem: &str, ext: &str, body: &'static str, mime: &'static str) -> Self {
-        let hash: String = Sha256::digest(body.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let hash = keyward_core::hex(&Sha256::digest(body.as_bytes())[..6]);
         Self { path: format!("/console/static/{stem}.{hash}.{ext}"), body, mime }
     }
 }
