@@ -77,8 +77,8 @@ pub struct KeyDecision {
 pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTime<Utc>) -> KeyDecision {
     let limits = state.plans.resolve(&key.org.plan, key.plan(), &key.org.limits, &key.limits());
     // Counted under the key's lineage: the old and new key of a rotation share one allowance.
-    let rate_subject = Subject::new("key:", key.lineage.0);
-    let rate = state.limiter.check(rate_subject.as_str(), &limits.rate(), 1, now).await;
+    let (rate_subject, rate_limits) = (Subject::new("key:", key.lineage.0), limits.rate());
+    let rate = state.limiter.check(rate_subject.as_str(), &rate_limits, 1, now).await;
     if !rate.allowed {
         let outcome = if rate.degraded { VerifyOutcome::LimiterUnavailable } else { VerifyOutcome::RateLimited };
         return KeyDecision { outcome, rate, quota: None };
@@ -92,7 +92,7 @@ pub async fn check_key(state: &AppState, key: &KeyRecord, cost: u64, now: DateTi
         (false, false) => VerifyOutcome::QuotaExceeded,
     };
     if !quota.allowed && !rate.degraded {
-        state.limiter.refund(rate_subject.as_str(), &limits.rate(), 1, now).await;
+        state.limiter.refund(rate_subject.as_str(), &rate_limits, 1, now).await;
     }
     KeyDecision { outcome, rate, quota: Some(quota) }
 }
