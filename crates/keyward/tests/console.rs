@@ -190,6 +190,20 @@ async fn the_console_in_a_real_browser() {
     assert!(b.text().await.contains(XSS_NOTE), "metadata shows as text: {}", b.text().await);
     b.nothing_ran().await;
 
+    // Edit its settings: the form holds what the key has, markup as text; saving changes one field.
+    b.click("a[href$='/edit']").await;
+    assert_eq!(b.path().await, format!("/console/keys/{id}/edit"));
+    let name = b.client.find(Locator::Id("name")).await.unwrap().prop("value").await.unwrap();
+    assert_eq!(name.as_deref(), Some(XSS_NAME));
+    b.nothing_ran().await;
+    b.fill("description", XSS_NOTE).await;
+    b.click("main form button[type=submit]").await;
+    assert_eq!(b.path().await, format!("/console/keys/{id}"));
+    let key = http(&address, "GET", &format!("/v1/keys/{id}"), &admin, None).1;
+    assert_eq!(key["description"], XSS_NOTE);
+    assert_eq!(key["name"], XSS_NAME, "what was not changed stays");
+    b.nothing_ran().await;
+
     // Its usage: the chart drawn on the server, its table, the endpoints as text.
     let verified = json!({"key": secret, "endpoint": "/v1/chat"});
     assert_eq!(http(&address, "POST", "/v1/verify", &admin, Some(verified)).1["valid"], true);

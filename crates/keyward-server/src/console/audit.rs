@@ -9,7 +9,7 @@ use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::extract::Signed;
+use super::extract::{Signed, blank};
 use super::view::{PageResult, failed, layout, page};
 use crate::auth::{Admin, AuditRead, Caller, KeysReadOrSelf};
 use crate::error::{ApiResult, ErrorCode};
@@ -130,7 +130,6 @@ fn instant(typed: &str) -> Option<String> {
 
 impl AuditForm {
     fn query(&self) -> AuditQuery {
-        let blank = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
         AuditQuery {
             key_id: blank(&self.key),
             action: blank(&self.action),

@@ -210,6 +210,12 @@ impl<P: Permission, F: DeserializeOwned + Send> FromRequest<AppState> for KeyFor
     }
 }
 
+/// A form field as typed, trimmed; `None` when blank.
+pub(super) fn blank(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
 /// A form that carries only its CSRF token.
 #[derive(Deserialize, Default)]
 pub struct CsrfForm {

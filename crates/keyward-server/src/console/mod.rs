@@ -9,6 +9,7 @@
 
 mod audit;
 mod extract;
+mod keyform;
 mod orgs;
 mod pages;
 pub mod sessions;
@@ -39,8 +40,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console", get(pages::sign_in_page))
         .route("/console/sign-in", post(pages::sign_in))
         .route("/console/sign-out", post(pages::sign_out))
-        .route("/console/keys", get(pages::keys_list).post(pages::create_key))
-        .route("/console/keys/new", get(pages::new_key))
+        .route("/console/keys", get(pages::keys_list).post(keyform::create_key))
+        .route("/console/keys/new", get(keyform::new_key))
+        .route("/console/keys/{id}/edit", get(keyform::edit_page).post(keyform::edit_key))
         .route("/console/keys/{id}", get(pages::key_page))
         .route("/console/keys/{id}/active", post(pages::set_active))
         .route("/console/keys/{id}/rotate", post(pages::rotate_key))

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::http::header::SET_COOKIE;
 use axum::http::request::Parts;
 use axum::response::Response;
+use keyward_core::KeyId;
 use keyward_store::ApiKey;
 use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
@@ -13,12 +14,12 @@ use super::extract::{
     CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
 };
 use super::view::{PageResult, failed, layout, message, page};
-use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
+use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Permission};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
 use crate::routes::keys::{self, ListKeysQuery};
 use crate::routes::target::{self, Target, Visible};
-use crate::service::{CreateKeyRequest, RotateKeyRequest, UpdateKeyRequest};
+use crate::service::{RotateKeyRequest, UpdateKeyRequest};
 use crate::state::AppState;
 
 fn sign_in_form(state: &AppState, error: Option<&str>) -> Markup {
@@ -202,8 +203,14 @@ pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> P
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
     let trail = super::audit::key_trail(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
+    let editable = target.revoked_at.is_none() && signed.caller.admitted_as::<KeysWrite>().is_ok();
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    let body = html! { (key_view(&key, &csrf, None)) (usage) @if let Some(trail) = trail { (trail) } };
+    let body = html! {
+        (key_view(&key, &csrf, None))
+        @if editable { p { a href={ "/console/keys/" (id) "/edit" } { "Edit settings" } } }
+        (usage)
+        @if let Some(trail) = trail { (trail) }
+    };
     Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
 }
 
@@ -264,84 +271,8 @@ fn key_view(response: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
     }
 }
 
-/// `GET /console/keys/new`.
-pub async fn new_key(signed: Signed<KeysWriteOrSelf>) -> Response {
-    let csrf = signed.csrf_token();
-    page(
-        StatusCode::OK,
-        layout(
-            signed.caller.state(),
-            Some(&csrf),
-            "New key",
-            html! {
-                form method="post" action="/console/keys" {
-                    input type="hidden" name="csrf" value=(csrf);
-                    label for="name" { "Name" } input #name name="name" required maxlength="255";
-                    label for="owner_id" { "Owner id" } input #owner_id name="owner_id" maxlength="255";
-                    label for="description" { "Description" } textarea #description name="description" maxlength="2000" {}
-                    label for="environment" { "Environment" }
-                    select #environment name="environment" { option value="live" { "live" } option value="test" { "test" } }
-                    label for="scopes" { "Scopes (separated by spaces)" } input #scopes name="scopes";
-                    label for="expires_in_days" { "Expires in days (blank: never)" }
-                    input #expires_in_days type="number" name="expires_in_days" min="1" max="3650";
-                    label for="metadata" { "Metadata (a JSON object)" } textarea #metadata name="metadata" {}
-                    button type="submit" { "Create key" }
-                }
-            },
-        ),
-    )
-}
-
-#[derive(Deserialize)]
-pub struct CreateForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    owner_id: String,
-    #[serde(default)]
-    description: String,
-    #[serde(default)]
-    environment: String,
-    #[serde(default)]
-    scopes: String,
-    #[serde(default)]
-    expires_in_days: String,
-    #[serde(default)]
-    metadata: String,
-}
-
-/// `POST /console/keys`: `POST /v1/keys`; the new key is on this answer only.
-#[tracing::instrument(skip_all)]
-pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBody<CreateForm>) -> PageResult {
-    signed.check_csrf(&form.csrf)?;
-    let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
-    let blank = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
-    let bad = |m: &str| message(&state, StatusCode::UNPROCESSABLE_ENTITY, m);
-    let metadata = blank(&form.metadata)
-        .map(|m| serde_json::from_str(&m).map_err(|_| bad("Metadata must be a JSON object.")))
-        .transpose()?;
-    let expires_in_days = blank(&form.expires_in_days)
-        .map(|d| d.parse().map_err(|_| bad("Expires in days must be a whole number.")))
-        .transpose()?;
-    let body = CreateKeyRequest {
-        name: form.name,
-        description: blank(&form.description),
-        owner_id: blank(&form.owner_id),
-        environment: blank(&form.environment),
-        scopes: form.scopes.split_whitespace().map(str::to_owned).collect(),
-        expires_in_days,
-        metadata,
-        ..CreateKeyRequest::default()
-    };
-    let (_, created) = keys::create(&signed.caller, body).await.map_err(|e| failed(&state, e))?;
-    Ok(shown_once(&state, &csrf, &created.api_key, &created.key))
-}
-
 /// A key just made, with its secret shown this once.
-fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
+pub(super) fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
     page(StatusCode::CREATED, layout(state, Some(csrf), &key.key.name, key_view(key, csrf, Some(secret))))
 }
 
@@ -375,27 +306,34 @@ pub async fn rotate_key(changed: KeyForm<KeysWriteOrSelf, RotateForm>) -> PageRe
     Ok(shown_once(&state, &csrf, &rotated.api_key, &rotated.key))
 }
 
-/// `GET /console/keys/{id}/revoke`: the confirmation step.
-pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, KeyPath(id): KeyPath) -> PageResult {
+/// A page about a key the caller may change (404 unseen, 403 unchangeable, as its API route answers):
+/// `content` makes its title and body from the key and the session's CSRF token.
+pub(super) async fn writable_key_page<P: Permission>(
+    signed: Signed<P>,
+    id: KeyId,
+    content: impl FnOnce(&ApiKey, &str) -> (String, Markup),
+) -> PageResult {
     let state = signed.caller.state().clone();
     let csrf = signed.csrf_token();
     let key = target::writable::<_, ApiKey>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
-    Ok(page(
-        StatusCode::OK,
-        layout(
-            &state,
-            Some(&csrf),
-            "Revoke key",
-            html! {
-                p { "Revoke " strong { (key.name) } " (" code { (key.prefix) "…" (key.hint) } ")? It stops working at once, for good." }
-                form method="post" action={ "/console/keys/" (key.id) "/revoke" } {
-                    input type="hidden" name="csrf" value=(csrf);
-                    button.danger type="submit" { "Revoke for good" }
-                }
-                p { a href={ "/console/keys/" (key.id) } { "Cancel" } }
-            },
-        ),
-    ))
+    let (title, body) = content(&key, &csrf);
+    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &title, body)))
+}
+
+/// `GET /console/keys/{id}/revoke`: the confirmation step.
+pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, KeyPath(id): KeyPath) -> PageResult {
+    writable_key_page(signed, id, |key, csrf| {
+        let body = html! {
+            p { "Revoke " strong { (key.name) } " (" code { (key.prefix) "…" (key.hint) } ")? It stops working at once, for good." }
+            form method="post" action={ "/console/keys/" (key.id) "/revoke" } {
+                input type="hidden" name="csrf" value=(csrf);
+                button.danger type="submit" { "Revoke for good" }
+            }
+            p { a href={ "/console/keys/" (key.id) } { "Cancel" } }
+        };
+        ("Revoke key".to_owned(), body)
+    })
+    .await
 }
 
 /// `POST /console/keys/{id}/revoke`: `DELETE /v1/keys/{id}`.

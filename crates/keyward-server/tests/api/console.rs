@@ -428,3 +428,169 @@ async fn organizations_are_listed_created_and_changed_by_admins_only() {
     }
     assert_eq!(app.get(&format!("/v1/organizations/{id}"), &app.admin_key).await.body["plan"], "pro");
 }
+
+/// The form's field `name=value` pairs, URL-encoded.
+fn form(fields: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(fields).unwrap()
+}
+
+#[tokio::test]
+async fn a_key_is_created_with_every_field_and_edited_one_field_at_a_time() {
+    let app = TestApp::sqlite().await;
+    let other = app.org("acme").await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let new = get(&app, "/console/keys/new", &cookie).await;
+    for field in [
+        "organization_id",
+        "owner_id",
+        "environment",
+        "prefix",
+        "scopes",
+        "allowed_ips",
+        "plan",
+        "expires_at",
+        "metadata",
+    ] {
+        assert!(new.text.contains(&format!("name=\"{field}\"")), "{field} on the new key form");
+    }
+    assert!(new.text.contains(&other.id.to_string()), "the admin chooses among the organizations");
+    let expires = (helpers_now(&app) + chrono::Duration::days(30)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let org = other.id.to_string();
+    let fields = [
+        ("csrf", csrf(&new.text)),
+        ("name", XSS.to_owned()),
+        ("organization_id", org.clone()),
+        ("owner_id", "cust-7".to_owned()),
+        ("environment", "test".to_owned()),
+        ("prefix", "acme".to_owned()),
+        ("description", "for the <b>batch</b> jobs".to_owned()),
+        ("scopes", "read:projects write:projects".to_owned()),
+        ("allowed_ips", "10.0.0.0/8 2001:db8::/32".to_owned()),
+        ("plan", "free".to_owned()),
+        ("expires_at", expires.clone()),
+        ("metadata", r#"{"tier":"gold"}"#.to_owned()),
+    ];
+    let refs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let created = app.send(page(Method::POST, "/console/keys", &[("cookie", &cookie)], Some(&form(&refs)))).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let id = created.text.split("action=\"/console/keys/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let key = app.get(&format!("/v1/keys/{id}"), &app.admin_key).await.body;
+    assert_eq!(key["name"], XSS);
+    assert_eq!(key["organization_id"], org);
+    assert_eq!(key["owner_id"], "cust-7");
+    assert_eq!(key["environment"], "test");
+    assert_eq!(key["prefix"], "acme_test_");
+    assert_eq!(key["scopes"], serde_json::json!(["read:projects", "write:projects"]));
+    assert_eq!(key["allowed_ips"], serde_json::json!(["10.0.0.0/8", "2001:db8::/32"]));
+    assert_eq!(key["plan"], "free");
+    assert_eq!(key["metadata"], serde_json::json!({"tier": "gold"}));
+    assert!(key["expires_at"].as_str().unwrap().starts_with(&expires[..19]), "{}", key["expires_at"]);
+
+    let edit = get(&app, &format!("/console/keys/{id}/edit"), &cookie).await;
+    assert_eq!(edit.status, StatusCode::OK, "{}", edit.text);
+    assert!(!edit.text.contains(XSS) && edit.text.contains("&lt;img"), "the name is text");
+    assert!(edit.text.contains("10.0.0.0/8 2001:db8::/32") && edit.text.contains("read:projects write:projects"));
+    let audit_path = format!("/v1/audit-logs?key_id={id}&action=update");
+    let audited = || async { app.get(&audit_path, &app.admin_key).await.body["items"].as_array().unwrap().clone() };
+    let same: Vec<(String, String)> = edit_fields(&edit.text);
+    let post_edit = |fields: Vec<(String, String)>| {
+        let refs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let body = form(&refs);
+        let path = format!("/console/keys/{id}/edit");
+        let cookie = cookie.clone();
+        let app = &app;
+        async move { app.send(page(Method::POST, &path, &[("cookie", &cookie)], Some(&body))).await }
+    };
+    let unchanged = post_edit(same.clone()).await;
+    assert_eq!(unchanged.status, StatusCode::SEE_OTHER, "{}", unchanged.text);
+    assert!(audited().await.is_empty(), "saving the form unchanged writes nothing");
+
+    let mut changed = same.clone();
+    for (name, value) in &mut changed {
+        match name.as_str() {
+            "name" => *value = "batch jobs".to_owned(),
+            "allowed_ips" => value.clear(),
+            _ => {}
+        }
+    }
+    let saved = post_edit(changed.clone()).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.text);
+    let key = app.get(&format!("/v1/keys/{id}"), &app.admin_key).await.body;
+    assert_eq!(key["name"], "batch jobs");
+    assert_eq!(key["allowed_ips"], serde_json::json!([]));
+    assert_eq!(key["scopes"], serde_json::json!(["read:projects", "write:projects"]), "the rest stays");
+    assert_eq!(key["metadata"], serde_json::json!({"tier": "gold"}));
+    let rows = audited().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let diff = rows[0]["details"].to_string();
+    assert!(diff.contains("batch jobs") && diff.contains("allowed_ips") && !diff.contains("scopes"), "{diff}");
+
+    let mut no_token = changed.clone();
+    no_token.retain(|(n, _)| n != "csrf");
+    assert_eq!(post_edit(no_token).await.status, StatusCode::FORBIDDEN);
+    let mut bad = changed;
+    for (name, value) in &mut bad {
+        if name == "metadata" {
+            *value = "[1]".to_owned();
+        }
+    }
+    assert_eq!(post_edit(bad).await.status.as_u16() / 100, 4, "refused, never a 500");
+}
+
+/// The current time of the app's clock.
+fn helpers_now(app: &TestApp) -> chrono::DateTime<chrono::Utc> {
+    use keyward_core::Clock;
+    app.clock.now()
+}
+
+/// The `name`/`value` pairs of an edit page's form, as a browser would post them unchanged.
+fn edit_fields(html: &str) -> Vec<(String, String)> {
+    let form = html.split("/edit\">").nth(1).unwrap().split("</form>").next().unwrap();
+    let unescape = |s: &str| s.replace("&quot;", "\"").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&");
+    let mut fields = Vec::new();
+    for tag in form.split('<').skip(1) {
+        let Some(name) = tag.split("name=\"").nth(1).map(|r| r.split('"').next().unwrap().to_owned()) else { continue };
+        let value = if tag.starts_with("textarea") {
+            tag.split_once('>').unwrap().1.to_owned()
+        } else if tag.starts_with("select") {
+            let rest = &form[form.find(&format!("name=\"{name}\"")).unwrap()..];
+            let options = rest.split("</select>").next().unwrap();
+            options
+                .split("<option")
+                .find(|o| o.contains(" selected"))
+                .map_or(String::new(), |o| o.split("value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned())
+        } else {
+            tag.split("value=\"").nth(1).map_or(String::new(), |v| v.split('"').next().unwrap().to_owned())
+        };
+        fields.push((name, unescape(&value)));
+    }
+    fields
+}
+
+#[tokio::test]
+async fn only_those_who_may_change_a_key_see_its_edit_form() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (customer, own) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let cookie = session(&sign_in(&app, &customer).await);
+    let page_text = get(&app, &format!("/console/keys/{}", own.id), &cookie).await.text;
+    assert!(!page_text.contains("/edit\""), "no edit link for a self-service key");
+    assert_eq!(get(&app, &format!("/console/keys/{}/edit", own.id), &cookie).await.status, StatusCode::FORBIDDEN);
+    let new = get(&app, "/console/keys/new", &cookie).await.text;
+    assert!(!new.contains("name=\"owner_id\"") && !new.contains("name=\"organization_id\""), "own owner, own org");
+
+    let acme = app.org("acme").await;
+    let (manager, _) = app.key(acme.id, &["keyward:keys:write"]).await;
+    let cookie = session(&sign_in(&app, &manager).await);
+    for path in [format!("/console/keys/{}/edit", own.id)] {
+        assert_eq!(get(&app, &path, &cookie).await.status, StatusCode::NOT_FOUND, "another organization's key");
+    }
+    let token = csrf(&get(&app, "/console/keys/new", &cookie).await.text);
+    let body = form(&[("csrf", &token), ("name", "taken over")]);
+    let path = format!("/console/keys/{}/edit", own.id);
+    assert_eq!(
+        app.send(page(Method::POST, &path, &[("cookie", &cookie)], Some(&body))).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(!get(&app, "/console/keys/new", &cookie).await.text.contains("name=\"organization_id\""), "admins only");
+}
