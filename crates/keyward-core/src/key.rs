@@ -166,6 +166,49 @@ impl PlainKey {
     pub fn redacted(&self) -> String {
         format!("{}…{}", self.prefix(), self.hint())
     }
+
+    /// `text` with every well-formed key in it (its checksum holds) replaced by its redacted form.
+    /// SECURITY: for what a client chose to record (a path, an endpoint), which may carry a key
+    /// however unwise: a key in `/hooks/sk_live_…` must not reach the usage rows nor their exports.
+    pub fn redact_in(text: &str) -> std::borrow::Cow<'_, str> {
+        let mut out = String::new();
+        let mut copied = 0;
+        let mut from = 0;
+        while let Some(at) = find_environment(text, from) {
+            from = at + 1;
+            let body_start = at + 6;
+            let Some(body) = text.get(body_start..body_start + BODY_LEN) else { continue };
+            if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                continue;
+            }
+            // The prefix: 1-16 lowercase letters or digits ending just before the environment; the
+            // longest that makes a well-formed key (the checksum covers the prefix).
+            let head = &text.as_bytes()[copied.max(at.saturating_sub(MAX_PREFIX_LEN))..at];
+            let run = head.iter().rev().take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit()).count();
+            let end = body_start + BODY_LEN;
+            let found = (1..=run)
+                .rev()
+                .map(|len| at - len)
+                .find_map(|start| PlainKey::parse(&text[start..end]).ok().map(|key| (start, key)));
+            if let Some((start, key)) = found {
+                out.push_str(&text[copied..start]);
+                out.push_str(&key.redacted());
+                copied = end;
+                from = end;
+            }
+        }
+        if copied == 0 {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        out.push_str(&text[copied..]);
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+/// Where the next `_live_` or `_test_` starts in `text`, from `from` on.
+fn find_environment(text: &str, from: usize) -> Option<usize> {
+    let rest = text.get(from..)?;
+    [rest.find("_live_"), rest.find("_test_")].into_iter().flatten().min().map(|at| from + at)
 }
 
 impl fmt::Debug for PlainKey {
@@ -224,6 +267,28 @@ fn base62_into(number: &mut [u8], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_in_text_are_redacted_wherever_they_stand() {
+        let live = PlainKey::generate(&KeyPrefix::default(), Environment::Live).unwrap();
+        let test = PlainKey::generate(&KeyPrefix::parse("acme2").unwrap(), Environment::Test).unwrap();
+        let (l, t) = (live.expose_secret(), test.expose_secret());
+        let cases = [
+            (format!("/hooks/{l}"), format!("/hooks/{}", live.redacted())),
+            (format!("/a/{l}/b/{t}"), format!("/a/{}/b/{}", live.redacted(), test.redacted())),
+            (format!("/x_{l}y"), format!("/x_{}y", live.redacted())),
+            (format!("{l}{l}"), format!("{}{}", live.redacted(), live.redacted())),
+            (format!("/é/{t}/é"), format!("/é/{}/é", test.redacted())),
+        ];
+        for (text, want) in cases {
+            assert_eq!(PlainKey::redact_in(&text), want);
+        }
+        let mut typo = l.to_owned();
+        typo.replace_range(10..11, if &typo[10..11] == "a" { "b" } else { "a" });
+        for untouched in ["/v1/projects", "/sk_live_", "sk_live_short", typo.as_str(), "/é_live_é", ""] {
+            assert!(matches!(PlainKey::redact_in(untouched), std::borrow::Cow::Borrowed(_)), "{untouched}");
+        }
+    }
     use proptest::prelude::*;
 
     fn key(prefix: &str, env: Environment) -> PlainKey {

@@ -188,7 +188,9 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
     };
     let event = event.map(|mut event| {
         event.method = Some(method.as_str().to_owned());
-        event.endpoint = Some(verifier::truncated(path.as_str(), MAX_ENDPOINT_LEN).to_owned());
+        // SECURITY: a key in the path (`/hooks/sk_live_…`) is recorded as its prefix and hint only.
+        let recorded = keyward_core::PlainKey::redact_in(path.as_str());
+        event.endpoint = Some(verifier::truncated(&recorded, MAX_ENDPOINT_LEN).to_owned());
         event
     });
     let now = state.clock.now();

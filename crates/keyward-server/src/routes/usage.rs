@@ -38,7 +38,8 @@ pub(crate) fn endpoint(field: &str, value: &str) -> ApiResult<String> {
     if value.is_empty() || value.chars().count() > MAX_ENDPOINT_LEN || value.chars().any(char::is_control) {
         return Err(ApiError::validation(field, format!("must be 1 to {MAX_ENDPOINT_LEN} printable characters")));
     }
-    Ok(value.to_owned())
+    // SECURITY: a key a client put in the endpoint is recorded as its prefix and hint only.
+    Ok(keyward_core::PlainKey::redact_in(value).into_owned())
 }
 
 /// An HTTP method as recorded: 1 to 16 ASCII letters, upper-cased.

@@ -360,3 +360,52 @@ async fn a_key_given_as_a_plan_or_event_name_is_not_repeated() {
         .await;
     assert!(r.text.contains("`key.craeted`"), "{}", r.text);
 }
+
+/// A key a client put in a path or an endpoint (a proxied `/hooks/sk_live_…`, an endpoint given to
+/// `POST /v1/verify` or `POST /v1/usage`) is recorded as its prefix and hint: the usage rows, and the
+/// exports made from them, never hold it.
+#[tokio::test]
+async fn a_key_in_a_recorded_path_or_endpoint_is_redacted() {
+    let app = TestApp::sqlite().await;
+    let (open, rec) = app.key(app.default_org.id, &[]).await;
+    let (leaked, leaked_rec) = app.key(app.default_org.id, &[]).await;
+    let redacted = format!("{}…{}", leaked_rec.prefix, leaked_rec.hint);
+    let secret = &leaked[8..40];
+    let hooks = [
+        (format!("/v1/authz/reset/{leaked}"), vec![("x-api-key", open.clone())]),
+        (
+            "/v1/authz?style=forwarded".to_owned(),
+            vec![
+                ("x-forwarded-method", "GET".to_owned()),
+                ("x-forwarded-uri", format!("/a/x_{leaked}/b")),
+                ("x-api-key", open.clone()),
+            ],
+        ),
+    ];
+    for (uri, headers) in hooks {
+        let mut request = crate::helpers::request(Method::GET, &uri, None, None);
+        for (name, value) in headers {
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        assert_eq!(app.send(request).await.status, axum::http::StatusCode::OK, "{uri}");
+    }
+    assert_eq!(app.verify(&open, json!({"endpoint": format!("/hooks/{leaked}")})).await["valid"], true);
+    let report =
+        json!({"id": "r1", "key_id": rec.id.to_string(), "endpoint": format!("/r/{leaked}"), "tokens_used": 1});
+    assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, axum::http::StatusCode::ACCEPTED);
+    assert!(app.state.usage.flush().await);
+    let usage = app.get(&format!("/v1/keys/{}/usage?days=1", rec.id), &app.admin_key).await;
+    let endpoints: Vec<&str> =
+        usage.body["top_endpoints"].as_array().unwrap().iter().map(|e| e["endpoint"].as_str().unwrap()).collect();
+    let mut want = vec![
+        format!("/reset/{redacted}"),
+        format!("/a/x_{redacted}/b"),
+        format!("/hooks/{redacted}"),
+        format!("/r/{redacted}"),
+    ];
+    want.sort();
+    let mut got: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+    got.sort();
+    assert_eq!(got, want, "{}", usage.text);
+    assert!(!usage.text.contains(secret));
+}
