@@ -176,12 +176,17 @@ impl Target for Webhook {
     responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiResult<Response> {
+    let created = create(&caller, body.parse()?).await?;
+    Ok(super::created_with_secret(Default::default(), created))
+}
+
+/// What `POST /v1/webhooks` does with its body (the console's form calls it too).
+pub async fn create(caller: &Caller<KeysWrite>, body: CreateWebhookRequest) -> ApiResult<CreatedWebhookResponse> {
     let state = caller.state();
-    let body: CreateWebhookRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.as_deref())?;
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     let events = check_events(&body.events)?;
-    check_admin_events(&caller, &events)?;
+    check_admin_events(caller, &events)?;
     let description = check_description(body.description)?;
     let secret = keyward_core::webhook::generate_secret()
         .map_err(|e| ApiError::internal(format!("the OS random generator failed: {e}")))?;
@@ -199,8 +204,7 @@ pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiRes
         keyward_store::StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
         e => e.into(),
     })?;
-    let body = CreatedWebhookResponse { secret, webhook: hook };
-    Ok(super::created_with_secret(Default::default(), body))
+    Ok(CreatedWebhookResponse { secret, webhook: hook })
 }
 
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
