@@ -13,6 +13,11 @@ use serde_json::json;
 use crate::conformance::{Written, new_key, new_org, t0};
 use crate::{Actor, AuditEntry, AuditFilter, EventKind, NewKey, Organization, PageRequest, Store, StoreError};
 
+/// The first page of `limit` items.
+fn page(limit: u32) -> PageRequest<uuid::Uuid> {
+    PageRequest { after: None, limit }
+}
+
 trait Must<T> {
     fn must(self, what: &str) -> T;
 }
@@ -252,8 +257,16 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     let made = store.dispatch_events(at(3), at(3) + Duration::hours(24), 1_000).await.must("dispatch");
     assert_eq!(made, 3, "created → 2 endpoints, revoked → 1");
     assert_eq!(store.dispatch_events(at(3), at(3), 1_000).await.must("again"), 0, "each event once");
-    assert!(store.list_deliveries(foreign.id, 10).await.must("foreign").is_empty(), "tenant isolation");
-    assert!(store.list_deliveries(inactive.id, 10).await.must("inactive").is_empty());
+    assert!(store.list_deliveries(foreign.id, page(10)).await.must("foreign").items.is_empty(), "tenant isolation");
+    assert!(store.list_deliveries(inactive.id, page(10)).await.must("inactive").items.is_empty());
+    // Newest first, a page at a time: the cursor is the last delivery's id.
+    let newest = store.list_deliveries(all.id, page(1)).await.must("page 1");
+    assert_eq!((newest.items.len(), newest.next_cursor), (1, Some(newest.items[0].id)));
+    let older = PageRequest { after: newest.next_cursor, limit: 1 };
+    let older = store.list_deliveries(all.id, older).await.must("page 2");
+    assert_eq!((older.items.len(), older.next_cursor), (1, None), "two deliveries in all");
+    assert!(older.items[0].id < newest.items[0].id);
+    assert_eq!((older.items[0].event, newest.items[0].event), (EventKind::KeyCreated, EventKind::KeyRevoked));
 
     let jobs = store.claim_deliveries(at(3), at(4), 10).await.must("claim");
     let jobs: Vec<_> =
@@ -285,7 +298,7 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     store.record_attempt(first.delivery.id, &ok, AttemptOutcome::Succeeded).await.must("attempt 2");
     let attempts = store.list_attempts(first.delivery.id).await.must("attempts");
     assert_eq!(attempts, [failed, ok]);
-    let deliveries = store.list_deliveries(first.delivery.endpoint_id, 10).await.must("deliveries");
+    let deliveries = store.list_deliveries(first.delivery.endpoint_id, page(10)).await.must("deliveries").items;
     let d = deliveries.iter().find(|d| d.id == first.delivery.id).must_some(Tamper::Change);
     assert_eq!(
         (d.status.as_str(), d.attempts, d.last_status_code, d.next_attempt_at),
@@ -303,7 +316,7 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     assert_eq!((updated.is_active, updated.events.clone()), (false, vec![EventKind::KeyRevoked]));
     store.delete_webhook(all.id, &cli).await.must("delete");
     assert!(matches!(store.get_webhook(all.id).await, Err(StoreError::NotFound)));
-    assert!(store.list_deliveries(all.id, 10).await.must("gone").is_empty());
+    assert!(store.list_deliveries(all.id, page(10)).await.must("gone").items.is_empty());
     // Events recorded on their own, with a dedup key, happen once.
     let k2 = store.get_key(k.id).await.must("get key");
     let e = crate::Event::about_key(crate::EventKind::QuotaThreshold, &k2, json!({"percent": 80}), at(9));

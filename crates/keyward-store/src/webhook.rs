@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::{Actor, Event, EventKind, StoreResult};
+use crate::{Actor, Event, EventKind, Page, PageRequest, StoreResult};
 
 /// A webhook signing secret. SECURITY: its `Debug` shows nothing; it leaves only to sign, and once in
 /// the creation response.
@@ -185,8 +185,8 @@ pub trait WebhookStore: Send + Sync {
     ) -> StoreResult<Vec<DeliveryJob>>;
     /// Records an attempt and what follows it.
     async fn record_attempt(&self, delivery: Uuid, attempt: &Attempt, outcome: AttemptOutcome) -> StoreResult<()>;
-    /// An endpoint's deliveries, newest first, at most `limit`.
-    async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>>;
+    /// A page of an endpoint's deliveries, newest first (the cursor is a delivery id).
+    async fn list_deliveries(&self, endpoint: Uuid, page: PageRequest<Uuid>) -> StoreResult<Page<Delivery, Uuid>>;
     /// A delivery's attempts, oldest first.
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>>;
     /// Makes a delivery of `endpoint` pending again, due at `now`, given up at `give_up_at`.

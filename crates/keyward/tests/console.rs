@@ -2,9 +2,10 @@
 //! its own, driven through `chromedriver` (WebDriver, on a loopback port of its own) against a real
 //! `keyward serve`. Checked: sign in, create a key and read it once, see it in the list, open its usage
 //! chart, rotate it, revoke it after the confirmation step, read the audit log, create an
-//! organization, sign out; a `keyward:self` customer sees only their own owner's keys; markup typed
-//! into a name, owner or metadata (or reported as an endpoint) shows as text and never runs; a form
-//! posted without its CSRF token is refused; a session ends when its key is revoked through the API.
+//! organization, create a webhook endpoint and read its signing secret once, sign out; a
+//! `keyward:self` customer sees only their own owner's keys; markup typed into a name, owner, metadata
+//! or webhook description (or reported as an endpoint) shows as text and never runs; a form posted
+//! without its CSRF token is refused; a session ends when its key is revoked through the API.
 //!
 //! `scripts/test.sh` installs `chromium` and `chromium-driver` and exports `KEYWARD_TEST_CHROMIUM` and
 //! `KEYWARD_TEST_CHROMEDRIVER`. Without them the test is skipped with a loud line, and fails under
@@ -298,6 +299,29 @@ async fn the_console_in_a_real_browser() {
     assert!(b.text().await.contains("acme-co"));
     b.nothing_ran().await;
     b.shot("organizations").await;
+
+    // Webhooks: an endpoint made with markup in its description, its signing secret shown once (to a
+    // receiver of `key.expiring` only, which nothing here emits: nothing is ever sent off this machine).
+    b.click("header a[href='/console/webhooks']").await;
+    b.fill("url", "https://hooks.example.com/keyward").await;
+    b.fill("description", XSS_NOTE).await;
+    b.client.find(Locator::Css("input[value='key.expiring']")).await.unwrap().click().await.unwrap();
+    b.click("main form[method=post] button[type=submit]").await;
+    let field = b.client.find(Locator::Id("signing-secret")).await.unwrap();
+    let signing = field.prop("value").await.unwrap().unwrap();
+    assert!(signing.starts_with("whsec_"), "{signing}");
+    assert!(b.text().await.contains(XSS_NOTE));
+    b.nothing_ran().await;
+    b.shot("webhook-created").await;
+    b.click("main a[href^='/console/webhooks/']").await;
+    let text = b.text().await;
+    assert!(text.contains("https://hooks.example.com/keyward") && text.contains("key.expiring"), "{text}");
+    assert!(text.contains("No deliveries yet.") && !b.source().await.contains(&signing), "{text}");
+    b.nothing_ran().await;
+    b.open("/console/webhooks").await;
+    assert!(b.text().await.contains("https://hooks.example.com/keyward"));
+    assert!(!b.source().await.contains(&signing), "the secret is shown once");
+    b.shot("webhooks").await;
 
     // A form posted without its CSRF token is refused.
     b.open("/console/keys/new").await;

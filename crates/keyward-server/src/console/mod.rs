@@ -15,6 +15,7 @@ mod pages;
 pub mod sessions;
 mod usage;
 mod view;
+mod webhooks;
 
 use axum::Router;
 use axum::http::HeaderValue;
@@ -50,6 +51,11 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console/audit", get(audit::audit_page))
         .route("/console/organizations", get(orgs::orgs_list).post(orgs::create))
         .route("/console/organizations/{id}", get(orgs::org_page).post(orgs::update))
+        .route("/console/webhooks", get(webhooks::hooks_list).post(webhooks::create_hook))
+        .route("/console/webhooks/{id}", get(webhooks::hook_page).post(webhooks::update_hook))
+        .route("/console/webhooks/{id}/active", post(webhooks::set_active))
+        .route("/console/webhooks/{id}/delete", get(webhooks::delete_confirm).post(webhooks::delete_hook))
+        .route("/console/webhooks/{id}/deliveries/{delivery_id}/retry", post(webhooks::retry))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::limits::management))
         .layer(axum::middleware::map_response(page_headers));
     Router::new().route("/console/static/{file}", get(asset)).merge(pages)

@@ -54,6 +54,7 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
                             a href="/console/keys/new" { "New key" }
                             a href="/console/audit" { "Audit log" }
                             a href="/console/organizations" { "Organizations" }
+                            a href="/console/webhooks" { "Webhooks" }
                             form method="post" action="/console/sign-out" {
                                 input type="hidden" name="csrf" value=(csrf);
                                 button type="submit" { "Sign out" }

@@ -23,8 +23,10 @@ use uuid::Uuid;
 
 use crate::auth::{Caller, KeysWrite};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::extract::{ApiPath, JsonBody, double_option};
-use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors};
+use crate::extract::{ApiPath, ApiQuery, JsonBody, double_option};
+use crate::model::{PageQuery, PageResponse};
+use crate::openapi::{JsonBodyErrors, KeyErrors, NotFoundErrors, QueryErrors};
+use crate::routes::Listed;
 use crate::routes::target::{self, Target, Visible, Writable};
 use crate::webhooks::check_url;
 
@@ -50,11 +52,6 @@ pub struct DeliveryResponse {
     pub delivery: Delivery,
     /// Every attempt, oldest first.
     pub attempt_log: Vec<Attempt>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DeliveryListResponse {
-    pub items: Vec<DeliveryResponse>,
 }
 
 /// The body of `POST /v1/webhooks`.
@@ -179,12 +176,17 @@ impl Target for Webhook {
     responses((status = 201, body = CreatedWebhookResponse), KeyErrors, JsonBodyErrors))]
 #[tracing::instrument(skip_all)]
 pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiResult<Response> {
+    let created = create(&caller, body.parse()?).await?;
+    Ok(super::created_with_secret(Default::default(), created))
+}
+
+/// What `POST /v1/webhooks` does with its body (the console's form calls it too).
+pub async fn create(caller: &Caller<KeysWrite>, body: CreateWebhookRequest) -> ApiResult<CreatedWebhookResponse> {
     let state = caller.state();
-    let body: CreateWebhookRequest = body.parse()?;
     let organization_id = caller.organization_for(body.organization_id.as_deref())?;
     check_url(&body.url, state.webhooks.allow_private_targets).map_err(|m| ApiError::validation("url", m))?;
     let events = check_events(&body.events)?;
-    check_admin_events(&caller, &events)?;
+    check_admin_events(caller, &events)?;
     let description = check_description(body.description)?;
     let secret = keyward_core::webhook::generate_secret()
         .map_err(|e| ApiError::internal(format!("the OS random generator failed: {e}")))?;
@@ -202,8 +204,7 @@ pub async fn create_webhook(caller: Caller<KeysWrite>, body: JsonBody) -> ApiRes
         keyward_store::StoreError::NotFound => ApiError::validation("organization_id", "no such organization"),
         e => e.into(),
     })?;
-    let body = CreatedWebhookResponse { secret, webhook: hook };
-    Ok(super::created_with_secret(Default::default(), body))
+    Ok(CreatedWebhookResponse { secret, webhook: hook })
 }
 
 /// List the caller's organization's webhook endpoints (every organization's for `keyward:admin`).
@@ -258,20 +259,24 @@ pub async fn delete_webhook(hook: Writable<KeysWrite, Webhook>) -> ApiResult<Sta
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The endpoint's most recent deliveries (up to 100), newest first, each with every attempt.
+/// The endpoint's deliveries, newest first, a page at a time, each with every attempt.
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
-    params(("id" = Uuid, Path, description = "webhook id")),
-    responses((status = 200, body = DeliveryListResponse), NotFoundErrors, KeyErrors))]
-pub async fn list_deliveries(hook: Writable<KeysWrite, Webhook>) -> ApiResult<Json<DeliveryListResponse>> {
+    params(("id" = Uuid, Path, description = "webhook id"), PageQuery),
+    responses((status = 200, body = PageResponse<DeliveryResponse>), QueryErrors, NotFoundErrors, KeyErrors))]
+pub async fn list_deliveries(
+    hook: Writable<KeysWrite, Webhook>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Listed<DeliveryResponse> {
     // Deliveries carry the payloads of the endpoint's events: reading them needs what receiving them
     // does, hence `Writable`.
     let state = hook.caller.state();
-    let mut items = Vec::new();
-    for d in state.store.list_deliveries(hook.target.id, 100).await? {
+    let page = state.store.list_deliveries(hook.target.id, q.request::<Uuid>()?).await?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for d in page.items {
         let attempts = state.store.list_attempts(d.id).await?;
         items.push(DeliveryResponse { delivery: d, attempt_log: attempts });
     }
-    Ok(Json(DeliveryListResponse { items }))
+    Ok(Json(PageResponse { items, next_cursor: page.next_cursor.map(|c| c.to_string()) }))
 }
 
 /// Send a delivery again now (also a failed one): it is pending again, with a fresh retry window.

@@ -439,8 +439,11 @@ impl World {
         let now = self.app.clock.now_utc();
         let store = &self.app.state.store;
         while store.dispatch_events(now, now + chrono::Duration::hours(24), 100).await.expect("dispatch") > 0 {}
-        let deliveries = store.list_deliveries(id.parse().expect("uuid"), 1).await.expect("deliveries");
-        Made { delivery: deliveries[0].id.to_string(), ..Made::id(id) }
+        let deliveries = store
+            .list_deliveries(id.parse().expect("uuid"), keyward_store::PageRequest { after: None, limit: 1 })
+            .await
+            .expect("deliveries");
+        Made { delivery: deliveries.items[0].id.to_string(), ..Made::id(id) }
     }
 
     /// A fresh target of this kind.

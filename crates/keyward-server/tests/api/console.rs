@@ -593,4 +593,243 @@ async fn only_those_who_may_change_a_key_see_its_edit_form() {
         StatusCode::NOT_FOUND
     );
     assert!(!get(&app, "/console/keys/new", &cookie).await.text.contains("name=\"organization_id\""), "admins only");
+/// A form POST of `form` to `path` in the session `cookie`.
+async fn post_form(app: &TestApp, path: &str, cookie: &str, form: &str) -> Response {
+    app.send(page(Method::POST, path, &[("cookie", cookie)], Some(form))).await
+}
+
+/// An endpoint made through the API by `key`: its id.
+async fn hook_of(app: &TestApp, key: &str, body: serde_json::Value) -> String {
+    let r = app.post("/v1/webhooks", key, body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    r.body["webhook"]["id"].as_str().unwrap().to_owned()
+}
+
+const XSS_FORM: &str = "%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E";
+
+#[tokio::test]
+async fn webhooks_are_created_in_the_console_with_their_secret_shown_once() {
+    let app = TestApp::sqlite().await;
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let list = get(&app, "/console/webhooks", &cookie).await;
+    assert!(list.status == StatusCode::OK && list.text.contains("No webhook endpoints."), "{}", list.text);
+    assert!(list.text.contains("href=\"/console/webhooks\""), "in the header's links");
+    assert!(list.text.contains("value=\"auth.failures_spike\""), "an admin may subscribe to every event");
+    let token = csrf(&list.text);
+
+    let fields = format!(
+        "url=https%3A%2F%2Fhooks.example.com%2Fk&description={XSS_FORM}&events=key.created&events=key.revoked\
+         &is_active=true"
+    );
+    assert_eq!(post_form(&app, "/console/webhooks", &cookie, &fields).await.status, StatusCode::FORBIDDEN);
+    let created = post_form(&app, "/console/webhooks", &cookie, &format!("csrf={token}&{fields}")).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.headers["cache-control"], "no-store");
+    assert!(
+        created.text.contains("Copy the signing secret now") && created.text.contains("data-copy=\"signing-secret\"")
+    );
+    let at = created.text.find("id=\"signing-secret\"").unwrap();
+    let secret = created.text[at..].split("value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_") && secret.len() > 30, "{secret}");
+    assert!(!created.text.contains(XSS) && created.text.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    let id = created.text.split("href=\"/console/webhooks/").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let hook = app.get(&format!("/v1/webhooks/{id}"), &app.admin_key).await.body;
+    assert_eq!(hook["events"], serde_json::json!(["key.created", "key.revoked"]));
+    assert_eq!((hook["is_active"].clone(), hook["url"].clone()), (true.into(), "https://hooks.example.com/k".into()));
+
+    // Never again: not in the list, not on the endpoint's page.
+    let list = get(&app, "/console/webhooks", &cookie).await;
+    assert!(
+        list.text.contains("<code>https://hooks.example.com/k</code>")
+            && list.text.contains("key.created, key.revoked")
+    );
+    let shown = get(&app, &format!("/console/webhooks/{id}"), &cookie).await;
+    assert_eq!(shown.status, StatusCode::OK, "{}", shown.text);
+    for text in [&list.text, &shown.text] {
+        assert!(!text.contains(&secret) && !text.contains(&secret[6..20]) && !text.contains(XSS), "{text}");
+    }
+    assert!(shown.text.contains("No deliveries yet."));
+
+    // The API's validation, on a page; a URL that is script is refused and never a link.
+    for url in ["javascript:alert(1)", "https://hooks.example.com/%3Cimg%20src=x%3E", "ftp://x.example/"] {
+        let form = format!("csrf={token}&url={}", url.replace(':', "%3A").replace('/', "%2F"));
+        let refused = post_form(&app, "/console/webhooks", &cookie, &form).await;
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {}", refused.text);
+        assert!(!refused.text.contains("href=\"javascript") && !refused.text.contains("<img"), "{}", refused.text);
+    }
+    let description = format!("csrf={token}&url=https%3A%2F%2Fh.example.com%2F&description={}", "d".repeat(2001));
+    assert_eq!(
+        post_form(&app, "/console/webhooks", &cookie, &description).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let list = get(&app, "/console/webhooks", &cookie).await;
+    assert_eq!(list.text.matches("<a href=\"/console/webhooks/").count(), 1, "{}", list.text);
+
+    // Change, silence and delete it; a form without its token changes nothing.
+    let path = format!("/console/webhooks/{id}");
+    let change = "url=https%3A%2F%2Fother.example.com%2F&description=&events=key.rotated";
+    assert_eq!(post_form(&app, &path, &cookie, change).await.status, StatusCode::FORBIDDEN);
+    let changed = post_form(&app, &path, &cookie, &format!("csrf={token}&{change}")).await;
+    assert_eq!((changed.status, location(&changed)), (StatusCode::SEE_OTHER, path.as_str()), "{}", changed.text);
+    let off = post_form(&app, &format!("{path}/active"), &cookie, &format!("csrf={token}&active=false")).await;
+    assert_eq!(off.status, StatusCode::SEE_OTHER, "{}", off.text);
+    let hook = app.get(&format!("/v1/webhooks/{id}"), &app.admin_key).await.body;
+    assert_eq!(
+        (hook["url"].as_str(), hook["events"].clone(), hook["description"].clone(), hook["is_active"].clone()),
+        (Some("https://other.example.com/"), serde_json::json!(["key.rotated"]), serde_json::Value::Null, false.into())
+    );
+    let confirm = get(&app, &format!("{path}/delete"), &cookie).await;
+    assert!(confirm.status == StatusCode::OK && confirm.text.contains("Delete for good"), "{}", confirm.text);
+    assert_eq!(post_form(&app, &format!("{path}/delete"), &cookie, "").await.status, StatusCode::FORBIDDEN);
+    let deleted = post_form(&app, &format!("{path}/delete"), &cookie, &format!("csrf={token}")).await;
+    assert_eq!((deleted.status, location(&deleted)), (StatusCode::SEE_OTHER, "/console/webhooks"));
+    assert_eq!(get(&app, &path, &cookie).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&app, "/console/webhooks/not-an-id", &cookie).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_endpoint_page_lists_deliveries_with_every_attempt_and_retries_them() {
+    use keyward_store::{Attempt, AttemptOutcome};
+
+    use crate::helpers::NowUtc;
+    let app = TestApp::sqlite().await;
+    let hook = hook_of(
+        &app,
+        &app.admin_key,
+        serde_json::json!({"url": "https://hooks.example.com/k", "events": ["key.updated"]}),
+    )
+    .await;
+    let (_, key) = app.key(app.default_org.id, &[]).await;
+    for i in 0..51 {
+        let rename = serde_json::json!({"name": format!("{XSS}{i}")});
+        assert_eq!(app.patch(&format!("/v1/keys/{}", key.id), &app.admin_key, rename).await.status, StatusCode::OK);
+    }
+    let now = app.clock.now_utc();
+    assert_eq!(app.state.store.dispatch_events(now, now + chrono::Duration::hours(24), 500).await.unwrap(), 51);
+    let hook_id: uuid::Uuid = hook.parse().unwrap();
+    let page1 = keyward_store::PageRequest { after: None, limit: 1 };
+    let newest = app.state.store.list_deliveries(hook_id, page1).await.unwrap().items[0].id;
+    let refused = Attempt { attempted_at: now, status_code: None, latency_ms: 7, error: Some(XSS.to_owned()) };
+    app.state.store.record_attempt(newest, &refused, AttemptOutcome::RetryAt(now)).await.unwrap();
+    let answered = Attempt {
+        attempted_at: now,
+        status_code: Some(503),
+        latency_ms: 12,
+        error: Some("the receiver answered 503".into()),
+    };
+    app.state.store.record_attempt(newest, &answered, AttemptOutcome::Failed).await.unwrap();
+
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let path = format!("/console/webhooks/{hook}");
+    let first = get(&app, &path, &cookie).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.text.matches("<article class=\"delivery\">").count(), 50, "newest first, 50 a page");
+    assert!(first.text.contains("<h3>key.updated: <span class=\"status-failed\">failed</span></h3>"), "{}", first.text);
+    assert!(first.text.contains("<caption>2 attempt(s), oldest first</caption>"));
+    assert!(
+        first.text.contains("<td>none</td><td>7 ms</td><td>&lt;img src=x onerror=alert(1)&gt;</td>"),
+        "{}",
+        first.text
+    );
+    assert!(first.text.contains("<td>503</td><td>12 ms</td><td>the receiver answered 503</td>"));
+    assert!(first.text.contains("&lt;img src=x onerror=alert(1)&gt;50"), "the payload, as text");
+    assert!(!first.text.contains(XSS));
+    let next =
+        first.text.split(" rel=\"next\"").next().unwrap().rsplit("href=\"").next().unwrap().trim_end_matches('"');
+    let second = get(&app, &next.replace("&amp;", "&"), &cookie).await;
+    assert_eq!(second.text.matches("<article class=\"delivery\">").count(), 1, "{}", second.text);
+    assert!(second.text.contains("&lt;img src=x onerror=alert(1)&gt;0") && !second.text.contains("rel=\"next\""));
+
+    // Retry: a form with its CSRF token; the delivery is pending again, due now.
+    let retry = format!("{path}/deliveries/{newest}/retry");
+    assert!(first.text.contains(&format!("action=\"{retry}\"")));
+    let token = csrf(&first.text);
+    assert_eq!(post_form(&app, &retry, &cookie, "").await.status, StatusCode::FORBIDDEN);
+    let deliveries = format!("/v1/webhooks/{hook}/deliveries?limit=1");
+    assert_eq!(app.get(&deliveries, &app.admin_key).await.body["items"][0]["status"], "failed");
+    let retried = post_form(&app, &retry, &cookie, &format!("csrf={token}")).await;
+    assert_eq!(retried.status, StatusCode::SEE_OTHER, "{}", retried.text);
+    assert_eq!(location(&retried), format!("{path}#deliveries"));
+    let listed = app.get(&deliveries, &app.admin_key).await.body;
+    assert_eq!(listed["items"][0]["status"], "pending", "{listed}");
+    assert!(listed["next_cursor"].is_string(), "{listed}");
+    let unknown = post_form(&app, &format!("{path}/deliveries/{hook}/retry"), &cookie, &format!("csrf={token}")).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn webhook_pages_have_exactly_the_api_s_permissions() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let other = app.org("other").await;
+    let ours = hook_of(&app, &app.admin_key, serde_json::json!({"url": "https://ours.example.com/"})).await;
+    let admins = hook_of(
+        &app,
+        &app.admin_key,
+        serde_json::json!({"url": "https://spikes.example.com/", "events": ["auth.failures_spike"]}),
+    )
+    .await;
+    let theirs = hook_of(
+        &app,
+        &app.admin_key,
+        serde_json::json!({"url": "https://theirs.example.com/", "organization_id": other.id.to_string()}),
+    )
+    .await;
+
+    // An admin sees every organization's, or the one chosen.
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let all = get(&app, "/console/webhooks", &cookie).await;
+    assert!(all.text.contains("ours.example.com") && all.text.contains("theirs.example.com"), "{}", all.text);
+    let chosen = get(&app, &format!("/console/webhooks?organization={}", other.id), &cookie).await;
+    assert!(!chosen.text.contains("ours.example.com") && chosen.text.contains("theirs.example.com"));
+
+    // An organization's keys:write: its own endpoints; another organization's is unknown; one that only
+    // an admin may change is shown, without its deliveries or forms.
+    let (writer, _) = app.key(org, &["keyward:keys:write"]).await;
+    let cookie = session(&sign_in(&app, &writer).await);
+    let list = get(&app, "/console/webhooks", &cookie).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    assert!(list.text.contains("ours.example.com") && !list.text.contains("theirs.example.com"));
+    assert!(!list.text.contains("value=\"auth.failures_spike\"") && !list.text.contains("organization_id"));
+    assert_eq!(get(&app, &format!("/console/webhooks/{theirs}"), &cookie).await.status, StatusCode::NOT_FOUND);
+    let token = csrf(&list.text);
+    for action in ["", "/active", "/delete"] {
+        let r = post_form(
+            &app,
+            &format!("/console/webhooks/{theirs}{action}"),
+            &cookie,
+            &format!("csrf={token}&url=https%3A%2F%2Fx.example%2F"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{action}");
+    }
+    let shown = get(&app, &format!("/console/webhooks/{admins}"), &cookie).await;
+    assert_eq!(shown.status, StatusCode::OK, "{}", shown.text);
+    assert!(
+        shown.text.contains("needs the scope `keyward:admin`") && !shown.text.contains("Deliveries"),
+        "{}",
+        shown.text
+    );
+    assert!(!shown.text.contains("action=\"/console/webhooks/"), "no forms: {}", shown.text);
+    let r =
+        post_form(&app, &format!("/console/webhooks/{admins}/active"), &cookie, &format!("csrf={token}&active=false"))
+            .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(&app, &format!("/console/webhooks/{admins}/delete"), &cookie).await.status, StatusCode::FORBIDDEN);
+    let ok = get(&app, &format!("/console/webhooks/{ours}"), &cookie).await;
+    assert!(ok.status == StatusCode::OK && ok.text.contains("Deliveries, newest first"), "{}", ok.text);
+    let spike = format!("csrf={token}&url=https%3A%2F%2Fs.example.com%2F&events=auth.failures_spike");
+    assert_eq!(post_form(&app, "/console/webhooks", &cookie, &spike).await.status, StatusCode::FORBIDDEN);
+
+    // Keys that may not write keys (keys:read, a customer's keyward:self) get the API's 403.
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    for key in [&reader, &customer] {
+        let cookie = session(&sign_in(&app, key).await);
+        for path in ["/console/webhooks".to_owned(), format!("/console/webhooks/{ours}")] {
+            let r = get(&app, &path, &cookie).await;
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+            assert!(!r.text.contains("ours.example.com"));
+        }
+    }
 }

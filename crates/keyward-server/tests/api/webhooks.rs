@@ -652,7 +652,14 @@ async fn keys_write_cannot_touch_an_admin_only_endpoint() {
     let now = app.clock.now_utc();
     app.state.store.dispatch_events(now, now + chrono::Duration::hours(24), 100).await.unwrap();
     let hook_uuid = hook_id.parse().unwrap();
-    let delivery = app.state.store.list_deliveries(hook_uuid, 10).await.unwrap()[0].id;
+    let delivery = app
+        .state
+        .store
+        .list_deliveries(hook_uuid, keyward_store::PageRequest { after: None, limit: 10 })
+        .await
+        .unwrap()
+        .items[0]
+        .id;
     let retry = format!("{path}/deliveries/{delivery}/retry");
     forbidden(&app.post(&retry, &writer, json!({})).await, "retry");
     assert_eq!(app.get(&path, &app.admin_key).await.body, before, "nothing changed");

@@ -24,13 +24,13 @@ use crate::{
 
 /// Rows to fetch for a page: one more than it holds, which only says there is a next page. A limit of
 /// 0 is read as 1, so that paging always moves forward.
-fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
+pub(super) fn fetch_limit<C>(page: &PageRequest<C>) -> (usize, i64) {
     let limit = page.limit.max(1);
     (limit as usize, i64::from(limit) + 1)
 }
 
 /// The page of `limit` items out of `limit + 1` fetched.
-fn into_page<T, C>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> C) -> Page<T, C> {
+pub(super) fn into_page<T, C>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> C) -> Page<T, C> {
     let more = items.len() > limit;
     items.truncate(limit);
     let next_cursor = if more { items.last().map(cursor) } else { None };

@@ -6,13 +6,13 @@ use chrono::{DateTime, Utc};
 use keyward_core::OrgId;
 use uuid::Uuid;
 
-use super::store::{finish, record, select_org};
+use super::store::{fetch_limit, finish, into_page, record, select_org};
 use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
 use crate::webhook::{delivery_body, subscribed_to};
 use crate::{
-    Actor, Attempt, AttemptOutcome, Delivery, DeliveryJob, Event, EventKind, NewWebhook, StoreError, StoreResult,
-    Webhook, WebhookPatch, WebhookStore,
+    Actor, Attempt, AttemptOutcome, Delivery, DeliveryJob, Event, EventKind, NewWebhook, Page, PageRequest, StoreError,
+    StoreResult, Webhook, WebhookPatch, WebhookStore,
 };
 
 const WEBHOOK_COLUMNS: &str =
@@ -196,13 +196,16 @@ impl<B: Backend> WebhookStore for B {
         tx.commit().await.map_err(B::Db::error)
     }
 
-    async fn list_deliveries(&self, endpoint: Uuid, limit: u32) -> StoreResult<Vec<Delivery>> {
-        let q = Stmt::new(format!(
-            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2"
-        ))
-        .arg(endpoint)
-        .arg(i64::from(limit.max(1)));
-        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    async fn list_deliveries(&self, endpoint: Uuid, page: PageRequest<Uuid>) -> StoreResult<Page<Delivery, Uuid>> {
+        let (limit, fetch) = fetch_limit(&page);
+        let mut q = Stmt::new(format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = "));
+        q.push_arg(endpoint);
+        if let Some(after) = page.after {
+            q.push(" AND id < ").push_arg(after);
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
+        let deliveries = B::Db::fetch_all(&mut *self.reader().await?, q).await?;
+        Ok(into_page(deliveries, limit, |d: &Delivery| d.id))
     }
 
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>> {
