@@ -593,6 +593,8 @@ async fn only_those_who_may_change_a_key_see_its_edit_form() {
         StatusCode::NOT_FOUND
     );
     assert!(!get(&app, "/console/keys/new", &cookie).await.text.contains("name=\"organization_id\""), "admins only");
+}
+
 /// A form POST of `form` to `path` in the session `cookie`.
 async fn post_form(app: &TestApp, path: &str, cookie: &str, form: &str) -> Response {
     app.send(page(Method::POST, path, &[("cookie", cookie)], Some(form))).await
