@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{
     CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
 };
-use super::view::{PageResult, failed, layout, message, page};
+use super::view::{PageResult, Viewer, failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
@@ -127,7 +127,7 @@ const STATUSES: [(&str, &str); 6] = [
 /// `GET /console/keys`: `GET /v1/keys` with the same filters, newest first, a page at a time.
 pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let blank = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let query = ListKeysQuery {
         owner_id: blank(&form.owner),
@@ -156,7 +156,7 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Keys",
             html! {
                 form.filters method="get" action="/console/keys" role="search" {
@@ -198,13 +198,13 @@ fn form_clone(f: &ListForm) -> ListForm {
 /// `GET /console/keys/{id}`: `GET /v1/keys/{id}`, with the actions the key's page offers.
 pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
     let trail = super::audit::key_trail(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
-    let body = html! { (key_view(&key, &csrf, None)) (usage) @if let Some(trail) = trail { (trail) } };
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
+    let body = html! { (key_view(&key, &viewer.csrf, None)) (usage) @if let Some(trail) = trail { (trail) } };
+    Ok(page(StatusCode::OK, layout(&state, Some(&viewer), &key.key.name, body)))
 }
 
 /// A key's settings and actions, with a secret just made (`fresh`) shown once above them.
@@ -266,16 +266,16 @@ fn key_view(response: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
 
 /// `GET /console/keys/new`.
 pub async fn new_key(signed: Signed<KeysWriteOrSelf>) -> Response {
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     page(
         StatusCode::OK,
         layout(
             signed.caller.state(),
-            Some(&csrf),
+            Some(&viewer),
             "New key",
             html! {
                 form method="post" action="/console/keys" {
-                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="csrf" value=(viewer.csrf);
                     label for="name" { "Name" } input #name name="name" required maxlength="255";
                     label for="owner_id" { "Owner id" } input #owner_id name="owner_id" maxlength="255";
                     label for="description" { "Description" } textarea #description name="description" maxlength="2000" {}
@@ -317,7 +317,7 @@ pub struct CreateForm {
 pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBody<CreateForm>) -> PageResult {
     signed.check_csrf(&form.csrf)?;
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let blank = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
     let bad = |m: &str| message(&state, StatusCode::UNPROCESSABLE_ENTITY, m);
     let metadata = blank(&form.metadata)
@@ -337,12 +337,12 @@ pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBod
         ..CreateKeyRequest::default()
     };
     let (_, created) = keys::create(&signed.caller, body).await.map_err(|e| failed(&state, e))?;
-    Ok(shown_once(&state, &csrf, &created.api_key, &created.key))
+    Ok(shown_once(&state, &viewer, &created.api_key, &created.key))
 }
 
 /// A key just made, with its secret shown this once.
-fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
-    page(StatusCode::CREATED, layout(state, Some(csrf), &key.key.name, key_view(key, csrf, Some(secret))))
+fn shown_once(state: &AppState, viewer: &Viewer, key: &KeyResponse, secret: &str) -> Response {
+    page(StatusCode::CREATED, layout(state, Some(viewer), &key.key.name, key_view(key, &viewer.csrf, Some(secret))))
 }
 
 #[derive(Deserialize)]
@@ -369,27 +369,27 @@ pub struct RotateForm {
 /// `POST /console/keys/{id}/rotate`: `POST /v1/keys/{id}/rotate`; the new key is on this answer only.
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(changed: KeyForm<KeysWriteOrSelf, RotateForm>) -> PageResult {
-    let KeyForm { key, state, csrf, form } = changed;
+    let KeyForm { key, state, viewer, form } = changed;
     let body = RotateKeyRequest { grace_period_seconds: form.grace_period_seconds, name: None };
     let (_, rotated) = keys::rotate(key, body).await.map_err(|e| failed(&state, e))?;
-    Ok(shown_once(&state, &csrf, &rotated.api_key, &rotated.key))
+    Ok(shown_once(&state, &viewer, &rotated.api_key, &rotated.key))
 }
 
 /// `GET /console/keys/{id}/revoke`: the confirmation step.
 pub async fn revoke_confirm(signed: Signed<KeysWriteOrSelf>, KeyPath(id): KeyPath) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let key = target::writable::<_, ApiKey>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     Ok(page(
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Revoke key",
             html! {
                 p { "Revoke " strong { (key.name) } " (" code { (key.prefix) "…" (key.hint) } ")? It stops working at once, for good." }
                 form method="post" action={ "/console/keys/" (key.id) "/revoke" } {
-                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="csrf" value=(viewer.csrf);
                     button.danger type="submit" { "Revoke for good" }
                 }
                 p { a href={ "/console/keys/" (key.id) } { "Cancel" } }

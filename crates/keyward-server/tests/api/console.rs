@@ -269,6 +269,46 @@ async fn a_key_page_charts_its_usage_with_a_table_and_escaped_endpoints() {
     assert!(!text.contains("/v1/chat"));
 }
 
+/// The links of a page's header navigation.
+fn nav_links(html: &str) -> Vec<String> {
+    let nav = html.split("<nav>").nth(1).unwrap().split("</nav>").next().unwrap();
+    nav.split("<a href=\"").skip(1).map(|a| a.split('"').next().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_header_shows_only_the_links_the_session_s_key_may_open() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let all = nav_links(&page_of(&app, &app.admin_key, "/console/keys", StatusCode::OK).await);
+    for admin_has in ["/console/keys", "/console/keys/new", "/console/audit", "/console/organizations"] {
+        assert!(all.iter().any(|l| l == admin_has), "{admin_has} in {all:?}");
+    }
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (writer, _) = app.key(org, &["keyward:keys:write"]).await;
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:read"]).await;
+    let cases: [(&str, &str, &[&str]); 6] = [
+        ("admin", &app.admin_key, &all.iter().map(String::as_str).collect::<Vec<_>>()),
+        ("reader", &reader, &["/console/keys"]),
+        ("writer", &writer, &["/console/keys", "/console/keys/new"]),
+        ("auditor", &auditor, &["/console/keys", "/console/audit"]),
+        ("customer", &customer, &["/console/keys", "/console/keys/new"]),
+        ("another organization's reader", &outsider, &["/console/keys"]),
+    ];
+    for (who, key, shown) in cases {
+        let cookie = session(&sign_in(&app, key).await);
+        let links = nav_links(&get(&app, "/console/keys", &cookie).await.text);
+        assert_eq!(links, shown, "{who}");
+        // Every link shown opens; every link hidden would have answered 403.
+        for link in &all {
+            let want = if links.contains(link) { StatusCode::OK } else { StatusCode::FORBIDDEN };
+            assert_eq!(get(&app, link, &cookie).await.status, want, "{who}: {link}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
     let app = TestApp::sqlite().await;
