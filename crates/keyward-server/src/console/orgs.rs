@@ -158,7 +158,7 @@ pub async fn create(signed: Signed<Admin>, FormBody(form): FormBody<OrgForm>) ->
 }
 
 /// The organization of the path: a "No such organization" page (404) for anything that is not one.
-fn org_id(path: Result<Path<OrgId>, axum::extract::rejection::PathRejection>) -> Result<OrgId, ApiError> {
+pub(super) fn org_id(path: Result<Path<OrgId>, axum::extract::rejection::PathRejection>) -> Result<OrgId, ApiError> {
     path.map(|Path(id)| id).map_err(|_| ApiError::new(ErrorCode::NotFound, "No such organization."))
 }
 
@@ -185,6 +185,7 @@ pub async fn org_page(
                     dt { "Status" } dd { (if org.is_active { "active" } else { "disabled: every key of it is refused" }) }
                     dt { "Created" } dd { (org.created_at.to_rfc3339()) }
                 }
+                p { a href={ "/console/organizations/" (org.id) "/usage" } { "Its usage, month by month" } }
                 h2 { "Plan and limits" }
                 form method="post" action={ "/console/organizations/" (org.id) } {
                     input type="hidden" name="csrf" value=(viewer.csrf);

@@ -52,6 +52,7 @@ impl NavLink {
 pub(super) const NAV: &[NavLink] = &[
     NavLink::to::<KeysReadOrSelf>("/console/keys", "Keys"),
     NavLink::to::<KeysWriteOrSelf>("/console/keys/new", "New key"),
+    NavLink::to::<KeysReadOrSelf>("/console/usage", "Usage"),
     NavLink::to::<AuditRead>("/console/audit", "Audit log"),
     NavLink::to::<Admin>("/console/organizations", "Organizations"),
 ];
