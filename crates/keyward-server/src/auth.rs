@@ -396,6 +396,13 @@ impl<P> Caller<P> {
         self.key.scopes.holds(KeywardScope::Admin)
     }
 
+    /// Whether the permission whose grants are `grants` (`Q::GRANTS`) admits this key: what
+    /// [`Caller::admitted_as`] decides, without building the caller (the console shows a page's link
+    /// only to the keys its permission admits).
+    pub(crate) fn admits(&self, grants: &[Grant]) -> bool {
+        admit(grants, &self.key.scopes).is_ok()
+    }
+
     pub fn actor(&self, at: DateTime<Utc>) -> Actor {
         Actor::key(self.key.id, self.ip.map(|ip| ip.to_string()), at)
     }

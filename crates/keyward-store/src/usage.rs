@@ -680,6 +680,10 @@ pub trait UsageStore: Send + Sync {
     /// Every key of an organization that has usage in `from..=to`, with its totals, by key id.
     async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>>;
 
+    /// An organization's rollups for `from..=to` (UTC days), every key's summed per day, oldest first;
+    /// days without use have no row.
+    async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>>;
+
     /// Units spent from a quota subject in a `YYYY-MM` month (0 when never used).
     async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64>;
 

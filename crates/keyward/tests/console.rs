@@ -1,10 +1,11 @@
 //! The web console in a real browser: Debian's `chromium`, headless at phone width with a profile of
 //! its own, driven through `chromedriver` (WebDriver, on a loopback port of its own) against a real
 //! `keyward serve`. Checked: sign in, create a key and read it once, see it in the list, open its usage
-//! chart, rotate it, revoke it after the confirmation step, read the audit log, create an
-//! organization, create a webhook endpoint and read its signing secret once, sign out; a
-//! `keyward:self` customer sees only their own owner's keys; markup typed into a name, owner, metadata
-//! or webhook description (or reported as an endpoint) shows as text and never runs; a form posted
+//! chart and the organization's billing month (chart, CSV link), rotate it, revoke it after the
+//! confirmation step, read the audit log, create an organization, create a webhook endpoint and read
+//! its signing secret once, sign out; a `keyward:self` customer sees only their own owner's keys and
+//! the links of the pages their key may open; markup typed into a name, owner, metadata or webhook
+//! description (or reported as an endpoint) shows as text and never runs; a form posted
 //! without its CSRF token is refused; a session ends when its key is revoked through the API.
 //!
 //! `scripts/test.sh` installs `chromium` and `chromium-driver` and exports `KEYWARD_TEST_CHROMIUM` and
@@ -232,6 +233,19 @@ async fn the_console_in_a_real_browser() {
     b.client.execute("document.getElementById('usage').scrollIntoView();", vec![]).await.unwrap();
     b.shot("usage").await;
 
+    // The organization's billing month: its days as a chart, a line per key, the CSV to download.
+    b.click("header a[href='/console/usage']").await;
+    let chart = b.client.find(Locator::Css("svg.chart")).await.unwrap();
+    assert_eq!(chart.attr("role").await.unwrap().as_deref(), Some("img"));
+    let text = b.text().await;
+    assert!(text.contains(XSS_NAME) && text.contains("$0.001500") && text.contains("Totals"), "{text}");
+    let csv = b.client.find(Locator::Id("csv")).await.unwrap();
+    assert!(csv.attr("href").await.unwrap().unwrap().starts_with("/console/usage.csv?month="));
+    assert!(csv.attr("download").await.unwrap().is_some(), "a download");
+    b.nothing_ran().await;
+    b.client.execute("document.getElementById('usage').scrollIntoView();", vec![]).await.unwrap();
+    b.shot("billing").await;
+
     // In the list, with bob's key made by the CLI.
     b.open("/console/keys").await;
     let names: Vec<String> = {
@@ -340,6 +354,11 @@ async fn the_console_in_a_real_browser() {
     // A self-service customer sees only their owner's keys, and not bob's even by its id.
     b.sign_in(customer["key"].as_str().unwrap()).await;
     assert_eq!(b.path().await, "/console/keys");
+    let mut links = Vec::new();
+    for link in b.client.find_all(Locator::Css("header nav a")).await.unwrap() {
+        links.push(link.attr("href").await.unwrap().unwrap());
+    }
+    assert_eq!(links, ["/console/keys", "/console/keys/new", "/console/usage"], "only the pages the key may open");
     let text = b.text().await;
     assert!(text.contains("alice portal"), "{text}");
     assert!(!text.contains(XSS_NAME) && !text.contains("bob"), "{text}");

@@ -179,7 +179,7 @@ async fn chain_status(caller: &Caller<AuditRead>, form: &AuditForm) -> ApiResult
 /// under the chain's status (or the link that checks it). A key without `keyward:audit:read` gets the API's 403.
 pub async fn audit_page(signed: Signed<AuditRead>, ApiQuery(form): ApiQuery<AuditForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let status = chain_status(&signed.caller, &form).await.map_err(|e| failed(&state, e))?;
     let listed = list_audit(signed.caller, ApiQuery(form.query())).await;
     let (entries, problem) = match listed {
@@ -200,7 +200,7 @@ pub async fn audit_page(signed: Signed<AuditRead>, ApiQuery(form): ApiQuery<Audi
         status_code,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Audit log",
             html! {
                 (status)

@@ -95,6 +95,11 @@ impl<P> Signed<P> {
         self.session.csrf_token()
     }
 
+    /// Who the page answered is for: the CSRF token and the links the key may open.
+    pub(super) fn viewer(&self) -> view::Viewer {
+        view::Viewer::of(&self.caller, self.csrf_token())
+    }
+
     /// SECURITY: every state-changing form carries the session's token.
     pub(super) fn check_csrf(&self, presented: &str) -> Result<(), Response> {
         if self.session.csrf_matches(presented) {
@@ -186,8 +191,8 @@ impl FromRequestParts<AppState> for KeyPath {
 pub struct KeyForm<P, F> {
     pub key: crate::routes::target::Writable<P, keyward_store::ApiKey>,
     pub state: AppState,
-    /// The session's CSRF token, for the page the answer shows.
-    pub csrf: String,
+    /// Who the page the answer shows is for.
+    pub viewer: view::Viewer,
     pub form: F,
 }
 
@@ -204,9 +209,9 @@ impl<P: Permission, F: DeserializeOwned + Send> FromRequest<AppState> for KeyFor
         let form: F = serde_urlencoded::from_bytes(&bytes)
             .map_err(|_| view::message(state, StatusCode::BAD_REQUEST, "This form could not be read."))?;
         let target = crate::routes::target::writable(&signed.caller, id).await.map_err(|e| view::failed(state, e))?;
-        let csrf = signed.csrf_token();
+        let viewer = signed.viewer();
         let key = crate::routes::target::Writable { caller: signed.caller, target };
-        Ok(KeyForm { key, state: state.clone(), csrf, form })
+        Ok(KeyForm { key, state: state.clone(), viewer, form })
     }
 }
 

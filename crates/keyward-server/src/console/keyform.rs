@@ -151,13 +151,14 @@ fn fields(f: &KeyFields, plans: &keyward_core::Plans, creator: Option<&Creator>)
 /// `GET /console/keys/new`.
 pub async fn new_key(signed: Signed<KeysWriteOrSelf>) -> Response {
     let state = signed.caller.state();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
+    let csrf = viewer.csrf.clone();
     let creator = Creator::of(&signed.caller).await;
     page(
         StatusCode::OK,
         layout(
             state,
-            Some(&csrf),
+            Some(&viewer),
             "New key",
             html! {
                 form method="post" action="/console/keys" {
@@ -175,7 +176,7 @@ pub async fn new_key(signed: Signed<KeysWriteOrSelf>) -> Response {
 pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBody<KeyFields>) -> PageResult {
     signed.check_csrf(&form.csrf)?;
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let metadata = blank(&form.metadata).map(|_| metadata(&state, &form.metadata)).transpose()?;
     let expires_in_days = blank(&form.expires_in_days)
         .map(|d| {
@@ -199,7 +200,7 @@ pub async fn create_key(signed: Signed<KeysWriteOrSelf>, FormBody(form): FormBod
         organization_id: blank(&form.organization_id),
     };
     let (_, created) = keys::create(&signed.caller, body).await.map_err(|e| failed(&state, e))?;
-    Ok(super::pages::shown_once(&state, &csrf, &created.api_key, &created.key))
+    Ok(super::pages::shown_once(&state, &viewer, &created.api_key, &created.key))
 }
 
 /// `GET /console/keys/{id}/edit`: the key's fields as `PATCH /v1/keys/{id}` may change them.

@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 mod audit;
+mod billing;
 mod extract;
 mod keyform;
 mod orgs;
@@ -48,6 +49,10 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console/keys/{id}/active", post(pages::set_active))
         .route("/console/keys/{id}/rotate", post(pages::rotate_key))
         .route("/console/keys/{id}/revoke", get(pages::revoke_confirm).post(pages::revoke_key))
+        .route("/console/usage", get(billing::usage_page))
+        .route("/console/usage.csv", get(billing::usage_csv))
+        .route("/console/organizations/{id}/usage", get(billing::org_usage_page))
+        .route("/console/organizations/{id}/usage.csv", get(billing::org_usage_csv))
         .route("/console/audit", get(audit::audit_page))
         .route("/console/organizations", get(orgs::orgs_list).post(orgs::create))
         .route("/console/organizations/{id}", get(orgs::org_page).post(orgs::update))

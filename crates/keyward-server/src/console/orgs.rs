@@ -102,14 +102,14 @@ pub struct ListForm {
 /// `GET /console/organizations`: `GET /v1/organizations`, newest first, with the form that creates one.
 pub async fn orgs_list(signed: Signed<Admin>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let paging = PageQuery { cursor: form.cursor.filter(|c| !c.is_empty()), limit: None };
     let listed = list_orgs(signed.caller, ApiQuery(paging)).await.map_err(|e| failed(&state, e))?.0;
     Ok(page(
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Organizations",
             html! {
                 div.scroll { table {
@@ -128,7 +128,7 @@ pub async fn orgs_list(signed: Signed<Admin>, ApiQuery(form): ApiQuery<ListForm>
                 }
                 h2 { "New organization" }
                 form method="post" action="/console/organizations" {
-                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="csrf" value=(viewer.csrf);
                     label for="name" { "Name" } input #name name="name" required maxlength="255";
                     label for="slug" { "Slug (lowercase letters, digits, dashes)" } input #slug name="slug" required maxlength="63";
                     label for="email" { "Contact email" } input #email name="email" type="email" maxlength="254";
@@ -158,7 +158,7 @@ pub async fn create(signed: Signed<Admin>, FormBody(form): FormBody<OrgForm>) ->
 }
 
 /// The organization of the path: a "No such organization" page (404) for anything that is not one.
-fn org_id(path: Result<Path<OrgId>, axum::extract::rejection::PathRejection>) -> Result<OrgId, ApiError> {
+pub(super) fn org_id(path: Result<Path<OrgId>, axum::extract::rejection::PathRejection>) -> Result<OrgId, ApiError> {
     path.map(|Path(id)| id).map_err(|_| ApiError::new(ErrorCode::NotFound, "No such organization."))
 }
 
@@ -168,14 +168,14 @@ pub async fn org_page(
     path: Result<Path<OrgId>, axum::extract::rejection::PathRejection>,
 ) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let id = org_id(path).map_err(|e| failed(&state, e))?;
     let org = get_org(signed.caller, ApiPath(id)).await.map_err(|e| failed(&state, e))?.0;
     Ok(page(
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             &org.name,
             html! {
                 dl {
@@ -185,9 +185,10 @@ pub async fn org_page(
                     dt { "Status" } dd { (if org.is_active { "active" } else { "disabled: every key of it is refused" }) }
                     dt { "Created" } dd { (org.created_at.to_rfc3339()) }
                 }
+                p { a href={ "/console/organizations/" (org.id) "/usage" } { "Its usage, month by month" } }
                 h2 { "Plan and limits" }
                 form method="post" action={ "/console/organizations/" (org.id) } {
-                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="csrf" value=(viewer.csrf);
                     label for="org-name" { "Name" } input #org-name name="name" required maxlength="255" value=(org.name);
                     (plan_and_limits(&state, Some(&org)))
                     label for="is_active" { "Status" }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{
     CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
 };
-use super::view::{PageResult, failed, layout, message, page};
+use super::view::{PageResult, Viewer, failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Permission};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
@@ -128,7 +128,7 @@ const STATUSES: [(&str, &str); 6] = [
 /// `GET /console/keys`: `GET /v1/keys` with the same filters, newest first, a page at a time.
 pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let blank = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let query = ListKeysQuery {
         owner_id: blank(&form.owner),
@@ -157,7 +157,7 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Keys",
             html! {
                 form.filters method="get" action="/console/keys" role="search" {
@@ -199,19 +199,19 @@ fn form_clone(f: &ListForm) -> ListForm {
 /// `GET /console/keys/{id}`: `GET /v1/keys/{id}`, with the actions the key's page offers.
 pub async fn key_page(signed: Signed<KeysReadOrSelf>, KeyPath(id): KeyPath) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let target = ApiKey::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let usage = super::usage::section(&signed.caller, &target).await.map_err(|e| failed(&state, e))?;
     let trail = super::audit::key_trail(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let editable = target.revoked_at.is_none() && signed.caller.admitted_as::<KeysWrite>().is_ok();
     let key = keys::get_key(Visible { caller: signed.caller, target }).await.map_err(|e| failed(&state, e))?.0;
     let body = html! {
-        (key_view(&key, &csrf, None))
+        (key_view(&key, &viewer.csrf, None))
         @if editable { p { a href={ "/console/keys/" (id) "/edit" } { "Edit settings" } } }
         (usage)
         @if let Some(trail) = trail { (trail) }
     };
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &key.key.name, body)))
+    Ok(page(StatusCode::OK, layout(&state, Some(&viewer), &key.key.name, body)))
 }
 
 /// A key's settings and actions, with a secret just made (`fresh`) shown once above them.
@@ -272,8 +272,8 @@ fn key_view(response: &KeyResponse, csrf: &str, fresh: Option<&str>) -> Markup {
 }
 
 /// A key just made, with its secret shown this once.
-pub(super) fn shown_once(state: &AppState, csrf: &str, key: &KeyResponse, secret: &str) -> Response {
-    page(StatusCode::CREATED, layout(state, Some(csrf), &key.key.name, key_view(key, csrf, Some(secret))))
+pub(super) fn shown_once(state: &AppState, viewer: &Viewer, key: &KeyResponse, secret: &str) -> Response {
+    page(StatusCode::CREATED, layout(state, Some(viewer), &key.key.name, key_view(key, &viewer.csrf, Some(secret))))
 }
 
 #[derive(Deserialize)]
@@ -300,10 +300,10 @@ pub struct RotateForm {
 /// `POST /console/keys/{id}/rotate`: `POST /v1/keys/{id}/rotate`; the new key is on this answer only.
 #[tracing::instrument(skip_all)]
 pub async fn rotate_key(changed: KeyForm<KeysWriteOrSelf, RotateForm>) -> PageResult {
-    let KeyForm { key, state, csrf, form } = changed;
+    let KeyForm { key, state, viewer, form } = changed;
     let body = RotateKeyRequest { grace_period_seconds: form.grace_period_seconds, name: None };
     let (_, rotated) = keys::rotate(key, body).await.map_err(|e| failed(&state, e))?;
-    Ok(shown_once(&state, &csrf, &rotated.api_key, &rotated.key))
+    Ok(shown_once(&state, &viewer, &rotated.api_key, &rotated.key))
 }
 
 /// A page about a key the caller may change (404 unseen, 403 unchangeable, as its API route answers):
@@ -314,10 +314,10 @@ pub(super) async fn writable_key_page<P: Permission>(
     content: impl FnOnce(&ApiKey, &str) -> (String, Markup),
 ) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let key = target::writable::<_, ApiKey>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
-    let (title, body) = content(&key, &csrf);
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), &title, body)))
+    let (title, body) = content(&key, &viewer.csrf);
+    Ok(page(StatusCode::OK, layout(&state, Some(&viewer), &title, body)))
 }
 
 /// `GET /console/keys/{id}/revoke`: the confirmation step.

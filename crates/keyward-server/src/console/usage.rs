@@ -34,7 +34,12 @@ const SERIES: [Series; 3] = [
 
 /// Integer micro-dollars as dollars, to the micro-dollar.
 pub(super) fn dollars(micros: i64) -> String {
-    format!("${}.{:06}", micros / 1_000_000, (micros % 1_000_000).abs())
+    format!("${}", decimal_dollars(micros))
+}
+
+/// Integer micro-dollars as a decimal number of dollars (`1.234567`), as a spreadsheet reads it.
+pub(super) fn decimal_dollars(micros: i64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, (micros % 1_000_000).abs())
 }
 
 /// The usage section of a key's page: what `GET /v1/keys/{id}/usage` answers `caller` for `key`, and
@@ -51,21 +56,7 @@ fn render(usage: &KeyUsageResponse, standing: Option<&Standing>) -> Markup {
     let totals = &usage.totals.counts;
     html! {
         h2 #usage { "Usage, last " (usage.days.len()) " days" }
-        (chart(usage))
-        ul.legend {
-            @for (class, label, _) in SERIES { li { span class={ "swatch " (class) } {} (label) } }
-        }
-        details {
-            summary { "The same figures as a table" }
-            div.scroll { table {
-                caption { "Requests, denied requests and errors per day (UTC)" }
-                thead { tr { th scope="col" { "Day" } @for (_, label, _) in SERIES { th scope="col" { (label) } } } }
-                tbody { @for day in &usage.days { tr {
-                    th scope="row" { (day.day) }
-                    @for (_, _, figure) in SERIES { td { (figure(day)) } }
-                } } }
-            } }
-        }
+        (daily(&usage.days))
         dl {
             dt { "Requests" } dd { (totals.requests) }
             dt { "Denied" } dd { (totals.denied) }
@@ -85,52 +76,79 @@ fn render(usage: &KeyUsageResponse, standing: Option<&Standing>) -> Markup {
                 } } }
             } }
         }
-        @if let Some(standing) = standing {
-            h2 { "Where this key stands" }
-            dl {
-                dt { "Rate limit" }
-                dd { @match &standing.rate_limit {
-                    Some(r) => { (r.remaining) " of " (r.limit) " left; whole again in " (r.reset) " s" }
-                    None => "none",
-                } }
-                dt { "Monthly quota" }
-                dd { @match standing.quota.limit {
-                    Some(limit) => { (standing.quota.used) " of " (limit) " used; resets in " (standing.quota.reset) " s" }
-                    None => { (standing.quota.used) " used; no quota" }
-                } }
-            }
+        @if let Some(standing) = standing { (standing_view("Where this key stands", standing)) }
+    }
+}
+
+/// Where a key stands against its rate limit and monthly quota, under the heading `title`.
+pub(super) fn standing_view(title: &str, standing: &Standing) -> Markup {
+    html! {
+        h2 { (title) }
+        dl {
+            dt { "Rate limit" }
+            dd { @match &standing.rate_limit {
+                Some(r) => { (r.remaining) " of " (r.limit) " left; whole again in " (r.reset) " s" }
+                None => "none",
+            } }
+            dt { "Monthly quota" }
+            dd { @match standing.quota.limit {
+                Some(limit) => { (standing.quota.used) " of " (limit) " used; resets in " (standing.quota.reset) " s" }
+                None => { (standing.quota.used) " used; no quota" }
+            } }
+        }
+    }
+}
+
+/// Daily bars of `days` (oldest first), their legend, and the same figures as a table.
+pub(super) fn daily(days: &[DayUsage]) -> Markup {
+    html! {
+        (chart(days))
+        ul.legend {
+            @for (class, label, _) in SERIES { li { span class={ "swatch " (class) } {} (label) } }
+        }
+        details {
+            summary { "The same figures as a table" }
+            div.scroll { table {
+                caption { "Requests, denied requests and errors per day (UTC)" }
+                thead { tr { th scope="col" { "Day" } @for (_, label, _) in SERIES { th scope="col" { (label) } } } }
+                tbody { @for day in days { tr {
+                    th scope="row" { (day.day) }
+                    @for (_, _, figure) in SERIES { td { (figure(day)) } }
+                } } }
+            } }
         }
     }
 }
 
 /// The daily bars as SVG. SECURITY: no `style` attribute (the policy's `style-src 'self'` would drop
 /// it): geometry is presentation attributes, colours are classes of the stylesheet.
-fn chart(usage: &KeyUsageResponse) -> Markup {
-    let highest = usage.days.iter().flat_map(|d| SERIES.map(|(_, _, f)| f(d))).max().unwrap_or(0).max(1);
-    let width = SLOT * u32::try_from(usage.days.len()).unwrap_or(u32::MAX / SLOT).max(1);
+fn chart(days: &[DayUsage]) -> Markup {
+    let (Some(first), Some(last)) = (days.first(), days.last()) else { return html! {} };
+    let highest = days.iter().flat_map(|d| SERIES.map(|(_, _, f)| f(d))).max().unwrap_or(0).max(1);
+    let width = SLOT * u32::try_from(days.len()).unwrap_or(u32::MAX / SLOT).max(1);
     let height_of = |value: i64| {
         let scaled = i128::from(value.max(0)) * i128::from(PLOT) / i128::from(highest);
         u32::try_from(scaled).unwrap_or(PLOT)
     };
-    let total: i64 = usage.days.iter().map(|d| d.counts.counts.requests).sum();
+    let total: i64 = days.iter().map(|d| d.counts.counts.requests).sum();
     html! {
         svg.chart xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (width) " " (PLOT + AXIS) }
             role="img" aria-labelledby="usage-title usage-desc" {
-            title #usage-title { "Daily usage from " (usage.from) " to " (usage.to) }
+            title #usage-title { "Daily usage from " (first.day) " to " (last.day) }
             desc #usage-desc {
                 (total) " requests in all; the busiest day's highest bar is " (highest)
                 ". Bars per day: requests, denied, errors. The table below has every figure."
             }
             line.axis x1="0" y1=(PLOT) x2=(width) y2=(PLOT) {}
-            @for (i, day) in usage.days.iter().enumerate() {
+            @for (i, day) in days.iter().enumerate() {
                 @let x = SLOT * u32::try_from(i).unwrap_or(0) + (SLOT - 3 * BAR) / 2;
                 @for (s, (class, _, figure)) in SERIES.iter().enumerate() {
                     @let h = height_of(figure(day));
                     rect class=(class) x=(x + BAR * u32::try_from(s).unwrap_or(0)) y=(PLOT - h) width=(BAR) height=(h) {}
                 }
             }
-            text.tick x="0" y=(PLOT + AXIS - 4) { (usage.from.format("%b %d")) }
-            text.tick x=(width) y=(PLOT + AXIS - 4) text-anchor="end" { (usage.to.format("%b %d")) }
+            text.tick x="0" y=(PLOT + AXIS - 4) { (first.day.format("%b %d")) }
+            text.tick x=(width) y=(PLOT + AXIS - 4) text-anchor="end" { (last.day.format("%b %d")) }
             text.tick x="2" y="12" { (highest) }
         }
     }

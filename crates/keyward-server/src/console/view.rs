@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 use sha2::{Digest, Sha256};
 
-use crate::auth::Caller;
+use crate::auth::{Admin, AuditRead, Caller, Grant, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Permission};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -32,8 +32,48 @@ pub(super) static CSS: LazyLock<Asset> =
 pub(super) static JS: LazyLock<Asset> =
     LazyLock::new(|| Asset::new("console", "js", include_str!("console.js"), "text/javascript; charset=utf-8"));
 
-/// Every page: the product's name, and sign-out for a signed-in user (`csrf`).
-pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Markup) -> Markup {
+/// A link of the header, shown only to the keys its page's permission `P` admits
+/// ([`NavLink::to`]), so a session never sees a link that would answer 403.
+pub(super) struct NavLink {
+    href: &'static str,
+    label: &'static str,
+    grants: &'static [Grant],
+}
+
+impl NavLink {
+    /// A link to `href`, whose handler declares `Signed<P>`.
+    const fn to<P: Permission>(href: &'static str, label: &'static str) -> Self {
+        Self { href, label, grants: P::GRANTS }
+    }
+}
+
+/// The header's links, in order: one line per page, with the permission its handler declares (a test
+/// opens each link with keys it is shown to, and with keys it is not).
+pub(super) const NAV: &[NavLink] = &[
+    NavLink::to::<KeysReadOrSelf>("/console/keys", "Keys"),
+    NavLink::to::<KeysWriteOrSelf>("/console/keys/new", "New key"),
+    NavLink::to::<KeysReadOrSelf>("/console/usage", "Usage"),
+    NavLink::to::<AuditRead>("/console/audit", "Audit log"),
+    NavLink::to::<Admin>("/console/organizations", "Organizations"),
+    NavLink::to::<KeysWrite>("/console/webhooks", "Webhooks"),
+];
+
+/// Who a page is shown to: the session's CSRF token (for sign-out and every form) and the links of
+/// [`NAV`] its key may open.
+pub struct Viewer {
+    pub csrf: String,
+    links: Vec<&'static NavLink>,
+}
+
+impl Viewer {
+    pub(super) fn of<P>(caller: &Caller<P>, csrf: String) -> Self {
+        Self { csrf, links: NAV.iter().filter(|link| caller.admits(link.grants)).collect() }
+    }
+}
+
+/// Every page: the product's name, and for a signed-in user (`viewer`) the links their key may open
+/// and sign-out.
+pub(super) fn layout(state: &AppState, viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
     let product = &state.console.settings.product_name;
     html! {
         (DOCTYPE)
@@ -48,15 +88,11 @@ pub(super) fn layout(state: &AppState, csrf: Option<&str>, title: &str, body: Ma
             body {
                 header {
                     a.brand href="/console/keys" { (product) }
-                    @if let Some(csrf) = csrf {
+                    @if let Some(viewer) = viewer {
                         nav {
-                            a href="/console/keys" { "Keys" }
-                            a href="/console/keys/new" { "New key" }
-                            a href="/console/audit" { "Audit log" }
-                            a href="/console/organizations" { "Organizations" }
-                            a href="/console/webhooks" { "Webhooks" }
+                            @for link in &viewer.links { a href=(link.href) { (link.label) } }
                             form method="post" action="/console/sign-out" {
-                                input type="hidden" name="csrf" value=(csrf);
+                                input type="hidden" name="csrf" value=(viewer.csrf);
                                 button type="submit" { "Sign out" }
                             }
                         }

@@ -110,7 +110,8 @@ async fn organizations(caller: &Caller<KeysWrite>) -> Result<Vec<(keyward_core::
 /// with the form that creates one.
 pub async fn hooks_list(signed: Signed<KeysWrite>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
+    let csrf = viewer.csrf.clone();
     let orgs = organizations(&signed.caller).await.map_err(|e| failed(&state, e))?;
     let admin = signed.caller.is_admin();
     let own = signed.caller.organization_id();
@@ -125,7 +126,7 @@ pub async fn hooks_list(signed: Signed<KeysWrite>, ApiQuery(form): ApiQuery<List
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Webhooks",
             html! {
                 @if admin {
@@ -184,7 +185,7 @@ pub async fn hooks_list(signed: Signed<KeysWrite>, ApiQuery(form): ApiQuery<List
 pub async fn create_hook(signed: Signed<KeysWrite>, FormBody(form): FormBody<HookForm>) -> PageResult {
     signed.check_csrf(form.csrf())?;
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
     let body = CreateWebhookRequest {
         url: form.text("url").unwrap_or_default(),
         events: form.events(),
@@ -198,7 +199,7 @@ pub async fn create_hook(signed: Signed<KeysWrite>, FormBody(form): FormBody<Hoo
         StatusCode::CREATED,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Webhook endpoint created",
             html! {
                 section.secret role="alert" {
@@ -245,7 +246,8 @@ pub async fn hook_page(
     ApiQuery(form): ApiQuery<DeliveriesForm>,
 ) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
+    let csrf = viewer.csrf.clone();
     let id = hook_id(path).map_err(|e| failed(&state, e))?;
     let hook = Webhook::visible(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     let boxes = event_boxes(&signed.caller, &hook.events);
@@ -284,7 +286,7 @@ pub async fn hook_page(
             }
         }
     };
-    Ok(page(StatusCode::OK, layout(&state, Some(&csrf), "Webhook endpoint", body)))
+    Ok(page(StatusCode::OK, layout(&state, Some(&viewer), "Webhook endpoint", body)))
 }
 
 /// A delivery with every attempt, and the form that retries it.
@@ -374,14 +376,15 @@ pub async fn set_active(HookChange { hook, form }: HookChange) -> PageResult {
 /// `GET /console/webhooks/{id}/delete`: the confirmation step.
 pub async fn delete_confirm(signed: Signed<KeysWrite>, path: Result<Path<Uuid>, PathRejection>) -> PageResult {
     let state = signed.caller.state().clone();
-    let csrf = signed.csrf_token();
+    let viewer = signed.viewer();
+    let csrf = viewer.csrf.clone();
     let id = hook_id(path).map_err(|e| failed(&state, e))?;
     let hook = target::writable::<_, Webhook>(&signed.caller, id).await.map_err(|e| failed(&state, e))?;
     Ok(page(
         StatusCode::OK,
         layout(
             &state,
-            Some(&csrf),
+            Some(&viewer),
             "Delete webhook endpoint",
             html! {
                 p { "Delete the endpoint " code { (hook.url) } " and every delivery of it? It receives nothing more, for good." }

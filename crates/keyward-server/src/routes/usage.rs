@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
 use keyward_store::usage::{
-    DailyCounts, EndpointUsage, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS,
+    DailyCounts, DailyUsage, EndpointUsage, MAX_COST_MICROS_PER_EVENT, MAX_ENDPOINT_LEN, MAX_RESPONSE_TIME_MS,
     MAX_TOKENS_PER_EVENT, UsageEvent, UsageKind,
 };
 use keyward_store::{ApiKey, Store, StoreError};
@@ -269,6 +269,22 @@ pub struct KeyUsageResponse {
     pub top_endpoints: Vec<EndpointUsage>,
 }
 
+/// Every day of `from..=to` from rollup rows (a day without a row is zeros), oldest first, and their
+/// totals.
+pub fn daily_series(rows: &[DailyUsage], from: NaiveDate, to: NaiveDate) -> (Vec<DayUsage>, DailyCounts) {
+    let by_day: HashMap<NaiveDate, &DailyCounts> = rows.iter().map(|r| (r.day, &r.counts)).collect();
+    let mut totals = DailyCounts::default();
+    let mut series = Vec::new();
+    let mut day = from;
+    while day <= to {
+        let counts = by_day.get(&day).copied().cloned().unwrap_or_default();
+        totals.add(&counts);
+        series.push(DayUsage { day, counts: counts.into() });
+        day += Duration::days(1);
+    }
+    (series, totals)
+}
+
 /// A key's usage over the `days` days ending `today`, from the rollups (one row per day used).
 pub async fn key_usage_report(
     store: &dyn Store,
@@ -278,16 +294,7 @@ pub async fn key_usage_report(
 ) -> Result<KeyUsageResponse, StoreError> {
     let from = today - Duration::days(i64::from(days.max(1)) - 1);
     let rows = store.key_usage_daily(key_id, from, today).await?;
-    let by_day: HashMap<NaiveDate, &DailyCounts> = rows.iter().map(|r| (r.day, &r.counts)).collect();
-    let mut totals = DailyCounts::default();
-    let mut series = Vec::new();
-    let mut day = from;
-    while day <= today {
-        let counts = by_day.get(&day).copied().cloned().unwrap_or_default();
-        totals.add(&counts);
-        series.push(DayUsage { day, counts: counts.into() });
-        day += Duration::days(1);
-    }
+    let (series, totals) = daily_series(&rows, from, today);
     Ok(KeyUsageResponse {
         key_id,
         from,
@@ -361,6 +368,16 @@ pub fn parse_month(month: &str) -> Option<(NaiveDate, NaiveDate)> {
     Some((first, next.pred_opt()?))
 }
 
+/// The billing month `month` names (`YYYY-MM`, UTC; none: the month of `now`, the quota's month),
+/// with its first and last day; anything else is 400 `invalid_query`.
+pub fn billing_month(month: Option<String>, now: DateTime<Utc>) -> ApiResult<(String, NaiveDate, NaiveDate)> {
+    let month = month.unwrap_or_else(|| keyward_store::usage::month_of(now));
+    let Some((first, last)) = parse_month(&month) else {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "`month` must be YYYY-MM"));
+    };
+    Ok((month, first, last))
+}
+
 /// An organization's billing summary for a month: totals per key, from daily rollups.
 ///
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
@@ -378,11 +395,7 @@ pub async fn org_usage(
     if !caller.reaches_org(id) {
         return Err(ApiError::not_found());
     }
-    let now = state.clock.now();
-    let month = q.month.unwrap_or_else(|| keyward_store::usage::month_of(now));
-    let Some((first, last)) = parse_month(&month) else {
-        return Err(ApiError::new(ErrorCode::InvalidQuery, "`month` must be YYYY-MM"));
-    };
+    let (month, first, last) = billing_month(q.month, state.clock.now())?;
     state.store.get_org(id).await?;
     let lines = state.store.org_usage_by_key(id, first, last).await?;
     let mut totals = DailyCounts::default();

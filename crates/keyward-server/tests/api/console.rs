@@ -269,6 +269,196 @@ async fn a_key_page_charts_its_usage_with_a_table_and_escaped_endpoints() {
     assert!(!text.contains("/v1/chat"));
 }
 
+/// The links of a page's header navigation.
+fn nav_links(html: &str) -> Vec<String> {
+    let nav = html.split("<nav>").nth(1).unwrap().split("</nav>").next().unwrap();
+    nav.split("<a href=\"").skip(1).map(|a| a.split('"').next().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_header_shows_only_the_links_the_session_s_key_may_open() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let all = nav_links(&page_of(&app, &app.admin_key, "/console/keys", StatusCode::OK).await);
+    for admin_has in [
+        "/console/keys",
+        "/console/keys/new",
+        "/console/usage",
+        "/console/audit",
+        "/console/organizations",
+        "/console/webhooks",
+    ] {
+        assert!(all.iter().any(|l| l == admin_has), "{admin_has} in {all:?}");
+    }
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let (writer, _) = app.key(org, &["keyward:keys:write"]).await;
+    let (auditor, _) = app.key(org, &["keyward:keys:read", "keyward:audit:read"]).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let other = app.org("other").await;
+    let (outsider, _) = app.key(other.id, &["keyward:keys:read"]).await;
+    let cases: [(&str, &str, &[&str]); 6] = [
+        ("admin", &app.admin_key, &all.iter().map(String::as_str).collect::<Vec<_>>()),
+        ("reader", &reader, &["/console/keys", "/console/usage"]),
+        ("writer", &writer, &["/console/keys", "/console/keys/new", "/console/usage", "/console/webhooks"]),
+        ("auditor", &auditor, &["/console/keys", "/console/usage", "/console/audit"]),
+        ("customer", &customer, &["/console/keys", "/console/keys/new", "/console/usage"]),
+        ("another organization's reader", &outsider, &["/console/keys", "/console/usage"]),
+    ];
+    for (who, key, shown) in cases {
+        let cookie = session(&sign_in(&app, key).await);
+        let links = nav_links(&get(&app, "/console/keys", &cookie).await.text);
+        assert_eq!(links, shown, "{who}");
+        // Every link shown opens; every link hidden would have answered 403.
+        for link in &all {
+            let want = if links.contains(link) { StatusCode::OK } else { StatusCode::FORBIDDEN };
+            assert_eq!(get(&app, link, &cookie).await.status, want, "{who}: {link}");
+        }
+    }
+}
+
+/// The body of a CSV answer, after checking it is a download of CSV.
+async fn csv_of(app: &TestApp, cookie: &str, path: &str) -> String {
+    let r = get(app, path, cookie).await;
+    assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
+    assert_eq!(r.headers["content-type"], "text/csv; charset=utf-8");
+    assert!(r.headers["content-disposition"].to_str().unwrap().starts_with("attachment; filename=\"usage-"));
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    r.text
+}
+
+#[tokio::test]
+async fn the_usage_page_is_an_organization_s_billing_month_with_a_chart_and_a_csv() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let named = |name: &str| keyward_server::service::CreateKeyRequest { name: name.into(), ..Default::default() };
+    let (xss, xss_key) = app.key_with(org, named(XSS)).await;
+    let formula = "=HYPERLINK(\"http://evil.example\",\"pay\")";
+    let (costly, costly_key) = app.key_with(org, named(formula)).await;
+    let (_, idle) = app.key_with(org, named("never used")).await;
+    for _ in 0..3 {
+        app.verify(&xss, serde_json::json!({})).await;
+    }
+    app.verify(&xss, serde_json::json!({"required_scopes": ["admin:all"]})).await;
+    app.verify(&costly, serde_json::json!({})).await;
+    let report = serde_json::json!({"events": [
+        {"id": "r1", "key_id": costly_key.id.to_string(), "status_code": 500, "tokens_used": 70, "cost_micros": 2_500_000},
+        {"id": "r2", "key_id": xss_key.id.to_string(), "status_code": 404, "tokens_used": 5, "cost_micros": 1_000}]});
+    assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, StatusCode::ACCEPTED);
+    let other = app.org("other").await;
+    let (outsider, outsiders) = app.key_with(other.id, named("outsider's key")).await;
+    app.verify(&outsider, serde_json::json!({})).await;
+    assert!(app.state.usage.flush().await);
+
+    // The organization's own reader: its month (June 2026, the test clock's), the costliest key first.
+    let (reader, _) = app.key(org, &["keyward:keys:read"]).await;
+    let text = page_of(&app, &reader, "/console/usage", StatusCode::OK).await;
+    assert!(
+        text.contains("<option value=\"2026-06\" selected>") && text.contains("<option value=\"2025-07\">"),
+        "{text}"
+    );
+    assert!(text.contains("<svg class=\"chart\""), "{text}");
+    assert_eq!(text.matches("<rect class=\"requests\"").count(), 30, "a bar for every day of June");
+    let costly_at = text.find(&costly_key.id.to_string()).unwrap();
+    assert!(costly_at < text.find(&xss_key.id.to_string()).unwrap(), "the costliest key first");
+    assert!(text.contains("&lt;img src=x onerror=alert(1)&gt;") && !text.contains(XSS), "names are text");
+    assert!(text.contains("=HYPERLINK(&quot;http://evil.example&quot;,&quot;pay&quot;)"), "{text}");
+    assert!(!text.contains(&idle.id.to_string()) && !text.contains(&outsiders.id.to_string()));
+    // Refused verifications are requests too, counted as denied.
+    let xss_line = "<td data-label=\"Requests\">4</td><td data-label=\"Denied\">1</td><td data-label=\"Errors\">1</td>\
+                    <td data-label=\"Tokens\">5</td><td data-label=\"Cost\">$0.001000</td>";
+    assert!(text.contains(xss_line), "{text}");
+    let totals = "<td data-label=\"Requests\">5</td><td data-label=\"Denied\">1</td><td data-label=\"Errors\">2</td>\
+                  <td data-label=\"Tokens\">75</td><td data-label=\"Cost\">$2.501000</td>";
+    assert!(text.contains(&format!("<tfoot><tr><th scope=\"row\" colspan=\"2\">Totals</th>{totals}")), "{text}");
+    assert!(text.contains("href=\"/console/usage.csv?month=2026-06\" download"), "{text}");
+
+    // The CSV: the same lines, every text cell quoted, a formula shown as text.
+    let cookie = session(&sign_in(&app, &reader).await);
+    let csv = csv_of(&app, &cookie, "/console/usage.csv?month=2026-06").await;
+    let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert_eq!(lines[0], "month,key_id,name,hint,owner_id,requests,denied,errors,tokens,cost_usd");
+    let hint = |k: &keyward_store::ApiKey| format!("{}…{}", k.prefix, k.hint);
+    assert_eq!(
+        lines[1],
+        format!(
+            "\"2026-06\",\"{}\",\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"pay\"\")\",\"{}\",\"\",1,0,1,70,2.500000",
+            costly_key.id,
+            hint(&costly_key)
+        )
+    );
+    assert_eq!(
+        lines[2],
+        format!("\"2026-06\",\"{}\",\"{XSS}\",\"{}\",\"\",4,1,1,5,0.001000", xss_key.id, hint(&xss_key))
+    );
+    assert_eq!(csv_of(&app, &cookie, "/console/usage.csv").await, csv, "the current month by default");
+
+    // Another month: none used; a month that is none is the API's 400, said on the page.
+    let may = page_of(&app, &reader, "/console/usage?month=2026-05", StatusCode::OK).await;
+    assert!(may.contains("No key was used in 2026-05.") && may.matches("<rect class=\"requests\"").count() == 31);
+    let bad = page_of(&app, &reader, "/console/usage?month=June", StatusCode::BAD_REQUEST).await;
+    assert!(bad.contains("`month` must be YYYY-MM"), "{bad}");
+
+    // Per organization, as GET /v1/organizations/{id}/usage: the admin reaches any; an organization's
+    // key its own only (another answers like an unknown one); a customer's keyward:self none.
+    let path = format!("/console/organizations/{}/usage", other.id);
+    let text = page_of(&app, &app.admin_key, &path, StatusCode::OK).await;
+    assert!(text.contains(&outsiders.id.to_string()) && !text.contains(&costly_key.id.to_string()), "{text}");
+    assert!(text.contains(&format!("href=\"{path}.csv?month=2026-06\"")), "{text}");
+    let admin = session(&sign_in(&app, &app.admin_key).await);
+    assert!(csv_of(&app, &admin, &format!("{path}.csv")).await.contains(&outsiders.id.to_string()));
+    let org_page = get(&app, &format!("/console/organizations/{}", other.id), &admin).await;
+    assert!(org_page.text.contains(&format!("href=\"{path}\"")), "an organization's page links its usage");
+    let own = format!("/console/organizations/{org}/usage");
+    assert!(page_of(&app, &reader, &own, StatusCode::OK).await.contains(&costly_key.id.to_string()));
+    for unseen in [path.clone(), format!("{path}.csv"), format!("/console/organizations/{}/usage", uuid::Uuid::nil())] {
+        let text = page_of(&app, &reader, &unseen, StatusCode::NOT_FOUND).await;
+        assert!(!text.contains(&outsiders.id.to_string()));
+    }
+    page_of(&app, &reader, "/console/organizations/nope/usage", StatusCode::NOT_FOUND).await;
+    let (outsider_reader, _) = app.key(other.id, &["keyward:keys:read"]).await;
+    let text = page_of(&app, &outsider_reader, "/console/usage", StatusCode::OK).await;
+    assert!(text.contains(&outsiders.id.to_string()) && !text.contains(&costly_key.id.to_string()), "{text}");
+    page_of(&app, &outsider_reader, &own, StatusCode::NOT_FOUND).await;
+    let (customer, _) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    for path in [own.clone(), format!("{own}.csv")] {
+        let text = page_of(&app, &customer, &path, StatusCode::FORBIDDEN).await;
+        assert!(!text.contains(&costly_key.id.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn a_self_service_customer_sees_their_own_keys_month_and_their_quota() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let (alices, alice) = app.owned_key(org, "alice", &["keyward:self"]).await;
+    let request = keyward_server::service::CreateKeyRequest {
+        name: format!("-{XSS}"),
+        owner_id: Some("alice".into()),
+        ..Default::default()
+    };
+    let (second, second_key) = app.key_with(org, request).await;
+    let (bobs, bob) = app.owned_key(org, "bob", &[]).await;
+    for key in [&alices, &second, &second, &bobs] {
+        app.verify(key, serde_json::json!({})).await;
+    }
+    assert!(app.state.usage.flush().await);
+
+    let text = page_of(&app, &alices, "/console/usage", StatusCode::OK).await;
+    assert!(text.contains("Where your key stands") && text.contains("<dt>Monthly quota</dt>"), "{text}");
+    assert!(text.contains(" of 10000 used; resets in "), "the free plan's quota: {text}");
+    assert!(text.contains("<svg class=\"chart\"") && text.contains(&alice.id.to_string()), "{text}");
+    assert!(text.contains("-&lt;img src=x onerror=alert(1)&gt;") && !text.contains(XSS), "{text}");
+    assert!(!text.contains(&bob.id.to_string()) && !text.contains("bob"), "another owner's key: {text}");
+    assert!(text.contains("<tfoot><tr><th scope=\"row\" colspan=\"2\">Totals</th><td data-label=\"Requests\">3</td>"));
+
+    let cookie = session(&sign_in(&app, &alices).await);
+    let csv = csv_of(&app, &cookie, "/console/usage.csv").await;
+    assert_eq!(csv.split_terminator("\r\n").count(), 3, "{csv}");
+    assert!(csv.contains(&format!("\"'-{XSS}\",")) && csv.contains(",\"alice\",2,0,0,0,0.000000\r\n"), "{csv}");
+    assert!(csv.contains(&second_key.id.to_string()) && !csv.contains(&bob.id.to_string()) && !csv.contains("bob"));
+}
+
 #[tokio::test]
 async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
     let app = TestApp::sqlite().await;

@@ -85,6 +85,19 @@ pub async fn usage_batch_writes_events_rollups_and_counters(store: &dyn Store) {
     ids.sort();
     assert_eq!(billing.iter().map(|b| b.key_id).collect::<Vec<_>>(), ids);
     let line = billing.iter().find(|b| b.key_id == k.id).map(|b| b.counts.clone()).unwrap_or_default();
+    // The organization's days are its keys' days summed.
+    let mut summed = std::collections::BTreeMap::<NaiveDate, crate::usage::DailyCounts>::new();
+    for id in [k.id, other.id] {
+        for d in store.key_usage_daily(id, day(0), day(24 * 60)).await.must("key_usage_daily") {
+            summed.entry(d.day).or_default().add(&d.counts);
+        }
+    }
+    let org_days = store.org_usage_daily(org.id, day(0), day(24 * 60)).await.must("org_usage_daily");
+    assert_eq!(
+        org_days.iter().map(|d| (d.day, d.counts.clone())).collect::<Vec<_>>(),
+        summed.into_iter().collect::<Vec<_>>()
+    );
+    assert!(store.org_usage_daily(org.id, day(2 * 24 * 60), day(3 * 24 * 60)).await.must("no use").is_empty());
     let raw = store.usage_event_totals(k.id, at(0), at(2 * 24 * 60)).await.must("usage_event_totals");
     assert_eq!((line.requests + line.reports, line.requests), (raw.events, raw.requests));
     assert_eq!(
@@ -327,4 +340,9 @@ pub async fn usage_extreme_rows_saturate_and_never_stop_the_fold(store: &dyn Sto
     assert_eq!((c.reports, c.tokens_used, c.cost_micros, c.latency_sum_ms), (4, 400, 5_000, 20));
     let billing = store.org_usage_by_key(org_b.id, day(0), day(0)).await.must("billing of the normal org");
     assert_eq!((billing[0].counts.tokens_used, billing[0].counts.cost_micros), (400, 5_000));
+    let org_days = store.org_usage_daily(org_b.id, day(0), day(24 * 60)).await.must("days of the normal org");
+    assert_eq!(org_days.len(), 1, "the other organization's days stay apart");
+    assert_eq!((org_days[0].counts.tokens_used, org_days[0].counts.cost_micros), (400, 5_000));
+    let org_days = store.org_usage_daily(org_a.id, day(0), day(24 * 60)).await.must("days of the extreme org");
+    assert!(org_days.iter().all(|d| d.counts.cost_micros == i64::MAX), "sums saturate");
 }

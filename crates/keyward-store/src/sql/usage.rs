@@ -126,6 +126,19 @@ fn daily_sums<D: UsageDialect>() -> String {
     DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", D::sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
+/// An organization's rollups of `from..=to`, every column summed per `group` (`key_id` or `day`) and
+/// ordered by it.
+fn org_sums<D: UsageDialect>(group: &str, org: OrgId, from: NaiveDate, to: NaiveDate) -> Stmt {
+    Stmt::new(format!(
+        "SELECT {group}, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
+         GROUP BY {group} ORDER BY {group}",
+        daily_sums::<D>()
+    ))
+    .arg(org)
+    .arg(from)
+    .arg(to)
+}
+
 /// Records the batch's id in `usage_batches`; `false` when it is there already (the batch was written).
 async fn claim_batch<B: UsageBackend>(
     tx: &mut Transaction<'static, B::Db>,
@@ -264,15 +277,11 @@ impl<B: UsageBackend> UsageStore for B {
     }
 
     async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
-        let q = Stmt::new(format!(
-            "SELECT key_id, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
-             GROUP BY key_id ORDER BY key_id",
-            daily_sums::<B::Db>()
-        ))
-        .arg(org)
-        .arg(from)
-        .arg(to);
-        B::Db::fetch_all(&mut *self.reader().await?, q).await
+        B::Db::fetch_all(&mut *self.reader().await?, org_sums::<B::Db>("key_id", org, from, to)).await
+    }
+
+    async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
+        B::Db::fetch_all(&mut *self.reader().await?, org_sums::<B::Db>("day", org, from, to)).await
     }
 
     async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {

@@ -1,0 +1,351 @@
+//! A billing month in the console: an organization's (`GET /v1/organizations/{id}/usage`, for
+//! `keyward:admin` and the organization's own `keyward:keys:read` keys), or a self-service customer's
+//! own keys' (the keys `GET /v1/keys` lists them, their days as `GET /v1/keys/{id}/usage` reads them).
+//! One line per key with usage in the month, their totals, the month's days drawn as the key page's
+//! chart, the month picker, and the same lines as a CSV download.
+
+use std::collections::BTreeMap;
+
+use axum::extract::Path;
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use keyward_core::{KeyId, OrgId};
+use keyward_store::usage::{DailyCounts, DailyUsage};
+use keyward_store::{ApiKey, StoreError};
+use maud::html;
+use serde::Deserialize;
+
+use super::extract::Signed;
+use super::usage::{daily, decimal_dollars, dollars, standing_view};
+use super::view::{PageResult, Viewer, failed, layout, page};
+use crate::auth::{AnyKey, Caller, KeysRead, KeysReadOrSelf};
+use crate::error::ApiResult;
+use crate::extract::{ApiPath, ApiQuery};
+use crate::limits::Standing;
+use crate::model::PageQuery;
+use crate::routes::keys::{ListKeysQuery, list_keys};
+use crate::routes::me;
+use crate::routes::usage::{DayUsage, MonthQuery, billing_month, daily_series, org_usage};
+
+/// Lines the page shows, the costliest first (the CSV has every line).
+const LINES_SHOWN: usize = 100;
+/// Months the picker offers: the current one and those before it.
+const MONTHS_OFFERED: usize = 12;
+/// Keys of one owner a self-service month reads (pages of 100 of `GET /v1/keys`).
+const OWNER_KEYS: usize = 1_000;
+
+/// The month picker's query: `YYYY-MM` (blank: the current month).
+#[derive(Deserialize, Default)]
+pub struct MonthForm {
+    #[serde(default)]
+    month: String,
+}
+
+impl MonthForm {
+    fn month(&self) -> Option<String> {
+        Some(self.month.trim().to_owned()).filter(|m| !m.is_empty())
+    }
+}
+
+/// One key's line of a month.
+struct Line {
+    key_id: KeyId,
+    /// `None`: the key is gone from the store.
+    key: Option<ApiKey>,
+    counts: DailyCounts,
+}
+
+/// `YYYY-MM`, its first day and its last.
+type Span = (String, NaiveDate, NaiveDate);
+
+/// A billing month: whose, its lines (the costliest first), every day of it and the totals.
+struct Month {
+    /// `YYYY-MM`.
+    month: String,
+    /// What the page is of, as its heading says it.
+    of: String,
+    /// Where the page and its CSV are: `/console/usage` or an organization's.
+    base: String,
+    lines: Vec<Line>,
+    days: Vec<DayUsage>,
+    totals: DailyCounts,
+    /// The signed-in key's standing, on a self-service customer's month.
+    standing: Option<Standing>,
+}
+
+impl Month {
+    /// `span`: the month as [`billing_month`] gives it; `rows`: its days' rollups.
+    fn new(span: Span, of: String, base: String, lines: Vec<(KeyId, DailyCounts)>, rows: &[DailyUsage]) -> Self {
+        let (month, first, last) = span;
+        let (days, totals) = daily_series(rows, first, last);
+        let mut lines: Vec<Line> =
+            lines.into_iter().map(|(key_id, counts)| Line { key_id, key: None, counts }).collect();
+        lines.sort_by(|a, b| {
+            (b.counts.cost_micros, b.counts.requests, a.key_id).cmp(&(
+                a.counts.cost_micros,
+                a.counts.requests,
+                b.key_id,
+            ))
+        });
+        Self { month, of, base, lines, days, totals, standing: None }
+    }
+
+    /// Names the first `n` lines' keys.
+    async fn name_lines(&mut self, state: &crate::state::AppState, n: usize) -> ApiResult<()> {
+        for line in self.lines.iter_mut().take(n).filter(|l| l.key.is_none()) {
+            line.key = match state.store.get_key(line.key_id).await {
+                Ok(key) => Some(key),
+                Err(StoreError::NotFound) => None,
+                Err(e) => return Err(e.into()),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// An organization's month, as `GET /v1/organizations/{id}/usage` answers `caller` (another
+/// organization's is not found, like an unknown one), with its days.
+async fn org_month(caller: Caller<KeysRead>, org: OrgId, month: Option<String>) -> ApiResult<Month> {
+    let state = caller.state().clone();
+    let own = org == caller.organization_id();
+    let usage = org_usage(caller, ApiPath(org), ApiQuery(MonthQuery { month })).await?.0;
+    let span = billing_month(Some(usage.month), state.clock.now())?;
+    let rows = state.store.org_usage_daily(org, span.1, span.2).await?;
+    let name = state.store.get_org(org).await?.name;
+    let base = if own { "/console/usage".to_owned() } else { format!("/console/organizations/{org}/usage") };
+    let lines = usage.keys.into_iter().map(|l| (l.key_id, l.counts.counts)).collect();
+    Ok(Month::new(span, name, base, lines, &rows))
+}
+
+/// A self-service customer's month: the keys `GET /v1/keys` lists the caller (its own owner's), each
+/// with its days in the month, and where the signed-in key stands.
+async fn owner_month(caller: &Caller<KeysReadOrSelf>, month: Option<String>) -> ApiResult<Month> {
+    let state = caller.state();
+    let span = billing_month(month, state.clock.now())?;
+    let (first, last) = (span.1, span.2);
+    let mut keys = Vec::new();
+    let mut cursor = None;
+    loop {
+        let query = ListKeysQuery { include_inactive: Some(true), ..ListKeysQuery::default() };
+        let paging = PageQuery { cursor, limit: Some(100) };
+        let listed = list_keys(caller.admitted_as()?, ApiQuery(query), ApiQuery(paging)).await?.0;
+        keys.extend(listed.items.into_iter().map(|k| k.key));
+        cursor = listed.next_cursor;
+        if cursor.is_none() || keys.len() >= OWNER_KEYS {
+            break;
+        }
+    }
+    let mut lines = Vec::new();
+    let mut by_day = BTreeMap::<NaiveDate, DailyCounts>::new();
+    let mut named = Vec::new();
+    for key in keys {
+        let rows = state.store.key_usage_daily(key.id, first, last).await?;
+        if rows.is_empty() {
+            continue;
+        }
+        let mut counts = DailyCounts::default();
+        for row in &rows {
+            counts.add(&row.counts);
+            by_day.entry(row.day).or_default().add(&row.counts);
+        }
+        lines.push((key.id, counts));
+        named.push(key);
+    }
+    let rows: Vec<DailyUsage> = by_day.into_iter().map(|(day, counts)| DailyUsage { day, counts }).collect();
+    let mut m = Month::new(span, "your keys".to_owned(), "/console/usage".to_owned(), lines, &rows);
+    for line in &mut m.lines {
+        line.key = named.iter().find(|k| k.id == line.key_id).cloned();
+    }
+    m.standing = Some(me::me(caller.admitted_as::<AnyKey>()?).await?.0.standing);
+    Ok(m)
+}
+
+/// The month `signed` asks for on `/console/usage`: its organization's with `keyward:keys:read` (or
+/// admin), else its own owner's keys'.
+async fn signed_month(signed: &Signed<KeysReadOrSelf>, form: &MonthForm) -> ApiResult<Month> {
+    match signed.caller.admitted_as::<KeysRead>() {
+        Ok(reader) => {
+            let org = reader.organization_id();
+            org_month(reader, org, form.month()).await
+        }
+        Err(_) => owner_month(&signed.caller, form.month()).await,
+    }
+}
+
+/// `GET /console/usage`: the signed-in key's organization's billing month (a self-service customer:
+/// their own keys' and their standing).
+pub async fn usage_page(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
+    let state = signed.caller.state().clone();
+    let mut month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
+    month.name_lines(&state, LINES_SHOWN).await.map_err(|e| failed(&state, e))?;
+    Ok(month_page(&state, &signed.viewer(), &month))
+}
+
+/// `GET /console/usage.csv`: the lines of [`usage_page`], every one of them, as CSV.
+pub async fn usage_csv(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
+    let state = signed.caller.state().clone();
+    let mut month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
+    month.name_lines(&state, usize::MAX).await.map_err(|e| failed(&state, e))?;
+    Ok(csv(&month))
+}
+
+type OrgPath = Result<Path<OrgId>, axum::extract::rejection::PathRejection>;
+
+/// An organization's month for `/console/organizations/{id}/usage[.csv]`, with its lines named.
+async fn org_path_month(signed: &Signed<KeysRead>, path: OrgPath, form: &MonthForm, named: usize) -> ApiResult<Month> {
+    let org = super::orgs::org_id(path)?;
+    let mut month = org_month(signed.caller.admitted_as()?, org, form.month()).await?;
+    month.name_lines(signed.caller.state(), named).await?;
+    Ok(month)
+}
+
+/// `GET /console/organizations/{id}/usage`: `GET /v1/organizations/{id}/usage` as a page.
+pub async fn org_usage_page(
+    signed: Signed<KeysRead>,
+    path: OrgPath,
+    ApiQuery(form): ApiQuery<MonthForm>,
+) -> PageResult {
+    let state = signed.caller.state().clone();
+    let month = org_path_month(&signed, path, &form, LINES_SHOWN).await.map_err(|e| failed(&state, e))?;
+    Ok(month_page(&state, &signed.viewer(), &month))
+}
+
+/// `GET /console/organizations/{id}/usage.csv`: every line of that page, as CSV.
+pub async fn org_usage_csv(signed: Signed<KeysRead>, path: OrgPath, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
+    let state = signed.caller.state().clone();
+    let month = org_path_month(&signed, path, &form, usize::MAX).await.map_err(|e| failed(&state, e))?;
+    Ok(csv(&month))
+}
+
+/// `YYYY-MM` of the month `months` before `now`'s.
+fn month_before(now: DateTime<Utc>, months: usize) -> String {
+    let index = i64::from(now.year()) * 12 + i64::from(now.month0()) - i64::try_from(months).unwrap_or(0);
+    format!("{:04}-{:02}", index.div_euclid(12), index.rem_euclid(12) + 1)
+}
+
+/// A key as a line names it: its name and `prefix…hint`, or its id when it is gone.
+fn key_cells(line: &Line) -> (String, String) {
+    match &line.key {
+        Some(k) => (k.name.clone(), format!("{}…{}", k.prefix, k.hint)),
+        None => (line.key_id.to_string(), String::new()),
+    }
+}
+
+fn errors(c: &DailyCounts) -> i64 {
+    c.errors_4xx.saturating_add(c.errors_5xx)
+}
+
+fn month_page(state: &crate::state::AppState, viewer: &Viewer, m: &Month) -> Response {
+    let now = state.clock.now();
+    let mut months: Vec<String> = (0..MONTHS_OFFERED).map(|i| month_before(now, i)).collect();
+    if !months.contains(&m.month) {
+        months.push(m.month.clone());
+    }
+    let csv_href = format!("{}.csv?month={}", m.base, m.month);
+    let totals = &m.totals;
+    let body = html! {
+        form.filters method="get" action=(m.base) {
+            div {
+                label for="month" { "Billing month (UTC)" }
+                select #month name="month" {
+                    @for month in &months { option value=(month) selected[*month == m.month] { (month) } }
+                }
+            }
+            button type="submit" { "Show" }
+        }
+        @if let Some(standing) = &m.standing { (standing_view("Where your key stands", standing)) }
+        h2 #usage { "Every day of " (m.month) }
+        (daily(&m.days))
+        h2 { "Per key" }
+        p { a #csv href=(csv_href) download { "Download these lines as CSV" } }
+        @if m.lines.is_empty() { p { "No key was used in " (m.month) "." } } @else {
+            div.scroll { table.billing {
+                caption { "Requests, denied requests, errors, tokens and cost per key in " (m.month)
+                    @if m.lines.len() > LINES_SHOWN { " (the " (LINES_SHOWN) " costliest of " (m.lines.len()) " keys; the CSV has them all)" } }
+                thead { tr {
+                    th scope="col" { "Key" } th scope="col" { "Hint" } th scope="col" { "Requests" }
+                    th scope="col" { "Denied" } th scope="col" { "Errors" } th scope="col" { "Tokens" } th scope="col" { "Cost" }
+                } }
+                tbody { @for line in m.lines.iter().take(LINES_SHOWN) { tr {
+                    @let (name, hint) = key_cells(line);
+                    th scope="row" data-label="Key" { a href={ "/console/keys/" (line.key_id) } { (name) } }
+                    td data-label="Hint" { code { (hint) } }
+                    td data-label="Requests" { (line.counts.requests) }
+                    td data-label="Denied" { (line.counts.denied) }
+                    td data-label="Errors" { (errors(&line.counts)) }
+                    td data-label="Tokens" { (line.counts.tokens_used) }
+                    td data-label="Cost" { (dollars(line.counts.cost_micros)) }
+                } } }
+                tfoot { tr {
+                    th scope="row" colspan="2" { "Totals" }
+                    td data-label="Requests" { (totals.requests) }
+                    td data-label="Denied" { (totals.denied) }
+                    td data-label="Errors" { (errors(totals)) }
+                    td data-label="Tokens" { (totals.tokens_used) }
+                    td data-label="Cost" { (dollars(totals.cost_micros)) }
+                } }
+            } }
+        }
+    };
+    page(StatusCode::OK, layout(state, Some(viewer), &format!("Usage of {} in {}", m.of, m.month), body))
+}
+
+/// A CSV cell of text, quoted (RFC 4180). SECURITY: a spreadsheet reads a cell that starts with `=`,
+/// `+`, `-` or `@` as a formula (and some drop a leading tab or carriage return first), so such a
+/// cell gets a leading `'`, which shows it as the text it is.
+fn text_cell(text: &str) -> String {
+    let guard = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { "'" } else { "" };
+    format!("\"{guard}{}\"", text.replace('"', "\"\""))
+}
+
+/// Every line of a month as CSV (RFC 4180: CRLF line ends, a header line), costliest first.
+fn csv_body(m: &Month) -> String {
+    let mut out = String::from("month,key_id,name,hint,owner_id,requests,denied,errors,tokens,cost_usd\r\n");
+    for line in &m.lines {
+        let (name, hint) = key_cells(line);
+        let owner = line.key.as_ref().and_then(|k| k.owner_id.as_deref()).unwrap_or_default();
+        let c = &line.counts;
+        let texts = [m.month.as_str(), &line.key_id.to_string(), &name, &hint, owner].map(text_cell).join(",");
+        let figures = [c.requests, c.denied, errors(c), c.tokens_used].map(|n| n.to_string()).join(",");
+        out.push_str(&format!("{texts},{figures},{}\r\n", decimal_dollars(c.cost_micros)));
+    }
+    out
+}
+
+fn csv(m: &Month) -> Response {
+    let name = format!("attachment; filename=\"usage-{}.csv\"", m.month);
+    let disposition = HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("attachment"));
+    (
+        StatusCode::OK,
+        [(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8")), (CONTENT_DISPOSITION, disposition)],
+        csv_body(m),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_count_back_across_years() {
+        let now = DateTime::parse_from_rfc3339("2030-02-15T10:00:00Z").map(|t| t.with_timezone(&Utc)).unwrap();
+        assert_eq!(month_before(now, 0), "2030-02");
+        assert_eq!(month_before(now, 1), "2030-01");
+        assert_eq!(month_before(now, 2), "2029-12");
+        assert_eq!(month_before(now, 14), "2028-12");
+    }
+
+    #[test]
+    fn cells_are_quoted_and_never_formulas() {
+        assert_eq!(text_cell("plain"), "\"plain\"");
+        assert_eq!(text_cell("say \"hi\", twice"), "\"say \"\"hi\"\", twice\"");
+        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(text_cell(formula), format!("\"'{formula}\""), "{formula:?}");
+        }
+        assert_eq!(text_cell("a=b"), "\"a=b\"");
+        assert_eq!(text_cell("line\r\nbreak"), "\"line\r\nbreak\"", "a quoted cell may hold a line break");
+    }
+}
