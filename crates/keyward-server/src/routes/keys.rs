@@ -138,6 +138,8 @@ pub async fn list_keys(
         environment,
         status,
         include_inactive: q.include_inactive.unwrap_or(false),
+        search: None,
+        expires_by: None,
         now,
     };
     let page = state.store.list_keys(&filter, page).await?;
