@@ -51,7 +51,10 @@ async fn main() -> Result<(), Error> {
         ids.push(key.id);
         batch.push(KeyImport { key, legacy: false, created_at: None });
         if batch.len() == 5_000 || i + 1 == keys {
-            store.import_keys(org.id, std::mem::take(&mut batch), &Actor::cli(now), false).await?;
+            store
+                .import_keys(org.id, std::mem::take(&mut batch), &Actor::cli(now), false)
+                .await?
+                .apply(&keyward_store::NoCache);
         }
     }
     println!("imported {keys} keys in {:.1} s", started.elapsed().as_secs_f64());
