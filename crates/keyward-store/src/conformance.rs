@@ -149,7 +149,16 @@ async fn key(store: &dyn Store, org: &Organization) -> ApiKey {
 }
 
 fn filter(organization_id: Option<OrgId>, now: DateTime<Utc>) -> KeyFilter {
-    KeyFilter { organization_id, owner_id: None, environment: None, status: None, include_inactive: false, now }
+    KeyFilter {
+        organization_id,
+        owner_id: None,
+        environment: None,
+        status: None,
+        include_inactive: false,
+        search: None,
+        expires_by: None,
+        now,
+    }
 }
 
 /// Every key a filter lists, following the cursor to the end.
@@ -411,6 +420,75 @@ pub async fn list_keys_filters(store: &dyn Store) {
         }
         assert_eq!(listed, records.len(), "every key has exactly one status at {now}");
     }
+}
+
+/// The search matches a name or an owner id by substring (ASCII letters in any case, `%`, `_` and `\\`
+/// as plain characters) or a hint exactly, and never reaches another organization; `expires_by`
+/// lists keys that expire in `(now, expires_by]`. Both work with the other filters and the cursor.
+pub async fn list_keys_searches_and_finds_expiring(store: &dyn Store) {
+    let org = org(store, None).await;
+    let other = self::org(store, None).await;
+    let make = |org: &Organization, name: &str, owner: Option<&str>, expires: Option<i64>| {
+        let (_, mut k) = new_key(org, Environment::Live);
+        k.name = name.to_owned();
+        k.owner_id = owner.map(str::to_owned);
+        k.expires_at = expires.map(at);
+        k
+    };
+    let billing = insert(store, make(&org, "Billing Service", Some("cust_42"), Some(10))).await;
+    let percent = insert(store, make(&org, "100% uptime", None, Some(60))).await;
+    let slash = insert(store, make(&org, r"a\b", Some("CUST-7"), Some(200))).await;
+    let accent = insert(store, make(&org, "Émile's key", None, None)).await;
+    let plain = insert(store, make(&org, "plain", Some("cust-42"), Some(90))).await;
+    let theirs = insert(store, make(&other, "Billing Service", Some("cust_42"), Some(60))).await;
+
+    let now = at(30);
+    let base = KeyFilter { include_inactive: true, ..filter(Some(org.id), now) };
+    let search = |q: &str| KeyFilter { search: Some(q.to_owned()), ..base.clone() };
+    // Part of a hint matches only as part of a name or an owner id (a random hint may be one).
+    let short_hint: String = plain.hint.chars().take(3).collect();
+    let mine = [&billing, &percent, &slash, &accent, &plain];
+    let holds = |text: &str| text.to_ascii_lowercase().contains(&short_hint.to_ascii_lowercase());
+    let by_part_of_hint: Vec<&ApiKey> =
+        mine.into_iter().filter(|k| holds(&k.name) || k.owner_id.as_deref().is_some_and(holds)).collect();
+    let cases: Vec<(&str, KeyFilter, Vec<&ApiKey>)> = vec![
+        ("name, any ASCII case", search("bILLING s"), vec![&billing]),
+        ("owner id", search("Cust"), vec![&billing, &slash, &plain]),
+        ("`_` is a plain character", search("t_4"), vec![&billing]),
+        ("`_` alone", search("_"), vec![&billing]),
+        ("`%` is a plain character", search("0%"), vec![&percent]),
+        ("`%` never matches everything", search("%"), vec![&percent]),
+        ("`\\` is a plain character", search(r"\"), vec![&slash]),
+        ("other letters match as they are", search("Émile"), vec![&accent]),
+        ("only ASCII letters are folded", search("émile"), vec![]),
+        ("the hint, exactly", search(&plain.hint), vec![&plain]),
+        ("part of a hint is no hint match", search(&short_hint), by_part_of_hint),
+        ("never another organization's", search("billing"), vec![&billing]),
+        ("every organization", KeyFilter { organization_id: None, ..search("billing") }, vec![&billing, &theirs]),
+        (
+            "expiring by at(100), not the expired",
+            KeyFilter { expires_by: Some(at(100)), ..base.clone() },
+            vec![&percent, &plain],
+        ),
+        ("expiring and searched", KeyFilter { expires_by: Some(at(100)), ..search("cust") }, vec![&plain]),
+        ("expiring at the instant itself", KeyFilter { expires_by: Some(at(60)), ..base.clone() }, vec![&percent]),
+        ("searched with a status", KeyFilter { status: Some(KeyStatus::Expired), ..search("cust") }, vec![&billing]),
+    ];
+    for (name, filter, want) in cases {
+        assert_eq!(all_keys(store, &filter).await, newest_first(&want), "{name}");
+    }
+    // A search pages like any list: one key a page, each once, newest first.
+    let mut after = None;
+    let mut paged = Vec::new();
+    for _ in 0..10 {
+        let page = store.list_keys(&search("cust"), PageRequest { after, limit: 1 }).await.must("list_keys");
+        paged.extend(page.items.iter().map(|k| k.id));
+        match page.next_cursor {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(paged, newest_first(&[&billing, &slash, &plain]));
 }
 
 /// Cursor pages: newest first, each key exactly once, `next_cursor` only while more remain.
@@ -1130,6 +1208,7 @@ macro_rules! conformance_tests {
                 unknown_ids_are_not_found,
                 list_keys_filters,
                 list_keys_paginates_newest_first,
+                list_keys_searches_and_finds_expiring,
                 update_key_records_a_diff,
                 deactivate_and_activate_are_named,
                 revoke_keeps_the_row,

@@ -559,8 +559,18 @@ pub struct KeyFilter {
     pub status: Option<KeyStatus>,
     /// Without it (and without `status`), disabled and revoked keys are left out.
     pub include_inactive: bool,
+    /// Keys whose name or owner id contains it (ASCII letters in any case; every other character as
+    /// it is), or whose hint is exactly it. At most [`MAX_KEY_SEARCH_CHARS`] characters; `%` and `_`
+    /// are plain characters.
+    pub search: Option<String>,
+    /// Only keys not yet expired at `now` that expire at or before this time.
+    pub expires_by: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
 }
+
+/// Longest [`KeyFilter::search`] the API accepts, in characters: longer than any name worth typing,
+/// short enough that a pattern costs nothing to match.
+pub const MAX_KEY_SEARCH_CHARS: usize = 100;
 
 /// A page request: up to `limit` items strictly after the cursor, newest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

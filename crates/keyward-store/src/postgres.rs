@@ -134,6 +134,10 @@ impl Dialect for Postgres {
     const TRUE: &'static str = "TRUE";
     const FALSE: &'static str = "FALSE";
 
+    fn ascii_lower(column: &str) -> String {
+        format!("translate({column}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')")
+    }
+
     fn error(e: sqlx::Error) -> StoreError {
         db(e)
     }

@@ -166,6 +166,11 @@ pub(crate) trait Dialect: Database {
     const TRUE: &'static str;
     const FALSE: &'static str;
 
+    /// `column`'s text with ASCII letters in lower case and every other character as it is: the same
+    /// folding on both databases (PostgreSQL's `lower` folds all of Unicode, SQLite's only ASCII), so
+    /// a search finds the same keys on either.
+    fn ascii_lower(column: &str) -> String;
+
     /// A driver error in terms a caller can act on.
     fn error(e: sqlx::Error) -> StoreError;
 

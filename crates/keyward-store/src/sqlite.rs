@@ -204,6 +204,11 @@ impl Dialect for Sqlite {
     const TRUE: &'static str = "1";
     const FALSE: &'static str = "0";
 
+    fn ascii_lower(column: &str) -> String {
+        // Without the ICU extension (not built in), SQLite's `lower` folds ASCII only.
+        format!("lower({column})")
+    }
+
     fn error(e: sqlx::Error) -> StoreError {
         db(e)
     }

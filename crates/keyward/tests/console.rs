@@ -259,6 +259,32 @@ async fn the_console_in_a_real_browser() {
     assert!(!b.source().await.contains(&secret));
     b.nothing_ran().await;
     b.shot("keys").await;
+
+    // Searched in the store from the search box; the search stays in the box.
+    b.fill("q", "ALICE").await;
+    b.click("form.filters button[type=submit]").await;
+    let listed = b.client.find_all(Locator::Css("tbody tr")).await.unwrap();
+    assert_eq!(listed.len(), 1, "{}", b.text().await);
+    assert!(b.text().await.contains("alice portal"));
+    let kept = b.client.find(Locator::Id("q")).await.unwrap().prop("value").await.unwrap();
+    assert_eq!(kept.as_deref(), Some("ALICE"));
+
+    // At a phone's 390 × 844 the list and a key's page are no wider than the screen: the table
+    // scrolls inside its own box.
+    b.client.set_window_size(390, 844).await.unwrap();
+    for path in ["/console/keys?status=all".to_owned(), format!("/console/keys/{id}")] {
+        b.open(&path).await;
+        let widths = b
+            .client
+            .execute("return [document.documentElement.scrollWidth, window.innerWidth];", vec![])
+            .await
+            .unwrap();
+        let (page, screen) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+        assert!(screen <= 390, "the window is a phone's: {screen} px");
+        assert!(page <= screen, "{path} is {page} px wide on a {screen} px screen");
+    }
+    b.client.set_window_size(412, 915).await.unwrap();
+
     b.open(&format!("/console/keys/{}", bobs["api_key"]["id"].as_str().unwrap())).await;
     b.nothing_ran().await;
 

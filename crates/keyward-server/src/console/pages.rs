@@ -6,15 +6,16 @@ use axum::http::header::SET_COOKIE;
 use axum::http::request::Parts;
 use axum::response::Response;
 use keyward_core::KeyId;
-use keyward_store::ApiKey;
+use keyward_store::{ApiKey, MAX_KEY_SEARCH_CHARS};
 use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
 
 use super::extract::{
-    CsrfForm, FormBody, KeyForm, KeyPath, Signed, cookie, over_https, same_origin, see_other, session_cookie,
+    CsrfForm, FormBody, KeyForm, KeyPath, Signed, blank, cookie, over_https, same_origin, see_other, session_cookie,
 };
 use super::view::{PageResult, Viewer, failed, layout, message, page};
 use crate::auth::{Caller, KeysReadOrSelf, KeysWrite, KeysWriteOrSelf, Permission};
+use crate::error::{ApiError, ErrorCode};
 use crate::extract::ApiQuery;
 use crate::model::{KeyResponse, PageQuery};
 use crate::routes::keys::{self, ListKeysQuery};
@@ -104,14 +105,19 @@ pub async fn sign_out(
     Ok(response)
 }
 
-#[derive(Deserialize, Serialize, Default)]
+#[derive(Deserialize, Serialize, Default, Clone)]
 pub struct ListForm {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    q: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     owner: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     status: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    q: String,
+    environment: String,
+    /// Days ahead, as `expiring_within_days`; blank for any expiry.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    expiring: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     cursor: String,
 }
@@ -125,32 +131,47 @@ const STATUSES: [(&str, &str); 6] = [
     ("revoked", "Revoked"),
 ];
 
-/// `GET /console/keys`: `GET /v1/keys` with the same filters, newest first, a page at a time.
+const ENVIRONMENTS: [(&str, &str); 3] = [("", "Any"), ("live", "Live"), ("test", "Test")];
+
+const EXPIRING: [(&str, &str); 4] =
+    [("", "Any time"), ("7", "Within 7 days"), ("30", "Within 30 days"), ("90", "Within 90 days")];
+
+/// A select of `options` (value, label) named `name`, labelled `label`, with `current` selected.
+fn select(name: &str, label: &str, options: &[(&str, &str)], current: &str) -> Markup {
+    html! {
+        div {
+            label for=(name) { (label) }
+            select #(name) name=(name) {
+                @for (value, text) in options { option value=(value) selected[current == *value] { (text) } }
+            }
+        }
+    }
+}
+
+/// `GET /console/keys`: `GET /v1/keys` with the same search and filters, newest first, a page at a
+/// time; the next page's link keeps them.
 pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<ListForm>) -> PageResult {
     let state = signed.caller.state().clone();
     let viewer = signed.viewer();
-    let blank = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let expiring_within_days = match blank(&form.expiring) {
+        Some(days) => Some(days.parse::<u32>().map_err(|_| {
+            failed(&state, ApiError::new(ErrorCode::InvalidQuery, "`expiring` must be a number of days"))
+        })?),
+        None => None,
+    };
     let query = ListKeysQuery {
         owner_id: blank(&form.owner),
+        environment: blank(&form.environment),
         status: blank(&form.status).filter(|s| s != "all"),
         include_inactive: Some(!form.status.is_empty()),
-        ..ListKeysQuery::default()
+        q: blank(&form.q),
+        expiring_within_days,
     };
     let paging = PageQuery { cursor: blank(&form.cursor), limit: None };
     let listed =
         keys::list_keys(signed.caller, ApiQuery(query), ApiQuery(paging)).await.map_err(|e| failed(&state, e))?.0;
-    let needle = form.q.to_lowercase();
-    let shown: Vec<&KeyResponse> = listed
-        .items
-        .iter()
-        .filter(|k| {
-            needle.is_empty()
-                || k.key.name.to_lowercase().contains(&needle)
-                || k.key.hint.to_lowercase().contains(&needle)
-        })
-        .collect();
     let next = listed.next_cursor.map(|cursor| {
-        let next = ListForm { cursor, ..form_clone(&form) };
+        let next = ListForm { cursor, ..form.clone() };
         format!("/console/keys?{}", serde_urlencoded::to_string(&next).unwrap_or_default())
     });
     Ok(page(
@@ -161,22 +182,20 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
             "Keys",
             html! {
                 form.filters method="get" action="/console/keys" role="search" {
-                    div { label for="owner" { "Owner" } input #owner name="owner" value=(form.owner); }
                     div {
-                        label for="status" { "Status" }
-                        select #status name="status" {
-                            @for (value, label) in STATUSES {
-                                option value=(value) selected[form.status == value] { (label) }
-                            }
-                        }
+                        label for="q" { "Name, owner or hint" }
+                        input #q type="search" name="q" maxlength=(MAX_KEY_SEARCH_CHARS) value=(form.q);
                     }
-                    div { label for="q" { "Name or hint (this page)" } input #q name="q" value=(form.q); }
-                    button type="submit" { "Filter" }
+                    div { label for="owner" { "Owner" } input #owner name="owner" value=(form.owner); }
+                    (select("status", "Status", &STATUSES, &form.status))
+                    (select("environment", "Environment", &ENVIRONMENTS, &form.environment))
+                    (select("expiring", "Expires", &EXPIRING, &form.expiring))
+                    button type="submit" { "Search" }
                 }
-                @if shown.is_empty() { p { "No keys." } } @else {
-                    div.scroll { table {
+                @if listed.items.is_empty() { p { "No keys." } } @else {
+                    div.scroll tabindex="0" role="region" aria-label="Keys" { table {
                         thead { tr { th { "Name" } th { "Owner" } th { "Key" } th { "Status" } th { "Created" } } }
-                        tbody { @for listed in &shown { tr {
+                        tbody { @for listed in &listed.items { tr {
                             @let k = &listed.key;
                             td { a href={ "/console/keys/" (k.id) } { (k.name) } }
                             td { (k.owner_id.as_deref().unwrap_or("—")) }
@@ -190,10 +209,6 @@ pub async fn keys_list(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<
             },
         ),
     ))
-}
-
-fn form_clone(f: &ListForm) -> ListForm {
-    ListForm { owner: f.owner.clone(), status: f.status.clone(), q: f.q.clone(), cursor: String::new() }
 }
 
 /// `GET /console/keys/{id}`: `GET /v1/keys/{id}`, with the actions the key's page offers.

@@ -4,8 +4,9 @@
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use keyward_core::{Environment, KeyId, KeyStatus, OrgId};
-use keyward_store::{ApiKey, KeyFilter};
+use keyward_store::{ApiKey, KeyFilter, MAX_KEY_SEARCH_CHARS};
 use serde::Deserialize;
 
 use super::target::{Target, Visible, Writable};
@@ -106,6 +107,35 @@ pub struct ListKeysQuery {
     pub status: Option<String>,
     /// Also list disabled and revoked keys.
     pub include_inactive: Option<bool>,
+    /// Keys whose name or owner id contains this text (ASCII letters in any case, every other
+    /// character as it is; `%` and `_` are plain characters), or whose hint (last 4 characters) is
+    /// exactly it; 1-100 characters.
+    #[param(min_length = 1, max_length = 100)]
+    pub q: Option<String>,
+    /// Only keys not expired yet that expire within this many days, 1-365.
+    #[param(minimum = 1, maximum = 365)]
+    pub expiring_within_days: Option<u32>,
+}
+
+/// Most days ahead an expiry filter looks (`expiring_within_days`, `/v1/keys/expiring?days`).
+const MAX_EXPIRY_DAYS: u32 = 365;
+
+/// The end of an expiry window of `days` days from `now`, or 400 naming the parameter.
+fn expiry_window(now: DateTime<Utc>, days: u32, param: &str) -> ApiResult<DateTime<Utc>> {
+    if !(1..=MAX_EXPIRY_DAYS).contains(&days) {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, format!("`{param}` must be 1-{MAX_EXPIRY_DAYS}")));
+    }
+    Ok(now + chrono::Duration::days(i64::from(days)))
+}
+
+/// A search text of 1 to [`MAX_KEY_SEARCH_CHARS`] characters.
+fn search_text(q: Option<String>) -> ApiResult<Option<String>> {
+    match q {
+        Some(q) if q.is_empty() || q.chars().count() > MAX_KEY_SEARCH_CHARS => {
+            Err(ApiError::new(ErrorCode::InvalidQuery, format!("`q` must be 1-{MAX_KEY_SEARCH_CHARS} characters")))
+        }
+        q => Ok(q),
+    }
 }
 
 /// List the keys of the caller's organization (every organization for `keyward:admin`), newest first.
@@ -130,14 +160,20 @@ pub async fn list_keys(
         .map(|s| KeyStatus::parse(s).ok_or_else(|| bad("`status` must be active, disabled, expired or revoked")))
         .transpose()?;
     let owner_id = caller.listed_owner().map(str::to_owned).or(q.owner_id);
+    let search = search_text(q.q)?;
     let page = page.request::<KeyId>()?;
     let now = state.clock.now();
+    let expires_by = q.expiring_within_days.map(|d| expiry_window(now, d, "expiring_within_days")).transpose()?;
+    // SECURITY: the search narrows the caller's own listing (organization, and owner for
+    // `keyward:self`); it never widens it.
     let filter = KeyFilter {
         organization_id: caller.org_filter(),
         owner_id,
         environment,
         status,
         include_inactive: q.include_inactive.unwrap_or(false),
+        search,
+        expires_by,
         now,
     };
     let page = state.store.list_keys(&filter, page).await?;
@@ -263,11 +299,8 @@ pub async fn list_expiring(
 ) -> ApiResult<Json<ExpiringResponse>> {
     let state = caller.state();
     let days = q.days.unwrap_or(7);
-    if !(1..=365).contains(&days) {
-        return Err(ApiError::new(ErrorCode::InvalidQuery, "`days` must be 1-365"));
-    }
     let now = state.clock.now();
-    let until = now + chrono::Duration::days(i64::from(days));
+    let until = expiry_window(now, days, "days")?;
     let keys = state.store.list_expiring_keys(caller.org_filter(), now, until, EXPIRING_LIMIT).await?;
     let items = keys.into_iter().filter(|k| caller.sees_key(k)).map(|k| KeyResponse::new(k, now)).collect();
     Ok(Json(ExpiringResponse { days, items }))

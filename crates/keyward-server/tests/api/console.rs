@@ -1025,3 +1025,54 @@ async fn webhook_pages_have_exactly_the_api_s_permissions() {
         }
     }
 }
+
+/// The keys list searches and filters in the store, not within the page shown: a key 60 keys deep
+/// is found, and the next page's link keeps the search and every filter.
+#[tokio::test]
+async fn the_keys_list_searches_the_store_and_its_links_keep_the_filters() {
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.id;
+    let request = |name: String, environment: &str, days: Option<i64>| keyward_server::service::CreateKeyRequest {
+        name,
+        owner_id: Some("carol".into()),
+        environment: Some(environment.into()),
+        expires_in_days: days,
+        ..Default::default()
+    };
+    app.key_with(org, request("Deep Needle".into(), "test", Some(5))).await;
+    for i in 0..60 {
+        app.key_with(org, request(format!("hay {i}"), "live", None)).await;
+    }
+    for i in 0..55 {
+        app.key_with(org, request(format!("needle {i}"), "test", Some(20))).await;
+    }
+    let cookie = session(&sign_in(&app, &app.admin_key).await);
+    let found = get(&app, "/console/keys?q=DEEP&status=all", &cookie).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.text);
+    assert!(found.text.contains("Deep Needle") && !found.text.contains("hay 0<"), "{}", found.text);
+
+    let first = get(&app, "/console/keys?q=needle&environment=test&expiring=30&status=active", &cookie).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(first.text.matches("<tr>").count(), 1 + 50, "a header row and a page of 50");
+    assert!(!first.text.contains("hay "), "{}", first.text);
+    for control in ["<label for=\"q\">", "<label for=\"environment\">", "<label for=\"expiring\">"] {
+        assert!(first.text.contains(control), "{control}: {}", first.text);
+    }
+    assert!(first.text.contains("<option value=\"30\" selected>"), "the filter stays selected");
+    let next = first.text.split("href=\"/console/keys?").nth(1).unwrap().split('"').next().unwrap();
+    let next = next.replace("&amp;", "&");
+    for kept in ["q=needle", "environment=test", "expiring=30", "status=active", "cursor="] {
+        assert!(next.contains(kept), "{kept} in {next}");
+    }
+    let second = get(&app, &format!("/console/keys?{next}"), &cookie).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text);
+    assert_eq!(second.text.matches("<tr>").count(), 1 + 6, "the 5 needles left and the deep one");
+    assert!(second.text.contains("Deep Needle") && !second.text.contains("rel=\"next\""), "{}", second.text);
+
+    let soon = get(&app, "/console/keys?expiring=7", &cookie).await;
+    assert_eq!(soon.text.matches("<tr>").count(), 1 + 1, "only the key expiring in 5 days: {}", soon.text);
+    let long = get(&app, &format!("/console/keys?q={}", "x".repeat(101)), &cookie).await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST);
+    assert!(long.text.contains("`q` must be 1-100 characters"), "{}", long.text);
+    assert_eq!(get(&app, "/console/keys?expiring=soon", &cookie).await.status, StatusCode::BAD_REQUEST);
+}

@@ -210,6 +210,8 @@ async fn with_a_pepper_plaintexts_are_stored_as_hmac_and_hashes_as_sha256() {
             environment: None,
             status: None,
             include_inactive: true,
+            search: None,
+            expires_by: None,
             now: crate::helpers::t0(),
         };
         let page = app.state.store.list_keys(&filter, keyward_store::PageRequest { after: None, limit: 5 }).await;

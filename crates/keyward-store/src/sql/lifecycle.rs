@@ -10,7 +10,7 @@ use keyward_core::{KeyId, OrgId};
 use uuid::Uuid;
 
 use super::rows::{ChainHead, ChainRow};
-use super::store::{KeyInsert, insert_key_rows, lock_key, record, select_key};
+use super::store::{KeyInsert, insert_key_rows, lock_key, push_expiring, record, select_key};
 use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
 use crate::lifecycle::{BrokenLink, expiring_dedup, report};
@@ -62,7 +62,7 @@ fn usable<D: Dialect>(now: DateTime<Utc>) -> Stmt {
 /// Keys usable at `now` that expire in `(now, until]`, soonest first.
 fn expiring<D: Dialect>(now: DateTime<Utc>, until: DateTime<Utc>, organization_id: Option<OrgId>) -> Stmt {
     let mut q = usable::<D>(now);
-    q.push(" AND expires_at > ").push_arg(now).push(" AND expires_at <= ").push_arg(until);
+    push_expiring(&mut q, now, until);
     if let Some(org) = organization_id {
         q.push(" AND organization_id = ").push_arg(org);
     }

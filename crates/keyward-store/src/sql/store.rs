@@ -242,6 +242,37 @@ fn push_status<D: Db>(q: &mut Stmt, now: chrono::DateTime<chrono::Utc>) {
         .push(" THEN 'expired' ELSE 'active' END)");
 }
 
+/// `AND` the key expires in `(now, until]`: not expired yet, expiring by `until`.
+pub(crate) fn push_expiring(q: &mut Stmt, now: DateTime<Utc>, until: DateTime<Utc>) {
+    q.push(" AND expires_at > ").push_arg(now).push(" AND expires_at <= ").push_arg(until);
+}
+
+/// The `LIKE` pattern (with `\` as its escape character) matching any text that contains `needle`,
+/// ASCII letters folded to lower case: `%` and `_` in the needle match only themselves.
+fn contains_pattern(needle: &str) -> String {
+    let mut pattern = String::with_capacity(needle.len() + 2);
+    pattern.push('%');
+    for c in needle.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c.to_ascii_lowercase());
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// `AND (name or owner id contains the needle, or the hint is it)`: see [`KeyFilter::search`].
+/// SECURITY: the needle is an argument, never SQL; its `%`, `_` and `\` are escaped, so a search
+/// is a substring match and never a pattern the caller writes.
+fn push_search<D: Db>(q: &mut Stmt, needle: &str) {
+    let pattern = contains_pattern(needle);
+    let (name, owner) = (D::ascii_lower("name"), D::ascii_lower("owner_id"));
+    q.push(&format!(" AND ({name} LIKE ")).push_arg(pattern.clone()).push(" ESCAPE '\\'");
+    q.push(&format!(" OR {owner} LIKE ")).push_arg(pattern).push(" ESCAPE '\\'");
+    q.push(" OR key_hint = ").push_arg(needle).push(")");
+}
+
 // -----------------------------------------------------------------------------------------------
 // The store
 
@@ -413,6 +444,12 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
                     .push(")");
             }
             None => {}
+        }
+        if let Some(needle) = &filter.search {
+            push_search::<B::Db>(&mut q, needle);
+        }
+        if let Some(by) = filter.expires_by {
+            push_expiring(&mut q, filter.now, by);
         }
         if let Some(after) = page.after {
             q.push(" AND id < ").push_arg(after);

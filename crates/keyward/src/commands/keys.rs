@@ -195,8 +195,16 @@ async fn keys_inner(state: &AppState, action: KeysAction) -> anyhow::Result<()> 
                 Some(o) => Some(service::find_org(&*state.store, &o).await?.id),
                 None => None,
             };
-            let filter =
-                KeyFilter { organization_id, owner_id, environment: None, status: None, include_inactive, now };
+            let filter = KeyFilter {
+                organization_id,
+                owner_id,
+                environment: None,
+                status: None,
+                include_inactive,
+                search: None,
+                expires_by: None,
+                now,
+            };
             let page =
                 state.store.list_keys(&filter, PageRequest { after: None, limit: limit.clamp(1, 1_000) }).await?;
             let keys: Vec<KeyResponse> = page.items.into_iter().map(|k| KeyResponse::new(k, now)).collect();
