@@ -18,19 +18,20 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use envoy_types::ext_authz::v3::pb::{
-    Address, Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HttpResponse, HttpStatus, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue as EnvoyHeader, HeaderValueOption};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
+use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
+use tonic_prost::ProstCodec;
 
 use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
 use crate::error::{ApiError, ErrorCode};
@@ -88,7 +89,7 @@ impl ExtAuthz {
     }
 
     /// The answer to one `CheckRequest`.
-    pub async fn check_request(&self, check: &CheckRequest) -> CheckResponse {
+    pub async fn check_request(&self, check: &wire::CheckRequest) -> CheckResponse {
         let http = check.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let (method, path) = http.map(|h| (h.method.as_str(), h.path.as_str())).unwrap_or_default();
         // SECURITY: refused whole, never judged on part of its headers (an override past the cut).
@@ -103,13 +104,154 @@ impl ExtAuthz {
             Decision::Deny(error) => deny(error.into_response()).await,
         }
     }
+
+    #[tracing::instrument(skip_all, name = "ext_authz")]
+    async fn check(&self, request: Request<wire::CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.check_request(request.get_ref()).await))
+    }
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthz {
-    #[tracing::instrument(skip_all, name = "ext_authz")]
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.check_request(request.get_ref()).await))
+/// `CheckRequest` as Keyward reads it: only the fields it uses, under their numbers in
+/// `envoy.service.auth.v3` (prost skips every other field without decoding it), and the `headers`
+/// map as the repeated entries a protobuf map is on the wire, in the order sent, so that no hash map
+/// is built for headers that are read once.
+pub mod wire {
+    /// `envoy.service.auth.v3.CheckRequest`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CheckRequest {
+        #[prost(message, optional, tag = "1")]
+        pub attributes: Option<AttributeContext>,
+    }
+
+    /// `envoy.service.auth.v3.AttributeContext`: the peer Envoy saw and its request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttributeContext {
+        #[prost(message, optional, tag = "1")]
+        pub source: Option<Peer>,
+        #[prost(message, optional, tag = "4")]
+        pub request: Option<Request>,
+    }
+
+    /// `AttributeContext.Peer`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Peer {
+        #[prost(message, optional, tag = "1")]
+        pub address: Option<Address>,
+    }
+
+    /// `envoy.config.core.v3.Address`, of which only the socket address (a pipe or an internal
+    /// address has no client IP).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Address {
+        #[prost(message, optional, tag = "1")]
+        pub socket_address: Option<SocketAddress>,
+    }
+
+    /// `envoy.config.core.v3.SocketAddress`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SocketAddress {
+        #[prost(string, tag = "2")]
+        pub address: String,
+    }
+
+    /// `AttributeContext.Request`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Request {
+        #[prost(message, optional, tag = "2")]
+        pub http: Option<HttpRequest>,
+    }
+
+    /// `AttributeContext.HttpRequest`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HttpRequest {
+        #[prost(string, tag = "2")]
+        pub method: String,
+        /// `map<string, string> headers`.
+        #[prost(message, repeated, tag = "3")]
+        pub headers: Vec<MapEntry>,
+        #[prost(string, tag = "4")]
+        pub path: String,
+        #[prost(message, optional, tag = "13")]
+        pub header_map: Option<HeaderMap>,
+    }
+
+    /// One entry of a `map<string, string>`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct MapEntry {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+
+    /// `envoy.config.core.v3.HeaderMap`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderMap {
+        #[prost(message, repeated, tag = "1")]
+        pub headers: Vec<HeaderValue>,
+    }
+
+    /// `envoy.config.core.v3.HeaderValue`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+        #[prost(bytes = "vec", tag = "3")]
+        pub raw_value: Vec<u8>,
+    }
+}
+
+/// `envoy.service.auth.v3.Authorization` on tonic's server, as tonic's generated server is, with a
+/// codec that decodes [`wire::CheckRequest`] instead of the whole generated `CheckRequest`.
+#[derive(Debug, Clone)]
+pub struct AuthorizationService(Arc<ExtAuthz>);
+
+/// The one method's path.
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+impl NamedService for AuthorizationService {
+    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+}
+
+impl<B> Service<http::Request<B>> for AuthorizationService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let check = CheckCall(self.0.clone());
+        Box::pin(async move {
+            let codec = ProstCodec::<CheckResponse, wire::CheckRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(MAX_REQUEST_BYTES));
+            Ok(grpc.unary(check, request).await)
+        })
+    }
+}
+
+/// One `Check` call.
+struct CheckCall(Arc<ExtAuthz>);
+
+impl tonic::server::UnaryService<wire::CheckRequest> for CheckCall {
+    type Response = CheckResponse;
+    type Future = BoxFuture<Response<CheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<wire::CheckRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.check(request).await })
     }
 }
 
@@ -117,7 +259,7 @@ impl Authorization for ExtAuthz {
 /// bytes) or else the `headers` map (repeated headers joined with commas). Pseudo-headers (`:path`)
 /// and what is not a valid header are left out: the key is read from ordinary headers only. `None`
 /// when there are more names than a `HeaderMap` holds (tens of thousands; no proxy sends that many).
-fn header_map(http: &HttpRequest) -> Option<HeaderMap> {
+fn header_map(http: &wire::HttpRequest) -> Option<HeaderMap> {
     let mut map = HeaderMap::new();
     let mut full = false;
     let mut add = |name: &str, value: &[u8]| {
@@ -133,8 +275,10 @@ fn header_map(http: &HttpRequest) -> Option<HeaderMap> {
             }
         }
         None => {
-            for (name, value) in &http.headers {
-                add(name, value.as_bytes());
+            // Last first: of a map key sent twice (no encoder does), the value read is the last one,
+            // as a protobuf map keeps it.
+            for entry in http.headers.iter().rev() {
+                add(&entry.key, entry.value.as_bytes());
             }
         }
     }
@@ -142,12 +286,9 @@ fn header_map(http: &HttpRequest) -> Option<HeaderMap> {
 }
 
 /// The address of the peer that connected to Envoy (`attributes.source.address`).
-fn client_ip(check: &CheckRequest) -> Option<IpAddr> {
-    let address = check.attributes.as_ref()?.source.as_ref()?.address.as_ref()?.address.as_ref()?;
-    match address {
-        Address::SocketAddress(socket) => socket.address.parse().ok(),
-        _ => None,
-    }
+fn client_ip(check: &wire::CheckRequest) -> Option<IpAddr> {
+    let socket = check.attributes.as_ref()?.source.as_ref()?.address.as_ref()?.socket_address.as_ref()?;
+    socket.address.parse().ok()
 }
 
 fn allow(allowed: Allowed) -> CheckResponse {
@@ -246,11 +387,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+    reporter.set_serving::<AuthorizationService>().await;
     reporter.set_service_status("", ServingStatus::Serving).await;
-    let authorization = AuthorizationServer::new(service)
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let authorization = AuthorizationService(Arc::new(service));
     let incoming = limited(listener, limits.max_connections, limits.preface_timeout);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = limits.shutdown_grace;
@@ -270,7 +409,7 @@ pub async fn serve(
         served = &mut server => return served,
         () = &mut shutdown => {}
     }
-    reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
+    reporter.set_not_serving::<AuthorizationService>().await;
     reporter.set_service_status("", ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(grace, server).await {
