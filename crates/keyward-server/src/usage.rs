@@ -1,33 +1,39 @@
 //! The usage ledger's write path. The request path drops a [`UsageEvent`] into a shared in-memory
 //! buffer (a short mutex push, never an await, never the database) and moves on; one background task
-//! writes the buffer in batches, by size ([`UsageConfig::batch_size`] wakes it early) and by time
-//! ([`UsageConfig::flush_interval`], 1 s by default), one store transaction per batch
-//! ([`keyward_store::UsageStore::record_usage_batch`]: events, quota counters and the batch's pending
-//! rollup rows together). Up to [`UsageConfig::concurrent_batches`] batches are written at once: batches
-//! commute (they append, and quota counters add), each store locks quota rows in subject order so two
-//! of them cannot deadlock, and one batch gets its statements ready while the other holds the
-//! database. Every [`UsageConfig::fold_interval`] (10 s by default), and on every flush, the writer
-//! folds the pending rows into the daily rollups and the keys' counters
-//! ([`keyward_store::UsageStore::fold_usage`]): with many keys in use, one fold in key order costs a
-//! fraction of what upserting each batch's keys in place did.
+//! takes the buffer whenever it fills ([`UsageConfig::batch_size`] events wake it) and folds the events
+//! into the open batch ([`UsageBatch`]): per (key, UTC day, endpoint) the counts, tokens, cost and
+//! latency histogram they add to the rollups, per quota counter the units they spent, and whole only
+//! the events that keep a raw row ([`UsageConfig::raw_events`]). Every flush
+//! ([`UsageConfig::flush_interval`], 1 s by default) seals the open batch and writes it in one store
+//! transaction ([`keyward_store::UsageStore::record_batch`]: its id, its raw rows, the quota counters
+//! and one pending rollup row per (key, day, endpoint)), so what the store writes grows with the keys
+//! in use per flush, not with the requests. A batch that gathers [`UsageConfig::batch_size`] raw events
+//! is sealed and written at once. Up to [`UsageConfig::concurrent_batches`] batches are written at once
+//! (after an outage): batches commute (quota counters and pending rows add), and each store locks
+//! quota rows in subject order so two of them cannot deadlock. Every [`UsageConfig::fold_interval`]
+//! (10 s by default), and on every flush the caller asks for, the writer folds the pending rows into
+//! the daily rollups and the keys' counters ([`keyward_store::UsageStore::fold_usage`]), in key order:
+//! with many keys in use, one fold touches each rollup page once for ten flushes.
 //!
 //! Nothing is dropped silently:
-//! - **Store errors**: the batch stays in memory and is retried with exponential backoff
+//! - **Store errors**: the sealed batch stays in memory and is retried with exponential backoff
 //!   ([`UsageConfig::retry_initial`] doubling up to [`UsageConfig::retry_max`]).
-//! - **Long outages**: past [`UsageConfig::max_buffered`] events in memory, the oldest are appended to
-//!   a local append-only file ([`UsageConfig::spill_path`], JSON lines, fsynced) and replayed once the
-//!   store answers again, also by the next process that starts with the same file.
-//! - **Counted once**: a batch, once formed, is never split nor merged with other events: retried whole,
-//!   spilled as one group of lines (each tagged with the batch's id) and replayed as that group. The
-//!   store records each batch's id ([`keyward_store::usage::batch_id`], made from its events' ids) with
-//!   the batch and skips a batch it has seen, so a retry after a commit whose answer was lost, or a
-//!   replay after a crash mid-replay, counts nothing twice, with or without raw event rows
-//!   ([`UsageConfig::raw_events`]).
+//! - **Long outages**: past [`UsageConfig::max_buffered`] events in memory, the oldest batches are
+//!   appended to a local append-only file ([`UsageConfig::spill_path`], a JSON line per batch, fsynced)
+//!   and replayed once the store answers again, also by the next process that starts with the same file.
+//! - **Counted once**: a batch, once sealed, is never split nor merged with another: retried whole,
+//!   spilled whole with its id and replayed as it was. Its id is made when the batch is started
+//!   (random) and the store records it with the batch, in the same transaction, and skips a batch it
+//!   has seen, so a retry after a commit whose answer was lost, or a replay after a crash mid-replay,
+//!   counts nothing twice, with or without raw event rows. A raw event stored already (a report's
+//!   idempotency id) is not counted again either.
 //! - **Graceful shutdown** ([`UsageWorker::shutdown`], after axum's graceful shutdown) writes
 //!   everything; if the store cannot be reached within [`UsageConfig::shutdown_timeout`], what is left
 //!   goes to the spill file.
 //! - **A crash** (`kill -9`) loses what was recorded since the last flush: at most one flush interval
-//!   (plus, during an outage, the events held in memory below the spill bound).
+//!   (plus, during an outage, the batches held in memory below the spill bound).
+//! - **Export**: every event drained is offered to [`crate::export`] before it is folded, whatever the
+//!   store keeps of it.
 //!
 //! Keys' use as *callers* of Keyward's own API (`total_requests`, `last_used_*` of a management key)
 //! is merged per key ([`UsageRecorder::record_key_use`]) and written after each batch, outside the
@@ -44,7 +50,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::{Clock, KeyId};
 use keyward_limit::{LimitError, QuotaSeed};
-use keyward_store::usage::{BATCH_ID_WINDOW, RawEvents, UsageEvent, batch_id, month_of};
+use keyward_store::usage::{BATCH_ID_WINDOW, RawEvents, UsageBatch, UsageEvent, month_of};
 use keyward_store::{KeyUsage, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -207,13 +213,14 @@ struct Writer {
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     config: UsageConfig,
-    /// Batches that were attempted and failed, oldest first: written (or spilled) whole, before
-    /// `pending`, so that each keeps the id it may already be stored under.
-    retry: VecDeque<Vec<UsageEvent>>,
-    /// Oldest first; batches are taken from the front.
-    pending: VecDeque<UsageEvent>,
+    /// Every event drained since the batch before was sealed, folded ([`UsageBatch`]): sealed at each
+    /// flush, or earlier once it holds [`UsageConfig::batch_size`] raw events.
+    open: UsageBatch,
+    /// Sealed batches not written yet, oldest first (some may have been attempted): each written (or
+    /// spilled) whole under its id, so that it counts once whatever became of an attempt.
+    sealed: VecDeque<UsageBatch>,
     uses: HashMap<KeyId, KeyUse>,
-    /// Whether the spill file may hold events not yet replayed.
+    /// Whether the spill file may hold batches not yet replayed.
     spilled: bool,
     /// After a failure: no attempt before this, and the next delay.
     retry_at: Option<Instant>,
@@ -222,6 +229,15 @@ struct Writer {
     next_fold: Instant,
     /// Every event drained is offered to it ([`crate::export`]), whatever the store keeps.
     export: Option<crate::export::Exporter>,
+}
+
+/// What woke the writer.
+enum Wake {
+    /// The flush interval passed: seal the open batch and write.
+    Tick,
+    /// Events piled up: fold them in (and write batches sealed by size).
+    Events,
+    Control(Option<Control>),
 }
 
 impl Writer {
@@ -239,8 +255,8 @@ impl Writer {
             store,
             shared,
             config,
-            retry: VecDeque::new(),
-            pending: VecDeque::new(),
+            open: UsageBatch::new(),
+            sealed: VecDeque::new(),
             uses: HashMap::new(),
             spilled,
             retry_at: None,
@@ -254,30 +270,38 @@ impl Writer {
         let mut tick = tokio::time::interval(self.config.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let request = tokio::select! {
-                _ = tick.tick() => None,
-                _ = self.shared.wake.notified() => None,
-                c = control.recv() => Some(c),
+            let wake = tokio::select! {
+                _ = tick.tick() => Wake::Tick,
+                _ = self.shared.wake.notified() => Wake::Events,
+                c = control.recv() => Wake::Control(c),
             };
             self.drain();
-            match request {
-                None => {
+            match wake {
+                Wake::Tick => {
+                    self.seal();
                     if self.retry_at.is_none_or(|at| Instant::now() >= at) {
                         self.write_all(false).await;
                     }
                 }
-                Some(Some(Control::Flush(ack))) => {
+                // Batches sealed by size (raw events) are written at once, as they fill.
+                Wake::Events => {
+                    if !self.sealed.is_empty() && self.retry_at.is_none_or(|at| Instant::now() >= at) {
+                        self.write_all(false).await;
+                    }
+                }
+                Wake::Control(Some(Control::Flush(ack))) => {
+                    self.seal();
                     let ok = self.write_all(true).await;
                     // Before the answer, so a caller that saw the flush fail also sees what was spilled.
                     self.spill_excess().await;
                     let _ = ack.send(ok);
                 }
-                Some(Some(Control::Shutdown(ack))) => {
+                Wake::Control(Some(Control::Shutdown(ack))) => {
                     self.shutdown().await;
                     let _ = ack.send(());
                     return;
                 }
-                Some(None) => {
+                Wake::Control(None) => {
                     self.shutdown().await;
                     return;
                 }
@@ -287,6 +311,7 @@ impl Writer {
         }
     }
 
+    /// Takes the recorded events and folds them into the open batch.
     fn drain(&mut self) {
         let (full, filling, uses) = {
             let mut buffer = self.shared.buffer.lock().unwrap_or_else(|p| p.into_inner());
@@ -297,7 +322,12 @@ impl Writer {
             if let Some(export) = &self.export {
                 export.offer(&chunk);
             }
-            self.pending.extend(chunk.drain(..));
+            for event in chunk.drain(..) {
+                self.open.add(event, self.config.raw_events);
+                if self.open.raw.len() >= self.shared.batch_size {
+                    self.seal();
+                }
+            }
             if chunk.capacity() >= CHUNK {
                 emptied.push(chunk);
             }
@@ -316,23 +346,30 @@ impl Writer {
         }
     }
 
-    /// Events held in memory: in batches to retry and not yet batched.
-    fn buffered(&self) -> usize {
-        self.pending.len() + self.retry.iter().map(Vec::len).sum::<usize>()
+    /// Closes the open batch (its id is kept from now on) and starts the next one.
+    fn seal(&mut self) {
+        if !self.open.is_empty() {
+            self.sealed.push_back(std::mem::take(&mut self.open));
+        }
+    }
+
+    /// Events held in memory: sealed and open.
+    fn buffered(&self) -> u64 {
+        self.sealed.iter().map(UsageBatch::events).sum::<u64>() + self.open.events()
     }
 
     fn gauge(&self) {
         metrics::gauge!("keyward_usage_buffer_events").set(self.buffered() as f64);
     }
 
-    /// Replays the spill file, then writes the pending events batch by batch and the callers' key use,
-    /// then folds the rollups if the fold interval has passed (at once with `fold_now`). Stops at the
-    /// first failure (kept, retried after the backoff). `true` when nothing is left.
+    /// Replays the spill file, then writes the sealed batches and the callers' key use, then folds the
+    /// rollups if the fold interval has passed (at once with `fold_now`). Stops at the first failure
+    /// (kept, retried after the backoff). `true` when nothing sealed is left.
     async fn write_all(&mut self, fold_now: bool) -> bool {
         if self.spilled && !self.replay().await {
             return self.failed();
         }
-        if !self.write_pending().await {
+        if !self.write_sealed().await {
             return self.failed();
         }
         if !self.uses.is_empty() {
@@ -369,42 +406,32 @@ impl Writer {
         false
     }
 
-    /// Writes the batches to retry, then the pending events in batches, [`UsageConfig::concurrent_batches`]
-    /// at a time. After a failure no batch starts; those under way finish, and every failed batch goes
-    /// to `retry`, whole and in order (a batch is one transaction: all of it was written, or none, and
-    /// written again it must be the same batch). `true` when every batch was written.
-    async fn write_pending(&mut self) -> bool {
+    /// Writes the sealed batches, [`UsageConfig::concurrent_batches`] at a time. After a failure no
+    /// batch starts; those under way finish, and every failed batch goes back to `sealed`, whole and
+    /// in order (a batch is one transaction: all of it was written, or none, and written again it must
+    /// be the same batch). `true` when every batch was written.
+    async fn write_sealed(&mut self) -> bool {
         let mut under_way = JoinSet::new();
-        // The events of each batch under way, kept here too: a batch whose task panicked is not lost.
-        let mut batches: HashMap<tokio::task::Id, Arc<Vec<UsageEvent>>> = HashMap::new();
-        // Batches that failed, in the order they were formed.
-        let mut failed: Vec<(usize, Vec<UsageEvent>)> = Vec::new();
-        let mut order: HashMap<tokio::task::Id, usize> = HashMap::new();
-        let mut formed = 0;
+        // Each batch under way, kept here too: a batch whose task panicked is not lost.
+        let mut batches: HashMap<tokio::task::Id, (usize, Arc<UsageBatch>)> = HashMap::new();
+        // Batches that failed, in the order they were sealed.
+        let mut failed: Vec<(usize, UsageBatch)> = Vec::new();
+        let mut started = 0;
         let mut ok = true;
         loop {
-            while ok
-                && under_way.len() < self.config.concurrent_batches.max(1)
-                && (!self.retry.is_empty() || !self.pending.is_empty())
-            {
-                let batch: Arc<Vec<UsageEvent>> = Arc::new(match self.retry.pop_front() {
-                    Some(batch) => batch,
-                    None => {
-                        let n = self.pending.len().min(self.shared.batch_size);
-                        self.pending.drain(..n).collect()
-                    }
-                });
-                let (store, events, raw) = (self.store.clone(), batch.clone(), self.config.raw_events);
-                let task = under_way.spawn(async move { write_events(&*store, &events, raw).await });
-                batches.insert(task.id(), batch);
-                order.insert(task.id(), formed);
-                formed += 1;
+            while ok && under_way.len() < self.config.concurrent_batches.max(1) {
+                let Some(batch) = self.sealed.pop_front() else { break };
+                let batch = Arc::new(batch);
+                let (store, task_batch) = (self.store.clone(), batch.clone());
+                let task = under_way.spawn(async move { write_batch(&*store, &task_batch).await });
+                batches.insert(task.id(), (started, batch));
+                started += 1;
             }
             let (id, written) = match under_way.join_next_with_id().await {
                 None => {
                     failed.sort_by_key(|(n, _)| *n);
                     for (_, batch) in failed.into_iter().rev() {
-                        self.retry.push_front(batch);
+                        self.sealed.push_front(batch);
                     }
                     return ok;
                 }
@@ -417,28 +444,24 @@ impl Writer {
             let batch = batches.remove(&id);
             if !written {
                 ok = false;
-                if let Some(batch) = batch {
-                    let events = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
-                    failed.push((order.get(&id).copied().unwrap_or_default(), events));
+                if let Some((n, batch)) = batch {
+                    failed.push((n, Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone())));
                 }
             }
         }
     }
 
-    /// Moves the oldest events past the memory bound to the spill file: the batches to retry first
-    /// (whole), then pending events, in batches.
+    /// Moves the oldest batches past the memory bound to the spill file, whole: the sealed ones first,
+    /// then the open one (sealed for it).
     async fn spill_excess(&mut self) {
-        let mut excess = self.buffered().saturating_sub(self.config.max_buffered);
+        let mut excess = self.buffered().saturating_sub(self.config.max_buffered as u64);
         let mut batches = Vec::new();
         while excess > 0 {
-            let batch = match self.retry.pop_front() {
-                Some(batch) => batch,
-                None => {
-                    let n = self.pending.len().min(self.shared.batch_size).min(excess);
-                    self.pending.drain(..n).collect()
-                }
-            };
-            excess = excess.saturating_sub(batch.len());
+            if self.sealed.is_empty() {
+                self.seal();
+            }
+            let Some(batch) = self.sealed.pop_front() else { break };
+            excess = excess.saturating_sub(batch.events());
             batches.push(batch);
         }
         if !batches.is_empty() {
@@ -446,40 +469,38 @@ impl Writer {
         }
     }
 
-    /// Everything in memory, as batches: those to retry, then the pending events.
-    fn take_all(&mut self) -> Vec<Vec<UsageEvent>> {
-        let mut batches: Vec<Vec<UsageEvent>> = std::mem::take(&mut self.retry).into();
-        let pending: Vec<UsageEvent> = std::mem::take(&mut self.pending).into();
-        batches.extend(pending.chunks(self.shared.batch_size).map(<[UsageEvent]>::to_vec));
-        batches
+    /// Everything in memory, as batches: the sealed ones, then the open one.
+    fn take_all(&mut self) -> Vec<UsageBatch> {
+        self.seal();
+        std::mem::take(&mut self.sealed).into()
     }
 
-    async fn spill(&mut self, batches: Vec<Vec<UsageEvent>>) {
-        let n: usize = batches.iter().map(Vec::len).sum();
+    async fn spill(&mut self, batches: Vec<UsageBatch>) {
+        let n: u64 = batches.iter().map(UsageBatch::events).sum();
         let path = self.config.spill_path.clone();
         let written =
             tokio::task::spawn_blocking(move || append_spill(&path, &batches).map_err(|e| (e, batches))).await;
         match written {
             Ok(Ok(())) => {
                 self.spilled = true;
-                metrics::counter!("keyward_usage_spilled_events_total").increment(n as u64);
+                metrics::counter!("keyward_usage_spilled_events_total").increment(n);
                 tracing::warn!(events = n, path = %self.config.spill_path.display(), "store behind: usage events spilled to disk");
             }
-            // The disk failed too: the events go back to memory (never dropped), said loudly.
+            // The disk failed too: the batches go back to memory (never dropped), said loudly.
             Ok(Err((e, batches))) => {
                 tracing::error!(error = %e, events = n, "spilling usage events failed; keeping them in memory");
                 for batch in batches.into_iter().rev() {
-                    self.retry.push_front(batch);
+                    self.sealed.push_front(batch);
                 }
             }
             Err(e) => tracing::error!(error = %e, events = n, "spill task failed; events lost"),
         }
     }
 
-    /// Writes the spill file's events; on success empties the file.
+    /// Writes the spill file's batches; on success empties the file.
     async fn replay(&mut self) -> bool {
-        let (path, chunk) = (self.config.spill_path.clone(), self.shared.batch_size);
-        let read = tokio::task::spawn_blocking(move || read_spill(&path, chunk)).await;
+        let (path, chunk, keep) = (self.config.spill_path.clone(), self.shared.batch_size, self.config.raw_events);
+        let read = tokio::task::spawn_blocking(move || read_spill(&path, chunk, keep)).await;
         let batches = match read {
             Ok(Ok(batches)) => batches,
             Ok(Err(e)) => {
@@ -489,7 +510,7 @@ impl Writer {
             Err(_) => return false,
         };
         for batch in &batches {
-            if !write_events(&*self.store, batch, self.config.raw_events).await {
+            if !write_batch(&*self.store, batch).await {
                 return false;
             }
         }
@@ -498,8 +519,8 @@ impl Writer {
             tracing::error!(error = %e, "emptying the usage spill file failed");
             return false;
         }
-        let events: usize = batches.iter().map(Vec::len).sum();
-        metrics::counter!("keyward_usage_replayed_events_total").increment(events as u64);
+        let events: u64 = batches.iter().map(UsageBatch::events).sum();
+        metrics::counter!("keyward_usage_replayed_events_total").increment(events);
         if events > 0 {
             tracing::info!(events, "usage spill file replayed");
         }
@@ -509,6 +530,7 @@ impl Writer {
 
     async fn shutdown(&mut self) {
         self.drain();
+        self.seal();
         if let Some(export) = self.export.take() {
             export.close().await;
         }
@@ -523,87 +545,101 @@ impl Writer {
             }
             tokio::time::sleep(self.delay).await;
             self.drain();
+            self.seal();
         }
         let left = self.take_all();
-        let events: usize = left.iter().map(Vec::len).sum();
+        let events: u64 = left.iter().map(UsageBatch::events).sum();
         tracing::error!(events, "store unreachable at shutdown: usage events spilled to disk");
         self.spill(left).await;
         self.gauge();
     }
 }
 
-async fn write_events(store: &dyn Store, batch: &[UsageEvent], raw: RawEvents) -> bool {
+async fn write_batch(store: &dyn Store, batch: &UsageBatch) -> bool {
     let started = Instant::now();
-    match store.record_usage(batch, raw).await {
+    match store.record_batch(batch).await {
         Ok(recorded) => {
             metrics::histogram!("keyward_usage_flush_duration_seconds").record(started.elapsed().as_secs_f64());
-            metrics::histogram!("keyward_usage_batch_events").record(batch.len() as f64);
+            metrics::histogram!("keyward_usage_batch_events").record(batch.events() as f64);
             metrics::counter!("keyward_usage_events_written_total").increment(recorded.inserted);
             metrics::counter!("keyward_usage_duplicates_total").increment(recorded.duplicates);
             true
         }
         Err(e) => {
             crate::telemetry::store_error("usage");
-            tracing::warn!(error = %e, events = batch.len(), "writing usage failed; kept for retry");
+            tracing::warn!(error = %e, events = batch.events(), "writing usage failed; kept for retry");
             false
         }
     }
 }
 
-/// A spill file line: an event, tagged with the id of the batch it belongs to. Lines written before
-/// batches had ids carry no tag.
-#[derive(Serialize)]
-struct SpillLine<'a> {
-    batch: Uuid,
-    #[serde(flatten)]
-    event: &'a UsageEvent,
+/// A spill file line: one batch, whole (its folded counts, its raw events, its id). A line cut short
+/// by a crash mid-write is skipped whole: its batch was still in memory, never acknowledged.
+#[derive(Serialize, Deserialize)]
+struct SpillLine<B> {
+    fold: B,
 }
 
+/// A line of a spill file written before batches were folded: an event, tagged with the id of the
+/// batch it belongs to (untagged before batches had ids).
 #[derive(Deserialize)]
-struct SpilledLine {
+struct SpilledEvent {
     #[serde(default)]
     batch: Option<Uuid>,
     #[serde(flatten)]
     event: UsageEvent,
 }
 
-/// One line per event, so a torn write loses at most the line it cut.
-fn append_spill(path: &Path, batches: &[Vec<UsageEvent>]) -> std::io::Result<()> {
+fn append_spill(path: &Path, batches: &[UsageBatch]) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     let mut out = std::io::BufWriter::new(file);
-    for events in batches {
-        let batch = batch_id(events);
-        for event in events {
-            serde_json::to_writer(&mut out, &SpillLine { batch, event })?;
-            out.write_all(b"\n")?;
-        }
+    for batch in batches {
+        serde_json::to_writer(&mut out, &SpillLine { fold: batch })?;
+        out.write_all(b"\n")?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_data()
 }
 
-/// The spill file's batches, in order: consecutive lines of one batch id make a batch; untagged lines
-/// (from a version before batch ids) make batches of at most `chunk`, the same ones at every read.
-fn read_spill(path: &Path, chunk: usize) -> std::io::Result<Vec<Vec<UsageEvent>>> {
+/// The spill file's batches, in order. Lines of an older version: consecutive events of one batch id
+/// make a batch, untagged ones batches of at most `chunk`, the same ones at every read, each under
+/// the id made from its events ([`UsageBatch::of`]), as that version wrote them.
+fn read_spill(path: &Path, chunk: usize, keep: RawEvents) -> std::io::Result<Vec<UsageBatch>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut batches: Vec<(Option<Uuid>, Vec<UsageEvent>)> = Vec::new();
+    enum Read {
+        Batch(UsageBatch),
+        Events(Option<Uuid>, Vec<UsageEvent>),
+    }
+    let mut read: Vec<Read> = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str::<SpilledLine>(line) {
-            Ok(SpilledLine { batch, event }) => match batches.last_mut() {
-                Some((tag, events)) if *tag == batch && (batch.is_some() || events.len() < chunk.max(1)) => {
+        if let Ok(SpillLine { fold }) = serde_json::from_str::<SpillLine<UsageBatch>>(line) {
+            read.push(Read::Batch(fold));
+            continue;
+        }
+        match serde_json::from_str::<SpilledEvent>(line) {
+            Ok(SpilledEvent { batch, event }) => match read.last_mut() {
+                Some(Read::Events(tag, events))
+                    if *tag == batch && (batch.is_some() || events.len() < chunk.max(1)) =>
+                {
                     events.push(event)
                 }
-                _ => batches.push((batch, vec![event])),
+                _ => read.push(Read::Events(batch, vec![event])),
             },
             // Only a line cut short by a crash mid-write can be broken; it was never acknowledged.
             Err(e) => tracing::error!(error = %e, "skipping a broken line of the usage spill file"),
         }
     }
-    Ok(batches.into_iter().map(|(_, events)| events).collect())
+    Ok(read
+        .into_iter()
+        .map(|r| match r {
+            Read::Batch(batch) => batch,
+            Read::Events(_, events) => UsageBatch::of(&events, keep),
+        })
+        .collect())
 }
 
 fn merge(pending: &mut HashMap<KeyId, KeyUse>, key_id: KeyId, at: DateTime<Utc>, ip: Option<IpAddr>) {
@@ -706,17 +742,27 @@ mod tests {
         assert_eq!(again, e);
     }
 
+    /// A recorder and its writer on an in-memory store, the writer driven by the test (no task).
+    async fn writer_at_hand(
+        batch_size: usize,
+        raw_events: RawEvents,
+    ) -> (tempfile::TempDir, Arc<Shared>, UsageRecorder, Writer) {
+        let store = keyward_store::open("sqlite::memory:", true).await.unwrap_or_else(|e| panic!("{e}"));
+        let shared = Arc::new(Shared { buffer: Mutex::new(Buffer::default()), wake: Notify::new(), batch_size });
+        let (control, _rx) = mpsc::unbounded_channel();
+        let recorder = UsageRecorder { shared: shared.clone(), control };
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = UsageConfig { raw_events, ..UsageConfig::new(Duration::from_secs(1), dir.path().join("spill")) };
+        let writer = Writer::new(store, shared.clone(), config);
+        (dir, shared, recorder, writer)
+    }
+
     /// Recording fills chunks and never moves what it buffered; the writer takes every event in the
     /// order it was recorded and hands the emptied chunks back for the next events.
     #[tokio::test]
     async fn the_buffer_hands_over_events_in_order_and_reuses_its_chunks() {
-        let store = keyward_store::open("sqlite::memory:", true).await.unwrap_or_else(|e| panic!("{e}"));
-        let shared = Arc::new(Shared { buffer: Mutex::new(Buffer::default()), wake: Notify::new(), batch_size: 5_000 });
-        let (control, _rx) = mpsc::unbounded_channel();
-        let recorder = UsageRecorder { shared: shared.clone(), control };
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = UsageConfig::new(Duration::from_secs(1), dir.path().join("spill"));
-        let mut writer = Writer::new(store, shared.clone(), config);
+        // Every event kept raw, so the batches hold them whole, in order.
+        let (_dir, shared, recorder, mut writer) = writer_at_hand(5_000, RawEvents::All).await;
         let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
         let kind = keyward_store::usage::UsageKind::Verify;
         let mut recorded = Vec::new();
@@ -735,7 +781,10 @@ mod tests {
             writer.drain();
             assert_eq!(shared.buffer.lock().unwrap_or_else(|p| p.into_inner()).free.len(), 3);
         }
-        let taken: Vec<_> = writer.pending.iter().map(|e| e.id).collect();
+        writer.seal();
+        // Sealed at 5,000 raw events (the batch size), then at the seal.
+        assert_eq!(writer.sealed.iter().map(|b| b.raw.len()).collect::<Vec<_>>(), vec![5_000, CHUNK * 5 - 5_000]);
+        let taken: Vec<_> = writer.sealed.iter().flat_map(|b| b.raw.iter().map(|e| e.id)).collect();
         assert_eq!(taken, recorded);
     }
 
@@ -749,26 +798,91 @@ mod tests {
         (dir, path, events)
     }
 
-    #[test]
-    fn spilled_events_read_back_and_a_torn_last_line_is_skipped() {
-        let (dir, path, events) = spill_fixture(3);
-        append_spill(&path, &[events[..2].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
-        append_spill(&path, &[events[2..].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap_or_else(|e| panic!("{e}"));
-        f.write_all(b"{\"id\":\"trunc").unwrap_or_else(|e| panic!("{e}"));
-        // Each batch comes back whole, as it was spilled, whatever the chunk size.
-        assert_eq!(read_spill(&path, 1).unwrap_or_default(), vec![events[..2].to_vec(), events[2..].to_vec()]);
-        assert!(read_spill(&dir.path().join("none"), 10).unwrap_or_default().is_empty());
+    /// A whole flush interval of events over a few keys is one batch of a row per (key, day,
+    /// endpoint), however many times the writer was woken to fold them in: what the store writes
+    /// grows with the keys, not with the events.
+    #[tokio::test]
+    async fn a_flush_folds_its_events_into_one_batch_of_a_row_per_key() {
+        let (_dir, _shared, recorder, mut writer) = writer_at_hand(100, RawEvents::Denied).await;
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let (keys, org) = ([KeyId::new(), KeyId::new(), KeyId::new()], keyward_core::OrgId::new());
+        for round in 0..30 {
+            for i in 0..100 {
+                let mut e = UsageEvent::new(keyward_store::usage::UsageKind::Verify, keys[i % 3], org, at);
+                e.outcome = Some(if i == 0 { "RATE_LIMITED" } else { "VALID" }.into());
+                recorder.record(e);
+            }
+            writer.drain();
+            assert!(writer.sealed.is_empty(), "round {round}: sealed only by the flush, or by raw events");
+        }
+        writer.seal();
+        let batch = writer.sealed.pop_front().unwrap_or_default();
+        assert!(writer.sealed.is_empty());
+        assert_eq!((batch.events(), batch.raw.len()), (3_000, 30), "the refused ones keep a raw row (the default)");
+        let fx = batch.effects(&batch.raw);
+        assert_eq!(fx.pending.len(), 3, "one row per key");
+        assert_eq!(fx.pending.iter().map(|p| p.counts.requests).sum::<i64>(), 3_000);
+        assert_eq!(fx.pending.iter().map(|p| p.counts.denied).sum::<i64>(), 30);
+    }
+
+    /// Batches of `n` verifications each, of one key and organization.
+    fn batches(n: usize, count: usize) -> Vec<UsageBatch> {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let (key, org) = (KeyId::new(), keyward_core::OrgId::new());
+        (0..count)
+            .map(|b| {
+                let mut batch = UsageBatch::new();
+                for i in 0..n {
+                    let mut e = UsageEvent::new(keyward_store::usage::UsageKind::Verify, key, org, at);
+                    e.outcome = Some(if i % 2 == 0 { "VALID" } else { "EXPIRED" }.into());
+                    e.endpoint = Some(format!("/e{}", (b + i) % 3));
+                    e.quota_subject = Some(keyward_store::usage::QuotaSubject::Org(org));
+                    e.quota_units = 2;
+                    e.response_time_ms = Some(i as i64);
+                    batch.add(e, RawEvents::Denied);
+                }
+                batch
+            })
+            .collect()
     }
 
     #[test]
-    fn untagged_spill_lines_replay_in_the_same_chunks_every_time() {
-        let (_dir, path, events) = spill_fixture(5);
-        let legacy: String = events.iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect();
-        std::fs::write(&path, legacy).unwrap_or_else(|e| panic!("{e}"));
-        append_spill(&path, &[events[..1].to_vec()]).unwrap_or_else(|e| panic!("{e}"));
-        let read = read_spill(&path, 2).unwrap_or_default();
-        let expected = vec![events[..2].to_vec(), events[2..4].to_vec(), events[4..].to_vec(), events[..1].to_vec()];
+    fn spilled_batches_read_back_whole_and_a_torn_last_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("spill.jsonl");
+        let written = batches(7, 3);
+        append_spill(&path, &written[..2]).unwrap_or_else(|e| panic!("{e}"));
+        append_spill(&path, &written[2..]).unwrap_or_else(|e| panic!("{e}"));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap_or_else(|e| panic!("{e}"));
+        f.write_all(b"{\"fold\":{\"id\":\"trunc").unwrap_or_else(|e| panic!("{e}"));
+        let read = read_spill(&path, 1, RawEvents::Denied).unwrap_or_default();
+        assert_eq!(read, written, "each batch comes back whole, with its id, whatever the chunk size");
+        assert_eq!(
+            read.iter().map(|b| b.effects(&b.raw)).collect::<Vec<_>>(),
+            written.iter().map(|b| b.effects(&b.raw)).collect::<Vec<_>>()
+        );
+        assert!(read_spill(&dir.path().join("none"), 10, RawEvents::Denied).unwrap_or_default().is_empty());
+    }
+
+    /// Spill files of versions before the fold (an event a line, tagged with its batch's id, or
+    /// untagged before batches had ids) replay as the batches that version would have written.
+    #[test]
+    fn spill_lines_of_older_versions_replay_in_the_same_batches_every_time() {
+        let (_dir, path, events) = spill_fixture(6);
+        let mut text: String =
+            events[..5].iter().map(|e| serde_json::to_string(e).unwrap_or_default() + "\n").collect();
+        let tag = keyward_store::usage::batch_id(&events[5..]);
+        let mut tagged = serde_json::to_value(&events[5]).unwrap_or_default();
+        tagged["batch"] = serde_json::json!(tag);
+        text.push_str(&format!("{tagged}\n"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        let folded = batches(2, 1);
+        append_spill(&path, &folded).unwrap_or_else(|e| panic!("{e}"));
+        let read = read_spill(&path, 2, RawEvents::All).unwrap_or_default();
+        let of = |e: &[UsageEvent]| UsageBatch::of(e, RawEvents::All);
+        let expected =
+            vec![of(&events[..2]), of(&events[2..4]), of(&events[4..5]), of(&events[5..]), folded[0].clone()];
         assert_eq!(read, expected);
+        assert_eq!(read[3].id, tag, "a tagged batch keeps the id it may be stored under");
     }
 }

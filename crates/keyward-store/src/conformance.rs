@@ -1263,6 +1263,7 @@ macro_rules! conformance_tests {
                 usage_extreme_rows_saturate_and_never_stop_the_fold,
                 usage_raw_events_choice_keeps_counts_exact,
                 usage_batches_side_by_side_add_up_and_their_ids_expire,
+                usage_folded_batch_counts_once_and_only_new_raw_events,
             );
         }
     };

@@ -540,50 +540,268 @@ impl BatchEffects {
     /// Sorted by key (then day and endpoint), so that writers lock rows in one order (no deadlock
     /// between nodes, nor between the batches one node writes side by side).
     pub fn of<'a>(events: impl IntoIterator<Item = &'a UsageEvent>) -> Self {
-        // Per (key, day, endpoint): org, counts, endpoint errors, newest VALID use and last known address.
-        type Acc = (OrgId, DailyCounts, i64, Option<(DateTime<Utc>, Option<IpAddr>)>);
-        let mut rows: HashMap<(KeyId, NaiveDate, &str), Acc> = HashMap::new();
-        let mut quota: HashMap<(QuotaSubject, (i32, u32)), i64> = HashMap::new();
+        let mut fold = UsageFold::default();
         for e in events {
-            let row = rows
-                .entry((e.key_id, e.at.date_naive(), e.endpoint_key()))
-                .or_insert_with(|| (e.organization_id, DailyCounts::default(), 0, None));
-            row.1.add_event(e);
-            row.2 = row.2.saturating_add(EndpointCounts::errors_of(e));
-            if e.is_valid_request() {
-                let used = row.3.get_or_insert((e.at, e.ip));
-                if e.at >= used.0 {
-                    used.0 = e.at;
-                    if e.ip.is_some() {
-                        used.1 = e.ip;
-                    }
-                }
-                if let Some(subject) = e.quota_subject
-                    && e.quota_units > 0
-                {
-                    let used = quota.entry((subject, (e.at.year(), e.at.month()))).or_default();
-                    *used = used.saturating_add(e.quota_units);
-                }
+            fold.add(e);
+        }
+        fold.effects()
+    }
+}
+
+/// One (key, UTC day, endpoint) of a [`UsageFold`]: what its events add to the rollups.
+#[derive(Debug, Clone, PartialEq)]
+struct FoldRow {
+    organization_id: OrgId,
+    counts: DailyCounts,
+    endpoint_errors: i64,
+    /// The newest VALID request's time and last known address.
+    used: Option<(DateTime<Utc>, Option<IpAddr>)>,
+}
+
+/// Events folded in memory: per (key, UTC day, endpoint) the counts they add to the rollups, per
+/// (quota subject, month) the units they spent. What it takes grows with the keys, days and endpoints
+/// in use, not with the events: the usage writer folds a whole flush interval into one, and the store
+/// writes it as one row per (key, day, endpoint) ([`BatchEffects`]). Folding is exact: sums (saturating,
+/// as everywhere) and the newest use, so any split of a run of events into folds adds up to the fold of
+/// the whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "FoldForm", from = "FoldForm")]
+pub struct UsageFold {
+    /// Nested so that a lookup by endpoint borrows the event's (no allocation per event).
+    rows: HashMap<(KeyId, NaiveDate), HashMap<String, FoldRow>>,
+    quota: HashMap<(QuotaSubject, (i32, u32)), i64>,
+    events: u64,
+}
+
+impl UsageFold {
+    /// Folds one event in.
+    pub fn add(&mut self, e: &UsageEvent) {
+        self.events = self.events.saturating_add(1);
+        let endpoints = self.rows.entry((e.key_id, e.at.date_naive())).or_default();
+        let row = match endpoints.get_mut(e.endpoint_key()) {
+            Some(row) => row,
+            None => endpoints.entry(e.endpoint_key().to_owned()).or_insert(FoldRow {
+                organization_id: e.organization_id,
+                counts: DailyCounts::default(),
+                endpoint_errors: 0,
+                used: None,
+            }),
+        };
+        row.counts.add_event(e);
+        row.endpoint_errors = row.endpoint_errors.saturating_add(EndpointCounts::errors_of(e));
+        if e.is_valid_request() {
+            newest_use(&mut row.used, e.at, e.ip);
+            if let Some(subject) = e.quota_subject
+                && e.quota_units > 0
+            {
+                let used = self.quota.entry((subject, (e.at.year(), e.at.month()))).or_default();
+                *used = used.saturating_add(e.quota_units);
             }
         }
-        let mut pending: Vec<_> = rows
-            .into_iter()
-            .map(|((key_id, day, endpoint), (organization_id, counts, endpoint_errors, used))| PendingUsage {
-                key_id,
-                organization_id,
-                day,
-                endpoint: endpoint.to_owned(),
-                counts,
-                endpoint_errors,
-                last_used_at: used.map(|u| u.0),
-                last_used_ip: used.and_then(|u| u.1).map(|ip| ip.to_string()),
+    }
+
+    /// Events folded in.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Rows it writes: one per (key, day, endpoint) and one per quota counter.
+    pub fn rows(&self) -> usize {
+        self.rows.values().map(HashMap::len).sum::<usize>() + self.quota.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// What the fold changes in the store, sorted by key (then day and endpoint) and quota subject.
+    pub fn effects(&self) -> BatchEffects {
+        let mut pending: Vec<PendingUsage> = self
+            .rows
+            .iter()
+            .flat_map(|(&(key_id, day), endpoints)| {
+                endpoints.iter().map(move |(endpoint, row)| PendingUsage {
+                    key_id,
+                    organization_id: row.organization_id,
+                    day,
+                    endpoint: endpoint.clone(),
+                    counts: row.counts.clone(),
+                    endpoint_errors: row.endpoint_errors,
+                    last_used_at: row.used.map(|u| u.0),
+                    last_used_ip: row.used.and_then(|u| u.1).map(|ip| ip.to_string()),
+                })
             })
             .collect();
         pending.sort_by(|a, b| (a.key_id, a.day, &a.endpoint).cmp(&(b.key_id, b.day, &b.endpoint)));
         let mut quota: Vec<_> =
-            quota.into_iter().map(|((s, (y, m)), u)| (s.to_string(), format!("{y:04}-{m:02}"), u)).collect();
+            self.quota.iter().map(|((s, (y, m)), u)| (s.to_string(), format!("{y:04}-{m:02}"), *u)).collect();
         quota.sort();
-        Self { pending, quota }
+        BatchEffects { pending, quota }
+    }
+}
+
+/// The newest VALID use `(at, ip)` so far; an unknown address keeps the last known one.
+fn newest_use(used: &mut Option<(DateTime<Utc>, Option<IpAddr>)>, at: DateTime<Utc>, ip: Option<IpAddr>) {
+    let used = used.get_or_insert((at, ip));
+    if at >= used.0 {
+        used.0 = at;
+        if ip.is_some() {
+            used.1 = ip;
+        }
+    }
+}
+
+/// [`UsageFold`] as the spill file holds it: a row's counters in [`DAILY_COLUMNS`] order.
+#[derive(Serialize, Deserialize)]
+struct FoldForm {
+    events: u64,
+    rows: Vec<FoldRowForm>,
+    quota: Vec<(QuotaSubject, i32, u32, i64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FoldRowForm {
+    key_id: KeyId,
+    organization_id: OrgId,
+    day: NaiveDate,
+    endpoint: String,
+    counts: Vec<i64>,
+    endpoint_errors: i64,
+    last_used_at: Option<DateTime<Utc>>,
+    last_used_ip: Option<IpAddr>,
+}
+
+impl From<UsageFold> for FoldForm {
+    fn from(fold: UsageFold) -> Self {
+        let rows = fold
+            .rows
+            .into_iter()
+            .flat_map(|((key_id, day), endpoints)| {
+                endpoints.into_iter().map(move |(endpoint, row)| FoldRowForm {
+                    key_id,
+                    organization_id: row.organization_id,
+                    day,
+                    endpoint,
+                    counts: row.counts.values().to_vec(),
+                    endpoint_errors: row.endpoint_errors,
+                    last_used_at: row.used.map(|u| u.0),
+                    last_used_ip: row.used.and_then(|u| u.1),
+                })
+            })
+            .collect();
+        let quota = fold.quota.into_iter().map(|((s, (y, m)), u)| (s, y, m, u)).collect();
+        Self { events: fold.events, rows, quota }
+    }
+}
+
+impl From<FoldForm> for UsageFold {
+    /// Counters missing from a row read as 0, extra ones are ignored.
+    fn from(form: FoldForm) -> Self {
+        let mut fold = UsageFold { events: form.events, ..UsageFold::default() };
+        for r in form.rows {
+            let mut values = [0i64; 25];
+            for (v, c) in values.iter_mut().zip(r.counts) {
+                *v = c;
+            }
+            let row = FoldRow {
+                organization_id: r.organization_id,
+                counts: DailyCounts::from_values(&values),
+                endpoint_errors: r.endpoint_errors,
+                used: r.last_used_at.map(|at| (at, r.last_used_ip)),
+            };
+            let endpoints = fold.rows.entry((r.key_id, r.day)).or_default();
+            match endpoints.get_mut(r.endpoint.as_str()) {
+                // Only a hand-edited file repeats a row: its counts add up.
+                Some(mine) => {
+                    mine.counts.add(&row.counts);
+                    mine.endpoint_errors = mine.endpoint_errors.saturating_add(row.endpoint_errors);
+                    if let Some((at, ip)) = row.used {
+                        newest_use(&mut mine.used, at, ip);
+                    }
+                }
+                None => {
+                    endpoints.insert(r.endpoint, row);
+                }
+            }
+        }
+        for (s, y, m, u) in form.quota {
+            let used = fold.quota.entry((s, (y, m))).or_default();
+            *used = used.saturating_add(u);
+        }
+        fold
+    }
+}
+
+/// What the usage writer hands the store at once: a run of events, those without a raw row folded
+/// ([`UsageFold`]), those with one ([`RawEvents::keeps`]) whole, under one id. The store writes it once
+/// ([`UsageStore::record_batch`]): a batch written again under its id (a retry after a commit whose
+/// answer was lost, a spill file replayed) counts nothing twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageBatch {
+    /// Made once when the batch is started ([`UsageBatch::new`]: random), or from its events' ids
+    /// ([`UsageBatch::of`]), and kept with it through retries and the spill file.
+    pub id: Uuid,
+    /// The newest event's time (how long the id is kept: [`BATCH_ID_WINDOW`]).
+    pub newest: DateTime<Utc>,
+    /// The events that keep no raw row.
+    pub folded: UsageFold,
+    /// The events that keep a raw row: counted only if their row is new (an event, or a report's
+    /// idempotency id, stored before is not counted again).
+    pub raw: Vec<UsageEvent>,
+}
+
+impl UsageBatch {
+    /// An empty batch with a fresh random id.
+    pub fn new() -> Self {
+        Self::with_id(Uuid::new_v4())
+    }
+
+    fn with_id(id: Uuid) -> Self {
+        Self { id, newest: DateTime::<Utc>::MIN_UTC, folded: UsageFold::default(), raw: Vec::new() }
+    }
+
+    /// `events` as one batch, its id made from their ids ([`batch_id`]): the same events give the same
+    /// batch (what batches and spill lines of versions before the fold were).
+    pub fn of(events: &[UsageEvent], keep: RawEvents) -> Self {
+        let mut batch = Self::with_id(batch_id(events));
+        for e in events {
+            batch.add(e.clone(), keep);
+        }
+        batch
+    }
+
+    /// Adds an event: folded, or kept whole when `keep` keeps its raw row.
+    pub fn add(&mut self, e: UsageEvent, keep: RawEvents) {
+        self.newest = self.newest.max(e.at);
+        if keep.keeps(&e) {
+            self.raw.push(e);
+        } else {
+            self.folded.add(&e);
+        }
+    }
+
+    /// Events in the batch.
+    pub fn events(&self) -> u64 {
+        self.folded.events().saturating_add(self.raw.len() as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.folded.is_empty() && self.raw.is_empty()
+    }
+
+    /// The effects of the folded events and of the raw events in `fresh` (those whose row is new).
+    pub fn effects<'a>(&self, fresh: impl IntoIterator<Item = &'a UsageEvent>) -> BatchEffects {
+        let mut fold = self.folded.clone();
+        for e in fresh {
+            fold.add(e);
+        }
+        fold.effects()
+    }
+}
+
+impl Default for UsageBatch {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -655,7 +873,15 @@ pub trait UsageStore: Send + Sync {
     /// what they change in the rollups and the keys' `total_requests`/`last_used_*` to
     /// `usage_pending` ([`BatchEffects`]). All or nothing. The rollups show the batch after the next
     /// [`UsageStore::fold_usage`].
-    async fn record_usage(&self, events: &[UsageEvent], raw: RawEvents) -> StoreResult<RecordedBatch>;
+    async fn record_usage(&self, events: &[UsageEvent], raw: RawEvents) -> StoreResult<RecordedBatch> {
+        self.record_batch(&UsageBatch::of(events, raw)).await
+    }
+
+    /// Writes a batch once, as [`UsageStore::record_usage`] does: its id into `usage_batches` (a batch
+    /// whose id is there already is skipped whole), a raw row for each of its raw events not stored
+    /// already, the quota counters and one `usage_pending` row per (key, day, endpoint) of its folded
+    /// events and its new raw events. All or nothing.
+    async fn record_batch(&self, batch: &UsageBatch) -> StoreResult<RecordedBatch>;
 
     /// Forgets the ids of batches whose newest event is older than `before`; returns how many.
     async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64>;

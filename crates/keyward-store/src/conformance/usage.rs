@@ -346,3 +346,40 @@ pub async fn usage_extreme_rows_saturate_and_never_stop_the_fold(store: &dyn Sto
     let org_days = store.org_usage_daily(org_a.id, day(0), day(24 * 60)).await.must("days of the extreme org");
     assert!(org_days.iter().all(|d| d.counts.cost_micros == i64::MAX), "sums saturate");
 }
+
+/// A batch folded in memory (as the usage writer makes one per flush): a thousand verifications of two
+/// keys are one pending row per key, counted once however often the batch is written; its raw events
+/// count only when their row is new (a report's idempotency id seen in an earlier batch does not count
+/// again), in any batch.
+pub async fn usage_folded_batch_counts_once_and_only_new_raw_events(store: &dyn Store) {
+    use crate::usage::UsageBatch;
+    let org = org(store, None).await;
+    let (k, other) = (key(store, &org).await, key(store, &org).await);
+    store.fold_usage().await.must("fold what other cases left");
+    let mut first = UsageBatch::new();
+    for i in 0..1_000 {
+        first.add(verify_event(if i % 2 == 0 { &k } else { &other }, i % 60, "VALID", "/f"), RawEvents::Denied);
+    }
+    first.add(report(&k, org.id, 5, "r-9", 200, 4), RawEvents::Denied);
+    assert_eq!((first.events(), first.raw.len()), (1_001, 1));
+    let recorded = store.record_batch(&first).await.must("first");
+    assert_eq!((recorded.inserted, recorded.duplicates), (1_001, 0));
+    assert_eq!(store.fold_usage().await.must("fold"), 3, "a pending row per key and endpoint, not per event");
+    let mut second = UsageBatch::new();
+    for i in 0..10 {
+        second.add(verify_event(&k, 60 + i, "VALID", "/f"), RawEvents::Denied);
+    }
+    second.add(report(&k, org.id, 70, "r-9", 200, 4), RawEvents::Denied);
+    let recorded = store.record_batch(&second).await.must("second");
+    assert_eq!((recorded.inserted, recorded.duplicates), (10, 1), "the report was counted in the first batch");
+    let again = store.record_batch(&second).await.must("second again");
+    assert_eq!((again.inserted, again.duplicates), (0, 11), "the batch's id is known");
+    assert_eq!(store.record_batch(&first).await.must("first again").inserted, 0);
+    store.fold_usage().await.must("fold");
+    let c = &store.key_usage_daily(k.id, day(0), day(0)).await.must("daily")[0].counts;
+    assert_eq!((c.requests, c.reports), (510, 1));
+    assert_eq!(store.get_key(k.id).await.must("key").total_requests, 510);
+    assert_eq!(store.get_key(other.id).await.must("other").total_requests, 500);
+    let subject = QuotaSubject::Org(org.id).to_string();
+    assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota"), 2 * 1_010);
+}

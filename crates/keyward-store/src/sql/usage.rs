@@ -3,7 +3,6 @@
 //! databases is theirs ([`UsageDialect`]: how events and pending rows are inserted in bulk, how a sum
 //! saturates) and so is the fold ([`UsageBackend::fold_pending`]), whose SQL differs whole.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
 
@@ -17,7 +16,7 @@ use super::{Backend, Db, Dialect, Reads, Stmt};
 use crate::StoreResult;
 use crate::usage::{
     BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
-    RawEvents, RecordedBatch, UsageEvent, UsageStore, batch_id,
+    RecordedBatch, UsageBatch, UsageEvent, UsageStore,
 };
 
 /// The usage ledger's SQL that differs between the databases.
@@ -140,58 +139,40 @@ fn org_sums<D: UsageDialect>(group: &str, org: OrgId, from: NaiveDate, to: Naive
 }
 
 /// Records the batch's id in `usage_batches`; `false` when it is there already (the batch was written).
-async fn claim_batch<B: UsageBackend>(
-    tx: &mut Transaction<'static, B::Db>,
-    events: &[UsageEvent],
-) -> StoreResult<bool> {
-    let newest = events.iter().map(|e| e.at).max().unwrap_or_default();
+async fn claim_batch<B: UsageBackend>(tx: &mut Transaction<'static, B::Db>, batch: &UsageBatch) -> StoreResult<bool> {
     let q = Stmt::new("INSERT INTO usage_batches (id, at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .arg(batch_id(events))
-        .arg(newest);
+        .arg(batch.id)
+        .arg(batch.newest);
     Ok(B::Db::execute(&mut *tx, q).await? == 1)
 }
 
 /// What a batch write did when it was written before: nothing.
-fn written_before(events: &[UsageEvent]) -> RecordedBatch {
-    RecordedBatch { inserted: 0, duplicates: events.len() as u64 }
+fn written_before(batch: &UsageBatch) -> RecordedBatch {
+    RecordedBatch { inserted: 0, duplicates: batch.events() }
 }
 
 /// The batch when some of its raw events may be stored already: learns which ones went in
-/// (`RETURNING`) and applies the effects of those, and of the events that keep no raw row, only.
-async fn record_usage_checked<B: UsageBackend>(
-    b: &B,
-    events: &[UsageEvent],
-    keep: RawEvents,
-) -> StoreResult<RecordedBatch> {
+/// (`RETURNING`) and applies the effects of those, and of the folded events, only.
+async fn record_batch_checked<B: UsageBackend>(b: &B, batch: &UsageBatch) -> StoreResult<RecordedBatch> {
     let mut tx = b.writer().await?;
-    if !claim_batch::<B>(&mut tx, events).await? {
+    if !claim_batch::<B>(&mut tx, batch).await? {
         tx.rollback().await.map_err(B::Db::error)?;
-        return Ok(written_before(events));
+        return Ok(written_before(batch));
     }
-    let raw = raw_rows(events, keep);
-    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(raw.len());
-    for mut q in B::Db::event_inserts(&raw, true) {
+    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(batch.raw.len());
+    for mut q in B::Db::event_inserts(&batch.raw, true) {
         let ids: Vec<Uuid> = B::Db::fetch_built(&mut tx, &mut q).await?;
         inserted.extend(ids);
     }
-    let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !keep.keeps(e) || inserted.contains(&e.id)).collect();
-    let fx = BatchEffects::of(fresh.iter().copied());
+    let fresh: Vec<&UsageEvent> = batch.raw.iter().filter(|e| inserted.contains(&e.id)).collect();
+    let fx = batch.effects(fresh.iter().copied());
     for mut q in B::Db::effect_statements(&fx) {
         B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
     }
     tx.commit().await.map_err(B::Db::error)?;
     b.batch_written();
-    let inserted = fresh.len() as u64;
-    Ok(RecordedBatch { inserted, duplicates: events.len() as u64 - inserted })
-}
-
-/// The events of a batch that keep a raw row; borrowed whole when all of them do.
-fn raw_rows(events: &[UsageEvent], keep: RawEvents) -> Cow<'_, [UsageEvent]> {
-    if keep == RawEvents::All {
-        Cow::Borrowed(events)
-    } else {
-        Cow::Owned(events.iter().filter(|e| keep.keeps(e)).cloned().collect())
-    }
+    let counted = batch.folded.events() + fresh.len() as u64;
+    Ok(RecordedBatch { inserted: counted, duplicates: batch.events() - counted })
 }
 
 #[async_trait]
@@ -202,18 +183,17 @@ impl<B: UsageBackend> UsageStore for B {
     /// When a raw event is stored already (the same events in another batch), an insert reports fewer
     /// rows or fails with a unique violation; the transaction is rolled back and the batch written
     /// again, checked.
-    async fn record_usage(&self, events: &[UsageEvent], keep: RawEvents) -> StoreResult<RecordedBatch> {
-        if events.is_empty() {
+    async fn record_batch(&self, batch: &UsageBatch) -> StoreResult<RecordedBatch> {
+        if batch.is_empty() {
             return Ok(RecordedBatch::default());
         }
-        let raw = raw_rows(events, keep);
-        let inserts = B::Db::event_inserts(&raw, false);
-        let fx = BatchEffects::of(events);
+        let inserts = B::Db::event_inserts(&batch.raw, false);
+        let fx = batch.effects(&batch.raw);
         let effects = B::Db::effect_statements(&fx);
         let mut tx = self.writer().await?;
-        if !claim_batch::<B>(&mut tx, events).await? {
+        if !claim_batch::<B>(&mut tx, batch).await? {
             tx.rollback().await.map_err(B::Db::error)?;
-            return Ok(written_before(events));
+            return Ok(written_before(batch));
         }
         let mut rows = 0;
         for mut q in inserts {
@@ -223,16 +203,16 @@ impl<B: UsageBackend> UsageStore for B {
                 Err(e) => return Err(B::Db::error(e)),
             }
         }
-        if rows != raw.len() as u64 {
+        if rows != batch.raw.len() as u64 {
             tx.rollback().await.map_err(B::Db::error)?;
-            return record_usage_checked(self, events, keep).await;
+            return record_batch_checked(self, batch).await;
         }
         for mut q in effects {
             B::Db::execute_built(&mut tx, &mut q).await.map_err(B::Db::error)?;
         }
         tx.commit().await.map_err(B::Db::error)?;
         self.batch_written();
-        Ok(RecordedBatch { inserted: events.len() as u64, duplicates: 0 })
+        Ok(RecordedBatch { inserted: batch.events(), duplicates: 0 })
     }
 
     async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64> {
