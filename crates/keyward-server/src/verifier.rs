@@ -56,12 +56,20 @@ impl Verdict {
     /// key's rate-limit headers, and `Retry-After` when waiting helps (a limit or a lockout: how
     /// long; the limiter down: the table's fixed delay).
     pub fn headers(&self, now: DateTime<Utc>) -> HeaderMap {
-        let mut headers = self.limits.as_ref().map(|l| limits::headers(&l.rate, now)).unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        self.put_headers(now, &mut headers);
+        headers
+    }
+
+    /// [`Verdict::headers`], inserted into `headers` (a response's own map).
+    pub fn put_headers(&self, now: DateTime<Utc>, headers: &mut HeaderMap) {
+        if let Some(l) = &self.limits {
+            limits::put_headers(&l.rate, now, headers);
+        }
         let fixed = ErrorCode::of_outcome(self.outcome).and_then(|code| code.retry_after().seconds());
         if let Some(after) = self.lockout_secs.or(fixed) {
             headers.insert(RETRY_AFTER, HeaderValue::from(after));
         }
-        headers
     }
 
     /// The answer to a request this verification refused, with [`Verdict::headers`]; `None` when the

@@ -2,8 +2,10 @@
 
 use std::net::IpAddr;
 
-use axum::Json;
-use axum::response::IntoResponse;
+use axum::body::Body;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use keyward_core::{Environment, KeyId, OrgId, Scope, ScopeSet, VerifyOutcome};
 use keyward_store::usage::MAX_QUOTA_COST;
@@ -89,7 +91,7 @@ impl VerifyKeyResponse<'_> {
 /// Verify a key: status, organization, IP allow-list and scopes, in that order.
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = VerifyKeyRequest,
     responses((status = 200, body = VerifyKeyResponse), KeyErrors, JsonBodyErrors))]
-pub async fn verify(caller: Caller<Verify>, body: JsonBody) -> ApiResult<axum::response::Response> {
+pub async fn verify(caller: Caller<Verify>, body: JsonBody) -> ApiResult<Response> {
     let state = caller.state();
     let body: VerifyKeyRequest = body.parse()?;
     let required: Vec<Scope> = body
@@ -128,7 +130,6 @@ pub async fn verify(caller: Caller<Verify>, body: JsonBody) -> ApiResult<axum::r
         event.method = method;
         state.usage.record(event);
     }
-    let headers = verdict.headers(now);
     let rate_limit = verdict.limits.as_ref().and_then(|l| RateLimitInfo::from_decision(&l.rate));
     // A decision of the failure policy knows no count: no figures rather than made-up ones.
     let quota = verdict.limits.as_ref().and_then(|l| l.quota.as_ref()).filter(|q| !q.degraded).map(QuotaInfo::from);
@@ -148,6 +149,17 @@ pub async fn verify(caller: Caller<Verify>, body: JsonBody) -> ApiResult<axum::r
             quota,
         },
     };
-    // Serialized here, while the record it borrows from is at hand.
-    Ok((headers, Json(response)).into_response())
+    // Serialized here, while the record it borrows from is at hand: straight into a buffer the size of
+    // a usual answer, which becomes the body as it is.
+    let mut body = Vec::with_capacity(ANSWER_CAPACITY);
+    serde_json::to_writer(&mut body, &response).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut answer = Response::new(Body::from(body));
+    // Room for the content type, the limit headers and what the request layer adds, without growing.
+    *answer.headers_mut() = HeaderMap::with_capacity(10);
+    answer.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    verdict.put_headers(now, answer.headers_mut());
+    Ok(answer)
 }
+
+/// Bytes reserved for an answer: a valid key's, with a few scopes and a little metadata, fits.
+const ANSWER_CAPACITY: usize = 1024;
