@@ -19,6 +19,7 @@ use keyward_core::{
     KeyFormatError, KeyId, KeywardScope, OrgId, PlainKey, Scope, ScopeSet, VerifyOutcome, VerifyRequest,
 };
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
 use keyward_store::{Actor, ApiKey, KeyRecord, StoreResult};
 
@@ -246,7 +247,7 @@ async fn authenticate(
         Ok(p) => p,
         Err(e) => return Ok(Err(("MISSING_CREDENTIALS", None, e))),
     };
-    let found = match lookup(state, presented).await? {
+    let found = match caller_lookup(state, presented).await? {
         Lookup::Malformed(e) => {
             let error = ApiError {
                 message: format!("the API key is malformed: {e}"),
@@ -265,6 +266,53 @@ async fn authenticate(
         return Ok(Err((outcome.code(), Some(found.id), ApiError::refused(outcome))));
     }
     Ok(Ok(Authenticated { key: found, ip }))
+}
+
+/// The caller key a worker thread last authenticated, and its record: a backend calls `/v1/verify`
+/// with the same key on every request, and this spares each one the parse, the hash and the cache
+/// lookup of it.
+struct LastCaller {
+    /// [`crate::cache::KeyCache::id`] of the node that found it.
+    cache: u64,
+    /// [`crate::cache::KeyCache::epoch`] before it was looked up.
+    epoch: u64,
+    /// SECURITY: held as a [`PlainKey`] (no `Display`, a redacted `Debug`) and compared in constant time.
+    key: PlainKey,
+    record: Arc<KeyRecord>,
+}
+
+thread_local! {
+    static LAST_CALLER: std::cell::RefCell<Option<LastCaller>> = const { std::cell::RefCell::new(None) };
+}
+
+/// [`lookup`] for the caller's own key: the record this thread last found for the same key while the
+/// verify cache would still answer it (no invalidation since, within the TTL: a revoked key is refused
+/// exactly when it is through the cache), else a lookup, remembered when it finds a key.
+async fn caller_lookup(state: &AppState, presented: &str) -> StoreResult<Lookup> {
+    let cache = state.keys.cache();
+    let remembered = LAST_CALLER.with_borrow(|last| {
+        last.as_ref()
+            .filter(|l| {
+                l.cache == cache.id()
+                    && bool::from(l.key.expose_secret().as_bytes().ct_eq(presented.as_bytes()))
+                    && state.keys.unchanged_since(&l.record, l.epoch)
+            })
+            .map(|l| l.record.clone())
+    });
+    if let Some(record) = remembered {
+        // Counted as the cache hit it stands for.
+        crate::telemetry::cache_hit();
+        return Ok(Lookup::Found(record));
+    }
+    let epoch = cache.epoch();
+    let found = lookup(state, presented).await?;
+    if let Lookup::Found(record) = &found
+        && let Ok(key) = PlainKey::parse(presented)
+    {
+        let last = LastCaller { cache: cache.id(), epoch, key, record: record.clone() };
+        LAST_CALLER.with_borrow_mut(|slot| *slot = Some(last));
+    }
+    Ok(found)
 }
 
 /// One failed authentication, as logged and counted.

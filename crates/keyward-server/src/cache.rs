@@ -14,6 +14,7 @@
 //! `store_unavailable`, never "not found".
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,8 +50,16 @@ pub struct KeyCache {
     /// it read only if no invalidation began since its lookup did, checked and inserted under the same
     /// lock (see [`Miss`]). Hits never take it.
     generation: Arc<Mutex<u64>>,
+    /// The generation as [`KeyCache::apply`] last left it, readable without the lock (see
+    /// [`CachedLookup::unchanged_since`]).
+    epoch: Arc<AtomicU64>,
+    /// Tells this cache apart from any other in the process (tests run many nodes on the same threads).
+    id: u64,
     config: CacheConfig,
 }
+
+/// The next [`KeyCache`]'s id.
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Organization parts and scope sets shared between cached keys: a million keys of a few
 /// organizations with a few scope sets hold a few copies, not a million.
@@ -89,6 +98,8 @@ impl KeyCache {
             negative: Arc::new(Cache::new(config.negative_capacity.max(1))),
             shared: Arc::default(),
             generation: Arc::default(),
+            epoch: Arc::default(),
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             config,
         }
     }
@@ -132,6 +143,7 @@ impl KeyCache {
         // store before this change can neither put what it read back afterwards nor in between.
         let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
         *generation = generation.wrapping_add(1);
+        self.epoch.store(*generation, Ordering::Release);
         match change {
             Invalidation::Key(hash) => {
                 self.positive.remove(&slot(hash));
@@ -154,6 +166,16 @@ impl KeyCache {
     /// Starts a lookup that missed: what it reads may be kept only through the returned [`Miss`].
     fn miss(&self, slot: Slot) -> Miss<'_> {
         Miss { cache: self, slot, generation: *self.generation.lock().unwrap_or_else(|p| p.into_inner()) }
+    }
+
+    /// Which cache this is, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How many invalidations have begun so far.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub fn len(&self) -> usize {
@@ -275,6 +297,14 @@ impl CachedLookup {
 
     pub fn cache(&self) -> &KeyCache {
         &self.cache
+    }
+
+    /// Whether `record`, found when the cache was at `epoch` ([`KeyCache::epoch`], read before the
+    /// lookup), is still what a lookup would answer: no invalidation has begun since, and the entry is
+    /// within its TTL. A caller that remembers a record (the API caller's own key, per worker thread)
+    /// sees a revocation exactly when the cache does.
+    pub fn unchanged_since(&self, record: &KeyRecord, epoch: u64) -> bool {
+        self.cache.epoch() == epoch && age_ms(self.clock.now(), record.fetched_at) < self.cache.config.ttl_ms
     }
 
     /// The store's health as the verify path sees it.

@@ -152,6 +152,37 @@ async fn a_change_made_around_keyward_shows_after_the_ttl() {
     assert_eq!(app.verify(&key, json!({})).await["code"], "REVOKED");
 }
 
+/// The caller's own key (remembered by the worker thread that authenticated it) is refused exactly
+/// when the verify cache would refuse it: at once after a revocation through Keyward, after the TTL for
+/// a change made around it.
+#[tokio::test]
+async fn a_caller_key_is_refused_as_soon_as_the_cache_would_refuse_it() {
+    let (app, _) = counted().await;
+    let (key, _) = app.key(app.default_org.id, &[]).await;
+    let answer = |caller: String| {
+        let (app, key) = (&app, key.clone());
+        async move {
+            let r = app.post("/v1/verify", &caller, json!({"key": key})).await;
+            (r.status, r.body["error"]["code"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let (by_api, by_api_rec) = app.key(app.default_org.id, &["keyward:verify"]).await;
+    let (by_hand, by_hand_rec) = app.key(app.default_org.id, &["keyward:verify"]).await;
+    for caller in [&by_api, &by_hand, &by_api] {
+        assert_eq!(answer(caller.clone()).await.0, StatusCode::OK);
+    }
+    let r = app.delete(&format!("/v1/keys/{}", by_api_rec.id), &app.admin_key).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(answer(by_api.clone()).await, (StatusCode::UNAUTHORIZED, "key_revoked".to_owned()));
+
+    assert_eq!(answer(by_hand.clone()).await.0, StatusCode::OK);
+    let now = keyward_core::Clock::now(&app.clock);
+    app.state.store.revoke_key(by_hand_rec.id, "by hand", now, &Actor::cli(now)).await.unwrap().apply(&NoCache);
+    assert_eq!(answer(by_hand.clone()).await.0, StatusCode::OK, "cached until the TTL");
+    app.clock.advance(chrono::Duration::milliseconds(CacheConfig::default().ttl_ms as i64));
+    assert_eq!(answer(by_hand.clone()).await, (StatusCode::UNAUTHORIZED, "key_revoked".to_owned()));
+}
+
 #[tokio::test]
 async fn while_the_store_is_down_cached_keys_answer_and_misses_are_503() {
     let (app, store) = counted().await;
