@@ -167,42 +167,116 @@ impl PlainKey {
         format!("{}…{}", self.prefix(), self.hint())
     }
 
-    /// `text` with every well-formed key in it (its checksum holds) replaced by its redacted form.
+    /// `text` with every key in it replaced: a well-formed key (its checksum holds) by its redacted form,
+    /// and any other run of at least [`SECRET_LEN`] letters and digits that is not hex (a key respelled — `SK_LIVE_…`, `sk-live-…`, another environment — or another system's
+    /// token) by `[redacted]`. Percent-encoding hides nothing: a text whose decoded form holds a key is
+    /// recorded decoded and redacted (control characters as `?`).
     /// SECURITY: for what a client chose to record (a path, an endpoint), which may carry a key
     /// however unwise: a key in `/hooks/sk_live_…` must not reach the usage rows nor their exports.
     pub fn redact_in(text: &str) -> std::borrow::Cow<'_, str> {
-        let mut out = String::new();
-        let mut copied = 0;
-        let mut from = 0;
-        while let Some(at) = find_environment(text, from) {
-            from = at + 1;
-            let body_start = at + 6;
-            let Some(body) = text.get(body_start..body_start + BODY_LEN) else { continue };
-            if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                continue;
-            }
-            // The prefix: 1-16 lowercase letters or digits ending just before the environment; the
-            // longest that makes a well-formed key (the checksum covers the prefix).
-            let head = &text.as_bytes()[copied.max(at.saturating_sub(MAX_PREFIX_LEN))..at];
-            let run = head.iter().rev().take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit()).count();
-            let end = body_start + BODY_LEN;
-            let found = (1..=run)
-                .rev()
-                .map(|len| at - len)
-                .find_map(|start| PlainKey::parse(&text[start..end]).ok().map(|key| (start, key)));
-            if let Some((start, key)) = found {
-                out.push_str(&text[copied..start]);
-                out.push_str(&key.redacted());
-                copied = end;
-                from = end;
-            }
+        if text.contains('%')
+            && let std::borrow::Cow::Owned(hidden) = redact_secrets(&percent_decoded(text))
+        {
+            return std::borrow::Cow::Owned(hidden.chars().map(|c| if c.is_control() { '?' } else { c }).collect());
         }
-        if copied == 0 {
-            return std::borrow::Cow::Borrowed(text);
-        }
-        out.push_str(&text[copied..]);
-        std::borrow::Cow::Owned(out)
+        redact_secrets(text)
     }
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 as U+FFFD).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// [`PlainKey::redact_in`] on the text as it stands: well-formed keys, then long mixed runs.
+fn redact_secrets(text: &str) -> std::borrow::Cow<'_, str> {
+    let keys = redact_keys(text);
+    match redact_runs(&keys) {
+        std::borrow::Cow::Borrowed(_) => keys,
+        std::borrow::Cow::Owned(runs) => std::borrow::Cow::Owned(runs),
+    }
+}
+
+/// Runs of at least [`SECRET_LEN`] ASCII letters and digits, with digits and letters beyond hex in
+/// them, as `[redacted]`: a key's secret is 43 such characters (in any case); hex digests and ids stay.
+fn redact_runs(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut i) = (0, 0);
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_alphanumeric() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphanumeric() {
+            i += 1;
+        }
+        let run = &bytes[start..i];
+        let secret_like =
+            run.iter().any(u8::is_ascii_digit) && run.iter().any(|b| b.is_ascii_alphabetic() && !b.is_ascii_hexdigit());
+        if run.len() >= SECRET_LEN && secret_like {
+            out.push_str(&text[copied..start]);
+            out.push_str("[redacted]");
+            copied = i;
+        }
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Every well-formed key in `text` as its redacted form.
+fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(at) = find_environment(text, from) {
+        from = at + 1;
+        let body_start = at + 6;
+        let Some(body) = text.get(body_start..body_start + BODY_LEN) else { continue };
+        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            continue;
+        }
+        // The prefix: 1-16 lowercase letters or digits ending just before the environment; the
+        // longest that makes a well-formed key (the checksum covers the prefix).
+        let head = &text.as_bytes()[copied.max(at.saturating_sub(MAX_PREFIX_LEN))..at];
+        let run = head.iter().rev().take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit()).count();
+        let end = body_start + BODY_LEN;
+        let found = (1..=run)
+            .rev()
+            .map(|len| at - len)
+            .find_map(|start| PlainKey::parse(&text[start..end]).ok().map(|key| (start, key)));
+        if let Some((start, key)) = found {
+            out.push_str(&text[copied..start]);
+            out.push_str(&key.redacted());
+            copied = end;
+            from = end;
+        }
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Where the next `_live_` or `_test_` starts in `text`, from `from` on.
@@ -283,9 +357,31 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(PlainKey::redact_in(&text), want);
         }
+        // Respelled, encoded or mistyped, the secret is hidden all the same.
+        let body = &l[8..];
         let mut typo = l.to_owned();
         typo.replace_range(10..11, if &typo[10..11] == "a" { "b" } else { "a" });
-        for untouched in ["/v1/projects", "/sk_live_", "sk_live_short", typo.as_str(), "/é_live_é", ""] {
+        let encoded_body: String = body.chars().map(|c| format!("%{:02X}", c as u32)).collect();
+        for respelled in [
+            l.to_uppercase(),
+            format!("SK_LIVE_{body}"),
+            format!("sk-live-{body}"),
+            format!("sk_test_{body}"),
+            typo.clone(),
+            format!("/a/sk%5Flive%5F{body}"),
+            format!("/u/sk_live_%{:02X}{}", body.as_bytes()[0], &body[1..]),
+            format!("/e/{encoded_body}%0A"),
+        ] {
+            let recorded = PlainKey::redact_in(&respelled);
+            let upper = body.to_uppercase();
+            assert!(!recorded.contains(&body[..20]) && !recorded.contains(&body[25..]), "{respelled} -> {recorded}");
+            assert!(!recorded.contains(&upper[..20]) && !recorded.contains(&upper[25..]), "{respelled} -> {recorded}");
+            assert!(!recorded.chars().any(char::is_control), "{recorded}");
+        }
+        assert_eq!(PlainKey::redact_in(&format!("/a/sk%5Flive%5F{body}")), format!("/a/{}", live.redacted()));
+        let digest = "/blobs/sha256/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let uuid = "/v1/keys/0192a8f0c3b47e1a9d2f6b8c4e1a7d3f0192a8f0c3b4";
+        for untouched in ["/v1/projects", "/sk_live_", "sk_live_short", "/é_live_é", "", digest, uuid, "/a%2Fb%20c"] {
             assert!(matches!(PlainKey::redact_in(untouched), std::borrow::Cow::Borrowed(_)), "{untouched}");
         }
     }

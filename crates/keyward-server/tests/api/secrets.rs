@@ -390,6 +390,10 @@ async fn a_key_in_a_recorded_path_or_endpoint_is_redacted() {
         assert_eq!(app.send(request).await.status, axum::http::StatusCode::OK, "{uri}");
     }
     assert_eq!(app.verify(&open, json!({"endpoint": format!("/hooks/{leaked}")})).await["valid"], true);
+    // Respelled: percent-encoded, upper case.
+    let encoded = format!("/e/sk%5Flive%5F{}", &leaked[8..]);
+    assert_eq!(app.verify(&open, json!({"endpoint": encoded})).await["valid"], true);
+    assert_eq!(app.verify(&open, json!({"endpoint": format!("/U/{}", leaked.to_uppercase())})).await["valid"], true);
     let report =
         json!({"id": "r1", "key_id": rec.id.to_string(), "endpoint": format!("/r/{leaked}"), "tokens_used": 1});
     assert_eq!(app.post("/v1/usage", &app.admin_key, report).await.status, axum::http::StatusCode::ACCEPTED);
@@ -402,10 +406,12 @@ async fn a_key_in_a_recorded_path_or_endpoint_is_redacted() {
         format!("/a/x_{redacted}/b"),
         format!("/hooks/{redacted}"),
         format!("/r/{redacted}"),
+        format!("/e/{redacted}"),
+        "/U/SK_LIVE_[redacted]".to_owned(),
     ];
     want.sort();
     let mut got: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
     got.sort();
     assert_eq!(got, want, "{}", usage.text);
-    assert!(!usage.text.contains(secret));
+    assert!(!usage.text.contains(secret) && !usage.text.contains(&secret.to_uppercase()));
 }
