@@ -3,7 +3,7 @@
 
 pub mod import;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use keyward_core::{Environment, IpAllowList, KeyId, KeyPrefix, OrgId, PlainKey, ScopeSet};
 use keyward_store::{
     Actor, ApiKey, LimitOverrides, NewKey, NewOrganization, Organization, OrganizationPatch, Rotation, Store,
@@ -55,7 +55,7 @@ pub struct CreateKeyRequest {
     #[serde(default)]
     #[schema(value_type = Vec<IpEntry>, max_items = 256)]
     pub allowed_ips: Vec<String>,
-    /// RFC 3339, in the future. Not together with `expires_in_days`.
+    /// RFC 3339, in the future, before the year 10000 (UTC). Not together with `expires_in_days`.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
     /// 1-3650. Not together with `expires_at`.
@@ -87,7 +87,7 @@ pub struct UpdateKeyRequest {
     /// IP addresses and CIDR blocks, v4 and v6; at most 256. Empty: any address.
     #[schema(value_type = Option<Vec<IpEntry>>, max_items = 256)]
     pub allowed_ips: Option<Vec<String>>,
-    /// RFC 3339, in the future; `null`: never.
+    /// RFC 3339, in the future, before the year 10000 (UTC); `null`: never.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<String>>,
@@ -157,6 +157,10 @@ impl Validator<'_> {
             .with_timezone(&Utc);
         if at <= self.now {
             return Err(ApiError::validation(field, format!("`{field}` must be in the future")));
+        }
+        // What both stores keep (a four-digit year): `9999-12-31T23:59:59-14:00` is in year 10000 in UTC.
+        if at.year() > 9999 {
+            return Err(ApiError::validation(field, format!("`{field}` must be before the year 10000 (UTC)")));
         }
         Ok(at)
     }

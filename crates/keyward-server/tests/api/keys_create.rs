@@ -86,6 +86,7 @@ async fn bad_input_is_refused_with_its_field_and_writes_nothing() {
         (json!({"name": "k", "allowed_ips": ["10.0.0.0/40"]}), "validation_failed", Some("allowed_ips")),
         (json!({"name": "k", "expires_at": "next tuesday"}), "validation_failed", Some("expires_at")),
         (json!({"name": "k", "expires_at": "2020-01-01T00:00:00Z"}), "validation_failed", Some("expires_at")),
+        (json!({"name": "k", "expires_at": "9999-12-31T23:59:59-14:00"}), "validation_failed", Some("expires_at")),
         (
             json!({"name": "k", "expires_at": "2030-01-01T00:00:00Z", "expires_in_days": 3}),
             "validation_failed",

@@ -107,6 +107,7 @@ async fn a_bad_patch_is_refused_and_changes_nothing() {
         (json!({"name": "new", "scopes": ["bad scope"]}), "validation_failed"),
         (json!({"allowed_ips": ["300.1.1.1"]}), "validation_failed"),
         (json!({"expires_at": "soon"}), "validation_failed"),
+        (json!({"expires_at": "9999-12-31T23:59:59-14:00"}), "validation_failed"),
         (json!({"key_hash": "00"}), "invalid_request"),
         (json!({"is_active": "no"}), "invalid_request"),
         (json!({"name": ""}), "validation_failed"),
