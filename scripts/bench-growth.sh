@@ -6,7 +6,10 @@
 # (SQLite: database file plus WAL after a checkpoint; PostgreSQL: pg_total_relation_size of the usage
 # tables after a VACUUM of them), per verification, rows stored in the usage tables (of them, batch
 # ids), for SQLite the free pages in the file (space the next writes reuse: the pending rows' high-water
-# mark), and verifications per second. It checks that usage_daily counts every verification.
+# mark), verifications per second, and CPU seconds: of the keyward process (SQLite's work included, as
+# it runs inside it) and, on PostgreSQL, of the server's processes (every postgres process, read once
+# the usage buffer is drained, before keyward stops and its connections' processes exit; the final
+# fold of the graceful stop is not in it). It checks that usage_daily counts every verification.
 # Usage: scripts/bench-growth.sh [verifications, default 200000] [keys, default 1000]
 # PostgreSQL: KEYWARD_BENCH_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test), schema
 # bench_growth, dropped and made again for each run.
@@ -32,6 +35,26 @@ awk -v n="$N" '{k[NR] = $0} END {for (i = 0; i < n; i++) print k[i % NR + 1]}' "
 export KEYWARD_PLANS__BENCH__PER_MINUTE=1000000000000 KEYWARD_PLANS__BENCH__PER_HOUR=1000000000000
 export KEYWARD_PLANS__BENCH__PER_DAY=1000000000000 KEYWARD_PLANS__BENCH__PER_MONTH=1000000000000
 
+cpu_s() { # CPU seconds (user + system) of the given processes
+    local pid total=0
+    for pid in "$@"; do
+        [ -r "/proc/$pid/stat" ] || continue
+        total=$(( total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0) ))
+    done
+    echo "scale=2; $total / $(getconf CLK_TCK)" | bc
+}
+postgres_cpu_s() {
+    local procs
+    procs=$(pgrep -x postgres || true)
+    # shellcheck disable=SC2086
+    cpu_s $procs
+}
+drained() { # until the usage buffer is empty (at most 30 s)
+    for _ in $(seq 1 300); do
+        curl -s "http://127.0.0.1:$PORT/metrics" | grep -q '^keyward_usage_buffer_events 0$' && return 0
+        sleep 0.1
+    done
+}
 sql() { # backend query
     if [ "$1" = sqlite ]; then sqlite3 "$WORK/bench.db" "$2"; else psql -qAt "$PG" -c "SET search_path = $SCHEMA" -c "$2"; fi
 }
@@ -54,8 +77,9 @@ bytes() {
     fi
 }
 
-printf '| %-8s | %-10s | %9s | %12s | %14s | %11s | %11s | %17s | %14s |\n' store raw_events verifications \
-    "bytes grown" "per verification" "rows stored" "batch ids" "free pages, bytes" "verifications/s"
+printf '| %-8s | %-10s | %9s | %12s | %14s | %11s | %11s | %17s | %14s | %12s | %12s |\n' store raw_events verifications \
+    "bytes grown" "per verification" "rows stored" "batch ids" "free pages, bytes" "verifications/s" \
+    "keyward CPU s" "postgres CPU s"
 for backend in sqlite postgres; do
     for raw in denied all; do
         if [ "$backend" = sqlite ]; then
@@ -73,9 +97,13 @@ for backend in sqlite postgres; do
         BYTES0=$(bytes "$backend"); ROWS0=$(rows "$backend")
         "$BIN/keyward" serve --listen "127.0.0.1:$PORT" >/dev/null 2>"$WORK/serve.err" & KW=$!
         for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+        PG0=$(postgres_cpu_s)
         START=$(date +%s.%N)
         "$BIN/bench-warm" "127.0.0.1:$PORT" "$WORK/verify.txt" "$SERVICE_KEY" 64 >/dev/null
         SECONDS_TAKEN=$(echo "$(date +%s.%N) - $START" | bc)
+        sleep 1.5; drained
+        KW_CPU=$(cpu_s "$KW"); PG_CPU=-
+        [ "$backend" = postgres ] && PG_CPU=$(echo "$(postgres_cpu_s) - $PG0" | bc)
         # A graceful stop writes and folds everything buffered.
         kill -TERM "$KW"; wait "$KW" || true; KW=""
         BYTES1=$(bytes "$backend"); ROWS1=$(rows "$backend")
@@ -85,7 +113,8 @@ for backend in sqlite postgres; do
         COUNTED=$(sql "$backend" "SELECT COALESCE(SUM(requests), 0) FROM usage_daily")
         [ "$COUNTED" = "$N" ] || { echo "usage_daily counts $COUNTED verifications, not $N" >&2; exit 1; }
         GROWN=$(( BYTES1 - BYTES0 ))
-        printf '| %-8s | %-10s | %9d | %12d | %14.2f | %11d | %11d | %17s | %14.0f |\n' "$backend" "$raw" "$N" "$GROWN" \
-            "$(echo "$GROWN / $N" | bc -l)" "$(( ROWS1 - ROWS0 ))" "$BATCHES" "$FREE" "$(echo "$N / $SECONDS_TAKEN" | bc -l)"
+        printf '| %-8s | %-10s | %9d | %12d | %14.2f | %11d | %11d | %17s | %14.0f | %12s | %12s |\n' "$backend" "$raw" "$N" "$GROWN" \
+            "$(echo "$GROWN / $N" | bc -l)" "$(( ROWS1 - ROWS0 ))" "$BATCHES" "$FREE" "$(echo "$N / $SECONDS_TAKEN" | bc -l)" \
+            "$KW_CPU" "$PG_CPU"
     done
 done
