@@ -284,6 +284,15 @@ async fn a_key_in_a_gateway_path_is_not_logged() {
     assert!(!logs.contains(secret), "a gateway log line has the key");
 }
 
+/// A `GET` of `uri` with these headers, as a proxy asking `/v1/authz` sends it.
+async fn get_with(app: &TestApp, uri: &str, headers: Vec<(&'static str, String)>) -> crate::helpers::Response {
+    let mut request = crate::helpers::request(Method::GET, uri, None, None);
+    for (name, value) in headers {
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    app.send(request).await
+}
+
 /// Through the proxy hook, the end client's key (allowed, refused, or put in the original path or a
 /// forwarded URI) reaches no log line, no answer and no header of the answer.
 #[tokio::test]
@@ -308,11 +317,7 @@ async fn a_key_through_the_proxy_hook_leaks_nowhere() {
         ),
     ];
     for (uri, headers) in requests {
-        let mut request = crate::helpers::request(Method::GET, &uri, None, None);
-        for (name, value) in headers {
-            request.headers_mut().insert(name, value.parse().unwrap());
-        }
-        let r = app.send(request).await;
+        let r = get_with(&app, &uri, headers).await;
         assert!(!r.text.contains(secret), "{uri}: the answer has the key: {}", r.text);
         for (name, value) in &r.headers {
             assert!(!value.to_str().unwrap_or_default().contains(secret), "{uri}: `{name}` has the key");
@@ -383,11 +388,7 @@ async fn a_key_in_a_recorded_path_or_endpoint_is_redacted() {
         ),
     ];
     for (uri, headers) in hooks {
-        let mut request = crate::helpers::request(Method::GET, &uri, None, None);
-        for (name, value) in headers {
-            request.headers_mut().insert(name, value.parse().unwrap());
-        }
-        assert_eq!(app.send(request).await.status, axum::http::StatusCode::OK, "{uri}");
+        assert_eq!(get_with(&app, &uri, headers).await.status, axum::http::StatusCode::OK, "{uri}");
     }
     assert_eq!(app.verify(&open, json!({"endpoint": format!("/hooks/{leaked}")})).await["valid"], true);
     // Respelled: percent-encoded, upper case.
