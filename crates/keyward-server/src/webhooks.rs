@@ -64,9 +64,13 @@ fn check_url_with(raw: &str, allow_private: bool, is_internal: &dyn Fn(IpAddr) -
     if raw.len() > 2_000 {
         return Err("must be at most 2000 characters".to_owned());
     }
+    if is_other_ipv4_spelling(host) {
+        return Err("an IPv4 address must be written as four decimal numbers (a.b.c.d)".to_owned());
+    }
     if !allow_private {
         let literal = host.trim_start_matches('[').trim_end_matches(']');
-        let internal = match literal.parse::<IpAddr>() {
+        // `127.0.0.1.` is `127.0.0.1` to a resolver, as `localhost.` is `localhost`.
+        let internal = match literal.strip_suffix('.').unwrap_or(literal).parse::<IpAddr>() {
             Ok(ip) => is_internal(ip),
             Err(_) => {
                 // `localhost.` is `localhost`: a trailing dot only makes the name absolute.
@@ -81,6 +85,24 @@ fn check_url_with(raw: &str, allow_private: bool, is_internal: &dyn Fn(IpAddr) -
         }
     }
     Ok(uri)
+}
+
+/// A host that `getaddrinfo` (glibc's `inet_aton`) reads as an IPv4 address without asking DNS, but
+/// that is not the dotted quad an [`IpAddr`] parses: one to four parts, each decimal, octal (a
+/// leading `0`) or hex (`0x`), as in `2130706433`, `127.1`, `0x7f000001` or `0177.0.0.1`, all
+/// 127.0.0.1. A trailing dot is ignored.
+///
+/// SECURITY: such a host is a name to the URL parser, so the internal-address check would let it
+/// pass, and the worker's lookup would then connect to the address it spells. The worker refuses
+/// internal addresses again at delivery; this refuses the spelling itself when the URL is given. No
+/// top-level domain is numeric, so every host made only of such parts is refused, except the quad.
+fn is_other_ipv4_spelling(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let numeric = |part: &str| match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()),
+    };
+    !host.is_empty() && host.split('.').all(numeric) && host.parse::<std::net::Ipv4Addr>().is_err()
 }
 
 /// The IPv4 address an IPv6 address carries for a translator or tunnel to reach: NAT64 (the
@@ -477,6 +499,8 @@ mod tests {
             "http://[fd00::1]/",
             "http://[::ffff:127.0.0.1]/",
             "http://0.0.0.0/",
+            "http://127.0.0.1./",
+            "http://10.0.0.1.:80/",
         ] {
             assert!(check_url(bad, false).is_err(), "{bad}");
         }
@@ -504,6 +528,39 @@ mod tests {
             assert_eq!(check_url(&format!("http://[{ip}]/"), false).is_err(), internal, "{ip}");
         }
         assert!(check_url("http://127.0.0.1:9000/", true).is_ok());
+        assert!(check_url("http://1.2.3.4.example/", false).is_ok(), "a name ending in a word");
+        assert!(check_url("http://8.8.8.8./", false).is_ok(), "the quad with a trailing dot");
+    }
+
+    /// Every spelling `inet_aton` takes for 127.0.0.1 or 10.0.0.1 other than the quad, and numeric
+    /// hosts with other part counts, are refused whether or not private targets are allowed.
+    #[test]
+    fn other_spellings_of_ipv4_addresses_are_refused() {
+        for host in [
+            "2130706433",
+            "127.1",
+            "127.0.1",
+            "0x7f000001",
+            "0X7F000001",
+            "0x7f.1",
+            "0177.0.0.1",
+            "0177.0.0.01",
+            "0",
+            "0x",
+            "167772161",
+            "012.0.0.1",
+            "1.2.3.4.5",
+            "134744072",
+        ] {
+            for allow_private in [false, true] {
+                let url = format!("http://{host}:8080/hook");
+                let refused = check_url(&url, allow_private).expect_err(&url);
+                assert!(refused.contains("four decimal numbers"), "{url}: {refused}");
+            }
+        }
+        for host in ["8.8.8.8", "203.0.113.5", "0x.example", "example.0x", "1e3", "12a", "xn--0"] {
+            assert!(check_url(&format!("http://{host}/"), false).is_ok(), "{host}");
+        }
         assert!(check_url("https://hooks.example.com/", false).is_ok());
     }
 

@@ -81,12 +81,21 @@ impl utoipa::PartialSchema for WebhookUrl {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         // A subset of what `http::Uri` takes (it also takes IPv6 literals, user info and a few more
         // characters): the common form, so a client's check never admits what the server refuses.
+        // The lookahead refuses a host made only of numeric parts (`127.1`, `0x7f000001`) unless it
+        // is a dotted quad, as `check_url` does.
         crate::model::text_schema(
             8,
             2000,
-            r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9\-._~!$&'()*+,;=]+(:[0-9]{1,5})?(/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*)?(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?$",
-            "An absolute `http://` or `https://` URL naming a host, at most 2,000 characters. Loopback and \
-             private addresses are refused unless the server allows them.",
+            concat!(
+                r"^[Hh][Tt][Tt][Pp][Ss]?://",
+                r"(?!(?!(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+                r"\.?(?:[:/?]|$))(?:(?:[0-9]+|0[Xx][0-9A-Fa-f]*)\.)*(?:[0-9]+|0[Xx][0-9A-Fa-f]*)\.?(?:[:/?]|$))",
+                r"[A-Za-z0-9\-._~!$&'()*+,;=]+(:[0-9]{1,5})?(/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*)?",
+                r"(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*)?$",
+            ),
+            "An absolute `http://` or `https://` URL naming a host, at most 2,000 characters. An IPv4 \
+             address is written as four decimal numbers (`127.1`, `2130706433` and `0x7f000001` are \
+             refused). Loopback and private addresses are refused unless the server allows them.",
         )
     }
 }

@@ -592,22 +592,66 @@ async fn allowed_private_targets_still_connect_to_the_one_lookup() {
 }
 
 /// IP literals in the forms `getaddrinfo` reads without asking DNS (decimal, short, hex, octal) are
-/// names to the URL parser: they pass [`check_url`] and are refused by the worker's lookup, with the
-/// real system resolver and the real notion of internal. No packet leaves loopback: these never reach
-/// a DNS server.
+/// refused when an endpoint is created or its URL changed, whether or not private targets are
+/// allowed: 422 on the `url` field, nothing written.
+#[tokio::test]
+async fn numeric_host_spellings_are_refused_when_given() {
+    let app = TestApp::sqlite().await;
+    let (hook_id, _) = create_hook(&app, "http://hooks.example.com/k", json!(["key.created"])).await;
+    for app in [TestApp::sqlite().await, allow_private(TestApp::sqlite().await)] {
+        for host in NUMERIC_LOOPBACK {
+            let url = format!("http://{host}:8080/hook");
+            let r = app.post("/v1/webhooks", &app.admin_key, json!({"url": url})).await;
+            assert_eq!(
+                (r.status, code(&r)),
+                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+                "{url}: {}",
+                r.text
+            );
+            assert_eq!(r.body["error"]["field"], "url", "{url}: {}", r.text);
+        }
+        let listed = app.get("/v1/webhooks", &app.admin_key).await;
+        assert_eq!(listed.body["items"].as_array().map(Vec::len), Some(0), "{}", listed.text);
+    }
+    for host in NUMERIC_LOOPBACK {
+        let r = app
+            .patch(&format!("/v1/webhooks/{hook_id}"), &app.admin_key, json!({"url": format!("http://{host}/")}))
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{host}: {}", r.text);
+    }
+    let kept = app.get(&format!("/v1/webhooks/{hook_id}"), &app.admin_key).await;
+    assert_eq!(kept.body["url"], "http://hooks.example.com/k", "{}", kept.text);
+}
+
+/// 127.0.0.1 as `getaddrinfo` reads it without asking DNS.
+const NUMERIC_LOOPBACK: [&str; 4] = ["2130706433", "127.1", "0x7f000001", "0177.0.0.1"];
+
+/// The worker refuses them too, for an endpoint stored before the check at creation existed
+/// (written here straight to the store): it checks the URL again before each attempt, and nothing
+/// reaches the receiver on 127.0.0.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn numeric_host_spellings_of_loopback_are_refused() {
+async fn numeric_host_spellings_of_loopback_are_refused_at_delivery() {
     let listener = bind(0).await;
     let port = listener.local_addr().unwrap().port();
     let receiver = receiver_on(listener).await;
-    for host in ["2130706433", "127.1", "0x7f000001", "0177.0.0.1"] {
+    for host in NUMERIC_LOOPBACK {
         let app = TestApp::sqlite().await;
-        let (hook_id, _) = create_hook(&app, &format!("http://{host}:{port}/hook"), json!(["key.created"])).await;
+        let hook = keyward_store::NewWebhook {
+            id: uuid::Uuid::now_v7(),
+            organization_id: app.default_org.id,
+            url: format!("http://{host}:{port}/hook"),
+            events: vec![keyward_store::EventKind::KeyCreated],
+            is_active: true,
+            secret: keyward_store::WebhookSecret("whsec_test".to_owned()),
+            description: None,
+        };
+        let hook_id = hook.id.to_string();
+        app.state.store.insert_webhook(hook, &keyward_store::Actor::cli(app.clock.now_utc())).await.unwrap();
         app.post("/v1/keys", &app.admin_key, json!({"name": "k"})).await;
         let report = Worker::new(app.state.clone()).tick().await.unwrap();
         assert_eq!((report.attempted, report.succeeded), (1, 0), "{host}");
         let d = last_delivery(&app, &hook_id).await;
-        assert!(d["last_error"].as_str().unwrap().contains("internal address"), "{host}: {d}");
+        assert!(d["last_error"].as_str().unwrap().contains("four decimal numbers"), "{host}: {d}");
     }
     assert!(receiver.requests().is_empty());
 }
