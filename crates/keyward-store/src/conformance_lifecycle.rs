@@ -298,6 +298,17 @@ pub async fn webhooks_dispatch_claim_and_record(store: &dyn Store) {
     store.record_attempt(first.delivery.id, &ok, AttemptOutcome::Succeeded).await.must("attempt 2");
     let attempts = store.list_attempts(first.delivery.id).await.must("attempts");
     assert_eq!(attempts, [failed, ok]);
+    // A page of deliveries' attempts in one read: each as `list_attempts` reads it; one never
+    // attempted (an unknown id here) has no entry.
+    let page_ids: Vec<_> = jobs.iter().map(|j| j.delivery.id).chain([uuid::Uuid::now_v7()]).collect();
+    let of_page = store.list_attempts_of(&page_ids).await.must("attempts of a page");
+    assert_eq!(of_page.len(), jobs.len());
+    for id in &page_ids {
+        let one = store.list_attempts(*id).await.must("attempts of one");
+        assert_eq!(of_page.get(id).cloned().unwrap_or_default(), one);
+    }
+    assert_eq!(of_page.get(&first.delivery.id).map(Vec::len), Some(2), "oldest first, as above");
+    assert!(store.list_attempts_of(&[]).await.must("no deliveries").is_empty());
     let deliveries = store.list_deliveries(first.delivery.endpoint_id, page(10)).await.must("deliveries").items;
     let d = deliveries.iter().find(|d| d.id == first.delivery.id).must_some(Tamper::Change);
     assert_eq!(

@@ -27,7 +27,7 @@ use sqlx::query::Query;
 use sqlx::{Database, Executor, FromRow, IntoArguments, Pool, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use self::rows::{ChainHead, ChainRow, HashOwner};
+use self::rows::{ChainHead, ChainRow, DeliveryAttempt, HashOwner};
 use crate::{
     ApiKey, Attempt, AuditEntry, Delivery, Event, KeyWithOrg, LimitOverrides, MigrationInfo, Organization, StoreError,
     StoreResult, Webhook,
@@ -368,6 +368,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
         + Reads<Webhook>
         + Reads<Delivery>
         + Reads<Attempt>
+        + Reads<DeliveryAttempt>
         + Reads<HashOwner>
         + Reads<Uuid>
         + Reads<i64>

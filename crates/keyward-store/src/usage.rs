@@ -840,6 +840,13 @@ pub struct EndpointUsage {
     pub counts: EndpointCounts,
 }
 
+/// A span of UTC days, first and last included.
+pub type Days = std::ops::RangeInclusive<NaiveDate>;
+
+/// Ids one statement of [`UsageStore::keys_by_id`] looks up: few enough placeholders for any database,
+/// enough that a CSV of 100,000 lines needs 200 statements, not 100,000.
+pub const KEY_LOOKUP_CHUNK: usize = 500;
+
 /// One key's totals over a span of days (a billing line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyTotals {
@@ -909,6 +916,20 @@ pub trait UsageStore: Send + Sync {
     /// An organization's rollups for `from..=to` (UTC days), every key's summed per day, oldest first;
     /// days without use have no row.
     async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>>;
+
+    /// The keys of one owner in an organization that have usage on `days` (UTC), with their totals, by
+    /// key id: a self-service customer's billing month, summed in the store however many keys the
+    /// owner holds (any status: a revoked key's usage is still billed).
+    async fn owner_usage_by_key(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<KeyTotals>>;
+
+    /// The rollups of one owner's keys in an organization on `days` (UTC), summed per day, oldest
+    /// first; days without use have no row.
+    async fn owner_usage_daily(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<DailyUsage>>;
+
+    /// The keys among `ids` that exist (of any organization: the caller already decided what it may
+    /// see), in no particular order, read [`KEY_LOOKUP_CHUNK`] ids per statement: the names of a
+    /// month's billing lines without a query per line.
+    async fn keys_by_id(&self, ids: &[KeyId]) -> StoreResult<Vec<crate::ApiKey>>;
 
     /// Units spent from a quota subject in a `YYYY-MM` month (0 when never used).
     async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64>;

@@ -2,6 +2,8 @@
 //! the deliveries made from the event outbox ([`crate::LifecycleStore::list_events`]) and their
 //! attempts. Nothing here changes what a verification answers.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::OrgId;
@@ -156,6 +158,10 @@ pub fn subscribed_to(events: &[EventKind], event: &Event) -> bool {
     }
 }
 
+/// Deliveries whose attempts one statement of [`WebhookStore::list_attempts_of`] reads: more than a
+/// page of deliveries, few enough placeholders for any database.
+pub const ATTEMPT_LOOKUP_CHUNK: usize = 500;
+
 /// Webhook endpoints, and the delivery of outbox events to them.
 #[async_trait]
 pub trait WebhookStore: Send + Sync {
@@ -189,6 +195,9 @@ pub trait WebhookStore: Send + Sync {
     async fn list_deliveries(&self, endpoint: Uuid, page: PageRequest<Uuid>) -> StoreResult<Page<Delivery, Uuid>>;
     /// A delivery's attempts, oldest first.
     async fn list_attempts(&self, delivery: Uuid) -> StoreResult<Vec<Attempt>>;
+    /// The attempts of each of `deliveries` (a page of them), oldest first, read in one statement per
+    /// [`ATTEMPT_LOOKUP_CHUNK`] deliveries; a delivery never attempted has no entry.
+    async fn list_attempts_of(&self, deliveries: &[Uuid]) -> StoreResult<HashMap<Uuid, Vec<Attempt>>>;
     /// Makes a delivery of `endpoint` pending again, due at `now`, given up at `give_up_at`.
     async fn retry_delivery(
         &self,

@@ -1,9 +1,13 @@
-//! The console's keys pages with many keys in the store: imports `keys` keys into a fresh SQLite file
-//! (one organization; names, owners, environments, expiries and inactive keys spread over them), signs
-//! in with the seeded admin key, then times each page through the real router (`oneshot`, the whole
-//! body read): `runs` times after one warm-up, printing p50 and max in milliseconds.
+//! The console's pages with many keys in the store: imports `keys` keys into a fresh SQLite file
+//! (one organization; names, owners, environments, expiries and inactive keys spread over them), and
+//! [`BIG_OWNER_KEYS`] more of one customer; records `usage_days` days of usage this month for every
+//! key through the store's usage ingest (then folds it); makes a webhook endpoint with a page of
+//! deliveries of [`ATTEMPTS`] attempts each. Signs in with the seeded admin key (and with two
+//! customers' `keyward:self` keys), then times each page through the real router (`oneshot`, the
+//! whole body read): `runs` times after one warm-up, printing p50 and max in milliseconds and the
+//! body's size.
 //!
-//! Usage: `bench-console [keys] [runs]`, e.g. `bench-console 100000 20`.
+//! Usage: `bench-console [keys] [runs] [usage_days]`, e.g. `bench-console 100000 20 2`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,22 +15,38 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode};
-use chrono::Utc;
-use keyward_core::{Environment, KeyId};
-use keyward_server::service;
+use chrono::{Datelike, Utc};
+use keyward_core::{Environment, KeyId, OrgId};
+use keyward_server::service::{self, CreateKeyRequest, Validator};
 use keyward_server::settings::Settings;
-use keyward_server::{App, router};
+use keyward_server::{App, AppState, router};
 use keyward_store::conformance::new_key;
-use keyward_store::{Actor, KeyImport};
+use keyward_store::usage::{RawEvents, UsageEvent, UsageKind};
+use keyward_store::{Actor, Attempt, AttemptOutcome, KeyImport, NewWebhook, PageRequest, WebhookSecret};
 use tower::ServiceExt;
 
 type Error = Box<dyn std::error::Error>;
+
+/// Keys of the one big customer (`cust-big`): more than a self-service month used to read.
+const BIG_OWNER_KEYS: usize = 2_000;
+/// Deliveries on the webhook endpoint's page, and attempts at each.
+const DELIVERIES: usize = 50;
+const ATTEMPTS: usize = 3;
+
+/// A key made as `POST /v1/keys` makes one (with its `key.created` event): its plaintext.
+async fn api_key(state: &AppState, org: OrgId, request: CreateKeyRequest) -> Result<String, Error> {
+    let now = Utc::now();
+    let draft = request.validate(&Validator { plans: &state.plans, now }, org).map_err(|e| format!("{e:?}"))?;
+    let (plain, _) = service::create_key(state, draft, &Actor::cli(now)).await.map_err(|e| format!("{e:?}"))?;
+    Ok(plain.expose_secret().to_owned())
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let keys: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100_000);
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20).max(1);
+    let usage_days: u32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2).clamp(1, 28);
 
     let dir = std::env::temp_dir().join(format!("bench-console-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir)?;
@@ -41,23 +61,102 @@ async fn main() -> Result<(), Error> {
     let started = Instant::now();
     let mut ids: Vec<KeyId> = Vec::with_capacity(keys);
     let mut batch = Vec::new();
-    for i in 0..keys {
+    // The big customer's keys first: the oldest, so the list's first pages are as they were.
+    let total = keys + BIG_OWNER_KEYS;
+    for i in 0..total {
         let environment = if i % 7 == 0 { Environment::Test } else { Environment::Live };
         let (_, mut key) = new_key(&org, environment);
-        key.name = format!("Customer {i} production key");
-        key.owner_id = Some(format!("cust-{:04}", i % 5_000));
-        key.is_active = i % 20 != 0;
-        key.expires_at = (i % 50 == 0).then(|| now + chrono::Duration::days(1 + (i % 30) as i64));
+        if i < BIG_OWNER_KEYS {
+            key.name = format!("Big customer key {i}");
+            key.owner_id = Some("cust-big".to_owned());
+        } else {
+            let i = i - BIG_OWNER_KEYS;
+            key.name = format!("Customer {i} production key");
+            key.owner_id = Some(format!("cust-{:04}", i % 5_000));
+            key.is_active = !i.is_multiple_of(20);
+            key.expires_at = i.is_multiple_of(50).then(|| now + chrono::Duration::days(1 + (i % 30) as i64));
+        }
         ids.push(key.id);
         batch.push(KeyImport { key, legacy: false, created_at: None });
-        if batch.len() == 5_000 || i + 1 == keys {
+        if batch.len() == 5_000 || i + 1 == total {
             store
                 .import_keys(org.id, std::mem::take(&mut batch), &Actor::cli(now), false)
                 .await?
                 .apply(&keyward_store::NoCache);
         }
     }
-    println!("imported {keys} keys in {:.1} s", started.elapsed().as_secs_f64());
+    println!("imported {total} keys in {:.1} s", started.elapsed().as_secs_f64());
+    let big = ids[..BIG_OWNER_KEYS].to_vec();
+    let ids = ids.split_off(BIG_OWNER_KEYS);
+
+    // A verification and a report (tokens, cost) per key on each of the month's first `usage_days`
+    // days, through the ingest, then folded into the rollups.
+    let started = Instant::now();
+    let first_day = now.date_naive().with_day(1).ok_or("no first day")?.and_hms_opt(12, 0, 0).ok_or("noon")?.and_utc();
+    let mut events = Vec::new();
+    for (n, id) in big.iter().chain(&ids).enumerate() {
+        for d in 0..usage_days {
+            let at = first_day + chrono::Duration::days(i64::from(d));
+            let mut verify = UsageEvent::new(UsageKind::Verify, *id, org.id, at);
+            verify.outcome = Some("VALID".into());
+            verify.endpoint = Some("/v1/chat".to_owned());
+            let mut report = UsageEvent::new(UsageKind::Report, *id, org.id, at);
+            report.status_code = Some(200);
+            report.response_time_ms = Some(40);
+            report.tokens_used = 100 + (n % 900) as i64;
+            report.cost_micros = 1_000 * (1 + (n % 5_000) as i64);
+            report.endpoint = Some("/v1/chat".to_owned());
+            events.extend([verify, report]);
+        }
+        if events.len() >= 20_000 {
+            store.record_usage(&std::mem::take(&mut events), RawEvents::Off).await?;
+        }
+    }
+    store.record_usage(&events, RawEvents::Off).await?;
+    let folded = store.fold_usage().await?;
+    println!(
+        "recorded usage of {total} keys on {usage_days} days ({folded} rollup rows) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // A webhook endpoint, then keys made through the service (each a `key.created` event), each
+    // delivery given its attempts.
+    let hook = store
+        .insert_webhook(
+            NewWebhook {
+                id: uuid::Uuid::now_v7(),
+                organization_id: org.id,
+                url: "http://127.0.0.1:9/hook".to_owned(),
+                events: Vec::new(),
+                is_active: true,
+                secret: WebhookSecret("whsec_bench".to_owned()),
+                description: None,
+            },
+            &Actor::cli(now),
+        )
+        .await?;
+    let self_key = |owner: &str| CreateKeyRequest {
+        name: format!("{owner}'s console key"),
+        owner_id: Some(owner.to_owned()),
+        scopes: vec!["keyward:self".to_owned()],
+        ..CreateKeyRequest::default()
+    };
+    let customer = api_key(&state, org.id, self_key("cust-4242")).await?;
+    let big_customer = api_key(&state, org.id, self_key("cust-big")).await?;
+    for i in 2..DELIVERIES {
+        api_key(&state, org.id, CreateKeyRequest { name: format!("hooked {i}"), ..CreateKeyRequest::default() })
+            .await?;
+    }
+    store.dispatch_events(now, now + chrono::Duration::hours(24), 10_000).await?;
+    let deliveries = store.list_deliveries(hook.id, PageRequest { after: None, limit: 100 }).await?.items;
+    for d in &deliveries {
+        for a in 0..ATTEMPTS {
+            let attempt =
+                Attempt { attempted_at: now, status_code: Some(503), latency_ms: 12, error: Some(format!("try {a}")) };
+            store.record_attempt(d.id, &attempt, AttemptOutcome::RetryAt(now)).await?;
+        }
+    }
+    println!("made {} deliveries of {ATTEMPTS} attempts each", deliveries.len());
 
     let app = router(state.clone());
     let send = |method: Method, path: String, cookie: Option<String>, form: Option<String>| {
@@ -79,22 +178,31 @@ async fn main() -> Result<(), Error> {
             let response = app.oneshot(request).await?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = axum::body::to_bytes(response.into_body(), 16 << 20).await?;
+            let body = axum::body::to_bytes(response.into_body(), 1 << 30).await?;
             Ok::<_, Error>((status, headers, body))
         }
     };
-    let form = format!("key={}", seeded.key.expose_secret());
-    let (status, headers, _) = send(Method::POST, "/console/sign-in".into(), None, Some(form)).await?;
-    let cookie = headers
-        .get("set-cookie")
-        .and_then(|c| c.to_str().ok())
-        .and_then(|c| c.split(';').next())
-        .map(str::to_owned)
-        .ok_or(format!("sign-in answered {status} without a session"))?;
+    let sign_in = |key: String| {
+        let send = &send;
+        async move {
+            let (status, headers, _) =
+                send(Method::POST, "/console/sign-in".into(), None, Some(format!("key={key}"))).await?;
+            headers
+                .get("set-cookie")
+                .and_then(|c| c.to_str().ok())
+                .and_then(|c| c.split(';').next())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::from(format!("sign-in answered {status} without a session")))
+        }
+    };
+    let cookie = sign_in(seeded.key.expose_secret().to_owned()).await?;
+    let customer = sign_in(customer).await?;
+    let big_customer = sign_in(big_customer).await?;
 
     // Newest first: the key imported at position i is at position `keys - 1 - i` of the list.
     let deep = ids[keys / 10];
     let one = ids[keys / 2];
+    let month = format!("?month={}", keyward_store::usage::month_of(now));
     let pages = [
         ("keys list, first page", "/console/keys".to_owned()),
         ("search, common (`production`)", "/console/keys?q=production".to_owned()),
@@ -105,14 +213,25 @@ async fn main() -> Result<(), Error> {
         ("filter: test environment, disabled", "/console/keys?environment=test&status=disabled".to_owned()),
         ("deep cursor page (90 % down)", format!("/console/keys?cursor={deep}")),
         ("key page", format!("/console/keys/{one}")),
+        ("usage: billing month, every key used (the 100 costliest)", format!("/console/usage{month}")),
+        ("usage: the month's CSV, every key's line", format!("/console/usage.csv{month}")),
+        ("self-serve month (cust-4242: 20 keys)", format!("/console/usage{month}")),
+        ("self-serve month (cust-big: 2,000 keys)", format!("/console/usage{month}")),
+        ("webhook endpoint: a page of deliveries with their attempts", format!("/console/webhooks/{}", hook.id)),
     ];
-    println!("| page | p50 ms | max ms | runs |");
-    println!("|---|---|---|---|");
+    println!("| page | p50 ms | max ms | bytes | runs |");
+    println!("|---|---|---|---|---|");
     for (name, path) in pages {
+        let who = match name {
+            n if n.contains("cust-4242") => &customer,
+            n if n.contains("cust-big") => &big_customer,
+            _ => &cookie,
+        };
         let mut times: Vec<Duration> = Vec::with_capacity(runs);
+        let mut bytes = 0;
         for run in 0..=runs {
             let t = Instant::now();
-            let (status, _, body) = send(Method::GET, path.clone(), Some(cookie.clone()), None).await?;
+            let (status, _, body) = send(Method::GET, path.clone(), Some(who.clone()), None).await?;
             let took = t.elapsed();
             if status != StatusCode::OK {
                 return Err(format!("{path}: {status}: {}", String::from_utf8_lossy(&body)).into());
@@ -120,10 +239,12 @@ async fn main() -> Result<(), Error> {
             if run > 0 {
                 times.push(took);
             }
+            bytes = body.len();
         }
         times.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
-        println!("| {name} | {:.2} | {:.2} | {runs} |", ms(times[times.len() / 2]), ms(times[times.len() - 1]));
+        let (p50, max) = (ms(times[times.len() / 2]), ms(times[times.len() - 1]));
+        println!("| {name} | {p50:.2} | {max:.2} | {bytes} | {runs} |");
     }
     drop(app);
     drop(state);

@@ -3,17 +3,24 @@
 //! own keys' (the keys `GET /v1/keys` lists them, their days as `GET /v1/keys/{id}/usage` reads them).
 //! One line per key with usage in the month, their totals, the month's days drawn as the key page's
 //! chart, the month picker, and the same lines as a CSV download.
+//!
+//! The month is summed in the store (per key, per day), whoever it is of: an organization's every key,
+//! or one owner's, however many keys that owner holds. The page names its [`LINES_SHOWN`] costliest
+//! lines with one lookup of their keys; the CSV streams every line, naming them
+//! [`KEY_LOOKUP_CHUNK`] at a time, so a month of 100,000 keys is 200 lookups, not 100,000.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
+use axum::body::{Body, Bytes};
 use axum::extract::Path;
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures_util::StreamExt;
 use keyward_core::{KeyId, OrgId};
-use keyward_store::usage::{DailyCounts, DailyUsage};
-use keyward_store::{ApiKey, StoreError};
+use keyward_store::usage::{DailyCounts, DailyUsage, KEY_LOOKUP_CHUNK};
+use keyward_store::{ApiKey, Store, StoreError};
 use maud::html;
 use serde::Deserialize;
 
@@ -21,20 +28,19 @@ use super::extract::Signed;
 use super::usage::{daily, decimal_dollars, dollars, standing_view};
 use super::view::{PageResult, Viewer, failed, layout, page};
 use crate::auth::{AnyKey, Caller, KeysRead, KeysReadOrSelf};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::limits::Standing;
-use crate::model::PageQuery;
-use crate::routes::keys::{ListKeysQuery, list_keys};
 use crate::routes::me;
 use crate::routes::usage::{DayUsage, MonthQuery, billing_month, daily_series, org_usage};
+use crate::state::AppState;
 
-/// Lines the page shows, the costliest first (the CSV has every line).
+/// Lines the page shows, the costliest first (the CSV has every line). A billing month is read for
+/// who costs most, so the page is its top, not pages in key order: the sort needs the whole month's
+/// sums anyway (costs are known only once summed), and the CSV is where every line is.
 const LINES_SHOWN: usize = 100;
 /// Months the picker offers: the current one and those before it.
 const MONTHS_OFFERED: usize = 12;
-/// Keys of one owner a self-service month reads (pages of 100 of `GET /v1/keys`).
-const OWNER_KEYS: usize = 1_000;
 
 /// The month picker's query: `YYYY-MM` (blank: the current month).
 #[derive(Deserialize, Default)]
@@ -92,17 +98,21 @@ impl Month {
         Self { month, of, base, lines, days, totals, standing: None }
     }
 
-    /// Names the first `n` lines' keys.
-    async fn name_lines(&mut self, state: &crate::state::AppState, n: usize) -> ApiResult<()> {
-        for line in self.lines.iter_mut().take(n).filter(|l| l.key.is_none()) {
-            line.key = match state.store.get_key(line.key_id).await {
-                Ok(key) => Some(key),
-                Err(StoreError::NotFound) => None,
-                Err(e) => return Err(e.into()),
-            };
-        }
-        Ok(())
+    /// Names the lines the page shows, with one lookup of their keys.
+    async fn name_shown(&mut self, state: &AppState) -> ApiResult<()> {
+        let shown = self.lines.len().min(LINES_SHOWN);
+        Ok(name_lines(&*state.store, &mut self.lines[..shown]).await?)
     }
+}
+
+/// Names `lines` with one lookup of their keys (a line whose key is gone stays unnamed).
+async fn name_lines(store: &dyn Store, lines: &mut [Line]) -> Result<(), StoreError> {
+    let ids: Vec<KeyId> = lines.iter().map(|l| l.key_id).collect();
+    let mut keys: HashMap<KeyId, ApiKey> = store.keys_by_id(&ids).await?.into_iter().map(|k| (k.id, k)).collect();
+    for line in lines {
+        line.key = keys.remove(&line.key_id);
+    }
+    Ok(())
 }
 
 /// An organization's month, as `GET /v1/organizations/{id}/usage` answers `caller` (another
@@ -119,45 +129,22 @@ async fn org_month(caller: Caller<KeysRead>, org: OrgId, month: Option<String>) 
     Ok(Month::new(span, name, base, lines, &rows))
 }
 
-/// A self-service customer's month: the keys `GET /v1/keys` lists the caller (its own owner's), each
-/// with its days in the month, and where the signed-in key stands.
+/// A self-service customer's month: the keys `GET /v1/keys` lists the caller (its own owner's in its
+/// own organization, whatever their status), summed in the store however many there are, and where
+/// the signed-in key stands.
 async fn owner_month(caller: &Caller<KeysReadOrSelf>, month: Option<String>) -> ApiResult<Month> {
     let state = caller.state();
+    // SECURITY: exactly the owner and organization `GET /v1/keys` confines this caller to.
+    let Some(owner) = caller.listed_owner() else {
+        return Err(ApiError::new(ErrorCode::Forbidden, "only a self-service key has an owner's month"));
+    };
+    let org = caller.organization_id();
     let span = billing_month(month, state.clock.now())?;
     let (first, last) = (span.1, span.2);
-    let mut keys = Vec::new();
-    let mut cursor = None;
-    loop {
-        let query = ListKeysQuery { include_inactive: Some(true), ..ListKeysQuery::default() };
-        let paging = PageQuery { cursor, limit: Some(100) };
-        let listed = list_keys(caller.admitted_as()?, ApiQuery(query), ApiQuery(paging)).await?.0;
-        keys.extend(listed.items.into_iter().map(|k| k.key));
-        cursor = listed.next_cursor;
-        if cursor.is_none() || keys.len() >= OWNER_KEYS {
-            break;
-        }
-    }
-    let mut lines = Vec::new();
-    let mut by_day = BTreeMap::<NaiveDate, DailyCounts>::new();
-    let mut named = Vec::new();
-    for key in keys {
-        let rows = state.store.key_usage_daily(key.id, first, last).await?;
-        if rows.is_empty() {
-            continue;
-        }
-        let mut counts = DailyCounts::default();
-        for row in &rows {
-            counts.add(&row.counts);
-            by_day.entry(row.day).or_default().add(&row.counts);
-        }
-        lines.push((key.id, counts));
-        named.push(key);
-    }
-    let rows: Vec<DailyUsage> = by_day.into_iter().map(|(day, counts)| DailyUsage { day, counts }).collect();
+    let lines = state.store.owner_usage_by_key(org, owner, first..=last).await?;
+    let rows = state.store.owner_usage_daily(org, owner, first..=last).await?;
+    let lines = lines.into_iter().map(|l| (l.key_id, l.counts)).collect();
     let mut m = Month::new(span, "your keys".to_owned(), "/console/usage".to_owned(), lines, &rows);
-    for line in &mut m.lines {
-        line.key = named.iter().find(|k| k.id == line.key_id).cloned();
-    }
     m.standing = Some(me::me(caller.admitted_as::<AnyKey>()?).await?.0.standing);
     Ok(m)
 }
@@ -179,26 +166,23 @@ async fn signed_month(signed: &Signed<KeysReadOrSelf>, form: &MonthForm) -> ApiR
 pub async fn usage_page(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
     let mut month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
-    month.name_lines(&state, LINES_SHOWN).await.map_err(|e| failed(&state, e))?;
+    month.name_shown(&state).await.map_err(|e| failed(&state, e))?;
     Ok(month_page(&state, &signed.viewer(), &month))
 }
 
 /// `GET /console/usage.csv`: the lines of [`usage_page`], every one of them, as CSV.
 pub async fn usage_csv(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let mut month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
-    month.name_lines(&state, usize::MAX).await.map_err(|e| failed(&state, e))?;
-    Ok(csv(&month))
+    let month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
+    Ok(csv(&state, month))
 }
 
 type OrgPath = Result<Path<OrgId>, axum::extract::rejection::PathRejection>;
 
-/// An organization's month for `/console/organizations/{id}/usage[.csv]`, with its lines named.
-async fn org_path_month(signed: &Signed<KeysRead>, path: OrgPath, form: &MonthForm, named: usize) -> ApiResult<Month> {
+/// An organization's month for `/console/organizations/{id}/usage[.csv]`.
+async fn org_path_month(signed: &Signed<KeysRead>, path: OrgPath, form: &MonthForm) -> ApiResult<Month> {
     let org = super::orgs::org_id(path)?;
-    let mut month = org_month(signed.caller.admitted_as()?, org, form.month()).await?;
-    month.name_lines(signed.caller.state(), named).await?;
-    Ok(month)
+    org_month(signed.caller.admitted_as()?, org, form.month()).await
 }
 
 /// `GET /console/organizations/{id}/usage`: `GET /v1/organizations/{id}/usage` as a page.
@@ -208,15 +192,16 @@ pub async fn org_usage_page(
     ApiQuery(form): ApiQuery<MonthForm>,
 ) -> PageResult {
     let state = signed.caller.state().clone();
-    let month = org_path_month(&signed, path, &form, LINES_SHOWN).await.map_err(|e| failed(&state, e))?;
+    let mut month = org_path_month(&signed, path, &form).await.map_err(|e| failed(&state, e))?;
+    month.name_shown(&state).await.map_err(|e| failed(&state, e))?;
     Ok(month_page(&state, &signed.viewer(), &month))
 }
 
 /// `GET /console/organizations/{id}/usage.csv`: every line of that page, as CSV.
 pub async fn org_usage_csv(signed: Signed<KeysRead>, path: OrgPath, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let month = org_path_month(&signed, path, &form, usize::MAX).await.map_err(|e| failed(&state, e))?;
-    Ok(csv(&month))
+    let month = org_path_month(&signed, path, &form).await.map_err(|e| failed(&state, e))?;
+    Ok(csv(&state, month))
 }
 
 /// `YYYY-MM` of the month `months` before `now`'s.
@@ -237,7 +222,7 @@ fn errors(c: &DailyCounts) -> i64 {
     c.errors_4xx.saturating_add(c.errors_5xx)
 }
 
-fn month_page(state: &crate::state::AppState, viewer: &Viewer, m: &Month) -> Response {
+fn month_page(state: &AppState, viewer: &Viewer, m: &Month) -> Response {
     let now = state.clock.now();
     let mut months: Vec<String> = (0..MONTHS_OFFERED).map(|i| month_before(now, i)).collect();
     if !months.contains(&m.month) {
@@ -300,27 +285,52 @@ fn text_cell(text: &str) -> String {
     format!("\"{guard}{}\"", text.replace('"', "\"\""))
 }
 
-/// Every line of a month as CSV (RFC 4180: CRLF line ends, a header line), costliest first.
-fn csv_body(m: &Month) -> String {
-    let mut out = String::from("month,key_id,name,hint,owner_id,requests,denied,errors,tokens,cost_usd\r\n");
-    for line in &m.lines {
+/// The CSV's header line (RFC 4180: CRLF line ends).
+const CSV_HEADER: &str = "month,key_id,name,hint,owner_id,requests,denied,errors,tokens,cost_usd\r\n";
+
+/// Named lines of `month` as CSV lines.
+fn csv_lines(month: &str, lines: &[Line]) -> String {
+    let mut out = String::with_capacity(lines.len() * 160);
+    for line in lines {
         let (name, hint) = key_cells(line);
         let owner = line.key.as_ref().and_then(|k| k.owner_id.as_deref()).unwrap_or_default();
         let c = &line.counts;
-        let texts = [m.month.as_str(), &line.key_id.to_string(), &name, &hint, owner].map(text_cell).join(",");
+        let texts = [month, &line.key_id.to_string(), &name, &hint, owner].map(text_cell).join(",");
         let figures = [c.requests, c.denied, errors(c), c.tokens_used].map(|n| n.to_string()).join(",");
         out.push_str(&format!("{texts},{figures},{}\r\n", decimal_dollars(c.cost_micros)));
     }
     out
 }
 
-fn csv(m: &Month) -> Response {
+/// Every line of a month as CSV, costliest first, streamed: [`KEY_LOOKUP_CHUNK`] lines are named
+/// (one lookup) and written at a time, so the answer never holds more than that many keys or lines
+/// of text. A store failure midway ends the body short of its last chunk, which a client sees as a
+/// broken download, never as a complete file; it is logged.
+fn csv(state: &AppState, m: Month) -> Response {
     let name = format!("attachment; filename=\"usage-{}.csv\"", m.month);
     let disposition = HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("attachment"));
+    let Month { month, lines, .. } = m;
+    let mut lines = lines.into_iter().peekable();
+    let mut chunks = Vec::new();
+    while lines.peek().is_some() {
+        chunks.push(lines.by_ref().take(KEY_LOOKUP_CHUNK).collect::<Vec<Line>>());
+    }
+    let store = state.store.clone();
+    let body = futures_util::stream::iter(chunks).then(move |mut chunk| {
+        let (store, month) = (store.clone(), month.clone());
+        async move {
+            if let Err(e) = name_lines(&*store, &mut chunk).await {
+                tracing::error!(error = %e, "the usage CSV stopped short: naming its lines failed");
+                return Err(e);
+            }
+            Ok(Bytes::from(csv_lines(&month, &chunk)))
+        }
+    });
+    let header = futures_util::stream::iter([Ok::<_, StoreError>(Bytes::from_static(CSV_HEADER.as_bytes()))]);
     (
         StatusCode::OK,
         [(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8")), (CONTENT_DISPOSITION, disposition)],
-        csv_body(m),
+        Body::from_stream(header.chain(body)),
     )
         .into_response()
 }

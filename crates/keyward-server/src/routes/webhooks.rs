@@ -280,11 +280,14 @@ pub async fn list_deliveries(
     // does, hence `Writable`.
     let state = hook.caller.state();
     let page = state.store.list_deliveries(hook.target.id, q.request::<Uuid>()?).await?;
-    let mut items = Vec::with_capacity(page.items.len());
-    for d in page.items {
-        let attempts = state.store.list_attempts(d.id).await?;
-        items.push(DeliveryResponse { delivery: d, attempt_log: attempts });
-    }
+    // The page's attempts in one read, not one per delivery.
+    let ids: Vec<Uuid> = page.items.iter().map(|d| d.id).collect();
+    let mut attempts = state.store.list_attempts_of(&ids).await?;
+    let items = page
+        .items
+        .into_iter()
+        .map(|d| DeliveryResponse { attempt_log: attempts.remove(&d.id).unwrap_or_default(), delivery: d })
+        .collect();
     Ok(Json(PageResponse { items, next_cursor: page.next_cursor.map(|c| c.to_string()) }))
 }
 

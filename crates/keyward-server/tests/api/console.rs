@@ -459,6 +459,47 @@ async fn a_self_service_customer_sees_their_own_keys_month_and_their_quota() {
     assert!(csv.contains(&second_key.id.to_string()) && !csv.contains(&bob.id.to_string()) && !csv.contains("bob"));
 }
 
+/// A self-service customer's month counts every key of theirs, however many they hold: more than the
+/// 1,000 (newest first) an earlier version read, with usage on the oldest key and the newest.
+#[tokio::test]
+async fn a_self_service_month_counts_every_key_of_an_owner_with_many() {
+    use crate::helpers::NowUtc;
+    use keyward_store::usage::{UsageEvent, UsageKind};
+    let app = TestApp::sqlite().await;
+    let org = app.default_org.clone();
+    let now = app.clock.now_utc();
+    let imports: Vec<keyward_store::KeyImport> = (0..1_100)
+        .map(|i| {
+            let (_, mut key) = keyward_store::conformance::new_key(&org, keyward_core::Environment::Live);
+            key.owner_id = Some("carol".into());
+            key.name = format!("carol's key {i}");
+            keyward_store::KeyImport { key, legacy: false, created_at: None }
+        })
+        .collect();
+    // Ids are made in time order, so the first is the oldest: the one a listing newest first reaches last.
+    let (oldest, newest) = (imports[0].key.id, imports[1_099].key.id);
+    let store = &app.state.store;
+    let imported = store.import_keys(org.id, imports, &keyward_store::Actor::cli(now), false).await.unwrap();
+    imported.apply(&keyward_store::NoCache);
+    let (carols, _) = app.owned_key(org.id, "carol", &["keyward:self"]).await;
+    let (_, bob) = app.owned_key(org.id, "bob", &[]).await;
+    let used = [oldest, oldest, newest, bob.id];
+    let events: Vec<UsageEvent> = used.iter().map(|id| UsageEvent::new(UsageKind::Verify, *id, org.id, now)).collect();
+    store.record_usage_batch(&events).await.unwrap();
+    store.fold_usage().await.unwrap();
+
+    let text = page_of(&app, &carols, "/console/usage", StatusCode::OK).await;
+    assert!(text.contains(&oldest.to_string()) && text.contains(&newest.to_string()), "{text}");
+    assert!(!text.contains(&bob.id.to_string()), "another owner's key: {text}");
+    assert!(text.contains("<tfoot><tr><th scope=\"row\" colspan=\"2\">Totals</th><td data-label=\"Requests\">3</td>"));
+    let cookie = session(&sign_in(&app, &carols).await);
+    let csv = csv_of(&app, &cookie, "/console/usage.csv").await;
+    let lines: Vec<&str> = csv.split_terminator("\r\n").collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].contains(&oldest.to_string()) && lines[1].ends_with(",\"carol\",2,0,0,0,0.000000"), "{csv}");
+    assert!(lines[2].contains(&newest.to_string()), "{csv}");
+}
+
 #[tokio::test]
 async fn a_key_page_shows_its_audit_trail_as_text_to_those_who_may_read_it() {
     let app = TestApp::sqlite().await;

@@ -4,7 +4,7 @@
 use chrono::{Duration, NaiveDate};
 use keyward_core::OrgId;
 
-use super::{Must, at, key, org, t0};
+use super::{Must, Written, at, insert, key, new_key, org, t0, unique};
 use crate::Store;
 use crate::usage::{Histogram, QuotaSubject, RawEvents, UsageEvent, UsageKind};
 
@@ -382,4 +382,102 @@ pub async fn usage_folded_batch_counts_once_and_only_new_raw_events(store: &dyn 
     assert_eq!(store.get_key(other.id).await.must("other").total_requests, 500);
     let subject = QuotaSubject::Org(org.id).to_string();
     assert_eq!(store.quota_used(&subject, "2030-01").await.must("quota"), 2 * 1_010);
+}
+
+/// A self-service customer's month is summed in the store by owner: every key of the owner in the
+/// organization (a revoked one too), none of another owner's, none of the same owner id in another
+/// organization; per key as the organization's lines say, per day as those keys' days add up.
+pub async fn usage_by_owner_sums_that_owners_keys_only(store: &dyn Store) {
+    use keyward_core::Environment;
+    let (org_a, org_b) = (org(store, None).await, org(store, None).await);
+    let owner = unique("cust");
+    let owned = |org: &crate::Organization, owner: &str| {
+        let mut k = new_key(org, Environment::Live).1;
+        k.owner_id = Some(owner.to_owned());
+        k
+    };
+    let mine = [insert(store, owned(&org_a, &owner)).await, insert(store, owned(&org_a, &owner)).await];
+    let other_owner = insert(store, owned(&org_a, &unique("cust"))).await;
+    let same_owner_elsewhere = insert(store, owned(&org_b, &owner)).await;
+    let no_owner = key(store, &org_a).await;
+    let mut events = Vec::new();
+    for (i, k) in mine.iter().chain([&other_owner, &same_owner_elsewhere, &no_owner]).enumerate() {
+        for m in 0..=i as i64 {
+            events.push(verify_event(k, m, "VALID", "/x"));
+            events.push(report(k, k.organization_id, 24 * 60 + m, &format!("o-{i}-{m}"), 200, 4));
+        }
+    }
+    store.record_usage_batch(&events).await.must("record");
+    store.fold_usage().await.must("fold");
+    let revoked = store.revoke_key(mine[1].id, "gone", at(3 * 24 * 60), &crate::Actor::cli(at(3 * 24 * 60))).await;
+    revoked.written("revoke");
+
+    let (from, to) = (day(0), day(31 * 24 * 60 - 1));
+    let lines = store.owner_usage_by_key(org_a.id, &owner, from..=to).await.must("owner_usage_by_key");
+    let mut want: Vec<_> = store
+        .org_usage_by_key(org_a.id, from, to)
+        .await
+        .must("org_usage_by_key")
+        .into_iter()
+        .filter(|l| mine.iter().any(|k| k.id == l.key_id))
+        .collect();
+    want.sort_by_key(|l| l.key_id);
+    assert_eq!(lines.len(), 2, "both of the owner's keys, the revoked one too: {lines:?}");
+    assert_eq!(lines, want, "by key id, as the organization's lines say");
+    assert_eq!(lines.iter().map(|l| l.counts.requests).sum::<i64>(), 1 + 2);
+
+    let days = store.owner_usage_daily(org_a.id, &owner, from..=to).await.must("owner_usage_daily");
+    let mut summed = std::collections::BTreeMap::<NaiveDate, crate::usage::DailyCounts>::new();
+    for k in &mine {
+        for d in store.key_usage_daily(k.id, from, to).await.must("key_usage_daily") {
+            summed.entry(d.day).or_default().add(&d.counts);
+        }
+    }
+    assert_eq!(
+        days.iter().map(|d| (d.day, d.counts.clone())).collect::<Vec<_>>(),
+        summed.into_iter().collect::<Vec<_>>()
+    );
+    assert_eq!(days.len(), 2);
+
+    let elsewhere = store.owner_usage_by_key(org_b.id, &owner, from..=to).await.must("the other organization");
+    assert_eq!(elsewhere.iter().map(|l| l.key_id).collect::<Vec<_>>(), [same_owner_elsewhere.id]);
+    assert!(store.owner_usage_by_key(org_a.id, "", from..=to).await.must("no owner").is_empty(), "no owner: no lines");
+    assert!(store.owner_usage_daily(org_a.id, "nobody", from..=to).await.must("nobody").is_empty());
+    let later = store.owner_usage_by_key(org_a.id, &owner, day(2 * 24 * 60)..=to).await.must("a later span");
+    assert!(later.is_empty(), "days outside the span are not summed");
+}
+
+/// Keys are looked up by id in batches: more ids than one statement takes, ids of several
+/// organizations, an unknown id (left out), an id given twice, and none at all.
+pub async fn keys_by_id_reads_many_at_once(store: &dyn Store) {
+    use crate::usage::KEY_LOOKUP_CHUNK;
+    use crate::{Actor, KeyImport};
+    use keyward_core::{Environment, KeyId};
+    let (org_a, org_b) = (org(store, None).await, org(store, None).await);
+    let imports: Vec<KeyImport> = (0..KEY_LOOKUP_CHUNK + 3)
+        .map(|i| {
+            let mut key = new_key(&org_a, Environment::Live).1;
+            key.name = format!("key {i}");
+            KeyImport { key, legacy: false, created_at: None }
+        })
+        .collect();
+    let ids: Vec<KeyId> = imports.iter().map(|i| i.key.id).collect();
+    let imported = store.import_keys(org_a.id, imports, &Actor::cli(t0()), false).await;
+    imported.written("import");
+    let foreign = key(store, &org_b).await;
+
+    let mut asked = ids.clone();
+    asked.extend([foreign.id, KeyId::new(), ids[0]]);
+    let found = store.keys_by_id(&asked).await.must("keys_by_id");
+    let mut got: Vec<KeyId> = found.iter().map(|k| k.id).collect();
+    got.sort();
+    got.dedup();
+    let mut want = ids.clone();
+    want.push(foreign.id);
+    want.sort();
+    assert_eq!(got, want, "every known id, whatever its organization; the unknown one left out");
+    for k in found.iter().filter(|k| [ids[7], foreign.id].contains(&k.id)) {
+        assert_eq!(*k, store.get_key(k.id).await.must("get_key"), "the whole key, as get_key reads it");
+    }
+    assert!(store.keys_by_id(&[]).await.must("none").is_empty());
 }

@@ -355,6 +355,27 @@ impl<D: Dialect> AttemptRow<D> {
     }
 }
 
+/// An attempt and the delivery it was made for: the attempts of a page of deliveries, read at once.
+#[derive(FromRow)]
+pub(crate) struct DeliveryAttemptRow<D: Dialect> {
+    delivery_id: D::Id,
+    attempted_at: D::Time,
+    status_code: Option<i64>,
+    latency_ms: i64,
+    error: Option<String>,
+}
+
+/// A delivery's id and one of its attempts.
+pub(crate) struct DeliveryAttempt(pub Uuid, pub Attempt);
+
+impl<D: Dialect> DeliveryAttemptRow<D> {
+    pub(crate) fn into_pair(self) -> StoreResult<DeliveryAttempt> {
+        let Self { delivery_id, attempted_at, status_code, latency_ms, error } = self;
+        let attempt = AttemptRow::<D> { attempted_at, status_code, latency_ms, error }.into_attempt()?;
+        Ok(DeliveryAttempt(id::<D>(delivery_id, "webhook_attempts.delivery_id")?, attempt))
+    }
+}
+
 /// A stored key hash and the organization holding it.
 pub(crate) struct HashOwner(pub KeyHash, pub OrgId);
 
@@ -387,6 +408,7 @@ reads! {
     Webhook: WebhookRow<D> => WebhookRow::into_webhook;
     Delivery: DeliveryRow<D> => DeliveryRow::into_delivery;
     Attempt: AttemptRow<D> => AttemptRow::into_attempt;
+    DeliveryAttempt: DeliveryAttemptRow<D> => DeliveryAttemptRow::into_pair;
     i64: (i64,) => |(n,)| Ok(n);
     bool: (bool,) => |(b,)| Ok(b);
     Uuid: (D::Id,) => |(v,)| id::<D>(v, "id");

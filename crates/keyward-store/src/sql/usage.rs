@@ -12,12 +12,12 @@ use keyward_core::{KeyId, OrgId};
 use sqlx::{ColumnIndex, Decode, FromRow, QueryBuilder, Row, Transaction, Type};
 use uuid::Uuid;
 
-use super::{Backend, Db, Dialect, Reads, Stmt};
-use crate::StoreResult;
+use super::{Arg, Backend, Db, Dialect, Reads, Stmt};
 use crate::usage::{
-    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, EndpointCounts, EndpointUsage, EventTotals, KeyTotals,
-    RecordedBatch, UsageBatch, UsageEvent, UsageStore,
+    BatchEffects, DAILY_COLUMNS, DailyCounts, DailyUsage, Days, EndpointCounts, EndpointUsage, EventTotals,
+    KEY_LOOKUP_CHUNK, KeyTotals, RecordedBatch, UsageBatch, UsageEvent, UsageStore,
 };
+use crate::{ApiKey, StoreResult};
 
 /// The usage ledger's SQL that differs between the databases.
 pub(crate) trait UsageDialect:
@@ -125,17 +125,31 @@ fn daily_sums<D: UsageDialect>() -> String {
     DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", D::sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
-/// An organization's rollups of `from..=to`, every column summed per `group` (`key_id` or `day`) and
-/// ordered by it.
-fn org_sums<D: UsageDialect>(group: &str, org: OrgId, from: NaiveDate, to: NaiveDate) -> Stmt {
-    Stmt::new(format!(
-        "SELECT {group}, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 \
-         GROUP BY {group} ORDER BY {group}",
-        daily_sums::<D>()
-    ))
-    .arg(org)
-    .arg(from)
-    .arg(to)
+/// Whose rollups a sum reads.
+#[derive(Clone, Copy)]
+enum Whose<'a> {
+    /// Every key of an organization.
+    Org(OrgId),
+    /// One owner's keys in an organization (through `api_keys`' owner index, then each key's rows).
+    Owner(OrgId, &'a str),
+}
+
+/// The rollups of `whose` keys over `from..=to`, every column summed per `group` (`key_id` or `day`)
+/// and ordered by it.
+fn sums<D: UsageDialect>(group: &str, whose: Whose<'_>, from: NaiveDate, to: NaiveDate) -> Stmt {
+    let mut q = Stmt::new(format!("SELECT {group}, {} FROM usage_daily WHERE ", daily_sums::<D>()));
+    match whose {
+        Whose::Org(org) => q.push("organization_id = ").push_arg(org),
+        Whose::Owner(org, owner) => q
+            .push("key_id IN (SELECT id FROM api_keys WHERE organization_id = ")
+            .push_arg(org)
+            .push(" AND owner_id = ")
+            .push_arg(owner)
+            .push(")"),
+    };
+    q.push(" AND day >= ").push_arg(from).push(" AND day <= ").push_arg(to);
+    q.push(&format!(" GROUP BY {group} ORDER BY {group}"));
+    q
 }
 
 /// Records the batch's id in `usage_batches`; `false` when it is there already (the batch was written).
@@ -257,11 +271,32 @@ impl<B: UsageBackend> UsageStore for B {
     }
 
     async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
-        B::Db::fetch_all(&mut *self.reader().await?, org_sums::<B::Db>("key_id", org, from, to)).await
+        B::Db::fetch_all(&mut *self.reader().await?, sums::<B::Db>("key_id", Whose::Org(org), from, to)).await
     }
 
     async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
-        B::Db::fetch_all(&mut *self.reader().await?, org_sums::<B::Db>("day", org, from, to)).await
+        B::Db::fetch_all(&mut *self.reader().await?, sums::<B::Db>("day", Whose::Org(org), from, to)).await
+    }
+
+    async fn owner_usage_by_key(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<KeyTotals>> {
+        let q = sums::<B::Db>("key_id", Whose::Owner(org, owner), *days.start(), *days.end());
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn owner_usage_daily(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<DailyUsage>> {
+        let q = sums::<B::Db>("day", Whose::Owner(org, owner), *days.start(), *days.end());
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn keys_by_id(&self, ids: &[KeyId]) -> StoreResult<Vec<ApiKey>> {
+        let mut conn = self.reader().await?;
+        let mut keys = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(KEY_LOOKUP_CHUNK) {
+            let mut q = Stmt::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id IN ("));
+            q.push_list(chunk.iter().map(|id| Arg::from(*id))).push(")");
+            keys.extend(B::Db::fetch_all::<ApiKey>(&mut *conn, q).await?);
+        }
+        Ok(keys)
     }
 
     async fn quota_used(&self, subject: &str, month: &str) -> StoreResult<i64> {

@@ -1,15 +1,18 @@
 //! [`WebhookStore`] for every SQL backend, written once: endpoints, and the delivery of outbox events
 //! to them. Each change runs in one transaction (see [`super::store`]).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keyward_core::OrgId;
 use uuid::Uuid;
 
+use super::rows::DeliveryAttempt;
 use super::store::{fetch_limit, finish, into_page, record, select_org};
-use super::{Backend, Db, Dialect, Reads, Stmt};
+use super::{Arg, Backend, Db, Dialect, Reads, Stmt};
 use crate::effects;
-use crate::webhook::{delivery_body, subscribed_to};
+use crate::webhook::{ATTEMPT_LOOKUP_CHUNK, delivery_body, subscribed_to};
 use crate::{
     Actor, Attempt, AttemptOutcome, Delivery, DeliveryJob, Event, EventKind, NewWebhook, Page, PageRequest, StoreError,
     StoreResult, Webhook, WebhookPatch, WebhookStore,
@@ -215,6 +218,22 @@ impl<B: Backend> WebhookStore for B {
         )
         .arg(delivery);
         B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn list_attempts_of(&self, deliveries: &[Uuid]) -> StoreResult<HashMap<Uuid, Vec<Attempt>>> {
+        let mut conn = self.reader().await?;
+        let mut attempts: HashMap<Uuid, Vec<Attempt>> = HashMap::new();
+        for chunk in deliveries.chunks(ATTEMPT_LOOKUP_CHUNK) {
+            let mut q = Stmt::new(
+                "SELECT delivery_id, attempted_at, status_code, latency_ms, error FROM webhook_attempts
+                 WHERE delivery_id IN (",
+            );
+            q.push_list(chunk.iter().map(|id| Arg::from(*id))).push(") ORDER BY delivery_id, id");
+            for DeliveryAttempt(delivery, attempt) in B::Db::fetch_all(&mut *conn, q).await? {
+                attempts.entry(delivery).or_default().push(attempt);
+            }
+        }
+        Ok(attempts)
     }
 
     async fn retry_delivery(
