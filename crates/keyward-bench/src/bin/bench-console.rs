@@ -1,9 +1,11 @@
-//! The console's keys pages with many keys in the store: imports `keys` keys into a fresh SQLite file
-//! (one organization; names, owners, environments, expiries and inactive keys spread over them), signs
-//! in with the seeded admin key, then times each page through the real router (`oneshot`, the whole
-//! body read): `runs` times after one warm-up, printing p50 and max in milliseconds.
+//! The console's keys pages with many keys in the store: imports `keys` keys into a fresh SQLite file,
+//! or a fresh schema on the PostgreSQL server of the tests (`KEYWARD_TEST_POSTGRES_URL`, dropped at the
+//! end), with one organization (names, owners, environments, expiries and inactive keys spread over
+//! them), signs in with the seeded admin key, then times each page through the real router
+//! (`oneshot`, the whole body read): `runs` times after one warm-up, printing p50 and max in
+//! milliseconds.
 //!
-//! Usage: `bench-console [keys] [runs]`, e.g. `bench-console 100000 20`.
+//! Usage: `bench-console [keys] [runs] [sqlite|postgres]`, e.g. `bench-console 100000 20`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use keyward_server::service;
 use keyward_server::settings::Settings;
 use keyward_server::{App, router};
 use keyward_store::conformance::new_key;
+use keyward_store::testing::PgSchema;
 use keyward_store::{Actor, KeyImport};
 use tower::ServiceExt;
 
@@ -28,12 +31,24 @@ async fn main() -> Result<(), Error> {
     let keys: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100_000);
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20).max(1);
 
+    let backend = args.get(3).map_or("sqlite", String::as_str);
+
     let dir = std::env::temp_dir().join(format!("bench-console-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir)?;
-    let url = format!("sqlite://{}", dir.join("keyward.db").display());
+    let schema = match backend {
+        "sqlite" => None,
+        "postgres" => Some(PgSchema::create("bench-console").await.ok_or("PostgreSQL is skipped")?),
+        other => return Err(format!("unknown backend {other}: sqlite or postgres").into()),
+    };
+    let url = match &schema {
+        Some(schema) => schema.url().to_owned(),
+        None => format!("sqlite://{}", dir.join("keyward.db").display()),
+    };
     let store = keyward_store::open(&url, true).await?;
-    let App { state, tasks: _tasks } =
-        App::builder(Settings::default()).store(store.clone()).without_jobs().build().await?;
+    // Every page is timed from one address: the management limit per client would answer 429.
+    let mut settings = Settings::default();
+    settings.protection.management_per_minute = 1_000_000;
+    let App { state, tasks: _tasks } = App::builder(settings).store(store.clone()).without_jobs().build().await?;
     let now = Utc::now();
     let seeded = service::seed(&state, &Actor::system(now)).await?.ok_or("the database was not empty")?;
     let org = seeded.organization;
@@ -57,7 +72,7 @@ async fn main() -> Result<(), Error> {
                 .apply(&keyward_store::NoCache);
         }
     }
-    println!("imported {keys} keys in {:.1} s", started.elapsed().as_secs_f64());
+    println!("imported {keys} keys into {backend} in {:.1} s", started.elapsed().as_secs_f64());
 
     let app = router(state.clone());
     let send = |method: Method, path: String, cookie: Option<String>, form: Option<String>| {
@@ -101,6 +116,9 @@ async fn main() -> Result<(), Error> {
         ("search, one owner (`cust-4242`, 20 keys spread over all)", "/console/keys?q=cust-4242".to_owned()),
         ("search, no match (every key of the organization read)", "/console/keys?q=no+such+key".to_owned()),
         ("search, a hint", format!("/console/keys?q={}", store.get_key(one).await?.hint)),
+        ("search, an owner prefix (`cust-42`: 2,220 keys)", "/console/keys?q=cust-42".to_owned()),
+        ("search, two characters, common (`pr`)", "/console/keys?q=pr".to_owned()),
+        ("search, two characters, no match (`zq`)", "/console/keys?q=zq".to_owned()),
         ("filter: expiring within 30 days", "/console/keys?expiring=30".to_owned()),
         ("filter: test environment, disabled", "/console/keys?environment=test&status=disabled".to_owned()),
         ("deep cursor page (90 % down)", format!("/console/keys?cursor={deep}")),
@@ -128,6 +146,7 @@ async fn main() -> Result<(), Error> {
     drop(app);
     drop(state);
     drop(store);
+    drop(schema);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
