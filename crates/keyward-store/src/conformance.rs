@@ -491,6 +491,60 @@ pub async fn list_keys_searches_and_finds_expiring(store: &dyn Store) {
     assert_eq!(paged, newest_first(&[&billing, &slash, &plain]));
 }
 
+/// The search stays exact whichever way the store finds its keys (by index for a rare needle of three
+/// characters or more, walking newest first otherwise): it follows renames and imports, takes a
+/// needle's quotes and operators as plain characters, folds only ASCII letters, and pages through more
+/// matches than the store reads by index.
+pub async fn list_keys_search_follows_writes_and_many_matches(store: &dyn Store) {
+    let org = org(store, None).await;
+    let named = |name: &str, owner: Option<&str>| {
+        let (_, mut k) = new_key(&org, Environment::Live);
+        k.name = name.to_owned();
+        k.owner_id = owner.map(str::to_owned);
+        k
+    };
+    let renamed = insert(store, named("Alpha gateway", Some("team-a"))).await;
+    let quoted = insert(store, named(r#"say "hi" (now) OR -x* : NEAR"#, None)).await;
+    let school = insert(store, named("ÉCOLE Straße", Some("ÉQUIPE"))).await;
+    let patch = KeyPatch { name: Some("Beta proxy".to_owned()), ..Default::default() };
+    store.update_key(renamed.id, patch, &Actor::cli(at(1))).await.written("rename");
+
+    let many = crate::sql::store::SEARCH_CANDIDATES_MAX as usize + 5;
+    let mut bulk: Vec<KeyImport> = (0..many)
+        .map(|i| KeyImport { key: named(&format!("Bulk {i}"), Some("bulk-owner")), legacy: false, created_at: None })
+        .collect();
+    bulk[many / 2].key.name = "Bulk needle-in-haystack".to_owned();
+    let haystack = bulk[many / 2].key.id;
+    store.import_keys(org.id, bulk.clone(), &Actor::cli(at(2)), false).await.written("import");
+    let mut bulk_ids: Vec<KeyId> = bulk.iter().map(|k| k.key.id).collect();
+    bulk_ids.sort_by(|a, b| b.cmp(a));
+
+    let base = KeyFilter { include_inactive: true, ..filter(Some(org.id), at(3)) };
+    let search = |q: &str| KeyFilter { search: Some(q.to_owned()), ..base.clone() };
+    let cases: Vec<(&str, KeyFilter, Vec<KeyId>)> = vec![
+        ("the old name is gone", search("gateway"), vec![]),
+        ("the new name", search("beta PROXY"), vec![renamed.id]),
+        ("the owner stays", search("team-a"), vec![renamed.id]),
+        ("quotes are plain", search(r#""hi""#), vec![quoted.id]),
+        ("operators are plain", search("(now) OR -x* :"), vec![quoted.id]),
+        ("an operator word", search("near"), vec![quoted.id]),
+        ("one quote", search(r#"""#), vec![quoted.id]),
+        ("other letters match as they are", search("ÉCOLE"), vec![school.id]),
+        ("other letters are not folded", search("école"), vec![]),
+        ("nor in an owner id", search("équipe"), vec![]),
+        ("ASCII letters next to others", search("STRAßE"), vec![school.id]),
+        ("an imported key", search("NEEDLE-in"), vec![haystack]),
+        ("more matches than are read by index", search("bulk"), bulk_ids.clone()),
+        ("more matches, short needle", search("bu"), bulk_ids.clone()),
+    ];
+    for (name, filter, want) in cases {
+        assert_eq!(all_keys(store, &filter).await, want, "{name}");
+    }
+    let first = store.list_keys(&search("bulk"), PageRequest { after: None, limit: 7 }).await.must("first page");
+    assert_eq!(first.items.iter().map(|k| k.id).collect::<Vec<_>>(), bulk_ids[..7], "newest first");
+    assert_eq!(first.next_cursor, Some(bulk_ids[6]));
+}
+
 /// Cursor pages: newest first, each key exactly once, `next_cursor` only while more remain.
 pub async fn list_keys_paginates_newest_first(store: &dyn Store) {
     let org = org(store, None).await;
@@ -1209,6 +1263,7 @@ macro_rules! conformance_tests {
                 list_keys_filters,
                 list_keys_paginates_newest_first,
                 list_keys_searches_and_finds_expiring,
+                list_keys_search_follows_writes_and_many_matches,
                 update_key_records_a_diff,
                 deactivate_and_activate_are_named,
                 revoke_keeps_the_row,

@@ -20,6 +20,7 @@ use std::future::Future;
 use chrono::{DateTime, NaiveDate, Utc};
 use keyward_core::{KeyId, OrgId};
 use serde_json::Value;
+use sqlx::database::HasStatementCache;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::pool::PoolConnection;
@@ -80,6 +81,38 @@ arg_from! {
     Vec<String> => |v| Arg::List(v);
 }
 
+/// A key search by an index the planner cannot choose by itself (SQLite's FTS5 table: its planner has
+/// no statistics on it), so the store chooses: see `search_by_index` in [`store`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SearchCandidates {
+    /// The `api_keys` column that `select` gives, and the join that reads the candidates first, then
+    /// each one's row.
+    pub key: &'static str,
+    pub join: &'static str,
+    /// Appends a `SELECT` of one column, `k`, that the index answers: at least every key whose name or
+    /// owner id holds the needle (ASCII letters in any case), perhaps more. Only for needles of
+    /// [`TRIGRAM`] characters or more: a trigram index finds nothing shorter.
+    pub select: fn(&mut Stmt, &str),
+}
+
+/// The fewest characters a trigram index can look up.
+pub(crate) const TRIGRAM: usize = 3;
+
+/// The `LIKE` pattern (with `\` as its escape character) matching any text that contains `needle`,
+/// ASCII letters folded to lower case: `%` and `_` in the needle match only themselves.
+pub(crate) fn contains_pattern(needle: &str) -> String {
+    let mut pattern = String::with_capacity(needle.len() + 2);
+    pattern.push('%');
+    for c in needle.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c.to_ascii_lowercase());
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// A key's or an organization's limit overrides, in the order of `limit_columns!()`.
 pub(crate) fn limit_args(limits: &LimitOverrides) -> [Arg; 4] {
     let LimitOverrides { rate_limit_per_minute, rate_limit_per_hour, rate_limit_per_day, monthly_request_limit } =
@@ -94,11 +127,20 @@ pub(crate) struct Stmt {
     /// Static SQL is not copied: most statements are, some run once per request or per key.
     sql: Cow<'static, str>,
     args: Vec<Arg>,
+    /// Prepared for this run alone, not cached on the connection: PostgreSQL then plans it for its
+    /// own arguments every time, where a cached statement may come to run one generic plan for all.
+    one_shot: bool,
 }
 
 impl Stmt {
     pub(crate) fn new(sql: impl Into<Cow<'static, str>>) -> Self {
-        Self { sql: sql.into(), args: Vec::new() }
+        Self { sql: sql.into(), args: Vec::new(), one_shot: false }
+    }
+
+    /// See [`Stmt::one_shot`](Stmt#structfield.one_shot).
+    pub(crate) fn one_shot(&mut self) -> &mut Self {
+        self.one_shot = true;
+        self
     }
 
     /// The next argument, `$n` where `n` is how many came before plus one.
@@ -170,6 +212,10 @@ pub(crate) trait Dialect: Database {
     /// folding on both databases (PostgreSQL's `lower` folds all of Unicode, SQLite's only ASCII), so
     /// a search finds the same keys on either.
     fn ascii_lower(column: &str) -> String;
+
+    /// How a key search finds its keys by index; `None`: the planner does, from the search predicate
+    /// itself (see `push_search` in [`store`]).
+    const SEARCH_CANDIDATES: Option<SearchCandidates>;
 
     /// A driver error in terms a caller can act on.
     fn error(e: sqlx::Error) -> StoreError;
@@ -253,7 +299,7 @@ pub(crate) trait Db: Dialect {
     }
 }
 
-impl<D: Dialect> Db for D
+impl<D: Dialect + HasStatementCache> Db for D
 where
     for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
     for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
@@ -306,8 +352,11 @@ where
     }
 
     async fn execute(conn: &mut Self::Connection, stmt: Stmt) -> StoreResult<u64> {
-        let done =
-            sqlx::query_with::<D, _>(&stmt.sql, arguments::<D>(stmt.args)?).execute(conn).await.map_err(D::error)?;
+        let done = sqlx::query_with::<D, _>(&stmt.sql, arguments::<D>(stmt.args)?)
+            .persistent(!stmt.one_shot)
+            .execute(conn)
+            .await
+            .map_err(D::error)?;
         Ok(D::rows_affected(&done))
     }
 
@@ -315,7 +364,7 @@ where
     where
         Self: Reads<T>,
     {
-        let rows = query_as::<D, T>(&stmt.sql, stmt.args)?.fetch_all(conn).await.map_err(D::error)?;
+        let rows = query_as::<D, T>(&stmt.sql, stmt.args, stmt.one_shot)?.fetch_all(conn).await.map_err(D::error)?;
         rows.into_iter().map(D::record).collect()
     }
 
@@ -323,7 +372,8 @@ where
     where
         Self: Reads<T>,
     {
-        let row = query_as::<D, T>(&stmt.sql, stmt.args)?.fetch_optional(conn).await.map_err(D::error)?;
+        let row =
+            query_as::<D, T>(&stmt.sql, stmt.args, stmt.one_shot)?.fetch_optional(conn).await.map_err(D::error)?;
         row.map(D::record).transpose()
     }
 }
@@ -332,12 +382,13 @@ where
 fn query_as<'q, D, T>(
     sql: &'q str,
     args: Vec<Arg>,
+    one_shot: bool,
 ) -> StoreResult<sqlx::query::QueryAs<'q, D, <D as Reads<T>>::Shape, D::Arguments<'q>>>
 where
-    D: Reads<T>,
+    D: Reads<T> + HasStatementCache,
     D::Arguments<'q>: IntoArguments<'q, D>,
 {
-    Ok(sqlx::query_as_with(sql, arguments::<D>(args)?))
+    Ok(sqlx::query_as_with(sql, arguments::<D>(args)?).persistent(!one_shot))
 }
 
 fn arguments<'q, D: Dialect>(args: Vec<Arg>) -> StoreResult<D::Arguments<'q>> {

@@ -31,7 +31,7 @@ use sqlx::sqlite::{
 use sqlx::{Arguments, Database, QueryBuilder, Sqlite, Transaction};
 use uuid::Uuid;
 
-use crate::sql::{Arg, Backend, Dialect};
+use crate::sql::{Arg, Backend, Dialect, SearchCandidates, Stmt};
 use crate::{StoreError, StoreResult, corrupt};
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -190,6 +190,15 @@ fn parse_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreRes
     serde_json::from_str(s).map_err(|e| corrupt(column, e))
 }
 
+/// Keys whose name or owner id holds `needle` by the FTS5 trigram table: an FTS5 string (a phrase) of
+/// the needle, `"` doubled, every other character as it is. The trigram tokenizer folds letters by
+/// Unicode case rules, more than the search's ASCII folding: the phrase finds every key the search
+/// finds, and perhaps some it does not.
+fn search_candidates(q: &mut Stmt, needle: &str) {
+    let phrase = format!("\"{}\"", needle.replace('"', "\"\""));
+    q.push("SELECT rowid AS k FROM api_keys_search WHERE api_keys_search MATCH ").push_arg(phrase);
+}
+
 /// Ids, times, days, JSON documents and lists of strings are all TEXT: ids hyphenated, times as [`ts`]
 /// writes them, days `YYYY-MM-DD`, lists as JSON arrays.
 impl Dialect for Sqlite {
@@ -208,6 +217,11 @@ impl Dialect for Sqlite {
         // Without the ICU extension (not built in), SQLite's `lower` folds ASCII only.
         format!("lower({column})")
     }
+
+    // The FTS5 trigram table of migration 0008, keyed by api_keys' rowid. CROSS JOIN keeps the
+    // candidates the outer loop: SQLite never reorders it.
+    const SEARCH_CANDIDATES: Option<SearchCandidates> =
+        Some(SearchCandidates { key: "rowid", join: "CROSS JOIN", select: search_candidates });
 
     fn error(e: sqlx::Error) -> StoreError {
         db(e)

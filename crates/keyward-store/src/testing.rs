@@ -76,6 +76,15 @@ impl PgSchema {
                 if let Err(e) = sweep(&mut conn, STALE_AFTER).await {
                     eprintln!("warning: sweeping stale test schemas failed: {e}");
                 }
+                // Migration 0008 creates pg_trgm where it is missing, in the first schema of the search
+                // path: a test's own, whose drop would take the extension, and with it the trigram
+                // indexes of every other test's schema, from under them. Here it lives in `public`, as
+                // on a server. Without it (no contrib package) the migrations still run.
+                if let Err(e) =
+                    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public").execute(&mut conn).await
+                {
+                    eprintln!("warning: creating pg_trgm failed: {e}");
+                }
             })
             .await;
         let name = format!("{PREFIX}{}", Uuid::now_v7().simple());

@@ -1,5 +1,6 @@
-//! The console's pages with many keys in the store: imports `keys` keys into a fresh SQLite file
-//! (one organization; names, owners, environments, expiries and inactive keys spread over them), and
+//! The console's pages with many keys in the store: imports `keys` keys into a fresh SQLite file,
+//! or a fresh schema on the PostgreSQL server of the tests (`KEYWARD_TEST_POSTGRES_URL`, dropped at the
+//! end) (one organization; names, owners, environments, expiries and inactive keys spread over them), and
 //! [`BIG_OWNER_KEYS`] more of one customer; records `usage_days` days of usage this month for every
 //! key through the store's usage ingest (then folds it); makes a webhook endpoint with a page of
 //! deliveries of [`ATTEMPTS`] attempts each. Signs in with the seeded admin key (and with two
@@ -7,7 +8,7 @@
 //! whole body read): `runs` times after one warm-up, printing p50 and max in milliseconds and the
 //! body's size.
 //!
-//! Usage: `bench-console [keys] [runs] [usage_days]`, e.g. `bench-console 100000 20 2`.
+//! Usage: `bench-console [keys] [runs] [usage_days] [sqlite|postgres]`, e.g. `bench-console 100000 20 2`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use keyward_server::{App, AppState, router};
 use keyward_store::conformance::new_key;
 use keyward_store::usage::{RawEvents, UsageEvent, UsageKind};
 use keyward_store::{Actor, Attempt, AttemptOutcome, KeyImport, NewWebhook, PageRequest, WebhookSecret};
+use keyward_store::testing::PgSchema;
 use tower::ServiceExt;
 
 type Error = Box<dyn std::error::Error>;
@@ -48,12 +50,24 @@ async fn main() -> Result<(), Error> {
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20).max(1);
     let usage_days: u32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2).clamp(1, 28);
 
+    let backend = args.get(4).map_or("sqlite", String::as_str);
+
     let dir = std::env::temp_dir().join(format!("bench-console-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir)?;
-    let url = format!("sqlite://{}", dir.join("keyward.db").display());
+    let schema = match backend {
+        "sqlite" => None,
+        "postgres" => Some(PgSchema::create("bench-console").await.ok_or("PostgreSQL is skipped")?),
+        other => return Err(format!("unknown backend {other}: sqlite or postgres").into()),
+    };
+    let url = match &schema {
+        Some(schema) => schema.url().to_owned(),
+        None => format!("sqlite://{}", dir.join("keyward.db").display()),
+    };
     let store = keyward_store::open(&url, true).await?;
-    let App { state, tasks: _tasks } =
-        App::builder(Settings::default()).store(store.clone()).without_jobs().build().await?;
+    // Every page is timed from one address: the management limit per client would answer 429.
+    let mut settings = Settings::default();
+    settings.protection.management_per_minute = 1_000_000;
+    let App { state, tasks: _tasks } = App::builder(settings).store(store.clone()).without_jobs().build().await?;
     let now = Utc::now();
     let seeded = service::seed(&state, &Actor::system(now)).await?.ok_or("the database was not empty")?;
     let org = seeded.organization;
@@ -85,7 +99,7 @@ async fn main() -> Result<(), Error> {
                 .apply(&keyward_store::NoCache);
         }
     }
-    println!("imported {total} keys in {:.1} s", started.elapsed().as_secs_f64());
+    println!("imported {total} keys into {backend} in {:.1} s", started.elapsed().as_secs_f64());
     let big = ids[..BIG_OWNER_KEYS].to_vec();
     let ids = ids.split_off(BIG_OWNER_KEYS);
 
@@ -209,6 +223,9 @@ async fn main() -> Result<(), Error> {
         ("search, one owner (`cust-4242`, 20 keys spread over all)", "/console/keys?q=cust-4242".to_owned()),
         ("search, no match (every key of the organization read)", "/console/keys?q=no+such+key".to_owned()),
         ("search, a hint", format!("/console/keys?q={}", store.get_key(one).await?.hint)),
+        ("search, an owner prefix (`cust-42`: 2,220 keys)", "/console/keys?q=cust-42".to_owned()),
+        ("search, two characters, common (`pr`)", "/console/keys?q=pr".to_owned()),
+        ("search, two characters, no match (`zq`)", "/console/keys?q=zq".to_owned()),
         ("filter: expiring within 30 days", "/console/keys?expiring=30".to_owned()),
         ("filter: test environment, disabled", "/console/keys?environment=test&status=disabled".to_owned()),
         ("deep cursor page (90 % down)", format!("/console/keys?cursor={deep}")),
@@ -218,13 +235,16 @@ async fn main() -> Result<(), Error> {
         ("self-serve month (cust-4242: 20 keys)", format!("/console/usage{month}")),
         ("self-serve month (cust-big: 2,000 keys)", format!("/console/usage{month}")),
         ("webhook endpoint: a page of deliveries with their attempts", format!("/console/webhooks/{}", hook.id)),
+        ("audit log, first page", "/console/audit".to_owned()),
+        ("audit log, a rare action (`webhook_create`: one row)", "/console/audit?action=webhook_create".to_owned()),
+        ("audit log, an action never taken (`rotate`)", "/console/audit?action=rotate".to_owned()),
     ];
     println!("| page | p50 ms | max ms | bytes | runs |");
     println!("|---|---|---|---|---|");
     for (name, path) in pages {
         let who = match name {
-            n if n.contains("cust-4242") => &customer,
-            n if n.contains("cust-big") => &big_customer,
+            n if n.starts_with("self-serve") && n.contains("cust-4242") => &customer,
+            n if n.starts_with("self-serve") && n.contains("cust-big") => &big_customer,
             _ => &cookie,
         };
         let mut times: Vec<Duration> = Vec::with_capacity(runs);
@@ -249,6 +269,7 @@ async fn main() -> Result<(), Error> {
     drop(app);
     drop(state);
     drop(store);
+    drop(schema);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

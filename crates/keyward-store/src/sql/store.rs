@@ -13,7 +13,9 @@ use sqlx::Transaction;
 
 use super::rows::{ChainHead, HashOwner};
 use super::usage::UsageBackend;
-use super::{Arg, Backend, Db, Dialect, Reads, Stmt, lifecycle, limit_args};
+use super::{
+    Arg, Backend, Db, Dialect, Reads, SearchCandidates, Stmt, TRIGRAM, contains_pattern, lifecycle, limit_args,
+};
 use crate::effects::{self, Effects};
 use crate::lookup::key_record;
 use crate::{
@@ -247,22 +249,8 @@ pub(crate) fn push_expiring(q: &mut Stmt, now: DateTime<Utc>, until: DateTime<Ut
     q.push(" AND expires_at > ").push_arg(now).push(" AND expires_at <= ").push_arg(until);
 }
 
-/// The `LIKE` pattern (with `\` as its escape character) matching any text that contains `needle`,
-/// ASCII letters folded to lower case: `%` and `_` in the needle match only themselves.
-fn contains_pattern(needle: &str) -> String {
-    let mut pattern = String::with_capacity(needle.len() + 2);
-    pattern.push('%');
-    for c in needle.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c.to_ascii_lowercase());
-    }
-    pattern.push('%');
-    pattern
-}
-
-/// `AND (name or owner id contains the needle, or the hint is it)`: see [`KeyFilter::search`].
+/// `AND (name or owner id contains the needle, or the hint is it)`: see [`KeyFilter::search`]. The
+/// one predicate of a search, whichever way its keys are found.
 /// SECURITY: the needle is an argument, never SQL; its `%`, `_` and `\` are escaped, so a search
 /// is a substring match and never a pattern the caller writes.
 fn push_search<D: Db>(q: &mut Stmt, needle: &str) {
@@ -271,6 +259,39 @@ fn push_search<D: Db>(q: &mut Stmt, needle: &str) {
     q.push(&format!(" AND ({name} LIKE ")).push_arg(pattern.clone()).push(" ESCAPE '\\'");
     q.push(&format!(" OR {owner} LIKE ")).push_arg(pattern).push(" ESCAPE '\\'");
     q.push(" OR key_hint = ").push_arg(needle).push(")");
+}
+
+/// Candidates past which a search walks the keys newest first instead of reading its candidates: a
+/// needle this common fills a page within a few thousand keys of the walk, while sorting all of its
+/// candidates costs more the more keys hold it.
+pub(crate) const SEARCH_CANDIDATES_MAX: i64 = 1_000;
+
+/// The candidates a search by `needle` reads, when it reads them rather than walking the keys newest
+/// first: where the database has [`SearchCandidates`], the trigram index can look the needle up, and it
+/// finds fewer than [`SEARCH_CANDIDATES_MAX`] keys (in every organization, no other filter).
+async fn search_by_index<D: Db + Reads<i64>>(
+    conn: &mut D::Connection,
+    needle: &str,
+) -> StoreResult<Option<SearchCandidates>> {
+    let Some(candidates) = D::SEARCH_CANDIDATES else { return Ok(None) };
+    if needle.chars().count() < TRIGRAM {
+        return Ok(None);
+    }
+    let mut count = Stmt::new("SELECT COUNT(*) FROM (");
+    (candidates.select)(&mut count, needle);
+    count.push(" LIMIT ").push_arg(SEARCH_CANDIDATES_MAX).push(") AS found");
+    let found: i64 = D::fetch_one(conn, count).await?;
+    Ok((found < SEARCH_CANDIDATES_MAX).then_some(candidates))
+}
+
+/// `(the candidates, and the keys whose hint is the needle) AS found JOIN api_keys`: the keys a search
+/// by index reads, each once, before [`push_search`] decides.
+fn push_search_from(q: &mut Stmt, candidates: SearchCandidates, needle: &str) {
+    let SearchCandidates { key, join, select } = candidates;
+    q.push("(");
+    select(q, needle);
+    q.push(&format!(" UNION SELECT {key} FROM api_keys WHERE key_hint = ")).push_arg(needle);
+    q.push(&format!(") AS found {join} api_keys ON api_keys.{key} = found.k"));
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -421,7 +442,19 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest<KeyId>) -> StoreResult<Page<ApiKey, KeyId>> {
         let (limit, fetch) = fetch_limit(&page);
-        let mut q = Stmt::new(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE 1 = 1"));
+        let mut conn = self.reader().await?;
+        let mut q = Stmt::new(concat!("SELECT ", key_columns!(), " FROM "));
+        let by_index = match &filter.search {
+            Some(needle) => search_by_index::<B::Db>(&mut conn, needle).await?.map(|c| (c, needle)),
+            None => None,
+        };
+        match by_index {
+            Some((candidates, needle)) => push_search_from(&mut q, candidates, needle),
+            None => {
+                q.push("api_keys");
+            }
+        }
+        q.push(" WHERE 1 = 1");
         if let Some(org) = filter.organization_id {
             q.push(" AND organization_id = ").push_arg(org);
         }
@@ -447,6 +480,8 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         }
         if let Some(needle) = &filter.search {
             push_search::<B::Db>(&mut q, needle);
+            // Planned for its own needle: a rare one reads an index, a common one walks newest first.
+            q.one_shot();
         }
         if let Some(by) = filter.expires_by {
             push_expiring(&mut q, filter.now, by);
@@ -455,7 +490,7 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
             q.push(" AND id < ").push_arg(after);
         }
         q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
-        let keys = B::Db::fetch_all(&mut *self.reader().await?, q).await?;
+        let keys = B::Db::fetch_all(&mut conn, q).await?;
         Ok(into_page(keys, limit, |key: &ApiKey| key.id))
     }
 
