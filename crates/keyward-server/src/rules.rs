@@ -84,7 +84,7 @@ impl Reading {
         let unchanged = (!self.without_parameters || !bytes.contains(&b';'))
             && (!self.case_folded || bytes.iter().all(|b| b.is_ascii() && !b.is_ascii_uppercase() && *b != b'%'));
         // A canonical path has no empty segment but a trailing one, which `of_segments` keeps.
-        if unchanged && bytes.first() == Some(&b'/') && !path.contains("//") {
+        if unchanged && bytes.first() == Some(&b'/') && !bytes.windows(2).any(|pair| pair == b"//") {
             return Cow::Borrowed(path);
         }
         Cow::Owned(self.of_segments(path))
