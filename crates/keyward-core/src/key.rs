@@ -174,13 +174,41 @@ impl PlainKey {
     /// SECURITY: for what a client chose to record (a path, an endpoint), which may carry a key
     /// however unwise: a key in `/hooks/sk_live_…` must not reach the usage rows nor their exports.
     pub fn redact_in(text: &str) -> std::borrow::Cow<'_, str> {
-        if text.contains('%')
-            && let std::borrow::Cow::Owned(hidden) = redact_secrets(&percent_decoded(text))
-        {
-            return std::borrow::Cow::Owned(hidden.chars().map(|c| if c.is_control() { '?' } else { c }).collect());
+        if !could_hide_secret(text) {
+            return std::borrow::Cow::Borrowed(text);
         }
-        redact_secrets(text)
+        redact_decoded(text)
     }
+}
+
+/// Whether `text` has a run of at least [`SECRET_LEN`] ASCII letters, digits and `%`: what
+/// [`PlainKey::redact_in`] replaces is always inside one. SECURITY: both of its redactions need
+/// [`SECRET_LEN`] letters and digits in a row (a key's body has more), once decoded; each decoded
+/// letter or digit comes from itself or from a `%XX` escape, so from that many bytes of such a run
+/// at least. A text without one (most paths) is left as it is without decoding or searching it.
+fn could_hide_secret(text: &str) -> bool {
+    let mut run = 0;
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'%' {
+            run += 1;
+            if run >= SECRET_LEN {
+                return true;
+            }
+        } else {
+            run = 0;
+        }
+    }
+    false
+}
+
+/// [`PlainKey::redact_in`] without the pre-check: decoded when that reveals a key, then redacted.
+fn redact_decoded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('%')
+        && let std::borrow::Cow::Owned(hidden) = redact_secrets(&percent_decoded(text))
+    {
+        return std::borrow::Cow::Owned(hidden.chars().map(|c| if c.is_control() { '?' } else { c }).collect());
+    }
+    redact_secrets(text)
 }
 
 /// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 as U+FFFD).
@@ -383,6 +411,69 @@ mod tests {
         let uuid = "/v1/keys/0192a8f0c3b47e1a9d2f6b8c4e1a7d3f0192a8f0c3b4";
         for untouched in ["/v1/projects", "/sk_live_", "sk_live_short", "/é_live_é", "", digest, uuid, "/a%2Fb%20c"] {
             assert!(matches!(PlainKey::redact_in(untouched), std::borrow::Cow::Borrowed(_)), "{untouched}");
+        }
+    }
+
+    /// The pre-check lets no key through: every spelling the redaction tests use, and any text built
+    /// from keys, their escapes and other runs, is redacted exactly as without it.
+    #[test]
+    fn the_pre_check_skips_only_texts_without_a_secret() {
+        let live = PlainKey::generate(&KeyPrefix::default(), Environment::Live).unwrap();
+        let l = live.expose_secret();
+        let body = &l[8..];
+        let encoded: String = body.chars().map(|c| format!("%{:02X}", c as u32)).collect();
+        for text in [
+            l.to_owned(),
+            l.to_uppercase(),
+            format!("/hooks/{l}"),
+            format!("SK_LIVE_{body}"),
+            format!("sk-live-{body}"),
+            format!("/a/sk%5Flive%5F{body}"),
+            format!("/u/sk_live_%{:02X}{}", body.as_bytes()[0], &body[1..]),
+            format!("/e/{encoded}%0A"),
+            body[..SECRET_LEN].to_owned(),
+        ] {
+            assert!(could_hide_secret(&text), "{text}");
+            assert_eq!(PlainKey::redact_in(&text), redact_decoded(&text), "{text}");
+        }
+        for short in ["/v1/projects/7", "/a%2Fb%20c", &body[..SECRET_LEN - 1], "/x/sk_live_abc/é"] {
+            assert!(!could_hide_secret(short), "{short}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_pre_check_changes_no_redaction(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    Just("sk_live_"),
+                    Just("_test_"),
+                    Just("%5F"),
+                    Just("%41"),
+                    Just("%"),
+                    Just("/"),
+                    Just("-"),
+                    Just("\u{e9}"),
+                    Just("0123456789abcdefghij"),
+                    Just("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+                    Just("9f86d081884c7d659a2feaa0"),
+                ],
+                0..12,
+            ),
+            with_key in proptest::option::of(0usize..12),
+        ) {
+            let key = PlainKey::generate(&KeyPrefix::default(), Environment::Test).unwrap();
+            let mut text: String = pieces.concat();
+            if let Some(at) = with_key {
+                let at = text.char_indices().map(|(i, _)| i).nth(at).unwrap_or(text.len());
+                text.insert_str(at, key.expose_secret());
+            }
+            prop_assert_eq!(PlainKey::redact_in(&text), redact_decoded(&text), "{}", text);
+            if with_key.is_some() {
+                prop_assert!(!PlainKey::redact_in(&text).contains(&key.expose_secret()[8..]), "{}", text);
+            }
         }
     }
     use proptest::prelude::*;

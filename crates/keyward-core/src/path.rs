@@ -76,7 +76,6 @@ impl NormalizedPath {
         }
         // After `parse`, every escape is valid and `..;` is refused: a `..` is two dots, each raw or
         // `%2E` in either case.
-        let is_dot_dot = |segment: &str| segment.to_ascii_lowercase().replace("%2e", ".") == "..";
         if raw.split('/').any(is_dot_dot) {
             return Err(PathError::UnresolvedDotSegment);
         }
@@ -97,6 +96,16 @@ impl fmt::Display for NormalizedPath {
 impl AsRef<str> for NormalizedPath {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+/// Whether `segment` is two dots, each raw or `%2E` in either case.
+fn is_dot_dot(segment: &str) -> bool {
+    let dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
+    match segment.len() {
+        2 | 6 => segment.split_at_checked(segment.len() / 2).is_some_and(|(a, b)| dot(a) && dot(b)),
+        4 => [1, 3].iter().any(|&at| segment.split_at_checked(at).is_some_and(|(a, b)| dot(a) && dot(b))),
+        _ => false,
     }
 }
 
@@ -173,6 +182,32 @@ fn normalize_segment(raw: &str, decoded: &mut Vec<u8>) -> Result<String, PathErr
 
 /// The canonical form of `raw` (see the module documentation), or why there is none.
 pub fn normalize(raw: &str) -> Result<String, PathError> {
+    if is_canonical(raw) {
+        return Ok(raw.to_owned());
+    }
+    normalize_segments(raw)
+}
+
+/// Whether `raw` is in canonical form already, by a look that refuses more than it must (every escape,
+/// every segment that starts with `.`): then [`normalize_segments`] would give it back unchanged, and
+/// most request paths are spared its copies.
+fn is_canonical(raw: &str) -> bool {
+    let Some(rest) = raw.strip_prefix('/') else { return false };
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let is_last = segments.peek().is_none();
+        if (segment.is_empty() && !is_last) || segment.starts_with('.') {
+            return false;
+        }
+        if !segment.bytes().all(|b| is_unreserved(b) || is_kept_raw(b)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`normalize`], segment by segment.
+fn normalize_segments(raw: &str) -> Result<String, PathError> {
     let Some(rest) = raw.strip_prefix('/') else { return Err(PathError::NotAbsolute) };
     let mut decoded = Vec::with_capacity(raw.len());
     let mut stack: Vec<String> = Vec::new();
@@ -367,6 +402,21 @@ mod tests {
                 // Only characters every HTTP stack accepts raw in a path, so forwarding cannot fail.
                 prop_assert!(once.bytes().all(|b| is_unreserved(b) || is_kept_raw(b) || b == b'/' || b == b'%'), "{}", once);
             }
+        }
+
+        /// The shortcut for paths already canonical answers what the full normalization does.
+        #[test]
+        fn the_canonical_shortcut_changes_nothing(raw in pathish()) {
+            prop_assert_eq!(normalize(&raw), normalize_segments(&raw));
+            if is_canonical(&raw) {
+                prop_assert_eq!(normalize_segments(&raw), Ok(raw.clone()));
+            }
+        }
+
+        #[test]
+        fn dot_dot_segments_in_every_spelling(segment in "(\\.|%2[eE]|[a-z2%;]){0,4}") {
+            let slow = segment.to_ascii_lowercase().replace("%2e", ".") == "..";
+            prop_assert_eq!(is_dot_dot(&segment), slow, "{}", segment);
         }
 
         #[test]

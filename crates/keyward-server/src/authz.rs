@@ -205,7 +205,12 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
                 remove_headers: headers_to_remove(&state.key_headers, request.headers, &upstream_headers),
                 upstream_headers,
                 key: Some(key.clone()),
-                response_headers: verdict.headers(now),
+                response_headers: {
+                    // Room for what an answer adds (identity, request id, length) without growing.
+                    let mut headers = HeaderMap::with_capacity(16);
+                    verdict.put_headers(now, &mut headers);
+                    headers
+                },
             })
         }
         (refusal, _) => Decision::Deny(refusal.unwrap_or_else(|| ApiError::internal("a valid key without a record"))),
@@ -261,17 +266,25 @@ fn signed_identity(
 fn identity_headers(key: &KeyRecord) -> HeaderMap {
     let [key_id, organization, owner, environment, scopes] = IDENTITY_HEADERS;
     let mut headers = HeaderMap::with_capacity(IDENTITY_HEADERS.len() + 1);
-    let mut set = |name: HeaderName, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+    // Each value made once, as the header's own bytes (no copy into the header).
+    let set = |headers: &mut HeaderMap, name: HeaderName, value: String| {
+        if let Ok(value) = HeaderValue::try_from(value) {
             headers.insert(name, value);
         }
     };
-    set(key_id, key.id.to_string());
-    set(organization, key.organization_id.to_string());
-    set(environment, key.environment.to_string());
-    set(scopes, key.scopes.to_strings().join(" "));
+    set(&mut headers, key_id, key.id.to_string());
+    set(&mut headers, organization, key.organization_id.to_string());
+    headers.insert(environment, HeaderValue::from_static(key.environment.as_str()));
+    let mut joined = String::with_capacity(key.scopes.iter().map(|s| s.as_str().len() + 1).sum());
+    for scope in key.scopes.iter() {
+        if !joined.is_empty() {
+            joined.push(' ');
+        }
+        joined.push_str(scope.as_str());
+    }
+    set(&mut headers, scopes, joined);
     if let Some(owner_id) = &key.owner_id {
-        set(owner, owner_id.to_string());
+        set(&mut headers, owner, owner_id.to_string());
     }
     headers
 }

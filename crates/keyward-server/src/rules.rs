@@ -5,6 +5,7 @@
 //!
 //! This module imports nothing of the crate: the gateway and `authz` both read it.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderName, Method};
@@ -76,8 +77,21 @@ const READINGS: [Reading; 4] = [
 
 impl Reading {
     /// `path` (canonical) as this reading sees it; segments emptied by dropping parameters go, as
-    /// runs of slashes do.
-    fn of(self, path: &str) -> String {
+    /// runs of slashes do. A borrow when this reading sees a canonical path as it is: no `;` to drop,
+    /// and no upper case or escape to fold (most paths, in every reading).
+    fn of(self, path: &str) -> Cow<'_, str> {
+        let bytes = path.as_bytes();
+        let unchanged = (!self.without_parameters || !bytes.contains(&b';'))
+            && (!self.case_folded || bytes.iter().all(|b| b.is_ascii() && !b.is_ascii_uppercase() && *b != b'%'));
+        // A canonical path has no empty segment but a trailing one, which `of_segments` keeps.
+        if unchanged && bytes.first() == Some(&b'/') && !bytes.windows(2).any(|pair| pair == b"//") {
+            return Cow::Borrowed(path);
+        }
+        Cow::Owned(self.of_segments(path))
+    }
+
+    /// [`Reading::of`], segment by segment.
+    fn of_segments(self, path: &str) -> String {
         let mut out = String::with_capacity(path.len());
         for segment in path.split('/').filter(|s| !s.is_empty()) {
             let segment = if self.without_parameters { segment.split(';').next().unwrap_or_default() } else { segment };
@@ -156,6 +170,10 @@ const METHOD_PARAMETER: &[u8] = b"_method";
 pub fn methods_in_query(query: &str) -> impl Iterator<Item = Method> + '_ {
     query.split('&').filter_map(|pair| {
         let (name, value) = pair.split_once('=')?;
+        // Decoding only shortens a name: one shorter than `_method` is never it.
+        if name.len() < METHOD_PARAMETER.len() {
+            return None;
+        }
         let name: Vec<u8> = percent_decoded(name, true)
             .into_iter()
             .map(|b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b })
@@ -183,7 +201,7 @@ pub fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
     // every item of every value counts.
     let named = headers
         .iter()
-        .filter(|(name, _)| METHOD_OVERRIDES.contains(&cgi_name(name).as_str()))
+        .filter(|(name, _)| METHOD_OVERRIDES.iter().any(|o| same_cgi_name(o.as_bytes(), name.as_str().as_bytes())))
         .flat_map(|(_, value)| value.as_bytes().split(|b| *b == b','))
         .filter_map(|item| Method::from_bytes(&item.trim_ascii().to_ascii_uppercase()).ok());
     for method in named {
@@ -196,6 +214,9 @@ pub fn methods_of(method: &Method, headers: &HeaderMap) -> Vec<Method> {
 
 /// The method in upper case: routes are configured in upper case, and the upstream gets this one.
 pub fn canonical_method(method: &Method) -> Method {
+    if !method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return method.clone();
+    }
     Method::from_bytes(method.as_str().to_ascii_uppercase().as_bytes()).unwrap_or_else(|_| method.clone())
 }
 
@@ -216,7 +237,7 @@ impl Routes {
                 .map_err(|source| InvalidRoutePrefix { prefix: route.prefix.clone(), source })?
                 .to_string();
         }
-        let readings = routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix))).collect();
+        let readings = routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix).into_owned())).collect();
         Ok(Self(Arc::new(Table { routes, readings, unmatched })))
     }
 
@@ -232,7 +253,7 @@ impl Routes {
 
     /// The longest matching prefix wins; among equal prefixes, one that names the method.
     pub fn rule_for(&self, method: &Method, path: &NormalizedPath) -> RouteRule {
-        self.rule_for_any(std::slice::from_ref(method), path)
+        self.rule_for_any(std::slice::from_ref(method), path).into_owned()
     }
 
     /// What a request needs that the upstream may run as any of `methods` on any [`Reading`] of
@@ -244,12 +265,14 @@ impl Routes {
     /// any one names, the highest cost. Another reading only ever adds requirements, so a spelling
     /// the upstream reads as a protected path (`/projects;x`, `/PROJECTS`, `/projects.json`, `post`,
     /// an override header) cannot get a weaker rule than that path's.
-    pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> RouteRule {
-        let mut combined: Option<RouteRule> = None;
-        let readings = READINGS.iter().enumerate().flat_map(|(r, reading)| {
-            let read = reading.of(path.as_str());
-            let bare = without_extension(&read).map(|bare| (r, bare.to_owned(), true));
-            [Some((r, read, false)), bare].into_iter().flatten()
+    ///
+    /// A borrow of the table's rule when one rule is all there is to combine (the usual case).
+    pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> Cow<'_, RouteRule> {
+        let mut combined: Option<Cow<'_, RouteRule>> = None;
+        let reads = READINGS.map(|reading| reading.of(path.as_str()));
+        let readings = reads.iter().enumerate().flat_map(|(r, read)| {
+            let bare = without_extension(read).map(|bare| (r, bare, true));
+            [Some((r, &**read, false)), bare].into_iter().flatten()
         });
         for (r, read, bare) in readings {
             for (m, method) in methods.iter().enumerate() {
@@ -259,7 +282,7 @@ impl Routes {
                     .iter()
                     .zip(self.0.readings.iter())
                     .filter(|(route, _)| route.methods.is_empty() || route.methods.contains(method))
-                    .filter(|(_, prefixes)| prefix_matches(&prefixes[r], &read))
+                    .filter(|(_, prefixes)| prefix_matches(&prefixes[r], read))
                     .max_by_key(|(route, prefixes)| (prefixes[r].len(), !route.methods.is_empty()))
                     .map(|(route, _)| &route.rule);
                 let rule = match found {
@@ -268,8 +291,11 @@ impl Routes {
                     None => continue,
                 };
                 combined = Some(match combined {
-                    None => rule.clone(),
-                    Some(mut all) => {
+                    None => Cow::Borrowed(rule),
+                    // The same rule again (another reading or method reaching the same route) adds nothing.
+                    Some(all) if std::ptr::eq(&*all, rule) => all,
+                    Some(all) => {
+                        let mut all = all.into_owned();
                         all.public &= rule.public;
                         for scope in &rule.scopes {
                             if !all.scopes.contains(scope) {
@@ -277,12 +303,12 @@ impl Routes {
                             }
                         }
                         all.cost = all.cost.max(rule.cost);
-                        all
+                        Cow::Owned(all)
                     }
                 });
             }
         }
-        combined.unwrap_or_else(|| self.0.unmatched.clone())
+        combined.unwrap_or(Cow::Borrowed(&self.0.unmatched))
     }
 }
 fn prefix_matches(prefix: &str, path: &str) -> bool {

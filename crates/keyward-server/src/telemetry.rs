@@ -92,18 +92,20 @@ struct Hot {
     verify_total: Vec<metrics::Counter>,
     verify_duration: metrics::Histogram,
     cache_hit: metrics::Counter,
-    /// `POST` answered 2xx on the hot routes: looking a labelled metric up costs more than recording it.
+    /// 2xx answers on the hot routes: looking a labelled metric up costs more than recording it.
     routes: Vec<HotRoute>,
 }
 
 struct HotRoute {
+    method: &'static str,
     route: &'static str,
     ok: metrics::Counter,
     duration: metrics::Histogram,
 }
 
-/// The routes whose successful `POST`s [`track`] counts through handles made once.
-const HOT_ROUTES: [&str; 2] = ["/v1/verify", "/v1/usage"];
+/// The methods and routes whose successful answers [`count_request`] counts through handles made once:
+/// a backend's verify and usage calls, and a proxy's forward-auth checks.
+const HOT_ROUTES: [(&str, &str); 3] = [("POST", "/v1/verify"), ("POST", "/v1/usage"), ("GET", "/v1/authz")];
 
 static HOT: OnceLock<Hot> = OnceLock::new();
 
@@ -119,9 +121,10 @@ fn hot() -> Option<&'static Hot> {
             cache_hit: metrics::counter!("keyward_cache_lookups_total", "result" => "hit"),
             routes: HOT_ROUTES
                 .iter()
-                .map(|&route| HotRoute {
+                .map(|&(method, route)| HotRoute {
+                    method,
                     route,
-                    ok: metrics::counter!("keyward_http_requests_total", "method" => "POST", "route" => route, "status" => "2xx"),
+                    ok: metrics::counter!("keyward_http_requests_total", "method" => method, "route" => route, "status" => "2xx"),
                     duration: metrics::histogram!("keyward_http_request_duration_seconds", "route" => route),
                 })
                 .collect(),
@@ -322,8 +325,8 @@ fn count_request(method: &'static str, route: &str, status: u16, elapsed: Durati
         _ => "5xx",
     };
     let elapsed = elapsed.as_secs_f64();
-    if (method, status) == ("POST", "2xx")
-        && let Some(hot) = hot().and_then(|hot| hot.routes.iter().find(|r| r.route == route))
+    if status == "2xx"
+        && let Some(hot) = hot().and_then(|hot| hot.routes.iter().find(|r| r.method == method && r.route == route))
     {
         hot.ok.increment(1);
         hot.duration.record(elapsed);
