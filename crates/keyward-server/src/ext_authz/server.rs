@@ -201,7 +201,15 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, mut respond: Se
     }
     let deadline =
         grpc_timeout(&head.headers).map_or(shared.limits.call_timeout, |t| t.min(shared.limits.call_timeout));
-    let answered = tokio::time::timeout(deadline, answer(&shared, method, &mut body)).await;
+    // SECURITY: a call the client resets ends here, its work dropped (hyper drops a reset stream's
+    // handler too). h2 no longer counts a reset stream against the streams per connection, so a
+    // client resetting calls in a loop would otherwise keep more of them working than the cap
+    // allows ("rapid reset"). Biased: a call answered on its first poll never looks at the reset.
+    let answered = tokio::select! {
+        biased;
+        answered = tokio::time::timeout(deadline, answer(&shared, method, &mut body)) => answered,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
     drop(body);
     match answered {
         Ok(Ok(Answer::Unary(message))) => send_message(&mut respond, message),

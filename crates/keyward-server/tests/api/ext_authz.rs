@@ -730,3 +730,78 @@ async fn shutdown_answers_calls_in_flight_and_drops_them_after_the_grace() {
     let dropped = tokio::time::timeout(WITHIN, stalled).await.unwrap();
     assert!(dropped.is_err(), "{dropped:?}");
 }
+
+/// Lookups that never answer, counting those in flight: a store too slow for the calls at hand.
+#[derive(Debug)]
+struct StuckStore(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One lookup in flight, counted until its future is dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl KeyLookup for StuckStore {
+    async fn find_key_record(&self, _: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _in_flight = InFlight(self.0.clone());
+        std::future::pending().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// Returns once `ready` holds, polling every few milliseconds; `false` if it did not within `WITHIN`.
+async fn until(ready: impl Fn() -> bool) -> bool {
+    let polled = tokio::time::timeout(WITHIN, async {
+        while !ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    polled.await.is_ok()
+}
+
+/// A call the client resets stops at once, its work dropped, as hyper dropped the handler of a
+/// reset stream. h2 stops counting a stream against `max_streams_per_connection` once the client
+/// resets it, so otherwise a client opening and resetting calls in a loop ("rapid reset",
+/// CVE-2023-44487) keeps more store lookups running than the cap allows, each until `call_timeout`
+/// (or the cache's lookup timeout) ends it.
+#[tokio::test]
+async fn a_call_the_client_resets_stops_its_work_at_once() {
+    use prost::Message;
+    use std::sync::atomic::Ordering::SeqCst;
+    let app = TestApp::sqlite().await;
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Lookups that hang for longer than the test runs: only the call's end can drop one.
+    let mut cache = crate::helpers::settings().cache;
+    cache.lookup_timeout_ms = 3_600_000;
+    let lookup = Arc::new(StuckStore(in_flight.clone()));
+    let keys = keyward_server::cache::CachedLookup::new(
+        lookup,
+        keyward_server::cache::KeyCache::new(cache),
+        Arc::new(app.clock.clone()),
+    );
+    let state = app.state.to_builder().keys(keys).build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = GrpcLimits { max_streams_per_connection: 2, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    tokio::spawn(ext_authz::serve(listener, ExtAuthz::new(state, routes()), limits, std::future::pending()));
+    let sender = h2_client(addr).await;
+    for reset in 1..=4 {
+        // A key of its own each time: lookups of one hash may be shared.
+        let (key, _) = app.key(app.default_org.id, &[]).await;
+        let message = check_request("GET", "/x", &[("x-api-key", &key)], "192.0.2.1").encode_to_vec();
+        let (_response, mut stream) = open_call(&sender, CHECK, &[]).await;
+        stream.send_data(grpc_frame(0, &message), true).unwrap();
+        assert!(until(|| in_flight.load(SeqCst) >= 1).await, "the lookup of call {reset} never began");
+        stream.send_reset(h2::Reason::CANCEL);
+        let stopped = until(|| in_flight.load(SeqCst) == 0).await;
+        assert!(stopped, "{} lookups of reset calls still run after {reset} resets", in_flight.load(SeqCst));
+    }
+}
