@@ -9,13 +9,15 @@
 //! Every bound of [`GrpcLimits`] holds here: the call timeout (a message that trickles in is cut off
 //! with `DEADLINE_EXCEEDED`, a `grpc-timeout` from the client can only shorten it), the streams per
 //! connection (an HTTP/2 setting h2 enforces), the keepalive ping and its timeout, the preface timeout
-//! and the connection cap ([`super::limited`]), and the shutdown grace. h2 itself bounds header lists,
-//! frame sizes, flow-control windows, and resets (pending-accept and locally caused ones, the "rapid
-//! reset" defence) and closes connections that break them.
+//! and the connection cap ([`super::limited`]), and the shutdown grace; so does a cap of this
+//! module's, on the bytes of incomplete messages a connection holds ([`MAX_PARTIAL_BYTES`]). h2
+//! itself bounds header lists, frame sizes, flow-control windows, and resets (pending-accept and
+//! locally caused ones, the "rapid reset" defence) and closes connections that break them.
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -49,6 +51,13 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Streams the peer opened and reset before they were accepted (h2's default, hyper's too).
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Bytes of messages still incomplete that the calls of one connection hold at once. Flow control
+/// does not bound them (what is received is released at once, so a message never waits on its own
+/// window): without this a peer could have each of its streams announce a message of
+/// [`MAX_REQUEST_BYTES`] and hold all but its last byte until `call_timeout`, some 256 MiB per
+/// connection. Four windows: a message arrives in a few frames, so only a peer that holds messages
+/// back comes near it.
+const MAX_PARTIAL_BYTES: usize = 4 * WINDOW as usize;
 
 /// What every connection shares.
 struct Shared {
@@ -130,6 +139,7 @@ async fn connection(stream: Permitted, shared: Arc<Shared>) {
     };
     let mut keepalive = pin!(keepalive(conn.ping_pong(), limits.keepalive, limits.call_timeout));
     let mut draining = false;
+    let partial = AtomicUsize::new(0);
     let mut calls = FuturesUnordered::new();
     poll_fn(|cx| {
         if !draining && stopped.as_mut().poll(cx).is_ready() {
@@ -143,7 +153,9 @@ async fn connection(stream: Permitted, shared: Arc<Shared>) {
             // Calls first: what they write is flushed by the connection's poll below.
             while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {}
             match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((request, respond)))) => calls.push(call(shared.clone(), request, respond)),
+                Poll::Ready(Some(Ok((request, respond)))) => {
+                    calls.push(call(shared.clone(), &partial, request, respond))
+                }
                 Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                 Poll::Pending => return Poll::Pending,
             }
@@ -188,7 +200,12 @@ enum Answer {
 }
 
 /// One stream, from its headers to its last frame.
-async fn call(shared: Arc<Shared>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn call(
+    shared: Arc<Shared>,
+    partial: &AtomicUsize,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let (head, mut body) = request.into_parts();
     let method = match head.uri.path() {
         CHECK_PATH => Method::Check,
@@ -207,7 +224,7 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, mut respond: Se
     // allows ("rapid reset"). Biased: a call answered on its first poll never looks at the reset.
     let answered = tokio::select! {
         biased;
-        answered = tokio::time::timeout(deadline, answer(&shared, method, &mut body)) => answered,
+        answered = tokio::time::timeout(deadline, answer(&shared, method, &mut body, partial)) => answered,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     drop(body);
@@ -221,8 +238,13 @@ async fn call(shared: Arc<Shared>, request: Request<RecvStream>, mut respond: Se
 }
 
 /// Reads the request message and answers it.
-async fn answer(shared: &Shared, method: Method, body: &mut RecvStream) -> Result<Answer, Failure> {
-    let message = read_message(body).await?;
+async fn answer(
+    shared: &Shared,
+    method: Method,
+    body: &mut RecvStream,
+    partial: &AtomicUsize,
+) -> Result<Answer, Failure> {
+    let message = read_message(body, Partial { total: partial, held: 0 }).await?;
     match method {
         Method::Check => {
             let check = wire::CheckRequest::decode(message)
@@ -273,9 +295,35 @@ async fn health_watch(respond: &mut SendResponse<Bytes>, status: ServingStatus, 
     let _ = stream.send_trailers(status_trailers(Code::Unavailable, "the server is shutting down"));
 }
 
+/// What one call buffers of a message still incomplete, counted in its connection's total until
+/// the call has the whole message or ends.
+struct Partial<'a> {
+    total: &'a AtomicUsize,
+    held: usize,
+}
+
+impl Partial<'_> {
+    /// Counts `bytes` more; refused past [`MAX_PARTIAL_BYTES`] for the connection.
+    fn hold(&mut self, bytes: usize) -> Result<(), Failure> {
+        let before = self.total.fetch_add(bytes, Ordering::Relaxed);
+        self.held += bytes;
+        if before.saturating_add(bytes) > MAX_PARTIAL_BYTES {
+            return Err(Failure::Status(Code::ResourceExhausted, "too many incomplete messages on this connection"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Partial<'_> {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
 /// The one message of a unary call, without its 5-byte prefix (compressed flag, length). The length
-/// is checked before the rest is read, so no more than [`MAX_REQUEST_BYTES`] is ever buffered.
-async fn read_message(body: &mut RecvStream) -> Result<Bytes, Failure> {
+/// is checked before the rest is read, so no more than [`MAX_REQUEST_BYTES`] is ever buffered for a
+/// call, and no more than [`MAX_PARTIAL_BYTES`] for the calls of a connection.
+async fn read_message(body: &mut RecvStream, mut partial: Partial<'_>) -> Result<Bytes, Failure> {
     let mut buffer = BytesMut::new();
     loop {
         let chunk = match body.data().await {
@@ -292,6 +340,7 @@ async fn read_message(body: &mut RecvStream) -> Result<Bytes, Failure> {
         {
             return Ok(chunk.slice(5..5 + length));
         }
+        partial.hold(chunk.len())?;
         buffer.extend_from_slice(&chunk);
         if let Some(length) = message_length(&buffer)?
             && buffer.len() >= 5 + length

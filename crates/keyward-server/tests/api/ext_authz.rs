@@ -805,3 +805,33 @@ async fn a_call_the_client_resets_stops_its_work_at_once() {
         assert!(stopped, "{} lookups of reset calls still run after {reset} resets", in_flight.load(SeqCst));
     }
 }
+
+/// Messages held back a byte short of whole are capped per connection: past a few MiB of them a
+/// call is refused with `RESOURCE_EXHAUSTED` at once, instead of every stream of the connection
+/// holding up to `MAX_REQUEST_BYTES` until `call_timeout` (what is received is released to the
+/// client's window at once, so flow control does not bound it).
+#[tokio::test]
+async fn incomplete_messages_are_capped_per_connection() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let sender = h2_client(addr).await;
+    let announced = u32::try_from(ext_authz::MAX_REQUEST_BYTES).unwrap().to_be_bytes();
+    let mut held = vec![0, announced[0], announced[1], announced[2], announced[3]];
+    held.resize(ext_authz::MAX_REQUEST_BYTES, 0);
+    let held = axum::body::Bytes::from(held);
+    let (mut calls, mut streams) = (tokio::task::JoinSet::new(), Vec::new());
+    // 64 such calls would hold 16 MiB.
+    for _ in 0..64 {
+        let (response, mut stream) = open_call(&sender, CHECK, &[]).await;
+        stream.send_data(held.clone(), false).unwrap();
+        calls.spawn(grpc_answer(response));
+        streams.push(stream);
+    }
+    let refused = tokio::time::timeout(WITHIN, calls.join_next()).await.expect("no call refused");
+    assert_eq!(refused.unwrap().unwrap().0, i32::from(tonic::Code::ResourceExhausted));
+    // Other connections are served meanwhile.
+    let (response, mut stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+}
