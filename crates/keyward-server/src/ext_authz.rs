@@ -26,17 +26,14 @@ use envoy_types::pb::google::rpc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
-use tonic::transport::server::{Connected, TcpConnectInfo};
-use tonic::{Code, Request, Response, Status};
-use tonic_health::ServingStatus;
-use tonic_prost::ProstCodec;
+use tonic::Code;
 
 use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::telemetry::Via;
+
+mod server;
 
 /// Largest `CheckRequest` taken: Envoy's request headers are at most 60 KiB by default (its
 /// `max_request_headers_kb` goes up to 8 MiB, past any sane key check); the body is never asked for.
@@ -106,8 +103,8 @@ impl ExtAuthz {
     }
 
     #[tracing::instrument(skip_all, name = "ext_authz")]
-    async fn check(&self, request: Request<wire::CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.check_request(request.get_ref()).await))
+    async fn check(&self, request: &wire::CheckRequest) -> CheckResponse {
+        self.check_request(request).await
     }
 }
 
@@ -203,57 +200,8 @@ pub mod wire {
     }
 }
 
-/// `envoy.service.auth.v3.Authorization` on tonic's server, as tonic's generated server is, with a
-/// codec that decodes [`wire::CheckRequest`] instead of the whole generated `CheckRequest`.
-#[derive(Debug, Clone)]
-pub struct AuthorizationService(Arc<ExtAuthz>);
-
 /// The one method's path.
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
-impl NamedService for AuthorizationService {
-    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
-}
-
-impl<B> Service<http::Request<B>> for AuthorizationService
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
-        }
-        let check = CheckCall(self.0.clone());
-        Box::pin(async move {
-            let codec = ProstCodec::<CheckResponse, wire::CheckRequest>::default();
-            let mut grpc = tonic::server::Grpc::new(codec)
-                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(MAX_REQUEST_BYTES));
-            Ok(grpc.unary(check, request).await)
-        })
-    }
-}
-
-/// One `Check` call.
-struct CheckCall(Arc<ExtAuthz>);
-
-impl tonic::server::UnaryService<wire::CheckRequest> for CheckCall {
-    type Response = CheckResponse;
-    type Future = BoxFuture<Response<CheckResponse>, Status>;
-
-    fn call(&mut self, request: Request<wire::CheckRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.check(request).await })
-    }
-}
 
 /// The request's headers as Envoy saw them: `header_map` (sent with `encode_raw_headers`, values as
 /// bytes) or else the `headers` map (repeated headers joined with commas). Pseudo-headers (`:path`)
@@ -385,43 +333,8 @@ pub async fn serve(
     service: ExtAuthz,
     limits: GrpcLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<AuthorizationService>().await;
-    reporter.set_service_status("", ServingStatus::Serving).await;
-    let authorization = AuthorizationService(Arc::new(service));
-    let incoming = limited(listener, limits.max_connections, limits.preface_timeout);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = limits.shutdown_grace;
-    let server = tonic::transport::Server::builder()
-        .timeout(limits.call_timeout)
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .http2_keepalive_interval(Some(limits.keepalive))
-        .http2_keepalive_timeout(Some(limits.call_timeout))
-        .add_service(health)
-        .add_service(authorization)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop_rx.await;
-        });
-    tokio::pin!(server);
-    tokio::pin!(shutdown);
-    tokio::select! {
-        served = &mut server => return served,
-        () = &mut shutdown => {}
-    }
-    reporter.set_not_serving::<AuthorizationService>().await;
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(grace, server).await {
-        Ok(served) => served,
-        Err(_) => {
-            tracing::warn!(
-                grace_ms = grace.as_millis(),
-                "shutdown: gRPC calls still open after the grace period were dropped"
-            );
-            Ok(())
-        }
-    }
+) -> std::io::Result<()> {
+    server::serve(listener, service, limits, shutdown).await
 }
 
 /// The connections `listener` accepts, each holding one of `cap` permits until it closes: past the
@@ -462,14 +375,6 @@ struct Permitted {
     /// Until the preface is in: how many of its bytes are still to come, and by when.
     preface: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Connected for Permitted {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
 }
 
 impl AsyncRead for Permitted {

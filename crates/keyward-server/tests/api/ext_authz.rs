@@ -506,3 +506,332 @@ async fn a_connection_without_its_preface_in_time_is_closed() {
         assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
     }
 }
+
+/// A raw HTTP/2 connection to the listener, for what a well-behaved gRPC client never sends.
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<axum::body::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = tokio::time::timeout(WITHIN, h2::client::handshake(tcp)).await.unwrap().unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender
+}
+
+/// Opens a gRPC call to `path` with `headers` on top of gRPC's own, its message still to send.
+async fn open_call(
+    sender: &h2::client::SendRequest<axum::body::Bytes>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (h2::client::ResponseFuture, h2::SendStream<axum::body::Bytes>) {
+    let mut request = axum::http::Request::post(format!("http://keyward{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut sender = tokio::time::timeout(WITHIN, sender.clone().ready()).await.unwrap().unwrap();
+    sender.send_request(request.body(()).unwrap(), false).unwrap()
+}
+
+/// A message with its 5-byte gRPC prefix.
+fn grpc_frame(compressed: u8, message: &[u8]) -> axum::body::Bytes {
+    let mut frame = vec![compressed];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.into()
+}
+
+/// An answer's `grpc-status` (from its headers when it has no message, else from its trailers) and
+/// the bytes of its body.
+async fn grpc_answer(response: h2::client::ResponseFuture) -> (i32, Vec<u8>) {
+    let status = |headers: &axum::http::HeaderMap| -> Option<i32> {
+        headers.get("grpc-status").map(|s| s.to_str().unwrap().parse().unwrap())
+    };
+    let response = tokio::time::timeout(WITHIN, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    if let Some(code) = status(response.headers()) {
+        return (code, Vec::new());
+    }
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WITHIN, body.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = tokio::time::timeout(WITHIN, body.trailers()).await.unwrap().unwrap().unwrap();
+    (status(&trailers).unwrap(), data)
+}
+
+/// Returns once `addr` refuses connections: its listener is closed.
+async fn until_refused(addr: SocketAddr) {
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        every.tick().await;
+    }
+}
+
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// gRPC's error semantics, as tonic answers them: an unknown method is `UNIMPLEMENTED`, a message
+/// that is not a `CheckRequest` or is missing `INTERNAL`, a compressed one `INTERNAL` without a
+/// `grpc-encoding` and `UNIMPLEMENTED` with one, a length past the limit `OUT_OF_RANGE` before the
+/// message is read.
+#[tokio::test]
+async fn bad_calls_get_the_grpc_status_tonic_gives_them() {
+    let app = TestApp::sqlite().await;
+    let (addr, _) = serve(&app).await;
+    let sender = h2_client(addr).await;
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<axum::body::Bytes>, tonic::Code);
+    let cases: [Case; 7] = [
+        ("/envoy.service.auth.v3.Authorization/Nope", &[], Some(grpc_frame(0, b"")), tonic::Code::Unimplemented),
+        ("/nope", &[], Some(grpc_frame(0, b"")), tonic::Code::Unimplemented),
+        (CHECK, &[], Some(grpc_frame(0, b"\x0a\xff\xff\xff")), tonic::Code::Internal),
+        (CHECK, &[], None, tonic::Code::Internal),
+        (CHECK, &[], Some(grpc_frame(0, b"\x0a\x00")[..4].to_vec().into()), tonic::Code::Internal),
+        (CHECK, &[], Some(grpc_frame(1, b"\x0a\x00")), tonic::Code::Internal),
+        (CHECK, &[("grpc-encoding", "gzip")], Some(grpc_frame(1, b"\x0a\x00")), tonic::Code::Unimplemented),
+    ];
+    for (path, headers, body, code) in cases {
+        let (response, mut stream) = open_call(&sender, path, headers).await;
+        match body {
+            Some(body) => stream.send_data(body, true).unwrap(),
+            None => stream.send_trailers(axum::http::HeaderMap::new()).unwrap(),
+        }
+        assert_eq!(grpc_answer(response).await.0, i32::from(code), "{path} {headers:?}");
+    }
+    // Only the prefix of a message too large is read: the answer comes before the rest is sent.
+    let (response, mut stream) = open_call(&sender, CHECK, &[]).await;
+    let length = u32::try_from(ext_authz::MAX_REQUEST_BYTES + 1).unwrap().to_be_bytes();
+    stream.send_data(vec![0, length[0], length[1], length[2], length[3]].into(), false).unwrap();
+    assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::OutOfRange));
+    // The connection still serves.
+    let (response, mut stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await, (0, grpc_frame(0, &[0x08, 1]).to_vec()));
+}
+
+/// A call whose message does not arrive, or trickles, is cut off at `call_timeout` with
+/// `DEADLINE_EXCEEDED`; a client's shorter `grpc-timeout` cuts it off sooner.
+#[tokio::test]
+async fn a_message_that_does_not_arrive_in_time_is_deadline_exceeded() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { call_timeout: Duration::from_millis(300), ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let sender = h2_client(addr).await;
+    let (silent, _silent_stream) = open_call(&sender, CHECK, &[]).await;
+    let (trickled, mut trickled_stream) = open_call(&sender, CHECK, &[]).await;
+    trickled_stream.send_data(vec![0, 0, 0].into(), false).unwrap();
+    let started = std::time::Instant::now();
+    for response in [silent, trickled] {
+        assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+    }
+    assert!(started.elapsed() < WITHIN);
+    // The client's own deadline, shorter than the server's.
+    let limits = GrpcLimits { call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let sender = h2_client(addr).await;
+    let (response, _stream) = open_call(&sender, CHECK, &[("grpc-timeout", "200m")]).await;
+    assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+}
+
+/// The streams a connection may open at once are announced in the server's SETTINGS (h2 refuses
+/// more).
+#[tokio::test]
+async fn the_streams_per_connection_are_capped() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_streams_per_connection: 2, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_sender, mut connection) = tokio::time::timeout(WITHIN, h2::client::handshake(tcp)).await.unwrap().unwrap();
+    let announced = std::future::poll_fn(|cx| {
+        let closed = std::pin::Pin::new(&mut connection).poll(cx);
+        match connection.max_concurrent_send_streams() {
+            2 => std::task::Poll::Ready(true),
+            _ if closed.is_ready() => std::task::Poll::Ready(false),
+            _ => std::task::Poll::Pending,
+        }
+    });
+    assert!(tokio::time::timeout(WITHIN, announced).await.unwrap());
+}
+
+/// A peer that answers no ping is dropped once a ping goes unanswered for `call_timeout`: a
+/// connection whose peer vanished does not hold one of `max_connections`.
+#[tokio::test]
+async fn a_peer_that_answers_no_ping_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits {
+        keepalive: Duration::from_millis(100),
+        call_timeout: Duration::from_millis(200),
+        ..GrpcLimits::default()
+    };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; then nothing, not even a PING's answer.
+    client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    // What the server sends is read and thrown away until it closes (or resets) the connection.
+    let closed = tokio::time::timeout(WITHIN, tokio::io::copy(&mut client, &mut tokio::io::sink())).await;
+    assert!(closed.is_ok(), "still open after {WITHIN:?}");
+}
+
+/// `Health/Watch` streams the status: `SERVING`, then `NOT_SERVING` once shutdown begins; an unknown
+/// service is `SERVICE_UNKNOWN` on `Watch` and `NOT_FOUND` on `Check`.
+#[tokio::test]
+async fn health_watch_streams_the_status_until_shutdown() {
+    let app = TestApp::sqlite().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move { stop_rx.await.unwrap_or_default() };
+    let mut health = HealthClient::new(connect(start(&app, GrpcLimits::default(), stop).await).await);
+    let unknown = tokio::time::timeout(WITHIN, health.check(HealthCheckRequest { service: "nope".into() })).await;
+    assert_eq!(unknown.unwrap().unwrap_err().code(), tonic::Code::NotFound);
+    let mut streams = Vec::new();
+    for (service, status) in [("nope", ServingStatus::ServiceUnknown), ("", ServingStatus::Serving)] {
+        let request = HealthCheckRequest { service: service.into() };
+        let mut stream = tokio::time::timeout(WITHIN, health.watch(request)).await.unwrap().unwrap().into_inner();
+        let first = tokio::time::timeout(WITHIN, stream.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!(first.status(), status, "{service:?}");
+        streams.push(stream);
+    }
+    let mut watch = streams.pop().unwrap();
+    stop_tx.send(()).unwrap();
+    let next = tokio::time::timeout(WITHIN, watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    let end = tokio::time::timeout(WITHIN, watch.message()).await.unwrap();
+    assert_eq!(end.unwrap_err().code(), tonic::Code::Unavailable);
+}
+
+/// On shutdown a call in flight is still answered (the listener is closed by then); one still open
+/// after `shutdown_grace` is dropped, and `serve` returns.
+#[tokio::test]
+async fn shutdown_answers_calls_in_flight_and_drops_them_after_the_grace() {
+    let app = TestApp::sqlite().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = GrpcLimits { shutdown_grace: Duration::from_millis(500), ..GrpcLimits::default() };
+    let served = tokio::spawn(ext_authz::serve(listener, ExtAuthz::new(app.state.clone(), routes()), limits, async {
+        let _ = stop_rx.await;
+    }));
+    let sender = h2_client(addr).await;
+    let (in_flight, mut in_flight_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    let (stalled, _stalled_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    // Both calls are open at the server before the signal (a round trip on the same connection).
+    let (response, mut stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(WITHIN, until_refused(addr)).await.unwrap();
+    in_flight_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    // NOT_SERVING: the node is shutting down.
+    assert_eq!(grpc_answer(in_flight).await, (0, grpc_frame(0, &[0x08, 2]).to_vec()));
+    tokio::time::timeout(WITHIN, served).await.unwrap().unwrap().unwrap();
+    let dropped = tokio::time::timeout(WITHIN, stalled).await.unwrap();
+    assert!(dropped.is_err(), "{dropped:?}");
+}
+
+/// Lookups that never answer, counting those in flight: a store too slow for the calls at hand.
+#[derive(Debug)]
+struct StuckStore(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One lookup in flight, counted until its future is dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl KeyLookup for StuckStore {
+    async fn find_key_record(&self, _: &KeyHash) -> StoreResult<Option<Arc<KeyRecord>>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _in_flight = InFlight(self.0.clone());
+        std::future::pending().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// Returns once `ready` holds, polling every few milliseconds; `false` if it did not within `WITHIN`.
+async fn until(ready: impl Fn() -> bool) -> bool {
+    let polled = tokio::time::timeout(WITHIN, async {
+        while !ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    polled.await.is_ok()
+}
+
+/// A call the client resets stops at once, its work dropped, as hyper dropped the handler of a
+/// reset stream. h2 stops counting a stream against `max_streams_per_connection` once the client
+/// resets it, so otherwise a client opening and resetting calls in a loop ("rapid reset",
+/// CVE-2023-44487) keeps more store lookups running than the cap allows, each until `call_timeout`
+/// (or the cache's lookup timeout) ends it.
+#[tokio::test]
+async fn a_call_the_client_resets_stops_its_work_at_once() {
+    use prost::Message;
+    use std::sync::atomic::Ordering::SeqCst;
+    let app = TestApp::sqlite().await;
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Lookups that hang for longer than the test runs: only the call's end can drop one.
+    let mut cache = crate::helpers::settings().cache;
+    cache.lookup_timeout_ms = 3_600_000;
+    let lookup = Arc::new(StuckStore(in_flight.clone()));
+    let keys = keyward_server::cache::CachedLookup::new(
+        lookup,
+        keyward_server::cache::KeyCache::new(cache),
+        Arc::new(app.clock.clone()),
+    );
+    let state = app.state.to_builder().keys(keys).build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = GrpcLimits { max_streams_per_connection: 2, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    tokio::spawn(ext_authz::serve(listener, ExtAuthz::new(state, routes()), limits, std::future::pending()));
+    let sender = h2_client(addr).await;
+    for reset in 1..=4 {
+        // A key of its own each time: lookups of one hash may be shared.
+        let (key, _) = app.key(app.default_org.id, &[]).await;
+        let message = check_request("GET", "/x", &[("x-api-key", &key)], "192.0.2.1").encode_to_vec();
+        let (_response, mut stream) = open_call(&sender, CHECK, &[]).await;
+        stream.send_data(grpc_frame(0, &message), true).unwrap();
+        assert!(until(|| in_flight.load(SeqCst) >= 1).await, "the lookup of call {reset} never began");
+        stream.send_reset(h2::Reason::CANCEL);
+        let stopped = until(|| in_flight.load(SeqCst) == 0).await;
+        assert!(stopped, "{} lookups of reset calls still run after {reset} resets", in_flight.load(SeqCst));
+    }
+}
+
+/// Messages held back a byte short of whole are capped per connection: past a few MiB of them a
+/// call is refused with `RESOURCE_EXHAUSTED` at once, instead of every stream of the connection
+/// holding up to `MAX_REQUEST_BYTES` until `call_timeout` (what is received is released to the
+/// client's window at once, so flow control does not bound it).
+#[tokio::test]
+async fn incomplete_messages_are_capped_per_connection() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let sender = h2_client(addr).await;
+    let announced = u32::try_from(ext_authz::MAX_REQUEST_BYTES).unwrap().to_be_bytes();
+    let mut held = vec![0, announced[0], announced[1], announced[2], announced[3]];
+    held.resize(ext_authz::MAX_REQUEST_BYTES, 0);
+    let held = axum::body::Bytes::from(held);
+    let (mut calls, mut streams) = (tokio::task::JoinSet::new(), Vec::new());
+    // 64 such calls would hold 16 MiB.
+    for _ in 0..64 {
+        let (response, mut stream) = open_call(&sender, CHECK, &[]).await;
+        stream.send_data(held.clone(), false).unwrap();
+        calls.spawn(grpc_answer(response));
+        streams.push(stream);
+    }
+    let refused = tokio::time::timeout(WITHIN, calls.join_next()).await.expect("no call refused");
+    assert_eq!(refused.unwrap().unwrap().0, i32::from(tonic::Code::ResourceExhausted));
+    // Other connections are served meanwhile.
+    let (response, mut stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+}
