@@ -1320,6 +1320,8 @@ macro_rules! conformance_tests {
                 usage_batches_side_by_side_add_up_and_their_ids_expire,
                 usage_folded_batch_counts_once_and_only_new_raw_events,
                 usage_by_owner_sums_that_owners_keys_only,
+                billing_rollups_equal_the_daily_sums,
+                billing_rollups_are_back_filled_by_their_migration,
                 keys_by_id_reads_many_at_once,
             );
         }

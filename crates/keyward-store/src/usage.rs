@@ -893,8 +893,8 @@ pub trait UsageStore: Send + Sync {
     /// Forgets the ids of batches whose newest event is older than `before`; returns how many.
     async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
-    /// Folds the pending rows into `usage_daily`, `usage_daily_endpoints` and `api_keys`, and deletes
-    /// them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows
+    /// Folds the pending rows into `usage_daily`, `usage_daily_endpoints`, the billing rollups
+    /// (`usage_org_daily`, `usage_key_monthly`) and `api_keys`, and deletes them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows
     /// it folded. Each row is folded exactly once, whatever folds other nodes run at the same time.
     async fn fold_usage(&self) -> StoreResult<u64>;
 
@@ -914,8 +914,18 @@ pub trait UsageStore: Send + Sync {
     async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>>;
 
     /// An organization's rollups for `from..=to` (UTC days), every key's summed per day, oldest first;
-    /// days without use have no row.
+    /// days without use have no row. Read from the organization's own daily rollup, which the fold keeps
+    /// equal to the sum of its keys' days: at most a row a day, however many keys.
     async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>>;
+
+    /// The keys of an organization with usage in the UTC month that starts on `month` (its first day),
+    /// with their month's totals, costliest first (cost, then requests, descending; then key id), at
+    /// most `limit` (none: every one). Read from the keys' monthly rollup, which the fold keeps equal to
+    /// the sums of their days, along an index in that order: the top of a month is an index walk.
+    async fn org_month_by_cost(&self, org: OrgId, month: NaiveDate, limit: Option<u32>) -> StoreResult<Vec<KeyTotals>>;
+
+    /// How many keys of an organization have usage in the UTC month that starts on `month`.
+    async fn org_month_keys(&self, org: OrgId, month: NaiveDate) -> StoreResult<u64>;
 
     /// The keys of one owner in an organization that have usage on `days` (UTC), with their totals, by
     /// key id: a self-service customer's billing month, summed in the store however many keys the

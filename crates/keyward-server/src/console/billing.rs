@@ -4,10 +4,13 @@
 //! One line per key with usage in the month, their totals, the month's days drawn as the key page's
 //! chart, the month picker, and the same lines as a CSV download.
 //!
-//! The month is summed in the store (per key, per day), whoever it is of: an organization's every key,
-//! or one owner's, however many keys that owner holds. The page names its [`LINES_SHOWN`] costliest
-//! lines with one lookup of their keys; the CSV streams every line, naming them
-//! [`KEY_LOOKUP_CHUNK`] at a time, so a month of 100,000 keys is 200 lookups, not 100,000.
+//! An organization's month is read from the rollups the usage fold keeps for billing: its days (at
+//! most 31 rows) and its keys' months, costliest first along an index, so the page reads its
+//! [`LINES_SHOWN`] costliest lines and a count, and the CSV every line in one ordered read, however
+//! many keys were used. One owner's month is summed in the store from the daily rollups of that
+//! owner's keys (per key, per day), however many keys that owner holds. The page names its lines with
+//! one lookup of their keys; the CSV streams every line, naming them [`KEY_LOOKUP_CHUNK`] at a time,
+//! so a month of 100,000 keys is 200 lookups, not 100,000.
 
 use std::collections::HashMap;
 
@@ -19,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use futures_util::StreamExt;
 use keyward_core::{KeyId, OrgId};
-use keyward_store::usage::{DailyCounts, DailyUsage, KEY_LOOKUP_CHUNK};
+use keyward_store::usage::{DailyCounts, DailyUsage, KEY_LOOKUP_CHUNK, KeyTotals};
 use keyward_store::{ApiKey, Store, StoreError};
 use maud::html;
 use serde::Deserialize;
@@ -29,10 +32,10 @@ use super::usage::{daily, decimal_dollars, dollars, standing_view};
 use super::view::{PageResult, Viewer, failed, layout, page};
 use crate::auth::{AnyKey, Caller, KeysRead, KeysReadOrSelf};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::extract::{ApiPath, ApiQuery};
+use crate::extract::ApiQuery;
 use crate::limits::Standing;
 use crate::routes::me;
-use crate::routes::usage::{DayUsage, MonthQuery, billing_month, daily_series, org_usage};
+use crate::routes::usage::{DayUsage, billing_month, daily_series, org_billing_month};
 use crate::state::AppState;
 
 /// Lines the page shows, the costliest first (the CSV has every line). A billing month is read for
@@ -41,6 +44,15 @@ use crate::state::AppState;
 const LINES_SHOWN: usize = 100;
 /// Months the picker offers: the current one and those before it.
 const MONTHS_OFFERED: usize = 12;
+
+/// Which lines of a month are read: the page's, or the CSV's.
+#[derive(Clone, Copy)]
+enum Lines {
+    /// The [`LINES_SHOWN`] costliest, and how many there are.
+    Shown,
+    /// Every one.
+    All,
+}
 
 /// The month picker's query: `YYYY-MM` (blank: the current month).
 #[derive(Deserialize, Default)]
@@ -74,7 +86,10 @@ struct Month {
     of: String,
     /// Where the page and its CSV are: `/console/usage` or an organization's.
     base: String,
+    /// The costliest lines: every one, or at least the [`LINES_SHOWN`] a page shows.
     lines: Vec<Line>,
+    /// How many keys have a line in the month.
+    keys: usize,
     days: Vec<DayUsage>,
     totals: DailyCounts,
     /// The signed-in key's standing, on a self-service customer's month.
@@ -82,12 +97,13 @@ struct Month {
 }
 
 impl Month {
-    /// `span`: the month as [`billing_month`] gives it; `rows`: its days' rollups.
-    fn new(span: Span, of: String, base: String, lines: Vec<(KeyId, DailyCounts)>, rows: &[DailyUsage]) -> Self {
+    /// `span`: the month as [`billing_month`] gives it; `lines`: its costliest lines (every one, or at
+    /// least [`LINES_SHOWN`]) of `keys`; `rows`: its days' rollups.
+    fn new(span: Span, of: String, base: String, lines: Vec<KeyTotals>, keys: usize, rows: &[DailyUsage]) -> Self {
         let (month, first, last) = span;
         let (days, totals) = daily_series(rows, first, last);
         let mut lines: Vec<Line> =
-            lines.into_iter().map(|(key_id, counts)| Line { key_id, key: None, counts }).collect();
+            lines.into_iter().map(|l| Line { key_id: l.key_id, key: None, counts: l.counts }).collect();
         lines.sort_by(|a, b| {
             (b.counts.cost_micros, b.counts.requests, a.key_id).cmp(&(
                 a.counts.cost_micros,
@@ -95,7 +111,7 @@ impl Month {
                 b.key_id,
             ))
         });
-        Self { month, of, base, lines, days, totals, standing: None }
+        Self { month, of, base, lines, keys, days, totals, standing: None }
     }
 
     /// Names the lines the page shows, with one lookup of their keys.
@@ -115,18 +131,30 @@ async fn name_lines(store: &dyn Store, lines: &mut [Line]) -> Result<(), StoreEr
     Ok(())
 }
 
-/// An organization's month, as `GET /v1/organizations/{id}/usage` answers `caller` (another
-/// organization's is not found, like an unknown one), with its days.
-async fn org_month(caller: Caller<KeysRead>, org: OrgId, month: Option<String>) -> ApiResult<Month> {
-    let state = caller.state().clone();
+/// An organization's month as `GET /v1/organizations/{id}/usage` lets `caller` read it (another
+/// organization's is not found, like an unknown one), with its days: `which` lines, from the keys'
+/// monthly rollups, costliest first.
+async fn org_month(caller: Caller<KeysRead>, org: OrgId, month: Option<String>, which: Lines) -> ApiResult<Month> {
+    let state = caller.state();
+    let (found, span) = org_billing_month(&caller, org, month).await?;
+    let store = &state.store;
+    let rows = store.org_usage_daily(org, span.1, span.2).await?;
+    let (lines, keys) = match which {
+        Lines::Shown => {
+            let shown = u32::try_from(LINES_SHOWN).unwrap_or(u32::MAX);
+            let lines = store.org_month_by_cost(org, span.1, Some(shown)).await?;
+            let keys = store.org_month_keys(org, span.1).await?;
+            (lines, usize::try_from(keys).unwrap_or(usize::MAX))
+        }
+        Lines::All => {
+            let lines = store.org_month_by_cost(org, span.1, None).await?;
+            let keys = lines.len();
+            (lines, keys)
+        }
+    };
     let own = org == caller.organization_id();
-    let usage = org_usage(caller, ApiPath(org), ApiQuery(MonthQuery { month })).await?.0;
-    let span = billing_month(Some(usage.month), state.clock.now())?;
-    let rows = state.store.org_usage_daily(org, span.1, span.2).await?;
-    let name = state.store.get_org(org).await?.name;
     let base = if own { "/console/usage".to_owned() } else { format!("/console/organizations/{org}/usage") };
-    let lines = usage.keys.into_iter().map(|l| (l.key_id, l.counts.counts)).collect();
-    Ok(Month::new(span, name, base, lines, &rows))
+    Ok(Month::new(span, found.name, base, lines, keys, &rows))
 }
 
 /// A self-service customer's month: the keys `GET /v1/keys` lists the caller (its own owner's in its
@@ -143,19 +171,19 @@ async fn owner_month(caller: &Caller<KeysReadOrSelf>, month: Option<String>) -> 
     let (first, last) = (span.1, span.2);
     let lines = state.store.owner_usage_by_key(org, owner, first..=last).await?;
     let rows = state.store.owner_usage_daily(org, owner, first..=last).await?;
-    let lines = lines.into_iter().map(|l| (l.key_id, l.counts)).collect();
-    let mut m = Month::new(span, "your keys".to_owned(), "/console/usage".to_owned(), lines, &rows);
+    let keys = lines.len();
+    let mut m = Month::new(span, "your keys".to_owned(), "/console/usage".to_owned(), lines, keys, &rows);
     m.standing = Some(me::me(caller.admitted_as::<AnyKey>()?).await?.0.standing);
     Ok(m)
 }
 
 /// The month `signed` asks for on `/console/usage`: its organization's with `keyward:keys:read` (or
 /// admin), else its own owner's keys'.
-async fn signed_month(signed: &Signed<KeysReadOrSelf>, form: &MonthForm) -> ApiResult<Month> {
+async fn signed_month(signed: &Signed<KeysReadOrSelf>, form: &MonthForm, which: Lines) -> ApiResult<Month> {
     match signed.caller.admitted_as::<KeysRead>() {
         Ok(reader) => {
             let org = reader.organization_id();
-            org_month(reader, org, form.month()).await
+            org_month(reader, org, form.month(), which).await
         }
         Err(_) => owner_month(&signed.caller, form.month()).await,
     }
@@ -165,7 +193,7 @@ async fn signed_month(signed: &Signed<KeysReadOrSelf>, form: &MonthForm) -> ApiR
 /// their own keys' and their standing).
 pub async fn usage_page(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let mut month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
+    let mut month = signed_month(&signed, &form, Lines::Shown).await.map_err(|e| failed(&state, e))?;
     month.name_shown(&state).await.map_err(|e| failed(&state, e))?;
     Ok(month_page(&state, &signed.viewer(), &month))
 }
@@ -173,16 +201,16 @@ pub async fn usage_page(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery
 /// `GET /console/usage.csv`: the lines of [`usage_page`], every one of them, as CSV.
 pub async fn usage_csv(signed: Signed<KeysReadOrSelf>, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let month = signed_month(&signed, &form).await.map_err(|e| failed(&state, e))?;
+    let month = signed_month(&signed, &form, Lines::All).await.map_err(|e| failed(&state, e))?;
     Ok(csv(&state, month))
 }
 
 type OrgPath = Result<Path<OrgId>, axum::extract::rejection::PathRejection>;
 
 /// An organization's month for `/console/organizations/{id}/usage[.csv]`.
-async fn org_path_month(signed: &Signed<KeysRead>, path: OrgPath, form: &MonthForm) -> ApiResult<Month> {
+async fn org_path_month(signed: &Signed<KeysRead>, path: OrgPath, form: &MonthForm, which: Lines) -> ApiResult<Month> {
     let org = super::orgs::org_id(path)?;
-    org_month(signed.caller.admitted_as()?, org, form.month()).await
+    org_month(signed.caller.admitted_as()?, org, form.month(), which).await
 }
 
 /// `GET /console/organizations/{id}/usage`: `GET /v1/organizations/{id}/usage` as a page.
@@ -192,7 +220,7 @@ pub async fn org_usage_page(
     ApiQuery(form): ApiQuery<MonthForm>,
 ) -> PageResult {
     let state = signed.caller.state().clone();
-    let mut month = org_path_month(&signed, path, &form).await.map_err(|e| failed(&state, e))?;
+    let mut month = org_path_month(&signed, path, &form, Lines::Shown).await.map_err(|e| failed(&state, e))?;
     month.name_shown(&state).await.map_err(|e| failed(&state, e))?;
     Ok(month_page(&state, &signed.viewer(), &month))
 }
@@ -200,7 +228,7 @@ pub async fn org_usage_page(
 /// `GET /console/organizations/{id}/usage.csv`: every line of that page, as CSV.
 pub async fn org_usage_csv(signed: Signed<KeysRead>, path: OrgPath, ApiQuery(form): ApiQuery<MonthForm>) -> PageResult {
     let state = signed.caller.state().clone();
-    let month = org_path_month(&signed, path, &form).await.map_err(|e| failed(&state, e))?;
+    let month = org_path_month(&signed, path, &form, Lines::All).await.map_err(|e| failed(&state, e))?;
     Ok(csv(&state, month))
 }
 
@@ -248,7 +276,7 @@ fn month_page(state: &AppState, viewer: &Viewer, m: &Month) -> Response {
         @if m.lines.is_empty() { p { "No key was used in " (m.month) "." } } @else {
             div.scroll { table.billing {
                 caption { "Requests, denied requests, errors, tokens and cost per key in " (m.month)
-                    @if m.lines.len() > LINES_SHOWN { " (the " (LINES_SHOWN) " costliest of " (m.lines.len()) " keys; the CSV has them all)" } }
+                    @if m.keys > LINES_SHOWN { " (the " (LINES_SHOWN) " costliest of " (m.keys) " keys; the CSV has them all)" } }
                 thead { tr {
                     th scope="col" { "Key" } th scope="col" { "Hint" } th scope="col" { "Requests" }
                     th scope="col" { "Denied" } th scope="col" { "Errors" } th scope="col" { "Tokens" } th scope="col" { "Cost" }

@@ -378,6 +378,22 @@ pub fn billing_month(month: Option<String>, now: DateTime<Utc>) -> ApiResult<(St
     Ok((month, first, last))
 }
 
+/// Organization `id` and its billing month `month` (see [`billing_month`]) as `caller` may read them:
+/// another organization (without `keyward:admin`) is not found, like an unknown one.
+pub async fn org_billing_month(
+    caller: &Caller<KeysRead>,
+    id: OrgId,
+    month: Option<String>,
+) -> ApiResult<(keyward_store::Organization, (String, NaiveDate, NaiveDate))> {
+    // SECURITY: another organization answers like an unknown one.
+    if !caller.reaches_org(id) {
+        return Err(ApiError::not_found());
+    }
+    let state = caller.state();
+    let span = billing_month(month, state.clock.now())?;
+    Ok((state.store.get_org(id).await?, span))
+}
+
 /// An organization's billing summary for a month: totals per key, from daily rollups.
 ///
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
@@ -391,12 +407,7 @@ pub async fn org_usage(
     ApiQuery(q): ApiQuery<MonthQuery>,
 ) -> ApiResult<Json<OrgUsageResponse>> {
     let state = caller.state();
-    // SECURITY: another organization answers like an unknown one.
-    if !caller.reaches_org(id) {
-        return Err(ApiError::not_found());
-    }
-    let (month, first, last) = billing_month(q.month, state.clock.now())?;
-    state.store.get_org(id).await?;
+    let (_, (month, first, last)) = org_billing_month(&caller, id, q.month).await?;
     let lines = state.store.org_usage_by_key(id, first, last).await?;
     let mut totals = DailyCounts::default();
     for line in &lines {

@@ -481,3 +481,123 @@ pub async fn keys_by_id_reads_many_at_once(store: &dyn Store) {
     }
     assert!(store.keys_by_id(&[]).await.must("none").is_empty());
 }
+
+/// An organization's month from the keys' monthly rollup, costliest first, checked against its count.
+async fn billed(store: &dyn Store, org: OrgId, month: NaiveDate) -> Vec<crate::usage::KeyTotals> {
+    let lines = store.org_month_by_cost(org, month, None).await.must("org_month_by_cost");
+    let count = store.org_month_keys(org, month).await.must("org_month_keys");
+    assert_eq!(count, lines.len() as u64, "the count of the month's keys");
+    lines
+}
+
+/// `org`'s days and its `keys`' months in January and February 2030 equal the sums of those keys'
+/// daily rollups.
+async fn billing_equals_daily_sums(store: &dyn Store, org: OrgId, keys: &[crate::ApiKey]) {
+    use std::collections::BTreeMap;
+
+    use crate::usage::{DailyCounts, KeyTotals};
+    let (jan, feb) = (day(0), day(31 * 24 * 60));
+    let end = day(59 * 24 * 60 - 1);
+    let mut per_day = BTreeMap::<NaiveDate, DailyCounts>::new();
+    let mut per_month = BTreeMap::<NaiveDate, Vec<KeyTotals>>::new();
+    for k in keys {
+        let mut month = BTreeMap::<NaiveDate, DailyCounts>::new();
+        for d in store.key_usage_daily(k.id, jan, end).await.must("key_usage_daily") {
+            per_day.entry(d.day).or_default().add(&d.counts);
+            month.entry(if d.day < feb { jan } else { feb }).or_default().add(&d.counts);
+        }
+        for (m, counts) in month {
+            per_month.entry(m).or_default().push(KeyTotals { key_id: k.id, counts });
+        }
+    }
+    let org_days = store.org_usage_daily(org, jan, end).await.must("org_usage_daily");
+    let org_days: Vec<_> = org_days.into_iter().map(|d| (d.day, d.counts)).collect();
+    assert_eq!(org_days, per_day.into_iter().collect::<Vec<_>>(), "an organization's days");
+    for m in [jan, feb] {
+        let mut want = per_month.remove(&m).unwrap_or_default();
+        want.sort_by(|a, b| {
+            (b.counts.cost_micros, b.counts.requests, a.key_id).cmp(&(
+                a.counts.cost_micros,
+                a.counts.requests,
+                b.key_id,
+            ))
+        });
+        assert_eq!(want.len(), keys.len(), "every key was used in {m}");
+        assert_eq!(billed(store, org, m).await, want, "the keys' month {m}, costliest first");
+        let top = store.org_month_by_cost(org, m, Some(1)).await.must("the costliest");
+        assert_eq!(top, want[..1], "the top of {m}");
+    }
+}
+
+/// The billing rollups (an organization's days, a key's months) equal the sums of the keys' daily
+/// rollups, over several keys, days on both sides of a month's end, and several batches and folds; a
+/// month's keys come costliest first, their count with them; another organization's stay apart. The
+/// retention prunes raw events and batch ids only, never a rollup, so the months stay as they were.
+pub async fn billing_rollups_equal_the_daily_sums(store: &dyn Store) {
+    let (org_a, org_b) = (org(store, None).await, org(store, None).await);
+    let keys = [key(store, &org_a).await, key(store, &org_a).await, key(store, &org_a).await];
+    let foreign = key(store, &org_b).await;
+    // 30 and 31 January, 1 and 3 February 2030.
+    let days = [29, 30, 31, 33].map(|d| d * 24 * 60);
+    for flush in 0..3 {
+        let mut events = Vec::new();
+        for (i, k) in keys.iter().chain([&foreign]).enumerate() {
+            for (d, start) in days.iter().enumerate() {
+                let minute = start + flush * 10;
+                events.push(verify_event(k, minute, if i == 1 { "RATE_LIMITED" } else { "VALID" }, "/m"));
+                // January's costliest key is February's cheapest.
+                let reports = if d < 2 { i + 1 } else { 4 - i.min(3) };
+                for r in 0..reports {
+                    let id = format!("b-{flush}-{i}-{d}-{r}");
+                    events.push(report(k, k.organization_id, minute + 1, &id, 200 + r as i32, 3 * r as i64));
+                }
+            }
+        }
+        store.record_usage_batch(&events).await.must("record");
+        if flush != 1 {
+            // The second batch is folded with the third.
+            store.fold_usage().await.must("fold");
+        }
+    }
+    billing_equals_daily_sums(store, org_a.id, &keys).await;
+    billing_equals_daily_sums(store, org_b.id, std::slice::from_ref(&foreign)).await;
+    let (jan, feb) = (day(0), day(31 * 24 * 60));
+    assert_eq!(billed(store, org_a.id, jan).await[0].key_id, keys[2].id, "January's costliest");
+    assert_eq!(billed(store, org_a.id, feb).await[0].key_id, keys[0].id, "February's costliest");
+    assert!(billed(store, org_a.id, day(59 * 24 * 60)).await.is_empty(), "March");
+    // The retention's prunes leave every rollup as it was.
+    while store.prune_usage_events(at(60 * 24 * 60), 1_000).await.must("prune events") > 0 {}
+    store.prune_usage_batches(at(60 * 24 * 60)).await.must("prune batches");
+    billing_equals_daily_sums(store, org_a.id, &keys).await;
+    billing_equals_daily_sums(store, org_b.id, std::slice::from_ref(&foreign)).await;
+}
+
+/// A database upgraded mid-month shows the same months: migration 0010 fills the billing rollups from
+/// the daily ones (here: reverted and applied again over folded usage), and later folds add to them.
+pub async fn billing_rollups_are_back_filled_by_their_migration(store: &dyn Store) {
+    let org = org(store, None).await;
+    let keys = [key(store, &org).await, key(store, &org).await];
+    let batch = |flush: i64| {
+        let mut events = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            for start in [30, 31, 32].map(|d| d * 24 * 60 + flush) {
+                events.push(verify_event(k, start, "VALID", "/u"));
+                events.push(report(k, org.id, start, &format!("u-{flush}-{i}-{start}"), 200, 7));
+            }
+        }
+        events
+    };
+    store.record_usage_batch(&batch(0)).await.must("record");
+    store.fold_usage().await.must("fold");
+    let status = store.migration_status().await.must("migration_status");
+    let newer = status.iter().filter(|m| m.applied && m.version >= 10).count();
+    store.migrate_down(u32::try_from(newer).unwrap_or(0)).await.must("down to 0009");
+    store.migrate_up().await.must("up again");
+    billing_equals_daily_sums(store, org.id, &keys).await;
+    assert_eq!(billed(store, org.id, day(0)).await.len(), 2);
+    store.record_usage_batch(&batch(1)).await.must("record after the upgrade");
+    store.fold_usage().await.must("fold after the upgrade");
+    billing_equals_daily_sums(store, org.id, &keys).await;
+    let feb = billed(store, org.id, day(31 * 24 * 60)).await;
+    assert_eq!(feb.iter().map(|l| l.counts.reports).collect::<Vec<_>>(), [4, 4], "two days, two batches");
+}

@@ -139,6 +139,17 @@ impl UsageBackend for PostgresStore {
                  FROM moved GROUP BY key_id, day, endpoint
                  ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {endpoint_add}
              ),
+             org_days AS (
+                 INSERT INTO usage_org_daily (organization_id, day, {columns})
+                 SELECT organization_id, day, {sums} FROM moved GROUP BY organization_id, day
+                 ON CONFLICT (organization_id, day) DO UPDATE SET {org_add}
+             ),
+             months AS (
+                 INSERT INTO usage_key_monthly (key_id, month, organization_id, {columns})
+                 SELECT key_id, date_trunc('month', day)::date, MIN(organization_id::text)::uuid, {sums}
+                 FROM moved GROUP BY key_id, date_trunc('month', day)::date
+                 ON CONFLICT (key_id, month) DO UPDATE SET {month_add}
+             ),
              used AS (
                  SELECT key_id, {valid_sum} AS requests, MAX(last_used_at) AS at,
                         (array_agg(last_used_ip ORDER BY last_used_at DESC))[1] AS ip
@@ -160,6 +171,8 @@ impl UsageBackend for PostgresStore {
              SELECT COUNT(*) FROM moved",
             add = daily_add_set("usage_daily", sat_add),
             endpoint_add = endpoint_add_set(sat_add),
+            org_add = daily_add_set("usage_org_daily", sat_add),
+            month_add = daily_add_set("usage_key_monthly", sat_add),
             valid_sum = Postgres::sat_sum("requests::numeric - denied"),
             total_add = sat_add("k.total_requests", "v.requests"),
         );

@@ -275,7 +275,37 @@ impl<B: UsageBackend> UsageStore for B {
     }
 
     async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
-        B::Db::fetch_all(&mut *self.reader().await?, sums::<B::Db>("day", Whose::Org(org), from, to)).await
+        let q = Stmt::new(format!(
+            "SELECT day, {} FROM usage_org_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        ))
+        .arg(org)
+        .arg(from)
+        .arg(to);
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn org_month_by_cost(&self, org: OrgId, month: NaiveDate, limit: Option<u32>) -> StoreResult<Vec<KeyTotals>> {
+        // The order of the index usage_key_monthly_org_cost, so no sort.
+        let mut q = Stmt::new(format!(
+            "SELECT key_id, {} FROM usage_key_monthly WHERE organization_id = $1 AND month = $2
+             ORDER BY cost_micros DESC, requests DESC, key_id",
+            DAILY_COLUMNS.join(", ")
+        ))
+        .arg(org)
+        .arg(month);
+        if let Some(limit) = limit {
+            q.push(" LIMIT ").push_arg(i64::from(limit));
+        }
+        B::Db::fetch_all(&mut *self.reader().await?, q).await
+    }
+
+    async fn org_month_keys(&self, org: OrgId, month: NaiveDate) -> StoreResult<u64> {
+        let q = Stmt::new("SELECT COUNT(*) FROM usage_key_monthly WHERE organization_id = $1 AND month = $2")
+            .arg(org)
+            .arg(month);
+        let n: i64 = B::Db::fetch_one(&mut *self.reader().await?, q).await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn owner_usage_by_key(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<KeyTotals>> {

@@ -178,6 +178,21 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
              ON CONFLICT (key_id, day, endpoint) DO UPDATE SET {}",
             endpoint_add_set(sat_add)
         ),
+        // The billing rollups, from the same rows: an organization's day, a key's month (its first day).
+        format!(
+            "INSERT INTO usage_org_daily (organization_id, day, {columns})
+             SELECT organization_id, day, {sums} FROM usage_pending WHERE seq <= ?1
+             GROUP BY organization_id, day
+             ON CONFLICT (organization_id, day) DO UPDATE SET {}",
+            daily_add_set("usage_org_daily", sat_add)
+        ),
+        format!(
+            "INSERT INTO usage_key_monthly (key_id, month, organization_id, {columns})
+             SELECT key_id, substr(day, 1, 8) || '01', MIN(organization_id), {sums} FROM usage_pending
+             WHERE seq <= ?1 GROUP BY key_id, substr(day, 1, 8)
+             ON CONFLICT (key_id, month) DO UPDATE SET {}",
+            daily_add_set("usage_key_monthly", sat_add)
+        ),
         // VALID requests are requests - denied. `ip` is a bare column beside MAX(): SQLite takes
         // it from the row holding the newest use. As in record_key_usage, the CASEs compare
         // against the old `last_used_at`, and an unknown address keeps the last known one.
