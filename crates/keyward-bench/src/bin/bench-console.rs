@@ -22,9 +22,9 @@ use keyward_server::service::{self, CreateKeyRequest, Validator};
 use keyward_server::settings::Settings;
 use keyward_server::{App, AppState, router};
 use keyward_store::conformance::new_key;
+use keyward_store::testing::PgSchema;
 use keyward_store::usage::{RawEvents, UsageEvent, UsageKind};
 use keyward_store::{Actor, Attempt, AttemptOutcome, KeyImport, NewWebhook, PageRequest, WebhookSecret};
-use keyward_store::testing::PgSchema;
 use tower::ServiceExt;
 
 type Error = Box<dyn std::error::Error>;
