@@ -9,7 +9,7 @@
 //! Every bound of [`GrpcLimits`] holds here: the call timeout (a message that trickles in is cut off
 //! with `DEADLINE_EXCEEDED`, a `grpc-timeout` from the client can only shorten it), the streams per
 //! connection (an HTTP/2 setting h2 enforces), the keepalive ping and its timeout, the preface timeout
-//! and the connection cap ([`super::limited`]), and the shutdown grace; so does a cap of this
+//! and the connection cap ([`super::check::limited`]), and the shutdown grace; so does a cap of this
 //! module's, on the bytes of incomplete messages a connection holds ([`MAX_PARTIAL_BYTES`]). h2
 //! itself bounds header lists, frame sizes, flow-control windows, and resets (pending-accept and
 //! locally caused ones, the "rapid reset" defence) and closes connections that break them.
@@ -35,7 +35,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::{CHECK_PATH, ExtAuthz, GrpcLimits, MAX_REQUEST_BYTES, Permitted, limited, wire};
+use super::check::{CHECK_PATH, ExtAuthz, GrpcLimits, MAX_REQUEST_BYTES, Permitted, limited, wire};
 
 const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 const HEALTH_WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
@@ -69,7 +69,7 @@ struct Shared {
 
 /// Serves `Authorization/Check` and `grpc.health.v1.Health` on `listener` until `shutdown` resolves;
 /// health answers `SERVING` until then, and `NOT_SERVING` while calls in flight finish.
-pub(super) async fn serve(
+pub async fn serve(
     listener: tokio::net::TcpListener,
     service: ExtAuthz,
     limits: GrpcLimits,
