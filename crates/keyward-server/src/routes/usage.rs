@@ -394,7 +394,7 @@ pub async fn org_billing_month(
     Ok((state.store.get_org(id).await?, span))
 }
 
-/// An organization's billing summary for a month: totals per key, from daily rollups.
+/// An organization's billing summary for a month: totals per key, from monthly rollups.
 ///
 /// The rollups catch up with recorded usage every `usage.fold_interval_ms` (10 s by default).
 #[utoipa::path(get, path = "/v1/organizations/{id}/usage", tag = "usage",
@@ -407,8 +407,10 @@ pub async fn org_usage(
     ApiQuery(q): ApiQuery<MonthQuery>,
 ) -> ApiResult<Json<OrgUsageResponse>> {
     let state = caller.state();
-    let (_, (month, first, last)) = org_billing_month(&caller, id, q.month).await?;
-    let lines = state.store.org_usage_by_key(id, first, last).await?;
+    let (_, (month, first, _)) = org_billing_month(&caller, id, q.month).await?;
+    // The month's rollup per key (kept by the fold, equal to the sums of its days), by key id.
+    let mut lines = state.store.org_month_by_cost(id, first, None).await?;
+    lines.sort_unstable_by_key(|l| l.key_id);
     let mut totals = DailyCounts::default();
     for line in &lines {
         totals.add(&line.counts);
