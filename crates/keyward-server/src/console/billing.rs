@@ -306,10 +306,10 @@ fn month_page(state: &AppState, viewer: &Viewer, m: &Month) -> Response {
 }
 
 /// A CSV cell of text, quoted (RFC 4180). SECURITY: a spreadsheet reads a cell that starts with `=`,
-/// `+`, `-` or `@` as a formula (and some drop a leading tab or carriage return first), so such a
-/// cell gets a leading `'`, which shows it as the text it is.
+/// `+`, `-` or `@` as a formula (and some drop a leading tab, carriage return or line feed first), so
+/// such a cell gets a leading `'`, which shows it as the text it is.
 fn text_cell(text: &str) -> String {
-    let guard = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { "'" } else { "" };
+    let guard = if text.starts_with(['=', '+', '-', '@', '\t', '\r', '\n']) { "'" } else { "" };
     format!("\"{guard}{}\"", text.replace('"', "\"\""))
 }
 
@@ -380,7 +380,7 @@ mod tests {
     fn cells_are_quoted_and_never_formulas() {
         assert_eq!(text_cell("plain"), "\"plain\"");
         assert_eq!(text_cell("say \"hi\", twice"), "\"say \"\"hi\"\", twice\"");
-        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"] {
+        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "\n=1+1"] {
             assert_eq!(text_cell(formula), format!("\"'{formula}\""), "{formula:?}");
         }
         assert_eq!(text_cell("a=b"), "\"a=b\"");
