@@ -272,14 +272,16 @@ fn signed_identity(
 fn identity_headers(key: &KeyRecord) -> HeaderMap {
     let [key_id, organization, owner, environment, scopes] = IDENTITY_HEADERS;
     let mut headers = HeaderMap::with_capacity(IDENTITY_HEADERS.len() + 1);
-    // Each value made once, as the header's own bytes (no copy into the header).
-    let set = |headers: &mut HeaderMap, name: HeaderName, value: String| {
-        if let Ok(value) = HeaderValue::try_from(value) {
+    let set = |headers: &mut HeaderMap, name: HeaderName, value: Result<HeaderValue, _>| {
+        if let Ok(value) = value {
             headers.insert(name, value);
         }
     };
-    set(&mut headers, key_id, key.id.to_string());
-    set(&mut headers, organization, key.organization_id.to_string());
+    // Ids written on the stack and copied once into the header, without the formatting machinery.
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    set(&mut headers, key_id, HeaderValue::from_bytes(key.id.0.as_hyphenated().encode_lower(&mut id).as_bytes()));
+    let org = key.organization_id.0.as_hyphenated().encode_lower(&mut id);
+    set(&mut headers, organization, HeaderValue::from_bytes(org.as_bytes()));
     headers.insert(environment, HeaderValue::from_static(key.environment.as_str()));
     let mut joined = String::with_capacity(key.scopes.iter().map(|s| s.as_str().len() + 1).sum());
     for scope in key.scopes.iter() {
@@ -288,9 +290,10 @@ fn identity_headers(key: &KeyRecord) -> HeaderMap {
         }
         joined.push_str(scope.as_str());
     }
-    set(&mut headers, scopes, joined);
+    // The joined text becomes the header's own bytes (no copy).
+    set(&mut headers, scopes, HeaderValue::try_from(joined));
     if let Some(owner_id) = &key.owner_id {
-        set(&mut headers, owner, owner_id.to_string());
+        set(&mut headers, owner, HeaderValue::from_bytes(owner_id.as_bytes()));
     }
     headers
 }

@@ -162,7 +162,9 @@ pub async fn authz(State(state): State<AppState>, request: Request) -> Response 
             // Every identity header, empty when the key has no value: a proxy copying them overwrites
             // one its client forged.
             for name in IDENTITY_HEADERS {
-                headers.insert(name, HeaderValue::from_static(""));
+                if !allowed.upstream_headers.contains_key(&name) {
+                    headers.insert(name, HeaderValue::from_static(""));
+                }
             }
             headers.extend(allowed.upstream_headers);
             (StatusCode::OK, headers).into_response()
