@@ -80,7 +80,8 @@ pub struct Allowed {
     pub upstream_headers: HeaderMap,
     /// To remove before the upstream: every header a key is read from (`[authz] key_headers`), and
     /// every one the client sent that an upstream may read as a key header or an `x-keyward-*` one
-    /// ([`headers_to_remove`]).
+    /// ([`headers_to_remove`]). Empty for `/v1/authz` ([`Via::ExtAuthzHttp`]): its answer has no
+    /// field for it, and the proxy's recipe is what keeps the key from the upstream.
     pub remove_headers: Vec<HeaderName>,
     /// For the client: the key's rate-limit headers.
     pub response_headers: HeaderMap,
@@ -151,7 +152,7 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
         let allowed = Allowed {
             key: None,
             upstream_headers: HeaderMap::new(),
-            remove_headers: headers_to_remove(&state.key_headers, request.headers, &HeaderMap::new()),
+            remove_headers: headers_to_remove(state, request, &HeaderMap::new()),
             response_headers: HeaderMap::new(),
         };
         return Judgement { decision: Decision::Allow(allowed), path: Some(path), event: None };
@@ -202,7 +203,7 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
                 upstream_headers.extend(token.map(|token| (IDENTITY_TOKEN_HEADER, token)));
             }
             Decision::Allow(Allowed {
-                remove_headers: headers_to_remove(&state.key_headers, request.headers, &upstream_headers),
+                remove_headers: headers_to_remove(state, request, &upstream_headers),
                 upstream_headers,
                 key: Some(key.clone()),
                 response_headers: {
@@ -218,13 +219,18 @@ pub(crate) async fn judge(state: &AppState, routes: &Routes, request: AuthzReque
     Judgement { decision, path: Some(path), event }
 }
 
-/// Each header a key is read from, and each one the client `sent` that CGI, WSGI and Rack read as one
-/// of those or as an `x-keyward-*` header (`X_Keyward_Owner_Id`), except the names the answer `set`s.
+/// Each header a key is read from, and each one the client sent that CGI, WSGI and Rack read as one
+/// of those or as an `x-keyward-*` header (`X_Keyward_Owner_Id`), except the names the answer `set`s;
+/// none for `/v1/authz`, whose answer has no field for them ([`Allowed::remove_headers`]).
 ///
 /// SECURITY: a proxy passes on every client header the answer neither sets nor removes: a forged
 /// `x-keyward-owner-id` beside a key without an owner, or any `_` spelling (Envoy accepts those by
 /// default). A name the answer sets is never listed, since Envoy removes after it sets.
-fn headers_to_remove(key_headers: &[HeaderName], sent: &HeaderMap, set: &HeaderMap) -> Vec<HeaderName> {
+fn headers_to_remove(state: &AppState, request: AuthzRequest<'_>, set: &HeaderMap) -> Vec<HeaderName> {
+    if request.via == Via::ExtAuthzHttp {
+        return Vec::new();
+    }
+    let (key_headers, sent) = (&*state.key_headers, request.headers);
     let mut remove = key_headers.to_vec();
     let reserved = |name: &HeaderName| {
         is_keyward_header(name)
@@ -266,14 +272,16 @@ fn signed_identity(
 fn identity_headers(key: &KeyRecord) -> HeaderMap {
     let [key_id, organization, owner, environment, scopes] = IDENTITY_HEADERS;
     let mut headers = HeaderMap::with_capacity(IDENTITY_HEADERS.len() + 1);
-    // Each value made once, as the header's own bytes (no copy into the header).
-    let set = |headers: &mut HeaderMap, name: HeaderName, value: String| {
-        if let Ok(value) = HeaderValue::try_from(value) {
+    let set = |headers: &mut HeaderMap, name: HeaderName, value: Result<HeaderValue, _>| {
+        if let Ok(value) = value {
             headers.insert(name, value);
         }
     };
-    set(&mut headers, key_id, key.id.to_string());
-    set(&mut headers, organization, key.organization_id.to_string());
+    // Ids written on the stack and copied once into the header, without the formatting machinery.
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    set(&mut headers, key_id, HeaderValue::from_bytes(key.id.0.as_hyphenated().encode_lower(&mut id).as_bytes()));
+    let org = key.organization_id.0.as_hyphenated().encode_lower(&mut id);
+    set(&mut headers, organization, HeaderValue::from_bytes(org.as_bytes()));
     headers.insert(environment, HeaderValue::from_static(key.environment.as_str()));
     let mut joined = String::with_capacity(key.scopes.iter().map(|s| s.as_str().len() + 1).sum());
     for scope in key.scopes.iter() {
@@ -282,9 +290,10 @@ fn identity_headers(key: &KeyRecord) -> HeaderMap {
         }
         joined.push_str(scope.as_str());
     }
-    set(&mut headers, scopes, joined);
+    // The joined text becomes the header's own bytes (no copy).
+    set(&mut headers, scopes, HeaderValue::try_from(joined));
     if let Some(owner_id) = &key.owner_id {
-        set(&mut headers, owner, owner_id.to_string());
+        set(&mut headers, owner, HeaderValue::from_bytes(owner_id.as_bytes()));
     }
     headers
 }

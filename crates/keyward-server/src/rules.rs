@@ -48,13 +48,20 @@ struct Table {
     routes: Vec<GatewayRoute>,
     /// Each route's prefix in every [`Reading`], in the order of `routes`.
     readings: Vec<[String; READINGS.len()]>,
+    /// Per [`Reading`]: whether it reads every prefix as the canonical reading does.
+    plain: [bool; READINGS.len()],
     unmatched: RouteRule,
 }
 
 impl Default for Routes {
     /// No routes: every path needs a valid key and no scope.
     fn default() -> Self {
-        Self(Arc::new(Table { routes: Vec::new(), readings: Vec::new(), unmatched: RouteRule::default() }))
+        Self(Arc::new(Table {
+            routes: Vec::new(),
+            readings: Vec::new(),
+            plain: [true; READINGS.len()],
+            unmatched: RouteRule::default(),
+        }))
     }
 }
 
@@ -237,8 +244,10 @@ impl Routes {
                 .map_err(|source| InvalidRoutePrefix { prefix: route.prefix.clone(), source })?
                 .to_string();
         }
-        let readings = routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix).into_owned())).collect();
-        Ok(Self(Arc::new(Table { routes, readings, unmatched })))
+        let readings: Vec<[String; READINGS.len()]> =
+            routes.iter().map(|r| READINGS.map(|reading| reading.of(&r.prefix).into_owned())).collect();
+        let plain = std::array::from_fn(|r| readings.iter().all(|prefixes| prefixes[r] == prefixes[0]));
+        Ok(Self(Arc::new(Table { routes, readings, plain, unmatched })))
     }
 
     /// The routes, prefixes in canonical form.
@@ -268,9 +277,17 @@ impl Routes {
     ///
     /// A borrow of the table's rule when one rule is all there is to combine (the usual case).
     pub fn rule_for_any(&self, methods: &[Method], path: &NormalizedPath) -> Cow<'_, RouteRule> {
+        self.combined_rule(methods, path, true)
+    }
+
+    /// [`Routes::rule_for_any`]. With `skip_repeats`, a reading that reads the path and every prefix
+    /// as the canonical reading does is not walked again: it would find the rules that reading found,
+    /// and combining a rule twice adds nothing (the proptest `skipped_readings_change_nothing`).
+    fn combined_rule(&self, methods: &[Method], path: &NormalizedPath, skip_repeats: bool) -> Cow<'_, RouteRule> {
         let mut combined: Option<Cow<'_, RouteRule>> = None;
         let reads = READINGS.map(|reading| reading.of(path.as_str()));
-        let readings = reads.iter().enumerate().flat_map(|(r, read)| {
+        let repeats = |r: usize, read: &str| skip_repeats && r > 0 && self.0.plain[r] && read == reads[0];
+        let readings = reads.iter().enumerate().filter(|(r, read)| !repeats(*r, read)).flat_map(|(r, read)| {
             let bare = without_extension(read).map(|bare| (r, bare, true));
             [Some((r, &**read, false)), bare].into_iter().flatten()
         });
@@ -497,6 +514,38 @@ mod tests {
                 proptest::prop_assert!(alone.scopes.iter().all(|s| all.scopes.contains(s)), "{raw} {m}");
                 proptest::prop_assert!(all.cost >= alone.cost);
             }
+        }
+
+        /// Skipping the readings that repeat the canonical one gives the rule walking every reading
+        /// gives, with prefixes that every reading reads alike and prefixes that some read otherwise.
+        #[test]
+        fn skipped_readings_change_nothing(
+            raw in "(/(v1|V1|projects|Projects|public|x\\.json|projects\\.json|;a|p;b|%50rojects)){0,4}/?",
+            prefixes in proptest::collection::vec(
+                "(/(v1|V1|projects|Projects|public|p;b|x\\.json)){1,2}/?", 0..4),
+            method in proptest::sample::select(vec!["GET", "POST", "HEAD", "DELETE"]),
+            over in proptest::option::of(proptest::sample::select(vec!["POST", "delete"])),
+        ) {
+            let scopes = ["read:a", "write:b", "read:c", "admin:d"];
+            let routes = prefixes
+                .iter()
+                .enumerate()
+                .map(|(i, prefix)| match i {
+                    3 => public(prefix),
+                    1 => route(prefix, &[Method::POST], scopes[i]),
+                    _ => route(prefix, &[], scopes[i]),
+                })
+                .collect();
+            let Ok(gw) = gateway(routes, RouteRule { cost: 2, ..Default::default() }) else { return Ok(()) };
+            let Ok(path) = NormalizedPath::parse(&raw) else { return Ok(()) };
+            let mut headers = HeaderMap::new();
+            if let Some(over) = over {
+                headers.insert("x-http-method-override", HeaderValue::from_static(over));
+            }
+            let methods = methods_of(&Method::from_bytes(method.as_bytes()).unwrap(), &headers);
+            let fast = gw.combined_rule(&methods, &path, true);
+            let every = gw.combined_rule(&methods, &path, false);
+            proptest::prop_assert_eq!(&*fast, &*every, "{} {:?}", raw, prefixes);
         }
     }
 }

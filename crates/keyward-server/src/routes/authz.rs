@@ -11,6 +11,7 @@
 //! style, the auth request is the original request (Envoy's form; `/v1/authz` itself is `/`), and one
 //! that carries a header of another style is refused: the recipe forgot its style.
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -158,14 +159,19 @@ pub async fn authz(State(state): State<AppState>, request: Request) -> Response 
                 span.record("key_id", tracing::field::display(key.id));
                 span.record("organization_id", tracing::field::display(key.organization_id));
             }
-            let mut headers = allowed.response_headers;
+            // The identity, then the rate-limit headers, moved into the answer without another copy.
+            let mut response = Response::new(Body::empty());
+            let headers = response.headers_mut();
+            *headers = allowed.upstream_headers;
             // Every identity header, empty when the key has no value: a proxy copying them overwrites
             // one its client forged.
             for name in IDENTITY_HEADERS {
-                headers.insert(name, HeaderValue::from_static(""));
+                if !headers.contains_key(&name) {
+                    headers.insert(name, HeaderValue::from_static(""));
+                }
             }
-            headers.extend(allowed.upstream_headers);
-            (StatusCode::OK, headers).into_response()
+            headers.extend(allowed.response_headers);
+            response
         }
         Decision::Deny(refusal) => nginx_status(refusal.into_response(), reading.nginx),
     }
