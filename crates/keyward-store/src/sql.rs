@@ -223,6 +223,10 @@ pub(crate) trait Dialect: Database {
     /// predicate itself (see `push_search` in [`store`]).
     fn search_candidates(needle: &str) -> Option<SearchCandidates>;
 
+    /// The statement that brings the planner's statistics on the keys up to date, where the planner
+    /// uses them; `None`: nothing to do.
+    const ANALYZE_KEYS: Option<&'static str>;
+
     /// A driver error in terms a caller can act on.
     fn error(e: sqlx::Error) -> StoreError;
 

@@ -242,6 +242,10 @@ impl Dialect for Sqlite {
         Some(SearchCandidates { key: "rowid", join: "CROSS JOIN", select, estimate: None })
     }
 
+    // The store's queries are written for SQLite's plans without statistics (the key search chooses
+    // its own candidates): `ANALYZE` would only let the planner change them.
+    const ANALYZE_KEYS: Option<&'static str> = None;
+
     fn error(e: sqlx::Error) -> StoreError {
         db(e)
     }

@@ -100,6 +100,8 @@ async fn main() -> Result<(), Error> {
                 .apply(&keyward_store::NoCache);
         }
     }
+    // As `keyward import` ends: the planner's statistics on the keys brought up to date.
+    store.analyze_keys().await?;
     println!("imported {total} keys into {backend} in {:.1} s", started.elapsed().as_secs_f64());
     let big = ids[..BIG_OWNER_KEYS].to_vec();
     let ids = ids.split_off(BIG_OWNER_KEYS);

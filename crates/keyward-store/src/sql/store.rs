@@ -496,6 +496,13 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         Ok(into_page(keys, limit, |key: &ApiKey| key.id))
     }
 
+    async fn analyze_keys(&self) -> StoreResult<()> {
+        if let Some(analyze) = B::Db::ANALYZE_KEYS {
+            B::Db::execute(&mut *self.reader().await?, Stmt::new(analyze)).await?;
+        }
+        Ok(())
+    }
+
     async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {
         let mut tx = self.writer().await?;
         let before = lock_key::<B::Db>(&mut tx, id).await?;
