@@ -545,6 +545,73 @@ pub async fn list_keys_search_follows_writes_and_many_matches(store: &dyn Store)
     assert_eq!(first.next_cursor, Some(bulk_ids[6]));
 }
 
+/// A needle of one or two characters (no trigram index can look it up) finds what a longer one would:
+/// a substring of the name or the owner id, ASCII letters in any case and no other letter folded, in
+/// the organization asked for, after renames and imports, with the other filters, page by page.
+pub async fn list_keys_finds_short_needles(store: &dyn Store) {
+    let org = org(store, None).await;
+    let other = self::org(store, None).await;
+    let make = |org: &Organization, name: &str, owner: Option<&str>, environment: Environment| {
+        let (_, mut k) = new_key(org, environment);
+        k.name = name.to_owned();
+        k.owner_id = owner.map(str::to_owned);
+        k
+    };
+    let alpha = insert(store, make(&org, "Alpha Zq one", None, Environment::Live)).await;
+    let two = insert(store, make(&org, "zQ two", Some("x"), Environment::Test)).await;
+    let owned = insert(store, make(&org, "plain", Some("team-ZQ"), Environment::Live)).await;
+    let school = insert(store, make(&org, "École", None, Environment::Live)).await;
+    let lone = insert(store, make(&org, "q", Some("Q"), Environment::Live)).await;
+    let theirs = insert(store, make(&other, "zq theirs", None, Environment::Live)).await;
+
+    let base = KeyFilter { include_inactive: true, ..filter(Some(org.id), at(3)) };
+    let search = |q: &str| KeyFilter { search: Some(q.to_owned()), ..base.clone() };
+    let zq = [&alpha, &two, &owned];
+    let cases: Vec<(&str, KeyFilter, Vec<&ApiKey>)> = vec![
+        ("two characters", search("zq"), zq.to_vec()),
+        ("any ASCII case", search("ZQ"), zq.to_vec()),
+        ("one character", search("Q"), vec![&alpha, &two, &owned, &lone]),
+        ("a whole name", search("q"), vec![&alpha, &two, &owned, &lone]),
+        ("no match", search("xj"), vec![]),
+        ("no match, one character", search("!"), vec![]),
+        ("other letters match as they are", search("É"), vec![&school]),
+        ("other letters are not folded", search("é"), vec![]),
+        ("ASCII letters next to others", search("ÉC"), vec![&school]),
+        (
+            "every organization",
+            KeyFilter { organization_id: None, ..search("zq") },
+            vec![&alpha, &two, &owned, &theirs],
+        ),
+        ("with an owner", KeyFilter { owner_id: Some("team-ZQ".to_owned()), ..search("zq") }, vec![&owned]),
+        ("with an environment", KeyFilter { environment: Some(Environment::Test), ..search("zq") }, vec![&two]),
+    ];
+    for (name, filter, want) in cases {
+        assert_eq!(all_keys(store, &filter).await, newest_first(&want), "{name}");
+    }
+    // One key a page, then two: each once, newest first.
+    let by_zq = search("zq");
+    for limit in [1, 2] {
+        let (sizes, seen) =
+            walk_pages(|after| store.list_keys(&by_zq, PageRequest { after, limit }), |k: &ApiKey| k.id).await;
+        assert_eq!(seen, newest_first(&zq), "pages of {limit}");
+        assert_eq!(sizes.iter().sum::<usize>(), 3, "pages of {limit}");
+    }
+
+    // Renamed and imported keys are found as they are now.
+    let patch = KeyPatch { name: Some("Alpha one".to_owned()), ..Default::default() };
+    store.update_key(alpha.id, patch, &Actor::cli(at(1))).await.written("rename");
+    let imports: Vec<KeyImport> = ["imported ZQ 1", "imported zq 2"]
+        .into_iter()
+        .map(|name| KeyImport { key: make(&org, name, None, Environment::Live), legacy: false, created_at: None })
+        .collect();
+    let imported: Vec<KeyId> = imports.iter().map(|k| k.key.id).collect();
+    store.import_keys(org.id, imports, &Actor::cli(at(2)), false).await.written("import");
+    let mut want: Vec<KeyId> = [two.id, owned.id].into_iter().chain(imported).collect();
+    want.sort_by(|a, b| b.cmp(a));
+    assert_eq!(all_keys(store, &search("zq")).await, want, "after a rename and an import");
+    assert_eq!(all_keys(store, &search("ha")).await, vec![alpha.id], "the new name");
+}
+
 /// Cursor pages: newest first, each key exactly once, `next_cursor` only while more remain.
 pub async fn list_keys_paginates_newest_first(store: &dyn Store) {
     let org = org(store, None).await;
@@ -1264,6 +1331,7 @@ macro_rules! conformance_tests {
                 list_keys_paginates_newest_first,
                 list_keys_searches_and_finds_expiring,
                 list_keys_search_follows_writes_and_many_matches,
+                list_keys_finds_short_needles,
                 update_key_records_a_diff,
                 deactivate_and_activate_are_named,
                 revoke_keeps_the_row,

@@ -693,6 +693,10 @@ pub trait Store: KeyLookup + LifecycleStore + WebhookStore + UsageStore + Send +
         actor: &Actor,
         dry_run: bool,
     ) -> StoreResult<Changed<Vec<ImportOutcome>>>;
+    /// Brings the database's statistics on the keys up to date, after many were written at once (an
+    /// import): where the database plans a search by them, one planned without them may read every
+    /// key. Nothing, where the database plans without them.
+    async fn analyze_keys(&self) -> StoreResult<()>;
     /// Whether any key was imported as a legacy key (any organization). Cheap: a partial index.
     async fn has_legacy_keys(&self) -> StoreResult<bool>;
 

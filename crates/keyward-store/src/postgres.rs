@@ -25,7 +25,7 @@ use sqlx::types::Json;
 use sqlx::{Arguments, Database, Postgres, QueryBuilder, Transaction};
 use uuid::Uuid;
 
-use crate::sql::{Arg, Backend, Dialect, SearchCandidates};
+use crate::sql::{Arg, Backend, Dialect, SearchCandidates, Stmt, TRIGRAM};
 use crate::{StoreError, StoreResult};
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -120,8 +120,32 @@ fn db(e: sqlx::Error) -> StoreError {
 // -----------------------------------------------------------------------------------------------
 // Column encodings
 
+/// Keys whose name or owner id holds `needle`, of one or two characters, by the GIN index of migration
+/// 0012: the needle with ASCII letters folded is one of the indexed substrings, so exactly the keys
+/// holding it.
+fn short_candidates(q: &mut Stmt, needle: &str) {
+    q.push("SELECT id AS k FROM api_keys WHERE api_keys_search_grams(name, owner_id) @> ARRAY[")
+        .push_arg(needle.to_ascii_lowercase())
+        .push("::text]");
+}
+
 /// Ids are `uuid`, times `timestamptz`, JSON `jsonb` and lists of strings `text[]`: sqlx reads them as
 /// they are.
+/// How many keys hold `needle` (one or two characters), by the statistics `ANALYZE` keeps on the
+/// expression of migration 0012's index: its most common substrings, each with the share of keys
+/// holding it, times the keys counted. 0 for a rarer one, and before any `ANALYZE`.
+fn short_estimate(q: &mut Stmt, needle: &str) {
+    q.push(
+        "SELECT COALESCE(MAX(e.share * c.reltuples), 0)::bigint
+         FROM pg_stats AS s
+         CROSS JOIN LATERAL unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs)
+             AS e(element, share)
+         JOIN pg_class AS c ON c.oid = 'api_keys'::regclass
+         WHERE s.schemaname = current_schema() AND s.tablename = 'api_keys_search_grams' AND e.element = ",
+    )
+    .push_arg(needle.to_ascii_lowercase());
+}
+
 impl Dialect for Postgres {
     type Id = Uuid;
     type Time = DateTime<Utc>;
@@ -138,9 +162,22 @@ impl Dialect for Postgres {
         format!("translate({column}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')")
     }
 
-    // pg_trgm GIN indexes on the searched expressions (migration 0008), with statistics on them: the
-    // planner reads a rare needle's keys from them and walks a common one's newest first.
-    const SEARCH_CANDIDATES: Option<SearchCandidates> = None;
+    // A needle of three characters or more: pg_trgm GIN indexes on the searched expressions (migration
+    // 0008), with statistics on them: the planner reads a rare needle's keys from them and walks a
+    // common one's newest first. A shorter one: the index of short substrings (migration 0012), which
+    // the store reads itself, since the search's predicate does not name its expression.
+    fn search_candidates(needle: &str) -> Option<SearchCandidates> {
+        (1..TRIGRAM).contains(&needle.chars().count()).then_some(SearchCandidates {
+            key: "id",
+            join: "JOIN",
+            select: short_candidates,
+            estimate: Some(short_estimate),
+        })
+    }
+
+    // The trigram indexes are chosen for a rare needle only with statistics on the keys. Autovacuum
+    // gathers them, but only some time after a large import (or never, where it is off).
+    const ANALYZE_KEYS: Option<&'static str> = Some("ANALYZE api_keys");
 
     fn error(e: sqlx::Error) -> StoreError {
         db(e)

@@ -81,8 +81,9 @@ arg_from! {
     Vec<String> => |v| Arg::List(v);
 }
 
-/// A key search by an index the planner cannot choose by itself (SQLite's FTS5 table: its planner has
-/// no statistics on it), so the store chooses: see `search_by_index` in [`store`].
+/// A key search by an index the store chooses, not the planner (SQLite's FTS5 tables: its planner has
+/// no statistics on them; PostgreSQL's index of short substrings, whose expression the search's
+/// predicate does not name): see `search_by_index` in [`store`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SearchCandidates {
     /// The `api_keys` column that `select` gives, and the join that reads the candidates first, then
@@ -90,12 +91,17 @@ pub(crate) struct SearchCandidates {
     pub key: &'static str,
     pub join: &'static str,
     /// Appends a `SELECT` of one column, `k`, that the index answers: at least every key whose name or
-    /// owner id holds the needle (ASCII letters in any case), perhaps more. Only for needles of
-    /// [`TRIGRAM`] characters or more: a trigram index finds nothing shorter.
+    /// owner id holds the needle (ASCII letters in any case), perhaps more. Only for the needles
+    /// [`Dialect::search_candidates`] gives it for.
     pub select: fn(&mut Stmt, &str),
+    /// Where counting the candidates costs as much as they are many (a GIN index builds its whole
+    /// bitmap of them before the first): appends a `SELECT` of one `bigint`, how many keys the
+    /// database's statistics say hold the needle, so that a common one walks without counting them.
+    pub estimate: Option<fn(&mut Stmt, &str)>,
 }
 
-/// The fewest characters a trigram index can look up.
+/// The fewest characters a trigram index can look up; shorter needles need an index of their own
+/// (migration 0012).
 pub(crate) const TRIGRAM: usize = 3;
 
 /// The `LIKE` pattern (with `\` as its escape character) matching any text that contains `needle`,
@@ -213,9 +219,13 @@ pub(crate) trait Dialect: Database {
     /// a search finds the same keys on either.
     fn ascii_lower(column: &str) -> String;
 
-    /// How a key search finds its keys by index; `None`: the planner does, from the search predicate
-    /// itself (see `push_search` in [`store`]).
-    const SEARCH_CANDIDATES: Option<SearchCandidates>;
+    /// How a key search by `needle` finds its keys by index; `None`: the planner does, from the search
+    /// predicate itself (see `push_search` in [`store`]).
+    fn search_candidates(needle: &str) -> Option<SearchCandidates>;
+
+    /// The statement that brings the planner's statistics on the keys up to date, where the planner
+    /// uses them; `None`: nothing to do.
+    const ANALYZE_KEYS: Option<&'static str>;
 
     /// A driver error in terms a caller can act on.
     fn error(e: sqlx::Error) -> StoreError;

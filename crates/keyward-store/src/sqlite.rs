@@ -13,6 +13,7 @@
 
 mod usage;
 
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +32,7 @@ use sqlx::sqlite::{
 use sqlx::{Arguments, Database, QueryBuilder, Sqlite, Transaction};
 use uuid::Uuid;
 
-use crate::sql::{Arg, Backend, Dialect, SearchCandidates, Stmt};
+use crate::sql::{Arg, Backend, Dialect, SearchCandidates, Stmt, TRIGRAM};
 use crate::{StoreError, StoreResult, corrupt};
 
 /// The schema, embedded at build time so the binary migrates its own database.
@@ -194,9 +195,20 @@ fn parse_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreRes
 /// the needle, `"` doubled, every other character as it is. The trigram tokenizer folds letters by
 /// Unicode case rules, more than the search's ASCII folding: the phrase finds every key the search
 /// finds, and perhaps some it does not.
-fn search_candidates(q: &mut Stmt, needle: &str) {
+fn trigram_candidates(q: &mut Stmt, needle: &str) {
     let phrase = format!("\"{}\"", needle.replace('"', "\"\""));
     q.push("SELECT rowid AS k FROM api_keys_search WHERE api_keys_search MATCH ").push_arg(phrase);
+}
+
+/// Keys whose name or owner id holds `needle`, of one or two characters, by the FTS5 table of
+/// migration 0012: the needle with ASCII letters folded is one of its tokens, written as the table
+/// writes them (its UTF-8 bytes in hex), so exactly the keys holding it.
+fn short_candidates(q: &mut Stmt, needle: &str) {
+    let token = needle.to_ascii_lowercase().bytes().fold(String::from("\""), |mut token, b| {
+        let _ = write!(token, "{b:02X}");
+        token
+    });
+    q.push("SELECT rowid AS k FROM api_keys_grams WHERE api_keys_grams MATCH ").push_arg(token + "\"");
 }
 
 /// Ids, times, days, JSON documents and lists of strings are all TEXT: ids hyphenated, times as [`ts`]
@@ -218,10 +230,21 @@ impl Dialect for Sqlite {
         format!("lower({column})")
     }
 
-    // The FTS5 trigram table of migration 0008, keyed by api_keys' rowid. CROSS JOIN keeps the
-    // candidates the outer loop: SQLite never reorders it.
-    const SEARCH_CANDIDATES: Option<SearchCandidates> =
-        Some(SearchCandidates { key: "rowid", join: "CROSS JOIN", select: search_candidates });
+    // The FTS5 tables of migrations 0008 (trigrams) and 0012 (shorter needles), keyed by api_keys'
+    // rowid. CROSS JOIN keeps the candidates the outer loop: SQLite never reorders it.
+    fn search_candidates(needle: &str) -> Option<SearchCandidates> {
+        let select = match needle.chars().count() {
+            0 => return None,
+            n if n < TRIGRAM => short_candidates,
+            _ => trigram_candidates,
+        };
+        // An FTS5 count stops at its limit, however common the needle.
+        Some(SearchCandidates { key: "rowid", join: "CROSS JOIN", select, estimate: None })
+    }
+
+    // The store's queries are written for SQLite's plans without statistics (the key search chooses
+    // its own candidates): `ANALYZE` would only let the planner change them.
+    const ANALYZE_KEYS: Option<&'static str> = None;
 
     fn error(e: sqlx::Error) -> StoreError {
         db(e)

@@ -8,7 +8,8 @@
 //! whole body read): `runs` times after one warm-up, printing p50 and max in milliseconds and the
 //! body's size.
 //!
-//! Usage: `bench-console [keys] [runs] [usage_days] [sqlite|postgres]`, e.g. `bench-console 100000 20 2`.
+//! Usage: `bench-console [keys] [runs] [usage_days] [sqlite|postgres] [pages]`, e.g. `bench-console 100000 20 2`;
+//! `pages` times only the pages whose name starts with it (e.g. `search`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -99,6 +100,8 @@ async fn main() -> Result<(), Error> {
                 .apply(&keyward_store::NoCache);
         }
     }
+    // As `keyward import` ends: the planner's statistics on the keys brought up to date.
+    store.analyze_keys().await?;
     println!("imported {total} keys into {backend} in {:.1} s", started.elapsed().as_secs_f64());
     let big = ids[..BIG_OWNER_KEYS].to_vec();
     let ids = ids.split_off(BIG_OWNER_KEYS);
@@ -241,7 +244,8 @@ async fn main() -> Result<(), Error> {
     ];
     println!("| page | p50 ms | max ms | bytes | runs |");
     println!("|---|---|---|---|---|");
-    for (name, path) in pages {
+    let only = args.get(5).map_or("", String::as_str);
+    for (name, path) in pages.into_iter().filter(|(name, _)| name.starts_with(only)) {
         let who = match name {
             n if n.starts_with("self-serve") && n.contains("cust-4242") => &customer,
             n if n.starts_with("self-serve") && n.contains("cust-big") => &big_customer,

@@ -13,9 +13,7 @@ use sqlx::Transaction;
 
 use super::rows::{ChainHead, HashOwner};
 use super::usage::UsageBackend;
-use super::{
-    Arg, Backend, Db, Dialect, Reads, SearchCandidates, Stmt, TRIGRAM, contains_pattern, lifecycle, limit_args,
-};
+use super::{Arg, Backend, Db, Dialect, Reads, SearchCandidates, Stmt, contains_pattern, lifecycle, limit_args};
 use crate::effects::{self, Effects};
 use crate::lookup::key_record;
 use crate::{
@@ -267,15 +265,19 @@ fn push_search<D: Db>(q: &mut Stmt, needle: &str) {
 pub(crate) const SEARCH_CANDIDATES_MAX: i64 = 1_000;
 
 /// The candidates a search by `needle` reads, when it reads them rather than walking the keys newest
-/// first: where the database has [`SearchCandidates`], the trigram index can look the needle up, and it
-/// finds fewer than [`SEARCH_CANDIDATES_MAX`] keys (in every organization, no other filter).
+/// first: where the database has [`SearchCandidates`] for the needle, and they are fewer than
+/// [`SEARCH_CANDIDATES_MAX`] keys (in every organization, no other filter).
 async fn search_by_index<D: Db + Reads<i64>>(
     conn: &mut D::Connection,
     needle: &str,
 ) -> StoreResult<Option<SearchCandidates>> {
-    let Some(candidates) = D::SEARCH_CANDIDATES else { return Ok(None) };
-    if needle.chars().count() < TRIGRAM {
-        return Ok(None);
+    let Some(candidates) = D::search_candidates(needle) else { return Ok(None) };
+    if let Some(estimate) = candidates.estimate {
+        let mut q = Stmt::new("");
+        estimate(&mut q, needle);
+        if D::fetch_one::<i64>(conn, q).await? >= SEARCH_CANDIDATES_MAX {
+            return Ok(None);
+        }
     }
     let mut count = Stmt::new("SELECT COUNT(*) FROM (");
     (candidates.select)(&mut count, needle);
@@ -287,7 +289,7 @@ async fn search_by_index<D: Db + Reads<i64>>(
 /// `(the candidates, and the keys whose hint is the needle) AS found JOIN api_keys`: the keys a search
 /// by index reads, each once, before [`push_search`] decides.
 fn push_search_from(q: &mut Stmt, candidates: SearchCandidates, needle: &str) {
-    let SearchCandidates { key, join, select } = candidates;
+    let SearchCandidates { key, join, select, estimate: _ } = candidates;
     q.push("(");
     select(q, needle);
     q.push(&format!(" UNION SELECT {key} FROM api_keys WHERE key_hint = ")).push_arg(needle);
@@ -492,6 +494,13 @@ impl<B: UsageBackend + std::fmt::Debug> Store for B {
         q.push(" ORDER BY id DESC LIMIT ").push_arg(fetch);
         let keys = B::Db::fetch_all(&mut conn, q).await?;
         Ok(into_page(keys, limit, |key: &ApiKey| key.id))
+    }
+
+    async fn analyze_keys(&self) -> StoreResult<()> {
+        if let Some(analyze) = B::Db::ANALYZE_KEYS {
+            B::Db::execute(&mut *self.reader().await?, Stmt::new(analyze)).await?;
+        }
+        Ok(())
     }
 
     async fn update_key(&self, id: KeyId, patch: KeyPatch, actor: &Actor) -> StoreResult<Changed<ApiKey>> {

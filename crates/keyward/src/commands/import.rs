@@ -58,7 +58,13 @@ pub async fn run(config: Config, args: ImportArgs) -> anyhow::Result<()> {
         })
         .await;
         progress.finish();
-        anyhow::Ok((org, report?))
+        let report = report?;
+        if report.imported > 0 {
+            // A large import leaves the planner's statistics behind until autovacuum catches up; a
+            // search planned meanwhile may read every key.
+            state.store.analyze_keys().await?;
+        }
+        anyhow::Ok((org, report))
     }
     .await;
     tasks.shutdown().await;
