@@ -109,7 +109,8 @@ pub fn new_org(max_api_keys: Option<i64>) -> NewOrganization {
     }
 }
 
-async fn org(store: &dyn Store, max_api_keys: Option<i64>) -> Organization {
+/// An organization inserted with every optional field empty, at most `max_api_keys` keys.
+pub async fn org(store: &dyn Store, max_api_keys: Option<i64>) -> Organization {
     store.insert_org(new_org(max_api_keys), &Actor::cli(t0())).await.must("insert_org")
 }
 
@@ -140,7 +141,8 @@ pub fn new_key(org: &Organization, environment: Environment) -> (PlainKey, NewKe
     (plain, key)
 }
 
-async fn insert(store: &dyn Store, key: NewKey) -> ApiKey {
+/// `key` inserted.
+pub async fn insert(store: &dyn Store, key: NewKey) -> ApiKey {
     store.insert_key(key, &Actor::cli(t0())).await.written("insert_key")
 }
 
@@ -1390,6 +1392,8 @@ macro_rules! conformance_tests {
                 usage_by_owner_sums_that_owners_keys_only,
                 billing_rollups_equal_the_daily_sums,
                 billing_rollups_are_back_filled_by_their_migration,
+                owner_rollups_equal_the_daily_sums,
+                owner_rollups_are_back_filled_by_their_migration,
                 keys_by_id_reads_many_at_once,
             );
         }

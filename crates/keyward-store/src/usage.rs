@@ -894,7 +894,7 @@ pub trait UsageStore: Send + Sync {
     async fn prune_usage_batches(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Folds the pending rows into `usage_daily`, `usage_daily_endpoints`, the billing rollups
-    /// (`usage_org_daily`, `usage_key_monthly`) and `api_keys`, and deletes them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows
+    /// (`usage_org_daily`, `usage_key_monthly`, `usage_owner_daily`) and `api_keys`, and deletes them, in transactions of at most [`FOLD_ROWS`] rows each, in key order; returns how many rows
     /// it folded. Each row is folded exactly once, whatever folds other nodes run at the same time.
     async fn fold_usage(&self) -> StoreResult<u64>;
 
@@ -927,13 +927,15 @@ pub trait UsageStore: Send + Sync {
     /// How many keys of an organization have usage in the UTC month that starts on `month`.
     async fn org_month_keys(&self, org: OrgId, month: NaiveDate) -> StoreResult<u64>;
 
-    /// The keys of one owner in an organization that have usage on `days` (UTC), with their totals, by
-    /// key id: a self-service customer's billing month, summed in the store however many keys the
-    /// owner holds (any status: a revoked key's usage is still billed).
-    async fn owner_usage_by_key(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<KeyTotals>>;
+    /// The keys of one owner in an organization with usage in the UTC month that starts on `month`
+    /// (its first day), with their month's totals, by key id: a self-service customer's billing month
+    /// (any status: a revoked key's usage is still billed). Read from the keys' monthly rollup, one row
+    /// per key of the owner, found through the owner's keys.
+    async fn owner_month_by_key(&self, org: OrgId, owner: &str, month: NaiveDate) -> StoreResult<Vec<KeyTotals>>;
 
     /// The rollups of one owner's keys in an organization on `days` (UTC), summed per day, oldest
-    /// first; days without use have no row.
+    /// first; days without use have no row. Read from the owner's own daily rollup, which the fold
+    /// keeps equal to the sum of those keys' days: at most a row a day, however many keys.
     async fn owner_usage_daily(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<DailyUsage>>;
 
     /// The keys among `ids` that exist (of any organization: the caller already decided what it may

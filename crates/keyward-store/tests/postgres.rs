@@ -135,6 +135,27 @@ async fn the_status_view_agrees_with_key_state() {
     done(schema, store).await;
 }
 
+/// A key's owner never changes, even by hand: the owners' daily rollup is kept by it (migration
+/// 0011). Any other column still changes.
+#[tokio::test]
+async fn a_keys_owner_cannot_be_changed() {
+    let Some((schema, store)) = fresh("postgres::a_keys_owner_cannot_be_changed").await else { return };
+    let org = conformance::org(&store, None).await;
+    let mut new = conformance::new_key(&org, keyward_core::Environment::Live).1;
+    new.owner_id = Some("first".to_owned());
+    let k = conformance::insert(&store, new).await;
+    let pool = store.pool().clone();
+    for owner in [Some("someone"), None] {
+        let set = sqlx::query("UPDATE api_keys SET owner_id = $1 WHERE id = $2").bind(owner).bind(k.id.0);
+        let refused = set.execute(&pool).await.unwrap_err().to_string();
+        assert!(refused.contains("owner_id never changes"), "{refused}");
+    }
+    let same = sqlx::query("UPDATE api_keys SET owner_id = owner_id, name = 'n' WHERE id = $1").bind(k.id.0);
+    assert_eq!(same.execute(&pool).await.unwrap().rows_affected(), 1, "the same owner, another name");
+    assert_eq!(store.get_key(k.id).await.unwrap().name, "n");
+    done(schema, store).await;
+}
+
 /// The lookups the API makes are served by indexes (checked on the plan, with sequential scans off so
 /// that an empty table does not hide a missing index).
 #[tokio::test]
@@ -158,6 +179,11 @@ async fn every_lookup_has_an_index() {
             "SELECT * FROM audit_log WHERE organization_id = gen_random_uuid() ORDER BY id DESC LIMIT 5",
         ),
         ("audit by actor", "SELECT * FROM audit_log WHERE actor = 'cli' ORDER BY id DESC LIMIT 5"),
+        (
+            "an owner's days",
+            "SELECT * FROM usage_owner_daily WHERE organization_id = gen_random_uuid() AND owner_id = 'x'
+             AND day >= '2030-01-01' AND day <= '2030-01-31' ORDER BY day",
+        ),
     ] {
         let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}")).fetch_all(&mut *conn).await.unwrap();
         let plan = plan.join("\n");

@@ -127,6 +127,26 @@ async fn the_status_view_agrees_with_key_state() {
     conformance::status_view_agrees_with_key_state(&store, &status_of).await;
 }
 
+/// A key's owner never changes, even by hand: the owners' daily rollup is kept by it (migration
+/// 0011). Any other column still changes.
+#[tokio::test]
+async fn a_keys_owner_cannot_be_changed() {
+    let (dir, store) = fresh("").await.unwrap();
+    let org = conformance::org(&store, None).await;
+    let mut new = conformance::new_key(&org, keyward_core::Environment::Live).1;
+    new.owner_id = Some("first".to_owned());
+    let k = conformance::insert(&store, new).await;
+    let pool = sqlx::SqlitePool::connect(&url(&dir)).await.unwrap();
+    for owner in [Some("someone"), None] {
+        let set = sqlx::query("UPDATE api_keys SET owner_id = ? WHERE id = ?").bind(owner).bind(k.id.to_string());
+        let refused = set.execute(&pool).await.unwrap_err().to_string();
+        assert!(refused.contains("owner_id never changes"), "{refused}");
+    }
+    let same = sqlx::query("UPDATE api_keys SET owner_id = owner_id, name = 'n' WHERE id = ?").bind(k.id.to_string());
+    assert_eq!(same.execute(&pool).await.unwrap().rows_affected(), 1, "the same owner, another name");
+    assert_eq!(store.get_key(k.id).await.unwrap().name, "n");
+}
+
 /// Every column of a raw usage event comes back as the event held it, whatever its text holds (quotes,
 /// backslashes, control characters, any script), and a batch written again inserts nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

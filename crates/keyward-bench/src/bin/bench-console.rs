@@ -49,7 +49,7 @@ async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let keys: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100_000);
     let runs: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20).max(1);
-    let usage_days: u32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2).clamp(1, 28);
+    let usage_days: u32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2);
 
     let backend = args.get(4).map_or("sqlite", String::as_str);
 
@@ -68,6 +68,9 @@ async fn main() -> Result<(), Error> {
     // Every page is timed from one address: the management limit per client would answer 429.
     let mut settings = Settings::default();
     settings.protection.management_per_minute = 1_000_000;
+    // The bench folds its usage itself, once recorded: the usage writer's own fold of a month of
+    // 100,000 keys would hold the write connection past a batch's wait for it.
+    settings.usage.fold_interval = Duration::from_secs(24 * 60 * 60);
     let App { state, tasks: _tasks } = App::builder(settings).store(store.clone()).without_jobs().build().await?;
     let now = Utc::now();
     let seeded = service::seed(&state, &Actor::system(now)).await?.ok_or("the database was not empty")?;
@@ -110,6 +113,11 @@ async fn main() -> Result<(), Error> {
     // days, through the ingest, then folded into the rollups.
     let started = Instant::now();
     let first_day = now.date_naive().with_day(1).ok_or("no first day")?.and_hms_opt(12, 0, 0).ok_or("noon")?.and_utc();
+    // At most the month's days: usage past its end would fall in the next month.
+    let month_days = (first_day.date_naive().checked_add_months(chrono::Months::new(1)).ok_or("no next month")?
+        - first_day.date_naive())
+    .num_days();
+    let usage_days = usage_days.clamp(1, u32::try_from(month_days)?);
     let mut events = Vec::new();
     for (n, id) in big.iter().chain(&ids).enumerate() {
         for d in 0..usage_days {
@@ -237,6 +245,9 @@ async fn main() -> Result<(), Error> {
         ("usage: the month's CSV, every key's line", format!("/console/usage.csv{month}")),
         ("self-serve month (cust-4242: 20 keys)", format!("/console/usage{month}")),
         ("self-serve month (cust-big: 2,000 keys)", format!("/console/usage{month}")),
+        ("self-serve month's CSV (cust-big: 2,000 lines)", format!("/console/usage.csv{month}")),
+        ("self-serve keys list (cust-big)", "/console/keys".to_owned()),
+        ("self-serve key page (cust-big)", format!("/console/keys/{}", big[0])),
         ("webhook endpoint: a page of deliveries with their attempts", format!("/console/webhooks/{}", hook.id)),
         ("audit log, first page", "/console/audit".to_owned()),
         ("audit log, a rare action (`webhook_create`: one row)", "/console/audit?action=webhook_create".to_owned()),

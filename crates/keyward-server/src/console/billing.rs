@@ -7,10 +7,10 @@
 //! An organization's month is read from the rollups the usage fold keeps for billing: its days (at
 //! most 31 rows) and its keys' months, costliest first along an index, so the page reads its
 //! [`LINES_SHOWN`] costliest lines and a count, and the CSV every line in one ordered read, however
-//! many keys were used. One owner's month is summed in the store from the daily rollups of that
-//! owner's keys (per key, per day), however many keys that owner holds. The page names its lines with
-//! one lookup of their keys; the CSV streams every line, naming them [`KEY_LOOKUP_CHUNK`] at a time,
-//! so a month of 100,000 keys is 200 lookups, not 100,000.
+//! many keys were used. One owner's month reads the months of that owner's keys (a row each) and the
+//! owner's own days (at most 31 rows): nothing is summed, however many keys the owner holds. The page
+//! names its lines with one lookup of their keys; the CSV streams every line, naming them
+//! [`KEY_LOOKUP_CHUNK`] at a time, so a month of 100,000 keys is 200 lookups, not 100,000.
 
 use std::collections::HashMap;
 
@@ -158,8 +158,8 @@ async fn org_month(caller: Caller<KeysRead>, org: OrgId, month: Option<String>, 
 }
 
 /// A self-service customer's month: the keys `GET /v1/keys` lists the caller (its own owner's in its
-/// own organization, whatever their status), summed in the store however many there are, and where
-/// the signed-in key stands.
+/// own organization, whatever their status), their months and the owner's days from the rollups, and
+/// where the signed-in key stands.
 async fn owner_month(caller: &Caller<KeysReadOrSelf>, month: Option<String>) -> ApiResult<Month> {
     let state = caller.state();
     // SECURITY: exactly the owner and organization `GET /v1/keys` confines this caller to.
@@ -169,7 +169,7 @@ async fn owner_month(caller: &Caller<KeysReadOrSelf>, month: Option<String>) -> 
     let org = caller.organization_id();
     let span = billing_month(month, state.clock.now())?;
     let (first, last) = (span.1, span.2);
-    let lines = state.store.owner_usage_by_key(org, owner, first..=last).await?;
+    let lines = state.store.owner_month_by_key(org, owner, first).await?;
     let rows = state.store.owner_usage_daily(org, owner, first..=last).await?;
     let keys = lines.len();
     let mut m = Month::new(span, "your keys".to_owned(), "/console/usage".to_owned(), lines, keys, &rows);

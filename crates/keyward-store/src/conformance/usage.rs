@@ -413,7 +413,7 @@ pub async fn usage_by_owner_sums_that_owners_keys_only(store: &dyn Store) {
     revoked.written("revoke");
 
     let (from, to) = (day(0), day(31 * 24 * 60 - 1));
-    let lines = store.owner_usage_by_key(org_a.id, &owner, from..=to).await.must("owner_usage_by_key");
+    let lines = store.owner_month_by_key(org_a.id, &owner, from).await.must("owner_month_by_key");
     let mut want: Vec<_> = store
         .org_usage_by_key(org_a.id, from, to)
         .await
@@ -439,12 +439,14 @@ pub async fn usage_by_owner_sums_that_owners_keys_only(store: &dyn Store) {
     );
     assert_eq!(days.len(), 2);
 
-    let elsewhere = store.owner_usage_by_key(org_b.id, &owner, from..=to).await.must("the other organization");
+    let elsewhere = store.owner_month_by_key(org_b.id, &owner, from).await.must("the other organization");
     assert_eq!(elsewhere.iter().map(|l| l.key_id).collect::<Vec<_>>(), [same_owner_elsewhere.id]);
-    assert!(store.owner_usage_by_key(org_a.id, "", from..=to).await.must("no owner").is_empty(), "no owner: no lines");
+    assert!(store.owner_month_by_key(org_a.id, "", from).await.must("no owner").is_empty(), "no owner: no lines");
     assert!(store.owner_usage_daily(org_a.id, "nobody", from..=to).await.must("nobody").is_empty());
-    let later = store.owner_usage_by_key(org_a.id, &owner, day(2 * 24 * 60)..=to).await.must("a later span");
+    let later = store.owner_usage_daily(org_a.id, &owner, day(2 * 24 * 60)..=to).await.must("a later span");
     assert!(later.is_empty(), "days outside the span are not summed");
+    let next = store.owner_month_by_key(org_a.id, &owner, day(31 * 24 * 60)).await.must("the next month");
+    assert!(next.is_empty(), "another month's lines are its own");
 }
 
 /// Keys are looked up by id in batches: more ids than one statement takes, ids of several
@@ -490,9 +492,13 @@ async fn billed(store: &dyn Store, org: OrgId, month: NaiveDate) -> Vec<crate::u
     lines
 }
 
-/// `org`'s days and its `keys`' months in January and February 2030 equal the sums of those keys'
-/// daily rollups.
-async fn billing_equals_daily_sums(store: &dyn Store, org: OrgId, keys: &[crate::ApiKey]) {
+/// The daily rollups of `keys` in January and February 2030, summed per day and per key and month.
+type Sums = (
+    std::collections::BTreeMap<NaiveDate, crate::usage::DailyCounts>,
+    std::collections::BTreeMap<NaiveDate, Vec<crate::usage::KeyTotals>>,
+);
+
+async fn daily_sums(store: &dyn Store, keys: &[crate::ApiKey]) -> Sums {
     use std::collections::BTreeMap;
 
     use crate::usage::{DailyCounts, KeyTotals};
@@ -510,6 +516,24 @@ async fn billing_equals_daily_sums(store: &dyn Store, org: OrgId, keys: &[crate:
             per_month.entry(m).or_default().push(KeyTotals { key_id: k.id, counts });
         }
     }
+    (per_day, per_month)
+}
+
+/// Reverts the applied migrations numbered `version` and up, then applies them again: a database
+/// upgraded with usage in it.
+async fn migrate_again_from(store: &dyn Store, version: i64) {
+    let status = store.migration_status().await.must("migration_status");
+    let newer = status.iter().filter(|m| m.applied && m.version >= version).count();
+    store.migrate_down(u32::try_from(newer).unwrap_or(0)).await.must("down");
+    store.migrate_up().await.must("up again");
+}
+
+/// `org`'s days and its `keys`' months in January and February 2030 equal the sums of those keys'
+/// daily rollups.
+async fn billing_equals_daily_sums(store: &dyn Store, org: OrgId, keys: &[crate::ApiKey]) {
+    let (jan, feb) = (day(0), day(31 * 24 * 60));
+    let end = day(59 * 24 * 60 - 1);
+    let (per_day, mut per_month) = daily_sums(store, keys).await;
     let org_days = store.org_usage_daily(org, jan, end).await.must("org_usage_daily");
     let org_days: Vec<_> = org_days.into_iter().map(|d| (d.day, d.counts)).collect();
     assert_eq!(org_days, per_day.into_iter().collect::<Vec<_>>(), "an organization's days");
@@ -589,10 +613,7 @@ pub async fn billing_rollups_are_back_filled_by_their_migration(store: &dyn Stor
     };
     store.record_usage_batch(&batch(0)).await.must("record");
     store.fold_usage().await.must("fold");
-    let status = store.migration_status().await.must("migration_status");
-    let newer = status.iter().filter(|m| m.applied && m.version >= 10).count();
-    store.migrate_down(u32::try_from(newer).unwrap_or(0)).await.must("down to 0009");
-    store.migrate_up().await.must("up again");
+    migrate_again_from(store, 10).await;
     billing_equals_daily_sums(store, org.id, &keys).await;
     assert_eq!(billed(store, org.id, day(0)).await.len(), 2);
     store.record_usage_batch(&batch(1)).await.must("record after the upgrade");
@@ -600,4 +621,129 @@ pub async fn billing_rollups_are_back_filled_by_their_migration(store: &dyn Stor
     billing_equals_daily_sums(store, org.id, &keys).await;
     let feb = billed(store, org.id, day(31 * 24 * 60)).await;
     assert_eq!(feb.iter().map(|l| l.counts.reports).collect::<Vec<_>>(), [4, 4], "two days, two batches");
+}
+
+/// `owner`'s days in `org` and its keys' months in January and February 2030 equal the sums of the
+/// daily rollups of `keys` (that owner's keys of that organization).
+async fn owner_equals_daily_sums(store: &dyn Store, org: OrgId, owner: &str, keys: &[crate::ApiKey]) {
+    let (jan, feb) = (day(0), day(31 * 24 * 60));
+    let end = day(59 * 24 * 60 - 1);
+    let (per_day, mut per_month) = daily_sums(store, keys).await;
+    let days = store.owner_usage_daily(org, owner, jan..=end).await.must("owner_usage_daily");
+    let days: Vec<_> = days.into_iter().map(|d| (d.day, d.counts)).collect();
+    assert_eq!(days, per_day.into_iter().collect::<Vec<_>>(), "{owner}'s days");
+    for m in [jan, feb] {
+        let mut want = per_month.remove(&m).unwrap_or_default();
+        want.sort_by_key(|l| l.key_id);
+        let lines = store.owner_month_by_key(org, owner, m).await.must("owner_month_by_key");
+        assert_eq!(lines, want, "{owner}'s keys' month {m}, by key id");
+    }
+}
+
+/// An owner's days (the self-serve chart) and its keys' months (the lines) equal the sums of those
+/// keys' daily rollups: over several batches and folds, days on both sides of a month's end, a
+/// revoked key, a rotation (the new key has its own months, under the same owner), keys of other
+/// owners, the same owner id in another organization, and keys without an owner (no owner's rows).
+/// A key's owner never changes: no write moves its days to another owner (an update of every other
+/// field leaves it). The retention's prunes leave every rollup as it was.
+pub async fn owner_rollups_equal_the_daily_sums(store: &dyn Store) {
+    use keyward_core::Environment;
+
+    use crate::{Actor, KeyPatch};
+    let (org_a, org_b) = (org(store, None).await, org(store, None).await);
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let owned = |org: &crate::Organization, owner: &str| {
+        let mut k = new_key(org, Environment::Live).1;
+        k.owner_id = Some(owner.to_owned());
+        k
+    };
+    let mut alices = vec![insert(store, owned(&org_a, &alice)).await, insert(store, owned(&org_a, &alice)).await];
+    let bobs = [insert(store, owned(&org_a, &bob)).await];
+    let alice_elsewhere = [insert(store, owned(&org_b, &alice)).await];
+    let nobody = key(store, &org_a).await;
+    // 30 and 31 January, 1 and 3 February 2030.
+    let days = [29, 30, 31, 33].map(|d| d * 24 * 60);
+    for flush in 0..3 {
+        if flush == 1 {
+            // Between batches: one key revoked, one rotated into a new key of the same owner, one
+            // updated in every field an update may change.
+            let cli = Actor::cli(at(days[0]));
+            store.revoke_key(alices[0].id, "gone", at(days[0]), &cli).await.written("revoke");
+            let rotated = store.rotate_key(alices[1].id, owned(&org_a, &alice), at(days[0]), &cli).await;
+            alices.push(rotated.written("rotate").new.clone());
+            let patch = KeyPatch {
+                name: Some("renamed".to_owned()),
+                description: Some(Some("described".to_owned())),
+                metadata: Some(serde_json::json!({"company": "b"})),
+                is_active: Some(false),
+                ..KeyPatch::default()
+            };
+            let updated = store.update_key(bobs[0].id, patch, &cli).await.written("update");
+            assert_eq!(updated.owner_id, Some(bob.clone()), "an update leaves the owner");
+        }
+        let mut events = Vec::new();
+        let used = alices.iter().chain(&bobs).chain(&alice_elsewhere).chain([&nobody]);
+        for (i, k) in used.enumerate() {
+            for (d, start) in days.iter().enumerate() {
+                let minute = start + flush * 10;
+                events.push(verify_event(k, minute, if i == 1 { "RATE_LIMITED" } else { "VALID" }, "/o"));
+                for r in 0..(i + d) % 3 {
+                    let id = format!("o-{flush}-{i}-{d}-{r}");
+                    events.push(report(k, k.organization_id, minute + 1, &id, 200 + 100 * r as i32, 5 * r as i64));
+                }
+            }
+        }
+        store.record_usage_batch(&events).await.must("record");
+        if flush != 1 {
+            // The second batch is folded with the third.
+            store.fold_usage().await.must("fold");
+        }
+    }
+    owner_equals_daily_sums(store, org_a.id, &alice, &alices).await;
+    owner_equals_daily_sums(store, org_a.id, &bob, &bobs).await;
+    owner_equals_daily_sums(store, org_b.id, &alice, &alice_elsewhere).await;
+    let jan = day(0);
+    let alice_days = store.owner_usage_daily(org_a.id, &alice, jan..=day(59 * 24 * 60)).await.must("alice");
+    assert_eq!(alice_days.len(), days.len(), "a row per day used");
+    assert_eq!(alice_days[0].counts.requests, 2 + 3 + 3, "two keys, then a successor too");
+    assert!(store.owner_usage_daily(org_a.id, "", jan..=day(59 * 24 * 60)).await.must("none").is_empty());
+    while store.prune_usage_events(at(60 * 24 * 60), 1_000).await.must("prune events") > 0 {}
+    store.prune_usage_batches(at(60 * 24 * 60)).await.must("prune batches");
+    owner_equals_daily_sums(store, org_a.id, &alice, &alices).await;
+    owner_equals_daily_sums(store, org_b.id, &alice, &alice_elsewhere).await;
+}
+
+/// A database upgraded mid-month shows the same self-serve months: migration 0011 fills the owners'
+/// days from the daily rollups (here: reverted and applied again over folded usage), and later folds
+/// add to them.
+pub async fn owner_rollups_are_back_filled_by_their_migration(store: &dyn Store) {
+    use keyward_core::Environment;
+    let org = org(store, None).await;
+    let owner = unique("carol");
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let mut k = new_key(&org, Environment::Live).1;
+        k.owner_id = Some(owner.clone());
+        keys.push(insert(store, k).await);
+    }
+    let other = key(store, &org).await;
+    let batch = |flush: i64| {
+        let mut events = Vec::new();
+        for (i, k) in keys.iter().chain([&other]).enumerate() {
+            for start in [30, 31, 32].map(|d| d * 24 * 60 + flush) {
+                events.push(verify_event(k, start, "VALID", "/u"));
+                events.push(report(k, org.id, start, &format!("w-{flush}-{i}-{start}"), 200, 7));
+            }
+        }
+        events
+    };
+    store.record_usage_batch(&batch(0)).await.must("record");
+    store.fold_usage().await.must("fold");
+    migrate_again_from(store, 11).await;
+    owner_equals_daily_sums(store, org.id, &owner, &keys).await;
+    store.record_usage_batch(&batch(1)).await.must("record after the upgrade");
+    store.fold_usage().await.must("fold after the upgrade");
+    owner_equals_daily_sums(store, org.id, &owner, &keys).await;
+    let days = store.owner_usage_daily(org.id, &owner, day(0)..=day(59 * 24 * 60)).await.must("days");
+    assert_eq!(days.iter().map(|d| d.counts.reports).collect::<Vec<_>>(), [4, 4, 4], "two keys, two batches");
 }

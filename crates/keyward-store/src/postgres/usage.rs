@@ -150,6 +150,14 @@ impl UsageBackend for PostgresStore {
                  FROM moved GROUP BY key_id, date_trunc('month', day)::date
                  ON CONFLICT (key_id, month) DO UPDATE SET {month_add}
              ),
+             owner_days AS (
+                 INSERT INTO usage_owner_daily (organization_id, owner_id, day, {columns})
+                 SELECT k.organization_id, k.owner_id, m.day, {sums}
+                 FROM moved AS m JOIN api_keys AS k ON k.id = m.key_id
+                 WHERE k.owner_id IS NOT NULL
+                 GROUP BY k.organization_id, k.owner_id, m.day
+                 ON CONFLICT (organization_id, owner_id, day) DO UPDATE SET {owner_add}
+             ),
              used AS (
                  SELECT key_id, {valid_sum} AS requests, MAX(last_used_at) AS at,
                         (array_agg(last_used_ip ORDER BY last_used_at DESC))[1] AS ip
@@ -173,6 +181,7 @@ impl UsageBackend for PostgresStore {
             endpoint_add = endpoint_add_set(sat_add),
             org_add = daily_add_set("usage_org_daily", sat_add),
             month_add = daily_add_set("usage_key_monthly", sat_add),
+            owner_add = daily_add_set("usage_owner_daily", sat_add),
             valid_sum = Postgres::sat_sum("requests::numeric - denied"),
             total_add = sat_add("k.total_requests", "v.requests"),
         );

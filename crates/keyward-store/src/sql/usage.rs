@@ -125,31 +125,17 @@ fn daily_sums<D: UsageDialect>() -> String {
     DAILY_COLUMNS.iter().map(|c| format!("COALESCE({}, 0)", D::sat_sum(c))).collect::<Vec<_>>().join(", ")
 }
 
-/// Whose rollups a sum reads.
-#[derive(Clone, Copy)]
-enum Whose<'a> {
-    /// Every key of an organization.
-    Org(OrgId),
-    /// One owner's keys in an organization (through `api_keys`' owner index, then each key's rows).
-    Owner(OrgId, &'a str),
-}
-
-/// The rollups of `whose` keys over `from..=to`, every column summed per `group` (`key_id` or `day`)
-/// and ordered by it.
-fn sums<D: UsageDialect>(group: &str, whose: Whose<'_>, from: NaiveDate, to: NaiveDate) -> Stmt {
-    let mut q = Stmt::new(format!("SELECT {group}, {} FROM usage_daily WHERE ", daily_sums::<D>()));
-    match whose {
-        Whose::Org(org) => q.push("organization_id = ").push_arg(org),
-        Whose::Owner(org, owner) => q
-            .push("key_id IN (SELECT id FROM api_keys WHERE organization_id = ")
-            .push_arg(org)
-            .push(" AND owner_id = ")
-            .push_arg(owner)
-            .push(")"),
-    };
-    q.push(" AND day >= ").push_arg(from).push(" AND day <= ").push_arg(to);
-    q.push(&format!(" GROUP BY {group} ORDER BY {group}"));
-    q
+/// The rollups of an organization's keys over `from..=to`, every column summed per `group` (`key_id`
+/// or `day`) and ordered by it.
+fn sums<D: UsageDialect>(group: &str, org: OrgId, from: NaiveDate, to: NaiveDate) -> Stmt {
+    Stmt::new(format!(
+        "SELECT {group}, {} FROM usage_daily WHERE organization_id = $1 AND day >= $2 AND day <= $3
+         GROUP BY {group} ORDER BY {group}",
+        daily_sums::<D>()
+    ))
+    .arg(org)
+    .arg(from)
+    .arg(to)
 }
 
 /// Records the batch's id in `usage_batches`; `false` when it is there already (the batch was written).
@@ -271,7 +257,7 @@ impl<B: UsageBackend> UsageStore for B {
     }
 
     async fn org_usage_by_key(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
-        B::Db::fetch_all(&mut *self.reader().await?, sums::<B::Db>("key_id", Whose::Org(org), from, to)).await
+        B::Db::fetch_all(&mut *self.reader().await?, sums::<B::Db>("key_id", org, from, to)).await
     }
 
     async fn org_usage_daily(&self, org: OrgId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<DailyUsage>> {
@@ -308,13 +294,30 @@ impl<B: UsageBackend> UsageStore for B {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    async fn owner_usage_by_key(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<KeyTotals>> {
-        let q = sums::<B::Db>("key_id", Whose::Owner(org, owner), *days.start(), *days.end());
+    async fn owner_month_by_key(&self, org: OrgId, owner: &str, month: NaiveDate) -> StoreResult<Vec<KeyTotals>> {
+        // One primary-key read per key of the owner (api_keys_owner_id), nothing summed.
+        let q = Stmt::new(format!(
+            "SELECT key_id, {} FROM usage_key_monthly
+             WHERE key_id IN (SELECT id FROM api_keys WHERE organization_id = $1 AND owner_id = $2) AND month = $3
+             ORDER BY key_id",
+            DAILY_COLUMNS.join(", ")
+        ))
+        .arg(org)
+        .arg(owner)
+        .arg(month);
         B::Db::fetch_all(&mut *self.reader().await?, q).await
     }
 
     async fn owner_usage_daily(&self, org: OrgId, owner: &str, days: Days) -> StoreResult<Vec<DailyUsage>> {
-        let q = sums::<B::Db>("day", Whose::Owner(org, owner), *days.start(), *days.end());
+        let q = Stmt::new(format!(
+            "SELECT day, {} FROM usage_owner_daily
+             WHERE organization_id = $1 AND owner_id = $2 AND day >= $3 AND day <= $4 ORDER BY day",
+            DAILY_COLUMNS.join(", ")
+        ))
+        .arg(org)
+        .arg(owner)
+        .arg(*days.start())
+        .arg(*days.end());
         B::Db::fetch_all(&mut *self.reader().await?, q).await
     }
 

@@ -193,6 +193,16 @@ async fn fold_once(conn: &mut SqliteConnection) -> StoreResult<u64> {
              ON CONFLICT (key_id, month) DO UPDATE SET {}",
             daily_add_set("usage_key_monthly", sat_add)
         ),
+        // An owner's day: the owner its key has (and always had: a key's owner never changes).
+        format!(
+            "INSERT INTO usage_owner_daily (organization_id, owner_id, day, {columns})
+             SELECT k.organization_id, k.owner_id, p.day, {sums}
+             FROM usage_pending AS p JOIN api_keys AS k ON k.id = p.key_id
+             WHERE p.seq <= ?1 AND k.owner_id IS NOT NULL
+             GROUP BY k.organization_id, k.owner_id, p.day
+             ON CONFLICT (organization_id, owner_id, day) DO UPDATE SET {}",
+            daily_add_set("usage_owner_daily", sat_add)
+        ),
         // VALID requests are requests - denied. `ip` is a bare column beside MAX(): SQLite takes
         // it from the row holding the newest use. As in record_key_usage, the CASEs compare
         // against the old `last_used_at`, and an unknown address keeps the last known one.
