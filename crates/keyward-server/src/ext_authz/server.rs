@@ -249,7 +249,7 @@ async fn answer(
         Method::Check => {
             let check = wire::CheckRequest::decode(message)
                 .map_err(|_| Failure::Status(Code::Internal, "the message is not a CheckRequest"))?;
-            Ok(Answer::Unary(framed(&shared.service.check(&check).await)))
+            Ok(Answer::Unary(shared.service.check(&check).await))
         }
         Method::HealthCheck => match health(shared, message)? {
             ServingStatus::ServiceUnknown => Err(Failure::Status(Code::NotFound, "service not registered")),
