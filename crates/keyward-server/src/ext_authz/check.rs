@@ -310,8 +310,11 @@ impl AsyncWrite for Permitted {
         Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
+    /// No, so that h2 copies every DATA payload under 1 KiB (an answer) into its write buffer: with
+    /// vectored writes it keeps each payload over 256 bytes aside and must write it out before it
+    /// takes the next frame, a write per answer where one write can carry a dozen.
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -150,14 +150,24 @@ async fn connection(stream: Permitted, shared: Arc<Shared>) {
             return Poll::Ready(());
         }
         loop {
-            // Calls first: what they write is flushed by the connection's poll below.
+            // Calls first: what they answer waits in h2's queue, and the connection's next poll
+            // (inside `poll_accept`) writes all of it at once. Every stream that came in is accepted
+            // before any is answered: answering each as it is accepted cost a write per call.
             while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {}
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((request, respond)))) => {
-                    calls.push(call(shared.clone(), &partial, request, respond))
+            let mut accepted = false;
+            loop {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        calls.push(call(shared.clone(), &partial, request, respond));
+                        accepted = true;
+                    }
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
+            }
+            // Nothing new: what the calls wrote is flushed, and the connection waits.
+            if !accepted {
+                return Poll::Pending;
             }
         }
     })
@@ -404,9 +414,17 @@ fn grpc_head() -> Response<()> {
     head
 }
 
+/// gRPC's status codes as `grpc-status` writes them, so that no answer formats (and allocates) one.
+const GRPC_STATUS: [&str; 17] =
+    ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
+
 fn status_trailers(code: Code, message: &'static str) -> HeaderMap {
     let mut trailers = HeaderMap::with_capacity(2);
-    trailers.insert("grpc-status", HeaderValue::from(i32::from(code)));
+    let status = match GRPC_STATUS.get(usize::try_from(i32::from(code)).unwrap_or(usize::MAX)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(i32::from(code)),
+    };
+    trailers.insert("grpc-status", status);
     if !message.is_empty() {
         trailers.insert("grpc-message", HeaderValue::from_static(message));
     }
@@ -449,6 +467,14 @@ mod tests {
         assert_eq!(of("7n"), Some(Duration::from_nanos(7)));
         for bad in ["", "m", "123456789m", "1x", "-1m", "+1m", "1.5S"] {
             assert_eq!(of(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_grpc_status_is_written_as_its_number() {
+        for number in 0..=16 {
+            let trailers = status_trailers(Code::from_i32(number), "");
+            assert_eq!(trailers["grpc-status"], number.to_string().as_str());
         }
     }
 
