@@ -45,6 +45,12 @@ pub struct GrpcLimits {
     /// once it has: without this, connections that stay silent (or trickle) would hold every one of
     /// `max_connections` for good, and Envoy could not connect.
     pub preface_timeout: Duration,
+    /// Calls open at once over all connections (`authz.grpc_max_in_flight`), each counted from its
+    /// headers until its answer is in the peer's flow-control window: more are answered
+    /// `RESOURCE_EXHAUSTED` at once. Without it the memory of calls waiting for their message, or
+    /// of answers a client does not read, was bounded only by `max_connections` x
+    /// `max_streams_per_connection`.
+    pub max_in_flight: usize,
 }
 
 impl Default for GrpcLimits {
@@ -56,6 +62,7 @@ impl Default for GrpcLimits {
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
             preface_timeout: Duration::from_secs(5),
+            max_in_flight: crate::settings::DEFAULT_GRPC_MAX_IN_FLIGHT,
         }
     }
 }
