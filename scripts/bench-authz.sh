@@ -5,7 +5,10 @@
 # /v1/verify (wrk, 64 connections). Keys picked among 1,000; a route with a scope rule matched on every
 # decision. Each run prints decisions/s, p50 and p99 as the client saw them, and the Keyward process's
 # CPU time (user + system) per decision, its usage writer included: before and after each run the
-# script waits until every usage event is written. Release build; needs wrk (apt-get install wrk).
+# script waits until every usage event is written. The last column is the load client's own CPU per
+# decision (wrk's or bench-ext-authz's, from /proc too): both share the cores with the server, so a
+# client that costs more per decision leaves the server less of them. Release build; needs wrk
+# (apt-get install wrk).
 # A last gRPC run with one caller on one connection gives the latency of a check without queueing.
 # Usage: scripts/bench-authz.sh [keys, default 1000] [seconds per run, default 10]
 set -euo pipefail
@@ -46,20 +49,24 @@ grpc() { # bench-ext-authz's summary, kept like wrk_run's
     P99_MS[$1]=$(ms "${P99[$1]}")
     if ! grep -q 'denied 0, failed 0' <<<"$out"; then echo "!! $1: $out" >&2; fi
 }
-# Runs `$2 $1` with the usage writer idle before and after, and keeps the CPU per decision under $1.
+# Runs `$2 $1` with the usage writer idle before and after, and keeps the CPU per decision under $1:
+# the server's (CPU) and the client's (CLIENT).
 measured() { # tag runner
     usage_drained "$HTTP"
-    local before
+    local before client
     before=$(cpu_us "$KW")
+    client=$(children_cpu_us)
     "$2" "$1"
+    client=$(( $(children_cpu_us) - client ))
     usage_drained "$HTTP"
     CPU[$1]=$(awk -v c="$(( $(cpu_us "$KW") - before ))" -v n="${REQUESTS[$1]}" 'BEGIN { printf "%.1f", c / n }')
+    CLIENT[$1]=$(awk -v c="$client" -v n="${REQUESTS[$1]}" 'BEGIN { printf "%.1f", c / n }')
 }
 # Warm the cache and the code paths of all three.
 DURATION=2 verify warm; DURATION=2 forward_auth warm; DURATION=2 grpc warm
 
-printf '| %-36s | %12s | %9s | %9s | %12s |\n' "run (64 callers, $N keys)" "decisions/s" "p50" "p99" "CPU us/dec."
-echo "|--------------------------------------|--------------|-----------|-----------|--------------|"
+printf '| %-36s | %12s | %9s | %9s | %12s | %12s |\n' "run (64 callers, $N keys)" "decisions/s" "p50" "p99" "CPU us/dec." "client us/d."
+echo "|--------------------------------------|--------------|-----------|-----------|--------------|--------------|"
 # Twice, in mirrored order, so that none gains from its place on a machine whose load drifts; the
 # ratios use the sums.
 ORDER=(verify forward_auth grpc grpc forward_auth verify)

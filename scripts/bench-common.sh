@@ -19,7 +19,7 @@ ms() { # wrk's latency (850.00us, 1.31ms, 2.01s) in milliseconds
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
-declare -A RPS P50 P99 P99_MS REQUESTS CPU
+declare -A RPS P50 P99 P99_MS REQUESTS CPU CLIENT
 # One wrk run of $DURATION seconds at 64 connections; keeps under `tag` the requests/s, p50 and p99 as
 # wrk prints them, p99 in ms (P99_MS) and the number of requests.
 # Usage: wrk_run tag [wrk arguments: -s script, -H header, ...] url
@@ -34,15 +34,20 @@ wrk_run() {
     REQUESTS[$tag]=$(awk '/requests in/ {print $1}' <<<"$out")
     if grep -q "Non-2xx" <<<"$out"; then echo "!! $tag: non-2xx responses" >&2; grep "Non-2xx" <<<"$out" >&2; fi
 }
-# A table row of what `tag` measured: name, requests/s, p50, p99, and CPU per request when measured.
+# A table row of what `tag` measured: name, requests/s, p50, p99, and CPU per request when measured
+# (the server's, then the load client's).
 row() { # name tag
     printf '| %-36s | %12s | %9s | %9s |' "$1" "${RPS[$2]}" "${P50[$2]}" "${P99[$2]}"
     if [ -n "${CPU[$2]:-}" ]; then printf ' %12s |' "${CPU[$2]}"; fi
+    if [ -n "${CLIENT[$2]:-}" ]; then printf ' %12s |' "${CLIENT[$2]}"; fi
     echo
 }
 
 # CPU time (user + system) process $1 has used so far, in microseconds.
 cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.0f", ($14 + $15) * 1e6 / hz }' "/proc/$1/stat"; }
+# CPU time (user + system) of this script's finished children (a wrk or bench-ext-authz run, and the
+# few text tools that read its output), in microseconds.
+children_cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.0f", ($16 + $17) * 1e6 / hz }' "/proc/$$/stat"; }
 
 # Waits until the usage writer at http://$1 has written every event recorded so far.
 usage_drained() {

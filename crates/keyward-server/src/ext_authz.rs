@@ -8,6 +8,7 @@
 //! timeout) is what Envoy's `failure_mode_allow` and `status_on_error` apply to; a store outage that
 //! Keyward answers is a decision of its own (503 `store_unavailable`, fail closed).
 
+mod answer;
 mod check;
 mod server;
 

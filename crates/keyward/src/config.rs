@@ -340,6 +340,9 @@ impl Config {
                 keyward_server::settings::MIN_IDENTITY_SECRET_LEN
             );
         }
+        if self.authz.grpc_max_in_flight == 0 {
+            bail!("authz.grpc_max_in_flight (KEYWARD_AUTHZ__GRPC_MAX_IN_FLIGHT) must be positive");
+        }
         if let Some(path) = &self.webhooks.ca_file {
             keyward_server::webhooks::load_ca_file(path).map_err(|e| anyhow::anyhow!("webhooks.ca_file: {e}"))?;
         }
@@ -701,6 +704,22 @@ mod tests {
             assert_eq!(grpc(Overrides::default()).map_err(|e| e.to_string())?, (Some(9192), true));
             let flags = Overrides::default().set("authz.grpc_listen", Some(SocketAddr::from(([127, 0, 0, 1], 9193))));
             assert_eq!(grpc(flags).map_err(|e| e.to_string())?, (Some(9193), true));
+            Ok(())
+        });
+    }
+
+    /// `[authz] grpc_max_in_flight`: a default, the environment over it, and 0 refused at start-up.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's own test-jail signature
+    fn the_ext_authz_grpc_in_flight_cap_has_a_default_and_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            let cap = || Config::load(None, Overrides::default()).map(|c| c.authz.grpc_max_in_flight);
+            assert_eq!(cap().map_err(|e| e.to_string())?, keyward_server::settings::DEFAULT_GRPC_MAX_IN_FLIGHT);
+            jail.set_env("KEYWARD_AUTHZ__GRPC_MAX_IN_FLIGHT", "64");
+            assert_eq!(cap().map_err(|e| e.to_string())?, 64);
+            jail.set_env("KEYWARD_AUTHZ__GRPC_MAX_IN_FLIGHT", "0");
+            let refused = cap().map_err(|e| format!("{e:#}")).unwrap_err();
+            assert!(refused.contains("grpc_max_in_flight"), "{refused}");
             Ok(())
         });
     }

@@ -8,20 +8,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
-use envoy_types::ext_authz::v3::pb::{
-    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HttpResponse, HttpStatus, OkHttpResponse,
-};
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue as EnvoyHeader, HeaderValueOption};
-use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
-use envoy_types::pb::google::rpc;
+use prost::bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Code;
 
-use crate::authz::{self, Allowed, AuthzRequest, Decision, Routes};
+use super::answer;
+
+use crate::authz::{self, AuthzRequest, Decision, Routes};
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 use crate::telemetry::Via;
@@ -49,6 +45,12 @@ pub struct GrpcLimits {
     /// once it has: without this, connections that stay silent (or trickle) would hold every one of
     /// `max_connections` for good, and Envoy could not connect.
     pub preface_timeout: Duration,
+    /// Calls open at once over all connections (`authz.grpc_max_in_flight`), each counted from its
+    /// headers until its answer is in the peer's flow-control window: more are answered
+    /// `RESOURCE_EXHAUSTED` at once. Without it the memory of calls waiting for their message, or
+    /// of answers a client does not read, was bounded only by `max_connections` x
+    /// `max_streams_per_connection`.
+    pub max_in_flight: usize,
 }
 
 impl Default for GrpcLimits {
@@ -60,6 +62,7 @@ impl Default for GrpcLimits {
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
             preface_timeout: Duration::from_secs(5),
+            max_in_flight: crate::settings::DEFAULT_GRPC_MAX_IN_FLIGHT,
         }
     }
 }
@@ -76,8 +79,9 @@ impl ExtAuthz {
         Self { state, routes }
     }
 
-    /// The answer to one `CheckRequest`.
-    pub async fn check_request(&self, check: &wire::CheckRequest) -> CheckResponse {
+    /// The answer to one `CheckRequest`: a `CheckResponse` as a gRPC message, its 5-byte prefix
+    /// included.
+    pub async fn check_request(&self, check: &wire::CheckRequest) -> Bytes {
         let http = check.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let (method, path) = http.map(|h| (h.method.as_str(), h.path.as_str())).unwrap_or_default();
         // SECURITY: refused whole, never judged on part of its headers (an override past the cut).
@@ -88,13 +92,13 @@ impl ExtAuthz {
         let request =
             AuthzRequest { method, path, headers: &headers, client_ip: client_ip(check), via: Via::ExtAuthzGrpc };
         match authz::decide(&self.state, &self.routes, request).await {
-            Decision::Allow(allowed) => allow(allowed),
+            Decision::Allow(allowed) => answer::allow(&allowed),
             Decision::Deny(error) => deny(error.into_response()).await,
         }
     }
 
     #[tracing::instrument(skip_all, name = "ext_authz")]
-    pub(super) async fn check(&self, request: &wire::CheckRequest) -> CheckResponse {
+    pub(super) async fn check(&self, request: &wire::CheckRequest) -> Bytes {
         self.check_request(request).await
     }
 }
@@ -230,91 +234,13 @@ fn client_ip(check: &wire::CheckRequest) -> Option<IpAddr> {
     socket.address.parse().ok()
 }
 
-fn allow(allowed: Allowed) -> CheckResponse {
-    let Allowed { upstream_headers, remove_headers, response_headers, .. } = allowed;
-    let dynamic_metadata = identity_metadata(&upstream_headers);
-    let ok = OkHttpResponse {
-        headers: options(&upstream_headers),
-        headers_to_remove: remove_headers.iter().map(|h| h.as_str().to_owned()).collect(),
-        response_headers_to_add: options(&response_headers),
-        ..OkHttpResponse::default()
-    };
-    CheckResponse {
-        status: Some(rpc::Status { code: Code::Ok.into(), ..rpc::Status::default() }),
-        http_response: Some(HttpResponse::OkResponse(ok)),
-        dynamic_metadata,
-    }
-}
-
 /// Keyward's error answer (status, JSON body, `Retry-After` and rate-limit headers), as Envoy sends
 /// it to the client.
-async fn deny(response: axum::response::Response) -> CheckResponse {
+async fn deny(response: axum::response::Response) -> Bytes {
     let (parts, body) = response.into_parts();
     // An error body is a few hundred bytes of JSON; the bound only keeps a fault from growing it.
     let body = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
-    let denied = DeniedHttpResponse {
-        status: Some(HttpStatus { code: i32::from(parts.status.as_u16()) }),
-        headers: options(&parts.headers),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    };
-    let code = grpc_code(parts.status);
-    CheckResponse {
-        status: Some(rpc::Status { code: code.into(), message: code.description().to_owned(), details: Vec::new() }),
-        http_response: Some(HttpResponse::DeniedResponse(denied)),
-        dynamic_metadata: None,
-    }
-}
-
-/// The gRPC status beside a refusal: Envoy only tells `OK` from the rest (the HTTP status is what
-/// the client sees), but logs, the network filter and other callers read it.
-fn grpc_code(status: StatusCode) -> Code {
-    match status {
-        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
-        StatusCode::FORBIDDEN => Code::PermissionDenied,
-        StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
-        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
-        StatusCode::NOT_FOUND => Code::NotFound,
-        s if s.is_client_error() => Code::InvalidArgument,
-        _ => Code::Internal,
-    }
-}
-
-/// Headers to set, each replacing what the request (or response) already had by that name: a client
-/// cannot add a value of its own beside Keyward's.
-fn options(headers: &HeaderMap) -> Vec<HeaderValueOption> {
-    headers
-        .iter()
-        .map(|(name, value)| HeaderValueOption {
-            header: Some(EnvoyHeader {
-                key: name.as_str().to_owned(),
-                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                raw_value: Vec::new(),
-            }),
-            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
-            ..HeaderValueOption::default()
-        })
-        .collect()
-}
-
-/// The identity for later filters (`envoy.filters.http.ext_authz` namespace): the `x-keyward-*`
-/// headers the upstream gets, one field each without the prefix (`key_id`, `organization_id`,
-/// `owner_id`, `environment`, and `scopes` as a list), so the two never disagree.
-fn identity_metadata(headers: &HeaderMap) -> Option<Struct> {
-    let fields: std::collections::BTreeMap<String, Value> = headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let field = name.as_str().strip_prefix("x-keyward-")?.replace('-', "_");
-            let text = value.to_str().ok()?;
-            let kind = if field == "scopes" {
-                let scopes = text.split_whitespace().map(|s| Value { kind: Some(Kind::StringValue(s.to_owned())) });
-                Kind::ListValue(ListValue { values: scopes.collect() })
-            } else {
-                Kind::StringValue(text.to_owned())
-            };
-            Some((field, Value { kind: Some(kind) }))
-        })
-        .collect();
-    (!fields.is_empty()).then(|| Struct { fields: fields.into_iter().collect() })
+    answer::deny(parts.status, &parts.headers, &body)
 }
 
 /// The connections `listener` accepts, each holding one of `cap` permits until it closes: past the
@@ -391,8 +317,11 @@ impl AsyncWrite for Permitted {
         Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
+    /// No, so that h2 copies every DATA payload under 1 KiB (an answer) into its write buffer: with
+    /// vectored writes it keeps each payload over 256 bytes aside and must write it out before it
+    /// takes the next frame, a write per answer where one write can carry a dozen.
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

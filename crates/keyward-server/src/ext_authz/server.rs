@@ -9,7 +9,8 @@
 //! Every bound of [`GrpcLimits`] holds here: the call timeout (a message that trickles in is cut off
 //! with `DEADLINE_EXCEEDED`, a `grpc-timeout` from the client can only shorten it), the streams per
 //! connection (an HTTP/2 setting h2 enforces), the keepalive ping and its timeout, the preface timeout
-//! and the connection cap ([`super::check::limited`]), and the shutdown grace; so does a cap of this
+//! and the connection cap ([`super::check::limited`]), the calls in flight over all connections (each
+//! counted until its answer is in the peer's window), and the shutdown grace; so does a cap of this
 //! module's, on the bytes of incomplete messages a connection holds ([`MAX_PARTIAL_BYTES`]). h2
 //! itself bounds header lists, frame sizes, flow-control windows, and resets (pending-accept and
 //! locally caused ones, the "rapid reset" defence) and closes connections that break them.
@@ -18,7 +19,7 @@ use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use axum::http::header::CONTENT_TYPE;
@@ -65,6 +66,25 @@ struct Shared {
     limits: GrpcLimits,
     /// `true` once shutdown has begun: connections send GOAWAY and health answers `NOT_SERVING`.
     stopping: watch::Receiver<bool>,
+    /// Calls open over all connections, at most `limits.max_in_flight`.
+    in_flight: AtomicUsize,
+}
+
+/// One call counted in [`Shared::in_flight`] until it is dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    /// `None` when `max` calls are open already.
+    fn take(count: &'a AtomicUsize, max: usize) -> Option<Self> {
+        let open = InFlight(count);
+        (count.fetch_add(1, Ordering::Relaxed) < max).then_some(open)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves `Authorization/Check` and `grpc.health.v1.Health` on `listener` until `shutdown` resolves;
@@ -76,7 +96,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
-    let shared = Arc::new(Shared { service, limits, stopping });
+    let shared = Arc::new(Shared { service, limits, stopping, in_flight: AtomicUsize::new(0) });
     let mut incoming = Box::pin(limited(listener, limits.max_connections, limits.preface_timeout));
     let mut shutdown = pin!(shutdown);
     let mut connections = JoinSet::new();
@@ -150,14 +170,24 @@ async fn connection(stream: Permitted, shared: Arc<Shared>) {
             return Poll::Ready(());
         }
         loop {
-            // Calls first: what they write is flushed by the connection's poll below.
+            // Calls first: what they answer waits in h2's queue, and the connection's next poll
+            // (inside `poll_accept`) writes all of it at once. Every stream that came in is accepted
+            // before any is answered: answering each as it is accepted cost a write per call.
             while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {}
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((request, respond)))) => {
-                    calls.push(call(shared.clone(), &partial, request, respond))
+            let mut accepted = false;
+            loop {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        calls.push(call(shared.clone(), &partial, request, respond));
+                        accepted = true;
+                    }
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
+            }
+            // Nothing new: what the calls wrote is flushed, and the connection waits.
+            if !accepted {
+                return Poll::Pending;
             }
         }
     })
@@ -206,6 +236,11 @@ async fn call(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    // SECURITY: every open call holds memory (its stream, its headers, this future, then its
+    // answer): past the cap a call costs no more than its refusal.
+    let Some(_in_flight) = InFlight::take(&shared.in_flight, shared.limits.max_in_flight) else {
+        return send_status(&mut respond, Code::ResourceExhausted, "too many calls in flight");
+    };
     let (head, mut body) = request.into_parts();
     let method = match head.uri.path() {
         CHECK_PATH => Method::Check,
@@ -218,18 +253,19 @@ async fn call(
     }
     let deadline =
         grpc_timeout(&head.headers).map_or(shared.limits.call_timeout, |t| t.min(shared.limits.call_timeout));
+    let deadline = tokio::time::Instant::now() + deadline;
     // SECURITY: a call the client resets ends here, its work dropped (hyper drops a reset stream's
     // handler too). h2 no longer counts a reset stream against the streams per connection, so a
     // client resetting calls in a loop would otherwise keep more of them working than the cap
     // allows ("rapid reset"). Biased: a call answered on its first poll never looks at the reset.
     let answered = tokio::select! {
         biased;
-        answered = tokio::time::timeout(deadline, answer(&shared, method, &mut body, partial)) => answered,
+        answered = tokio::time::timeout_at(deadline, answer(&shared, method, &mut body, partial)) => answered,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     drop(body);
     match answered {
-        Ok(Ok(Answer::Unary(message))) => send_message(&mut respond, message),
+        Ok(Ok(Answer::Unary(message))) => send_message(&mut respond, message, deadline).await,
         Ok(Ok(Answer::Watch(status))) => health_watch(&mut respond, status, shared.stopping.clone()).await,
         Ok(Err(Failure::Status(code, message))) => send_status(&mut respond, code, message),
         Ok(Err(Failure::Gone)) => {}
@@ -249,7 +285,7 @@ async fn answer(
         Method::Check => {
             let check = wire::CheckRequest::decode(message)
                 .map_err(|_| Failure::Status(Code::Internal, "the message is not a CheckRequest"))?;
-            Ok(Answer::Unary(framed(&shared.service.check(&check).await)))
+            Ok(Answer::Unary(shared.service.check(&check).await))
         }
         Method::HealthCheck => match health(shared, message)? {
             ServingStatus::ServiceUnknown => Err(Failure::Status(Code::NotFound, "service not registered")),
@@ -404,9 +440,17 @@ fn grpc_head() -> Response<()> {
     head
 }
 
+/// gRPC's status codes as `grpc-status` writes them, so that no answer formats (and allocates) one.
+const GRPC_STATUS: [&str; 17] =
+    ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
+
 fn status_trailers(code: Code, message: &'static str) -> HeaderMap {
     let mut trailers = HeaderMap::with_capacity(2);
-    trailers.insert("grpc-status", HeaderValue::from(i32::from(code)));
+    let status = match GRPC_STATUS.get(usize::try_from(i32::from(code)).unwrap_or(usize::MAX)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(i32::from(code)),
+    };
+    trailers.insert("grpc-status", status);
     if !message.is_empty() {
         trailers.insert("grpc-message", HeaderValue::from_static(message));
     }
@@ -414,10 +458,33 @@ fn status_trailers(code: Code, message: &'static str) -> HeaderMap {
 }
 
 /// A unary answer: headers, the message, `grpc-status: 0`. A client that is gone is not an error.
-fn send_message(respond: &mut SendResponse<Bytes>, message: Bytes) {
+///
+/// The message goes to h2 once the peer's flow-control window takes it whole, which it nearly always
+/// does at once. Until then the call stays open and counted in flight, and at `deadline` it is reset:
+/// a client that reads no answers holds none past it (h2 would have kept them, up to 400 KiB a
+/// stream, for as long as the connection lives).
+async fn send_message(respond: &mut SendResponse<Bytes>, message: Bytes, deadline: tokio::time::Instant) {
     let Ok(mut stream) = respond.send_response(grpc_head(), false) else {
         return;
     };
+    let length = message.len();
+    stream.reserve_capacity(length);
+    if stream.capacity() < length {
+        let window = poll_fn(|cx| {
+            while stream.capacity() < length {
+                match ready!(stream.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Poll::Ready(false),
+                }
+            }
+            Poll::Ready(true)
+        });
+        match tokio::time::timeout_at(deadline, window).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => return stream.send_reset(h2::Reason::CANCEL),
+        }
+    }
     if stream.send_data(message, false).is_ok() {
         let _ = stream.send_trailers(status_trailers(Code::Ok, ""));
     }
@@ -449,6 +516,14 @@ mod tests {
         assert_eq!(of("7n"), Some(Duration::from_nanos(7)));
         for bad in ["", "m", "123456789m", "1x", "-1m", "+1m", "1.5S"] {
             assert_eq!(of(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_grpc_status_is_written_as_its_number() {
+        for number in 0..=16 {
+            let trailers = status_trailers(Code::from_i32(number), "");
+            assert_eq!(trailers["grpc-status"], number.to_string().as_str());
         }
     }
 

@@ -835,3 +835,62 @@ async fn incomplete_messages_are_capped_per_connection() {
     stream.send_data(grpc_frame(0, b""), true).unwrap();
     assert_eq!(grpc_answer(response).await.0, 0);
 }
+
+/// Past `max_in_flight` calls open over all connections, a call is `RESOURCE_EXHAUSTED` at once, on
+/// any connection: calls waiting for their message no longer hold memory bounded only by connections
+/// x streams. One that ends makes room.
+#[tokio::test]
+async fn past_the_in_flight_cap_calls_are_resource_exhausted_on_every_connection() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 2, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let holder = h2_client(addr).await;
+    let (first, mut first_stream) = open_call(&holder, HEALTH_CHECK, &[]).await;
+    let (_second, _second_stream) = open_call(&holder, HEALTH_CHECK, &[]).await;
+    // A third call on the same connection comes after the two (streams are accepted in order).
+    let (third, mut third_stream) = open_call(&holder, HEALTH_CHECK, &[]).await;
+    third_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(third).await.0, i32::from(tonic::Code::ResourceExhausted));
+    let other = h2_client(addr).await;
+    let (response, mut stream) = open_call(&other, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::ResourceExhausted));
+    // The first call gets its message and is answered: its place is free once the answer is out.
+    first_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(first).await.0, 0);
+    let (response, mut stream) = open_call(&other, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+}
+
+/// An answer a client does not take (its flow-control window stays at 0) keeps its call open and
+/// counted until the call's deadline, which resets it; it is not left in the connection's buffers
+/// uncounted for as long as the connection lives.
+#[tokio::test]
+async fn an_answer_the_client_does_not_read_is_counted_and_reset_at_the_deadline() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 1, call_timeout: Duration::from_millis(500), ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let handshake = h2::client::Builder::new().initial_window_size(0).handshake::<_, axum::body::Bytes>(tcp);
+    let (stuck, connection) = tokio::time::timeout(WITHIN, handshake).await.unwrap().unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let (response, mut stream) = open_call(&stuck, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    // The answer's headers arrive; its message cannot.
+    let response = tokio::time::timeout(WITHIN, response).await.unwrap().unwrap();
+    assert!(response.headers().get("grpc-status").is_none(), "{response:?}");
+    let other = h2_client(addr).await;
+    let (refused, mut refused_stream) = open_call(&other, HEALTH_CHECK, &[]).await;
+    refused_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(refused).await.0, i32::from(tonic::Code::ResourceExhausted));
+    // At the deadline the held answer is reset, and the place is free.
+    let mut body = response.into_body();
+    let end = tokio::time::timeout(WITHIN, body.data()).await.unwrap();
+    assert!(matches!(end, Some(Err(ref e)) if e.reason() == Some(h2::Reason::CANCEL)), "{end:?}");
+    let (response, mut stream) = open_call(&other, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+}

@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let limits = GrpcLimits {
                 shutdown_grace: Duration::from_millis(config.server.shutdown_grace_ms),
                 max_connections: config.server.max_connections,
+                max_in_flight: config.authz.grpc_max_in_flight,
                 ..GrpcLimits::default()
             };
             Some(tokio::spawn(ext_authz::serve(listener, service, limits, stopped(stop_rx.clone()))))
