@@ -429,6 +429,36 @@ mod tests {
         }
     }
 
+    /// Every length from one varint byte to three, at every level of nesting: a value, its
+    /// `HeaderValue`, its option, the `OkHttpResponse` or `DeniedHttpResponse`, the metadata's
+    /// `Value`, `ListValue`, map entry and `Struct`; each crosses 127 and 16,383 somewhere in the sweep.
+    /// The values are what a tenant can put in a key (an owner id in any script, quotes, a tab, a
+    /// signed identity past 16 KiB), and the deny is a 429 with `Retry-After` and rate limits.
+    #[test]
+    fn lengths_of_every_varint_width_decode_to_what_prost_wrote() {
+        let sweep = (100..140).chain(16_340..16_400).chain([0, 1, 65_536]);
+        for len in sweep {
+            let owner = format!("\"caf\u{e9}\t\u{1F511}'{}", "o".repeat(len));
+            let scopes: String = (0..len / 8).map(|i| format!("read:r{i} ")).collect();
+            let token = "t".repeat(len);
+            let upstream: &[(&str, &[u8])] = &[
+                ("x-keyward-key-id", b"0193e0c4-5f8e-7c3a-9d2b-1a2b3c4d5e6f"),
+                ("x-keyward-owner-id", owner.as_bytes()),
+                ("x-keyward-scopes", scopes.as_bytes()),
+                ("x-keyward-identity", token.as_bytes()),
+            ];
+            let limits: &[(&str, &[u8])] = &[("ratelimit", token.as_bytes())];
+            let allowed = allowed(upstream, &["authorization"], limits);
+            assert_eq!(decoded(&allow(&allowed)), reference::allow(&allowed), "{len}");
+            let body = format!(r#"{{"error":{{"code":"rate_limited","message":"{}"}}}}"#, "\u{e9}".repeat(len));
+            let headers = map(&[("retry-after", b"12"), ("ratelimit", token.as_bytes()), ("x-ratelimit-limit", b"60")]);
+            let status = StatusCode::TOO_MANY_REQUESTS;
+            let ours = deny(status, &headers, body.as_bytes());
+            assert_eq!(decoded(&ours), reference::deny(status, &headers, body.as_bytes()), "{len}");
+            assert_eq!(ours[5..], reference::deny(status, &headers, body.as_bytes()).encode_to_vec()[..], "{len}");
+        }
+    }
+
     /// Header names, among them the identity's, and values of any bytes a header value may hold.
     fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
         let name = prop_oneof![
