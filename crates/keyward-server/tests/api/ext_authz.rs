@@ -894,3 +894,24 @@ async fn an_answer_the_client_does_not_read_is_counted_and_reset_at_the_deadline
     stream.send_data(grpc_frame(0, b""), true).unwrap();
     assert_eq!(grpc_answer(response).await.0, 0);
 }
+
+/// A `Health/Watch` stream is counted in flight only until its first answer is out: it stays open
+/// until shutdown, so a few watchers (one per client, as grpc-go's client-side health checking
+/// keeps) would otherwise hold every place for good and every `Check` after them would be
+/// `RESOURCE_EXHAUSTED`.
+#[tokio::test]
+async fn a_health_watch_does_not_hold_its_place_in_flight_for_good() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 1, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let mut health = HealthClient::new(connect(addr).await);
+    let watch = tokio::time::timeout(WITHIN, health.watch(HealthCheckRequest { service: String::new() })).await;
+    let mut watch = watch.unwrap().unwrap().into_inner();
+    let first = tokio::time::timeout(WITHIN, watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // The watch is still open; a call on another connection is served.
+    let (response, mut stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+    drop(watch);
+}
