@@ -915,3 +915,28 @@ async fn a_health_watch_does_not_hold_its_place_in_flight_for_good() {
     assert_eq!(grpc_answer(response).await.0, 0);
     drop(watch);
 }
+
+/// SECURITY: an owner id is free text, up to 255 characters of anything. One a header cannot carry
+/// (CR, LF, NUL, other controls) is left out of the answer, the client's forged `x-keyward-owner-id`
+/// is removed instead, and no header value of the answer holds a byte Envoy refuses or splits on.
+#[tokio::test]
+async fn an_owner_id_a_header_cannot_carry_never_splits_or_forges_one() {
+    let app = TestApp::sqlite().await;
+    let (_, channel) = serve(&app).await;
+    for owner in ["a\r\nx-keyward-scopes: *", "a\nb", "a\rb", "nul\0", "bell\x07", "del\x7f"] {
+        let (key, _) = app.owned_key(app.default_org.id, owner, &["read:projects"]).await;
+        let bearer = format!("Bearer {key}");
+        let headers = [("authorization", bearer.as_str()), ("x-keyward-owner-id", "forged")];
+        let response = check(&channel, check_request("GET", "/projects/1", &headers, "192.0.2.1")).await;
+        assert_no_key(&response, &key);
+        let ok = allowed(&response);
+        assert!(!headers_of(&ok.headers).contains_key("x-keyward-owner-id"), "{owner:?}: {ok:?}");
+        assert!(ok.headers_to_remove.iter().any(|h| h == "x-keyward-owner-id"), "{owner:?}: {ok:?}");
+        for option in ok.headers.iter().chain(&ok.response_headers_to_add) {
+            let value = &option.header.as_ref().unwrap().value;
+            assert!(!value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f), "{owner:?}: {value:?}");
+        }
+        let metadata = &response.dynamic_metadata.as_ref().unwrap().fields;
+        assert!(!metadata.contains_key("owner_id"), "{owner:?}: {metadata:?}");
+    }
+}
