@@ -940,3 +940,24 @@ async fn an_owner_id_a_header_cannot_carry_never_splits_or_forges_one() {
         assert!(!metadata.contains_key("owner_id"), "{owner:?}: {metadata:?}");
     }
 }
+
+/// An owner id in any script, with quotes and a tab, reaches the upstream as it is, and the same
+/// in the identity metadata: the two are read from the same headers and never disagree.
+#[tokio::test]
+async fn an_owner_id_in_any_script_is_in_the_header_and_the_metadata_alike() {
+    let app = TestApp::sqlite().await;
+    let (_, channel) = serve(&app).await;
+    // The helper names the key after its owner, and a name is at most 200 characters.
+    let long = "\u{e9}".repeat(190);
+    for owner in ["caf\u{e9}", "\"\u{1F511}\"\t'x'", "\u{7528}\u{6237}-7", long.as_str()] {
+        let (key, _) = app.owned_key(app.default_org.id, owner, &["read:projects"]).await;
+        let bearer = format!("Bearer {key}");
+        let response =
+            check(&channel, check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1")).await;
+        let ok = allowed(&response);
+        assert_eq!(headers_of(&ok.headers)["x-keyward-owner-id"], owner);
+        let metadata = &response.dynamic_metadata.as_ref().unwrap().fields;
+        let in_metadata = metadata.get("owner_id").and_then(|v| v.kind.clone());
+        assert_eq!(in_metadata, Some(Kind::StringValue(owner.to_owned())), "{owner:?}");
+    }
+}
