@@ -961,3 +961,62 @@ async fn an_owner_id_in_any_script_is_in_the_header_and_the_metadata_alike() {
         assert_eq!(in_metadata, Some(Kind::StringValue(owner.to_owned())), "{owner:?}");
     }
 }
+
+/// Every way a call can end gives its in-flight place back: a reset stream, a message that never
+/// comes (`DEADLINE_EXCEEDED`), a connection dropped with calls open, a refusal at the cap. After
+/// each, `max_in_flight` calls can be open at once again.
+#[tokio::test]
+async fn every_way_a_call_ends_gives_its_in_flight_place_back() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 2, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    // Both places taken at once, then both answered; `false` while a place is still held.
+    let both_free = || async {
+        let sender = h2_client(addr).await;
+        let (first, mut first_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        let (second, mut second_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        first_stream.send_data(grpc_frame(0, b""), true).unwrap();
+        second_stream.send_data(grpc_frame(0, b""), true).unwrap();
+        (grpc_answer(first).await.0, grpc_answer(second).await.0) == (0, 0)
+    };
+    let eventually_free = || async {
+        tokio::time::timeout(WITHIN, async {
+            while !both_free().await {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
+    };
+    // Reset by the client.
+    let sender = h2_client(addr).await;
+    for _ in 0..2 {
+        let (_response, mut stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    assert!(eventually_free().await, "reset calls still hold their places");
+    // Never sent: both cut off at the client's deadline, a third refused meanwhile.
+    let (silent, _silent_stream) = open_call(&sender, CHECK, &[("grpc-timeout", "1S")]).await;
+    let (trickled, mut trickled_stream) = open_call(&sender, CHECK, &[("grpc-timeout", "1S")]).await;
+    trickled_stream.send_data(vec![0, 0].into(), false).unwrap();
+    let (refused, mut refused_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    refused_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(refused).await.0, i32::from(tonic::Code::ResourceExhausted));
+    for response in [silent, trickled] {
+        assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+    }
+    assert!(eventually_free().await, "calls past their deadline still hold their places");
+    // The connection goes away with both calls open.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (dropped, connection) = tokio::time::timeout(WITHIN, h2::client::handshake(tcp)).await.unwrap().unwrap();
+    let driven = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let held = [open_call(&dropped, CHECK, &[]).await, open_call(&dropped, CHECK, &[]).await];
+    let (refused, mut refused_stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    refused_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(refused).await.0, i32::from(tonic::Code::ResourceExhausted));
+    driven.abort();
+    drop((held, dropped));
+    assert!(eventually_free().await, "calls of a dropped connection still hold their places");
+}
