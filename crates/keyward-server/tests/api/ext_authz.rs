@@ -1020,3 +1020,38 @@ async fn every_way_a_call_ends_gives_its_in_flight_place_back() {
     drop((held, dropped));
     assert!(eventually_free().await, "calls of a dropped connection still hold their places");
 }
+
+/// SECURITY: through the gRPC listener, the end client's key (allowed, in the original path and
+/// query, refused for a scope, mistyped by one character, or in a call cut off at its deadline)
+/// reaches no log line and no field of any answer, written by hand as the answers now are.
+#[tokio::test]
+async fn a_key_through_the_grpc_listener_leaks_nowhere() {
+    let capture = crate::secrets::capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.owned_key(app.default_org.id, "user-7", &["read:projects"]).await;
+    let secret = key[8..40].to_owned();
+    let (addr, channel) = serve(&app).await;
+    let bearer = format!("Bearer {key}");
+    let mistyped = format!("{}{}", &key[..key.len() - 1], if key.ends_with('x') { 'y' } else { 'x' });
+    let in_path = format!("/projects/{key}?key={key}");
+    let requests = [
+        check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("GET", &in_path, &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("POST", "/projects/1", &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("GET", "/projects/1", &[("x-api-key", &mistyped)], "192.0.2.1"),
+        check_request("GET", &in_path, &[], "192.0.2.1"),
+    ];
+    for request in requests {
+        let response = check(&channel, request).await;
+        assert_no_key(&response, &secret);
+    }
+    // A call whose message is cut short at its deadline, the key in what did arrive.
+    use prost::Message;
+    let message = check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1").encode_to_vec();
+    let (response, mut stream) = open_call(&h2_client(addr).await, CHECK, &[("grpc-timeout", "200m")]).await;
+    stream.send_data(grpc_frame(0, &message)[..message.len()].to_vec().into(), false).unwrap();
+    assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("\"via\":\"ext_authz_grpc\""), "the capture works");
+    assert!(!logs.contains(&secret), "a gRPC ext_authz log line has the key");
+}
