@@ -238,7 +238,7 @@ async fn call(
 ) {
     // SECURITY: every open call holds memory (its stream, its headers, this future, then its
     // answer): past the cap a call costs no more than its refusal.
-    let Some(_in_flight) = InFlight::take(&shared.in_flight, shared.limits.max_in_flight) else {
+    let Some(in_flight) = InFlight::take(&shared.in_flight, shared.limits.max_in_flight) else {
         return send_status(&mut respond, Code::ResourceExhausted, "too many calls in flight");
     };
     let (head, mut body) = request.into_parts();
@@ -266,7 +266,7 @@ async fn call(
     drop(body);
     match answered {
         Ok(Ok(Answer::Unary(message))) => send_message(&mut respond, message, deadline).await,
-        Ok(Ok(Answer::Watch(status))) => health_watch(&mut respond, status, shared.stopping.clone()).await,
+        Ok(Ok(Answer::Watch(status))) => health_watch(&mut respond, status, shared.stopping.clone(), in_flight).await,
         Ok(Err(Failure::Status(code, message))) => send_status(&mut respond, code, message),
         Ok(Err(Failure::Gone)) => {}
         Err(_) => send_status(&mut respond, Code::DeadlineExceeded, "the call took longer than its deadline"),
@@ -310,11 +310,22 @@ fn health(shared: &Shared, message: Bytes) -> Result<ServingStatus, Failure> {
 
 /// `Health/Watch`: the status now, then `NOT_SERVING` once shutdown begins, which ends the stream
 /// (`UNAVAILABLE`: the client watches again elsewhere). A client that resets the stream ends it too.
-async fn health_watch(respond: &mut SendResponse<Bytes>, status: ServingStatus, mut stopping: watch::Receiver<bool>) {
+///
+/// SECURITY: the call leaves the calls in flight once its first answer is out: a watch stays open
+/// until shutdown, so a few watchers would otherwise hold every place for good. What it holds
+/// after that is its stream, bounded by the streams per connection.
+async fn health_watch(
+    respond: &mut SendResponse<Bytes>,
+    status: ServingStatus,
+    mut stopping: watch::Receiver<bool>,
+    in_flight: InFlight<'_>,
+) {
     let Ok(mut stream) = respond.send_response(grpc_head(), false) else {
         return;
     };
-    if stream.send_data(framed(&HealthCheckResponse { status: status.into() }), false).is_err() {
+    let sent = stream.send_data(framed(&HealthCheckResponse { status: status.into() }), false);
+    drop(in_flight);
+    if sent.is_err() {
         return;
     }
     let stopped = async {

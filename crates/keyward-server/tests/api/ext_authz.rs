@@ -894,3 +894,164 @@ async fn an_answer_the_client_does_not_read_is_counted_and_reset_at_the_deadline
     stream.send_data(grpc_frame(0, b""), true).unwrap();
     assert_eq!(grpc_answer(response).await.0, 0);
 }
+
+/// A `Health/Watch` stream is counted in flight only until its first answer is out: it stays open
+/// until shutdown, so a few watchers (one per client, as grpc-go's client-side health checking
+/// keeps) would otherwise hold every place for good and every `Check` after them would be
+/// `RESOURCE_EXHAUSTED`.
+#[tokio::test]
+async fn a_health_watch_does_not_hold_its_place_in_flight_for_good() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 1, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    let mut health = HealthClient::new(connect(addr).await);
+    let watch = tokio::time::timeout(WITHIN, health.watch(HealthCheckRequest { service: String::new() })).await;
+    let mut watch = watch.unwrap().unwrap().into_inner();
+    let first = tokio::time::timeout(WITHIN, watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // The watch is still open; a call on another connection is served.
+    let (response, mut stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0, 0);
+    drop(watch);
+}
+
+/// SECURITY: an owner id is free text, up to 255 characters of anything. One a header cannot carry
+/// (CR, LF, NUL, other controls) is left out of the answer, the client's forged `x-keyward-owner-id`
+/// is removed instead, and no header value of the answer holds a byte Envoy refuses or splits on.
+#[tokio::test]
+async fn an_owner_id_a_header_cannot_carry_never_splits_or_forges_one() {
+    let app = TestApp::sqlite().await;
+    let (_, channel) = serve(&app).await;
+    for owner in ["a\r\nx-keyward-scopes: *", "a\nb", "a\rb", "nul\0", "bell\x07", "del\x7f"] {
+        let (key, _) = app.owned_key(app.default_org.id, owner, &["read:projects"]).await;
+        let bearer = format!("Bearer {key}");
+        let headers = [("authorization", bearer.as_str()), ("x-keyward-owner-id", "forged")];
+        let response = check(&channel, check_request("GET", "/projects/1", &headers, "192.0.2.1")).await;
+        assert_no_key(&response, &key);
+        let ok = allowed(&response);
+        assert!(!headers_of(&ok.headers).contains_key("x-keyward-owner-id"), "{owner:?}: {ok:?}");
+        assert!(ok.headers_to_remove.iter().any(|h| h == "x-keyward-owner-id"), "{owner:?}: {ok:?}");
+        for option in ok.headers.iter().chain(&ok.response_headers_to_add) {
+            let value = &option.header.as_ref().unwrap().value;
+            assert!(!value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f), "{owner:?}: {value:?}");
+        }
+        let metadata = &response.dynamic_metadata.as_ref().unwrap().fields;
+        assert!(!metadata.contains_key("owner_id"), "{owner:?}: {metadata:?}");
+    }
+}
+
+/// An owner id in any script, with quotes and a tab, reaches the upstream as it is, and the same
+/// in the identity metadata: the two are read from the same headers and never disagree.
+#[tokio::test]
+async fn an_owner_id_in_any_script_is_in_the_header_and_the_metadata_alike() {
+    let app = TestApp::sqlite().await;
+    let (_, channel) = serve(&app).await;
+    // The helper names the key after its owner, and a name is at most 200 characters.
+    let long = "\u{e9}".repeat(190);
+    for owner in ["caf\u{e9}", "\"\u{1F511}\"\t'x'", "\u{7528}\u{6237}-7", long.as_str()] {
+        let (key, _) = app.owned_key(app.default_org.id, owner, &["read:projects"]).await;
+        let bearer = format!("Bearer {key}");
+        let response =
+            check(&channel, check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1")).await;
+        let ok = allowed(&response);
+        assert_eq!(headers_of(&ok.headers)["x-keyward-owner-id"], owner);
+        let metadata = &response.dynamic_metadata.as_ref().unwrap().fields;
+        let in_metadata = metadata.get("owner_id").and_then(|v| v.kind.clone());
+        assert_eq!(in_metadata, Some(Kind::StringValue(owner.to_owned())), "{owner:?}");
+    }
+}
+
+/// Every way a call can end gives its in-flight place back: a reset stream, a message that never
+/// comes (`DEADLINE_EXCEEDED`), a connection dropped with calls open, a refusal at the cap. After
+/// each, `max_in_flight` calls can be open at once again.
+#[tokio::test]
+async fn every_way_a_call_ends_gives_its_in_flight_place_back() {
+    let app = TestApp::sqlite().await;
+    let limits = GrpcLimits { max_in_flight: 2, call_timeout: WITHIN * 10, ..GrpcLimits::default() };
+    let addr = start(&app, limits, std::future::pending()).await;
+    // Both places taken at once, then both answered; `false` while a place is still held.
+    let both_free = || async {
+        let sender = h2_client(addr).await;
+        let (first, mut first_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        let (second, mut second_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        first_stream.send_data(grpc_frame(0, b""), true).unwrap();
+        second_stream.send_data(grpc_frame(0, b""), true).unwrap();
+        (grpc_answer(first).await.0, grpc_answer(second).await.0) == (0, 0)
+    };
+    let eventually_free = || async {
+        tokio::time::timeout(WITHIN, async {
+            while !both_free().await {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
+    };
+    // Reset by the client.
+    let sender = h2_client(addr).await;
+    for _ in 0..2 {
+        let (_response, mut stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    assert!(eventually_free().await, "reset calls still hold their places");
+    // Never sent: both cut off at the client's deadline, a third refused meanwhile.
+    let (silent, _silent_stream) = open_call(&sender, CHECK, &[("grpc-timeout", "1S")]).await;
+    let (trickled, mut trickled_stream) = open_call(&sender, CHECK, &[("grpc-timeout", "1S")]).await;
+    trickled_stream.send_data(vec![0, 0].into(), false).unwrap();
+    let (refused, mut refused_stream) = open_call(&sender, HEALTH_CHECK, &[]).await;
+    refused_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(refused).await.0, i32::from(tonic::Code::ResourceExhausted));
+    for response in [silent, trickled] {
+        assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+    }
+    assert!(eventually_free().await, "calls past their deadline still hold their places");
+    // The connection goes away with both calls open.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (dropped, connection) = tokio::time::timeout(WITHIN, h2::client::handshake(tcp)).await.unwrap().unwrap();
+    let driven = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let held = [open_call(&dropped, CHECK, &[]).await, open_call(&dropped, CHECK, &[]).await];
+    let (refused, mut refused_stream) = open_call(&h2_client(addr).await, HEALTH_CHECK, &[]).await;
+    refused_stream.send_data(grpc_frame(0, b""), true).unwrap();
+    assert_eq!(grpc_answer(refused).await.0, i32::from(tonic::Code::ResourceExhausted));
+    driven.abort();
+    drop((held, dropped));
+    assert!(eventually_free().await, "calls of a dropped connection still hold their places");
+}
+
+/// SECURITY: through the gRPC listener, the end client's key (allowed, in the original path and
+/// query, refused for a scope, mistyped by one character, or in a call cut off at its deadline)
+/// reaches no log line and no field of any answer, written by hand as the answers now are.
+#[tokio::test]
+async fn a_key_through_the_grpc_listener_leaks_nowhere() {
+    let capture = crate::secrets::capture_logs();
+    let app = TestApp::sqlite().await;
+    let (key, _) = app.owned_key(app.default_org.id, "user-7", &["read:projects"]).await;
+    let secret = key[8..40].to_owned();
+    let (addr, channel) = serve(&app).await;
+    let bearer = format!("Bearer {key}");
+    let mistyped = format!("{}{}", &key[..key.len() - 1], if key.ends_with('x') { 'y' } else { 'x' });
+    let in_path = format!("/projects/{key}?key={key}");
+    let requests = [
+        check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("GET", &in_path, &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("POST", "/projects/1", &[("authorization", &bearer)], "192.0.2.1"),
+        check_request("GET", "/projects/1", &[("x-api-key", &mistyped)], "192.0.2.1"),
+        check_request("GET", &in_path, &[], "192.0.2.1"),
+    ];
+    for request in requests {
+        let response = check(&channel, request).await;
+        assert_no_key(&response, &secret);
+    }
+    // A call whose message is cut short at its deadline, the key in what did arrive.
+    use prost::Message;
+    let message = check_request("GET", "/projects/1", &[("authorization", &bearer)], "192.0.2.1").encode_to_vec();
+    let (response, mut stream) = open_call(&h2_client(addr).await, CHECK, &[("grpc-timeout", "200m")]).await;
+    stream.send_data(grpc_frame(0, &message)[..message.len()].to_vec().into(), false).unwrap();
+    assert_eq!(grpc_answer(response).await.0, i32::from(tonic::Code::DeadlineExceeded));
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("\"via\":\"ext_authz_grpc\""), "the capture works");
+    assert!(!logs.contains(&secret), "a gRPC ext_authz log line has the key");
+}
