@@ -40,13 +40,15 @@ fn serve_with(
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    // The logs first: at `debug` the migrations alone log more than a pipe holds, and a server
+    // blocked on a full stderr never gets to print the key. Its stdout is a few lines.
+    let mut logs = String::new();
+    let address = listening_address(&mut stderr, &mut logs, "keyward is listening");
     let mut printed = String::new();
     while !printed.contains("not be shown again") {
         assert!(stdout.read_line(&mut printed).unwrap() > 0, "serve exited early: {printed}");
     }
     let key = printed.lines().find_map(|l| l.strip_prefix("Admin key: ")).unwrap().trim().to_owned();
-    let mut logs = String::new();
-    let address = listening_address(&mut stderr, &mut logs, "keyward is listening");
     (child, key, address, stderr, logs)
 }
 
