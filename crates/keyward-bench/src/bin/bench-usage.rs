@@ -2,8 +2,9 @@
 //! can, written by the real batch writer (`keyward_server::usage`) into the real store, then counted
 //! back from the daily rollups (count in = count out).
 //!
-//! Usage: `bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches]`
-//! e.g. `bench-usage sqlite:///tmp/bench.db 1000000 100 2 5000`
+//! Usage: `bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches] [owners]`
+//! e.g. `bench-usage sqlite:///tmp/bench.db 1000000 100 2 5000`; with `owners` above 0 the keys belong
+//! to that many owners in turn (the fold then keeps the owners' rollups too), else to none.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,15 +20,16 @@ use keyward_store::{Actor, NewOrganization};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args
-        .get(1)
-        .ok_or("usage: bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches]")?;
+    let url = args.get(1).ok_or(
+        "usage: bench-usage <database-url> [events] [keys] [writers] [batch_size] [concurrent_batches] [owners]",
+    )?;
     let events: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
     let keys: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(100);
     let writers: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let batch_size: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(5_000);
     let defaults = UsageConfig::new(Duration::from_secs(1), std::path::PathBuf::new());
     let concurrent: usize = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(defaults.concurrent_batches);
+    let owners: usize = args.get(7).map(|s| s.parse()).transpose()?.unwrap_or(0);
 
     let store = keyward_store::open(url, true).await?;
     let actor = Actor::cli(Utc::now());
@@ -35,8 +37,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let org = NewOrganization { name: "bench".into(), plan: "enterprise".into(), email: None, ..new_org(None) };
     let org = store.insert_org(org, &actor).await?;
     let mut ids: Vec<KeyId> = Vec::with_capacity(keys);
-    for _ in 0..keys {
-        let (_, key) = new_key(&org, Environment::Live);
+    for n in 0..keys {
+        let (_, mut key) = new_key(&org, Environment::Live);
+        if owners > 0 {
+            key.owner_id = Some(format!("owner-{}", n % owners));
+        }
         ids.push(store.insert_key(key, &actor).await?.apply(&keyward_store::NoCache).id);
     }
     let ids = Arc::new(ids);
