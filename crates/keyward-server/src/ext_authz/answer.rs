@@ -102,7 +102,8 @@ pub(super) fn deny(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Byte
     let code = u64::try_from(i32::from(code)).unwrap_or_default();
     let rpc_status = 1 + encoded_len_varint(code) + delimited(message.len());
     let http_status = 1 + encoded_len_varint(u64::from(status.as_u16()));
-    let body = text(body);
+    // A protobuf string: as it is when it is UTF-8 (Keyward's own always are), else with U+FFFD.
+    let body = String::from_utf8_lossy(body);
     let denied =
         delimited(http_status) + options_len(headers) + if body.is_empty() { 0 } else { delimited(body.len()) };
     let len = delimited(rpc_status) + delimited(denied);
@@ -148,7 +149,7 @@ struct HeaderOption<'a> {
 
 impl<'a> HeaderOption<'a> {
     fn new(name: &'a HeaderName, value: &'a HeaderValue) -> Self {
-        let (name, value) = (name.as_str(), text(value.as_bytes()));
+        let (name, value) = (name.as_str(), String::from_utf8_lossy(value.as_bytes()));
         let header_len = delimited(name.len()) + if value.is_empty() { 0 } else { delimited(value.len()) };
         Self { name, value, header_len }
     }
@@ -165,15 +166,6 @@ impl<'a> HeaderOption<'a> {
             put_bytes(buf, 2, self.value.as_bytes());
         }
         buf.put_slice(&OVERWRITE_IF_EXISTS_OR_ADD);
-    }
-}
-
-/// A header value as a protobuf string: as it is when it is UTF-8 (Keyward's own always are), else
-/// with U+FFFD for what is not.
-fn text(bytes: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 
