@@ -129,8 +129,6 @@ fn short_candidates(q: &mut Stmt, needle: &str) {
         .push("::text]");
 }
 
-/// Ids are `uuid`, times `timestamptz`, JSON `jsonb` and lists of strings `text[]`: sqlx reads them as
-/// they are.
 /// How many keys hold `needle` (one or two characters), by the statistics `ANALYZE` keeps on the
 /// expression of migration 0012's index: its most common substrings, each with the share of keys
 /// holding it, times the keys counted. 0 for a rarer one, and before any `ANALYZE`.
@@ -146,6 +144,8 @@ fn short_estimate(q: &mut Stmt, needle: &str) {
     .push_arg(needle.to_ascii_lowercase());
 }
 
+/// Ids are `uuid`, times `timestamptz`, JSON `jsonb` and lists of strings `text[]`: sqlx reads them as
+/// they are.
 impl Dialect for Postgres {
     type Id = Uuid;
     type Time = DateTime<Utc>;
